@@ -1,0 +1,133 @@
+// lmlab kernels: every kernel's declaration, the shape legend and the contracts.
+//
+// Shape legend
+//   B  = batch size            T  = sequence length (time)     C  = channels (model width)
+//   NH = number of heads       HS = head size (C / NH)         V  = vocabulary size
+//   OC = output channels       N  = number of rows (often B*T)  maxT = block size (rows of wpe)
+//
+// Contracts (see DESIGN.md, "Kernel contracts")
+//   - fp32, row-major, C-contiguous. Arguments: outputs first, then cached statistics, then inputs,
+//     weights, and dims last. Inputs are const.
+//   - Backward kernels ACCUMULATE (+=) into gradient buffers; the trainer zeroes gradients once per step.
+//     A null gradient pointer means "this gradient is not wanted" (frozen weights, no input gradient).
+//   - Forward caches what backward needs (layernorm mean/rstd, attention probabilities, the
+//     cross-entropy log-sum-exp per row).
+//   - Determinism: the same inputs give bitwise-identical outputs for any number of threads.
+//     Kernels parallelise over independent outputs and reduce each output in a fixed order; where a
+//     reduction spans rows (bias, layernorm weight gradients), rows are cut into fixed-size chunks whose
+//     partial sums are added in chunk order, independent of the thread count.
+//   - No kernel validates its arguments: cpp/bindings.cpp does, before the GIL is released.
+//
+// How this file is used: LMLAB_KERNEL_LIST is an X-macro, the single list of kernels. It declares the
+// functions of each instruction-set variant (cpp/isa.h), fills each variant's table (cpp/table.cpp)
+// and defines KernelTable below, through which cpp/bindings.cpp calls the variant chosen at import.
+//
+// How to add a kernel: add one X(...) line here; implement it in a kernel source inside
+// `namespace lmlab { namespace LMLAB_ISA_NS {` (it is compiled once per instruction set); bind it in
+// cpp/bindings.cpp with its argument checks; wrap it in python/lmlab/ops.py; test it in tests/.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lmlab {
+
+using idx_t = std::int64_t;
+
+// X(return type, name, (parameters))
+#define LMLAB_KERNEL_LIST(X)                                                                        \
+    /* out (N, OC) = inp (N, C) . weight (OC, C)^T + bias (OC); bias may be null */                 \
+    X(void, matmul_forward,                                                                         \
+      (float* out, const float* inp, const float* weight, const float* bias, idx_t N, idx_t C,      \
+       idx_t OC))                                                                                   \
+    /* dinp (N, C) += dout . weight; dweight (OC, C) += dout^T . inp; dbias (OC) += sum_n dout.     \
+       Any of dinp, dweight, dbias may be null. */                                                  \
+    X(void, matmul_backward,                                                                        \
+      (float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,              \
+       const float* weight, idx_t N, idx_t C, idx_t OC))                                            \
+    /* probs (N, V) = softmax over each row of logits (N, V) */                                     \
+    X(void, softmax_forward, (float* probs, const float* logits, idx_t N, idx_t V))                 \
+    /* dlogits (N, V) += probs * (dprobs - sum_v dprobs * probs) */                                 \
+    X(void, softmax_backward,                                                                       \
+      (float* dlogits, const float* dprobs, const float* probs, idx_t N, idx_t V))                  \
+    /* losses (N) = logsumexp(logits_n) - logits_n[target_n]; lse (N) caches logsumexp */          \
+    X(void, crossentropy_forward,                                                                   \
+      (float* losses, float* lse, const float* logits, const std::int32_t* targets, idx_t N,        \
+       idx_t V))                                                                                    \
+    /* dlogits (N, V) += weights_n * (softmax(logits_n) - onehot(target_n)). The per-row weight     \
+       serves every stage: 1/N for pretraining, 0 on prompt tokens for instruct tuning, a           \
+       sequence's coefficient for DPO and policy gradients. */                                      \
+    X(void, crossentropy_backward,                                                                  \
+      (float* dlogits, const float* logits, const float* lse, const std::int32_t* targets,          \
+       const float* weights, idx_t N, idx_t V))                                                     \
+    /* out (N, C) = (inp - mean) * rstd * weight + bias; mean, rstd (N) cached; eps = 1e-5 */      \
+    X(void, layernorm_forward,                                                                      \
+      (float* out, float* mean, float* rstd, const float* inp, const float* weight,                 \
+       const float* bias, idx_t N, idx_t C))                                                        \
+    /* dinp (N, C), dweight (C), dbias (C) accumulate; dweight, dbias may be null */                \
+    X(void, layernorm_backward,                                                                     \
+      (float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,              \
+       const float* weight, const float* mean, const float* rstd, idx_t N, idx_t C))                \
+    /* out (N) = GELU(inp), GPT-2's tanh approximation */                                           \
+    X(void, gelu_forward, (float* out, const float* inp, idx_t N))                                  \
+    /* dinp (N) += GELU'(inp) * dout */                                                             \
+    X(void, gelu_backward, (float* dinp, const float* inp, const float* dout, idx_t N))             \
+    /* Causal multi-head self-attention. qkv (B, T, 3C) holds q, k, v side by side, each split      \
+       into NH heads of HS = C / NH. out (B, T, C); att (B, NH, T, T) caches the probabilities      \
+       (entries above the diagonal are written as 0). */                                            \
+    X(void, attention_forward,                                                                      \
+      (float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH))              \
+    /* dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) */                        \
+    X(void, attention_backward,                                                                     \
+      (float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B, idx_t T,        \
+       idx_t C, idx_t NH))                                                                          \
+    /* out (B, T, C) = wte[tokens[b, t]] + wpe[t]; tokens (B, T) in [0, V), T <= maxT */            \
+    X(void, embedding_forward,                                                                      \
+      (float* out, const std::int32_t* tokens, const float* wte, const float* wpe, idx_t B,         \
+       idx_t T, idx_t C))                                                                           \
+    /* dwte (V, C) scatter-adds dout rows by token; dwpe (maxT, C) += sum over b; either null */    \
+    X(void, embedding_backward,                                                                     \
+      (float* dwte, float* dwpe, const float* dout, const std::int32_t* tokens, idx_t B, idx_t T,   \
+       idx_t C))                                                                                    \
+    /* out (N) = a + b */                                                                           \
+    X(void, residual_forward, (float* out, const float* a, const float* b, idx_t N))                \
+    /* da (N) += dout; db (N) += dout */                                                            \
+    X(void, residual_backward, (float* da, float* db, const float* dout, idx_t N))                  \
+    /* One AdamW step over a flat buffer, t >= 1 the step number. g = grads * grad_scale (the      \
+       clipping factor); m, v updated in place; params -= lr * (mhat / (sqrt(vhat) + eps)          \
+       + weight_decay * decay_mask * params). decay_mask (n) holds 0 or 1; null decays all. */      \
+    X(void, adamw_update,                                                                           \
+      (float* params, float* m, float* v, const float* grads, const float* decay_mask, idx_t n,     \
+       float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,         \
+       idx_t t))                                                                                    \
+    /* sum of squares of x (n), accumulated in double in a fixed order: the global gradient norm */ \
+    X(double, sum_squares, (const float* x, idx_t n))
+
+#define LMLAB_KERNEL_POINTER(ret, name, params) ret(*name) params;
+struct KernelTable {
+    const char* isa;  // "avx512", "avx2" or "portable"
+    LMLAB_KERNEL_LIST(LMLAB_KERNEL_POINTER)
+};
+#undef LMLAB_KERNEL_POINTER
+
+// The table of each compiled variant (cpp/table.cpp); only the variants this build holds exist.
+const KernelTable& kernel_table_avx512();
+const KernelTable& kernel_table_avx2();
+const KernelTable& kernel_table_portable();
+
+// The table of the instruction set chosen at import (the best the CPU supports, unless the
+// environment variable LMLAB_ISA names another).
+const KernelTable& kernels();
+
+// Instruction sets this build holds and this CPU can run, best first.
+int available_isas(const char** names, int capacity);
+
+// Switch to a named instruction set; returns false if it is not available here.
+bool select_isa(const char* name);
+
+// Threads: OpenMP's pool. Without OpenMP these report 1 and ignore requests.
+void set_num_threads(int n);
+int get_num_threads();
+bool has_openmp();
+
+}  // namespace lmlab

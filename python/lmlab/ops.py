@@ -1,0 +1,184 @@
+"""Typed Python wrappers over the compiled kernels (lmlab._core), one per kernel.
+
+Each wrapper mirrors its kernel in cpp/kernels.h: outputs first, then cached statistics, then inputs
+and weights; every array is float32 (token ids int32) and C-contiguous. Backward functions ACCUMULATE
+into their gradient arrays (zero them once per step). Passing None for a gradient skips it. The
+compiled module validates every argument and raises ValueError/TypeError naming the argument and the
+expected vs actual shape, so these wrappers stay thin: they exist to document and to return outputs.
+
+Shape legend: B batch, T time, C channels, NH heads, V vocabulary, OC output channels, N rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import numpy as np
+
+from . import _core
+
+Array = np.ndarray
+
+
+def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] = None) -> Array:
+    """out (..., OC) = inp (..., C) @ weight (OC, C).T + bias (OC)."""
+    _core.matmul_forward(out, inp, weight, bias)
+    return out
+
+
+def matmul_backward(dinp: Optional[Array], dweight: Optional[Array], dbias: Optional[Array],
+                    dout: Array, inp: Array, weight: Array) -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp; dbias += dout summed over rows."""
+    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+
+
+def softmax_forward(probs: Array, logits: Array) -> Array:
+    """probs (..., V) = softmax of each row of logits, computed stably (max subtracted)."""
+    _core.softmax_forward(probs, logits)
+    return probs
+
+
+def softmax_backward(dlogits: Array, dprobs: Array, probs: Array) -> None:
+    """dlogits += probs * (dprobs - sum(dprobs * probs)) per row."""
+    _core.softmax_backward(dlogits, dprobs, probs)
+
+
+def crossentropy_forward(losses: Array, lse: Array, logits: Array, targets: Array) -> Array:
+    """losses (...) = -log softmax(logits)[target]; lse (...) caches each row's log-sum-exp."""
+    _core.crossentropy_forward(losses, lse, logits, targets)
+    return losses
+
+
+def crossentropy_backward(dlogits: Array, logits: Array, lse: Array, targets: Array,
+                          weights: Array) -> None:
+    """dlogits += weights[..., None] * (softmax(logits) - onehot(targets)).
+
+    The per-row weight is how every training stage expresses its loss: 1/N for pretraining, 0 on
+    prompt tokens for instruct tuning, a sequence's coefficient for DPO and policy gradients.
+    """
+    _core.crossentropy_backward(dlogits, logits, lse, targets, weights)
+
+
+def layernorm_forward(out: Array, mean: Array, rstd: Array, inp: Array, weight: Array,
+                      bias: Array) -> Array:
+    """out = (inp - mean) * rstd * weight + bias over the last dim (eps 1e-5); caches mean, rstd."""
+    _core.layernorm_forward(out, mean, rstd, inp, weight, bias)
+    return out
+
+
+def layernorm_backward(dinp: Array, dweight: Optional[Array], dbias: Optional[Array], dout: Array,
+                       inp: Array, weight: Array, mean: Array, rstd: Array) -> None:
+    """Accumulates the layernorm gradients into dinp, dweight and dbias."""
+    _core.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+
+
+def gelu_forward(out: Array, inp: Array) -> Array:
+    """out = GELU(inp), GPT-2's tanh approximation."""
+    _core.gelu_forward(out, inp)
+    return out
+
+
+def gelu_backward(dinp: Array, inp: Array, dout: Array) -> None:
+    """dinp += GELU'(inp) * dout."""
+    _core.gelu_backward(dinp, inp, dout)
+
+
+def residual_forward(out: Array, a: Array, b: Array) -> Array:
+    """out = a + b."""
+    _core.residual_forward(out, a, b)
+    return out
+
+
+def residual_backward(da: Array, db: Array, dout: Array) -> None:
+    """da += dout; db += dout."""
+    _core.residual_backward(da, db, dout)
+
+
+def attention_forward(out: Array, att: Array, qkv: Array, n_head: int) -> Array:
+    """Causal self-attention: qkv (B, T, 3C) -> out (B, T, C); att (B, NH, T, T) caches probabilities."""
+    _core.attention_forward(out, att, qkv, n_head)
+    return out
+
+
+def attention_backward(dqkv: Array, dout: Array, qkv: Array, att: Array, n_head: int) -> None:
+    """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C)."""
+    _core.attention_backward(dqkv, dout, qkv, att, n_head)
+
+
+def embedding_forward(out: Array, tokens: Array, wte: Array, wpe: Array) -> Array:
+    """out (B, T, C) = wte[tokens] + wpe[:T]."""
+    _core.embedding_forward(out, tokens, wte, wpe)
+    return out
+
+
+def embedding_backward(dwte: Optional[Array], dwpe: Optional[Array], dout: Array,
+                       tokens: Array) -> None:
+    """Scatter-adds dout rows into dwte by token id and into dwpe by position."""
+    _core.embedding_backward(dwte, dwpe, dout, tokens)
+
+
+def adamw_update(params: Array, m: Array, v: Array, grads: Array, decay_mask: Optional[Array], *,
+                 lr: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+                 weight_decay: float = 0.0, grad_scale: float = 1.0, t: int) -> None:
+    """One AdamW step (decoupled weight decay, decay_mask of 0/1 per parameter) at step t >= 1.
+
+    Gradients are multiplied by grad_scale first, which is how global-norm clipping is applied
+    without another pass over the buffer.
+    """
+    _core.adamw_update(params, m, v, grads, decay_mask, float(lr), float(beta1), float(beta2),
+                       float(eps), float(weight_decay), float(grad_scale), int(t))
+
+
+def sum_squares(x: Array) -> float:
+    """Sum of squares of a float32 array, accumulated in float64 in a fixed order."""
+    return _core.sum_squares(x)
+
+
+def global_norm(x: Array) -> float:
+    """The L2 norm of a flat gradient buffer, for clipping."""
+    return float(np.sqrt(_core.sum_squares(x)))
+
+
+# --- runtime -------------------------------------------------------------------------------------
+
+def cpu_info() -> dict:
+    """The active kernel variant ('avx512', 'avx2', 'portable'), those available, OpenMP, threads."""
+    return _core.cpu_info()
+
+
+def set_isa(name: str) -> None:
+    """Switch every kernel to another instruction-set variant (ValueError if unavailable here)."""
+    _core.set_isa(name)
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run a block on one kernel variant, then restore the previous one."""
+    previous = _core.cpu_info()["isa"]
+    _core.set_isa(name)
+    try:
+        yield
+    finally:
+        _core.set_isa(previous)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of OpenMP threads the kernels use."""
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of OpenMP threads the kernels use."""
+    return _core.get_num_threads()
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run a block with n threads, then restore the previous count."""
+    previous = get_num_threads()
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        set_num_threads(previous)
