@@ -7,8 +7,9 @@ Corpus specs (load_corpus):
                             skipping hidden files and folders (names starting with ".")
   a glob ("data/*.txt", "books/**/*.md")   the matching files, in sorted order
   builtin:NAME              a corpus assembled offline from this Python (see BUILTIN_CORPORA)
-Files must be UTF-8 (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"). Several files
-are joined in order, each ending with a newline, with a blank line between files.
+Files must be UTF-8 (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"). A single
+file's text is used as it is; several files are joined in order, each ending with a newline, with a
+blank line between files.
 
 Instruct data (load_instruct_jsonl), one JSON object per line:
   {"prompt": "...", "response": "..."}
@@ -102,10 +103,9 @@ def load_corpus(spec, *, cache_dir=None) -> str:
     if spec.startswith("builtin:"):
         text = build_builtin(spec[len("builtin:"):], cache_dir)
     else:
-        parts = []
-        for path in _corpus_files(spec):
-            t = _read_text(path)
-            parts.append(t if t.endswith("\n") else t + "\n")
+        parts = [_read_text(path) for path in _corpus_files(spec)]
+        if len(parts) > 1:
+            parts = [t if t.endswith("\n") else t + "\n" for t in parts]
         text = "\n".join(parts)
     if not text.strip():
         raise ValueError(f"corpus {spec!r} is empty (no text besides whitespace)")
