@@ -235,12 +235,18 @@ def test_load_model_missing_dir_and_files(gpt, tok, tmp_path):
         load_training_state(run)
 
 
-def test_load_model_shape_mismatch(gpt, tok, tmp_path):
+def _saved_with_edited_model_config(gpt, tok, tmp_path, **changes):
+    """A saved run whose config.json's model section was then edited; returns (run, config)."""
     run = tmp_path / "run"
     _save(run, _model(gpt, tok), tok)
     cfg = json.loads((run / "config.json").read_text())
-    cfg["model"]["n_embd"] = 16
+    cfg["model"].update(changes)
     (run / "config.json").write_text(json.dumps(cfg))
+    return run, cfg
+
+
+def test_load_model_shape_mismatch(gpt, tok, tmp_path):
+    run, _ = _saved_with_edited_model_config(gpt, tok, tmp_path, n_embd=16)
     with pytest.raises(ValueError) as e:
         load_model(run)
     assert "tensor 'wte' has shape (%d, 8)" % tok.vocab_size in str(e.value)
@@ -248,11 +254,7 @@ def test_load_model_shape_mismatch(gpt, tok, tmp_path):
 
 
 def test_load_model_tensor_set_and_config_fields_checked(gpt, tok, tmp_path):
-    run = tmp_path / "run"
-    _save(run, _model(gpt, tok), tok)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["model"]["n_layer"] = 3
-    (run / "config.json").write_text(json.dumps(cfg))
+    run, cfg = _saved_with_edited_model_config(gpt, tok, tmp_path, n_layer=3)
     with pytest.raises(ValueError, match=r"missing tensors \['h\.2\."):
         load_model(run)
     cfg["model"]["n_layer"] = 2
