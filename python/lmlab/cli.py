@@ -3,6 +3,11 @@
     lmlab pretrain   train a GPT from scratch on a corpus (next-token prediction)
     lmlab sample     generate text from a trained run
     lmlab predict    show the next-token distribution for a prompt
+    lmlab finetune   continue training a run on a new corpus (style fine-tuning)
+    lmlab instruct   tune a run on prompt/response pairs, loss on the responses only
+    lmlab inspect-data  show which tokens of an instruct dataset receive loss
+    lmlab chat       talk to an instruct-tuned run
+    lmlab rank | reward | dpo | rlhf   learn from human rankings
     lmlab bench      measure kernels or training throughput against references
     lmlab demo       teaching views: gradient descent, loss, sampling, embeddings
 """
@@ -191,6 +196,92 @@ def _bar_chart(rows, prompt, path) -> None:
     plt.close(fig)
 
 
+# --- finetune, instruct, inspect-data, chat ------------------------------------------------------
+
+def _cmd_finetune(args) -> int:
+    from .finetune import finetune
+    from .train import NonFiniteLoss
+
+    _apply_threads(args)
+    try:
+        report = finetune(args.parent, args.corpus, args.run, unknown=args.unknown,
+                          freeze_layers=args.freeze_layers, freeze_embeddings=args.freeze_embeddings,
+                          batch_size=args.batch_size, prompt=args.prompt,
+                          sample_tokens=args.sample_tokens, resume=args.resume, seed=args.seed,
+                          **_train_kwargs(args))
+    except NonFiniteLoss as exc:
+        print(f"lmlab finetune: {exc}", file=sys.stderr)
+        return 1
+    if report.unknown_chars:
+        n = sum(report.unknown_chars.values())
+        print(f"{n} characters the tokenizer cannot encode were handled with --unknown {args.unknown}")
+    print(report.summary())
+    for who, text in report.samples.items():
+        print(f"\n--- {who} ---\n{text}")
+    return 0
+
+
+def _cmd_instruct(args) -> int:
+    from .instruct import instruct_tune
+    from .train import NonFiniteLoss
+
+    _apply_threads(args)
+    try:
+        result, problems = instruct_tune(args.parent, args.data, args.run,
+                                         batch_size=args.batch_size, resume=args.resume,
+                                         seed=args.seed, **_train_kwargs(args))
+    except NonFiniteLoss as exc:
+        print(f"lmlab instruct: {exc}", file=sys.stderr)
+        return 1
+    for kind, idx in problems.items():
+        if idx:
+            print(f"note: {len(idx)} examples {kind.replace('_', ' ')} (see lmlab inspect-data)")
+    _report_training(result, args.run)
+    return 0
+
+
+def _cmd_inspect_data(args) -> int:
+    from .checkpoint import load_model
+    from .instruct import inspect_examples, load_instruct_data
+
+    _, tok, _ = load_model(args.run)
+    block = args.block_size or load_model(args.run)[0].config.block_size
+    train_convs, _ = load_instruct_data(args.data)
+    print(inspect_examples(tok, train_convs, block, n=args.n,
+                           color=not args.no_color and sys.stdout.isatty()))
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .checkpoint import load_model
+    from .instruct import respond
+
+    _apply_threads(args)
+    model, tok, _ = load_model(args.run)
+    print("lmlab chat: type a message, an empty line or Ctrl-D to quit.")
+    history: list = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            return 0
+        messages = (history if args.history else []) + [{"role": "user", "content": line}]
+        sys.stdout.write("model> ")
+        streamed: list = []
+
+        def on_token(t: int) -> None:
+            streamed.append(int(t))
+
+        text, ended = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, callback=on_token)
+        print(text + ("" if ended else " [...]"))
+        history = messages + [{"role": "assistant", "content": text}]
+
+
 # --- bench ---------------------------------------------------------------------------------------
 
 def _add_bench(sub) -> None:
@@ -252,6 +343,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per token")
     _add_threads(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("finetune", help="continue training a run on a new corpus",
+                       description="Style fine-tuning: next-token training from --from on a new "
+                                   "corpus, into a new run that records its parent. Reports val "
+                                   "loss on both corpora before and after, and samples from both.")
+    p.add_argument("--from", dest="parent", required=True, help="the parent run directory")
+    p.add_argument("--corpus", required=True, help="text file, directory, glob or builtin:NAME")
+    p.add_argument("--run", required=True, help="the new run directory")
+    p.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
+                   help="characters the parent's tokenizer cannot encode: fail (default), drop "
+                        "them, or replace them with a space")
+    p.add_argument("--freeze-layers", type=int, default=0, help="freeze the lowest N blocks")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="freeze wte/wpe (and so the tied LM head)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the parent's")
+    p.add_argument("--prompt", default="", help="prompt for the before/after samples")
+    p.add_argument("--sample-tokens", type=int, default=200)
+    p.add_argument("--resume", action="store_true")
+    _add_train_options(p, steps=500, lr=3e-4, warmup=50)
+    _add_threads(p)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("instruct", help="instruct-tune a run (loss on responses only)",
+                       description="Instruct tuning on JSONL prompt/response (or messages) data "
+                                   "rendered through the chat template; only response tokens and "
+                                   "<|end|> are supervised.")
+    p.add_argument("--from", dest="parent", required=True, help="the parent run directory")
+    p.add_argument("--data", default="builtin:python-qa",
+                   help="JSONL file or builtin:python-qa (default)")
+    p.add_argument("--run", required=True, help="the new run directory")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--resume", action="store_true")
+    _add_train_options(p, steps=1000, lr=3e-4, warmup=50)
+    _add_threads(p)
+    p.set_defaults(func=_cmd_instruct)
+
+    p = sub.add_parser("inspect-data", help="show which tokens of an instruct dataset get loss")
+    p.add_argument("run", help="run directory whose tokenizer and block size to use")
+    p.add_argument("--data", default="builtin:python-qa")
+    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--no-color", action="store_true")
+    p.set_defaults(func=_cmd_inspect_data)
+
+    p = sub.add_parser("chat", help="talk to an instruct-tuned run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--history", action="store_true", help="keep earlier turns in the context")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=120)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    _add_threads(p)
+    p.set_defaults(func=_cmd_chat)
 
     _add_bench(sub)
     try:
