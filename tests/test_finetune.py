@@ -13,7 +13,7 @@ from lmlab.finetune import finetune
 from lmlab.pretrain import pretrain
 
 OLD = "the cat sat on the mat and the dog sat on the log. " * 60
-NEW = "a bad cab had a bag; dad had a fad. " * 60
+NEW = "no one sees the moon as the sea does. " * 60
 
 
 @pytest.fixture(scope="module")
