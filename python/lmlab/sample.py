@@ -28,7 +28,7 @@ def _softmax64(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _check_options(temperature, top_k, top_p, vocab_size: int) -> None:
+def _check_options(temperature, top_k, top_p) -> None:
     if not np.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
@@ -51,7 +51,7 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
         raise ValueError(f"probs must be a non-empty 1-D array, got shape {p.shape}")
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
         raise ValueError("probs must be finite, non-negative and not all zero")
-    _check_options(temperature, top_k, top_p, p.size)
+    _check_options(temperature, top_k, top_p)
     if temperature == 0:
         out = np.zeros_like(p)
         out[int(np.argmax(p))] = 1.0
@@ -118,7 +118,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     cfg = model.config
-    _check_options(temperature, top_k, top_p, cfg.vocab_size)
+    _check_options(temperature, top_k, top_p)
     stops = set(int(s) for s in stop_ids) if stop_ids is not None else set()
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     tokens = list(_context(model, prompt_ids)[-cfg.block_size:])
