@@ -297,6 +297,14 @@ def _curve_axes(ax, f, lo, hi, title):
     ax.set_ylabel("f(x) (the loss)")
 
 
+def _loss_axes(ax, title, best, best_label):
+    ax.axhline(best, color="0.3", ls=":", lw=1, label=best_label)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("step")
+    ax.set_ylabel("f(x)")
+    ax.legend(fontsize=8)
+
+
 def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) -> DemoResult:
     """Plain gradient descent on the double well from each start: where you start decides where you end."""
     starts = [check_float("starts", s) for s in starts]
@@ -329,11 +337,7 @@ def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) 
                     ha="center", fontsize=8)
     ax.margins(y=0.12)
     ax.legend(fontsize=8, loc="upper center")
-    ax2.set_title(f"loss per step (lr = {lr:g})", fontsize=11)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("f(x)")
-    ax2.axhline(double_well(x_global), color="0.3", ls=":", lw=1, label="best possible")
-    ax2.legend(fontsize=8)
+    _loss_axes(ax2, f"loss per step (lr = {lr:g})", double_well(x_global), "best possible")
     files = {"local_global": save_png(fig, out / "landscape_local_global.png")}
     explanation = (
         "A local and a global minimum. Gradient descent only sees the slope where it stands, so it\n"
@@ -382,11 +386,7 @@ def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> Dem
     ax_slope.set_xlabel("x")
     ax_slope.set_ylabel("slope f\u2032(x)")
     ax_slope.legend(fontsize=8)
-    ax_loss.axhline(bumpy(x_star), color="0.3", ls=":", lw=1, label="global minimum")
-    ax_loss.set_title("loss per step", fontsize=11)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("f(x)")
-    ax_loss.legend(fontsize=8)
+    _loss_axes(ax_loss, "loss per step", bumpy(x_star), "global minimum")
     files = {"erratic": save_png(fig, out / "landscape_erratic.png")}
     explanation = (
         "An erratic slope. The ripples make the slope swing between large positive and negative\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +61,12 @@ def _log_softmax64(logits: np.ndarray) -> np.ndarray:
 
 def _piece(tokenizer, i: int) -> str:
     return tokenizer.decode(np.array([i], np.int32))
+
+
+def _clip(text: str, width: int) -> str:
+    """One visible line of at most `width` characters (textwrap.shorten drops a line with no spaces)."""
+    shown = token_label(text)
+    return shown if len(shown) <= width else shown[: width - 1] + "\u2026"
 
 
 def _rgb01(p: float) -> tuple[float, float, float]:
@@ -239,8 +244,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     for row, (name, t) in enumerate(texts):
         y = 1 - (row + 0.5) / len(texts)
         ax.text(0.0, y, name, fontsize=9, fontweight="bold", va="center", transform=ax.transAxes)
-        wrapped = textwrap.shorten(token_label(t), 110, placeholder=" \u2026")
-        ax.text(0.2, y, wrapped, fontsize=9, family="monospace", va="center", transform=ax.transAxes)
+        ax.text(0.2, y, _clip(t, 110), fontsize=9, family="monospace", va="center", transform=ax.transAxes)
     files["samples"] = save_png(fig, out / "sampling_samples.png")
 
     rows = [[i + 1, repr(_piece(tokenizer, int(t))), *[float(d[t]) for _, _, d in panels]] for i, t in enumerate(order)]
@@ -343,8 +347,8 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     lr_rows = [(r["step"], r["lr"]) for r in rows if r.get("lr") is not None]
 
-    fig = new_figure(11, 5.2 + 0.55 * len(samples))
-    ax, ax_text = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3.2, 0.6 + 0.55 * len(samples)]})
+    fig = new_figure(11, 4.6 + 0.4 * len(samples))
+    ax, ax_text = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3.6, 0.4 + 0.4 * len(samples)]})
     ax.plot(steps, train_loss, color="tab:blue", lw=1.4, label="training loss")
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", ms=4, lw=1.4, label="validation loss (held-out text)")
@@ -367,21 +371,23 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
     for row, s in enumerate(samples):
         y = 1 - (row + 0.5) / len(samples)
         ax_text.text(0.0, y, f"step {s['step']}", fontsize=9, fontweight="bold", va="center", transform=ax_text.transAxes)
-        ax_text.text(0.12, y, textwrap.shorten(token_label(s["text"]), 115, placeholder=" \u2026"), fontsize=8.5,
+        ax_text.text(0.12, y, _clip(s["text"], 115), fontsize=8.5,
                      family="monospace", va="center", transform=ax_text.transAxes)
     files = {"figure": save_png(fig, out / "training.png")}
 
     table_rows = [[int(r["step"]), float(r["loss"]), float(r["val_loss"]) if r.get("val_loss") is not None else "",
                    float(r["lr"]) if r.get("lr") is not None else "",
                    float(r["tokens_per_s"]) if r.get("tokens_per_s") is not None else ""] for r in rows]
-    if len(table_rows) > 12:  # the start, the end and a few between are enough to read the trend
-        pick = np.unique(np.linspace(0, len(table_rows) - 1, 12).round().astype(int))
+    if len(table_rows) > 12:  # the start, the end and a few between (rows with a val loss first) show the trend
+        with_val = [i for i, r in enumerate(rows) if r.get("val_loss") is not None]
+        pool = with_val if len(with_val) >= 6 else list(range(len(rows)))
+        pick = sorted({0, len(rows) - 1, *(pool[i] for i in np.linspace(0, len(pool) - 1, 10).round().astype(int))})
         table_rows = [table_rows[i] for i in pick]
     table = (format_table(["step", "loss", "val loss", "lr", "tokens/s"], table_rows) + "\n\n"
              + "\n".join(f"  step {s['step']:>6}: {s['text']!r}" for s in samples))
     explanation = (
         "Training as it happens. Each step measures the loss on a batch of text and moves every weight\n"
-        "a little against its gradient; the learning rate (here warmed up, then decayed) sets how far.\n"
+        "a little against its gradient; the learning rate (the dashed line) sets how far.\n"
         "The validation loss is measured on text the model never trains on: while it falls with the\n"
         "training loss the model is learning the language, not memorising its batches. The samples,\n"
         "taken with the same prompt and seed at each checkpoint, show the same progress in words.\n"
