@@ -266,8 +266,7 @@ def softmax64(logits):
 
 def test_loss_mean_equals_the_models_loss_on_the_text(tiny, tmp_path):
     model, tok = tiny
-    text = "the cat sat on the dog."  # 23 chars: fits one block of 16? no -> also see the long test
-    text = text[:17]  # 17 tokens: 16 predictions, exactly one block
+    text = "the cat sat on th"  # 17 chars = 17 tokens: 16 predictions, exactly one block of 16
     result = demo.loss(tiny, text, tmp_path, colour=False)
     ids = tok.encode(text)
     _, losses = model.forward(ids[None, :-1], ids[None, 1:])
@@ -324,7 +323,7 @@ def test_confidence_colours_run_from_red_to_green():
 def test_sampling_distributions_sum_to_one_and_filters_keep_what_they_promise(tiny, tmp_path):
     model, tok = tiny
     result = demo.sampling(tiny, "the ", tmp_path, temperatures=(0.5, 2.0), top_k=4, top_p=0.3,
-                           samples=3, seed=7, max_new_tokens=12)
+                           samples=3, seed=7, max_new_tokens=12, gif=False)
     logits, _ = model.forward(tok.encode("the ")[None, :])
     raw = softmax64(logits[0, -1])
     d = result.numbers["distributions"]
@@ -349,7 +348,7 @@ def test_sampling_same_seed_same_text_different_seeds_differ(tiny, tmp_path):
     from lmlab.sample import generate
 
     model, tok = tiny
-    result = demo.sampling(tiny, "a cat", tmp_path, samples=3, seed=11, max_new_tokens=20)
+    result = demo.sampling(tiny, "a cat", tmp_path, samples=3, seed=11, max_new_tokens=20, gif=False)
     texts = dict(result.numbers["samples"])
     assert result.numbers["repeat_identical"] is True
     assert texts["seed 11 again"] == texts["seed 11"]
@@ -357,6 +356,22 @@ def test_sampling_same_seed_same_text_different_seeds_differ(tiny, tmp_path):
     # the shown sample is what generate gives for that seed
     assert texts["seed 12"] == tok.decode(generate(model, tok.encode("a cat"), 20, seed=12))
     assert "identical" in result.explanation
+
+
+def test_sampling_gif_replays_the_first_sample_token_by_token(tiny, tmp_path):
+    from lmlab.sample import generate
+
+    model, tok = tiny
+    result = demo.sampling(tiny, "the", tmp_path, samples=1, seed=5, max_new_tokens=6)
+    steps = result.numbers["generation_steps"]
+    expected = generate(model, tok.encode("the"), 6, seed=5)
+    assert [st["chosen"] for st in steps] == expected.tolist()
+    for i, st in enumerate(steps):
+        assert st["probs"].sum() == pytest.approx(1.0, abs=1e-9)
+        context = np.concatenate([tok.encode("the"), expected[:i]])
+        logits, _ = model.forward(context[None, :])
+        assert st["p_chosen"] == pytest.approx(softmax64(logits[0, -1])[st["chosen"]], rel=1e-5)
+    assert gif_frames(result.files["animation"]) == 6
 
 
 def test_sampling_rejects_bad_settings(tiny, tmp_path):
@@ -455,7 +470,7 @@ def test_cli_model_views_run_from_a_run_directory(tiny, tmp_path, capsys):
     save_run(run, model, tok, train_config={})
     parser = build_parser()
     for argv in (["loss", run, "--text", "the cat", "--color", "never"],
-                 ["sampling", run, "--prompt", "the", "--samples", "2", "--max-new-tokens", "5"],
+                 ["sampling", run, "--prompt", "the", "--samples", "2", "--max-new-tokens", "5", "--no-gif"],
                  ["embeddings", run, "--token", "t", "-k", "3"]):
         args = parser.parse_args(["demo", *argv, "--out", str(tmp_path / argv[0])])
         assert args.func(args) == 0

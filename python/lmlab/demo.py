@@ -100,6 +100,7 @@ def add_demo_arguments(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=4, help="samples with different seeds (default 4)")
     p.add_argument("--seed", type=int, default=0, help="first seed; the repeat uses this one (default 0)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="length of each sample (default 40)")
+    p.add_argument("--no-gif", action="store_true", help="skip the token-by-token animation (faster)")
     _add_common(p, "demo_out/sampling")
 
     p = views.add_parser("training", help="a run's loss curves, learning rate and samples along the way")
@@ -136,7 +137,7 @@ def run_demo(args) -> int:
             result = demo_model.sampling(
                 args.run, args.prompt, args.out, temperatures=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, show=args.show, samples=args.samples, seed=args.seed,
-                max_new_tokens=args.max_new_tokens)
+                max_new_tokens=args.max_new_tokens, gif=not args.no_gif)
         elif view == "training":
             result = demo_model.training(args.run, args.out, prompt=args.prompt,
                                          max_new_tokens=args.max_new_tokens, seed=args.seed)

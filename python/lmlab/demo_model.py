@@ -30,6 +30,7 @@ from .demo_common import (
     format_table,
     new_figure,
     out_dir,
+    save_gif,
     save_png,
     token_label,
     use_colour,
@@ -181,8 +182,13 @@ def _prompt_ids(tokenizer, prompt: str) -> np.ndarray:
 
 
 def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 5, top_p: float = 0.9,
-             show: int = 15, samples: int = 4, seed: int = 0, max_new_tokens: int = 40) -> DemoResult:
-    """The next-token distribution after `prompt`, reshaped by temperature / top-k / top-p, and samples."""
+             show: int = 15, samples: int = 4, seed: int = 0, max_new_tokens: int = 40,
+             gif: bool = True) -> DemoResult:
+    """The next-token distribution after `prompt`, reshaped by temperature / top-k / top-p, and samples.
+
+    With gif, sampling_generation.gif replays the first sample token by token: the distribution
+    at each step, the token drawn, the text growing.
+    """
     from .sample import filter_distribution, generate, next_token_distribution
 
     model, tokenizer = resolve_model(source)
@@ -247,6 +253,11 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
         ax.text(0.2, y, _clip(t, 110), fontsize=9, family="monospace", va="center", transform=ax.transAxes)
     files["samples"] = save_png(fig, out / "sampling_samples.png")
 
+    steps = None
+    if gif:
+        new_ids = np.asarray(generate(model, ids, max_new_tokens, temperature=1.0, seed=seed), np.int32)
+        files["animation"], steps = _generation_gif(model, tokenizer, ids, new_ids, out / "sampling_generation.gif")
+
     rows = [[i + 1, repr(_piece(tokenizer, int(t))), *[float(d[t]) for _, _, d in panels]] for i, t in enumerate(order)]
     table = (format_table(["rank", "token", *[key for _, key, _ in panels]], rows)
              + "\n  sums: " + ", ".join(f"{key} {d.sum():.6f}" for _, key, d in panels)
@@ -265,8 +276,52 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     files["text"] = write_text(out / "sampling.txt", explanation + "\n\n" + table + "\n")
     numbers = {"prompt_ids": ids, "probs": probs, "distributions": {key: d for _, key, d in panels},
                "kept": {key: int(np.count_nonzero(d)) for _, key, d in panels}, "top_ids": order,
-               "samples": texts, "repeat_identical": same, "greedy": greedy}
+               "samples": texts, "repeat_identical": same, "greedy": greedy, "generation_steps": steps}
     return DemoResult("sampling", files, numbers, explanation, table)
+
+
+def _generation_gif(model, tokenizer, prompt_ids, new_ids, path: Path, max_frames: int = 24, show: int = 10):
+    """Frames of generation: the distribution for the next token, the token drawn, the text so far."""
+    from .sample import next_token_distribution
+
+    steps = []
+    for i in range(min(max_frames, new_ids.size)):
+        dist = np.asarray(next_token_distribution(model, np.concatenate([prompt_ids, new_ids[:i]])), np.float64)
+        chosen = int(new_ids[i])
+        steps.append({"probs": dist, "chosen": chosen, "p_chosen": float(dist[chosen])})
+    if not steps:
+        raise ValueError("the model produced no tokens to animate")
+
+    fig = new_figure(9, 5.2)
+    ax_text, ax = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1.0, 3.0]})
+    ax_text.axis("off")
+    prompt_text = tokenizer.decode(prompt_ids)
+
+    def update(k):
+        step = steps[k]
+        top = np.argsort(-step["probs"], kind="stable")[:show].tolist()
+        if step["chosen"] not in top:
+            top[-1] = step["chosen"]  # the drawn token is always on the chart, even when unlikely
+        ax.clear()
+        colours = ["tab:orange" if t == step["chosen"] else "tab:blue" for t in top]
+        ax.barh(np.arange(len(top)), step["probs"][top], color=colours)
+        ax.set_yticks(np.arange(len(top)))
+        ax.set_yticklabels([token_label(_piece(tokenizer, t)) for t in top], fontsize=9)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability of being the next token")
+        ax.set_title(f"step {k + 1}: the model's distribution; the random draw picked "
+                     f"{token_label(_piece(tokenizer, step['chosen']))!r} (p = {step['p_chosen']:.2f}, orange)",
+                     fontsize=10)
+        ax_text.clear()
+        ax_text.axis("off")
+        so_far = tokenizer.decode(new_ids[: k + 1])
+        ax_text.text(0.0, 0.75, "prompt: " + _clip(prompt_text[-60:], 70), fontsize=9, transform=ax_text.transAxes)
+        ax_text.text(0.0, 0.3, "generated: " + _clip(so_far[-70:], 80), fontsize=10, family="monospace",
+                     color="tab:blue", transform=ax_text.transAxes)
+        return []
+
+    return save_gif(fig, update, len(steps), path, fps=2.0), steps
 
 
 # ---------------------------------------------------------------------------------------------
