@@ -47,13 +47,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(p, default_out: str) -> None:
+def _add_common(p, default_out: str, animation: str | None = None) -> None:
+    if animation is not None:
+        p.add_argument("--no-gif", action="store_true", help=f"skip the {animation} (faster)")
     p.add_argument("--out", default=default_out, help=f"output directory for the images (default {default_out})")
     p.set_defaults(func=run_demo)
-
-
-def _add_run(p) -> None:
-    p.add_argument("run", help="run directory of a trained model (from lmlab pretrain / finetune / ...)")
 
 
 def add_demo_arguments(subparsers) -> argparse.ArgumentParser:
@@ -64,58 +62,57 @@ def add_demo_arguments(subparsers) -> argparse.ArgumentParser:
         "(and an animated GIF where motion helps) with a short explanation.")
     views = demo.add_subparsers(dest="demo_view", metavar="VIEW", required=True)
 
-    p = views.add_parser("descent", help="gradient descent on a parabola for four learning rates (and yours)")
-    p.add_argument("--lr", type=float, default=None, help="your learning rate, drawn beside the four defaults")
-    p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
-                   help="the learning rates compared (default: 0.05 slow, 0.3 good, 0.9 oscillates, 1.05 diverges)")
-    p.add_argument("--start", type=float, default=4.0, help="starting x (default 4)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="gradient steps (default 20)")
-    p.add_argument("--no-gif", action="store_true", help="skip the animation (faster)")
-    _add_common(p, "demo_out/descent")
-
-    p = views.add_parser("landscape", help="what can go wrong: local minima, erratic slopes; momentum and Adam")
-    p.add_argument("--start", type=float, default=3.0, help="start on the bumpy function (default 3)")
-    p.add_argument("--lr", type=float, default=0.01, help="plain GD and momentum learning rate (default 0.01)")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum coefficient beta (default 0.9)")
-    p.add_argument("--adam-lr", type=float, default=0.3, help="Adam learning rate (default 0.3)")
-    p.add_argument("--steps", type=_positive_int, default=100, help="steps per optimiser (default 100)")
-    p.add_argument("--no-gif", action="store_true", help="skip the animation (faster)")
-    _add_common(p, "demo_out/landscape")
-
-    p = views.add_parser("loss", help="a model's probability and cross-entropy for every token of a text")
-    _add_run(p)
-    p.add_argument("--text", required=True, help="the text to score")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="colour the tokens in the terminal (default: auto, off when NO_COLOR is set)")
-    _add_common(p, "demo_out/loss")
-
-    p = views.add_parser("sampling", help="the next-token distribution, temperature / top-k / top-p, samples")
-    _add_run(p)
-    p.add_argument("--prompt", required=True, help="the text the model continues")
-    p.add_argument("--temperature", type=float, nargs="+", default=[0.5, 1.5],
-                   help="temperatures to compare with 1.0 (default 0.5 1.5)")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="k for the top-k panel (default 5)")
-    p.add_argument("--top-p", type=float, default=0.9, help="p for the top-p panel (default 0.9)")
-    p.add_argument("--show", type=_positive_int, default=15, help="tokens shown per bar chart (default 15)")
-    p.add_argument("--samples", type=_positive_int, default=4, help="samples with different seeds (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; the repeat uses this one (default 0)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="length of each sample (default 40)")
-    p.add_argument("--no-gif", action="store_true", help="skip the token-by-token animation (faster)")
-    _add_common(p, "demo_out/sampling")
-
-    p = views.add_parser("training", help="a run's loss curves, learning rate and samples along the way")
-    _add_run(p)
-    p.add_argument("--prompt", default="", help="prompt for the samples (default: start of text)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=60, help="length of each sample (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same at every checkpoint (default 0)")
-    _add_common(p, "demo_out/training")
-
-    p = views.add_parser("embeddings", help="nearest tokens by cosine similarity and a PCA map of embeddings")
-    _add_run(p)
-    p.add_argument("--token", required=True, help="the token whose neighbours to list (its text)")
-    p.add_argument("-k", "--neighbours", type=_positive_int, default=10, help="neighbours listed (default 10)")
-    p.add_argument("--labels", type=_positive_int, default=120, help="most tokens labelled on the map (default 120)")
-    _add_common(p, "demo_out/embeddings")
+    # each view: (name, help, needs a run dir, animation or None, options as (flags, type, default, help));
+    # type None marks a required string option, a list default takes one or more values
+    specs = [
+        ("descent", "gradient descent on a parabola for four learning rates (and yours)", False, "animation", [
+            ("--lr", float, None, "your learning rate, drawn beside the compared ones"),
+            ("--lrs", float, list(DEFAULT_LRS), "the learning rates compared: slow, good, oscillates, diverges"),
+            ("--start", float, 4.0, "starting x"),
+            ("--steps", _positive_int, 20, "gradient steps")]),
+        ("landscape", "what can go wrong: local minima, erratic slopes; momentum and Adam", False, "animation", [
+            ("--start", float, 3.0, "start on the bumpy function"),
+            ("--lr", float, 0.01, "plain GD and momentum learning rate"),
+            ("--momentum", float, 0.9, "momentum coefficient beta"),
+            ("--adam-lr", float, 0.3, "Adam learning rate"),
+            ("--steps", _positive_int, 100, "steps per optimiser")]),
+        ("loss", "a model's probability and cross-entropy for every token of a text", True, None, [
+            ("--text", None, None, "the text to score")]),
+        ("sampling", "the next-token distribution, temperature / top-k / top-p, samples", True,
+         "token-by-token animation", [
+            ("--prompt", None, None, "the text the model continues"),
+            ("--temperature", float, [0.5, 1.5], "temperatures to compare with 1.0"),
+            ("--top-k", _positive_int, 5, "k for the top-k panel"),
+            ("--top-p", float, 0.9, "p for the top-p panel"),
+            ("--show", _positive_int, 15, "tokens shown per bar chart"),
+            ("--samples", _positive_int, 4, "samples with different seeds"),
+            ("--seed", int, 0, "first seed; the repeat uses this one"),
+            ("--max-new-tokens", _positive_int, 40, "length of each sample")]),
+        ("training", "a run's loss curves, learning rate and samples along the way", True, None, [
+            ("--prompt", str, "", "prompt for the samples (empty: start of a document)"),
+            ("--max-new-tokens", _positive_int, 60, "length of each sample"),
+            ("--seed", int, 0, "sampling seed, the same at every checkpoint")]),
+        ("embeddings", "nearest tokens by cosine similarity and a PCA map of embeddings", True, None, [
+            ("--token", None, None, "the token whose neighbours to list (its text)"),
+            ("-k --neighbours", _positive_int, 10, "neighbours listed"),
+            ("--labels", _positive_int, 120, "most tokens labelled on the map")]),
+    ]
+    for name, summary, needs_run, animation, options in specs:
+        p = views.add_parser(name, help=summary, description=summary)
+        if needs_run:
+            p.add_argument("run", help="run directory of a trained model (from lmlab pretrain / finetune / ...)")
+        for flags, kind, default, text in options:
+            if kind is None:
+                p.add_argument(*flags.split(), required=True, help=text)
+                continue
+            many = {"nargs": "+"} if isinstance(default, list) else {}
+            shown = " ".join(map(str, default)) if many else default
+            text += "" if default is None else f" (default {shown})"
+            p.add_argument(*flags.split(), type=kind, default=default, help=text, **many)
+        if name == "loss":
+            p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                           help="colour the tokens in the terminal (default auto: on a terminal, unless NO_COLOR)")
+        _add_common(p, f"demo_out/{name}", animation)
     return demo
 
 
