@@ -6,7 +6,7 @@
 //   for each NC-wide column block of C:
 //     for each KC-deep slice of the reduction:      pack op(B) slice into NR-wide panels (L2/L3)
 //       for each MC-tall row block:                 pack op(A) block into MR-tall panels (L2)
-//         for each NR panel, for each MR panel:     micro-kernel: an MR x NR tile of C held in
+//         for each MR panel, for each NR panel:     micro-kernel: an MR x NR tile of C held in
 //                                                   registers, K-slice of rank-1 updates
 // Packing copies any stride pattern (transposes included) into contiguous, aligned panels and folds
 // alpha into A, so one micro-kernel serves every case; edge panels are zero-padded, so edge tiles run
@@ -55,9 +55,9 @@ void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_
 
 namespace {
 
-// Register tile (MR x NR) and cache blocks. KC bounds the reduction slice so that one B micro-panel
-// (KC x NR) stays in the 48 KB L1 while the A micro-panels stream past it; MC x KC of packed A sits
-// in the 2 MB L2; KC x NC of packed B is reused by every row block.
+// Register tile (MR x NR) and cache blocks. The micro-kernel runs along a row of tiles: one packed A
+// micro-panel (MR x KC, 14 KB) stays in the 48 KB L1 while the B micro-panels stream past it from the
+// 2 MB L2, which holds the packed KC x NC slice of B that every row block reuses.
 #if defined(__AVX512F__)
 constexpr int MR = 14, NR = 32;
 constexpr idx_t KC = 256, MC = 14 * 24, NC = 1024;
@@ -382,10 +382,10 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t 
             for (idx_t ic = 0; ic < M; ic += MC) {
                 const idx_t mb = min_idx(MC, M - ic);
                 pack_block<MR>(pa, A + ic * rsA + pc * csA, csA, rsA, mb, kb, alpha);
-                for (idx_t jr = 0; jr < nb; jr += NR) {
-                    const int nr = (int)min_idx(NR, nb - jr);
-                    for (idx_t ir = 0; ir < mb; ir += MR) {
-                        const int mr = (int)min_idx(MR, mb - ir);
+                for (idx_t ir = 0; ir < mb; ir += MR) {
+                    const int mr = (int)min_idx(MR, mb - ir);
+                    for (idx_t jr = 0; jr < nb; jr += NR) {
+                        const int nr = (int)min_idx(NR, nb - jr);
                         micro_kernel(kb, pa + ir * kb, pb + jr * kb, C + (ic + ir) * ldc + jc + jr,
                                      ldc, mr, nr, row_init == nullptr ? nullptr : row_init + jr,
                                      add);
