@@ -314,24 +314,15 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (idx_t k = 0; k < kb; k++) {
         const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-        __m256 ai = _mm256_broadcast_ss(a);
-        c00 = _mm256_fmadd_ps(ai, b0, c00);
-        c01 = _mm256_fmadd_ps(ai, b1, c01);
-        ai = _mm256_broadcast_ss(a + 1);
-        c10 = _mm256_fmadd_ps(ai, b0, c10);
-        c11 = _mm256_fmadd_ps(ai, b1, c11);
-        ai = _mm256_broadcast_ss(a + 2);
-        c20 = _mm256_fmadd_ps(ai, b0, c20);
-        c21 = _mm256_fmadd_ps(ai, b1, c21);
-        ai = _mm256_broadcast_ss(a + 3);
-        c30 = _mm256_fmadd_ps(ai, b0, c30);
-        c31 = _mm256_fmadd_ps(ai, b1, c31);
-        ai = _mm256_broadcast_ss(a + 4);
-        c40 = _mm256_fmadd_ps(ai, b0, c40);
-        c41 = _mm256_fmadd_ps(ai, b1, c41);
-        ai = _mm256_broadcast_ss(a + 5);
-        c50 = _mm256_fmadd_ps(ai, b0, c50);
-        c51 = _mm256_fmadd_ps(ai, b1, c51);
+#define LMLAB_GEMM_ROW(i)                                \
+    {                                                    \
+        const __m256 ai = _mm256_broadcast_ss(a + i);    \
+        c##i##0 = _mm256_fmadd_ps(ai, b0, c##i##0);      \
+        c##i##1 = _mm256_fmadd_ps(ai, b1, c##i##1);      \
+    }
+        LMLAB_GEMM_ROW(0) LMLAB_GEMM_ROW(1) LMLAB_GEMM_ROW(2)
+        LMLAB_GEMM_ROW(3) LMLAB_GEMM_ROW(4) LMLAB_GEMM_ROW(5)
+#undef LMLAB_GEMM_ROW
         a += MR;
         b += NR;
     }
