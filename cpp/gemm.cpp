@@ -56,11 +56,13 @@ void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_
 namespace {
 
 // Register tile (MR x NR) and cache blocks. The micro-kernel runs along a row of tiles: one packed A
-// micro-panel (MR x KC, 14 KB) stays in the 48 KB L1 while the B micro-panels stream past it from the
-// 2 MB L2, which holds the packed KC x NC slice of B that every row block reuses.
+// micro-panel (MR x KC, 21 KB for AVX-512) is reused from L1 while the B micro-panels stream past it
+// from the 2 MB L2, which holds the packed KC x NC slice of B (1.2 MB) that every row block reuses.
+// A deep KC matters as much: C is read and written once per slice, and at KC = 384 the GPT widths
+// (C = 384, 4C = 1536) need one slice and four.
 #if defined(__AVX512F__)
 constexpr int MR = 14, NR = 32;
-constexpr idx_t KC = 256, MC = 14 * 24, NC = 1024;
+constexpr idx_t KC = 384, MC = 14 * 24, NC = 768;
 #elif defined(__AVX2__)
 constexpr int MR = 6, NR = 16;
 constexpr idx_t KC = 256, MC = 6 * 32, NC = 1024;
@@ -263,9 +265,22 @@ inline void write_back_edge(const float* tile, float* c, idx_t ldc, int mr, int 
     }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Asks for the C tile's cache lines at the start of the kernel, so that the write-back at its end
+// (a read too when accumulating) does not stall on lines that have left the cache since the previous
+// slice.
+inline void prefetch_tile(const float* c, idx_t ldc, int mr) {
+    for (int i = 0; i < mr; i++) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + NR - 1), _MM_HINT_T0);
+    }
+}
+#endif
+
 #if defined(__AVX512F__)
 void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
                   const float* bias, bool add) {
+    prefetch_tile(c, ldc, mr);
     __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -310,6 +325,7 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
 void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
                   const float* bias, bool add) {
     static_assert(MR == 6 && NR == 16, "the AVX2 micro-kernel is written out for a 6 x 16 tile");
+    prefetch_tile(c, ldc, mr);
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (idx_t k = 0; k < kb; k++) {

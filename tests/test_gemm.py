@@ -29,7 +29,7 @@ ISAS = ops.cpu_info()["available"]
 ROOT = Path(__file__).resolve().parent.parent
 
 # (N rows, C in, OC out): tile edges of every variant (MR 14/6/4, NR 32/16/8), reductions deeper than
-# one 256-deep slice, and one row or column alone.
+# one slice (384 deep for AVX-512, 256 otherwise), and one row or column alone.
 SHAPES = [(1, 1, 1), (7, 9, 33), (33, 7, 9), (9, 33, 7), (15, 257, 31), (29, 600, 65),
           (130, 64, 300), (1, 300, 5), (300, 5, 1)]
 
