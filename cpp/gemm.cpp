@@ -4,10 +4,10 @@
 //
 // The tuned path is the classic blocked design (Goto / BLIS):
 //   for each NC-wide column block of C:
-//     for each KC-deep slice of the reduction:      pack op(B) slice into NR-wide panels (L2/L3)
-//       for each MC-tall row block:                 pack op(A) block into MR-tall panels (L2)
-//         for each MR panel, for each NR panel:     micro-kernel: an MR x NR tile of C held in
-//                                                   registers, K-slice of rank-1 updates
+//     for each KC-deep slice of the reduction:      pack op(B) slice into NR-wide panels (L2)
+//       for each MC-tall row block:                 pack op(A) block into MR-tall panels
+//         for each MR panel (L1), each NR panel:    micro-kernel: an MR x NR tile of C held in
+//                                                   registers, a slice of rank-1 updates
 // Packing copies any stride pattern (transposes included) into contiguous, aligned panels and folds
 // alpha into A, so one micro-kernel serves every case; edge panels are zero-padded, so edge tiles run
 // the very same kernel and only their write-back is partial.

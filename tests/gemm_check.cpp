@@ -111,8 +111,8 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
 }  // namespace
 
 int main() {
-    // Edge sizes around every tile (MR up to 14, NR up to 32), slices (KC = 384 or 256) and the attention
-    // kernel's per-head blocks.
+    // Edge sizes around every tile (MR up to 14, NR up to 32) and slice (KC = 384 or 256), and the
+    // attention kernel's per-head blocks.
     const idx_t sizes[][3] = {{1, 1, 1},    {7, 9, 33},    {33, 7, 9},    {9, 33, 7},
                               {14, 32, 16}, {15, 33, 257}, {29, 65, 600}, {64, 256, 64},
                               {256, 64, 256}, {100, 3, 1},  {1, 100, 513}, {130, 90, 40}};
