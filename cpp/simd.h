@@ -20,9 +20,10 @@
 // well below an ulp), |r| <= ln2/2, exp(r) by its Taylor polynomial of degree 7 (truncation error
 // below 5.2e-9 relative, a tenth of an fp32 ulp). Measured over every fp32 x in [-110, 90] against
 // double-precision exp: max error 1.07 ulp on each of the three variants (subnormal results counted in
-// units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). x > 88.72 gives +inf,
-// x < -103.3 gives 0, -inf gives 0, NaN gives NaN. The scaling by 2^n is done in two exact steps (or by
-// AVX-512's scalef), so no intermediate over- or underflows.
+// units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). x < -87 gives 0 (the
+// true result is below 1.65e-38; see kExpLo for why no subnormals), -inf gives 0, x > 88.72 gives +inf,
+// NaN gives NaN. The scaling by 2^n is done in two exact steps (or by AVX-512's scalef), so no
+// intermediate over- or underflows.
 #pragma once
 
 #include <cstring>
@@ -62,8 +63,10 @@ constexpr float kLog2e = 1.44269504088896341f;
 // ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 significant bits, so n * kLn2Hi is exact for |n| < 2^15.
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
-// Beyond these exp is 0 or +inf in fp32; clamping keeps n within [-150, 129].
-constexpr float kExpLo = -104.0f;
+// Below kExpLo the result would be under 1.65e-38, and is returned as 0: producing a subnormal costs
+// a microcode assist (~100x slower) on x86, and softmax rows of masked or very negative logits hit it
+// constantly. Above kExpHi exp overflows to +inf. Clamping keeps n within [-126, 129].
+constexpr float kExpLo = -87.0f;
 constexpr float kExpHi = 89.0f;
 // 1/k! for the Taylor polynomial of expm1(r) = r + r^2 (1/2! + r (1/3! + ...)).
 constexpr float kInvFact3 = 1.0f / 6.0f, kInvFact4 = 1.0f / 24.0f, kInvFact5 = 1.0f / 120.0f,
@@ -116,6 +119,10 @@ static inline float vhmax(vf a) {
 static inline vf vround(vf a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+static inline vf vzero_where_below(vf x, float lo, vf r) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_LT_OQ), r,
+                                _mm512_setzero_ps());
+}
 // p * 2^n for integral n; scalef handles overflow and subnormal results itself.
 static inline vf vldexp(vf p, vf n) { return _mm512_scalef_ps(p, n); }
 
@@ -162,6 +169,9 @@ static inline float vhmax(vf a) {
     return _mm_cvtss_f32(q);
 }
 static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vzero_where_below(vf x, float lo, vf r) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_LT_OQ), r);
+}
 // p * 2^n for integral n in [-150, 129] (NaN n only with NaN p): two exact power-of-two factors, each
 // a normal float, so the only rounding is the final one (into the subnormals or to inf).
 static inline vf vldexp(vf p, vf n) {
@@ -201,6 +211,7 @@ static inline vf vround(vf a) {
     const float shifter = 12582912.0f;
     return (a + shifter) - shifter;
 }
+static inline vf vzero_where_below(vf x, float lo, vf r) { return x < lo ? 0.0f : r; }
 static inline float pow2_bits(int k) {
     int bits = (k + 127) << 23;
     float f;
@@ -217,10 +228,10 @@ static inline vf vldexp(vf p, vf n) {
 
 #endif
 
-static inline vf vexp(vf x) {
+static inline vf vexp(vf x_in) {
     using namespace simd_constants;
     // Clamp with the data as the second operand of max/min, so that NaN passes through.
-    x = vmin(vset(kExpHi), vmax(vset(kExpLo), x));
+    vf x = vmin(vset(kExpHi), vmax(vset(kExpLo), x_in));
     vf n = vround(vmul(x, vset(kLog2e)));
     vf r = vfmadd(n, vset(-kLn2Hi), x);
     r = vfmadd(n, vset(-kLn2Lo), r);
@@ -230,7 +241,7 @@ static inline vf vexp(vf x) {
     q = vfmadd(q, r, vset(kInvFact3));
     q = vfmadd(q, r, vset(0.5f));
     q = vfmadd(vmul(q, r), r, r);  // expm1(r)
-    return vldexp(vadd(q, vset(1.0f)), n);
+    return vzero_where_below(x_in, kExpLo, vldexp(vadd(q, vset(1.0f)), n));
 }
 
 // Elements per block of parallel_blocks: large enough to amortise scheduling, a multiple of every kW.
