@@ -63,6 +63,32 @@ def ref_gelu_parts(x):
 # Each `impl(pass_)` returns (call, outputs): a zero-argument call that writes (forward) or accumulates
 # (backward) into `outputs`, freshly allocated and zeroed, so one call leaves exactly one result.
 
+def one_output(like, pass_, forward, backward):
+    """(call, [out]) for a kernel with a single output shaped like `like`: forward(out) writes it,
+    backward(out) accumulates into it."""
+    out = np.zeros_like(like)
+    step = forward if pass_ == "forward" else backward
+    return (lambda: step(out)), [out]
+
+
+def np_softmax(out, x):
+    np.subtract(x, x.max(-1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    np.divide(out, out.sum(-1, keepdims=True), out=out)
+
+
+def np_gelu(out, x):
+    c, k = np.float32(GELU_SCALE), np.float32(GELU_CUBIC)
+    np.multiply(0.5 * x, 1.0 + np.tanh(c * (x + k * x * x * x)), out=out)
+
+
+def np_gelu_backward(dinp, x, dy):
+    c, k = np.float32(GELU_SCALE), np.float32(GELU_CUBIC)
+    th = np.tanh(c * (x + k * x * x * x))
+    grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3.0 * k * x * x)
+    np.add(dinp, grad * dy, out=dinp)
+
+
 class Softmax:
     def __init__(self, shape, rng):
         self.x = (rng.standard_normal(shape) * 3).astype(np.float32)
@@ -71,22 +97,12 @@ class Softmax:
 
     def numpy(self, pass_):
         x, dp, p = self.x, self.dp, self.p
-        out = np.zeros_like(x)
-        if pass_ == "forward":
-            def call():
-                np.subtract(x, x.max(-1, keepdims=True), out=out)
-                np.exp(out, out=out)
-                np.divide(out, out.sum(-1, keepdims=True), out=out)
-        else:
-            def call():
-                np.add(out, p * (dp - (dp * p).sum(-1, keepdims=True)), out=out)
-        return call, [out]
+        return one_output(x, pass_, lambda out: np_softmax(out, x),
+                          lambda out: np.add(out, p * (dp - (dp * p).sum(-1, keepdims=True)), out=out))
 
     def lmlab(self, pass_):
-        out = np.zeros_like(self.x)
-        if pass_ == "forward":
-            return (lambda: ops.softmax_forward(out, self.x)), [out]
-        return (lambda: ops.softmax_backward(out, self.dp, self.p)), [out]
+        return one_output(self.x, pass_, lambda out: ops.softmax_forward(out, self.x),
+                          lambda out: ops.softmax_backward(out, self.dp, self.p))
 
     def reference(self, pass_):
         if pass_ == "forward":
@@ -203,24 +219,12 @@ class Gelu:
         self.dy = rng.standard_normal(shape).astype(np.float32)
 
     def numpy(self, pass_):
-        x, dy = self.x, self.dy
-        out = np.zeros_like(x)
-        c, k = np.float32(GELU_SCALE), np.float32(GELU_CUBIC)
-        if pass_ == "forward":
-            def call():
-                np.multiply(0.5 * x, 1.0 + np.tanh(c * (x + k * x * x * x)), out=out)
-        else:
-            def call():
-                th = np.tanh(c * (x + k * x * x * x))
-                grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3.0 * k * x * x)
-                np.add(out, grad * dy, out=out)
-        return call, [out]
+        return one_output(self.x, pass_, lambda out: np_gelu(out, self.x),
+                          lambda out: np_gelu_backward(out, self.x, self.dy))
 
     def lmlab(self, pass_):
-        out = np.zeros_like(self.x)
-        if pass_ == "forward":
-            return (lambda: ops.gelu_forward(out, self.x)), [out]
-        return (lambda: ops.gelu_backward(out, self.x, self.dy)), [out]
+        return one_output(self.x, pass_, lambda out: ops.gelu_forward(out, self.x),
+                          lambda out: ops.gelu_backward(out, self.x, self.dy))
 
     def reference(self, pass_):
         s, du = ref_gelu_parts(self.x)

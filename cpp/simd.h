@@ -55,6 +55,18 @@
 #define LMLAB_SIMD_REDUCE(op, ...) LMLAB_PRAGMA(omp simd reduction(op : __VA_ARGS__))
 #endif
 
+// The arithmetic of the vector API over one intrinsics family (_mm512 or _mm256). The instructions'
+// max/min return their second operand when either is NaN: callers put the data second to propagate NaN.
+#define LMLAB_VEC_ARITHMETIC(P)                                                           \
+    static inline vf vadd(vf a, vf b) { return P##_add_ps(a, b); }                         \
+    static inline vf vsub(vf a, vf b) { return P##_sub_ps(a, b); }                         \
+    static inline vf vmul(vf a, vf b) { return P##_mul_ps(a, b); }                         \
+    static inline vf vdiv(vf a, vf b) { return P##_div_ps(a, b); }                         \
+    static inline vf vmax(vf a, vf b) { return P##_max_ps(a, b); }                         \
+    static inline vf vmin(vf a, vf b) { return P##_min_ps(a, b); }                         \
+    static inline vf vsqrt(vf a) { return P##_sqrt_ps(a); }                                \
+    static inline vf vfmadd(vf a, vf b, vf c) { return P##_fmadd_ps(a, b, c); }
+
 namespace lmlab {
 namespace LMLAB_ISA_NS {
 
@@ -86,36 +98,15 @@ static inline vf vload_n(const float* p, idx_t n, float fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lane_mask(n), p);
 }
 static inline void vstore_n(float* p, vf x, idx_t n) { _mm512_mask_storeu_ps(p, lane_mask(n), x); }
-static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
-// max/min return their second operand when either is NaN: put the data second to propagate NaN.
-static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
-static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
-static inline vf vsqrt(vf a) { return _mm512_sqrt_ps(a); }
+LMLAB_VEC_ARITHMETIC(_mm512)
 static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vselect_neg(vf s, vf a, vf b) {
     __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(s));
     return _mm512_mask_blend_ps(neg, b, a);
 }
-static inline float vhsum(vf a) {
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-}
-static inline float vhmax(vf a) {
-    __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_max_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-}
+// Fixed reduction trees (the compiler's expansion of these does not vary between calls).
+static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 static inline vf vround(vf a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -146,15 +137,8 @@ static inline void vstore_n(float* p, vf x, idx_t n) {
     else
         _mm256_maskstore_ps(p, lane_mask(n), x);
 }
-static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
-static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
-static inline vf vsqrt(vf a) { return _mm256_sqrt_ps(a); }
+LMLAB_VEC_ARITHMETIC(_mm256)
 static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vselect_neg(vf s, vf a, vf b) { return _mm256_blendv_ps(b, a, s); }
 static inline float vhsum(vf a) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
