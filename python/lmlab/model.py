@@ -413,16 +413,26 @@ class GPT:
         kernels on the same shapes as forward(), so its logits are bitwise those of forward().
         Positions are absolute (learned wpe): once the cache holds block_size tokens the caller
         must reset it and refill with the cropped context (see lmlab.sample.generate).
+
+        A one-token step runs its kernels on one thread: each is a single row, too little work to
+        pay for waking the thread team (on a busy machine a team barrier can cost a whole
+        scheduler time slice, which made two-thread decoding ~20x slower there).
         """
-        cfg, P = self.config, self._named
         toks = np.asarray(new_tokens)
         if toks.ndim != 1:
             raise ValueError(f"new_tokens must be 1-D, got shape {toks.shape}")
         toks = self._check_tokens(toks[None, :], "new_tokens")[0].astype(np.int32)
+        if toks.size + cache.length > self.config.block_size:
+            raise ValueError(f"the cache holds {cache.length} positions; {toks.size} more would "
+                             f"exceed block_size {self.config.block_size}")
+        if toks.size > 1:
+            return self._forward_cached(cache, toks)
+        with ops.num_threads(1):
+            return self._forward_cached(cache, toks)
+
+    def _forward_cached(self, cache: KVCache, toks: np.ndarray) -> np.ndarray:
+        cfg, P = self.config, self._named
         n, p0 = toks.size, cache.length
-        if p0 + n > cfg.block_size:
-            raise ValueError(f"the cache holds {p0} positions; {n} more would exceed block_size "
-                             f"{cfg.block_size}")
         C, NH = cfg.n_embd, cfg.n_head
         HS = C // NH
         x = (P["wte"][toks] + P["wpe"][p0:p0 + n])[None]                    # (1, n, C)
