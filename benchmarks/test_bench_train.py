@@ -7,6 +7,7 @@ one fixed batch drive the loss down, so the timed code is also shown to learn.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lmlab import trainbench
@@ -27,3 +28,16 @@ def test_train_step(benchmark, impl):
     for _ in range(10):
         last = step(x, y)
     assert last < first - 0.5, (first, last)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "no-cache"])
+def test_generate(benchmark, use_cache):
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.sample import generate
+
+    benchmark.group = "generate 32 tokens: 2 layers, 64 wide, block 64"
+    model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), seed=0)
+    prompt = [1, 2, 3, 4]
+    out = benchmark(generate, model, prompt, 32, temperature=0, use_cache=use_cache)
+    np.testing.assert_array_equal(out, generate(model, prompt, 32, temperature=0,
+                                                use_cache=not use_cache))

@@ -6,6 +6,9 @@ weight decay 0.1 on 2-D weights). Each implementation runs in its OWN subprocess
 the same thread count. Random token batches (the data pipeline is not what is measured).
 
     python -m lmlab.trainbench --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12
+    python -m lmlab.trainbench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
+
+The second measures generation tokens/s with the KV cache against without it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 IMPLS = ("lmlab", "pytorch")
 
 
@@ -27,7 +32,6 @@ def _peak_rss_mib() -> float:
 
 
 def _batches(cfg: dict, n: int):
-    import numpy as np
     rng = np.random.default_rng(0)
     shape = (cfg["batch_size"], cfg["block_size"])
     return [(rng.integers(0, cfg["vocab_size"], shape, dtype=np.int64),
@@ -36,8 +40,6 @@ def _batches(cfg: dict, n: int):
 
 def lmlab_step_fn(cfg: dict, lr: float = 1e-3):
     """A closure running one lmlab training step on (x, y); returns the mean loss."""
-    import numpy as np
-
     from . import ops
     from .model import GPT, GPTConfig
 
@@ -153,6 +155,43 @@ def profile_step(cfg: dict, steps: int = 3, threads: int | None = None) -> list[
     return sorted(rows, key=lambda r: -r[1])
 
 
+def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
+                   prompt_len: int = 16, new_tokens: int = 64, vocab_size: int = 65,
+                   threads: int | None = None) -> list[dict]:
+    """Generation tokens/s of one randomly initialised model with and without the KV cache.
+
+    Greedy decoding (sampling costs the same either way) from a prompt of prompt_len tokens; rows
+    with impl "lmlab-kv-cache" and "lmlab-no-cache", config, tokens_per_s, ms_per_token, and
+    whether both produced the same tokens.
+    """
+    from . import ops
+    from .model import GPT, GPTConfig
+    from .sample import generate
+
+    if threads is not None:
+        ops.set_num_threads(threads)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                    n_head=n_head, n_embd=n_embd)
+    model = GPT(cfg)
+    prompt = np.arange(prompt_len) % vocab_size
+    rows, outputs = [], []
+    for use_cache in (True, False):
+        generate(model, prompt, 2, temperature=0, use_cache=use_cache)       # warm up
+        t0 = time.perf_counter()
+        outputs.append(generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache))
+        dt = time.perf_counter() - t0
+        rows.append({"impl": "lmlab-kv-cache" if use_cache else "lmlab-no-cache",
+                     "config": dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                    block_size=block_size, vocab_size=vocab_size,
+                                    prompt_len=prompt_len, new_tokens=new_tokens),
+                     "threads": ops.get_num_threads(),
+                     "tokens_per_s": new_tokens / dt, "ms_per_token": 1000.0 * dt / new_tokens})
+    same = bool(np.array_equal(outputs[0], outputs[1]))
+    for r in rows:
+        r["same_tokens"] = same
+    return rows
+
+
 def torch_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("torch") is not None
@@ -240,6 +279,30 @@ def run_bench_train(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a `lmlab bench generate` (KV cache vs none)."""
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-head", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=384)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=65)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def run_bench_generate(args: argparse.Namespace) -> list[dict]:
+    rows = bench_generate(args.n_layer, args.n_head, args.n_embd, args.block_size,
+                          prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          vocab_size=args.vocab_size, threads=args.threads)
+    for r in rows:
+        print(json.dumps(r) if args.json else
+              f"{r['impl']:15s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
+              f"  same tokens: {r['same_tokens']}")
+    return rows
+
+
 def main(argv=None) -> None:
     if argv is None:
         argv = sys.argv[1:]
@@ -249,6 +312,10 @@ def main(argv=None) -> None:
                                  spec["threads"])))
         return
     parser = argparse.ArgumentParser(prog="python -m lmlab.trainbench", description=__doc__)
+    if argv[:1] == ["generate"]:
+        add_bench_generate_arguments(parser)
+        run_bench_generate(parser.parse_args(argv[1:]))
+        return
     add_bench_train_arguments(parser)
     run_bench_train(parser.parse_args(argv))
 
