@@ -91,36 +91,36 @@ class _Layer:
             setattr(self, slot, named[f"h.{i}.{suffix}"])
 
 
+def _activation_layout(cfg: GPTConfig, B: int, T: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The size table of the activation arena for one (B, T)."""
+    L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
+    return [
+        ("res", (L + 1, B, T, C)),      # residual stream entering each layer (and leaving the last)
+        ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
+        ("qkv", (L, B, T, 3 * C)),
+        ("att", (L, B, NH, T, T)),      # attention probabilities
+        ("atty", (L, B, T, C)),         # attention output, before c_proj
+        ("res2", (L, B, T, C)),         # residual stream after attention
+        ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
+        ("fch", (L, B, T, 4 * C)),      # MLP pre-activation (GELU input)
+        ("gelu", (L, B, T, 4 * C)),     # GELU output (c_proj's input)
+        ("proj", (B, T, C)),            # shared: a c_proj output before the residual add
+        ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
+        ("logits", (B, T, V)), ("losses", (B, T)), ("lse", (B, T)),
+    ]
+
+
 class _Activations:
     """Views of the activation arena for one (B, T); see the module docstring for what is kept."""
 
     def __init__(self, arena: np.ndarray, cfg: GPTConfig, B: int, T: int) -> None:
-        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
         self.B, self.T = B, T
-        layout = [
-            ("res", (L + 1, B, T, C)),      # residual stream entering each layer (and leaving the last)
-            ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
-            ("qkv", (L, B, T, 3 * C)),
-            ("att", (L, B, NH, T, T)),      # attention probabilities
-            ("atty", (L, B, T, C)),         # attention output, before c_proj
-            ("res2", (L, B, T, C)),         # residual stream after attention
-            ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
-            ("fch", (L, B, T, 4 * C)),      # MLP pre-activation (GELU input)
-            ("gelu", (L, B, T, 4 * C)),     # GELU output (c_proj's input)
-            ("proj", (B, T, C)),            # shared: c_proj output before the residual add
-            ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
-            ("logits", (B, T, V)), ("losses", (B, T)), ("lse", (B, T)),
-        ]
-        v = _views(arena, layout)
-        for name, view in v.items():
+        for name, view in _views(arena, _activation_layout(cfg, B, T)).items():
             setattr(self, name, view)
 
     @staticmethod
     def size(cfg: GPTConfig, B: int, T: int) -> int:
-        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
-        BT = B * T
-        per_layer = BT * (C + C + 2 + 3 * C + C + C + C + 2 + 4 * C + 4 * C) + B * NH * T * T
-        return BT * C + L * per_layer + BT * (C + C + 2 + V + 2)
+        return sum(math.prod(shape) for _, shape in _activation_layout(cfg, B, T))
 
 
 class _GradActivations:
