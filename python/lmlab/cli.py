@@ -430,7 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        rc = args.func(args)
+        return rc if isinstance(rc, int) else 0  # some runners return their result rows
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
         print(f"lmlab {args.command}: error: {exc}", file=sys.stderr)
