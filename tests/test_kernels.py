@@ -640,7 +640,7 @@ def test_torch_gelu(rng):
 
 
 def test_torch_residual(rng):
-    torch = _torch()
+    _torch()
     a, b, dout = randn(rng, 7, 9), randn(rng, 7, 9), randn(rng, 7, 9)
     ta, tb = tensor(a, True), tensor(b, True)
     ((ta + tb) * tensor(dout)).sum().backward()
@@ -649,7 +649,6 @@ def test_torch_residual(rng):
     ops.residual_backward(da, db, dout)
     assert_close(da, ta.grad, ELEMENTWISE_TOL, "da")
     assert_close(db, tb.grad, ELEMENTWISE_TOL, "db")
-    del torch
 
 
 def test_torch_attention(rng):
