@@ -8,9 +8,10 @@ embedding. Every computation runs through the kernels in lmlab.ops; this file on
 Memory layout
 - Parameters live in ONE flat float32 buffer (`params`) and gradients in another (`grads`), so
   AdamW, clipping and checkpoints each work on one array. `named_parameters()` / `named_grads()`
-  are views with GPT-2's names; weights are stored (out, in) like torch.nn.Linear, so
-  `y = x @ W.T + b`, and the names and layouts match a GPT-2 / nanoGPT state dict (minus the
-  "transformer." prefix and the tied lm_head).
+  are views with GPT-2's names (wte and wpe without ".weight"); weights are stored (out, in)
+  like torch.nn.Linear, so `y = x @ W.T + b`, as in nanoGPT's state dict minus its
+  "transformer." prefix and the tied lm_head (Hugging Face GPT-2 files store (in, out) Conv1D
+  weights, which need a transpose).
 - Activations live in one arena allocated for a (B, T) and kept while later calls fit in it; the
   per-(B, T) views are rebuilt only when B or T change. Per layer the forward keeps only what the
   backward reads (residual streams, LayerNorm outputs and statistics, qkv, attention probabilities,
