@@ -324,9 +324,9 @@ class GPT:
             return self._grad_plan
         names = list(self._named_grads)
         for prefix in key:
-            if not isinstance(prefix, str) or not any(_frozen_by(n, prefix) for n in names):
+            if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in names):
                 raise ValueError(f"frozen prefix {prefix!r} matches no parameter name")
-        G = {n: (None if any(_frozen_by(n, p) for p in key) else g)
+        G = {n: (None if any(frozen_by(n, p) for p in key) else g)
              for n, g in self._named_grads.items()}
         layers = []
         for i in range(self.config.n_layer):
@@ -480,7 +480,7 @@ class GPT:
         return generate(self, prompt_ids, max_new_tokens, **kwargs)
 
 
-def _frozen_by(name: str, prefix: str) -> bool:
+def frozen_by(name: str, prefix: str) -> bool:
     """Whether a frozen prefix covers a parameter: whole dotted components ("h.1" is not "h.10")."""
     return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
 

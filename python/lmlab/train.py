@@ -98,6 +98,8 @@ class AdamW:
         self.v = np.zeros_like(model.params)
         self.t = 0
         self.ranges = trainable_ranges(model, cfg.frozen)
+        # The model then skips frozen gradients and stops backprop below the lowest trainable layer.
+        model.frozen = set(cfg.frozen)
 
     def step(self, lr: float, grad_scale: float) -> None:
         self.t += 1
@@ -122,12 +124,13 @@ class AdamW:
 
 def trainable_ranges(model, frozen_prefixes) -> list:
     """Contiguous [start, stop) ranges of the flat buffer whose parameters are not frozen."""
-    prefixes = tuple(frozen_prefixes or ())
+    from .model import frozen_by
+
+    prefixes = list(frozen_prefixes or ())
     base = model.params.ctypes.data
     spans = []
     for name, view in model.named_parameters().items():
-        if prefixes and any(name == p or name.startswith(p if p.endswith(".") else p + ".")
-                            for p in prefixes):
+        if any(frozen_by(name, p) for p in prefixes):
             continue
         start = (view.ctypes.data - base) // view.itemsize
         spans.append((start, start + view.size))
@@ -139,7 +142,7 @@ def trainable_ranges(model, frozen_prefixes) -> list:
         else:
             merged.append((start, stop))
     if not merged:
-        raise ValueError(f"every parameter is frozen by {list(prefixes)}; nothing would train")
+        raise ValueError(f"every parameter is frozen by {prefixes}; nothing would train")
     return merged
 
 
