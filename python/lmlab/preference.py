@@ -272,16 +272,26 @@ def judge_preference(judge, prompt: str, a: str, b: str) -> float:
 # --- sequences -----------------------------------------------------------------------------------
 
 
+def _encode(tok, text: str) -> np.ndarray:
+    # Special tokens are allowed: sampled text decodes them to their names (e.g. "<|user|>"), and
+    # the ids must round-trip.
+    return np.asarray(tok.encode(text, allow_special=True), dtype=np.int32)
+
+
+def _prompt_ids(tok, prompt: str) -> np.ndarray:
+    # An empty prompt becomes the context generation starts from.
+    ids = _encode(tok, prompt)
+    return ids if ids.size else np.array([tok.eot_id], dtype=np.int32)
+
+
 def encode_pair(tok, prompt: str, response: str, max_len: int) -> tuple:
     """(prompt ids, response ids) fitted into max_len tokens.
 
     An empty prompt becomes <|endoftext|>, the context generation starts from. Too long: the
     prompt loses its oldest tokens first (keeping one), then the response is cut at the end.
     """
-    p = np.asarray(tok.encode(prompt), dtype=np.int32) if prompt else np.zeros(0, np.int32)
-    if p.size == 0:
-        p = np.array([tok.eot_id], dtype=np.int32)
-    r = np.asarray(tok.encode(response), dtype=np.int32)
+    p = _prompt_ids(tok, prompt)
+    r = _encode(tok, response)
     if p.size + r.size > max_len:
         p = p[-max(1, max_len - r.size):]
         r = r[: max_len - p.size]
@@ -355,11 +365,13 @@ class DPOStage:
 
     Each micro-batch holds B chosen rows then B rejected rows in one (2B, T) forward. The reference
     model's log-probabilities are computed once up front (it is frozen), so no second model is held
-    during training.
+    during training. With sft_weight > 0 the chosen answers' mean per-token NLL is added, an anchor
+    that keeps DPO from lowering the probability of the chosen answers themselves.
     """
 
     def __init__(self, model, tok, train_pairs, val_pairs, *, beta: float = 0.1,
-                 batch_size: int = 8, seed: int = 0, grad_accum: int = 1, log_path=None):
+                 batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
+                 sft_weight: float = 0.0, log_path=None):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if batch_size < 1:
@@ -367,11 +379,14 @@ class DPOStage:
         if not train_pairs:
             raise ValueError("DPO needs at least one training pair (a ranking with two "
                              "distinguishable completions)")
+        if sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
         self.beta, self.batch_size = float(beta), int(batch_size)
+        self.sft_weight = float(sft_weight)
         self.pad = int(tok.eot_id)
         bs = model.config.block_size
-        self.train = self._encode(tok, train_pairs, bs)
-        self.val = self._encode(tok, val_pairs, bs)
+        self.train = self._encode_pairs(tok, train_pairs, bs)
+        self.val = self._encode_pairs(tok, val_pairs, bs)
         self.T = max(len(p) + max(len(c), len(r)) - 1 for p, c, r in self.train + self.val)
         self.ref_train = self._logps(model, self.train)
         self.ref_val = self._logps(model, self.val)
@@ -382,7 +397,7 @@ class DPOStage:
         self.last_eval: dict = {}
 
     @staticmethod
-    def _encode(tok, pairs, block_size):
+    def _encode_pairs(tok, pairs, block_size):
         out = []
         for prompt, chosen, rejected in pairs:
             p, c = encode_pair(tok, prompt, chosen, block_size + 1)
@@ -411,8 +426,15 @@ class DPOStage:
         ref = self.ref_train[idx]
         loss, g_c, g_r, margin = dpo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], self.beta)
         # logp = -sum(mask * losses), so d loss / d losses[b, t] = -(d loss / d logp_b) * mask
-        coeff = -np.concatenate([g_c, g_r]).astype(np.float32)
-        model.backward(coeff[:, None] * mask * np.float32(scale))
+        weights = -np.concatenate([g_c, g_r])[:, None] * mask
+        if self.sft_weight:
+            # Optional anchor: + sft_weight * mean over pairs of the chosen answer's per-token NLL,
+            # which keeps DPO from lowering the chosen answers' own probability.
+            n_c = np.maximum(mask[:B].sum(axis=1, keepdims=True), 1.0)
+            nll = -(logp[:B] / n_c[:, 0]).mean()
+            loss += self.sft_weight * float(nll)
+            weights[:B] += self.sft_weight * mask[:B] / (n_c * B)
+        model.backward((weights * scale).astype(np.float32))
         self.calls += 1
         return {"loss": loss, "tokens": int(x.size), "margin": float(margin.mean()),
                 "accuracy": float((margin > 0).mean())}
@@ -452,27 +474,21 @@ def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np
     if not 0 < max_new_tokens < block_size:
         raise ValueError(f"max_new_tokens must be in 1..{block_size - 1} (block_size "
                          f"{block_size} also holds the prompt), got {max_new_tokens}")
-    ids = np.asarray(tok.encode(prompt), dtype=np.int32) if prompt else np.zeros(0, np.int32)
-    if ids.size == 0:
-        ids = np.array([tok.eot_id], dtype=np.int32)
-    return ids[-(block_size - max_new_tokens):]
+    return _prompt_ids(tok, prompt)[-(block_size - max_new_tokens):]
 
 
 def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,
                       temperature: float = 1.0, top_k=None, top_p=None) -> tuple:
-    """One sampled answer: (response ids, text). The ids keep a final <|endoftext|> if one was
-    sampled (it is part of what the policy chose); the text stops before it."""
+    """One sampled answer: (response ids, text). generate() stops before a sampled
+    <|endoftext|>; the ids put it back (it is part of what the policy chose), the text does not."""
     from .sample import generate
 
     new = np.asarray(generate(model, prompt_ids, max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, stop_ids=[tok.eot_id]),
                      dtype=np.int32)
-    hits = np.flatnonzero(new == tok.eot_id)
-    if hits.size:
-        new = new[: hits[0] + 1]
-        text = tok.decode(new[:-1])
-    else:
-        text = tok.decode(new)
+    text = tok.decode(new)
+    if new.size < max_new_tokens:
+        new = np.append(new, np.int32(tok.eot_id))
     return new, text
 
 
@@ -686,6 +702,7 @@ class RLStage:
         self.grad_accum = grad_accum
         self.log_path = log_path
         self._window: list = []
+        self.last_batch: dict = {}  # the latest rollouts, for inspection and teaching
 
     def _rollouts(self, model, prompt_ids, prompts, seeds) -> tuple:
         responses, texts = [], []
@@ -719,6 +736,8 @@ class RLStage:
         w = (adv / len(pids)).astype(np.float32)[:, None] * mask
         model.backward(w * np.float32(scale))
         self.calls += 1
+        self.last_batch = {"x": x, "y": y, "mask": mask, "texts": texts, "reward": reward,
+                           "kl": kl, "advantage": adv}
         n_tok = float(mask.sum())
         stats = {"reward": float(reward.mean()), "kl": float(kl.mean()),
                  "kl_per_token": float(kl.sum() / max(n_tok, 1.0)),
