@@ -40,6 +40,9 @@ def parse_ranking_input(text: str, k: int):
     for place, item in enumerate(t for t in re.split(r"[\s,>]+", s) if t):
         group = []
         for part in item.split("="):
+            if not part:
+                raise RankingInputError(f"{item!r}: a tie needs a number on each side of '=', "
+                                        "as in 2=1")
             if not part.isdigit():
                 raise RankingInputError(f"{part!r} is not a completion number (1..{k}); {HELP}")
             n = int(part)
