@@ -1,5 +1,7 @@
 // matmul: the linear layer, out = inp . weight^T + bias, and its backward.
-// Shapes: inp (N, C), weight (OC, C), bias (OC), out (N, OC).
+// Shapes: inp (N, C), weight (OC, C), bias (OC), out (N, OC); dout (N, OC).
+// All three products go through gemm (cpp/gemm.cpp), which packs the transposes away.
+#include "gemm_internal.h"
 #include "isa.h"
 
 namespace lmlab {
@@ -7,35 +9,52 @@ namespace LMLAB_ISA_NS {
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, idx_t N,
                     idx_t C, idx_t OC) {
-    // out (N, OC) = inp (N, C) . weight^T: op(B)[k, o] = weight[o * C + k]
-    gemm(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, false, true);
-    if (bias != nullptr) {
-#pragma omp parallel for schedule(static)
-        for (idx_t n = 0; n < N; n++)
-            for (idx_t o = 0; o < OC; o++) out[n * OC + o] += bias[o];
+    // out (N, OC) = inp (N, C) . weight^T: op(B)[k, o] = weight[o * C + k]. The bias is added as each
+    // output tile is first written, not in a second pass over out.
+    gemm_bias(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, bias, true);
+}
+
+namespace {
+
+// Columns of dout per parallel task of the bias gradient: a few cache lines, so each task reads
+// whole lines of every row.
+constexpr idx_t kBiasColumns = 64;
+
+// dbias (OC) += column sums of dout (N, OC). Each column is summed in fixed chunks of kRowChunk rows
+// whose partial sums are added in chunk order; threads take disjoint column blocks, so the result
+// does not depend on the thread count. Within a block, the rows run in the inner loop's vector lanes.
+void bias_gradient(float* dbias, const float* dout, idx_t N, idx_t OC) {
+    const idx_t blocks = (OC + kBiasColumns - 1) / kBiasColumns;
+#pragma omp parallel for schedule(static) if (N * OC >= 65536)
+    for (idx_t blk = 0; blk < blocks; blk++) {
+        const idx_t o0 = blk * kBiasColumns;
+        const idx_t width = OC - o0 < kBiasColumns ? OC - o0 : kBiasColumns;
+        float total[kBiasColumns], part[kBiasColumns];
+        for (idx_t j = 0; j < width; j++) total[j] = 0.0f;
+        for (idx_t n0 = 0; n0 < N; n0 += kRowChunk) {
+            const idx_t n1 = n0 + kRowChunk < N ? n0 + kRowChunk : N;
+            for (idx_t j = 0; j < width; j++) part[j] = 0.0f;
+            for (idx_t n = n0; n < n1; n++) {
+                const float* row = dout + n * OC + o0;
+#pragma omp simd
+                for (idx_t j = 0; j < width; j++) part[j] += row[j];
+            }
+            for (idx_t j = 0; j < width; j++) total[j] += part[j];
+        }
+        for (idx_t j = 0; j < width; j++) dbias[o0 + j] += total[j];
     }
 }
+
+}  // namespace
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, idx_t N, idx_t C, idx_t OC) {
     // dinp (N, C) += dout (N, OC) . weight (OC, C)
     if (dinp != nullptr) gemm(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, true, true);
-    // dweight (OC, C) += dout^T (OC, N) . inp (N, C)
+    // dweight (OC, C) += dout^T (OC, N) . inp (N, C): the long reduction runs over the N rows, in
+    // slices of fixed depth, so its order is the same for any thread count.
     if (dweight != nullptr) gemm(OC, C, N, 1.0f, dout, 1, OC, inp, C, 1, dweight, C, true, true);
-    if (dbias != nullptr) {
-        // Each output channel sums its column in chunk order, so the result is thread-count free.
-#pragma omp parallel for schedule(static)
-        for (idx_t o = 0; o < OC; o++) {
-            float total = 0.0f;
-            for (idx_t n0 = 0; n0 < N; n0 += kRowChunk) {
-                float part = 0.0f;
-                idx_t n1 = n0 + kRowChunk < N ? n0 + kRowChunk : N;
-                for (idx_t n = n0; n < n1; n++) part += dout[n * OC + o];
-                total += part;
-            }
-            dbias[o] += total;
-        }
-    }
+    if (dbias != nullptr) bias_gradient(dbias, dout, N, OC);
 }
 
 }  // namespace LMLAB_ISA_NS

@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a GPT from scratch on a corpus",
                        description="Pretrain a GPT by next-token prediction. Ctrl-C stops after the "
                                    "current step and saves a checkpoint; --resume continues exactly.")
-    p.add_argument("--corpus", default="builtin:python-docs",
-                   help="a text file, directory, glob, or builtin:NAME (default builtin:python-docs)")
+    p.add_argument("--corpus", default=None,
+                   help="a text file, directory, glob, or builtin:NAME (default builtin:python-docs; "
+                        "with --resume, the run's own)")
     p.add_argument("--run", default="runs/pretrain", help="run directory (default runs/pretrain)")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")

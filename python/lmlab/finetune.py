@@ -45,26 +45,21 @@ class FinetuneReport:
         return "\n".join(lines)
 
 
-def handle_unknown(text: str, tokenizer, policy: str, replacement: str = " ") -> tuple:
-    """Apply the unknown-character policy; returns (text, Counter of unknown characters)."""
+def encode_new_corpus(text: str, tokenizer, policy: str) -> tuple:
+    """Token ids of the new corpus under the unknown-character policy ("error", "skip" or
+    "replace" with U+FFFD), and the Counter of characters the tokenizer cannot encode."""
     if policy not in UNKNOWN_POLICIES:
         raise ValueError(f"unknown-character policy must be one of {UNKNOWN_POLICIES}, got {policy!r}")
     unknown = tokenizer.unknown_chars(text)
-    if not unknown:
-        return text, unknown
-    if policy == "error":
+    if unknown and policy == "error":
         shown = ", ".join(f"{c!r} x{n}" for c, n in unknown.most_common(10))
         more = "" if len(unknown) <= 10 else f" and {len(unknown) - 10} more"
         raise ValueError(
             f"the parent's tokenizer cannot encode {sum(unknown.values())} characters of the new "
             f"corpus ({len(unknown)} distinct: {shown}{more}). Choose unknown='skip' "
-            f"(--unknown skip) to drop them or unknown='replace' (--unknown replace) to replace "
-            f"them with {replacement!r}.")
-    if policy == "replace" and tokenizer.unknown_chars(replacement):
-        raise ValueError(f"the replacement {replacement!r} is itself not in the tokenizer")
-    sub = "" if policy == "skip" else replacement
-    table = {ord(c): sub for c in unknown}
-    return text.translate(table), unknown
+            f"(--unknown skip) to drop them or unknown='replace' (--unknown replace) to map them "
+            f"to the replacement character.")
+    return tokenizer.encode(text, unknown=policy), unknown
 
 
 def _sample_text(model, tok, prompt: str, n: int, seed: int) -> str:
@@ -103,19 +98,18 @@ def finetune(parent, corpus: str, run_dir, *, unknown: str = "error", freeze_lay
         raise ValueError("the fine-tuned run needs its own directory (it records its parent)")
     base, tok, parent_config = load_model(parent)
     model, _, _ = load_model(parent)  # the copy that trains; `base` stays as the parent
-    text, unknown_counts = handle_unknown(load_corpus(corpus), tok, unknown)
-    tokens = tok.encode(text)
+    tokens, unknown_counts = encode_new_corpus(load_corpus(corpus), tok, unknown)
     train_tokens, val_tokens = split_tokens(tokens, val_fraction)
-    bs = batch_size or int(parent_config.get("batch_size", 12))
+    parent_run = parent_config.get("train") or {}
+    bs = batch_size or int(parent_run.get("batch_size", 12))
     T = model.config.block_size
     # The parent's own corpus, to measure forgetting; skipped when it is not readable here.
     old_val = None
-    old_spec = parent_config.get("corpus")
+    old_spec = parent_run.get("corpus")
     if old_spec:
         try:
-            old_text, _ = handle_unknown(load_corpus(old_spec), tok, "skip")
-            _, old_val = split_tokens(tok.encode(old_text),
-                                      float(parent_config.get("val_fraction", val_fraction)))
+            old_tokens = tok.encode(load_corpus(old_spec), unknown="skip")
+            _, old_val = split_tokens(old_tokens, float(parent_run.get("val_fraction", val_fraction)))
         except (OSError, ValueError):
             old_val = None
 
@@ -134,7 +128,7 @@ def finetune(parent, corpus: str, run_dir, *, unknown: str = "error", freeze_lay
     run_config = {"stage": "finetune", "corpus": corpus, "model": asdict(model.config),
                   "batch_size": bs, "val_fraction": val_fraction, "unknown": unknown,
                   "freeze_layers": freeze_layers, "freeze_embeddings": freeze_embeddings,
-                  **{k: v for k, v in parent_config.items() if k in ("chat_template",)}}
+                  **{k: v for k, v in parent_run.items() if k in ("chat_template",)}}
     result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
                    resume=resume, parent=str(parent))
     new_after, old_after = losses(model)

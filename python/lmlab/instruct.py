@@ -323,7 +323,7 @@ def instruct_tune(parent, data: str, run_dir, *, batch_size: int = 16, threads: 
                           batch_size, T, tok.eot_id, seed)
     run_config = {"stage": "instruct", "data": data, "model": asdict(model.config),
                   "batch_size": batch_size, "chat_template": TEMPLATE,
-                  "corpus": parent_config.get("corpus"),
+                  "corpus": (parent_config.get("train") or {}).get("corpus"),
                   "data_problems": {k: len(v) for k, v in problems.items()}}
     result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
                    resume=resume, parent=str(parent))

@@ -65,14 +65,18 @@ def evaluate_loss(model, tokens: np.ndarray, batch_size: int, block_size: int, b
     return total / batches
 
 
-def pretrain(corpus: str = "builtin:python-docs", run_dir="runs/pretrain", *,
+DEFAULT_CORPUS = "builtin:python-docs"
+
+
+def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *,
              tokenizer: str = "char", vocab_size: int = 512, n_layer: int = 4, n_head: int = 4,
              n_embd: int = 128, block_size: int = 64, batch_size: int = 12,
              val_fraction: float = 0.1, eval_batches: int = 20, threads: Optional[int] = None,
              resume: bool = False, seed: int = 1337, **train_kwargs) -> TrainResult:
     """Train a GPT from scratch on a corpus by next-token prediction; everything lands in run_dir.
 
-    corpus: a file, directory, glob or "builtin:NAME". tokenizer: "char" or "bpe" (vocab_size
+    corpus: a file, directory, glob or "builtin:NAME" (default builtin:python-docs; when resuming,
+    the run's own corpus). Model-shape arguments are ignored when resuming. tokenizer: "char" or "bpe" (vocab_size
     applies to "bpe"). Other keyword arguments go to TrainConfig (steps, lr, warmup_steps, ...).
     """
     from .data import load_corpus, split_tokens, tokenize_corpus
@@ -87,10 +91,12 @@ def pretrain(corpus: str = "builtin:python-docs", run_dir="runs/pretrain", *,
         from .checkpoint import load_model
         model, tok, saved = load_model(run_dir)
         model_config = model.config
+        corpus = corpus or (saved.get("train") or {}).get("corpus") or DEFAULT_CORPUS
     else:
         if (run_dir / "model.safetensors").exists():
             raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to "
                                   "continue it, or choose another run directory")
+        corpus = corpus or DEFAULT_CORPUS
         text = load_corpus(corpus)
         tok = train_tokenizer(text, tokenizer, vocab_size)
         model_config = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size,

@@ -207,10 +207,14 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
         start_step = int(state["step"])
         optimizer.load_state(arrays, int(state["adam_t"]))
         stage.load_state_dict(state["stage"])
+        # Rows logged after the checkpoint are logged again by the resumed run.
+        checkpoint.truncate_metrics(run_dir, start_step)
         if start_step >= cfg.steps:
             print(f"lmlab: {run_dir} already finished {start_step} of {cfg.steps} steps",
                   file=sys.stderr)
-    full_config = {"train": _jsonable(asdict(cfg)), **(run_config or {})}
+    # config.json's "train" section: how this run was trained (optimiser settings and the stage's
+    # own description: corpus, data, batch size, chat template, ...).
+    full_config = {"optim": _jsonable(asdict(cfg)), **(run_config or {})}
 
     def save(step: int) -> None:
         state = {"step": step, "adam_t": optimizer.t, "stage": stage.state_dict()}
