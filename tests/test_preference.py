@@ -153,12 +153,15 @@ def _dpo_pairs():
             ("", "the red ball.", "a cat"), ("my friend ", "eats", "eats some food.")]
 
 
-def test_dpo_stage_gradient_matches_finite_differences(tok):
-    """The stage's accumulated gradient vs central differences of the DPO loss computed from
-    scratch (float64 sums over model.forward's per-token losses) along several directions."""
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
+    """The stage's accumulated gradient vs central differences of the DPO loss (plus the optional
+    chosen-NLL anchor) computed from scratch (float64 sums over model.forward's per-token losses)
+    along several directions."""
     model = _tiny(tok, seed=3)
     pairs = _dpo_pairs()
-    stage = pf.DPOStage(model, tok, pairs, [], beta=0.5, batch_size=4, seed=0)
+    stage = pf.DPOStage(model, tok, pairs, [], beta=0.5, batch_size=4, seed=0,
+                        sft_weight=sft_weight)
     model.params += np.random.default_rng(1).normal(0, 0.02, model.params.size).astype(np.float32)
     state = stage.state_dict()
     idx = np.random.default_rng(0).integers(0, len(pairs), size=4)  # what the stage will draw
@@ -172,14 +175,15 @@ def test_dpo_stage_gradient_matches_finite_differences(tok):
         ids_p, ids_r = pf.encode_pair(tok, prompt, resp, 33)
         seq = np.concatenate([ids_p, ids_r])
         _, losses = model.forward(seq[None, :-1], seq[None, 1:])
-        return -float(losses[0, ids_p.size - 1:].astype(np.float64).sum())
+        return -float(losses[0, ids_p.size - 1:].astype(np.float64).sum()), ids_r.size
 
     def loss_now():
         total = 0.0
         for i in idx:
             p, c, r = pairs[i]
-            z = (logp(p, c) - ref[i][0]) - (logp(p, r) - ref[i][1])
-            total += np.log1p(np.exp(-0.5 * z))
+            (lc, n_c), (lr, _) = logp(p, c), logp(p, r)
+            z = (lc - ref[i][0]) - (lr - ref[i][1])
+            total += np.log1p(np.exp(-0.5 * z)) - sft_weight * lc / n_c
         return total / len(idx)
 
     assert out["loss"] == pytest.approx(loss_now(), rel=1e-5)
@@ -392,10 +396,10 @@ def test_end_to_end_dpo_and_rl_raise_the_judges_preference(base_run, capsys):
                                      max_new_tokens=n_new, samples_per_prompt=2, seed=7)
     assert 0.3 <= before["win_rate"] <= 0.7 and before["kl"] == 0.0
 
-    _, stage = pf.dpo(base_run / "base", rankings, base_run / "dpo", beta=0.1, batch_size=8,
-                      val_fraction=0.1, steps=120, lr=1e-4, warmup_steps=5, eval_every=40,
+    _, stage = pf.dpo(base_run / "base", rankings, base_run / "dpo", beta=0.5, sft_weight=1.0,
+                      batch_size=8, val_fraction=0.1, steps=120, lr=1e-4, warmup_steps=5, eval_every=40,
                       weight_decay=0.0, progress=False, save_every=0)
-    assert stage.last_eval["val_accuracy"] >= 0.7
+    assert stage.last_eval["val_margin"] > 0  # held-out chosen answers gained on rejected ones
     tuned, _, _ = load_model(base_run / "dpo")
     after = pf.compare_to_reference(tuned, reference, tok, held_out, judge, max_new_tokens=n_new,
                                     samples_per_prompt=2, seed=7)
@@ -407,7 +411,7 @@ def test_end_to_end_dpo_and_rl_raise_the_judges_preference(base_run, capsys):
     _, rl = pf.rlhf(base_run / "base", prompts, base_run / "rl", judge="word:cat", k=4,
                     prompts_per_step=4, kl_coef=0.05, max_new_tokens=n_new, steps=40, lr=3e-4,
                     warmup_steps=5, eval_every=20, weight_decay=0.0, progress=False, save_every=0)
-    rows = [json.loads(ln) for ln in (base_run / "rl" / "preference_metrics.jsonl").open()]
+    rows = pf.read_stage_metrics(base_run / "rl")
     per_step = [r for r in rows if "reward" in r]
     assert [r["step"] for r in per_step] == list(range(1, 41))
     assert all(np.isfinite(r["kl"]) for r in per_step)

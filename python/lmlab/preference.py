@@ -458,6 +458,18 @@ class DPOStage:
         self.calls = int(d["calls"])
 
 
+STAGE_METRICS = "preference_metrics.jsonl"
+
+
+def read_stage_metrics(run_dir) -> list:
+    """The rows a DPO or RL run logged beyond the shared loop's metrics.jsonl (margins, accuracy,
+    reward and KL per step)."""
+    path = Path(run_dir) / STAGE_METRICS
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
 def _log_row(path, row: dict) -> None:
     """Stage metrics the shared loop does not record (margins, rewards, KL) go to their own file."""
     if path is None:
@@ -830,7 +842,8 @@ def _model_config(model) -> dict:
 
 
 def dpo(run, rankings, out_dir, *, beta: float = 0.1, batch_size: int = 8,
-        val_fraction: float = 0.1, resume: bool = False, seed: int = 1337, **train_kwargs):
+        sft_weight: float = 0.0, val_fraction: float = 0.1, resume: bool = False,
+        seed: int = 1337, **train_kwargs):
     """Tune the policy in `run` on rankings (paths) by DPO into out_dir; returns (TrainResult,
     stage), the stage holding the last held-out margin and accuracy in .last_eval."""
     from .train import train
@@ -841,8 +854,9 @@ def dpo(run, rankings, out_dir, *, beta: float = 0.1, batch_size: int = 8,
     model, tok, cfg, out_dir = _open_stage_run(run, out_dir, resume, seed, train_kwargs)
     stage = DPOStage(model, tok, preference_pairs(train_recs), preference_pairs(val_recs),
                      beta=beta, batch_size=batch_size, seed=seed, grad_accum=cfg.grad_accum,
-                     log_path=out_dir / "preference_metrics.jsonl")
+                     sft_weight=sft_weight, log_path=out_dir / STAGE_METRICS)
     run_config = {"stage": "dpo", "rankings": [str(p) for p in paths], "beta": beta,
+                  "sft_weight": sft_weight,
                   "batch_size": batch_size, "val_fraction": val_fraction,
                   "train_pairs": len(stage.train), "val_pairs": len(stage.val),
                   "model": _model_config(model)}
@@ -881,7 +895,7 @@ def rlhf(run, prompts, out_dir, *, reward_model=None, judge=None, k: int = 4,
                     reward_fn, k=k, prompts_per_step=prompts_per_step, kl_coef=kl_coef,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     seed=seed, grad_accum=cfg.grad_accum,
-                    log_path=out_dir / "preference_metrics.jsonl")
+                    log_path=out_dir / STAGE_METRICS)
     run_config = {"stage": "rlhf", "reward": source, "k": k, "prompts_per_step": prompts_per_step,
                   "kl_coef": kl_coef, "max_new_tokens": max_new_tokens,
                   "temperature": temperature, "top_k": top_k, "model": _model_config(model)}
@@ -951,6 +965,8 @@ def add_preference_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="new run directory")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch")
+    p.add_argument("--sft-weight", type=float, default=0.0,
+                   help="add this times the chosen answers' mean token NLL (an anchor; 0: off)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of rankings")
     _add_judge_eval(p)
     p.add_argument("--resume", action="store_true")
@@ -1040,7 +1056,8 @@ def _cmd_dpo(args) -> int:
 
     _apply_threads(args)
     result, stage = dpo(args.run, args.rankings, args.out, beta=args.beta,
-                        batch_size=args.batch_size, val_fraction=args.val_fraction,
+                        batch_size=args.batch_size, sft_weight=args.sft_weight,
+                        val_fraction=args.val_fraction,
                         resume=args.resume, seed=args.seed, **_train_options(args))
     _report(result, args.out)
     ev = stage.last_eval
@@ -1062,6 +1079,6 @@ def _cmd_rlhf(args) -> int:
                          val_fraction=args.val_fraction, resume=args.resume, seed=args.seed,
                          **_train_options(args))
     _report(result, args.out)
-    print(f"mean reward and KL per step: {Path(args.out) / 'preference_metrics.jsonl'}")
+    print(f"mean reward and KL per step: {Path(args.out) / STAGE_METRICS}")
     _judge_eval(args, stage.val_prompts)
     return 0
