@@ -117,22 +117,12 @@ def parse_record(obj, *, where: str = "record") -> dict:
 
 
 def load_rankings(path) -> list:
-    """Read a rankings JSONL file (rankings and/or pairs); errors name the file and line.
+    """Read a rankings JSONL file (rankings and/or pairs) with lmlab.data's loader; errors name
+    the file and line. Rankings come back in the compact form (a group of one as its index)."""
+    from .data import load_rankings_jsonl
 
-    Kept here rather than in lmlab.data because the validation (ties, coverage) is this module's.
-    """
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            records.append(parse_record(obj, where=f"{path}:{lineno}"))
-    return records
+    return [{**rec, "ranking": compact_ranking(rec["ranking"])}
+            for rec in load_rankings_jsonl(path)]
 
 
 def append_ranking(path, record: dict) -> None:
@@ -933,9 +923,8 @@ def reward(run, rankings, out_dir, *, val_fraction: float = 0.2, steps: int = 30
 
 def add_preference_commands(subparsers) -> None:
     """Add the verbs rank, reward, dpo and rlhf to the `lmlab` command's subparsers."""
-    from .cli import _add_threads, _add_train_options
-
     from . import rank as rank_module
+    from .cli import _add_threads
     rank_module.add_rank_arguments(subparsers.add_parser(
         "rank", help="sample K answers per prompt and rank them (you, or a scripted judge)",
         description="For each prompt, sample K completions with distinct seeds and rank them "
@@ -957,30 +946,19 @@ def add_preference_commands(subparsers) -> None:
     _add_threads(p)
     p.set_defaults(func=_cmd_reward)
 
-    p = subparsers.add_parser("dpo", help="tune toward preferred answers by DPO",
-                              description="Direct preference optimisation against the frozen "
-                                          "RUN as reference. Ctrl-C stops with a checkpoint.")
-    p.add_argument("run", help="run directory: the policy's start and the reference")
-    p.add_argument("--rankings", nargs="+", required=True, help="rankings / pairs JSONL file(s)")
-    p.add_argument("--out", required=True, help="new run directory")
+    p = _tuner_parser(subparsers, "dpo", "tune toward preferred answers by DPO",
+                      "Direct preference optimisation against the frozen RUN as reference.",
+                      "--rankings", nargs="+", help="rankings / pairs JSONL file(s)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch")
     p.add_argument("--sft-weight", type=float, default=0.0,
                    help="add this times the chosen answers' mean token NLL (an anchor; 0: off)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of rankings")
-    _add_judge_eval(p)
-    p.add_argument("--resume", action="store_true")
-    _add_train_options(p, steps=200, lr=3e-4, warmup=10)
-    _add_threads(p)
-    p.set_defaults(func=_cmd_dpo)
+    _finish_tuner(p, _cmd_dpo, "rankings")
 
-    p = subparsers.add_parser("rlhf", help="tune by RL against a reward model (or a judge)",
-                              description="Policy gradient with a leave-one-out baseline and a KL "
-                                          "penalty to the frozen RUN; metrics per step in "
-                                          "preference_metrics.jsonl.")
-    p.add_argument("run", help="run directory: the policy's start and the reference")
-    p.add_argument("--prompts", required=True, help="prompts file (one per line, or JSONL)")
-    p.add_argument("--out", required=True, help="new run directory")
+    p = _tuner_parser(subparsers, "rlhf", "tune by RL against a reward model (or a judge)",
+                      "Policy gradient with a leave-one-out baseline and a KL penalty to the "
+                      f"frozen RUN; mean reward and KL per step in {STAGE_METRICS}.",
+                      "--prompts", help="prompts file (one per line, or JSONL)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--reward-model", help="a `lmlab reward` output directory")
     src.add_argument("--judge", help="score with a scripted judge: word:WORD, shorter, longer")
@@ -990,21 +968,34 @@ def add_preference_commands(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of prompts")
-    _add_judge_eval(p)
-    p.add_argument("--resume", action="store_true")
-    _add_train_options(p, steps=200, lr=3e-4, warmup=10)
-    _add_threads(p)
-    p.set_defaults(func=_cmd_rlhf)
+    _finish_tuner(p, _cmd_rlhf, "prompts")
 
 
-def _add_judge_eval(p) -> None:
+def _tuner_parser(subparsers, name: str, summary: str, description: str, data_flag: str,
+                  **data):
+    p = subparsers.add_parser(name, help=summary, description=description + " Ctrl-C stops with "
+                              "a checkpoint; --resume continues.")
+    p.add_argument("run", help="run directory: the policy's start and the reference")
+    p.add_argument(data_flag, required=True, **data)
+    p.add_argument("--out", required=True, help="new run directory")
+    return p
+
+
+def _finish_tuner(p, func, held_out_what: str) -> None:
+    from .cli import _add_threads, _add_train_options
+
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help=f"held-out share of the {held_out_what}")
     p.add_argument("--eval-judge", default=None, metavar="SPEC",
                    help="after training, how often this judge (word:WORD|shorter|longer) prefers "
                         "the tuned answer to the reference's on --eval-prompts")
     p.add_argument("--eval-prompts", default=None, help="prompts file for --eval-judge")
     p.add_argument("--eval-samples", type=int, default=2, help="answers per prompt for the eval")
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
+    p.add_argument("--resume", action="store_true")
+    _add_train_options(p, steps=200, lr=3e-4, warmup=10)
+    _add_threads(p)
+    p.set_defaults(func=func)
 
 
 def _train_options(args) -> dict:

@@ -73,7 +73,7 @@ def show_completions(prompt: str, completions: Sequence[str], write: Callable) -
 def ranked_prompts(path) -> set:
     """Prompts the rankings file already holds (an absent file holds none)."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() or not path.read_text(encoding="utf-8").strip():
         return set()
     return {r["prompt"] for r in load_rankings(path)}
 
