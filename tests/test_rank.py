@@ -87,7 +87,7 @@ def _spawn(root, out):
     return pexpect.spawn(sys.executable, args, env=_env(), encoding="utf-8", timeout=60)
 
 
-ASK = r"ranking \(best first"
+ASK = r"your ranking \(best first"
 
 
 def test_rank_in_a_terminal_with_invalid_input_skip_quit_and_resume(tiny_run, tmp_path):

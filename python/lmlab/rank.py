@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from .preference import append_ranking, compact_ranking, load_rankings, make_judge, read_prompts
 
-HELP = 'rank best first, e.g. "2 1 3"; ties "2=1 3"; "s" skips, "q" quits'
+HELP = 'best first, e.g. "2 1 3"; ties "2=1 3"; "s" skips, "q" quits'
 
 
 class RankingInputError(ValueError):
@@ -35,7 +35,7 @@ def parse_ranking_input(text: str, k: int):
     if s in ("q", "quit", "exit"):
         return "quit", None
     if not s:
-        raise RankingInputError(f"nothing typed; {HELP}")
+        raise RankingInputError(f"nothing typed; rank {HELP}")
     groups, seen = [], {}
     for place, item in enumerate(t for t in re.split(r"[\s,>]+", s) if t):
         group = []
@@ -44,7 +44,7 @@ def parse_ranking_input(text: str, k: int):
                 raise RankingInputError(f"{item!r}: a tie needs a number on each side of '=', "
                                         "as in 2=1")
             if not part.isdigit():
-                raise RankingInputError(f"{part!r} is not a completion number (1..{k}); {HELP}")
+                raise RankingInputError(f"{part!r} is not a completion number (1..{k})")
             n = int(part)
             if not 1 <= n <= k:
                 raise RankingInputError(f"{n} is out of range: the completions are numbered "
@@ -64,10 +64,10 @@ def parse_ranking_input(text: str, k: int):
 
 
 def show_completions(prompt: str, completions: Sequence[str], write: Callable) -> None:
-    write(f"prompt: {prompt!r}")
+    write(f"prompt: {prompt!r}, continued by:")
     for i, c in enumerate(completions, 1):
         # Newlines are shown as a visible mark so every completion stays on its numbered line.
-        write(f"  {i}) {prompt}{c}".replace("\n", "\u21b5"))
+        write(f"  {i}) ...{c}".replace("\n", "\u21b5"))
 
 
 def ranked_prompts(path) -> set:
@@ -120,7 +120,7 @@ def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, j
 def _ask(read: Callable, write: Callable, k: int):
     while True:
         try:
-            text = read(f"ranking (best first; {HELP})> ")
+            text = read(f"your ranking ({HELP})> ")
         except (EOFError, KeyboardInterrupt):
             write("")
             return "quit", None
