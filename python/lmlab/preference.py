@@ -377,7 +377,7 @@ class DPOStage:
         bs = model.config.block_size
         self.train = self._encode_pairs(tok, train_pairs, bs)
         self.val = self._encode_pairs(tok, val_pairs, bs)
-        self.T = max(len(p) + max(len(c), len(r)) - 1 for p, c, r in self.train + self.val)
+        self.T = max(1, max(len(p) + max(len(c), len(r)) - 1 for p, c, r in self.train + self.val))
         self.ref_train = self._logps(model, self.train)
         self.ref_val = self._logps(model, self.val)
         self.rng = np.random.default_rng(seed)
@@ -675,6 +675,8 @@ class RLStage:
     is folded into the reward, r'_i = r_i - kl_coef * kl_i, which makes the REINFORCE estimate the
     exact gradient of E[r] - kl_coef * KL. The surrogate loss -(1/PK) sum_i A_i log pi(y_i) has,
     with losses = -log pi per token, the per-token weight +A_i / (P K) on y_i's tokens.
+    The log-probabilities are the model's own (temperature 1): sampling at another temperature or
+    with top_k makes the estimate off-policy, so keep the defaults unless exploring that on purpose.
     """
 
     def __init__(self, model, ref_model, tok, prompts, val_prompts, reward_fn, *, k: int = 4,
@@ -966,7 +968,8 @@ def add_preference_commands(subparsers) -> None:
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 1.0 (with no --top-k) keeps the gradient on-policy")
     p.add_argument("--top-k", type=int, default=None)
     _finish_tuner(p, _cmd_rlhf, "prompts")
 
