@@ -23,15 +23,15 @@ logits: w . logits = (wte^T w) . h, i.e. a linear readout of h restricted to the
 embedding rows (all of h when vocab_size >= n_embd). It reads the last position and the mean over
 the response positions, since a rule such as "contains this word" is spread over the response.
 Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry it.
+
+What the shared loop does not record (DPO's held-out margin and accuracy, RL's mean reward and KL
+per step) goes to preference_metrics.jsonl in the run directory, one JSON object per row.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
