@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--dpo-lr", type=float, default=1e-4)
     ap.add_argument("--rl-steps", type=int, default=100)
     ap.add_argument("--rl-lr", type=float, default=3e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--kl-coef", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=2, help="answers per held-out prompt")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

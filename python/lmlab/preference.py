@@ -680,7 +680,7 @@ class RLStage:
     """
 
     def __init__(self, model, ref_model, tok, prompts, val_prompts, reward_fn, *, k: int = 4,
-                 prompts_per_step: int = 4, kl_coef: float = 0.05, max_new_tokens: int = 32,
+                 prompts_per_step: int = 4, kl_coef: float = 1.0, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k=None, seed: int = 0, grad_accum: int = 1,
                  log_path=None):
         if k < 2:
@@ -861,7 +861,7 @@ def dpo(run, rankings, out_dir, *, beta: float = 0.1, batch_size: int = 8,
 
 
 def rlhf(run, prompts, out_dir, *, reward_model=None, judge=None, k: int = 4,
-         prompts_per_step: int = 4, kl_coef: float = 0.05, max_new_tokens: int = 32,
+         prompts_per_step: int = 4, kl_coef: float = 1.0, max_new_tokens: int = 32,
          temperature: float = 1.0, top_k=None, val_fraction: float = 0.1, resume: bool = False,
          seed: int = 1337, **train_kwargs):
     """Tune the policy in `run` by RL against a reward model run dir (or a scripted judge's
@@ -966,7 +966,8 @@ def add_preference_commands(subparsers) -> None:
     src.add_argument("--judge", help="score with a scripted judge: word:WORD, shorter, longer")
     p.add_argument("-k", "--samples", type=int, default=4, help="samples per prompt (>= 2)")
     p.add_argument("--prompts-per-step", type=int, default=4)
-    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient")
+    p.add_argument("--kl-coef", type=float, default=1.0,
+                   help="KL penalty: reward units per nat of log(policy/reference) (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 1.0 (with no --top-k) keeps the gradient on-policy")
