@@ -951,11 +951,12 @@ def add_preference_commands(subparsers) -> None:
     p = _tuner_parser(subparsers, "dpo", "tune toward preferred answers by DPO",
                       "Direct preference optimisation against the frozen RUN as reference.",
                       "--rankings", nargs="+", help="rankings / pairs JSONL file(s)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
+    p.add_argument("--beta", type=float, default=0.5, help="DPO temperature (default 0.5)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch")
-    p.add_argument("--sft-weight", type=float, default=0.0,
-                   help="add this times the chosen answers' mean token NLL (an anchor; 0: off)")
-    _finish_tuner(p, _cmd_dpo, "rankings")
+    p.add_argument("--sft-weight", type=float, default=1.0,
+                   help="add this times the chosen answers' mean token NLL, an anchor that keeps "
+                        "the text fluent (default 1; 0 is plain DPO)")
+    _finish_tuner(p, _cmd_dpo, "rankings", steps=150, lr=1e-4)
 
     p = _tuner_parser(subparsers, "rlhf", "tune by RL against a reward model (or a judge)",
                       "Policy gradient with a leave-one-out baseline and a KL penalty to the "
@@ -972,7 +973,7 @@ def add_preference_commands(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 1.0 (with no --top-k) keeps the gradient on-policy")
     p.add_argument("--top-k", type=int, default=None)
-    _finish_tuner(p, _cmd_rlhf, "prompts")
+    _finish_tuner(p, _cmd_rlhf, "prompts", steps=100, lr=3e-4)
 
 
 def _tuner_parser(subparsers, name: str, summary: str, description: str, data_flag: str,
@@ -985,7 +986,7 @@ def _tuner_parser(subparsers, name: str, summary: str, description: str, data_fl
     return p
 
 
-def _finish_tuner(p, func, held_out_what: str) -> None:
+def _finish_tuner(p, func, held_out_what: str, *, steps: int, lr: float) -> None:
     from .cli import _add_threads, _add_train_options
 
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -997,7 +998,8 @@ def _finish_tuner(p, func, held_out_what: str) -> None:
     p.add_argument("--eval-samples", type=int, default=2, help="answers per prompt for the eval")
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("--resume", action="store_true")
-    _add_train_options(p, steps=200, lr=3e-4, warmup=10)
+    # Defaults measured by benchmarks/preference_eval.py on a small char model.
+    _add_train_options(p, steps=steps, lr=lr, warmup=10)
     _add_threads(p)
     p.set_defaults(func=func)
 
