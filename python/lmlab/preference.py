@@ -837,7 +837,10 @@ def dpo(run, rankings, out_dir, *, beta: float = 0.1, batch_size: int = 8,
         sft_weight: float = 0.0, val_fraction: float = 0.1, resume: bool = False,
         seed: int = 1337, **train_kwargs):
     """Tune the policy in `run` on rankings (paths) by DPO into out_dir; returns (TrainResult,
-    stage), the stage holding the last held-out margin and accuracy in .last_eval."""
+    stage), the stage holding the last held-out margin and accuracy in .last_eval.
+
+    The defaults here are plain DPO; `lmlab dpo` defaults to beta 0.5 with sft_weight 1, the
+    setting benchmarks/preference_eval.py measured."""
     from .train import train
 
     paths = [rankings] if isinstance(rankings, (str, os.PathLike)) else list(rankings)
