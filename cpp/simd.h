@@ -20,9 +20,10 @@
 // well below an ulp), |r| <= ln2/2, exp(r) by its Taylor polynomial of degree 7 (truncation error
 // below 5.2e-9 relative, a tenth of an fp32 ulp). Measured over every fp32 x in [-110, 90] against
 // double-precision exp: max error 1.07 ulp on each of the three variants (subnormal results counted in
-// units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). x > 88.72 gives +inf,
-// x < -103.3 gives 0, -inf gives 0, NaN gives NaN. The scaling by 2^n is done in two exact steps (or by
-// AVX-512's scalef), so no intermediate over- or underflows.
+// units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). x < -87 gives 0 (the
+// true result is below 1.65e-38; see kExpLo for why no subnormals), -inf gives 0, x > 88.72 gives +inf,
+// NaN gives NaN. The scaling by 2^n is done in two exact steps (or by AVX-512's scalef), so no
+// intermediate over- or underflows.
 #pragma once
 
 #include <cstring>
@@ -54,6 +55,18 @@
 #define LMLAB_SIMD_REDUCE(op, ...) LMLAB_PRAGMA(omp simd reduction(op : __VA_ARGS__))
 #endif
 
+// The arithmetic of the vector API over one intrinsics family (_mm512 or _mm256). The instructions'
+// max/min return their second operand when either is NaN: callers put the data second to propagate NaN.
+#define LMLAB_VEC_ARITHMETIC(P)                                                           \
+    static inline vf vadd(vf a, vf b) { return P##_add_ps(a, b); }                         \
+    static inline vf vsub(vf a, vf b) { return P##_sub_ps(a, b); }                         \
+    static inline vf vmul(vf a, vf b) { return P##_mul_ps(a, b); }                         \
+    static inline vf vdiv(vf a, vf b) { return P##_div_ps(a, b); }                         \
+    static inline vf vmax(vf a, vf b) { return P##_max_ps(a, b); }                         \
+    static inline vf vmin(vf a, vf b) { return P##_min_ps(a, b); }                         \
+    static inline vf vsqrt(vf a) { return P##_sqrt_ps(a); }                                \
+    static inline vf vfmadd(vf a, vf b, vf c) { return P##_fmadd_ps(a, b, c); }
+
 namespace lmlab {
 namespace LMLAB_ISA_NS {
 
@@ -62,8 +75,10 @@ constexpr float kLog2e = 1.44269504088896341f;
 // ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 significant bits, so n * kLn2Hi is exact for |n| < 2^15.
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
-// Beyond these exp is 0 or +inf in fp32; clamping keeps n within [-150, 129].
-constexpr float kExpLo = -104.0f;
+// Below kExpLo the result would be under 1.65e-38, and is returned as 0: producing a subnormal costs
+// a microcode assist (~100x slower) on x86, and softmax rows of masked or very negative logits hit it
+// constantly. Above kExpHi exp overflows to +inf. Clamping keeps n within [-126, 129].
+constexpr float kExpLo = -87.0f;
 constexpr float kExpHi = 89.0f;
 // 1/k! for the Taylor polynomial of expm1(r) = r + r^2 (1/2! + r (1/3! + ...)).
 constexpr float kInvFact3 = 1.0f / 6.0f, kInvFact4 = 1.0f / 24.0f, kInvFact5 = 1.0f / 120.0f,
@@ -83,38 +98,21 @@ static inline vf vload_n(const float* p, idx_t n, float fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lane_mask(n), p);
 }
 static inline void vstore_n(float* p, vf x, idx_t n) { _mm512_mask_storeu_ps(p, lane_mask(n), x); }
-static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
-// max/min return their second operand when either is NaN: put the data second to propagate NaN.
-static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
-static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
-static inline vf vsqrt(vf a) { return _mm512_sqrt_ps(a); }
+LMLAB_VEC_ARITHMETIC(_mm512)
 static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vselect_neg(vf s, vf a, vf b) {
     __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(s));
     return _mm512_mask_blend_ps(neg, b, a);
 }
-static inline float vhsum(vf a) {
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-}
-static inline float vhmax(vf a) {
-    __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_max_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-}
+// Fixed reduction trees (the compiler's expansion of these does not vary between calls).
+static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 static inline vf vround(vf a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline vf vzero_where_below(vf x, float lo, vf r) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_LT_OQ), r,
+                                _mm512_setzero_ps());
 }
 // p * 2^n for integral n; scalef handles overflow and subnormal results itself.
 static inline vf vldexp(vf p, vf n) { return _mm512_scalef_ps(p, n); }
@@ -139,15 +137,8 @@ static inline void vstore_n(float* p, vf x, idx_t n) {
     else
         _mm256_maskstore_ps(p, lane_mask(n), x);
 }
-static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
-static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
-static inline vf vsqrt(vf a) { return _mm256_sqrt_ps(a); }
+LMLAB_VEC_ARITHMETIC(_mm256)
 static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vselect_neg(vf s, vf a, vf b) { return _mm256_blendv_ps(b, a, s); }
 static inline float vhsum(vf a) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -162,6 +153,9 @@ static inline float vhmax(vf a) {
     return _mm_cvtss_f32(q);
 }
 static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vzero_where_below(vf x, float lo, vf r) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_LT_OQ), r);
+}
 // p * 2^n for integral n in [-150, 129] (NaN n only with NaN p): two exact power-of-two factors, each
 // a normal float, so the only rounding is the final one (into the subnormals or to inf).
 static inline vf vldexp(vf p, vf n) {
@@ -201,6 +195,7 @@ static inline vf vround(vf a) {
     const float shifter = 12582912.0f;
     return (a + shifter) - shifter;
 }
+static inline vf vzero_where_below(vf x, float lo, vf r) { return x < lo ? 0.0f : r; }
 static inline float pow2_bits(int k) {
     int bits = (k + 127) << 23;
     float f;
@@ -217,10 +212,10 @@ static inline vf vldexp(vf p, vf n) {
 
 #endif
 
-static inline vf vexp(vf x) {
+static inline vf vexp(vf x_in) {
     using namespace simd_constants;
     // Clamp with the data as the second operand of max/min, so that NaN passes through.
-    x = vmin(vset(kExpHi), vmax(vset(kExpLo), x));
+    vf x = vmin(vset(kExpHi), vmax(vset(kExpLo), x_in));
     vf n = vround(vmul(x, vset(kLog2e)));
     vf r = vfmadd(n, vset(-kLn2Hi), x);
     r = vfmadd(n, vset(-kLn2Lo), r);
@@ -230,7 +225,7 @@ static inline vf vexp(vf x) {
     q = vfmadd(q, r, vset(kInvFact3));
     q = vfmadd(q, r, vset(0.5f));
     q = vfmadd(vmul(q, r), r, r);  // expm1(r)
-    return vldexp(vadd(q, vset(1.0f)), n);
+    return vzero_where_below(x_in, kExpLo, vldexp(vadd(q, vset(1.0f)), n));
 }
 
 // Elements per block of parallel_blocks: large enough to amortise scheduling, a multiple of every kW.

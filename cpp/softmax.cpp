@@ -21,15 +21,16 @@ float row_max(const float* x, idx_t V) {
     return vhmax(acc);
 }
 
-// sum_v exp(x[v] - shift), also storing each exp into e when e is not null. Lanes past the row's end
-// load -inf, whose exp is 0.
+// sum_v exp(x[v] - shift), also storing each exp into e when kStore. Lanes past the row's end load
+// -inf, whose exp is 0.
+template <bool kStore>
 float row_sum_exp(float* e, const float* x, float shift, idx_t V) {
     const vf s = vset(shift);
     vf acc = vset(0.0f);
     LMLAB_SIMD_REDUCE(+, acc)
     for (idx_t v = 0; v < V; v += kW) {
         vf ev = vexp(vsub(vload_n(x + v, V - v, -INFINITY), s));
-        if (e != nullptr) vstore_n(e + v, ev, V - v);
+        if (kStore) vstore_n(e + v, ev, V - v);
         acc = vadd(acc, ev);
     }
     return vhsum(acc);
@@ -42,7 +43,7 @@ void softmax_forward(float* probs, const float* logits, idx_t N, idx_t V) {
     for (idx_t n = 0; n < N; n++) {
         const float* x = logits + n * V;
         float* p = probs + n * V;
-        const vf inv = vset(1.0f / row_sum_exp(p, x, row_max(x, V), V));
+        const vf inv = vset(1.0f / row_sum_exp<true>(p, x, row_max(x, V), V));
         LMLAB_SIMD
         for (idx_t v = 0; v < V; v += kW) vstore_n(p + v, vmul(vload_n(p + v, V - v, 0.0f), inv), V - v);
     }
@@ -74,7 +75,7 @@ void crossentropy_forward(float* losses, float* lse, const float* logits,
     for (idx_t n = 0; n < N; n++) {
         const float* x = logits + n * V;
         const float maxval = row_max(x, V);
-        const float logsumexp = maxval + std::log(row_sum_exp(nullptr, x, maxval, V));
+        const float logsumexp = maxval + std::log(row_sum_exp<false>(nullptr, x, maxval, V));
         lse[n] = logsumexp;
         losses[n] = logsumexp - x[targets[n]];
     }

@@ -144,6 +144,14 @@ def tiny_model(seed=0):
     return m
 
 
+def fresh_grads(m, x, y, w):
+    """Forward with targets, zeroed gradients, backward with weights w; returns a copy of grads."""
+    m.forward(x, y)
+    m.zero_grad()
+    m.backward(w)
+    return m.grads.copy()
+
+
 def tiny_batch(seed=1, zero_some=False):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, TINY["vocab_size"], (B, T))
@@ -182,26 +190,17 @@ def test_zero_weights_drop_their_tokens():
     """Weights 0 on some positions give the gradient of the loss over the remaining positions only."""
     m = tiny_model()
     x, y, w = tiny_batch(zero_some=True)
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
-    g_masked = m.grads.copy()
+    g_masked = fresh_grads(m, x, y, w)
     # Changing the targets where the weight is 0 must not change the gradient.
     y2 = y.copy()
     y2[w == 0] = (y2[w == 0] + 1) % TINY["vocab_size"]
-    m.forward(x, y2)
-    m.zero_grad()
-    m.backward(w)
-    np.testing.assert_array_equal(m.grads, g_masked)
+    np.testing.assert_array_equal(fresh_grads(m, x, y2, w), g_masked)
 
 
 def test_backward_accumulates():
     m = tiny_model()
     x, y, w = tiny_batch()
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
-    once = m.grads.copy()
+    once = fresh_grads(m, x, y, w)
     m.forward(x, y)
     m.backward(w)
     np.testing.assert_allclose(m.grads, 2 * once, rtol=1e-6, atol=1e-7)
@@ -211,9 +210,7 @@ def test_finite_difference_of_one_direction():
     """The gradient's projection on a random direction equals the float64-evaluated loss slope."""
     m = tiny_model(seed=3)
     x, y, w = tiny_batch(seed=4)
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
+    fresh_grads(m, x, y, w)
     rng = np.random.default_rng(5)
     d = rng.standard_normal(m.params.size)
     d /= np.linalg.norm(d)
@@ -324,24 +321,17 @@ def test_decay_mask():
 def test_frozen_prefixes_skip_their_gradients():
     m = tiny_model()
     x, y, w = tiny_batch()
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
-    full = m.named_grads()
-    full = {k: v.copy() for k, v in full.items()}
+    fresh_grads(m, x, y, w)
+    full = {k: v.copy() for k, v in m.named_grads().items()}
     m.frozen = {"wte", "wpe", "h.0."}
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
+    fresh_grads(m, x, y, w)
     for name, g in m.named_grads().items():
         if name in ("wte", "wpe") or name.startswith("h.0."):
             assert not g.any(), name
         else:
             np.testing.assert_allclose(g, full[name], rtol=1e-6, atol=1e-7, err_msg=name)
     m.frozen = {"h.1.attn"}         # freezing a middle part still backpropagates through it
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
+    fresh_grads(m, x, y, w)
     for name, g in m.named_grads().items():
         if name.startswith("h.1.attn"):
             assert not g.any(), name
@@ -360,14 +350,10 @@ def test_activation_buffers_follow_batch_shape():
     small, _ = m.forward(x[:2, :5], y[:2, :5])
     assert small.shape == (2, 5, TINY["vocab_size"])
     assert m._arena is arena                        # smaller shapes reuse the arena
-    m.forward(x, y)
-    m.zero_grad()
-    m.backward(w)
+    fresh_grads(m, x, y, w)
     ref = reference_gpt(m.named_parameters(), m.config, x[:2, :5], y[:2, :5],
                         w[:2, :5].astype(np.float64))
-    m.forward(x[:2, :5], y[:2, :5])
-    m.zero_grad()
-    m.backward(w[:2, :5])
+    fresh_grads(m, x[:2, :5], y[:2, :5], w[:2, :5])
     assert_close(m.named_grads()["h.0.mlp.c_fc.weight"], ref[3]["h.0.mlp.c_fc.weight"], 1e-3, "fc")
 
 

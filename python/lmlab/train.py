@@ -45,6 +45,7 @@ class TrainConfig:
     eval_every: int = 250  # validation every N steps (and at the end); 0 disables
     save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     log_every: int = 10  # metrics.jsonl row every N steps
+    keep_snapshots: bool = True  # each periodic save also keeps the weights in checkpoints/step_N/
     seed: int = 1337
     progress: bool = True  # the progress bar
     frozen: list = field(default_factory=list)  # parameter-name prefixes left untouched
@@ -283,6 +284,11 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
                     bar.update(1)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
+                    if cfg.keep_snapshots:
+                        # Weights only (no optimiser state): for sampling how the model was doing
+                        # at this point of training (`lmlab demo training`).
+                        checkpoint.save_run(run_dir / "checkpoints" / f"step_{step:06d}", model,
+                                            tokenizer, train_config=full_config, parent=parent)
                 if stop.requested:
                     stopped = True
                     break
