@@ -189,6 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"lmlab rank: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while sampling; every judgement so far is already on disk
+        print("\nlmlab rank: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
