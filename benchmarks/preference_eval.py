@@ -102,7 +102,8 @@ def main() -> None:
     ranked, held_out = prompts[: args.rank_prompts], prompts[args.rank_prompts:]
     (out / "prompts.txt").write_text("\n".join(p.replace("\n", "\\n") for p in ranked),
                                      encoding="utf-8")
-    rankings = out / "rankings.jsonl"
+    # One rankings file per judge: a rerun with another judge must not resume the first's file.
+    rankings = out / f"rankings-{judge.name.replace(':', '-')}.jsonl"
     t0 = time.perf_counter()
 
     def sample(prompt, i, k):
