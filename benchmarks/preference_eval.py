@@ -24,7 +24,7 @@ import numpy as np
 
 from lmlab import ops
 from lmlab import preference as pf
-from lmlab.checkpoint import load_model
+from lmlab.checkpoint import load_model, read_metrics
 from lmlab.pretrain import pretrain
 from lmlab.rank import run_session
 
@@ -153,7 +153,7 @@ def main() -> None:
             prompts_per_step=4, kl_coef=args.kl_coef, max_new_tokens=L, steps=args.rl_steps,
             lr=args.rl_lr, warmup_steps=10, eval_every=50, weight_decay=0.0, save_every=0,
             progress=False, seed=args.seed)
-    rows = pf.read_stage_metrics(rl_dir)
+    rows = read_metrics(rl_dir)
     steps = [r for r in rows if "reward" in r]
     first, last = steps[: len(steps) // 10 or 1], steps[-(len(steps) // 10 or 1):]
     emit({"measure": "rl training", "steps": len(steps),

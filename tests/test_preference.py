@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lmlab import preference as pf
+from lmlab.checkpoint import read_metrics
 from lmlab.model import GPT, GPTConfig
 from lmlab.tokenizer import train_tokenizer
 
@@ -412,7 +413,7 @@ def test_end_to_end_dpo_and_rl_raise_the_judges_preference(base_run, capsys):
     _, rl = pf.rlhf(base_run / "base", prompts, base_run / "rl", judge="word:cat", k=4,
                     prompts_per_step=4, kl_coef=0.05, max_new_tokens=n_new, steps=40, lr=3e-4,
                     warmup_steps=5, eval_every=20, weight_decay=0.0, progress=False, save_every=0)
-    rows = pf.read_stage_metrics(base_run / "rl")
+    rows = read_metrics(base_run / "rl")
     per_step = [r for r in rows if "reward" in r]
     assert [r["step"] for r in per_step] == list(range(1, 41))
     assert all(np.isfinite(r["kl"]) for r in per_step)
@@ -452,7 +453,7 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
          r"implicit reward margin -?\d.*prefers the tuned answer on \d"),
         (["rlhf", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.txt"), "--out",
           str(tmp_path / "rl"), "--reward-model", str(tmp_path / "rm"), "-k", "2",
-          "--prompts-per-step", "2", "--max-new-tokens", "6", *quick], r"preference_metrics"),
+          "--prompts-per-step", "2", "--max-new-tokens", "6", *quick], r"metrics\.jsonl"),
     ]
     for argv, expect in runs:
         args = parser.parse_args(argv)
@@ -460,7 +461,7 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
         assert re.search(expect, capsys.readouterr().out, re.S), argv[0]
     assert read_config(tmp_path / "dpo")["parent"] == str(tmp_path / "base")
     assert read_config(tmp_path / "dpo")["train"]["stage"] == "dpo"
-    steps = [r["step"] for r in pf.read_stage_metrics(tmp_path / "rl") if "reward" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path / "rl") if "reward" in r]
     assert steps == [1, 2, 3]
     load_model(tmp_path / "rl")
     args = parser.parse_args(runs[1][0])

@@ -414,13 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=_cmd_chat)
 
+    from .preference import add_preference_commands
+    add_preference_commands(sub)
+
     _add_bench(sub)
-    try:
-        from . import demo
-    except ImportError:
-        demo = None
-    if demo is not None:
-        demo.add_demo_arguments(sub)
+    from . import demo
+    demo.add_demo_arguments(sub)
     return parser
 
 

@@ -24,8 +24,8 @@ embedding rows (all of h when vocab_size >= n_embd). It reads the last position 
 the response positions, since a rule such as "contains this word" is spread over the response.
 Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry it.
 
-What the shared loop does not record (DPO's held-out margin and accuracy, RL's mean reward and KL
-per step) goes to preference_metrics.jsonl in the run directory, one JSON object per row.
+The stages' own numbers (DPO's margin and accuracy, RL's mean reward and KL per step) are returned
+from train_step/evaluate, and the shared loop logs them in the run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ class DPOStage:
 
     def __init__(self, model, tok, train_pairs, val_pairs, *, beta: float = 0.1,
                  batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
-                 sft_weight: float = 0.0, log_path=None):
+                 sft_weight: float = 0.0):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if batch_size < 1:
@@ -383,7 +383,6 @@ class DPOStage:
         self.rng = np.random.default_rng(seed)
         self.calls = 0
         self.grad_accum = grad_accum
-        self.log_path = log_path
         self.last_eval: dict = {}
 
     @staticmethod
@@ -437,7 +436,6 @@ class DPOStage:
         self.last_eval = {"val_loss": loss, "val_margin": float(margin.mean()),
                           "val_accuracy": float((margin > 0).mean()),
                           "held_out": bool(self.val)}
-        _log_row(self.log_path, {"step": self.calls // self.grad_accum, **self.last_eval})
         return self.last_eval
 
     def state_dict(self) -> dict:
@@ -446,26 +444,6 @@ class DPOStage:
     def load_state_dict(self, d: dict) -> None:
         self.rng.bit_generator.state = d["rng"]
         self.calls = int(d["calls"])
-
-
-STAGE_METRICS = "preference_metrics.jsonl"
-
-
-def read_stage_metrics(run_dir) -> list:
-    """The rows a DPO or RL run logged beyond the shared loop's metrics.jsonl (margins, accuracy,
-    reward and KL per step)."""
-    path = Path(run_dir) / STAGE_METRICS
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-
-
-def _log_row(path, row: dict) -> None:
-    """Stage metrics the shared loop does not record (margins, rewards, KL) go to their own file."""
-    if path is None:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 # --- sampling completions ------------------------------------------------------------------------
@@ -682,7 +660,7 @@ class RLStage:
     def __init__(self, model, ref_model, tok, prompts, val_prompts, reward_fn, *, k: int = 4,
                  prompts_per_step: int = 4, kl_coef: float = 1.0, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k=None, seed: int = 0, grad_accum: int = 1,
-                 log_path=None):
+                 ):
         if k < 2:
             raise ValueError(f"k (samples per prompt) must be >= 2 for the baseline, got {k}")
         if prompts_per_step < 1:
@@ -704,8 +682,6 @@ class RLStage:
         self.eval_seed = seed + 7919
         self.calls = 0
         self.grad_accum = grad_accum
-        self.log_path = log_path
-        self._window: list = []
         self.last_batch: dict = {}  # the latest rollouts, for inspection and teaching
 
     def _rollouts(self, model, prompt_ids, prompts, seeds) -> tuple:
@@ -746,11 +722,6 @@ class RLStage:
         stats = {"reward": float(reward.mean()), "kl": float(kl.mean()),
                  "kl_per_token": float(kl.sum() / max(n_tok, 1.0)),
                  "response_tokens": n_tok / len(pids)}
-        self._window.append(stats)
-        if self.calls % self.grad_accum == 0:
-            row = {k: float(np.mean([s[k] for s in self._window])) for k in stats}
-            _log_row(self.log_path, {"step": self.calls // self.grad_accum, **row})
-            self._window = []
         return {"loss": -float(shaped.mean()), "tokens": int(x.size), **stats}
 
     def evaluate(self, model) -> dict:
@@ -763,7 +734,6 @@ class RLStage:
         ev = {"val_reward": float(reward.mean()), "val_kl": float(kl.mean())}
         # The loop tracks "val_loss": here the negated objective E[r] - kl_coef * KL.
         ev["val_loss"] = -(ev["val_reward"] - self.kl_coef * ev["val_kl"])
-        _log_row(self.log_path, {"step": self.calls // self.grad_accum, **ev})
         return ev
 
     def state_dict(self) -> dict:
@@ -849,7 +819,7 @@ def dpo(run, rankings, out_dir, *, beta: float = 0.1, batch_size: int = 8,
     model, tok, cfg, out_dir = _open_stage_run(run, out_dir, resume, seed, train_kwargs)
     stage = DPOStage(model, tok, preference_pairs(train_recs), preference_pairs(val_recs),
                      beta=beta, batch_size=batch_size, seed=seed, grad_accum=cfg.grad_accum,
-                     sft_weight=sft_weight, log_path=out_dir / STAGE_METRICS)
+                     sft_weight=sft_weight)
     run_config = {"stage": "dpo", "rankings": [str(p) for p in paths], "beta": beta,
                   "sft_weight": sft_weight,
                   "batch_size": batch_size, "val_fraction": val_fraction,
@@ -884,13 +854,13 @@ def rlhf(run, prompts, out_dir, *, reward_model=None, judge=None, k: int = 4,
         reward_fn, source = rm.score, str(reward_model)
     recs = [{"prompt": p} for p in prompts]
     train_p, val_p = split_records(recs, val_fraction, seed)
+    train_kwargs.setdefault("log_every", 1)  # mean reward and KL of every step in metrics.jsonl
     model, tok, cfg, out_dir = _open_stage_run(run, out_dir, resume, seed, train_kwargs)
     ref, _, _ = load_model(run)
     stage = RLStage(model, ref, tok, [r["prompt"] for r in train_p], [r["prompt"] for r in val_p],
                     reward_fn, k=k, prompts_per_step=prompts_per_step, kl_coef=kl_coef,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    seed=seed, grad_accum=cfg.grad_accum,
-                    log_path=out_dir / STAGE_METRICS)
+                    seed=seed, grad_accum=cfg.grad_accum)
     run_config = {"stage": "rlhf", "reward": source, "k": k, "prompts_per_step": prompts_per_step,
                   "kl_coef": kl_coef, "max_new_tokens": max_new_tokens,
                   "temperature": temperature, "top_k": top_k, "model": _model_config(model)}
@@ -963,7 +933,7 @@ def add_preference_commands(subparsers) -> None:
 
     p = _tuner_parser(subparsers, "rlhf", "tune by RL against a reward model (or a judge)",
                       "Policy gradient with a leave-one-out baseline and a KL penalty to the "
-                      f"frozen RUN; mean reward and KL per step in {STAGE_METRICS}.",
+                      "frozen RUN; mean reward and KL of every step in the run's metrics.jsonl.",
                       "--prompts", help="prompts file (one per line, or JSONL)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--reward-model", help="a `lmlab reward` output directory")
@@ -977,6 +947,7 @@ def add_preference_commands(subparsers) -> None:
                    help="sampling temperature; 1.0 (with no --top-k) keeps the gradient on-policy")
     p.add_argument("--top-k", type=int, default=None)
     _finish_tuner(p, _cmd_rlhf, "prompts", steps=100, lr=3e-4)
+    p.set_defaults(log_every=1)  # reward and KL of every step
 
 
 def _tuner_parser(subparsers, name: str, summary: str, description: str, data_flag: str,
@@ -1079,6 +1050,6 @@ def _cmd_rlhf(args) -> int:
                          val_fraction=args.val_fraction, resume=args.resume, seed=args.seed,
                          **_train_options(args))
     _report(result, args.out)
-    print(f"mean reward and KL per step: {Path(args.out) / STAGE_METRICS}")
+    print(f"mean reward and KL per step: {Path(args.out) / 'metrics.jsonl'}")
     _judge_eval(args, stage.val_prompts)
     return 0
