@@ -164,22 +164,33 @@ void tile(idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA, const floa
         }
 }
 
-// All row tiles of one column strip of NV vectors, the last tile shorter when M % kMR != 0.
+// The last rows of a strip, M % kMR of them: tile<rows, NV> for the run-time count `rows` < R.
+template <int NV, int R>
+void tail_rows(idx_t rows, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+               const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+    if constexpr (R > 1) {
+        if (rows == R - 1) tile<R - 1, NV>(K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+        else tail_rows<NV, R - 1>(rows, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+    }
+}
+
+// All row tiles of one column strip of NV vectors.
 template <int NV>
 void strip(idx_t M, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA, const float* B,
            idx_t ldb, float* C, idx_t ldc, bool accumulate) {
     idx_t i = 0;
     for (; i + kMR <= M; i += kMR)
         tile<kMR, NV>(K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate);
-    const float* a = A + i * rsA;
-    float* c = C + i * ldc;
-    switch (M - i) {
-        case 1: tile<1, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 2: tile<2, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 3: tile<3, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 4: tile<4, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 5: tile<5, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        default: break;
+    tail_rows<NV, kMR>(M - i, K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+// The last whole vectors of the columns, fewer than V of them: strip<nv> for the run-time count nv.
+template <int V>
+void tail_strips(idx_t nv, idx_t M, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+                 const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+    if constexpr (V > 1) {
+        if (nv == V - 1) strip<V - 1>(M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+        else tail_strips<V - 1>(nv, M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
     }
 }
 
@@ -192,12 +203,7 @@ void head_gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA
     idx_t j = 0;
     for (; j + kNV * kW <= nvec; j += kNV * kW)
         strip<kNV>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate);
-    switch ((nvec - j) / kW) {
-        case 1: strip<1>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate); break;
-        case 2: strip<2>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate); break;
-        case 3: strip<3>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate); break;
-        default: break;
-    }
+    tail_strips<kNV>((nvec - j) / kW, M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate);
     for (idx_t i = 0; i < M; i++)
         for (j = nvec; j < N; j++) {
             float acc = 0.0f;
