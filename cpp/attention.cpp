@@ -18,6 +18,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 // GCC 12's AVX-512 intrinsics (max, reduce, extract) build their results from a deliberately
@@ -228,9 +232,29 @@ constexpr idx_t kParallelWork = idx_t(1) << 18;
 // same few L1 sets when T is a power of two.
 inline idx_t padded(idx_t T) { return (T + 15) / 16 * 16 + 16; }
 
-float* alloc_floats(idx_t n) {
-    const std::size_t bytes = (std::size_t)((n + 15) / 16 * 16) * sizeof(float);
-    return (float*)std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+inline idx_t whole_lines(idx_t floats) { return (floats + 15) / 16 * 16; }
+
+// Scratch for every thread of the team about to start, `per_thread` floats each (whole lines).
+// Allocated before the parallel region, so that running out of memory is reported (std::bad_alloc,
+// a MemoryError in Python) rather than met inside it, where nothing can be thrown.
+float* alloc_team_scratch(idx_t per_thread, bool parallel, idx_t* stride) {
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel) threads = omp_get_max_threads();
+#endif
+    *stride = whole_lines(per_thread);
+    const std::size_t bytes = (std::size_t)(*stride * threads) * sizeof(float);
+    float* p = (float*)std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 // dst (HS x ld) = src^T for src rows s < T of HS floats at stride rs: K^T or V^T of one head.
@@ -294,10 +318,13 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                        idx_t NH) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
-#pragma omp parallel if (B * NH * T * T * HS / 2 >= kParallelWork)
+    const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
+    idx_t stride;
+    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + HS * T, parallel, &stride);
+#pragma omp parallel if (parallel)
     {
-        float* kt = alloc_floats(HS * Tp);  // K^T of the current head
-        float* vp = alloc_floats(HS * T);   // V of the current head, rows contiguous
+        float* kt = scratch + thread_id() * stride;  // K^T of the current head
+        float* vp = kt + whole_lines(HS * Tp);       // V of the current head, rows contiguous
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (idx_t b = 0; b < B; b++)
             for (idx_t h = 0; h < NH; h++) {
@@ -322,20 +349,22 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                     head_gemm(m, HS, kend, 1.0f, ab, T, 1, vp, HS, o + i0 * C, C, false);
                 }
             }
-        std::free(vp);
-        std::free(kt);
     }
+    std::free(scratch);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B,
                         idx_t T, idx_t C, idx_t NH) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
-#pragma omp parallel if (B * NH * T * T * HS / 2 >= kParallelWork)
+    const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
+    idx_t stride;
+    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + kBlock * Tp + HS * T, parallel, &stride);
+#pragma omp parallel if (parallel)
     {
-        float* vt = alloc_floats(HS * Tp);      // V^T of the current head
-        float* ds = alloc_floats(kBlock * Tp);  // dP, then dS, of one query block
-        float* kp = alloc_floats(HS * T);       // K of the current head, rows contiguous
+        float* vt = scratch + thread_id() * stride;  // V^T of the current head
+        float* ds = vt + whole_lines(HS * Tp);       // dP, then dS, of one query block
+        float* kp = ds + kBlock * Tp;                // K of the current head, rows contiguous
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (idx_t b = 0; b < B; b++)
             for (idx_t h = 0; h < NH; h++) {
@@ -367,10 +396,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     head_gemm(kend, HS, m, 1.0f, ab, 1, T, dyb, C, dv, C3, true);
                 }
             }
-        std::free(kp);
-        std::free(ds);
-        std::free(vt);
     }
+    std::free(scratch);
 }
 
 }  // namespace LMLAB_ISA_NS
