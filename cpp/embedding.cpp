@@ -1,9 +1,24 @@
 // Token + position embedding and the residual add, each with its backward.
-// Shapes: tokens (B, T); wte (V, C); wpe (maxT, C); out (B, T, C).
+// Shapes: tokens (B, T); wte (V, C); wpe (maxT, C); out, dout (B, T, C); residual operands (N).
 #include "isa.h"
+#include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
+
+namespace {
+// dst[c] += src[c] for c in [0, n): an add per element, so the result does not depend on how the range
+// is cut into vectors.
+inline void add_row(float* dst, const float* src, idx_t n) {
+    LMLAB_SIMD
+    for (idx_t c = 0; c < n; c += kW)
+        vstore_n(dst + c, vadd(vload_n(dst + c, n - c, 0.0f), vload_n(src + c, n - c, 0.0f)), n - c);
+}
+}  // namespace
 
 void embedding_forward(float* out, const std::int32_t* tokens, const float* wte, const float* wpe,
                        idx_t B, idx_t T, idx_t C) {
@@ -13,35 +28,54 @@ void embedding_forward(float* out, const std::int32_t* tokens, const float* wte,
             float* o = out + (b * T + t) * C;
             const float* tok = wte + (idx_t)tokens[b * T + t] * C;
             const float* pos = wpe + t * C;
-            for (idx_t c = 0; c < C; c++) o[c] = tok[c] + pos[c];
+            LMLAB_SIMD
+            for (idx_t c = 0; c < C; c += kW)
+                vstore_n(o + c, vadd(vload_n(tok + c, C - c, 0.0f), vload_n(pos + c, C - c, 0.0f)), C - c);
         }
 }
 
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const std::int32_t* tokens,
                         idx_t B, idx_t T, idx_t C) {
-    // Scatter-add without races or order changes: each thread owns a slice of channels and walks
-    // every (b, t) in order, so repeated tokens are summed in the same order for any thread count.
-#pragma omp parallel for schedule(static)
-    for (idx_t c = 0; c < C; c++) {
-        for (idx_t bt = 0; bt < B * T; bt++) {
-            float g = dout[bt * C + c];
-            if (dwte != nullptr) dwte[(idx_t)tokens[bt] * C + c] += g;
-            if (dwpe != nullptr) dwpe[(bt % T) * C + c] += g;
+    if (dwte != nullptr) {
+        // Scatter-add without races or order changes: each thread owns a slice of channels (whole
+        // cache lines) and walks every (b, t) in order, so a token seen several times is summed in
+        // the same order for any thread count, and each row slice is read and written contiguously.
+#pragma omp parallel
+        {
+            idx_t nth = 1, tid = 0;
+#ifdef _OPENMP
+            nth = omp_get_num_threads();
+            tid = omp_get_thread_num();
+#endif
+            const idx_t lines = (C + 15) / 16, per = (lines + nth - 1) / nth;
+            const idx_t c0 = tid * per * 16 < C ? tid * per * 16 : C;
+            const idx_t c1 = (tid + 1) * per * 16 < C ? (tid + 1) * per * 16 : C;
+            if (c1 > c0)
+                for (idx_t bt = 0; bt < B * T; bt++)
+                    add_row(dwte + (idx_t)tokens[bt] * C + c0, dout + bt * C + c0, c1 - c0);
         }
+    }
+    if (dwpe != nullptr) {
+        // Each position sums its B rows in order.
+#pragma omp parallel for schedule(static)
+        for (idx_t t = 0; t < T; t++)
+            for (idx_t b = 0; b < B; b++) add_row(dwpe + t * C, dout + (b * T + t) * C, C);
     }
 }
 
 void residual_forward(float* out, const float* a, const float* b, idx_t N) {
-#pragma omp parallel for schedule(static)
-    for (idx_t i = 0; i < N; i++) out[i] = a[i] + b[i];
+    parallel_blocks(N, [=](idx_t i0, idx_t i1) {
+        LMLAB_SIMD
+        for (idx_t i = i0; i < i1; i += kW)
+            vstore_n(out + i, vadd(vload_n(a + i, i1 - i, 0.0f), vload_n(b + i, i1 - i, 0.0f)), i1 - i);
+    });
 }
 
 void residual_backward(float* da, float* db, const float* dout, idx_t N) {
-#pragma omp parallel for schedule(static)
-    for (idx_t i = 0; i < N; i++) {
-        da[i] += dout[i];
-        db[i] += dout[i];
-    }
+    parallel_blocks(N, [=](idx_t i0, idx_t i1) {
+        if (da != nullptr) add_row(da + i0, dout + i0, i1 - i0);
+        if (db != nullptr) add_row(db + i0, dout + i0, i1 - i0);
+    });
 }
 
 }  // namespace LMLAB_ISA_NS

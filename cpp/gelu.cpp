@@ -1,7 +1,13 @@
 // GELU, GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), and its backward.
-#include <cmath>
-
+// Shapes: inp, out, dinp, dout (N), any layout (elementwise).
+//
+// Evaluated through the identity 0.5 (1 + tanh u) = sigmoid(2u) = 1 / (1 + exp(-2u)), with exp taken
+// of -2|u| only, so it never overflows: sigmoid(2u) and 1 - sigmoid(2u) both come out with a small
+// relative error (a few ulp), even where 1 + tanh u would cancel (x < -3). Extreme inputs give the
+// limits: GELU(x) -> x for large x, -> -0 for very negative x; GELU'(x) -> 1 and 0; never NaN for finite
+// x.
 #include "isa.h"
+#include "simd.h"
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
@@ -9,27 +15,50 @@ namespace LMLAB_ISA_NS {
 namespace {
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
+// The derivative's polynomial part x * u'(x) overflows for |x| > 1e12 while its sigmoid factor is
+// already exactly 0 for |x| > 10; evaluating it at x clamped to +-1e4 keeps inf * 0 out.
+constexpr float kDerivClamp = 1e4f;
+
+// u = sqrt(2/pi) (x + 0.044715 x^3) = x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2)
+inline vf gelu_arg(vf x, vf x2) { return vmul(x, vfmadd(vset(kSqrt2OverPi * kCubic), x2, vset(kSqrt2OverPi))); }
+
+// s = sigmoid(2u) and its complement 1 - s.
+inline void sigmoid_2u(vf u, vf* s, vf* one_minus_s) {
+    vf a = vexp(vmul(vset(-2.0f), vabs(u)));  // in [0, 1]
+    vf r = vdiv(vset(1.0f), vadd(vset(1.0f), a));
+    vf ar = vmul(a, r);
+    *s = vselect_neg(u, ar, r);
+    *one_minus_s = vselect_neg(u, r, ar);
+}
 }  // namespace
 
 void gelu_forward(float* out, const float* inp, idx_t N) {
-#pragma omp parallel for schedule(static)
-    for (idx_t i = 0; i < N; i++) {
-        float x = inp[i];
-        float u = kSqrt2OverPi * (x + kCubic * x * x * x);
-        out[i] = 0.5f * x * (1.0f + std::tanh(u));
-    }
+    parallel_blocks(N, [=](idx_t i0, idx_t i1) {
+        LMLAB_SIMD
+        for (idx_t i = i0; i < i1; i += kW) {
+            vf x = vload_n(inp + i, i1 - i, 0.0f);
+            vf s, one_minus_s;
+            sigmoid_2u(gelu_arg(x, vmul(x, x)), &s, &one_minus_s);
+            vstore_n(out + i, vmul(x, s), i1 - i);
+        }
+    });
 }
 
 void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N) {
-#pragma omp parallel for schedule(static)
-    for (idx_t i = 0; i < N; i++) {
-        float x = inp[i];
-        float u = kSqrt2OverPi * (x + kCubic * x * x * x);
-        float th = std::tanh(u);
-        float sech2 = 1.0f - th * th;
-        float du = kSqrt2OverPi * (1.0f + 3.0f * kCubic * x * x);
-        dinp[i] += (0.5f * (1.0f + th) + 0.5f * x * sech2 * du) * dout[i];
-    }
+    parallel_blocks(N, [=](idx_t i0, idx_t i1) {
+        LMLAB_SIMD
+        for (idx_t i = i0; i < i1; i += kW) {
+            const idx_t k = i1 - i;
+            vf x = vmin(vset(kDerivClamp), vmax(vset(-kDerivClamp), vload_n(inp + i, k, 0.0f)));
+            vf x2 = vmul(x, x);
+            vf s, one_minus_s;
+            sigmoid_2u(gelu_arg(x, x2), &s, &one_minus_s);
+            // d/dx [x sigmoid(2u)] = s + 2 x u'(x) s (1 - s)
+            vf du = vfmadd(vset(3.0f * kSqrt2OverPi * kCubic), x2, vset(kSqrt2OverPi));
+            vf grad = vfmadd(vmul(vadd(x, x), du), vmul(s, one_minus_s), s);
+            vstore_n(dinp + i, vfmadd(grad, vload_n(dout + i, k, 0.0f), vload_n(dinp + i, k, 0.0f)), k);
+        }
+    });
 }
 
 }  // namespace LMLAB_ISA_NS

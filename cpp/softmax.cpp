@@ -1,27 +1,51 @@
 // softmax and the fused softmax + cross-entropy, each with its backward.
 // Shapes: logits, probs (N, V); targets, losses, lse, weights (N).
+//
+// Rows are independent and each is handled whole by one thread, reduced in a fixed lane order, so the
+// results do not depend on the thread count. Every row subtracts its maximum before exp (large logits
+// cannot overflow) and reads its data at most twice: once for the maximum, once for exp and its sum.
 #include <cmath>
 
 #include "isa.h"
+#include "simd.h"
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
+
+namespace {
+
+float row_max(const float* x, idx_t V) {
+    vf acc = vset(-INFINITY);
+    LMLAB_SIMD_REDUCE(max, acc)
+    for (idx_t v = 0; v < V; v += kW) acc = vmax(acc, vload_n(x + v, V - v, -INFINITY));
+    return vhmax(acc);
+}
+
+// sum_v exp(x[v] - shift), also storing each exp into e when kStore. Lanes past the row's end load
+// -inf, whose exp is 0.
+template <bool kStore>
+float row_sum_exp(float* e, const float* x, float shift, idx_t V) {
+    const vf s = vset(shift);
+    vf acc = vset(0.0f);
+    LMLAB_SIMD_REDUCE(+, acc)
+    for (idx_t v = 0; v < V; v += kW) {
+        vf ev = vexp(vsub(vload_n(x + v, V - v, -INFINITY), s));
+        if (kStore) vstore_n(e + v, ev, V - v);
+        acc = vadd(acc, ev);
+    }
+    return vhsum(acc);
+}
+
+}  // namespace
 
 void softmax_forward(float* probs, const float* logits, idx_t N, idx_t V) {
 #pragma omp parallel for schedule(static)
     for (idx_t n = 0; n < N; n++) {
         const float* x = logits + n * V;
         float* p = probs + n * V;
-        // Subtracting the row maximum keeps exp from overflowing on large logits.
-        float maxval = -INFINITY;
-        for (idx_t v = 0; v < V; v++) maxval = x[v] > maxval ? x[v] : maxval;
-        float sum = 0.0f;
-        for (idx_t v = 0; v < V; v++) {
-            p[v] = std::exp(x[v] - maxval);
-            sum += p[v];
-        }
-        float inv = 1.0f / sum;
-        for (idx_t v = 0; v < V; v++) p[v] *= inv;
+        const vf inv = vset(1.0f / row_sum_exp<true>(p, x, row_max(x, V), V));
+        LMLAB_SIMD
+        for (idx_t v = 0; v < V; v += kW) vstore_n(p + v, vmul(vload_n(p + v, V - v, 0.0f), inv), V - v);
     }
 }
 
@@ -30,10 +54,18 @@ void softmax_backward(float* dlogits, const float* dprobs, const float* probs, i
     for (idx_t n = 0; n < N; n++) {
         const float* dp = dprobs + n * V;
         const float* p = probs + n * V;
-        float dot = 0.0f;
-        for (idx_t v = 0; v < V; v++) dot += dp[v] * p[v];
         float* dx = dlogits + n * V;
-        for (idx_t v = 0; v < V; v++) dx[v] += p[v] * (dp[v] - dot);
+        vf acc = vset(0.0f);
+        LMLAB_SIMD_REDUCE(+, acc)
+        for (idx_t v = 0; v < V; v += kW)
+            acc = vfmadd(vload_n(dp + v, V - v, 0.0f), vload_n(p + v, V - v, 0.0f), acc);
+        const vf dot = vset(vhsum(acc));
+        LMLAB_SIMD
+        for (idx_t v = 0; v < V; v += kW) {
+            vf pv = vload_n(p + v, V - v, 0.0f);
+            vf g = vmul(pv, vsub(vload_n(dp + v, V - v, 0.0f), dot));
+            vstore_n(dx + v, vadd(vload_n(dx + v, V - v, 0.0f), g), V - v);
+        }
     }
 }
 
@@ -42,11 +74,8 @@ void crossentropy_forward(float* losses, float* lse, const float* logits,
 #pragma omp parallel for schedule(static)
     for (idx_t n = 0; n < N; n++) {
         const float* x = logits + n * V;
-        float maxval = -INFINITY;
-        for (idx_t v = 0; v < V; v++) maxval = x[v] > maxval ? x[v] : maxval;
-        float sum = 0.0f;
-        for (idx_t v = 0; v < V; v++) sum += std::exp(x[v] - maxval);
-        float logsumexp = maxval + std::log(sum);
+        const float maxval = row_max(x, V);
+        const float logsumexp = maxval + std::log(row_sum_exp<false>(nullptr, x, maxval, V));
         lse[n] = logsumexp;
         losses[n] = logsumexp - x[targets[n]];
     }
@@ -56,11 +85,17 @@ void crossentropy_backward(float* dlogits, const float* logits, const float* lse
                            const std::int32_t* targets, const float* weights, idx_t N, idx_t V) {
 #pragma omp parallel for schedule(static)
     for (idx_t n = 0; n < N; n++) {
-        float w = weights[n];
+        const float w = weights[n];
         if (w == 0.0f) continue;  // masked rows (prompt tokens, padding) contribute exactly nothing
         const float* x = logits + n * V;
         float* dx = dlogits + n * V;
-        for (idx_t v = 0; v < V; v++) dx[v] += w * std::exp(x[v] - lse[n]);
+        // softmax(x) = exp(x - lse): the cached log-sum-exp saves the max and sum passes.
+        const vf vw = vset(w), shift = vset(lse[n]);
+        LMLAB_SIMD
+        for (idx_t v = 0; v < V; v += kW) {
+            vf p = vexp(vsub(vload_n(x + v, V - v, 0.0f), shift));
+            vstore_n(dx + v, vfmadd(vw, p, vload_n(dx + v, V - v, 0.0f)), V - v);
+        }
         dx[targets[n]] -= w;
     }
 }

@@ -1,0 +1,345 @@
+"""Training data: text corpora, token caches, train/val split, random batches, and the instruct and
+preference (ranking) datasets.
+
+Corpus specs (load_corpus):
+  a file                    its text
+  a directory               every *.txt and *.md below it, recursively, in sorted path order,
+                            skipping hidden files and folders (names starting with ".")
+  a glob ("data/*.txt", "books/**/*.md")   the matching files, in sorted order
+  builtin:NAME              a corpus assembled offline from this Python (see BUILTIN_CORPORA)
+Files must be UTF-8 (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"). A single
+file's text is used as it is; several files are joined in order, each ending with a newline, with a
+blank line between files.
+
+Instruct data (load_instruct_jsonl), one JSON object per line:
+  {"prompt": "...", "response": "..."}
+  {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}
+roles are "user" and "assistant"; each conversation needs at least one assistant message.
+
+Rankings (load_rankings_jsonl), one JSON object per line:
+  {"prompt": "...", "completions": ["a", "b", "c"], "ranking": [2, [0, 1]]}
+`ranking` lists completion indices best first; a nested list is a tie group ("2 is best, 0 and 1
+tie after it"). Every completion appears exactly once. Pairs as other tools write them,
+  {"prompt": "...", "chosen": "...", "rejected": "..."}
+load as completions [chosen, rejected] with ranking [[0], [1]]. Loaded rankings are normalised to
+tie groups: a list of lists of indices, best group first; ranking_pairs() lists the (better, worse)
+pairs one implies. Blank lines are skipped; errors name the file and line number.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
+from .checkpoint import atomic_write_bytes
+
+__all__ = [
+    "BUILTIN_CORPORA", "load_corpus", "tokenize_corpus", "split_tokens", "BatchSampler",
+    "load_instruct_jsonl", "load_rankings_jsonl", "ranking_pairs",
+]
+
+CORPUS_SUFFIXES = (".txt", ".md")
+_TOKENS_FORMAT = b"lmlab-tokens-v1"
+_ROLES = ("user", "assistant")
+
+
+# -- corpora ------------------------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot read corpus file ({e.strerror})", path) from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} ({e.reason}); "
+            f"convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    return text.replace("\r\n", "\n")
+
+
+def _corpus_files(spec: str) -> list:
+    if os.path.isdir(spec):
+        files = []
+        for root, dirs, names in os.walk(spec):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files.extend(os.path.join(root, n) for n in names
+                         if not n.startswith(".") and n.lower().endswith(CORPUS_SUFFIXES))
+        files.sort(key=lambda p: os.path.relpath(p, spec).split(os.sep))
+        if not files:
+            raise ValueError(f"corpus directory {spec} contains no {' or '.join(CORPUS_SUFFIXES)} files")
+        return files
+    if os.path.isfile(spec):
+        return [spec]
+    if os.path.exists(spec):
+        raise ValueError(f"corpus {spec} is neither a regular file nor a directory")
+    if glob.has_magic(spec):
+        files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"no files match the corpus glob {spec!r}")
+        return files
+    known = ", ".join(f"builtin:{k}" for k in sorted(BUILTIN_CORPORA))
+    raise FileNotFoundError(f"corpus {spec!r} not found: no such file or directory, and not a glob or "
+                            f"builtin:NAME (built-in corpora: {known})")
+
+
+def load_corpus(spec, *, cache_dir=None) -> str:
+    """The text of a corpus spec (see the module docstring)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"corpus spec must be a str or path, got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    if spec.startswith("builtin:"):
+        text = build_builtin(spec[len("builtin:"):], cache_dir)
+    else:
+        parts = [_read_text(path) for path in _corpus_files(spec)]
+        if len(parts) > 1:
+            parts = [t if t.endswith("\n") else t + "\n" for t in parts]
+        text = "\n".join(parts)
+    if not text.strip():
+        raise ValueError(f"corpus {spec!r} is empty (no text besides whitespace)")
+    return text
+
+
+def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = None) -> np.ndarray:
+    """Token ids of a corpus as a read-only memory-mapped int32 array.
+
+    The ids are cached in `cache_dir` (default $LMLAB_CACHE or ~/.cache/lmlab) under tokens/, in a
+    file named by a hash of the corpus text, the tokenizer.json and the unknown-character policy:
+    the second call with the same inputs reads the cache, and any change to the text or the
+    tokenizer tokenises afresh. `unknown` ("error", "replace", "skip") overrides the tokenizer's
+    policy for characters it cannot represent.
+    """
+    text = load_corpus(spec, cache_dir=cache_dir)
+    policy = unknown if unknown is not None else tokenizer.unknown
+    h = hashlib.sha256(_TOKENS_FORMAT + b"\0")
+    h.update(tokenizer.to_str().encode("utf-8") + b"\0" + policy.encode("utf-8") + b"\0")
+    h.update(text.encode("utf-8", "surrogatepass"))
+    root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = os.path.join(root, "tokens", h.hexdigest()[:40] + ".int32")
+    if not (os.path.isfile(path) and os.path.getsize(path) > 0 and os.path.getsize(path) % 4 == 0):
+        try:
+            ids = tokenizer.encode(text, unknown=policy)
+        except ValueError as e:
+            raise ValueError(f"corpus {os.fspath(spec)!r}: {e}") from None
+        if ids.size == 0:
+            raise ValueError(f"corpus {os.fspath(spec)!r} gives no tokens")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_bytes(path, np.ascontiguousarray(ids, dtype="<i4").tobytes())
+    return np.memmap(path, dtype="<i4", mode="r")
+
+
+def split_tokens(tokens, val_fraction: float = 0.1):
+    """(train, val): the first 1 - val_fraction of the tokens and the last val_fraction (views)."""
+    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n = len(tokens)
+    n_val = int(round(n * val_fraction))
+    return tokens[: n - n_val], tokens[n - n_val:]
+
+
+class BatchSampler:
+    """Random (B, T) windows of a token array: x = tokens[i:i+T], y = tokens[i+1:i+T+1].
+
+    Window starts are drawn uniformly from a numpy Generator seeded with `seed`. state_dict()
+    captures the generator's exact state, so a sampler restored with load_state_dict draws the same
+    batches an uninterrupted one would.
+    """
+
+    def __init__(self, tokens, batch_size: int, block_size: int, seed: int):
+        for name, v in (("batch_size", batch_size), ("block_size", block_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"the token array has {len(tokens)} tokens, but block_size={block_size} needs at "
+                             f"least {block_size + 1} (a window plus its next token); use more text or a "
+                             f"smaller block_size")
+        self.tokens = tokens
+        self.batch_size = int(batch_size)
+        self.block_size = int(block_size)
+        self.seed = int(seed)
+        self.batches_drawn = 0
+        self._rng = np.random.default_rng(self.seed)
+        self._offsets = np.arange(self.block_size + 1)
+
+    def next(self):
+        """x, y: int32 arrays of shape (batch_size, block_size)."""
+        starts = self._rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        windows = np.asarray(self.tokens[starts[:, None] + self._offsets], dtype=np.int32)
+        self.batches_drawn += 1
+        return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state: the generator state and the batch count, plus the shape checks."""
+        return {
+            "seed": self.seed, "batch_size": self.batch_size, "block_size": self.block_size,
+            "n_tokens": int(len(self.tokens)), "batches_drawn": self.batches_drawn,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        if not isinstance(d, dict) or "rng" not in d:
+            raise ValueError("not a BatchSampler state dict (no 'rng' entry)")
+        mine = {"batch_size": self.batch_size, "block_size": self.block_size, "n_tokens": len(self.tokens)}
+        for key, value in mine.items():
+            if d.get(key) != value:
+                raise ValueError(f"sampler state was saved with {key}={d.get(key)!r}, this sampler has {value}; "
+                                 f"resume with the same data and batch shape")
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = d["rng"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"invalid sampler RNG state: {e}") from None
+        self._rng = rng
+        self.seed = int(d.get("seed", self.seed))
+        self.batches_drawn = int(d.get("batches_drawn", 0))
+
+
+# -- JSONL datasets -----------------------------------------------------------------------------
+
+
+def _jsonl_records(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            records.append((lineno, obj))
+    if not records:
+        raise ValueError(f"{path} contains no records")
+    return path, records
+
+
+def _need_str(obj: dict, key: str, where: str) -> str:
+    v = obj[key]
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def load_instruct_jsonl(path) -> list:
+    """Conversations from an instruct JSONL file: a list of [{"role", "content"}, ...] lists."""
+    path, records = _jsonl_records(path)
+    out = []
+    for lineno, obj in records:
+        where = f"{path}:{lineno}"
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{where}: 'messages' must be a non-empty list")
+            conv = []
+            for j, m in enumerate(msgs):
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise ValueError(f"{where}: messages[{j}] must be an object with 'role' and 'content'")
+                if m["role"] not in _ROLES:
+                    raise ValueError(f"{where}: messages[{j}] has role {m['role']!r}; expected one of {_ROLES}")
+                conv.append({"role": m["role"], "content": _need_str(m, "content", f"{where}: messages[{j}]")})
+            if not any(m["role"] == "assistant" for m in conv):
+                raise ValueError(f"{where}: the conversation has no assistant message, so nothing to learn")
+        elif "prompt" in obj and "response" in obj:
+            conv = [{"role": "user", "content": _need_str(obj, "prompt", where)},
+                    {"role": "assistant", "content": _need_str(obj, "response", where)}]
+        else:
+            raise ValueError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; "
+                             f"got {sorted(obj)}")
+        out.append(conv)
+    return out
+
+
+def _tie_groups(ranking, k: int, where: str) -> list:
+    if not isinstance(ranking, list) or not ranking:
+        raise ValueError(f"{where}: 'ranking' must be a non-empty list of completion indices, best first")
+    groups = []
+    for item in ranking:
+        group = item if isinstance(item, list) else [item]
+        if not group:
+            raise ValueError(f"{where}: 'ranking' has an empty tie group")
+        for i in group:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"{where}: ranking entries must be completion indices (ints), got {i!r}")
+            if not 0 <= i < k:
+                raise ValueError(f"{where}: ranking index {i} is out of range for {k} completions (0..{k - 1})")
+        groups.append(list(group))
+    flat = [i for g in groups for i in g]
+    dupes = sorted({i for i in flat if flat.count(i) > 1})
+    if dupes:
+        raise ValueError(f"{where}: ranking lists completion(s) {dupes} more than once")
+    unranked = sorted(set(range(k)) - set(flat))
+    if unranked:
+        raise ValueError(f"{where}: ranking leaves completion(s) {unranked} unranked; rank all {k}")
+    return groups
+
+
+def load_rankings_jsonl(path) -> list:
+    """Preference data: a list of {"prompt", "completions", "ranking" (tie groups, best first), ...}.
+
+    Other keys of a record (ids, seeds, judge names) are kept as they are.
+    """
+    path, records = _jsonl_records(path)
+    out = []
+    for lineno, obj in records:
+        where = f"{path}:{lineno}"
+        if "prompt" not in obj:
+            raise ValueError(f"{where}: missing 'prompt'")
+        rec = dict(obj)
+        rec["prompt"] = _need_str(obj, "prompt", where)
+        if "completions" in obj or "ranking" in obj:
+            for key in ("completions", "ranking"):
+                if key not in obj:
+                    raise ValueError(f"{where}: missing {key!r}")
+            comps = obj["completions"]
+            if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
+                raise ValueError(f"{where}: 'completions' must be a list of at least 2 strings")
+            rec["ranking"] = _tie_groups(obj["ranking"], len(comps), where)
+        elif "chosen" in obj and "rejected" in obj:
+            rec["completions"] = [_need_str(obj, "chosen", where), _need_str(obj, "rejected", where)]
+            rec["ranking"] = [[0], [1]]
+            del rec["chosen"], rec["rejected"]
+        else:
+            raise ValueError(f"{where}: expected 'completions' and 'ranking', or 'chosen' and 'rejected'; "
+                             f"got {sorted(obj)}")
+        out.append(rec)
+    return out
+
+
+def ranking_pairs(ranking) -> list:
+    """Every (better, worse) pair of completion indices a tie-group ranking implies (ties give none)."""
+    pairs = []
+    for g, group in enumerate(ranking):
+        for worse_group in ranking[g + 1:]:
+            pairs.extend((a, b) for a in group for b in worse_group)
+    return pairs

@@ -1,0 +1,330 @@
+"""Instruct tuning: prompt/response pairs through one chat template, the loss on responses only.
+
+The template marks a user turn with <|user|>, an assistant turn with <|assistant|> and the end of a
+response with <|end|>. Each segment is encoded on its own and the special tokens are inserted as ids,
+so a prompt/response boundary can never be merged by the tokenizer. Only the tokens of assistant
+turns and their <|end|> are supervised: the stage puts weight 1/(supervised tokens in the batch) on
+them and 0 on everything else, through the same weighted cross-entropy as pretraining. Examples are
+padded one per row, so no example attends to another.
+
+Also here: the built-in instruct dataset (questions about the running Python's standard library,
+answered by the first sentence of each docstring), `inspect_examples` for `lmlab inspect-data`, and
+the evaluation that compares a base model with an instruct-tuned one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import numpy as np
+
+from . import ops
+from .train import TrainConfig, train
+
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+TEMPLATE = {"name": "lmlab-chat-v1", "user": USER, "assistant": ASSISTANT, "end": END}
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # int32 (L,): the rendered conversation
+    supervised: np.ndarray  # bool (L,): token i is a response token (or its <|end|>)
+    truncated: bool  # longer than block_size + 1 and cut
+    source: int  # index of the conversation in the dataset
+
+    @property
+    def n_supervised(self) -> int:
+        # Position 0 is never a target, so it cannot count.
+        return int(self.supervised[1:].sum())
+
+
+def render(tokenizer, messages: List[dict], *, add_generation_prompt: bool = False):
+    """Token ids and the supervised mask of a conversation in the chat template."""
+    ids: list = []
+    mask: list = []
+    user_id, asst_id, end_id = (tokenizer.special_id(t) for t in (USER, ASSISTANT, END))
+    for turn in messages:
+        role, content = turn["role"], turn["content"]
+        body = tokenizer.encode(content).tolist()
+        if role in ("user", "system"):
+            ids += [user_id] + body
+            mask += [False] * (1 + len(body))
+        elif role == "assistant":
+            ids += [asst_id] + body + [end_id]
+            mask += [False] + [True] * (len(body) + 1)
+        else:
+            raise ValueError(f"message role must be 'user', 'system' or 'assistant', got {role!r}")
+    if add_generation_prompt:
+        ids.append(asst_id)
+        mask.append(False)
+    return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
+
+
+def build_examples(conversations: Iterable[List[dict]], tokenizer, block_size: int):
+    """Render every conversation; returns (examples, problems) where problems lists, per kind, the
+    conversation indices that cannot be encoded, were cut by the block size, or supervise nothing."""
+    examples, problems = [], {"unencodable": [], "truncated": [], "no_supervised": []}
+    for i, messages in enumerate(conversations):
+        try:
+            ids, mask = render(tokenizer, messages)
+        except ValueError:
+            problems["unencodable"].append(i)
+            continue
+        truncated = len(ids) > block_size + 1
+        if truncated:
+            ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+            problems["truncated"].append(i)
+        ex = Example(ids, mask, truncated, i)
+        if ex.n_supervised == 0:
+            problems["no_supervised"].append(i)
+        examples.append(ex)
+    return examples, problems
+
+
+def batch_arrays(examples: List[Example], block_size: int, pad_id: int):
+    """(x, y, mask) of shape (len(examples), block_size), one example per row, right-padded.
+
+    Right padding is safe under causal attention: real tokens never attend to the padding after
+    them, and padded positions get weight 0.
+    """
+    B = len(examples)
+    x = np.full((B, block_size), pad_id, dtype=np.int32)
+    y = np.full((B, block_size), pad_id, dtype=np.int32)
+    mask = np.zeros((B, block_size), dtype=bool)
+    for r, ex in enumerate(examples):
+        n = len(ex.ids) - 1
+        x[r, :n] = ex.ids[:-1]
+        y[r, :n] = ex.ids[1:]
+        mask[r, :n] = ex.supervised[1:]
+    return x, y, mask
+
+
+class InstructStage:
+    """Random batches of whole examples; the loss is the mean over supervised tokens only."""
+
+    def __init__(self, train_examples: List[Example], val_examples: List[Example],
+                 batch_size: int, block_size: int, pad_id: int, seed: int):
+        usable = [e for e in train_examples if e.n_supervised > 0]
+        if not usable:
+            raise ValueError("the instruct dataset has no supervised token: every example's "
+                             "response is empty or cut off by the block size "
+                             f"({block_size}); nothing would be learned")
+        self.train_examples, self.val_examples = usable, val_examples
+        self.batch_size, self.block_size, self.pad_id = batch_size, block_size, pad_id
+        self.rng = np.random.default_rng(seed)
+
+    def train_step(self, model, scale: float) -> dict:
+        pick = self.rng.integers(0, len(self.train_examples), size=self.batch_size)
+        x, y, mask = batch_arrays([self.train_examples[i] for i in pick], self.block_size,
+                                  self.pad_id)
+        _, losses = model.forward(x, y)
+        n = mask.sum()
+        weights = (mask * np.float32(scale / n)).astype(np.float32)
+        model.backward(weights)
+        return {"loss": float(losses[mask].mean(dtype=np.float64)), "tokens": int(x.size)}
+
+    def evaluate(self, model) -> dict:
+        return {"val_loss": masked_loss(model, self.val_examples, self.batch_size,
+                                        self.block_size, self.pad_id)}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.rng.bit_generator.state = d["rng"]
+
+
+def masked_loss(model, examples: List[Example], batch_size: int, block_size: int,
+                pad_id: int) -> float:
+    """Mean loss over the supervised tokens of every example (all of them, in order)."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        x, y, mask = batch_arrays(examples[start:start + batch_size], block_size, pad_id)
+        _, losses = model.forward(x, y)
+        total += float(losses[mask].sum(dtype=np.float64))
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+# --- the built-in dataset ------------------------------------------------------------------------
+
+# Modules whose public functions make the questions; a fixed list, so the dataset is the same on
+# every run of the same Python.
+_QA_MODULES = sorted({
+    "abc", "argparse", "array", "base64", "binascii", "bisect", "calendar", "cmath", "codecs",
+    "collections", "colorsys", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "enum", "errno", "filecmp", "fnmatch", "fractions", "functools", "gc", "getpass",
+    "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "html", "inspect", "io", "ipaddress",
+    "itertools", "json", "keyword", "linecache", "locale", "logging", "math", "mimetypes",
+    "operator", "os", "os.path", "pathlib", "pickle", "pkgutil", "platform", "pprint", "queue",
+    "quopri", "random", "re", "sched", "secrets", "shlex", "shutil", "signal", "socket", "stat",
+    "statistics", "string", "struct", "subprocess", "sys", "sysconfig", "tarfile", "tempfile",
+    "textwrap", "threading", "time", "tokenize", "traceback", "types", "typing", "unicodedata",
+    "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib",
+})
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+
+
+def _first_sentence(doc: str, max_chars: int) -> Optional[str]:
+    lines = [ln.strip() for ln in doc.strip().splitlines()]
+    while lines and (not lines[0] or _SIGNATURE_LINE.match(lines[0])):
+        lines.pop(0)  # builtins start with their signature
+    para = []
+    for ln in lines:
+        if not ln:
+            break
+        para.append(ln)
+    text = " ".join(para)
+    m = re.search(r"(.+?[.!?])(\s|$)", text)
+    sentence = (m.group(1) if m else text).strip()
+    if len(sentence) < 12 or len(sentence) > max_chars:
+        return None
+    return sentence
+
+
+def builtin_instruct_dataset(max_answer_chars: int = 90):
+    """(train, held_out) conversations: "What does json.dumps do?" -> the docstring's first sentence.
+
+    Every tenth question (in a fixed order) is held out for evaluation.
+    """
+    pairs = []
+    seen = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modname in _QA_MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:
+                continue
+            for name in sorted(vars(mod)):
+                obj = getattr(mod, name)
+                if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                    continue
+                doc = inspect.getdoc(obj)
+                answer = _first_sentence(doc, max_answer_chars) if doc else None
+                if answer is None or answer in seen:
+                    continue
+                seen.add(answer)
+                pairs.append((f"What does {modname}.{name} do?", answer))
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+    train_set = [c for i, c in enumerate(convs) if i % 10 != 0]
+    held_out = [c for i, c in enumerate(convs) if i % 10 == 0]
+    return train_set, held_out
+
+
+BUILTIN_INSTRUCT = {"python-qa": "questions about the running Python's standard library functions, "
+                                 "answered by the first sentence of each docstring"}
+
+
+def load_instruct_data(spec: str):
+    """(train, held_out) conversations from "builtin:python-qa" or a JSONL file (10% held out)."""
+    if spec.startswith("builtin:"):
+        name = spec[len("builtin:"):]
+        if name not in BUILTIN_INSTRUCT:
+            raise ValueError(f"unknown built-in instruct dataset {name!r}; known: "
+                             + ", ".join(f"builtin:{k}" for k in BUILTIN_INSTRUCT))
+        return builtin_instruct_dataset()
+    from .data import load_instruct_jsonl
+    convs = load_instruct_jsonl(spec)
+    if len(convs) < 2:
+        return convs, convs
+    held_out = [c for i, c in enumerate(convs) if i % 10 == 0]
+    return [c for i, c in enumerate(convs) if i % 10 != 0], held_out
+
+
+# --- inspect-data --------------------------------------------------------------------------------
+
+def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, color: bool = True) -> str:
+    """A printable view: for the first n examples, every token with the supervised ones highlighted,
+    the supervised-token count, and a summary of problems over the whole dataset."""
+    examples, problems = build_examples(conversations, tokenizer, block_size)
+    on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[", "]")
+    out = []
+    for ex in examples[:n]:
+        parts = []
+        for tid, sup in zip(ex.ids.tolist(), ex.supervised.tolist()):
+            piece = tokenizer.decode([tid])
+            parts.append(f"{on}{piece}{off}" if sup else piece)
+        flag = "  (TRUNCATED by block size)" if ex.truncated else ""
+        out.append(f"example {ex.source}: {len(ex.ids)} tokens, {ex.n_supervised} supervised{flag}")
+        out.append("  " + "".join(parts).replace("\n", "\n  "))
+    total = len(examples) + len(problems["unencodable"])
+    out.append(f"{total} examples; {sum(e.n_supervised for e in examples)} supervised tokens")
+    for kind, what in (("unencodable", "contain text the tokenizer cannot encode (skipped)"),
+                       ("truncated", f"are cut off by the block size {block_size}"),
+                       ("no_supervised", "have no supervised token")):
+        if problems[kind]:
+            out.append(f"  {len(problems[kind])} {what}: e.g. #{problems[kind][:5]}")
+    return "\n".join(out)
+
+
+# --- evaluation and generation -------------------------------------------------------------------
+
+def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100,
+            temperature: float = 0.0, top_k=None, top_p=None, seed=None, callback=None):
+    """The assistant's reply to a conversation: (text, ended) where ended says <|end|> was produced."""
+    from .sample import generate
+    ids, _ = render(tokenizer, messages, add_generation_prompt=True)
+    ids = ids[-model.config.block_size:]
+    end_id = tokenizer.special_id(END)
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, stop_ids=[end_id], callback=callback)
+    # generate() leaves the stop id out: a reply shorter than the limit is one that ended.
+    ended = len(out) < max_new_tokens
+    body = [int(t) for t in out if t != tokenizer.eot_id]
+    return tokenizer.decode(body), ended
+
+
+def _first_words(text: str, n: int) -> list:
+    return re.findall(r"\w+", text.lower())[:n]
+
+
+def evaluate_instruct(model, tokenizer, conversations, *, max_new_tokens: int = 100,
+                      first_words: int = 2) -> dict:
+    """Greedy answers to held-out prompts: the fraction that end with <|end|> within the limit and
+    the fraction whose first words match the reference answer's."""
+    ended = matched = 0
+    for conv in conversations:
+        prompt, reference = conv[:-1], conv[-1]["content"]
+        text, did_end = respond(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        ended += did_end
+        matched += _first_words(text, first_words) == _first_words(reference, first_words)
+    n = max(len(conversations), 1)
+    return {"n": len(conversations), "ended": ended / n, "first_words_match": matched / n}
+
+
+# --- the stage entry point -----------------------------------------------------------------------
+
+def instruct_tune(parent, data: str, run_dir, *, batch_size: int = 16, threads: Optional[int] = None,
+                  resume: bool = False, seed: int = 1337, **train_kwargs):
+    """Instruct-tune the model in `parent` on `data` (builtin:python-qa or a JSONL file)."""
+    from .checkpoint import load_model
+
+    if threads:
+        ops.set_num_threads(threads)
+    parent, run_dir = Path(parent), Path(run_dir)
+    model, tok, parent_config = load_model(parent)
+    T = model.config.block_size
+    train_convs, held_out = load_instruct_data(data)
+    train_examples, problems = build_examples(train_convs, tok, T)
+    val_examples, _ = build_examples(held_out, tok, T)
+    train_kwargs.setdefault("lr", 3e-4)
+    train_kwargs.setdefault("warmup_steps", 50)
+    train_kwargs.setdefault("steps", 1000)
+    train_kwargs.setdefault("eval_every", 100)
+    cfg = TrainConfig(seed=seed, **train_kwargs)
+    stage = InstructStage(train_examples, [e for e in val_examples if e.n_supervised > 0],
+                          batch_size, T, tok.eot_id, seed)
+    run_config = {"stage": "instruct", "data": data, "model": asdict(model.config),
+                  "batch_size": batch_size, "chat_template": TEMPLATE,
+                  "corpus": (parent_config.get("train") or {}).get("corpus"),
+                  "data_problems": {k: len(v) for k, v in problems.items()}}
+    result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
+                   resume=resume, parent=str(parent))
+    return result, problems

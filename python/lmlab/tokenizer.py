@@ -1,0 +1,271 @@
+"""Tokenizers: character-level and byte-level BPE behind one interface, saved as tokenizer.json.
+
+Both kinds are `tokenizers`-library tokenizers, so the saved tokenizer.json loads in that library
+too. Every tokenizer holds the special tokens in SPECIAL_TOKENS at ids 0..3.
+
+Behaviour worth knowing:
+- Special tokens. `encode(text)` treats text as text: a user typing "<|end|>" gets the ids of the
+  characters (or byte-level pieces) "<", "|", "end", ..., never the control token, so user input
+  cannot end a turn or forge a role. Only `encode(text, allow_special=True)`, for templates written
+  by the program, turns the exact strings in SPECIAL_TOKENS into their ids. `decode` always writes
+  special tokens out as their strings.
+- Characters a char tokenizer has not seen. The vocabulary of a char tokenizer is every distinct
+  character of the text it was trained on, plus the special tokens and U+FFFD (the Unicode
+  replacement character) at id 4. By default `encode` raises ValueError naming the unseen
+  characters and their counts (`unknown_chars(text)` returns the same Counter without raising).
+  With `unknown="replace"` they become U+FFFD, with `unknown="skip"` they are dropped; set it on
+  the tokenizer (train_tokenizer / load / attribute) or per call. The saved tokenizer.json maps
+  unseen characters to U+FFFD, which is what the `tokenizers` library does with it on its own.
+- Byte-level BPE represents every string that is valid Unicode (all of UTF-8); only lone surrogate
+  code points, which have no UTF-8 form, are "unknown" to it and follow the same policy.
+- `decode(encode(x)) == x` for every text the tokenizer can represent.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+
+import numpy as np
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+REPLACEMENT_CHAR = "\ufffd"
+UNKNOWN_POLICIES = ("error", "replace", "skip")
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
+
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _check_policy(unknown: str) -> str:
+    if unknown not in UNKNOWN_POLICIES:
+        raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
+    return unknown
+
+
+class Tokenizer:
+    """A char-level or byte-level BPE tokenizer (see the module docstring for its behaviour)."""
+
+    def __init__(self, tk, *, unknown: str = "error"):
+        """Wrap a `tokenizers.Tokenizer` built by train_tokenizer or read by Tokenizer.load."""
+        model_type = type(tk.model).__name__
+        if model_type == "WordLevel":
+            self.kind = "char"
+        elif model_type == "BPE":
+            self.kind = "bpe"
+        else:
+            raise ValueError(f"tokenizer model must be WordLevel (char) or BPE, got {model_type!r}")
+        vocab = tk.get_vocab(with_added_tokens=True)
+        missing = [s for s in SPECIAL_TOKENS if s not in vocab]
+        if missing:
+            raise ValueError(f"not an lmlab tokenizer: special tokens {missing} are missing from its vocabulary")
+        self._tk = tk
+        self.unknown = _check_policy(unknown)
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self._special = {s: vocab[s] for s in SPECIAL_TOKENS}
+        self.eot_id = self._special["<|endoftext|>"]
+        if self.kind == "bpe":
+            tk.encode_special_tokens = True  # literal "<|end|>" in text stays text (see encode)
+        else:
+            multi = [t for t in vocab if len(t) != 1 and t not in self._special]
+            if multi:
+                raise ValueError(f"a char tokenizer's tokens must be single characters; got {multi[:5]}")
+            pieces = [None] * self.vocab_size
+            for token, i in vocab.items():
+                pieces[i] = token
+            if any(p is None for p in pieces):
+                raise ValueError("char tokenizer vocabulary has gaps in its ids")
+            self._pieces = pieces
+            chars = sorted((t, i) for t, i in vocab.items() if len(t) == 1)
+            # Sorted code points + their ids: encoding is one searchsorted over the whole text.
+            self._codepoints = np.array([ord(c) for c, _ in chars], dtype=np.uint32)
+            self._char_ids = np.array([i for _, i in chars], dtype=np.int32)
+            if REPLACEMENT_CHAR not in vocab:
+                raise ValueError("char tokenizer vocabulary lacks the replacement character U+FFFD")
+            self._replacement_id = vocab[REPLACEMENT_CHAR]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, unknown={self.unknown!r})"
+
+    def special_id(self, token: str) -> int:
+        """The id of a special token, e.g. special_id("<|end|>")."""
+        if token not in self._special:
+            raise ValueError(f"{token!r} is not a special token; special tokens are {SPECIAL_TOKENS}")
+        return self._special[token]
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def unknown_chars(self, text: str) -> collections.Counter:
+        """Characters of `text` (read as plain text) that this tokenizer cannot represent, with counts."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        if self.kind == "bpe":
+            return collections.Counter(_SURROGATE_RE.findall(text))
+        cps = self._codepoints_of(text)
+        missing = ~self._known(cps)
+        return collections.Counter(chr(c) for c in cps[missing].tolist())
+
+    def encode(self, text: str, *, allow_special: bool = False, unknown: str | None = None) -> np.ndarray:
+        """Token ids of `text` as int32; `allow_special` and `unknown` as in the module docstring."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        policy = _check_policy(unknown) if unknown is not None else self.unknown
+        if not allow_special:
+            return self._encode_plain(text, policy)
+        out = []
+        for i, piece in enumerate(_SPECIAL_RE.split(text)):
+            if i % 2:  # odd pieces are the captured special tokens
+                out.append(np.array([self._special[piece]], dtype=np.int32))
+            elif piece:
+                out.append(self._encode_plain(piece, policy))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+
+    def _encode_plain(self, text: str, policy: str) -> np.ndarray:
+        if self.kind == "char":
+            cps = self._codepoints_of(text)
+            known = self._known(cps)
+            if not known.all():
+                self._unknown_policy(text, policy)
+                if policy == "skip":
+                    cps = cps[known]
+                    known = known[known]
+            idx = np.minimum(np.searchsorted(self._codepoints, cps), len(self._codepoints) - 1)
+            return np.where(known, self._char_ids[idx], np.int32(self._replacement_id)).astype(np.int32)
+        if _SURROGATE_RE.search(text):
+            self._unknown_policy(text, policy)
+            text = _SURROGATE_RE.sub(REPLACEMENT_CHAR if policy == "replace" else "", text)
+        return np.asarray(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def _unknown_policy(self, text: str, policy: str) -> None:
+        if policy != "error":
+            return
+        counts = self.unknown_chars(text)
+        shown = ", ".join(f"{c!r} x{n}" for c, n in counts.most_common(20))
+        more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
+        raise ValueError(
+            f"text contains {sum(counts.values())} characters ({len(counts)} distinct) that this "
+            f"{self.kind} tokenizer cannot represent: {shown}{more}; pass unknown='replace' to map "
+            f"them to U+FFFD or unknown='skip' to drop them"
+        )
+
+    @staticmethod
+    def _codepoints_of(text: str) -> np.ndarray:
+        # surrogatepass: lone surrogates become code points too, so they are reported, not crashed on.
+        return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+    def _known(self, cps: np.ndarray) -> np.ndarray:
+        idx = np.minimum(np.searchsorted(self._codepoints, cps), len(self._codepoints) - 1)
+        return self._codepoints[idx] == cps
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids; special tokens are written out as their strings."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 and arr.size:
+            raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+        arr = arr.reshape(-1).astype(np.int64)
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(f"ids must be in [0, {self.vocab_size}), got {bad[:5].tolist()}")
+        if self.kind == "char":
+            return "".join(self._pieces[i] for i in arr.tolist())
+        return self._tk.decode(arr.tolist(), skip_special_tokens=False)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def to_str(self) -> str:
+        """The tokenizer.json text (the `tokenizers` library's format)."""
+        return self._tk.to_str(pretty=True)
+
+    def save(self, path) -> None:
+        """Write tokenizer.json atomically; `path` is the file, or a directory to write it into."""
+        from .checkpoint import atomic_write_text
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        atomic_write_text(path, self.to_str())
+
+    @classmethod
+    def from_str(cls, s: str, *, unknown: str = "error") -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tk = HFTokenizer.from_str(s)
+        except Exception as e:  # the library raises its own Exception type for malformed JSON
+            raise ValueError(f"not a valid tokenizer.json: {e}") from None
+        return cls(tk, unknown=unknown)
+
+    @classmethod
+    def load(cls, path, *, unknown: str = "error") -> "Tokenizer":
+        """Read a tokenizer.json (or a directory holding one) written by `save`."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            s = f.read()
+        try:
+            return cls.from_str(s, unknown=unknown)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _char_tokenizer(text: str):
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    vocab[REPLACEMENT_CHAR] = len(vocab)
+    for c in sorted(set(text)):
+        vocab.setdefault(c, len(vocab))
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token=REPLACEMENT_CHAR))
+    # Every character is its own pre-token ([\s\S] also matches newlines), and Fuse joins them back
+    # without separators, so the library on its own encodes and decodes exactly as we do.
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    return tk
+
+
+def _bpe_tokenizer(text: str, vocab_size: int):
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    # The special strings are removed from the training text so they are never learned as merges.
+    tk.train_from_iterator([_SPECIAL_RE.sub(" ", text)], trainer=trainer)
+    return tk
+
+
+def train_tokenizer(text: str, kind: str = "char", vocab_size: int = 512, *, unknown: str = "error") -> Tokenizer:
+    """Build a tokenizer from `text`.
+
+    kind="char": the vocabulary is the special tokens, U+FFFD, and every distinct character of
+    `text` (`vocab_size` is not used). kind="bpe": byte-level BPE with at most `vocab_size` ids
+    (>= 260: the 256 bytes plus the special tokens); the vocabulary reaches `vocab_size` when the
+    text has enough distinct pairs to merge, and `tokenizer.vocab_size` is always the true size.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    if not text:
+        raise ValueError("cannot train a tokenizer on empty text")
+    _check_policy(unknown)
+    if kind == "char":
+        return Tokenizer(_char_tokenizer(_SURROGATE_RE.sub("", text)), unknown=unknown)
+    if kind == "bpe":
+        if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(f"vocab_size for a bpe tokenizer must be an int >= {MIN_BPE_VOCAB}, got {vocab_size!r}")
+        return Tokenizer(_bpe_tokenizer(_SURROGATE_RE.sub("", text), vocab_size), unknown=unknown)
+    raise ValueError(f"kind must be 'char' or 'bpe', got {kind!r}")

@@ -1,0 +1,314 @@
+"""The optimisation loop shared by every training stage.
+
+A stage (pretraining, fine-tuning, instruct tuning, DPO, RL) supplies only its batches and the
+per-token loss weights it puts on them; this module owns everything else: AdamW over the flat
+parameter buffer, the learning-rate schedule, gradient accumulation and clipping, validation,
+progress display, metrics, checkpoints, exact resume, Ctrl-C and NaN handling.
+
+The stage contract (duck-typed, see `Stage`):
+    stage.train_step(model, scale) -> dict   forward + backward of one micro-batch; the stage calls
+                                             model.backward(weights * scale) so gradients accumulate
+                                             as the mean over micro-batches; returns at least "loss"
+                                             and "tokens" (tokens processed)
+    stage.evaluate(model) -> dict            validation metrics, e.g. {"val_loss": ...}
+    stage.state_dict() / load_state_dict(d)  the data position and RNG state, JSON-serialisable
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+
+from . import ops
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # end of the cosine decay; default lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
+    grad_accum: int = 1  # micro-batches per optimiser step
+    eval_every: int = 250  # validation every N steps (and at the end); 0 disables
+    save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
+    log_every: int = 10  # metrics.jsonl row every N steps
+    keep_snapshots: bool = True  # each periodic save also keeps the weights in checkpoints/step_N/
+    seed: int = 1337
+    progress: bool = True  # the progress bar
+    frozen: list = field(default_factory=list)  # parameter-name prefixes left untouched
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate for optimiser step `step` (0-based)."""
+    # 1) linear warmup from lr/warmup to lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    # 2) past the end of the schedule, hold the minimum
+    if step >= cfg.steps:
+        return cfg.min_lr
+    # 3) cosine decay from lr to min_lr over the remaining steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+class Stage(Protocol):
+    def train_step(self, model, scale: float) -> dict: ...
+    def evaluate(self, model) -> dict: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+class AdamW:
+    """AdamW over the model's flat parameter buffer (decoupled weight decay on decay_mask).
+
+    Frozen parameters are excluded by updating only the trainable contiguous ranges of the buffer,
+    so neither their moments nor their weight decay move them.
+    """
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.model = model
+        self.cfg = cfg
+        self.m = np.zeros_like(model.params)
+        self.v = np.zeros_like(model.params)
+        self.t = 0
+        self.ranges = trainable_ranges(model, cfg.frozen)
+
+    def step(self, lr: float, grad_scale: float) -> None:
+        self.t += 1
+        p, g, mask = self.model.params, self.model.grads, self.model.decay_mask
+        for start, stop in self.ranges:
+            ops.adamw_update(p[start:stop], self.m[start:stop], self.v[start:stop], g[start:stop],
+                             mask[start:stop], lr=lr, beta1=self.cfg.beta1, beta2=self.cfg.beta2,
+                             eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
+                             grad_scale=grad_scale, t=self.t)
+
+    def state(self) -> dict:
+        return {"m": self.m, "v": self.v}
+
+    def load_state(self, arrays: dict, t: int) -> None:
+        if arrays["m"].shape != self.m.shape or arrays["v"].shape != self.v.shape:
+            raise ValueError("optimizer state does not match the model's parameter count "
+                             f"({arrays['m'].shape} vs {self.m.shape})")
+        self.m[...] = arrays["m"]
+        self.v[...] = arrays["v"]
+        self.t = t
+
+
+def trainable_ranges(model, frozen_prefixes) -> list:
+    """Contiguous [start, stop) ranges of the flat buffer whose parameters are not frozen."""
+    prefixes = tuple(frozen_prefixes or ())
+    base = model.params.ctypes.data
+    spans = []
+    for name, view in model.named_parameters().items():
+        if prefixes and any(name == p or name.startswith(p if p.endswith(".") else p + ".")
+                            for p in prefixes):
+            continue
+        start = (view.ctypes.data - base) // view.itemsize
+        spans.append((start, start + view.size))
+    spans.sort()
+    merged: list = []
+    for start, stop in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    if not merged:
+        raise ValueError(f"every parameter is frozen by {list(prefixes)}; nothing would train")
+    return merged
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current step (with a checkpoint);
+    a second Ctrl-C interrupts at once (the last checkpoint on disk stays intact)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nlmlab: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a step's loss or gradient norm is NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    final_loss: float
+    val_loss: Optional[float]
+    stopped_early: bool  # Ctrl-C
+    seconds: float
+    tokens_per_s: float
+
+
+def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Optional[dict] = None,
+          resume: bool = False, parent: Optional[str] = None) -> TrainResult:
+    """Run the optimisation loop, writing checkpoints and metrics into run_dir.
+
+    run_config is stored in config.json beside the model config (what data, which stage, ...).
+    With resume=True the model, optimiser, step, RNG and data position are restored from run_dir,
+    so the run continues exactly as if it had never stopped.
+    """
+    from . import checkpoint
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = AdamW(model, cfg)
+    start_step = 0
+    if resume:
+        arrays, state = checkpoint.load_training_state(run_dir)
+        saved, _, _ = checkpoint.load_model(run_dir)
+        if saved.params.shape != model.params.shape:
+            raise ValueError(f"{run_dir}: saved model has {saved.params.size} parameters, this "
+                             f"model {model.params.size}; resume needs the same model config")
+        model.params[...] = saved.params
+        start_step = int(state["step"])
+        optimizer.load_state(arrays, int(state["adam_t"]))
+        stage.load_state_dict(state["stage"])
+        # Rows logged after the checkpoint are logged again by the resumed run.
+        checkpoint.truncate_metrics(run_dir, start_step)
+        if start_step >= cfg.steps:
+            print(f"lmlab: {run_dir} already finished {start_step} of {cfg.steps} steps",
+                  file=sys.stderr)
+    # config.json's "train" section: how this run was trained (optimiser settings and the stage's
+    # own description: corpus, data, batch size, chat template, ...).
+    full_config = {"optim": _jsonable(asdict(cfg)), **(run_config or {})}
+
+    def save(step: int) -> None:
+        state = {"step": step, "adam_t": optimizer.t, "stage": stage.state_dict()}
+        checkpoint.save_run(run_dir, model, tokenizer, train_config=full_config,
+                            optimizer=optimizer.state(), state=state, parent=parent)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    t_start = time.perf_counter()
+    tokens_total = 0
+    loss = float("nan")
+    val_loss = None
+    step = start_step
+    stopped = False
+    window_t, window_tokens = time.perf_counter(), 0
+    with _StopRequest() as stop:
+        try:
+            while step < cfg.steps:
+                # 1) gradients of one optimiser step, accumulated over micro-batches
+                model.zero_grad()
+                losses, tokens = [], 0
+                for _ in range(cfg.grad_accum):
+                    out = stage.train_step(model, 1.0 / cfg.grad_accum)
+                    losses.append(float(out["loss"]))
+                    tokens += int(out["tokens"])
+                loss = float(np.mean(losses))
+                grad_norm = ops.global_norm(model.grads)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise NonFiniteLoss(
+                        f"step {step}: loss {loss}, gradient norm {grad_norm}. Training stopped; "
+                        f"the last good checkpoint in {run_dir} is kept. Try a lower learning rate "
+                        f"(now {cfg.lr}) or stronger clipping (grad_clip {cfg.grad_clip}).")
+                # 2) clip and update
+                scale = 1.0
+                if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
+                    scale = cfg.grad_clip / (grad_norm + 1e-6)
+                lr = lr_at(step, cfg)
+                optimizer.step(lr, scale)
+                step += 1
+                tokens_total += tokens
+                window_tokens += tokens
+                # 3) validation, metrics, progress, checkpoints
+                row = None
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    val_loss = float(stage.evaluate(model)["val_loss"])
+                    row = {}
+                if step % max(1, cfg.log_every) == 0 or step == cfg.steps or row is not None:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": tps}
+                    if val_loss is not None and cfg.eval_every and (
+                            step % cfg.eval_every == 0 or step == cfg.steps):
+                        row["val_loss"] = val_loss
+                    checkpoint.append_metrics(run_dir, row)
+                    if bar is not None:
+                        post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+                        if val_loss is not None:
+                            post["val"] = f"{val_loss:.4f}"
+                        bar.set_postfix(post, refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    save(step)
+                    if cfg.keep_snapshots:
+                        # Weights only (no optimiser state): for sampling how the model was doing
+                        # at this point of training (`lmlab demo training`).
+                        checkpoint.save_run(run_dir / "checkpoints" / f"step_{step:06d}", model,
+                                            tokenizer, train_config=full_config, parent=parent)
+                if stop.requested:
+                    stopped = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        save(step)
+    _plot(run_dir)
+    seconds = time.perf_counter() - t_start
+    return TrainResult(steps_done=step, final_loss=loss, val_loss=val_loss, stopped_early=stopped,
+                       seconds=seconds, tokens_per_s=tokens_total / max(seconds, 1e-9))
+
+
+def _plot(run_dir: Path) -> None:
+    from . import checkpoint
+    try:
+        checkpoint.plot_loss(run_dir)
+    except Exception as exc:  # a plot is a convenience; never lose a finished run over it
+        print(f"lmlab: could not draw loss.png ({exc})", file=sys.stderr)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

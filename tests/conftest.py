@@ -1,0 +1,30 @@
+"""Shared fixtures for lmlab's tests: the kernel variants to run on and seeded generators.
+
+`tests/` is on sys.path (pytest's default "prepend" import mode), so tests import the float64
+references and the tolerance check as `import reference`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmlab import ops
+
+# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "portable").
+AVAILABLE_ISAS = list(ops.cpu_info()["available"])
+
+
+@pytest.fixture(params=AVAILABLE_ISAS)
+def isa(request):
+    """Runs the test once on each kernel variant, restoring the active one afterwards."""
+    with ops.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id, so every test (and parameter set) has its own data and
+    a failure reproduces on rerun."""
+    seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2 ** 32)
+    return np.random.default_rng(seed)

@@ -1,0 +1,395 @@
+"""Corpora, built-in corpora, the token cache, the split, the batch sampler and the JSONL loaders."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmlab import builtin_corpus, data
+from lmlab.data import (BatchSampler, load_corpus, load_instruct_jsonl, load_rankings_jsonl, ranking_pairs,
+                        split_tokens, tokenize_corpus)
+from lmlab.tokenizer import train_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    # No test may read or write the user's real cache.
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def docs_cache(tmp_path_factory):
+    """A cache dir holding builtin:python-docs, built once for this module."""
+    root = tmp_path_factory.mktemp("docs-cache")
+    builtin_corpus.build_builtin("python-docs", str(root))
+    return str(root)
+
+
+def _write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
+
+
+# -- corpus specs ---------------------------------------------------------------------------------
+
+
+def test_load_corpus_file(tmp_path):
+    p = _write(tmp_path / "a.txt", "\ufeffline one\r\nline two")
+    assert load_corpus(str(p)) == "line one\nline two"  # BOM dropped, CRLF -> LF, no newline added
+    assert load_corpus(p) == "line one\nline two"  # a Path works too
+
+
+def test_load_corpus_directory_sorted_recursive_txt_md_only(tmp_path):
+    root = tmp_path / "corpus"
+    _write(root / "b.txt", "B")
+    _write(root / "a.md", "A\n")
+    _write(root / "sub" / "c.txt", "C")
+    _write(root / "sub" / "skip.py", "not text")
+    _write(root / ".hidden.txt", "hidden")
+    _write(root / ".git" / "d.txt", "hidden dir")
+    _write(root / "a0" / "z.txt", "Z")
+    # Sorted by relative path: a.md, a0/z.txt, b.txt, sub/c.txt; each ends with "\n", blank line between.
+    assert load_corpus(str(root)) == "A\n\nZ\n\nB\n\nC\n"
+
+
+def test_load_corpus_glob(tmp_path):
+    _write(tmp_path / "x1.txt", "one")
+    _write(tmp_path / "x2.txt", "two")
+    _write(tmp_path / "y.txt", "why")
+    _write(tmp_path / "deep" / "x3.txt", "three")
+    assert load_corpus(str(tmp_path / "x*.txt")) == "one\n\ntwo\n"
+    assert load_corpus(str(tmp_path / "**" / "x*.txt")) == "three\n\none\n\ntwo\n"
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        load_corpus(str(tmp_path / "nothing*.txt"))
+
+
+def test_load_corpus_missing_names_the_spec_and_builtins(tmp_path):
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError) as e:
+        load_corpus(missing)
+    assert missing in str(e.value) and "builtin:python-docs" in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["", "   \n\n\t  "])
+def test_load_corpus_empty(tmp_path, content):
+    p = _write(tmp_path / "empty.txt", content)
+    with pytest.raises(ValueError, match="is empty"):
+        load_corpus(str(p))
+
+
+def test_load_corpus_empty_directory(tmp_path):
+    _write(tmp_path / "d" / "notes.py", "x = 1")
+    with pytest.raises(ValueError, match=r"contains no \.txt or \.md files"):
+        load_corpus(str(tmp_path / "d"))
+
+
+def test_load_corpus_non_utf8_names_file_and_offset(tmp_path):
+    p = _write(tmp_path / "latin1.txt", "caf\u00e9 ok".encode("utf-8") + b" na\xefve")
+    with pytest.raises(ValueError) as e:
+        load_corpus(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "byte 0xef at byte offset 11" in msg
+
+
+def test_load_corpus_unreadable_file(tmp_path, monkeypatch):
+    p = _write(tmp_path / "locked.txt", "secret")
+    real_open = open
+
+    def deny(path, *a, **k):
+        if os.fspath(path) == str(p):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    # data.open shadows the builtin inside lmlab.data only (running as root defeats chmod 000).
+    monkeypatch.setattr(data, "open", deny, raising=False)
+    with pytest.raises(PermissionError) as e:
+        load_corpus(str(p))
+    assert "cannot read corpus file" in str(e.value) and str(p) in str(e.value)
+
+
+def test_unknown_builtin_lists_known():
+    with pytest.raises(ValueError) as e:
+        load_corpus("builtin:shakespeare")
+    assert "'shakespeare'" in str(e.value)
+    for name in data.BUILTIN_CORPORA:
+        assert f"builtin:{name}" in str(e.value)
+
+
+def test_bad_spec_type():
+    with pytest.raises(TypeError, match="corpus spec"):
+        load_corpus(42)
+
+
+# -- built-in corpora -----------------------------------------------------------------------------
+
+
+def test_builtin_python_docs_is_large_english_and_cached(docs_cache, monkeypatch):
+    text = load_corpus("builtin:python-docs", cache_dir=docs_cache)
+    assert len(text.encode("utf-8")) >= 1_000_000
+    # Real stdlib documentation, in the documented order: reference topics, then modules A..Z.
+    assert "Module json\n===========" in text and "Module collections\n" in text
+    assert text.index("Module abc\n") < text.index("Module json\n") < text.index("Module zipfile\n")
+    assert "json.dumps(obj" in text and " at 0x" not in text
+    words = text.split()
+    assert sum(w.lower() in {"the", "a", "of", "is", "to"} for w in words) > 0.05 * len(words)
+
+    # A second load reads the cache: building again would fail here.
+    def no_build():
+        raise AssertionError("rebuilt a cached corpus")
+
+    monkeypatch.setattr(builtin_corpus, "_assemble_in_child", no_build)
+    assert load_corpus("builtin:python-docs", cache_dir=docs_cache) == text
+
+
+def test_builtin_python_docs_is_deterministic(docs_cache, tmp_path):
+    first = load_corpus("builtin:python-docs", cache_dir=docs_cache)
+    again = builtin_corpus.build_builtin("python-docs", str(tmp_path / "fresh"))
+    assert again == first
+
+
+def test_builtin_small_is_prefix_of_full(docs_cache):
+    full = load_corpus("builtin:python-docs", cache_dir=docs_cache)
+    small = load_corpus("builtin:python-docs-small", cache_dir=docs_cache)
+    assert 100_000 < len(small) <= builtin_corpus.SMALL_CHARS
+    assert full.startswith(small) and small.endswith("\n")
+
+
+def test_builtin_cache_location_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "here"))
+    path = builtin_corpus.corpus_cache_path("python-docs")
+    assert path.startswith(str(tmp_path / "here"))
+    assert f"{os.sys.version_info.major}.{os.sys.version_info.minor}" in os.path.basename(path)
+
+
+# -- token cache ----------------------------------------------------------------------------------
+
+
+class CountingTokenizer:
+    """Wraps a Tokenizer and counts how often the corpus is actually encoded."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+        self.unknown, self.to_str = tok.unknown, tok.to_str
+
+    def encode(self, text, **kw):
+        self.calls += 1
+        return self.tok.encode(text, **kw)
+
+
+def test_tokenize_corpus_caches_and_invalidates(tmp_path):
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = CountingTokenizer(train_tokenizer("hello world!\n", "char"))
+    cache = tmp_path / "tc"
+    ids = tokenize_corpus(str(p), tok, cache_dir=cache)
+    assert isinstance(ids, np.memmap) and ids.dtype == np.int32 and not ids.flags.writeable
+    assert ids.tolist() == tok.tok.encode(load_corpus(str(p))).tolist()
+    assert tok.calls == 1
+    again = tokenize_corpus(str(p), tok, cache_dir=cache)
+    assert tok.calls == 1 and again.tolist() == ids.tolist()  # cache hit: no re-tokenising
+    _write(p, "hello world!\n" * 50)  # a changed file invalidates the cache
+    changed = tokenize_corpus(str(p), tok, cache_dir=cache)
+    assert tok.calls == 2 and len(changed) == 13 * 50
+    assert changed.tolist() == tok.tok.encode("hello world!\n" * 50).tolist()
+    # A different tokenizer gets its own cache entry.
+    other = CountingTokenizer(train_tokenizer("hello world!\nxyz", "char"))
+    tokenize_corpus(str(p), other, cache_dir=cache)
+    assert other.calls == 1
+    files = os.listdir(cache / "tokens")
+    assert len(files) == 3 and not [f for f in files if f.endswith(".tmp")]
+
+
+def test_tokenize_corpus_default_cache_dir_is_env(tmp_path):
+    p = _write(tmp_path / "c.txt", "abcabc")
+    tokenize_corpus(str(p), train_tokenizer("abc", "char"))
+    assert len(os.listdir(tmp_path / "cache" / "tokens")) == 1
+
+
+def test_tokenize_corpus_unknown_chars(tmp_path):
+    p = _write(tmp_path / "c.txt", "abc☃d")
+    tok = train_tokenizer("abcd", "char")
+    with pytest.raises(ValueError) as e:
+        tokenize_corpus(str(p), tok, cache_dir=tmp_path / "tc")
+    assert str(p) in str(e.value) and "'☃' x1" in str(e.value)
+    ids = tokenize_corpus(str(p), tok, cache_dir=tmp_path / "tc", unknown="skip")
+    assert tok.decode(ids) == "abcd"
+
+
+# -- split and batches ----------------------------------------------------------------------------
+
+
+def test_split_tokens():
+    tokens = np.arange(1000, dtype=np.int32)
+    train, val = split_tokens(tokens, 0.1)
+    assert len(train) == 900 and len(val) == 100
+    assert np.array_equal(np.concatenate([train, val]), tokens)
+    train, val = split_tokens(tokens, 0.0)
+    assert len(train) == 1000 and len(val) == 0
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="val_fraction"):
+            split_tokens(tokens, bad)
+
+
+def test_batch_sampler_windows_are_contiguous_and_shifted():
+    tokens = np.arange(10_000, dtype=np.int32)
+    s = BatchSampler(tokens, batch_size=8, block_size=16, seed=0)
+    starts = set()
+    for _ in range(20):
+        x, y = s.next()
+        assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == np.int32
+        assert x.flags.c_contiguous and y.flags.c_contiguous
+        # tokens[i] == i, so a window starting at i is i + arange(T), its target one further.
+        assert np.array_equal(x, x[:, :1] + np.arange(16))
+        assert np.array_equal(y, x + 1)
+        assert x.min() >= 0 and y.max() <= 9_999
+        starts.update(x[:, 0].tolist())
+    assert len(starts) > 100  # random starts, not a fixed few
+
+
+def test_batch_sampler_reaches_both_ends():
+    tokens = np.arange(6, dtype=np.int32)
+    s = BatchSampler(tokens, batch_size=64, block_size=5, seed=1)
+    x, y = s.next()
+    assert np.array_equal(x, np.tile(np.arange(5), (64, 1))) and np.array_equal(y, x + 1)
+
+
+def test_batch_sampler_seeded():
+    tokens = np.arange(5000, dtype=np.int32)
+    a = [BatchSampler(tokens, 4, 8, seed=7).next()[0] for _ in range(2)]
+    assert np.array_equal(a[0], a[1])
+    b = BatchSampler(tokens, 4, 8, seed=8).next()[0]
+    assert not np.array_equal(a[0], b)
+
+
+def test_batch_sampler_resume_draws_the_same_batches():
+    tokens = np.random.default_rng(0).integers(0, 50, size=3000).astype(np.int32)
+    straight = BatchSampler(tokens, 4, 32, seed=3)
+    expected = [straight.next() for _ in range(10)]
+    first = BatchSampler(tokens, 4, 32, seed=3)
+    for _ in range(6):
+        first.next()
+    state = json.loads(json.dumps(first.state_dict()))  # it must survive state.json
+    assert state["batches_drawn"] == 6
+    resumed = BatchSampler(tokens, 4, 32, seed=999)  # the seed comes from the state
+    resumed.load_state_dict(state)
+    for x_exp, y_exp in expected[6:]:
+        x, y = resumed.next()
+        assert np.array_equal(x, x_exp) and np.array_equal(y, y_exp)
+    assert resumed.batches_drawn == 10
+
+
+def test_batch_sampler_state_mismatch_is_refused():
+    tokens = np.arange(3000, dtype=np.int32)
+    state = BatchSampler(tokens, 4, 32, seed=0).state_dict()
+    with pytest.raises(ValueError, match="block_size=32"):
+        BatchSampler(tokens, 4, 16, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="n_tokens"):
+        BatchSampler(tokens[:2000], 4, 32, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a BatchSampler state"):
+        BatchSampler(tokens, 4, 32, seed=0).load_state_dict({"step": 3})
+
+
+def test_batch_sampler_too_short_corpus_says_how_long():
+    with pytest.raises(ValueError) as e:
+        BatchSampler(np.arange(64, dtype=np.int32), 2, 64, seed=0)
+    assert "has 64 tokens" in str(e.value) and "at least 65" in str(e.value)
+    BatchSampler(np.arange(65, dtype=np.int32), 2, 64, seed=0).next()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"batch_size": 0}, "batch_size"), ({"block_size": -1}, "block_size"), ({"batch_size": 2.0}, "batch_size"),
+    ({"seed": -1}, "seed"), ({"tokens": np.zeros((10, 10), np.int32)}, "1-D"),
+    ({"tokens": np.zeros(100, np.float32)}, "integer"),
+])
+def test_batch_sampler_bad_arguments(kw, match):
+    args = {"tokens": np.arange(100, dtype=np.int32), "batch_size": 2, "block_size": 8, "seed": 0, **kw}
+    with pytest.raises(ValueError, match=match):
+        BatchSampler(**args)
+
+
+# -- instruct JSONL -------------------------------------------------------------------------------
+
+
+def _jsonl(tmp_path, lines, name="d.jsonl"):
+    text = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
+    return str(_write(tmp_path / name, text))
+
+
+def test_load_instruct_both_forms(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "<|end|> again?"}, {"role": "assistant", "content": ""}]
+    p = _jsonl(tmp_path, [{"prompt": "What is 2+2?", "response": "4"}, "", {"messages": msgs}])
+    convs = load_instruct_jsonl(p)
+    assert convs == [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], msgs]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("{not json}", "invalid JSON"),
+    ('["a", "b"]', "expected a JSON object"),
+    ({"prompt": "only a prompt"}, "expected keys 'prompt' and 'response', or 'messages'"),
+    ({"prompt": "p", "response": 3}, "'response' must be a string"),
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "role 'system'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+])
+def test_load_instruct_errors_name_the_line(tmp_path, bad, match):
+    p = _jsonl(tmp_path, [{"prompt": "a", "response": "b"}, "", bad])
+    with pytest.raises(ValueError, match=match) as e:
+        load_instruct_jsonl(p)
+    assert f"{p}:3:" in str(e.value)
+
+
+def test_jsonl_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_instruct_jsonl(tmp_path / "none.jsonl")
+    empty = _write(tmp_path / "e.jsonl", "\n\n")
+    with pytest.raises(ValueError, match="contains no records"):
+        load_rankings_jsonl(empty)
+    latin = _write(tmp_path / "l.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"l\.jsonl:2: not UTF-8"):
+        load_instruct_jsonl(latin)
+
+
+# -- rankings JSONL -------------------------------------------------------------------------------
+
+
+def test_load_rankings_ties_pairs_and_extras(tmp_path):
+    p = _jsonl(tmp_path, [
+        {"prompt": "p1", "completions": ["a", "b", "c", "d"], "ranking": [2, [0, 3], 1], "seeds": [1, 2, 3, 4]},
+        {"prompt": "p2", "chosen": "good", "rejected": "bad"},
+        {"prompt": "p3", "completions": ["x", "y"], "ranking": [[0, 1]]},
+    ])
+    recs = load_rankings_jsonl(p)
+    assert recs[0] == {"prompt": "p1", "completions": ["a", "b", "c", "d"], "ranking": [[2], [0, 3], [1]],
+                       "seeds": [1, 2, 3, 4]}
+    assert recs[1] == {"prompt": "p2", "completions": ["good", "bad"], "ranking": [[0], [1]]}
+    assert recs[2]["ranking"] == [[0, 1]]
+    assert sorted(ranking_pairs(recs[0]["ranking"])) == [(0, 1), (2, 0), (2, 1), (2, 3), (3, 1)]
+    assert ranking_pairs(recs[1]["ranking"]) == [(0, 1)]
+    assert ranking_pairs(recs[2]["ranking"]) == []
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 2]}, "index 2 is out of range for 2"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "index -1 is out of range"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, [1, 0], 2]}, r"\[0\] more than once"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 2]}, r"leaves completion\(s\) \[1\] unranked"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [True, 0]}, "must be completion indices"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, []]}, "empty tie group"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": []}, "non-empty list"),
+    ({"prompt": "p", "completions": ["a"], "ranking": [0]}, "at least 2 strings"),
+    ({"prompt": "p", "completions": ["a", "b"]}, "missing 'ranking'"),
+    ({"prompt": "p", "chosen": "a"}, "expected 'completions' and 'ranking', or 'chosen' and 'rejected'"),
+    ({"completions": ["a", "b"], "ranking": [0, 1]}, "missing 'prompt'"),
+    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
+])
+def test_load_rankings_errors_name_the_line(tmp_path, bad, match):
+    p = _jsonl(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, bad])
+    with pytest.raises(ValueError, match=match) as e:
+        load_rankings_jsonl(p)
+    assert f"{p}:2:" in str(e.value)

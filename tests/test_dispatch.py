@@ -1,0 +1,146 @@
+"""Runtime CPU dispatch and thread control: what cpu_info reports, LMLAB_ISA forcing the portable path at
+import (in a subprocess, since the choice is made once per process), switching variants, and the
+thread-count round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lmlab
+from lmlab import ops
+
+KNOWN_ISAS = ("avx512", "avx2", "portable")
+
+
+def test_cpu_info_fields():
+    info = lmlab.cpu_info()
+    assert set(info) >= {"isa", "available", "openmp", "num_threads"}
+    assert info["isa"] in KNOWN_ISAS
+    assert info["isa"] in info["available"]
+    assert all(name in KNOWN_ISAS for name in info["available"])
+    assert len(set(info["available"])) == len(info["available"])
+    assert "portable" in info["available"], "the portable baseline runs on every CPU"
+    # Best first: the order of KNOWN_ISAS.
+    assert info["available"] == sorted(info["available"], key=KNOWN_ISAS.index)
+    assert isinstance(info["openmp"], bool)
+    assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
+    if not info["openmp"]:
+        assert info["num_threads"] == 1
+
+
+def test_default_is_best_available():
+    if os.environ.get("LMLAB_ISA"):
+        pytest.skip("LMLAB_ISA is set in this environment, so the import-time choice was forced")
+    info = lmlab.cpu_info()
+    assert info["isa"] == info["available"][0]
+
+
+# A child process: imports lmlab with a given environment, reports cpu_info and one kernel result.
+CHILD = r"""
+import json, sys
+import numpy as np
+import lmlab
+from lmlab import ops
+x = np.linspace(-4.0, 4.0, 101, dtype=np.float32)
+out = ops.gelu_forward(np.zeros_like(x), x)
+w = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+y = ops.matmul_forward(np.zeros((25, 3), np.float32), x[:100].reshape(25, 4), w)
+json.dump({"info": lmlab.cpu_info(), "gelu": out.tolist(), "matmul": y.tolist()}, sys.stdout)
+"""
+
+
+def run_child(isa_env):
+    env = dict(os.environ)
+    env.pop("LMLAB_ISA", None)
+    if isa_env is not None:
+        env["LMLAB_ISA"] = isa_env
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_lmlab_isa_forces_portable_at_import():
+    forced = run_child("portable")
+    assert forced["info"]["isa"] == "portable"
+    best = run_child(None)
+    assert best["info"]["isa"] == best["info"]["available"][0]
+    # Same math on both paths: GELU within float32 rounding, matmul of 4-term dot products likewise.
+    np.testing.assert_allclose(forced["gelu"], best["gelu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(forced["matmul"], best["matmul"], rtol=1e-5, atol=1e-6)
+    x = np.linspace(-4.0, 4.0, 101)
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(forced["gelu"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_lmlab_isa_falls_back_to_best():
+    """A wrong LMLAB_ISA must not break the import: the best available variant is used."""
+    child = run_child("sse9000")
+    assert child["info"]["isa"] == child["info"]["available"][0]
+
+
+@pytest.mark.parametrize("name", lmlab.cpu_info()["available"])
+def test_set_isa_switches_and_use_isa_restores(name):
+    before = ops.cpu_info()["isa"]
+    with ops.use_isa(name):
+        assert ops.cpu_info()["isa"] == name
+        x = np.linspace(-3, 3, 37, dtype=np.float32)
+        out = ops.gelu_forward(np.zeros_like(x), x)
+        assert np.all(np.isfinite(out))
+    assert ops.cpu_info()["isa"] == before
+    ops.set_isa(name)
+    try:
+        assert ops.cpu_info()["isa"] == name
+    finally:
+        ops.set_isa(before)
+
+
+def test_use_isa_restores_after_an_exception():
+    before = ops.cpu_info()["isa"]
+    with pytest.raises(RuntimeError):
+        with ops.use_isa("portable"):
+            raise RuntimeError("inside")
+    assert ops.cpu_info()["isa"] == before
+
+
+@pytest.mark.parametrize("name", ["sse9000", "", "AVX512", "neon"])
+def test_set_isa_unknown_raises(name):
+    before = ops.cpu_info()["isa"]
+    with pytest.raises(ValueError, match="not available.*available: .*portable"):
+        ops.set_isa(name)
+    assert ops.cpu_info()["isa"] == before
+
+
+def test_num_threads_round_trip():
+    before = ops.get_num_threads()
+    try:
+        for n in (1, 2, 3, before):
+            ops.set_num_threads(n)
+            expected = n if lmlab.cpu_info()["openmp"] else 1
+            assert ops.get_num_threads() == expected
+            assert lmlab.get_num_threads() == expected
+            assert lmlab.cpu_info()["num_threads"] == expected
+    finally:
+        ops.set_num_threads(before)
+
+
+def test_num_threads_context_restores():
+    before = ops.get_num_threads()
+    with ops.num_threads(1):
+        assert ops.get_num_threads() == 1
+    assert ops.get_num_threads() == before
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_set_num_threads_below_one_raises(n):
+    before = ops.get_num_threads()
+    with pytest.raises(ValueError, match=f"n must be >= 1, got {n}"):
+        lmlab.set_num_threads(n)
+    assert ops.get_num_threads() == before

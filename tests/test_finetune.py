@@ -1,0 +1,69 @@
+"""Style fine-tuning: unknown characters reported before training, the new corpus's loss falls,
+the parent is recorded, frozen layers stay put."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmlab.checkpoint import load_model
+from lmlab.finetune import finetune
+from lmlab.pretrain import pretrain
+
+OLD = "the cat sat on the mat and the dog sat on the log. " * 60
+NEW = "no one sees the moon as the sea does. " * 60
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    (root / "old.txt").write_text(OLD)
+    run = root / "parent"
+    pretrain(str(root / "old.txt"), run, n_layer=2, n_head=2, n_embd=32, block_size=32,
+             batch_size=8, steps=120, lr=3e-3, warmup_steps=10, eval_every=60, save_every=0,
+             progress=False)
+    return root, run
+
+
+def test_finetune_moves_loss_on_the_new_corpus_and_records_parent(parent, tmp_path):
+    root, run = parent
+    new = tmp_path / "new.txt"
+    new.write_text(NEW)
+    report = finetune(run, str(new), tmp_path / "child", steps=80, lr=3e-3, warmup_steps=5,
+                      eval_every=40, save_every=0, progress=False, prompt="the ", sample_tokens=20)
+    assert report.new_val_after < report.new_val_before - 0.5
+    assert report.old_val_before is not None and report.old_val_after is not None
+    assert set(report.samples) == {"parent", "finetuned"}
+    config = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert config["parent"] == str(run) and config["train"]["stage"] == "finetune"
+
+
+def test_unknown_characters_reported_before_training(parent, tmp_path):
+    _, run = parent
+    new = tmp_path / "new.txt"
+    new.write_text(NEW + "Zebra! Zebra!")
+    with pytest.raises(ValueError, match=r"'Z' x2"):
+        finetune(run, str(new), tmp_path / "child", steps=5, progress=False)
+    assert not (tmp_path / "child").exists()
+    report = finetune(run, str(new), tmp_path / "child", unknown="skip", steps=5,
+                      save_every=0, eval_every=0, progress=False, sample_tokens=0)
+    assert report.unknown_chars["Z"] == 2 and report.unknown_chars["!"] == 2
+
+
+def test_frozen_layers_do_not_change(parent, tmp_path):
+    _, run = parent
+    new = tmp_path / "new.txt"
+    new.write_text(NEW)
+    finetune(run, str(new), tmp_path / "child", freeze_layers=1, freeze_embeddings=True, steps=10,
+             save_every=0, eval_every=0, progress=False, sample_tokens=0)
+    before, _, _ = load_model(run)
+    after, _, _ = load_model(tmp_path / "child")
+    b, a = before.named_parameters(), after.named_parameters()
+    for name in b:
+        same = np.array_equal(b[name], a[name])
+        if name.startswith("h.0.") or name in ("wte", "wpe"):
+            assert same, name
+        elif name.startswith("h.1.") and name.endswith("weight") and b[name].ndim == 2:
+            assert not same, name

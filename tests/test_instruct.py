@@ -1,0 +1,121 @@
+"""Instruct tuning: the chat template, the response-only loss mask, data checks, the built-in
+dataset, and that tuning teaches a model to answer and stop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmlab import instruct
+from lmlab.instruct import (END, InstructStage, batch_arrays, build_examples,
+                            builtin_instruct_dataset, evaluate_instruct, inspect_examples, render)
+from lmlab.model import GPT, GPTConfig
+from lmlab.tokenizer import train_tokenizer
+from lmlab.train import TrainConfig, train
+
+QA = [("what is one plus one?", "two."), ("what is two plus two?", "four."),
+      ("what colour is the sky?", "blue."), ("what colour is grass?", "green."),
+      ("what is the opposite of up?", "down."), ("what is the opposite of hot?", "cold.")]
+CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ?.,"
+
+
+def tiny(block_size=48, seed=0):
+    tok = train_tokenizer(ALPHABET * 3, "char")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+    return tok, GPT(cfg, seed=seed)
+
+
+def test_render_supervises_exactly_the_response_and_end():
+    tok, _ = tiny()
+    ids, mask = render(tok, CONVS[0])
+    text_ids = tok.encode("two.")
+    sup = ids[mask]
+    assert sup.tolist() == text_ids.tolist() + [tok.special_id(END)]
+    # Everything before the response (user marker, prompt, assistant marker) is unsupervised.
+    assert not mask[: len(ids) - len(sup)].any()
+    gen, _ = render(tok, CONVS[0][:1], add_generation_prompt=True)
+    assert gen[-1] == tok.special_id("<|assistant|>")
+
+
+def test_masked_gradient_equals_sum_over_response_tokens_alone():
+    tok, model = tiny()
+    examples, _ = build_examples(CONVS[:3], tok, 48)
+    x, y, mask = batch_arrays(examples, 48, tok.eot_id)
+    n = mask.sum()
+    model.zero_grad()
+    model.forward(x, y)
+    model.backward((mask / n).astype(np.float32))
+    masked = model.grads.copy()
+    # Reference: the gradient of each supervised position on its own, added up in float64.
+    reference = np.zeros(model.grads.shape, dtype=np.float64)
+    for b, t in zip(*np.nonzero(mask)):
+        one = np.zeros(mask.shape, dtype=np.float32)
+        one[b, t] = 1.0 / n
+        model.zero_grad()
+        model.forward(x, y)
+        model.backward(one)
+        reference += model.grads
+    np.testing.assert_allclose(masked, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_targets_contribute_exactly_nothing():
+    tok, model = tiny()
+    examples, _ = build_examples(CONVS[:3], tok, 48)
+    x, y, mask = batch_arrays(examples, 48, tok.eot_id)
+    w = (mask / mask.sum()).astype(np.float32)
+    model.zero_grad()
+    _, losses = model.forward(x, y)
+    model.backward(w)
+    g1 = model.grads.copy()
+    # Change every unsupervised target: the gradient must not change by a single bit.
+    y2 = np.where(mask, y, (y + 5) % tok.vocab_size).astype(np.int32)
+    model.zero_grad()
+    model.forward(x, y2)
+    model.backward(w)
+    assert np.array_equal(g1, model.grads)
+
+
+def test_empty_mask_is_refused_with_reason():
+    tok, _ = tiny(block_size=8)
+    long = [[{"role": "user", "content": "a very long prompt that fills the block"},
+             {"role": "assistant", "content": "x"}]]
+    examples, problems = build_examples(long, tok, 8)
+    assert problems["truncated"] == [0] and problems["no_supervised"] == [0]
+    with pytest.raises(ValueError, match="no supervised token"):
+        InstructStage(examples, examples, 2, 8, tok.eot_id, 0)
+
+
+def test_unencodable_and_truncated_examples_are_reported():
+    tok, _ = tiny(block_size=20)
+    convs = CONVS[:2] + [[{"role": "user", "content": "Ünïcode?"}, {"role": "assistant", "content": "no"}]]
+    view = inspect_examples(tok, convs, 20, n=2, color=False)
+    assert "supervised" in view and "cannot encode" in view and "cut off" in view
+
+
+def test_builtin_dataset_is_offline_deterministic_and_split():
+    train_set, held = builtin_instruct_dataset()
+    assert len(train_set) > 300 and len(held) > 30
+    qs_train = {c[0]["content"] for c in train_set}
+    assert not qs_train & {c[0]["content"] for c in held}
+    assert any(c[0]["content"] == "What does json.dumps do?" for c in train_set + held)
+    again, _ = builtin_instruct_dataset()
+    assert again == train_set
+
+
+def test_instruct_tuning_teaches_answering_and_stopping(tmp_path):
+    tok, model = tiny()
+    base_eval = evaluate_instruct(model, tok, CONVS, max_new_tokens=12)
+    examples, _ = build_examples(CONVS, tok, 48)
+    stage = InstructStage(examples, examples, 6, 48, tok.eot_id, seed=0)
+    cfg = TrainConfig(steps=150, lr=3e-3, warmup_steps=10, eval_every=50, save_every=0,
+                      progress=False)
+    train(model, stage, cfg, tmp_path / "run", tokenizer=tok)
+    tuned = evaluate_instruct(model, tok, CONVS, max_new_tokens=12)
+    assert tuned["ended"] >= base_eval["ended"] + 0.5
+    assert tuned["first_words_match"] >= base_eval["first_words_match"] + 0.5
+
+
+def test_unknown_builtin_dataset_named():
+    with pytest.raises(ValueError, match="python-qa"):
+        instruct.load_instruct_data("builtin:nope")

@@ -1,0 +1,826 @@
+"""Every kernel, forward and backward, against independent references.
+
+- float64 numpy references (tests/reference.py) on awkward shapes (1, 7, 9, 33, 65, sizes that are no
+  multiple of any tile) and extreme values, on every kernel variant this CPU runs (the `isa` fixture);
+- backward semantics: gradients accumulate into pre-filled buffers, None gradients are skipped, rows
+  of weight 0 leave the cross-entropy gradient untouched;
+- finite differences of the float64 reference forward against the float32 kernel backward;
+- PyTorch (float64, autograd) for every kernel and torch.optim.AdamW, when torch is installed;
+- determinism: bitwise-identical outputs for 1, 2 and 3 threads on shapes large enough to split.
+
+Tolerances are stated next to each kernel and are relative to the magnitude of the result (see
+reference.assert_close): float32 rounding, grown by the length of the reductions involved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import reference as ref
+from lmlab import ops
+from reference import assert_close, randn
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+# --- tolerances (relative to max |expected| unless stated) ---------------------------------------------
+ELEMENTWISE_TOL = 1e-6  # one or two float32 roundings: residual, embedding forward
+NORMALISE_TOL = 1e-5  # softmax, layernorm forward: a row reduction, then an exp or a sqrt
+LN_BACKWARD_TOL = 5e-5  # two row reductions and one column reduction
+ATTENTION_TOL = 5e-5  # q.k over HS, softmax over T, att.v over T (backward: the same chain twice)
+FD_TOL = 1e-4  # float32 kernel gradient against float64 central differences
+
+
+def matmul_tol(K: int) -> float:
+    """float32 rounding of a length-K dot product of random data grows like sqrt(K)."""
+    return 1e-5 * max(1.0, math.sqrt(K / 16.0))
+
+
+def logits_tol(logits: np.ndarray) -> float:
+    """Softmax-type results: 1e-5, plus the rounding of a float32 log-sum-exp of size max|logit|,
+    which shifts every exp(x - lse) by that much relative error (it matters for logits ~1e4)."""
+    return 1e-5 + 4.0 * EPS32 * float(np.max(np.abs(logits)))
+
+
+def zeros32(shape) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float32)
+
+
+def prefill(rng, shape) -> np.ndarray:
+    """A gradient buffer holding earlier contributions, to check that backward adds to it."""
+    return randn(rng, *shape)
+
+
+# === matmul ============================================================================================
+
+MATMUL_SHAPES = [  # (N, C, OC); the last crosses the usual K blocks and every micro-tile edge
+    (1, 1, 1), (7, 9, 33), (33, 65, 7), (65, 33, 9), (9, 1, 65), (1, 65, 7), (67, 300, 97)]
+
+
+@pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matmul_forward(isa, rng, N, C, OC, with_bias):
+    inp, weight = randn(rng, N, C), randn(rng, OC, C)
+    bias = randn(rng, OC) if with_bias else None
+    out = ops.matmul_forward(zeros32((N, OC)), inp, weight, bias)
+    assert_close(out, ref.matmul_forward(inp, weight, bias), matmul_tol(C), "out")
+
+
+def test_matmul_forward_leading_dims(isa, rng):
+    inp, weight, bias = randn(rng, 2, 7, 9), randn(rng, 33, 9), randn(rng, 33)
+    out = ops.matmul_forward(zeros32((2, 7, 33)), inp, weight, bias)
+    assert_close(out, ref.matmul_forward(inp, weight, bias), matmul_tol(9), "out (B, T, OC)")
+
+
+@pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES)
+def test_matmul_backward_accumulates(isa, rng, N, C, OC):
+    inp, weight, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, N, OC)
+    dinp0, dweight0, dbias0 = prefill(rng, (N, C)), prefill(rng, (OC, C)), prefill(rng, (OC,))
+    dinp, dweight, dbias = dinp0.copy(), dweight0.copy(), dbias0.copy()
+    ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+    e_dinp, e_dweight, e_dbias = ref.matmul_backward(dout, inp, weight)
+    assert_close(dinp, dinp0 + e_dinp, matmul_tol(OC), "dinp")
+    assert_close(dweight, dweight0 + e_dweight, matmul_tol(N), "dweight")
+    assert_close(dbias, dbias0 + e_dbias, matmul_tol(N), "dbias")
+
+
+@pytest.mark.parametrize("wanted", ["dinp", "dweight", "dbias"])
+def test_matmul_backward_skips_none(isa, rng, wanted):
+    N, C, OC = 33, 9, 7
+    inp, weight, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, N, OC)
+    grads = {"dinp": zeros32((N, C)), "dweight": zeros32((OC, C)), "dbias": zeros32((OC,))}
+    args = {name: (buf if name == wanted else None) for name, buf in grads.items()}
+    ops.matmul_backward(args["dinp"], args["dweight"], args["dbias"], dout, inp, weight)
+    expected = dict(zip(["dinp", "dweight", "dbias"], ref.matmul_backward(dout, inp, weight)))
+    assert_close(grads[wanted], expected[wanted], matmul_tol(N), wanted)
+
+
+# === softmax ===========================================================================================
+
+SOFTMAX_SHAPES = [(1, 1), (1, 7), (7, 9), (9, 33), (33, 65), (3, 1000)]
+
+
+@pytest.mark.parametrize("N,V", SOFTMAX_SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "offset_1e4", "spread_1e4"])
+def test_softmax_forward(isa, rng, N, V, kind):
+    logits = extreme_logits(rng, N, V, kind)
+    probs = ops.softmax_forward(zeros32((N, V)), logits)
+    expected = ref.softmax_forward(logits)
+    assert_close(probs, expected, logits_tol(logits), "probs")
+    assert_close(probs.astype(np.float64).sum(axis=-1), np.ones(N), 1e-5, "row sums")
+
+
+def extreme_logits(rng, N, V, kind) -> np.ndarray:
+    """normal: N(0, 1); offset_1e4: 1e4 + N(0, 1), where exp overflows unless the max is subtracted;
+    spread_1e4: N(0, 1e4), rows that are nearly one-hot."""
+    x = rng.standard_normal((N, V))
+    if kind == "offset_1e4":
+        x = x + 1e4
+    elif kind == "spread_1e4":
+        x = x * 1e4
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("N,V", SOFTMAX_SHAPES)
+def test_softmax_backward_accumulates(isa, rng, N, V):
+    probs = ref.softmax_forward(randn(rng, N, V)).astype(np.float32)
+    dprobs = randn(rng, N, V)
+    dlogits0 = prefill(rng, (N, V))
+    dlogits = dlogits0.copy()
+    ops.softmax_backward(dlogits, dprobs, probs)
+    assert_close(dlogits, dlogits0 + ref.softmax_backward(dprobs, probs), NORMALISE_TOL, "dlogits")
+
+
+# === cross-entropy =====================================================================================
+
+@pytest.mark.parametrize("N,V", [(1, 1), (1, 7), (7, 9), (9, 33), (33, 65), (4, 1000)])
+@pytest.mark.parametrize("kind", ["normal", "offset_1e4", "spread_1e4"])
+def test_crossentropy_forward(isa, rng, N, V, kind):
+    logits = extreme_logits(rng, N, V, kind)
+    targets = rng.integers(0, V, N).astype(np.int32)
+    losses, lse = zeros32(N), zeros32(N)
+    ops.crossentropy_forward(losses, lse, logits, targets)
+    e_losses, e_lse = ref.crossentropy_forward(logits, targets)
+    tol = logits_tol(logits)
+    # A loss is a difference of two numbers of size max|logit|: its error is relative to that size.
+    scale = max(float(np.max(np.abs(logits))), float(np.max(np.abs(e_losses))), 1.0)
+    assert_close(lse, e_lse, tol, "lse")
+    assert_close(losses, e_losses, tol, "losses", scale=scale)
+    assert np.all(losses >= -tol * scale), "a cross-entropy loss is never negative"
+
+
+@pytest.mark.parametrize("N,V", [(1, 7), (7, 9), (9, 33), (33, 65), (4, 1000)])
+@pytest.mark.parametrize("kind", ["normal", "offset_1e4", "spread_1e4"])
+def test_crossentropy_backward_accumulates(isa, rng, N, V, kind):
+    logits = extreme_logits(rng, N, V, kind)
+    targets = rng.integers(0, V, N).astype(np.int32)
+    weights = rng.uniform(0.1, 2.0, N).astype(np.float32)
+    lse = ref.logsumexp(logits).astype(np.float32)
+    dlogits0 = prefill(rng, (N, V))
+    dlogits = dlogits0.copy()
+    ops.crossentropy_backward(dlogits, logits, lse, targets, weights)
+    expected = ref.crossentropy_backward(logits, targets, weights)
+    assert_close(dlogits, dlogits0 + expected, logits_tol(logits), "dlogits",
+                 scale=max(float(np.max(np.abs(dlogits0))), float(np.max(np.abs(expected)))))
+
+
+def test_crossentropy_backward_zero_weight_rows_untouched(isa, rng):
+    """Instruct tuning puts weight 0 on prompt tokens: those rows must come back bit for bit."""
+    N, V = 33, 65
+    logits, targets = randn(rng, N, V), rng.integers(0, V, N).astype(np.int32)
+    weights = rng.uniform(0.5, 1.5, N).astype(np.float32)
+    masked = rng.random(N) < 0.5
+    masked[0] = True
+    weights[masked] = 0.0
+    dlogits0 = prefill(rng, (N, V))
+    dlogits = dlogits0.copy()
+    ops.crossentropy_backward(dlogits, logits, ref.logsumexp(logits).astype(np.float32), targets, weights)
+    np.testing.assert_array_equal(dlogits[masked], dlogits0[masked])
+    expected = dlogits0 + ref.crossentropy_backward(logits, targets, weights)
+    assert_close(dlogits[~masked], expected[~masked], NORMALISE_TOL, "unmasked rows")
+
+
+def test_crossentropy_with_leading_dims(isa, rng):
+    B, T, V = 2, 9, 33
+    logits, targets = randn(rng, B, T, V), rng.integers(0, V, (B, T)).astype(np.int32)
+    losses, lse = zeros32((B, T)), zeros32((B, T))
+    ops.crossentropy_forward(losses, lse, logits, targets)
+    assert_close(losses, ref.crossentropy_forward(logits, targets)[0], NORMALISE_TOL, "losses (B, T)")
+
+
+# === layernorm =========================================================================================
+
+LAYERNORM_SHAPES = [(1, 1), (1, 7), (7, 9), (9, 33), (33, 65), (65, 384)]
+
+
+def layernorm_input(rng, N, C, kind) -> np.ndarray:
+    """normal: N(0, 1); tiny_variance: rows of spread 1e-3 (variance far below eps) around 0, rows of
+    spread 1e-1 around 10 (a one-pass E[x^2] - E[x]^2 would cancel catastrophically), and constant
+    rows (variance exactly 0)."""
+    x = rng.standard_normal((N, C))
+    if kind == "tiny_variance":
+        for n in range(N):
+            x[n] = [x[n] * 1e-3, 10.0 + x[n] * 1e-1, np.full(C, 3.0)][n % 3]
+    return x.astype(np.float32)
+
+
+def layernorm_row_tol(inp) -> np.ndarray:
+    """Per row (N, 1): NORMALISE_TOL, plus the float32 error of the row mean (~sqrt(C) eps |mean|)
+    magnified by rstd in x - mean: rows with a large mean and a small spread lose those digits in any
+    float32 kernel."""
+    _, mean, rstd = ref.layernorm_forward(inp, np.ones(inp.shape[-1]), np.zeros(inp.shape[-1]))
+    growth = 4.0 * math.sqrt(inp.shape[-1]) * EPS32 * np.abs(mean) * rstd
+    return (NORMALISE_TOL + growth)[:, None]
+
+
+@pytest.mark.parametrize("N,C", LAYERNORM_SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "tiny_variance"])
+def test_layernorm_forward(isa, rng, N, C, kind):
+    inp, weight, bias = layernorm_input(rng, N, C, kind), randn(rng, C), randn(rng, C)
+    out, mean, rstd = zeros32((N, C)), zeros32(N), zeros32(N)
+    ops.layernorm_forward(out, mean, rstd, inp, weight, bias)
+    e_out, e_mean, e_rstd = ref.layernorm_forward(inp, weight, bias)
+    row_tol = layernorm_row_tol(inp)
+    assert_close(out, e_out, 1.0, "out", scale=row_tol * np.max(np.abs(e_out)))
+    # The mean's error is relative to the size of the row's entries, not to the mean itself.
+    assert_close(mean, e_mean, NORMALISE_TOL, "mean", scale=np.max(np.abs(inp), axis=1))
+    assert_close(rstd, e_rstd, 1.0, "rstd", scale=row_tol[:, 0] * e_rstd)
+    constant = np.all(inp == inp[:, :1], axis=1)
+    assert_close(out[constant], np.broadcast_to(bias, out[constant].shape), NORMALISE_TOL,
+                 "constant rows give the bias", scale=float(np.max(np.abs(bias))))
+
+
+@pytest.mark.parametrize("N,C", LAYERNORM_SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "tiny_variance"])
+def test_layernorm_backward_accumulates(isa, rng, N, C, kind):
+    inp, weight, dout = layernorm_input(rng, N, C, kind), randn(rng, C), randn(rng, N, C)
+    _, mean, rstd = ref.layernorm_forward(inp, weight, np.zeros(C))
+    mean, rstd = mean.astype(np.float32), rstd.astype(np.float32)
+    dinp0, dweight0, dbias0 = prefill(rng, (N, C)), prefill(rng, (C,)), prefill(rng, (C,))
+    dinp, dweight, dbias = dinp0.copy(), dweight0.copy(), dbias0.copy()
+    ops.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+    e_dinp, e_dweight, e_dbias = ref.layernorm_backward(dout, inp, weight)
+    # dinp is scaled by rstd (~316 on the tiny-variance rows): judge each row against its own size.
+    row_scale = np.max(np.abs(e_dinp), axis=1, keepdims=True) + np.max(np.abs(dinp0))
+    row_tol = layernorm_row_tol(inp) * (LN_BACKWARD_TOL / NORMALISE_TOL)
+    assert_close(dinp, dinp0 + e_dinp, 1.0, "dinp", scale=row_tol * row_scale)
+    assert_close(dweight, dweight0 + e_dweight, LN_BACKWARD_TOL, "dweight",
+                 scale=float(np.max(np.abs(e_dweight)) + np.max(np.abs(dweight0))))
+    assert_close(dbias, dbias0 + e_dbias, LN_BACKWARD_TOL, "dbias",
+                 scale=float(np.max(np.abs(e_dbias)) + np.max(np.abs(dbias0))))
+
+
+@pytest.mark.parametrize("skip", ["dweight", "dbias", "both"])
+def test_layernorm_backward_skips_none(isa, rng, skip):
+    N, C = 9, 33
+    inp, weight, dout = randn(rng, N, C), randn(rng, C), randn(rng, N, C)
+    _, mean, rstd = ref.layernorm_forward(inp, weight, np.zeros(C))
+    dinp, dweight, dbias = zeros32((N, C)), zeros32(C), zeros32(C)
+    ops.layernorm_backward(dinp, None if skip in ("dweight", "both") else dweight,
+                           None if skip in ("dbias", "both") else dbias, dout, inp, weight,
+                           mean.astype(np.float32), rstd.astype(np.float32))
+    e_dinp, e_dweight, e_dbias = ref.layernorm_backward(dout, inp, weight)
+    assert_close(dinp, e_dinp, LN_BACKWARD_TOL, "dinp")
+    assert_close(dweight, np.zeros(C) if skip in ("dweight", "both") else e_dweight, LN_BACKWARD_TOL,
+                 "dweight", scale=float(np.max(np.abs(e_dweight))))
+    assert_close(dbias, np.zeros(C) if skip in ("dbias", "both") else e_dbias, LN_BACKWARD_TOL,
+                 "dbias", scale=float(np.max(np.abs(e_dbias))))
+
+
+# === GELU ==============================================================================================
+
+GELU_SIZES = [1, 7, 9, 33, 65, 1031]
+
+
+def gelu_input(rng, n, kind) -> np.ndarray:
+    """normal: N(0, 2); large: |x| up to 1e4, plus the region where tanh saturates (|x| ~ 3..30),
+    where an exp-based tanh can overflow to inf/inf."""
+    if kind == "normal":
+        return randn(rng, n, scale=2.0)
+    mags = np.exp(rng.uniform(np.log(3.0), np.log(1e4), n))
+    return (mags * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+
+
+def gelu_scale(x) -> np.ndarray:
+    """GELU(x) = 0.5 x (1 + tanh(u)): float32 rounds 1 + tanh(u) to an absolute error ~eps, so the
+    error bound scales with |x| elementwise (results near 0 for negative x keep an absolute bound)."""
+    return np.maximum(np.abs(x.astype(np.float64)), 1.0)
+
+
+@pytest.mark.parametrize("n", GELU_SIZES)
+@pytest.mark.parametrize("kind", ["normal", "large"])
+def test_gelu_forward(isa, rng, n, kind):
+    inp = gelu_input(rng, n, kind)
+    out = ops.gelu_forward(zeros32(n), inp)
+    assert_close(out, ref.gelu_forward(inp), 1e-5, "out", scale=gelu_scale(inp))
+
+
+@pytest.mark.parametrize("n", GELU_SIZES)
+@pytest.mark.parametrize("kind", ["normal", "large"])
+def test_gelu_backward_accumulates(isa, rng, n, kind):
+    inp, dout = gelu_input(rng, n, kind), randn(rng, n)
+    dinp0 = prefill(rng, (n,))
+    dinp = dinp0.copy()
+    ops.gelu_backward(dinp, inp, dout)
+    expected = dinp0 + ref.gelu_backward(inp, dout)
+    assert_close(dinp, expected, 1e-5, "dinp", scale=np.abs(dout) * gelu_scale(inp) + np.abs(dinp0))
+
+
+def test_gelu_multidimensional(isa, rng):
+    inp = randn(rng, 3, 7, 9)
+    out = ops.gelu_forward(zeros32(inp.shape), inp)
+    assert_close(out, ref.gelu_forward(inp), 1e-5, "out (3, 7, 9)", scale=gelu_scale(inp))
+
+
+# === residual ==========================================================================================
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (9, 33), (2, 7, 65)])
+def test_residual_forward_and_backward(isa, rng, shape):
+    a, b, dout = randn(rng, *shape), randn(rng, *shape), randn(rng, *shape)
+    out = ops.residual_forward(zeros32(shape), a, b)
+    assert_close(out, ref.residual_forward(a, b), ELEMENTWISE_TOL, "out")
+    da0, db0 = prefill(rng, shape), prefill(rng, shape)
+    da, db = da0.copy(), db0.copy()
+    ops.residual_backward(da, db, dout)
+    e_da, e_db = ref.residual_backward(dout)
+    assert_close(da, da0 + e_da, ELEMENTWISE_TOL, "da")
+    assert_close(db, db0 + e_db, ELEMENTWISE_TOL, "db")
+
+
+# === attention =========================================================================================
+
+ATTENTION_SHAPES = [  # (B, T, C, NH)
+    (1, 1, 1, 1), (1, 7, 9, 3), (2, 9, 33, 11), (1, 33, 12, 2), (2, 65, 64, 4), (1, 130, 96, 1)]
+
+
+def run_attention(qkv, NH):
+    B, T, C3 = qkv.shape
+    out, att = zeros32((B, T, C3 // 3)), np.full((B, NH, T, T), np.nan, dtype=np.float32)
+    ops.attention_forward(out, att, qkv, NH)
+    return out, att
+
+
+@pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
+def test_attention_forward(isa, rng, B, T, C, NH):
+    qkv = randn(rng, B, T, 3 * C)
+    out, att = run_attention(qkv, NH)
+    e_out, e_att = ref.attention_forward(qkv, NH)
+    assert_close(out, e_out, ATTENTION_TOL, "out")
+    assert_close(att, e_att, ATTENTION_TOL, "att")
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    assert np.all(att[..., future] == 0.0), "att must be 0 above the diagonal (causal)"
+
+
+def test_attention_forward_large_scores(isa, rng):
+    """q.k of size ~1e3 makes the softmax nearly one-hot: exp overflows unless the max is subtracted."""
+    qkv = randn(rng, 2, 33, 3 * 16, scale=8.0)
+    out, att = run_attention(qkv, 2)
+    e_out, e_att = ref.attention_forward(qkv, 2)
+    tol = ATTENTION_TOL + 4 * EPS32 * float(np.max(np.abs(qkv))) ** 2
+    assert_close(out, e_out, tol, "out")
+    assert_close(att, e_att, tol, "att")
+
+
+@pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
+def test_attention_backward_accumulates(isa, rng, B, T, C, NH):
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    _, att = run_attention(qkv, NH)
+    dqkv0 = prefill(rng, (B, T, 3 * C))
+    dqkv = dqkv0.copy()
+    ops.attention_backward(dqkv, dout, qkv, att, NH)
+    expected = ref.attention_backward(dout, qkv, NH)
+    assert_close(dqkv, dqkv0 + expected, ATTENTION_TOL, "dqkv",
+                 scale=float(np.max(np.abs(expected)) + np.max(np.abs(dqkv0))))
+
+
+# === embedding =========================================================================================
+
+EMBEDDING_SHAPES = [(1, 1, 1, 1, 1), (2, 7, 9, 33, 9), (3, 33, 5, 65, 40)]  # (B, T, V, C, maxT)
+
+
+@pytest.mark.parametrize("B,T,V,C,maxT", EMBEDDING_SHAPES)
+def test_embedding_forward(isa, rng, B, T, V, C, maxT):
+    tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+    wte, wpe = randn(rng, V, C), randn(rng, maxT, C)
+    out = ops.embedding_forward(zeros32((B, T, C)), tokens, wte, wpe)
+    assert_close(out, ref.embedding_forward(tokens, wte, wpe), ELEMENTWISE_TOL, "out")
+
+
+@pytest.mark.parametrize("B,T,V,C,maxT", EMBEDDING_SHAPES)
+@pytest.mark.parametrize("wanted", ["both", "dwte", "dwpe"])
+def test_embedding_backward_accumulates(isa, rng, B, T, V, C, maxT, wanted):
+    """V small against B*T: tokens repeat, so the scatter-add must sum collisions."""
+    tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+    dout = randn(rng, B, T, C)
+    dwte0, dwpe0 = prefill(rng, (V, C)), prefill(rng, (maxT, C))
+    dwte, dwpe = dwte0.copy(), dwpe0.copy()
+    ops.embedding_backward(dwte if wanted != "dwpe" else None, dwpe if wanted != "dwte" else None,
+                           dout, tokens)
+    e_dwte, e_dwpe = ref.embedding_backward(dout, tokens, V, maxT)
+    tol = 1e-5 * max(1.0, math.sqrt(B * T / 16.0))
+    scale_te = float(np.max(np.abs(e_dwte)) + np.max(np.abs(dwte0)))
+    scale_pe = float(np.max(np.abs(e_dwpe)) + np.max(np.abs(dwpe0)))
+    assert_close(dwte, dwte0 + (e_dwte if wanted != "dwpe" else 0.0), tol, "dwte", scale=scale_te)
+    assert_close(dwpe, dwpe0 + (e_dwpe if wanted != "dwte" else 0.0), tol, "dwpe", scale=scale_pe)
+
+
+# === AdamW and the gradient norm =======================================================================
+
+ADAMW = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 65, 4099])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("grad_size", [1.0, 1e-8])
+def test_adamw_update(isa, rng, n, masked, grad_size):
+    """Five steps, each against the float64 reference taken from the kernel's own state before it.
+    grad_size 1e-8 makes sqrt(vhat) comparable to eps, so where eps enters the denominator matters."""
+    params, m, v = randn(rng, n), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    mask = (rng.random(n) < 0.5).astype(np.float32) if masked else None
+    for t in range(1, 6):
+        grads = randn(rng, n, scale=grad_size)
+        e_params, e_m, e_v = ref.adamw_update(params, m, v, grads, mask, grad_scale=0.5, t=t, **ADAMW)
+        start = params.astype(np.float64)
+        ops.adamw_update(params, m, v, grads, mask, grad_scale=0.5, t=t, **ADAMW)
+        assert_close(m, e_m, 1e-5, f"m at step {t}")
+        assert_close(v, e_v, 1e-5, f"v at step {t}")
+        # The step is ~lr while params are ~1: judge the step to 1e-5 of the largest step, plus the
+        # rounding of each parameter to float32.
+        e_step = e_params - start
+        assert_close(params - start, e_step, 1.0, f"params step at {t}",
+                     scale=1e-5 * np.max(np.abs(e_step)) + EPS32 * np.abs(e_params))
+
+
+def test_adamw_decay_mask_and_no_mask(isa, rng):
+    """A mask of ones decays like no mask; a mask of zeros is plain Adam."""
+    n = 65
+    params, grads = randn(rng, n), randn(rng, n)
+    runs = {}
+    for name, mask in [("none", None), ("ones", np.ones(n, np.float32)), ("zeros", np.zeros(n, np.float32))]:
+        p, m, v = params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        ops.adamw_update(p, m, v, grads, mask, grad_scale=1.0, t=1, **ADAMW)
+        runs[name] = p
+    np.testing.assert_array_equal(runs["none"], runs["ones"])
+    plain = ref.adamw_update(params, np.zeros(n), np.zeros(n), grads, None, grad_scale=1.0, t=1,
+                             **{**ADAMW, "weight_decay": 0.0})[0]
+    assert_close(runs["zeros"] - params.astype(np.float64), plain - params, 1e-4, "undecayed step")
+
+
+@pytest.mark.parametrize("n", [1, 7, 4095, 4096, 4097, 20000])
+def test_sum_squares(isa, rng, n):
+    x = randn(rng, n)
+    got = ops.sum_squares(x)
+    assert isinstance(got, float)
+    assert got == pytest.approx(ref.sum_squares(x), rel=1e-12)
+    assert ops.global_norm(x) == pytest.approx(math.sqrt(ref.sum_squares(x)), rel=1e-12)
+
+
+# === finite differences: float64 central differences of the reference forward vs the kernel backward ===
+
+def check_gradient(what: str, loss, x, kernel_grad) -> None:
+    """loss: float64 scalar function of a float64 copy of x (the others held fixed)."""
+    assert_close(kernel_grad, ref.numerical_grad(loss, x), FD_TOL, f"d{what} vs finite differences")
+
+
+def weighted(f, G):
+    """The scalar sum(G * f(...)): its gradient is what a backward kernel computes for dout = G."""
+    G = ref.f64(G)
+    return lambda *args: float(np.sum(G * f(*args)))
+
+
+def test_fd_matmul(isa, rng):
+    N, C, OC = 3, 5, 4
+    inp, weight, bias, G = randn(rng, N, C), randn(rng, OC, C), randn(rng, OC), randn(rng, N, OC)
+    dinp, dweight, dbias = zeros32((N, C)), zeros32((OC, C)), zeros32(OC)
+    ops.matmul_backward(dinp, dweight, dbias, G, inp, weight)
+    L = weighted(ref.matmul_forward, G)
+    check_gradient("inp", lambda x: L(x, weight, bias), inp, dinp)
+    check_gradient("weight", lambda w: L(inp, w, bias), weight, dweight)
+    check_gradient("bias", lambda b: L(inp, weight, b), bias, dbias)
+
+
+def test_fd_softmax(isa, rng):
+    logits, G = randn(rng, 3, 7), randn(rng, 3, 7)
+    probs = ops.softmax_forward(zeros32((3, 7)), logits)
+    dlogits = zeros32((3, 7))
+    ops.softmax_backward(dlogits, G, probs)
+    check_gradient("logits", weighted(ref.softmax_forward, G), logits, dlogits)
+
+
+def test_fd_crossentropy(isa, rng):
+    N, V = 4, 7
+    logits, targets = randn(rng, N, V), rng.integers(0, V, N).astype(np.int32)
+    weights = np.array([0.25, 0.0, 1.5, -0.5], dtype=np.float32)  # DPO and RL weights can be negative
+    losses, lse = zeros32(N), zeros32(N)
+    ops.crossentropy_forward(losses, lse, logits, targets)
+    dlogits = zeros32((N, V))
+    ops.crossentropy_backward(dlogits, logits, lse, targets, weights)
+    check_gradient("logits", weighted(lambda x: ref.crossentropy_forward(x, targets)[0], weights),
+                   logits, dlogits)
+
+
+def test_fd_layernorm(isa, rng):
+    N, C = 3, 7
+    inp, weight, bias, G = randn(rng, N, C), randn(rng, C), randn(rng, C), randn(rng, N, C)
+    out, mean, rstd = zeros32((N, C)), zeros32(N), zeros32(N)
+    ops.layernorm_forward(out, mean, rstd, inp, weight, bias)
+    dinp, dweight, dbias = zeros32((N, C)), zeros32(C), zeros32(C)
+    ops.layernorm_backward(dinp, dweight, dbias, G, inp, weight, mean, rstd)
+    L = weighted(lambda x, w, b: ref.layernorm_forward(x, w, b)[0], G)
+    check_gradient("inp", lambda x: L(x, weight, bias), inp, dinp)
+    check_gradient("weight", lambda w: L(inp, w, bias), weight, dweight)
+    check_gradient("bias", lambda b: L(inp, weight, b), bias, dbias)
+
+
+def test_fd_gelu(isa, rng):
+    inp = np.concatenate([randn(rng, 9, scale=2.0), np.float32([-6.0, -3.0, 0.0, 3.0, 6.0])])
+    G = randn(rng, inp.size)
+    dinp = zeros32(inp.size)
+    ops.gelu_backward(dinp, inp, G)
+    check_gradient("inp", weighted(ref.gelu_forward, G), inp, dinp)
+
+
+def test_fd_residual(isa, rng):
+    a, b, G = randn(rng, 7), randn(rng, 7), randn(rng, 7)
+    da, db = zeros32(7), zeros32(7)
+    ops.residual_backward(da, db, G)
+    L = weighted(ref.residual_forward, G)
+    check_gradient("a", lambda x: L(x, b), a, da)
+    check_gradient("b", lambda x: L(a, x), b, db)
+
+
+def test_fd_attention(isa, rng):
+    B, T, C, NH = 2, 3, 4, 2
+    qkv, G = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    _, att = run_attention(qkv, NH)
+    dqkv = zeros32((B, T, 3 * C))
+    ops.attention_backward(dqkv, G, qkv, att, NH)
+    check_gradient("qkv", weighted(lambda x: ref.attention_forward(x, NH)[0], G), qkv, dqkv)
+
+
+def test_fd_embedding(isa, rng):
+    B, T, V, C, maxT = 2, 3, 4, 5, 4
+    tokens = np.array([[1, 3, 1], [0, 1, 3]], dtype=np.int32)
+    wte, wpe, G = randn(rng, V, C), randn(rng, maxT, C), randn(rng, B, T, C)
+    dwte, dwpe = zeros32((V, C)), zeros32((maxT, C))
+    ops.embedding_backward(dwte, dwpe, G, tokens)
+    L = weighted(lambda e, p: ref.embedding_forward(tokens, e, p), G)
+    check_gradient("wte", lambda e: L(e, wpe), wte, dwte)
+    check_gradient("wpe", lambda p: L(wte, p), wpe, dwpe)
+
+
+# === PyTorch parity (float64 autograd as an independent oracle), when torch is installed ============
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def tensor(x, grad: bool = False):
+    torch = _torch()
+    return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=grad)
+
+
+def test_torch_matmul(rng):
+    torch = _torch()
+    N, C, OC = 33, 65, 9
+    inp, weight, bias, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, OC), randn(rng, N, OC)
+    ti, tw, tb = tensor(inp, True), tensor(weight, True), tensor(bias, True)
+    t_out = torch.nn.functional.linear(ti, tw, tb)
+    (t_out * tensor(dout)).sum().backward()
+    assert_close(ops.matmul_forward(zeros32((N, OC)), inp, weight, bias), t_out.detach(), matmul_tol(C), "out")
+    dinp, dweight, dbias = zeros32((N, C)), zeros32((OC, C)), zeros32(OC)
+    ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+    assert_close(dinp, ti.grad, matmul_tol(OC), "dinp")
+    assert_close(dweight, tw.grad, matmul_tol(N), "dweight")
+    assert_close(dbias, tb.grad, matmul_tol(N), "dbias")
+
+
+def test_torch_softmax(rng):
+    torch = _torch()
+    logits, dprobs = randn(rng, 9, 65, scale=3.0), randn(rng, 9, 65)
+    tx = tensor(logits, True)
+    t_probs = torch.softmax(tx, dim=-1)
+    (t_probs * tensor(dprobs)).sum().backward()
+    probs = ops.softmax_forward(zeros32((9, 65)), logits)
+    assert_close(probs, t_probs.detach(), NORMALISE_TOL, "probs")
+    dlogits = zeros32((9, 65))
+    ops.softmax_backward(dlogits, dprobs, probs)
+    assert_close(dlogits, tx.grad, NORMALISE_TOL, "dlogits")
+
+
+def test_torch_crossentropy(rng):
+    torch = _torch()
+    N, V = 33, 65
+    logits, targets = randn(rng, N, V, scale=3.0), rng.integers(0, V, N).astype(np.int32)
+    weights = rng.uniform(-1.0, 1.0, N).astype(np.float32)
+    tx = tensor(logits, True)
+    t_losses = torch.nn.functional.cross_entropy(tx, torch.tensor(targets, dtype=torch.long), reduction="none")
+    (t_losses * tensor(weights)).sum().backward()
+    losses, lse = zeros32(N), zeros32(N)
+    ops.crossentropy_forward(losses, lse, logits, targets)
+    assert_close(losses, t_losses.detach(), NORMALISE_TOL, "losses", scale=float(np.max(np.abs(logits))))
+    assert_close(lse, torch.logsumexp(tx.detach(), dim=-1), NORMALISE_TOL, "lse")
+    dlogits = zeros32((N, V))
+    ops.crossentropy_backward(dlogits, logits, lse, targets, weights)
+    assert_close(dlogits, tx.grad, NORMALISE_TOL, "dlogits")
+
+
+def test_torch_layernorm(rng):
+    torch = _torch()
+    N, C = 33, 65
+    inp, weight, bias, dout = randn(rng, N, C), randn(rng, C), randn(rng, C), randn(rng, N, C)
+    ti, tw, tb = tensor(inp, True), tensor(weight, True), tensor(bias, True)
+    t_out = torch.nn.functional.layer_norm(ti, (C,), tw, tb, eps=1e-5)
+    (t_out * tensor(dout)).sum().backward()
+    out, mean, rstd = zeros32((N, C)), zeros32(N), zeros32(N)
+    ops.layernorm_forward(out, mean, rstd, inp, weight, bias)
+    assert_close(out, t_out.detach(), NORMALISE_TOL, "out")
+    dinp, dweight, dbias = zeros32((N, C)), zeros32(C), zeros32(C)
+    ops.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+    assert_close(dinp, ti.grad, LN_BACKWARD_TOL, "dinp")
+    assert_close(dweight, tw.grad, LN_BACKWARD_TOL, "dweight")
+    assert_close(dbias, tb.grad, LN_BACKWARD_TOL, "dbias")
+
+
+def test_torch_gelu(rng):
+    torch = _torch()
+    inp = np.concatenate([randn(rng, 1000, scale=3.0), gelu_input(rng, 33, "large")])
+    dout = randn(rng, inp.size)
+    ti = tensor(inp, True)
+    t_out = torch.nn.functional.gelu(ti, approximate="tanh")
+    (t_out * tensor(dout)).sum().backward()
+    assert_close(ops.gelu_forward(zeros32(inp.size), inp), t_out.detach(), 1e-5, "out", scale=gelu_scale(inp))
+    dinp = zeros32(inp.size)
+    ops.gelu_backward(dinp, inp, dout)
+    assert_close(dinp, ti.grad, 1e-5, "dinp", scale=np.abs(dout) * gelu_scale(inp))
+
+
+def test_torch_residual(rng):
+    torch = _torch()
+    a, b, dout = randn(rng, 7, 9), randn(rng, 7, 9), randn(rng, 7, 9)
+    ta, tb = tensor(a, True), tensor(b, True)
+    ((ta + tb) * tensor(dout)).sum().backward()
+    assert_close(ops.residual_forward(zeros32((7, 9)), a, b), (ta + tb).detach(), ELEMENTWISE_TOL, "out")
+    da, db = zeros32((7, 9)), zeros32((7, 9))
+    ops.residual_backward(da, db, dout)
+    assert_close(da, ta.grad, ELEMENTWISE_TOL, "da")
+    assert_close(db, tb.grad, ELEMENTWISE_TOL, "db")
+    del torch
+
+
+def test_torch_attention(rng):
+    torch = _torch()
+    B, T, C, NH = 2, 33, 24, 3
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    tx = tensor(qkv, True)
+    q, k, v = (t.reshape(B, T, NH, C // NH).transpose(1, 2) for t in tx.split(C, dim=-1))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    t_out = y.transpose(1, 2).reshape(B, T, C)
+    (t_out * tensor(dout)).sum().backward()
+    out, att = run_attention(qkv, NH)
+    assert_close(out, t_out.detach(), ATTENTION_TOL, "out")
+    scores = (q @ k.transpose(-2, -1)).detach() / math.sqrt(C // NH)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    assert_close(att, torch.softmax(scores, dim=-1), ATTENTION_TOL, "att")
+    dqkv = zeros32((B, T, 3 * C))
+    ops.attention_backward(dqkv, dout, qkv, att, NH)
+    assert_close(dqkv, tx.grad, ATTENTION_TOL, "dqkv")
+
+
+def test_torch_embedding(rng):
+    torch = _torch()
+    B, T, V, C, maxT = 3, 9, 7, 33, 12
+    tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+    wte, wpe, dout = randn(rng, V, C), randn(rng, maxT, C), randn(rng, B, T, C)
+    te, tp = tensor(wte, True), tensor(wpe, True)
+    t_out = torch.nn.functional.embedding(torch.tensor(tokens, dtype=torch.long), te) + tp[:T]
+    (t_out * tensor(dout)).sum().backward()
+    assert_close(ops.embedding_forward(zeros32((B, T, C)), tokens, wte, wpe), t_out.detach(),
+                 ELEMENTWISE_TOL, "out")
+    dwte, dwpe = zeros32((V, C)), zeros32((maxT, C))
+    ops.embedding_backward(dwte, dwpe, dout, tokens)
+    assert_close(dwte, te.grad, 1e-5, "dwte")
+    assert_close(dwpe, tp.grad, 1e-5, "dwpe")
+
+
+def test_torch_adamw(rng):
+    """torch.optim.AdamW with two groups (decayed, not decayed) against the kernel with a decay mask;
+    torch has no grad_scale, so it is handed the scaled gradients."""
+    torch = _torch()
+    n, steps, scale = 257, 6, 0.7
+    params = randn(rng, n)
+    mask = (rng.random(n) < 0.5).astype(np.float32)
+    decayed, kept = tensor(params[mask == 1], True), tensor(params[mask == 0], True)
+    opt = torch.optim.AdamW([{"params": [decayed], "weight_decay": ADAMW["weight_decay"]},
+                             {"params": [kept], "weight_decay": 0.0}], lr=ADAMW["lr"],
+                            betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"])
+    p, m, v = params.copy(), zeros32(n), zeros32(n)
+    for t in range(1, steps + 1):
+        grads = randn(rng, n)
+        decayed.grad, kept.grad = tensor(grads[mask == 1] * scale), tensor(grads[mask == 0] * scale)
+        opt.step()
+        ops.adamw_update(p, m, v, grads, mask, grad_scale=scale, t=t, **ADAMW)
+    expected = np.empty(n)
+    expected[mask == 1], expected[mask == 0] = decayed.detach().numpy(), kept.detach().numpy()
+    moved = expected - params
+    assert_close(p - params.astype(np.float64), moved, 1.0, "params moved",
+                 scale=1e-4 * np.max(np.abs(moved)) + steps * EPS32 * np.abs(expected))
+
+
+def test_torch_sum_squares(rng):
+    torch = _torch()
+    x = randn(rng, 10007)
+    assert ops.sum_squares(x) == pytest.approx(float((tensor(x) ** 2).sum()), rel=1e-12)
+
+
+# === determinism: bitwise-identical results for any thread count ====================================
+
+def _det_matmul(rng, N, C, OC):
+    inp, weight, bias, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, OC), randn(rng, N, OC)
+    def run():
+        out, dinp, dweight, dbias = zeros32((N, OC)), zeros32((N, C)), zeros32((OC, C)), zeros32(OC)
+        ops.matmul_forward(out, inp, weight, bias)
+        ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+        return [out, dinp, dweight, dbias]
+    return run
+
+
+def _det_softmax(rng, N, V):
+    logits, dprobs = randn(rng, N, V, scale=3.0), randn(rng, N, V)
+    targets, weights = rng.integers(0, V, N).astype(np.int32), randn(rng, N)
+    def run():
+        probs, dlogits, losses, lse, dce = zeros32((N, V)), zeros32((N, V)), zeros32(N), zeros32(N), zeros32((N, V))
+        ops.softmax_forward(probs, logits)
+        ops.softmax_backward(dlogits, dprobs, probs)
+        ops.crossentropy_forward(losses, lse, logits, targets)
+        ops.crossentropy_backward(dce, logits, lse, targets, weights)
+        return [probs, dlogits, losses, lse, dce]
+    return run
+
+
+def _det_layernorm(rng, N, C):
+    inp, weight, bias, dout = randn(rng, N, C), randn(rng, C), randn(rng, C), randn(rng, N, C)
+    def run():
+        out, mean, rstd = zeros32((N, C)), zeros32(N), zeros32(N)
+        ops.layernorm_forward(out, mean, rstd, inp, weight, bias)
+        dinp, dweight, dbias = zeros32((N, C)), zeros32(C), zeros32(C)
+        ops.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+        return [out, mean, rstd, dinp, dweight, dbias]
+    return run
+
+
+def _det_elementwise(rng, n):
+    inp, a, dout = randn(rng, n, scale=3.0), randn(rng, n), randn(rng, n)
+    def run():
+        out, dinp, res, da, db = zeros32(n), zeros32(n), zeros32(n), zeros32(n), zeros32(n)
+        ops.gelu_forward(out, inp)
+        ops.gelu_backward(dinp, inp, dout)
+        ops.residual_forward(res, inp, a)
+        ops.residual_backward(da, db, dout)
+        return [out, dinp, res, da, db]
+    return run
+
+
+def _det_attention(rng, B, T, C, NH):
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    def run():
+        out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
+        ops.attention_forward(out, att, qkv, NH)
+        ops.attention_backward(dqkv, dout, qkv, att, NH)
+        return [out, att, dqkv]
+    return run
+
+
+def _det_embedding(rng, B, T, V, C):
+    tokens, wte, wpe = rng.integers(0, V, (B, T)).astype(np.int32), randn(rng, V, C), randn(rng, T, C)
+    dout = randn(rng, B, T, C)
+    def run():
+        out, dwte, dwpe = zeros32((B, T, C)), zeros32((V, C)), zeros32((T, C))
+        ops.embedding_forward(out, tokens, wte, wpe)
+        ops.embedding_backward(dwte, dwpe, dout, tokens)
+        return [out, dwte, dwpe]
+    return run
+
+
+def _det_adamw(rng, n):
+    params, grads, mask = randn(rng, n), randn(rng, n), (rng.random(n) < 0.5).astype(np.float32)
+    def run():
+        p, m, v = params.copy(), zeros32(n), zeros32(n)
+        for t in (1, 2):
+            ops.adamw_update(p, m, v, grads, mask, grad_scale=0.9, t=t, **ADAMW)
+        return [p, m, v, np.float64(ops.sum_squares(grads))]
+    return run
+
+
+DETERMINISM_CASES = {  # sizes a kernel splits across threads, including row reductions > kRowChunk
+    "matmul-768x128x512": (_det_matmul, (768, 128, 512)),
+    "matmul-64x1536x96": (_det_matmul, (64, 1536, 96)),  # few rows, long K: tempting to split K
+    "matmul-300x65x33": (_det_matmul, (300, 65, 33)),
+    "softmax-ce-64x2000": (_det_softmax, (64, 2000)),
+    "softmax-ce-2x50257": (_det_softmax, (2, 50257)),  # fewer rows than threads: any split is in-row
+    "layernorm-300x384": (_det_layernorm, (300, 384)),
+    "gelu-residual-100003": (_det_elementwise, (100003,)),
+    "attention-2x128x64x4": (_det_attention, (2, 128, 64, 4)),
+    "attention-1x256x384x6": (_det_attention, (1, 256, 384, 6)),
+    "embedding-4x128x100x64": (_det_embedding, (4, 128, 100, 64)),
+    "adamw-sumsq-300007": (_det_adamw, (300007,)),
+}
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
+def test_bitwise_identical_across_thread_counts(isa, rng, case):
+    make, dims = DETERMINISM_CASES[case]
+    run = make(rng, *dims)
+    results = {}
+    for threads in (1, 2, 3):
+        with ops.num_threads(threads):
+            results[threads] = run()
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[threads])):
+            # Compare bit patterns, so -0.0 against 0.0 and NaN payloads count as differences.
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.tobytes() == b.tobytes(), (
+                f"{case}: output {i} differs between 1 and {threads} threads "
+                f"({int(np.sum(a != b))} entries, max |diff| {float(np.max(np.abs(a.astype(np.float64) - b))):.3g})")

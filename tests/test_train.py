@@ -1,0 +1,215 @@
+"""The shared training loop: schedule, learning, exact resume, Ctrl-C, NaN stop, freezing,
+gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+
+from lmlab import checkpoint
+from lmlab.model import GPT, GPTConfig
+from lmlab.pretrain import LanguageModelingStage, pretrain
+from lmlab.tokenizer import train_tokenizer
+from lmlab.train import NonFiniteLoss, TrainConfig, lr_at, train
+
+TEXT = ("the quick brown fox jumps over the lazy dog. "
+        "pack my box with five dozen liquor jugs. ") * 40
+
+
+def tiny_setup(seed=0, block_size=16):
+    tok = train_tokenizer(TEXT, "char")
+    ids = tok.encode(TEXT)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16)
+    return tok, ids, GPT(cfg, seed=seed)
+
+
+def quiet(**kw):
+    base = dict(steps=30, lr=3e-3, warmup_steps=5, eval_every=10, save_every=10, log_every=5,
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class FixedBatchStage:
+    """One fixed batch every micro-step: the gradient of every micro-batch is the same."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+        self.weights = np.full(x.shape, 1.0 / x.size, dtype=np.float32)
+
+    def train_step(self, model, scale):
+        _, losses = model.forward(self.x, self.y)
+        loss = float(losses.mean())
+        model.backward(self.weights * np.float32(scale))
+        return {"loss": loss, "tokens": self.x.size}
+
+    def evaluate(self, model):
+        _, losses = model.forward(self.x, self.y)
+        return {"val_loss": float(losses.mean())}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
+
+def test_schedule_warmup_cosine_floor():
+    cfg = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    # halfway through the cosine phase the rate is midway between lr and min_lr
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    after = [lr_at(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+def test_bad_config_rejected():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1)
+
+
+def test_loss_falls_well_below_start(tmp_path):
+    tok, ids, model = tiny_setup()
+    stage = LanguageModelingStage(ids[:1500], ids[1500:], 8, 16, seed=1)
+    start = stage.evaluate(model)["val_loss"]
+    result = train(model, stage, quiet(steps=150), tmp_path / "run", tokenizer=tok)
+    assert result.val_loss < 0.5 * start
+    rows = checkpoint.read_metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 150 and "val_loss" in rows[-1]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
+    tok, ids, model_a = tiny_setup()
+    stage_a = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    train(model_a, stage_a, quiet(), tmp_path / "a", tokenizer=tok)
+
+    # The same run, killed by an exception during step 25 (checkpoint at 20), then resumed.
+    _, _, model_b = tiny_setup()
+    stage_b = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    calls = {"n": 0}
+    original = stage_b.train_step
+
+    def crashing(model, scale):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise Crash
+        return original(model, scale)
+
+    stage_b.train_step = crashing
+    with pytest.raises(Crash):
+        train(model_b, stage_b, quiet(), tmp_path / "b", tokenizer=tok)
+    _, state = checkpoint.load_training_state(tmp_path / "b")
+    assert state["step"] == 20
+
+    _, _, model_c = tiny_setup(seed=99)  # different init: resume must overwrite everything
+    stage_c = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    train(model_c, stage_c, quiet(), tmp_path / "b", tokenizer=tok, resume=True)
+    assert np.array_equal(model_a.params, model_c.params)
+    steps_a = [r["step"] for r in checkpoint.read_metrics(tmp_path / "a")]
+    steps_b = [r["step"] for r in checkpoint.read_metrics(tmp_path / "b")]
+    assert steps_a == steps_b
+    loss_a = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "a")]
+    loss_b = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "b")]
+    assert loss_a == loss_b
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
+    tok, ids, model = tiny_setup()
+    stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    original = stage.train_step
+    calls = {"n": 0}
+
+    def interrupting(model, scale):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            signal.raise_signal(signal.SIGINT)
+        return original(model, scale)
+
+    stage.train_step = interrupting
+    result = train(model, stage, quiet(steps=100), tmp_path / "run", tokenizer=tok)
+    assert result.stopped_early and result.steps_done == 7
+    _, state = checkpoint.load_training_state(tmp_path / "run")
+    assert state["step"] == 7
+    saved, _, _ = checkpoint.load_model(tmp_path / "run")
+    assert np.array_equal(saved.params, model.params)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tok, ids, model = tiny_setup()
+    stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    original = stage.train_step
+    calls = {"n": 0}
+
+    def poisoned(model, scale):
+        calls["n"] += 1
+        out = original(model, scale)
+        if calls["n"] == 14:
+            out["loss"] = float("nan")
+        return out
+
+    stage.train_step = poisoned
+    with pytest.raises(NonFiniteLoss, match="step 13"):
+        train(model, stage, quiet(steps=100), tmp_path / "run", tokenizer=tok)
+    _, state = checkpoint.load_training_state(tmp_path / "run")
+    assert state["step"] == 10
+    saved, _, _ = checkpoint.load_model(tmp_path / "run")
+    assert np.all(np.isfinite(saved.params))
+
+
+def test_frozen_parameters_do_not_move(tmp_path):
+    tok, ids, model = tiny_setup()
+    before = {k: v.copy() for k, v in model.named_parameters().items()}
+    stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    train(model, stage, quiet(steps=10, frozen=["h.0.", "wpe"]), tmp_path / "run", tokenizer=tok)
+    for name, value in model.named_parameters().items():
+        if name.startswith("h.0.") or name == "wpe":
+            assert np.array_equal(value, before[name]), name
+        elif name.endswith("weight") and value.ndim == 2:
+            assert not np.array_equal(value, before[name]), name
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path):
+    tok, ids, _ = tiny_setup()
+    x = ids[:4 * 16].reshape(4, 16).astype(np.int32)
+    y = ids[1:4 * 16 + 1].reshape(4, 16).astype(np.int32)
+    results = []
+    for accum in (1, 3):
+        _, _, model = tiny_setup()
+        train(model, FixedBatchStage(x, y), quiet(steps=3, grad_accum=accum, grad_clip=0.0),
+              tmp_path / f"run{accum}", tokenizer=tok)
+        results.append(model.params.copy())
+    # Three identical micro-batches weighted 1/3 each give the single batch's gradient (to float
+    # rounding of the three-way sum).
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-6)
+
+
+def test_pretrain_api_end_to_end_and_refuses_to_overwrite(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    run = tmp_path / "run"
+    result = pretrain(str(corpus), run, n_layer=1, n_head=2, n_embd=16, block_size=16,
+                      batch_size=4, steps=20, eval_every=10, save_every=10, progress=False)
+    assert result.steps_done == 20 and math.isfinite(result.final_loss)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["stage"] == "pretrain" and config["train"]["corpus"] == str(corpus)
+    with pytest.raises(FileExistsError, match="resume"):
+        pretrain(str(corpus), run, n_layer=1, n_head=2, n_embd=16, block_size=16, steps=5,
+                 progress=False)
+    # Resuming a finished run to a longer schedule continues from step 20.
+    more = pretrain(str(corpus), run, batch_size=4, steps=30, eval_every=10, save_every=10,
+                    progress=False, resume=True)
+    assert more.steps_done == 30
