@@ -200,7 +200,8 @@ def test_softmax_large_output_streamed(isa, rng):
             results.append(probs.copy())
     assert results[0].tobytes() == results[1].tobytes(), "streamed softmax differs between thread counts"
     ref, _ = softmax_reference(x)
-    # Dominated by the rounding of the row's 61441-term fp32 sum, which grows like a random walk:
-    # sqrt(V) EPS32 relative (measured 1e-5 = 0.3 sqrt(V) EPS32), bounded by twice that.
+    # Dominated by the rounding of the row's 61441-term fp32 sum. The kernel sums in blocks (measured
+    # 3 EPS32 relative); the bound, 2 sqrt(V) EPS32, is what even a plain running sum stays within
+    # (its error grows like a random walk), so it holds for any build of the portable path.
     err = np.abs(f64(results[0]) - ref)
     assert np.all(err <= 2 * np.sqrt(V) * EPS32 * ref + EXP_FLUSH), f"max error {err.max():.3g}"
