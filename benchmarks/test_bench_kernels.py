@@ -2,7 +2,7 @@
 
 Each kernel, shape and pass is one pytest-benchmark group holding two entries, `numpy` (a reasonable
 vectorised float32 numpy implementation: max-subtracted exp, logsumexp with take_along_axis, mean/var
-layernorm, np.tanh GELU) and `lmlab` (2 OpenMP threads), timed in the same run; compare their times
+layernorm, np.tanh GELU) and `lmlab` (2 OpenMP threads unless LMLAB_BENCH_THREADS says otherwise), timed in the same run; compare their times
 within a group. Shapes are those of GPT training here: rows B*T = 12*64 and 16*256, widths 384/1536,
 the 65-character vocabulary, a (4096, 2048) row-softmax and GPT-2's 50304-token vocabulary.
 Backward passes accumulate into their gradient buffers, as lmlab's kernels do. Every benchmark checks
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import pytest
 
 from lmlab import ops
 
-THREADS = 2
+# lmlab's thread count (the machine's two cores); LMLAB_BENCH_THREADS=1 gives the single-core view.
+THREADS = int(os.environ.get("LMLAB_BENCH_THREADS", "2"))
 EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715

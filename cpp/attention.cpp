@@ -10,12 +10,18 @@
 // attends to keys [0, i0 + m), so the products skip every block above the diagonal (the diagonal
 // block itself is computed square and its upper half masked, which costs less than ragged tiles).
 // All six per-head products are C (+)= alpha * op(A) . B with B's rows contiguous, done by the
-// register-tiled product below; the two whose natural B is a transpose (S = Q.K^T, dP = dO.V^T) read
-// K^T / V^T from a per-thread copy packed once per head.
-// Per thread scratch: K^T or V^T (HS x T) and one block of dP / dS (kBlock x T): O(threads * T * HS).
+// register-tiled product below (measured here 15-20% faster than the general packed gemm of
+// cpp/gemm.cpp on these small, strided, causal blocks); the two whose natural B is a transpose
+// (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread copy made once per head.
+// Per thread scratch: K^T or V^T and a contiguous K or V (HS x T each) and one block of dP / dS
+// (kBlock x T): O(threads * T * (HS + kBlock)), nothing of size T x T.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 // GCC 12's AVX-512 intrinsics (max, reduce, extract) build their results from a deliberately
@@ -164,22 +170,33 @@ void tile(idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA, const floa
         }
 }
 
-// All row tiles of one column strip of NV vectors, the last tile shorter when M % kMR != 0.
+// The last rows of a strip, M % kMR of them: tile<rows, NV> for the run-time count `rows` < R.
+template <int NV, int R>
+void tail_rows(idx_t rows, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+               const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+    if constexpr (R > 1) {
+        if (rows == R - 1) tile<R - 1, NV>(K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+        else tail_rows<NV, R - 1>(rows, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+    }
+}
+
+// All row tiles of one column strip of NV vectors.
 template <int NV>
 void strip(idx_t M, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA, const float* B,
            idx_t ldb, float* C, idx_t ldc, bool accumulate) {
     idx_t i = 0;
     for (; i + kMR <= M; i += kMR)
         tile<kMR, NV>(K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate);
-    const float* a = A + i * rsA;
-    float* c = C + i * ldc;
-    switch (M - i) {
-        case 1: tile<1, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 2: tile<2, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 3: tile<3, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 4: tile<4, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        case 5: tile<5, NV>(K, alpha, a, rsA, csA, B, ldb, c, ldc, accumulate); break;
-        default: break;
+    tail_rows<NV, kMR>(M - i, K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+// The last whole vectors of the columns, fewer than V of them: strip<nv> for the run-time count nv.
+template <int V>
+void tail_strips(idx_t nv, idx_t M, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+                 const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+    if constexpr (V > 1) {
+        if (nv == V - 1) strip<V - 1>(M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+        else tail_strips<V - 1>(nv, M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
     }
 }
 
@@ -192,12 +209,7 @@ void head_gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA
     idx_t j = 0;
     for (; j + kNV * kW <= nvec; j += kNV * kW)
         strip<kNV>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate);
-    switch ((nvec - j) / kW) {
-        case 1: strip<1>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate); break;
-        case 2: strip<2>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate); break;
-        case 3: strip<3>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate); break;
-        default: break;
-    }
+    tail_strips<kNV>((nvec - j) / kW, M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate);
     for (idx_t i = 0; i < M; i++)
         for (j = nvec; j < N; j++) {
             float acc = 0.0f;
@@ -211,14 +223,38 @@ void head_gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA
 
 constexpr idx_t kBlock = 64;  // query rows per block
 
+// Below this many multiply-adds per product (B * NH * T^2 * HS / 2) a call runs on one thread: waking
+// the team would cost more than it saves (about 20 us of work).
+constexpr idx_t kParallelWork = idx_t(1) << 18;
+
 // Leading dimension of the packed K^T / V^T and of dS: whole 64-byte lines, so rows start aligned,
 // plus one line, so that consecutive rows (read down a column by the product) do not all map to the
 // same few L1 sets when T is a power of two.
 inline idx_t padded(idx_t T) { return (T + 15) / 16 * 16 + 16; }
 
-float* alloc_floats(idx_t n) {
-    const std::size_t bytes = (std::size_t)((n + 15) / 16 * 16) * sizeof(float);
-    return (float*)std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+inline idx_t whole_lines(idx_t floats) { return (floats + 15) / 16 * 16; }
+
+// Scratch for every thread of the team about to start, `per_thread` floats each (whole lines).
+// Allocated before the parallel region, so that running out of memory is reported (std::bad_alloc,
+// a MemoryError in Python) rather than met inside it, where nothing can be thrown.
+float* alloc_team_scratch(idx_t per_thread, bool parallel, idx_t* stride) {
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel) threads = omp_get_max_threads();
+#endif
+    *stride = whole_lines(per_thread);
+    const std::size_t bytes = (std::size_t)(*stride * threads) * sizeof(float);
+    float* p = (float*)std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 // dst (HS x ld) = src^T for src rows s < T of HS floats at stride rs: K^T or V^T of one head.
@@ -230,6 +266,13 @@ void transpose(float* dst, idx_t ld, const float* src, idx_t rs, idx_t T, idx_t 
         for (idx_t d = 0; d < HS; d++)
             for (idx_t s = s0; s < s1; s++) dst[d * ld + s] = src[s * rs + d];
     }
+}
+
+// dst (T x HS, rows contiguous) = the head's rows of src at stride rs. The products that stream a
+// whole head's K or V as B (O = P V, dQ = dS K) run a few per cent faster from a contiguous copy,
+// which the L1 prefetcher follows, than from rows 3C apart.
+void gather_rows(float* dst, const float* src, idx_t rs, idx_t T, idx_t HS) {
+    for (idx_t s = 0; s < T; s++) std::memcpy(dst + s * HS, src + s * rs, (std::size_t)HS * sizeof(float));
 }
 
 // In place softmax of p[0, n): max subtracted first so exp never overflows.
@@ -275,9 +318,13 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                        idx_t NH) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
-#pragma omp parallel
+    const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
+    idx_t stride;
+    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + HS * T, parallel, &stride);
+#pragma omp parallel if (parallel)
     {
-        float* kt = alloc_floats(HS * Tp);  // K^T of the current head
+        float* kt = scratch + thread_id() * stride;  // K^T of the current head
+        float* vp = kt + whole_lines(HS * Tp);       // V of the current head, rows contiguous
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (idx_t b = 0; b < B; b++)
             for (idx_t h = 0; h < NH; h++) {
@@ -286,6 +333,7 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                 float* a = att + (b * NH + h) * T * T;
                 float* o = out + b * T * C + h * HS;
                 transpose(kt, Tp, q + C, C3, T, HS);
+                gather_rows(vp, v, C3, T, HS);
                 for (idx_t i0 = 0; i0 < T; i0 += kBlock) {
                     const idx_t m = T - i0 < kBlock ? T - i0 : kBlock, kend = i0 + m;
                     float* ab = a + i0 * T;
@@ -298,21 +346,25 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                         std::memset(row + t + 1, 0, (std::size_t)(T - t - 1) * sizeof(float));
                     }
                     // O = P V; the zeros above the diagonal make the square diagonal block exact.
-                    head_gemm(m, HS, kend, 1.0f, ab, T, 1, v, C3, o + i0 * C, C, false);
+                    head_gemm(m, HS, kend, 1.0f, ab, T, 1, vp, HS, o + i0 * C, C, false);
                 }
             }
-        std::free(kt);
     }
+    std::free(scratch);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B,
                         idx_t T, idx_t C, idx_t NH) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
-#pragma omp parallel
+    const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
+    idx_t stride;
+    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + kBlock * Tp + HS * T, parallel, &stride);
+#pragma omp parallel if (parallel)
     {
-        float* vt = alloc_floats(HS * Tp);      // V^T of the current head
-        float* ds = alloc_floats(kBlock * Tp);  // dP, then dS, of one query block
+        float* vt = scratch + thread_id() * stride;  // V^T of the current head
+        float* ds = vt + whole_lines(HS * Tp);       // dP, then dS, of one query block
+        float* kp = ds + kBlock * Tp;                // K of the current head, rows contiguous
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (idx_t b = 0; b < B; b++)
             for (idx_t h = 0; h < NH; h++) {
@@ -324,6 +376,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 float* dk = dq + C;
                 float* dv = dq + 2 * C;
                 transpose(vt, Tp, q + 2 * C, C3, T, HS);
+                gather_rows(kp, k, C3, T, HS);
                 for (idx_t i0 = 0; i0 < T; i0 += kBlock) {
                     const idx_t m = T - i0 < kBlock ? T - i0 : kBlock, kend = i0 + m;
                     const float* ab = a + i0 * T;
@@ -338,14 +391,13 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     }
                     // dQ += scale dS K; dK += scale dS^T Q; dV += P^T dO. Key rows [0, kend) gather
                     // one partial sum per query block, added in block order.
-                    head_gemm(m, HS, kend, scale, ds, Tp, 1, k, C3, dq + i0 * C3, C3, true);
+                    head_gemm(m, HS, kend, scale, ds, Tp, 1, kp, HS, dq + i0 * C3, C3, true);
                     head_gemm(kend, HS, m, scale, ds, 1, Tp, q + i0 * C3, C3, dk, C3, true);
                     head_gemm(kend, HS, m, 1.0f, ab, 1, T, dyb, C, dv, C3, true);
                 }
             }
-        std::free(ds);
-        std::free(vt);
     }
+    std::free(scratch);
 }
 
 }  // namespace LMLAB_ISA_NS

@@ -165,6 +165,18 @@ constexpr int kTransposeBlock = 8;
 // Lanes contiguous in memory (sr == 1): straight copies.
 template <int P>
 void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t kb, float scale) {
+#if defined(__AVX512F__)
+    // One masked load and store per 16 lanes and step: the compiler's own code for P = 14 falls back
+    // to pieces, and with narrow C (N = 128) packing A is a fifth of the work.
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int g = 0; g < P; g += 16) {
+        const int valid = w - g < 0 ? 0 : (w - g < 16 ? w - g : 16), lanes = P - g < 16 ? P - g : 16;
+        const __mmask16 load = (__mmask16)((1u << valid) - 1), store = (__mmask16)((1u << lanes) - 1);
+        for (idx_t k = 0; k < kb; k++)
+            _mm512_mask_storeu_ps(dst + k * P + g, store,
+                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(load, src + k * sk + g), vscale));
+    }
+#else
     if (w == P) {
         for (idx_t k = 0; k < kb; k++)
             for (int r = 0; r < P; r++) dst[k * P + r] = scale * src[k * sk + r];
@@ -172,6 +184,7 @@ void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t 
         for (idx_t k = 0; k < kb; k++)
             for (int r = 0; r < P; r++) dst[k * P + r] = r < w ? scale * src[k * sk + r] : 0.0f;
     }
+#endif
 }
 
 // The reduction contiguous in memory (sk == 1), lanes strided: a transpose, done a square block at

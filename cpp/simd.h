@@ -8,6 +8,8 @@
 //                       past p + n (tails are masked loads, so a row's last partial vector goes through
 //                       exactly the same arithmetic as a full one)
 //   vstore_n(p, x, n)   stores min(n, kW) lanes
+//   vstream(p, x)       non-temporal store of a full vector to a kW-aligned p; vstream_fence() orders
+//                       such stores before anything after it (call it before other threads read them)
 //   vset vadd vsub vmul vdiv vmax vmin vsqrt vabs vfmadd(a, b, c) = a * b + c
 //   vselect_neg(s, a, b) = s < 0 ? a : b (per lane, by the sign bit of s)
 //   vhsum vhmax         horizontal sum / max, in a fixed lane order
@@ -26,6 +28,7 @@
 // intermediate over- or underflows.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 #include "isa.h"
@@ -36,6 +39,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__)
@@ -98,6 +102,8 @@ static inline vf vload_n(const float* p, idx_t n, float fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lane_mask(n), p);
 }
 static inline void vstore_n(float* p, vf x, idx_t n) { _mm512_mask_storeu_ps(p, lane_mask(n), x); }
+static inline void vstream(float* p, vf x) { _mm512_stream_ps(p, x); }
+static inline void vstream_fence() { _mm_sfence(); }
 LMLAB_VEC_ARITHMETIC(_mm512)
 static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
 static inline vf vselect_neg(vf s, vf a, vf b) {
@@ -131,6 +137,8 @@ static inline vf vload_n(const float* p, idx_t n, float fill) {
     __m256i m = lane_mask(n);
     return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
 }
+static inline void vstream(float* p, vf x) { _mm256_stream_ps(p, x); }
+static inline void vstream_fence() { _mm_sfence(); }
 static inline void vstore_n(float* p, vf x, idx_t n) {
     if (n >= 8)
         _mm256_storeu_ps(p, x);
@@ -176,6 +184,8 @@ constexpr idx_t kW = 1;
 static inline vf vset(float a) { return a; }
 static inline vf vload_n(const float* p, idx_t, float) { return *p; }
 static inline void vstore_n(float* p, vf x, idx_t) { *p = x; }
+static inline void vstream(float* p, vf x) { *p = x; }
+static inline void vstream_fence() {}
 static inline vf vadd(vf a, vf b) { return a + b; }
 static inline vf vsub(vf a, vf b) { return a - b; }
 static inline vf vmul(vf a, vf b) { return a * b; }
@@ -226,6 +236,22 @@ static inline vf vexp(vf x_in) {
     q = vfmadd(q, r, vset(0.5f));
     q = vfmadd(vmul(q, r), r, r);  // expm1(r)
     return vzero_where_below(x_in, kExpLo, vldexp(vadd(q, vset(1.0f)), n));
+}
+
+// dst[i] = src[i] * scale for i < n (dst == src allowed). With `streaming`, the stores that can be
+// aligned are non-temporal: for outputs too large to stay in cache, this skips reading every
+// destination line before overwriting it (a third of the memory traffic); call vstream_fence() after.
+static inline void scale_row(float* dst, const float* src, vf scale, idx_t n, bool streaming) {
+    idx_t i = 0;
+    if (streaming) {
+        const idx_t misaligned = (idx_t)(reinterpret_cast<std::uintptr_t>(dst) / sizeof(float) % kW);
+        const idx_t head = misaligned == 0 ? 0 : (kW - misaligned < n ? kW - misaligned : n);
+        if (head > 0) vstore_n(dst, vmul(vload_n(src, head, 0.0f), scale), head);
+        for (i = head; i + kW <= n; i += kW) vstream(dst + i, vmul(vload_n(src + i, kW, 0.0f), scale));
+    }
+    const idx_t i0 = i;
+    LMLAB_SIMD
+    for (idx_t j = i0; j < n; j += kW) vstore_n(dst + j, vmul(vload_n(src + j, n - j, 0.0f), scale), n - j);
 }
 
 // Elements per block of parallel_blocks: large enough to amortise scheduling, a multiple of every kW.

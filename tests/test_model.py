@@ -337,6 +337,9 @@ def test_frozen_prefixes_skip_their_gradients():
             assert not g.any(), name
         else:
             np.testing.assert_allclose(g, full[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    m.frozen = {"h.0.ln"}           # prefixes are whole dotted components: ln_1 is not "ln"
+    with pytest.raises(ValueError, match="matches no parameter"):
+        m.backward(w)
     m.frozen = {"h.9"}
     with pytest.raises(ValueError, match="matches no parameter"):
         m.backward(w)

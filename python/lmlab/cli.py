@@ -295,7 +295,7 @@ def _cmd_chat(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure kernels or training against references in the same run")
-    bsub = p.add_subparsers(dest="bench_what", required=True, metavar="{kernels,train}")
+    bsub = p.add_subparsers(dest="bench_what", required=True, metavar="{kernels,train,generate}")
     from . import bench, trainbench
     k = bsub.add_parser("kernels", help="every kernel vs numpy (and PyTorch) in the same run")
     bench.add_bench_kernels_arguments(k)
@@ -303,6 +303,9 @@ def _add_bench(sub) -> None:
     t = bsub.add_parser("train", help="training tokens/s and peak memory vs PyTorch, same config")
     trainbench.add_bench_train_arguments(t)
     t.set_defaults(func=trainbench.run_bench_train)
+    g = bsub.add_parser("generate", help="generation tokens/s with the KV cache vs without")
+    trainbench.add_bench_generate_arguments(g)
+    g.set_defaults(func=trainbench.run_bench_generate)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -411,13 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=_cmd_chat)
 
+    from .preference import add_preference_commands
+    add_preference_commands(sub)
+
     _add_bench(sub)
-    try:
-        from . import demo
-    except ImportError:
-        demo = None
-    if demo is not None:
-        demo.add_demo_arguments(sub)
+    from . import demo
+    demo.add_demo_arguments(sub)
     return parser
 
 

@@ -8,9 +8,10 @@ embedding. Every computation runs through the kernels in lmlab.ops; this file on
 Memory layout
 - Parameters live in ONE flat float32 buffer (`params`) and gradients in another (`grads`), so
   AdamW, clipping and checkpoints each work on one array. `named_parameters()` / `named_grads()`
-  are views with GPT-2's names; weights are stored (out, in) like torch.nn.Linear, so
-  `y = x @ W.T + b`, and the names and layouts match a GPT-2 / nanoGPT state dict (minus the
-  "transformer." prefix and the tied lm_head).
+  are views with GPT-2's names (wte and wpe without ".weight"); weights are stored (out, in)
+  like torch.nn.Linear, so `y = x @ W.T + b`, as in nanoGPT's state dict minus its
+  "transformer." prefix and the tied lm_head (Hugging Face GPT-2 files store (in, out) Conv1D
+  weights, which need a transpose).
 - Activations live in one arena allocated for a (B, T) and kept while later calls fit in it; the
   per-(B, T) views are rebuilt only when B or T change. Per layer the forward keeps only what the
   backward reads (residual streams, LayerNorm outputs and statistics, qkv, attention probabilities,
@@ -179,7 +180,9 @@ class GPT:
         for name, view in _views(self.decay_mask, shapes).items():
             if view.ndim >= 2:
                 view[...] = 1.0
-        self.frozen: set[str] = set()   # name prefixes whose gradients backward skips
+        # Name prefixes (whole dotted components: "h.0", "h.1.attn", "wte") whose gradients
+        # backward skips; backward also stops below the lowest trainable layer.
+        self.frozen: set[str] = set()
         self._init_weights(seed)
 
         self._layers = [_Layer(self._named, i) for i in range(cfg.n_layer)]
@@ -321,9 +324,9 @@ class GPT:
             return self._grad_plan
         names = list(self._named_grads)
         for prefix in key:
-            if not isinstance(prefix, str) or not any(n.startswith(prefix) for n in names):
+            if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in names):
                 raise ValueError(f"frozen prefix {prefix!r} matches no parameter name")
-        G = {n: (None if any(n.startswith(p) for p in key) else g)
+        G = {n: (None if any(frozen_by(n, p) for p in key) else g)
              for n, g in self._named_grads.items()}
         layers = []
         for i in range(self.config.n_layer):
@@ -475,6 +478,11 @@ class GPT:
         """Sample continuation ids; see lmlab.sample.generate for the options."""
         from .sample import generate
         return generate(self, prompt_ids, max_new_tokens, **kwargs)
+
+
+def frozen_by(name: str, prefix: str) -> bool:
+    """Whether a frozen prefix covers a parameter: whole dotted components ("h.1" is not "h.10")."""
+    return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
 
 
 def _cached_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int) -> np.ndarray:

@@ -234,20 +234,25 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     return rows
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, n_layer: int, n_head: int, n_embd: int,
+                         block_size: int) -> None:
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--n-head", type=int, default=n_head)
+    parser.add_argument("--n-embd", type=int, default=n_embd)
+    parser.add_argument("--block-size", type=int, default=block_size)
+    parser.add_argument("--vocab-size", type=int, default=65)
+    parser.add_argument("--threads", type=int, default=None, help="default: lmlab's thread count")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `lmlab bench train`."""
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=64)
+    _add_model_arguments(parser, 4, 4, 128, 64)
     parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--vocab-size", type=int, default=65)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=None, help="default: lmlab's thread count")
     parser.add_argument("--impl", choices=IMPLS, action="append", default=None,
                         help="run only this implementation (repeatable); default both")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--profile", action="store_true",
                         help="also print where one lmlab step's time goes, kernel by kernel")
 
@@ -281,18 +286,13 @@ def run_bench_train(args: argparse.Namespace) -> list[dict]:
 
 def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a `lmlab bench generate` (KV cache vs none)."""
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-head", type=int, default=6)
-    parser.add_argument("--n-embd", type=int, default=384)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--vocab-size", type=int, default=65)
+    _add_model_arguments(parser, 6, 6, 384, 256)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def run_bench_generate(args: argparse.Namespace) -> list[dict]:
+    """Run a generation benchmark from parsed arguments and print the rows."""
     rows = bench_generate(args.n_layer, args.n_head, args.n_embd, args.block_size,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           vocab_size=args.vocab_size, threads=args.threads)
