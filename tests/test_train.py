@@ -91,6 +91,22 @@ class Crash(Exception):
     pass
 
 
+def on_call(stage, n, *, before=None, after=None):
+    """Wrap stage.train_step so that its n-th call runs before() first, or after(out) on its result."""
+    original, calls = stage.train_step, {"n": 0}
+
+    def wrapped(model, scale):
+        calls["n"] += 1
+        if calls["n"] == n and before is not None:
+            before()
+        out = original(model, scale)
+        if calls["n"] == n and after is not None:
+            after(out)
+        return out
+
+    stage.train_step = wrapped
+
+
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     tok, ids, model_a = tiny_setup()
     stage_a = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
@@ -99,16 +115,11 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     # The same run, killed by an exception during step 25 (checkpoint at 20), then resumed.
     _, _, model_b = tiny_setup()
     stage_b = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
-    calls = {"n": 0}
-    original = stage_b.train_step
 
-    def crashing(model, scale):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise Crash
-        return original(model, scale)
+    def crash():
+        raise Crash
 
-    stage_b.train_step = crashing
+    on_call(stage_b, 25, before=crash)
     with pytest.raises(Crash):
         train(model_b, stage_b, quiet(), tmp_path / "b", tokenizer=tok)
     _, state = checkpoint.load_training_state(tmp_path / "b")
@@ -129,16 +140,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
 def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
     tok, ids, model = tiny_setup()
     stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
-    original = stage.train_step
-    calls = {"n": 0}
-
-    def interrupting(model, scale):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            signal.raise_signal(signal.SIGINT)
-        return original(model, scale)
-
-    stage.train_step = interrupting
+    on_call(stage, 7, before=lambda: signal.raise_signal(signal.SIGINT))
     result = train(model, stage, quiet(steps=100), tmp_path / "run", tokenizer=tok)
     assert result.stopped_early and result.steps_done == 7
     _, state = checkpoint.load_training_state(tmp_path / "run")
@@ -151,17 +153,7 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tok, ids, model = tiny_setup()
     stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
-    original = stage.train_step
-    calls = {"n": 0}
-
-    def poisoned(model, scale):
-        calls["n"] += 1
-        out = original(model, scale)
-        if calls["n"] == 14:
-            out["loss"] = float("nan")
-        return out
-
-    stage.train_step = poisoned
+    on_call(stage, 14, after=lambda out: out.update(loss=float("nan")))
     with pytest.raises(NonFiniteLoss, match="step 13"):
         train(model, stage, quiet(steps=100), tmp_path / "run", tokenizer=tok)
     _, state = checkpoint.load_training_state(tmp_path / "run")

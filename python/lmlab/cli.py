@@ -57,6 +57,13 @@ def _train_kwargs(args) -> dict:
                 progress=not args.no_progress)
 
 
+def _add_derived_run(p: argparse.ArgumentParser) -> None:
+    """--from PARENT and --run NEW: a stage that starts from a run writes a new one."""
+    p.add_argument("--from", dest="parent", required=True, help="the parent run directory")
+    p.add_argument("--run", required=True, help="the new run directory (records its parent)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run exactly")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=200)
@@ -363,19 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Style fine-tuning: next-token training from --from on a new "
                                    "corpus, into a new run that records its parent. Reports val "
                                    "loss on both corpora before and after, and samples from both.")
-    p.add_argument("--from", dest="parent", required=True, help="the parent run directory")
+    _add_derived_run(p)
     p.add_argument("--corpus", required=True, help="text file, directory, glob or builtin:NAME")
-    p.add_argument("--run", required=True, help="the new run directory")
     p.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
                    help="characters the parent's tokenizer cannot encode: fail (default), drop "
-                        "them, or replace them with a space")
+                        "them, or map them to the replacement character U+FFFD")
     p.add_argument("--freeze-layers", type=int, default=0, help="freeze the lowest N blocks")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze wte/wpe (and so the tied LM head)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the parent's")
     p.add_argument("--prompt", default="", help="prompt for the before/after samples")
     p.add_argument("--sample-tokens", type=int, default=200)
-    p.add_argument("--resume", action="store_true")
     _add_train_options(p, steps=500, lr=3e-4, warmup=50)
     _add_threads(p)
     p.set_defaults(func=_cmd_finetune)
@@ -384,12 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Instruct tuning on JSONL prompt/response (or messages) data "
                                    "rendered through the chat template; only response tokens and "
                                    "<|end|> are supervised.")
-    p.add_argument("--from", dest="parent", required=True, help="the parent run directory")
+    _add_derived_run(p)
     p.add_argument("--data", default="builtin:python-qa",
                    help="JSONL file or builtin:python-qa (default)")
-    p.add_argument("--run", required=True, help="the new run directory")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--resume", action="store_true")
     _add_train_options(p, steps=1000, lr=3e-4, warmup=50)
     _add_threads(p)
     p.set_defaults(func=_cmd_instruct)
