@@ -74,7 +74,7 @@ inline idx_t min_idx(idx_t a, idx_t b) { return a < b ? a : b; }
 inline idx_t slice_depth(idx_t K) { return ceil_div(K, ceil_div(K, KC)); }
 
 // Per-thread packing buffers, grown on demand and kept for the thread's lifetime, so repeated calls
-// (the attention heads, every training step) never touch the allocator.
+// (every layer of every training step) never touch the allocator.
 struct Scratch {
     float* data = nullptr;
     size_t capacity = 0;  // floats
