@@ -23,200 +23,109 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-// GCC 12's AVX-512 intrinsics (max, reduce, extract) build their results from a deliberately
-// undefined vector and then warn -Wmaybe-uninitialized about it inside the header; the warning is
-// about the header's own code, so it is silenced for the header alone.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#else
-#include <immintrin.h>
-#endif
-#endif
-
 #include "isa.h"
+#include "simd.h"
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
 namespace {
 
-// --- vector layer: kW floats per vector, kMR x kNV vectors of accumulators in the product tile ----
-
+// Register tile of the per-head product: kMR rows x kNV vectors of accumulators. AVX-512: 24 of the
+// 32 zmm, plus 4 for a row of B and 1 broadcast; AVX2: 12 of 16 ymm; portable: 16 scalars.
+// Whole-vector loads and stores for the tile: going through simd.h's masked vload_n / vstore_n even
+// with a constant full count made GCC 12 keep the accumulators in memory (twice the time).
 #if defined(__AVX512F__)
-constexpr int kW = 16, kMR = 6, kNV = 4;  // 24 accumulators + 4 B vectors + 1 broadcast of 32 zmm
-using vec = __m512;
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-inline vec vset1(float x) { return _mm512_set1_ps(x); }
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
-inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+constexpr int kMR = 6, kNV = 4;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
 #elif defined(__AVX2__)
-constexpr int kW = 8, kMR = 6, kNV = 2;  // 12 accumulators + 2 B vectors + 1 broadcast of 16 ymm
-using vec = __m256;
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-inline vec vset1(float x) { return _mm256_set1_ps(x); }
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float hsum(vec v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
-}
-inline float hmax(vec v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
-}
+constexpr int kMR = 6, kNV = 2;
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
 #else
-// Portable: one float per "vector"; the tile is still register-blocked, which is what matters most.
-constexpr int kW = 1, kMR = 4, kNV = 4;
-using vec = float;
-inline vec vload(const float* p) { return *p; }
-inline void vstore(float* p, vec v) { *p = v; }
-inline vec vset1(float x) { return x; }
-inline vec vzero() { return 0.0f; }
-inline vec vadd(vec a, vec b) { return a + b; }
-inline vec vsub(vec a, vec b) { return a - b; }
-inline vec vmul(vec a, vec b) { return a * b; }
-inline vec vmax(vec a, vec b) { return a > b ? a : b; }
-inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-inline float hsum(vec v) { return v; }
-inline float hmax(vec v) { return v; }
-#endif
-
-// exp(x) for x <= 0 (softmax arguments after the row maximum is subtracted).
-// x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2, ln2 split in two so n ln2 is exact enough;
-// exp(r) by its degree-7 Taylor polynomial, whose truncation error there (r^8 / 8! < 6e-9) is below
-// half an ulp; 2^n built in the exponent field. Below -87, exp(x) < 1.7e-38 is returned as 0, which
-// keeps 2^n a normal number (no denormal slow path) and makes exp(-inf) = 0. NaN stays NaN.
-#if defined(__AVX512F__) || defined(__AVX2__)
-inline vec vexp(vec x) {
-    const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f,
-                kLn2Lo = 1.42860682030941723e-6f, kLow = -87.0f;
-#if defined(__AVX512F__)
-    const __mmask16 under = _mm512_cmp_ps_mask(x, vset1(kLow), _CMP_LT_OQ);
-    x = _mm512_max_ps(vset1(kLow), x);  // max returns its second operand for NaN: NaN propagates
-    const __m512i n = _mm512_cvtps_epi32(_mm512_mul_ps(x, vset1(kLog2e)));
-    const vec nf = _mm512_cvtepi32_ps(n);
-#else
-    const vec under = _mm256_cmp_ps(x, vset1(kLow), _CMP_LT_OQ);
-    x = _mm256_max_ps(vset1(kLow), x);
-    const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(x, vset1(kLog2e)));
-    const vec nf = _mm256_cvtepi32_ps(n);
-#endif
-    vec r = vfma(nf, vset1(-kLn2Hi), x);
-    r = vfma(nf, vset1(-kLn2Lo), r);
-    vec p = vset1(1.0f / 5040.0f);
-    p = vfma(p, r, vset1(1.0f / 720.0f));
-    p = vfma(p, r, vset1(1.0f / 120.0f));
-    p = vfma(p, r, vset1(1.0f / 24.0f));
-    p = vfma(p, r, vset1(1.0f / 6.0f));
-    p = vfma(p, r, vset1(0.5f));
-    p = vfma(p, r, vset1(1.0f));
-    p = vfma(p, r, vset1(1.0f));
-#if defined(__AVX512F__)
-    const vec two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
-    return _mm512_maskz_mul_ps((__mmask16)~under, p, two_n);
-#else
-    const vec two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, two_n));
-#endif
-}
-#else
-inline vec vexp(vec x) { return std::exp(x); }
+constexpr int kMR = 4, kNV = 4;
+inline vf vload(const float* p) { return *p; }
+inline void vstore(float* p, vf x) { *p = x; }
 #endif
 
 // --- the per-head product -------------------------------------------------------------------------
 
-// One register tile: C[MR x NV*kW] (+)= alpha * A[MR x K] . B[K x NV*kW], where
-// A[i, k] = A[i * rsA + k * csA] (any strides, read by broadcast) and B[k, j] = B[k * ldb + j].
+// One register tile: C[MR x (NV-1)*kW + last] (+)= alpha * A[MR x K] . B[K x same], where
+// A[i, k] = A[i * rsA + k * csA] (any strides, read by broadcast) and B[k, j] = B[k * ldb + j]; the
+// last vector has `last` <= kW lanes (masked loads and stores, so a ragged edge runs the same code).
 // Each C element is one accumulator summed over k in ascending order.
-template <int MR, int NV>
+template <int MR, int NV, bool PARTIAL>
 void tile(idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA, const float* B, idx_t ldb,
-          float* C, idx_t ldc, bool accumulate) {
-    vec acc[MR][NV];
+          float* C, idx_t ldc, bool accumulate, idx_t last) {
+    vf acc[MR][NV];
     for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = vzero();
+        for (int v = 0; v < NV; v++) acc[r][v] = vset(0.0f);
     for (idx_t k = 0; k < K; k++) {
         const float* a = A + k * csA;
         const float* b = B + k * ldb;
-        vec bv[NV];
-        for (int v = 0; v < NV; v++) bv[v] = vload(b + v * kW);
+        vf bv[NV];
+        for (int v = 0; v < NV; v++)
+            bv[v] = PARTIAL && v == NV - 1 ? vload_n(b + v * kW, last, 0.0f) : vload(b + v * kW);
         for (int r = 0; r < MR; r++) {
-            const vec ar = vset1(a[r * rsA]);
-            for (int v = 0; v < NV; v++) acc[r][v] = vfma(ar, bv[v], acc[r][v]);
+            const vf ar = vset(a[r * rsA]);
+            for (int v = 0; v < NV; v++) acc[r][v] = vfmadd(ar, bv[v], acc[r][v]);
         }
     }
-    const vec va = vset1(alpha);
+    const vf va = vset(alpha);
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) {
             float* c = C + r * ldc + v * kW;
-            const vec x = vmul(va, acc[r][v]);
-            vstore(c, accumulate ? vadd(vload(c), x) : x);
+            const vf x = vmul(va, acc[r][v]);
+            if (PARTIAL && v == NV - 1)
+                vstore_n(c, accumulate ? vadd(vload_n(c, last, 0.0f), x) : x, last);
+            else
+                vstore(c, accumulate ? vadd(vload(c), x) : x);
         }
 }
 
 // The last rows of a strip, M % kMR of them: tile<rows, NV> for the run-time count `rows` < R.
-template <int NV, int R>
+template <int NV, bool PARTIAL, int R>
 void tail_rows(idx_t rows, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-               const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+               const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate, idx_t last) {
     if constexpr (R > 1) {
-        if (rows == R - 1) tile<R - 1, NV>(K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
-        else tail_rows<NV, R - 1>(rows, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+        if (rows == R - 1) tile<R - 1, NV, PARTIAL>(K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate, last);
+        else tail_rows<NV, PARTIAL, R - 1>(rows, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate, last);
     }
 }
 
 // All row tiles of one column strip of NV vectors.
-template <int NV>
+template <int NV, bool PARTIAL>
 void strip(idx_t M, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA, const float* B,
-           idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+           idx_t ldb, float* C, idx_t ldc, bool accumulate, idx_t last) {
     idx_t i = 0;
     for (; i + kMR <= M; i += kMR)
-        tile<kMR, NV>(K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate);
-    tail_rows<NV, kMR>(M - i, K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate);
+        tile<kMR, NV, PARTIAL>(K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate, last);
+    tail_rows<NV, PARTIAL, kMR>(M - i, K, alpha, A + i * rsA, rsA, csA, B, ldb, C + i * ldc, ldc, accumulate,
+                       last);
 }
 
-// The last whole vectors of the columns, fewer than V of them: strip<nv> for the run-time count nv.
+// The last nv < V vectors of the columns (the final one `last` lanes wide): strip<nv>.
 template <int V>
 void tail_strips(idx_t nv, idx_t M, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-                 const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+                 const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate, idx_t last) {
     if constexpr (V > 1) {
-        if (nv == V - 1) strip<V - 1>(M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
-        else tail_strips<V - 1>(nv, M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+        if (nv == V - 1) strip<V - 1, true>(M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate, last);
+        else tail_strips<V - 1>(nv, M, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate, last);
     }
 }
 
 // C (M x N) (+)= alpha * op(A) (M x K) . B (K x N), B row-major with leading dimension ldb, C with ldc.
-// Columns go in strips of kNV vectors (the B strip stays in L1/L2 while A's rows stream past); the
-// columns beyond the last whole vector are summed by a scalar loop in the same k order.
+// Columns go in strips of kNV vectors (the B strip stays in L1/L2 while A's rows stream past), then
+// one strip of the remaining vectors, its last one partial when kW does not divide N.
 void head_gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
-    const idx_t nvec = N / kW * kW;
     idx_t j = 0;
-    for (; j + kNV * kW <= nvec; j += kNV * kW)
-        strip<kNV>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate);
-    tail_strips<kNV>((nvec - j) / kW, M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate);
-    for (idx_t i = 0; i < M; i++)
-        for (j = nvec; j < N; j++) {
-            float acc = 0.0f;
-            for (idx_t k = 0; k < K; k++) acc += A[i * rsA + k * csA] * B[k * ldb + j];
-            float* c = C + i * ldc + j;
-            *c = accumulate ? *c + alpha * acc : alpha * acc;
-        }
+    for (; j + kNV * kW <= N; j += kNV * kW)
+        strip<kNV, false>(M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate, kW);
+    if (j < N) {
+        const idx_t nv = (N - j + kW - 1) / kW, last = N - j - (nv - 1) * kW;
+        tail_strips<kNV + 1>(nv, M, K, alpha, A, rsA, csA, B + j, ldb, C + j, ldc, accumulate, last);
+    }
 }
 
 // --- helpers shared by forward and backward -------------------------------------------------------
@@ -275,41 +184,28 @@ void gather_rows(float* dst, const float* src, idx_t rs, idx_t T, idx_t HS) {
     for (idx_t s = 0; s < T; s++) std::memcpy(dst + s * HS, src + s * rs, (std::size_t)HS * sizeof(float));
 }
 
-// In place softmax of p[0, n): max subtracted first so exp never overflows.
+// In place softmax of p[0, n): max subtracted first so exp never overflows. Tails are masked vectors
+// (filled with -inf, whose exp is 0), so every entry goes through the same vexp.
 void softmax_row(float* p, idx_t n) {
-    const idx_t nv = n / kW * kW;
-    vec vm = vset1(-INFINITY);
-    for (idx_t s = 0; s < nv; s += kW) vm = vmax(vm, vload(p + s));
-    float mx = hmax(vm);
-    for (idx_t s = nv; s < n; s++) mx = p[s] > mx ? p[s] : mx;
-    const vec vmx = vset1(mx);
-    vec vs = vzero();
-    for (idx_t s = 0; s < nv; s += kW) {
-        const vec e = vexp(vsub(vload(p + s), vmx));
-        vstore(p + s, e);
-        vs = vadd(vs, e);
+    vf vm = vset(-INFINITY);
+    for (idx_t s = 0; s < n; s += kW) vm = vmax(vm, vload_n(p + s, n - s, -INFINITY));
+    const vf mx = vset(vhmax(vm));
+    vf sum = vset(0.0f);
+    for (idx_t s = 0; s < n; s += kW) {
+        const vf e = vexp(vsub(vload_n(p + s, n - s, -INFINITY), mx));
+        vstore_n(p + s, e, n - s);
+        sum = vadd(sum, e);
     }
-    float sum = hsum(vs);
-    for (idx_t s = nv; s < n; s++) {
-        p[s] = std::exp(p[s] - mx);
-        sum += p[s];
-    }
-    const float inv = 1.0f / sum;
-    const vec vinv = vset1(inv);
-    for (idx_t s = 0; s < nv; s += kW) vstore(p + s, vmul(vload(p + s), vinv));
-    for (idx_t s = nv; s < n; s++) p[s] *= inv;
+    scale_row(p, p, vset(1.0f / vhsum(sum)), n, false);
 }
 
 // Softmax backward of one row in O(n): ds[s] = p[s] * (dp[s] - sum_s' p[s'] dp[s']), in place on dp.
 void softmax_backward_row(float* dp, const float* p, idx_t n) {
-    const idx_t nv = n / kW * kW;
-    vec vd = vzero();
-    for (idx_t s = 0; s < nv; s += kW) vd = vfma(vload(p + s), vload(dp + s), vd);
-    float dot = hsum(vd);
-    for (idx_t s = nv; s < n; s++) dot += p[s] * dp[s];
-    const vec vdot = vset1(dot);
-    for (idx_t s = 0; s < nv; s += kW) vstore(dp + s, vmul(vload(p + s), vsub(vload(dp + s), vdot)));
-    for (idx_t s = nv; s < n; s++) dp[s] = p[s] * (dp[s] - dot);
+    vf acc = vset(0.0f);
+    for (idx_t s = 0; s < n; s += kW) acc = vfmadd(vload_n(p + s, n - s, 0.0f), vload_n(dp + s, n - s, 0.0f), acc);
+    const vf dot = vset(vhsum(acc));
+    for (idx_t s = 0; s < n; s += kW)
+        vstore_n(dp + s, vmul(vload_n(p + s, n - s, 0.0f), vsub(vload_n(dp + s, n - s, 0.0f), dot)), n - s);
 }
 
 }  // namespace

@@ -23,15 +23,8 @@
 
 #include "gemm_internal.h"
 #include "isa.h"
+#include "simd.h"  // vf, kW, vload_n / vstore_n / vmul / vset; and <immintrin.h> on x86 variants
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-// GCC 12 reports its own _mm512_undefined_ps() placeholders inside the unpack intrinsics as "maybe
-// uninitialized" (GCC bug 105593); silence that inside the intrinsics header only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -81,7 +74,7 @@ inline idx_t min_idx(idx_t a, idx_t b) { return a < b ? a : b; }
 inline idx_t slice_depth(idx_t K) { return ceil_div(K, ceil_div(K, KC)); }
 
 // Per-thread packing buffers, grown on demand and kept for the thread's lifetime, so repeated calls
-// (the attention heads, every training step) never touch the allocator.
+// (every layer of every training step) never touch the allocator.
 struct Scratch {
     float* data = nullptr;
     size_t capacity = 0;  // floats
@@ -106,58 +99,68 @@ thread_local Scratch tl_pack_b;
 // A panel of P lanes (rows of op(A) or columns of op(B)) over kb steps of the reduction:
 //   dst[k * P + r] = scale * src[k * sk + r * sr] for r < w, and 0 for w <= r < P.
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define LMLAB_GEMM_VECTOR_PACKING 1
+constexpr int kTransposeBlock = (int)kW;
+
+// Interleaves of 32-bit and 64-bit elements within 128-bit lanes, for one intrinsics family.
+#define LMLAB_GEMM_UNPACK(P)                                                                   \
+    inline vf unpack_lo32(vf a, vf b) { return P##_unpacklo_ps(a, b); }                        \
+    inline vf unpack_hi32(vf a, vf b) { return P##_unpackhi_ps(a, b); }                        \
+    inline vf unpack_lo64(vf a, vf b) {                                                        \
+        return P##_castpd_ps(P##_unpacklo_pd(P##_castps_pd(a), P##_castps_pd(b)));             \
+    }                                                                                          \
+    inline vf unpack_hi64(vf a, vf b) {                                                        \
+        return P##_castpd_ps(P##_unpackhi_pd(P##_castps_pd(a), P##_castps_pd(b)));            \
+    }
+
+// Last transpose stage: v[4g + c] holds, in 128-bit lane L, rows 4g..4g+3 of column c + 4L; each
+// output row gathers one column's lanes.
 #if defined(__AVX512F__)
-// In-register transpose of a 16 x 16 block: v[i][j] becomes v[j][i].
-inline void transpose16(__m512 v[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
-    }
-    // u[4g + c] holds, in 128-bit lane L, rows 4g..4g+3 of column c + 4L.
-    __m512 u[16];
-    for (int g = 0; g < 16; g += 4) {
-        const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
-        const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
-        u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
+LMLAB_GEMM_UNPACK(_mm512)
+inline void transpose_lanes(vf v[16]) {
+    vf u[16];
+    for (int i = 0; i < 16; i++) u[i] = v[i];
     for (int c = 0; c < 4; c++) {
-        const __m512 even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-        const __m512 odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-        const __m512 even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-        const __m512 odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        const vf even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        const vf odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        const vf even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const vf odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
         v[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
         v[c + 8] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
         v[c + 4] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
         v[c + 12] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
     }
 }
-constexpr int kTransposeBlock = 16;
-#elif defined(__AVX2__)
-// In-register transpose of an 8 x 8 block: v[i][j] becomes v[j][i].
-inline void transpose8(__m256 v[8]) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
-    }
-    for (int g = 0; g < 8; g += 4) {
-        const __m256d a = _mm256_castps_pd(t[g]), b = _mm256_castps_pd(t[g + 1]);
-        const __m256d c = _mm256_castps_pd(t[g + 2]), d = _mm256_castps_pd(t[g + 3]);
-        u[g] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
-        u[g + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
-        u[g + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
-        u[g + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
-    }
+#else
+LMLAB_GEMM_UNPACK(_mm256)
+inline void transpose_lanes(vf v[8]) {
+    vf u[8];
+    for (int i = 0; i < 8; i++) u[i] = v[i];
     for (int c = 0; c < 4; c++) {
         v[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
         v[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
     }
 }
-constexpr int kTransposeBlock = 8;
+#endif
+#undef LMLAB_GEMM_UNPACK
+
+// In-register transpose of a kW x kW block: v[i][j] becomes v[j][i]. Interleaving pairs of rows,
+// then pairs of pairs, transposes every 4 x 4 block within each 128-bit lane.
+inline void transpose(vf v[kTransposeBlock]) {
+    vf t[kTransposeBlock];
+    for (int i = 0; i < kTransposeBlock; i += 2) {
+        t[i] = unpack_lo32(v[i], v[i + 1]);
+        t[i + 1] = unpack_hi32(v[i], v[i + 1]);
+    }
+    for (int g = 0; g < kTransposeBlock; g += 4) {
+        v[g] = unpack_lo64(t[g], t[g + 2]);
+        v[g + 1] = unpack_hi64(t[g], t[g + 2]);
+        v[g + 2] = unpack_lo64(t[g + 1], t[g + 3]);
+        v[g + 3] = unpack_hi64(t[g + 1], t[g + 3]);
+    }
+    transpose_lanes(v);
+}
 #else
 constexpr int kTransposeBlock = 8;
 #endif
@@ -165,25 +168,18 @@ constexpr int kTransposeBlock = 8;
 // Lanes contiguous in memory (sr == 1): straight copies.
 template <int P>
 void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t kb, float scale) {
-#if defined(__AVX512F__)
-    // One masked load and store per 16 lanes and step: the compiler's own code for P = 14 falls back
-    // to pieces, and with narrow C (N = 128) packing A is a fifth of the work.
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (int g = 0; g < P; g += 16) {
-        const int valid = w - g < 0 ? 0 : (w - g < 16 ? w - g : 16), lanes = P - g < 16 ? P - g : 16;
-        const __mmask16 load = (__mmask16)((1u << valid) - 1), store = (__mmask16)((1u << lanes) - 1);
+#ifdef LMLAB_GEMM_VECTOR_PACKING
+    // Whole vectors with masks: the compiler's own code for P = 14 or 6 falls back to pieces, and
+    // with narrow C (N = 128) packing A is a fifth of the work.
+    const vf vscale = vset(scale);
+    for (int g = 0; g < P; g += (int)kW) {
+        const idx_t valid = w > g ? w - g : 0;
         for (idx_t k = 0; k < kb; k++)
-            _mm512_mask_storeu_ps(dst + k * P + g, store,
-                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(load, src + k * sk + g), vscale));
+            vstore_n(dst + k * P + g, vmul(vload_n(src + k * sk + g, valid, 0.0f), vscale), P - g);
     }
 #else
-    if (w == P) {
-        for (idx_t k = 0; k < kb; k++)
-            for (int r = 0; r < P; r++) dst[k * P + r] = scale * src[k * sk + r];
-    } else {
-        for (idx_t k = 0; k < kb; k++)
-            for (int r = 0; r < P; r++) dst[k * P + r] = r < w ? scale * src[k * sk + r] : 0.0f;
-    }
+    for (idx_t k = 0; k < kb; k++)
+        for (int r = 0; r < P; r++) dst[k * P + r] = r < w ? scale * src[k * sk + r] : 0.0f;
 #endif
 }
 
@@ -193,37 +189,15 @@ template <int P>
 void pack_lanes_transposed(float* dst, const float* src, idx_t sr, int w, idx_t kb, float scale) {
     constexpr int TB = kTransposeBlock;
     idx_t k0 = 0;
-#if defined(__AVX512F__)
-    const __m512 vscale = _mm512_set1_ps(scale);
+#ifdef LMLAB_GEMM_VECTOR_PACKING
+    const vf vscale = vset(scale);
     for (; k0 + TB <= kb; k0 += TB) {
         for (int g = 0; g < P; g += TB) {
-            __m512 v[TB];
+            vf v[TB];
             for (int i = 0; i < TB; i++)
-                v[i] = g + i < w ? _mm512_loadu_ps(src + (g + i) * sr + k0) : _mm512_setzero_ps();
-            transpose16(v);
-            const __mmask16 keep = P - g >= TB ? (__mmask16)0xFFFF : (__mmask16)((1u << (P - g)) - 1);
-            for (int j = 0; j < TB; j++)
-                _mm512_mask_storeu_ps(dst + (k0 + j) * P + g, keep, _mm512_mul_ps(v[j], vscale));
-        }
-    }
-#elif defined(__AVX2__)
-    const __m256 vscale = _mm256_set1_ps(scale);
-    for (; k0 + TB <= kb; k0 += TB) {
-        for (int g = 0; g < P; g += TB) {
-            __m256 v[TB];
-            for (int i = 0; i < TB; i++)
-                v[i] = g + i < w ? _mm256_loadu_ps(src + (g + i) * sr + k0) : _mm256_setzero_ps();
-            transpose8(v);
-            if (P - g >= TB) {
-                for (int j = 0; j < TB; j++)
-                    _mm256_storeu_ps(dst + (k0 + j) * P + g, _mm256_mul_ps(v[j], vscale));
-            } else {
-                alignas(32) int lanes[TB];
-                for (int i = 0; i < TB; i++) lanes[i] = i < P - g ? -1 : 0;
-                const __m256i keep = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-                for (int j = 0; j < TB; j++)
-                    _mm256_maskstore_ps(dst + (k0 + j) * P + g, keep, _mm256_mul_ps(v[j], vscale));
-            }
+                v[i] = g + i < w ? vload_n(src + (g + i) * sr + k0, TB, 0.0f) : vset(0.0f);
+            transpose(v);
+            for (int j = 0; j < TB; j++) vstore_n(dst + (k0 + j) * P + g, vmul(v[j], vscale), P - g);
         }
     }
 #else

@@ -1,10 +1,10 @@
 """Causal self-attention (cpp/attention.cpp) against independent references, on every kernel variant.
 
 The kernel cuts each head into query blocks of 64 rows and register tiles of 6 x (4 vectors)
-(AVX-512), 6 x (2 vectors) (AVX2) or 4 x 4 (portable), and computes exp with its own polynomial.
+(AVX-512), 6 x (2 vectors) (AVX2) or 4 x 4 (portable), and computes exp with simd.h's polynomial.
 So the shapes here straddle those edges: T = 1, 7, 9, 33, 63, 64, 65, 130 (one row into a block,
 a partial block, several blocks); head sizes 1, 4, 9, 20 and 72 (no multiple of any vector width, so
-the scalar column tails run) next to 16 and 64. References: float64 numpy (tests/reference.py),
+the masked partial vectors run) next to 16 and 64. References: float64 numpy (tests/reference.py),
 central differences of sum(out * R), PyTorch's scaled_dot_product_attention when torch is installed.
 Also: accumulation into a pre-filled dqkv, exact zeros above the diagonal, softmax stability and
 the accuracy of tiny probabilities, and bitwise-identical results for 1, 2 and 3 threads.
