@@ -21,7 +21,7 @@ namespace LMLAB_ISA_NS {
 LMLAB_KERNEL_LIST(LMLAB_KERNEL_DECLARE)
 #undef LMLAB_KERNEL_DECLARE
 
-// General matrix product used by matmul and attention:
+// General matrix product behind the linear layers (matmul); attention keeps its own head-sized tiles:
 //   C (M, N) = alpha * op(A) (M, K) . op(B) (K, N)  [+ C if accumulate]
 // with op(A)[m, k] = A[m * rsA + k * csA] and op(B)[k, n] = B[k * rsB + n * csB] (general strides
 // express transposes), C row-major with leading dimension ldc. `parallel` spreads the output tiles over
