@@ -1,4 +1,5 @@
-"""Accuracy of the vectorised exp (cpp/simd.h) as the kernels use it, at the edges of its range.
+"""Accuracy of the vectorised exp (cpp/simd.h) as the kernels use it, at the edges of its range, and
+of layernorm on rows whose mean dwarfs their spread.
 
 exp is not exposed on its own, so it is tested through the kernels built on it: GELU forward and
 backward over inputs from 1e-30 to 3e38 in magnitude, softmax and cross-entropy on logits up to +-1e4,
@@ -205,3 +206,19 @@ def test_softmax_large_output_streamed(isa, rng):
     # (its error grows like a random walk), so it holds for any build of the portable path.
     err = np.abs(f64(results[0]) - ref)
     assert np.all(err <= 2 * np.sqrt(V) * EPS32 * ref + EXP_FLUSH), f"max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("C", [1, 7, 33, 384])
+def test_layernorm_large_mean_tiny_spread(isa, rng, C):
+    # Rows at 1000 +- 1e-3 (and a constant row): the kernel centres each row on its first element, so
+    # the normalised output keeps full precision although fp32 resolves 1000 only to 6e-5.
+    x = (1000.0 + 1e-3 * rng.standard_normal((9, C))).astype(np.float32)
+    x[4] = 1000.0
+    weight, bias = np.ones(C, np.float32), np.zeros(C, np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(9, np.float32), np.empty(9, np.float32)
+    ops.layernorm_forward(out, mean, rstd, x, weight, bias)
+    xd = f64(x)
+    ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5)
+    # |norm| < sqrt(C): a few ulp of the largest output (measured 1.5e-7 at C = 384).
+    assert np.all(np.abs(f64(out) - ref) <= 16 * EPS32 * max(1.0, np.sqrt(C)))
+    assert np.all(out[4] == 0.0)
