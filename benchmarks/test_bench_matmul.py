@@ -5,17 +5,27 @@ Shapes are (M, K, N) = (rows B*T, input channels, output channels); the passes a
   backward-input   dinp (M, K) += dout (M, N) . weight (N, K)
   backward-weight  dweight (N, K) += dout (M, N)^T . inp (M, K)
 each 2*M*N*K floating-point operations. lmlab and numpy share a benchmark group per shape and pass;
-the summary at the end prints GFLOP/s. Both use every core by default. Time numpy with
+the summary at the end prints GFLOP/s. Both run on THREADS threads (numpy's BLAS pool is limited
+through threadpoolctl where it is installed). Time numpy with
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` so OpenBLAS picks its own kernels. Every benchmark
 checks its result against float64 numpy afterwards, so `--benchmark-disable` makes this a test suite.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from lmlab import ops
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # numpy's BLAS then keeps its own thread count
+    threadpool_limits = None
+
+THREADS = 2
 
 SHAPES = [(768, 128, 512), (768, 512, 128), (4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384)]
 PASSES = ["forward", "backward-input", "backward-weight"]
@@ -79,7 +89,9 @@ def test_matmul(benchmark, record_flop, shape, pass_, impl):
     record_flop(group, impl, 2.0 * M * N * K)
     inp, weight, dout = _operands(M, K, N)
     call, result = (_lmlab_call if impl == "lmlab" else _numpy_call)(pass_, inp, weight, dout)
-    benchmark(call)
+    with ops.num_threads(THREADS), (threadpool_limits(THREADS) if threadpool_limits is not None
+                                    else contextlib.nullcontext()):
+        benchmark(call)
 
     # The backward passes accumulate: check one call on a zeroed buffer.
     result[...] = 0.0

@@ -57,6 +57,11 @@ struct Arg {
         if (!(a.flags() & py::array::c_style))
             fail_value(fn, std::string("argument '") + name +
                                "' must be C-contiguous (use numpy.ascontiguousarray)");
+        // numpy can build arrays off their element alignment (frombuffer with an offset); kernels
+        // dereference float*/int32_t*, which is undefined behaviour there (UBSan flags it).
+        if (reinterpret_cast<std::uintptr_t>(a.data()) % alignof(float) != 0)
+            fail_value(fn, std::string("argument '") + name +
+                               "' is not aligned to its 4-byte elements; pass a copy (x.copy())");
         if (writable && !a.writeable())
             fail_value(fn, std::string("argument '") + name +
                                "' is an output and must be writable, got a read-only array");

@@ -4,10 +4,10 @@
 //
 // The tuned path is the classic blocked design (Goto / BLIS):
 //   for each NC-wide column block of C:
-//     for each KC-deep slice of the reduction:      pack op(B) slice into NR-wide panels (L2/L3)
-//       for each MC-tall row block:                 pack op(A) block into MR-tall panels (L2)
-//         for each NR panel, for each MR panel:     micro-kernel: an MR x NR tile of C held in
-//                                                   registers, K-slice of rank-1 updates
+//     for each KC-deep slice of the reduction:      pack op(B) slice into NR-wide panels (L2)
+//       for each MC-tall row block:                 pack op(A) block into MR-tall panels
+//         for each MR panel (L1), each NR panel:    micro-kernel: an MR x NR tile of C held in
+//                                                   registers, a slice of rank-1 updates
 // Packing copies any stride pattern (transposes included) into contiguous, aligned panels and folds
 // alpha into A, so one micro-kernel serves every case; edge panels are zero-padded, so edge tiles run
 // the very same kernel and only their write-back is partial.
@@ -55,12 +55,14 @@ void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_
 
 namespace {
 
-// Register tile (MR x NR) and cache blocks. KC bounds the reduction slice so that one B micro-panel
-// (KC x NR) stays in the 48 KB L1 while the A micro-panels stream past it; MC x KC of packed A sits
-// in the 2 MB L2; KC x NC of packed B is reused by every row block.
+// Register tile (MR x NR) and cache blocks. The micro-kernel runs along a row of tiles: one packed A
+// micro-panel (MR x KC, 21 KB for AVX-512) is reused from L1 while the B micro-panels stream past it
+// from the 2 MB L2, which holds the packed KC x NC slice of B (1.2 MB) that every row block reuses.
+// A deep KC matters as much: C is read and written once per slice, and at KC = 384 the GPT widths
+// (C = 384, 4C = 1536) need one slice and four.
 #if defined(__AVX512F__)
 constexpr int MR = 14, NR = 32;
-constexpr idx_t KC = 256, MC = 14 * 24, NC = 1024;
+constexpr idx_t KC = 384, MC = 14 * 24, NC = 768;
 #elif defined(__AVX2__)
 constexpr int MR = 6, NR = 16;
 constexpr idx_t KC = 256, MC = 6 * 32, NC = 1024;
@@ -163,6 +165,18 @@ constexpr int kTransposeBlock = 8;
 // Lanes contiguous in memory (sr == 1): straight copies.
 template <int P>
 void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t kb, float scale) {
+#if defined(__AVX512F__)
+    // One masked load and store per 16 lanes and step: the compiler's own code for P = 14 falls back
+    // to pieces, and with narrow C (N = 128) packing A is a fifth of the work.
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int g = 0; g < P; g += 16) {
+        const int valid = w - g < 0 ? 0 : (w - g < 16 ? w - g : 16), lanes = P - g < 16 ? P - g : 16;
+        const __mmask16 load = (__mmask16)((1u << valid) - 1), store = (__mmask16)((1u << lanes) - 1);
+        for (idx_t k = 0; k < kb; k++)
+            _mm512_mask_storeu_ps(dst + k * P + g, store,
+                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(load, src + k * sk + g), vscale));
+    }
+#else
     if (w == P) {
         for (idx_t k = 0; k < kb; k++)
             for (int r = 0; r < P; r++) dst[k * P + r] = scale * src[k * sk + r];
@@ -170,6 +184,7 @@ void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t 
         for (idx_t k = 0; k < kb; k++)
             for (int r = 0; r < P; r++) dst[k * P + r] = r < w ? scale * src[k * sk + r] : 0.0f;
     }
+#endif
 }
 
 // The reduction contiguous in memory (sk == 1), lanes strided: a transpose, done a square block at
@@ -263,9 +278,22 @@ inline void write_back_edge(const float* tile, float* c, idx_t ldc, int mr, int 
     }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Asks for the C tile's cache lines at the start of the kernel, so that the write-back at its end
+// (a read too when accumulating) does not stall on lines that have left the cache since the previous
+// slice.
+inline void prefetch_tile(const float* c, idx_t ldc, int mr) {
+    for (int i = 0; i < mr; i++) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + NR - 1), _MM_HINT_T0);
+    }
+}
+#endif
+
 #if defined(__AVX512F__)
 void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
                   const float* bias, bool add) {
+    prefetch_tile(c, ldc, mr);
     __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -305,43 +333,49 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
     write_back_edge(tile, c, ldc, mr, nr, bias, add);
 }
 #elif defined(__AVX2__)
+// Twelve accumulators named one by one: with an array, GCC 12 writes the whole tile back to the stack
+// on every step of the loop.
 void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
                   const float* bias, bool add) {
-    __m256 c0[MR], c1[MR];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm256_setzero_ps();
-#pragma GCC unroll 2
+    static_assert(MR == 6 && NR == 16, "the AVX2 micro-kernel is written out for a 6 x 16 tile");
+    prefetch_tile(c, ldc, mr);
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (idx_t k = 0; k < kb; k++) {
         const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; i++) {
-            const __m256 ai = _mm256_broadcast_ss(a + i);
-            c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
-        }
+#define LMLAB_GEMM_ROW(i)                                \
+    {                                                    \
+        const __m256 ai = _mm256_broadcast_ss(a + i);    \
+        c##i##0 = _mm256_fmadd_ps(ai, b0, c##i##0);      \
+        c##i##1 = _mm256_fmadd_ps(ai, b1, c##i##1);      \
+    }
+        LMLAB_GEMM_ROW(0) LMLAB_GEMM_ROW(1) LMLAB_GEMM_ROW(2)
+        LMLAB_GEMM_ROW(3) LMLAB_GEMM_ROW(4) LMLAB_GEMM_ROW(5)
+#undef LMLAB_GEMM_ROW
         a += MR;
         b += NR;
     }
+    alignas(32) float tile[MR * NR];
+    const __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     if (mr == MR && nr == NR) {
-#pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
             float* ci = c + i * ldc;
+            __m256 lo = rows[i][0], hi = rows[i][1];
             if (add) {
-                c0[i] = _mm256_add_ps(_mm256_loadu_ps(ci), c0[i]);
-                c1[i] = _mm256_add_ps(_mm256_loadu_ps(ci + 8), c1[i]);
+                lo = _mm256_add_ps(_mm256_loadu_ps(ci), lo);
+                hi = _mm256_add_ps(_mm256_loadu_ps(ci + 8), hi);
             } else if (bias != nullptr) {
-                c0[i] = _mm256_add_ps(_mm256_loadu_ps(bias), c0[i]);
-                c1[i] = _mm256_add_ps(_mm256_loadu_ps(bias + 8), c1[i]);
+                lo = _mm256_add_ps(_mm256_loadu_ps(bias), lo);
+                hi = _mm256_add_ps(_mm256_loadu_ps(bias + 8), hi);
             }
-            _mm256_storeu_ps(ci, c0[i]);
-            _mm256_storeu_ps(ci + 8, c1[i]);
+            _mm256_storeu_ps(ci, lo);
+            _mm256_storeu_ps(ci + 8, hi);
         }
         return;
     }
-    alignas(32) float tile[MR * NR];
     for (int i = 0; i < MR; i++) {
-        _mm256_store_ps(tile + i * NR, c0[i]);
-        _mm256_store_ps(tile + i * NR + 8, c1[i]);
+        _mm256_store_ps(tile + i * NR, rows[i][0]);
+        _mm256_store_ps(tile + i * NR + 8, rows[i][1]);
     }
     write_back_edge(tile, c, ldc, mr, nr, bias, add);
 }
@@ -382,10 +416,10 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t 
             for (idx_t ic = 0; ic < M; ic += MC) {
                 const idx_t mb = min_idx(MC, M - ic);
                 pack_block<MR>(pa, A + ic * rsA + pc * csA, csA, rsA, mb, kb, alpha);
-                for (idx_t jr = 0; jr < nb; jr += NR) {
-                    const int nr = (int)min_idx(NR, nb - jr);
-                    for (idx_t ir = 0; ir < mb; ir += MR) {
-                        const int mr = (int)min_idx(MR, mb - ir);
+                for (idx_t ir = 0; ir < mb; ir += MR) {
+                    const int mr = (int)min_idx(MR, mb - ir);
+                    for (idx_t jr = 0; jr < nb; jr += NR) {
+                        const int nr = (int)min_idx(NR, nb - jr);
                         micro_kernel(kb, pa + ir * kb, pb + jr * kb, C + (ic + ir) * ldc + jc + jr,
                                      ldc, mr, nr, row_init == nullptr ? nullptr : row_init + jr,
                                      add);

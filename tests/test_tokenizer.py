@@ -210,6 +210,11 @@ def test_load_errors(tmp_path):
     HFTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match="special tokens"):
         Tokenizer.load(tmp_path / "other.json")
+    # A word-level vocabulary is not a char tokenizer, even with our special tokens.
+    words = {t: i for i, t in enumerate(SPECIAL_TOKENS + [REPLACEMENT_CHAR, "a", "word"])}
+    HFTokenizer(models.WordLevel(words, unk_token=REPLACEMENT_CHAR)).save(str(tmp_path / "words.json"))
+    with pytest.raises(ValueError, match=r"single characters; got \['word'\]"):
+        Tokenizer.load(tmp_path / "words.json")
 
 
 def test_bad_arguments(char_tok):

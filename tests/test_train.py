@@ -16,8 +16,8 @@ from lmlab.pretrain import LanguageModelingStage, pretrain
 from lmlab.tokenizer import train_tokenizer
 from lmlab.train import NonFiniteLoss, TrainConfig, lr_at, train
 
-TEXT = ("the quick brown fox jumps over the lazy dog. " * 40
-        + "pack my box with five dozen liquor jugs. " * 40)
+TEXT = ("the quick brown fox jumps over the lazy dog. "
+        "pack my box with five dozen liquor jugs. ") * 40
 
 
 def tiny_setup(seed=0, block_size=16):

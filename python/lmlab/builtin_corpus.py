@@ -88,10 +88,13 @@ def _assemble_in_child() -> str:
         out = os.path.join(tmp, "corpus.txt")
         # -S: no site-packages, so third-party modules cannot shadow or extend the stdlib text;
         # the empty cwd keeps stray local files (a user's json.py) off sys.path.
-        proc = subprocess.run(
-            [sys.executable, "-S", "-c", source, out], cwd=tmp, env=env,
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=300,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-S", "-c", source, out], cwd=tmp, env=env,
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=300,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"building builtin:python-docs failed: could not run {sys.executable!r} ({e})") from None
         if proc.returncode != 0 or not os.path.exists(out):
             err = proc.stderr.decode("utf-8", "replace")[-2000:]
             raise RuntimeError(f"building builtin:python-docs failed (exit {proc.returncode}):\n{err}")

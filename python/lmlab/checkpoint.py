@@ -345,7 +345,7 @@ def plot_loss(run_dir, path=None):
         ax2.set_ylabel("learning rate")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right")
+    ax.legend(handles, labels, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

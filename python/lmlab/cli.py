@@ -104,17 +104,27 @@ class _StopString(Exception):
 
 
 def _generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                        num_samples, stop, stream) -> None:
+                        num_samples, stop, stream, raw=False) -> None:
+    """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
+    gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
     from .checkpoint import load_model
     from .sample import generate
 
-    model, tok, _ = load_model(run)
-    prompt_ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
+    model, tok, config = load_model(run)
+    template = (config.get("train") or {}).get("chat_template")
+    if template and not raw:
+        from .instruct import render
+        prompt_ids, _ = render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        stop_ids, echo = [tok.special_id(template["end"])], f"{prompt}\n> "
+    else:
+        prompt_ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
+        stop_ids, echo = [tok.eot_id], prompt
+    prompt_ids = prompt_ids[-model.config.block_size:]
     for i in range(num_samples):
         s = None if seed is None else seed + i
         if num_samples > 1:
             print(f"--- sample {i + 1}" + (f" (seed {s})" if s is not None else "") + " ---")
-        sys.stdout.write(prompt)
+        sys.stdout.write(echo)
         new: list = []
         shown = ""
 
@@ -123,22 +133,21 @@ def _generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_
             # tokens appears whole; stop as soon as the stop string shows up.
             nonlocal shown
             new.append(int(token_id))
-            text = tok.decode(new)
-            if stop and stop in text:
-                text = text[: text.index(stop)]
+            full = tok.decode(new)
+            text = full[: full.index(stop)] if stop and stop in full else full
             if stream and not text.endswith("\ufffd"):
                 sys.stdout.write(text[len(shown):])
                 sys.stdout.flush()
                 shown = text
-            if stop and len(text) < len(tok.decode(new)):
+            if len(text) < len(full):
                 raise _StopString
 
         try:
             generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=s, stop_ids=[tok.eot_id], callback=on_token)
+                     top_p=top_p, seed=s, stop_ids=stop_ids, callback=on_token)
         except _StopString:
             pass
-        text = tok.decode([t for t in new if t != tok.eot_id])
+        text = tok.decode(new)
         if stop and stop in text:
             text = text[: text.index(stop)]
         sys.stdout.write(text[len(shown):] + "\n")
@@ -150,7 +159,7 @@ def _cmd_sample(args) -> int:
     _generate_and_print(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, num_samples=args.num_samples, stop=args.stop,
-                        stream=not args.no_stream)
+                        stream=not args.no_stream, raw=args.raw)
     return 0
 
 
@@ -286,7 +295,7 @@ def _cmd_chat(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure kernels or training against references in the same run")
-    bsub = p.add_subparsers(dest="bench_what", required=True, metavar="{kernels,train}")
+    bsub = p.add_subparsers(dest="bench_what", required=True, metavar="{kernels,train,generate}")
     from . import bench, trainbench
     k = bsub.add_parser("kernels", help="every kernel vs numpy (and PyTorch) in the same run")
     bench.add_bench_kernels_arguments(k)
@@ -294,6 +303,9 @@ def _add_bench(sub) -> None:
     t = bsub.add_parser("train", help="training tokens/s and peak memory vs PyTorch, same config")
     trainbench.add_bench_train_arguments(t)
     t.set_defaults(func=trainbench.run_bench_train)
+    g = bsub.add_parser("generate", help="generation tokens/s with the KV cache vs without")
+    trainbench.add_bench_generate_arguments(g)
+    g.set_defaults(func=trainbench.run_bench_generate)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -332,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stop", default=None, help="stop string: output is cut where it appears")
     p.add_argument("--no-stream", action="store_true", help="print each sample when complete")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text even if the run has a chat template")
     _add_sampling_options(p)
     _add_threads(p)
     p.set_defaults(func=_cmd_sample)
@@ -400,13 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=_cmd_chat)
 
+    from .preference import add_preference_commands
+    add_preference_commands(sub)
+
     _add_bench(sub)
-    try:
-        from . import demo
-    except ImportError:
-        demo = None
-    if demo is not None:
-        demo.add_demo_arguments(sub)
+    from . import demo
+    demo.add_demo_arguments(sub)
     return parser
 
 
@@ -419,7 +432,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        rc = args.func(args)
+        return rc if isinstance(rc, int) else 0  # some runners return their result rows
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
         print(f"lmlab {args.command}: error: {exc}", file=sys.stderr)

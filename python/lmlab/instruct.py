@@ -274,10 +274,10 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
     ids = ids[-model.config.block_size:]
     end_id = tokenizer.special_id(END)
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, stop_ids=[end_id, tokenizer.eot_id], callback=callback)
-    out = [int(t) for t in out]
-    ended = bool(out) and out[-1] == end_id
-    body = [t for t in out if t not in (end_id, tokenizer.eot_id)]
+                   seed=seed, stop_ids=[end_id], callback=callback)
+    # generate() leaves the stop id out: a reply shorter than the limit is one that ended.
+    ended = len(out) < max_new_tokens
+    body = [int(t) for t in out if t != tokenizer.eot_id]
     return tokenizer.decode(body), ended
 
 

@@ -65,7 +65,12 @@ class Tokenizer:
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self._special = {s: vocab[s] for s in SPECIAL_TOKENS}
         self.eot_id = self._special["<|endoftext|>"]
-        if self.kind == "char":
+        if self.kind == "bpe":
+            tk.encode_special_tokens = True  # literal "<|end|>" in text stays text (see encode)
+        else:
+            multi = [t for t in vocab if len(t) != 1 and t not in self._special]
+            if multi:
+                raise ValueError(f"a char tokenizer's tokens must be single characters; got {multi[:5]}")
             pieces = [None] * self.vocab_size
             for token, i in vocab.items():
                 pieces[i] = token
@@ -130,7 +135,6 @@ class Tokenizer:
         if _SURROGATE_RE.search(text):
             self._unknown_policy(text, policy)
             text = _SURROGATE_RE.sub(REPLACEMENT_CHAR if policy == "replace" else "", text)
-        self._tk.encode_special_tokens = True  # literal "<|end|>" in text stays text
         return np.asarray(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def _unknown_policy(self, text: str, policy: str) -> None:

@@ -9,8 +9,11 @@ The stage contract (duck-typed, see `Stage`):
     stage.train_step(model, scale) -> dict   forward + backward of one micro-batch; the stage calls
                                              model.backward(weights * scale) so gradients accumulate
                                              as the mean over micro-batches; returns at least "loss"
-                                             and "tokens" (tokens processed)
-    stage.evaluate(model) -> dict            validation metrics, e.g. {"val_loss": ...}
+                                             and "tokens" (tokens processed); any other numbers
+                                             (a reward, a KL, a margin) are averaged over the
+                                             micro-batches and logged with the step
+    stage.evaluate(model) -> dict            validation metrics, at least {"val_loss": ...}; every
+                                             number in it is logged
     stage.state_dict() / load_state_dict(d)  the data position and RNG state, JSON-serialisable
 """
 
@@ -45,6 +48,7 @@ class TrainConfig:
     eval_every: int = 250  # validation every N steps (and at the end); 0 disables
     save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     log_every: int = 10  # metrics.jsonl row every N steps
+    keep_snapshots: bool = True  # each periodic save also keeps the weights in checkpoints/step_N/
     seed: int = 1337
     progress: bool = True  # the progress bar
     frozen: list = field(default_factory=list)  # parameter-name prefixes left untouched
@@ -97,6 +101,8 @@ class AdamW:
         self.v = np.zeros_like(model.params)
         self.t = 0
         self.ranges = trainable_ranges(model, cfg.frozen)
+        # The model then skips frozen gradients and stops backprop below the lowest trainable layer.
+        model.frozen = set(cfg.frozen)
 
     def step(self, lr: float, grad_scale: float) -> None:
         self.t += 1
@@ -121,12 +127,13 @@ class AdamW:
 
 def trainable_ranges(model, frozen_prefixes) -> list:
     """Contiguous [start, stop) ranges of the flat buffer whose parameters are not frozen."""
-    prefixes = tuple(frozen_prefixes or ())
+    from .model import frozen_by
+
+    prefixes = list(frozen_prefixes or ())
     base = model.params.ctypes.data
     spans = []
     for name, view in model.named_parameters().items():
-        if prefixes and any(name == p or name.startswith(p if p.endswith(".") else p + ".")
-                            for p in prefixes):
+        if any(frozen_by(name, p) for p in prefixes):
             continue
         start = (view.ctypes.data - base) // view.itemsize
         spans.append((start, start + view.size))
@@ -138,7 +145,7 @@ def trainable_ranges(model, frozen_prefixes) -> list:
         else:
             merged.append((start, stop))
     if not merged:
-        raise ValueError(f"every parameter is frozen by {list(prefixes)}; nothing would train")
+        raise ValueError(f"every parameter is frozen by {prefixes}; nothing would train")
     return merged
 
 
@@ -238,12 +245,15 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
             while step < cfg.steps:
                 # 1) gradients of one optimiser step, accumulated over micro-batches
                 model.zero_grad()
-                losses, tokens = [], 0
+                losses, tokens, extras = [], 0, {}
                 for _ in range(cfg.grad_accum):
                     out = stage.train_step(model, 1.0 / cfg.grad_accum)
                     losses.append(float(out["loss"]))
                     tokens += int(out["tokens"])
+                    for key, value in _numbers(out, skip=("loss", "tokens")).items():
+                        extras.setdefault(key, []).append(value)
                 loss = float(np.mean(losses))
+                extras = {key: float(np.mean(values)) for key, values in extras.items()}
                 grad_norm = ops.global_norm(model.grads)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise NonFiniteLoss(
@@ -260,19 +270,16 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
                 tokens_total += tokens
                 window_tokens += tokens
                 # 3) validation, metrics, progress, checkpoints
-                row = None
+                evaluation = {}
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    val_loss = float(stage.evaluate(model)["val_loss"])
-                    row = {}
-                if step % max(1, cfg.log_every) == 0 or step == cfg.steps or row is not None:
+                    evaluation = _numbers(stage.evaluate(model))
+                    val_loss = evaluation["val_loss"]
+                if step % max(1, cfg.log_every) == 0 or step == cfg.steps or evaluation:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_tokens = now, 0
                     row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": tps}
-                    if val_loss is not None and cfg.eval_every and (
-                            step % cfg.eval_every == 0 or step == cfg.steps):
-                        row["val_loss"] = val_loss
+                           "tokens_per_s": tps, **extras, **evaluation}
                     checkpoint.append_metrics(run_dir, row)
                     if bar is not None:
                         post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
@@ -283,6 +290,11 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
                     bar.update(1)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
+                    if cfg.keep_snapshots:
+                        # Weights only (no optimiser state): for sampling how the model was doing
+                        # at this point of training (`lmlab demo training`).
+                        checkpoint.save_run(run_dir / "checkpoints" / f"step_{step:06d}", model,
+                                            tokenizer, train_config=full_config, parent=parent)
                 if stop.requested:
                     stopped = True
                     break
@@ -302,6 +314,13 @@ def _plot(run_dir: Path) -> None:
         checkpoint.plot_loss(run_dir)
     except Exception as exc:  # a plot is a convenience; never lose a finished run over it
         print(f"lmlab: could not draw loss.png ({exc})", file=sys.stderr)
+
+
+def _numbers(d: dict, skip=()) -> dict:
+    """The finite-or-not real numbers of a stage's result (booleans and other values dropped)."""
+    return {k: float(v) for k, v in d.items()
+            if k not in skip and isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_))}
 
 
 def _jsonable(d: dict) -> dict:

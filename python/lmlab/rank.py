@@ -1,0 +1,198 @@
+"""`lmlab rank`: collect rankings in the terminal, from a person or a scripted judge.
+
+For each prompt the model samples K completions with distinct seeds; they are shown numbered from
+1 and the person types a ranking, best first:
+    2 1 3        completion 2 is best, then 1, then 3   (commas or ">" also separate)
+    2=1 3        2 and 1 tie for best, 3 is worst
+    s            skip this prompt (it is asked again next time)
+    q            quit (Ctrl-D and Ctrl-C also quit); every judgement so far is already saved
+Invalid input (a number out of range, a duplicate, one left out, a stray word) is explained and
+asked again. Each judgement is appended to the rankings JSONL and synced to disk at once; running
+the same command again skips the prompts that file already ranks.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .preference import append_ranking, compact_ranking, load_rankings, make_judge, read_prompts
+
+HELP = 'best first, e.g. "2 1 3"; ties "2=1 3"; "s" skips, "q" quits'
+
+
+class RankingInputError(ValueError):
+    """What was wrong with a typed ranking, in words for the person who typed it."""
+
+
+def parse_ranking_input(text: str, k: int):
+    """("rank", ranking over 0-based indices) | ("skip", None) | ("quit", None) for typed text."""
+    s = text.strip().lower()
+    if s in ("s", "skip"):
+        return "skip", None
+    if s in ("q", "quit", "exit"):
+        return "quit", None
+    if not s:
+        raise RankingInputError(f"nothing typed; rank {HELP}")
+    groups, seen = [], {}
+    for place, item in enumerate(t for t in re.split(r"[\s,>]+", s) if t):
+        group = []
+        for part in item.split("="):
+            if not part:
+                raise RankingInputError(f"{item!r}: a tie needs a number on each side of '=', "
+                                        "as in 2=1")
+            if not part.isdigit():
+                raise RankingInputError(f"{part!r} is not a completion number (1..{k})")
+            n = int(part)
+            if not 1 <= n <= k:
+                raise RankingInputError(f"{n} is out of range: the completions are numbered "
+                                        f"1..{k}")
+            if n in seen:
+                raise RankingInputError(f"{n} appears twice; give each completion one place")
+            seen[n] = place
+            group.append(n - 1)
+        groups.append(group)
+    missing = [n for n in range(1, k + 1) if n not in seen]
+    if missing:
+        left = ", ".join(map(str, missing))
+        raise RankingInputError(f"completion{'s' if len(missing) > 1 else ''} {left} "
+                                f"{'are' if len(missing) > 1 else 'is'} missing: rank all {k} "
+                                "(use = for ties)")
+    return "rank", compact_ranking(groups)
+
+
+def show_completions(prompt: str, completions: Sequence[str], write: Callable) -> None:
+    write(f"prompt: {prompt!r}, continued by:")
+    for i, c in enumerate(completions, 1):
+        # Newlines are shown as a visible mark so every completion stays on its numbered line.
+        write(f"  {i}) ...{c}".replace("\n", "\u21b5"))
+
+
+def ranked_prompts(path) -> set:
+    """Prompts the rankings file already holds (an absent file holds none)."""
+    path = Path(path)
+    if not path.exists() or not path.read_text(encoding="utf-8").strip():
+        return set()
+    return {r["prompt"] for r in load_rankings(path)}
+
+
+def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, judge=None,
+                read: Callable = input, write: Callable = print, judge_name: str = "human") -> dict:
+    """Rank every prompt not yet in out_path; sample(prompt, index, k) -> (completions, seeds).
+
+    With judge=None a person answers through read(); otherwise judge(prompt, completions) does.
+    Returns counts: ranked, skipped, already (ranked in an earlier session), quit (bool).
+    """
+    if k < 2:
+        raise ValueError(f"k must be >= 2 completions to rank, got {k}")
+    done = ranked_prompts(out_path)
+    todo = [(i, p) for i, p in enumerate(prompts) if p not in done]
+    stats = {"ranked": 0, "skipped": 0, "already": len(prompts) - len(todo), "quit": False}
+    if stats["already"]:
+        write(f"{stats['already']} of {len(prompts)} prompts already ranked in {out_path}; "
+              "continuing with the rest")
+    for n, (i, prompt) in enumerate(todo, 1):
+        completions, seeds = sample(prompt, i, k)
+        if judge is not None:
+            action, ranking = "rank", judge(prompt, completions)
+        else:
+            write(f"\n[{n}/{len(todo)}]")
+            show_completions(prompt, completions, write)
+            action, ranking = _ask(read, write, k)
+        if action == "quit":
+            stats["quit"] = True
+            break
+        if action == "skip":
+            stats["skipped"] += 1
+            continue
+        append_ranking(out_path, {"prompt": prompt, "completions": list(completions),
+                                  "ranking": ranking, "judge": judge_name,
+                                  "seeds": [int(s) for s in seeds]})
+        stats["ranked"] += 1
+    write(f"ranked {stats['ranked']}, skipped {stats['skipped']}"
+          + (" (quit: run the same command again to resume)" if stats["quit"] else "")
+          + f"; rankings in {out_path}")
+    return stats
+
+
+def _ask(read: Callable, write: Callable, k: int):
+    while True:
+        try:
+            text = read(f"your ranking ({HELP})> ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return "quit", None
+        try:
+            return parse_ranking_input(text, k)
+        except RankingInputError as exc:
+            write(f"  not a ranking: {exc}. Try again.")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def add_rank_arguments(p) -> None:
+    p.add_argument("run", help="run directory of the model that answers")
+    p.add_argument("--prompts", required=True, help="prompts file (one per line, or JSONL)")
+    p.add_argument("--out", required=True, help="rankings JSONL (appended to; resumes)")
+    p.add_argument("-k", "--samples", type=int, default=4, help="completions per prompt")
+    p.add_argument("--judge", default=None, metavar="SPEC",
+                   help="rank with a scripted judge instead of a person: word:WORD, shorter, "
+                        "longer")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0,
+                   help="completion j of prompt i uses seed SEED + K*i + j")
+    p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the kernels")
+    p.set_defaults(func=cmd_rank)
+
+
+def cmd_rank(args) -> int:
+    from . import ops
+    from .checkpoint import load_model
+    from .preference import prompt_ids_for, sample_completion
+
+    if args.threads:
+        ops.set_num_threads(args.threads)
+    judge = make_judge(args.judge) if args.judge else None
+    prompts = read_prompts(args.prompts)
+    model, tok, _ = load_model(args.run)
+    bs = model.config.block_size
+    k = args.samples
+
+    def sample(prompt: str, index: int, k: int):
+        pids = prompt_ids_for(tok, prompt, bs, args.max_new_tokens)
+        seeds = [args.seed + k * index + j for j in range(k)]
+        texts = [sample_completion(model, tok, pids, args.max_new_tokens, seed=s,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p)[1] for s in seeds]
+        return texts, seeds
+
+    run_session(prompts, sample, args.out, k, judge=judge,
+                judge_name=args.judge or "human", write=lambda s: print(s, flush=True))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m lmlab.rank ...`: the same verb without the rest of the CLI."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="lmlab rank", description=__doc__.split("\n\n")[0])
+    add_rank_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return cmd_rank(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"lmlab rank: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # while sampling; every judgement so far is already on disk
+        print("\nlmlab rank: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Sampling from a GPT: the next-token distribution, its filters, and generation.
+
+Generation picks a token from the model's next-token distribution and appends it, over and over.
+The distribution is shaped by temperature (T = 0 is greedy: always the most likely token), then
+top-k (keep the k most likely) and top-p (keep the smallest set of most likely tokens whose mass
+reaches p), renormalising after each filter. Each call owns a numpy Generator seeded from `seed`,
+so the same seed gives the same tokens and different seeds give different samples.
+
+With use_cache=True (the default) the model keeps each layer's keys and values and feeds one new
+token per step (O(T) work per token); without it every step reruns the whole context (O(T^2)).
+Both give the same tokens. Contexts longer than block_size are cropped to the last block_size
+tokens (a sliding window); because positions are absolute, the cache cannot slide, so once it is
+full each further step refills it from the cropped window, costing what an uncached step costs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from .model import GPT
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _check_options(temperature, top_k, top_p) -> None:
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = None,
+                        top_p: Optional[float] = None) -> np.ndarray:
+    """Apply temperature, then top-k, then top-p to probs (V,); returns float64 (V,) summing to 1.
+
+    temperature rescales logits (p ** (1/T), renormalised); 0 puts all mass on the most likely
+    token (the first one on ties). top_k keeps exactly the k most likely tokens (ties broken by
+    lower id). top_p keeps the smallest set of most likely tokens whose mass is >= top_p.
+    """
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"probs must be a non-empty 1-D array, got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise ValueError("probs must be finite, non-negative and not all zero")
+    _check_options(temperature, top_k, top_p)
+    if temperature == 0:
+        out = np.zeros_like(p)
+        out[int(np.argmax(p))] = 1.0
+        return out
+    if temperature != 1.0:
+        # p ** (1/T) in log space, max subtracted, so small T neither under- nor overflows.
+        with np.errstate(divide="ignore"):
+            logp = np.log(p) / temperature
+        p = np.exp(logp - logp.max())
+    p = p / p.sum()
+    order = None
+    if top_k is not None and top_k < p.size:
+        order = np.argsort(-p, kind="stable")
+        p = p.copy()
+        p[order[top_k:]] = 0.0
+        p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        if order is None:
+            order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # The first index where the running mass reaches top_p ends the kept set; the tolerance
+        # keeps a set whose mass equals top_p up to rounding.
+        keep = int(np.searchsorted(cum, top_p - 1e-12, side="left")) + 1
+        p = p.copy()
+        p[order[keep:]] = 0.0
+        p /= p.sum()
+    return p
+
+
+def _context(model: GPT, ids) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of token ids, got shape "
+                         f"{arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"prompt_ids must hold integer token ids, got dtype {arr.dtype}")
+    V = model.config.vocab_size
+    if arr.min() < 0 or arr.max() >= V:
+        raise ValueError(f"prompt_ids must lie in [0, {V}), got min {arr.min()} max {arr.max()}")
+    return arr.astype(np.int32)
+
+
+def next_token_distribution(model: GPT, prompt_ids) -> np.ndarray:
+    """The model's probabilities (float64, (V,)) for the token after prompt_ids.
+
+    A prompt longer than block_size is cropped to its last block_size tokens.
+    """
+    ctx = _context(model, prompt_ids)[-model.config.block_size:]
+    logits, _ = model.forward(ctx[None, :])
+    return _softmax64(logits[0, -1])
+
+
+def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
+             stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,
+             callback: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """Generate up to max_new_tokens ids after prompt_ids; returns the new ids (int32, 1-D).
+
+    Generation stops early when it produces any id in stop_ids; that id is not returned (so a
+    result shorter than max_new_tokens means a stop id was produced). callback(token_id) is called
+    with each returned id as soon as it is chosen, for streaming.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    cfg = model.config
+    _check_options(temperature, top_k, top_p)
+    stops = set(int(s) for s in stop_ids) if stop_ids is not None else set()
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    tokens = list(_context(model, prompt_ids)[-cfg.block_size:])
+    bs = cfg.block_size
+    out: list[int] = []
+    cache = model.new_cache() if use_cache else None
+
+    def logits_for_next() -> np.ndarray:
+        window = np.asarray(tokens[-bs:], np.int32)
+        if cache is None:
+            logits, _ = model.forward(window[None, :])
+            return logits[0, -1]
+        if cache.length == 0 or cache.length + 1 > bs:
+            cache.reset()               # the window slid (or first call): refill from scratch
+            return model.forward_cached(cache, window)
+        return model.forward_cached(cache, window[-1:])
+
+    for _ in range(int(max_new_tokens)):
+        logits = logits_for_next()
+        if temperature == 0:
+            nxt = int(np.argmax(logits))
+        else:
+            p = filter_distribution(_softmax64(logits), temperature, top_k, top_p)
+            cdf = np.cumsum(p)
+            nxt = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+            nxt = min(nxt, p.size - 1)
+            while p[nxt] == 0.0:        # rounding at the cdf's flat end: step back to a kept id
+                nxt -= 1
+        if nxt in stops:
+            break
+        tokens.append(nxt)
+        out.append(nxt)
+        if callback is not None:
+            callback(nxt)
+    return np.asarray(out, np.int32)
+
+
+def generate_many(model: GPT, prompt_ids, n: int, max_new_tokens: int, *, seed=None,
+                  **kwargs) -> list[np.ndarray]:
+    """n samples for one prompt, each generated with its own seed derived from `seed`.
+
+    The derived seeds come from numpy's SeedSequence.spawn, so the samples are independent yet
+    the whole list is reproducible from one seed. Other options as for generate().
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    children = np.random.SeedSequence(seed).spawn(int(n))
+    return [generate(model, prompt_ids, max_new_tokens, seed=np.random.default_rng(c), **kwargs)
+            for c in children]

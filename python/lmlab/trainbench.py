@@ -1,0 +1,324 @@
+"""Training-throughput benchmark: lmlab against PyTorch eager on the same GPT, config and batch.
+
+One training step is forward + backward + an AdamW update (nanoGPT's settings: betas (0.9, 0.95),
+weight decay 0.1 on 2-D weights). Each implementation runs in its OWN subprocess, so its peak RSS
+(getrusage's ru_maxrss of that process) is its own and imports of the other do not count; both use
+the same thread count. Random token batches (the data pipeline is not what is measured).
+
+    python -m lmlab.trainbench --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12
+    python -m lmlab.trainbench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
+
+The second measures generation tokens/s with the KV cache against without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+IMPLS = ("lmlab", "pytorch")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KiB on Linux
+    return kib / (1024.0 * 1024.0) if sys.platform == "darwin" else kib / 1024.0
+
+
+def _batches(cfg: dict, n: int):
+    rng = np.random.default_rng(0)
+    shape = (cfg["batch_size"], cfg["block_size"])
+    return [(rng.integers(0, cfg["vocab_size"], shape, dtype=np.int64),
+             rng.integers(0, cfg["vocab_size"], shape, dtype=np.int64)) for _ in range(n)]
+
+
+def lmlab_step_fn(cfg: dict, lr: float = 1e-3):
+    """A closure running one lmlab training step on (x, y); returns the mean loss."""
+    from . import ops
+    from .model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"],
+                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
+    m = np.zeros_like(model.params)
+    v = np.zeros_like(model.params)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    weights = np.full((B, T), 1.0 / (B * T), np.float32)
+    step = [0]
+
+    def train_step(x, y) -> float:
+        _, losses = model.forward(x, y)
+        loss = float(losses.mean())
+        model.zero_grad()
+        model.backward(weights)
+        step[0] += 1
+        ops.adamw_update(model.params, m, v, model.grads, model.decay_mask, lr=lr,
+                         weight_decay=0.1, t=step[0])
+        return loss
+
+    return train_step
+
+
+def pytorch_step_fn(cfg: dict, lr: float = 1e-3):
+    """The same step in PyTorch eager (torch_reference.TorchGPT, torch.optim.AdamW)."""
+    import torch
+
+    from .model import GPTConfig
+    from .torch_reference import TorchGPT
+
+    torch.manual_seed(0)
+    model = TorchGPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"],
+                               n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
+    opt = torch.optim.AdamW(model.decay_groups(0.1), lr=lr, betas=(0.9, 0.95))
+
+    def train_step(x, y) -> float:
+        _, losses = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss = losses.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return train_step
+
+
+def _set_threads(impl: str, threads: int) -> None:
+    if impl == "pytorch":
+        import torch
+        torch.set_num_threads(threads)
+    else:
+        from . import ops
+        ops.set_num_threads(threads)
+
+
+def run_one(impl: str, cfg: dict, steps: int, warmup: int, threads: int) -> dict:
+    """Measure one implementation in this process (the subprocess body)."""
+    _set_threads(impl, threads)
+    step = lmlab_step_fn(cfg) if impl == "lmlab" else pytorch_step_fn(cfg)
+    batches = _batches(cfg, 4)
+    losses = []
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        losses.append(step(*batches[i % len(batches)]))
+    dt = time.perf_counter() - t0
+    tokens = steps * cfg["batch_size"] * cfg["block_size"]
+    return {"impl": impl, "config": cfg, "threads": threads, "steps": steps,
+            "tokens_per_s": tokens / dt, "ms_per_step": 1000.0 * dt / steps,
+            "peak_rss_mib": _peak_rss_mib(), "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def profile_step(cfg: dict, steps: int = 3, threads: int | None = None) -> list[tuple[str, float, int]]:
+    """Where one lmlab training step's time goes: (kernel, ms per step, calls per step), slowest first.
+
+    Wraps every lmlab.ops function with a timer (the model calls them through the module), runs
+    one warmup step and `steps` timed ones; "python (rest)" is the step time outside the kernels.
+    """
+    from . import ops
+    if threads is not None:
+        ops.set_num_threads(threads)
+    step = lmlab_step_fn(cfg)
+    batches = _batches(cfg, 2)
+    step(*batches[0])
+    totals: dict[str, list] = {}
+    originals = {}
+    for name in ("matmul_forward", "matmul_backward", "layernorm_forward", "layernorm_backward",
+                 "attention_forward", "attention_backward", "gelu_forward", "gelu_backward",
+                 "residual_forward", "embedding_forward", "embedding_backward",
+                 "crossentropy_forward", "crossentropy_backward", "adamw_update"):
+        originals[name] = fn = getattr(ops, name)
+
+        def timed(*args, _fn=fn, _name=name, **kwargs):
+            t0 = time.perf_counter()
+            result = _fn(*args, **kwargs)
+            entry = totals.setdefault(_name, [0.0, 0])
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+            return result
+        setattr(ops, name, timed)
+    try:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(*batches[i % 2])
+        wall = time.perf_counter() - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(ops, name, fn)
+    rows = [(name, 1000.0 * t / steps, n // steps) for name, (t, n) in totals.items()]
+    rows.append(("python (rest)", 1000.0 * (wall - sum(t for t, _ in totals.values())) / steps, 0))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
+                   prompt_len: int = 16, new_tokens: int = 64, vocab_size: int = 65,
+                   threads: int | None = None) -> list[dict]:
+    """Generation tokens/s of one randomly initialised model with and without the KV cache.
+
+    Greedy decoding (sampling costs the same either way) from a prompt of prompt_len tokens; rows
+    with impl "lmlab-kv-cache" and "lmlab-no-cache", config, tokens_per_s, ms_per_token, and
+    whether both produced the same tokens.
+    """
+    from . import ops
+    from .model import GPT, GPTConfig
+    from .sample import generate
+
+    if threads is not None:
+        ops.set_num_threads(threads)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                    n_head=n_head, n_embd=n_embd)
+    model = GPT(cfg)
+    prompt = np.arange(prompt_len) % vocab_size
+    rows, outputs = [], []
+    for use_cache in (True, False):
+        generate(model, prompt, 2, temperature=0, use_cache=use_cache)       # warm up
+        t0 = time.perf_counter()
+        outputs.append(generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache))
+        dt = time.perf_counter() - t0
+        rows.append({"impl": "lmlab-kv-cache" if use_cache else "lmlab-no-cache",
+                     "config": dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                    block_size=block_size, vocab_size=vocab_size,
+                                    prompt_len=prompt_len, new_tokens=new_tokens),
+                     "threads": ops.get_num_threads(),
+                     "tokens_per_s": new_tokens / dt, "ms_per_token": 1000.0 * dt / new_tokens})
+    same = bool(np.array_equal(outputs[0], outputs[1]))
+    for r in rows:
+        r["same_tokens"] = same
+    return rows
+
+
+def torch_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
+def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
+                steps: int, vocab_size: int = 65, threads: int | None = None,
+                impls=IMPLS, warmup: int = 2) -> list[dict]:
+    """Training tokens/s and peak RSS per implementation, each measured in its own subprocess.
+
+    PyTorch is skipped when torch is not installed. Returns one dict per implementation with
+    impl, config, tokens_per_s, peak_rss_mib, ms_per_step (and threads, steps, losses).
+    """
+    for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
+                        ("block_size", block_size), ("batch_size", batch_size), ("steps", steps),
+                        ("vocab_size", vocab_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"impls must be among {IMPLS}, got {sorted(unknown)}")
+    if threads is None:
+        from . import ops
+        threads = ops.get_num_threads()
+    cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+               batch_size=batch_size, vocab_size=vocab_size)
+    rows = []
+    for impl in impls:
+        if impl == "pytorch" and not torch_available():
+            continue
+        spec = json.dumps(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup, threads=threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", spec],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench_train: the {impl} run failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, n_layer: int, n_head: int, n_embd: int,
+                         block_size: int) -> None:
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--n-head", type=int, default=n_head)
+    parser.add_argument("--n-embd", type=int, default=n_embd)
+    parser.add_argument("--block-size", type=int, default=block_size)
+    parser.add_argument("--vocab-size", type=int, default=65)
+    parser.add_argument("--threads", type=int, default=None, help="default: lmlab's thread count")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lmlab bench train`."""
+    _add_model_arguments(parser, 4, 4, 128, 64)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warmup)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--impl", choices=IMPLS, action="append", default=None,
+                        help="run only this implementation (repeatable); default both")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one lmlab step's time goes, kernel by kernel")
+
+
+def run_bench_train(args: argparse.Namespace) -> list[dict]:
+    """Run `lmlab bench train` from parsed arguments and print the rows."""
+    rows = bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size,
+                       args.steps, vocab_size=args.vocab_size, threads=args.threads,
+                       impls=tuple(args.impl or IMPLS), warmup=args.warmup)
+    for r in rows:
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            print(f"{r['impl']:8s} {r['tokens_per_s']:10.0f} tokens/s  {r['ms_per_step']:8.1f} "
+                  f"ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  ({r['threads']} threads)")
+    if not args.json and len(rows) == 2:
+        print(f"lmlab / pytorch: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if getattr(args, "profile", False):
+        cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                   block_size=args.block_size, batch_size=args.batch_size,
+                   vocab_size=args.vocab_size)
+        prof = profile_step(cfg, steps=max(1, min(args.steps, 5)), threads=args.threads)
+        total = sum(ms for _, ms, _ in prof)
+        for name, ms, calls in prof:
+            if args.json:
+                print(json.dumps({"profile": name, "ms_per_step": ms, "calls_per_step": calls}))
+            else:
+                print(f"  {name:22s} {ms:9.2f} ms/step {100 * ms / total:5.1f}%  {calls:4d} calls")
+    return rows
+
+
+def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a `lmlab bench generate` (KV cache vs none)."""
+    _add_model_arguments(parser, 6, 6, 384, 256)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+
+
+def run_bench_generate(args: argparse.Namespace) -> list[dict]:
+    """Run a generation benchmark from parsed arguments and print the rows."""
+    rows = bench_generate(args.n_layer, args.n_head, args.n_embd, args.block_size,
+                          prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          vocab_size=args.vocab_size, threads=args.threads)
+    for r in rows:
+        print(json.dumps(r) if args.json else
+              f"{r['impl']:15s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
+              f"  same tokens: {r['same_tokens']}")
+    return rows
+
+
+def main(argv=None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--child"]:
+        spec = json.loads(argv[1])
+        print(json.dumps(run_one(spec["impl"], spec["cfg"], spec["steps"], spec["warmup"],
+                                 spec["threads"])))
+        return
+    parser = argparse.ArgumentParser(prog="python -m lmlab.trainbench", description=__doc__)
+    if argv[:1] == ["generate"]:
+        add_bench_generate_arguments(parser)
+        run_bench_generate(parser.parse_args(argv[1:]))
+        return
+    add_bench_train_arguments(parser)
+    run_bench_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+// Checks of the internal gemm (cpp/gemm.cpp) that the public matmul cannot reach: any stride pattern
+// (both operands transposed or not, padded leading dimensions), alpha, accumulate on/off, the serial
+// path, the parallel path at 1 and 2 threads, and a call from inside a parallel region. Built and run
+// by tests/test_gemm.py once per instruction set, which asserts on what this prints.
+//
+// Prints one line per case:
+//   M N K transA transB alpha accumulate rel_err bitwise guard
+// rel_err: max |C - exact| / max(|alpha| * sum_k |a||b| + |C0|) against a double-precision loop;
+// bitwise: 1 if the serial call, the parallel call at 1 and at 2 threads and the call from inside a
+// parallel region gave identical bits; guard: 1 if no element outside the M x N window changed.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "gemm_internal.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace isa = lmlab::LMLAB_ISA_NS;
+using lmlab::idx_t;
+
+namespace {
+
+std::uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+float uniform() {  // xorshift64*, in [-1, 1)
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (float)((rng_state * 0x2545F4914F6CDD1Dull) >> 40) / (float)(1 << 23) - 1.0f;
+}
+
+void set_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+// One case: op(A) is M x K, stored as A (M, lda) or, transposed, as (K, lda); likewise op(B).
+void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, bool accumulate) {
+    const idx_t pad = 3;  // leading dimensions wider than the matrix, to catch stride mix-ups
+    const idx_t lda = (transA ? M : K) + pad, ldb = (transB ? K : N) + pad, ldc = N + pad;
+    std::vector<float> A((transA ? K : M) * lda), B((transB ? N : K) * ldb), C0(M * ldc);
+    for (float& x : A) x = uniform();
+    for (float& x : B) x = uniform();
+    for (float& x : C0) x = uniform();
+    const idx_t rsA = transA ? 1 : lda, csA = transA ? lda : 1;
+    const idx_t rsB = transB ? 1 : ldb, csB = transB ? ldb : 1;
+
+    double err = 0.0, scale = 0.0;
+    std::vector<float> C[4];
+    for (auto& c : C) c = C0;
+    isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[0].data(), ldc, accumulate,
+              false);
+    set_threads(1);
+    isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[1].data(), ldc, accumulate,
+              true);
+    set_threads(2);
+    isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[2].data(), ldc, accumulate,
+              true);
+    float* c3 = C[3].data();
+#pragma omp parallel num_threads(2)
+    {
+#ifdef _OPENMP
+        const bool mine = omp_get_thread_num() == 0;
+#else
+        const bool mine = true;
+#endif
+        // Only one thread calls, with parallel = true: gemm must notice it is already inside a team.
+        if (mine)
+            isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, c3, ldc, accumulate,
+                      true);
+    }
+
+    bool guard = true;
+    for (idx_t m = 0; m < M; m++) {
+        for (idx_t n = 0; n < ldc; n++) {
+            const float got = C[0][m * ldc + n];
+            if (n >= N) {
+                guard = guard && std::memcmp(&got, &C0[m * ldc + n], sizeof got) == 0;
+                continue;
+            }
+            double exact = 0.0, size = 0.0;
+            for (idx_t k = 0; k < K; k++) {
+                const double a = A[m * rsA + k * csA], b = B[k * rsB + n * csB];
+                exact += a * b;
+                size += std::fabs(a * b);
+            }
+            exact *= alpha;
+            size *= std::fabs(alpha);
+            if (accumulate) {
+                exact += C0[m * ldc + n];
+                size += std::fabs(C0[m * ldc + n]);
+            }
+            err = std::fmax(err, std::fabs(got - exact));
+            scale = std::fmax(scale, size);
+        }
+    }
+    bool bitwise = true;
+    for (int i = 1; i < 4; i++)
+        bitwise = bitwise && std::memcmp(C[0].data(), C[i].data(), C0.size() * sizeof(float)) == 0;
+    std::printf("%lld %lld %lld %d %d %g %d %.3e %d %d\n", (long long)M, (long long)N, (long long)K,
+                (int)transA, (int)transB, alpha, (int)accumulate, scale > 0 ? err / scale : err,
+                (int)bitwise, (int)guard);
+}
+
+}  // namespace
+
+int main() {
+    // Edge sizes around every tile (MR up to 14, NR up to 32) and slice (KC = 384 or 256), and the
+    // attention kernel's per-head blocks.
+    const idx_t sizes[][3] = {{1, 1, 1},    {7, 9, 33},    {33, 7, 9},    {9, 33, 7},
+                              {14, 32, 16}, {15, 33, 257}, {29, 65, 600}, {64, 256, 64},
+                              {256, 64, 256}, {100, 3, 1},  {1, 100, 513}, {130, 90, 40}};
+    const float alphas[] = {1.0f, 0.125f, -2.5f};
+    int i = 0;
+    for (const auto& s : sizes)
+        for (int t = 0; t < 4; t++) {
+            const bool transA = t & 1, transB = t & 2;
+            run_case(s[0], s[1], s[2], transA, transB, alphas[i % 3], (i / 3) % 2 == 1);
+            i++;
+        }
+    // A zero-depth product: C = 0 or unchanged.
+    run_case(5, 6, 0, false, false, 1.0f, false);
+    run_case(5, 6, 0, false, false, 1.0f, true);
+    return 0;
+}

@@ -1,0 +1,75 @@
+"""Smoke test of the kernel benchmark runner (lmlab.bench) on tiny shapes: the rows it returns and prints,
+the JSON-lines mode, and the OpenBLAS environment warning. No timing is asserted."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+
+from lmlab import bench
+
+KERNELS = {"matmul fwd", "matmul bwd-input", "matmul bwd-weight", "softmax fwd", "softmax bwd",
+           "crossentropy fwd", "crossentropy bwd", "layernorm fwd", "layernorm bwd", "gelu fwd", "gelu bwd",
+           "adamw", "attention fwd+bwd"}
+
+
+def check_row(row):
+    assert {"kernel", "shape", "lmlab", "reference", "unit", "ratio", "reference_name"} <= set(row)
+    assert row["unit"] == ("GFLOP/s" if row["kernel"].startswith("matmul") else "ms")
+    assert row["lmlab"] > 0 and row["reference"] > 0 and row["ratio"] > 0
+    # The benchmark compares the two results it timed: a fast but wrong kernel must show.
+    assert row["max_rel_err"] < 1e-4, row
+
+
+def test_bench_kernels_tiny_rows():
+    out = io.StringIO()
+    rows = bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=out)
+    assert {r["kernel"] for r in rows} == KERNELS
+    for row in rows:
+        check_row(row)
+        assert row["threads"] == 1
+    text = out.getvalue()
+    assert "reference" in text.splitlines()[1]
+    assert len(text.splitlines()) == 2 + len(rows)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    assert any("scaled_dot_product_attention" in r["reference_name"] for r in rows)
+
+
+def test_bench_kernels_json_lines():
+    out = io.StringIO()
+    rows = bench.bench_kernels(threads=1, json_lines=True, shapes="tiny", repeat=1, out=out)
+    printed = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert printed == rows
+    for row in printed:
+        check_row(row)
+
+
+def test_cli_arguments_round_trip(capsys):
+    parser = bench.add_bench_kernels_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--json", "--threads", "1", "--repeat", "1", "--shapes", "tiny"])
+    assert bench.run_bench_kernels(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert {json.loads(line)["kernel"] for line in lines} == KERNELS
+
+
+@pytest.mark.parametrize("bad", [{"shapes": "huge"}, {"repeat": 0}])
+def test_bench_kernels_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        bench.bench_kernels(threads=1, **{"shapes": "tiny", **bad})
+
+
+def test_openblas_environment_warning(monkeypatch, capsys):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
+    warning = bench.openblas_warning()
+    assert "OPENBLAS_CORETYPE" in warning and "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in warning
+    bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=io.StringIO())
+    assert "depressed" in capsys.readouterr().err
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert bench.openblas_warning() is None

@@ -1,0 +1,174 @@
+"""Tests of the blocked GEMM behind matmul (and attention), on every instruction-set variant.
+
+Through the public ops: the linear layer's forward and both backward products against float64 numpy
+on awkward shapes (sizes around the register tiles and cache slices), the accumulate and skip
+contracts, and bitwise-identical results for 1 and 2 threads. Through a small C++ driver
+(tests/gemm_check.cpp, compiled here against cpp/gemm.cpp once per instruction set): any stride
+pattern, alpha, accumulate on and off, and calls from inside a parallel region, which matmul alone
+never exercises.
+
+Tolerance: results are compared with the float64 product, relative to the float64 product of the
+absolute values (the size of the terms summed); fp32 rounding over a depth-d reduction stays well
+below 1e-5 * max(1, sqrt(d / 64)).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlab import ops
+
+ISAS = ops.cpu_info()["available"]
+ROOT = Path(__file__).resolve().parent.parent
+
+# (N rows, C in, OC out): tile edges of every variant (MR 14/6/4, NR 32/16/8), reductions deeper than
+# one slice (384 deep for AVX-512, 256 otherwise), and one row or column alone.
+SHAPES = [(1, 1, 1), (7, 9, 33), (33, 7, 9), (9, 33, 7), (15, 257, 31), (29, 600, 65),
+          (130, 64, 300), (1, 300, 5), (300, 5, 1)]
+
+
+def tolerance(depth: int) -> float:
+    return 1e-5 * max(1.0, np.sqrt(depth / 64))
+
+
+def rel_err(got: np.ndarray, exact: np.ndarray, size: np.ndarray) -> float:
+    return float(np.abs(got - exact).max() / size.max())
+
+
+def operands(N: int, C: int, OC: int, seed: int = 0):
+    rng = np.random.default_rng(seed + N * 10007 + C * 101 + OC)
+    inp = rng.standard_normal((N, C), dtype=np.float32)
+    weight = rng.standard_normal((OC, C), dtype=np.float32)
+    bias = rng.standard_normal(OC, dtype=np.float32)
+    dout = rng.standard_normal((N, OC), dtype=np.float32)
+    return inp, weight, bias, dout
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_forward_matches_float64(isa, shape, with_bias):
+    N, C, OC = shape
+    inp, weight, bias, _ = operands(N, C, OC)
+    out = np.full((N, OC), np.nan, np.float32)  # every element must be written
+    with ops.use_isa(isa):
+        ops.matmul_forward(out, inp, weight, bias if with_bias else None)
+    i, w, b = (x.astype(np.float64) for x in (inp, weight, bias))
+    exact = i @ w.T + (b if with_bias else 0.0)
+    size = np.abs(i) @ np.abs(w).T + (np.abs(b) if with_bias else 0.0)
+    assert rel_err(out, exact, size) < tolerance(C)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_accumulates_float64(isa, shape):
+    N, C, OC = shape
+    inp, weight, _, dout = operands(N, C, OC)
+    rng = np.random.default_rng(1)
+    dinp0 = rng.standard_normal((N, C), dtype=np.float32)
+    dweight0 = rng.standard_normal((OC, C), dtype=np.float32)
+    dbias0 = rng.standard_normal(OC, dtype=np.float32)
+    dinp, dweight, dbias = dinp0.copy(), dweight0.copy(), dbias0.copy()
+    with ops.use_isa(isa):
+        ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+    i, w, d = (x.astype(np.float64) for x in (inp, weight, dout))
+    ai, aw, ad = np.abs(i), np.abs(w), np.abs(d)
+    assert rel_err(dinp, dinp0 + d @ w, np.abs(dinp0) + ad @ aw) < tolerance(OC)
+    assert rel_err(dweight, dweight0 + d.T @ i, np.abs(dweight0) + ad.T @ ai) < tolerance(N)
+    assert rel_err(dbias, dbias0 + d.sum(0), np.abs(dbias0) + ad.sum(0)) < tolerance(N)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_backward_gradients_alone_equal_gradients_together(isa):
+    inp, weight, _, dout = operands(20, 40, 24)
+    together = [np.zeros_like(inp), np.zeros_like(weight), np.zeros(24, np.float32)]
+    alone = [np.zeros_like(x) for x in together]
+    with ops.use_isa(isa):
+        ops.matmul_backward(*together, dout, inp, weight)
+        ops.matmul_backward(alone[0], None, None, dout, inp, weight)
+        ops.matmul_backward(None, alone[1], None, dout, inp, weight)
+        ops.matmul_backward(None, None, alone[2], dout, inp, weight)
+    for a, t in zip(alone, together):
+        assert np.abs(t).max() > 0 and np.array_equal(a, t)
+
+
+# Large enough that two threads both get work, split by rows (N >= OC) or by columns (N < OC), with
+# edge tiles and several reduction slices.
+THREAD_SHAPES = [(333, 530, 97), (70, 300, 515), (1029, 64, 200)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bitwise_identical_for_1_and_2_threads(isa, shape):
+    N, C, OC = shape
+    inp, weight, bias, dout = operands(N, C, OC, seed=7)
+    results = []
+    for threads in (1, 2):
+        out = np.empty((N, OC), np.float32)
+        dinp = np.zeros((N, C), np.float32)
+        dweight = np.zeros((OC, C), np.float32)
+        dbias = np.zeros(OC, np.float32)
+        with ops.use_isa(isa), ops.num_threads(threads):
+            ops.matmul_forward(out, inp, weight, bias)
+            ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+        results.append((out, dinp, dweight, dbias))
+    for one, two in zip(*results):
+        assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
+
+
+# --- the internal gemm, through tests/gemm_check.cpp -------------------------------------------------
+
+FLAGS = {  # as in CMakeLists.txt
+    "portable": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def compiler():
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def gemm_check(tmp_path_factory):
+    """Builds the driver for an instruction set on first use; returns its printed rows."""
+    cxx = compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler to build tests/gemm_check.cpp")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the instruction-set flags below are x86-64 flags")
+    out_dir = tmp_path_factory.mktemp("gemm_check")
+
+    def run(isa: str):
+        exe = out_dir / f"gemm_check_{isa}"
+        subprocess.run([cxx, "-std=c++17", "-O2", "-fopenmp", f"-I{ROOT / 'cpp'}",
+                        f"-DLMLAB_ISA_NS={isa}", *FLAGS[isa], str(ROOT / "tests" / "gemm_check.cpp"),
+                        str(ROOT / "cpp" / "gemm.cpp"), "-o", str(exe)], check=True)
+        text = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+        return [line.split() for line in text.strip().splitlines()]
+
+    return run
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_strides_alpha_accumulate(isa, gemm_check):
+    rows = gemm_check(isa)
+    assert len(rows) == 50  # 12 sizes x 4 stride patterns, and 2 zero-depth cases
+    seen = set()
+    for M, N, K, trans_a, trans_b, alpha, accumulate, err, bitwise, guard in rows:
+        case = f"M={M} N={N} K={K} transA={trans_a} transB={trans_b} alpha={alpha} acc={accumulate}"
+        assert float(err) < tolerance(int(K)), case
+        assert bitwise == "1", f"{case}: serial, 1-thread, 2-thread and nested calls differ"
+        assert guard == "1", f"{case}: wrote outside the C window"
+        seen.add((trans_a, trans_b, accumulate))
+    assert len(seen) == 8  # every stride pattern with and without accumulate

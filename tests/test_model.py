@@ -1,0 +1,395 @@
+"""The GPT model against independent references: a float64 numpy GPT written here (forward and a
+hand-derived backward), and PyTorch float64 autograd when torch is installed.
+
+Tolerance: lmlab computes in float32, the references in float64. Every tensor is compared with
+|lmlab - ref| <= RTOL * |ref| + ATOL_REL * max|ref| (per tensor), RTOL = ATOL_REL = 1e-4 for losses
+and logits and 1e-3 for gradients (a few float32 roundings through two layers, tanh-approximated
+GELU in the kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lmlab.model import GPT, GPTConfig
+
+TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12)
+B, T = 3, 7
+
+
+def assert_close(got, ref, rel, what):
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, what
+    scale = float(np.abs(ref).max()) or 1.0
+    err = np.abs(got - ref)
+    bound = rel * np.abs(ref) + rel * scale
+    worst = float((err - bound).max())
+    assert worst <= 0, f"{what}: max error {err.max():.3g} exceeds tolerance (scale {scale:.3g})"
+
+
+# --- an independent float64 GPT ----------------------------------------------------------------------
+
+def ln_fwd(x, w, b):
+    mu = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    xhat = (x - mu) * rstd
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def ln_bwd(dy, cache):
+    xhat, rstd, w = cache
+    dxhat = dy * w
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx, (dy * xhat).sum((0, 1)), dy.sum((0, 1))
+
+
+K_GELU = math.sqrt(2.0 / math.pi)
+
+
+def gelu_fwd(x):
+    return 0.5 * x * (1.0 + np.tanh(K_GELU * (x + 0.044715 * x ** 3)))
+
+
+def gelu_bwd(dy, x):
+    th = np.tanh(K_GELU * (x + 0.044715 * x ** 3))
+    return dy * (0.5 * (1 + th) + 0.5 * x * (1 - th ** 2) * K_GELU * (1 + 3 * 0.044715 * x ** 2))
+
+
+def reference_gpt(P, cfg, tokens, targets, weights):
+    """Loss sum(weights * losses), per-token losses and every parameter's gradient, in float64."""
+    P = {k: np.asarray(v, np.float64) for k, v in P.items()}
+    Bn, Tn = tokens.shape
+    C, NH = cfg.n_embd, cfg.n_head
+    HS = C // NH
+    x = P["wte"][tokens] + P["wpe"][:Tn]
+    caches = []
+    mask = np.triu(np.ones((Tn, Tn), bool), 1)
+    for i in range(cfg.n_layer):
+        p = lambda s: P[f"h.{i}.{s}"]  # noqa: E731
+        h1, c1 = ln_fwd(x, p("ln_1.weight"), p("ln_1.bias"))
+        qkv = h1 @ p("attn.c_attn.weight").T + p("attn.c_attn.bias")
+        q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
+                   for j in range(3))
+        s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(HS)
+        s = np.where(mask, -np.inf, s)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        y = (a @ v).transpose(0, 2, 1, 3).reshape(Bn, Tn, C)
+        x2 = x + y @ p("attn.c_proj.weight").T + p("attn.c_proj.bias")
+        h2, c2 = ln_fwd(x2, p("ln_2.weight"), p("ln_2.bias"))
+        f = h2 @ p("mlp.c_fc.weight").T + p("mlp.c_fc.bias")
+        g = gelu_fwd(f)
+        x3 = x2 + g @ p("mlp.c_proj.weight").T + p("mlp.c_proj.bias")
+        caches.append((x, h1, c1, q, k, v, a, y, x2, h2, c2, f, g))
+        x = x3
+    hf, cf = ln_fwd(x, P["ln_f.weight"], P["ln_f.bias"])
+    logits = hf @ P["wte"].T
+    m = logits.max(-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+    losses = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+    G = {k: np.zeros_like(v) for k, v in P.items()}
+    probs = np.exp(logits - lse[..., None])
+    onehot = np.eye(cfg.vocab_size)[targets]
+    dlogits = weights[..., None] * (probs - onehot)
+    G["wte"] += dlogits.reshape(-1, cfg.vocab_size).T @ hf.reshape(-1, C)
+    dx, G["ln_f.weight"], G["ln_f.bias"] = ln_bwd(dlogits @ P["wte"], cf)
+    for i in reversed(range(cfg.n_layer)):
+        p = lambda s: P[f"h.{i}.{s}"]  # noqa: E731
+        x, h1, c1, q, k, v, a, y, x2, h2, c2, f, g = caches[i]
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        # MLP
+        G[f"h.{i}.mlp.c_proj.weight"] = flat(dx).T @ flat(g)
+        G[f"h.{i}.mlp.c_proj.bias"] = dx.sum((0, 1))
+        df = gelu_bwd(dx @ p("mlp.c_proj.weight"), f)
+        G[f"h.{i}.mlp.c_fc.weight"] = flat(df).T @ flat(h2)
+        G[f"h.{i}.mlp.c_fc.bias"] = df.sum((0, 1))
+        dh2, G[f"h.{i}.ln_2.weight"], G[f"h.{i}.ln_2.bias"] = ln_bwd(df @ p("mlp.c_fc.weight"), c2)
+        dx2 = dx + dh2
+        # attention
+        G[f"h.{i}.attn.c_proj.weight"] = flat(dx2).T @ flat(y)
+        G[f"h.{i}.attn.c_proj.bias"] = dx2.sum((0, 1))
+        dy = (dx2 @ p("attn.c_proj.weight")).reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
+        da = dy @ v.transpose(0, 1, 3, 2)
+        dv = a.transpose(0, 1, 3, 2) @ dy
+        ds = a * (da - (da * a).sum(-1, keepdims=True)) / math.sqrt(q.shape[-1])
+        dq = ds @ k
+        dk = ds.transpose(0, 1, 3, 2) @ q
+        dqkv = np.concatenate([t.transpose(0, 2, 1, 3).reshape(Bn, Tn, C) for t in (dq, dk, dv)], -1)
+        G[f"h.{i}.attn.c_attn.weight"] = flat(dqkv).T @ flat(h1)
+        G[f"h.{i}.attn.c_attn.bias"] = dqkv.sum((0, 1))
+        dh1, G[f"h.{i}.ln_1.weight"], G[f"h.{i}.ln_1.bias"] = ln_bwd(
+            dqkv @ p("attn.c_attn.weight"), c1)
+        dx = dx2 + dh1
+    np.add.at(G["wte"], tokens, dx)
+    G["wpe"][:Tn] += dx.sum(0)
+    return float((weights * losses).sum()), losses, logits, G
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+def tiny_model(seed=0):
+    """A tiny GPT with weights far from init (larger, non-zero biases) so every path is exercised."""
+    m = GPT(GPTConfig(**TINY), seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for name, v in m.named_parameters().items():
+        scale = 0.1 if name.endswith(".bias") else 0.3
+        base = 1.0 if "ln" in name and name.endswith("weight") else 0.0
+        v[...] = base + scale * rng.standard_normal(v.shape)
+    return m
+
+
+def fresh_grads(m, x, y, w):
+    """Forward with targets, zeroed gradients, backward with weights w; returns a copy of grads."""
+    m.forward(x, y)
+    m.zero_grad()
+    m.backward(w)
+    return m.grads.copy()
+
+
+def tiny_batch(seed=1, zero_some=False):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, TINY["vocab_size"], (B, T))
+    y = rng.integers(0, TINY["vocab_size"], (B, T))
+    w = rng.uniform(0.1, 1.0, (B, T)).astype(np.float32)
+    if zero_some:
+        w[0, :4] = 0.0
+        w[2, 3] = 0.0
+    return x, y, w
+
+
+# --- against the float64 numpy GPT --------------------------------------------------------------------
+
+@pytest.mark.parametrize("zero_some", [False, True])
+def test_forward_backward_match_numpy_float64(zero_some):
+    m = tiny_model()
+    x, y, w = tiny_batch(zero_some=zero_some)
+    ref_loss, ref_losses, ref_logits, ref_grads = reference_gpt(
+        m.named_parameters(), m.config, x, y, w.astype(np.float64))
+    logits, losses = m.forward(x, y)
+    assert_close(logits, ref_logits, 1e-4, "logits")
+    assert_close(losses, ref_losses, 1e-4, "losses")
+    assert math.isclose(float((w.astype(np.float64) * losses).sum()), ref_loss, rel_tol=1e-4)
+    m.zero_grad()
+    m.backward(w)
+    grads = m.named_grads()
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert np.abs(ref_grads[name]).max() > 0 or name == "wpe", name
+        assert_close(g, ref_grads[name], 1e-3, name)
+    # The last row of wpe is beyond T and gets no gradient.
+    assert np.all(grads["wpe"][T:] == 0)
+
+
+def test_zero_weights_drop_their_tokens():
+    """Weights 0 on some positions give the gradient of the loss over the remaining positions only."""
+    m = tiny_model()
+    x, y, w = tiny_batch(zero_some=True)
+    g_masked = fresh_grads(m, x, y, w)
+    # Changing the targets where the weight is 0 must not change the gradient.
+    y2 = y.copy()
+    y2[w == 0] = (y2[w == 0] + 1) % TINY["vocab_size"]
+    np.testing.assert_array_equal(fresh_grads(m, x, y2, w), g_masked)
+
+
+def test_backward_accumulates():
+    m = tiny_model()
+    x, y, w = tiny_batch()
+    once = fresh_grads(m, x, y, w)
+    m.forward(x, y)
+    m.backward(w)
+    np.testing.assert_allclose(m.grads, 2 * once, rtol=1e-6, atol=1e-7)
+
+
+def test_finite_difference_of_one_direction():
+    """The gradient's projection on a random direction equals the float64-evaluated loss slope."""
+    m = tiny_model(seed=3)
+    x, y, w = tiny_batch(seed=4)
+    fresh_grads(m, x, y, w)
+    rng = np.random.default_rng(5)
+    d = rng.standard_normal(m.params.size)
+    d /= np.linalg.norm(d)
+    P0 = {k: v.astype(np.float64) for k, v in m.named_parameters().items()}
+    offsets, eps = {}, 1e-5
+    start = 0
+    for k, v in P0.items():
+        offsets[k] = d[start:start + v.size].reshape(v.shape)
+        start += v.size
+    plus = reference_gpt({k: P0[k] + eps * offsets[k] for k in P0}, m.config, x, y, w)[0]
+    minus = reference_gpt({k: P0[k] - eps * offsets[k] for k in P0}, m.config, x, y, w)[0]
+    assert math.isclose(float(m.grads.astype(np.float64) @ d), (plus - minus) / (2 * eps),
+                        rel_tol=1e-3, abs_tol=1e-5)
+
+
+# --- against PyTorch --------------------------------------------------------------------------------------
+
+def test_matches_torch_float64():
+    torch = pytest.importorskip("torch")
+    from lmlab.torch_reference import from_lmlab, grads_by_name
+
+    m = tiny_model(seed=7)
+    x, y, w = tiny_batch(seed=8, zero_some=True)
+    tm = from_lmlab(m, torch.float64)
+    t_logits, t_losses = tm(torch.from_numpy(x), torch.from_numpy(y))
+    (t_losses * torch.from_numpy(w).double()).sum().backward()
+    logits, losses = m.forward(x, y)
+    assert_close(logits, t_logits.detach().numpy(), 1e-4, "logits")
+    assert_close(losses, t_losses.detach().numpy(), 1e-4, "losses")
+    m.zero_grad()
+    m.backward(w)
+    t_grads = grads_by_name(tm)
+    assert set(t_grads) == set(m.named_grads())
+    for name, g in m.named_grads().items():
+        assert_close(g, t_grads[name], 1e-3, name)
+
+
+def test_torch_reference_round_trip_and_init():
+    torch = pytest.importorskip("torch")
+    from lmlab.torch_reference import TorchGPT, copy_to_lmlab, from_lmlab
+
+    m = tiny_model(seed=9)
+    tm = from_lmlab(m)
+    m2 = GPT(GPTConfig(**TINY), seed=1)
+    copy_to_lmlab(tm, m2)
+    np.testing.assert_array_equal(m2.params, m.params)
+    # Same initialisation scheme: per-name standard deviations agree.
+    cfg = GPTConfig(vocab_size=50, block_size=64, n_layer=3, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    t_named = dict(TorchGPT(cfg).named_parameters())
+    for name, v in GPT(cfg, seed=0).named_parameters().items():
+        tv = t_named[name].detach().numpy()
+        assert tv.shape == v.shape, name
+        assert math.isclose(float(v.std()), float(tv.std()), rel_tol=0.15, abs_tol=1e-6), name
+        assert math.isclose(float(v.mean()), float(tv.mean()), abs_tol=0.01), name
+
+
+# --- layout, init, decay mask, freezing -------------------------------------------------------------------
+
+def test_named_views_alias_flat_buffers():
+    m = tiny_model()
+    named, grads = m.named_parameters(), m.named_grads()
+    C, V, L = TINY["n_embd"], TINY["vocab_size"], TINY["n_layer"]
+    expected = {"wte": (V, C), "wpe": (TINY["block_size"], C), "ln_f.weight": (C,),
+                "h.1.attn.c_attn.weight": (3 * C, C), "h.0.mlp.c_proj.weight": (C, 4 * C),
+                "h.0.mlp.c_fc.bias": (4 * C,)}
+    for name, shape in expected.items():
+        assert named[name].shape == shape and grads[name].shape == shape
+    assert len(named) == 2 + 12 * L + 2
+    assert sum(v.size for v in named.values()) == m.num_params() == m.params.size
+    for name in named:
+        assert np.shares_memory(named[name], m.params)
+        assert np.shares_memory(grads[name], m.grads)
+        named[name].flat[0] = 123.0
+        grads[name].flat[-1] = -7.0
+    assert np.count_nonzero(m.params == 123.0) == len(named)
+    assert np.count_nonzero(m.grads == -7.0) == len(named)
+    m.zero_grad()
+    assert not m.grads.any()
+
+
+def test_gpt2_init():
+    cfg = GPTConfig(vocab_size=100, block_size=32, n_layer=4, n_head=4, n_embd=64)
+    m = GPT(cfg, seed=0)
+    named = m.named_parameters()
+    assert math.isclose(float(named["wte"].std()), 0.02, rel_tol=0.05)
+    assert math.isclose(float(named["h.0.attn.c_attn.weight"].std()), 0.02, rel_tol=0.05)
+    proj = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert math.isclose(float(named["h.3.mlp.c_proj.weight"].std()), proj, rel_tol=0.05)
+    assert math.isclose(float(named["h.2.attn.c_proj.weight"].std()), proj, rel_tol=0.05)
+    assert np.all(named["h.1.ln_2.weight"] == 1) and np.all(named["ln_f.bias"] == 0)
+    assert np.all(named["h.1.attn.c_attn.bias"] == 0)
+    np.testing.assert_array_equal(GPT(cfg, seed=0).params, m.params)
+    assert not np.array_equal(GPT(cfg, seed=1).params, m.params)
+
+
+def test_decay_mask():
+    m = tiny_model()
+    mask = m.decay_mask
+    assert mask.shape == m.params.shape and mask.dtype == np.float32
+    start = 0
+    for name, v in m.named_parameters().items():
+        part = mask[start:start + v.size]
+        start += v.size
+        assert np.all(part == (1.0 if v.ndim >= 2 else 0.0)), name
+
+
+def test_frozen_prefixes_skip_their_gradients():
+    m = tiny_model()
+    x, y, w = tiny_batch()
+    fresh_grads(m, x, y, w)
+    full = {k: v.copy() for k, v in m.named_grads().items()}
+    m.frozen = {"wte", "wpe", "h.0."}
+    fresh_grads(m, x, y, w)
+    for name, g in m.named_grads().items():
+        if name in ("wte", "wpe") or name.startswith("h.0."):
+            assert not g.any(), name
+        else:
+            np.testing.assert_allclose(g, full[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    m.frozen = {"h.1.attn"}         # freezing a middle part still backpropagates through it
+    fresh_grads(m, x, y, w)
+    for name, g in m.named_grads().items():
+        if name.startswith("h.1.attn"):
+            assert not g.any(), name
+        else:
+            np.testing.assert_allclose(g, full[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    m.frozen = {"h.0.ln"}           # prefixes are whole dotted components: ln_1 is not "ln"
+    with pytest.raises(ValueError, match="matches no parameter"):
+        m.backward(w)
+    m.frozen = {"h.9"}
+    with pytest.raises(ValueError, match="matches no parameter"):
+        m.backward(w)
+
+
+def test_activation_buffers_follow_batch_shape():
+    m = tiny_model()
+    x, y, w = tiny_batch()
+    logits, _ = m.forward(x, y)
+    arena = m._arena
+    small, _ = m.forward(x[:2, :5], y[:2, :5])
+    assert small.shape == (2, 5, TINY["vocab_size"])
+    assert m._arena is arena                        # smaller shapes reuse the arena
+    fresh_grads(m, x, y, w)
+    ref = reference_gpt(m.named_parameters(), m.config, x[:2, :5], y[:2, :5],
+                        w[:2, :5].astype(np.float64))
+    fresh_grads(m, x[:2, :5], y[:2, :5], w[:2, :5])
+    assert_close(m.named_grads()["h.0.mlp.c_fc.weight"], ref[3]["h.0.mlp.c_fc.weight"], 1e-3, "fc")
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens, match", [
+    (np.zeros((2, 3), np.float32), "integer"),
+    (np.zeros(3, np.int64), "2-D"),
+    (np.zeros((2, 9), np.int64), "block_size"),
+    (np.full((2, 3), 11), r"\[0, 11\)"),
+    (np.full((2, 3), -1), r"\[0, 11\)"),
+    (np.zeros((0, 3), np.int64), "non-empty"),
+])
+def test_bad_tokens_raise(tokens, match):
+    m = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        m.forward(tokens)
+
+
+def test_bad_targets_weights_and_config_raise():
+    m = tiny_model()
+    x, y, w = tiny_batch()
+    with pytest.raises(ValueError, match="backward needs"):
+        GPT(GPTConfig(**TINY)).backward(w)
+    with pytest.raises(ValueError, match="targets must have the shape"):
+        m.forward(x, y[:, :3])
+    m.forward(x)
+    with pytest.raises(ValueError, match="backward needs"):
+        m.backward(w)
+    m.forward(x, y)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        m.backward(w[:2])
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(vocab_size=10, n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="positive integer"):
+        GPTConfig(vocab_size=0)

@@ -1,0 +1,159 @@
+"""`lmlab rank`: typed rankings parsed and explained, and the session driven through a real
+pseudo-terminal: valid rankings, ties, invalid input asked again, skip, quit, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lmlab
+from lmlab.rank import RankingInputError, parse_ranking_input, run_session
+
+pexpect = pytest.importorskip("pexpect")
+
+PROMPTS = ["alpha ", "beta ", "gamma ", "delta "]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2 1 3", [1, 0, 2]), ("2=1 3", [[1, 0], 2]), (" 3,1>2 ", [2, 0, 1]), ("1=2=3", [[0, 1, 2]]),
+])
+def test_parse_valid_rankings(text, expected):
+    assert parse_ranking_input(text, 3) == ("rank", expected)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("4 1 2", "4 is out of range"), ("0 1 2", "0 is out of range"), ("1 1 2", "1 appears twice"),
+    ("2=2 1 3", "2 appears twice"), ("1 2", "3 is missing"), ("1", "2, 3 are missing"),
+    ("1 two 3", "'two' is not a completion number"), ("", "nothing typed"), ("1 =2 3", "a tie needs a number on each side"),
+])
+def test_parse_invalid_rankings_explains(text, msg):
+    with pytest.raises(RankingInputError, match=msg):
+        parse_ranking_input(text, 3)
+
+
+def test_parse_skip_and_quit():
+    assert parse_ranking_input("s", 3) == ("skip", None)
+    assert parse_ranking_input(" Q ", 3) == ("quit", None)
+
+
+def test_session_with_scripted_input_and_judge(tmp_path):
+    out = tmp_path / "r.jsonl"
+    sample = lambda prompt, i, k: ([f"{prompt}{j}" * (j + 1) for j in range(k)], list(range(k)))  # noqa: E731
+    answers = iter(["9 1", "3 2 1", "s", "q"])
+    lines: list = []
+    stats = run_session(PROMPTS, sample, out, 3, read=lambda _: next(answers), write=lines.append)
+    assert stats == {"ranked": 1, "skipped": 1, "already": 0, "quit": True}
+    assert any("9 is out of range" in ln for ln in lines)
+    from lmlab.preference import PreferShorter, load_rankings
+    stats = run_session(PROMPTS, sample, out, 3, judge=PreferShorter(), write=lines.append)
+    assert stats == {"ranked": 3, "skipped": 0, "already": 1, "quit": False}
+    recs = load_rankings(out)
+    assert [r["prompt"] for r in recs] == ["alpha ", "beta ", "gamma ", "delta "]
+    assert recs[0]["ranking"] == [2, 1, 0] and recs[1]["ranking"] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from lmlab.checkpoint import save_run
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("rank")
+    tok = train_tokenizer("abcdefgh ijkl mnop alpha beta gamma delta", "char")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1,
+                          n_embd=8), seed=0)
+    save_run(root / "run", model, tok, train_config={})
+    (root / "prompts.txt").write_text("\n".join(PROMPTS), encoding="utf-8")
+    return root
+
+
+def _env():
+    env = dict(os.environ)
+    pkg_root = str(Path(lmlab.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _spawn(root, out):
+    args = ["-m", "lmlab.rank", str(root / "run"), "--prompts", str(root / "prompts.txt"),
+            "--out", str(out), "-k", "3", "--max-new-tokens", "6", "--seed", "5"]
+    return pexpect.spawn(sys.executable, args, env=_env(), encoding="utf-8", timeout=60)
+
+
+ASK = r"your ranking \(best first"
+
+
+def test_rank_in_a_terminal_with_invalid_input_skip_quit_and_resume(tiny_run, tmp_path):
+    out = tmp_path / "rankings.jsonl"
+    child = _spawn(tiny_run, out)
+    child.expect(r"prompt: 'alpha '")
+    child.expect(ASK)
+    for typed, why in [("4 1 2", "4 is out of range"), ("1 1 2", "1 appears twice"),
+                       ("1 2", "3 is missing"), ("first", "is not a completion number")]:
+        child.sendline(typed)
+        child.expect(why)
+        child.expect(ASK)  # asked again, nothing written
+    assert not out.exists()
+    child.sendline("2 1 3")
+    child.expect(r"prompt: 'beta '")
+    child.expect(ASK)
+    assert len(out.read_text().splitlines()) == 1  # on disk before the next prompt is answered
+    child.sendline("2=1 3")
+    child.expect(r"prompt: 'gamma '")
+    child.expect(ASK)
+    child.sendline("s")
+    child.expect(r"prompt: 'delta '")
+    child.expect(ASK)
+    child.sendline("q")
+    child.expect(r"ranked 2, skipped 1 \(quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    recs = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == ["alpha ", "beta "]
+    assert recs[0]["ranking"] == [1, 0, 2] and recs[1]["ranking"] == [[1, 0], 2]
+    assert recs[0]["seeds"] == [5, 6, 7] and recs[1]["seeds"] == [8, 9, 10]
+    assert all(r["judge"] == "human" and len(r["completions"]) == 3 for r in recs)
+
+    # Resume: the ranked prompts are skipped, the skipped one comes back; Ctrl-D quits.
+    child = _spawn(tiny_run, out)
+    child.expect(r"2 of 4 prompts already ranked")
+    child.expect(r"prompt: 'gamma '")
+    child.expect(ASK)
+    child.sendline("3 2 1")
+    child.expect(r"prompt: 'delta '")
+    child.expect(ASK)
+    child.sendeof()
+    child.expect(r"ranked 1, skipped 0 \(quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    recs = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == ["alpha ", "beta ", "gamma "]
+    assert recs[2]["ranking"] == [2, 1, 0] and recs[2]["seeds"] == [11, 12, 13]
+
+
+def test_rank_with_a_scripted_judge(tiny_run, tmp_path):
+    out = tmp_path / "judged.jsonl"
+    cmd = [sys.executable, "-m", "lmlab.rank", str(tiny_run / "run"), "--prompts",
+           str(tiny_run / "prompts.txt"), "--out", str(out), "-k", "4", "--max-new-tokens", "8",
+           "--judge", "word:a"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == PROMPTS
+    for r in recs:
+        counts = [c.count("a") for c in r["completions"]]
+        flat = [i for g in r["ranking"] for i in (g if isinstance(g, list) else [g])]
+        assert sorted(flat) == [0, 1, 2, 3]
+        assert [counts[i] for i in flat] == sorted(counts, reverse=True)
+        assert r["judge"] == "word:a"
+    res = subprocess.run(cmd[:-2] + ["--judge", "nonsense"], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "unknown judge 'nonsense'" in res.stderr

@@ -1,0 +1,195 @@
+"""Sampling: determinism, seeds, cached vs uncached generation, the distribution filters, stop ids
+and the sliding window beyond block_size. References: numpy float64 softmax and sorting written
+here; the uncached model.forward for the KV cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmlab.model import GPT, GPTConfig
+from lmlab.sample import (filter_distribution, generate, generate_many,
+                          next_token_distribution)
+
+CFG = dict(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small random GPT with weights large enough that its distributions are far from uniform."""
+    m = GPT(GPTConfig(**CFG), seed=0)
+    rng = np.random.default_rng(1)
+    m.params[:] = rng.standard_normal(m.params.size).astype(np.float32) * 0.4
+    for name, v in m.named_parameters().items():
+        if "ln" in name and name.endswith("weight"):
+            v[...] = 1.0
+    return m
+
+
+PROMPT = [3, 1, 4]
+
+
+def test_greedy_is_deterministic_and_follows_argmax(model):
+    a = generate(model, PROMPT, 6, temperature=0)
+    assert a.dtype == np.int32 and a.shape == (6,)
+    np.testing.assert_array_equal(a, generate(model, PROMPT, 6, temperature=0, seed=99))
+    ctx = list(PROMPT)
+    for tok in a:                   # each greedy token is the argmax of the uncached distribution
+        assert tok == int(np.argmax(next_token_distribution(model, ctx)))
+        ctx.append(int(tok))
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
+    a = generate(model, PROMPT, 20, seed=5)
+    np.testing.assert_array_equal(a, generate(model, PROMPT, 20, seed=5))
+    others = [generate(model, PROMPT, 20, seed=s) for s in range(6, 10)]
+    assert any(not np.array_equal(a, o) for o in others)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0), dict(seed=11), dict(seed=12, top_k=5),
+                                    dict(seed=13, top_p=0.8, temperature=0.7)])
+def test_cached_equals_uncached(model, kwargs):
+    # 20 new tokens after a 3-token prompt crosses block_size (12): the window slides too.
+    cached = generate(model, PROMPT, 20, use_cache=True, **kwargs)
+    uncached = generate(model, PROMPT, 20, use_cache=False, **kwargs)
+    np.testing.assert_array_equal(cached, uncached)
+
+
+def test_cached_logits_match_forward(model):
+    ctx = np.array([5, 2, 7, 7, 1, 0, 9, 22], np.int32)
+    cache = model.new_cache()
+    first = model.forward_cached(cache, ctx[:5]).copy()
+    logits, _ = model.forward(ctx[None, :5])
+    np.testing.assert_array_equal(first, logits[0, -1])     # the fill runs forward's kernels
+    for t in range(5, ctx.size):
+        step = model.forward_cached(cache, ctx[t:t + 1])
+        ref, _ = model.forward(ctx[None, :t + 1])
+        np.testing.assert_allclose(step, ref[0, -1], rtol=1e-5, atol=1e-5)
+    assert cache.length == ctx.size
+    with pytest.raises(ValueError, match="exceed block_size"):
+        model.forward_cached(cache, np.zeros(CFG["block_size"], np.int32))
+
+
+def test_sliding_window_beyond_block_size(model):
+    long_prompt = np.arange(30) % CFG["vocab_size"]
+    out = generate(model, long_prompt, 15, temperature=0)
+    assert out.shape == (15,)
+    # Only the last block_size tokens matter: the cropped prompt gives the same continuation.
+    np.testing.assert_array_equal(out, generate(model, long_prompt[-CFG["block_size"]:], 15,
+                                                temperature=0))
+    p = next_token_distribution(model, long_prompt)
+    np.testing.assert_allclose(p, next_token_distribution(model, long_prompt[-12:]))
+
+
+def test_stop_ids_and_callback(model):
+    free = generate(model, PROMPT, 12, seed=3)
+    stop = int(free[4])
+    first = int(np.flatnonzero(free == stop)[0])
+    seen = []
+    out = generate(model, PROMPT, 12, seed=3, stop_ids=[stop], callback=seen.append)
+    np.testing.assert_array_equal(out, free[:first])
+    assert seen == list(out)
+    assert generate(model, PROMPT, 0).size == 0
+
+
+def test_generate_many_distinct_and_reproducible(model):
+    runs = generate_many(model, PROMPT, 4, 15, seed=21)
+    assert len(runs) == 4
+    assert len({r.tobytes() for r in runs}) > 1
+    again = generate_many(model, PROMPT, 4, 15, seed=21)
+    for a, b in zip(runs, again):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.generate(PROMPT, 5, temperature=0),
+                                  generate(model, PROMPT, 5, temperature=0))
+
+
+def test_next_token_distribution_is_softmax_of_logits(model):
+    p = next_token_distribution(model, PROMPT)
+    logits, _ = model.forward(np.array([PROMPT]))
+    z = logits[0, -1].astype(np.float64)
+    ref = np.exp(z - z.max())
+    ref /= ref.sum()
+    np.testing.assert_allclose(p, ref, rtol=1e-12)
+    assert p.shape == (CFG["vocab_size"],)
+
+
+# --- filters ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def probs():
+    rng = np.random.default_rng(0)
+    p = rng.random(50) ** 3
+    return p / p.sum()
+
+
+def test_filters_sum_to_one(probs):
+    for kw in [dict(), dict(temperature=0.5), dict(temperature=3.0), dict(top_k=7),
+               dict(top_p=0.5), dict(top_k=10, top_p=0.9, temperature=0.8), dict(temperature=0)]:
+        q = filter_distribution(probs, **kw)
+        assert q.shape == probs.shape and np.all(q >= 0)
+        assert abs(q.sum() - 1.0) < 1e-12, kw
+
+
+def test_temperature(probs):
+    np.testing.assert_allclose(filter_distribution(probs, 1.0), probs, rtol=1e-12)
+    q = filter_distribution(probs, 0.5)
+    ref = probs ** 2 / (probs ** 2).sum()
+    np.testing.assert_allclose(q, ref, rtol=1e-10)
+    greedy = filter_distribution(probs, 0)
+    assert greedy[np.argmax(probs)] == 1.0 and greedy.sum() == 1.0
+
+
+def test_top_k_restricts_support(probs):
+    q = filter_distribution(probs, top_k=5)
+    kept = np.flatnonzero(q)
+    assert kept.size == 5
+    np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-probs)[:5]))
+    np.testing.assert_allclose(q[kept], probs[kept] / probs[kept].sum(), rtol=1e-12)
+
+
+def test_top_p_keeps_smallest_set_reaching_p(probs):
+    order = np.argsort(-probs)
+    cum = np.cumsum(probs[order])
+    for p in (0.1, 0.5, 0.9, 0.999):
+        q = filter_distribution(probs, top_p=p)
+        n = np.count_nonzero(q)
+        assert cum[n - 1] >= p - 1e-12                      # the kept mass reaches p
+        assert n == 1 or cum[n - 2] < p                     # and one fewer would not
+        np.testing.assert_array_equal(np.sort(np.flatnonzero(q)), np.sort(order[:n]))
+    assert np.count_nonzero(filter_distribution(probs, top_p=1.0)) == probs.size
+
+
+def test_sampled_tokens_stay_in_support(model):
+    V = CFG["vocab_size"]
+    out = generate(model, PROMPT, 30, seed=4, top_k=1)
+    np.testing.assert_array_equal(out, generate(model, PROMPT, 30, temperature=0))
+    out = generate(model, PROMPT, 8, seed=2, top_k=3)
+    ctx = list(PROMPT)
+    for tok in out:
+        p = next_token_distribution(model, ctx)
+        assert tok in np.argsort(-p)[:3]
+        ctx.append(int(tok))
+    assert out.max() < V
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_bad_options_raise(model, probs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, PROMPT, 3, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        filter_distribution(probs, **kwargs)
+
+
+def test_bad_prompts_raise(model):
+    with pytest.raises(ValueError, match="prompt_ids"):
+        generate(model, [], 3)
+    with pytest.raises(ValueError, match=r"\[0, 23\)"):
+        generate(model, [1, 99], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [1], -1)
+    with pytest.raises(ValueError, match="probs"):
+        filter_distribution(np.array([0.5, -0.1, 0.6]))
