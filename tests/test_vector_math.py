@@ -222,3 +222,21 @@ def test_layernorm_large_mean_tiny_spread(isa, rng, C):
     # |norm| < sqrt(C): a few ulp of the largest output (measured 1.5e-7 at C = 384).
     assert np.all(np.abs(f64(out) - ref) <= 16 * EPS32 * max(1.0, np.sqrt(C)))
     assert np.all(out[4] == 0.0)
+
+
+@pytest.mark.parametrize("V", [1500, 5000, 50304, 70000])
+def test_long_rows_blockwise(isa, rng, V):
+    # Rows longer than one summation block are reduced block by block with a running maximum: rows
+    # that start with masked (-inf) blocks, whose maximum sits at the end, or at the start.
+    x = (rng.standard_normal((4, V)) * 3).astype(np.float32)
+    x[0, : V // 2] = -np.inf
+    x[1, -1] = 40.0
+    x[2, 0] = 40.0
+    x[3, :] = np.linspace(-50, 50, V, dtype=np.float32)
+    ref, ref_lse = softmax_reference(x)
+    probs = np.empty_like(x)
+    ops.softmax_forward(probs, x)
+    assert np.all(np.abs(f64(probs) - ref) <= 2 * np.sqrt(V) * EPS32 * ref + EXP_FLUSH)
+    losses, lse = np.empty(4, np.float32), np.empty(4, np.float32)
+    ops.crossentropy_forward(losses, lse, x, np.full(4, V - 1, np.int32))
+    assert np.all(np.abs(f64(lse) - ref_lse) <= 4 * EPS32 * (np.abs(ref_lse) + 1))
