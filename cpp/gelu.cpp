@@ -3,9 +3,10 @@
 //
 // Evaluated through the identity 0.5 (1 + tanh u) = sigmoid(2u) = 1 / (1 + exp(-2u)), with exp taken
 // of -2|u| only, so it never overflows: sigmoid(2u) and 1 - sigmoid(2u) both come out with a small
-// relative error (a few ulp), even where 1 + tanh u would cancel (x < -3). Extreme inputs give the
-// limits: GELU(x) -> x for large x, -> -0 for very negative x; GELU'(x) -> 1 and 0; never NaN for finite
-// x.
+// relative error (measured at most 1.9 (1 + |u|) fp32 epsilons, 14 ulp on [-3, 3]), even where
+// 1 + tanh u would cancel (x < -3). Extreme inputs give the limits: GELU(x) = x for large x, -0 for
+// x < -9.9 (where the true value is below 2e-37: exp flushes to 0 there); GELU'(x) -> 1 and 0 (absolute
+// error at most 2e-7 measured); never NaN for finite x.
 #include "isa.h"
 #include "simd.h"
 
@@ -15,7 +16,7 @@ namespace LMLAB_ISA_NS {
 namespace {
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
-// The derivative's polynomial part x * u'(x) overflows for |x| > 1e12 while its sigmoid factor is
+// The derivative's polynomial part x * u'(x) overflows for |x| > 1.5e13 while its sigmoid factor is
 // already exactly 0 for |x| > 10; evaluating it at x clamped to +-1e4 keeps inf * 0 out.
 constexpr float kDerivClamp = 1e4f;
 

@@ -21,25 +21,30 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
 #pragma omp parallel for schedule(static)
     for (idx_t n = 0; n < N; n++) {
         const float* x = inp + n * C;
+        // Centred on x[0]: for rows whose mean is far larger than their spread, x - x[0] is exact and
+        // small, so neither the mean's sum nor the deviations lose anything to the mean's magnitude
+        // (the deviation from the mean is (x - x[0]) - shift, never x - an fp32-rounded mean).
+        const float x0 = x[0];
+        const vf v0 = vset(x0);
         vf acc = vset(0.0f);
         LMLAB_SIMD_REDUCE(+, acc)
-        for (idx_t c = 0; c < C; c += kW) acc = vadd(acc, vload_n(x + c, C - c, 0.0f));
-        const float m = vhsum(acc) / (float)C;
-        // Two-pass variance: exact for rows with a large mean and a tiny spread. Lanes past the row
-        // load m itself, so they add nothing.
-        const vf vm = vset(m);
+        for (idx_t c = 0; c < C; c += kW) acc = vadd(acc, vsub(vload_n(x + c, C - c, x0), v0));
+        const float shift = vhsum(acc) / (float)C;
+        const vf vshift = vset(shift);
+        // Two-pass variance, over the deviations only (lanes past the row dropped).
         vf sq = vset(0.0f);
         LMLAB_SIMD_REDUCE(+, sq)
         for (idx_t c = 0; c < C; c += kW) {
-            vf d = vsub(vload_n(x + c, C - c, m), vm);
+            vf d = vkeep_n(vsub(vsub(vload_n(x + c, C - c, x0), v0), vshift), C - c);
             sq = vfmadd(d, d, sq);
         }
+        const float m = x0 + shift;
         const float s = 1.0f / std::sqrt(vhsum(sq) / (float)C + eps);
         const vf vs = vset(s);
         float* o = out + n * C;
         LMLAB_SIMD
         for (idx_t c = 0; c < C; c += kW) {
-            vf norm = vmul(vsub(vload_n(x + c, C - c, 0.0f), vm), vs);
+            vf norm = vmul(vsub(vsub(vload_n(x + c, C - c, x0), v0), vshift), vs);
             vstore_n(o + c, vfmadd(norm, vload_n(weight + c, C - c, 0.0f), vload_n(bias + c, C - c, 0.0f)),
                      C - c);
         }

@@ -8,6 +8,7 @@
 //                       past p + n (tails are masked loads, so a row's last partial vector goes through
 //                       exactly the same arithmetic as a full one)
 //   vstore_n(p, x, n)   stores min(n, kW) lanes
+//   vkeep_n(x, n)       x with the lanes from n on set to 0
 //   vstream(p, x)       non-temporal store of a full vector to a kW-aligned p; vstream_fence() orders
 //                       such stores before anything after it (call it before other threads read them)
 //   vset vadd vsub vmul vdiv vmax vmin vsqrt vabs vfmadd(a, b, c) = a * b + c
@@ -102,6 +103,7 @@ static inline vf vload_n(const float* p, idx_t n, float fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lane_mask(n), p);
 }
 static inline void vstore_n(float* p, vf x, idx_t n) { _mm512_mask_storeu_ps(p, lane_mask(n), x); }
+static inline vf vkeep_n(vf x, idx_t n) { return _mm512_maskz_mov_ps(lane_mask(n), x); }
 static inline void vstream(float* p, vf x) { _mm512_stream_ps(p, x); }
 static inline void vstream_fence() { _mm_sfence(); }
 LMLAB_VEC_ARITHMETIC(_mm512)
@@ -136,6 +138,9 @@ static inline vf vload_n(const float* p, idx_t n, float fill) {
     if (n >= 8) return _mm256_loadu_ps(p);
     __m256i m = lane_mask(n);
     return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+static inline vf vkeep_n(vf x, idx_t n) {
+    return n >= 8 ? x : _mm256_and_ps(x, _mm256_castsi256_ps(lane_mask(n)));
 }
 static inline void vstream(float* p, vf x) { _mm256_stream_ps(p, x); }
 static inline void vstream_fence() { _mm_sfence(); }
@@ -184,6 +189,7 @@ constexpr idx_t kW = 1;
 static inline vf vset(float a) { return a; }
 static inline vf vload_n(const float* p, idx_t, float) { return *p; }
 static inline void vstore_n(float* p, vf x, idx_t) { *p = x; }
+static inline vf vkeep_n(vf x, idx_t) { return x; }
 static inline void vstream(float* p, vf x) { *p = x; }
 static inline void vstream_fence() {}
 static inline vf vadd(vf a, vf b) { return a + b; }

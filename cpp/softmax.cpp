@@ -49,6 +49,36 @@ float row_sum_exp(float* e, const float* x, float shift, idx_t V) {
     return vhsum(total);
 }
 
+// Long rows are taken a block (kSumBlock floats, L1-resident) at a time: the block's maximum, then its
+// exps relative to the running maximum, the running sum rescaled whenever a block raises the maximum.
+// The row is read from memory once instead of twice. Returns the row maximum; *sum gets the sum of
+// exp(x - maximum). With kStore, e[v] = exp(x[v] - block_max[b]) for the running maximum of block b.
+constexpr idx_t kMaxBlocks = 64;  // rows up to 65536 long; longer ones use two full passes
+
+template <bool kStore>
+float row_max_sum_exp(float* e, float* block_max, const float* x, idx_t V, float* sum) {
+    if (V <= kSumBlock || V > kSumBlock * kMaxBlocks) {
+        const float m = row_max(x, V);
+        *sum = row_sum_exp<kStore>(e, x, m, V);
+        if (block_max != nullptr) block_max[0] = m;
+        return m;
+    }
+    float m = -INFINITY, total = 0.0f;
+    for (idx_t b = 0, j = 0; b < V; b += kSumBlock, j++) {
+        const idx_t len = V - b < kSumBlock ? V - b : kSumBlock;
+        const float mb = row_max(x + b, len);
+        if (mb > m) {
+            total *= std::exp(m - mb);
+            m = mb;
+        }
+        // While every value so far is -inf (masked), m is too: shift by 0 so those exps come out 0.
+        total += row_sum_exp<kStore>(kStore ? e + b : nullptr, x + b, m == -INFINITY ? 0.0f : m, len);
+        if (block_max != nullptr) block_max[j] = m;
+    }
+    *sum = total;
+    return m;
+}
+
 }  // namespace
 
 void softmax_forward(float* probs, const float* logits, idx_t N, idx_t V) {
@@ -64,8 +94,17 @@ void softmax_forward(float* probs, const float* logits, idx_t N, idx_t V) {
             const float* x = logits + n * V;
             float* p = probs + n * V;
             float* e = scratch != nullptr ? scratch : p;  // without a buffer, in place (never fails)
-            const vf inv = vset(1.0f / row_sum_exp<true>(e, x, row_max(x, V), V));
-            scale_row(p, e, inv, V, scratch != nullptr);
+            float block_max[kMaxBlocks], sum;
+            const float m = row_max_sum_exp<true>(e, block_max, x, V, &sum);
+            // Each block's exps are relative to the maximum when it was summed: scaled to the final
+            // one here. A single block (short or very long rows) is already relative to m.
+            const float inv = 1.0f / sum;
+            const bool one_block = V <= kSumBlock || V > kSumBlock * kMaxBlocks;
+            for (idx_t b = 0, j = 0; b < V; b += one_block ? V : kSumBlock, j++) {
+                const idx_t len = one_block ? V : (V - b < kSumBlock ? V - b : kSumBlock);
+                const float factor = one_block ? inv : std::exp(block_max[j] - m) * inv;
+                scale_row(p + b, e + b, vset(factor), len, scratch != nullptr);
+            }
         }
         if (scratch != nullptr) {
             vstream_fence();
@@ -99,8 +138,9 @@ void crossentropy_forward(float* losses, float* lse, const float* logits,
 #pragma omp parallel for schedule(static)
     for (idx_t n = 0; n < N; n++) {
         const float* x = logits + n * V;
-        const float maxval = row_max(x, V);
-        const float logsumexp = maxval + std::log(row_sum_exp<false>(nullptr, x, maxval, V));
+        float sum;
+        const float maxval = row_max_sum_exp<false>(nullptr, nullptr, x, V, &sum);
+        const float logsumexp = maxval + std::log(sum);
         lse[n] = logsumexp;
         losses[n] = logsumexp - x[targets[n]];
     }

@@ -1,4 +1,5 @@
-"""Accuracy of the vectorised exp (cpp/simd.h) as the kernels use it, at the edges of its range.
+"""Accuracy of the vectorised exp (cpp/simd.h) as the kernels use it, at the edges of its range, and
+of layernorm on rows whose mean dwarfs their spread.
 
 exp is not exposed on its own, so it is tested through the kernels built on it: GELU forward and
 backward over inputs from 1e-30 to 3e38 in magnitude, softmax and cross-entropy on logits up to +-1e4,
@@ -205,3 +206,37 @@ def test_softmax_large_output_streamed(isa, rng):
     # (its error grows like a random walk), so it holds for any build of the portable path.
     err = np.abs(f64(results[0]) - ref)
     assert np.all(err <= 2 * np.sqrt(V) * EPS32 * ref + EXP_FLUSH), f"max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("C", [1, 7, 33, 384])
+def test_layernorm_large_mean_tiny_spread(isa, rng, C):
+    # Rows at 1000 +- 1e-3 (and a constant row): the kernel centres each row on its first element, so
+    # the normalised output keeps full precision although fp32 resolves 1000 only to 6e-5.
+    x = (1000.0 + 1e-3 * rng.standard_normal((9, C))).astype(np.float32)
+    x[4] = 1000.0
+    weight, bias = np.ones(C, np.float32), np.zeros(C, np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(9, np.float32), np.empty(9, np.float32)
+    ops.layernorm_forward(out, mean, rstd, x, weight, bias)
+    xd = f64(x)
+    ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5)
+    # |norm| < sqrt(C): a few ulp of the largest output (measured 1.5e-7 at C = 384).
+    assert np.all(np.abs(f64(out) - ref) <= 16 * EPS32 * max(1.0, np.sqrt(C)))
+    assert np.all(out[4] == 0.0)
+
+
+@pytest.mark.parametrize("V", [1500, 5000, 50304, 70000])
+def test_long_rows_blockwise(isa, rng, V):
+    # Rows longer than one summation block are reduced block by block with a running maximum: rows
+    # that start with masked (-inf) blocks, whose maximum sits at the end, or at the start.
+    x = (rng.standard_normal((4, V)) * 3).astype(np.float32)
+    x[0, : V // 2] = -np.inf
+    x[1, -1] = 40.0
+    x[2, 0] = 40.0
+    x[3, :] = np.linspace(-50, 50, V, dtype=np.float32)
+    ref, ref_lse = softmax_reference(x)
+    probs = np.empty_like(x)
+    ops.softmax_forward(probs, x)
+    assert np.all(np.abs(f64(probs) - ref) <= 2 * np.sqrt(V) * EPS32 * ref + EXP_FLUSH)
+    losses, lse = np.empty(4, np.float32), np.empty(4, np.float32)
+    ops.crossentropy_forward(losses, lse, x, np.full(4, V - 1, np.int32))
+    assert np.all(np.abs(f64(lse) - ref_lse) <= 4 * EPS32 * (np.abs(ref_lse) + 1))
