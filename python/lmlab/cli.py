@@ -58,10 +58,11 @@ def _train_kwargs(args) -> dict:
 
 
 def _add_derived_run(p: argparse.ArgumentParser) -> None:
-    """--from PARENT and --run NEW: a stage that starts from a run writes a new one."""
-    p.add_argument("--from", dest="parent", required=True, help="the parent run directory")
-    p.add_argument("--run", required=True, help="the new run directory (records its parent)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run exactly")
+    """RUN and --out NEW: a stage that starts from a run writes a new one (as rank/dpo/rlhf do)."""
+    p.add_argument("parent", metavar="run", help="the run directory to start from")
+    p.add_argument("--out", dest="run", required=True,
+                   help="the new run directory (it records its parent)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -367,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("finetune", help="continue training a run on a new corpus",
-                       description="Style fine-tuning: next-token training from --from on a new "
+                       description="Style fine-tuning: next-token training from RUN on a new "
                                    "corpus, into a new run that records its parent. Reports val "
                                    "loss on both corpora before and after, and samples from both.")
     _add_derived_run(p)
