@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pexpect  # a test dependency (pyproject's [test] extra): drives the real terminal session
 import pytest
 
 import lmlab
 from lmlab.rank import RankingInputError, parse_ranking_input, run_session
-
-pexpect = pytest.importorskip("pexpect")
 
 PROMPTS = ["alpha ", "beta ", "gamma ", "delta "]
 
