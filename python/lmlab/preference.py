@@ -30,6 +30,7 @@ from train_step/evaluate, and the shared loop logs them in the run's metrics.jso
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -185,13 +186,15 @@ def read_prompts(path) -> list:
 # --- scripted judges -----------------------------------------------------------------------------
 
 
-class ScoreJudge:
-    """A judge that scores each completion and ranks by score, best first; equal scores tie."""
+class ScoreJudge(abc.ABC):
+    """A judge that scores each completion and ranks by score, best first; equal scores tie.
+    Subclasses define score()."""
 
     name = "score"
 
+    @abc.abstractmethod
     def score(self, prompt: str, completion: str) -> float:
-        raise NotImplementedError
+        """Higher is better."""
 
     def __call__(self, prompt: str, completions: Sequence[str]) -> list:
         scores = [self.score(prompt, c) for c in completions]
