@@ -287,14 +287,10 @@ def _cmd_chat(args) -> int:
             return 0
         messages = (history if args.history else []) + [{"role": "user", "content": line}]
         sys.stdout.write("model> ")
-        streamed: list = []
-
-        def on_token(t: int) -> None:
-            streamed.append(int(t))
-
+        sys.stdout.flush()
         text, ended = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, callback=on_token)
+                              seed=args.seed)
         print(text + ("" if ended else " [...]"))
         history = messages + [{"role": "assistant", "content": text}]
 

@@ -66,7 +66,7 @@ def _sample_text(model, tok, prompt: str, n: int, seed: int) -> str:
     from .sample import generate
     ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
     out = generate(model, ids, n, temperature=0.8, seed=seed, stop_ids=[tok.eot_id])
-    return prompt + tok.decode([int(t) for t in out if t != tok.eot_id])
+    return prompt + tok.decode(out)
 
 
 def freeze_prefixes(n_layers_frozen: int, freeze_embeddings: bool, n_layer: int) -> list:
