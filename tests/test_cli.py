@@ -79,6 +79,13 @@ def test_instruct_inspect_and_chat(run, capsys, monkeypatch):
     assert "finished: 10 steps" in capsys.readouterr().out
     config = json.loads((run / "qa" / "config.json").read_text())
     assert config["train"]["chat_template"]["end"] == "<|end|>"
+    # An instruct-tuned run answers a prompt through its template; --raw continues plain text.
+    assert main(["sample", str(run / "qa"), "--prompt", "what is one plus one?",
+                 "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("what is one plus one?\n> ")
+    assert main(["sample", str(run / "qa"), "--prompt", "the ", "--raw", "--max-new-tokens", "8",
+                 "--seed", "0"]) == 0
+    assert not capsys.readouterr().out.startswith("the \n> ")
     monkeypatch.setattr("sys.stdin", io.StringIO("what is one plus one?\n\n"))
     assert main(["chat", str(run / "qa"), "--max-new-tokens", "8"]) == 0
     assert "model> " in capsys.readouterr().out
