@@ -261,8 +261,8 @@ def _cmd_inspect_data(args) -> int:
     from .checkpoint import load_model
     from .instruct import inspect_examples, load_instruct_data
 
-    _, tok, _ = load_model(args.run)
-    block = args.block_size or load_model(args.run)[0].config.block_size
+    model, tok, _ = load_model(args.run)
+    block = args.block_size or model.config.block_size
     train_convs, _ = load_instruct_data(args.data)
     print(inspect_examples(tok, train_convs, block, n=args.n,
                            color=not args.no_color and sys.stdout.isatty()))
