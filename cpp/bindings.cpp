@@ -154,8 +154,17 @@ void expect_indices(const Arg& idx, idx_t limit, const char* what) {
 
 // --- matmul ----------------------------------------------------------------------------------------
 
-void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::object bias_) {
+// "fp32" or "bf16" (see MatmulPrecision in kernels.h).
+int matmul_precision(const char* fn, const std::string& name) {
+    if (name == "fp32") return lmlab::kMatmulFp32;
+    if (name == "bf16") return lmlab::kMatmulBf16;
+    fail_value(fn, "precision must be 'fp32' or 'bf16', got '" + name + "'");
+}
+
+void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::object bias_,
+                    const std::string& precision_) {
     const char* fn = "matmul_forward";
+    const int precision = matmul_precision(fn, precision_);
     Arg out = out_f32(fn, "out", out_), inp = in_f32(fn, "inp", inp_);
     Arg weight = in_f32(fn, "weight", weight_);
     OptArg bias = opt_f32(fn, "bias", bias_, false);
@@ -168,12 +177,13 @@ void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::objec
     float* o = out.f32();
     const float *i = inp.cf32(), *w = weight.cf32(), *b = cptr(bias);
     py::gil_scoped_release release;
-    lmlab::kernels().matmul_forward(o, i, w, b, N, C, OC);
+    lmlab::kernels().matmul_forward(o, i, w, b, N, C, OC, precision);
 }
 
 void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, py::array dout_,
-                     py::array inp_, py::array weight_) {
+                     py::array inp_, py::array weight_, const std::string& precision_) {
     const char* fn = "matmul_backward";
+    const int precision = matmul_precision(fn, precision_);
     OptArg dinp = opt_f32(fn, "dinp", dinp_, true), dweight = opt_f32(fn, "dweight", dweight_, true);
     OptArg dbias = opt_f32(fn, "dbias", dbias_, true);
     Arg dout = in_f32(fn, "dout", dout_), inp = in_f32(fn, "inp", inp_);
@@ -190,7 +200,7 @@ void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, p
     float *di = ptr(dinp), *dw = ptr(dweight), *db = ptr(dbias);
     const float *g = dout.cf32(), *i = inp.cf32(), *w = weight.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().matmul_backward(di, dw, db, g, i, w, N, C, OC);
+    lmlab::kernels().matmul_backward(di, dw, db, g, i, w, N, C, OC, precision);
 }
 
 // --- softmax and cross-entropy ------------------------------------------------------------------
@@ -521,6 +531,11 @@ py::dict cpu_info() {
     d["available"] = available;
     d["openmp"] = lmlab::has_openmp();
     d["num_threads"] = lmlab::get_num_threads();
+    // Where precision="bf16" matmuls run: the AMX tile unit (AVX-512 variant on an AMX CPU), or the
+    // fp32 kernels on bf16-rounded operands.
+    d["bf16_matmul"] = std::string(lmlab::kernels().isa) == "avx512" && lmlab::amx_bf16_available()
+                           ? "amx"
+                           : "emulated";
     return d;
 }
 
@@ -545,8 +560,10 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "lmlab's compiled kernels (private: use lmlab.ops)";
     auto a = [](const char* name) { return py::arg(name).noconvert(); };
     auto o = [](const char* name) { return py::arg(name).none(true); };
-    m.def("matmul_forward", &matmul_forward, a("out"), a("inp"), a("weight"), o("bias"));
-    m.def("matmul_backward", &matmul_backward, o("dinp"), o("dweight"), o("dbias"), a("dout"), a("inp"), a("weight"));
+    m.def("matmul_forward", &matmul_forward, a("out"), a("inp"), a("weight"), o("bias"),
+          py::arg("precision") = "fp32");
+    m.def("matmul_backward", &matmul_backward, o("dinp"), o("dweight"), o("dbias"), a("dout"), a("inp"),
+          a("weight"), py::arg("precision") = "fp32");
     m.def("softmax_forward", &softmax_forward, a("probs"), a("logits"));
     m.def("softmax_backward", &softmax_backward, a("dlogits"), a("dprobs"), a("probs"));
     m.def("crossentropy_forward", &crossentropy_forward, a("losses"), a("lse"), a("logits"), a("targets"));

@@ -9,6 +9,7 @@
 #include <omp.h>
 #endif
 
+
 namespace lmlab {
 namespace {
 

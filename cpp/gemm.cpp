@@ -19,7 +19,9 @@
 //
 // Each instruction-set build picks its own micro-kernel below: AVX-512 (14 x 32, two zmm wide),
 // AVX2+FMA (6 x 16, two ymm wide), and portable C++ the compiler vectorises as it can (4 x 8).
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "gemm_internal.h"
 #include "isa.h"
@@ -42,6 +44,40 @@ void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_
             for (idx_t k = 0; k < K; k++) acc += A[m * rsA + k * csA] * B[k * rsB + n * csB];
             float* c = &C[m * ldc + n];
             *c = accumulate ? *c + alpha * acc : alpha * acc;
+        }
+    }
+}
+
+// kMatmulBf16 without AMX: each packed operand rounded to bfloat16 (nearest, ties to even) and kept
+// in fp32 lanes, so the fp32 micro-kernel multiplies exactly the values the tile unit would. NaN
+// stays NaN (rounding its payload could carry it into the exponent and make it inf).
+void round_to_bf16(float* x, size_t n) {
+    LMLAB_SIMD
+    for (size_t i = 0; i < n; i++) {
+        std::uint32_t u;
+        std::memcpy(&u, &x[i], sizeof u);
+        const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+        const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        u = nan ? u : rounded;
+        std::memcpy(&x[i], &u, sizeof u);
+    }
+}
+
+static float bf16_value(float x) {
+    round_to_bf16(&x, 1);
+    return x;
+}
+
+void gemm_reference_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
+                         idx_t csA, const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc,
+                         const float* bias, bool accumulate) {
+    for (idx_t m = 0; m < M; m++) {
+        for (idx_t n = 0; n < N; n++) {
+            float acc = 0.0f;
+            for (idx_t k = 0; k < K; k++)
+                acc += bf16_value(alpha * A[m * rsA + k * csA]) * bf16_value(B[k * rsB + n * csB]);
+            float* c = &C[m * ldc + n];
+            *c = accumulate ? *c + acc : (bias != nullptr ? bias[n] + acc : acc);
         }
     }
 }
@@ -96,72 +132,12 @@ thread_local Scratch tl_pack_a;
 thread_local Scratch tl_pack_b;
 
 // --- packing ---------------------------------------------------------------------------------------
+
+
 // A panel of P lanes (rows of op(A) or columns of op(B)) over kb steps of the reduction:
 //   dst[k * P + r] = scale * src[k * sk + r * sr] for r < w, and 0 for w <= r < P.
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#define LMLAB_GEMM_VECTOR_PACKING 1
-constexpr int kTransposeBlock = (int)kW;
-
-// Interleaves of 32-bit and 64-bit elements within 128-bit lanes, for one intrinsics family.
-#define LMLAB_GEMM_UNPACK(P)                                                                   \
-    inline vf unpack_lo32(vf a, vf b) { return P##_unpacklo_ps(a, b); }                        \
-    inline vf unpack_hi32(vf a, vf b) { return P##_unpackhi_ps(a, b); }                        \
-    inline vf unpack_lo64(vf a, vf b) {                                                        \
-        return P##_castpd_ps(P##_unpacklo_pd(P##_castps_pd(a), P##_castps_pd(b)));             \
-    }                                                                                          \
-    inline vf unpack_hi64(vf a, vf b) {                                                        \
-        return P##_castpd_ps(P##_unpackhi_pd(P##_castps_pd(a), P##_castps_pd(b)));            \
-    }
-
-// Last transpose stage: v[4g + c] holds, in 128-bit lane L, rows 4g..4g+3 of column c + 4L; each
-// output row gathers one column's lanes.
-#if defined(__AVX512F__)
-LMLAB_GEMM_UNPACK(_mm512)
-inline void transpose_lanes(vf v[16]) {
-    vf u[16];
-    for (int i = 0; i < 16; i++) u[i] = v[i];
-    for (int c = 0; c < 4; c++) {
-        const vf even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-        const vf odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-        const vf even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-        const vf odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-        v[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
-        v[c + 8] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
-        v[c + 4] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
-        v[c + 12] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
-    }
-}
-#else
-LMLAB_GEMM_UNPACK(_mm256)
-inline void transpose_lanes(vf v[8]) {
-    vf u[8];
-    for (int i = 0; i < 8; i++) u[i] = v[i];
-    for (int c = 0; c < 4; c++) {
-        v[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
-        v[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
-    }
-}
-#endif
-#undef LMLAB_GEMM_UNPACK
-
-// In-register transpose of a kW x kW block: v[i][j] becomes v[j][i]. Interleaving pairs of rows,
-// then pairs of pairs, transposes every 4 x 4 block within each 128-bit lane.
-inline void transpose(vf v[kTransposeBlock]) {
-    vf t[kTransposeBlock];
-    for (int i = 0; i < kTransposeBlock; i += 2) {
-        t[i] = unpack_lo32(v[i], v[i + 1]);
-        t[i + 1] = unpack_hi32(v[i], v[i + 1]);
-    }
-    for (int g = 0; g < kTransposeBlock; g += 4) {
-        v[g] = unpack_lo64(t[g], t[g + 2]);
-        v[g + 1] = unpack_hi64(t[g], t[g + 2]);
-        v[g + 2] = unpack_lo64(t[g + 1], t[g + 3]);
-        v[g + 3] = unpack_hi64(t[g + 1], t[g + 3]);
-    }
-    transpose_lanes(v);
-}
-#else
+#ifndef LMLAB_GEMM_VECTOR_PACKING
 constexpr int kTransposeBlock = 8;
 #endif
 
@@ -223,13 +199,15 @@ void pack_panel(float* dst, const float* src, idx_t sk, idx_t sr, int w, idx_t k
 }
 
 // Packs `lanes` lanes as consecutive P-lane panels of depth kb (the last one zero-padded).
+// With bf16, the packed values (scale folded in) are then rounded to bfloat16.
 template <int P>
 void pack_block(float* dst, const float* src, idx_t sk, idx_t sr, idx_t lanes, idx_t kb,
-                float scale) {
+                float scale, bool bf16) {
     for (idx_t p0 = 0; p0 < lanes; p0 += P) {
         const int w = (int)min_idx(P, lanes - p0);
         pack_panel<P>(dst + p0 * kb, src + p0 * sr, sk, sr, w, kb, scale);
     }
+    if (bf16) round_to_bf16(dst, (size_t)(ceil_div(lanes, P) * P * kb));
 }
 
 // --- micro-kernel ----------------------------------------------------------------------------------
@@ -374,7 +352,7 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
 // if its scratch could not be allocated.
 bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                   const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-                  bool accumulate) {
+                  bool accumulate, bool bf16) {
     const idx_t kc = slice_depth(K);
     const idx_t mc = min_idx(MC, ceil_div(M, MR) * MR), nc = min_idx(NC, ceil_div(N, NR) * NR);
     float* pa = tl_pack_a.get((size_t)(mc * kc));
@@ -384,12 +362,12 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t 
         const idx_t nb = min_idx(NC, N - jc);
         for (idx_t pc = 0; pc < K; pc += kc) {
             const idx_t kb = min_idx(kc, K - pc);
-            pack_block<NR>(pb, B + pc * rsB + jc * csB, rsB, csB, nb, kb, 1.0f);
+            pack_block<NR>(pb, B + pc * rsB + jc * csB, rsB, csB, nb, kb, 1.0f, bf16);
             const bool add = accumulate || pc > 0;
             const float* row_init = add || bias == nullptr ? nullptr : bias + jc;
             for (idx_t ic = 0; ic < M; ic += MC) {
                 const idx_t mb = min_idx(MC, M - ic);
-                pack_block<MR>(pa, A + ic * rsA + pc * csA, csA, rsA, mb, kb, alpha);
+                pack_block<MR>(pa, A + ic * rsA + pc * csA, csA, rsA, mb, kb, alpha, bf16);
                 for (idx_t ir = 0; ir < mb; ir += MR) {
                     const int mr = (int)min_idx(MR, mb - ir);
                     for (idx_t jr = 0; jr < nb; jr += NR) {
@@ -408,8 +386,11 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t 
 // One thread's share, falling back to the reference loop if scratch is unavailable.
 void gemm_share(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                 const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-                bool accumulate) {
-    if (gemm_blocked(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate)) return;
+                bool accumulate, bool bf16) {
+    if (gemm_blocked(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, bf16))
+        return;
+    if (bf16) return gemm_reference_bf16(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias,
+                                         accumulate);
     gemm_reference(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, accumulate, false);
     if (bias != nullptr && !accumulate)
         for (idx_t m = 0; m < M; m++)
@@ -421,7 +402,7 @@ void gemm_share(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rs
 // columns) is the smaller one; shares are whole register tiles.
 void gemm_dispatch(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                    const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-                   bool accumulate, bool parallel) {
+                   bool accumulate, bool parallel, bool bf16) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         if (accumulate) return;
@@ -440,7 +421,7 @@ void gemm_dispatch(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t
     const idx_t tiles = split_rows ? ceil_div(M, MR) : ceil_div(N, NR);
     if (threads > tiles) threads = (int)tiles;
     if (threads <= 1) {
-        gemm_share(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate);
+        gemm_share(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, bf16);
         return;
     }
 #pragma omp parallel num_threads(threads)
@@ -455,12 +436,12 @@ void gemm_dispatch(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t
             const idx_t m0 = first * MR, m1 = min_idx(last * MR, M);
             if (m1 > m0)
                 gemm_share(m1 - m0, N, K, alpha, A + m0 * rsA, rsA, csA, B, rsB, csB, C + m0 * ldc,
-                           ldc, bias, accumulate);
+                           ldc, bias, accumulate, bf16);
         } else {
             const idx_t n0 = first * NR, n1 = min_idx(last * NR, N);
             if (n1 > n0)
                 gemm_share(M, n1 - n0, K, alpha, A, rsA, csA, B + n0 * csB, rsB, csB, C + n0, ldc,
-                           bias != nullptr ? bias + n0 : nullptr, accumulate);
+                           bias != nullptr ? bias + n0 : nullptr, accumulate, bf16);
         }
     }
 }
@@ -470,13 +451,22 @@ void gemm_dispatch(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t
 void gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
           const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, bool accumulate,
           bool parallel) {
-    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, nullptr, accumulate, parallel);
+    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, nullptr, accumulate, parallel,
+                  false);
 }
 
 void gemm_bias(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
                bool parallel) {
-    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, false, parallel);
+    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, false, parallel, false);
+}
+
+void gemm_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
+               bool accumulate, bool parallel) {
+    if (gemm_amx(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, parallel))
+        return;
+    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, parallel, true);
 }
 
 }  // namespace LMLAB_ISA_NS

@@ -2,7 +2,10 @@
 // needs beyond the general gemm declared in isa.h.
 #pragma once
 
+#include <cstddef>
+
 #include "isa.h"
+#include "simd.h"
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
@@ -14,11 +17,100 @@ void gemm_bias(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA
                const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
                bool parallel);
 
+// C (M, N) = init + alpha * op(A) . op(B) with both operands rounded to bfloat16 and the products
+// accumulated in fp32 (kMatmulBf16, see kernels.h); init is C itself (accumulate), the bias row, or
+// zero. Runs on the AMX tile unit where gemm_amx can, otherwise on the fp32 kernels fed rounded
+// operands. Thread-count independent like gemm.
+void gemm_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
+               bool accumulate, bool parallel);
+
+// gemm_bf16 on AMX-BF16 tiles (cpp/gemm_amx.cpp). Returns false, having written nothing, where the
+// tiles cannot be used: not the AVX-512 build, not an AMX CPU, the OS refused the tile state, or no
+// scratch memory.
+bool gemm_amx(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+              const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
+              bool accumulate, bool parallel);
+
+// Rounds each of x (n) to the nearest bfloat16 (ties to even), in place; NaN stays NaN.
+void round_to_bf16(float* x, size_t n);
+
+// gemm_reference for gemm_bf16: operands rounded to bfloat16, init as in gemm_bf16. The fallback
+// of the bf16 paths when scratch memory cannot be had.
+void gemm_reference_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
+                         idx_t csA, const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc,
+                         const float* bias, bool accumulate);
+
 // The plain triple loop: each C element reduced over k in ascending order. The oracle the tuned
 // path is tested against, and its fallback when scratch memory cannot be had.
 void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                     const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, bool accumulate,
                     bool parallel);
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// In-register transposes for the packing routines (cpp/gemm.cpp, cpp/gemm_amx.cpp).
+#define LMLAB_GEMM_VECTOR_PACKING 1
+constexpr int kTransposeBlock = (int)kW;
+
+// Interleaves of 32-bit and 64-bit elements within 128-bit lanes, for one intrinsics family.
+#define LMLAB_GEMM_UNPACK(P)                                                                   \
+    static inline vf unpack_lo32(vf a, vf b) { return P##_unpacklo_ps(a, b); }                        \
+    static inline vf unpack_hi32(vf a, vf b) { return P##_unpackhi_ps(a, b); }                        \
+    static inline vf unpack_lo64(vf a, vf b) {                                                        \
+        return P##_castpd_ps(P##_unpacklo_pd(P##_castps_pd(a), P##_castps_pd(b)));             \
+    }                                                                                          \
+    static inline vf unpack_hi64(vf a, vf b) {                                                        \
+        return P##_castpd_ps(P##_unpackhi_pd(P##_castps_pd(a), P##_castps_pd(b)));            \
+    }
+
+// Last transpose stage: v[4g + c] holds, in 128-bit lane L, rows 4g..4g+3 of column c + 4L; each
+// output row gathers one column's lanes.
+#if defined(__AVX512F__)
+LMLAB_GEMM_UNPACK(_mm512)
+static inline void transpose_lanes(vf v[16]) {
+    vf u[16];
+    for (int i = 0; i < 16; i++) u[i] = v[i];
+    for (int c = 0; c < 4; c++) {
+        const vf even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        const vf odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        const vf even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const vf odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        v[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+        v[c + 8] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
+        v[c + 4] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+        v[c + 12] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
+    }
+}
+#else
+LMLAB_GEMM_UNPACK(_mm256)
+static inline void transpose_lanes(vf v[8]) {
+    vf u[8];
+    for (int i = 0; i < 8; i++) u[i] = v[i];
+    for (int c = 0; c < 4; c++) {
+        v[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+        v[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+}
+#endif
+#undef LMLAB_GEMM_UNPACK
+
+// In-register transpose of a kW x kW block: v[i][j] becomes v[j][i]. Interleaving pairs of rows,
+// then pairs of pairs, transposes every 4 x 4 block within each 128-bit lane.
+static inline void transpose(vf v[kTransposeBlock]) {
+    vf t[kTransposeBlock];
+    for (int i = 0; i < kTransposeBlock; i += 2) {
+        t[i] = unpack_lo32(v[i], v[i + 1]);
+        t[i + 1] = unpack_hi32(v[i], v[i + 1]);
+    }
+    for (int g = 0; g < kTransposeBlock; g += 4) {
+        v[g] = unpack_lo64(t[g], t[g + 2]);
+        v[g + 1] = unpack_hi64(t[g], t[g + 2]);
+        v[g + 2] = unpack_lo64(t[g + 1], t[g + 3]);
+        v[g + 3] = unpack_hi64(t[g + 1], t[g + 3]);
+    }
+    transpose_lanes(v);
+}
+#endif  // vector variants
 
 }  // namespace LMLAB_ISA_NS
 }  // namespace lmlab

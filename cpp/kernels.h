@@ -34,17 +34,28 @@ namespace lmlab {
 
 using idx_t = std::int64_t;
 
+// How the matmul kernels multiply (the `precision` argument; every array stays float32):
+//   kMatmulFp32  the fp32 values as given, fp32 accumulation.
+//   kMatmulBf16  both operands rounded to bfloat16 (round to nearest even: 8 significant bits),
+//                the products accumulated in fp32, the result fp32. On CPUs with AMX-BF16 the tile
+//                unit does this at many times the fp32 rate (cpp/gemm_amx.cpp); elsewhere the fp32
+//                kernels run on the rounded operands, which gives the same rounding of the inputs.
+// Mixed precision in the usual sense: parameters, gradients, optimiser state and every other kernel
+// stay fp32; only the operands of the products lose precision.
+enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
+
 // X(return type, name, (parameters))
 #define LMLAB_KERNEL_LIST(X)                                                                        \
-    /* out (N, OC) = inp (N, C) . weight (OC, C)^T + bias (OC); bias may be null */                 \
+    /* out (N, OC) = inp (N, C) . weight (OC, C)^T + bias (OC); bias may be null; precision is a   \
+       MatmulPrecision */                                                                           \
     X(void, matmul_forward,                                                                         \
       (float* out, const float* inp, const float* weight, const float* bias, idx_t N, idx_t C,      \
-       idx_t OC))                                                                                   \
+       idx_t OC, int precision))                                                                    \
     /* dinp (N, C) += dout . weight; dweight (OC, C) += dout^T . inp; dbias (OC) += sum_n dout.     \
-       Any of dinp, dweight, dbias may be null. */                                                  \
+       Any of dinp, dweight, dbias may be null. The two products use `precision`; dbias is fp32. */ \
     X(void, matmul_backward,                                                                        \
       (float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,              \
-       const float* weight, idx_t N, idx_t C, idx_t OC))                                            \
+       const float* weight, idx_t N, idx_t C, idx_t OC, int precision))                             \
     /* probs (N, V) = softmax over each row of logits (N, V) */                                     \
     X(void, softmax_forward, (float* probs, const float* logits, idx_t N, idx_t V))                 \
     /* dlogits (N, V) += probs * (dprobs - sum_v dprobs * probs) */                                 \
@@ -124,6 +135,11 @@ int available_isas(const char** names, int capacity);
 
 // Switch to a named instruction set; returns false if it is not available here.
 bool select_isa(const char* name);
+
+// Whether this CPU and OS let the AVX-512 variant use AMX-BF16 tiles for kMatmulBf16 products
+// (cpuid says AMX-TILE, AMX-BF16 and AVX512-BF16; the OS grants the tile state to this process).
+// Asked once; later calls return the cached answer.
+bool amx_bf16_available();
 
 // Threads: OpenMP's pool. Without OpenMP these report 1 and ignore requests.
 void set_num_threads(int n);

@@ -8,10 +8,13 @@ namespace lmlab {
 namespace LMLAB_ISA_NS {
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, idx_t N,
-                    idx_t C, idx_t OC) {
+                    idx_t C, idx_t OC, int precision) {
     // out (N, OC) = inp (N, C) . weight^T: op(B)[k, o] = weight[o * C + k]. The bias is added as each
     // output tile is first written, not in a second pass over out.
-    gemm_bias(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, bias, true);
+    if (precision == kMatmulBf16)
+        gemm_bf16(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, bias, false, true);
+    else
+        gemm_bias(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, bias, true);
 }
 
 namespace {
@@ -48,12 +51,23 @@ void bias_gradient(float* dbias, const float* dout, idx_t N, idx_t OC) {
 }  // namespace
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, idx_t N, idx_t C, idx_t OC) {
+                     const float* weight, idx_t N, idx_t C, idx_t OC, int precision) {
+    const bool bf16 = precision == kMatmulBf16;
     // dinp (N, C) += dout (N, OC) . weight (OC, C)
-    if (dinp != nullptr) gemm(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, true, true);
+    if (dinp != nullptr) {
+        if (bf16)
+            gemm_bf16(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, nullptr, true, true);
+        else
+            gemm(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, true, true);
+    }
     // dweight (OC, C) += dout^T (OC, N) . inp (N, C): the long reduction runs over the N rows, in
     // slices of fixed depth, so its order is the same for any thread count.
-    if (dweight != nullptr) gemm(OC, C, N, 1.0f, dout, 1, OC, inp, C, 1, dweight, C, true, true);
+    if (dweight != nullptr) {
+        if (bf16)
+            gemm_bf16(OC, C, N, 1.0f, dout, 1, OC, inp, C, 1, dweight, C, nullptr, true, true);
+        else
+            gemm(OC, C, N, 1.0f, dout, 1, OC, inp, C, 1, dweight, C, true, true);
+    }
     if (dbias != nullptr) bias_gradient(dbias, dout, N, OC);
 }
 

@@ -2,6 +2,9 @@
 // (both operands transposed or not, padded leading dimensions), alpha, accumulate on/off, the serial
 // path, the parallel path at 1 and 2 threads, and a call from inside a parallel region. Built and run
 // by tests/test_gemm.py once per instruction set, which asserts on what this prints.
+// With the argument "bf16" it checks gemm_bf16 instead (cpp/gemm_amx.cpp on an AMX CPU in the avx512
+// build, else the fp32 kernels on rounded operands), with a bias row on some of the cases: the
+// reference then multiplies operands rounded to bfloat16 here, independently (frexp / nearbyint).
 //
 // Prints one line per case:
 //   M N K transA transB alpha accumulate rel_err bitwise guard
@@ -40,28 +43,50 @@ void set_threads(int n) {
 #endif
 }
 
+bool g_bf16 = false;  // check gemm_bf16 instead of gemm
+
+// x rounded to the nearest bfloat16 (8 significant bits, ties to even): the reference's own rounding.
+double round_bf16(double x) {
+    if (x == 0.0 || !std::isfinite(x)) return x;
+    int e = 0;
+    const double m = std::frexp(x, &e);  // x = m * 2^e, 0.5 <= |m| < 1
+    return std::ldexp(std::nearbyint(std::ldexp(m, 8)), e - 8);
+}
+
+void call(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+          const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
+          bool accumulate, bool parallel) {
+    if (g_bf16)
+        isa::gemm_bf16(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, parallel);
+    else
+        isa::gemm(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, accumulate, parallel);
+}
+
 // One case: op(A) is M x K, stored as A (M, lda) or, transposed, as (K, lda); likewise op(B).
 void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, bool accumulate) {
     const idx_t pad = 3;  // leading dimensions wider than the matrix, to catch stride mix-ups
     const idx_t lda = (transA ? M : K) + pad, ldb = (transB ? K : N) + pad, ldc = N + pad;
-    std::vector<float> A((transA ? K : M) * lda), B((transB ? N : K) * ldb), C0(M * ldc);
+    std::vector<float> A((transA ? K : M) * lda), B((transB ? N : K) * ldb), C0(M * ldc), bias_row(N);
     for (float& x : A) x = uniform();
     for (float& x : B) x = uniform();
     for (float& x : C0) x = uniform();
+    for (float& x : bias_row) x = uniform();
+    // gemm_bf16 starts C from a bias row on the non-accumulating cases with an odd M.
+    const float* bias = g_bf16 && !accumulate && M % 2 == 1 ? bias_row.data() : nullptr;
     const idx_t rsA = transA ? 1 : lda, csA = transA ? lda : 1;
     const idx_t rsB = transB ? 1 : ldb, csB = transB ? ldb : 1;
 
     double err = 0.0, scale = 0.0;
     std::vector<float> C[4];
     for (auto& c : C) c = C0;
-    isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[0].data(), ldc, accumulate,
-              false);
+    call(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[0].data(), ldc, bias, accumulate,
+         false);
     set_threads(1);
-    isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[1].data(), ldc, accumulate,
-              true);
+    call(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[1].data(), ldc, bias, accumulate,
+         true);
     set_threads(2);
-    isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[2].data(), ldc, accumulate,
-              true);
+    call(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, C[2].data(), ldc, bias, accumulate,
+         true);
     float* c3 = C[3].data();
 #pragma omp parallel num_threads(2)
     {
@@ -72,8 +97,8 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
 #endif
         // Only one thread calls, with parallel = true: gemm must notice it is already inside a team.
         if (mine)
-            isa::gemm(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, c3, ldc, accumulate,
-                      true);
+            call(M, N, K, alpha, A.data(), rsA, csA, B.data(), rsB, csB, c3, ldc, bias, accumulate,
+                 true);
     }
 
     bool guard = true;
@@ -86,7 +111,11 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
             }
             double exact = 0.0, size = 0.0;
             for (idx_t k = 0; k < K; k++) {
-                const double a = A[m * rsA + k * csA], b = B[k * rsB + n * csB];
+                double a = A[m * rsA + k * csA], b = B[k * rsB + n * csB];
+                if (g_bf16) {  // alpha is folded into op(A) before rounding, as the packing does
+                    a = round_bf16((double)(alpha * (float)a)) / alpha;
+                    b = round_bf16(b);
+                }
                 exact += a * b;
                 size += std::fabs(a * b);
             }
@@ -95,6 +124,10 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
             if (accumulate) {
                 exact += C0[m * ldc + n];
                 size += std::fabs(C0[m * ldc + n]);
+            }
+            if (bias != nullptr) {
+                exact += bias[n];
+                size += std::fabs(bias[n]);
             }
             err = std::fmax(err, std::fabs(got - exact));
             scale = std::fmax(scale, size);
@@ -110,12 +143,14 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
 
 }  // namespace
 
-int main() {
-    // Edge sizes around every tile (MR up to 14, NR up to 32) and slice (KC = 384 or 256), and the
-    // attention kernel's per-head blocks.
-    const idx_t sizes[][3] = {{1, 1, 1},    {7, 9, 33},    {33, 7, 9},    {9, 33, 7},
-                              {14, 32, 16}, {15, 33, 257}, {29, 65, 600}, {64, 256, 64},
-                              {256, 64, 256}, {100, 3, 1},  {1, 100, 513}, {130, 90, 40}};
+int main(int argc, char** argv) {
+    g_bf16 = argc > 1 && std::strcmp(argv[1], "bf16") == 0;
+    // Edge sizes around every tile (MR up to 14, NR up to 32; AMX blocks of 32) and slice (KC = 384,
+    // 256 or 512), the attention kernel's per-head blocks, and products big enough for two threads.
+    const idx_t sizes[][3] = {{1, 1, 1},     {7, 9, 33},    {33, 7, 9},    {9, 33, 7},
+                              {14, 32, 16},  {15, 33, 257}, {29, 65, 600}, {64, 256, 64},
+                              {256, 64, 256}, {100, 3, 1},  {1, 100, 513}, {130, 90, 40},
+                              {47, 200, 1100}, {301, 77, 130}};
     const float alphas[] = {1.0f, 0.125f, -2.5f};
     int i = 0;
     for (const auto& s : sizes)

@@ -149,21 +149,30 @@ def gemm_check(tmp_path_factory):
         pytest.skip("the instruction-set flags below are x86-64 flags")
     out_dir = tmp_path_factory.mktemp("gemm_check")
 
-    def run(isa: str):
+    built = {}
+
+    def run(isa: str, mode: str = "fp32"):
         exe = out_dir / f"gemm_check_{isa}"
-        subprocess.run([cxx, "-std=c++17", "-O2", "-fopenmp", f"-I{ROOT / 'cpp'}",
-                        f"-DLMLAB_ISA_NS={isa}", *FLAGS[isa], str(ROOT / "tests" / "gemm_check.cpp"),
-                        str(ROOT / "cpp" / "gemm.cpp"), "-o", str(exe)], check=True)
-        text = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+        if isa not in built:
+            # amx_probe.cpp decides whether gemm_amx.cpp's tile path may run (avx512 build only).
+            subprocess.run([cxx, "-std=c++17", "-O2", "-fopenmp", f"-I{ROOT / 'cpp'}",
+                            f"-DLMLAB_ISA_NS={isa}", "-DLMLAB_HAVE_AVX512", *FLAGS[isa],
+                            str(ROOT / "tests" / "gemm_check.cpp"), str(ROOT / "cpp" / "gemm.cpp"),
+                            str(ROOT / "cpp" / "gemm_amx.cpp"), str(ROOT / "cpp" / "amx_probe.cpp"),
+                            "-o", str(exe)], check=True)
+            built[isa] = exe
+        text = subprocess.run([str(exe), mode], check=True, capture_output=True, text=True).stdout
         return [line.split() for line in text.strip().splitlines()]
 
     return run
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_gemm_strides_alpha_accumulate(isa, gemm_check):
-    rows = gemm_check(isa)
-    assert len(rows) == 50  # 12 sizes x 4 stride patterns, and 2 zero-depth cases
+def test_gemm_strides_alpha_accumulate(isa, mode, gemm_check):
+    # bf16: the reference multiplies the same bf16-rounded operands, so the tolerance is fp32's.
+    rows = gemm_check(isa, mode)
+    assert len(rows) == 58  # 14 sizes x 4 stride patterns, and 2 zero-depth cases
     seen = set()
     for M, N, K, trans_a, trans_b, alpha, accumulate, err, bitwise, guard in rows:
         case = f"M={M} N={N} K={K} transA={trans_a} transB={trans_b} alpha={alpha} acc={accumulate}"

@@ -21,16 +21,27 @@ from . import _core
 Array = np.ndarray
 
 
-def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] = None) -> Array:
-    """out (..., OC) = inp (..., C) @ weight (OC, C).T + bias (OC)."""
-    _core.matmul_forward(out, inp, weight, bias)
+MATMUL_PRECISIONS = ("fp32", "bf16")
+
+
+def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] = None,
+                   precision: str = "fp32") -> Array:
+    """out (..., OC) = inp (..., C) @ weight (OC, C).T + bias (OC).
+
+    precision="bf16" rounds inp and weight to bfloat16 (nearest even) and accumulates in fp32, on the
+    AMX tile unit where the CPU has one (``cpu_info()["bf16_matmul"]``); arrays stay float32.
+    """
+    _core.matmul_forward(out, inp, weight, bias, precision=precision)
     return out
 
 
 def matmul_backward(dinp: Optional[Array], dweight: Optional[Array], dbias: Optional[Array],
-                    dout: Array, inp: Array, weight: Array) -> None:
-    """dinp += dout @ weight; dweight += dout.T @ inp; dbias += dout summed over rows."""
-    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+                    dout: Array, inp: Array, weight: Array, precision: str = "fp32") -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp; dbias += dout summed over rows.
+
+    precision as in matmul_forward, for the two products (dbias is always an fp32 sum).
+    """
+    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision=precision)
 
 
 def softmax_forward(probs: Array, logits: Array) -> Array:

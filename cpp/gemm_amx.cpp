@@ -1,0 +1,441 @@
+// gemm_amx: the bf16 matrix product (kMatmulBf16) on Intel's AMX tile unit.
+//   C (M, N) = init + alpha * op(A) . op(B), operands rounded to bfloat16, fp32 accumulation,
+// with init = C (accumulate), the bias row, or zero; strides as in gemm (cpp/isa.h).
+//
+// AMX holds eight tile registers of 16 rows x 64 bytes. TDPBF16PS C, A, B adds to a 16 x 16 fp32 tile
+// C the product of a 16 x 32 bf16 tile A and a 32 x 16 bf16 tile B stored in pairs ("VNNI" layout:
+// row j of the B tile holds, for each of the 16 columns, the two bf16 values of k = 2j and 2j + 1).
+// One instruction is 8,192 multiply-adds; a core issues one every 16 cycles, about 16 times the fp32
+// FMA rate of AVX-512.
+//
+// The blocking is gemm's (cpp/gemm.cpp) with bf16 panels:
+//   for each NC-wide column block:   for each KC-deep slice:   pack op(B) into 16-column VNNI tiles
+//     for each MC-tall row block:    pack op(A) into 16-row tiles (alpha folded in, then rounded)
+//       for each 32 x 32 block of C: four C tiles, two A tiles, two B tiles; TDPBF16PS over the slice
+// Packing converts fp32 to bf16 with AVX512-BF16's round-to-nearest-even conversion and zero-pads every
+// edge (rows, columns and k to a multiple of 32), so edge blocks run the same instructions.
+//
+// Determinism: a C tile starts from its init (C, bias or zero), then every slice adds its products in
+// k order, the slices of a depth that depends on K alone; edge tiles are staged through a padded buffer
+// but go through the same instructions. Threads divide C into whole 32 x 32 blocks. So every element
+// is bitwise the same for any thread count and any position in C.
+//
+// Only the AVX-512 build holds this code, each function compiled for AMX and AVX512-BF16 by a target
+// attribute; dispatch (amx_bf16_available) decides at run time whether it may run.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm_internal.h"
+#include "isa.h"
+#include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 11
+#define LMLAB_AMX_BUILD 1
+#endif
+
+namespace lmlab {
+namespace LMLAB_ISA_NS {
+
+#ifndef LMLAB_AMX_BUILD
+
+bool gemm_amx(idx_t, idx_t, idx_t, float, const float*, idx_t, idx_t, const float*, idx_t, idx_t,
+              float*, idx_t, const float*, bool, bool) {
+    return false;
+}
+
+#else
+
+#define LMLAB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+
+namespace {
+
+using bf16_t = std::uint16_t;
+
+constexpr idx_t kTile = 16;        // rows (and fp32 columns) of a C tile
+constexpr idx_t kStepK = 32;       // k per TDPBF16PS
+constexpr idx_t kTileElems = 512;  // bf16 values in one 16 x 32 A tile or 16-pair x 16 B tile
+constexpr idx_t kBlock = 32;       // C block per micro-kernel call: 2 x 2 tiles
+
+// Cache blocks: a 32-row A micro-panel of one slice (32 KB at KC = 512) stays in L1 while the
+// B panels of the column block (NC x KC, 512 KB) stream from L2.
+constexpr idx_t KC = 512, MC = 256, NC = 512;
+
+// Products smaller than this run on one thread (the tile unit is ~10x faster than gemm's kernels).
+constexpr double kParallelMinWork = 1 << 21;
+
+inline idx_t ceil_div(idx_t a, idx_t b) { return (a + b - 1) / b; }
+inline idx_t round_up(idx_t a, idx_t b) { return ceil_div(a, b) * b; }
+inline idx_t min_idx(idx_t a, idx_t b) { return a < b ? a : b; }
+
+// Slice depth: a multiple of 32, a function of K alone (see Determinism).
+inline idx_t slice_depth(idx_t K) { return round_up(ceil_div(K, ceil_div(K, KC)), kStepK); }
+
+struct Scratch {
+    bf16_t* data = nullptr;
+    size_t capacity = 0;  // elements
+    Scratch() = default;
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() { std::free(data); }
+    bf16_t* get(size_t n) {
+        if (n > capacity) {
+            std::free(data);
+            const size_t bytes = (n * sizeof(bf16_t) + 63) / 64 * 64;
+            data = static_cast<bf16_t*>(std::aligned_alloc(64, bytes));
+            capacity = data != nullptr ? n : 0;
+        }
+        return data;
+    }
+};
+thread_local Scratch tl_pack_a;
+thread_local Scratch tl_pack_b;
+
+// Palette 1, tiles 0-7 all 16 rows x 64 bytes: 0-3 accumulate C, 4-5 hold A, 6-7 hold B.
+struct alignas(64) TileConfig {
+    std::uint8_t palette_id = 1;
+    std::uint8_t start_row = 0;
+    std::uint8_t reserved[14] = {};
+    std::uint16_t colsb[16] = {};
+    std::uint8_t rows[16] = {};
+};
+
+LMLAB_AMX_TARGET void configure_tiles() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = (std::uint8_t)kTile;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+inline __mmask16 lanes(idx_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+// 32 fp32 values (lo = the first 16) as 32 bf16 in order, rounded to nearest even.
+LMLAB_AMX_TARGET inline __m512i to_bf16(__m512 lo, __m512 hi) {
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// --- packing ---------------------------------------------------------------------------------------
+// A: rows of op(A) in groups of 16; for each group and 32-deep step of k, one 16 x 32 tile (row r,
+//    column kk = element alpha * op(A)[r, k0 + kk]). Groups are padded to an even count, so that every
+//    32-row micro-panel exists; the padding is zero.
+// op(A)[m, k] = src[m * sm + k * sk], rows < `rows`, k < kb.
+LMLAB_AMX_TARGET void pack_a(bf16_t* dst, const float* src, idx_t sm, idx_t sk, idx_t rows,
+                             idx_t kb, float alpha) {
+    const idx_t steps = ceil_div(kb, kStepK), groups = round_up(ceil_div(rows, kTile), 2);
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (idx_t g = 0; g < groups; g++) {
+        const idx_t r0 = g * kTile, valid_rows = rows - r0;
+        for (idx_t s = 0; s < steps; s++) {
+            bf16_t* tile = dst + (g * steps + s) * kTileElems;
+            const idx_t k0 = s * kStepK, valid_k = kb - k0;
+            if (valid_rows <= 0) {
+                std::memset(tile, 0, kTileElems * sizeof(bf16_t));
+            } else if (sk == 1) {
+                for (idx_t r = 0; r < kTile; r++) {
+                    __m512 lo = _mm512_setzero_ps(), hi = lo;
+                    if (r < valid_rows) {
+                        const float* p = src + (r0 + r) * sm + k0;
+                        lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(valid_k), p), va);
+                        hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(valid_k - 16), p + 16), va);
+                    }
+                    _mm512_store_si512(tile + r * kStepK, to_bf16(lo, hi));
+                }
+            } else if (sm == 1) {
+                // Rows of op(A) lie across memory: read 32 k-rows of 16 lanes, transpose in two
+                // 16 x 16 halves.
+                vf v0[16], v1[16];
+                const __mmask16 rmask = lanes(valid_rows);
+                for (idx_t kk = 0; kk < 16; kk++) {
+                    v0[kk] = kk < valid_k ? _mm512_maskz_loadu_ps(rmask, src + (k0 + kk) * sk + r0)
+                                          : _mm512_setzero_ps();
+                    v1[kk] = kk + 16 < valid_k
+                                 ? _mm512_maskz_loadu_ps(rmask, src + (k0 + kk + 16) * sk + r0)
+                                 : _mm512_setzero_ps();
+                }
+                transpose(v0);
+                transpose(v1);
+                for (idx_t r = 0; r < kTile; r++)
+                    _mm512_store_si512(tile + r * kStepK,
+                                       to_bf16(_mm512_mul_ps(v0[r], va), _mm512_mul_ps(v1[r], va)));
+            } else {
+                alignas(64) float row[kStepK];
+                for (idx_t r = 0; r < kTile; r++) {
+                    for (idx_t kk = 0; kk < kStepK; kk++)
+                        row[kk] = r < valid_rows && kk < valid_k
+                                      ? alpha * src[(r0 + r) * sm + (k0 + kk) * sk]
+                                      : 0.0f;
+                    _mm512_store_si512(tile + r * kStepK,
+                                       to_bf16(_mm512_load_ps(row), _mm512_load_ps(row + 16)));
+                }
+            }
+        }
+    }
+}
+
+// B: columns of op(B) in groups of 16 (padded to an even count); for each group and step, one VNNI
+// tile: row j, column n holds the pair (op(B)[k0 + 2j, n], op(B)[k0 + 2j + 1, n]).
+// op(B)[k, n] = src[k * sk + n * sn], columns < `cols`, k < kb.
+LMLAB_AMX_TARGET void pack_b(bf16_t* dst, const float* src, idx_t sk, idx_t sn, idx_t cols,
+                             idx_t kb) {
+    const idx_t steps = ceil_div(kb, kStepK), groups = round_up(ceil_div(cols, kTile), 2);
+    // Interleaves [a0..a15, b0..b15] into [a0, b0, a1, b1, ...].
+    alignas(64) std::uint16_t interleave_idx[32];
+    for (int n = 0; n < 16; n++) {
+        interleave_idx[2 * n] = (std::uint16_t)n;
+        interleave_idx[2 * n + 1] = (std::uint16_t)(16 + n);
+    }
+    const __m512i interleave = _mm512_load_si512(interleave_idx);
+    for (idx_t g = 0; g < groups; g++) {
+        const idx_t n0 = g * kTile, valid_cols = cols - n0;
+        for (idx_t s = 0; s < steps; s++) {
+            bf16_t* tile = dst + (g * steps + s) * kTileElems;
+            const idx_t k0 = s * kStepK, valid_k = kb - k0;
+            if (valid_cols <= 0) {
+                std::memset(tile, 0, kTileElems * sizeof(bf16_t));
+            } else if (sn == 1) {
+                const __mmask16 cmask = lanes(valid_cols);
+                for (idx_t j = 0; j < kTile; j++) {
+                    const idx_t k = k0 + 2 * j;
+                    const __m512 even = k < kb ? _mm512_maskz_loadu_ps(cmask, src + k * sk + n0)
+                                               : _mm512_setzero_ps();
+                    const __m512 odd = k + 1 < kb
+                                           ? _mm512_maskz_loadu_ps(cmask, src + (k + 1) * sk + n0)
+                                           : _mm512_setzero_ps();
+                    _mm512_store_si512(tile + j * kStepK,
+                                       _mm512_permutexvar_epi16(interleave, to_bf16(even, odd)));
+                }
+            } else if (sk == 1) {
+                // Each column's k run is contiguous: converted, 32 bf16 are 16 ready-made pairs; a
+                // 16 x 16 transpose of those 32-bit pairs puts the columns side by side.
+                vf v[16];
+                for (idx_t n = 0; n < kTile; n++) {
+                    if (n < valid_cols) {
+                        const float* p = src + (n0 + n) * sn + k0;
+                        v[n] = _mm512_castsi512_ps(to_bf16(_mm512_maskz_loadu_ps(lanes(valid_k), p),
+                                                   _mm512_maskz_loadu_ps(lanes(valid_k - 16), p + 16)));
+                    } else {
+                        v[n] = _mm512_setzero_ps();
+                    }
+                }
+                transpose(v);
+                for (idx_t j = 0; j < kTile; j++)
+                    _mm512_store_si512(tile + j * kStepK, _mm512_castps_si512(v[j]));
+            } else {
+                alignas(64) float even[kTile], odd[kTile];
+                for (idx_t j = 0; j < kTile; j++) {
+                    for (idx_t n = 0; n < kTile; n++) {
+                        const idx_t k = k0 + 2 * j;
+                        const bool col = n < valid_cols;
+                        even[n] = col && k < kb ? src[k * sk + (n0 + n) * sn] : 0.0f;
+                        odd[n] = col && k + 1 < kb ? src[(k + 1) * sk + (n0 + n) * sn] : 0.0f;
+                    }
+                    _mm512_store_si512(tile + j * kStepK,
+                                       _mm512_permutexvar_epi16(interleave,
+                                                                to_bf16(_mm512_load_ps(even),
+                                                                        _mm512_load_ps(odd))));
+                }
+            }
+        }
+    }
+}
+
+// --- micro-kernel ----------------------------------------------------------------------------------
+// One 32 x 32 block of C as four tiles (t = 2 * row half + column half). Tile t starts from init[t]
+// (row stride init_stride[t] bytes; null means zero), takes `steps` steps of A . B, and is stored to
+// out[t]. The A tiles of the two row halves and the B tiles of the two column halves are consecutive
+// steps of their packed panels.
+struct BlockIO {
+    const void* init[4];
+    idx_t init_stride[4];
+    void* out[4];
+    idx_t out_stride[4];
+};
+
+// GCC's tile intrinsics are asm statements that do not tell the compiler they touch memory: fence the
+// packed panels' stores before the tile loads, and the tile stores before anyone reads the result.
+inline void compiler_fence() { __asm__ volatile("" ::: "memory"); }
+
+#define LMLAB_AMX_INIT(t)                                                 \
+    if (io.init[t] != nullptr)                                            \
+        _tile_loadd(t, io.init[t], io.init_stride[t]);                    \
+    else                                                                  \
+        _tile_zero(t);
+
+LMLAB_AMX_TARGET void micro_block(idx_t steps, const bf16_t* a0, const bf16_t* a1, const bf16_t* b0,
+                                  const bf16_t* b1, const BlockIO& io) {
+    compiler_fence();
+    LMLAB_AMX_INIT(0)
+    LMLAB_AMX_INIT(1)
+    LMLAB_AMX_INIT(2)
+    LMLAB_AMX_INIT(3)
+    for (idx_t s = 0; s < steps; s++) {
+        const idx_t off = s * kTileElems;
+        _tile_loadd(4, a0 + off, 64);
+        _tile_loadd(6, b0 + off, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, b1 + off, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a1 + off, 64);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, io.out[0], io.out_stride[0]);
+    _tile_stored(1, io.out[1], io.out_stride[1]);
+    _tile_stored(2, io.out[2], io.out_stride[2]);
+    _tile_stored(3, io.out[3], io.out_stride[3]);
+    compiler_fence();
+}
+#undef LMLAB_AMX_INIT
+
+// --- one thread's share ----------------------------------------------------------------------------
+// The blocked product over a sub-block of C. Returns false (having written nothing) if its scratch
+// could not be allocated.
+LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
+                                  idx_t csA, const float* B, idx_t rsB, idx_t csB, float* C,
+                                  idx_t ldc, const float* bias, bool accumulate) {
+    const idx_t kc = slice_depth(K);
+    const idx_t mc = min_idx(MC, round_up(M, kBlock)), nc = min_idx(NC, round_up(N, kBlock));
+    bf16_t* pa = tl_pack_a.get((size_t)(mc * kc));
+    bf16_t* pb = tl_pack_b.get((size_t)(nc * kc));
+    if (pa == nullptr || pb == nullptr) return false;
+    configure_tiles();
+    alignas(64) float stage[4][kTile * kTile];
+    const idx_t c_stride = ldc * (idx_t)sizeof(float);
+    for (idx_t jc = 0; jc < N; jc += NC) {
+        const idx_t nb = min_idx(NC, N - jc);
+        for (idx_t pc = 0; pc < K; pc += kc) {
+            const idx_t kb = min_idx(kc, K - pc), steps = ceil_div(kb, kStepK);
+            pack_b(pb, B + pc * rsB + jc * csB, rsB, csB, nb, kb);
+            // The first slice starts each tile from its init; later ones from C.
+            const bool from_c = accumulate || pc > 0;
+            for (idx_t ic = 0; ic < M; ic += MC) {
+                const idx_t mb = min_idx(MC, M - ic);
+                pack_a(pa, A + ic * rsA + pc * csA, rsA, csA, mb, kb, alpha);
+                for (idx_t ir = 0; ir < mb; ir += kBlock) {
+                    for (idx_t jr = 0; jr < nb; jr += kBlock) {
+                        BlockIO io;
+                        idx_t valid_r[4], valid_c[4];
+                        for (int t = 0; t < 4; t++) {
+                            const idx_t r0 = ic + ir + kTile * (t >> 1), c0 = jc + jr + kTile * (t & 1);
+                            const idx_t vr = min_idx(kTile, M - r0), vc = min_idx(kTile, N - c0);
+                            float* cp = C + r0 * ldc + c0;
+                            valid_r[t] = vr;
+                            valid_c[t] = vc;
+                            if (vr == kTile && vc == kTile) {
+                                io.out[t] = cp;
+                                io.out_stride[t] = c_stride;
+                                if (from_c) {
+                                    io.init[t] = cp;
+                                    io.init_stride[t] = c_stride;
+                                } else {
+                                    // The bias row, read 16 times over (row stride 0).
+                                    io.init[t] = bias != nullptr ? bias + c0 : nullptr;
+                                    io.init_stride[t] = 0;
+                                }
+                                continue;
+                            }
+                            // Edge tile: staged through a zero-padded 16 x 16 buffer.
+                            float* st = stage[t];
+                            for (idx_t r = 0; r < kTile; r++)
+                                for (idx_t c = 0; c < kTile; c++)
+                                    st[r * kTile + c] =
+                                        r < vr && c < vc
+                                            ? (from_c ? cp[r * ldc + c]
+                                                      : bias != nullptr ? bias[c0 + c] : 0.0f)
+                                            : 0.0f;
+                            io.init[t] = st;
+                            io.init_stride[t] = kTile * (idx_t)sizeof(float);
+                            io.out[t] = st;
+                            io.out_stride[t] = kTile * (idx_t)sizeof(float);
+                        }
+                        const idx_t ga = ir / kTile, gb = jr / kTile;
+                        micro_block(steps, pa + ga * steps * kTileElems,
+                                    pa + (ga + 1) * steps * kTileElems, pb + gb * steps * kTileElems,
+                                    pb + (gb + 1) * steps * kTileElems, io);
+                        for (int t = 0; t < 4; t++) {
+                            if (io.out[t] != stage[t]) continue;
+                            const idx_t r0 = ic + ir + kTile * (t >> 1), c0 = jc + jr + kTile * (t & 1);
+                            for (idx_t r = 0; r < valid_r[t]; r++)
+                                for (idx_t c = 0; c < valid_c[t]; c++)
+                                    C[(r0 + r) * ldc + c0 + c] = stage[t][r * kTile + c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    _tile_release();
+    return true;
+}
+
+void amx_share(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
+               bool accumulate) {
+    if (amx_blocked(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate)) return;
+    gemm_reference_bf16(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate);
+}
+
+}  // namespace
+
+bool gemm_amx(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+              const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
+              bool accumulate, bool parallel) {
+    if (!amx_bf16_available()) return false;
+    if (M <= 0 || N <= 0) return true;
+    if (K <= 0) {
+        if (!accumulate)
+            for (idx_t m = 0; m < M; m++)
+                for (idx_t n = 0; n < N; n++) C[m * ldc + n] = bias != nullptr ? bias[n] : 0.0f;
+        return true;
+    }
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel && !omp_in_parallel() && (double)M * N * K >= kParallelMinWork)
+        threads = omp_get_max_threads();
+#else
+    (void)parallel;
+#endif
+    // Split along the larger side of C in whole 32 x 32 blocks, as gemm does.
+    const bool split_rows = M >= N;
+    const idx_t blocks = split_rows ? ceil_div(M, kBlock) : ceil_div(N, kBlock);
+    if (threads > blocks) threads = (int)blocks;
+    if (threads <= 1) {
+        amx_share(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate);
+        return true;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const idx_t t = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+        const idx_t t = 0, team = 1;
+#endif
+        const idx_t first = blocks * t / team, last = blocks * (t + 1) / team;
+        if (split_rows) {
+            const idx_t m0 = first * kBlock, m1 = min_idx(last * kBlock, M);
+            if (m1 > m0)
+                amx_share(m1 - m0, N, K, alpha, A + m0 * rsA, rsA, csA, B, rsB, csB, C + m0 * ldc,
+                          ldc, bias, accumulate);
+        } else {
+            const idx_t n0 = first * kBlock, n1 = min_idx(last * kBlock, N);
+            if (n1 > n0)
+                amx_share(M, n1 - n0, K, alpha, A, rsA, csA, B + n0 * csB, rsB, csB, C + n0, ldc,
+                          bias != nullptr ? bias + n0 : nullptr, accumulate);
+        }
+    }
+    return true;
+}
+
+#endif  // LMLAB_AMX_BUILD
+
+}  // namespace LMLAB_ISA_NS
+}  // namespace lmlab
