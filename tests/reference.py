@@ -29,6 +29,16 @@ def f64(x) -> np.ndarray:
 
 # --- matmul: out = inp @ weight.T + bias --------------------------------------------------------------
 
+def round_bf16(x) -> np.ndarray:
+    """x rounded to the nearest bfloat16 (8 significant bits, ties to even), as float64.
+
+    Written with frexp/ldexp on the float64 value, independently of the kernels' bit manipulation:
+    the mantissa m in [0.5, 1) scaled by 2^8 and rounded by np.rint (ties to even)."""
+    x = np.asarray(x, dtype=np.float64)
+    m, e = np.frexp(x)
+    return np.ldexp(np.rint(np.ldexp(m, 8)), e - 8)
+
+
 def matmul_forward(inp, weight, bias=None) -> np.ndarray:
     out = f64(inp) @ f64(weight).T
     return out if bias is None else out + f64(bias)

@@ -98,6 +98,60 @@ def test_matmul_backward_skips_none(isa, rng, wanted):
     assert_close(grads[wanted], expected[wanted], matmul_tol(N), wanted)
 
 
+# --- precision="bf16": operands rounded to bfloat16, fp32 accumulation -------------------------------
+# The reference multiplies operands it rounds itself (reference.round_bf16), so the tolerance is the
+# fp32 one: what is tested is that exactly the operands, and nothing else, lose precision.
+
+@pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES + [(100, 1100, 70)])  # 1100: several AMX k-slices
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matmul_bf16_forward(isa, rng, N, C, OC, with_bias):
+    inp, weight = randn(rng, N, C), randn(rng, OC, C)
+    bias = randn(rng, OC) if with_bias else None
+    out = ops.matmul_forward(zeros32((N, OC)), inp, weight, bias, precision="bf16")
+    r_inp, r_weight = ref.round_bf16(inp), ref.round_bf16(weight)
+    assert_close(out, ref.matmul_forward(r_inp, r_weight, bias), matmul_tol(C), "out")
+
+
+@pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES + [(1100, 70, 100)])
+def test_matmul_bf16_backward_accumulates(isa, rng, N, C, OC):
+    inp, weight, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, N, OC)
+    dinp0, dweight0, dbias0 = prefill(rng, (N, C)), prefill(rng, (OC, C)), prefill(rng, (OC,))
+    dinp, dweight, dbias = dinp0.copy(), dweight0.copy(), dbias0.copy()
+    ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision="bf16")
+    e_dinp, e_dweight, _ = ref.matmul_backward(ref.round_bf16(dout), ref.round_bf16(inp),
+                                               ref.round_bf16(weight))
+    _, _, e_dbias = ref.matmul_backward(dout, inp, weight)  # the bias gradient stays an fp32 sum
+    assert_close(dinp, dinp0 + e_dinp, matmul_tol(OC), "dinp")
+    assert_close(dweight, dweight0 + e_dweight, matmul_tol(N), "dweight")
+    assert_close(dbias, dbias0 + e_dbias, matmul_tol(N), "dbias")
+
+
+def test_matmul_bf16_rounds_the_operands(isa, rng):
+    # Against the unrounded product the bf16 result is off by about 2^-9 relative: far outside the
+    # fp32 tolerance, so the test above could not pass by computing in fp32.
+    inp, weight = randn(rng, 64, 256), randn(rng, 96, 256)
+    out = ops.matmul_forward(zeros32((64, 96)), inp, weight, precision="bf16")
+    exact = ref.matmul_forward(inp, weight)
+    err = np.max(np.abs(out - exact)) / np.max(np.abs(exact))
+    assert 20 * matmul_tol(256) < err < 1e-2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "BF16", "", "float32"])
+def test_matmul_rejects_unknown_precision(rng, precision):
+    inp, weight = randn(rng, 4, 8), randn(rng, 3, 8)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        ops.matmul_forward(zeros32((4, 3)), inp, weight, precision=precision)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        ops.matmul_backward(zeros32((4, 8)), None, None, randn(rng, 4, 3), inp, weight,
+                            precision=precision)
+
+
+def test_cpu_info_names_the_bf16_path():
+    assert ops.cpu_info()["bf16_matmul"] in ("amx", "emulated")
+    with ops.use_isa("portable"):
+        assert ops.cpu_info()["bf16_matmul"] == "emulated"
+
+
 # === softmax ===========================================================================================
 
 SOFTMAX_SHAPES = [(1, 1), (1, 7), (7, 9), (9, 33), (33, 65), (3, 1000)]
@@ -728,6 +782,16 @@ def _det_matmul(rng, N, C, OC):
     return run
 
 
+def _det_matmul_bf16(rng, N, C, OC):
+    inp, weight, bias, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, OC), randn(rng, N, OC)
+    def run():
+        out, dinp, dweight, dbias = zeros32((N, OC)), zeros32((N, C)), zeros32((OC, C)), zeros32(OC)
+        ops.matmul_forward(out, inp, weight, bias, precision="bf16")
+        ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision="bf16")
+        return [out, dinp, dweight, dbias]
+    return run
+
+
 def _det_softmax(rng, N, V):
     logits, dprobs = randn(rng, N, V, scale=3.0), randn(rng, N, V)
     targets, weights = rng.integers(0, V, N).astype(np.int32), randn(rng, N)
@@ -799,6 +863,9 @@ DETERMINISM_CASES = {  # sizes a kernel splits across threads, including row red
     "matmul-768x128x512": (_det_matmul, (768, 128, 512)),
     "matmul-64x1536x96": (_det_matmul, (64, 1536, 96)),  # few rows, long K: tempting to split K
     "matmul-300x65x33": (_det_matmul, (300, 65, 33)),
+    "matmul-bf16-768x128x512": (_det_matmul_bf16, (768, 128, 512)),
+    "matmul-bf16-64x1536x96": (_det_matmul_bf16, (64, 1536, 96)),
+    "matmul-bf16-300x65x33": (_det_matmul_bf16, (300, 65, 33)),
     "softmax-ce-64x2000": (_det_softmax, (64, 2000)),
     "softmax-ce-2x50257": (_det_softmax, (2, 50257)),  # fewer rows than threads: any split is in-row
     "layernorm-300x384": (_det_layernorm, (300, 384)),
