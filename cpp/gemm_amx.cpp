@@ -15,10 +15,11 @@
 // Packing converts fp32 to bf16 with AVX512-BF16's round-to-nearest-even conversion and zero-pads every
 // edge (rows, columns and k to a multiple of 32), so edge blocks run the same instructions.
 //
-// Determinism: a C tile starts from its init (C, bias or zero), then every slice adds its products in
-// k order, the slices of a depth that depends on K alone; edge tiles are staged through a padded buffer
-// but go through the same instructions. Threads divide C into whole 32 x 32 blocks. So every element
-// is bitwise the same for any thread count and any position in C.
+// Determinism: each slice's products are summed in a tile from zero, in k order, then added to C (or,
+// on the first slice, to the init: C, bias or zero) with one fp32 addition; the slices have a depth
+// that depends on K alone, and edge blocks run the same instructions on zero padding. Threads divide C
+// into whole 32 x 32 blocks. So every element is bitwise the same for any thread count and any
+// position in C.
 //
 // Only the AVX-512 build holds this code, each function compiled for AMX and AVX512-BF16 by a target
 // attribute; dispatch (amx_bf16_available) decides at run time whether it may run.
@@ -132,11 +133,13 @@ LMLAB_AMX_TARGET void pack_a(bf16_t* dst, const float* src, idx_t sm, idx_t sk, 
                              idx_t kb, float alpha) {
     const idx_t steps = ceil_div(kb, kStepK), groups = round_up(ceil_div(rows, kTile), 2);
     const __m512 va = _mm512_set1_ps(alpha);
-    for (idx_t g = 0; g < groups; g++) {
-        const idx_t r0 = g * kTile, valid_rows = rows - r0;
-        for (idx_t s = 0; s < steps; s++) {
+    // Steps outer, groups inner: for each step every row of src (of either layout) is read from start
+    // to end, the order the hardware prefetchers follow.
+    for (idx_t s = 0; s < steps; s++) {
+        const idx_t k0 = s * kStepK, valid_k = kb - k0;
+        for (idx_t g = 0; g < groups; g++) {
+            const idx_t r0 = g * kTile, valid_rows = rows - r0;
             bf16_t* tile = dst + (g * steps + s) * kTileElems;
-            const idx_t k0 = s * kStepK, valid_k = kb - k0;
             if (valid_rows <= 0) {
                 std::memset(tile, 0, kTileElems * sizeof(bf16_t));
             } else if (sk == 1) {
@@ -194,11 +197,11 @@ LMLAB_AMX_TARGET void pack_b(bf16_t* dst, const float* src, idx_t sk, idx_t sn, 
         interleave_idx[2 * n + 1] = (std::uint16_t)(16 + n);
     }
     const __m512i interleave = _mm512_load_si512(interleave_idx);
-    for (idx_t g = 0; g < groups; g++) {
-        const idx_t n0 = g * kTile, valid_cols = cols - n0;
-        for (idx_t s = 0; s < steps; s++) {
+    for (idx_t s = 0; s < steps; s++) {  // steps outer, as in pack_a
+        const idx_t k0 = s * kStepK, valid_k = kb - k0;
+        for (idx_t g = 0; g < groups; g++) {
+            const idx_t n0 = g * kTile, valid_cols = cols - n0;
             bf16_t* tile = dst + (g * steps + s) * kTileElems;
-            const idx_t k0 = s * kStepK, valid_k = kb - k0;
             if (valid_cols <= 0) {
                 std::memset(tile, 0, kTileElems * sizeof(bf16_t));
             } else if (sn == 1) {
@@ -249,34 +252,24 @@ LMLAB_AMX_TARGET void pack_b(bf16_t* dst, const float* src, idx_t sk, idx_t sn, 
 }
 
 // --- micro-kernel ----------------------------------------------------------------------------------
-// One 32 x 32 block of C as four tiles (t = 2 * row half + column half). Tile t starts from init[t]
-// (row stride init_stride[t] bytes; null means zero), takes `steps` steps of A . B, and is stored to
-// out[t]. The A tiles of the two row halves and the B tiles of the two column halves are consecutive
-// steps of their packed panels.
-struct BlockIO {
-    const void* init[4];
-    idx_t init_stride[4];
-    void* out[4];
-    idx_t out_stride[4];
-};
+// One 32 x 32 block of one slice: four C tiles (t = 2 * row half + column half) start at zero, take
+// `steps` steps of A . B, and are stored to `stage` (four 16 x 16 fp32 tiles, contiguous). The A
+// tiles of the two row halves and the B tiles of the two column halves are consecutive steps of their
+// packed panels. Storing to a small buffer in L1 rather than to C keeps the tile unit from waiting
+// on C's cache lines; write_back adds the stage into C with vector instructions, which run while the
+// tile unit works on the next block.
 
 // GCC's tile intrinsics are asm statements that do not tell the compiler they touch memory: fence the
-// packed panels' stores before the tile loads, and the tile stores before anyone reads the result.
+// packed panels' stores before the tile loads, and the tile stores before anyone reads the stage.
 inline void compiler_fence() { __asm__ volatile("" ::: "memory"); }
 
-#define LMLAB_AMX_INIT(t)                                                 \
-    if (io.init[t] != nullptr)                                            \
-        _tile_loadd(t, io.init[t], io.init_stride[t]);                    \
-    else                                                                  \
-        _tile_zero(t);
-
 LMLAB_AMX_TARGET void micro_block(idx_t steps, const bf16_t* a0, const bf16_t* a1, const bf16_t* b0,
-                                  const bf16_t* b1, const BlockIO& io) {
+                                  const bf16_t* b1, float* stage) {
     compiler_fence();
-    LMLAB_AMX_INIT(0)
-    LMLAB_AMX_INIT(1)
-    LMLAB_AMX_INIT(2)
-    LMLAB_AMX_INIT(3)
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (idx_t s = 0; s < steps; s++) {
         const idx_t off = s * kTileElems;
         _tile_loadd(4, a0 + off, 64);
@@ -288,13 +281,31 @@ LMLAB_AMX_TARGET void micro_block(idx_t steps, const bf16_t* a0, const bf16_t* a
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, io.out[0], io.out_stride[0]);
-    _tile_stored(1, io.out[1], io.out_stride[1]);
-    _tile_stored(2, io.out[2], io.out_stride[2]);
-    _tile_stored(3, io.out[3], io.out_stride[3]);
+    _tile_stored(0, stage, 64);
+    _tile_stored(1, stage + kTile * kTile, 64);
+    _tile_stored(2, stage + 2 * kTile * kTile, 64);
+    _tile_stored(3, stage + 3 * kTile * kTile, 64);
     compiler_fence();
 }
-#undef LMLAB_AMX_INIT
+
+// C (rows x cols of a 32 x 32 block, rows, cols <= 32) = init + stage, where init is C itself
+// (from_c), the bias row, or zero. One rounding per slice, the same for edge and full blocks.
+inline void write_back(const float* stage, float* c, idx_t ldc, idx_t rows, idx_t cols,
+                       const float* bias, bool from_c) {
+    for (idx_t h = 0; h < 2; h++) {
+        const idx_t width = cols - h * kTile;
+        if (width <= 0) break;
+        const __mmask16 m = lanes(width);
+        const __m512 b = !from_c && bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + h * kTile)
+                                                    : _mm512_setzero_ps();
+        for (idx_t r = 0; r < rows; r++) {
+            const float* st = stage + ((r / kTile) * 2 + h) * kTile * kTile + (r % kTile) * kTile;
+            float* cr = c + r * ldc + h * kTile;
+            const __m512 init = from_c ? _mm512_maskz_loadu_ps(m, cr) : b;
+            _mm512_mask_storeu_ps(cr, m, _mm512_add_ps(init, _mm512_load_ps(st)));
+        }
+    }
+}
 
 // --- one thread's share ----------------------------------------------------------------------------
 // The blocked product over a sub-block of C. Returns false (having written nothing) if its scratch
@@ -308,71 +319,57 @@ LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const 
     bf16_t* pb = tl_pack_b.get((size_t)(nc * kc));
     if (pa == nullptr || pb == nullptr) return false;
     configure_tiles();
-    alignas(64) float stage[4][kTile * kTile];
-    const idx_t c_stride = ldc * (idx_t)sizeof(float);
+    // Software pipelining: a block's write-back runs after the next block has been issued to the
+    // tile unit, so the vector unit adds one stage into C while the tiles compute the next. Two
+    // stages alternate; a block's stage is written back before the stage is reused two blocks on.
+    alignas(64) float stage[2][4 * kTile * kTile];
+    int which = 0;
+    struct Pending {
+        const float* stage = nullptr;
+        float* c;
+        idx_t rows, cols;
+        const float* bias;
+        bool from_c;
+    } pending;
+    auto flush = [&] {
+        if (pending.stage != nullptr)
+            write_back(pending.stage, pending.c, ldc, pending.rows, pending.cols, pending.bias,
+                       pending.from_c);
+        pending.stage = nullptr;
+    };
     for (idx_t jc = 0; jc < N; jc += NC) {
         const idx_t nb = min_idx(NC, N - jc);
         for (idx_t pc = 0; pc < K; pc += kc) {
             const idx_t kb = min_idx(kc, K - pc), steps = ceil_div(kb, kStepK);
             pack_b(pb, B + pc * rsB + jc * csB, rsB, csB, nb, kb);
-            // The first slice starts each tile from its init; later ones from C.
+            // The first slice adds its products to the init; later ones to C.
             const bool from_c = accumulate || pc > 0;
+            const float* row_init = bias != nullptr ? bias + jc : nullptr;
             for (idx_t ic = 0; ic < M; ic += MC) {
                 const idx_t mb = min_idx(MC, M - ic);
                 pack_a(pa, A + ic * rsA + pc * csA, rsA, csA, mb, kb, alpha);
                 for (idx_t ir = 0; ir < mb; ir += kBlock) {
+                    const idx_t ga = ir / kTile, rows = min_idx(kBlock, mb - ir);
                     for (idx_t jr = 0; jr < nb; jr += kBlock) {
-                        BlockIO io;
-                        idx_t valid_r[4], valid_c[4];
-                        for (int t = 0; t < 4; t++) {
-                            const idx_t r0 = ic + ir + kTile * (t >> 1), c0 = jc + jr + kTile * (t & 1);
-                            const idx_t vr = min_idx(kTile, M - r0), vc = min_idx(kTile, N - c0);
-                            float* cp = C + r0 * ldc + c0;
-                            valid_r[t] = vr;
-                            valid_c[t] = vc;
-                            if (vr == kTile && vc == kTile) {
-                                io.out[t] = cp;
-                                io.out_stride[t] = c_stride;
-                                if (from_c) {
-                                    io.init[t] = cp;
-                                    io.init_stride[t] = c_stride;
-                                } else {
-                                    // The bias row, read 16 times over (row stride 0).
-                                    io.init[t] = bias != nullptr ? bias + c0 : nullptr;
-                                    io.init_stride[t] = 0;
-                                }
-                                continue;
-                            }
-                            // Edge tile: staged through a zero-padded 16 x 16 buffer.
-                            float* st = stage[t];
-                            for (idx_t r = 0; r < kTile; r++)
-                                for (idx_t c = 0; c < kTile; c++)
-                                    st[r * kTile + c] =
-                                        r < vr && c < vc
-                                            ? (from_c ? cp[r * ldc + c]
-                                                      : bias != nullptr ? bias[c0 + c] : 0.0f)
-                                            : 0.0f;
-                            io.init[t] = st;
-                            io.init_stride[t] = kTile * (idx_t)sizeof(float);
-                            io.out[t] = st;
-                            io.out_stride[t] = kTile * (idx_t)sizeof(float);
-                        }
-                        const idx_t ga = ir / kTile, gb = jr / kTile;
+                        const idx_t gb = jr / kTile, cols = min_idx(kBlock, nb - jr);
+                        float* st = stage[which];
+                        which ^= 1;
                         micro_block(steps, pa + ga * steps * kTileElems,
                                     pa + (ga + 1) * steps * kTileElems, pb + gb * steps * kTileElems,
-                                    pb + (gb + 1) * steps * kTileElems, io);
-                        for (int t = 0; t < 4; t++) {
-                            if (io.out[t] != stage[t]) continue;
-                            const idx_t r0 = ic + ir + kTile * (t >> 1), c0 = jc + jr + kTile * (t & 1);
-                            for (idx_t r = 0; r < valid_r[t]; r++)
-                                for (idx_t c = 0; c < valid_c[t]; c++)
-                                    C[(r0 + r) * ldc + c0 + c] = stage[t][r * kTile + c];
-                        }
+                                    pb + (gb + 1) * steps * kTileElems, st);
+                        flush();
+                        pending.stage = st;
+                        pending.c = C + (ic + ir) * ldc + jc + jr;
+                        pending.rows = rows;
+                        pending.cols = cols;
+                        pending.bias = row_init != nullptr ? row_init + jr : nullptr;
+                        pending.from_c = from_c;
                     }
                 }
             }
         }
     }
+    flush();
     _tile_release();
     return true;
 }

@@ -229,6 +229,51 @@ def _bench_matmul(record, randn, shapes, repeat):
             else:
                 e = err()
             record(kernel, shape, lm_ms, ref_ms, blas, e, flops=flops)
+        _bench_matmul_bf16(record, inp, w, dout, out, dinp, dw, ref, ref_dinp, ref_dw, flops, shape,
+                           repeat, blas)
+
+
+def _bench_matmul_bf16(record, inp, w, dout, out, dinp, dw, ref, ref_dinp, ref_dw, flops, shape,
+                       repeat, blas):
+    """precision="bf16" rows. The reference is PyTorch's bf16 matmul on tensors already in bf16
+    (oneDNN; lmlab's time includes rounding its fp32 inputs) when torch is importable, else the
+    fp32 numpy product. max_rel_err is against the fp32 product: the cost of bf16 operands."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        t_inp, t_w, t_dout = (torch.from_numpy(x).to(torch.bfloat16) for x in (inp, w, dout))
+        refs = [lambda: torch.matmul(t_inp, t_w.T), lambda: torch.matmul(t_dout, t_w),
+                lambda: torch.matmul(t_dout.T, t_inp)]
+        ref_name = f"torch {torch.__version__} bf16 matmul"
+    else:
+        refs = [lambda: np.matmul(inp, w.T, out=ref), lambda: np.matmul(dout, w, out=ref_dinp),
+                lambda: np.matmul(dout.T, inp, out=ref_dw)]
+        ref_name = blas + ", fp32"
+    np.matmul(inp, w.T, out=ref)
+    np.matmul(dout, w, out=ref_dinp)
+    np.matmul(dout.T, inp, out=ref_dw)
+    cases = [
+        ("matmul fwd bf16", lambda: ops.matmul_forward(out, inp, w, precision="bf16"), ref, None),
+        ("matmul bwd-input bf16",
+         lambda: ops.matmul_backward(dinp, None, None, dout, inp, w, precision="bf16"), ref_dinp,
+         "input"),
+        ("matmul bwd-weight bf16",
+         lambda: ops.matmul_backward(None, dw, None, dout, inp, w, precision="bf16"), ref_dw,
+         "weight"),
+    ]
+    for (kernel, lm, expected, grad), rf in zip(cases, refs):
+        lm_ms, ref_ms = _best_ms(lm, repeat), _best_ms(rf, repeat)
+        if grad is None:
+            got = out
+        else:  # backward accumulates: check one fresh call
+            fresh_i, fresh_w = np.zeros_like(dinp), np.zeros_like(dw)
+            ops.matmul_backward(fresh_i if grad == "input" else None,
+                                fresh_w if grad == "weight" else None, None, dout, inp, w,
+                                precision="bf16")
+            got = fresh_i if grad == "input" else fresh_w
+        record(kernel, shape, lm_ms, ref_ms, ref_name, _rel_err(got, expected), flops=flops)
 
 
 def _blas_name() -> str:
