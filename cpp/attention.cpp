@@ -250,7 +250,7 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B,
-                        idx_t T, idx_t C, idx_t NH) {
+                        idx_t T, idx_t C, idx_t NH, bool accumulate) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
@@ -271,6 +271,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 float* dq = dqkv + b * T * C3 + h * HS;
                 float* dk = dq + C;
                 float* dv = dq + 2 * C;
+                if (!accumulate)  // this head's slice of dqkv, zeroed where it is about to be summed
+                    for (idx_t t = 0; t < T; t++)
+                        for (idx_t j = 0; j < HS; j++) dq[t * C3 + j] = dk[t * C3 + j] = dv[t * C3 + j] = 0.0f;
                 transpose(vt, Tp, q + 2 * C, C3, T, HS);
                 gather_rows(kp, k, C3, T, HS);
                 for (idx_t i0 = 0; i0 < T; i0 += kBlock) {

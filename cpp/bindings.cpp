@@ -181,7 +181,8 @@ void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::objec
 }
 
 void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, py::array dout_,
-                     py::array inp_, py::array weight_, const std::string& precision_) {
+                     py::array inp_, py::array weight_, const std::string& precision_,
+                     bool accumulate) {
     const char* fn = "matmul_backward";
     const int precision = matmul_precision(fn, precision_);
     OptArg dinp = opt_f32(fn, "dinp", dinp_, true), dweight = opt_f32(fn, "dweight", dweight_, true);
@@ -200,7 +201,7 @@ void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, p
     float *di = ptr(dinp), *dw = ptr(dweight), *db = ptr(dbias);
     const float *g = dout.cf32(), *i = inp.cf32(), *w = weight.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().matmul_backward(di, dw, db, g, i, w, N, C, OC, precision);
+    lmlab::kernels().matmul_backward(di, dw, db, g, i, w, N, C, OC, precision, accumulate);
 }
 
 // --- softmax and cross-entropy ------------------------------------------------------------------
@@ -343,7 +344,7 @@ void gelu_forward(py::array out_, py::array inp_) {
     lmlab::kernels().gelu_forward(o, i, N);
 }
 
-void gelu_backward(py::array dinp_, py::array inp_, py::array dout_) {
+void gelu_backward(py::array dinp_, py::array inp_, py::array dout_, bool accumulate) {
     const char* fn = "gelu_backward";
     Arg dinp = out_f32(fn, "dinp", dinp_), inp = in_f32(fn, "inp", inp_), dout = in_f32(fn, "dout", dout_);
     dinp.expect_shape(inp.shape());
@@ -353,7 +354,7 @@ void gelu_backward(py::array dinp_, py::array inp_, py::array dout_) {
     const float *i = inp.cf32(), *g = dout.cf32();
     const idx_t N = inp.size();
     py::gil_scoped_release release;
-    lmlab::kernels().gelu_backward(di, i, g, N);
+    lmlab::kernels().gelu_backward(di, i, g, N, accumulate);
 }
 
 void residual_forward(py::array out_, py::array a_, py::array b_) {
@@ -414,7 +415,8 @@ void attention_forward(py::array out_, py::array att_, py::array qkv_, idx_t NH)
     lmlab::kernels().attention_forward(o, a, x, d.B, d.T, d.C, d.NH);
 }
 
-void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array att_, idx_t NH) {
+void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array att_, idx_t NH,
+                        bool accumulate) {
     const char* fn = "attention_backward";
     Arg dqkv = out_f32(fn, "dqkv", dqkv_), dout = in_f32(fn, "dout", dout_);
     Arg qkv = in_f32(fn, "qkv", qkv_), att = in_f32(fn, "att", att_);
@@ -426,7 +428,7 @@ void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::ar
     float* dx = dqkv.f32();
     const float *g = dout.cf32(), *x = qkv.cf32(), *a = att.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().attention_backward(dx, g, x, a, d.B, d.T, d.C, d.NH);
+    lmlab::kernels().attention_backward(dx, g, x, a, d.B, d.T, d.C, d.NH, accumulate);
 }
 
 // --- embedding -----------------------------------------------------------------------------------
@@ -563,7 +565,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("matmul_forward", &matmul_forward, a("out"), a("inp"), a("weight"), o("bias"),
           py::arg("precision") = "fp32");
     m.def("matmul_backward", &matmul_backward, o("dinp"), o("dweight"), o("dbias"), a("dout"), a("inp"),
-          a("weight"), py::arg("precision") = "fp32");
+          a("weight"), py::arg("precision") = "fp32", py::arg("accumulate") = true);
     m.def("softmax_forward", &softmax_forward, a("probs"), a("logits"));
     m.def("softmax_backward", &softmax_backward, a("dlogits"), a("dprobs"), a("probs"));
     m.def("crossentropy_forward", &crossentropy_forward, a("losses"), a("lse"), a("logits"), a("targets"));
@@ -571,11 +573,12 @@ PYBIND11_MODULE(_core, m) {
     m.def("layernorm_forward", &layernorm_forward, a("out"), a("mean"), a("rstd"), a("inp"), a("weight"), a("bias"));
     m.def("layernorm_backward", &layernorm_backward, a("dinp"), o("dweight"), o("dbias"), a("dout"), a("inp"), a("weight"), a("mean"), a("rstd"));
     m.def("gelu_forward", &gelu_forward, a("out"), a("inp"));
-    m.def("gelu_backward", &gelu_backward, a("dinp"), a("inp"), a("dout"));
+    m.def("gelu_backward", &gelu_backward, a("dinp"), a("inp"), a("dout"), py::arg("accumulate") = true);
     m.def("residual_forward", &residual_forward, a("out"), a("a"), a("b"));
     m.def("residual_backward", &residual_backward, a("da"), a("db"), a("dout"));
     m.def("attention_forward", &attention_forward, a("out"), a("att"), a("qkv"), py::arg("n_head"));
-    m.def("attention_backward", &attention_backward, a("dqkv"), a("dout"), a("qkv"), a("att"), py::arg("n_head"));
+    m.def("attention_backward", &attention_backward, a("dqkv"), a("dout"), a("qkv"), a("att"), py::arg("n_head"),
+          py::arg("accumulate") = true);
     m.def("embedding_forward", &embedding_forward, a("out"), a("tokens"), a("wte"), a("wpe"));
     m.def("embedding_backward", &embedding_backward, o("dwte"), o("dwpe"), a("dout"), a("tokens"));
     m.def("adamw_update", &adamw_update, a("params"), a("m"), a("v"), a("grads"), o("decay_mask"),

@@ -45,7 +45,7 @@ void gelu_forward(float* out, const float* inp, idx_t N) {
     });
 }
 
-void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N) {
+void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate) {
     parallel_blocks(N, [=](idx_t i0, idx_t i1) {
         LMLAB_SIMD
         for (idx_t i = i0; i < i1; i += kW) {
@@ -57,7 +57,8 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N) {
             // d/dx [x sigmoid(2u)] = s + 2 x u'(x) s (1 - s)
             vf du = vfmadd(vset(3.0f * kSqrt2OverPi * kCubic), x2, vset(kSqrt2OverPi));
             vf grad = vfmadd(vmul(vadd(x, x), du), vmul(s, one_minus_s), s);
-            vstore_n(dinp + i, vfmadd(grad, vload_n(dout + i, k, 0.0f), vload_n(dinp + i, k, 0.0f)), k);
+            const vf prior = accumulate ? vload_n(dinp + i, k, 0.0f) : vset(0.0f);
+            vstore_n(dinp + i, vfmadd(grad, vload_n(dout + i, k, 0.0f), prior), k);
         }
     });
 }

@@ -10,6 +10,9 @@
 //     weights, and dims last. Inputs are const.
 //   - Backward kernels ACCUMULATE (+=) into gradient buffers; the trainer zeroes gradients once per step.
 //     A null gradient pointer means "this gradient is not wanted" (frozen weights, no input gradient).
+//     Where a backward kernel takes `accumulate`, that flag governs its input gradient only (dinp of
+//     matmul and GELU, dqkv of attention): false overwrites it, which spares the caller a zero-fill
+//     pass over an activation-sized buffer; parameter gradients always accumulate.
 //   - Forward caches what backward needs (layernorm mean/rstd, attention probabilities, the
 //     cross-entropy log-sum-exp per row).
 //   - Determinism: the same inputs give bitwise-identical outputs for any number of threads.
@@ -52,10 +55,11 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
       (float* out, const float* inp, const float* weight, const float* bias, idx_t N, idx_t C,      \
        idx_t OC, int precision))                                                                    \
     /* dinp (N, C) += dout . weight; dweight (OC, C) += dout^T . inp; dbias (OC) += sum_n dout.     \
-       Any of dinp, dweight, dbias may be null. The two products use `precision`; dbias is fp32. */ \
+       Any of dinp, dweight, dbias may be null. The two products use `precision`; dbias is fp32.    \
+       dinp is overwritten instead when accumulate is false. */                                     \
     X(void, matmul_backward,                                                                        \
       (float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,              \
-       const float* weight, idx_t N, idx_t C, idx_t OC, int precision))                             \
+       const float* weight, idx_t N, idx_t C, idx_t OC, int precision, bool accumulate))            \
     /* probs (N, V) = softmax over each row of logits (N, V) */                                     \
     X(void, softmax_forward, (float* probs, const float* logits, idx_t N, idx_t V))                 \
     /* dlogits (N, V) += probs * (dprobs - sum_v dprobs * probs) */                                 \
@@ -81,17 +85,19 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
        const float* weight, const float* mean, const float* rstd, idx_t N, idx_t C))                \
     /* out (N) = GELU(inp), GPT-2's tanh approximation */                                           \
     X(void, gelu_forward, (float* out, const float* inp, idx_t N))                                  \
-    /* dinp (N) += GELU'(inp) * dout */                                                             \
-    X(void, gelu_backward, (float* dinp, const float* inp, const float* dout, idx_t N))             \
+    /* dinp (N) += GELU'(inp) * dout (= when accumulate is false) */                                \
+    X(void, gelu_backward,                                                                          \
+      (float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate))                 \
     /* Causal multi-head self-attention. qkv (B, T, 3C) holds q, k, v side by side, each split      \
        into NH heads of HS = C / NH. out (B, T, C); att (B, NH, T, T) caches the probabilities      \
        (entries above the diagonal are written as 0). */                                            \
     X(void, attention_forward,                                                                      \
       (float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH))              \
-    /* dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) */                        \
+    /* dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= when accumulate is     \
+       false) */                                                                                    \
     X(void, attention_backward,                                                                     \
       (float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B, idx_t T,        \
-       idx_t C, idx_t NH))                                                                          \
+       idx_t C, idx_t NH, bool accumulate))                                                         \
     /* out (B, T, C) = wte[tokens[b, t]] + wpe[t]; tokens (B, T) in [0, V), T <= maxT */            \
     X(void, embedding_forward,                                                                      \
       (float* out, const std::int32_t* tokens, const float* wte, const float* wpe, idx_t B,         \

@@ -51,14 +51,15 @@ void bias_gradient(float* dbias, const float* dout, idx_t N, idx_t OC) {
 }  // namespace
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, idx_t N, idx_t C, idx_t OC, int precision) {
+                     const float* weight, idx_t N, idx_t C, idx_t OC, int precision,
+                     bool accumulate) {
     const bool bf16 = precision == kMatmulBf16;
-    // dinp (N, C) += dout (N, OC) . weight (OC, C)
+    // dinp (N, C) (+)= dout (N, OC) . weight (OC, C)
     if (dinp != nullptr) {
         if (bf16)
-            gemm_bf16(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, nullptr, true, true);
+            gemm_bf16(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, nullptr, accumulate, true);
         else
-            gemm(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, true, true);
+            gemm(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, accumulate, true);
     }
     // dweight (OC, C) += dout^T (OC, N) . inp (N, C): the long reduction runs over the N rows, in
     // slices of fixed depth, so its order is the same for any thread count.

@@ -87,6 +87,22 @@ def test_matmul_backward_accumulates(isa, rng, N, C, OC):
     assert_close(dbias, dbias0 + e_dbias, matmul_tol(N), "dbias")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES)
+def test_matmul_backward_overwrites_dinp_only(isa, rng, precision, N, C, OC):
+    inp, weight, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, N, OC)
+    dinp, dweight0, dbias0 = garbage((N, C)), prefill(rng, (OC, C)), prefill(rng, (OC,))
+    dweight, dbias = dweight0.copy(), dbias0.copy()
+    ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision=precision,
+                        accumulate=False)
+    r = ref.round_bf16 if precision == "bf16" else (lambda x: x)
+    e_dinp, e_dweight, _ = ref.matmul_backward(r(dout), r(inp), r(weight))
+    _, _, e_dbias = ref.matmul_backward(dout, inp, weight)
+    assert_close(dinp, e_dinp, matmul_tol(OC), "dinp")
+    assert_close(dweight, dweight0 + e_dweight, matmul_tol(N), "dweight (still accumulates)")
+    assert_close(dbias, dbias0 + e_dbias, matmul_tol(N), "dbias (still accumulates)")
+
+
 @pytest.mark.parametrize("wanted", ["dinp", "dweight", "dbias"])
 def test_matmul_backward_skips_none(isa, rng, wanted):
     N, C, OC = 33, 9, 7
@@ -363,6 +379,20 @@ def test_gelu_backward_accumulates(isa, rng, n, kind):
     assert_close(dinp, expected, 1e-5, "dinp", scale=np.abs(dout) * gelu_scale(inp) + np.abs(dinp0))
 
 
+def garbage(shape) -> np.ndarray:
+    """An output buffer an overwriting kernel must never read: NaN everywhere, so any read shows."""
+    return np.full(shape, np.nan, np.float32)
+
+
+@pytest.mark.parametrize("n", GELU_SIZES)
+def test_gelu_backward_overwrites(isa, rng, n):
+    inp, dout = gelu_input(rng, n, "normal"), randn(rng, n)
+    dinp = garbage((n,))
+    ops.gelu_backward(dinp, inp, dout, accumulate=False)
+    assert_close(dinp, ref.gelu_backward(inp, dout), 1e-5, "dinp",
+                 scale=np.abs(dout) * gelu_scale(inp))
+
+
 def test_gelu_multidimensional(isa, rng):
     inp = randn(rng, 3, 7, 9)
     out = ops.gelu_forward(zeros32(inp.shape), inp)
@@ -429,6 +459,16 @@ def test_attention_backward_accumulates(isa, rng, B, T, C, NH):
     expected = ref.attention_backward(dout, qkv, NH)
     assert_close(dqkv, dqkv0 + expected, ATTENTION_TOL, "dqkv",
                  scale=float(np.max(np.abs(expected)) + np.max(np.abs(dqkv0))))
+
+
+@pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
+def test_attention_backward_overwrites(isa, rng, B, T, C, NH):
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    _, att = run_attention(qkv, NH)
+    dqkv = garbage((B, T, 3 * C))
+    ops.attention_backward(dqkv, dout, qkv, att, NH, accumulate=False)
+    expected = ref.attention_backward(dout, qkv, NH)
+    assert_close(dqkv, expected, ATTENTION_TOL, "dqkv", scale=float(np.max(np.abs(expected))))
 
 
 # === embedding =========================================================================================
@@ -788,7 +828,9 @@ def _det_matmul_bf16(rng, N, C, OC):
         out, dinp, dweight, dbias = zeros32((N, OC)), zeros32((N, C)), zeros32((OC, C)), zeros32(OC)
         ops.matmul_forward(out, inp, weight, bias, precision="bf16")
         ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision="bf16")
-        return [out, dinp, dweight, dbias]
+        fresh = np.full((N, C), np.nan, np.float32)
+        ops.matmul_backward(fresh, None, None, dout, inp, weight, precision="bf16", accumulate=False)
+        return [out, dinp, dweight, dbias, fresh]
     return run
 
 
@@ -834,7 +876,9 @@ def _det_attention(rng, B, T, C, NH):
         out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
         ops.attention_forward(out, att, qkv, NH)
         ops.attention_backward(dqkv, dout, qkv, att, NH)
-        return [out, att, dqkv]
+        fresh = np.full((B, T, 3 * C), np.nan, np.float32)
+        ops.attention_backward(fresh, dout, qkv, att, NH, accumulate=False)
+        return [out, att, dqkv, fresh]
     return run
 
 

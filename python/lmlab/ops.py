@@ -36,12 +36,16 @@ def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] 
 
 
 def matmul_backward(dinp: Optional[Array], dweight: Optional[Array], dbias: Optional[Array],
-                    dout: Array, inp: Array, weight: Array, precision: str = "fp32") -> None:
+                    dout: Array, inp: Array, weight: Array, precision: str = "fp32",
+                    accumulate: bool = True) -> None:
     """dinp += dout @ weight; dweight += dout.T @ inp; dbias += dout summed over rows.
 
     precision as in matmul_forward, for the two products (dbias is always an fp32 sum).
+    accumulate=False overwrites dinp instead (no zero-fill needed); the weight and bias gradients
+    always accumulate.
     """
-    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision=precision)
+    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision=precision,
+                          accumulate=accumulate)
 
 
 def softmax_forward(probs: Array, logits: Array) -> Array:
@@ -90,9 +94,9 @@ def gelu_forward(out: Array, inp: Array) -> Array:
     return out
 
 
-def gelu_backward(dinp: Array, inp: Array, dout: Array) -> None:
-    """dinp += GELU'(inp) * dout."""
-    _core.gelu_backward(dinp, inp, dout)
+def gelu_backward(dinp: Array, inp: Array, dout: Array, accumulate: bool = True) -> None:
+    """dinp += GELU'(inp) * dout (dinp = ... with accumulate=False)."""
+    _core.gelu_backward(dinp, inp, dout, accumulate=accumulate)
 
 
 def residual_forward(out: Array, a: Array, b: Array) -> Array:
@@ -112,9 +116,10 @@ def attention_forward(out: Array, att: Array, qkv: Array, n_head: int) -> Array:
     return out
 
 
-def attention_backward(dqkv: Array, dout: Array, qkv: Array, att: Array, n_head: int) -> None:
-    """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C)."""
-    _core.attention_backward(dqkv, dout, qkv, att, n_head)
+def attention_backward(dqkv: Array, dout: Array, qkv: Array, att: Array, n_head: int,
+                       accumulate: bool = True) -> None:
+    """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= with accumulate=False)."""
+    _core.attention_backward(dqkv, dout, qkv, att, n_head, accumulate=accumulate)
 
 
 def embedding_forward(out: Array, tokens: Array, wte: Array, wpe: Array) -> Array:
