@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 
 from lmlab import checkpoint, trainbench
@@ -174,3 +175,20 @@ def test_pytorch_autocast_step_trains_in_bf16():
     assert losses["bf16"] != losses["fp32"]           # autocast really computed in bf16
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=2e-2)
     assert not torch.is_autocast_enabled("cpu")      # the step leaves autocast off after it
+
+
+def test_dpo_and_rl_references_compute_in_the_policy_precision(run):
+    """DPO's reference log-probabilities and RL's KL reference are computed by models set up
+    before train() starts: they must already use the run's precision, so the policy starts at
+    exactly the reference."""
+    from lmlab import preference
+
+    model, _, cfg, _ = preference._open_stage_run(run / "base", run / "pref-bf16", False, 0,
+                                                  {"precision": "bf16", "progress": False})
+    assert cfg.precision == model.matmul_precision == "bf16"
+    stage = preference.DPOStage(model, checkpoint.load_model(run / "base")[1],
+                                [("the cat", " sat.", " blue.")], [], batch_size=1)
+    policy = stage._logps(model, stage.train)
+    np.testing.assert_array_equal(policy, stage.ref_train)
+    model.matmul_precision = "fp32"
+    assert not np.array_equal(stage._logps(model, stage.train), stage.ref_train)
