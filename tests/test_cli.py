@@ -1,13 +1,16 @@
 """The `lmlab` command line end to end on a tiny run: pretrain, sample, predict, finetune, instruct,
-inspect-data, chat, and clear errors with exit status 2."""
+inspect-data, chat, --precision bf16 (recorded, kept on resume, used for sampling), bench train's
+precision rows, and clear errors with exit status 2."""
 
 from __future__ import annotations
 
 import io
 import json
 
+import numpy as np
 import pytest
 
+from lmlab import checkpoint, trainbench
 from lmlab.cli import main
 
 TEXT = "what is one plus one? two. what colour is the sky? blue. the cat sat on the mat. " * 30
@@ -101,3 +104,91 @@ def test_errors_exit_2_with_a_message(run, capsys):
     assert main(["finetune", str(run / "base"), "--corpus", str(run / "bad.txt"), "--out",
                  str(run / "bad"), "--steps", "2", "--no-progress"]) == 2
     assert "cannot encode" in capsys.readouterr().err
+
+
+def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
+    base = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "48",
+            "--batch-size", "4", "--eval-every", "5", "--no-progress"]
+    out = str(run / "bf16")
+    assert main(["pretrain", "--corpus", str(run / "corpus.txt"), "--run", out, "--steps", "5",
+                 "--precision", "bf16", *base]) == 0
+    assert checkpoint.read_config(out)["train"]["precision"] == "bf16"
+    assert checkpoint.load_model(out)[0].matmul_precision == "bf16"    # sample/predict/chat
+    capsys.readouterr()
+    # --resume without --precision continues in the run's bf16 (with a note), not the default.
+    assert main(["pretrain", "--run", out, "--resume", "--steps", "8", *base]) == 0
+    assert "resuming in bf16" in capsys.readouterr().err
+    assert checkpoint.read_config(out)["train"]["precision"] == "bf16"
+    # A run derived from it trains in what its own command line says.
+    assert main(["finetune", out, "--corpus", str(run / "corpus.txt"), "--out",
+                 str(run / "bf16-ft"), "--steps", "2", "--eval-every", "0", "--no-progress",
+                 "--sample-tokens", "0"]) == 0
+    assert checkpoint.read_config(run / "bf16-ft")["train"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "finetune", "instruct", "dpo", "rlhf"])
+def test_bad_precision_exits_2_naming_the_choices(run, capsys, verb):
+    args = {"pretrain": ["pretrain"], "finetune": ["finetune", "r", "--corpus", "c", "--out", "o"],
+            "instruct": ["instruct", "r", "--out", "o"],
+            "dpo": ["dpo", "r", "--rankings", "x", "--out", "o"],
+            "rlhf": ["rlhf", "r", "--prompts", "p", "--judge", "shorter", "--out", "o"]}[verb]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--precision", "fp16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "'fp32'" in err and "'bf16'" in err
+
+
+def test_bench_train_measures_each_precision(capsys):
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    assert main(["bench", "train", "--impl", "lmlab", "--json", *tiny]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["impl"], r["precision"]) for r in rows] == [("lmlab", "fp32"), ("lmlab", "bf16")]
+    assert all(r["tokens_per_s"] > 0 and r["first_loss"] > 0 for r in rows)
+    assert main(["bench", "train", "--impl", "lmlab", "--precision", "bf16", *tiny]) == 0
+    assert "lmlab    bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", "--precision", "fp16"])
+    assert exc.value.code == 2
+
+
+def test_speed_ratios_pair_equal_precisions_and_bf16_against_fp32():
+    rows = [{"impl": i, "precision": p, "tokens_per_s": t}
+            for i, p, t in [("lmlab", "fp32", 60.0), ("lmlab", "bf16", 90.0),
+                            ("pytorch", "fp32", 30.0), ("pytorch", "bf16", 45.0)]]
+    assert trainbench.speed_ratios(rows) == [("lmlab fp32 / pytorch fp32", 2.0),
+                                             ("lmlab bf16 / pytorch bf16", 2.0),
+                                             ("lmlab bf16 / pytorch fp32", 3.0)]
+    assert trainbench.speed_ratios(rows[:2]) == []
+
+
+def test_pytorch_autocast_step_trains_in_bf16():
+    torch = pytest.importorskip("torch")
+    cfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, vocab_size=11)
+    x, y = trainbench._batches(cfg, 1)[0]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        step = trainbench.pytorch_step_fn(cfg, precision=precision)
+        losses[precision] = [step(x, y) for _ in range(3)]
+    assert losses["bf16"][-1] < losses["bf16"][0]
+    assert losses["bf16"] != losses["fp32"]           # autocast really computed in bf16
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=2e-2)
+    assert not torch.is_autocast_enabled("cpu")      # the step leaves autocast off after it
+
+
+def test_dpo_and_rl_references_compute_in_the_policy_precision(run):
+    """DPO's reference log-probabilities and RL's KL reference are computed by models set up
+    before train() starts: they must already use the run's precision, so the policy starts at
+    exactly the reference."""
+    from lmlab import preference
+
+    model, _, cfg, _ = preference._open_stage_run(run / "base", run / "pref-bf16", False, 0,
+                                                  {"precision": "bf16", "progress": False})
+    assert cfg.precision == model.matmul_precision == "bf16"
+    stage = preference.DPOStage(model, checkpoint.load_model(run / "base")[1],
+                                [("the cat", " sat.", " blue.")], [], batch_size=1)
+    policy = stage._logps(model, stage.train)
+    np.testing.assert_array_equal(policy, stage.ref_train)
+    model.matmul_precision = "fp32"
+    assert not np.array_equal(stage._logps(model, stage.train), stage.ref_train)

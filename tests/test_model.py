@@ -5,6 +5,15 @@ Tolerance: lmlab computes in float32, the references in float64. Every tensor is
 |lmlab - ref| <= RTOL * |ref| + ATOL_REL * max|ref| (per tensor), RTOL = ATOL_REL = 1e-4 for losses
 and logits and 1e-3 for gradients (a few float32 roundings through two layers, tanh-approximated
 GELU in the kernels).
+
+bf16 matmul precision: the same reference with exactly the matmul operands rounded to bfloat16
+(bf16_round, written here from the format's definition). Against it lmlab agrees to BF16_RTOL =
+1e-5 (logits, losses) and BF16_GRAD_RTOL = 5e-4 (gradients): both round the same operands, so only
+float32 accumulation differs, plus the rare operand that lies within float32 noise of a bfloat16
+rounding boundary and rounds the other way. Against the fp32 model (8 significant bits, 2^-9
+relative per rounded operand) bf16 logits stay within 2e-2 of max|logits| and each gradient tensor
+within 1e-1 normwise (||g_bf16 - g_fp32|| / ||g_fp32||; at most 0.052 measured on eight seeds of the
+tiny model, whose weights are scaled far beyond init on purpose).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 import numpy as np
 import pytest
 
+from lmlab import ops
 from lmlab.model import GPT, GPTConfig
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12)
@@ -60,8 +70,14 @@ def gelu_bwd(dy, x):
     return dy * (0.5 * (1 + th) + 0.5 * x * (1 - th ** 2) * K_GELU * (1 + 3 * 0.044715 * x ** 2))
 
 
-def reference_gpt(P, cfg, tokens, targets, weights):
-    """Loss sum(weights * losses), per-token losses and every parameter's gradient, in float64."""
+def reference_gpt(P, cfg, tokens, targets, weights, operand=None):
+    """Loss sum(weights * losses), per-token losses and every parameter's gradient, in float64.
+
+    operand, if given, is applied to both operands of every product the model's matmul kernel
+    computes (the linear layers and the LM head, forward and backward; not attention's products):
+    the hook through which the bf16 tests round exactly those operands.
+    """
+    r = operand or (lambda t: t)
     P = {k: np.asarray(v, np.float64) for k, v in P.items()}
     Bn, Tn = tokens.shape
     C, NH = cfg.n_embd, cfg.n_head
@@ -72,7 +88,7 @@ def reference_gpt(P, cfg, tokens, targets, weights):
     for i in range(cfg.n_layer):
         p = lambda s: P[f"h.{i}.{s}"]  # noqa: E731
         h1, c1 = ln_fwd(x, p("ln_1.weight"), p("ln_1.bias"))
-        qkv = h1 @ p("attn.c_attn.weight").T + p("attn.c_attn.bias")
+        qkv = r(h1) @ r(p("attn.c_attn.weight")).T + p("attn.c_attn.bias")
         q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
                    for j in range(3))
         s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(HS)
@@ -80,15 +96,15 @@ def reference_gpt(P, cfg, tokens, targets, weights):
         a = np.exp(s - s.max(-1, keepdims=True))
         a /= a.sum(-1, keepdims=True)
         y = (a @ v).transpose(0, 2, 1, 3).reshape(Bn, Tn, C)
-        x2 = x + y @ p("attn.c_proj.weight").T + p("attn.c_proj.bias")
+        x2 = x + r(y) @ r(p("attn.c_proj.weight")).T + p("attn.c_proj.bias")
         h2, c2 = ln_fwd(x2, p("ln_2.weight"), p("ln_2.bias"))
-        f = h2 @ p("mlp.c_fc.weight").T + p("mlp.c_fc.bias")
+        f = r(h2) @ r(p("mlp.c_fc.weight")).T + p("mlp.c_fc.bias")
         g = gelu_fwd(f)
-        x3 = x2 + g @ p("mlp.c_proj.weight").T + p("mlp.c_proj.bias")
+        x3 = x2 + r(g) @ r(p("mlp.c_proj.weight")).T + p("mlp.c_proj.bias")
         caches.append((x, h1, c1, q, k, v, a, y, x2, h2, c2, f, g))
         x = x3
     hf, cf = ln_fwd(x, P["ln_f.weight"], P["ln_f.bias"])
-    logits = hf @ P["wte"].T
+    logits = r(hf) @ r(P["wte"]).T
     m = logits.max(-1, keepdims=True)
     lse = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
     losses = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
@@ -97,24 +113,25 @@ def reference_gpt(P, cfg, tokens, targets, weights):
     probs = np.exp(logits - lse[..., None])
     onehot = np.eye(cfg.vocab_size)[targets]
     dlogits = weights[..., None] * (probs - onehot)
-    G["wte"] += dlogits.reshape(-1, cfg.vocab_size).T @ hf.reshape(-1, C)
-    dx, G["ln_f.weight"], G["ln_f.bias"] = ln_bwd(dlogits @ P["wte"], cf)
+    G["wte"] += r(dlogits.reshape(-1, cfg.vocab_size)).T @ r(hf.reshape(-1, C))
+    dx, G["ln_f.weight"], G["ln_f.bias"] = ln_bwd(r(dlogits) @ r(P["wte"]), cf)
     for i in reversed(range(cfg.n_layer)):
         p = lambda s: P[f"h.{i}.{s}"]  # noqa: E731
         x, h1, c1, q, k, v, a, y, x2, h2, c2, f, g = caches[i]
-        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        flat = lambda t: r(t.reshape(-1, t.shape[-1]))  # noqa: E731  (a matmul operand)
         # MLP
         G[f"h.{i}.mlp.c_proj.weight"] = flat(dx).T @ flat(g)
         G[f"h.{i}.mlp.c_proj.bias"] = dx.sum((0, 1))
-        df = gelu_bwd(dx @ p("mlp.c_proj.weight"), f)
+        df = gelu_bwd(r(dx) @ r(p("mlp.c_proj.weight")), f)
         G[f"h.{i}.mlp.c_fc.weight"] = flat(df).T @ flat(h2)
         G[f"h.{i}.mlp.c_fc.bias"] = df.sum((0, 1))
-        dh2, G[f"h.{i}.ln_2.weight"], G[f"h.{i}.ln_2.bias"] = ln_bwd(df @ p("mlp.c_fc.weight"), c2)
+        dh2, G[f"h.{i}.ln_2.weight"], G[f"h.{i}.ln_2.bias"] = ln_bwd(
+            r(df) @ r(p("mlp.c_fc.weight")), c2)
         dx2 = dx + dh2
         # attention
         G[f"h.{i}.attn.c_proj.weight"] = flat(dx2).T @ flat(y)
         G[f"h.{i}.attn.c_proj.bias"] = dx2.sum((0, 1))
-        dy = (dx2 @ p("attn.c_proj.weight")).reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
+        dy = (r(dx2) @ r(p("attn.c_proj.weight"))).reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
         da = dy @ v.transpose(0, 1, 3, 2)
         dv = a.transpose(0, 1, 3, 2) @ dy
         ds = a * (da - (da * a).sum(-1, keepdims=True)) / math.sqrt(q.shape[-1])
@@ -124,7 +141,7 @@ def reference_gpt(P, cfg, tokens, targets, weights):
         G[f"h.{i}.attn.c_attn.weight"] = flat(dqkv).T @ flat(h1)
         G[f"h.{i}.attn.c_attn.bias"] = dqkv.sum((0, 1))
         dh1, G[f"h.{i}.ln_1.weight"], G[f"h.{i}.ln_1.bias"] = ln_bwd(
-            dqkv @ p("attn.c_attn.weight"), c1)
+            r(dqkv) @ r(p("attn.c_attn.weight")), c1)
         dx = dx2 + dh1
     np.add.at(G["wte"], tokens, dx)
     G["wpe"][:Tn] += dx.sum(0)
@@ -393,3 +410,120 @@ def test_bad_targets_weights_and_config_raise():
         GPTConfig(vocab_size=10, n_embd=10, n_head=3)
     with pytest.raises(ValueError, match="positive integer"):
         GPTConfig(vocab_size=0)
+
+
+# --- bf16 matmul precision --------------------------------------------------------------------------------
+
+BF16_RTOL, BF16_GRAD_RTOL = 1e-5, 5e-4      # against the bf16-rounded float64 reference
+BF16_VS_FP32_RTOL, BF16_VS_FP32_GRAD_NORMWISE = 2e-2, 1e-1
+
+
+def bf16_round(x):
+    """x rounded to the nearest bfloat16 (8 significant bits, ties to even), in float64.
+
+    frexp gives x = m * 2**e with 0.5 <= |m| < 1, so m * 2**8 holds the 8 significant bits before
+    the point; rint rounds it half to even. (Exponent range: bfloat16 shares float32's, and the
+    tests' values are far from its ends.)
+    """
+    m, e = np.frexp(np.asarray(x, np.float64))
+    return np.ldexp(np.rint(np.ldexp(m, 8)), e - 8)
+
+
+def max_relative_error(got, ref):
+    """The smallest rel for which assert_close(got, ref, rel) passes."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    scale = float(np.abs(ref).max()) or 1.0
+    return float((np.abs(got - ref) / (np.abs(ref) + scale)).max())
+
+
+def test_bf16_round_matches_the_format():
+    one = 1.0
+    cases = {one: one, one + 2 ** -7: one + 2 ** -7,           # representable: unchanged
+             one + 2 ** -8: one,                                  # tie: to the even neighbour 1
+             one + 3 * 2 ** -8: one + 2 ** -6,                    # tie: to the even 1 + 2*2^-7
+             one + 2 ** -8 + 2 ** -20: one + 2 ** -7,             # above the tie: up
+             -3.0 - 2 ** -7: -3.0,                                # spacing 2^-6 in [2, 4)
+             0.0: 0.0, 2.0 ** -100 * 1.00390625: 2.0 ** -100}
+    for x, expected in cases.items():
+        assert bf16_round(x) == expected, x
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal(10000) * np.exp2(np.arange(10000) % 40 - 20)
+    x32 = x.astype(np.float32)
+    via_torch = torch.from_numpy(x32).to(torch.bfloat16).to(torch.float64).numpy()
+    np.testing.assert_array_equal(bf16_round(x32), via_torch)
+
+
+def test_matmul_precision_attribute_and_validation():
+    m = GPT(GPTConfig(**TINY))
+    assert m.matmul_precision == "fp32"
+    assert GPT(GPTConfig(**TINY), matmul_precision="bf16").matmul_precision == "bf16"
+    for bad in ("fp16", "BF16", None, 16):
+        with pytest.raises(ValueError, match="matmul_precision must be one of fp32, bf16"):
+            m.matmul_precision = bad
+        with pytest.raises(ValueError, match="fp32, bf16"):
+            GPT(GPTConfig(**TINY), matmul_precision=bad)
+    assert m.matmul_precision == "fp32"
+    assert set(ops.MATMUL_PRECISIONS) == {"fp32", "bf16"}
+
+
+@pytest.mark.parametrize("zero_some", [False, True])
+def test_bf16_forward_backward_match_rounded_float64_reference(isa, zero_some):
+    """On every kernel variant (AMX tiles where the CPU has them, emulated rounding elsewhere)."""
+    m = tiny_model()
+    m.matmul_precision = "bf16"
+    x, y, w = tiny_batch(zero_some=zero_some)
+    w64 = w.astype(np.float64)
+    ref_loss, ref_losses, ref_logits, ref_grads = reference_gpt(
+        m.named_parameters(), m.config, x, y, w64, operand=bf16_round)
+    fp32_ref = reference_gpt(m.named_parameters(), m.config, x, y, w64)
+    # The tolerances tell bf16 from fp32: the unrounded reference is far outside them.
+    assert max_relative_error(fp32_ref[2], ref_logits) > 100 * BF16_RTOL
+    assert max(max_relative_error(fp32_ref[3][k], ref_grads[k]) for k in ref_grads) \
+        > 10 * BF16_GRAD_RTOL
+    logits, losses = m.forward(x, y)
+    assert_close(logits, ref_logits, BF16_RTOL, "logits")
+    assert_close(losses, ref_losses, BF16_RTOL, "losses")
+    assert math.isclose(float((w64 * losses).sum()), ref_loss, rel_tol=BF16_RTOL)
+    m.zero_grad()
+    m.backward(w)
+    grads = m.named_grads()
+    for name, g in grads.items():
+        assert np.abs(ref_grads[name]).max() > 0 or name == "wpe", name
+        assert_close(g, ref_grads[name], BF16_GRAD_RTOL, name)
+
+
+def test_bf16_model_close_to_fp32_model():
+    x, y, w = tiny_batch(seed=2)
+    results = {}
+    for precision in ops.MATMUL_PRECISIONS:
+        m = tiny_model(seed=4)
+        m.matmul_precision = precision
+        logits, _ = m.forward(x, y)
+        logits = logits.copy()
+        fresh_grads(m, x, y, w)
+        results[precision] = logits, m.named_grads()
+    (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
+    assert not np.array_equal(l16, l32)
+    assert_close(l16, l32, BF16_VS_FP32_RTOL, "logits")
+    for name in g32:
+        diff = np.linalg.norm(g16[name] - g32[name]) / np.linalg.norm(g32[name])
+        assert diff <= BF16_VS_FP32_GRAD_NORMWISE, f"{name}: normwise difference {diff:.3g}"
+
+
+def test_bf16_kv_cache_runs_in_bf16():
+    """forward_cached uses the model's precision too: a fill is bitwise forward()'s, one-token
+    steps agree with the full forward to float32 accumulation order, and both differ from fp32."""
+    m = tiny_model(seed=5)
+    m.matmul_precision = "bf16"
+    ctx = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
+    cache = m.new_cache()
+    first = m.forward_cached(cache, ctx[:4]).copy()
+    logits, _ = m.forward(ctx[None, :4])
+    np.testing.assert_array_equal(first, logits[0, -1])
+    for t in range(4, ctx.size):
+        step = m.forward_cached(cache, ctx[t:t + 1])
+        ref, _ = m.forward(ctx[None, :t + 1])
+        assert_close(step, ref[0, -1], 1e-5, f"position {t}")
+    m.matmul_precision = "fp32"
+    fp32 = m.forward_cached(m.new_cache(), ctx)
+    assert not np.allclose(fp32, step, rtol=1e-5, atol=1e-5)

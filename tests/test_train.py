@@ -1,5 +1,5 @@
 """The shared training loop: schedule, learning, exact resume, Ctrl-C, NaN stop, freezing,
-gradient accumulation."""
+gradient accumulation, and the bf16 matmul precision (learning, thread determinism, resume)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from lmlab import checkpoint
+from lmlab import checkpoint, ops
 from lmlab.model import GPT, GPTConfig
 from lmlab.pretrain import LanguageModelingStage, pretrain
 from lmlab.tokenizer import train_tokenizer
@@ -74,6 +74,9 @@ def test_bad_config_rejected():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        TrainConfig(precision="fp16")
+    assert TrainConfig().precision == "fp32"
 
 
 def test_loss_falls_well_below_start(tmp_path):
@@ -107,10 +110,11 @@ def on_call(stage, n, *, before=None, after=None):
     stage.train_step = wrapped
 
 
-def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path, capsys, precision):
     tok, ids, model_a = tiny_setup()
     stage_a = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
-    train(model_a, stage_a, quiet(), tmp_path / "a", tokenizer=tok)
+    train(model_a, stage_a, quiet(precision=precision), tmp_path / "a", tokenizer=tok)
 
     # The same run, killed by an exception during step 25 (checkpoint at 20), then resumed.
     _, _, model_b = tiny_setup()
@@ -121,13 +125,20 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
 
     on_call(stage_b, 25, before=crash)
     with pytest.raises(Crash):
-        train(model_b, stage_b, quiet(), tmp_path / "b", tokenizer=tok)
+        train(model_b, stage_b, quiet(precision=precision), tmp_path / "b", tokenizer=tok)
     _, state = checkpoint.load_training_state(tmp_path / "b")
     assert state["step"] == 20
+    assert checkpoint.read_config(tmp_path / "b")["train"]["precision"] == precision
 
+    # Resumed with the default config (precision "fp32"): the run keeps its own precision.
     _, _, model_c = tiny_setup(seed=99)  # different init: resume must overwrite everything
     stage_c = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    capsys.readouterr()
     train(model_c, stage_c, quiet(), tmp_path / "b", tokenizer=tok, resume=True)
+    note = capsys.readouterr().err
+    assert (f"resuming in {precision}" in note) == (precision != "fp32")
+    assert model_c.matmul_precision == precision
+    assert checkpoint.read_config(tmp_path / "b")["train"]["precision"] == precision
     assert np.array_equal(model_a.params, model_c.params)
     steps_a = [r["step"] for r in checkpoint.read_metrics(tmp_path / "a")]
     steps_b = [r["step"] for r in checkpoint.read_metrics(tmp_path / "b")]
@@ -205,3 +216,39 @@ def test_pretrain_api_end_to_end_and_refuses_to_overwrite(tmp_path):
     more = pretrain(str(corpus), run, batch_size=4, steps=30, eval_every=10, save_every=10,
                     progress=False, resume=True)
     assert more.steps_done == 30
+
+
+# --- bf16 matmul precision ----------------------------------------------------------------------------
+
+def test_bf16_training_learns_like_fp32(tmp_path):
+    results = {}
+    for precision in ("fp32", "bf16"):
+        tok, ids, model = tiny_setup()
+        stage = LanguageModelingStage(ids[:1500], ids[1500:], 8, 16, seed=1)
+        start = stage.evaluate(model)["val_loss"]
+        results[precision] = train(model, stage, quiet(steps=150, precision=precision),
+                                   tmp_path / precision, tokenizer=tok)
+        assert results[precision].val_loss < 0.5 * start, precision
+        saved, _, _ = checkpoint.load_model(tmp_path / precision)
+        assert saved.matmul_precision == precision    # sampling a run computes as it trained
+    # Same data, same init: bf16 rounding moves the end point only a little.
+    assert results["bf16"].val_loss == pytest.approx(results["fp32"].val_loss, rel=0.02)
+
+
+@pytest.mark.parametrize("variant", ["native", "avx2"])
+def test_bf16_training_is_bitwise_identical_on_1_and_2_threads(tmp_path, variant):
+    """On the native kernels (AMX tiles where present) and the emulated avx2 path."""
+    if variant != "native" and variant not in ops.cpu_info()["available"]:
+        pytest.skip(f"{variant} kernels do not run on this CPU")
+    params = []
+    for threads in (1, 2):
+        tok, ids, model = tiny_setup()
+        stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+        with ops.num_threads(threads), ops.use_isa(ops.cpu_info()["isa"] if variant == "native"
+                                                    else variant):
+            train(model, stage, quiet(steps=8, eval_every=0, precision="bf16"),
+                  tmp_path / f"t{threads}", tokenizer=tok)
+        params.append(model.params.copy())
+    assert np.array_equal(params[0], params[1])
+    tok, ids, model = tiny_setup()
+    assert not np.array_equal(params[0], model.params)

@@ -197,8 +197,19 @@ def read_config(run_dir) -> dict:
     return _read_json(os.path.join(run_dir, CONFIG_FILE))
 
 
+def saved_precision(config: dict) -> str:
+    """The matmul precision a run was trained in (config.json's train.precision); "fp32" where none
+    is recorded (runs from before lmlab had a choice, and runs that never trained)."""
+    train = config.get("train")
+    precision = train.get("precision", "fp32") if isinstance(train, dict) else "fp32"
+    from .model import check_precision
+    return check_precision(precision, "config.json's train.precision")
+
+
 def load_model(run_dir):
-    """(GPT, Tokenizer, config dict) from a run directory written by save_run."""
+    """(GPT, Tokenizer, config dict) from a run directory written by save_run.
+
+    The model computes in the matmul precision the run was trained in (saved_precision)."""
     from safetensors.numpy import load_file
 
     from .model import GPT, GPTConfig
@@ -214,7 +225,7 @@ def load_model(run_dir):
     unknown = sorted(set(mcfg) - fields)
     if unknown:
         raise ValueError(f"{run_dir}/{CONFIG_FILE}: model config has fields this lmlab does not know: {unknown}")
-    model = GPT(GPTConfig(**mcfg))
+    model = GPT(GPTConfig(**mcfg), matmul_precision=saved_precision(config))
     tokenizer = Tokenizer.load(os.path.join(run_dir, TOKENIZER_FILE))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "

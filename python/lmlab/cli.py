@@ -47,6 +47,12 @@ def _add_train_options(p: argparse.ArgumentParser, *, steps: int, lr: float, war
     g.add_argument("--log-every", type=int, default=10, help="metrics.jsonl row every N steps")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .ops import MATMUL_PRECISIONS
+    g.add_argument("--precision", choices=MATMUL_PRECISIONS, default="fp32",
+                   help="matmul precision: fp32 (default), or bf16 = matmul operands rounded to "
+                        "bfloat16 with fp32 accumulation; parameters, gradients and optimiser stay "
+                        "fp32. bf16 is faster on CPUs with AMX (see `lmlab bench train`). --resume "
+                        "keeps the run's own precision")
 
 
 def _train_kwargs(args) -> dict:
@@ -54,7 +60,7 @@ def _train_kwargs(args) -> dict:
                 weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                 grad_accum=args.grad_accum, eval_every=args.eval_every,
                 save_every=args.save_every, log_every=args.log_every,
-                progress=not args.no_progress)
+                progress=not args.no_progress, precision=args.precision)
 
 
 def _add_derived_run(p: argparse.ArgumentParser) -> None:

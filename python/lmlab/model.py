@@ -20,6 +20,10 @@ Memory layout
   by all layers: about 16C + NH*T floats per token per layer in all. (Recomputing the GELU output
   in the backward instead would save 4C per token per layer for one more GELU pass per layer; on
   the 6x384, T=256 config that was 1.5% of the step against 150 MiB, and speed won.)
+
+Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16") is handed to every matmul kernel call
+(forward, backward, KV-cached forward); with "bf16" the matmul operands are rounded to bfloat16
+and accumulated in fp32, while parameters, gradients and every other op stay fp32.
 """
 
 from __future__ import annotations
@@ -164,10 +168,11 @@ class KVCache:
 class GPT:
     """A GPT-2 language model whose parameters and gradients each live in one flat buffer."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0) -> None:
+    def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision: str = "fp32") -> None:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
+        self.matmul_precision = matmul_precision
         shapes = _parameter_shapes(cfg)
         n = sum(math.prod(s) for _, s in shapes)
         self.params = np.zeros(n, np.float32)
@@ -195,6 +200,22 @@ class GPT:
         self._has_targets = False
         self._grad_plan_key = None
         self._grad_plan = None
+
+    # --- matmul precision --------------------------------------------------------------------------
+
+    @property
+    def matmul_precision(self) -> str:
+        """What every matmul of forward, backward and forward_cached computes in.
+
+        "fp32" (the default), or "bf16": both operands of each matmul rounded to bfloat16, products
+        accumulated in fp32 (on the AMX unit where the CPU has one). Parameters, gradients and
+        every other op stay fp32 either way (mixed precision).
+        """
+        return self._precision
+
+    @matmul_precision.setter
+    def matmul_precision(self, value: str) -> None:
+        self._precision = check_precision(value, "matmul_precision")
 
     # --- parameters ------------------------------------------------------------------------------
 
@@ -295,23 +316,23 @@ class GPT:
         if targets is not None:
             self._targets[...] = targets
 
-        cfg, P = self.config, self._named
+        cfg, P, prec = self.config, self._named, self._precision
         NH = cfg.n_head
         ops.embedding_forward(a.res[0], self._tokens, P["wte"], P["wpe"])
         for l, w in enumerate(self._layers):
             ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], a.res[l], w.ln1w, w.ln1b)
-            ops.matmul_forward(a.qkv[l], a.ln1[l], w.qkvw, w.qkvb)
+            ops.matmul_forward(a.qkv[l], a.ln1[l], w.qkvw, w.qkvb, precision=prec)
             ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
-            ops.matmul_forward(a.proj, a.atty[l], w.attprojw, w.attprojb)
+            ops.matmul_forward(a.proj, a.atty[l], w.attprojw, w.attprojb, precision=prec)
             ops.residual_forward(a.res2[l], a.res[l], a.proj)
             ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], w.ln2w, w.ln2b)
-            ops.matmul_forward(a.fch[l], a.ln2[l], w.fcw, w.fcb)
+            ops.matmul_forward(a.fch[l], a.ln2[l], w.fcw, w.fcb, precision=prec)
             ops.gelu_forward(a.gelu[l], a.fch[l])
-            ops.matmul_forward(a.proj, a.gelu[l], w.fcprojw, w.fcprojb)
+            ops.matmul_forward(a.proj, a.gelu[l], w.fcprojw, w.fcprojb, precision=prec)
             ops.residual_forward(a.res[l + 1], a.res2[l], a.proj)
         ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.res[cfg.n_layer], P["ln_f.weight"],
                               P["ln_f.bias"])
-        ops.matmul_forward(a.logits, a.lnf, P["wte"], None)   # tied LM head
+        ops.matmul_forward(a.logits, a.lnf, P["wte"], None, precision=prec)   # tied LM head
         if targets is None:
             return a.logits, None
         ops.crossentropy_forward(a.losses, a.lse, a.logits, self._targets)
@@ -365,12 +386,12 @@ class GPT:
         G, glayers, lowest = self._gradient_plan()
         g = self._grad_activations(B, T)
         cfg, P, NH = self.config, self._named, self.config.n_head
-        L = cfg.n_layer
+        L, prec = cfg.n_layer, self._precision
 
         g.dlogits.fill(0.0)
         ops.crossentropy_backward(g.dlogits, a.logits, a.lse, self._targets, w_arr)
         g.dx.fill(0.0)
-        ops.matmul_backward(g.dx, G["wte"], None, g.dlogits, a.lnf, P["wte"])
+        ops.matmul_backward(g.dx, G["wte"], None, g.dlogits, a.lnf, P["wte"], precision=prec)
         g.dres.fill(0.0)
         ops.layernorm_backward(g.dres, G["ln_f.weight"], G["ln_f.bias"], g.dx, a.res[L],
                                P["ln_f.weight"], a.lnf_mean, a.lnf_rstd)
@@ -378,16 +399,19 @@ class GPT:
             w, gw = self._layers[l], glayers[l]
             # MLP: res[l+1] = res2 + c_proj(gelu(c_fc(ln_2(res2)))); dres is d(res[l+1]) here.
             g.dgelu.fill(0.0)
-            ops.matmul_backward(g.dgelu, gw.fcprojw, gw.fcprojb, g.dres, a.gelu[l], w.fcprojw)
+            ops.matmul_backward(g.dgelu, gw.fcprojw, gw.fcprojb, g.dres, a.gelu[l], w.fcprojw,
+                                precision=prec)
             g.dfch.fill(0.0)
             ops.gelu_backward(g.dfch, a.fch[l], g.dgelu)
             g.dln.fill(0.0)
-            ops.matmul_backward(g.dln, gw.fcw, gw.fcb, g.dfch, a.ln2[l], w.fcw)
+            ops.matmul_backward(g.dln, gw.fcw, gw.fcb, g.dfch, a.ln2[l], w.fcw,
+                                precision=prec)
             ops.layernorm_backward(g.dres, gw.ln2w, gw.ln2b, g.dln, a.res2[l], w.ln2w,
                                    a.ln2_mean[l], a.ln2_rstd[l])
             # Attention: res2 = res[l] + c_proj(attn(c_attn(ln_1(res[l])))); dres is d(res2).
             g.dx.fill(0.0)
-            ops.matmul_backward(g.dx, gw.attprojw, gw.attprojb, g.dres, a.atty[l], w.attprojw)
+            ops.matmul_backward(g.dx, gw.attprojw, gw.attprojb, g.dres, a.atty[l], w.attprojw,
+                                precision=prec)
             g.dqkv.fill(0.0)
             ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att[l], NH)
             # d(res[l]) is needed only if something below this layer is trainable.
@@ -396,7 +420,7 @@ class GPT:
             if need_dln:
                 g.dln.fill(0.0)
             ops.matmul_backward(g.dln if need_dln else None, gw.qkvw, gw.qkvb, g.dqkv, a.ln1[l],
-                                w.qkvw)
+                                w.qkvw, precision=prec)
             if need_dln:
                 ops.layernorm_backward(g.dres, gw.ln1w, gw.ln1b, g.dln, a.res[l], w.ln1w,
                                        a.ln1_mean[l], a.ln1_rstd[l])
@@ -434,7 +458,7 @@ class GPT:
             return self._forward_cached(cache, toks)
 
     def _forward_cached(self, cache: KVCache, toks: np.ndarray) -> np.ndarray:
-        cfg, P = self.config, self._named
+        cfg, P, prec = self.config, self._named, self._precision
         n, p0 = toks.size, cache.length
         C, NH = cfg.n_embd, cfg.n_head
         HS = C // NH
@@ -450,7 +474,7 @@ class GPT:
         att = np.empty((1, NH, n, n), np.float32) if p0 == 0 else None
         for l, w in enumerate(self._layers):
             ops.layernorm_forward(ln, mean, rstd, x, w.ln1w, w.ln1b)
-            ops.matmul_forward(qkv, ln, w.qkvw, w.qkvb)
+            ops.matmul_forward(qkv, ln, w.qkvw, w.qkvb, precision=prec)
             heads = qkv[0].reshape(n, 3, NH, HS)
             cache.k[l, :, p0:p0 + n] = heads[:, 1].transpose(1, 0, 2)
             cache.v[l, :, p0:p0 + n] = heads[:, 2].transpose(1, 0, 2)
@@ -459,25 +483,33 @@ class GPT:
             else:
                 y[0] = _cached_attention(heads[:, 0], cache.k[l, :, :p0 + n],
                                          cache.v[l, :, :p0 + n], p0)
-            ops.matmul_forward(proj, y, w.attprojw, w.attprojb)
+            ops.matmul_forward(proj, y, w.attprojw, w.attprojb, precision=prec)
             x2 = np.empty_like(x)
             ops.residual_forward(x2, x, proj)
             ops.layernorm_forward(ln, mean, rstd, x2, w.ln2w, w.ln2b)
-            ops.matmul_forward(fch, ln, w.fcw, w.fcb)
+            ops.matmul_forward(fch, ln, w.fcw, w.fcb, precision=prec)
             ops.gelu_forward(gel, fch)
-            ops.matmul_forward(proj, gel, w.fcprojw, w.fcprojb)
+            ops.matmul_forward(proj, gel, w.fcprojw, w.fcprojb, precision=prec)
             x = np.empty_like(x2)
             ops.residual_forward(x, x2, proj)
         cache.length = p0 + n
         ops.layernorm_forward(ln, mean, rstd, x, P["ln_f.weight"], P["ln_f.bias"])
         logits = np.empty((1, n, cfg.vocab_size), np.float32)
-        ops.matmul_forward(logits, ln, P["wte"], None)
+        ops.matmul_forward(logits, ln, P["wte"], None, precision=prec)
         return logits[0, -1]
 
     def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> np.ndarray:
         """Sample continuation ids; see lmlab.sample.generate for the options."""
         from .sample import generate
         return generate(self, prompt_ids, max_new_tokens, **kwargs)
+
+
+def check_precision(value, name: str = "precision") -> str:
+    """value if it names a matmul precision (ops.MATMUL_PRECISIONS), else a ValueError."""
+    if not isinstance(value, str) or value not in ops.MATMUL_PRECISIONS:
+        raise ValueError(f"{name} must be one of {', '.join(ops.MATMUL_PRECISIONS)}, "
+                         f"got {value!r}")
+    return value
 
 
 def frozen_by(name: str, prefix: str) -> bool:

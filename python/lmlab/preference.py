@@ -786,8 +786,10 @@ def compare_to_reference(policy, reference, tok, prompts: Sequence[str], judge, 
 
 
 def _open_stage_run(run, out_dir, resume: bool, seed: int, train_kwargs: dict):
+    from dataclasses import replace
+
     from .checkpoint import load_model
-    from .train import TrainConfig
+    from .train import TrainConfig, run_precision
 
     out_dir = Path(out_dir)
     if not resume and (out_dir / "model.safetensors").exists():
@@ -797,6 +799,10 @@ def _open_stage_run(run, out_dir, resume: bool, seed: int, train_kwargs: dict):
         raise ValueError(f"the tuned run must go to a new directory, not the parent {run}")
     model, tok, _ = load_model(run)
     cfg = TrainConfig(seed=seed, **train_kwargs)
+    # The stage's reference computations (DPO's log-probabilities, RL's KL) run in the precision
+    # the policy trains in, so the policy starts at exactly the reference.
+    cfg = replace(cfg, precision=run_precision(cfg, out_dir, resume))
+    model.matmul_precision = cfg.precision
     out_dir.mkdir(parents=True, exist_ok=True)
     return model, tok, cfg, out_dir
 
@@ -860,6 +866,7 @@ def rlhf(run, prompts, out_dir, *, reward_model=None, judge=None, k: int = 4,
     train_kwargs.setdefault("log_every", 1)  # mean reward and KL of every step in metrics.jsonl
     model, tok, cfg, out_dir = _open_stage_run(run, out_dir, resume, seed, train_kwargs)
     ref, _, _ = load_model(run)
+    ref.matmul_precision = model.matmul_precision
     stage = RLStage(model, ref, tok, [r["prompt"] for r in train_p], [r["prompt"] for r in val_p],
                     reward_fn, k=k, prompts_per_step=prompts_per_step, kl_coef=kl_coef,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -891,6 +898,7 @@ def reward(run, rankings, out_dir, *, val_fraction: float = 0.2, steps: int = 30
     rm.save(out_dir, parent=str(run), train_config={
         "stage": "reward", "rankings": [str(p) for p in paths], "val_fraction": val_fraction,
         "steps": steps, "lr": lr, "l2": l2, "seed": seed, "model": _model_config(model),
+        "precision": model.matmul_precision,
         "features": "logits at the last position + mean logits over the completion",
         "report": report})
     return rm, report

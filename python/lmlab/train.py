@@ -24,13 +24,14 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
 
 from . import ops
+from .model import check_precision
 
 
 @dataclass
@@ -52,6 +53,9 @@ class TrainConfig:
     seed: int = 1337
     progress: bool = True  # the progress bar
     frozen: list = field(default_factory=list)  # parameter-name prefixes left untouched
+    # Matmul precision, "fp32" or "bf16" (bfloat16 operands, fp32 accumulation; see
+    # GPT.matmul_precision). A resumed run keeps the precision it was started in.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -64,6 +68,23 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.min_lr is None:
             self.min_lr = self.lr / 10
+        check_precision(self.precision, "precision")
+
+
+def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
+    """The matmul precision a run trains in: cfg.precision, or when resuming the run's own.
+
+    Resuming continues the saved run exactly, so its precision wins; asking for another one gets
+    a note on stderr (to change precision, fine-tune into a new run instead).
+    """
+    if not resume:
+        return cfg.precision
+    from . import checkpoint
+    saved = checkpoint.saved_precision(checkpoint.read_config(run_dir))
+    if saved != cfg.precision:
+        print(f"lmlab: {run_dir} was trained with {saved} matmuls; resuming in {saved} (not "
+              f"{cfg.precision}): a resumed run keeps its precision", file=sys.stderr)
+    return saved
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -196,12 +217,15 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
 
     run_config is stored in config.json beside the model config (what data, which stage, ...).
     With resume=True the model, optimiser, step, RNG and data position are restored from run_dir,
-    so the run continues exactly as if it had never stopped.
+    so the run continues exactly as if it had never stopped, in the matmul precision the run was
+    started in (which wins over cfg.precision, with a note, if they differ).
     """
     from . import checkpoint
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
+    model.matmul_precision = cfg.precision
     optimizer = AdamW(model, cfg)
     start_step = 0
     if resume:
@@ -221,7 +245,8 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
                   file=sys.stderr)
     # config.json's "train" section: how this run was trained (optimiser settings and the stage's
     # own description: corpus, data, batch size, chat template, ...).
-    full_config = {"optim": _jsonable(asdict(cfg)), **(run_config or {})}
+    full_config = {"optim": _jsonable(asdict(cfg)), "precision": cfg.precision,
+                   **(run_config or {})}
 
     def save(step: int) -> None:
         state = {"step": step, "adam_t": optimizer.t, "stage": stage.state_dict()}

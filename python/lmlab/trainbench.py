@@ -5,6 +5,10 @@ weight decay 0.1 on 2-D weights). Each implementation runs in its OWN subprocess
 (getrusage's ru_maxrss of that process) is its own and imports of the other do not count; both use
 the same thread count. Random token batches (the data pipeline is not what is measured).
 
+Each implementation runs in each matmul precision asked for: "fp32", and "bf16" = mixed precision
+with bfloat16 matmul operands and fp32 parameters and optimiser (lmlab's GPT.matmul_precision; for
+PyTorch the forward under torch.autocast("cpu", dtype=torch.bfloat16), its standard CPU recipe).
+
     python -m lmlab.trainbench --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12
     python -m lmlab.trainbench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
 
@@ -23,6 +27,7 @@ import time
 import numpy as np
 
 IMPLS = ("lmlab", "pytorch")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _peak_rss_mib() -> float:
@@ -38,13 +43,15 @@ def _batches(cfg: dict, n: int):
              rng.integers(0, cfg["vocab_size"], shape, dtype=np.int64)) for _ in range(n)]
 
 
-def lmlab_step_fn(cfg: dict, lr: float = 1e-3):
-    """A closure running one lmlab training step on (x, y); returns the mean loss."""
+def lmlab_step_fn(cfg: dict, lr: float = 1e-3, precision: str = "fp32"):
+    """A closure running one lmlab training step on (x, y) in a matmul precision; returns the
+    mean loss."""
     from . import ops
     from .model import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"],
-                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
+                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]),
+                matmul_precision=precision)
     m = np.zeros_like(model.params)
     v = np.zeros_like(model.params)
     B, T = cfg["batch_size"], cfg["block_size"]
@@ -64,8 +71,11 @@ def lmlab_step_fn(cfg: dict, lr: float = 1e-3):
     return train_step
 
 
-def pytorch_step_fn(cfg: dict, lr: float = 1e-3):
-    """The same step in PyTorch eager (torch_reference.TorchGPT, torch.optim.AdamW)."""
+def pytorch_step_fn(cfg: dict, lr: float = 1e-3, precision: str = "fp32"):
+    """The same step in PyTorch eager (torch_reference.TorchGPT, torch.optim.AdamW); "bf16" runs
+    the forward (and so its backward) under CPU autocast to bfloat16, parameters staying fp32."""
+    import contextlib
+
     import torch
 
     from .model import GPTConfig
@@ -75,10 +85,18 @@ def pytorch_step_fn(cfg: dict, lr: float = 1e-3):
     model = TorchGPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"],
                                n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
     opt = torch.optim.AdamW(model.decay_groups(0.1), lr=lr, betas=(0.9, 0.95))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def train_step(x, y) -> float:
-        _, losses = model(torch.from_numpy(x), torch.from_numpy(y))
-        loss = losses.mean()
+        with autocast():
+            _, losses = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss = losses.float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,10 +114,12 @@ def _set_threads(impl: str, threads: int) -> None:
         ops.set_num_threads(threads)
 
 
-def run_one(impl: str, cfg: dict, steps: int, warmup: int, threads: int) -> dict:
-    """Measure one implementation in this process (the subprocess body)."""
+def run_one(impl: str, cfg: dict, steps: int, warmup: int, threads: int,
+            precision: str = "fp32") -> dict:
+    """Measure one implementation in one matmul precision in this process (the subprocess body)."""
     _set_threads(impl, threads)
-    step = lmlab_step_fn(cfg) if impl == "lmlab" else pytorch_step_fn(cfg)
+    make = lmlab_step_fn if impl == "lmlab" else pytorch_step_fn
+    step = make(cfg, precision=precision)
     batches = _batches(cfg, 4)
     losses = []
     for i in range(warmup):
@@ -109,12 +129,13 @@ def run_one(impl: str, cfg: dict, steps: int, warmup: int, threads: int) -> dict
         losses.append(step(*batches[i % len(batches)]))
     dt = time.perf_counter() - t0
     tokens = steps * cfg["batch_size"] * cfg["block_size"]
-    return {"impl": impl, "config": cfg, "threads": threads, "steps": steps,
+    return {"impl": impl, "precision": precision, "config": cfg, "threads": threads, "steps": steps,
             "tokens_per_s": tokens / dt, "ms_per_step": 1000.0 * dt / steps,
             "peak_rss_mib": _peak_rss_mib(), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def profile_step(cfg: dict, steps: int = 3, threads: int | None = None) -> list[tuple[str, float, int]]:
+def profile_step(cfg: dict, steps: int = 3, threads: int | None = None,
+                 precision: str = "fp32") -> list[tuple[str, float, int]]:
     """Where one lmlab training step's time goes: (kernel, ms per step, calls per step), slowest first.
 
     Wraps every lmlab.ops function with a timer (the model calls them through the module), runs
@@ -123,7 +144,7 @@ def profile_step(cfg: dict, steps: int = 3, threads: int | None = None) -> list[
     from . import ops
     if threads is not None:
         ops.set_num_threads(threads)
-    step = lmlab_step_fn(cfg)
+    step = lmlab_step_fn(cfg, precision=precision)
     batches = _batches(cfg, 2)
     step(*batches[0])
     totals: dict[str, list] = {}
@@ -199,11 +220,12 @@ def torch_available() -> bool:
 
 def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
                 steps: int, vocab_size: int = 65, threads: int | None = None,
-                impls=IMPLS, warmup: int = 2) -> list[dict]:
-    """Training tokens/s and peak RSS per implementation, each measured in its own subprocess.
+                impls=IMPLS, warmup: int = 2, precisions=("fp32",)) -> list[dict]:
+    """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess.
 
-    PyTorch is skipped when torch is not installed. Returns one dict per implementation with
-    impl, config, tokens_per_s, peak_rss_mib, ms_per_step (and threads, steps, losses).
+    PyTorch is skipped when torch is not installed. Returns one dict per (implementation,
+    precision), implementation-major, with impl, precision, config, tokens_per_s, peak_rss_mib,
+    ms_per_step (and threads, steps, losses).
     """
     for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
                         ("block_size", block_size), ("batch_size", batch_size), ("steps", steps),
@@ -215,6 +237,9 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     unknown = set(impls) - set(IMPLS)
     if unknown:
         raise ValueError(f"impls must be among {IMPLS}, got {sorted(unknown)}")
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown or not precisions:
+        raise ValueError(f"precisions must be among {PRECISIONS}, got {sorted(precisions)}")
     if threads is None:
         from . import ops
         threads = ops.get_num_threads()
@@ -224,14 +249,26 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     for impl in impls:
         if impl == "pytorch" and not torch_available():
             continue
-        spec = json.dumps(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup, threads=threads))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", spec],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench_train: the {impl} run failed:\n{proc.stderr[-2000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        for precision in precisions:
+            spec = json.dumps(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup,
+                                   threads=threads, precision=precision))
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", spec],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench_train: the {impl} {precision} run failed:\n"
+                                   f"{proc.stderr[-2000:]}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
+
+
+def speed_ratios(rows: list[dict]) -> list[tuple[str, float]]:
+    """(label, lmlab tokens/s / PyTorch tokens/s) at equal precision, and lmlab bf16 against
+    PyTorch fp32 (the speed a user gains over PyTorch's default), for the rows present."""
+    tps = {(r["impl"], r.get("precision", "fp32")): r["tokens_per_s"] for r in rows}
+    pairs = [(p, p) for p in PRECISIONS] + [("bf16", "fp32")]
+    return [(f"lmlab {a} / pytorch {b}", tps[("lmlab", a)] / tps[("pytorch", b)])
+            for a, b in pairs if ("lmlab", a) in tps and ("pytorch", b) in tps]
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, n_layer: int, n_head: int, n_embd: int,
@@ -253,34 +290,48 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--impl", choices=IMPLS, action="append", default=None,
                         help="run only this implementation (repeatable); default both")
+    parser.add_argument("--precision", choices=PRECISIONS + ("both",), default="both",
+                        help="matmul precision: fp32, bf16 (bfloat16 matmul operands, fp32 "
+                             "accumulation and parameters; PyTorch under CPU autocast), or both "
+                             "(default)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where one lmlab step's time goes, kernel by kernel")
 
 
 def run_bench_train(args: argparse.Namespace) -> list[dict]:
     """Run `lmlab bench train` from parsed arguments and print the rows."""
+    precision = getattr(args, "precision", "fp32")
+    precisions = PRECISIONS if precision == "both" else (precision,)
     rows = bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size,
                        args.steps, vocab_size=args.vocab_size, threads=args.threads,
-                       impls=tuple(args.impl or IMPLS), warmup=args.warmup)
+                       impls=tuple(args.impl or IMPLS), warmup=args.warmup, precisions=precisions)
     for r in rows:
         if args.json:
             print(json.dumps(r), flush=True)
         else:
-            print(f"{r['impl']:8s} {r['tokens_per_s']:10.0f} tokens/s  {r['ms_per_step']:8.1f} "
-                  f"ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  ({r['threads']} threads)")
-    if not args.json and len(rows) == 2:
-        print(f"lmlab / pytorch: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+            print(f"{r['impl']:8s} {r['precision']:5s} {r['tokens_per_s']:10.0f} tokens/s  "
+                  f"{r['ms_per_step']:8.1f} ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
+                  f"({r['threads']} threads)")
+    if not args.json:
+        for label, ratio in speed_ratios(rows):
+            print(f"{label}: {ratio:.2f}x")
     if getattr(args, "profile", False):
         cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                    block_size=args.block_size, batch_size=args.batch_size,
                    vocab_size=args.vocab_size)
-        prof = profile_step(cfg, steps=max(1, min(args.steps, 5)), threads=args.threads)
-        total = sum(ms for _, ms, _ in prof)
-        for name, ms, calls in prof:
-            if args.json:
-                print(json.dumps({"profile": name, "ms_per_step": ms, "calls_per_step": calls}))
-            else:
-                print(f"  {name:22s} {ms:9.2f} ms/step {100 * ms / total:5.1f}%  {calls:4d} calls")
+        for p in precisions:
+            prof = profile_step(cfg, steps=max(1, min(args.steps, 5)), threads=args.threads,
+                                precision=p)
+            total = sum(ms for _, ms, _ in prof)
+            if not args.json:
+                print(f"lmlab {p} step, kernel by kernel:")
+            for name, ms, calls in prof:
+                if args.json:
+                    print(json.dumps({"profile": name, "precision": p, "ms_per_step": ms,
+                                      "calls_per_step": calls}))
+                else:
+                    print(f"  {name:22s} {ms:9.2f} ms/step {100 * ms / total:5.1f}%  "
+                          f"{calls:4d} calls")
     return rows
 
 
@@ -309,7 +360,7 @@ def main(argv=None) -> None:
     if argv[:1] == ["--child"]:
         spec = json.loads(argv[1])
         print(json.dumps(run_one(spec["impl"], spec["cfg"], spec["steps"], spec["warmup"],
-                                 spec["threads"])))
+                                 spec["threads"], spec.get("precision", "fp32"))))
         return
     parser = argparse.ArgumentParser(prog="python -m lmlab.trainbench", description=__doc__)
     if argv[:1] == ["generate"]:
