@@ -7,7 +7,7 @@ and logits and 1e-3 for gradients (a few float32 roundings through two layers, t
 GELU in the kernels).
 
 bf16 matmul precision: the same reference with exactly the matmul operands rounded to bfloat16
-(bf16_round, written here from the format's definition). Against it lmlab agrees to BF16_RTOL =
+(reference.round_bf16, written from the format's definition). Against it lmlab agrees to BF16_RTOL =
 1e-5 (logits, losses) and BF16_GRAD_RTOL = 5e-4 (gradients): both round the same operands, so only
 float32 accumulation differs, plus the rare operand that lies within float32 noise of a bfloat16
 rounding boundary and rounds the other way. Against the fp32 model (8 significant bits, 2^-9
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from lmlab import ops
+from reference import round_bf16
 from lmlab.model import GPT, GPTConfig
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12)
@@ -418,17 +419,6 @@ BF16_RTOL, BF16_GRAD_RTOL = 1e-5, 5e-4      # against the bf16-rounded float64 r
 BF16_VS_FP32_RTOL, BF16_VS_FP32_GRAD_NORMWISE = 2e-2, 1e-1
 
 
-def bf16_round(x):
-    """x rounded to the nearest bfloat16 (8 significant bits, ties to even), in float64.
-
-    frexp gives x = m * 2**e with 0.5 <= |m| < 1, so m * 2**8 holds the 8 significant bits before
-    the point; rint rounds it half to even. (Exponent range: bfloat16 shares float32's, and the
-    tests' values are far from its ends.)
-    """
-    m, e = np.frexp(np.asarray(x, np.float64))
-    return np.ldexp(np.rint(np.ldexp(m, 8)), e - 8)
-
-
 def max_relative_error(got, ref):
     """The smallest rel for which assert_close(got, ref, rel) passes."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -436,7 +426,7 @@ def max_relative_error(got, ref):
     return float((np.abs(got - ref) / (np.abs(ref) + scale)).max())
 
 
-def test_bf16_round_matches_the_format():
+def test_round_bf16_matches_the_format():
     one = 1.0
     cases = {one: one, one + 2 ** -7: one + 2 ** -7,           # representable: unchanged
              one + 2 ** -8: one,                                  # tie: to the even neighbour 1
@@ -445,12 +435,12 @@ def test_bf16_round_matches_the_format():
              -3.0 - 2 ** -7: -3.0,                                # spacing 2^-6 in [2, 4)
              0.0: 0.0, 2.0 ** -100 * 1.00390625: 2.0 ** -100}
     for x, expected in cases.items():
-        assert bf16_round(x) == expected, x
+        assert round_bf16(x) == expected, x
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).standard_normal(10000) * np.exp2(np.arange(10000) % 40 - 20)
     x32 = x.astype(np.float32)
     via_torch = torch.from_numpy(x32).to(torch.bfloat16).to(torch.float64).numpy()
-    np.testing.assert_array_equal(bf16_round(x32), via_torch)
+    np.testing.assert_array_equal(round_bf16(x32), via_torch)
 
 
 def test_matmul_precision_attribute_and_validation():
@@ -474,7 +464,7 @@ def test_bf16_forward_backward_match_rounded_float64_reference(isa, zero_some):
     x, y, w = tiny_batch(zero_some=zero_some)
     w64 = w.astype(np.float64)
     ref_loss, ref_losses, ref_logits, ref_grads = reference_gpt(
-        m.named_parameters(), m.config, x, y, w64, operand=bf16_round)
+        m.named_parameters(), m.config, x, y, w64, operand=round_bf16)
     fp32_ref = reference_gpt(m.named_parameters(), m.config, x, y, w64)
     # The tolerances tell bf16 from fp32: the unrounded reference is far outside them.
     assert max_relative_error(fp32_ref[2], ref_logits) > 100 * BF16_RTOL

@@ -390,37 +390,31 @@ class GPT:
 
         g.dlogits.fill(0.0)
         ops.crossentropy_backward(g.dlogits, a.logits, a.lse, self._targets, w_arr)
-        g.dx.fill(0.0)
-        ops.matmul_backward(g.dx, G["wte"], None, g.dlogits, a.lnf, P["wte"], precision=prec)
+        ops.matmul_backward(g.dx, G["wte"], None, g.dlogits, a.lnf, P["wte"], precision=prec,
+                            accumulate=False)
         g.dres.fill(0.0)
         ops.layernorm_backward(g.dres, G["ln_f.weight"], G["ln_f.bias"], g.dx, a.res[L],
                                P["ln_f.weight"], a.lnf_mean, a.lnf_rstd)
         for l in range(L - 1, max(lowest, 0) - 1, -1):
             w, gw = self._layers[l], glayers[l]
             # MLP: res[l+1] = res2 + c_proj(gelu(c_fc(ln_2(res2)))); dres is d(res[l+1]) here.
-            g.dgelu.fill(0.0)
+            # Input gradients are written, not added (accumulate=False): no zero-fill passes.
             ops.matmul_backward(g.dgelu, gw.fcprojw, gw.fcprojb, g.dres, a.gelu[l], w.fcprojw,
-                                precision=prec)
-            g.dfch.fill(0.0)
-            ops.gelu_backward(g.dfch, a.fch[l], g.dgelu)
-            g.dln.fill(0.0)
+                                precision=prec, accumulate=False)
+            ops.gelu_backward(g.dfch, a.fch[l], g.dgelu, accumulate=False)
             ops.matmul_backward(g.dln, gw.fcw, gw.fcb, g.dfch, a.ln2[l], w.fcw,
-                                precision=prec)
+                                precision=prec, accumulate=False)
             ops.layernorm_backward(g.dres, gw.ln2w, gw.ln2b, g.dln, a.res2[l], w.ln2w,
                                    a.ln2_mean[l], a.ln2_rstd[l])
             # Attention: res2 = res[l] + c_proj(attn(c_attn(ln_1(res[l])))); dres is d(res2).
-            g.dx.fill(0.0)
             ops.matmul_backward(g.dx, gw.attprojw, gw.attprojb, g.dres, a.atty[l], w.attprojw,
-                                precision=prec)
-            g.dqkv.fill(0.0)
-            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att[l], NH)
+                                precision=prec, accumulate=False)
+            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att[l], NH, accumulate=False)
             # d(res[l]) is needed only if something below this layer is trainable.
             need_below = lowest < l
             need_dln = need_below or gw.ln1w is not None or gw.ln1b is not None
-            if need_dln:
-                g.dln.fill(0.0)
             ops.matmul_backward(g.dln if need_dln else None, gw.qkvw, gw.qkvb, g.dqkv, a.ln1[l],
-                                w.qkvw, precision=prec)
+                                w.qkvw, precision=prec, accumulate=False)
             if need_dln:
                 ops.layernorm_backward(g.dres, gw.ln1w, gw.ln1b, g.dln, a.res[l], w.ln1w,
                                        a.ln1_mean[l], a.ln1_rstd[l])
