@@ -23,6 +23,7 @@
 #include <omp.h>
 #endif
 
+#include "gemm_internal.h"
 #include "isa.h"
 #include "simd.h"
 
@@ -128,6 +129,16 @@ void head_gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA
     }
 }
 
+// One per-head product in the call's precision: fp32 on the register tiles above, or bf16 operands
+// on gemm_bf16 (the AMX tile unit where there is one), serial inside the head's task.
+void product(bool bf16, idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
+             const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+    if (bf16)
+        gemm_bf16(M, N, K, alpha, A, rsA, csA, B, ldb, 1, C, ldc, nullptr, accumulate, false);
+    else
+        head_gemm(M, N, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
+}
+
 // --- helpers shared by forward and backward -------------------------------------------------------
 
 constexpr idx_t kBlock = 64;  // query rows per block
@@ -211,7 +222,8 @@ void softmax_backward_row(float* dp, const float* p, idx_t n) {
 }  // namespace
 
 void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C,
-                       idx_t NH) {
+                       idx_t NH, int precision) {
+    const bool bf16 = precision == kMatmulBf16;
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
@@ -234,7 +246,7 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                     const idx_t m = T - i0 < kBlock ? T - i0 : kBlock, kend = i0 + m;
                     float* ab = a + i0 * T;
                     // S = scale * Q K^T for keys [0, kend): the keys this block can see.
-                    head_gemm(m, kend, HS, scale, q + i0 * C3, C3, 1, kt, Tp, ab, T, false);
+                    product(bf16, m, kend, HS, scale, q + i0 * C3, C3, 1, kt, Tp, ab, T, false);
                     for (idx_t r = 0; r < m; r++) {
                         float* row = ab + r * T;
                         const idx_t t = i0 + r;
@@ -242,7 +254,7 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
                         std::memset(row + t + 1, 0, (std::size_t)(T - t - 1) * sizeof(float));
                     }
                     // O = P V; the zeros above the diagonal make the square diagonal block exact.
-                    head_gemm(m, HS, kend, 1.0f, ab, T, 1, vp, HS, o + i0 * C, C, false);
+                    product(bf16, m, HS, kend, 1.0f, ab, T, 1, vp, HS, o + i0 * C, C, false);
                 }
             }
     }
@@ -250,7 +262,8 @@ void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t 
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B,
-                        idx_t T, idx_t C, idx_t NH, bool accumulate) {
+                        idx_t T, idx_t C, idx_t NH, int precision, bool accumulate) {
+    const bool bf16 = precision == kMatmulBf16;
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
@@ -282,7 +295,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     const float* dyb = dy + i0 * C;
                     // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) row by row (zero above the
                     // diagonal, so the transposed products below can run over the square block).
-                    head_gemm(m, kend, HS, 1.0f, dyb, C, 1, vt, Tp, ds, Tp, false);
+                    product(bf16, m, kend, HS, 1.0f, dyb, C, 1, vt, Tp, ds, Tp, false);
                     for (idx_t r = 0; r < m; r++) {
                         const idx_t t = i0 + r;
                         softmax_backward_row(ds + r * Tp, ab + r * T, t + 1);
@@ -290,9 +303,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     }
                     // dQ += scale dS K; dK += scale dS^T Q; dV += P^T dO. Key rows [0, kend) gather
                     // one partial sum per query block, added in block order.
-                    head_gemm(m, HS, kend, scale, ds, Tp, 1, kp, HS, dq + i0 * C3, C3, true);
-                    head_gemm(kend, HS, m, scale, ds, 1, Tp, q + i0 * C3, C3, dk, C3, true);
-                    head_gemm(kend, HS, m, 1.0f, ab, 1, T, dyb, C, dv, C3, true);
+                    product(bf16, m, HS, kend, scale, ds, Tp, 1, kp, HS, dq + i0 * C3, C3, true);
+                    product(bf16, kend, HS, m, scale, ds, 1, Tp, q + i0 * C3, C3, dk, C3, true);
+                    product(bf16, kend, HS, m, 1.0f, ab, 1, T, dyb, C, dv, C3, true);
                 }
             }
     }

@@ -402,8 +402,10 @@ AttentionDims attention_dims(const Arg& qkv, idx_t NH) {
     return {B, T, C, NH};
 }
 
-void attention_forward(py::array out_, py::array att_, py::array qkv_, idx_t NH) {
+void attention_forward(py::array out_, py::array att_, py::array qkv_, idx_t NH,
+                       const std::string& precision_) {
     const char* fn = "attention_forward";
+    const int precision = matmul_precision(fn, precision_);
     Arg out = out_f32(fn, "out", out_), att = out_f32(fn, "att", att_), qkv = in_f32(fn, "qkv", qkv_);
     AttentionDims d = attention_dims(qkv, NH);
     out.expect_shape({d.B, d.T, d.C});
@@ -412,12 +414,13 @@ void attention_forward(py::array out_, py::array att_, py::array qkv_, idx_t NH)
     float *o = out.f32(), *a = att.f32();
     const float* x = qkv.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().attention_forward(o, a, x, d.B, d.T, d.C, d.NH);
+    lmlab::kernels().attention_forward(o, a, x, d.B, d.T, d.C, d.NH, precision);
 }
 
 void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array att_, idx_t NH,
-                        bool accumulate) {
+                        const std::string& precision_, bool accumulate) {
     const char* fn = "attention_backward";
+    const int precision = matmul_precision(fn, precision_);
     Arg dqkv = out_f32(fn, "dqkv", dqkv_), dout = in_f32(fn, "dout", dout_);
     Arg qkv = in_f32(fn, "qkv", qkv_), att = in_f32(fn, "att", att_);
     AttentionDims d = attention_dims(qkv, NH);
@@ -428,7 +431,7 @@ void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::ar
     float* dx = dqkv.f32();
     const float *g = dout.cf32(), *x = qkv.cf32(), *a = att.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().attention_backward(dx, g, x, a, d.B, d.T, d.C, d.NH, accumulate);
+    lmlab::kernels().attention_backward(dx, g, x, a, d.B, d.T, d.C, d.NH, precision, accumulate);
 }
 
 // --- embedding -----------------------------------------------------------------------------------
@@ -521,6 +524,19 @@ double sum_squares(py::array x_) {
     return lmlab::kernels().sum_squares(p, n);
 }
 
+void round_bf16(py::array out_, py::array inp_) {
+    const char* fn = "round_bf16";
+    Arg out = out_f32(fn, "out", out_), inp = in_f32(fn, "inp", inp_);
+    out.expect_shape(inp.shape());
+    // out may be inp itself (in place); any other overlap is refused.
+    if (out.begin() != inp.begin()) expect_disjoint({&out}, {&out, &inp});
+    float* o = out.f32();
+    const float* i = inp.cf32();
+    const idx_t n = inp.size();
+    py::gil_scoped_release release;
+    lmlab::kernels().round_bf16(o, i, n);
+}
+
 // --- runtime -------------------------------------------------------------------------------------
 
 py::dict cpu_info() {
@@ -576,15 +592,17 @@ PYBIND11_MODULE(_core, m) {
     m.def("gelu_backward", &gelu_backward, a("dinp"), a("inp"), a("dout"), py::arg("accumulate") = true);
     m.def("residual_forward", &residual_forward, a("out"), a("a"), a("b"));
     m.def("residual_backward", &residual_backward, a("da"), a("db"), a("dout"));
-    m.def("attention_forward", &attention_forward, a("out"), a("att"), a("qkv"), py::arg("n_head"));
+    m.def("attention_forward", &attention_forward, a("out"), a("att"), a("qkv"), py::arg("n_head"),
+          py::arg("precision") = "fp32");
     m.def("attention_backward", &attention_backward, a("dqkv"), a("dout"), a("qkv"), a("att"), py::arg("n_head"),
-          py::arg("accumulate") = true);
+          py::arg("precision") = "fp32", py::arg("accumulate") = true);
     m.def("embedding_forward", &embedding_forward, a("out"), a("tokens"), a("wte"), a("wpe"));
     m.def("embedding_backward", &embedding_backward, o("dwte"), o("dwpe"), a("dout"), a("tokens"));
     m.def("adamw_update", &adamw_update, a("params"), a("m"), a("v"), a("grads"), o("decay_mask"),
           py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
           py::arg("grad_scale"), py::arg("t"));
     m.def("sum_squares", &sum_squares, a("x"));
+    m.def("round_bf16", &round_bf16, a("out"), a("inp"));
     m.def("cpu_info", &cpu_info);
     m.def("set_isa", &set_isa, py::arg("name"));
     m.def("set_num_threads", &set_num_threads, py::arg("n"));

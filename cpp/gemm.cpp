@@ -63,6 +63,11 @@ void round_to_bf16(float* x, size_t n) {
     }
 }
 
+void round_bf16(float* out, const float* inp, idx_t n) {
+    if (out != inp) std::memcpy(out, inp, (size_t)n * sizeof(float));
+    round_to_bf16(out, (size_t)n);
+}
+
 static float bf16_value(float x) {
     round_to_bf16(&x, 1);
     return x;

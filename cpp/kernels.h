@@ -90,14 +90,16 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
       (float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate))                 \
     /* Causal multi-head self-attention. qkv (B, T, 3C) holds q, k, v side by side, each split      \
        into NH heads of HS = C / NH. out (B, T, C); att (B, NH, T, T) caches the probabilities      \
-       (entries above the diagonal are written as 0). */                                            \
+       (entries above the diagonal are written as 0). precision (a MatmulPrecision) applies to the   \
+       products Q.K^T and P.V, and to the five products of backward; softmax stays fp32. */         \
     X(void, attention_forward,                                                                      \
-      (float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH))              \
+      (float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH,               \
+       int precision))                                                                              \
     /* dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= when accumulate is     \
        false) */                                                                                    \
     X(void, attention_backward,                                                                     \
       (float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B, idx_t T,        \
-       idx_t C, idx_t NH, bool accumulate))                                                         \
+       idx_t C, idx_t NH, int precision, bool accumulate))                                          \
     /* out (B, T, C) = wte[tokens[b, t]] + wpe[t]; tokens (B, T) in [0, V), T <= maxT */            \
     X(void, embedding_forward,                                                                      \
       (float* out, const std::int32_t* tokens, const float* wte, const float* wpe, idx_t B,         \
@@ -118,7 +120,10 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
        float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,         \
        idx_t t))                                                                                    \
     /* sum of squares of x (n), accumulated in double in a fixed order: the global gradient norm */ \
-    X(double, sum_squares, (const float* x, idx_t n))
+    X(double, sum_squares, (const float* x, idx_t n))                                               \
+    /* out (n) = inp rounded to the nearest bfloat16 (ties to even), kept in fp32; NaN stays NaN:   \
+       the rounding kMatmulBf16 gives matmul operands, for code that must match it */               \
+    X(void, round_bf16, (float* out, const float* inp, idx_t n))
 
 #define LMLAB_KERNEL_POINTER(ret, name, params) ret(*name) params;
 struct KernelTable {

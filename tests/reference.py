@@ -151,29 +151,34 @@ def _merge_heads(x) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
 
 
-def attention_forward(qkv, n_head: int):
-    """(out (B, T, C), att (B, NH, T, T)); att is zero above the diagonal."""
+def attention_forward(qkv, n_head: int, operand=None):
+    """(out (B, T, C), att (B, NH, T, T)); att is zero above the diagonal.
+
+    operand, if given, is applied to both operands of each product (the scale folded into q first,
+    as the kernel does): round_bf16 gives the reference of precision="bf16"."""
+    r = operand or (lambda t: t)
     q, k, v = _split_heads(qkv, n_head)
     T, HS = q.shape[2], q.shape[3]
-    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(HS)
+    scores = r(q / math.sqrt(HS)) @ r(k).transpose(0, 1, 3, 2)
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     scores = np.where(future, -np.inf, scores)
     att = softmax_forward(scores)
-    return _merge_heads(att @ v), att
+    return _merge_heads(r(att) @ r(v)), att
 
 
-def attention_backward(dout, qkv, n_head: int) -> np.ndarray:
-    """dqkv (B, T, 3C), recomputing the probabilities from qkv."""
+def attention_backward(dout, qkv, n_head: int, operand=None) -> np.ndarray:
+    """dqkv (B, T, 3C), recomputing the probabilities from qkv; operand as in attention_forward."""
+    r = operand or (lambda t: t)
     q, k, v = _split_heads(qkv, n_head)
     HS = q.shape[3]
-    _, att = attention_forward(qkv, n_head)
+    _, att = attention_forward(qkv, n_head, operand)
     B, T, C = np.shape(dout)
     dy = f64(dout).reshape(B, T, n_head, HS).transpose(0, 2, 1, 3)
-    dv = att.transpose(0, 1, 3, 2) @ dy
-    datt = dy @ v.transpose(0, 1, 3, 2)
-    dscores = softmax_backward(datt, att) / math.sqrt(HS)
-    dq = dscores @ k
-    dk = dscores.transpose(0, 1, 3, 2) @ q
+    dv = r(att).transpose(0, 1, 3, 2) @ r(dy)
+    datt = r(dy) @ r(v).transpose(0, 1, 3, 2)
+    dscores = r(softmax_backward(datt, att) / math.sqrt(HS))
+    dq = dscores @ r(k)
+    dk = dscores.transpose(0, 1, 3, 2) @ r(q)
     return np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
 
 

@@ -162,6 +162,18 @@ def test_matmul_rejects_unknown_precision(rng, precision):
                             precision=precision)
 
 
+def test_round_bf16_kernel(isa, rng):
+    x = np.concatenate([randn(rng, 1000, scale=100.0),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
+                                  3.3895e38], np.float32)])
+    got = ops.round_bf16(x)
+    np.testing.assert_array_equal(got, ref.round_bf16(x).astype(np.float32))
+    assert np.isnan(ops.round_bf16(np.array([np.nan], np.float32)))[0]
+    inplace = x.copy()
+    assert ops.round_bf16(inplace, out=inplace) is inplace
+    np.testing.assert_array_equal(inplace, got)
+
+
 def test_cpu_info_names_the_bf16_path():
     assert ops.cpu_info()["bf16_matmul"] in ("amx", "emulated")
     with ops.use_isa("portable"):
@@ -469,6 +481,39 @@ def test_attention_backward_overwrites(isa, rng, B, T, C, NH):
     ops.attention_backward(dqkv, dout, qkv, att, NH, accumulate=False)
     expected = ref.attention_backward(dout, qkv, NH)
     assert_close(dqkv, expected, ATTENTION_TOL, "dqkv", scale=float(np.max(np.abs(expected))))
+
+
+# Attention in bf16: the reference rounds the same operands itself. The kernel rounds fp32
+# intermediates (the probabilities, dS) where the reference rounds float64 ones, so an operand lying
+# within float32 noise of a bfloat16 rounding boundary can round the other way: one element off by
+# 2^-8 relative in a sum over T (measured up to 9e-5), hence ATTENTION_BF16_TOL. The fp32 reference
+# lies ~10x farther off.
+ATTENTION_BF16_TOL = 3e-4
+
+
+@pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
+def test_attention_bf16_forward_backward(isa, rng, B, T, C, NH):
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), garbage((B, T, 3 * C))
+    ops.attention_forward(out, att, qkv, NH, precision="bf16")
+    ops.attention_backward(dqkv, dout, qkv, att, NH, precision="bf16", accumulate=False)
+    e_out, e_att = ref.attention_forward(qkv, NH, operand=ref.round_bf16)
+    e_dqkv = ref.attention_backward(dout, qkv, NH, operand=ref.round_bf16)
+    assert_close(out, e_out, ATTENTION_BF16_TOL, "out")
+    assert_close(att, e_att, ATTENTION_BF16_TOL, "att")
+    assert_close(dqkv, e_dqkv, ATTENTION_BF16_TOL, "dqkv")
+
+
+def test_attention_bf16_rounds_the_operands(isa, rng):
+    B, T, C, NH = 2, 64, 64, 2
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
+    ops.attention_forward(out, att, qkv, NH, precision="bf16")
+    ops.attention_backward(dqkv, dout, qkv, att, NH, precision="bf16")
+    for got, exact in ((out, ref.attention_forward(qkv, NH)[0]),
+                       (dqkv, ref.attention_backward(dout, qkv, NH))):
+        err = np.max(np.abs(got - exact)) / np.max(np.abs(exact))
+        assert 5 * ATTENTION_BF16_TOL < err < 3e-2
 
 
 # === embedding =========================================================================================
@@ -882,6 +927,16 @@ def _det_attention(rng, B, T, C, NH):
     return run
 
 
+def _det_attention_bf16(rng, B, T, C, NH):
+    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    def run():
+        out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
+        ops.attention_forward(out, att, qkv, NH, precision="bf16")
+        ops.attention_backward(dqkv, dout, qkv, att, NH, precision="bf16")
+        return [out, att, dqkv]
+    return run
+
+
 def _det_embedding(rng, B, T, V, C):
     tokens, wte, wpe = rng.integers(0, V, (B, T)).astype(np.int32), randn(rng, V, C), randn(rng, T, C)
     dout = randn(rng, B, T, C)
@@ -916,6 +971,8 @@ DETERMINISM_CASES = {  # sizes a kernel splits across threads, including row red
     "gelu-residual-100003": (_det_elementwise, (100003,)),
     "attention-2x128x64x4": (_det_attention, (2, 128, 64, 4)),
     "attention-1x256x384x6": (_det_attention, (1, 256, 384, 6)),
+    "attention-bf16-2x128x64x4": (_det_attention_bf16, (2, 128, 64, 4)),
+    "attention-bf16-1x256x384x6": (_det_attention_bf16, (1, 256, 384, 6)),
     "embedding-4x128x100x64": (_det_embedding, (4, 128, 100, 64)),
     "adamw-sumsq-300007": (_det_adamw, (300007,)),
 }

@@ -74,9 +74,10 @@ def gelu_bwd(dy, x):
 def reference_gpt(P, cfg, tokens, targets, weights, operand=None):
     """Loss sum(weights * losses), per-token losses and every parameter's gradient, in float64.
 
-    operand, if given, is applied to both operands of every product the model's matmul kernel
-    computes (the linear layers and the LM head, forward and backward; not attention's products):
-    the hook through which the bf16 tests round exactly those operands.
+    operand, if given, is applied to both operands of every product the model computes (the linear
+    layers, the LM head and attention's Q.K^T, P.V and their backward products, with attention's
+    scale folded into its left operand first, as the kernels do): the hook through which the bf16
+    tests round exactly those operands.
     """
     r = operand or (lambda t: t)
     P = {k: np.asarray(v, np.float64) for k, v in P.items()}
@@ -92,11 +93,11 @@ def reference_gpt(P, cfg, tokens, targets, weights, operand=None):
         qkv = r(h1) @ r(p("attn.c_attn.weight")).T + p("attn.c_attn.bias")
         q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
                    for j in range(3))
-        s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(HS)
+        s = r(q / math.sqrt(HS)) @ r(k).transpose(0, 1, 3, 2)
         s = np.where(mask, -np.inf, s)
         a = np.exp(s - s.max(-1, keepdims=True))
         a /= a.sum(-1, keepdims=True)
-        y = (a @ v).transpose(0, 2, 1, 3).reshape(Bn, Tn, C)
+        y = (r(a) @ r(v)).transpose(0, 2, 1, 3).reshape(Bn, Tn, C)
         x2 = x + r(y) @ r(p("attn.c_proj.weight")).T + p("attn.c_proj.bias")
         h2, c2 = ln_fwd(x2, p("ln_2.weight"), p("ln_2.bias"))
         f = r(h2) @ r(p("mlp.c_fc.weight")).T + p("mlp.c_fc.bias")
@@ -133,11 +134,11 @@ def reference_gpt(P, cfg, tokens, targets, weights, operand=None):
         G[f"h.{i}.attn.c_proj.weight"] = flat(dx2).T @ flat(y)
         G[f"h.{i}.attn.c_proj.bias"] = dx2.sum((0, 1))
         dy = (r(dx2) @ r(p("attn.c_proj.weight"))).reshape(Bn, Tn, NH, HS).transpose(0, 2, 1, 3)
-        da = dy @ v.transpose(0, 1, 3, 2)
-        dv = a.transpose(0, 1, 3, 2) @ dy
-        ds = a * (da - (da * a).sum(-1, keepdims=True)) / math.sqrt(q.shape[-1])
-        dq = ds @ k
-        dk = ds.transpose(0, 1, 3, 2) @ q
+        da = r(dy) @ r(v).transpose(0, 1, 3, 2)
+        dv = r(a).transpose(0, 1, 3, 2) @ r(dy)
+        ds = r(a * (da - (da * a).sum(-1, keepdims=True)) / math.sqrt(q.shape[-1]))
+        dq = ds @ r(k)
+        dk = ds.transpose(0, 1, 3, 2) @ r(q)
         dqkv = np.concatenate([t.transpose(0, 2, 1, 3).reshape(Bn, Tn, C) for t in (dq, dk, dv)], -1)
         G[f"h.{i}.attn.c_attn.weight"] = flat(dqkv).T @ flat(h1)
         G[f"h.{i}.attn.c_attn.bias"] = dqkv.sum((0, 1))

@@ -322,7 +322,7 @@ class GPT:
         for l, w in enumerate(self._layers):
             ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], a.res[l], w.ln1w, w.ln1b)
             ops.matmul_forward(a.qkv[l], a.ln1[l], w.qkvw, w.qkvb, precision=prec)
-            ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+            ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, precision=prec)
             ops.matmul_forward(a.proj, a.atty[l], w.attprojw, w.attprojb, precision=prec)
             ops.residual_forward(a.res2[l], a.res[l], a.proj)
             ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], w.ln2w, w.ln2b)
@@ -409,7 +409,8 @@ class GPT:
             # Attention: res2 = res[l] + c_proj(attn(c_attn(ln_1(res[l])))); dres is d(res2).
             ops.matmul_backward(g.dx, gw.attprojw, gw.attprojb, g.dres, a.atty[l], w.attprojw,
                                 precision=prec, accumulate=False)
-            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att[l], NH, accumulate=False)
+            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att[l], NH, precision=prec,
+                                   accumulate=False)
             # d(res[l]) is needed only if something below this layer is trainable.
             need_below = lowest < l
             need_dln = need_below or gw.ln1w is not None or gw.ln1b is not None
@@ -473,10 +474,10 @@ class GPT:
             cache.k[l, :, p0:p0 + n] = heads[:, 1].transpose(1, 0, 2)
             cache.v[l, :, p0:p0 + n] = heads[:, 2].transpose(1, 0, 2)
             if p0 == 0:
-                ops.attention_forward(y, att, qkv, NH)
+                ops.attention_forward(y, att, qkv, NH, precision=prec)
             else:
                 y[0] = _cached_attention(heads[:, 0], cache.k[l, :, :p0 + n],
-                                         cache.v[l, :, :p0 + n], p0)
+                                         cache.v[l, :, :p0 + n], p0, prec)
             ops.matmul_forward(proj, y, w.attprojw, w.attprojb, precision=prec)
             x2 = np.empty_like(x)
             ops.residual_forward(x2, x, proj)
@@ -511,19 +512,26 @@ def frozen_by(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
 
 
-def _cached_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int) -> np.ndarray:
+def _cached_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int,
+                      precision: str = "fp32") -> np.ndarray:
     """Causal attention of n new queries q (n, NH, HS) at positions p0.. over k, v (NH, p0+n, HS).
 
-    Returns (n, NH*HS). Computed in float32 like the kernel, max subtracted before exp.
+    Returns (n, NH*HS). Computed in float32 like the kernel, max subtracted before exp; in bf16
+    the products' operands are rounded as the kernel rounds them (the scale folded into q first).
     """
     n, NH, HS = q.shape
+    scale = np.float32(1.0 / math.sqrt(HS))
+    r = ops.round_bf16 if precision == "bf16" else (lambda x: x)
     qh = q.transpose(1, 0, 2)                                       # (NH, n, HS)
-    scores = np.matmul(qh, k.transpose(0, 2, 1)) * np.float32(1.0 / math.sqrt(HS))  # (NH, n, p0+n)
+    if precision == "bf16":
+        scores = np.matmul(r(np.ascontiguousarray(qh * scale)), r(np.ascontiguousarray(k)).transpose(0, 2, 1))
+    else:
+        scores = np.matmul(qh, k.transpose(0, 2, 1)) * scale       # (NH, n, p0+n)
     if n > 1:
         future = np.arange(p0 + n)[None, :] > (p0 + np.arange(n))[:, None]
         scores[:, future] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, v)                                      # (NH, n, HS)
+    out = np.matmul(r(scores), r(np.ascontiguousarray(v)))          # (NH, n, HS)
     return out.transpose(1, 0, 2).reshape(n, NH * HS)

@@ -110,16 +110,25 @@ def residual_backward(da: Array, db: Array, dout: Array) -> None:
     _core.residual_backward(da, db, dout)
 
 
-def attention_forward(out: Array, att: Array, qkv: Array, n_head: int) -> Array:
-    """Causal self-attention: qkv (B, T, 3C) -> out (B, T, C); att (B, NH, T, T) caches probabilities."""
-    _core.attention_forward(out, att, qkv, n_head)
+def attention_forward(out: Array, att: Array, qkv: Array, n_head: int,
+                      precision: str = "fp32") -> Array:
+    """Causal self-attention: qkv (B, T, 3C) -> out (B, T, C); att (B, NH, T, T) caches probabilities.
+
+    precision="bf16" gives the products Q.K^T and P.V bf16 operands (as matmul_forward does); the
+    softmax stays fp32.
+    """
+    _core.attention_forward(out, att, qkv, n_head, precision=precision)
     return out
 
 
 def attention_backward(dqkv: Array, dout: Array, qkv: Array, att: Array, n_head: int,
-                       accumulate: bool = True) -> None:
-    """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= with accumulate=False)."""
-    _core.attention_backward(dqkv, dout, qkv, att, n_head, accumulate=accumulate)
+                       precision: str = "fp32", accumulate: bool = True) -> None:
+    """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= with accumulate=False).
+
+    precision as in attention_forward, for the five products of the backward pass.
+    """
+    _core.attention_backward(dqkv, dout, qkv, att, n_head, precision=precision,
+                             accumulate=accumulate)
 
 
 def embedding_forward(out: Array, tokens: Array, wte: Array, wpe: Array) -> Array:
@@ -144,6 +153,15 @@ def adamw_update(params: Array, m: Array, v: Array, grads: Array, decay_mask: Op
     """
     _core.adamw_update(params, m, v, grads, decay_mask, float(lr), float(beta1), float(beta2),
                        float(eps), float(weight_decay), float(grad_scale), int(t))
+
+
+def round_bf16(x: Array, out: Optional[Array] = None) -> Array:
+    """x rounded to the nearest bfloat16 (ties to even), as float32: exactly what precision="bf16"
+    does to a matmul operand. out may be x itself."""
+    if out is None:
+        out = np.empty_like(x)
+    _core.round_bf16(out, x)
+    return out
 
 
 def sum_squares(x: Array) -> float:
