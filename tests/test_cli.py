@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from lmlab import checkpoint, trainbench
+from lmlab import checkpoint, ops, trainbench
 from lmlab.cli import main
 
 TEXT = "what is one plus one? two. what colour is the sky? blue. the cat sat on the mat. " * 30
@@ -115,15 +115,28 @@ def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     assert checkpoint.read_config(out)["train"]["precision"] == "bf16"
     assert checkpoint.load_model(out)[0].matmul_precision == "bf16"    # sample/predict/chat
     capsys.readouterr()
-    # --resume without --precision continues in the run's bf16 (with a note), not the default.
+    # --resume without --precision continues in the run's own bf16, silently; asking for another
+    # precision gets a note, and the run still keeps its own.
     assert main(["pretrain", "--run", out, "--resume", "--steps", "8", *base]) == 0
+    assert "resuming in" not in capsys.readouterr().err
+    assert main(["pretrain", "--run", out, "--resume", "--steps", "10", "--precision", "fp32",
+                 *base]) == 0
     assert "resuming in bf16" in capsys.readouterr().err
     assert checkpoint.read_config(out)["train"]["precision"] == "bf16"
     # A run derived from it trains in what its own command line says.
     assert main(["finetune", out, "--corpus", str(run / "corpus.txt"), "--out",
                  str(run / "bf16-ft"), "--steps", "2", "--eval-every", "0", "--no-progress",
-                 "--sample-tokens", "0"]) == 0
+                 "--sample-tokens", "0", "--precision", "fp32"]) == 0
     assert checkpoint.read_config(run / "bf16-ft")["train"]["precision"] == "fp32"
+
+
+def test_auto_precision_is_bf16_exactly_where_amx_runs_it(run):
+    out = run / "auto"
+    assert main(["pretrain", "--corpus", str(run / "corpus.txt"), "--run", str(out), "--steps", "2",
+                 "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                 "--batch-size", "2", "--eval-every", "0", "--no-progress"]) == 0
+    expected = "bf16" if ops.cpu_info()["bf16_matmul"] == "amx" else "fp32"
+    assert checkpoint.read_config(out)["train"]["precision"] == expected
 
 
 @pytest.mark.parametrize("verb", ["pretrain", "finetune", "instruct", "dpo", "rlhf"])

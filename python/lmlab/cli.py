@@ -48,11 +48,29 @@ def _add_train_options(p: argparse.ArgumentParser, *, steps: int, lr: float, war
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     from .ops import MATMUL_PRECISIONS
-    g.add_argument("--precision", choices=MATMUL_PRECISIONS, default="fp32",
-                   help="matmul precision: fp32 (default), or bf16 = matmul operands rounded to "
-                        "bfloat16 with fp32 accumulation; parameters, gradients and optimiser stay "
-                        "fp32. bf16 is faster on CPUs with AMX (see `lmlab bench train`). --resume "
-                        "keeps the run's own precision")
+    g.add_argument("--precision", choices=("auto",) + MATMUL_PRECISIONS, default="auto",
+                   help="matmul precision: fp32, or bf16 = the operands of every matmul and "
+                        "attention product rounded to bfloat16 with fp32 accumulation (parameters, "
+                        "gradients, optimiser state and other ops stay fp32). auto (default): bf16 "
+                        "where the CPU has AMX tiles for it (2-3x faster, see `lmlab bench train`), "
+                        "else fp32. --resume keeps the run's own precision")
+
+
+def resolve_precision(args) -> str:
+    """--precision: a name as given; "auto" is the run's own when resuming (the precision it was
+    started in, so nothing to note), else bf16 where this CPU multiplies bf16 on AMX tiles, else
+    fp32."""
+    if args.precision != "auto":
+        return args.precision
+    run_dir = getattr(args, "run", None) or getattr(args, "out", None)
+    if getattr(args, "resume", False) and run_dir is not None:
+        from .checkpoint import read_config, saved_precision
+        try:
+            return saved_precision(read_config(run_dir))
+        except (OSError, ValueError):
+            pass  # no readable run there: train() reports that
+    from .ops import cpu_info
+    return "bf16" if cpu_info()["bf16_matmul"] == "amx" else "fp32"
 
 
 def _train_kwargs(args) -> dict:
@@ -60,7 +78,7 @@ def _train_kwargs(args) -> dict:
                 weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                 grad_accum=args.grad_accum, eval_every=args.eval_every,
                 save_every=args.save_every, log_every=args.log_every,
-                progress=not args.no_progress, precision=args.precision)
+                progress=not args.no_progress, precision=resolve_precision(args))
 
 
 def _add_derived_run(p: argparse.ArgumentParser) -> None:
