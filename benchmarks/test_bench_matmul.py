@@ -45,18 +45,20 @@ def _reference(pass_: str, inp, weight, dout) -> np.ndarray:
             "backward-weight": lambda: dout.T @ inp}[pass_]()
 
 
-def _lmlab_call(pass_: str, inp, weight, dout):
+def _lmlab_call(pass_: str, inp, weight, dout, precision: str = "fp32"):
     """A zero-argument call of the lmlab pass and the array it writes (zeroed for accumulation)."""
     M, K = inp.shape
     N = weight.shape[0]
     if pass_ == "forward":
         out = np.empty((M, N), np.float32)
-        return (lambda: ops.matmul_forward(out, inp, weight)), out
+        return (lambda: ops.matmul_forward(out, inp, weight, precision=precision)), out
     if pass_ == "backward-input":
         dinp = np.zeros((M, K), np.float32)
-        return (lambda: ops.matmul_backward(dinp, None, None, dout, inp, weight)), dinp
+        return (lambda: ops.matmul_backward(dinp, None, None, dout, inp, weight,
+                                            precision=precision)), dinp
     dweight = np.zeros((N, K), np.float32)
-    return (lambda: ops.matmul_backward(None, dweight, None, dout, inp, weight)), dweight
+    return (lambda: ops.matmul_backward(None, dweight, None, dout, inp, weight,
+                                        precision=precision)), dweight
 
 
 def _numpy_call(pass_: str, inp, weight, dout):
@@ -81,14 +83,20 @@ def _tolerance(K_reduced: int) -> float:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("impl", ["numpy", "lmlab"])
+@pytest.mark.parametrize("impl", ["numpy", "lmlab", "lmlab-bf16"])
 def test_matmul(benchmark, record_flop, shape, pass_, impl):
+    """lmlab-bf16: precision="bf16" (bfloat16 operands, fp32 accumulation) beside the fp32 rows;
+    its result is checked against float64 products of the operands rounded to bfloat16."""
     M, K, N = shape
     group = f"matmul {pass_} {M}x{K}x{N}"
     benchmark.group = group
     record_flop(group, impl, 2.0 * M * N * K)
     inp, weight, dout = _operands(M, K, N)
-    call, result = (_lmlab_call if impl == "lmlab" else _numpy_call)(pass_, inp, weight, dout)
+    if impl == "numpy":
+        call, result = _numpy_call(pass_, inp, weight, dout)
+    else:
+        precision = "bf16" if impl == "lmlab-bf16" else "fp32"
+        call, result = _lmlab_call(pass_, inp, weight, dout, precision)
     with ops.num_threads(THREADS), (threadpool_limits(THREADS) if threadpool_limits is not None
                                     else contextlib.nullcontext()):
         benchmark(call)
@@ -96,7 +104,10 @@ def test_matmul(benchmark, record_flop, shape, pass_, impl):
     # The backward passes accumulate: check one call on a zeroed buffer.
     result[...] = 0.0
     call()
-    exact = [x.astype(np.float64) for x in (inp, weight, dout)]
+    operands = (inp, weight, dout)
+    if impl == "lmlab-bf16":
+        operands = tuple(ops.round_bf16(x) for x in operands)
+    exact = [x.astype(np.float64) for x in operands]
     expected = _reference(pass_, *exact)
     scale = _reference(pass_, *(np.abs(x) for x in exact)).max()
     depth = {"forward": K, "backward-input": N, "backward-weight": M}[pass_]

@@ -13,15 +13,18 @@ import pytest
 from lmlab import trainbench
 
 CFG = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, vocab_size=65)
-IMPLS = ["lmlab", pytest.param("pytorch", marks=pytest.mark.skipif(
-    not trainbench.torch_available(), reason="torch is not installed"))]
+NO_TORCH = pytest.mark.skipif(not trainbench.torch_available(), reason="torch is not installed")
+# (implementation, matmul precision); PyTorch's bf16 is CPU autocast.
+IMPLS = [("lmlab", "fp32"), ("lmlab", "bf16"), pytest.param(("pytorch", "fp32"), marks=NO_TORCH),
+         pytest.param(("pytorch", "bf16"), marks=NO_TORCH)]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda p: "-".join(p))
 def test_train_step(benchmark, impl):
+    name, precision = impl
     benchmark.group = "train step: 2 layers, 64 wide, T=32, B=8"
-    make = trainbench.lmlab_step_fn if impl == "lmlab" else trainbench.pytorch_step_fn
-    step = make(CFG, lr=3e-3)
+    make = trainbench.lmlab_step_fn if name == "lmlab" else trainbench.pytorch_step_fn
+    step = make(CFG, lr=3e-3, precision=precision)
     x, y = trainbench._batches(CFG, 1)[0]
     first = step(x, y)
     benchmark(step, x, y)
