@@ -69,13 +69,13 @@ def _check(out, dqkv, qkv, dout, NH: int) -> None:
 @pytest.mark.parametrize("B,T,C,NH", SHAPES)
 def test_lmlab(benchmark, record_flop, B, T, C, NH, pass_):
     qkv, dout = _data(B, T, C)
-    out, att = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32)
+    out, stats = np.empty((B, T, C), np.float32), np.empty((B, NH, T, 2), np.float32)
     dqkv = np.zeros_like(qkv)
 
     def run():
-        ops.attention_forward(out, att, qkv, NH)
+        ops.attention_forward(out, stats, qkv, NH)
         if pass_ != "forward":
-            ops.attention_backward(dqkv, dout, qkv, att, NH)
+            ops.attention_backward(dqkv, dout, qkv, stats, NH)
 
     benchmark.group = f"attention {pass_} B={B} T={T} C={C} NH={NH}"
     record_flop(benchmark.group, "lmlab", _flop(B, T, C, pass_))

@@ -1,7 +1,9 @@
 // Causal multi-head self-attention, forward and backward.
 // Shapes: qkv (B, T, 3C) = [q | k | v], each split into NH heads of HS = C / NH; out (B, T, C);
-// att (B, NH, T, T) the cached probabilities (zero above the diagonal); dout (B, T, C);
-// dqkv (B, T, 3C) accumulates.
+// stats (B, NH, T, 2) each row's softmax statistics (the maximum score and 1 / sum of exp(score - max)),
+// all backward needs to recompute the probabilities, P = exp(S - max) * (1 / sum) bit for bit as the
+// forward made them, so no T x T array outlives a query block; dout (B, T, C);
+// dqkv (B, T, 3C) accumulates (or is overwritten).
 //
 // Strategy. Each (b, h) head is one task (OpenMP, dynamic schedule): a head writes only its own
 // slices of out / att / dqkv, so tasks never race, and every output element is reduced inside one
@@ -13,8 +15,11 @@
 // register-tiled product below (measured here 15-20% faster than the general packed gemm of
 // cpp/gemm.cpp on these small, strided, causal blocks); the two whose natural B is a transpose
 // (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread copy made once per head.
-// Per thread scratch: K^T or V^T and a contiguous K or V (HS x T each) and one block of dP / dS
-// (kBlock x T): O(threads * T * (HS + kBlock)), nothing of size T x T.
+// Per thread scratch: K^T, V^T and a contiguous K or V (HS x T each) and a block or two of scores,
+// probabilities and dP / dS (kBlock x T): O(threads * T * (HS + kBlock)), nothing of size T x T.
+// Backward recomputes each block's scores (one more product, on the tile unit in bf16) and their
+// exp, instead of reading back a stored T x T probability array per head: at T = 256 that array
+// is as large as the MLP's activations, and it grows as T^2.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -195,19 +200,33 @@ void gather_rows(float* dst, const float* src, idx_t rs, idx_t T, idx_t HS) {
     for (idx_t s = 0; s < T; s++) std::memcpy(dst + s * HS, src + s * rs, (std::size_t)HS * sizeof(float));
 }
 
-// In place softmax of p[0, n): max subtracted first so exp never overflows. Tails are masked vectors
-// (filled with -inf, whose exp is 0), so every entry goes through the same vexp.
-void softmax_row(float* p, idx_t n) {
+// In place softmax of p[0, n), storing the row's statistics (max, 1 / sum) in stat[0..1]: max
+// subtracted first so exp never overflows. Tails are masked vectors (filled with -inf, whose exp is
+// 0), so every entry goes through the same vexp. (A log-sum-exp alone would not do: for scores of
+// size 1e4 its float32 rounding is 1e-3 absolute, and backward's dS = P (dP - sum P dP) cancels.)
+void softmax_row(float* p, idx_t n, float* stat) {
     vf vm = vset(-INFINITY);
     for (idx_t s = 0; s < n; s += kW) vm = vmax(vm, vload_n(p + s, n - s, -INFINITY));
-    const vf mx = vset(vhmax(vm));
+    const float row_max = vhmax(vm);
+    const vf mx = vset(row_max);
     vf sum = vset(0.0f);
     for (idx_t s = 0; s < n; s += kW) {
         const vf e = vexp(vsub(vload_n(p + s, n - s, -INFINITY), mx));
         vstore_n(p + s, e, n - s);
         sum = vadd(sum, e);
     }
-    scale_row(p, p, vset(1.0f / vhsum(sum)), n, false);
+    const float inv_sum = 1.0f / vhsum(sum);
+    scale_row(p, p, vset(inv_sum), n, false);
+    stat[0] = row_max;
+    stat[1] = inv_sum;
+}
+
+// p[0, n) = exp(s - max) * (1 / sum): the row of probabilities recomputed from its scores and
+// statistics by the same operations as softmax_row, so bitwise the forward's.
+void probabilities_row(float* p, idx_t n, const float* stat) {
+    const vf mx = vset(stat[0]);
+    for (idx_t s = 0; s < n; s += kW) vstore_n(p + s, vexp(vsub(vload_n(p + s, n - s, 0.0f), mx)), n - s);
+    scale_row(p, p, vset(stat[1]), n, false);
 }
 
 // Softmax backward of one row in O(n): ds[s] = p[s] * (dp[s] - sum_s' p[s'] dp[s']), in place on dp.
@@ -219,67 +238,77 @@ void softmax_backward_row(float* dp, const float* p, idx_t n) {
         vstore_n(dp + s, vmul(vload_n(p + s, n - s, 0.0f), vsub(vload_n(dp + s, n - s, 0.0f), dot)), n - s);
 }
 
+// S = scale * Q K^T for query rows [i0, i0 + m) and keys [0, kend) into sb (ld Tp): the keys this
+// block can see.
+inline void scores_block(bool bf16, idx_t m, idx_t kend, idx_t HS, float scale, const float* qrows,
+                         idx_t C3, const float* kt, idx_t Tp, float* sb) {
+    product(bf16, m, kend, HS, scale, qrows, C3, 1, kt, Tp, sb, Tp, false);
+}
+
 }  // namespace
 
-void attention_forward(float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C,
+void attention_forward(float* out, float* stats, const float* qkv, idx_t B, idx_t T, idx_t C,
                        idx_t NH, int precision) {
     const bool bf16 = precision == kMatmulBf16;
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
     idx_t stride;
-    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + HS * T, parallel, &stride);
+    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + whole_lines(HS * T) + kBlock * Tp,
+                                        parallel, &stride);
 #pragma omp parallel if (parallel)
     {
         float* kt = scratch + thread_id() * stride;  // K^T of the current head
         float* vp = kt + whole_lines(HS * Tp);       // V of the current head, rows contiguous
+        float* sb = vp + whole_lines(HS * T);        // scores, then probabilities, of one block
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (idx_t b = 0; b < B; b++)
             for (idx_t h = 0; h < NH; h++) {
                 const float* q = qkv + b * T * C3 + h * HS;
                 const float* v = q + 2 * C;
-                float* a = att + (b * NH + h) * T * T;
+                float* st = stats + (b * NH + h) * T * 2;
                 float* o = out + b * T * C + h * HS;
                 transpose(kt, Tp, q + C, C3, T, HS);
                 gather_rows(vp, v, C3, T, HS);
                 for (idx_t i0 = 0; i0 < T; i0 += kBlock) {
                     const idx_t m = T - i0 < kBlock ? T - i0 : kBlock, kend = i0 + m;
-                    float* ab = a + i0 * T;
-                    // S = scale * Q K^T for keys [0, kend): the keys this block can see.
-                    product(bf16, m, kend, HS, scale, q + i0 * C3, C3, 1, kt, Tp, ab, T, false);
+                    scores_block(bf16, m, kend, HS, scale, q + i0 * C3, C3, kt, Tp, sb);
                     for (idx_t r = 0; r < m; r++) {
-                        float* row = ab + r * T;
+                        float* row = sb + r * Tp;
                         const idx_t t = i0 + r;
-                        softmax_row(row, t + 1);
-                        std::memset(row + t + 1, 0, (std::size_t)(T - t - 1) * sizeof(float));
+                        softmax_row(row, t + 1, st + 2 * t);
+                        std::memset(row + t + 1, 0, (std::size_t)(kend - t - 1) * sizeof(float));
                     }
                     // O = P V; the zeros above the diagonal make the square diagonal block exact.
-                    product(bf16, m, HS, kend, 1.0f, ab, T, 1, vp, HS, o + i0 * C, C, false);
+                    product(bf16, m, HS, kend, 1.0f, sb, Tp, 1, vp, HS, o + i0 * C, C, false);
                 }
             }
     }
     std::free(scratch);
 }
 
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B,
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* stats, idx_t B,
                         idx_t T, idx_t C, idx_t NH, int precision, bool accumulate) {
     const bool bf16 = precision == kMatmulBf16;
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
     idx_t stride;
-    float* scratch = alloc_team_scratch(whole_lines(HS * Tp) + kBlock * Tp + HS * T, parallel, &stride);
+    float* scratch = alloc_team_scratch(2 * whole_lines(HS * Tp) + whole_lines(HS * T) + 2 * kBlock * Tp,
+                                        parallel, &stride);
 #pragma omp parallel if (parallel)
     {
-        float* vt = scratch + thread_id() * stride;  // V^T of the current head
-        float* ds = vt + whole_lines(HS * Tp);       // dP, then dS, of one query block
-        float* kp = ds + kBlock * Tp;                // K of the current head, rows contiguous
+        float* kt = scratch + thread_id() * stride;  // K^T of the current head
+        float* vt = kt + whole_lines(HS * Tp);       // V^T of the current head
+        float* kp = vt + whole_lines(HS * Tp);       // K of the current head, rows contiguous
+        float* pb = kp + whole_lines(HS * T);        // P of one query block, recomputed
+        float* ds = pb + kBlock * Tp;                // dP, then dS, of one query block
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (idx_t b = 0; b < B; b++)
             for (idx_t h = 0; h < NH; h++) {
                 const float* q = qkv + b * T * C3 + h * HS;
                 const float* k = q + C;
-                const float* a = att + (b * NH + h) * T * T;
+                const float* st = stats + (b * NH + h) * T * 2;
                 const float* dy = dout + b * T * C + h * HS;
                 float* dq = dqkv + b * T * C3 + h * HS;
                 float* dk = dq + C;
@@ -287,25 +316,33 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 if (!accumulate)  // this head's slice of dqkv, zeroed where it is about to be summed
                     for (idx_t t = 0; t < T; t++)
                         for (idx_t j = 0; j < HS; j++) dq[t * C3 + j] = dk[t * C3 + j] = dv[t * C3 + j] = 0.0f;
+                transpose(kt, Tp, k, C3, T, HS);
                 transpose(vt, Tp, q + 2 * C, C3, T, HS);
                 gather_rows(kp, k, C3, T, HS);
                 for (idx_t i0 = 0; i0 < T; i0 += kBlock) {
                     const idx_t m = T - i0 < kBlock ? T - i0 : kBlock, kend = i0 + m;
-                    const float* ab = a + i0 * T;
                     const float* dyb = dy + i0 * C;
+                    // P recomputed rather than kept from the forward pass: O(1) saved per row
+                    // instead of O(T^2) per head.
+                    scores_block(bf16, m, kend, HS, scale, q + i0 * C3, C3, kt, Tp, pb);
+                    for (idx_t r = 0; r < m; r++) {
+                        const idx_t t = i0 + r;
+                        probabilities_row(pb + r * Tp, t + 1, st + 2 * t);
+                        std::memset(pb + r * Tp + t + 1, 0, (std::size_t)(kend - t - 1) * sizeof(float));
+                    }
                     // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) row by row (zero above the
                     // diagonal, so the transposed products below can run over the square block).
                     product(bf16, m, kend, HS, 1.0f, dyb, C, 1, vt, Tp, ds, Tp, false);
                     for (idx_t r = 0; r < m; r++) {
                         const idx_t t = i0 + r;
-                        softmax_backward_row(ds + r * Tp, ab + r * T, t + 1);
+                        softmax_backward_row(ds + r * Tp, pb + r * Tp, t + 1);
                         for (idx_t s = t + 1; s < kend; s++) ds[r * Tp + s] = 0.0f;
                     }
                     // dQ += scale dS K; dK += scale dS^T Q; dV += P^T dO. Key rows [0, kend) gather
                     // one partial sum per query block, added in block order.
                     product(bf16, m, HS, kend, scale, ds, Tp, 1, kp, HS, dq + i0 * C3, C3, true);
                     product(bf16, kend, HS, m, scale, ds, 1, Tp, q + i0 * C3, C3, dk, C3, true);
-                    product(bf16, kend, HS, m, 1.0f, ab, 1, T, dyb, C, dv, C3, true);
+                    product(bf16, kend, HS, m, 1.0f, pb, 1, Tp, dyb, C, dv, C3, true);
                 }
             }
     }

@@ -402,36 +402,37 @@ AttentionDims attention_dims(const Arg& qkv, idx_t NH) {
     return {B, T, C, NH};
 }
 
-void attention_forward(py::array out_, py::array att_, py::array qkv_, idx_t NH,
+void attention_forward(py::array out_, py::array stats_, py::array qkv_, idx_t NH,
                        const std::string& precision_) {
     const char* fn = "attention_forward";
     const int precision = matmul_precision(fn, precision_);
-    Arg out = out_f32(fn, "out", out_), att = out_f32(fn, "att", att_), qkv = in_f32(fn, "qkv", qkv_);
+    Arg out = out_f32(fn, "out", out_), stats = out_f32(fn, "stats", stats_);
+    Arg qkv = in_f32(fn, "qkv", qkv_);
     AttentionDims d = attention_dims(qkv, NH);
     out.expect_shape({d.B, d.T, d.C});
-    att.expect_shape({d.B, d.NH, d.T, d.T});
-    expect_disjoint({&out, &att}, {&out, &att, &qkv});
-    float *o = out.f32(), *a = att.f32();
+    stats.expect_shape({d.B, d.NH, d.T, 2});
+    expect_disjoint({&out, &stats}, {&out, &stats, &qkv});
+    float *o = out.f32(), *st = stats.f32();
     const float* x = qkv.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().attention_forward(o, a, x, d.B, d.T, d.C, d.NH, precision);
+    lmlab::kernels().attention_forward(o, st, x, d.B, d.T, d.C, d.NH, precision);
 }
 
-void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array att_, idx_t NH,
+void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array stats_, idx_t NH,
                         const std::string& precision_, bool accumulate) {
     const char* fn = "attention_backward";
     const int precision = matmul_precision(fn, precision_);
     Arg dqkv = out_f32(fn, "dqkv", dqkv_), dout = in_f32(fn, "dout", dout_);
-    Arg qkv = in_f32(fn, "qkv", qkv_), att = in_f32(fn, "att", att_);
+    Arg qkv = in_f32(fn, "qkv", qkv_), stats = in_f32(fn, "stats", stats_);
     AttentionDims d = attention_dims(qkv, NH);
     dqkv.expect_shape(qkv.shape());
     dout.expect_shape({d.B, d.T, d.C});
-    att.expect_shape({d.B, d.NH, d.T, d.T});
-    expect_disjoint({&dqkv}, {&dqkv, &dout, &qkv, &att});
+    stats.expect_shape({d.B, d.NH, d.T, 2});
+    expect_disjoint({&dqkv}, {&dqkv, &dout, &qkv, &stats});
     float* dx = dqkv.f32();
-    const float *g = dout.cf32(), *x = qkv.cf32(), *a = att.cf32();
+    const float *g = dout.cf32(), *x = qkv.cf32(), *st = stats.cf32();
     py::gil_scoped_release release;
-    lmlab::kernels().attention_backward(dx, g, x, a, d.B, d.T, d.C, d.NH, precision, accumulate);
+    lmlab::kernels().attention_backward(dx, g, x, st, d.B, d.T, d.C, d.NH, precision, accumulate);
 }
 
 // --- embedding -----------------------------------------------------------------------------------
@@ -592,9 +593,9 @@ PYBIND11_MODULE(_core, m) {
     m.def("gelu_backward", &gelu_backward, a("dinp"), a("inp"), a("dout"), py::arg("accumulate") = true);
     m.def("residual_forward", &residual_forward, a("out"), a("a"), a("b"));
     m.def("residual_backward", &residual_backward, a("da"), a("db"), a("dout"));
-    m.def("attention_forward", &attention_forward, a("out"), a("att"), a("qkv"), py::arg("n_head"),
+    m.def("attention_forward", &attention_forward, a("out"), a("stats"), a("qkv"), py::arg("n_head"),
           py::arg("precision") = "fp32");
-    m.def("attention_backward", &attention_backward, a("dqkv"), a("dout"), a("qkv"), a("att"), py::arg("n_head"),
+    m.def("attention_backward", &attention_backward, a("dqkv"), a("dout"), a("qkv"), a("stats"), py::arg("n_head"),
           py::arg("precision") = "fp32", py::arg("accumulate") = true);
     m.def("embedding_forward", &embedding_forward, a("out"), a("tokens"), a("wte"), a("wpe"));
     m.def("embedding_backward", &embedding_backward, o("dwte"), o("dwpe"), a("dout"), a("tokens"));

@@ -13,8 +13,8 @@
 //     Where a backward kernel takes `accumulate`, that flag governs its input gradient only (dinp of
 //     matmul and GELU, dqkv of attention): false overwrites it, which spares the caller a zero-fill
 //     pass over an activation-sized buffer; parameter gradients always accumulate.
-//   - Forward caches what backward needs (layernorm mean/rstd, attention probabilities, the
-//     cross-entropy log-sum-exp per row).
+//   - Forward caches what backward needs (layernorm mean/rstd, attention's softmax statistics per
+//     row, the cross-entropy log-sum-exp per row).
 //   - Determinism: the same inputs give bitwise-identical outputs for any number of threads.
 //     Kernels parallelise over independent outputs and reduce each output in a fixed order; where a
 //     reduction spans rows (bias, layernorm weight gradients), rows are cut into fixed-size chunks whose
@@ -89,16 +89,17 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
     X(void, gelu_backward,                                                                          \
       (float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate))                 \
     /* Causal multi-head self-attention. qkv (B, T, 3C) holds q, k, v side by side, each split      \
-       into NH heads of HS = C / NH. out (B, T, C); att (B, NH, T, T) caches the probabilities      \
-       (entries above the diagonal are written as 0). precision (a MatmulPrecision) applies to the   \
-       products Q.K^T and P.V, and to the five products of backward; softmax stays fp32. */         \
+       into NH heads of HS = C / NH. out (B, T, C); stats (B, NH, T, 2) caches each row's softmax   \
+       statistics (max score, 1 / sum), from which backward recomputes the probabilities. precision \
+       (a MatmulPrecision) applies to the products Q.K^T and P.V, and to backward's six products;   \
+       softmax stays fp32. */                                                                       \
     X(void, attention_forward,                                                                      \
-      (float* out, float* att, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH,               \
+      (float* out, float* stats, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH,             \
        int precision))                                                                              \
     /* dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= when accumulate is     \
        false) */                                                                                    \
     X(void, attention_backward,                                                                     \
-      (float* dqkv, const float* dout, const float* qkv, const float* att, idx_t B, idx_t T,        \
+      (float* dqkv, const float* dout, const float* qkv, const float* stats, idx_t B, idx_t T,      \
        idx_t C, idx_t NH, int precision, bool accumulate))                                          \
     /* out (B, T, C) = wte[tokens[b, t]] + wpe[t]; tokens (B, T) in [0, V), T <= maxT */            \
     X(void, embedding_forward,                                                                      \

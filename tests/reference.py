@@ -166,6 +166,18 @@ def attention_forward(qkv, n_head: int, operand=None):
     return _merge_heads(r(att) @ r(v)), att
 
 
+def attention_stats(qkv, n_head: int, operand=None) -> np.ndarray:
+    """(B, NH, T, 2): each row's softmax statistics over the causal scaled scores, what the kernel
+    caches: [..., 0] the maximum score, [..., 1] 1 / sum of exp(score - maximum)."""
+    r = operand or (lambda t: t)
+    q, k, _ = _split_heads(qkv, n_head)
+    T, HS = q.shape[2], q.shape[3]
+    scores = r(q / math.sqrt(HS)) @ r(k).transpose(0, 1, 3, 2)
+    scores = np.where(np.triu(np.ones((T, T), dtype=bool), k=1), -np.inf, scores)
+    m = scores.max(-1, keepdims=True)
+    return np.stack([m[..., 0], 1.0 / np.exp(scores - m).sum(-1)], axis=-1)
+
+
 def attention_backward(dout, qkv, n_head: int, operand=None) -> np.ndarray:
     """dqkv (B, T, 3C), recomputing the probabilities from qkv; operand as in attention_forward."""
     r = operand or (lambda t: t)
@@ -244,6 +256,14 @@ def assert_close(actual, expected, tol: float, what: str, scale=None) -> None:
         pytest.fail(f"{what}: {int(bad.sum())} of {err.size} entries outside tolerance {tol:g}; worst at "
                     f"{i}: got {actual[i]!r}, expected {expected[i]!r}, error {err[i]:.3g} > bound "
                     f"{np.broadcast_to(bound, err.shape)[i]:.3g}")
+
+
+def assert_stats_close(stats, expected, tol: float) -> None:
+    """Attention's softmax statistics (..., 2): the row maxima to tol of their largest size, and
+    1 / sum (in (0, 1]) to tol relative, entry by entry."""
+    stats, expected = np.asarray(stats), np.asarray(expected, np.float64)
+    assert_close(stats[..., 0], expected[..., 0], tol, "stats max")
+    assert_close(stats[..., 1], expected[..., 1], tol, "stats 1/sum", scale=np.abs(expected[..., 1]))
 
 
 def randn(rng, *shape, scale: float = 1.0) -> np.ndarray:

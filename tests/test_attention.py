@@ -6,8 +6,9 @@ So the shapes here straddle those edges: T = 1, 7, 9, 33, 63, 64, 65, 130 (one r
 a partial block, several blocks); head sizes 1, 4, 9, 20 and 72 (no multiple of any vector width, so
 the masked partial vectors run) next to 16 and 64. References: float64 numpy (tests/reference.py),
 central differences of sum(out * R), PyTorch's scaled_dot_product_attention when torch is installed.
-Also: accumulation into a pre-filled dqkv, exact zeros above the diagonal, softmax stability and
-the accuracy of tiny probabilities, and bitwise-identical results for 1, 2 and 3 threads.
+Also: accumulation into a pre-filled dqkv, the cached log-sum-exp per row (all that backward keeps
+of the probabilities), softmax stability and the accuracy of tiny probabilities, and
+bitwise-identical results for 1, 2 and 3 threads.
 
 Tolerances are relative to max |expected| (reference.assert_close) unless stated: float32 rounding
 of a length-HS dot product, a softmax over T and a length-T sum, grown like sqrt(T).
@@ -22,7 +23,7 @@ import pytest
 
 import reference as ref
 from lmlab import ops
-from reference import assert_close, randn
+from reference import assert_close, assert_stats_close, randn
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -36,19 +37,32 @@ def tol(T: int) -> float:
 
 
 def forward(qkv: np.ndarray, NH: int):
-    """(out, att) from the kernel; both pre-filled with NaN so every entry must be written."""
+    """(out, stats) from the kernel; both pre-filled with NaN so every entry must be written."""
     B, T, C3 = qkv.shape
     out = np.full((B, T, C3 // 3), np.nan, dtype=np.float32)
-    att = np.full((B, NH, T, T), np.nan, dtype=np.float32)
-    ops.attention_forward(out, att, qkv, NH)
-    return out, att
+    stats = np.full((B, NH, T, 2), np.nan, dtype=np.float32)
+    ops.attention_forward(out, stats, qkv, NH)
+    return out, stats
 
 
 def backward(dqkv: np.ndarray, dout: np.ndarray, qkv: np.ndarray, NH: int) -> np.ndarray:
-    """dqkv += the kernel's gradient, using the kernel's own cached probabilities."""
-    _, att = forward(qkv, NH)
-    ops.attention_backward(dqkv, dout, qkv, att, NH)
+    """dqkv += the kernel's gradient, from the kernel's own cached softmax statistics."""
+    _, stats = forward(qkv, NH)
+    ops.attention_backward(dqkv, dout, qkv, stats, NH)
     return dqkv
+
+
+def probabilities(qkv: np.ndarray) -> np.ndarray:
+    """The kernel's probabilities (T, T) of a single head of size 1 (B = NH = 1, HS = 1), read out
+    through its output: with v the unit vector of key j, out[t] = P[t, j] (one product, exact)."""
+    T = qkv.shape[1]
+    x = qkv.copy()
+    P = np.empty((T, T), np.float64)
+    for j in range(T):
+        x[0, :, 2] = 0.0
+        x[0, j, 2] = 1.0
+        P[:, j] = forward(x, 1)[0][0, :, 0]
+    return P
 
 
 def scores64(qkv, NH: int) -> np.ndarray:
@@ -62,13 +76,10 @@ def scores64(qkv, NH: int) -> np.ndarray:
 @pytest.mark.parametrize("B,T,C,NH", SHAPES)
 def test_forward(isa, rng, B, T, C, NH):
     qkv = randn(rng, B, T, 3 * C)
-    out, att = forward(qkv, NH)
-    e_out, e_att = ref.attention_forward(qkv, NH)
-    assert_close(out, e_out, tol(T), "out")
-    assert_close(att, e_att, tol(T), "att")
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    assert np.all(att[..., future] == 0.0), "att must hold exact zeros above the diagonal"
-    assert_close(att.sum(axis=-1, dtype=np.float64), np.ones((B, NH, T)), 1e-5, "rows of att sum to 1")
+    out, stats = forward(qkv, NH)
+    assert_close(out, ref.attention_forward(qkv, NH)[0], tol(T), "out")
+    # The softmax statistics backward recomputes the probabilities from: the row maximum and 1 / sum.
+    assert_stats_close(stats, ref.attention_stats(qkv, NH), tol(T))
 
 
 @pytest.mark.parametrize("B,T,C,NH", SHAPES)
@@ -101,11 +112,11 @@ def test_large_scores_stay_finite_and_accurate(isa, rng, magnitude):
     scores that large (a relative EPS32 of |score| shifts each exp by that much)."""
     B, T, C, NH = 2, 65, 32, 2
     qkv, dout = randn(rng, B, T, 3 * C, scale=magnitude), randn(rng, B, T, C)
-    out, att = forward(qkv, NH)
-    e_out, e_att = ref.attention_forward(qkv, NH)
+    out, stats = forward(qkv, NH)
+    e_out, _ = ref.attention_forward(qkv, NH)
     bound = tol(T) + 8 * EPS32 * float(np.max(np.abs(scores64(qkv, NH))))
     assert_close(out, e_out, bound, "out")
-    assert_close(att, e_att, bound, "att")
+    assert_stats_close(stats, ref.attention_stats(qkv, NH), bound)
     dqkv = backward(np.zeros_like(qkv), dout, qkv, NH)
     e_dqkv = ref.attention_backward(dout, qkv, NH)
     assert_close(dqkv, e_dqkv, bound, "dqkv", scale=float(np.max(np.abs(e_dqkv))) + bound)
@@ -113,7 +124,7 @@ def test_large_scores_stay_finite_and_accurate(isa, rng, magnitude):
 
 def test_exp_is_accurate_to_an_ulp_or_two(isa, rng):
     """HS = 1 and q = 1 make the scores exactly the keys; keys on a 1/64 grid in [-100, 0] make
-    score - row maximum exact in float32 too. So the ratio att[t, s] / att[t, argmax] is the kernel's
+    score - row maximum exact in float32 too. So the ratio P[t, s] / P[t, argmax] is the kernel's
     exp(score - max) up to the rounding of the normalisation: it must match float64 to 4 ulp (a
     degree-5 instead of degree-7 polynomial is off by 2e-6 and fails). Probabilities that fall below
     the float32 normal range (exp below 1e-36) may flush to zero, and nothing else may."""
@@ -122,17 +133,18 @@ def test_exp_is_accurate_to_an_ulp_or_two(isa, rng):
     keys = -rng.integers(0, 64 * 100, T) / 64.0
     qkv[0, :, 1] = keys
     qkv[0, :, 2] = randn(rng, T)
-    _, att = forward(qkv, NH)
+    att = probabilities(qkv)
     checked = 0
     for t in range(T):
         m = int(np.argmax(keys[:t + 1]))
         expected = np.exp(keys[:t + 1] - keys[m])
-        ratio = att[0, 0, t, :t + 1].astype(np.float64) / float(att[0, 0, t, m])
+        ratio = att[t, :t + 1] / att[t, m]
         normal = expected > 1e-30
         err = np.abs(ratio[normal] - expected[normal])
         assert np.all(err <= 4 * EPS32 * expected[normal]), (
             f"row {t}: relative error {np.max(err / expected[normal]):.3g} of exp")
-        assert np.all(att[0, 0, t, :t + 1][expected < 1e-36] < 1e-36)
+        assert np.all(att[t, :t + 1][expected < 1e-36] < 1e-36)
+        assert np.all(att[t, t + 1:] == 0.0), "no weight on future keys"
         checked += int(normal.sum())
     assert checked > T * T / 4, "the grid must put many scores into exp's accurate range"
 
@@ -168,10 +180,10 @@ def test_bitwise_identical_for_any_thread_count(isa, rng, B, T, C, NH):
     results = {}
     for threads in (1, 2, 3):
         with ops.num_threads(threads):
-            out, att = forward(qkv, NH)
+            out, stats = forward(qkv, NH)
             dqkv = dqkv0.copy()
-            ops.attention_backward(dqkv, dout, qkv, att, NH)
-            results[threads] = (out, att, dqkv)
+            ops.attention_backward(dqkv, dout, qkv, stats, NH)
+            results[threads] = (out, stats, dqkv)
     for threads in (2, 3):
-        for name, a, b in zip(("out", "att", "dqkv"), results[1], results[threads]):
+        for name, a, b in zip(("out", "stats", "dqkv"), results[1], results[threads]):
             assert a.tobytes() == b.tobytes(), f"{name} differs between 1 and {threads} threads"

@@ -21,7 +21,7 @@ import pytest
 
 import reference as ref
 from lmlab import ops
-from reference import assert_close, randn
+from reference import assert_close, assert_stats_close, randn
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -435,39 +435,35 @@ ATTENTION_SHAPES = [  # (B, T, C, NH); the last is the DESIGN.md model's (6 head
 
 def run_attention(qkv, NH):
     B, T, C3 = qkv.shape
-    out, att = zeros32((B, T, C3 // 3)), np.full((B, NH, T, T), np.nan, dtype=np.float32)
-    ops.attention_forward(out, att, qkv, NH)
-    return out, att
+    out, stats = zeros32((B, T, C3 // 3)), np.full((B, NH, T, 2), np.nan, dtype=np.float32)
+    ops.attention_forward(out, stats, qkv, NH)
+    return out, stats
 
 
 @pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
 def test_attention_forward(isa, rng, B, T, C, NH):
     qkv = randn(rng, B, T, 3 * C)
-    out, att = run_attention(qkv, NH)
-    e_out, e_att = ref.attention_forward(qkv, NH)
-    assert_close(out, e_out, ATTENTION_TOL, "out")
-    assert_close(att, e_att, ATTENTION_TOL, "att")
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    assert np.all(att[..., future] == 0.0), "att must be 0 above the diagonal (causal)"
+    out, stats = run_attention(qkv, NH)
+    assert_close(out, ref.attention_forward(qkv, NH)[0], ATTENTION_TOL, "out")
+    assert_stats_close(stats, ref.attention_stats(qkv, NH), ATTENTION_TOL)
 
 
 def test_attention_forward_large_scores(isa, rng):
     """q.k of size ~1e3 makes the softmax nearly one-hot: exp overflows unless the max is subtracted."""
     qkv = randn(rng, 2, 33, 3 * 16, scale=8.0)
-    out, att = run_attention(qkv, 2)
-    e_out, e_att = ref.attention_forward(qkv, 2)
+    out, stats = run_attention(qkv, 2)
     tol = ATTENTION_TOL + 4 * EPS32 * float(np.max(np.abs(qkv))) ** 2
-    assert_close(out, e_out, tol, "out")
-    assert_close(att, e_att, tol, "att")
+    assert_close(out, ref.attention_forward(qkv, 2)[0], tol, "out")
+    assert_stats_close(stats, ref.attention_stats(qkv, 2), tol)
 
 
 @pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
 def test_attention_backward_accumulates(isa, rng, B, T, C, NH):
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    _, att = run_attention(qkv, NH)
+    _, stats = run_attention(qkv, NH)
     dqkv0 = prefill(rng, (B, T, 3 * C))
     dqkv = dqkv0.copy()
-    ops.attention_backward(dqkv, dout, qkv, att, NH)
+    ops.attention_backward(dqkv, dout, qkv, stats, NH)
     expected = ref.attention_backward(dout, qkv, NH)
     assert_close(dqkv, dqkv0 + expected, ATTENTION_TOL, "dqkv",
                  scale=float(np.max(np.abs(expected)) + np.max(np.abs(dqkv0))))
@@ -476,9 +472,9 @@ def test_attention_backward_accumulates(isa, rng, B, T, C, NH):
 @pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
 def test_attention_backward_overwrites(isa, rng, B, T, C, NH):
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    _, att = run_attention(qkv, NH)
+    _, stats = run_attention(qkv, NH)
     dqkv = garbage((B, T, 3 * C))
-    ops.attention_backward(dqkv, dout, qkv, att, NH, accumulate=False)
+    ops.attention_backward(dqkv, dout, qkv, stats, NH, accumulate=False)
     expected = ref.attention_backward(dout, qkv, NH)
     assert_close(dqkv, expected, ATTENTION_TOL, "dqkv", scale=float(np.max(np.abs(expected))))
 
@@ -494,22 +490,22 @@ ATTENTION_BF16_TOL = 3e-4
 @pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
 def test_attention_bf16_forward_backward(isa, rng, B, T, C, NH):
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), garbage((B, T, 3 * C))
-    ops.attention_forward(out, att, qkv, NH, precision="bf16")
-    ops.attention_backward(dqkv, dout, qkv, att, NH, precision="bf16", accumulate=False)
-    e_out, e_att = ref.attention_forward(qkv, NH, operand=ref.round_bf16)
+    out, stats, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, 2)), garbage((B, T, 3 * C))
+    ops.attention_forward(out, stats, qkv, NH, precision="bf16")
+    ops.attention_backward(dqkv, dout, qkv, stats, NH, precision="bf16", accumulate=False)
+    e_out, _ = ref.attention_forward(qkv, NH, operand=ref.round_bf16)
     e_dqkv = ref.attention_backward(dout, qkv, NH, operand=ref.round_bf16)
     assert_close(out, e_out, ATTENTION_BF16_TOL, "out")
-    assert_close(att, e_att, ATTENTION_BF16_TOL, "att")
+    assert_stats_close(stats, ref.attention_stats(qkv, NH, operand=ref.round_bf16), ATTENTION_BF16_TOL)
     assert_close(dqkv, e_dqkv, ATTENTION_BF16_TOL, "dqkv")
 
 
 def test_attention_bf16_rounds_the_operands(isa, rng):
     B, T, C, NH = 2, 64, 64, 2
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
-    ops.attention_forward(out, att, qkv, NH, precision="bf16")
-    ops.attention_backward(dqkv, dout, qkv, att, NH, precision="bf16")
+    out, stats, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, 2)), zeros32((B, T, 3 * C))
+    ops.attention_forward(out, stats, qkv, NH, precision="bf16")
+    ops.attention_backward(dqkv, dout, qkv, stats, NH, precision="bf16")
     for got, exact in ((out, ref.attention_forward(qkv, NH)[0]),
                        (dqkv, ref.attention_backward(dout, qkv, NH))):
         err = np.max(np.abs(got - exact)) / np.max(np.abs(exact))
@@ -675,9 +671,9 @@ def test_fd_residual(isa, rng):
 def test_fd_attention(isa, rng):
     B, T, C, NH = 2, 3, 4, 2
     qkv, G = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    _, att = run_attention(qkv, NH)
+    _, stats = run_attention(qkv, NH)
     dqkv = zeros32((B, T, 3 * C))
-    ops.attention_backward(dqkv, G, qkv, att, NH)
+    ops.attention_backward(dqkv, G, qkv, stats, NH)
     check_gradient("qkv", weighted(lambda x: ref.attention_forward(x, NH)[0], G), qkv, dqkv)
 
 
@@ -799,13 +795,15 @@ def test_torch_attention(rng):
     y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     t_out = y.transpose(1, 2).reshape(B, T, C)
     (t_out * tensor(dout)).sum().backward()
-    out, att = run_attention(qkv, NH)
+    out, stats = run_attention(qkv, NH)
     assert_close(out, t_out.detach(), ATTENTION_TOL, "out")
     scores = (q @ k.transpose(-2, -1)).detach() / math.sqrt(C // NH)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    assert_close(att, torch.softmax(scores, dim=-1), ATTENTION_TOL, "att")
+    m = scores.max(dim=-1).values
+    expected = torch.stack([m, 1.0 / torch.exp(scores - m[..., None]).sum(dim=-1)], dim=-1)
+    assert_stats_close(stats, expected.numpy(), ATTENTION_TOL)
     dqkv = zeros32((B, T, 3 * C))
-    ops.attention_backward(dqkv, dout, qkv, att, NH)
+    ops.attention_backward(dqkv, dout, qkv, stats, NH)
     assert_close(dqkv, tx.grad, ATTENTION_TOL, "dqkv")
 
 
@@ -918,22 +916,22 @@ def _det_elementwise(rng, n):
 def _det_attention(rng, B, T, C, NH):
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
     def run():
-        out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
-        ops.attention_forward(out, att, qkv, NH)
-        ops.attention_backward(dqkv, dout, qkv, att, NH)
+        out, stats, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, 2)), zeros32((B, T, 3 * C))
+        ops.attention_forward(out, stats, qkv, NH)
+        ops.attention_backward(dqkv, dout, qkv, stats, NH)
         fresh = np.full((B, T, 3 * C), np.nan, np.float32)
-        ops.attention_backward(fresh, dout, qkv, att, NH, accumulate=False)
-        return [out, att, dqkv, fresh]
+        ops.attention_backward(fresh, dout, qkv, stats, NH, accumulate=False)
+        return [out, stats, dqkv, fresh]
     return run
 
 
 def _det_attention_bf16(rng, B, T, C, NH):
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
     def run():
-        out, att, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, T)), zeros32((B, T, 3 * C))
-        ops.attention_forward(out, att, qkv, NH, precision="bf16")
-        ops.attention_backward(dqkv, dout, qkv, att, NH, precision="bf16")
-        return [out, att, dqkv]
+        out, stats, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, 2)), zeros32((B, T, 3 * C))
+        ops.attention_forward(out, stats, qkv, NH, precision="bf16")
+        ops.attention_backward(dqkv, dout, qkv, stats, NH, precision="bf16")
+        return [out, stats, dqkv]
     return run
 
 

@@ -365,16 +365,16 @@ def _bench_rowwise(record, randn, rng, size, repeat):
 def _bench_attention(record, randn, dims, threads, repeat):
     B, T, NH, C = dims
     qkv, dout = randn(B, T, 3 * C), np.ones((B, T, C), np.float32)
-    y, att, dqkv = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32), np.zeros_like(qkv)
+    y, stats, dqkv = np.empty((B, T, C), np.float32), np.empty((B, NH, T, 2), np.float32), np.zeros_like(qkv)
 
     def lmlab_step():
-        ops.attention_forward(y, att, qkv, NH)
-        ops.attention_backward(dqkv, dout, qkv, att, NH)
+        ops.attention_forward(y, stats, qkv, NH)
+        ops.attention_backward(dqkv, dout, qkv, stats, NH)
 
     shape = f"B{B} T{T} NH{NH} C{C}"
     ms = _best_ms(lmlab_step, repeat)
     fresh = np.zeros_like(qkv)
-    ops.attention_backward(fresh, dout, qkv, att, NH)
+    ops.attention_backward(fresh, dout, qkv, stats, NH)
     np_y, np_dqkv = _np_attention(qkv, NH)
     err = max(_rel_err(y, np_y), _rel_err(fresh, np_dqkv))
     record("attention fwd+bwd", shape, ms, _best_ms(lambda: _np_attention(qkv, NH), repeat),

@@ -14,16 +14,18 @@ Memory layout
   weights, which need a transpose).
 - Activations live in one arena allocated for a (B, T) and kept while later calls fit in it; the
   per-(B, T) views are rebuilt only when B or T change. Per layer the forward keeps only what the
-  backward reads (residual streams, LayerNorm outputs and statistics, qkv, attention probabilities,
-  the attention output, the MLP's GELU input and output); the projections' outputs go to one
-  shared buffer (only their sum with the residual is needed), and the gradient buffers are shared
-  by all layers: about 16C + NH*T floats per token per layer in all. (Recomputing the GELU output
+  backward reads (residual streams, LayerNorm outputs and statistics, qkv, attention's softmax
+  statistics per row (its backward recomputes the probabilities, so no T x T array is kept), the
+  attention output, the MLP's GELU input and output); the projections' outputs go to one shared
+  buffer (only their sum with the residual is needed), and the gradient buffers are shared by all
+  layers: about 16C + 2 NH floats per token per layer in all. (Recomputing the GELU output
   in the backward instead would save 4C per token per layer for one more GELU pass per layer; on
   the 6x384, T=256 config that was 1.5% of the step against 150 MiB, and speed won.)
 
-Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16") is handed to every matmul kernel call
-(forward, backward, KV-cached forward); with "bf16" the matmul operands are rounded to bfloat16
-and accumulated in fp32, while parameters, gradients and every other op stay fp32.
+Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16") is handed to every matmul and
+attention kernel call (forward, backward, KV-cached forward); with "bf16" the operands of their
+products are rounded to bfloat16 and accumulated in fp32, while parameters, gradients and every
+other op stay fp32.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def _activation_layout(cfg: GPTConfig, B: int, T: int) -> list[tuple[str, tuple[
         ("res", (L + 1, B, T, C)),      # residual stream entering each layer (and leaving the last)
         ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
         ("qkv", (L, B, T, 3 * C)),
-        ("att", (L, B, NH, T, T)),      # attention probabilities
+        ("att_stats", (L, B, NH, T, 2)),  # attention's softmax max and 1/sum per row
         ("atty", (L, B, T, C)),         # attention output, before c_proj
         ("res2", (L, B, T, C)),         # residual stream after attention
         ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
@@ -322,7 +324,7 @@ class GPT:
         for l, w in enumerate(self._layers):
             ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], a.res[l], w.ln1w, w.ln1b)
             ops.matmul_forward(a.qkv[l], a.ln1[l], w.qkvw, w.qkvb, precision=prec)
-            ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, precision=prec)
+            ops.attention_forward(a.atty[l], a.att_stats[l], a.qkv[l], NH, precision=prec)
             ops.matmul_forward(a.proj, a.atty[l], w.attprojw, w.attprojb, precision=prec)
             ops.residual_forward(a.res2[l], a.res[l], a.proj)
             ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], w.ln2w, w.ln2b)
@@ -409,7 +411,7 @@ class GPT:
             # Attention: res2 = res[l] + c_proj(attn(c_attn(ln_1(res[l])))); dres is d(res2).
             ops.matmul_backward(g.dx, gw.attprojw, gw.attprojb, g.dres, a.atty[l], w.attprojw,
                                 precision=prec, accumulate=False)
-            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att[l], NH, precision=prec,
+            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att_stats[l], NH, precision=prec,
                                    accumulate=False)
             # d(res[l]) is needed only if something below this layer is trainable.
             need_below = lowest < l
@@ -466,7 +468,7 @@ class GPT:
         proj = np.empty_like(x)
         fch = np.empty((1, n, 4 * C), np.float32)
         gel = np.empty_like(fch)
-        att = np.empty((1, NH, n, n), np.float32) if p0 == 0 else None
+        att_stats = np.empty((1, NH, n, 2), np.float32) if p0 == 0 else None
         for l, w in enumerate(self._layers):
             ops.layernorm_forward(ln, mean, rstd, x, w.ln1w, w.ln1b)
             ops.matmul_forward(qkv, ln, w.qkvw, w.qkvb, precision=prec)
@@ -474,7 +476,7 @@ class GPT:
             cache.k[l, :, p0:p0 + n] = heads[:, 1].transpose(1, 0, 2)
             cache.v[l, :, p0:p0 + n] = heads[:, 2].transpose(1, 0, 2)
             if p0 == 0:
-                ops.attention_forward(y, att, qkv, NH, precision=prec)
+                ops.attention_forward(y, att_stats, qkv, NH, precision=prec)
             else:
                 y[0] = _cached_attention(heads[:, 0], cache.k[l, :, :p0 + n],
                                          cache.v[l, :, :p0 + n], p0, prec)

@@ -110,24 +110,26 @@ def residual_backward(da: Array, db: Array, dout: Array) -> None:
     _core.residual_backward(da, db, dout)
 
 
-def attention_forward(out: Array, att: Array, qkv: Array, n_head: int,
+def attention_forward(out: Array, stats: Array, qkv: Array, n_head: int,
                       precision: str = "fp32") -> Array:
-    """Causal self-attention: qkv (B, T, 3C) -> out (B, T, C); att (B, NH, T, T) caches probabilities.
+    """Causal self-attention: qkv (B, T, 3C) -> out (B, T, C); stats (B, NH, T, 2) caches each row's
+    softmax statistics (max score, 1 / sum of exp(score - max)), from which backward recomputes the
+    probabilities: no T x T array is kept.
 
     precision="bf16" gives the products Q.K^T and P.V bf16 operands (as matmul_forward does); the
     softmax stays fp32.
     """
-    _core.attention_forward(out, att, qkv, n_head, precision=precision)
+    _core.attention_forward(out, stats, qkv, n_head, precision=precision)
     return out
 
 
-def attention_backward(dqkv: Array, dout: Array, qkv: Array, att: Array, n_head: int,
+def attention_backward(dqkv: Array, dout: Array, qkv: Array, stats: Array, n_head: int,
                        precision: str = "fp32", accumulate: bool = True) -> None:
     """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= with accumulate=False).
 
     precision as in attention_forward, for the five products of the backward pass.
     """
-    _core.attention_backward(dqkv, dout, qkv, att, n_head, precision=precision,
+    _core.attention_backward(dqkv, dout, qkv, stats, n_head, precision=precision,
                              accumulate=accumulate)
 
 
