@@ -6,15 +6,16 @@
 // dqkv (B, T, 3C) accumulates (or is overwritten).
 //
 // Strategy. Each (b, h) head is one task (OpenMP, dynamic schedule): a head writes only its own
-// slices of out / att / dqkv, so tasks never race, and every output element is reduced inside one
+// slices of out / stats / dqkv, so tasks never race, and every output element is reduced inside one
 // task in an order fixed by the shapes alone, hence bitwise-identical results for any thread count.
 // Inside a head, queries are taken in row blocks of kBlock; causality means block [i0, i0 + m) only
 // attends to keys [0, i0 + m), so the products skip every block above the diagonal (the diagonal
 // block itself is computed square and its upper half masked, which costs less than ragged tiles).
-// All six per-head products are C (+)= alpha * op(A) . B with B's rows contiguous, done by the
-// register-tiled product below (measured here 15-20% faster than the general packed gemm of
-// cpp/gemm.cpp on these small, strided, causal blocks); the two whose natural B is a transpose
-// (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread copy made once per head.
+// The per-head products (two forward, six backward with the recomputed scores) are
+// C (+)= alpha * op(A) . B with B's rows contiguous. In fp32 they run on the register-tiled product
+// below (measured here 15-20% faster than the general packed gemm of cpp/gemm.cpp on these small,
+// strided, causal blocks); in bf16 on gemm_bf16 (the AMX tile unit). The two whose natural B is a
+// transpose (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread copy made once per head.
 // Per thread scratch: K^T, V^T and a contiguous K or V (HS x T each) and a block or two of scores,
 // probabilities and dP / dS (kBlock x T): O(threads * T * (HS + kBlock)), nothing of size T x T.
 // Backward recomputes each block's scores (one more product, on the tile unit in bf16) and their
