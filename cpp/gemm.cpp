@@ -27,9 +27,6 @@
 #include "isa.h"
 #include "simd.h"  // vf, kW, vload_n / vstore_n / vmul / vset; and <immintrin.h> on x86 variants
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
@@ -87,6 +84,9 @@ void gemm_reference_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A,
     }
 }
 
+// GCC 12 does not emit the destructor of a class-template thread_local on its own: instantiate it.
+template struct Scratch<float>;
+
 namespace {
 
 // Register tile (MR x NR) and cache blocks. The micro-kernel runs along a row of tiles: one packed A
@@ -108,33 +108,12 @@ constexpr idx_t KC = 256, MC = 4 * 32, NC = 512;
 // Products smaller than this many multiply-adds run on one thread: waking the team costs more.
 constexpr double kParallelMinWork = 1 << 18;
 
-inline idx_t ceil_div(idx_t a, idx_t b) { return (a + b - 1) / b; }
-inline idx_t min_idx(idx_t a, idx_t b) { return a < b ? a : b; }
 
 // Slice depth: K cut into equal slices of at most KC, a function of K alone (see Determinism).
 inline idx_t slice_depth(idx_t K) { return ceil_div(K, ceil_div(K, KC)); }
 
-// Per-thread packing buffers, grown on demand and kept for the thread's lifetime, so repeated calls
-// (every layer of every training step) never touch the allocator.
-struct Scratch {
-    float* data = nullptr;
-    size_t capacity = 0;  // floats
-    Scratch() = default;
-    Scratch(const Scratch&) = delete;
-    Scratch& operator=(const Scratch&) = delete;
-    ~Scratch() { std::free(data); }
-    float* get(size_t n) {
-        if (n > capacity) {
-            std::free(data);
-            const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-            data = static_cast<float*>(std::aligned_alloc(64, bytes));
-            capacity = data != nullptr ? n : 0;
-        }
-        return data;
-    }
-};
-thread_local Scratch tl_pack_a;
-thread_local Scratch tl_pack_b;
+thread_local Scratch<float> tl_pack_a;  // see Scratch in gemm_internal.h
+thread_local Scratch<float> tl_pack_b;
 
 // --- packing ---------------------------------------------------------------------------------------
 
@@ -402,53 +381,18 @@ void gemm_share(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rs
             for (idx_t n = 0; n < N; n++) C[m * ldc + n] = bias[n] + C[m * ldc + n];
 }
 
-// Splits C between the threads and runs each share. The split is along whichever of M and N is
-// larger, so the operand every thread packs in full (B when splitting rows, A when splitting
-// columns) is the smaller one; shares are whole register tiles.
+// Splits C between the threads (split_between_threads) and runs each share.
 void gemm_dispatch(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
                    const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
                    bool accumulate, bool parallel, bool bf16) {
     if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        if (accumulate) return;
-        for (idx_t m = 0; m < M; m++)
-            for (idx_t n = 0; n < N; n++) C[m * ldc + n] = bias != nullptr ? bias[n] : 0.0f;
-        return;
-    }
-    int threads = 1;
-#ifdef _OPENMP
-    if (parallel && !omp_in_parallel() && (double)M * N * K >= kParallelMinWork)
-        threads = omp_get_max_threads();
-#else
-    (void)parallel;
-#endif
-    const bool split_rows = M >= N;
-    const idx_t tiles = split_rows ? ceil_div(M, MR) : ceil_div(N, NR);
-    if (threads > tiles) threads = (int)tiles;
-    if (threads <= 1) {
-        gemm_share(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, bf16);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const idx_t t = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-        const idx_t t = 0, team = 1;
-#endif
-        const idx_t first = tiles * t / team, last = tiles * (t + 1) / team;
-        if (split_rows) {
-            const idx_t m0 = first * MR, m1 = min_idx(last * MR, M);
-            if (m1 > m0)
-                gemm_share(m1 - m0, N, K, alpha, A + m0 * rsA, rsA, csA, B, rsB, csB, C + m0 * ldc,
-                           ldc, bias, accumulate, bf16);
-        } else {
-            const idx_t n0 = first * NR, n1 = min_idx(last * NR, N);
-            if (n1 > n0)
-                gemm_share(M, n1 - n0, K, alpha, A, rsA, csA, B + n0 * csB, rsB, csB, C + n0, ldc,
-                           bias != nullptr ? bias + n0 : nullptr, accumulate, bf16);
-        }
-    }
+    if (K <= 0) return empty_product(C, ldc, M, N, bias, accumulate);
+    split_between_threads(M, N, K, MR, NR, kParallelMinWork, parallel,
+                          [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
+                              gemm_share(rows, cols, K, alpha, A + m0 * rsA, rsA, csA,
+                                         B + n0 * csB, rsB, csB, C + m0 * ldc + n0, ldc,
+                                         bias != nullptr ? bias + n0 : nullptr, accumulate, bf16);
+                          });
 }
 
 }  // namespace

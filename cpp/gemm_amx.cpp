@@ -31,9 +31,6 @@
 #include "isa.h"
 #include "simd.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__AVX512F__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
     __GNUC__ >= 11
@@ -54,6 +51,9 @@ bool gemm_amx(idx_t, idx_t, idx_t, float, const float*, idx_t, idx_t, const floa
 
 #define LMLAB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 
+// GCC 12 does not emit the destructor of a class-template thread_local on its own: instantiate it.
+template struct Scratch<std::uint16_t>;
+
 namespace {
 
 using bf16_t = std::uint16_t;
@@ -70,32 +70,13 @@ constexpr idx_t KC = 512, MC = 256, NC = 512;
 // Products smaller than this run on one thread (the tile unit is ~10x faster than gemm's kernels).
 constexpr double kParallelMinWork = 1 << 21;
 
-inline idx_t ceil_div(idx_t a, idx_t b) { return (a + b - 1) / b; }
 inline idx_t round_up(idx_t a, idx_t b) { return ceil_div(a, b) * b; }
-inline idx_t min_idx(idx_t a, idx_t b) { return a < b ? a : b; }
 
 // Slice depth: a multiple of 32, a function of K alone (see Determinism).
 inline idx_t slice_depth(idx_t K) { return round_up(ceil_div(K, ceil_div(K, KC)), kStepK); }
 
-struct Scratch {
-    bf16_t* data = nullptr;
-    size_t capacity = 0;  // elements
-    Scratch() = default;
-    Scratch(const Scratch&) = delete;
-    Scratch& operator=(const Scratch&) = delete;
-    ~Scratch() { std::free(data); }
-    bf16_t* get(size_t n) {
-        if (n > capacity) {
-            std::free(data);
-            const size_t bytes = (n * sizeof(bf16_t) + 63) / 64 * 64;
-            data = static_cast<bf16_t*>(std::aligned_alloc(64, bytes));
-            capacity = data != nullptr ? n : 0;
-        }
-        return data;
-    }
-};
-thread_local Scratch tl_pack_a;
-thread_local Scratch tl_pack_b;
+thread_local Scratch<bf16_t> tl_pack_a;  // see Scratch in gemm_internal.h
+thread_local Scratch<bf16_t> tl_pack_b;
 
 // Palette 1, tiles 0-7 all 16 rows x 64 bytes: 0-3 accumulate C, 4-5 hold A, 6-7 hold B.
 struct alignas(64) TileConfig {
@@ -389,46 +370,15 @@ bool gemm_amx(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
     if (!amx_bf16_available()) return false;
     if (M <= 0 || N <= 0) return true;
     if (K <= 0) {
-        if (!accumulate)
-            for (idx_t m = 0; m < M; m++)
-                for (idx_t n = 0; n < N; n++) C[m * ldc + n] = bias != nullptr ? bias[n] : 0.0f;
+        empty_product(C, ldc, M, N, bias, accumulate);
         return true;
     }
-    int threads = 1;
-#ifdef _OPENMP
-    if (parallel && !omp_in_parallel() && (double)M * N * K >= kParallelMinWork)
-        threads = omp_get_max_threads();
-#else
-    (void)parallel;
-#endif
-    // Split along the larger side of C in whole 32 x 32 blocks, as gemm does.
-    const bool split_rows = M >= N;
-    const idx_t blocks = split_rows ? ceil_div(M, kBlock) : ceil_div(N, kBlock);
-    if (threads > blocks) threads = (int)blocks;
-    if (threads <= 1) {
-        amx_share(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate);
-        return true;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const idx_t t = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-        const idx_t t = 0, team = 1;
-#endif
-        const idx_t first = blocks * t / team, last = blocks * (t + 1) / team;
-        if (split_rows) {
-            const idx_t m0 = first * kBlock, m1 = min_idx(last * kBlock, M);
-            if (m1 > m0)
-                amx_share(m1 - m0, N, K, alpha, A + m0 * rsA, rsA, csA, B, rsB, csB, C + m0 * ldc,
-                          ldc, bias, accumulate);
-        } else {
-            const idx_t n0 = first * kBlock, n1 = min_idx(last * kBlock, N);
-            if (n1 > n0)
-                amx_share(M, n1 - n0, K, alpha, A, rsA, csA, B + n0 * csB, rsB, csB, C + n0, ldc,
-                          bias != nullptr ? bias + n0 : nullptr, accumulate);
-        }
-    }
+    split_between_threads(M, N, K, kBlock, kBlock, kParallelMinWork, parallel,
+                          [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
+                              amx_share(rows, cols, K, alpha, A + m0 * rsA, rsA, csA, B + n0 * csB,
+                                        rsB, csB, C + m0 * ldc + n0, ldc,
+                                        bias != nullptr ? bias + n0 : nullptr, accumulate);
+                          });
     return true;
 }
 

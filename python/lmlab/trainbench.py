@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
+from .ops import MATMUL_PRECISIONS as PRECISIONS
+
 IMPLS = ("lmlab", "pytorch")
-PRECISIONS = ("fp32", "bf16")
 
 
 def _peak_rss_mib() -> float:
