@@ -139,6 +139,14 @@ def compiler():
     return None
 
 
+GEMM_SOURCES = ("gemm.cpp", "gemm_amx.cpp", "bf16_path.cpp")
+
+# Precision::bf16 runs on every path this CPU has, each checked in the avx512 build (the only one with
+# native code; the other builds emulate whatever path is chosen).
+BF16_PATHS = ops.cpu_info()["bf16_paths"]
+MODES = ["fp32"] + [f"bf16:{p}" for p in BF16_PATHS]
+
+
 @pytest.fixture(scope="module")
 def gemm_check(tmp_path_factory):
     """Builds the driver for an instruction set on first use; returns its printed rows."""
@@ -154,20 +162,21 @@ def gemm_check(tmp_path_factory):
     def run(isa: str, mode: str = "fp32"):
         exe = out_dir / f"gemm_check_{isa}"
         if isa not in built:
-            # amx_probe.cpp decides whether gemm_amx.cpp's tile path may run (avx512 build only).
+            # bf16_path.cpp decides which bf16 paths may run (the native ones: avx512 build only).
             subprocess.run([cxx, "-std=c++17", "-O2", "-fopenmp", f"-I{ROOT / 'cpp'}",
                             f"-DLMLAB_ISA_NS={isa}", "-DLMLAB_HAVE_AVX512", *FLAGS[isa],
-                            str(ROOT / "tests" / "gemm_check.cpp"), str(ROOT / "cpp" / "gemm.cpp"),
-                            str(ROOT / "cpp" / "gemm_amx.cpp"), str(ROOT / "cpp" / "amx_probe.cpp"),
-                            "-o", str(exe)], check=True)
+                            str(ROOT / "tests" / "gemm_check.cpp"),
+                            *(str(ROOT / "cpp" / f) for f in GEMM_SOURCES), "-o", str(exe)],
+                           check=True)
             built[isa] = exe
-        text = subprocess.run([str(exe), mode], check=True, capture_output=True, text=True).stdout
+        text = subprocess.run([str(exe), *mode.split(":")], check=True, capture_output=True,
+                              text=True).stdout
         return [line.split() for line in text.strip().splitlines()]
 
     return run
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_gemm_strides_alpha_accumulate(isa, mode, gemm_check):
     # bf16: the reference multiplies the same bf16-rounded operands, so the tolerance is fp32's.

@@ -152,14 +152,48 @@ def test_matmul_bf16_rounds_the_operands(isa, rng):
     assert 20 * matmul_tol(256) < err < 1e-2
 
 
-@pytest.mark.parametrize("precision", ["fp16", "BF16", "", "float32"])
+@pytest.mark.parametrize("precision", ["fp16", "BF16", "", "float32", 1, None])
 def test_matmul_rejects_unknown_precision(rng, precision):
     inp, weight = randn(rng, 4, 8), randn(rng, 3, 8)
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+    message = f"precision must be one of fp32, bf16 .*got {precision!r}"
+    with pytest.raises(ValueError, match=message):
         ops.matmul_forward(zeros32((4, 3)), inp, weight, precision=precision)
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+    with pytest.raises(ValueError, match=message):
         ops.matmul_backward(zeros32((4, 8)), None, None, randn(rng, 4, 3), inp, weight,
                             precision=precision)
+    with pytest.raises(ValueError, match=message):
+        ops.attention_forward(zeros32((1, 2, 8)), zeros32((1, 2, 2, 2)), randn(rng, 1, 2, 24), 2,
+                              precision=precision)
+
+
+def test_precision_enum_and_names_agree(rng):
+    assert ops.parse_precision("fp32") is ops.Precision.FP32
+    assert ops.parse_precision("bf16") is ops.Precision.BF16
+    assert ops.parse_precision(ops.Precision.BF16) is ops.Precision.BF16
+    assert [ops.precision_name(p) for p in (ops.Precision.FP32, ops.Precision.BF16)] == list(
+        ops.MATMUL_PRECISIONS)
+    inp, weight = randn(rng, 9, 33), randn(rng, 7, 33)
+    by_name = ops.matmul_forward(zeros32((9, 7)), inp, weight, precision="bf16")
+    by_enum = ops.matmul_forward(zeros32((9, 7)), inp, weight, precision=ops.Precision.BF16)
+    np.testing.assert_array_equal(by_name, by_enum)
+
+
+def test_resolve_precision_auto_follows_the_native_bf16_path():
+    native = ops.cpu_info()["bf16_matmul"] in ("amx", "avx512_bf16")
+    assert ops.resolve_precision("auto") is (ops.Precision.BF16 if native else ops.Precision.FP32)
+    with ops.use_isa("portable"):  # no native bf16 code in the portable variant
+        assert ops.resolve_precision("auto") is ops.Precision.FP32
+    assert ops.resolve_precision("fp32") is ops.Precision.FP32
+    with pytest.raises(ValueError, match="got 'Auto'"):
+        ops.resolve_precision("Auto")
+
+
+def test_binding_takes_the_enum_only(rng):
+    """The names are parsed once in Python (ops); the compiled boundary takes the enum."""
+    from lmlab import _core
+    inp, weight = randn(rng, 4, 8), randn(rng, 3, 8)
+    with pytest.raises(TypeError):
+        _core.matmul_forward(zeros32((4, 3)), inp, weight, None, precision="bf16")
 
 
 def test_round_bf16_kernel(isa, rng):
@@ -172,12 +206,6 @@ def test_round_bf16_kernel(isa, rng):
     inplace = x.copy()
     assert ops.round_bf16(inplace, out=inplace) is inplace
     np.testing.assert_array_equal(inplace, got)
-
-
-def test_cpu_info_names_the_bf16_path():
-    assert ops.cpu_info()["bf16_matmul"] in ("amx", "emulated")
-    with ops.use_isa("portable"):
-        assert ops.cpu_info()["bf16_matmul"] == "emulated"
 
 
 # === softmax ===========================================================================================
