@@ -69,7 +69,7 @@ def build_builtin(name: str, cache: str | None = None) -> str:
         full = build_builtin("python-docs", cache)
         cut = full.rfind("\n\n", 0, SMALL_CHARS)
         text = full[: cut + 1 if cut > 0 else SMALL_CHARS]
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, text)

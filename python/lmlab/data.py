@@ -37,7 +37,7 @@ import os
 import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = [
     "BUILTIN_CORPORA", "load_corpus", "tokenize_corpus", "split_tokens", "BatchSampler",
