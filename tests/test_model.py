@@ -25,7 +25,7 @@ import pytest
 
 from lmlab import ops
 from reference import round_bf16
-from lmlab.model import GPT, GPTConfig
+from lmlab.model import GPT, GPTConfig, KVCache
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12)
 B, T = 3, 7
@@ -342,36 +342,57 @@ def test_frozen_prefixes_skip_their_gradients():
     x, y, w = tiny_batch()
     fresh_grads(m, x, y, w)
     full = {k: v.copy() for k, v in m.named_grads().items()}
-    m.frozen = {"wte", "wpe", "h.0."}
+    m.freeze({"wte", "wpe", "h.0."})
     fresh_grads(m, x, y, w)
     for name, g in m.named_grads().items():
         if name in ("wte", "wpe") or name.startswith("h.0."):
             assert not g.any(), name
         else:
             np.testing.assert_allclose(g, full[name], rtol=1e-6, atol=1e-7, err_msg=name)
-    m.frozen = {"h.1.attn"}         # freezing a middle part still backpropagates through it
+    m.freeze({"h.1.attn"})          # freezing a middle part still backpropagates through it
     fresh_grads(m, x, y, w)
     for name, g in m.named_grads().items():
         if name.startswith("h.1.attn"):
             assert not g.any(), name
         else:
             np.testing.assert_allclose(g, full[name], rtol=1e-6, atol=1e-7, err_msg=name)
-    m.frozen = {"h.0.ln"}           # prefixes are whole dotted components: ln_1 is not "ln"
     with pytest.raises(ValueError, match="matches no parameter"):
-        m.backward(w)
-    m.frozen = {"h.9"}
+        m.freeze({"h.0.ln"})        # prefixes are whole dotted components: ln_1 is not "ln"
     with pytest.raises(ValueError, match="matches no parameter"):
-        m.backward(w)
+        m.freeze({"h.9"})
+    assert m.frozen == {"h.1.attn"}     # a refused freeze leaves the previous one
+
+
+def test_parameter_offsets_and_trainable_ranges_follow_the_layout():
+    m = tiny_model()
+    offsets = m.parameter_offsets()
+    base = m.params.ctypes.data
+    for name, view in m.named_parameters().items():     # offsets agree with the views' addresses
+        start, stop = offsets[name]
+        assert ((view.ctypes.data - base) // 4, view.size) == (start, stop - start), name
+    assert m.trainable_ranges() == [(0, m.params.size)]
+    m.freeze({"wpe", "h.1"})
+    ranges = m.trainable_ranges()
+    covered = np.zeros(m.params.size, bool)
+    for start, stop in ranges:
+        covered[start:stop] = True
+    for name, (start, stop) in offsets.items():
+        frozen = name == "wpe" or name.startswith("h.1.")
+        assert covered[start:stop].all() != frozen and covered[start:stop].any() != frozen, name
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))     # merged and ordered
+    m.freeze({"wte", "wpe", "h.0", "h.1", "ln_f"})
+    with pytest.raises(ValueError, match="nothing would train"):
+        m.trainable_ranges()
 
 
 def test_activation_buffers_follow_batch_shape():
     m = tiny_model()
     x, y, w = tiny_batch()
     logits, _ = m.forward(x, y)
-    arena = m._arena
+    arena = m._acts_arena
     small, _ = m.forward(x[:2, :5], y[:2, :5])
     assert small.shape == (2, 5, TINY["vocab_size"])
-    assert m._arena is arena                        # smaller shapes reuse the arena
+    assert m._acts_arena is arena                        # smaller shapes reuse the arena
     fresh_grads(m, x, y, w)
     ref = reference_gpt(m.named_parameters(), m.config, x[:2, :5], y[:2, :5],
                         w[:2, :5].astype(np.float64))
@@ -507,14 +528,14 @@ def test_bf16_kv_cache_runs_in_bf16():
     m = tiny_model(seed=5)
     m.matmul_precision = "bf16"
     ctx = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
-    cache = m.new_cache()
-    first = m.forward_cached(cache, ctx[:4]).copy()
+    cache = KVCache(m.config)
+    first = m.forward(ctx[None, :4], cache=cache)[0][0, -1].copy()
     logits, _ = m.forward(ctx[None, :4])
     np.testing.assert_array_equal(first, logits[0, -1])
     for t in range(4, ctx.size):
-        step = m.forward_cached(cache, ctx[t:t + 1])
+        step = m.forward(ctx[None, t:t + 1], cache=cache)[0][0, -1].copy()
         ref, _ = m.forward(ctx[None, :t + 1])
         assert_close(step, ref[0, -1], 1e-5, f"position {t}")
     m.matmul_precision = "fp32"
-    fp32 = m.forward_cached(m.new_cache(), ctx)
+    fp32 = m.forward(ctx[None, :], cache=KVCache(m.config))[0][0, -1]
     assert not np.allclose(fp32, step, rtol=1e-5, atol=1e-5)
