@@ -21,11 +21,12 @@ Memory layout (llm.c's names: params, grads, acts, grads_acts)
   residual is needed). The activation gradients (`grads_acts`, `_grad_activation_layout`) are
   shared by all layers, some buffers reusing the memory of one that is dead by then.
 
-Gradient rule (llm.c's): a backward kernel WRITES the gradient of its input (accumulate=False; no
-zero-fill needed) and ADDS into the gradients of parameters, which zero_grad() clears once per
-optimiser step, so micro-batches accumulate. The one place an input gradient is added on purpose is
-LayerNorm's: it adds into the residual stream's gradient, which is the residual connection's
-backward (d(res) = d(res after the block) + d(block input)).
+Gradient rule (cpp/kernels.h): parameter gradients ACCUMULATE (+=) and zero_grad() clears them once
+per optimiser step, so micro-batches sum. The input gradients of matmul, GELU and attention are
+WRITTEN (accumulate=False), so their buffers are never zero-filled. Two input gradients are added
+on purpose, into buffers cleared once per backward: LayerNorm's, into the residual stream's
+gradient (that add is the residual connection's backward: d(res) = d(res after the block) +
+d(block input)), and cross-entropy's, into dlogits.
 
 Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16") is handed to every matmul and
 attention kernel call; with "bf16" the operands of their products are rounded to bfloat16 and
