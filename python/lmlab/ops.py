@@ -179,7 +179,7 @@ def global_norm(x: Array) -> float:
 # --- runtime -------------------------------------------------------------------------------------
 
 def cpu_info() -> dict:
-    """The active kernel variant ('avx512', 'avx2', 'portable'), those available, OpenMP, threads."""
+    """The active kernel variant ('avx512', 'avx2', 'neon', 'portable'), those available, OpenMP, threads."""
     return _core.cpu_info()
 
 
