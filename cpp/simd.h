@@ -3,7 +3,7 @@
 // lanes; the `neon` variant, compiled with LMLAB_NEON defined) or portable code.
 //
 // The API (all static inline, inside lmlab::LMLAB_ISA_NS like every kernel, see cpp/isa.h):
-//   vf                  the vector type; kW lanes (16, 8, or 1 on the portable path, where plain
+//   vf                  the vector type; kW lanes (16, 8, 4, or 1 on the portable path, where plain
 //                       loops marked with LMLAB_SIMD / LMLAB_SIMD_REDUCE are vectorised by the compiler)
 //   vload_n(p, n, fill) loads min(n, kW) floats from p, the lanes past n set to `fill`; never reads
 //                       past p + n (tails are masked loads, so a row's last partial vector goes through
@@ -13,7 +13,7 @@
 //   vstream(p, x)       non-temporal store of a full vector to a kW-aligned p; vstream_fence() orders
 //                       such stores before anything after it (call it before other threads read them).
 //                       NEON has no such hint in its intrinsics: there both are a plain store / nothing.
-//   vset vadd vsub vmul vdiv vmax vmin vsqrt vabs vfmadd(a, b, c) = a * b + c (fused)
+//   vset vadd vsub vmul vdiv vmax vmin vsqrt vabs vfmadd(a, b, c) = a * b + c
 //   vmax(a, b) / vmin(a, b) = a > b ? a : b / a < b ? a : b, so b wins when either is NaN (x86's rule,
 //                       kept on every variant: callers put the data second to propagate NaN)
 //   vselect_neg(s, a, b) = s < 0 ? a : b (per lane, by the sign bit of s)
@@ -26,11 +26,11 @@
 // vexp: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 (Cody-Waite split, so r is exact to
 // well below an ulp), |r| <= ln2/2, exp(r) by its Taylor polynomial of degree 7 (truncation error
 // below 5.2e-9 relative, a tenth of an fp32 ulp). Measured over every fp32 x in [-110, 90] against
-// double-precision exp: max error 1.07 ulp on each of the three variants (subnormal results counted in
-// units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). The NEON variant runs the
-// same operations (fused multiply-adds, ties-to-even rounding, the AVX2 scaling), checked under qemu by
-// tests/simd_check.cpp against the same bound. x < -87 gives 0 (the
-// true result is below 1.65e-38; see kExpLo for why no subnormals), -inf gives 0, x > 88.72 gives +inf,
+// double-precision exp: max error 1.07 ulp on each of the three x86 variants (subnormal results counted
+// in units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). The NEON variant runs
+// the same operations (fused multiply-adds, ties-to-even rounding, the AVX2 scaling); tests/simd_check.cpp
+// holds every variant, NEON under qemu, to that bound on a sample of x. x < -87 gives 0 (the true
+// result is below 1.65e-38; see kExpLo for why no subnormals), -inf gives 0, x > 88.72 gives +inf,
 // NaN gives NaN. The scaling by 2^n is done in two exact steps (or by AVX-512's scalef), so no
 // intermediate over- or underflows.
 #pragma once
