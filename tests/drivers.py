@@ -29,7 +29,8 @@ FLAGS = {  # each variant's compiler flags, as in CMakeLists.txt
 }
 
 SOURCES = {  # each driver's sources; bf16_path.cpp decides which bf16 paths (amx, avx512_bf16) may run
-    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/bf16_path.cpp"],
+    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/gemm_dpbf16.cpp",
+                   "cpp/bf16_path.cpp"],
     "simd_check": ["tests/simd_check.cpp"],
 }
 
