@@ -35,6 +35,6 @@ def rng(request):
 
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory):
-    """run(driver, isa, *args): a C++ test driver (tests/drivers.py) built on this machine for a
-    kernel variant on first use, then run; skipped without a C++ compiler."""
-    return drivers.runner(drivers.native_target(), tmp_path_factory)
+    """The C++ test drivers (tests/drivers.py) built on this machine, each for a kernel variant on
+    first use; skipped without a C++ compiler."""
+    return drivers.drivers(drivers.native_target(), tmp_path_factory)

@@ -120,4 +120,4 @@ def test_bitwise_identical_for_1_and_2_threads(isa, shape):
 @pytest.mark.parametrize("isa", ISAS)
 def test_gemm_strides_alpha_accumulate(isa, mode, driver):  # driver: conftest.py
     # bf16: the reference multiplies the same bf16-rounded operands, so the tolerance is fp32's.
-    check_gemm_rows(driver("gemm_check", isa, mode))
+    check_gemm_rows(driver.lines("gemm_check", isa, mode))
