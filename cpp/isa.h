@@ -21,16 +21,6 @@ namespace LMLAB_ISA_NS {
 LMLAB_KERNEL_LIST(LMLAB_KERNEL_DECLARE)
 #undef LMLAB_KERNEL_DECLARE
 
-// General matrix product behind the linear layers (matmul); attention keeps its own head-sized tiles:
-//   C (M, N) = alpha * op(A) (M, K) . op(B) (K, N)  [+ C if accumulate]
-// with op(A)[m, k] = A[m * rsA + k * csA] and op(B)[k, n] = B[k * rsB + n * csB] (general strides
-// express transposes), C row-major with leading dimension ldc. `parallel` spreads the output tiles over
-// the OpenMP team (pass false when already inside a parallel region). Each C element is reduced over
-// k in the same order whatever the thread count.
-void gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-          const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, bool accumulate,
-          bool parallel);
-
 // Rows per chunk for reductions across rows (bias and layernorm weight gradients, embedding
 // position gradients): a constant, so partial sums and their order do not depend on the thread count.
 constexpr idx_t kRowChunk = 64;

@@ -19,6 +19,7 @@
 //   vselect_neg(s, a, b) = s < 0 ? a : b (per lane, by the sign bit of s)
 //   vhsum vhmax         horizontal sum / max, in a fixed lane order
 //   vexp                exp(x), see below
+//   scale_row, add_row  dst = src * scale, dst += src over a row of n floats
 //   parallel_blocks(n, body) runs body(i0, i1) over fixed blocks of [0, n) on the OpenMP team: for
 //                       elementwise kernels, whose every element then takes the same code path (full
 //                       vector or masked tail) whatever the thread count.
@@ -335,6 +336,14 @@ static inline void scale_row(float* dst, const float* src, vf scale, idx_t n, bo
     const idx_t i0 = i;
     LMLAB_SIMD
     for (idx_t j = i0; j < n; j += kW) vstore_n(dst + j, vmul(vload_n(src + j, n - j, 0.0f), scale), n - j);
+}
+
+// dst[i] += src[i] for i < n: one add per element, so the result does not depend on how the range is
+// cut into vectors.
+static inline void add_row(float* dst, const float* src, idx_t n) {
+    LMLAB_SIMD
+    for (idx_t i = 0; i < n; i += kW)
+        vstore_n(dst + i, vadd(vload_n(dst + i, n - i, 0.0f), vload_n(src + i, n - i, 0.0f)), n - i);
 }
 
 // Elements per block of parallel_blocks: large enough to amortise scheduling, a multiple of every kW.

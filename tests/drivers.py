@@ -37,10 +37,10 @@ def kernel_sources() -> list[str]:
     return re.search(r"set\(LMLAB_KERNEL_SOURCES\s+([^)]*)\)", text).group(1).split()
 
 
-SOURCES = {  # each driver's sources; amx_probe.cpp decides whether gemm_amx.cpp's tile path may run
-    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/amx_probe.cpp"],
+SOURCES = {  # each driver's sources; bf16_path.cpp decides which bf16 paths (amx, avx512_bf16) may run
+    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/bf16_path.cpp"],
     "simd_check": ["tests/simd_check.cpp"],
-    "kernel_run": ["tests/kernel_run.cpp", *kernel_sources(), "cpp/amx_probe.cpp"],
+    "kernel_run": ["tests/kernel_run.cpp", *kernel_sources(), "cpp/bf16_path.cpp"],
 }
 
 # Debian's cross compiler and its target libraries (g++-aarch64-linux-gnu), and qemu-user.
