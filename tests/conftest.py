@@ -14,7 +14,7 @@ import pytest
 
 from lmlab import ops
 
-# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "portable").
+# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "neon", "portable").
 AVAILABLE_ISAS = list(ops.cpu_info()["available"])
 
 
