@@ -106,6 +106,21 @@ def test_softmax_and_crossentropy(neon, rng, N, V, kind):
                  "crossentropy dlogits")
 
 
+def test_nan_propagates(neon):
+    # As test_vector_math.py asks of every variant: a NaN shows as NaN in its own row or element only
+    # (NEON's FMAXV, behind vhmax, propagates NaN where x86's reductions need not).
+    x = np.zeros((3, 17), np.float32)
+    x[1, 5] = np.nan
+    probs, losses, lse = f32(3, 17), f32(3), f32(3)
+    neon("softmax_forward", probs, x, 3, 17)
+    assert np.all(np.isnan(probs[1])) and np.all(np.isfinite(probs[[0, 2]]))
+    neon("crossentropy_forward", losses, lse, x, np.zeros(3, np.int32), 3, 17)
+    assert np.isnan(losses[1]) and np.all(np.isfinite(losses[[0, 2]]))
+    g, out = np.array([1.0, np.nan, -1.0], np.float32), f32(3)
+    neon("gelu_forward", out, g, 3)
+    assert np.isnan(out[1]) and np.all(np.isfinite(out[[0, 2]]))
+
+
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 9), (33, 65), (5, 384)])
 def test_layernorm(neon, rng, N, C):
     inp, weight, bias, dout = randn(rng, N, C), randn(rng, C), randn(rng, C), randn(rng, N, C)
