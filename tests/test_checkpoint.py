@@ -1,21 +1,15 @@
 """Checkpoints: bitwise round trips, one checkpoint as one unit (interrupted and failed saves leave
 the previous one current), keeping N, the flat layout of older runs, every file read checked,
 no pickle, metrics, loss plot.
-
-Uses the real lmlab.model when it is importable; otherwise a stand-in GPT with the same names,
-shapes and flat-buffer layout is installed as lmlab.model for the duration of a test.
 """
 
 import dataclasses
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
-import sys
 import tracemalloc
-import types
 
 import numpy as np
 import pytest
@@ -26,60 +20,16 @@ from lmlab.checkpoint import (append_metrics, load_model, load_training_state,
                               plot_loss, read_metrics, save_run, truncate_metrics)
 from lmlab.errors import CheckpointError
 from lmlab.files import atomic_write, atomic_write_bytes
+from lmlab.model import GPT, GPTConfig
 from lmlab.rundir import is_run
 from lmlab.tokenizer import train_tokenizer
 
 from flat_run import write_flat
 
 
-# -- a stand-in for lmlab.model (used only while the real one is not importable) -------------------
-
-
-@dataclasses.dataclass
-class StandInConfig:
-    vocab_size: int
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-
-
-class StandInGPT:
-    def __init__(self, config, seed=0):
-        V, C, T = config.vocab_size, config.n_embd, config.block_size
-        shapes = [("wte", (V, C)), ("wpe", (T, C))]
-        for i in range(config.n_layer):
-            p = f"h.{i}."
-            shapes += [(p + "ln_1.weight", (C,)), (p + "ln_1.bias", (C,)),
-                       (p + "attn.c_attn.weight", (3 * C, C)), (p + "attn.c_attn.bias", (3 * C,)),
-                       (p + "attn.c_proj.weight", (C, C)), (p + "attn.c_proj.bias", (C,)),
-                       (p + "ln_2.weight", (C,)), (p + "ln_2.bias", (C,)),
-                       (p + "mlp.c_fc.weight", (4 * C, C)), (p + "mlp.c_fc.bias", (4 * C,)),
-                       (p + "mlp.c_proj.weight", (C, 4 * C)), (p + "mlp.c_proj.bias", (C,))]
-        shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
-        self.config = config
-        self.params = np.random.default_rng(seed).standard_normal(sum(math.prod(s) for _, s in shapes),
-                                                                  dtype=np.float32)
-        self._named, off = {}, 0
-        for name, shape in shapes:
-            self._named[name] = self.params[off:off + math.prod(shape)].reshape(shape)
-            off += math.prod(shape)
-
-    def named_parameters(self):
-        return dict(self._named)
-
-
 @pytest.fixture
-def gpt(monkeypatch):
-    """(GPT, GPTConfig): the real model classes, or the stand-ins installed as lmlab.model."""
-    try:
-        from lmlab.model import GPT, GPTConfig
-        return GPT, GPTConfig
-    except ImportError:
-        fake = types.ModuleType("lmlab.model")
-        fake.GPT, fake.GPTConfig = StandInGPT, StandInConfig
-        monkeypatch.setitem(sys.modules, "lmlab.model", fake)
-        return StandInGPT, StandInConfig
+def gpt():
+    return GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")
@@ -519,7 +469,7 @@ def test_state_json_is_checked(gpt, tok, tmp_path):
 
 def test_save_run_rejects_non_float32_weights(tok, tmp_path):
     class Bad:
-        config = StandInConfig(vocab_size=5)
+        config = GPTConfig(vocab_size=5)
 
         def named_parameters(self):
             return {"wte": np.zeros((5, 2), np.float64)}

@@ -44,6 +44,8 @@ import numpy as np
 
 from . import rundir
 from .errors import CheckpointError
+from .model import GPT, GPTConfig, parameter_layout
+from .tokenizer import Tokenizer
 from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, json_default,
                     json_text, write_error, write_new_file)
 from .rundir import (CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, CURRENT_FILE, LOSS_PLOT_FILE,
@@ -147,8 +149,6 @@ def _is_int(v) -> bool:
 
 
 def _check_model_config(m, path: Path) -> dict:
-    from .model import GPTConfig
-
     if not isinstance(m, dict):
         raise CheckpointError(f'{path} has no "model" section (a dict of the model\'s sizes)')
     fields = [f.name for f in dataclasses.fields(GPTConfig)]
@@ -165,10 +165,7 @@ def _check_model_config(m, path: Path) -> dict:
         v, top = m[name], bounds.get(name)
         if not _is_int(v) or v < 1 or (top is not None and v > top):
             raise CheckpointError(f"{path}: model.{name} must be an integer in [1, {top}], got {v!r}")
-    cfg = GPTConfig(**m)
-    V, T, C, L = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer
-    # The GPT-2 parameter count (embeddings, 12C^2 + 13C per block, the final norm).
-    n = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    n = sum(math.prod(shape) for _, shape in parameter_layout(GPTConfig(**m)))
     if n > MAX_PARAMS:
         raise CheckpointError(f"{path}: the model config describes {n:,} parameters, more than the "
                               f"{MAX_PARAMS:,} lmlab loads")
@@ -272,9 +269,11 @@ def _read_header(f, path: Path, size: int, hasher) -> tuple:
     return tensors, meta, 8 + n
 
 
-def _read_safetensors(path: Path, expected: dict | None = None, digest: dict | None = None) -> tuple:
-    """({name: float32 array}, metadata) of a safetensors file; with `expected` ({name: array to
-    fill}) the names and shapes must match and the data is read straight into those arrays."""
+def _read_safetensors(path: Path, expected: dict | None = None, digest: dict | None = None,
+                      targets=None) -> tuple:
+    """({name: float32 array}, metadata) of a safetensors file. With `expected` ({name: shape})
+    the header's names and shapes must match it, and then `targets()` gives the arrays the data
+    is read straight into (so nothing is allocated before the header has been checked)."""
     hasher = hashlib.sha256()
     try:
         size = path.stat().st_size
@@ -289,13 +288,14 @@ def _read_safetensors(path: Path, expected: dict | None = None, digest: dict | N
                 if missing or unexpected:
                     raise CheckpointError(f"{path} does not match {CONFIG_FILE}'s model: missing tensors "
                                           f"{missing[:8]}, unexpected tensors {unexpected[:8]}")
-                for name, view in expected.items():
-                    if tensors[name][0] != view.shape:
+                for name, shape in expected.items():
+                    if tensors[name][0] != shape:
                         raise CheckpointError(f"{path}: tensor {name!r} has shape {tensors[name][0]}, "
-                                              f"but {CONFIG_FILE}'s model needs {view.shape}")
+                                              f"but {CONFIG_FILE}'s model needs {shape}")
+            into = targets() if targets is not None else {}
             out = {}
             for name, (shape, start, end) in sorted(tensors.items(), key=lambda kv: kv[1][1]):
-                a = expected[name] if expected is not None else np.empty(shape, np.float32)
+                a = into[name] if name in into else np.empty(shape, np.float32)
                 buf = memoryview(a.reshape(-1)).cast("B")
                 if f.readinto(buf) != end - start:
                     raise CheckpointError(f"{path} is truncated in tensor {name!r}")
@@ -336,9 +336,6 @@ def load_model(run_dir):
     """(GPT, Tokenizer, config dict) of a run's current checkpoint, every file checked.
 
     The model computes in the matmul precision the run was trained in (saved_precision)."""
-    from .model import GPT, GPTConfig
-    from .tokenizer import Tokenizer
-
     d = current_checkpoint(run_dir)
     _required(d, [MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE])
     config = read_config(run_dir)
@@ -353,9 +350,16 @@ def load_model(run_dir):
         raise CheckpointError(f"{tok_path} is a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, "
                               f"but the model in {d / CONFIG_FILE} has vocab_size {mcfg.vocab_size} "
                               f"({config['tokenizer']['kind']}): the files come from different runs")
-    model = GPT(mcfg, matmul_precision=saved_precision(config))
-    _read_safetensors(d / MODEL_FILE, model.named_parameters(), _digest_of(config, MODEL_FILE))
-    return model, tokenizer, config
+    precision = saved_precision(config)
+    made = []
+
+    def allocate():
+        made.append(GPT(mcfg, matmul_precision=precision))
+        return made[0].named_parameters()
+
+    _read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+                      allocate)
+    return made[0], tokenizer, config
 
 
 def load_training_state(run_dir):
