@@ -35,20 +35,18 @@ def write_flat(run, *, weights: dict, tokenizer_json: str, config: dict, optimiz
 
 
 def flatten(run) -> None:
-    """Turn a run's current checkpoint into a flat-layout run, and its other checkpoints into
-    weights-only snapshots, as main would have left the same training."""
+    """Turn a run's current checkpoint into a flat-layout run, and every checkpoint (the current
+    one too) into a weights-only snapshot, as main would have left the same training."""
     run = Path(run)
     current = checkpoint.current_checkpoint(run)
     model, tok, config = checkpoint.load_model(run)
     optimizer, state = ({}, None)
     if (current / "state.json").exists():
         optimizer, state = checkpoint.load_training_state(run)
-    snapshots = [d for _, d in checkpoint.list_checkpoints(run) if d != current]
-    for d in snapshots:
+    os.unlink(run / "current.json")
+    for _, d in checkpoint.list_checkpoints(run):
         m, t, c = checkpoint.load_model(d)
         shutil.rmtree(d)
         write_flat(d, weights=m.named_parameters(), tokenizer_json=t.to_str(), config=c)
-    shutil.rmtree(current)
-    os.unlink(run / "current.json")
     write_flat(run, weights=model.named_parameters(), tokenizer_json=tok.to_str(), config=config,
                optimizer=optimizer or None, state=state)
