@@ -492,6 +492,24 @@ def test_a_damaged_flat_layout_model_is_named(world, partial, capsys):
     _refused(capsys, partial, path, "is truncated: the header describes")
 
 
+def test_a_token_cache_that_cannot_be_written_is_skipped_with_a_note(world, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lmlab import data
+    from lmlab.files import write_error
+    from lmlab.tokenizer import train_tokenizer
+
+    def full(path, _):
+        raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(data, "atomic_write_bytes", full)
+    tok = train_tokenizer(TEXT, "char")
+    ids = data.tokenize_corpus(world.corpus, tok, cache_dir=tmp_path / "cache")
+    assert ids.tolist() == tok.encode(TEXT).tolist() and not ids.flags.writeable
+    err = capsys.readouterr().err
+    assert "lmlab: not caching the tokens of" in err and "No space left on device" in err
+
+
 def test_a_damaged_token_cache_is_rebuilt(world, partial, capsys):
     caches = sorted((world.root / "cache" / "tokens").iterdir())
     saved = {p: p.read_bytes() for p in caches}

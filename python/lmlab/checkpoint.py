@@ -497,13 +497,11 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
                 os.rename(displaced, target)
             except OSError:
                 pass
-        if isinstance(e, OSError):
-            where = f"the checkpoint {previous} stays current" if previous else "nothing was saved"
-            err = write_error(getattr(e, "filename", None) or tmp, e)
-            raise CheckpointError(f"{err}; {where}") from None
-        if isinstance(e, CheckpointError) and previous:
-            raise CheckpointError(f"{e}; the checkpoint {previous} stays current") from None
-        raise
+        if not isinstance(e, (OSError, CheckpointError)):
+            raise
+        err = write_error(getattr(e, "filename", None) or tmp, e) if isinstance(e, OSError) else e
+        where = f"the checkpoint {previous} stays current" if previous else "nothing was saved"
+        raise CheckpointError(f"{err}; {where}") from None
     # The new checkpoint is current: what it supersedes can go (a failure here loses nothing).
     try:
         if displaced is not None:
