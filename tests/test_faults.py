@@ -105,6 +105,7 @@ def _outcome(run) -> dict:
     return {"params": model.params.tobytes(), "m": optimizer["m"].tobytes(),
             "v": optimizer["v"].tobytes(), "state": state, "metrics": rows, "train": config["train"],
             "checkpoints": [s for s, _ in checkpoint.list_checkpoints(run)],
+            "checkpoint dirs": len(os.listdir(run / "checkpoints")),  # no leftovers of a save
             "files": sorted(n for n in os.listdir(run) if n not in (".lock", "loss.png"))}
 
 
@@ -175,6 +176,7 @@ def _assert_recovers(world, run, capsys, extra_checkpoints=()):
     assert "Traceback" not in err
     expected = dict(world.reference)
     expected["checkpoints"] = sorted(expected["checkpoints"] + list(extra_checkpoints))
+    expected["checkpoint dirs"] += len(extra_checkpoints)
     assert _outcome(run) == expected
 
 
