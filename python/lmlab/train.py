@@ -149,8 +149,9 @@ class AdamW:
 class _StopRequest:
     """Ctrl-C during training: the first asks to stop after the current step, with a checkpoint;
     a second interrupts at once (KeyboardInterrupt; the last checkpoint on disk stays current).
-    During a save (`with stop.saving():`) Ctrl-C waits for the save to finish, and says so; a
-    third one forces the exit, which still leaves the previous checkpoint current."""
+    During a save (`with stop.saving():`) the first Ctrl-C waits for the save to finish, and says
+    so; another during the same save forces the exit, which still leaves the previous checkpoint
+    current (a checkpoint becomes current in one atomic step, see checkpoint.py)."""
 
     def __init__(self) -> None:
         self.requested = False
