@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lmlab.checkpoint import load_model
+from lmlab.checkpoint import load_model, read_config
 from lmlab.finetune import finetune
 from lmlab.pretrain import pretrain
 
@@ -36,7 +36,7 @@ def test_finetune_moves_loss_on_the_new_corpus_and_records_parent(parent, tmp_pa
     assert report.new_val_after < report.new_val_before - 0.5
     assert report.old_val_before is not None and report.old_val_after is not None
     assert set(report.samples) == {"parent", "finetuned"}
-    config = json.loads((tmp_path / "child" / "config.json").read_text())
+    config = read_config(tmp_path / "child")
     assert config["parent"] == str(run) and config["train"]["stage"] == "finetune"
 
 

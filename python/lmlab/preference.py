@@ -38,6 +38,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .rundir import is_run
+
 # --- rankings ------------------------------------------------------------------------------------
 
 
@@ -542,29 +544,23 @@ class RewardModel:
         return self.score_features(phi)
 
     def save(self, run_dir, *, parent: Optional[str] = None, train_config: Optional[dict] = None):
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         from .checkpoint import save_run
-        run_dir = Path(run_dir)
+        head = save({"w": self.w, "mu": self.mu, "sigma": self.sigma, "b": np.array([self.b])})
         save_run(run_dir, self.model, self.tok, train_config=train_config or {"stage": "reward"},
-                 optimizer=None, state=None, parent=parent)
-        tmp = run_dir / (self.HEAD_FILE + ".tmp")
-        save_file({"w": self.w, "mu": self.mu, "sigma": self.sigma, "b": np.array([self.b])},
-                  str(tmp))
-        os.replace(tmp, run_dir / self.HEAD_FILE)
+                 optimizer=None, state=None, parent=parent, files={self.HEAD_FILE: head})
 
     @classmethod
     def load(cls, run_dir) -> "RewardModel":
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        from .checkpoint import load_model
-        run_dir = Path(run_dir)
-        head = run_dir / cls.HEAD_FILE
-        if not head.exists():
+        from .checkpoint import current_checkpoint, load_model, read_checkpoint_file
+        if not (current_checkpoint(run_dir) / cls.HEAD_FILE).exists():
             raise FileNotFoundError(f"{run_dir} is not a reward model run (no {cls.HEAD_FILE}); "
                                     "train one with `lmlab reward`")
         model, tok, _ = load_model(run_dir)
-        t = load_file(str(head))
+        t = load(read_checkpoint_file(run_dir, cls.HEAD_FILE))
         return cls(model, tok, t["w"], float(t["b"][0]), t["mu"], t["sigma"])
 
 
@@ -792,7 +788,7 @@ def _open_stage_run(run, out_dir, resume: bool, seed: int, train_kwargs: dict):
     from .train import TrainConfig, run_precision
 
     out_dir = Path(out_dir)
-    if not resume and (out_dir / "model.safetensors").exists():
+    if not resume and is_run(out_dir):
         raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) to "
                               "continue it, or choose another run directory")
     if Path(run).resolve() == out_dir.resolve():
@@ -889,7 +885,7 @@ def reward(run, rankings, out_dir, *, val_fraction: float = 0.2, steps: int = 30
     records = [r for p in paths for r in load_rankings(p)]
     train_recs, val_recs = split_records(records, val_fraction, seed)
     out_dir = Path(out_dir)
-    if (out_dir / RewardModel.HEAD_FILE).exists():
+    if is_run(out_dir):
         raise FileExistsError(f"{out_dir} already holds a reward model; choose another directory")
     model, tok, _ = load_model(run)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from . import ops
+from .rundir import is_run
 from .train import TrainConfig, TrainResult, train
 
 
@@ -93,7 +94,7 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *,
         model_config = model.config
         corpus = corpus or (saved.get("train") or {}).get("corpus") or DEFAULT_CORPUS
     else:
-        if (run_dir / "model.safetensors").exists():
+        if is_run(run_dir):
             raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to "
                                   "continue it, or choose another run directory")
         corpus = corpus or DEFAULT_CORPUS
