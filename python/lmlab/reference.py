@@ -27,7 +27,7 @@ __all__ = [
     "matmul_forward", "matmul_backward", "logsumexp", "softmax_forward", "softmax_backward",
     "crossentropy_forward", "crossentropy_backward", "layernorm_forward", "layernorm_backward",
     "gelu_forward", "gelu_backward", "residual_forward", "residual_backward", "attention_forward",
-    "attention_stats", "attention_backward", "embedding_forward", "embedding_backward",
+    "split_heads", "merge_heads", "attention_stats", "attention_backward", "embedding_forward", "embedding_backward",
     "adamw_update", "sum_squares", "gpt_forward", "gpt_backward", "gpt_loss_and_grads",
 ]
 
@@ -159,7 +159,7 @@ def residual_backward(dout):
 
 # --- causal multi-head self-attention -------------------------------------------------------------
 
-def _split_heads(qkv, n_head: int):
+def split_heads(qkv, n_head: int):
     x = f64(qkv)
     B, T, C3 = x.shape
     C = C3 // 3
@@ -168,7 +168,7 @@ def _split_heads(qkv, n_head: int):
     return q, k, v  # each (B, NH, T, HS)
 
 
-def _merge_heads(x) -> np.ndarray:
+def merge_heads(x) -> np.ndarray:
     B, NH, T, HS = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
 
@@ -184,15 +184,15 @@ def _causal_scores(q, k, operand: Operand):
 def attention_forward(qkv, n_head: int, operand: Operand = None):
     """(out (B, T, C), att (B, NH, T, T)); att is zero above the diagonal."""
     r = operand or _identity
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     att = softmax_forward(_causal_scores(q, k, operand))
-    return _merge_heads(r(att) @ r(v)), att
+    return merge_heads(r(att) @ r(v)), att
 
 
 def attention_stats(qkv, n_head: int, operand: Operand = None) -> np.ndarray:
     """(B, NH, T, 2): each row's softmax statistics over the causal scaled scores, what the kernel
     caches: [..., 0] the maximum score, [..., 1] 1 / sum of exp(score - maximum)."""
-    q, k, _ = _split_heads(qkv, n_head)
+    q, k, _ = split_heads(qkv, n_head)
     scores = _causal_scores(q, k, operand)
     m = scores.max(-1, keepdims=True)
     return np.stack([m[..., 0], 1.0 / np.exp(scores - m).sum(-1)], axis=-1)
@@ -201,7 +201,7 @@ def attention_stats(qkv, n_head: int, operand: Operand = None) -> np.ndarray:
 def attention_backward(dout, qkv, n_head: int, operand: Operand = None) -> np.ndarray:
     """dqkv (B, T, 3C), recomputing the probabilities from qkv."""
     r = operand or _identity
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     HS = q.shape[3]
     _, att = attention_forward(qkv, n_head, operand)
     B, T, C = np.shape(dout)
@@ -211,7 +211,7 @@ def attention_backward(dout, qkv, n_head: int, operand: Operand = None) -> np.nd
     dscores = r(softmax_backward(datt, att) / math.sqrt(HS))
     dq = dscores @ r(k)
     dk = dscores.transpose(0, 1, 3, 2) @ r(q)
-    return np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+    return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
 
 
 # --- token + position embedding -------------------------------------------------------------------
