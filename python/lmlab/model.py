@@ -416,7 +416,7 @@ class GPT:
         acts = self._buffers("_acts", _activation_layout, B, T)
         params, prec, NH = self._named, self._precision, cfg.n_head
         # One token's kernels are single rows, too little work to pay for waking the thread team
-        # (docs/DESIGN.md, "Sampling").
+        # (docs/DESIGN.md, "The model", KV cache).
         threads = ops.num_threads(1) if cache is not None and T == 1 else contextlib.nullcontext()
         with threads:
             ops.embedding_forward(acts.res[0], tokens, params["wte"], params["wpe"][start:])
