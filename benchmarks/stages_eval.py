@@ -1,6 +1,6 @@
-"""End-to-end measures of the fine-tuning stages (issue 4), from nothing, in a few minutes.
+"""End-to-end measures of the fine-tuning stages, from nothing, in a few minutes.
 
-    python benchmarks/stages_eval.py --out runs/eval [--style-corpus ../shared/data/tinyshakespeare.txt]
+    python benchmarks/stages_eval.py --out runs/eval [--style-corpus builtin:shakespeare]
 
 1. pretrain a char-level GPT on builtin:python-docs;
 2. style: fine-tune it on another corpus (tiny-shakespeare by default) and
@@ -28,8 +28,9 @@ from lmlab.pretrain import pretrain
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/eval")
-    ap.add_argument("--style-corpus", default="../shared/data/tinyshakespeare.txt",
-                    help="corpus in another style for the fine-tune (default: tiny-shakespeare)")
+    ap.add_argument("--style-corpus", default="builtin:shakespeare",
+                    help="corpus in another style for the fine-tune (default: builtin:shakespeare, "
+                         "tiny-shakespeare)")
     ap.add_argument("--pretrain-steps", type=int, default=3000)
     ap.add_argument("--finetune-steps", type=int, default=500)
     ap.add_argument("--instruct-steps", type=int, default=1500)

@@ -14,13 +14,14 @@
 // The per-head products (two forward, six backward with the recomputed scores) are
 // C (+)= alpha * op(A) . B with B's rows contiguous. In fp32 they run on the register-tiled product
 // below (measured here 15-20% faster than the general packed gemm of cpp/gemm.cpp on these small,
-// strided, causal blocks); in bf16 on gemm_bf16 (the AMX tile unit). The two whose natural B is a
-// transpose (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread copy made once per head.
+// strided, causal blocks); in bf16 on gemm (cpp/gemm.h, the native bf16 path where there is one).
+// The two whose natural B is a transpose (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread
+// copy made once per head.
 // Per thread scratch: K^T, V^T and a contiguous K or V (HS x T each) and a block or two of scores,
 // probabilities and dP / dS (kBlock x T): O(threads * T * (HS + kBlock)), nothing of size T x T.
-// Backward recomputes each block's scores (one more product, on the tile unit in bf16) and their
-// exp, instead of reading back a stored T x T probability array per head: at T = 256 that array
-// is as large as the MLP's activations, and it grows as T^2.
+// Backward recomputes each block's scores (one more product) and their exp, instead of reading back
+// a stored T x T probability array per head: at T = 256 that array is as large as the MLP's
+// activations, and it grows as T^2.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -29,7 +30,7 @@
 #include <omp.h>
 #endif
 
-#include "gemm_internal.h"
+#include "gemm.h"
 #include "isa.h"
 #include "simd.h"
 
@@ -38,7 +39,8 @@ namespace LMLAB_ISA_NS {
 namespace {
 
 // Register tile of the per-head product: kMR rows x kNV vectors of accumulators. AVX-512: 24 of the
-// 32 zmm, plus 4 for a row of B and 1 broadcast; AVX2: 12 of 16 ymm; portable: 16 scalars.
+// 32 zmm, plus 4 for a row of B and 1 broadcast; AVX2: 12 of 16 ymm; NEON: 24 of 32 q registers;
+// portable: 16 scalars.
 // Whole-vector loads and stores for the tile: going through simd.h's masked vload_n / vstore_n even
 // with a constant full count made GCC 12 keep the accumulators in memory (twice the time).
 #if defined(__AVX512F__)
@@ -49,6 +51,10 @@ inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
 constexpr int kMR = 6, kNV = 2;
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
+#elif defined(LMLAB_NEON)  // 24 of the 32 q registers, as on AVX-512
+constexpr int kMR = 6, kNV = 4;
+inline vf vload(const float* p) { return vld1q_f32(p); }
+inline void vstore(float* p, vf x) { vst1q_f32(p, x); }
 #else
 constexpr int kMR = 4, kNV = 4;
 inline vf vload(const float* p) { return *p; }
@@ -135,12 +141,13 @@ void head_gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA
     }
 }
 
-// One per-head product in the call's precision: fp32 on the register tiles above, or bf16 operands
-// on gemm_bf16 (the AMX tile unit where there is one), serial inside the head's task.
-void product(bool bf16, idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-             const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
-    if (bf16)
-        gemm_bf16(M, N, K, alpha, A, rsA, csA, B, ldb, 1, C, ldc, nullptr, accumulate, false);
+// One per-head product in the call's precision: fp32 on the register tiles above, bf16 on gemm
+// (cpp/gemm.h: the native bf16 path where the CPU has one), serial inside the head's task.
+void product(Precision precision, idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
+             idx_t csA, const float* B, idx_t ldb, float* C, idx_t ldc, bool accumulate) {
+    if (precision == Precision::bf16)
+        gemm(precision, M, N, K, alpha, Operand{A, rsA, csA}, Operand::rows(B, ldb),
+             Output::write(C, ldc, accumulate), false);
     else
         head_gemm(M, N, K, alpha, A, rsA, csA, B, ldb, C, ldc, accumulate);
 }
@@ -241,16 +248,15 @@ void softmax_backward_row(float* dp, const float* p, idx_t n) {
 
 // S = scale * Q K^T for query rows [i0, i0 + m) and keys [0, kend) into sb (ld Tp): the keys this
 // block can see.
-inline void scores_block(bool bf16, idx_t m, idx_t kend, idx_t HS, float scale, const float* qrows,
+inline void scores_block(Precision precision, idx_t m, idx_t kend, idx_t HS, float scale, const float* qrows,
                          idx_t C3, const float* kt, idx_t Tp, float* sb) {
-    product(bf16, m, kend, HS, scale, qrows, C3, 1, kt, Tp, sb, Tp, false);
+    product(precision, m, kend, HS, scale, qrows, C3, 1, kt, Tp, sb, Tp, false);
 }
 
 }  // namespace
 
 void attention_forward(float* out, float* stats, const float* qkv, idx_t B, idx_t T, idx_t C,
-                       idx_t NH, int precision) {
-    const bool bf16 = precision == kMatmulBf16;
+                       idx_t NH, Precision precision) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
@@ -273,7 +279,7 @@ void attention_forward(float* out, float* stats, const float* qkv, idx_t B, idx_
                 gather_rows(vp, v, C3, T, HS);
                 for (idx_t i0 = 0; i0 < T; i0 += kBlock) {
                     const idx_t m = T - i0 < kBlock ? T - i0 : kBlock, kend = i0 + m;
-                    scores_block(bf16, m, kend, HS, scale, q + i0 * C3, C3, kt, Tp, sb);
+                    scores_block(precision, m, kend, HS, scale, q + i0 * C3, C3, kt, Tp, sb);
                     for (idx_t r = 0; r < m; r++) {
                         float* row = sb + r * Tp;
                         const idx_t t = i0 + r;
@@ -281,7 +287,7 @@ void attention_forward(float* out, float* stats, const float* qkv, idx_t B, idx_
                         std::memset(row + t + 1, 0, (std::size_t)(kend - t - 1) * sizeof(float));
                     }
                     // O = P V; the zeros above the diagonal make the square diagonal block exact.
-                    product(bf16, m, HS, kend, 1.0f, sb, Tp, 1, vp, HS, o + i0 * C, C, false);
+                    product(precision, m, HS, kend, 1.0f, sb, Tp, 1, vp, HS, o + i0 * C, C, false);
                 }
             }
     }
@@ -289,8 +295,7 @@ void attention_forward(float* out, float* stats, const float* qkv, idx_t B, idx_
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* stats, idx_t B,
-                        idx_t T, idx_t C, idx_t NH, int precision, bool accumulate) {
-    const bool bf16 = precision == kMatmulBf16;
+                        idx_t T, idx_t C, idx_t NH, Precision precision, bool accumulate) {
     const idx_t C3 = 3 * C, HS = C / NH, Tp = padded(T);
     const float scale = 1.0f / std::sqrt((float)HS);
     const bool parallel = B * NH * T * T * HS / 2 >= kParallelWork;
@@ -325,7 +330,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     const float* dyb = dy + i0 * C;
                     // P recomputed rather than kept from the forward pass: O(1) saved per row
                     // instead of O(T^2) per head.
-                    scores_block(bf16, m, kend, HS, scale, q + i0 * C3, C3, kt, Tp, pb);
+                    scores_block(precision, m, kend, HS, scale, q + i0 * C3, C3, kt, Tp, pb);
                     for (idx_t r = 0; r < m; r++) {
                         const idx_t t = i0 + r;
                         probabilities_row(pb + r * Tp, t + 1, st + 2 * t);
@@ -333,7 +338,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     }
                     // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) row by row (zero above the
                     // diagonal, so the transposed products below can run over the square block).
-                    product(bf16, m, kend, HS, 1.0f, dyb, C, 1, vt, Tp, ds, Tp, false);
+                    product(precision, m, kend, HS, 1.0f, dyb, C, 1, vt, Tp, ds, Tp, false);
                     for (idx_t r = 0; r < m; r++) {
                         const idx_t t = i0 + r;
                         softmax_backward_row(ds + r * Tp, pb + r * Tp, t + 1);
@@ -341,9 +346,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     }
                     // dQ += scale dS K; dK += scale dS^T Q; dV += P^T dO. Key rows [0, kend) gather
                     // one partial sum per query block, added in block order.
-                    product(bf16, m, HS, kend, scale, ds, Tp, 1, kp, HS, dq + i0 * C3, C3, true);
-                    product(bf16, kend, HS, m, scale, ds, 1, Tp, q + i0 * C3, C3, dk, C3, true);
-                    product(bf16, kend, HS, m, 1.0f, pb, 1, Tp, dyb, C, dv, C3, true);
+                    product(precision, m, HS, kend, scale, ds, Tp, 1, kp, HS, dq + i0 * C3, C3, true);
+                    product(precision, kend, HS, m, scale, ds, 1, Tp, q + i0 * C3, C3, dk, C3, true);
+                    product(precision, kend, HS, m, 1.0f, pb, 1, Tp, dyb, C, dv, C3, true);
                 }
             }
     }

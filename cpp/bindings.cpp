@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -154,17 +155,9 @@ void expect_indices(const Arg& idx, idx_t limit, const char* what) {
 
 // --- matmul ----------------------------------------------------------------------------------------
 
-// "fp32" or "bf16" (see MatmulPrecision in kernels.h).
-int matmul_precision(const char* fn, const std::string& name) {
-    if (name == "fp32") return lmlab::kMatmulFp32;
-    if (name == "bf16") return lmlab::kMatmulBf16;
-    fail_value(fn, "precision must be 'fp32' or 'bf16', got '" + name + "'");
-}
-
 void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::object bias_,
-                    const std::string& precision_) {
+                    lmlab::Precision precision) {
     const char* fn = "matmul_forward";
-    const int precision = matmul_precision(fn, precision_);
     Arg out = out_f32(fn, "out", out_), inp = in_f32(fn, "inp", inp_);
     Arg weight = in_f32(fn, "weight", weight_);
     OptArg bias = opt_f32(fn, "bias", bias_, false);
@@ -181,10 +174,9 @@ void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::objec
 }
 
 void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, py::array dout_,
-                     py::array inp_, py::array weight_, const std::string& precision_,
+                     py::array inp_, py::array weight_, lmlab::Precision precision,
                      bool accumulate) {
     const char* fn = "matmul_backward";
-    const int precision = matmul_precision(fn, precision_);
     OptArg dinp = opt_f32(fn, "dinp", dinp_, true), dweight = opt_f32(fn, "dweight", dweight_, true);
     OptArg dbias = opt_f32(fn, "dbias", dbias_, true);
     Arg dout = in_f32(fn, "dout", dout_), inp = in_f32(fn, "inp", inp_);
@@ -403,9 +395,8 @@ AttentionDims attention_dims(const Arg& qkv, idx_t NH) {
 }
 
 void attention_forward(py::array out_, py::array stats_, py::array qkv_, idx_t NH,
-                       const std::string& precision_) {
+                       lmlab::Precision precision) {
     const char* fn = "attention_forward";
-    const int precision = matmul_precision(fn, precision_);
     Arg out = out_f32(fn, "out", out_), stats = out_f32(fn, "stats", stats_);
     Arg qkv = in_f32(fn, "qkv", qkv_);
     AttentionDims d = attention_dims(qkv, NH);
@@ -419,9 +410,8 @@ void attention_forward(py::array out_, py::array stats_, py::array qkv_, idx_t N
 }
 
 void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array stats_, idx_t NH,
-                        const std::string& precision_, bool accumulate) {
+                        lmlab::Precision precision, bool accumulate) {
     const char* fn = "attention_backward";
-    const int precision = matmul_precision(fn, precision_);
     Arg dqkv = out_f32(fn, "dqkv", dqkv_), dout = in_f32(fn, "dout", dout_);
     Arg qkv = in_f32(fn, "qkv", qkv_), stats = in_f32(fn, "stats", stats_);
     AttentionDims d = attention_dims(qkv, NH);
@@ -540,6 +530,23 @@ void round_bf16(py::array out_, py::array inp_) {
 
 // --- runtime -------------------------------------------------------------------------------------
 
+const lmlab::Bf16Path kBf16Paths[] = {lmlab::Bf16Path::amx, lmlab::Bf16Path::emulated};
+
+// "amx, emulated": every bf16 path, or those this CPU and OS can run.
+std::string bf16_path_list(bool available_only) {
+    std::string s;
+    for (lmlab::Bf16Path p : kBf16Paths)
+        if (!available_only || lmlab::bf16_path_available(p))
+            s += std::string(s.empty() ? "" : ", ") + lmlab::bf16_path_name(p);
+    return s;
+}
+
+// The instructions behind bf16 products in the active variant: only the AVX-512 one has native code.
+std::string bf16_matmul() {
+    if (std::string(lmlab::kernels().isa) != "avx512") return "emulated";
+    return lmlab::bf16_path_name(lmlab::bf16_path());
+}
+
 py::dict cpu_info() {
     const char* names[8];
     int n = lmlab::available_isas(names, 8);
@@ -550,12 +557,24 @@ py::dict cpu_info() {
     d["available"] = available;
     d["openmp"] = lmlab::has_openmp();
     d["num_threads"] = lmlab::get_num_threads();
-    // Where precision="bf16" matmuls run: the AMX tile unit (AVX-512 variant on an AMX CPU), or the
-    // fp32 kernels on bf16-rounded operands.
-    d["bf16_matmul"] = std::string(lmlab::kernels().isa) == "avx512" && lmlab::amx_bf16_available()
-                           ? "amx"
-                           : "emulated";
+    // Where Precision.BF16 products run: the native path (AVX-512 variant only), or emulated.
+    d["bf16_matmul"] = bf16_matmul();
+    py::list paths;
+    for (lmlab::Bf16Path p : kBf16Paths)
+        if (lmlab::bf16_path_available(p)) paths.append(lmlab::bf16_path_name(p));
+    d["bf16_paths"] = paths;
+    d["bf16_path"] = lmlab::bf16_path_name(lmlab::bf16_path());
     return d;
+}
+
+void set_bf16_path(const std::string& name) {
+    lmlab::Bf16Path path;
+    if (!lmlab::bf16_path_from_name(name.c_str(), &path))
+        throw py::value_error("set_bf16_path: unknown bf16 path '" + name + "'; the paths are " +
+                              bf16_path_list(false));
+    if (!lmlab::select_bf16_path(path))
+        throw py::value_error("set_bf16_path: '" + name + "' is not available on this CPU/OS; available: " +
+                              bf16_path_list(true));
 }
 
 void set_isa(const std::string& name) {
@@ -577,12 +596,29 @@ void set_num_threads(int n) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "lmlab's compiled kernels (private: use lmlab.ops)";
+    // How matmul and attention products multiply (Precision in cpp/kernels.h).
+    py::enum_<lmlab::Precision>(m, "Precision")
+        .value("FP32", lmlab::Precision::fp32)
+        .value("BF16", lmlab::Precision::bf16);
+    // LMLAB_BF16 forces a bf16 path for the process (tests run each path on a CPU that has it); a
+    // path this CPU lacks fails the import, rather than silently measuring another one.
+    if (const char* forced = std::getenv("LMLAB_BF16"); forced != nullptr && forced[0] != '\0') {
+        lmlab::Bf16Path path;
+        if (!lmlab::bf16_path_from_name(forced, &path))
+            throw py::import_error(std::string("LMLAB_BF16='") + forced +
+                                   "' names no bf16 path; the paths are " + bf16_path_list(false));
+        if (!lmlab::select_bf16_path(path))
+            throw py::import_error(std::string("LMLAB_BF16='") + forced +
+                                   "': this CPU/OS cannot run it; available here: " +
+                                   bf16_path_list(true));
+    }
     auto a = [](const char* name) { return py::arg(name).noconvert(); };
     auto o = [](const char* name) { return py::arg(name).none(true); };
+    const auto fp32 = lmlab::Precision::fp32;
     m.def("matmul_forward", &matmul_forward, a("out"), a("inp"), a("weight"), o("bias"),
-          py::arg("precision") = "fp32");
+          py::arg("precision") = fp32);
     m.def("matmul_backward", &matmul_backward, o("dinp"), o("dweight"), o("dbias"), a("dout"), a("inp"),
-          a("weight"), py::arg("precision") = "fp32", py::arg("accumulate") = true);
+          a("weight"), py::arg("precision") = fp32, py::arg("accumulate") = true);
     m.def("softmax_forward", &softmax_forward, a("probs"), a("logits"));
     m.def("softmax_backward", &softmax_backward, a("dlogits"), a("dprobs"), a("probs"));
     m.def("crossentropy_forward", &crossentropy_forward, a("losses"), a("lse"), a("logits"), a("targets"));
@@ -594,9 +630,9 @@ PYBIND11_MODULE(_core, m) {
     m.def("residual_forward", &residual_forward, a("out"), a("a"), a("b"));
     m.def("residual_backward", &residual_backward, a("da"), a("db"), a("dout"));
     m.def("attention_forward", &attention_forward, a("out"), a("stats"), a("qkv"), py::arg("n_head"),
-          py::arg("precision") = "fp32");
+          py::arg("precision") = fp32);
     m.def("attention_backward", &attention_backward, a("dqkv"), a("dout"), a("qkv"), a("stats"), py::arg("n_head"),
-          py::arg("precision") = "fp32", py::arg("accumulate") = true);
+          py::arg("precision") = fp32, py::arg("accumulate") = true);
     m.def("embedding_forward", &embedding_forward, a("out"), a("tokens"), a("wte"), a("wpe"));
     m.def("embedding_backward", &embedding_backward, o("dwte"), o("dwpe"), a("dout"), a("tokens"));
     m.def("adamw_update", &adamw_update, a("params"), a("m"), a("v"), a("grads"), o("decay_mask"),
@@ -606,6 +642,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("round_bf16", &round_bf16, a("out"), a("inp"));
     m.def("cpu_info", &cpu_info);
     m.def("set_isa", &set_isa, py::arg("name"));
+    m.def("set_bf16_path", &set_bf16_path, py::arg("name"));
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &lmlab::get_num_threads);
 }

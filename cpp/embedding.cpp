@@ -1,5 +1,5 @@
-// Token + position embedding and the residual add, each with its backward.
-// Shapes: tokens (B, T); wte (V, C); wpe (maxT, C); out, dout (B, T, C); residual operands (N).
+// Token + position embedding, forward and backward.
+// Shapes: tokens (B, T); wte (V, C); wpe (maxT, C); out, dout (B, T, C).
 #include "isa.h"
 #include "simd.h"
 
@@ -9,16 +9,6 @@
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
-
-namespace {
-// dst[c] += src[c] for c in [0, n): an add per element, so the result does not depend on how the range
-// is cut into vectors.
-inline void add_row(float* dst, const float* src, idx_t n) {
-    LMLAB_SIMD
-    for (idx_t c = 0; c < n; c += kW)
-        vstore_n(dst + c, vadd(vload_n(dst + c, n - c, 0.0f), vload_n(src + c, n - c, 0.0f)), n - c);
-}
-}  // namespace
 
 void embedding_forward(float* out, const std::int32_t* tokens, const float* wte, const float* wpe,
                        idx_t B, idx_t T, idx_t C) {
@@ -61,21 +51,6 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const std::
         for (idx_t t = 0; t < T; t++)
             for (idx_t b = 0; b < B; b++) add_row(dwpe + t * C, dout + (b * T + t) * C, C);
     }
-}
-
-void residual_forward(float* out, const float* a, const float* b, idx_t N) {
-    parallel_blocks(N, [=](idx_t i0, idx_t i1) {
-        LMLAB_SIMD
-        for (idx_t i = i0; i < i1; i += kW)
-            vstore_n(out + i, vadd(vload_n(a + i, i1 - i, 0.0f), vload_n(b + i, i1 - i, 0.0f)), i1 - i);
-    });
-}
-
-void residual_backward(float* da, float* db, const float* dout, idx_t N) {
-    parallel_blocks(N, [=](idx_t i0, idx_t i1) {
-        if (da != nullptr) add_row(da + i0, dout + i0, i1 - i0);
-        if (db != nullptr) add_row(db + i0, dout + i0, i1 - i0);
-    });
 }
 
 }  // namespace LMLAB_ISA_NS

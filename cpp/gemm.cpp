@@ -1,6 +1,6 @@
-// gemm: the general matrix product behind matmul and attention.
-//   C (M, N) = alpha * op(A) (M, K) . op(B) (K, N)  [+ C]
-// op(A)[m, k] = A[m * rsA + k * csA], op(B)[k, n] = B[k * rsB + n * csB], C row-major (ldc).
+// gemm: the matrix product behind matmul and attention,
+//   C (M, N) = init + alpha * A (M, K) . B (K, N)   (Operand, Output and the contract: cpp/gemm.h)
+// This file holds the dispatcher gemm, the fp32 path, the emulated bf16 path and the reference loop.
 //
 // The tuned path is the classic blocked design (Goto / BLIS):
 //   for each NC-wide column block of C:
@@ -9,8 +9,9 @@
 //         for each MR panel (L1), each NR panel:    micro-kernel: an MR x NR tile of C held in
 //                                                   registers, a slice of rank-1 updates
 // Packing copies any stride pattern (transposes included) into contiguous, aligned panels and folds
-// alpha into A, so one micro-kernel serves every case; edge panels are zero-padded, so edge tiles run
-// the very same kernel and only their write-back is partial.
+// alpha into A (the emulated bf16 path then rounds both panels), so one micro-kernel serves every
+// case; edge panels are zero-padded, so edge tiles run the very same kernel and only their
+// write-back is partial.
 //
 // Determinism: every C element is computed by the same micro-kernel instruction sequence over the
 // same KC slices in the same order; the slice depth depends on K alone. Threads only divide the
@@ -18,36 +19,46 @@
 // a serial call (the attention kernel calls gemm with parallel = false inside its own team).
 //
 // Each instruction-set build picks its own micro-kernel below: AVX-512 (14 x 32, two zmm wide),
-// AVX2+FMA (6 x 16, two ymm wide), and portable C++ the compiler vectorises as it can (4 x 8).
+// AVX2+FMA (6 x 16, two ymm wide), NEON (8 x 12, three q registers wide), and portable C++ the
+// compiler vectorises as it can (4 x 8).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "gemm.h"
 #include "gemm_internal.h"
 #include "isa.h"
-#include "simd.h"  // vf, kW, vload_n / vstore_n / vmul / vset; and <immintrin.h> on x86 variants
+#include "simd.h"  // vf, kW, vload_n / vstore_n / vmul / vset; <immintrin.h> or <arm_neon.h>
 
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
 
-void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-                    const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, bool accumulate,
-                    bool parallel) {
-#pragma omp parallel for schedule(static) if (parallel)
+void gemm_reference(Precision precision, idx_t M, idx_t N, idx_t K, float alpha, Operand A,
+                    Operand B, Output C) {
+    const bool bf16 = precision == Precision::bf16;
     for (idx_t m = 0; m < M; m++) {
         for (idx_t n = 0; n < N; n++) {
             float acc = 0.0f;
-            for (idx_t k = 0; k < K; k++) acc += A[m * rsA + k * csA] * B[k * rsB + n * csB];
-            float* c = &C[m * ldc + n];
-            *c = accumulate ? *c + alpha * acc : alpha * acc;
+            for (idx_t k = 0; k < K; k++) {
+                float a = alpha * A.at(m, k), b = B.at(k, n);
+                if (bf16) {
+                    round_to_bf16(&a, 1);
+                    round_to_bf16(&b, 1);
+                }
+                acc += a * b;
+            }
+            float* c = &C.data[m * C.ld + n];
+            const float init = C.accumulate ? *c : C.bias != nullptr ? C.bias[n] : 0.0f;
+            *c = init + acc;
         }
     }
 }
 
-// kMatmulBf16 without AMX: each packed operand rounded to bfloat16 (nearest, ties to even) and kept
-// in fp32 lanes, so the fp32 micro-kernel multiplies exactly the values the tile unit would. NaN
-// stays NaN (rounding its payload could carry it into the exponent and make it inf).
+// Precision::bf16 without native instructions: each packed operand rounded to bfloat16 (nearest,
+// ties to even) and kept in fp32 lanes, so the fp32 micro-kernel multiplies exactly the values the
+// native paths do. NaN stays NaN (rounding its payload could carry it into the exponent and make it
+// inf).
 void round_to_bf16(float* x, size_t n) {
     LMLAB_SIMD
     for (size_t i = 0; i < n; i++) {
@@ -63,25 +74,6 @@ void round_to_bf16(float* x, size_t n) {
 void round_bf16(float* out, const float* inp, idx_t n) {
     if (out != inp) std::memcpy(out, inp, (size_t)n * sizeof(float));
     round_to_bf16(out, (size_t)n);
-}
-
-static float bf16_value(float x) {
-    round_to_bf16(&x, 1);
-    return x;
-}
-
-void gemm_reference_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
-                         idx_t csA, const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc,
-                         const float* bias, bool accumulate) {
-    for (idx_t m = 0; m < M; m++) {
-        for (idx_t n = 0; n < N; n++) {
-            float acc = 0.0f;
-            for (idx_t k = 0; k < K; k++)
-                acc += bf16_value(alpha * A[m * rsA + k * csA]) * bf16_value(B[k * rsB + n * csB]);
-            float* c = &C[m * ldc + n];
-            *c = accumulate ? *c + acc : (bias != nullptr ? bias[n] + acc : acc);
-        }
-    }
 }
 
 // GCC 12 does not emit the destructor of a class-template thread_local on its own: instantiate it.
@@ -100,6 +92,10 @@ constexpr idx_t KC = 384, MC = 14 * 24, NC = 768;
 #elif defined(__AVX2__)
 constexpr int MR = 6, NR = 16;
 constexpr idx_t KC = 256, MC = 6 * 32, NC = 1024;
+#elif defined(LMLAB_NEON)
+// KC x NC of B (768 KB) for a 1 MB L2 (Graviton, Neoverse); larger caches (Apple) hold it too.
+constexpr int MR = 8, NR = 12;
+constexpr idx_t KC = 256, MC = 8 * 24, NC = 768;
 #else
 constexpr int MR = 4, NR = 8;
 constexpr idx_t KC = 256, MC = 4 * 32, NC = 512;
@@ -315,6 +311,49 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
     }
     write_back_edge(tile, c, ldc, mr, nr, bias, add);
 }
+#elif defined(LMLAB_NEON)
+// 8 x 12: 24 of the 32 q registers accumulate, 3 hold the row of B and 2 the column of A, whose
+// lanes the multiply-adds broadcast themselves (FMLA by element). Accumulators named one by one, as
+// in the AVX2 kernel: with an array, GCC 12 stores the whole tile to the stack on every step.
+void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
+                  const float* bias, bool add) {
+    static_assert(MR == 8 && NR == 12, "the NEON micro-kernel is written out for an 8 x 12 tile");
+#define LMLAB_GEMM_ROW(i) float32x4_t c##i##0 = vdupq_n_f32(0.0f), c##i##1 = c##i##0, c##i##2 = c##i##0;
+    LMLAB_GEMM_ROW(0) LMLAB_GEMM_ROW(1) LMLAB_GEMM_ROW(2) LMLAB_GEMM_ROW(3)
+    LMLAB_GEMM_ROW(4) LMLAB_GEMM_ROW(5) LMLAB_GEMM_ROW(6) LMLAB_GEMM_ROW(7)
+#undef LMLAB_GEMM_ROW
+    for (idx_t k = 0; k < kb; k++) {
+        const float32x4_t b0 = vld1q_f32(b), b1 = vld1q_f32(b + 4), b2 = vld1q_f32(b + 8);
+        const float32x4_t a03 = vld1q_f32(a), a47 = vld1q_f32(a + 4);
+#define LMLAB_GEMM_ROW(i, av, lane)                            \
+    c##i##0 = vfmaq_laneq_f32(c##i##0, b0, av, lane);          \
+    c##i##1 = vfmaq_laneq_f32(c##i##1, b1, av, lane);          \
+    c##i##2 = vfmaq_laneq_f32(c##i##2, b2, av, lane);
+        LMLAB_GEMM_ROW(0, a03, 0) LMLAB_GEMM_ROW(1, a03, 1) LMLAB_GEMM_ROW(2, a03, 2)
+        LMLAB_GEMM_ROW(3, a03, 3) LMLAB_GEMM_ROW(4, a47, 0) LMLAB_GEMM_ROW(5, a47, 1)
+        LMLAB_GEMM_ROW(6, a47, 2) LMLAB_GEMM_ROW(7, a47, 3)
+#undef LMLAB_GEMM_ROW
+        a += MR;
+        b += NR;
+    }
+    const float32x4_t rows[MR][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22},
+                                     {c30, c31, c32}, {c40, c41, c42}, {c50, c51, c52},
+                                     {c60, c61, c62}, {c70, c71, c72}};
+    if (mr == MR && nr == NR) {
+        for (int i = 0; i < MR; i++) {
+            float* ci = c + i * ldc;
+            const float* init = add ? ci : bias;
+            for (int v = 0; v < 3; v++)
+                vst1q_f32(ci + 4 * v, init != nullptr ? vaddq_f32(vld1q_f32(init + 4 * v), rows[i][v])
+                                                      : rows[i][v]);
+        }
+        return;
+    }
+    alignas(16) float tile[MR * NR];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 3; v++) vst1q_f32(tile + i * NR + 4 * v, rows[i][v]);
+    write_back_edge(tile, c, ldc, mr, nr, bias, add);
+}
 #else
 void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
                   const float* bias, bool add) {
@@ -334,9 +373,7 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
 // --- one thread's share ----------------------------------------------------------------------------
 // The blocked product on one thread over a sub-block of C. Returns false (having written nothing)
 // if its scratch could not be allocated.
-bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-                  const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-                  bool accumulate, bool bf16) {
+bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, bool bf16) {
     const idx_t kc = slice_depth(K);
     const idx_t mc = min_idx(MC, ceil_div(M, MR) * MR), nc = min_idx(NC, ceil_div(N, NR) * NR);
     float* pa = tl_pack_a.get((size_t)(mc * kc));
@@ -346,18 +383,22 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t 
         const idx_t nb = min_idx(NC, N - jc);
         for (idx_t pc = 0; pc < K; pc += kc) {
             const idx_t kb = min_idx(kc, K - pc);
-            pack_block<NR>(pb, B + pc * rsB + jc * csB, rsB, csB, nb, kb, 1.0f, bf16);
-            const bool add = accumulate || pc > 0;
-            const float* row_init = add || bias == nullptr ? nullptr : bias + jc;
+            // B's panels run along its columns (lanes) and down k.
+            const Operand b = B.from(pc, jc);
+            pack_block<NR>(pb, b.data, b.row_stride, b.col_stride, nb, kb, 1.0f, bf16);
+            // The first slice starts from C's init; later ones add to C.
+            const bool add = C.accumulate || pc > 0;
+            const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
             for (idx_t ic = 0; ic < M; ic += MC) {
                 const idx_t mb = min_idx(MC, M - ic);
-                pack_block<MR>(pa, A + ic * rsA + pc * csA, csA, rsA, mb, kb, alpha, bf16);
+                const Operand a = A.from(ic, pc);  // A's panels run down its rows and along k
+                pack_block<MR>(pa, a.data, a.col_stride, a.row_stride, mb, kb, alpha, bf16);
                 for (idx_t ir = 0; ir < mb; ir += MR) {
                     const int mr = (int)min_idx(MR, mb - ir);
                     for (idx_t jr = 0; jr < nb; jr += NR) {
                         const int nr = (int)min_idx(NR, nb - jr);
-                        micro_kernel(kb, pa + ir * kb, pb + jr * kb, C + (ic + ir) * ldc + jc + jr,
-                                     ldc, mr, nr, row_init == nullptr ? nullptr : row_init + jr,
+                        micro_kernel(kb, pa + ir * kb, pb + jr * kb, C.data + (ic + ir) * C.ld + jc + jr,
+                                     C.ld, mr, nr, row_init == nullptr ? nullptr : row_init + jr,
                                      add);
                     }
                 }
@@ -367,55 +408,44 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t 
     return true;
 }
 
-// One thread's share, falling back to the reference loop if scratch is unavailable.
-void gemm_share(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-                const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-                bool accumulate, bool bf16) {
-    if (gemm_blocked(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, bf16))
-        return;
-    if (bf16) return gemm_reference_bf16(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias,
-                                         accumulate);
-    gemm_reference(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, accumulate, false);
-    if (bias != nullptr && !accumulate)
-        for (idx_t m = 0; m < M; m++)
-            for (idx_t n = 0; n < N; n++) C[m * ldc + n] = bias[n] + C[m * ldc + n];
-}
-
-// Splits C between the threads (split_between_threads) and runs each share.
-void gemm_dispatch(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-                   const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-                   bool accumulate, bool parallel, bool bf16) {
+// Splits C between the threads (split_between_threads) and runs the blocked product on each share,
+// falling back to the reference loop where scratch is unavailable.
+void gemm_blocked_parallel(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
+                           bool parallel, bool bf16) {
     if (M <= 0 || N <= 0) return;
-    if (K <= 0) return empty_product(C, ldc, M, N, bias, accumulate);
+    if (K <= 0) return empty_product(M, N, C);
     split_between_threads(M, N, K, MR, NR, kParallelMinWork, parallel,
                           [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
-                              gemm_share(rows, cols, K, alpha, A + m0 * rsA, rsA, csA,
-                                         B + n0 * csB, rsB, csB, C + m0 * ldc + n0, ldc,
-                                         bias != nullptr ? bias + n0 : nullptr, accumulate, bf16);
+                              const Operand a = A.from(m0, 0), b = B.from(0, n0);
+                              const Output c = C.from(m0, n0);
+                              if (!gemm_blocked(rows, cols, K, alpha, a, b, c, bf16))
+                                  gemm_reference(bf16 ? Precision::bf16 : Precision::fp32, rows,
+                                                 cols, K, alpha, a, b, c);
                           });
 }
 
 }  // namespace
 
-void gemm(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-          const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, bool accumulate,
-          bool parallel) {
-    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, nullptr, accumulate, parallel,
-                  false);
+void gemm_fp32(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, bool parallel) {
+    gemm_blocked_parallel(M, N, K, alpha, A, B, C, parallel, false);
 }
 
-void gemm_bias(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-               bool parallel) {
-    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, false, parallel, false);
+void gemm_bf16_emulated(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
+                        bool parallel) {
+    gemm_blocked_parallel(M, N, K, alpha, A, B, C, parallel, true);
 }
 
-void gemm_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-               bool accumulate, bool parallel) {
-    if (gemm_amx(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, parallel))
-        return;
-    gemm_dispatch(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, parallel, true);
+void gemm(Precision precision, idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B,
+          Output C, bool parallel) {
+    if (precision == Precision::fp32) return gemm_fp32(M, N, K, alpha, A, B, C, parallel);
+    switch (bf16_path()) {
+        case Bf16Path::amx:
+            if (gemm_bf16_amx(M, N, K, alpha, A, B, C, parallel)) return;
+            break;
+        case Bf16Path::emulated:
+            break;
+    }
+    gemm_bf16_emulated(M, N, K, alpha, A, B, C, parallel);
 }
 
 }  // namespace LMLAB_ISA_NS

@@ -1,6 +1,5 @@
-// gemm_amx: the bf16 matrix product (kMatmulBf16) on Intel's AMX tile unit.
-//   C (M, N) = init + alpha * op(A) . op(B), operands rounded to bfloat16, fp32 accumulation,
-// with init = C (accumulate), the bias row, or zero; strides as in gemm (cpp/isa.h).
+// gemm_bf16_amx: the bf16 matrix product (Precision::bf16, Bf16Path::amx) on Intel's AMX tile unit.
+//   C (M, N) = init + alpha * A . B, operands rounded to bfloat16, fp32 accumulation (cpp/gemm.h).
 //
 // AMX holds eight tile registers of 16 rows x 64 bytes. TDPBF16PS C, A, B adds to a 16 x 16 fp32 tile
 // C the product of a 16 x 32 bf16 tile A and a 32 x 16 bf16 tile B stored in pairs ("VNNI" layout:
@@ -22,11 +21,12 @@
 // position in C.
 //
 // Only the AVX-512 build holds this code, each function compiled for AMX and AVX512-BF16 by a target
-// attribute; dispatch (amx_bf16_available) decides at run time whether it may run.
+// attribute; cpp/bf16_path.cpp decides at run time whether it may run.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "gemm.h"
 #include "gemm_internal.h"
 #include "isa.h"
 #include "simd.h"
@@ -42,10 +42,7 @@ namespace LMLAB_ISA_NS {
 
 #ifndef LMLAB_AMX_BUILD
 
-bool gemm_amx(idx_t, idx_t, idx_t, float, const float*, idx_t, idx_t, const float*, idx_t, idx_t,
-              float*, idx_t, const float*, bool, bool) {
-    return false;
-}
+bool gemm_bf16_amx(idx_t, idx_t, idx_t, float, Operand, Operand, Output, bool) { return false; }
 
 #else
 
@@ -291,9 +288,8 @@ inline void write_back(const float* stage, float* c, idx_t ldc, idx_t rows, idx_
 // --- one thread's share ----------------------------------------------------------------------------
 // The blocked product over a sub-block of C. Returns false (having written nothing) if its scratch
 // could not be allocated.
-LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
-                                  idx_t csA, const float* B, idx_t rsB, idx_t csB, float* C,
-                                  idx_t ldc, const float* bias, bool accumulate) {
+LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B,
+                                  Output C) {
     const idx_t kc = slice_depth(K);
     const idx_t mc = min_idx(MC, round_up(M, kBlock)), nc = min_idx(NC, round_up(N, kBlock));
     bf16_t* pa = tl_pack_a.get((size_t)(mc * kc));
@@ -314,7 +310,7 @@ LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const 
     } pending;
     auto flush = [&] {
         if (pending.stage != nullptr)
-            write_back(pending.stage, pending.c, ldc, pending.rows, pending.cols, pending.bias,
+            write_back(pending.stage, pending.c, C.ld, pending.rows, pending.cols, pending.bias,
                        pending.from_c);
         pending.stage = nullptr;
     };
@@ -322,13 +318,15 @@ LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const 
         const idx_t nb = min_idx(NC, N - jc);
         for (idx_t pc = 0; pc < K; pc += kc) {
             const idx_t kb = min_idx(kc, K - pc), steps = ceil_div(kb, kStepK);
-            pack_b(pb, B + pc * rsB + jc * csB, rsB, csB, nb, kb);
+            const Operand b = B.from(pc, jc);
+            pack_b(pb, b.data, b.row_stride, b.col_stride, nb, kb);
             // The first slice adds its products to the init; later ones to C.
-            const bool from_c = accumulate || pc > 0;
-            const float* row_init = bias != nullptr ? bias + jc : nullptr;
+            const bool from_c = C.accumulate || pc > 0;
+            const float* row_init = C.bias != nullptr ? C.bias + jc : nullptr;
             for (idx_t ic = 0; ic < M; ic += MC) {
                 const idx_t mb = min_idx(MC, M - ic);
-                pack_a(pa, A + ic * rsA + pc * csA, rsA, csA, mb, kb, alpha);
+                const Operand a = A.from(ic, pc);
+                pack_a(pa, a.data, a.row_stride, a.col_stride, mb, kb, alpha);
                 for (idx_t ir = 0; ir < mb; ir += kBlock) {
                     const idx_t ga = ir / kTile, rows = min_idx(kBlock, mb - ir);
                     for (idx_t jr = 0; jr < nb; jr += kBlock) {
@@ -340,7 +338,7 @@ LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const 
                                     pb + (gb + 1) * steps * kTileElems, st);
                         flush();
                         pending.stage = st;
-                        pending.c = C + (ic + ir) * ldc + jc + jr;
+                        pending.c = C.data + (ic + ir) * C.ld + jc + jr;
                         pending.rows = rows;
                         pending.cols = cols;
                         pending.bias = row_init != nullptr ? row_init + jr : nullptr;
@@ -355,29 +353,22 @@ LMLAB_AMX_TARGET bool amx_blocked(idx_t M, idx_t N, idx_t K, float alpha, const 
     return true;
 }
 
-void amx_share(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-               bool accumulate) {
-    if (amx_blocked(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate)) return;
-    gemm_reference_bf16(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate);
-}
-
 }  // namespace
 
-bool gemm_amx(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-              const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-              bool accumulate, bool parallel) {
-    if (!amx_bf16_available()) return false;
+bool gemm_bf16_amx(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
+                   bool parallel) {
+    if (!bf16_path_available(Bf16Path::amx)) return false;
     if (M <= 0 || N <= 0) return true;
     if (K <= 0) {
-        empty_product(C, ldc, M, N, bias, accumulate);
+        empty_product(M, N, C);
         return true;
     }
     split_between_threads(M, N, K, kBlock, kBlock, kParallelMinWork, parallel,
                           [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
-                              amx_share(rows, cols, K, alpha, A + m0 * rsA, rsA, csA, B + n0 * csB,
-                                        rsB, csB, C + m0 * ldc + n0, ldc,
-                                        bias != nullptr ? bias + n0 : nullptr, accumulate);
+                              const Operand a = A.from(m0, 0), b = B.from(0, n0);
+                              const Output c = C.from(m0, n0);
+                              if (!amx_blocked(rows, cols, K, alpha, a, b, c))
+                                  gemm_reference(Precision::bf16, rows, cols, K, alpha, a, b, c);
                           });
     return true;
 }

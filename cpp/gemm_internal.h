@@ -1,11 +1,12 @@
-// Internal to the matrix-product sources (cpp/gemm.cpp, cpp/gemm_amx.cpp, cpp/matmul.cpp): the parts
-// of the product beyond the general gemm declared in isa.h, and the machinery the fp32 and the AMX
-// paths share (scratch buffers, the split of C between threads).
+// Internal to the matrix-product sources (cpp/gemm.cpp, cpp/gemm_amx.cpp): the
+// machinery their paths share (scratch buffers, the split of C between threads, in-register
+// transposes for packing). The entry points themselves are declared in cpp/gemm.h.
 #pragma once
 
 #include <cstddef>
 #include <cstdlib>
 
+#include "gemm.h"
 #include "isa.h"
 #include "simd.h"
 
@@ -41,12 +42,11 @@ struct Scratch {
     }
 };
 
-// C (M, N) = bias broadcast over rows, or zero, unless accumulating: a product with K = 0.
-inline void empty_product(float* C, idx_t ldc, idx_t M, idx_t N, const float* bias,
-                          bool accumulate) {
-    if (accumulate) return;
+// C (M, N) = its init: a product with K = 0.
+inline void empty_product(idx_t M, idx_t N, Output C) {
+    if (C.accumulate) return;
     for (idx_t m = 0; m < M; m++)
-        for (idx_t n = 0; n < N; n++) C[m * ldc + n] = bias != nullptr ? bias[n] : 0.0f;
+        for (idx_t n = 0; n < N; n++) C.data[m * C.ld + n] = C.bias != nullptr ? C.bias[n] : 0.0f;
 }
 
 // Divides C (M x N) between the OpenMP team and runs share(m0, n0, rows, cols) on each part, from
@@ -91,45 +91,8 @@ void split_between_threads(idx_t M, idx_t N, idx_t K, idx_t unit_m, idx_t unit_n
     }
 }
 
-// gemm with the first write of each C row fused with a row vector: C (M, N) = bias (N) broadcast
-// over rows + alpha * op(A) . op(B). Saves matmul_forward a second pass over its output; bias may be
-// null (then it is gemm with accumulate = false). Thread-count independent like gemm.
-void gemm_bias(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-               bool parallel);
-
-// C (M, N) = init + alpha * op(A) . op(B) with both operands rounded to bfloat16 and the products
-// accumulated in fp32 (kMatmulBf16, see kernels.h); init is C itself (accumulate), the bias row, or
-// zero. Runs on the AMX tile unit where gemm_amx can, otherwise on the fp32 kernels fed rounded
-// operands. Thread-count independent like gemm.
-void gemm_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-               const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-               bool accumulate, bool parallel);
-
-// gemm_bf16 on AMX-BF16 tiles (cpp/gemm_amx.cpp). Returns false, having written nothing, where the
-// tiles cannot be used: not the AVX-512 build, not an AMX CPU, the OS refused the tile state, or no
-// scratch memory.
-bool gemm_amx(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-              const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
-              bool accumulate, bool parallel);
-
-// Rounds each of x (n) to the nearest bfloat16 (ties to even), in place; NaN stays NaN.
-void round_to_bf16(float* x, size_t n);
-
-// gemm_reference for gemm_bf16: operands rounded to bfloat16, init as in gemm_bf16. The fallback
-// of the bf16 paths when scratch memory cannot be had.
-void gemm_reference_bf16(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA,
-                         idx_t csA, const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc,
-                         const float* bias, bool accumulate);
-
-// The plain triple loop: each C element reduced over k in ascending order. The oracle the tuned
-// path is tested against, and its fallback when scratch memory cannot be had.
-void gemm_reference(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
-                    const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, bool accumulate,
-                    bool parallel);
-
 #if defined(__AVX512F__) || defined(__AVX2__)
-// In-register transposes for the packing routines (cpp/gemm.cpp, cpp/gemm_amx.cpp).
+// In-register transposes for the packing routines.
 #define LMLAB_GEMM_VECTOR_PACKING 1
 constexpr int kTransposeBlock = (int)kW;
 

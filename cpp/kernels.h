@@ -5,14 +5,18 @@
 //   NH = number of heads       HS = head size (C / NH)         V  = vocabulary size
 //   OC = output channels       N  = number of rows (often B*T)  maxT = block size (rows of wpe)
 //
-// Contracts (see DESIGN.md, "Kernel contracts")
+// Contracts
 //   - fp32, row-major, C-contiguous. Arguments: outputs first, then cached statistics, then inputs,
 //     weights, and dims last. Inputs are const.
-//   - Backward kernels ACCUMULATE (+=) into gradient buffers; the trainer zeroes gradients once per step.
+//   - Gradients. Parameter gradients (dweight, dbias, dwte, dwpe) always ACCUMULATE (+=): a step
+//     sums them over its micro-batches, and the trainer zeroes them once per optimiser step
+//     (GPT.zero_grad). Input gradients are WRITTEN by the kernels that take `accumulate` (dinp of
+//     matmul and GELU, dqkv of attention) when it is false, as the model calls them, so no
+//     activation-sized buffer is zero-filled first; true adds to them instead. The other input
+//     gradients accumulate: layernorm's dinp (the residual stream sums the branches into it),
+//     residual's da and db, softmax's and cross-entropy's dlogits (the model zero-fills dlogits and
+//     the residual stream's buffer once per backward).
 //     A null gradient pointer means "this gradient is not wanted" (frozen weights, no input gradient).
-//     Where a backward kernel takes `accumulate`, that flag governs its input gradient only (dinp of
-//     matmul and GELU, dqkv of attention): false overwrites it, which spares the caller a zero-fill
-//     pass over an activation-sized buffer; parameter gradients always accumulate.
 //   - Forward caches what backward needs (layernorm mean/rstd, attention's softmax statistics per
 //     row, the cross-entropy log-sum-exp per row).
 //   - Determinism: the same inputs give bitwise-identical outputs for any number of threads.
@@ -37,29 +41,31 @@ namespace lmlab {
 
 using idx_t = std::int64_t;
 
-// How the matmul kernels multiply (the `precision` argument; every array stays float32):
-//   kMatmulFp32  the fp32 values as given, fp32 accumulation.
-//   kMatmulBf16  both operands rounded to bfloat16 (round to nearest even: 8 significant bits),
-//                the products accumulated in fp32, the result fp32. On CPUs with AMX-BF16 the tile
-//                unit does this at many times the fp32 rate (cpp/gemm_amx.cpp); elsewhere the fp32
-//                kernels run on the rounded operands, which gives the same rounding of the inputs.
+// How the matrix products multiply (the `precision` argument of matmul and attention; every array
+// stays float32):
+//   Precision::fp32  the fp32 values as given, fp32 accumulation.
+//   Precision::bf16  both operands rounded to bfloat16 (round to nearest even: 8 significant bits),
+//                    the products of those exact values accumulated in fp32, the result fp32. Where
+//                    the CPU multiplies bf16 natively (Bf16Path below) this runs at up to sixteen (AMX)
+//                    times the fp32 rate; elsewhere the fp32 kernels run on the
+//                    rounded operands, which gives the same rounding of the inputs.
 // Mixed precision in the usual sense: parameters, gradients, optimiser state and every other kernel
 // stay fp32; only the operands of the products lose precision.
-enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
+enum class Precision : int { fp32 = 0, bf16 = 1 };
 
 // X(return type, name, (parameters))
+// X(return type, name, (parameters))
 #define LMLAB_KERNEL_LIST(X)                                                                        \
-    /* out (N, OC) = inp (N, C) . weight (OC, C)^T + bias (OC); bias may be null; precision is a   \
-       MatmulPrecision */                                                                           \
+    /* out (N, OC) = inp (N, C) . weight (OC, C)^T + bias (OC); bias may be null */                  \
     X(void, matmul_forward,                                                                         \
       (float* out, const float* inp, const float* weight, const float* bias, idx_t N, idx_t C,      \
-       idx_t OC, int precision))                                                                    \
-    /* dinp (N, C) += dout . weight; dweight (OC, C) += dout^T . inp; dbias (OC) += sum_n dout.     \
-       Any of dinp, dweight, dbias may be null. The two products use `precision`; dbias is fp32.    \
-       dinp is overwritten instead when accumulate is false. */                                     \
+       idx_t OC, Precision precision))                                                                    \
+    /* dinp (N, C) = dout . weight (+= when accumulate); dweight (OC, C) += dout^T . inp;          \
+       dbias (OC) += sum_n dout. Any of the three may be null. The two products use `precision`;    \
+       dbias is an fp32 sum. */                                                                     \
     X(void, matmul_backward,                                                                        \
       (float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,              \
-       const float* weight, idx_t N, idx_t C, idx_t OC, int precision, bool accumulate))            \
+       const float* weight, idx_t N, idx_t C, idx_t OC, Precision precision, bool accumulate))            \
     /* probs (N, V) = softmax over each row of logits (N, V) */                                     \
     X(void, softmax_forward, (float* probs, const float* logits, idx_t N, idx_t V))                 \
     /* dlogits (N, V) += probs * (dprobs - sum_v dprobs * probs) */                                 \
@@ -79,28 +85,27 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
     X(void, layernorm_forward,                                                                      \
       (float* out, float* mean, float* rstd, const float* inp, const float* weight,                 \
        const float* bias, idx_t N, idx_t C))                                                        \
-    /* dinp (N, C), dweight (C), dbias (C) accumulate; dweight, dbias may be null */                \
+    /* dinp (N, C) += input gradient; dweight (C), dbias (C) += their gradients, either may be null \
+       (layernorm's input gradient always accumulates: the residual stream sums into it) */         \
     X(void, layernorm_backward,                                                                     \
       (float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,              \
        const float* weight, const float* mean, const float* rstd, idx_t N, idx_t C))                \
     /* out (N) = GELU(inp), GPT-2's tanh approximation */                                           \
     X(void, gelu_forward, (float* out, const float* inp, idx_t N))                                  \
-    /* dinp (N) += GELU'(inp) * dout (= when accumulate is false) */                                \
+    /* dinp (N) = GELU'(inp) * dout (+= when accumulate) */                                         \
     X(void, gelu_backward,                                                                          \
       (float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate))                 \
     /* Causal multi-head self-attention. qkv (B, T, 3C) holds q, k, v side by side, each split      \
        into NH heads of HS = C / NH. out (B, T, C); stats (B, NH, T, 2) caches each row's softmax   \
        statistics (max score, 1 / sum), from which backward recomputes the probabilities. precision \
-       (a MatmulPrecision) applies to the products Q.K^T and P.V, and to backward's six products;   \
-       softmax stays fp32. */                                                                       \
+       applies to the products Q.K^T and P.V, and to backward's six products; softmax stays fp32. */\
     X(void, attention_forward,                                                                      \
       (float* out, float* stats, const float* qkv, idx_t B, idx_t T, idx_t C, idx_t NH,             \
-       int precision))                                                                              \
-    /* dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= when accumulate is     \
-       false) */                                                                                    \
+       Precision precision))                                                                        \
+    /* dqkv (B, T, 3C) = gradient of the attention output dout (B, T, C) (+= when accumulate) */    \
     X(void, attention_backward,                                                                     \
       (float* dqkv, const float* dout, const float* qkv, const float* stats, idx_t B, idx_t T,      \
-       idx_t C, idx_t NH, int precision, bool accumulate))                                          \
+       idx_t C, idx_t NH, Precision precision, bool accumulate))                                          \
     /* out (B, T, C) = wte[tokens[b, t]] + wpe[t]; tokens (B, T) in [0, V), T <= maxT */            \
     X(void, embedding_forward,                                                                      \
       (float* out, const std::int32_t* tokens, const float* wte, const float* wpe, idx_t B,         \
@@ -123,12 +128,12 @@ enum MatmulPrecision : int { kMatmulFp32 = 0, kMatmulBf16 = 1 };
     /* sum of squares of x (n), accumulated in double in a fixed order: the global gradient norm */ \
     X(double, sum_squares, (const float* x, idx_t n))                                               \
     /* out (n) = inp rounded to the nearest bfloat16 (ties to even), kept in fp32; NaN stays NaN:   \
-       the rounding kMatmulBf16 gives matmul operands, for code that must match it */               \
+       the rounding Precision::bf16 gives matmul operands, for code that must match it */               \
     X(void, round_bf16, (float* out, const float* inp, idx_t n))
 
 #define LMLAB_KERNEL_POINTER(ret, name, params) ret(*name) params;
 struct KernelTable {
-    const char* isa;  // "avx512", "avx2" or "portable"
+    const char* isa;  // "avx512", "avx2", "neon" or "portable"
     LMLAB_KERNEL_LIST(LMLAB_KERNEL_POINTER)
 };
 #undef LMLAB_KERNEL_POINTER
@@ -136,6 +141,7 @@ struct KernelTable {
 // The table of each compiled variant (cpp/table.cpp); only the variants this build holds exist.
 const KernelTable& kernel_table_avx512();
 const KernelTable& kernel_table_avx2();
+const KernelTable& kernel_table_neon();
 const KernelTable& kernel_table_portable();
 
 // The table of the instruction set chosen at import (the best the CPU supports, unless the
@@ -148,10 +154,25 @@ int available_isas(const char** names, int capacity);
 // Switch to a named instruction set; returns false if it is not available here.
 bool select_isa(const char* name);
 
-// Whether this CPU and OS let the AVX-512 variant use AMX-BF16 tiles for kMatmulBf16 products
-// (cpuid says AMX-TILE, AMX-BF16 and AVX512-BF16; the OS grants the tile state to this process).
-// Asked once; later calls return the cached answer.
-bool amx_bf16_available();
+// The instructions behind Precision::bf16 products in the AVX-512 variant (the other variants
+// always emulate). Every path multiplies the same bf16-rounded operands and accumulates in fp32.
+//   amx          AMX-BF16 tiles (TDPBF16PS), cpp/gemm_amx.cpp: CPU has AMX-TILE, AMX-BF16 and
+//                AVX512-BF16, and the OS grants this process the tile state
+//   emulated     the fp32 kernels on rounded operands: any CPU
+enum class Bf16Path : int { emulated = 0, amx = 2 };
+
+// "amx" or "emulated"; and back (false for an unknown name).
+const char* bf16_path_name(Bf16Path path);
+bool bf16_path_from_name(const char* name, Bf16Path* path);
+
+// Whether this CPU (and OS) can run a path; asked once, later calls return the cached answer.
+bool bf16_path_available(Bf16Path path);
+
+// The path bf16 products take: the fastest available, unless select_bf16_path chose another.
+Bf16Path bf16_path();
+
+// Choose the path (tests and LMLAB_BF16 force each one); false, changing nothing, if unavailable.
+bool select_bf16_path(Bf16Path path);
 
 // Threads: OpenMP's pool. Without OpenMP these report 1 and ignore requests.
 void set_num_threads(int n);

@@ -1,20 +1,18 @@
 // matmul: the linear layer, out = inp . weight^T + bias, and its backward.
 // Shapes: inp (N, C), weight (OC, C), bias (OC), out (N, OC); dout (N, OC).
-// All three products go through gemm (cpp/gemm.cpp), which packs the transposes away.
-#include "gemm_internal.h"
+// Both products go through gemm (cpp/gemm.h), which packs the transposes away.
+#include "gemm.h"
 #include "isa.h"
 
 namespace lmlab {
 namespace LMLAB_ISA_NS {
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, idx_t N,
-                    idx_t C, idx_t OC, int precision) {
-    // out (N, OC) = inp (N, C) . weight^T: op(B)[k, o] = weight[o * C + k]. The bias is added as each
-    // output tile is first written, not in a second pass over out.
-    if (precision == kMatmulBf16)
-        gemm_bf16(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, bias, false, true);
-    else
-        gemm_bias(N, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC, bias, true);
+                    idx_t C, idx_t OC, Precision precision) {
+    // out (N, OC) = inp (N, C) . weight^T (C, OC). The bias is the init of each output tile, not a
+    // second pass over out.
+    gemm(precision, N, OC, C, 1.0f, Operand::rows(inp, C), Operand::transpose_of(weight, C),
+         Output::with_bias(out, OC, bias), true);
 }
 
 namespace {
@@ -51,24 +49,17 @@ void bias_gradient(float* dbias, const float* dout, idx_t N, idx_t OC) {
 }  // namespace
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, idx_t N, idx_t C, idx_t OC, int precision,
+                     const float* weight, idx_t N, idx_t C, idx_t OC, Precision precision,
                      bool accumulate) {
-    const bool bf16 = precision == kMatmulBf16;
     // dinp (N, C) (+)= dout (N, OC) . weight (OC, C)
-    if (dinp != nullptr) {
-        if (bf16)
-            gemm_bf16(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, nullptr, accumulate, true);
-        else
-            gemm(N, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C, accumulate, true);
-    }
+    if (dinp != nullptr)
+        gemm(precision, N, C, OC, 1.0f, Operand::rows(dout, OC), Operand::rows(weight, C),
+             Output::write(dinp, C, accumulate), true);
     // dweight (OC, C) += dout^T (OC, N) . inp (N, C): the long reduction runs over the N rows, in
     // slices of fixed depth, so its order is the same for any thread count.
-    if (dweight != nullptr) {
-        if (bf16)
-            gemm_bf16(OC, C, N, 1.0f, dout, 1, OC, inp, C, 1, dweight, C, nullptr, true, true);
-        else
-            gemm(OC, C, N, 1.0f, dout, 1, OC, inp, C, 1, dweight, C, true, true);
-    }
+    if (dweight != nullptr)
+        gemm(precision, OC, C, N, 1.0f, Operand::transpose_of(dout, OC), Operand::rows(inp, C),
+             Output::add_to(dweight, C), true);
     if (dbias != nullptr) bias_gradient(dbias, dout, N, OC);
 }
 

@@ -1,11 +1,14 @@
-"""Shared fixtures for lmlab's tests: the kernel variants to run on and seeded generators.
+"""Shared fixtures for lmlab's tests: the kernel variants to run on, seeded generators, and the C++
+test drivers built for this machine.
 
 `tests/` is on sys.path (pytest's default "prepend" import mode), so tests import the float64
-references and the tolerance check as `import reference`.
+references and the tolerance check as `import reference`, and the C++ test drivers' build and checks
+as `import drivers`.
 """
 
 from __future__ import annotations
 
+import drivers
 import numpy as np
 import pytest
 
@@ -28,3 +31,10 @@ def rng(request):
     a failure reproduces on rerun."""
     seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2 ** 32)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def driver(tmp_path_factory):
+    """run(driver, isa, *args): a C++ test driver (tests/drivers.py) built on this machine for a
+    kernel variant on first use, then run; skipped without a C++ compiler."""
+    return drivers.runner(drivers.native_target(), tmp_path_factory)

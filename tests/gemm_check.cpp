@@ -1,10 +1,11 @@
-// Checks of the internal gemm (cpp/gemm.cpp) that the public matmul cannot reach: any stride pattern
-// (both operands transposed or not, padded leading dimensions), alpha, accumulate on/off, the serial
-// path, the parallel path at 1 and 2 threads, and a call from inside a parallel region. Built and run
-// by tests/test_gemm.py once per instruction set, which asserts on what this prints.
-// With the argument "bf16" it checks gemm_bf16 instead (cpp/gemm_amx.cpp on an AMX CPU in the avx512
-// build, else the fp32 kernels on rounded operands), with a bias row on some of the cases: the
-// reference then multiplies operands rounded to bfloat16 here, independently (frexp / nearbyint).
+// Checks of the internal gemm (cpp/gemm.h) that the public matmul cannot reach: any stride pattern
+// (both operands transposed or not, padded leading dimensions), alpha, accumulate on/off, a bias
+// row, the serial path, the parallel path at 1 and 2 threads, and a call from inside a parallel
+// region. Built and run by tests/test_gemm.py once per instruction set, which asserts on what this
+// prints.
+// Usage: gemm_check fp32 | gemm_check bf16 PATH, PATH one of amx, avx512_bf16, emulated (Bf16Path):
+// Precision::bf16 on that path (exit code 3 if this CPU cannot run it). The reference then multiplies
+// operands rounded to bfloat16 here, independently (frexp / nearbyint).
 //
 // Prints one line per case:
 //   M N K transA transB alpha accumulate rel_err bitwise guard
@@ -17,7 +18,8 @@
 #include <cstring>
 #include <vector>
 
-#include "gemm_internal.h"
+#include "gemm.h"
+#include "kernels.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -43,7 +45,7 @@ void set_threads(int n) {
 #endif
 }
 
-bool g_bf16 = false;  // check gemm_bf16 instead of gemm
+bool g_bf16 = false;  // check Precision::bf16 instead of fp32
 
 // x rounded to the nearest bfloat16 (8 significant bits, ties to even): the reference's own rounding.
 double round_bf16(double x) {
@@ -56,10 +58,9 @@ double round_bf16(double x) {
 void call(idx_t M, idx_t N, idx_t K, float alpha, const float* A, idx_t rsA, idx_t csA,
           const float* B, idx_t rsB, idx_t csB, float* C, idx_t ldc, const float* bias,
           bool accumulate, bool parallel) {
-    if (g_bf16)
-        isa::gemm_bf16(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, bias, accumulate, parallel);
-    else
-        isa::gemm(M, N, K, alpha, A, rsA, csA, B, rsB, csB, C, ldc, accumulate, parallel);
+    isa::gemm(g_bf16 ? lmlab::Precision::bf16 : lmlab::Precision::fp32, M, N, K, alpha,
+              isa::Operand{A, rsA, csA}, isa::Operand{B, rsB, csB},
+              isa::Output{C, ldc, bias, accumulate}, parallel);
 }
 
 // One case: op(A) is M x K, stored as A (M, lda) or, transposed, as (K, lda); likewise op(B).
@@ -71,8 +72,8 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
     for (float& x : B) x = uniform();
     for (float& x : C0) x = uniform();
     for (float& x : bias_row) x = uniform();
-    // gemm_bf16 starts C from a bias row on the non-accumulating cases with an odd M.
-    const float* bias = g_bf16 && !accumulate && M % 2 == 1 ? bias_row.data() : nullptr;
+    // C starts from a bias row on the non-accumulating cases with an odd M.
+    const float* bias = !accumulate && M % 2 == 1 ? bias_row.data() : nullptr;
     const idx_t rsA = transA ? 1 : lda, csA = transA ? lda : 1;
     const idx_t rsB = transB ? 1 : ldb, csB = transB ? ldb : 1;
 
@@ -101,6 +102,21 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
                  true);
     }
 
+    // The reference's operands in double, rounded to bfloat16 for gemm_bf16 (alpha folded into op(A)
+    // before rounding, as the packing does): once per case, not once per product term, which keeps
+    // the bf16 run short under qemu (tests/test_aarch64.py).
+    std::vector<double> opA(M * K), opB(K * N);
+    for (idx_t m = 0; m < M; m++)
+        for (idx_t k = 0; k < K; k++) {
+            const float a = A[m * rsA + k * csA];
+            opA[m * K + k] = g_bf16 ? round_bf16((double)(alpha * a)) / alpha : a;
+        }
+    for (idx_t k = 0; k < K; k++)
+        for (idx_t n = 0; n < N; n++) {
+            const float b = B[k * rsB + n * csB];
+            opB[k * N + n] = g_bf16 ? round_bf16(b) : b;
+        }
+
     bool guard = true;
     for (idx_t m = 0; m < M; m++) {
         for (idx_t n = 0; n < ldc; n++) {
@@ -111,11 +127,7 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
             }
             double exact = 0.0, size = 0.0;
             for (idx_t k = 0; k < K; k++) {
-                double a = A[m * rsA + k * csA], b = B[k * rsB + n * csB];
-                if (g_bf16) {  // alpha is folded into op(A) before rounding, as the packing does
-                    a = round_bf16((double)(alpha * (float)a)) / alpha;
-                    b = round_bf16(b);
-                }
+                const double a = opA[m * K + k], b = opB[k * N + n];
                 exact += a * b;
                 size += std::fabs(a * b);
             }
@@ -145,6 +157,17 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
 
 int main(int argc, char** argv) {
     g_bf16 = argc > 1 && std::strcmp(argv[1], "bf16") == 0;
+    if (g_bf16) {
+        lmlab::Bf16Path path;
+        if (argc < 3 || !lmlab::bf16_path_from_name(argv[2], &path)) {
+            std::fprintf(stderr, "usage: gemm_check fp32 | gemm_check bf16 amx|avx512_bf16|emulated\n");
+            return 2;
+        }
+        if (!lmlab::select_bf16_path(path)) {
+            std::fprintf(stderr, "gemm_check: this CPU cannot run the %s path\n", argv[2]);
+            return 3;
+        }
+    }
     // Edge sizes around every tile (MR up to 14, NR up to 32; AMX blocks of 32) and slice (KC = 384,
     // 256 or 512), the attention kernel's per-head blocks, and products big enough for two threads.
     const idx_t sizes[][3] = {{1, 1, 1},     {7, 9, 33},    {33, 7, 9},    {9, 33, 7},

@@ -16,8 +16,10 @@ import pytest
 import safetensors.numpy
 
 from lmlab import checkpoint
-from lmlab.checkpoint import (append_metrics, atomic_write, atomic_write_bytes, load_model, load_training_state,
+from lmlab.checkpoint import (append_metrics, load_model, load_training_state,
                               plot_loss, read_metrics, save_run, truncate_metrics)
+from lmlab.errors import CheckpointError
+from lmlab.files import atomic_write, atomic_write_bytes
 from lmlab.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -177,7 +179,7 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
         f.write(b"new con")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=f"cannot write {path}: disk full"):
         atomic_write(path, torn)
     assert path.read_bytes() == b"old content"
     assert os.listdir(tmp_path) == ["f.bin"]  # the temporary file is removed

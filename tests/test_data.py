@@ -114,10 +114,18 @@ def test_load_corpus_unreadable_file(tmp_path, monkeypatch):
 
 def test_unknown_builtin_lists_known():
     with pytest.raises(ValueError) as e:
-        load_corpus("builtin:shakespeare")
-    assert "'shakespeare'" in str(e.value)
+        load_corpus("builtin:milton")
+    assert "'milton'" in str(e.value)
     for name in data.BUILTIN_CORPORA:
         assert f"builtin:{name}" in str(e.value)
+
+
+def test_builtin_shakespeare_ships_with_the_package():
+    """No download and no ../shared: the text is package data, read as stored."""
+    text = load_corpus("builtin:shakespeare")
+    assert len(text) == 1_115_394
+    assert text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
+    assert text.count("ROMEO") > 100
 
 
 def test_bad_spec_type():

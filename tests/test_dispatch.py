@@ -144,3 +144,73 @@ def test_set_num_threads_below_one_raises(n):
     with pytest.raises(ValueError, match=f"n must be >= 1, got {n}"):
         lmlab.set_num_threads(n)
     assert ops.get_num_threads() == before
+
+
+# --- bf16 paths ---------------------------------------------------------------------------------------
+
+BF16_PATHS = ("amx", "avx512_bf16", "emulated")  # fastest first
+
+
+def test_cpu_info_names_the_bf16_paths():
+    info = ops.cpu_info()
+    assert info["bf16_paths"] and info["bf16_paths"][-1] == "emulated", "emulation runs everywhere"
+    assert all(p in BF16_PATHS for p in info["bf16_paths"])
+    assert info["bf16_paths"] == sorted(info["bf16_paths"], key=BF16_PATHS.index)
+    assert info["bf16_path"] in info["bf16_paths"]
+    # Only the avx512 variant holds native bf16 code.
+    expected = info["bf16_path"] if info["isa"] == "avx512" else "emulated"
+    assert info["bf16_matmul"] == expected
+    with ops.use_isa("portable"):
+        assert ops.cpu_info()["bf16_matmul"] == "emulated"
+
+
+def test_default_bf16_path_is_the_fastest():
+    if os.environ.get("LMLAB_BF16"):
+        pytest.skip("LMLAB_BF16 is set in this environment, so the import-time choice was forced")
+    info = ops.cpu_info()
+    assert info["bf16_path"] == info["bf16_paths"][0]
+
+
+@pytest.mark.parametrize("name", lmlab.cpu_info()["bf16_paths"])
+def test_use_bf16_path_switches_and_restores(name):
+    before = ops.cpu_info()["bf16_path"]
+    with ops.use_bf16_path(name):
+        assert ops.cpu_info()["bf16_path"] == name
+    assert ops.cpu_info()["bf16_path"] == before
+
+
+@pytest.mark.parametrize("name", ["AMX", "", "fp16", "avx512bf16"])
+def test_set_bf16_path_unknown_raises(name):
+    before = ops.cpu_info()["bf16_path"]
+    with pytest.raises(ValueError, match=f"unknown bf16 path '{name}'; the paths are amx, .*emulated"):
+        ops.set_bf16_path(name)
+    assert ops.cpu_info()["bf16_path"] == before
+
+
+def test_set_bf16_path_unavailable_raises():
+    missing = [p for p in BF16_PATHS if p not in ops.cpu_info()["bf16_paths"]]
+    if not missing:
+        pytest.skip("this CPU runs every bf16 path")
+    with pytest.raises(ValueError, match=f"'{missing[0]}' is not available.*available: .*emulated"):
+        ops.set_bf16_path(missing[0])
+
+
+def run_child_bf16(value):
+    env = dict(os.environ, LMLAB_BF16=value)
+    return subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("name", lmlab.cpu_info()["bf16_paths"])
+def test_lmlab_bf16_forces_a_path_at_import(name):
+    done = run_child_bf16(name)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["info"]["bf16_path"] == name
+
+
+def test_lmlab_bf16_refuses_what_the_cpu_lacks():
+    missing = [p for p in BF16_PATHS if p not in ops.cpu_info()["bf16_paths"]]
+    for name in missing + ["tf32"]:
+        done = run_child_bf16(name)
+        assert done.returncode != 0
+        assert f"LMLAB_BF16='{name}'" in done.stderr and "emulated" in done.stderr, done.stderr

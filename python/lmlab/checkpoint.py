@@ -23,10 +23,11 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 import uuid
 
 import numpy as np
+
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -35,71 +36,6 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
-
-
-# -- atomic writes ------------------------------------------------------------------------------
-
-
-def atomic_write(path, write) -> None:
-    """Create or replace `path` atomically; `write(f)` writes the content to a binary file object."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    # The rename itself is durable only once the directory entry is on disk (POSIX only).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _read_json(path: str) -> dict:
@@ -280,7 +216,7 @@ def append_metrics(run_dir, row: dict) -> None:
         raise TypeError(f"row must be a dict, got {type(row).__name__}")
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    line = (json.dumps(row, default=_json_default) + "\n").encode("utf-8")
+    line = (json.dumps(row, default=json_default) + "\n").encode("utf-8")
     with open(os.path.join(run_dir, METRICS_FILE), "a+b") as f:
         _drop_torn_tail(f)
         # One write of a whole line: a crash can at worst leave a torn last line, which read_metrics
@@ -318,7 +254,7 @@ def read_metrics(run_dir) -> list:
 def truncate_metrics(run_dir, max_step: int) -> None:
     """Keep only rows with step <= max_step (a resumed run rewrites what came after its checkpoint)."""
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= max_step]
-    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows)
+    text = "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
     atomic_write_text(os.path.join(os.fspath(run_dir), METRICS_FILE), text)
 
 

@@ -6,7 +6,8 @@ Corpus specs (load_corpus):
   a directory               every *.txt and *.md below it, recursively, in sorted path order,
                             skipping hidden files and folders (names starting with ".")
   a glob ("data/*.txt", "books/**/*.md")   the matching files, in sorted order
-  builtin:NAME              a corpus assembled offline from this Python (see BUILTIN_CORPORA)
+  builtin:NAME              a built-in corpus: shipped (shakespeare) or assembled offline from this
+                            Python (see BUILTIN_CORPORA)
 Files must be UTF-8 (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"). A single
 file's text is used as it is; several files are joined in order, each ending with a newline, with a
 blank line between files.
@@ -28,7 +29,7 @@ import os
 import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = [
     "BUILTIN_CORPORA", "load_corpus", "tokenize_corpus", "split_tokens", "BatchSampler",

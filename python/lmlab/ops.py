@@ -1,10 +1,19 @@
 """Typed Python wrappers over the compiled kernels (lmlab._core), one per kernel.
 
 Each wrapper mirrors its kernel in cpp/kernels.h: outputs first, then cached statistics, then inputs
-and weights; every array is float32 (token ids int32) and C-contiguous. Backward functions ACCUMULATE
-into their gradient arrays (zero them once per step). Passing None for a gradient skips it. The
-compiled module validates every argument and raises ValueError/TypeError naming the argument and the
-expected vs actual shape, so these wrappers stay thin: they exist to document and to return outputs.
+and weights; every array is float32 (token ids int32) and C-contiguous. The compiled module validates
+every argument and raises ValueError/TypeError naming the argument and the expected vs actual shape,
+so these wrappers stay thin: they exist to document and to return outputs.
+
+Gradients (the rule of cpp/kernels.h): parameter gradients (dweight, dbias, dwte, dwpe) always
+accumulate (+=), so a step sums its micro-batches and the trainer zeroes them once per optimiser step.
+Input gradients of the kernels taking `accumulate` (matmul's dinp, GELU's dinp, attention's dqkv) are
+written when accumulate=False, as the model calls them, and added to when True (the default here).
+layernorm's dinp, residual's da/db and the softmax/cross-entropy dlogits always accumulate. None for a
+gradient skips it.
+
+Matmul precision: the Precision enum (FP32, BF16) crosses into C++; the wrappers also take the names
+"fp32" and "bf16" (parse_precision).
 
 Shape legend: B batch, T time, C channels, NH heads, V vocabulary, OC output channels, N rows.
 """
@@ -21,31 +30,62 @@ from . import _core
 Array = np.ndarray
 
 
+# How matmul and attention products multiply: Precision.FP32, or Precision.BF16 (operands rounded to
+# bfloat16, fp32 accumulation; everything else stays fp32). Names as the command line spells them.
+Precision = _core.Precision
 MATMUL_PRECISIONS = ("fp32", "bf16")
+_BY_NAME = {"fp32": Precision.FP32, "bf16": Precision.BF16}
+NATIVE_BF16_PATHS = ("amx", "avx512_bf16")
+
+
+def parse_precision(value) -> Precision:
+    """A Precision from itself or its name ("fp32", "bf16"); ValueError naming the value otherwise."""
+    if isinstance(value, Precision):
+        return value
+    if isinstance(value, str) and value in _BY_NAME:
+        return _BY_NAME[value]
+    raise ValueError(f"precision must be one of {', '.join(MATMUL_PRECISIONS)} (or an "
+                     f"lmlab.ops.Precision), got {value!r}")
+
+
+def resolve_precision(name) -> Precision:
+    """parse_precision, plus "auto": BF16 where this CPU multiplies bf16 natively (AMX or
+    AVX512-BF16, ``cpu_info()["bf16_matmul"]``), else FP32."""
+    if isinstance(name, str) and name == "auto":
+        native = cpu_info()["bf16_matmul"] in NATIVE_BF16_PATHS
+        return Precision.BF16 if native else Precision.FP32
+    return parse_precision(name)
+
+
+def precision_name(precision) -> str:
+    """ "fp32" or "bf16": the name of a Precision (or of a name), as configs and reports spell it."""
+    p = parse_precision(precision)
+    return next(name for name, value in _BY_NAME.items() if value == p)
 
 
 def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] = None,
-                   precision: str = "fp32") -> Array:
+                   precision: Precision | str = Precision.FP32) -> Array:
     """out (..., OC) = inp (..., C) @ weight (OC, C).T + bias (OC).
 
-    precision="bf16" rounds inp and weight to bfloat16 (nearest even) and accumulates in fp32, on the
-    AMX tile unit where the CPU has one (``cpu_info()["bf16_matmul"]``); arrays stay float32.
+    Precision.BF16 rounds inp and weight to bfloat16 (nearest even) and accumulates in fp32, with
+    native bf16 instructions where the CPU has them (``cpu_info()["bf16_matmul"]``); arrays stay
+    float32.
     """
-    _core.matmul_forward(out, inp, weight, bias, precision=precision)
+    _core.matmul_forward(out, inp, weight, bias, precision=parse_precision(precision))
     return out
 
 
 def matmul_backward(dinp: Optional[Array], dweight: Optional[Array], dbias: Optional[Array],
-                    dout: Array, inp: Array, weight: Array, precision: str = "fp32",
-                    accumulate: bool = True) -> None:
-    """dinp += dout @ weight; dweight += dout.T @ inp; dbias += dout summed over rows.
+                    dout: Array, inp: Array, weight: Array,
+                    precision: Precision | str = Precision.FP32, accumulate: bool = True) -> None:
+    """dinp (+)= dout @ weight; dweight += dout.T @ inp; dbias += dout summed over rows.
 
     precision as in matmul_forward, for the two products (dbias is always an fp32 sum).
-    accumulate=False overwrites dinp instead (no zero-fill needed); the weight and bias gradients
-    always accumulate.
+    accumulate=False writes dinp instead of adding to it (no zero-fill needed); the weight and bias
+    gradients always accumulate.
     """
-    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision=precision,
-                          accumulate=accumulate)
+    _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight,
+                          precision=parse_precision(precision), accumulate=accumulate)
 
 
 def softmax_forward(probs: Array, logits: Array) -> Array:
@@ -84,7 +124,8 @@ def layernorm_forward(out: Array, mean: Array, rstd: Array, inp: Array, weight: 
 
 def layernorm_backward(dinp: Array, dweight: Optional[Array], dbias: Optional[Array], dout: Array,
                        inp: Array, weight: Array, mean: Array, rstd: Array) -> None:
-    """Accumulates the layernorm gradients into dinp, dweight and dbias."""
+    """Adds the layernorm gradients to dinp, dweight and dbias (all three accumulate: dinp is the
+    residual stream's gradient, which sums every branch)."""
     _core.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
 
 
@@ -95,7 +136,7 @@ def gelu_forward(out: Array, inp: Array) -> Array:
 
 
 def gelu_backward(dinp: Array, inp: Array, dout: Array, accumulate: bool = True) -> None:
-    """dinp += GELU'(inp) * dout (dinp = ... with accumulate=False)."""
+    """dinp (+)= GELU'(inp) * dout: written with accumulate=False, added to with True."""
     _core.gelu_backward(dinp, inp, dout, accumulate=accumulate)
 
 
@@ -111,25 +152,26 @@ def residual_backward(da: Array, db: Array, dout: Array) -> None:
 
 
 def attention_forward(out: Array, stats: Array, qkv: Array, n_head: int,
-                      precision: str = "fp32") -> Array:
+                      precision: Precision | str = Precision.FP32) -> Array:
     """Causal self-attention: qkv (B, T, 3C) -> out (B, T, C); stats (B, NH, T, 2) caches each row's
     softmax statistics (max score, 1 / sum of exp(score - max)), from which backward recomputes the
     probabilities: no T x T array is kept.
 
-    precision="bf16" gives the products Q.K^T and P.V bf16 operands (as matmul_forward does); the
+    Precision.BF16 gives the products Q.K^T and P.V bf16 operands (as matmul_forward does); the
     softmax stays fp32.
     """
-    _core.attention_forward(out, stats, qkv, n_head, precision=precision)
+    _core.attention_forward(out, stats, qkv, n_head, precision=parse_precision(precision))
     return out
 
 
 def attention_backward(dqkv: Array, dout: Array, qkv: Array, stats: Array, n_head: int,
-                       precision: str = "fp32", accumulate: bool = True) -> None:
-    """dqkv (B, T, 3C) += gradient of the attention output dout (B, T, C) (= with accumulate=False).
+                       precision: Precision | str = Precision.FP32, accumulate: bool = True) -> None:
+    """dqkv (B, T, 3C) (+)= gradient of the attention output dout (B, T, C): written with
+    accumulate=False, added to with True.
 
-    precision as in attention_forward, for the five products of the backward pass.
+    precision as in attention_forward, for the six products of the backward pass.
     """
-    _core.attention_backward(dqkv, dout, qkv, stats, n_head, precision=precision,
+    _core.attention_backward(dqkv, dout, qkv, stats, n_head, precision=parse_precision(precision),
                              accumulate=accumulate)
 
 
@@ -158,7 +200,7 @@ def adamw_update(params: Array, m: Array, v: Array, grads: Array, decay_mask: Op
 
 
 def round_bf16(x: Array, out: Optional[Array] = None) -> Array:
-    """x rounded to the nearest bfloat16 (ties to even), as float32: exactly what precision="bf16"
+    """x rounded to the nearest bfloat16 (ties to even), as float32: exactly what Precision.BF16
     does to a matmul operand. out may be x itself."""
     if out is None:
         out = np.empty_like(x)
@@ -179,8 +221,28 @@ def global_norm(x: Array) -> float:
 # --- runtime -------------------------------------------------------------------------------------
 
 def cpu_info() -> dict:
-    """The active kernel variant ('avx512', 'avx2', 'portable'), those available, OpenMP, threads."""
+    """The active kernel variant ('avx512', 'avx2', 'neon', 'portable'), those available, OpenMP, threads;
+    bf16_matmul: what runs Precision.BF16 products now ('amx', 'avx512_bf16', or 'emulated' = the
+    fp32 kernels on rounded operands); bf16_path: the path chosen for the avx512 variant (the others
+    always emulate), among bf16_paths, those this CPU can run (LMLAB_BF16 or set_bf16_path chooses)."""
     return _core.cpu_info()
+
+
+def set_bf16_path(name: str) -> None:
+    """Run bf16 products on a named path ('amx', 'avx512_bf16', 'emulated'); ValueError if this CPU
+    cannot. The environment variable LMLAB_BF16 does the same at import."""
+    _core.set_bf16_path(name)
+
+
+@contextlib.contextmanager
+def use_bf16_path(name: str) -> Iterator[None]:
+    """Run a block with bf16 products on one path, then restore the previous one."""
+    previous = _core.cpu_info()["bf16_path"]
+    _core.set_bf16_path(name)
+    try:
+        yield
+    finally:
+        _core.set_bf16_path(previous)
 
 
 def set_isa(name: str) -> None:

@@ -183,7 +183,7 @@ class Tokenizer:
 
     def save(self, path) -> None:
         """Write tokenizer.json atomically; `path` is the file, or a directory to write it into."""
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         path = os.fspath(path)
         if os.path.isdir(path):

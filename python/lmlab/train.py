@@ -109,8 +109,8 @@ class Stage(Protocol):
 class AdamW:
     """AdamW over the model's flat parameter buffer (decoupled weight decay on decay_mask).
 
-    Frozen parameters are excluded by updating only the trainable contiguous ranges of the buffer,
-    so neither their moments nor their weight decay move them.
+    It updates only the spans of the buffer the model's trainable_ranges() names, so frozen
+    parameters (model.freeze) are moved neither by their moments nor by weight decay.
     """
 
     def __init__(self, model, cfg: TrainConfig):
@@ -119,9 +119,7 @@ class AdamW:
         self.m = np.zeros_like(model.params)
         self.v = np.zeros_like(model.params)
         self.t = 0
-        self.ranges = trainable_ranges(model, cfg.frozen)
-        # The model then skips frozen gradients and stops backprop below the lowest trainable layer.
-        model.frozen = set(cfg.frozen)
+        self.ranges = model.trainable_ranges()
 
     def step(self, lr: float, grad_scale: float) -> None:
         self.t += 1
@@ -142,30 +140,6 @@ class AdamW:
         self.m[...] = arrays["m"]
         self.v[...] = arrays["v"]
         self.t = t
-
-
-def trainable_ranges(model, frozen_prefixes) -> list:
-    """Contiguous [start, stop) ranges of the flat buffer whose parameters are not frozen."""
-    from .model import frozen_by
-
-    prefixes = list(frozen_prefixes or ())
-    base = model.params.ctypes.data
-    spans = []
-    for name, view in model.named_parameters().items():
-        if any(frozen_by(name, p) for p in prefixes):
-            continue
-        start = (view.ctypes.data - base) // view.itemsize
-        spans.append((start, start + view.size))
-    spans.sort()
-    merged: list = []
-    for start, stop in spans:
-        if merged and merged[-1][1] == start:
-            merged[-1] = (merged[-1][0], stop)
-        else:
-            merged.append((start, stop))
-    if not merged:
-        raise ValueError(f"every parameter is frozen by {prefixes}; nothing would train")
-    return merged
 
 
 class _StopRequest:
@@ -224,6 +198,7 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
+    model.freeze(cfg.frozen)
     optimizer = AdamW(model, cfg)
     start_step = 0
     if resume:
