@@ -56,13 +56,13 @@ def main() -> None:
                       lr=1e-3, warmup_steps=50, eval_every=250, save_every=0, progress=False,
                       prompt="The ", sample_tokens=200)
     print(json.dumps({"measure": "style-finetune", "corpus": style,
-                      "new_val_before": round(report.new_val_before, 4),
-                      "new_val_after": round(report.new_val_after, 4),
-                      "old_val_before": report.old_val_before and round(report.old_val_before, 4),
-                      "old_val_after": report.old_val_after and round(report.old_val_after, 4),
+                      "new_val_before": round(report.details["new_val_before"], 4),
+                      "new_val_after": round(report.details["new_val_after"], 4),
+                      "old_val_before": report.details["old_val_before"] and round(report.details["old_val_before"], 4),
+                      "old_val_after": report.details["old_val_after"] and round(report.details["old_val_after"], 4),
                       "seconds": round(time.perf_counter() - t0, 1),
-                      "sample_parent": report.samples.get("parent"),
-                      "sample_finetuned": report.samples.get("finetuned")}))
+                      "sample_parent": report.details["samples"].get("parent"),
+                      "sample_finetuned": report.details["samples"].get("finetuned")}))
 
     t0 = time.perf_counter()
     tuned_dir = out / "instruct"
