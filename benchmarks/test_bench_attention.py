@@ -11,12 +11,10 @@ summary prints GFLOP/s. After timing every benchmark checks its result against f
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
-from lmlab import ops
+from lmlab import ops, reference
 
 try:
     import torch
@@ -36,20 +34,8 @@ def _data(B: int, T: int, C: int):
 
 
 def _reference(qkv: np.ndarray, dout: np.ndarray, NH: int):
-    """float64 (out, dqkv) from the definition: masked softmax(q k^T / sqrt(HS)) v and its gradient."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    x = qkv.astype(np.float64).reshape(B, T, 3, NH, C // NH).transpose(2, 0, 3, 1, 4)
-    q, k, v = x[0], x[1], x[2]  # (B, NH, T, HS)
-    scale = 1.0 / math.sqrt(C // NH)
-    s = np.where(np.tri(T, dtype=bool), q @ k.transpose(0, 1, 3, 2) * scale, -np.inf)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    dy = dout.astype(np.float64).reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
-    dp = dy @ v.transpose(0, 1, 3, 2)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True)) * scale
-    grads = np.stack([ds @ k, ds.transpose(0, 1, 3, 2) @ q, p.transpose(0, 1, 3, 2) @ dy])
-    return (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C), grads.transpose(1, 3, 0, 2, 4).reshape(B, T, C3)
+    """float64 (out, dqkv) from lmlab.reference: masked softmax(q k^T / sqrt(HS)) v and its gradient."""
+    return reference.attention_forward(qkv, NH)[0], reference.attention_backward(dout, qkv, NH)
 
 
 def _flop(B: int, T: int, C: int, pass_: str) -> float:

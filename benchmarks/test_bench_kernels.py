@@ -12,53 +12,21 @@ its result against float64 numpy afterwards, so `pytest benchmarks --benchmark-d
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import numpy as np
 import pytest
 
 from lmlab import ops
+from lmlab import reference as f64ref   # the float64 oracle for both implementations
+from lmlab.reference import GELU_CUBIC, GELU_SCALE, LAYERNORM_EPS as EPS
 
 # lmlab's thread count (the machine's two cores); LMLAB_BENCH_THREADS=1 gives the single-core view.
 THREADS = int(os.environ.get("LMLAB_BENCH_THREADS", "2"))
-EPS = 1e-5
-GELU_SCALE = math.sqrt(2.0 / math.pi)
-GELU_CUBIC = 0.044715
 
 ROW_SHAPES = [(12 * 64, 65), (16 * 256, 65), (4096, 2048), (512, 50304)]
 WIDTH_SHAPES = [(16 * 256, 384), (16 * 256, 1536)]
 PASSES = ["forward", "backward"]
-
-
-def f64(x):
-    return np.asarray(x, dtype=np.float64)
-
-
-# --- float64 references (the oracle for both implementations) ----------------------------------------
-
-def ref_logsumexp(x):
-    x = f64(x)
-    m = x.max(-1, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
-
-
-def ref_softmax(x):
-    return np.exp(f64(x) - ref_logsumexp(x)[:, None])
-
-
-def ref_layernorm(x):
-    """(norm, rstd) of each row."""
-    x = f64(x)
-    rstd = 1.0 / np.sqrt(x.var(-1, keepdims=True) + EPS)
-    return (x - x.mean(-1, keepdims=True)) * rstd, rstd
-
-
-def ref_gelu_parts(x):
-    """(sigmoid(2u), u'(x)) for GELU(x) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)."""
-    x = f64(x)
-    u = GELU_SCALE * (x + GELU_CUBIC * x ** 3)
-    return 0.5 * (1.0 + np.tanh(u)), GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x ** 2)
 
 
 # --- one problem per kernel: inputs, the two implementations, the reference --------------------------
@@ -95,7 +63,7 @@ class Softmax:
     def __init__(self, shape, rng):
         self.x = (rng.standard_normal(shape) * 3).astype(np.float32)
         self.dp = rng.standard_normal(shape).astype(np.float32)
-        self.p = ref_softmax(self.x).astype(np.float32)
+        self.p = f64ref.softmax_forward(self.x).astype(np.float32)
 
     def numpy(self, pass_):
         x, dp, p = self.x, self.dp, self.p
@@ -108,9 +76,8 @@ class Softmax:
 
     def reference(self, pass_):
         if pass_ == "forward":
-            return [ref_softmax(self.x)]
-        p = f64(self.p)
-        return [p * (f64(self.dp) - (f64(self.dp) * p).sum(-1, keepdims=True))]
+            return [f64ref.softmax_forward(self.x)]
+        return [f64ref.softmax_backward(self.dp, self.p)]
 
 
 class CrossEntropy:
@@ -120,7 +87,7 @@ class CrossEntropy:
         self.t = rng.integers(0, v, n).astype(np.int32)
         self.w = np.full(n, 1.0 / n, np.float32)
         self.w[: n // 4] = 0.0  # masked rows, as instruct tuning has
-        self.lse = ref_logsumexp(self.x).astype(np.float32)
+        self.lse = f64ref.logsumexp(self.x).astype(np.float32)
         self.rows = np.arange(n)
 
     def numpy(self, pass_):
@@ -150,12 +117,9 @@ class CrossEntropy:
         return (lambda: ops.crossentropy_backward(dx, self.x, self.lse, self.t, self.w)), [dx]
 
     def reference(self, pass_):
-        lse = ref_logsumexp(self.x)
         if pass_ == "forward":
-            return [lse - f64(self.x)[self.rows, self.t], lse]
-        g = ref_softmax(self.x)
-        g[self.rows, self.t] -= 1.0
-        return [f64(self.w)[:, None] * g]
+            return list(f64ref.crossentropy_forward(self.x, self.t))
+        return [f64ref.crossentropy_backward(self.x, self.t, self.w)]
 
 
 class LayerNorm:
@@ -165,9 +129,8 @@ class LayerNorm:
         self.weight = (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)
         self.bias = (0.1 * rng.standard_normal(c)).astype(np.float32)
         self.dy = rng.standard_normal(shape).astype(np.float32)
-        norm, rstd = ref_layernorm(self.x)
-        self.mean = f64(self.x).mean(-1).astype(np.float32)
-        self.rstd = rstd[:, 0].astype(np.float32)
+        _, mean, rstd = f64ref.layernorm_forward(self.x, self.weight, self.bias)
+        self.mean, self.rstd = mean.astype(np.float32), rstd.astype(np.float32)
 
     def numpy(self, pass_):
         x, w, b, dy = self.x, self.weight, self.bias, self.dy
@@ -206,13 +169,9 @@ class LayerNorm:
                                                self.rstd)), [dx, dw, db]
 
     def reference(self, pass_):
-        norm, rstd = ref_layernorm(self.x)
         if pass_ == "forward":
-            return [norm * f64(self.weight) + f64(self.bias), f64(self.x).mean(-1), rstd[:, 0]]
-        dy = f64(self.dy)
-        dnorm = dy * f64(self.weight)
-        dx = (dnorm - dnorm.mean(-1, keepdims=True) - norm * (dnorm * norm).mean(-1, keepdims=True)) * rstd
-        return [dx, (dy * norm).sum(0), dy.sum(0)]
+            return list(f64ref.layernorm_forward(self.x, self.weight, self.bias))
+        return list(f64ref.layernorm_backward(self.dy, self.x, self.weight))
 
 
 class Gelu:
@@ -229,11 +188,9 @@ class Gelu:
                           lambda out: ops.gelu_backward(out, self.x, self.dy))
 
     def reference(self, pass_):
-        s, du = ref_gelu_parts(self.x)
-        x = f64(self.x)
         if pass_ == "forward":
-            return [x * s]
-        return [(s + 2.0 * x * du * s * (1.0 - s)) * f64(self.dy)]
+            return [f64ref.gelu_forward(self.x)]
+        return [f64ref.gelu_backward(self.x, self.dy)]
 
 
 KERNELS = {"softmax": (Softmax, ROW_SHAPES), "crossentropy": (CrossEntropy, ROW_SHAPES),

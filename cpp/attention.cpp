@@ -39,7 +39,8 @@ namespace LMLAB_ISA_NS {
 namespace {
 
 // Register tile of the per-head product: kMR rows x kNV vectors of accumulators. AVX-512: 24 of the
-// 32 zmm, plus 4 for a row of B and 1 broadcast; AVX2: 12 of 16 ymm; portable: 16 scalars.
+// 32 zmm, plus 4 for a row of B and 1 broadcast; AVX2: 12 of 16 ymm; NEON: 24 of 32 q registers;
+// portable: 16 scalars.
 // Whole-vector loads and stores for the tile: going through simd.h's masked vload_n / vstore_n even
 // with a constant full count made GCC 12 keep the accumulators in memory (twice the time).
 #if defined(__AVX512F__)
@@ -50,6 +51,10 @@ inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
 constexpr int kMR = 6, kNV = 2;
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
+#elif defined(LMLAB_NEON)  // 24 of the 32 q registers, as on AVX-512
+constexpr int kMR = 6, kNV = 4;
+inline vf vload(const float* p) { return vld1q_f32(p); }
+inline void vstore(float* p, vf x) { vst1q_f32(p, x); }
 #else
 constexpr int kMR = 4, kNV = 4;
 inline vf vload(const float* p) { return *p; }

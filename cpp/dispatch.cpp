@@ -1,5 +1,5 @@
 // Runtime CPU dispatch and thread control. Compiled once, for the baseline instruction set, so that
-// it runs on any x86-64 (or other) CPU and can safely ask the CPU what it supports.
+// it runs on any x86-64 (or AArch64, or other) CPU and can safely ask the CPU what it supports.
 #include <cstdlib>
 #include <cstring>
 
@@ -19,7 +19,7 @@ struct Variant {
     bool (*supported)();
 };
 
-bool cpu_has_avx512() {
+[[maybe_unused]] bool cpu_has_avx512() {
 #if defined(LMLAB_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -30,7 +30,7 @@ bool cpu_has_avx512() {
 #endif
 }
 
-bool cpu_has_avx2() {
+[[maybe_unused]] bool cpu_has_avx2() {
 #if defined(LMLAB_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -39,15 +39,20 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Every AArch64 CPU has NEON (Advanced SIMD), and Linux and macOS both require it.
 bool always() { return true; }
 
-// Best first. Only variants compiled into this build appear (x86-64 builds hold all three).
+// Best first. Only variants compiled into this build appear (x86-64 builds hold avx512, avx2 and
+// portable; AArch64 builds neon and portable).
 const Variant kVariants[] = {
 #ifdef LMLAB_HAVE_AVX512
     {"avx512", &kernel_table_avx512, &cpu_has_avx512},
 #endif
 #ifdef LMLAB_HAVE_AVX2
     {"avx2", &kernel_table_avx2, &cpu_has_avx2},
+#endif
+#ifdef LMLAB_HAVE_NEON
+    {"neon", &kernel_table_neon, &always},
 #endif
     {"portable", &kernel_table_portable, &always},
 };

@@ -19,7 +19,8 @@
 // a serial call (the attention kernel calls gemm with parallel = false inside its own team).
 //
 // Each instruction-set build picks its own micro-kernel below: AVX-512 (14 x 32, two zmm wide),
-// AVX2+FMA (6 x 16, two ymm wide), and portable C++ the compiler vectorises as it can (4 x 8).
+// AVX2+FMA (6 x 16, two ymm wide), NEON (8 x 12, three q registers wide), and portable C++ the
+// compiler vectorises as it can (4 x 8).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -27,7 +28,7 @@
 #include "gemm.h"
 #include "gemm_internal.h"
 #include "isa.h"
-#include "simd.h"  // vf, kW, vload_n / vstore_n / vmul / vset; and <immintrin.h> on x86 variants
+#include "simd.h"  // vf, kW, vload_n / vstore_n / vmul / vset; <immintrin.h> or <arm_neon.h>
 
 
 namespace lmlab {
@@ -91,6 +92,10 @@ constexpr idx_t KC = 384, MC = 14 * 24, NC = 768;
 #elif defined(__AVX2__)
 constexpr int MR = 6, NR = 16;
 constexpr idx_t KC = 256, MC = 6 * 32, NC = 1024;
+#elif defined(LMLAB_NEON)
+// KC x NC of B (768 KB) for a 1 MB L2 (Graviton, Neoverse); larger caches (Apple) hold it too.
+constexpr int MR = 8, NR = 12;
+constexpr idx_t KC = 256, MC = 8 * 24, NC = 768;
 #else
 constexpr int MR = 4, NR = 8;
 constexpr idx_t KC = 256, MC = 4 * 32, NC = 512;
@@ -304,6 +309,49 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
         _mm256_store_ps(tile + i * NR, rows[i][0]);
         _mm256_store_ps(tile + i * NR + 8, rows[i][1]);
     }
+    write_back_edge(tile, c, ldc, mr, nr, bias, add);
+}
+#elif defined(LMLAB_NEON)
+// 8 x 12: 24 of the 32 q registers accumulate, 3 hold the row of B and 2 the column of A, whose
+// lanes the multiply-adds broadcast themselves (FMLA by element). Accumulators named one by one, as
+// in the AVX2 kernel: with an array, GCC 12 stores the whole tile to the stack on every step.
+void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc, int mr, int nr,
+                  const float* bias, bool add) {
+    static_assert(MR == 8 && NR == 12, "the NEON micro-kernel is written out for an 8 x 12 tile");
+#define LMLAB_GEMM_ROW(i) float32x4_t c##i##0 = vdupq_n_f32(0.0f), c##i##1 = c##i##0, c##i##2 = c##i##0;
+    LMLAB_GEMM_ROW(0) LMLAB_GEMM_ROW(1) LMLAB_GEMM_ROW(2) LMLAB_GEMM_ROW(3)
+    LMLAB_GEMM_ROW(4) LMLAB_GEMM_ROW(5) LMLAB_GEMM_ROW(6) LMLAB_GEMM_ROW(7)
+#undef LMLAB_GEMM_ROW
+    for (idx_t k = 0; k < kb; k++) {
+        const float32x4_t b0 = vld1q_f32(b), b1 = vld1q_f32(b + 4), b2 = vld1q_f32(b + 8);
+        const float32x4_t a03 = vld1q_f32(a), a47 = vld1q_f32(a + 4);
+#define LMLAB_GEMM_ROW(i, av, lane)                            \
+    c##i##0 = vfmaq_laneq_f32(c##i##0, b0, av, lane);          \
+    c##i##1 = vfmaq_laneq_f32(c##i##1, b1, av, lane);          \
+    c##i##2 = vfmaq_laneq_f32(c##i##2, b2, av, lane);
+        LMLAB_GEMM_ROW(0, a03, 0) LMLAB_GEMM_ROW(1, a03, 1) LMLAB_GEMM_ROW(2, a03, 2)
+        LMLAB_GEMM_ROW(3, a03, 3) LMLAB_GEMM_ROW(4, a47, 0) LMLAB_GEMM_ROW(5, a47, 1)
+        LMLAB_GEMM_ROW(6, a47, 2) LMLAB_GEMM_ROW(7, a47, 3)
+#undef LMLAB_GEMM_ROW
+        a += MR;
+        b += NR;
+    }
+    const float32x4_t rows[MR][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22},
+                                     {c30, c31, c32}, {c40, c41, c42}, {c50, c51, c52},
+                                     {c60, c61, c62}, {c70, c71, c72}};
+    if (mr == MR && nr == NR) {
+        for (int i = 0; i < MR; i++) {
+            float* ci = c + i * ldc;
+            const float* init = add ? ci : bias;
+            for (int v = 0; v < 3; v++)
+                vst1q_f32(ci + 4 * v, init != nullptr ? vaddq_f32(vld1q_f32(init + 4 * v), rows[i][v])
+                                                      : rows[i][v]);
+        }
+        return;
+    }
+    alignas(16) float tile[MR * NR];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 3; v++) vst1q_f32(tile + i * NR + 4 * v, rows[i][v]);
     write_back_edge(tile, c, ldc, mr, nr, bias, add);
 }
 #else

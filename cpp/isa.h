@@ -1,7 +1,7 @@
 // Internal to the kernel sources: declarations of one instruction-set variant.
 //
 // Every kernel source is compiled once per instruction set (see CMakeLists.txt), each time with
-// LMLAB_ISA_NS naming the variant (avx512, avx2, portable) and that variant's compiler flags. All code
+// LMLAB_ISA_NS naming the variant (avx512, avx2, neon, portable) and that variant's compiler flags. All code
 // in a kernel source lives in namespace lmlab::LMLAB_ISA_NS, so the variants never share a symbol: an
 // AVX-512 copy of a function can never be linked into the portable path. For the same reason kernel
 // sources use no standard-library templates that could be emitted out of line (containers,

@@ -133,7 +133,7 @@ enum class Precision : int { fp32 = 0, bf16 = 1 };
 
 #define LMLAB_KERNEL_POINTER(ret, name, params) ret(*name) params;
 struct KernelTable {
-    const char* isa;  // "avx512", "avx2" or "portable"
+    const char* isa;  // "avx512", "avx2", "neon" or "portable"
     LMLAB_KERNEL_LIST(LMLAB_KERNEL_POINTER)
 };
 #undef LMLAB_KERNEL_POINTER
@@ -141,6 +141,7 @@ struct KernelTable {
 // The table of each compiled variant (cpp/table.cpp); only the variants this build holds exist.
 const KernelTable& kernel_table_avx512();
 const KernelTable& kernel_table_avx2();
+const KernelTable& kernel_table_neon();
 const KernelTable& kernel_table_portable();
 
 // The table of the instruction set chosen at import (the best the CPU supports, unless the

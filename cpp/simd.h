@@ -1,8 +1,9 @@
 // Vector math shared by the kernel sources: one small vector API per instruction-set variant, so each
-// kernel is written once and compiled to AVX-512 (16 lanes), AVX2+FMA (8 lanes) or portable code.
+// kernel is written once and compiled to AVX-512 (16 lanes), AVX2+FMA (8 lanes), AArch64 NEON (4
+// lanes; the `neon` variant, compiled with LMLAB_NEON defined) or portable code.
 //
 // The API (all static inline, inside lmlab::LMLAB_ISA_NS like every kernel, see cpp/isa.h):
-//   vf                  the vector type; kW lanes (16, 8, or 1 on the portable path, where plain
+//   vf                  the vector type; kW lanes (16, 8, 4, or 1 on the portable path, where plain
 //                       loops marked with LMLAB_SIMD / LMLAB_SIMD_REDUCE are vectorised by the compiler)
 //   vload_n(p, n, fill) loads min(n, kW) floats from p, the lanes past n set to `fill`; never reads
 //                       past p + n (tails are masked loads, so a row's last partial vector goes through
@@ -10,8 +11,11 @@
 //   vstore_n(p, x, n)   stores min(n, kW) lanes
 //   vkeep_n(x, n)       x with the lanes from n on set to 0
 //   vstream(p, x)       non-temporal store of a full vector to a kW-aligned p; vstream_fence() orders
-//                       such stores before anything after it (call it before other threads read them)
+//                       such stores before anything after it (call it before other threads read them).
+//                       NEON has no such hint in its intrinsics: there both are a plain store / nothing.
 //   vset vadd vsub vmul vdiv vmax vmin vsqrt vabs vfmadd(a, b, c) = a * b + c
+//   vmax(a, b) / vmin(a, b) = a > b ? a : b / a < b ? a : b, so b wins when either is NaN (x86's rule,
+//                       kept on every variant: callers put the data second to propagate NaN)
 //   vselect_neg(s, a, b) = s < 0 ? a : b (per lane, by the sign bit of s)
 //   vhsum vhmax         horizontal sum / max, in a fixed lane order
 //   vexp                exp(x), see below
@@ -23,9 +27,11 @@
 // vexp: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 (Cody-Waite split, so r is exact to
 // well below an ulp), |r| <= ln2/2, exp(r) by its Taylor polynomial of degree 7 (truncation error
 // below 5.2e-9 relative, a tenth of an fp32 ulp). Measured over every fp32 x in [-110, 90] against
-// double-precision exp: max error 1.07 ulp on each of the three variants (subnormal results counted in
-// units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). x < -87 gives 0 (the
-// true result is below 1.65e-38; see kExpLo for why no subnormals), -inf gives 0, x > 88.72 gives +inf,
+// double-precision exp: max error 1.07 ulp on each of the three x86 variants (subnormal results counted
+// in units of the subnormal spacing; 0.5 ulp is the best any fp32 result can do). The NEON variant runs
+// the same operations (fused multiply-adds, ties-to-even rounding, the AVX2 scaling); tests/simd_check.cpp
+// holds every variant, NEON under qemu, to that bound on a sample of x. x < -87 gives 0 (the true
+// result is below 1.65e-38; see kExpLo for why no subnormals), -inf gives 0, x > 88.72 gives +inf,
 // NaN gives NaN. The scaling by 2^n is done in two exact steps (or by AVX-512's scalef), so no
 // intermediate over- or underflows.
 #pragma once
@@ -35,7 +41,17 @@
 
 #include "isa.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(LMLAB_NEON) && !(defined(__aarch64__) && defined(__ARM_NEON))
+#error "LMLAB_NEON (the neon variant) needs an AArch64 target, where NEON is baseline"
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(LMLAB_NEON)
+// The variant is written with intrinsics (see LMLAB_SIMD below).
+#define LMLAB_VECTOR_INTRINSICS 1
+#endif
+
+#if defined(LMLAB_NEON)
+#include <arm_neon.h>
+#elif defined(__AVX512F__) || defined(__AVX2__)
 // GCC 12 warns about the deliberately undefined registers inside its own AVX-512 intrinsics at -O3
 // (a known false positive); the warning is placed at the intrinsic header's lines, so silence it there.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -50,7 +66,7 @@
 #endif
 
 #define LMLAB_PRAGMA(x) _Pragma(#x)
-#if defined(__AVX512F__) || defined(__AVX2__)
+#ifdef LMLAB_VECTOR_INTRINSICS
 // The vector variants use intrinsics; the compiler must not reorder their reductions.
 #define LMLAB_SIMD
 #define LMLAB_SIMD_REDUCE(op, ...)
@@ -91,7 +107,68 @@ constexpr float kInvFact3 = 1.0f / 6.0f, kInvFact4 = 1.0f / 24.0f, kInvFact5 = 1
                 kInvFact6 = 1.0f / 720.0f, kInvFact7 = 1.0f / 5040.0f;
 }  // namespace simd_constants
 
-#if defined(__AVX512F__)
+#if defined(LMLAB_NEON)
+
+using vf = float32x4_t;
+constexpr idx_t kW = 4;
+
+static inline uint32x4_t lane_mask(idx_t n) {
+    const std::uint32_t lanes[4] = {0, 1, 2, 3};
+    return vcltq_u32(vld1q_u32(lanes), vdupq_n_u32((std::uint32_t)(n < 0 ? 0 : n < 4 ? n : 4)));
+}
+static inline vf vset(float a) { return vdupq_n_f32(a); }
+// Tails lane by lane: NEON has no masked load or store, and the lanes past n must not be touched.
+static inline vf vload_n(const float* p, idx_t n, float fill) {
+    if (n >= 4) return vld1q_f32(p);
+    vf x = vdupq_n_f32(fill);
+    if (n > 0) x = vsetq_lane_f32(p[0], x, 0);
+    if (n > 1) x = vsetq_lane_f32(p[1], x, 1);
+    if (n > 2) x = vsetq_lane_f32(p[2], x, 2);
+    return x;
+}
+static inline void vstore_n(float* p, vf x, idx_t n) {
+    if (n >= 4) return vst1q_f32(p, x);
+    if (n > 0) p[0] = vgetq_lane_f32(x, 0);
+    if (n > 1) p[1] = vgetq_lane_f32(x, 1);
+    if (n > 2) p[2] = vgetq_lane_f32(x, 2);
+}
+static inline vf vkeep_n(vf x, idx_t n) {
+    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(x), lane_mask(n)));
+}
+static inline void vstream(float* p, vf x) { vst1q_f32(p, x); }
+static inline void vstream_fence() {}
+static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
+// FMAX/FMIN return NaN when either operand is; select instead, for x86's second-operand rule.
+static inline vf vmax(vf a, vf b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+static inline vf vmin(vf a, vf b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+static inline vf vsqrt(vf a) { return vsqrtq_f32(a); }
+static inline vf vabs(vf a) { return vabsq_f32(a); }
+static inline vf vfmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf vselect_neg(vf s, vf a, vf b) {
+    const uint32x4_t neg = vreinterpretq_u32_s32(vshrq_n_s32(vreinterpretq_s32_f32(s), 31));
+    return vbslq_f32(neg, a, b);
+}
+// One instruction each, pairwise in a fixed order ((x0 + x1) + (x2 + x3)); FMAXV propagates NaN.
+static inline float vhsum(vf a) { return vaddvq_f32(a); }
+static inline float vhmax(vf a) { return vmaxvq_f32(a); }
+static inline vf vround(vf a) { return vrndnq_f32(a); }  // to nearest, ties to even
+static inline vf vzero_where_below(vf x, float lo, vf r) {
+    return vbslq_f32(vcltq_f32(x, vdupq_n_f32(lo)), vdupq_n_f32(0.0f), r);
+}
+// See the AVX2 version: two exact power-of-two factors, each a normal float.
+static inline vf vldexp(vf p, vf n) {
+    int32x4_t k = vcvtnq_s32_f32(n);
+    k = vminq_s32(vmaxq_s32(k, vdupq_n_s32(-150)), vdupq_n_s32(129));
+    const int32x4_t k1 = vshrq_n_s32(k, 1), k2 = vsubq_s32(k, k1), bias = vdupq_n_s32(127);
+    const vf f1 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(k1, bias), 23));
+    const vf f2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(k2, bias), 23));
+    return vmulq_f32(vmulq_f32(p, f1), f2);
+}
+
+#elif defined(__AVX512F__)
 
 using vf = __m512;
 constexpr idx_t kW = 16;

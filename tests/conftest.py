@@ -1,17 +1,20 @@
-"""Shared fixtures for lmlab's tests: the kernel variants to run on and seeded generators.
+"""Shared fixtures for lmlab's tests: the kernel variants to run on, seeded generators, and the C++
+test drivers built for this machine.
 
 `tests/` is on sys.path (pytest's default "prepend" import mode), so tests import the float64
-references and the tolerance check as `import reference`.
+references and the tolerance check as `import reference`, and the C++ test drivers' build and checks
+as `import drivers`.
 """
 
 from __future__ import annotations
 
+import drivers
 import numpy as np
 import pytest
 
 from lmlab import ops
 
-# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "portable").
+# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "neon", "portable").
 AVAILABLE_ISAS = list(ops.cpu_info()["available"])
 
 
@@ -28,6 +31,13 @@ def rng(request):
     a failure reproduces on rerun."""
     seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2 ** 32)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def driver(tmp_path_factory):
+    """The C++ test drivers (tests/drivers.py) built on this machine, each for a kernel variant on
+    first use; skipped without a C++ compiler."""
+    return drivers.drivers(drivers.native_target(), tmp_path_factory)
 
 
 # Where Precision.BF16 products can run: every bf16 path this CPU has in the avx512 variant (the only

@@ -102,6 +102,21 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
                  true);
     }
 
+    // The reference's operands in double, rounded to bfloat16 for gemm_bf16 (alpha folded into op(A)
+    // before rounding, as the packing does): once per case, not once per product term, which keeps
+    // the bf16 run short under qemu (tests/test_aarch64.py).
+    std::vector<double> opA(M * K), opB(K * N);
+    for (idx_t m = 0; m < M; m++)
+        for (idx_t k = 0; k < K; k++) {
+            const float a = A[m * rsA + k * csA];
+            opA[m * K + k] = g_bf16 ? round_bf16((double)(alpha * a)) / alpha : a;
+        }
+    for (idx_t k = 0; k < K; k++)
+        for (idx_t n = 0; n < N; n++) {
+            const float b = B[k * rsB + n * csB];
+            opB[k * N + n] = g_bf16 ? round_bf16(b) : b;
+        }
+
     bool guard = true;
     for (idx_t m = 0; m < M; m++) {
         for (idx_t n = 0; n < ldc; n++) {
@@ -112,11 +127,7 @@ void run_case(idx_t M, idx_t N, idx_t K, bool transA, bool transB, float alpha, 
             }
             double exact = 0.0, size = 0.0;
             for (idx_t k = 0; k < K; k++) {
-                double a = A[m * rsA + k * csA], b = B[k * rsB + n * csB];
-                if (g_bf16) {  // alpha is folded into op(A) before rounding, as the packing does
-                    a = round_bf16((double)(alpha * (float)a)) / alpha;
-                    b = round_bf16(b);
-                }
+                const double a = opA[m * K + k], b = opB[k * N + n];
                 exact += a * b;
                 size += std::fabs(a * b);
             }

@@ -3,7 +3,7 @@
 Through the public ops: the linear layer's forward and both backward products against float64 numpy
 on awkward shapes (sizes around the register tiles and cache slices), the accumulate and skip
 contracts, and bitwise-identical results for 1 and 2 threads. Through a small C++ driver
-(tests/gemm_check.cpp, compiled here against cpp/gemm.cpp once per instruction set): any stride
+(tests/gemm_check.cpp, compiled here against cpp/gemm.cpp once per instruction set by tests/drivers.py): any stride
 pattern, alpha, accumulate on and off, and calls from inside a parallel region, which matmul alone
 never exercises.
 
@@ -14,29 +14,20 @@ below 1e-5 * max(1, sqrt(d / 64)).
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import reference as ref
+from drivers import check_gemm_rows
+from drivers import gemm_tolerance as tolerance
 from lmlab import ops
 
 ISAS = ops.cpu_info()["available"]
-ROOT = Path(__file__).resolve().parent.parent
 
 # (N rows, C in, OC out): tile edges of every variant (MR 14/6/4, NR 32/16/8), reductions deeper than
 # one slice (384 deep for AVX-512, 256 otherwise), and one row or column alone.
 SHAPES = [(1, 1, 1), (7, 9, 33), (33, 7, 9), (9, 33, 7), (15, 257, 31), (29, 600, 65),
           (130, 64, 300), (1, 300, 5), (300, 5, 1)]
-
-
-def tolerance(depth: int) -> float:
-    return 1e-5 * max(1.0, np.sqrt(depth / 64))
 
 
 def rel_err(got: np.ndarray, exact: np.ndarray, size: np.ndarray) -> float:
@@ -191,68 +182,13 @@ def test_dpbf16_path_is_the_documented_instruction(scale):
 
 # --- the internal gemm, through tests/gemm_check.cpp -------------------------------------------------
 
-FLAGS = {  # as in CMakeLists.txt
-    "portable": [],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
-}
-
-
-def compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-GEMM_SOURCES = ("gemm.cpp", "gemm_amx.cpp", "gemm_dpbf16.cpp", "bf16_path.cpp")
-
 # Precision::bf16 runs on every path this CPU has, each checked in the avx512 build (the only one with
 # native code; the other builds emulate whatever path is chosen).
-BF16_PATHS = ops.cpu_info()["bf16_paths"]
-MODES = ["fp32"] + [f"bf16:{p}" for p in BF16_PATHS]
-
-
-@pytest.fixture(scope="module")
-def gemm_check(tmp_path_factory):
-    """Builds the driver for an instruction set on first use; returns its printed rows."""
-    cxx = compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler to build tests/gemm_check.cpp")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("the instruction-set flags below are x86-64 flags")
-    out_dir = tmp_path_factory.mktemp("gemm_check")
-
-    built = {}
-
-    def run(isa: str, mode: str = "fp32"):
-        exe = out_dir / f"gemm_check_{isa}"
-        if isa not in built:
-            # bf16_path.cpp decides which bf16 paths may run (the native ones: avx512 build only).
-            subprocess.run([cxx, "-std=c++17", "-O2", "-fopenmp", f"-I{ROOT / 'cpp'}",
-                            f"-DLMLAB_ISA_NS={isa}", "-DLMLAB_HAVE_AVX512", *FLAGS[isa],
-                            str(ROOT / "tests" / "gemm_check.cpp"),
-                            *(str(ROOT / "cpp" / f) for f in GEMM_SOURCES), "-o", str(exe)],
-                           check=True)
-            built[isa] = exe
-        text = subprocess.run([str(exe), *mode.split(":")], check=True, capture_output=True,
-                              text=True).stdout
-        return [line.split() for line in text.strip().splitlines()]
-
-    return run
+MODES = ["fp32"] + [f"bf16:{p}" for p in ops.cpu_info()["bf16_paths"]]
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("isa", ISAS)
-def test_gemm_strides_alpha_accumulate(isa, mode, gemm_check):
+def test_gemm_strides_alpha_accumulate(isa, mode, driver):  # driver: conftest.py
     # bf16: the reference multiplies the same bf16-rounded operands, so the tolerance is fp32's.
-    rows = gemm_check(isa, mode)
-    assert len(rows) == 58  # 14 sizes x 4 stride patterns, and 2 zero-depth cases
-    seen = set()
-    for M, N, K, trans_a, trans_b, alpha, accumulate, err, bitwise, guard in rows:
-        case = f"M={M} N={N} K={K} transA={trans_a} transB={trans_b} alpha={alpha} acc={accumulate}"
-        assert float(err) < tolerance(int(K)), case
-        assert bitwise == "1", f"{case}: serial, 1-thread, 2-thread and nested calls differ"
-        assert guard == "1", f"{case}: wrote outside the C window"
-        seen.add((trans_a, trans_b, accumulate))
-    assert len(seen) == 8  # every stride pattern with and without accumulate
+    check_gemm_rows(driver.lines("gemm_check", isa, *mode.split(":")))

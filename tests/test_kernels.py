@@ -536,7 +536,7 @@ def attention_bf16_expected(qkv, dout, NH):
     """(out, stats, dqkv) of the bf16 reference and the elementwise bound on the kernel's error of
     each, following the kernel's operation order (cpp/attention.cpp)."""
     r = ref.round_bf16
-    q, k, v = ref._split_heads(qkv, NH)  # (B, NH, T, HS) float64
+    q, k, v = ref.split_heads(qkv, NH)  # (B, NH, T, HS) float64
     B, _, T, HS = q.shape
     scale = 1.0 / math.sqrt(HS)
     dy = np.asarray(dout, np.float64).reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
@@ -562,8 +562,8 @@ def attention_bf16_expected(qkv, dout, NH):
     wP = 1.01 * P * rho_P  # first order in rho, which is below 1e-2: 1% covers the rest
     slack_P = bf16_slack(P, wP)
 
-    out = ref._merge_heads(r(P) @ rv)
-    out_bound = ref._merge_heads(slack_P @ np.abs(rv))
+    out = ref.merge_heads(r(P) @ rv)
+    out_bound = ref.merge_heads(slack_P @ np.abs(rv))
     stats = np.stack([m[..., 0], 1.0 / e.sum(-1)], axis=-1)
     stats_bound = np.stack([dS_abs.max(-1), stats[..., 1] * (1.01 * rho_e.max(-1) + gamma(T) + EPS32)], axis=-1)
 
@@ -578,7 +578,7 @@ def attention_bf16_expected(qkv, dout, NH):
     rdS = r(dSc)
     dq, dk, dv = rdS @ rk, tr(rdS) @ r(q), tr(r(P)) @ rdy
     bq, bk, bv = slack_dS @ np.abs(rk), tr(slack_dS) @ np.abs(r(q)), tr(slack_P) @ np.abs(rdy)
-    merge = lambda a, b, c: np.concatenate([ref._merge_heads(a), ref._merge_heads(b), ref._merge_heads(c)], -1)
+    merge = lambda a, b, c: np.concatenate([ref.merge_heads(a), ref.merge_heads(b), ref.merge_heads(c)], -1)
     return (out, out_bound), (stats, stats_bound), (merge(dq, dk, dv), merge(bq, bk, bv))
 
 

@@ -28,8 +28,7 @@ from typing import Callable, Iterator, List, Optional
 import numpy as np
 
 from . import ops
-
-GELU_SCALE = math.sqrt(2.0 / math.pi)
+from .reference import GELU_SCALE
 
 # (M, K, N): inp (M, K) . weight (N, K)^T. M = B*T rows; K, N the layer's in/out widths.
 MATMUL_SHAPES = {

@@ -1,4 +1,8 @@
-"""Built-in corpora assembled offline from the running Python's standard library.
+"""Built-in corpora: one shipped with the package, the others assembled offline from the running
+Python's standard library.
+
+`shakespeare` is tiny-shakespeare (about 40,000 lines of Shakespeare's plays, 1.1 MB; public
+domain), the corpus of nanoGPT's CPU recipe, stored in this package as corpora/shakespeare.txt.
 
 `python-docs` is English prose and code examples taken from the interpreter itself: the language
 reference topics that `help()` shows (pydoc_data.topics), then the docstrings of the public modules,
@@ -23,11 +27,15 @@ import sys
 FORMAT_VERSION = 1
 
 BUILTIN_CORPORA = {
+    "shakespeare": "tiny-shakespeare: ~40,000 lines of Shakespeare's plays, shipped with lmlab (1.1 MB)",
     "python-docs": "Python language reference topics and stdlib docstrings, from this interpreter (>= 1 MB)",
     "python-docs-small": "The first ~200 KB of python-docs, cut at a paragraph break (for quick tests)",
 }
 
 SMALL_CHARS = 200_000
+
+# Corpora stored in the package (name -> file under this directory), read as they are.
+SHIPPED = {"shakespeare": os.path.join("corpora", "shakespeare.txt")}
 
 # Never imported: they open browsers or windows, print on import, start a REPL, need a display,
 # change the terminal, or are test suites / deprecated tool packages with heavy side effects.
@@ -59,6 +67,10 @@ def build_builtin(name: str, cache: str | None = None) -> str:
     if name not in BUILTIN_CORPORA:
         known = ", ".join(f"builtin:{k}" for k in sorted(BUILTIN_CORPORA))
         raise ValueError(f"unknown built-in corpus {name!r}; known: {known}")
+    if name in SHIPPED:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED[name]),
+                  encoding="utf-8") as f:
+            return f.read()
     path = corpus_cache_path(name, cache)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -69,7 +81,7 @@ def build_builtin(name: str, cache: str | None = None) -> str:
         full = build_builtin("python-docs", cache)
         cut = full.rfind("\n\n", 0, SMALL_CHARS)
         text = full[: cut + 1 if cut > 0 else SMALL_CHARS]
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, text)

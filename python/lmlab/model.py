@@ -1,35 +1,45 @@
-"""The GPT model: configuration, parameters, forward, backward and KV-cache inference.
+"""The GPT model: configuration, parameters, forward (with an optional KV cache) and backward.
 
 GPT-2's architecture (Radford et al. 2019, as laid out in nanoGPT's model.py and llm.c's
 train_gpt2.c): token + learned position embeddings, pre-LayerNorm blocks of causal multi-head
 self-attention and a GELU MLP of width 4C, a final LayerNorm, and an LM head tied to the token
 embedding. Every computation runs through the kernels in lmlab.ops; this file only owns memory.
+docs/DESIGN.md walks one training step through it.
 
-Memory layout
-- Parameters live in ONE flat float32 buffer (`params`) and gradients in another (`grads`), so
-  AdamW, clipping and checkpoints each work on one array. `named_parameters()` / `named_grads()`
-  are views with GPT-2's names (wte and wpe without ".weight"); weights are stored (out, in)
-  like torch.nn.Linear, so `y = x @ W.T + b`, as in nanoGPT's state dict minus its
-  "transformer." prefix and the tied lm_head (Hugging Face GPT-2 files store (in, out) Conv1D
-  weights, which need a transpose).
-- Activations live in one arena allocated for a (B, T) and kept while later calls fit in it; the
-  per-(B, T) views are rebuilt only when B or T change. Per layer the forward keeps only what the
-  backward reads (residual streams, LayerNorm outputs and statistics, qkv, attention's softmax
-  statistics per row (its backward recomputes the probabilities, so no T x T array is kept), the
-  attention output, the MLP's GELU input and output); the projections' outputs go to one shared
-  buffer (only their sum with the residual is needed), and the gradient buffers are shared by all
-  layers: about 16C + 2 NH floats per token per layer in all. (Recomputing the GELU output
-  in the backward instead would save 4C per token per layer for one more GELU pass per layer; on
-  the 6x384, T=256 config that was 1.5% of the step against 150 MiB, and speed won.)
+Memory layout (llm.c's names: params, grads, acts, grads_acts)
+- Parameters live in ONE flat float32 buffer (`params`) and gradients in another (`grads`), laid
+  out by one table (`parameter_layout`), so AdamW, clipping and checkpoints each work on one array
+  and every parameter's offsets come from that table. `named_parameters()` / `named_grads()` are
+  views with GPT-2's names (wte and wpe without ".weight"); weights are stored (out, in) like
+  torch.nn.Linear, so `y = x @ W.T + b`, as in nanoGPT's state dict minus its "transformer." prefix
+  and the tied lm_head (Hugging Face GPT-2 files store (in, out) Conv1D weights: transpose them).
+- Activations (`acts`) live in one arena laid out by `_activation_layout` for a (B, T), kept while
+  later calls fit in it. Per layer the forward keeps only what the backward reads: residual
+  streams, LayerNorm outputs and statistics, qkv, attention's softmax statistics per row (its
+  backward recomputes the probabilities, so no T x T array is kept), the attention output, the
+  MLP's GELU input and output. The projections' outputs share one buffer (only their sum with the
+  residual is needed). The activation gradients (`grads_acts`, `_grad_activation_layout`) are
+  shared by all layers, some buffers reusing the memory of one that is dead by then.
 
-Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16") is handed to every matmul and
-attention kernel call (forward, backward, KV-cached forward); with "bf16" the operands of their
-products are rounded to bfloat16 and accumulated in fp32, while parameters, gradients and every
-other op stay fp32.
+Gradient rule (cpp/kernels.h): parameter gradients ACCUMULATE (+=) and zero_grad() clears them once
+per optimiser step, so micro-batches sum. The input gradients of matmul, GELU and attention are
+WRITTEN (accumulate=False), so their buffers are never zero-filled. Two input gradients are added
+on purpose, into buffers cleared once per backward: LayerNorm's, into the residual stream's
+gradient (that add is the residual connection's backward: d(res) = d(res after the block) +
+d(block input)), and cross-entropy's, into dlogits.
+
+Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16"), kept as the ops.Precision the kernels
+take, is handed to every matmul and attention kernel call; with "bf16" the operands of their products are rounded to bfloat16 and
+accumulated in fp32, while parameters, gradients and every other op stay fp32.
+
+Frozen parameters: `freeze(prefixes)` names parameters the optimiser leaves alone; backward skips
+their gradients and stops below the lowest layer that still trains, and `trainable_ranges()` gives
+the optimiser the spans of the flat buffer it updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -58,48 +68,39 @@ class GPTConfig:
                              f"({self.n_head})")
 
 
-def _parameter_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """The size table of the flat parameter buffer, in storage order."""
+# --- layout tables: (name, shape), in storage order ---------------------------------------------------
+
+# One block's parameters: the attribute _Layer gives each, and its GPT-2 name after "h.{i}.".
+_LAYER_PARAMETERS = (
+    ("ln1w", "ln_1.weight"), ("ln1b", "ln_1.bias"),
+    ("qkvw", "attn.c_attn.weight"), ("qkvb", "attn.c_attn.bias"),
+    ("attprojw", "attn.c_proj.weight"), ("attprojb", "attn.c_proj.bias"),
+    ("ln2w", "ln_2.weight"), ("ln2b", "ln_2.bias"),
+    ("fcw", "mlp.c_fc.weight"), ("fcb", "mlp.c_fc.bias"),
+    ("fcprojw", "mlp.c_proj.weight"), ("fcprojb", "mlp.c_proj.bias"),
+)
+
+
+def parameter_layout(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The table of the flat parameter (and gradient) buffer."""
     V, C, maxT = cfg.vocab_size, cfg.n_embd, cfg.block_size
-    shapes = [("wte", (V, C)), ("wpe", (maxT, C))]
+    block_shapes = {
+        "ln_1.weight": (C,), "ln_1.bias": (C,),
+        "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,),
+        "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
+        "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,),
+    }
+    layout = [("wte", (V, C)), ("wpe", (maxT, C))]
     for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        shapes += [
-            (p + "ln_1.weight", (C,)), (p + "ln_1.bias", (C,)),
-            (p + "attn.c_attn.weight", (3 * C, C)), (p + "attn.c_attn.bias", (3 * C,)),
-            (p + "attn.c_proj.weight", (C, C)), (p + "attn.c_proj.bias", (C,)),
-            (p + "ln_2.weight", (C,)), (p + "ln_2.bias", (C,)),
-            (p + "mlp.c_fc.weight", (4 * C, C)), (p + "mlp.c_fc.bias", (4 * C,)),
-            (p + "mlp.c_proj.weight", (C, 4 * C)), (p + "mlp.c_proj.bias", (C,)),
-        ]
-    shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
-    return shapes
-
-
-def _views(flat: np.ndarray, shapes: Iterable[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    views, offset = {}, 0
-    for name, shape in shapes:
-        n = math.prod(shape)
-        views[name] = flat[offset:offset + n].reshape(shape)
-        offset += n
-    return views
-
-
-class _Layer:
-    """One block's parameters (or gradients): attribute access instead of string lookups."""
-    __slots__ = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b", "fcw",
-                 "fcb", "fcprojw", "fcprojb")
-    _suffixes = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                 "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                 "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-    def __init__(self, named: dict, i: int) -> None:
-        for slot, suffix in zip(self.__slots__, self._suffixes):
-            setattr(self, slot, named[f"h.{i}.{suffix}"])
+        layout += [(f"h.{i}.{suffix}", block_shapes[suffix]) for _, suffix in _LAYER_PARAMETERS]
+    layout += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+    return layout
 
 
 def _activation_layout(cfg: GPTConfig, B: int, T: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The size table of the activation arena for one (B, T)."""
+    """The table of the activation arena for one (B, T)."""
     L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
     return [
         ("res", (L + 1, B, T, C)),      # residual stream entering each layer (and leaving the last)
@@ -117,50 +118,71 @@ def _activation_layout(cfg: GPTConfig, B: int, T: int) -> list[tuple[str, tuple[
     ]
 
 
-class _Activations:
-    """Views of the activation arena for one (B, T); see the module docstring for what is kept."""
+def _grad_activation_layout(cfg: GPTConfig, B: int,
+                            T: int) -> list[tuple[str, tuple[int, ...], Optional[str]]]:
+    """The table of the activation-gradient arena: (name, shape, the earlier buffer whose memory it
+    reuses, or None). A buffer reuses one that backward no longer reads when it is written."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    return [
+        ("dres", (B, T, C), None),       # the residual stream's gradient, carried down the layers
+        ("dx", (B, T, C), None),         # d(ln_f output), then d(attention output) in each layer
+        ("dgelu", (B, T, 4 * C), None),  # d(GELU output)
+        ("dln", (B, T, C), "dgelu"),     # d(LayerNorm output): written after dgelu's last read
+        ("dfch", (B, T, 4 * C), None),   # d(MLP pre-activation)
+        ("dqkv", (B, T, 3 * C), "dfch"),  # d(qkv): written after dfch's last read
+        ("dlogits", (B, T, V), None),
+    ]
 
-    def __init__(self, arena: np.ndarray, cfg: GPTConfig, B: int, T: int) -> None:
+
+def _size(layout) -> int:
+    return sum(math.prod(entry[1]) for entry in layout if len(entry) == 2 or entry[2] is None)
+
+
+def _views(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
+    """Name -> view of flat, one entry after another (an entry naming an earlier one shares its start)."""
+    views, starts, offset = {}, {}, 0
+    for entry in layout:
+        name, shape = entry[0], entry[1]
+        shares = entry[2] if len(entry) > 2 else None
+        start = starts[shares] if shares is not None else offset
+        n = math.prod(shape)
+        views[name] = flat[start:start + n].reshape(shape)
+        starts[name] = start
+        if shares is None:
+            offset += n
+    return views
+
+
+class _Layer:
+    """One block's parameters (or gradients, None where frozen): attributes instead of lookups."""
+    __slots__ = tuple(attr for attr, _ in _LAYER_PARAMETERS)
+
+    def __init__(self, named: dict, i: int) -> None:
+        for attr, suffix in _LAYER_PARAMETERS:
+            setattr(self, attr, named[f"h.{i}.{suffix}"])
+
+
+class _Buffers:
+    """Views of an arena for one (B, T), one attribute per entry of its layout table."""
+
+    def __init__(self, arena: np.ndarray, layout, B: int, T: int) -> None:
         self.B, self.T = B, T
-        for name, view in _views(arena, _activation_layout(cfg, B, T)).items():
+        for name, view in _views(arena, layout).items():
             setattr(self, name, view)
-
-    @staticmethod
-    def size(cfg: GPTConfig, B: int, T: int) -> int:
-        return sum(math.prod(shape) for _, shape in _activation_layout(cfg, B, T))
-
-
-class _GradActivations:
-    """Gradient buffers for one (B, T), shared by every layer."""
-
-    def __init__(self, arena: np.ndarray, cfg: GPTConfig, B: int, T: int) -> None:
-        C, V = cfg.n_embd, cfg.vocab_size
-        BT = B * T
-        self.dres = arena[:BT * C].reshape(B, T, C)                    # the residual stream's gradient
-        self.dx = arena[BT * C:2 * BT * C].reshape(B, T, C)            # input gradient of a C-wide op
-        big_a = arena[2 * BT * C:6 * BT * C]
-        big_b = arena[6 * BT * C:10 * BT * C]
-        self.dgelu = big_a.reshape(B, T, 4 * C)                         # d(GELU output)
-        self.dfch = big_b.reshape(B, T, 4 * C)                          # d(MLP pre-activation)
-        self.dqkv = big_b[:3 * BT * C].reshape(B, T, 3 * C)
-        self.dln = big_a[:BT * C].reshape(B, T, C)                     # d(LayerNorm output)
-        self.dlogits = arena[10 * BT * C:10 * BT * C + BT * V].reshape(B, T, V)
-
-    @staticmethod
-    def size(cfg: GPTConfig, B: int, T: int) -> int:
-        return B * T * (10 * cfg.n_embd + cfg.vocab_size)
 
 
 class KVCache:
-    """Per-layer keys and values of the tokens seen so far, for incremental decoding.
+    """Keys and values of the positions fed so far, for decoding one token at a time.
 
-    k, v: (n_layer, n_head, block_size, head_size); `length` positions are filled.
+    k (n_layer, n_head, block_size, head_size) and vt (n_layer, n_head, head_size, block_size): the
+    layouts in which the matmul kernel (out = inp @ weight.T) takes them as its weight operand.
+    `length` positions are filled; the rest are masked out of the softmax.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
         HS = cfg.n_embd // cfg.n_head
         self.k = np.zeros((cfg.n_layer, cfg.n_head, cfg.block_size, HS), np.float32)
-        self.v = np.zeros_like(self.k)
+        self.vt = np.zeros((cfg.n_layer, cfg.n_head, HS, cfg.block_size), np.float32)
         self.length = 0
 
     def reset(self) -> None:
@@ -170,54 +192,59 @@ class KVCache:
 class GPT:
     """A GPT-2 language model whose parameters and gradients each live in one flat buffer."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision: str = "fp32") -> None:
+    def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision="fp32") -> None:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.matmul_precision = matmul_precision
-        shapes = _parameter_shapes(cfg)
-        n = sum(math.prod(s) for _, s in shapes)
-        self.params = np.zeros(n, np.float32)
-        self.grads = np.zeros(n, np.float32)
-        self._named = _views(self.params, shapes)
-        self._named_grads = _views(self.grads, shapes)
+        layout = parameter_layout(cfg)
+        self._offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, shape in layout:
+            self._offsets[name] = (offset, offset + math.prod(shape))
+            offset += math.prod(shape)
+        self.params = np.zeros(offset, np.float32)
+        self.grads = np.zeros(offset, np.float32)
+        self._named = _views(self.params, layout)
+        self._named_grads = _views(self.grads, layout)
         # nanoGPT's rule: decay every parameter with ndim >= 2 (all matmul weights and both
         # embeddings), never biases or LayerNorm gains.
-        self.decay_mask = np.zeros(n, np.float32)
-        for name, view in _views(self.decay_mask, shapes).items():
+        self.decay_mask = np.zeros(offset, np.float32)
+        for name, view in _views(self.decay_mask, layout).items():
             if view.ndim >= 2:
                 view[...] = 1.0
-        # Name prefixes (whole dotted components: "h.0", "h.1.attn", "wte") whose gradients
-        # backward skips; backward also stops below the lowest trainable layer.
-        self.frozen: set[str] = set()
+        self._frozen: frozenset = frozenset()
         self._init_weights(seed)
 
         self._layers = [_Layer(self._named, i) for i in range(cfg.n_layer)]
-        self._arena: Optional[np.ndarray] = None
-        self._acts: Optional[_Activations] = None
-        self._grad_arena: Optional[np.ndarray] = None
-        self._gacts: Optional[_GradActivations] = None
+        self._acts: Optional[_Buffers] = None
+        self._acts_arena: Optional[np.ndarray] = None
+        self._grads_acts: Optional[_Buffers] = None
+        self._grads_acts_arena: Optional[np.ndarray] = None
         self._tokens: Optional[np.ndarray] = None
         self._targets: Optional[np.ndarray] = None
         self._has_targets = False
-        self._grad_plan_key = None
         self._grad_plan = None
 
     # --- matmul precision --------------------------------------------------------------------------
 
     @property
     def matmul_precision(self) -> str:
-        """What every matmul of forward, backward and forward_cached computes in.
+        """What every matmul of forward and backward computes in, by name.
 
         "fp32" (the default), or "bf16": both operands of each matmul rounded to bfloat16, products
-        accumulated in fp32 (on the AMX unit where the CPU has one). Parameters, gradients and
-        every other op stay fp32 either way (mixed precision).
+        accumulated in fp32. Parameters, gradients and every other op stay fp32 either way (mixed
+        precision). Set it by name or as an ops.Precision; the kernels get the enum, parsed once.
         """
-        return self._precision
+        return ops.precision_name(self._precision)
 
     @matmul_precision.setter
-    def matmul_precision(self, value: str) -> None:
-        self._precision = check_precision(value, "matmul_precision")
+    def matmul_precision(self, value) -> None:
+        try:
+            self._precision = ops.parse_precision(value)
+        except ValueError:
+            raise ValueError(f"matmul_precision must be one of {', '.join(ops.MATMUL_PRECISIONS)} "
+                             f"(or an lmlab.ops.Precision), got {value!r}") from None
 
     # --- parameters ------------------------------------------------------------------------------
 
@@ -242,6 +269,10 @@ class GPT:
         """Views into `grads`, same names and shapes as named_parameters()."""
         return dict(self._named_grads)
 
+    def parameter_offsets(self) -> dict[str, tuple[int, int]]:
+        """Name -> [start, stop) of that parameter in `params` (and its gradient in `grads`)."""
+        return dict(self._offsets)
+
     def num_params(self) -> int:
         """Number of parameters (the tied LM head counted once, as part of wte)."""
         return int(self.params.size)
@@ -249,33 +280,84 @@ class GPT:
     def zero_grad(self) -> None:
         self.grads.fill(0.0)
 
+    # --- frozen parameters ---------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> frozenset:
+        """The frozen name prefixes (see freeze)."""
+        return self._frozen
+
+    def freeze(self, prefixes: Iterable[str] = ()) -> None:
+        """Freeze the parameters under these name prefixes (and unfreeze every other one).
+
+        A prefix is whole dotted components: "h.0", "h.1.attn", "wte" ("h.1" is not "h.10").
+        ValueError for a prefix that names no parameter.
+        """
+        prefixes = frozenset(prefixes)
+        for prefix in prefixes:
+            if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in self._named):
+                raise ValueError(f"frozen prefix {prefix!r} matches no parameter name")
+        self._frozen = prefixes
+        self._grad_plan = None
+
+    def trainable_ranges(self) -> list[tuple[int, int]]:
+        """The contiguous [start, stop) spans of `params` holding parameters that are not frozen."""
+        spans: list[tuple[int, int]] = []
+        for name, (start, stop) in self._offsets.items():      # in storage order
+            if any(frozen_by(name, p) for p in self._frozen):
+                continue
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], stop)
+            else:
+                spans.append((start, stop))
+        if not spans:
+            raise ValueError(f"every parameter is frozen by {sorted(self._frozen)}; nothing would "
+                             f"train")
+        return spans
+
+    def _gradient_plan(self):
+        """Per-parameter gradient views (None where frozen), per-layer ones, and the lowest layer
+        backward must reach (-1: down to the embeddings)."""
+        if self._grad_plan is not None:
+            return self._grad_plan
+        grads = {n: (None if any(frozen_by(n, p) for p in self._frozen) else g)
+                 for n, g in self._named_grads.items()}
+        layer_grads = [_Layer(grads, i) for i in range(self.config.n_layer)]
+        # Below the lowest layer holding a trainable parameter nothing needs a gradient.
+        lowest = self.config.n_layer
+        if grads["wte"] is not None or grads["wpe"] is not None:
+            lowest = -1
+        else:
+            for i, layer in enumerate(layer_grads):
+                if any(getattr(layer, attr) is not None for attr in _Layer.__slots__):
+                    lowest = i
+                    break
+        self._grad_plan = grads, layer_grads, lowest
+        return self._grad_plan
+
     # --- activations -------------------------------------------------------------------------------
 
-    def _activations(self, B: int, T: int) -> _Activations:
-        acts = self._acts
-        if acts is not None and acts.B == B and acts.T == T:
-            return acts
-        need = _Activations.size(self.config, B, T)
-        if self._arena is None or self._arena.size < need:
-            self._acts = None
-            self._arena = None          # free the old arena before taking the new one
-            self._arena = np.empty(need, np.float32)
-        self._acts = _Activations(self._arena, self.config, B, T)
-        return self._acts
+    def _buffers(self, name: str, layout_of, B: int, T: int) -> _Buffers:
+        """The views self.<name> for (B, T), in the arena self.<name>_arena, grown when too small."""
+        views = getattr(self, name)
+        if views is not None and views.B == B and views.T == T:
+            return views
+        layout = layout_of(self.config, B, T)
+        need = _size(layout)
+        arena = getattr(self, name + "_arena")
+        if arena is None or arena.size < need:
+            # Free the old arena (and the views into it) before taking the new one.
+            setattr(self, name, None)
+            setattr(self, name + "_arena", None)
+            arena = None
+            arena = np.empty(need, np.float32)
+            setattr(self, name + "_arena", arena)
+        views = _Buffers(arena, layout, B, T)
+        setattr(self, name, views)
+        return views
 
-    def _grad_activations(self, B: int, T: int) -> _GradActivations:
-        g = self._gacts
-        if g is not None and g.dres.shape[:2] == (B, T):
-            return g
-        need = _GradActivations.size(self.config, B, T)
-        if self._grad_arena is None or self._grad_arena.size < need:
-            self._gacts = None
-            self._grad_arena = None
-            self._grad_arena = np.empty(need, np.float32)
-        self._gacts = _GradActivations(self._grad_arena, self.config, B, T)
-        return self._gacts
-
-    def _check_tokens(self, tokens, name: str) -> np.ndarray:
+    def _copy_tokens(self, tokens, name: str, out: Optional[np.ndarray]) -> np.ndarray:
+        """tokens checked (2-D, integer, ids in [0, V)) and copied into out (int32), one pass each."""
         arr = np.asarray(tokens)
         if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
@@ -288,86 +370,122 @@ class GPT:
             raise ValueError(f"{name} has T = {T} positions but block_size is "
                              f"{self.config.block_size}; crop the context to the last block_size")
         V = self.config.vocab_size
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
+        # Seen as unsigned, a negative id is huge: one max() finds ids outside [0, V) either way.
+        if int(arr.view(arr.dtype.str.replace("i", "u")).max()) >= V:
+            bad = arr[(arr < 0) | (arr >= V)].flat[0]
             raise ValueError(f"{name} holds token id {bad}; ids must lie in [0, {V})")
-        return arr
+        if out is None or out.shape != arr.shape:
+            out = np.empty(arr.shape, np.int32)
+        out[...] = arr
+        return out
 
     # --- forward and backward ----------------------------------------------------------------------
 
-    def forward(self, tokens, targets=None):
+    def forward(self, tokens, targets=None, cache: Optional[KVCache] = None):
         """Logits (B, T, V) and, with targets, per-token losses (B, T) (else None).
 
-        Both are views of internal buffers, valid until the next forward.
+        Both are views of internal buffers, valid until the next forward. With a KV cache (B = 1)
+        the tokens sit at positions cache.length.. and attend to the cached ones as well; their keys
+        and values join the cache. A first fill runs forward's own kernels on forward's shapes, so
+        its logits are bitwise those of a forward without the cache. Positions are absolute
+        (learned wpe): once the cache holds block_size tokens the caller resets it and refills it
+        with the cropped context (lmlab.sample.generate does).
         """
-        tokens = self._check_tokens(tokens, "tokens")
+        cfg = self.config
+        self._has_targets = False       # until this forward has succeeded with targets
+        start = 0
+        if cache is not None:
+            if targets is not None:
+                raise ValueError("a forward with a KV cache is for inference: it takes no targets "
+                                 "(backward needs a forward over the whole sequence)")
+            start = cache.length
+        self._tokens = tokens = self._copy_tokens(tokens, "tokens", self._tokens)
         B, T = tokens.shape
+        if cache is not None:
+            if B != 1:
+                raise ValueError(f"a KV cache holds one sequence: tokens must be (1, T), got "
+                                 f"shape {tokens.shape}")
+            if start + T > cfg.block_size:
+                raise ValueError(f"the cache holds {start} positions; {T} more would exceed "
+                                 f"block_size {cfg.block_size}")
         if targets is not None:
-            targets = self._check_tokens(targets, "targets")
-            if targets.shape != tokens.shape:
+            self._targets = self._copy_tokens(targets, "targets", self._targets)
+            if self._targets.shape != tokens.shape:
                 raise ValueError(f"targets must have the shape of tokens {tokens.shape}, got "
-                                 f"{targets.shape}")
-        a = self._activations(B, T)
-        # Own copies: the backward needs them and the caller may reuse its arrays.
-        if self._tokens is None or self._tokens.shape != (B, T):
-            self._tokens = np.empty((B, T), np.int32)
-            self._targets = np.empty((B, T), np.int32)
-        self._tokens[...] = tokens
-        self._has_targets = targets is not None
-        if targets is not None:
-            self._targets[...] = targets
-
-        cfg, P, prec = self.config, self._named, self._precision
-        NH = cfg.n_head
-        ops.embedding_forward(a.res[0], self._tokens, P["wte"], P["wpe"])
-        for l, w in enumerate(self._layers):
-            ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], a.res[l], w.ln1w, w.ln1b)
-            ops.matmul_forward(a.qkv[l], a.ln1[l], w.qkvw, w.qkvb, precision=prec)
-            ops.attention_forward(a.atty[l], a.att_stats[l], a.qkv[l], NH, precision=prec)
-            ops.matmul_forward(a.proj, a.atty[l], w.attprojw, w.attprojb, precision=prec)
-            ops.residual_forward(a.res2[l], a.res[l], a.proj)
-            ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], w.ln2w, w.ln2b)
-            ops.matmul_forward(a.fch[l], a.ln2[l], w.fcw, w.fcb, precision=prec)
-            ops.gelu_forward(a.gelu[l], a.fch[l])
-            ops.matmul_forward(a.proj, a.gelu[l], w.fcprojw, w.fcprojb, precision=prec)
-            ops.residual_forward(a.res[l + 1], a.res2[l], a.proj)
-        ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.res[cfg.n_layer], P["ln_f.weight"],
-                              P["ln_f.bias"])
-        ops.matmul_forward(a.logits, a.lnf, P["wte"], None, precision=prec)   # tied LM head
+                                 f"{self._targets.shape}")
+        acts = self._buffers("_acts", _activation_layout, B, T)
+        params, prec, NH = self._named, self._precision, cfg.n_head
+        # One token's kernels are single rows, too little work to pay for waking the thread team
+        # (docs/DESIGN.md, "The model", KV cache).
+        threads = ops.num_threads(1) if cache is not None and T == 1 else contextlib.nullcontext()
+        with threads:
+            ops.embedding_forward(acts.res[0], tokens, params["wte"], params["wpe"][start:])
+            for l, layer in enumerate(self._layers):
+                ops.layernorm_forward(acts.ln1[l], acts.ln1_mean[l], acts.ln1_rstd[l], acts.res[l],
+                                      layer.ln1w, layer.ln1b)
+                ops.matmul_forward(acts.qkv[l], acts.ln1[l], layer.qkvw, layer.qkvb, precision=prec)
+                if cache is None or start == 0:
+                    ops.attention_forward(acts.atty[l], acts.att_stats[l], acts.qkv[l], NH,
+                                          precision=prec)
+                if cache is not None:
+                    self._attend_cached(acts.atty[l], acts.qkv[l], cache, l, start)
+                ops.matmul_forward(acts.proj, acts.atty[l], layer.attprojw, layer.attprojb,
+                                   precision=prec)
+                ops.residual_forward(acts.res2[l], acts.res[l], acts.proj)
+                ops.layernorm_forward(acts.ln2[l], acts.ln2_mean[l], acts.ln2_rstd[l],
+                                      acts.res2[l], layer.ln2w, layer.ln2b)
+                ops.matmul_forward(acts.fch[l], acts.ln2[l], layer.fcw, layer.fcb, precision=prec)
+                ops.gelu_forward(acts.gelu[l], acts.fch[l])
+                ops.matmul_forward(acts.proj, acts.gelu[l], layer.fcprojw, layer.fcprojb,
+                                   precision=prec)
+                ops.residual_forward(acts.res[l + 1], acts.res2[l], acts.proj)
+            ops.layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, acts.res[cfg.n_layer],
+                                  params["ln_f.weight"], params["ln_f.bias"])
+            ops.matmul_forward(acts.logits, acts.lnf, params["wte"], None, precision=prec)  # tied
+        if cache is not None:
+            cache.length = start + T
         if targets is None:
-            return a.logits, None
-        ops.crossentropy_forward(a.losses, a.lse, a.logits, self._targets)
-        return a.logits, a.losses
+            return acts.logits, None
+        ops.crossentropy_forward(acts.losses, acts.lse, acts.logits, self._targets)
+        self._has_targets = True
+        return acts.logits, acts.losses
 
-    def _gradient_plan(self):
-        """Per-parameter gradient views, None where frozen, and the lowest layer to backprop into."""
-        key = frozenset(self.frozen)
-        if key == self._grad_plan_key:
-            return self._grad_plan
-        names = list(self._named_grads)
-        for prefix in key:
-            if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in names):
-                raise ValueError(f"frozen prefix {prefix!r} matches no parameter name")
-        G = {n: (None if any(frozen_by(n, p) for p in key) else g)
-             for n, g in self._named_grads.items()}
-        layers = []
-        for i in range(self.config.n_layer):
-            lg = _Layer.__new__(_Layer)
-            for slot, suffix in zip(_Layer.__slots__, _Layer._suffixes):
-                setattr(lg, slot, G[f"h.{i}.{suffix}"])
-            layers.append(lg)
-        # Below the lowest layer holding a trainable parameter nothing needs a gradient.
-        lowest = self.config.n_layer
-        if G["wte"] is not None or G["wpe"] is not None:
-            lowest = -1
-        else:
-            for i in range(self.config.n_layer):
-                if any(getattr(layers[i], s) is not None for s in _Layer.__slots__):
-                    lowest = i
-                    break
-        self._grad_plan_key, self._grad_plan = key, (G, layers, lowest)
-        return self._grad_plan
+    def _attend_cached(self, out: np.ndarray, qkv: np.ndarray, cache: KVCache, l: int,
+                       start: int) -> None:
+        """Store the new positions' keys and values in the cache; after a first fill (whose
+        attention forward() computed) write their attention over every cached position into out.
+
+        The same kernels as the rest of the model: per head, scores = (q * scale) @ K.T and
+        out = P @ V as matmuls over the whole cache, the positions not yet filled (and, for several
+        new tokens, each one's future) masked to -inf before the softmax, so they weigh exactly 0.
+        With "bf16" the products' operands are rounded as the attention kernel rounds them.
+        """
+        cfg, prec = self.config, self._precision
+        T, NH = qkv.shape[1], cfg.n_head
+        HS = cfg.n_embd // NH
+        heads = qkv[0].reshape(T, 3, NH, HS)
+        cache.k[l, :, start:start + T] = heads[:, 1].transpose(1, 0, 2)
+        cache.vt[l, :, :, start:start + T] = heads[:, 2].transpose(1, 2, 0)
+        if start == 0:
+            return
+        q = np.ascontiguousarray(heads[:, 0].transpose(1, 0, 2))               # (NH, T, HS)
+        q *= np.float32(1.0 / math.sqrt(HS))
+        S = start + T                   # cached positions, the new ones included
+        scores = np.empty((NH, T, S), np.float32)
+        for h in range(NH):
+            ops.matmul_forward(scores[h], q[h], cache.k[l, h, :S], precision=prec)
+        if T > 1:                       # each new token's future
+            scores[:, np.arange(S)[None, :] > np.arange(start, S)[:, None]] = -np.inf
+        # V is cached transposed, so its first S positions are not one block of memory: the
+        # product runs over the whole cache with the probabilities of the rest set to 0.
+        probs = np.empty_like(scores)
+        ops.softmax_forward(probs, scores)
+        padded = np.zeros((NH, T, cfg.block_size), np.float32)
+        padded[:, :, :S] = probs
+        y = np.empty((NH, T, HS), np.float32)
+        for h in range(NH):
+            ops.matmul_forward(y[h], padded[h], cache.vt[l, h], precision=prec)
+        out[0] = y.transpose(1, 0, 2).reshape(T, NH * HS)
 
     def backward(self, weights) -> None:
         """Accumulate d(sum(weights * losses)) / d(params) into grads.
@@ -375,130 +493,60 @@ class GPT:
         weights (B, T) float32 (1/N everywhere for a mean loss, 0 on tokens that do not count).
         Needs the preceding forward to have been given targets.
         """
-        a = self._acts
-        if a is None or not self._has_targets:
+        acts = self._acts
+        if acts is None or not self._has_targets:
             raise ValueError("backward needs a preceding forward(tokens, targets) with targets")
-        B, T = a.B, a.T
-        w_arr = np.asarray(weights)
-        if w_arr.shape != (B, T):
+        B, T = acts.B, acts.T
+        weights = np.asarray(weights)
+        if weights.shape != (B, T):
             raise ValueError(f"weights must have shape (B, T) = {(B, T)} like the last forward, "
-                             f"got {w_arr.shape}")
-        if w_arr.dtype != np.float32 or not w_arr.flags.c_contiguous:
-            w_arr = np.ascontiguousarray(w_arr, dtype=np.float32)
-        G, glayers, lowest = self._gradient_plan()
-        g = self._grad_activations(B, T)
-        cfg, P, NH = self.config, self._named, self.config.n_head
-        L, prec = cfg.n_layer, self._precision
+                             f"got {weights.shape}")
+        if weights.dtype != np.float32 or not weights.flags.c_contiguous:
+            weights = np.ascontiguousarray(weights, dtype=np.float32)
+        grads, layer_grads, lowest = self._gradient_plan()
+        grads_acts = self._buffers("_grads_acts", _grad_activation_layout, B, T)
+        params, NH, prec = self._named, self.config.n_head, self._precision
+        L = self.config.n_layer
 
-        g.dlogits.fill(0.0)
-        ops.crossentropy_backward(g.dlogits, a.logits, a.lse, self._targets, w_arr)
-        ops.matmul_backward(g.dx, G["wte"], None, g.dlogits, a.lnf, P["wte"], precision=prec,
-                            accumulate=False)
-        g.dres.fill(0.0)
-        ops.layernorm_backward(g.dres, G["ln_f.weight"], G["ln_f.bias"], g.dx, a.res[L],
-                               P["ln_f.weight"], a.lnf_mean, a.lnf_rstd)
+        # crossentropy_backward adds into dlogits (its one gradient): clear it first.
+        grads_acts.dlogits.fill(0.0)
+        ops.crossentropy_backward(grads_acts.dlogits, acts.logits, acts.lse, self._targets, weights)
+        ops.matmul_backward(grads_acts.dx, grads["wte"], None, grads_acts.dlogits, acts.lnf,
+                            params["wte"], precision=prec, accumulate=False)
+        # dres starts as d(res[L]); each LayerNorm below adds its input gradient into it.
+        grads_acts.dres.fill(0.0)
+        ops.layernorm_backward(grads_acts.dres, grads["ln_f.weight"], grads["ln_f.bias"],
+                               grads_acts.dx, acts.res[L], params["ln_f.weight"], acts.lnf_mean,
+                               acts.lnf_rstd)
         for l in range(L - 1, max(lowest, 0) - 1, -1):
-            w, gw = self._layers[l], glayers[l]
-            # MLP: res[l+1] = res2 + c_proj(gelu(c_fc(ln_2(res2)))); dres is d(res[l+1]) here.
-            # Input gradients are written, not added (accumulate=False): no zero-fill passes.
-            ops.matmul_backward(g.dgelu, gw.fcprojw, gw.fcprojb, g.dres, a.gelu[l], w.fcprojw,
+            layer, layer_grad = self._layers[l], layer_grads[l]
+            # MLP: res[l+1] = res2 + c_proj(gelu(c_fc(ln_2(res2)))); dres holds d(res[l+1]).
+            ops.matmul_backward(grads_acts.dgelu, layer_grad.fcprojw, layer_grad.fcprojb,
+                                grads_acts.dres, acts.gelu[l], layer.fcprojw, precision=prec,
+                                accumulate=False)
+            ops.gelu_backward(grads_acts.dfch, acts.fch[l], grads_acts.dgelu, accumulate=False)
+            ops.matmul_backward(grads_acts.dln, layer_grad.fcw, layer_grad.fcb, grads_acts.dfch,
+                                acts.ln2[l], layer.fcw, precision=prec, accumulate=False)
+            ops.layernorm_backward(grads_acts.dres, layer_grad.ln2w, layer_grad.ln2b,
+                                   grads_acts.dln, acts.res2[l], layer.ln2w, acts.ln2_mean[l],
+                                   acts.ln2_rstd[l])
+            # Attention: res2 = res[l] + c_proj(attn(c_attn(ln_1(res[l])))); dres holds d(res2).
+            ops.matmul_backward(grads_acts.dx, layer_grad.attprojw, layer_grad.attprojb,
+                                grads_acts.dres, acts.atty[l], layer.attprojw, precision=prec,
+                                accumulate=False)
+            ops.attention_backward(grads_acts.dqkv, grads_acts.dx, acts.qkv[l], acts.att_stats[l],
+                                   NH, precision=prec, accumulate=False)
+            # d(res[l]) is needed only if something below this layer trains (or ln_1 itself).
+            need_dln = lowest < l or layer_grad.ln1w is not None or layer_grad.ln1b is not None
+            ops.matmul_backward(grads_acts.dln if need_dln else None, layer_grad.qkvw,
+                                layer_grad.qkvb, grads_acts.dqkv, acts.ln1[l], layer.qkvw,
                                 precision=prec, accumulate=False)
-            ops.gelu_backward(g.dfch, a.fch[l], g.dgelu, accumulate=False)
-            ops.matmul_backward(g.dln, gw.fcw, gw.fcb, g.dfch, a.ln2[l], w.fcw,
-                                precision=prec, accumulate=False)
-            ops.layernorm_backward(g.dres, gw.ln2w, gw.ln2b, g.dln, a.res2[l], w.ln2w,
-                                   a.ln2_mean[l], a.ln2_rstd[l])
-            # Attention: res2 = res[l] + c_proj(attn(c_attn(ln_1(res[l])))); dres is d(res2).
-            ops.matmul_backward(g.dx, gw.attprojw, gw.attprojb, g.dres, a.atty[l], w.attprojw,
-                                precision=prec, accumulate=False)
-            ops.attention_backward(g.dqkv, g.dx, a.qkv[l], a.att_stats[l], NH, precision=prec,
-                                   accumulate=False)
-            # d(res[l]) is needed only if something below this layer is trainable.
-            need_below = lowest < l
-            need_dln = need_below or gw.ln1w is not None or gw.ln1b is not None
-            ops.matmul_backward(g.dln if need_dln else None, gw.qkvw, gw.qkvb, g.dqkv, a.ln1[l],
-                                w.qkvw, precision=prec, accumulate=False)
             if need_dln:
-                ops.layernorm_backward(g.dres, gw.ln1w, gw.ln1b, g.dln, a.res[l], w.ln1w,
-                                       a.ln1_mean[l], a.ln1_rstd[l])
+                ops.layernorm_backward(grads_acts.dres, layer_grad.ln1w, layer_grad.ln1b,
+                                       grads_acts.dln, acts.res[l], layer.ln1w, acts.ln1_mean[l],
+                                       acts.ln1_rstd[l])
         if lowest < 0:
-            ops.embedding_backward(G["wte"], G["wpe"], g.dres, self._tokens)
-
-    # --- inference with a KV cache -------------------------------------------------------------------
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config)
-
-    def forward_cached(self, cache: KVCache, new_tokens) -> np.ndarray:
-        """Feed new_tokens (1-D) at positions cache.length.. and return the last position's logits (V,).
-
-        Keys and values of the new tokens are appended to the cache, so decoding one token costs
-        O(T) attention instead of a full O(T^2) forward. A fill from an empty cache runs the same
-        kernels on the same shapes as forward(), so its logits are bitwise those of forward().
-        Positions are absolute (learned wpe): once the cache holds block_size tokens the caller
-        must reset it and refill with the cropped context (see lmlab.sample.generate).
-
-        A one-token step runs its kernels on one thread: each is a single row, too little work to
-        pay for waking the thread team (on a busy machine a team barrier can cost a whole
-        scheduler time slice, which made two-thread decoding ~20x slower there).
-        """
-        toks = np.asarray(new_tokens)
-        if toks.ndim != 1:
-            raise ValueError(f"new_tokens must be 1-D, got shape {toks.shape}")
-        toks = self._check_tokens(toks[None, :], "new_tokens")[0].astype(np.int32)
-        if toks.size + cache.length > self.config.block_size:
-            raise ValueError(f"the cache holds {cache.length} positions; {toks.size} more would "
-                             f"exceed block_size {self.config.block_size}")
-        if toks.size > 1:
-            return self._forward_cached(cache, toks)
-        with ops.num_threads(1):
-            return self._forward_cached(cache, toks)
-
-    def _forward_cached(self, cache: KVCache, toks: np.ndarray) -> np.ndarray:
-        cfg, P, prec = self.config, self._named, self._precision
-        n, p0 = toks.size, cache.length
-        C, NH = cfg.n_embd, cfg.n_head
-        HS = C // NH
-        x = (P["wte"][toks] + P["wpe"][p0:p0 + n])[None]                    # (1, n, C)
-        ln = np.empty_like(x)
-        mean = np.empty((1, n), np.float32)
-        rstd = np.empty((1, n), np.float32)
-        qkv = np.empty((1, n, 3 * C), np.float32)
-        y = np.empty_like(x)
-        proj = np.empty_like(x)
-        fch = np.empty((1, n, 4 * C), np.float32)
-        gel = np.empty_like(fch)
-        att_stats = np.empty((1, NH, n, 2), np.float32) if p0 == 0 else None
-        for l, w in enumerate(self._layers):
-            ops.layernorm_forward(ln, mean, rstd, x, w.ln1w, w.ln1b)
-            ops.matmul_forward(qkv, ln, w.qkvw, w.qkvb, precision=prec)
-            heads = qkv[0].reshape(n, 3, NH, HS)
-            cache.k[l, :, p0:p0 + n] = heads[:, 1].transpose(1, 0, 2)
-            cache.v[l, :, p0:p0 + n] = heads[:, 2].transpose(1, 0, 2)
-            if p0 == 0:
-                ops.attention_forward(y, att_stats, qkv, NH, precision=prec)
-            else:
-                y[0] = _cached_attention(heads[:, 0], cache.k[l, :, :p0 + n],
-                                         cache.v[l, :, :p0 + n], p0, prec)
-            ops.matmul_forward(proj, y, w.attprojw, w.attprojb, precision=prec)
-            x2 = np.empty_like(x)
-            ops.residual_forward(x2, x, proj)
-            ops.layernorm_forward(ln, mean, rstd, x2, w.ln2w, w.ln2b)
-            ops.matmul_forward(fch, ln, w.fcw, w.fcb, precision=prec)
-            ops.gelu_forward(gel, fch)
-            ops.matmul_forward(proj, gel, w.fcprojw, w.fcprojb, precision=prec)
-            x = np.empty_like(x2)
-            ops.residual_forward(x, x2, proj)
-        cache.length = p0 + n
-        ops.layernorm_forward(ln, mean, rstd, x, P["ln_f.weight"], P["ln_f.bias"])
-        logits = np.empty((1, n, cfg.vocab_size), np.float32)
-        ops.matmul_forward(logits, ln, P["wte"], None, precision=prec)
-        return logits[0, -1]
-
-    def generate(self, prompt_ids, max_new_tokens: int, **kwargs) -> np.ndarray:
-        """Sample continuation ids; see lmlab.sample.generate for the options."""
-        from .sample import generate
-        return generate(self, prompt_ids, max_new_tokens, **kwargs)
+            ops.embedding_backward(grads["wte"], grads["wpe"], grads_acts.dres, self._tokens)
 
 
 def check_precision(value, name: str = "precision") -> str:
@@ -512,28 +560,3 @@ def check_precision(value, name: str = "precision") -> str:
 def frozen_by(name: str, prefix: str) -> bool:
     """Whether a frozen prefix covers a parameter: whole dotted components ("h.1" is not "h.10")."""
     return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
-
-
-def _cached_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int,
-                      precision: str = "fp32") -> np.ndarray:
-    """Causal attention of n new queries q (n, NH, HS) at positions p0.. over k, v (NH, p0+n, HS).
-
-    Returns (n, NH*HS). Computed in float32 like the kernel, max subtracted before exp; in bf16
-    the products' operands are rounded as the kernel rounds them (the scale folded into q first).
-    """
-    n, NH, HS = q.shape
-    scale = np.float32(1.0 / math.sqrt(HS))
-    r = ops.round_bf16 if precision == "bf16" else (lambda x: x)
-    qh = q.transpose(1, 0, 2)                                       # (NH, n, HS)
-    if precision == "bf16":
-        scores = np.matmul(r(np.ascontiguousarray(qh * scale)), r(np.ascontiguousarray(k)).transpose(0, 2, 1))
-    else:
-        scores = np.matmul(qh, k.transpose(0, 2, 1)) * scale       # (NH, n, p0+n)
-    if n > 1:
-        future = np.arange(p0 + n)[None, :] > (p0 + np.arange(n))[:, None]
-        scores[:, future] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(r(scores), r(np.ascontiguousarray(v)))          # (NH, n, HS)
-    return out.transpose(1, 0, 2).reshape(n, NH * HS)

@@ -221,7 +221,7 @@ def global_norm(x: Array) -> float:
 # --- runtime -------------------------------------------------------------------------------------
 
 def cpu_info() -> dict:
-    """The active kernel variant ('avx512', 'avx2', 'portable'), those available, OpenMP, threads;
+    """The active kernel variant ('avx512', 'avx2', 'neon', 'portable'), those available, OpenMP, threads;
     bf16_matmul: what runs Precision.BF16 products now ('amx', 'avx512_bf16', or 'emulated' = the
     fp32 kernels on rounded operands); bf16_path: the path chosen for the avx512 variant (the others
     always emulate), among bf16_paths, those this CPU can run (LMLAB_BF16 or set_bf16_path chooses)."""

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .model import GPT
+from .model import GPT, KVCache
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
@@ -124,17 +124,16 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
     tokens = list(_context(model, prompt_ids)[-cfg.block_size:])
     bs = cfg.block_size
     out: list[int] = []
-    cache = model.new_cache() if use_cache else None
+    cache = KVCache(cfg) if use_cache else None
 
     def logits_for_next() -> np.ndarray:
-        window = np.asarray(tokens[-bs:], np.int32)
-        if cache is None:
-            logits, _ = model.forward(window[None, :])
-            return logits[0, -1]
-        if cache.length == 0 or cache.length + 1 > bs:
-            cache.reset()               # the window slid (or first call): refill from scratch
-            return model.forward_cached(cache, window)
-        return model.forward_cached(cache, window[-1:])
+        window = np.asarray(tokens[-bs:], np.int32)[None, :]
+        if cache is not None and 0 < cache.length < bs:
+            window = window[:, -1:]     # only the newest token is not in the cache yet
+        elif cache is not None:
+            cache.reset()               # first call, or the window slid: refill from scratch
+        logits, _ = model.forward(window, cache=cache)
+        return logits[0, -1]
 
     for _ in range(int(max_new_tokens)):
         logits = logits_for_next()
@@ -155,16 +154,3 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
             callback(nxt)
     return np.asarray(out, np.int32)
 
-
-def generate_many(model: GPT, prompt_ids, n: int, max_new_tokens: int, *, seed=None,
-                  **kwargs) -> list[np.ndarray]:
-    """n samples for one prompt, each generated with its own seed derived from `seed`.
-
-    The derived seeds come from numpy's SeedSequence.spawn, so the samples are independent yet
-    the whole list is reproducible from one seed. Other options as for generate().
-    """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    children = np.random.SeedSequence(seed).spawn(int(n))
-    return [generate(model, prompt_ids, max_new_tokens, seed=np.random.default_rng(c), **kwargs)
-            for c in children]

@@ -1,4 +1,5 @@
-"""The same GPT in PyTorch: an oracle for the parity tests and the baseline of the training benchmark.
+"""The same GPT in PyTorch: the baseline of the training benchmark and an oracle for the parity tests
+(whose weight-copying helpers live in tests/torch_helpers.py).
 
 Import this module only where torch is installed; torch is never a dependency of lmlab. The model
 has lmlab's architecture, GPT-2 initialisation and parameter names exactly (wte, wpe, h.{i}.ln_1,
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .model import GPT, GPTConfig
+from .model import GPTConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -97,35 +97,3 @@ class TorchGPT(nn.Module):
         rest = [p for p in self.parameters() if p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": rest, "weight_decay": 0.0}]
-
-
-def from_lmlab(model: GPT, dtype: torch.dtype = torch.float32) -> TorchGPT:
-    """A TorchGPT holding a copy of an lmlab GPT's weights."""
-    tm = TorchGPT(model.config).to(dtype)
-    load_from_lmlab(tm, model)
-    return tm
-
-
-def load_from_lmlab(tm: TorchGPT, model: GPT) -> None:
-    """Copy an lmlab GPT's weights into a TorchGPT, by name."""
-    named = model.named_parameters()
-    with torch.no_grad():
-        params = dict(tm.named_parameters())
-        if set(params) != set(named):
-            raise ValueError(f"parameter names differ: {sorted(set(params) ^ set(named))}")
-        for name, p in params.items():
-            p.copy_(torch.from_numpy(np.array(named[name])).to(p.dtype))
-
-
-def copy_to_lmlab(tm: TorchGPT, model: GPT) -> None:
-    """Copy a TorchGPT's weights into an lmlab GPT, by name."""
-    named = model.named_parameters()
-    for name, p in tm.named_parameters():
-        named[name][...] = p.detach().to(torch.float32).numpy()
-
-
-def grads_by_name(tm: TorchGPT) -> dict[str, np.ndarray]:
-    """Each parameter's .grad as a numpy array (zeros where backward left none)."""
-    return {name: (p.grad.detach().numpy() if p.grad is not None
-                   else np.zeros(tuple(p.shape)))
-            for name, p in tm.named_parameters()}

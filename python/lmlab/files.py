@@ -1,0 +1,119 @@
+"""Durable file writes: atomic replacement of a file, fsync of files and directories.
+
+`atomic_write*` write into a temporary file in the target's directory, flush and fsync it, and
+rename it over the target, so a crash leaves either the old file or the new one, never a torn
+one. The temporary file is named ".<name>.<random>.tmp" (TEMP_SUFFIX), so whoever cleans a
+directory after a crash can recognise it. An OSError (disk full, file too large, permission) comes
+out as errors.CheckpointError naming the path and the cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from .errors import CheckpointError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def write_error(path, exc: OSError) -> CheckpointError:
+    """The one-line error for a failed write of `path`."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return CheckpointError(f"cannot write {os.fspath(path)}: {cause}")
+
+
+def fsync_dir(directory) -> None:
+    """Make renames and creations inside `directory` durable (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_new_file(path, data: bytes) -> None:
+    """Create `path` (which must not exist, and is never followed as a symlink), write `data` and
+    fsync it. For files inside a directory that is itself made visible atomically later."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def atomic_write(path, write) -> None:
+    """Create or replace `path` atomically; `write(f)` writes the content to a binary file object."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                                   suffix=TEMP_SUFFIX)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would have.
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
+    fsync_dir(directory)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def json_default(obj):
+    """json.dumps default= for the values lmlab saves: numpy scalars and arrays, paths, dataclasses."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, default=json_default) + "\n"
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json_text(obj))

@@ -1,0 +1,168 @@
+"""open_run_dir: every rule for opening a run directory for writing, in each direction."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lmlab.errors import LmlabError, RunDirError
+from lmlab.rundir import CURRENT_FILE, RunDir, is_run, open_run_dir
+
+
+def flat_run(path):
+    """A run as lmlab wrote it before checkpoints were directories (the files are placeholders:
+    open_run_dir looks at names, checkpoint.py at contents)."""
+    path.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json",
+                 "state.json", "metrics.jsonl", "loss.png"):
+        (path / name).write_text(name)
+    return path
+
+
+def new_run(path):
+    (path / "checkpoints" / "step_000010").mkdir(parents=True)
+    (path / "checkpoints" / "step_000010" / "config.json").write_text("{}")
+    (path / CURRENT_FILE).write_text('{"checkpoint": "step_000010", "step": 10}')
+    (path / "metrics.jsonl").write_text('{"step": 10}\n')
+    return path
+
+
+def test_fresh_run_is_created_locked_and_released(tmp_path):
+    run = tmp_path / "a" / "b"
+    with open_run_dir(run) as rd:
+        assert isinstance(rd, RunDir) and rd.is_open and rd.path == run and run.is_dir()
+        assert os.fspath(rd) == str(run) and rd.removed == [] and not is_run(run)
+        with pytest.raises(RunDirError, match=rf"{run} is already open in this process; pass its RunDir"):
+            open_run_dir(run)
+    assert not rd.is_open
+    open_run_dir(run).close()  # released: opens again
+
+
+@pytest.mark.parametrize("make", [flat_run, new_run])
+def test_existing_run_needs_resume_or_overwrite(tmp_path, make):
+    run = make(tmp_path / "run")
+    assert is_run(run)
+    with pytest.raises(RunDirError, match=rf"{run} already holds a run; pass --resume .* --overwrite"):
+        open_run_dir(run)
+    before = sorted(os.listdir(run))
+    with open_run_dir(run, resume=True) as rd:
+        assert rd.removed == []
+    assert sorted(os.listdir(run)) == sorted(before + [".lock"] * (".lock" not in before))
+
+
+def test_overwrite_removes_the_run_and_lists_it_keeping_other_files(tmp_path):
+    run = new_run(tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    (run / "loss.png").write_text("png")
+    with open_run_dir(run, overwrite=True) as rd:
+        assert rd.removed == ["current.json", "checkpoints/", "metrics.jsonl", "loss.png"]
+    assert sorted(os.listdir(run)) == [".lock", "notes.txt"] and not is_run(run)
+    flat = flat_run(tmp_path / "flat")
+    with open_run_dir(flat, overwrite=True) as rd:
+        assert rd.removed == ["metrics.jsonl", "loss.png", "model.safetensors", "optimizer.safetensors",
+                              "tokenizer.json", "state.json", "config.json"]
+    assert os.listdir(flat) == [".lock"]
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(RunDirError, match=r"no run to resume in .*nope \(it does not exist\)"):
+        open_run_dir(tmp_path / "nope", resume=True)
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match=r"\(it holds no checkpoint\); start it without --resume"):
+        open_run_dir(tmp_path / "empty", resume=True)
+    with pytest.raises(RunDirError, match="pass one of them"):
+        open_run_dir(tmp_path / "empty", resume=True, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        open_run_dir(tmp_path / "file")
+
+
+def test_a_crashed_runs_metrics_are_not_appended_to(tmp_path):
+    """A run killed before its first save leaves metrics.jsonl and no checkpoint: a fresh run
+    there is refused (nothing is silently mixed in) until --overwrite clears it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n')
+    with pytest.raises(RunDirError, match=r"files of an earlier run \(metrics.jsonl\); pass --resume"):
+        open_run_dir(run)
+    with pytest.raises(RunDirError, match="no run to resume"):
+        open_run_dir(run, resume=True)
+    with open_run_dir(run, overwrite=True) as rd:
+        assert rd.removed == ["metrics.jsonl"]
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_output_may_not_be_the_parent_nor_inside_it_nor_contain_it(tmp_path):
+    parent = new_run(tmp_path / "base")
+    with pytest.raises(RunDirError, match="is the run it starts from"):
+        open_run_dir(parent, parent=parent)
+    with pytest.raises(RunDirError, match="is the run it starts from"):
+        open_run_dir(tmp_path / "x" / ".." / "base", parent=str(parent))
+    with pytest.raises(RunDirError, match="is inside the run it starts from"):
+        open_run_dir(parent / "child", parent=parent)
+    assert not (parent / "child").exists()
+    with pytest.raises(RunDirError, match="is inside the output"):
+        open_run_dir(tmp_path, parent=parent)
+    open_run_dir(tmp_path / "sibling", parent=parent).close()
+
+
+@pytest.mark.parametrize("where", ["metrics.jsonl", "checkpoints/step_000010",
+                                   "checkpoints/step_000010/model.safetensors", ".lock"])
+def test_symlinks_inside_the_run_are_refused(tmp_path, where):
+    run = new_run(tmp_path / "run")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("untouched")
+    link = run / where
+    if os.path.lexists(link):
+        os.rename(link, tmp_path / "moved")
+    os.symlink(target, link)
+    for kw in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(RunDirError, match=rf"{link} is a symbolic link; lmlab does not follow"):
+            open_run_dir(run, **kw)
+    assert os.listdir(target) == ["keep.txt"]
+
+
+def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path):
+    run = new_run(tmp_path / "run")
+    (run / ".metrics.jsonl.abc123.tmp").write_text("torn")
+    (run / "checkpoints" / ".tmp-step_000020-ff").mkdir()
+    (run / "checkpoints" / ".tmp-step_000020-ff" / "model.safetensors").write_text("half")
+    (run / "checkpoints" / ".old-step_000010-ee").mkdir()
+    (run / "model.safetensors").write_text("flat-layout leftover after the move")
+    (run / "notes.tmp").write_text("a user's file, not ours")
+    with open_run_dir(run, resume=True) as rd:
+        assert sorted(rd.cleaned) == [".metrics.jsonl.abc123.tmp", "checkpoints/.old-step_000010-ee",
+                                      "checkpoints/.tmp-step_000020-ff", "model.safetensors"]
+    assert sorted(os.listdir(run)) == [".lock", "checkpoints", "current.json", "metrics.jsonl", "notes.tmp"]
+    assert os.listdir(run / "checkpoints") == ["step_000010"]
+
+
+def test_another_process_holding_the_run_is_named(tmp_path):
+    run = new_run(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from lmlab.rundir import open_run_dir
+            rd = open_run_dir({str(run)!r}, resume=True)
+            print("locked", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError) as e:
+            open_run_dir(run, resume=True)
+        assert str(e.value) == (f"{run} is in use by another lmlab process (pid {holder.pid}); wait "
+                                "for it to finish or stop it first")
+        assert isinstance(e.value, LmlabError) and isinstance(e.value, ValueError)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    open_run_dir(run, resume=True).close()  # the holder's exit released it
