@@ -75,6 +75,7 @@ inline idx_t slice_depth(idx_t K) {
 
 thread_local Scratch<pair_t> tl_pack_a;  // see Scratch in gemm_internal.h
 thread_local Scratch<pair_t> tl_pack_b;
+thread_local Scratch<pair_t> tl_pack_shared;  // the operand a team shares, held by its first thread
 
 inline __mmask16 lanes(idx_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
@@ -251,12 +252,20 @@ LMLAB_BF16_TARGET void micro_kernel(idx_t pairs, const pair_t* a, const pair_t* 
     }
 }
 
-// --- the team's product ---------------------------------------------------------------------------
-// Threads divide C along its longer side, in whole tiles: split by rows, each thread packs its own
-// rows of A and the team packs each block of B once, together (a share of the panels each), into
-// one buffer they all read; split by columns, the same with A and B swapped. Every thread meets the
-// same barriers, whatever its share. Which thread packs a panel changes nothing in it, so C is
-// bitwise the same for any team size.
+// --- one thread's share, and the team's product ------------------------------------------------------
+// Threads divide C along its longer side in whole tiles, each computing its share alone, with no
+// synchronisation until the end. Only where a share is narrow, so that packing the operand every
+// thread needs in full (B when splitting rows, A when splitting columns) would cost a good part of
+// the work if each thread did it, the team packs that operand once, all slices up front (a share of
+// the panels each), and meets once before computing. Which thread packs a panel changes nothing in
+// it, so C is bitwise the same for any team size.
+
+// An operand packed whole: slice s, lane block j at data + (s * blocks + j) * block * max_pairs.
+struct Packed {
+    pair_t* data = nullptr;
+    idx_t blocks = 0, block = 0, max_pairs = 0;
+    pair_t* at(idx_t s, idx_t j) const { return data + (s * blocks + j) * block * max_pairs; }
+};
 
 // C tiles of one (slice, row chunk, column block): packed A rows [0, mb) times packed B columns
 // [0, nb) into c, from the init (row_init or zero) or adding to c.
@@ -271,7 +280,54 @@ void tiles(idx_t pairs, const pair_t* pa, idx_t mb, const pair_t* pb, idx_t nb, 
     }
 }
 
-// Thread t's share of packing `count` lanes (P-lane panels) of a block shared by the team.
+// Rows of A packed at once: all of them where they fit kAPackBytes, so that each slice of A is
+// packed once for every column block.
+inline idx_t a_chunk(idx_t M, idx_t kc) {
+    return min_idx(ceil_div(M, MR) * MR, kAPackBytes / (kc * 2) / MR * MR);
+}
+
+// The product over a block of C on one thread, packing its operands itself except one the team
+// packed whole (packed_a or packed_b, in this block's coordinates). Returns false, having written
+// nothing, if its scratch could not be had.
+bool dpbf16_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
+                    const Packed& packed_a, const Packed& packed_b) {
+    const idx_t kc = slice_depth(K), max_pairs = kc / 2, mc = a_chunk(M, kc);
+    const idx_t nc = min_idx(NC, ceil_div(N, NR) * NR);
+    pair_t* own_a = packed_a.data == nullptr ? tl_pack_a.get((size_t)(mc * max_pairs)) : nullptr;
+    pair_t* own_b = packed_b.data == nullptr ? tl_pack_b.get((size_t)(nc * max_pairs)) : nullptr;
+    if ((packed_a.data == nullptr && own_a == nullptr) || (packed_b.data == nullptr && own_b == nullptr))
+        return false;
+    for (idx_t pc = 0, s = 0; pc < K; pc += kc, s++) {
+        const idx_t kb = min_idx(kc, K - pc), pairs = ceil_div(kb, 2);
+        // The first slice starts from C's init; later ones add to C.
+        const bool add = C.accumulate || pc > 0;
+        for (idx_t ic = 0; ic < M; ic += mc) {
+            const idx_t mb = min_idx(mc, M - ic);
+            const pair_t* pa = own_a;
+            if (own_a == nullptr) {
+                pa = packed_a.at(s, ic / mc);
+            } else {
+                const Operand a = A.from(ic, pc);
+                pack_block<MR>(own_a, a.data, a.col_stride, a.row_stride, mb, kb, alpha);
+            }
+            for (idx_t jc = 0; jc < N; jc += NC) {
+                const idx_t nb = min_idx(NC, N - jc);
+                const pair_t* pb = own_b;
+                if (own_b == nullptr) {
+                    pb = packed_b.at(s, jc / NC);
+                } else {
+                    const Operand b = B.from(pc, jc);
+                    pack_block<NR>(own_b, b.data, b.row_stride, b.col_stride, nb, kb, 1.0f);
+                }
+                const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
+                tiles(pairs, pa, mb, pb, nb, C.data + ic * C.ld + jc, C.ld, row_init, add);
+            }
+        }
+    }
+    return true;
+}
+
+// Thread t's share of packing `count` lanes (P-lane panels) of a block the team shares.
 template <int P>
 void pack_share(pair_t* dst, const float* src, idx_t sk, idx_t sr, idx_t count, idx_t kb,
                 float scale, idx_t t, idx_t team) {
@@ -283,100 +339,94 @@ void pack_share(pair_t* dst, const float* src, idx_t sk, idx_t sr, idx_t count, 
                       min_idx(last * P, count) - first * P, kb, scale);
 }
 
-inline void team_barrier(int team) {
-    if (team > 1) {
+// Thread t of `team`: its share of packing the shared operand whole, then (after the team has
+// met) its block of C. The same barrier for every thread, whatever its share.
+void team_member(idx_t t, idx_t team, bool split_rows, idx_t M, idx_t N, idx_t K, float alpha,
+                 Operand A, Operand B, Output C, const Packed& shared, bool* ok) {
+    const idx_t kc = slice_depth(K);
+    for (idx_t pc = 0, s = 0; pc < K; pc += kc, s++) {
+        const idx_t kb = min_idx(kc, K - pc);
+        if (split_rows) {
+            for (idx_t jc = 0, j = 0; jc < N; jc += NC, j++) {
+                const Operand b = B.from(pc, jc);
+                pack_share<NR>(shared.at(s, j), b.data, b.row_stride, b.col_stride,
+                               min_idx(NC, N - jc), kb, 1.0f, t, team);
+            }
+        } else {
+            const Operand a = A.from(0, pc);
+            pack_share<MR>(shared.at(s, 0), a.data, a.col_stride, a.row_stride, M, kb, alpha, t, team);
+        }
+    }
 #pragma omp barrier
+    const idx_t units = split_rows ? ceil_div(M, MR) : ceil_div(N, NR);
+    idx_t first, last;
+    thread_share(units, t, team, &first, &last);
+    if (last <= first) return;
+    const Packed none;
+    bool done;
+    if (split_rows) {
+        const idx_t m0 = first * MR, m1 = min_idx(last * MR, M);
+        done = dpbf16_blocked(m1 - m0, N, K, alpha, A.from(m0, 0), B, C.from(m0, 0), none, shared);
+    } else {
+        const idx_t n0 = first * NR, n1 = min_idx(last * NR, N);
+        done = dpbf16_blocked(M, n1 - n0, K, alpha, A, B.from(0, n0), C.from(0, n0), shared, none);
+    }
+    if (!done) {
+#pragma omp atomic write
+        *ok = false;
     }
 }
 
-// The product on `team` threads (one: no team). Returns false, having written nothing, if scratch
-// memory could not be had.
+// Shares of at most this many tiles' width have the team pack the common operand (there its
+// packing is a tenth or more of a thread's work), if all of it fits kSharedBytes.
+constexpr idx_t kShareUnits = 64;
+constexpr idx_t kSharedBytes = idx_t(8) << 20;
+
+// The product on `team` threads. Returns false if scratch memory could not be had (some of C may
+// then be written: the caller recomputes all of it).
 bool dpbf16_team(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, int team) {
-    const idx_t kc = slice_depth(K), max_pairs = kc / 2;
     const bool split_rows = M >= N;
     const idx_t units = split_rows ? ceil_div(M, MR) : ceil_div(N, NR);
     if (team > units) team = (int)units;
-    if (team < 1) team = 1;
-    // Rows of A packed at once: all a thread's rows (split by rows) or all of A (by columns) where
-    // they fit kAPackBytes, so that each slice of A is packed once for every column block.
-    const idx_t a_rows = split_rows ? ceil_div(units, team) * MR : ceil_div(M, MR) * MR;
-    const idx_t mc = min_idx(a_rows, kAPackBytes / (kc * 2) / MR * MR);
-    const idx_t nc = min_idx(NC, ceil_div(N, NR) * NR);
-    // The shared operand's buffer (B split by rows, A by columns); private ones are thread_local.
-    pair_t* shared = nullptr;
-    if (team > 1) {
-        const size_t bytes = (size_t)((split_rows ? nc : mc) * max_pairs) * sizeof(pair_t);
-        shared = static_cast<pair_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-        if (shared == nullptr) return false;
-    }
-    bool ok = true;
-    auto body = [&](idx_t t) {
-        pair_t* pa = split_rows || team == 1 ? tl_pack_a.get((size_t)(mc * max_pairs)) : shared;
-        pair_t* pb = !split_rows || team == 1 ? tl_pack_b.get((size_t)(nc * max_pairs)) : shared;
-        if (pa == nullptr || pb == nullptr) {
-#pragma omp atomic write
-            ok = false;
-        }
-        team_barrier(team);
-        bool go;
-#pragma omp atomic read
-        go = ok;
-        idx_t first, last;
-        thread_share(units, t, team, &first, &last);
-        for (idx_t pc = 0; go && pc < K; pc += kc) {
-            const idx_t kb = min_idx(kc, K - pc), pairs = ceil_div(kb, 2);
-            // The first slice starts from C's init; later ones add to C.
-            const bool add = C.accumulate || pc > 0;
-            if (split_rows) {
-                const idx_t m0 = min_idx(first * MR, M), m1 = min_idx(last * MR, M);
-                for (idx_t jc = 0; jc < N; jc += NC) {
-                    const idx_t nb = min_idx(NC, N - jc);
-                    const Operand b = B.from(pc, jc);
-                    team_barrier(team);  // everyone is done with the previous block of B
-                    pack_share<NR>(pb, b.data, b.row_stride, b.col_stride, nb, kb, 1.0f, t, team);
-                    team_barrier(team);
-                    const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
-                    for (idx_t ic = m0; ic < m1; ic += mc) {
-                        const idx_t mb = min_idx(mc, m1 - ic);
-                        if (jc == 0 || m1 - m0 > mc) {  // else this thread's A slice is packed
-                            const Operand a = A.from(ic, pc);
-                            pack_block<MR>(pa, a.data, a.col_stride, a.row_stride, mb, kb, alpha);
-                        }
-                        tiles(pairs, pa, mb, pb, nb, C.data + ic * C.ld + jc, C.ld, row_init, add);
-                    }
-                }
-            } else {
-                const idx_t n0 = min_idx(first * NR, N), n1 = min_idx(last * NR, N);
-                for (idx_t ic = 0; ic < M; ic += mc) {
-                    const idx_t mb = min_idx(mc, M - ic);
-                    const Operand a = A.from(ic, pc);
-                    team_barrier(team);  // everyone is done with the previous block of A
-                    pack_share<MR>(pa, a.data, a.col_stride, a.row_stride, mb, kb, alpha, t, team);
-                    team_barrier(team);
-                    for (idx_t jc = n0; jc < n1; jc += NC) {
-                        const idx_t nb = min_idx(NC, n1 - jc);
-                        const Operand b = B.from(pc, jc);
-                        pack_block<NR>(pb, b.data, b.row_stride, b.col_stride, nb, kb, 1.0f);
-                        const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
-                        tiles(pairs, pa, mb, pb, nb, C.data + ic * C.ld + jc, C.ld, row_init, add);
-                    }
-                }
-            }
-        }
-    };
-    if (team == 1) {
-        body(0);
+    const Packed none;
+    if (team <= 1) return dpbf16_blocked(M, N, K, alpha, A, B, C, none, none);
+    const idx_t kc = slice_depth(K), slices = ceil_div(K, kc);
+    Packed shared;
+    shared.max_pairs = kc / 2;
+    if (split_rows) {
+        shared.block = min_idx(NC, ceil_div(N, NR) * NR);
+        shared.blocks = ceil_div(N, NC);
     } else {
+        shared.block = a_chunk(M, kc);
+        shared.blocks = ceil_div(M, shared.block);
+    }
+    const idx_t shared_bytes = slices * shared.blocks * shared.block * shared.max_pairs * 4;
+    // (Split by columns, all of A must be one chunk: team_member packs its rows in one run.)
+    const bool share = units / team <= kShareUnits && (split_rows || shared.blocks == 1) &&
+                       shared_bytes <= kSharedBytes;
+    bool ok = true;
+    if (share) {
+        // The calling thread's scratch, kept between calls like the others.
+        shared.data = tl_pack_shared.get((size_t)(shared_bytes / 4));
+        if (shared.data == nullptr) return false;
 #pragma omp parallel num_threads(team)
         {
 #ifdef _OPENMP
-            body(omp_get_thread_num());
+            const idx_t t = omp_get_thread_num(), n = omp_get_num_threads();
 #else
-            body(0);
+            const idx_t t = 0, n = 1;
 #endif
+            team_member(t, n, split_rows, M, N, K, alpha, A, B, C, shared, &ok);
         }
+        return ok;
     }
-    std::free(shared);
+    split_between_threads(M, N, K, MR, NR, 0.0, true, [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
+        if (!dpbf16_blocked(rows, cols, K, alpha, A.from(m0, 0), B.from(0, n0), C.from(m0, n0), none,
+                            none)) {
+#pragma omp atomic write
+            ok = false;
+        }
+    });
     return ok;
 }
 
