@@ -9,18 +9,19 @@
 // this CPU against it bit for bit.) So one instruction is 32 multiply-adds on the 16 lanes of an fp32
 // FMA: twice the fp32 rate, with the error of an fp32 sum plus the flushing of values below 2^-126.
 //
-// The blocking is gemm's (cpp/gemm.cpp) on pairs of k:
-//   for each NC-wide column block:  for each KC-deep slice:  pack B into NR-wide panels of pairs
-//     for each MC-tall row block:   pack A into MR-tall panels of pairs (alpha folded in, rounded)
-//       for each MR x NR tile:      micro-kernel: 2 * MR zmm accumulators; per pair of k, two
-//                                   vectors of B and MR broadcasts of A's pair, 2 * MR VDPBF16PS
+// The blocking is gemm's (cpp/gemm.cpp) on pairs of k, with the slice loop outermost:
+//   for each KC-deep slice:           pack A into MR-tall panels of pairs (alpha folded in, rounded;
+//                                     all rows at once where they fit 4 MB)
+//     for each NC-wide column block:  pack B into NR-wide panels of pairs
+//       for each MR x NR tile:        micro-kernel: 2 * MR zmm accumulators; per pair of k, two
+//                                     vectors of B and MR broadcasts of A's pair, 2 * MR VDPBF16PS
 // A panel is [k pair][lane], each element a 32-bit word holding the bf16 of k (low half) and k + 1
 // (high half), which is what the instruction reads; an odd depth gets a zero partner, and edge panels
 // are zero-padded, so every tile runs the same instructions.
 //
 // Determinism: each slice's products are summed from zero in k order, then added to the init (C,
 // bias or zero) with one fp32 addition; the slice depth depends on K alone; threads divide C in whole
-// tiles. So every element is bitwise the same for any thread count.
+// tiles (see "the team's product" below). So every element is bitwise the same for any thread count.
 //
 // Only the AVX-512 build holds this code, compiled for AVX512-BF16 by a target attribute;
 // cpp/bf16_path.cpp decides at run time whether it may run.
@@ -57,7 +58,7 @@ namespace {
 using pair_t = std::uint32_t;  // two bf16: k in the low half, k + 1 in the high half
 
 // Register tile: 24 of the 32 zmm accumulate, 2 hold B, the broadcasts of A take one more. 12 rows
-// (not 14) divide the model widths (128, 384, 1536) with little or no padding.
+// (not 14 as in gemm_fp32) divide the model widths (128, 384, 1536) with little or no padding.
 constexpr int MR = 12, NR = 32;
 // Cache blocks: an A micro-panel (MR x KC bf16, 12 KB) stays in L1 while the B panels of a column
 // block (NC x KC, 512 KB) stream from L2. A is packed up to kAPackBytes at a time (all of it, in
