@@ -1,7 +1,8 @@
-"""Builds and runs the C++ test drivers (tests/gemm_check.cpp, tests/simd_check.cpp) for one kernel
-variant, either natively or cross-compiled for AArch64 and run under qemu-user, and checks what they
-print. Used by tests/test_gemm.py and tests/test_simd.py (native, every variant this CPU runs) and by
-tests/test_aarch64.py (the neon and portable variants under qemu).
+"""Builds and runs the C++ test drivers (tests/gemm_check.cpp, tests/simd_check.cpp,
+tests/kernel_run.cpp) for one kernel variant, either natively or cross-compiled for AArch64 and run
+under qemu-user, and checks what the checking ones print. Used by tests/test_gemm.py and
+tests/test_simd.py (native, every variant this CPU runs) and by tests/test_aarch64.py (the neon and
+portable variants under qemu, where kernel_run stands in for the Python module).
 
 The drivers compile the kernel sources themselves, with each variant's flags as in CMakeLists.txt, so
 they reach internals (the general gemm, cpp/simd.h) that the Python module does not expose.
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import struct
 import platform
+import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ FLAGS = {  # each variant's compiler flags, as in CMakeLists.txt
     "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "neon": ["-DLMLAB_NEON"],
 }
+
 
 def kernel_sources() -> list[str]:
     """The sources compiled once per variant: CMakeLists.txt's LMLAB_KERNEL_SOURCES, its one list."""
@@ -55,7 +57,7 @@ class Target:
     name: str  # "native" or "aarch64"
     cxx: str
     runner: tuple[str, ...]  # prefix of the command line: () natively, qemu for aarch64
-    x86: bool  # x86-64 target: the AMX probe is compiled in
+    x86: bool  # x86-64 target: bf16_path.cpp's CPU probes are compiled in
 
     def build(self, driver: str, isa: str, out_dir: Path) -> Path:
         exe = out_dir / f"{driver}_{self.name}_{isa}"
