@@ -67,9 +67,11 @@ class Target:
                         *(str(ROOT / s) for s in SOURCES[driver]), "-o", str(exe)], check=True)
         return exe
 
-    def run(self, exe: Path, *args: str, stdin: bytes = b"") -> bytes:
-        """The driver's output; a crash or non-zero exit fails the test, with what it printed."""
-        done = subprocess.run([*self.runner, str(exe), *args], input=stdin, capture_output=True)
+    def run(self, exe: Path, *args: str, stdin: bytes = b"", threads: int | None = None) -> bytes:
+        """The driver's output (on `threads` OpenMP threads, if given); a crash or non-zero exit fails
+        the test, with what it printed."""
+        env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run([*self.runner, str(exe), *args], input=stdin, capture_output=True, env=env)
         assert done.returncode == 0, (f"{exe.name} {' '.join(args)} exited with {done.returncode}:\n"
                                       f"{done.stdout[-2000:]!r}\n{done.stderr.decode(errors='replace')}")
         return done.stdout
@@ -92,11 +94,11 @@ class Drivers:
         text = self.target.run(self.exe(driver, isa), *args).decode()
         return [line.split() for line in text.strip().splitlines()]
 
-    def kernel(self, isa: str, name: str, *args):
+    def kernel(self, isa: str, name: str, *args, threads: int | None = None):
         """Runs the kernel `name` of cpp/kernels.h through tests/kernel_run.cpp with the arguments in
         its parameter order (numpy float32/int32 arrays, None, ints, floats), writing the results into
         the arrays passed, as the kernel would; returns the kernel's value, if it has one."""
-        out = self.target.run(self.exe("kernel_run", isa), name, stdin=encode(args))
+        out = self.target.run(self.exe("kernel_run", isa), name, stdin=encode(args), threads=threads)
         pos = 0
         for a in (a for a in args if isinstance(a, np.ndarray)):
             (count,) = struct.unpack_from("<q", out, pos)
