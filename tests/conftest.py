@@ -38,3 +38,18 @@ def driver(tmp_path_factory):
     """The C++ test drivers (tests/drivers.py) built on this machine, each for a kernel variant on
     first use; skipped without a C++ compiler."""
     return drivers.drivers(drivers.native_target(), tmp_path_factory)
+
+
+# Where Precision.BF16 products can run: every bf16 path this CPU has in the avx512 variant (the only
+# one with native code: "amx", "avx512_bf16"), and the emulation in each other variant.
+AVAILABLE_BF16_PATHS = list(ops.cpu_info()["bf16_paths"])
+BF16_VARIANTS = [(isa, path) for isa in AVAILABLE_ISAS
+                 for path in (AVAILABLE_BF16_PATHS if isa == "avx512" else ["emulated"])]
+
+
+@pytest.fixture(params=BF16_VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
+def bf16_variant(request):
+    """Runs a bf16 test once per kernel variant and bf16 path, restoring both afterwards."""
+    isa, path = request.param
+    with ops.use_isa(isa), ops.use_bf16_path(path):
+        yield request.param

@@ -40,7 +40,8 @@ def kernel_sources() -> list[str]:
 
 
 SOURCES = {  # each driver's sources; bf16_path.cpp decides which bf16 paths (amx, avx512_bf16) may run
-    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/bf16_path.cpp"],
+    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/gemm_dpbf16.cpp",
+                   "cpp/bf16_path.cpp"],
     "simd_check": ["tests/simd_check.cpp"],
     "kernel_run": ["tests/kernel_run.cpp", *kernel_sources(), "cpp/bf16_path.cpp"],
 }
