@@ -6,7 +6,7 @@
                               the newest `keep` are kept, the current one always
       metrics.jsonl           one JSON object per logged step
       loss.png                the loss curves
-      .lock                   locked (flock) by the process writing the run; holds its pid
+      .lock                   locked (flock) by the process writing the run (empty)
 Runs written before checkpoints were directories (the "flat layout") hold one checkpoint's files
 at the top (model.safetensors, config.json, ...); they still load and resume, and their first new
 save moves them to the layout above.
@@ -94,11 +94,17 @@ def _remove(p: Path) -> None:
 
 
 def _holder_pid(fd: int) -> str:
+    """The pid holding the flock on `fd`'s file, from /proc/locks (Linux); "unknown" elsewhere.
+    Read from the kernel rather than written into the lock file, so opening a run changes no file."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        st = os.fstat(fd)
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            pids = {fields[4] for fields in (line.split() for line in f)
+                    if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device}
     except OSError:
         return "unknown"
-    return text if text.isdigit() else "unknown"
+    return pids.pop() if len(pids) == 1 else "unknown"
 
 
 class RunDir:
@@ -192,11 +198,6 @@ def _lock(path: Path) -> int:
             raise RunDirError(f"{path} is in use by another lmlab process (pid {pid}); wait for it "
                               "to finish or stop it first") from None
         raise RunDirError(f"cannot lock {lock}: {e.strerror}") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    except OSError:
-        pass  # the pid is only for the message another process shows; the lock is what matters
     return fd
 
 
