@@ -264,6 +264,18 @@ def _flat(gpt, tok, run, step=5, seed=1):
     return model, opt, save_id
 
 
+def test_a_failed_save_into_a_flat_layout_run_keeps_it(gpt, tok, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    model, _, _ = _flat(gpt, tok, run)
+    before = _files(run)
+    with monkeypatch.context() as mp:
+        _interrupt_save_at(mp, 2, OSError(errno.ENOSPC, "No space left on device"))
+        with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint stays current"):
+            _save(run, _model(gpt, tok, seed=2), tok, step=6)
+    assert _files(run) == before
+    assert np.array_equal(_bits(load_model(run)[0].params), _bits(model.params))
+
+
 def test_a_flat_layout_run_loads_and_its_next_save_moves_it_into_checkpoints(gpt, tok, tmp_path):
     run = tmp_path / "run"
     model, opt, _ = _flat(gpt, tok, run)
@@ -463,7 +475,8 @@ def test_state_json_is_checked(gpt, tok, tmp_path):
     run = tmp_path / "run"
     _save(run, _model(gpt, tok), tok)
     for data, message in [(b"[]", "is not an lmlab state file"), (b'{"state": 3}', "is not an lmlab state file"),
-                          (b"{", "state.json: not valid JSON")]:
+                          (b"{", "state.json: not valid JSON"),
+                          (b'{"state": {"step": -1}}', "step must be an integer >= 0, got -1")]:
         _refused_after_rewrite(run, "state.json", data, message, load=load_training_state)
 
 

@@ -371,6 +371,9 @@ def load_training_state(run_dir):
     saved = _parse_json(d / STATE_FILE, data)
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         raise CheckpointError(f"{d / STATE_FILE} is not an lmlab state file")
+    step = saved["state"].get("step", 0)
+    if not _is_int(step) or step < 0:
+        raise CheckpointError(f"{d / STATE_FILE}: step must be an integer >= 0, got {step!r}")
     optimizer, ids = {}, {}
     if saved.get("has_optimizer"):
         _required(d, [OPTIMIZER_FILE])
@@ -500,7 +503,9 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         if not isinstance(e, (OSError, CheckpointError)):
             raise
         err = write_error(getattr(e, "filename", None) or tmp, e) if isinstance(e, OSError) else e
-        where = f"the checkpoint {previous} stays current" if previous else "nothing was saved"
+        where = (f"the checkpoint {previous} stays current" if previous
+                 else "the previous checkpoint stays current" if (run / MODEL_FILE).is_file()
+                 else "nothing was saved")
         raise CheckpointError(f"{err}; {where}") from None
     # The new checkpoint is current: what it supersedes can go (a failure here loses nothing).
     try:
