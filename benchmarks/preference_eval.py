@@ -23,10 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from lmlab import ops
-from lmlab import preference as pf
+from lmlab.dpo import dpo
+from lmlab.judges import compare_to_reference, make_judge
+from lmlab.rankings import load_rankings, preference_pairs
+from lmlab.reward_model import RewardModel, reward
+from lmlab.rl import rlhf
+from lmlab.sequences import prompt_ids_for, sample_completion
 from lmlab.checkpoint import load_model, read_metrics
 from lmlab.pretrain import pretrain
 from lmlab.rank import run_session
+from lmlab.rundir import is_run
 
 
 def corpus_prompts(n: int, length: int, seed: int) -> list:
@@ -82,13 +88,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base"
-    judge = pf.make_judge(args.judge)
+    judge = make_judge(args.judge)
     L = args.max_new_tokens
     summary = {}
 
     # 1) the base model
     t0 = time.perf_counter()
-    if not (base / "model.safetensors").exists():
+    if not is_run(base):
         pretrain("builtin:python-docs", base, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd,
                  block_size=args.block_size, batch_size=16, steps=args.pretrain_steps, lr=3e-3,
                  warmup_steps=100, eval_every=500, save_every=0, progress=False, seed=args.seed)
@@ -107,18 +113,18 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def sample(prompt, i, k):
-        pids = pf.prompt_ids_for(tok, prompt, bs, L)
+        pids = prompt_ids_for(tok, prompt, bs, L)
         seeds = [args.seed + 1000 + k * i + j for j in range(k)]
-        return [pf.sample_completion(model, tok, pids, L, seed=s)[1] for s in seeds], seeds
+        return [sample_completion(model, tok, pids, L, seed=s)[1] for s in seeds], seeds
 
     run_session(ranked, sample, rankings, args.k, judge=judge, judge_name=judge.name,
                 write=lambda s: None)
-    recs = pf.load_rankings(rankings)
+    recs = load_rankings(rankings)
     emit({"measure": "rankings", "judge": judge.name, "rankings": len(recs),
-          "pairs": len(pf.preference_pairs(recs)), "seconds": time.perf_counter() - t0})
+          "pairs": len(preference_pairs(recs)), "seconds": time.perf_counter() - t0})
 
     def measure(name: str, policy) -> dict:
-        res = pf.compare_to_reference(policy, reference, tok, held_out, judge, max_new_tokens=L,
+        res = compare_to_reference(policy, reference, tok, held_out, judge, max_new_tokens=L,
                                       samples_per_prompt=args.samples, seed=args.seed + 99)
         emit({"measure": name, **res})
         summary[name] = res
@@ -129,30 +135,30 @@ def main() -> None:
     # 4) reward model
     t0 = time.perf_counter()
     rm_dir = out / "reward"
-    if (rm_dir / pf.RewardModel.HEAD_FILE).exists():
+    if (rm_dir / RewardModel.HEAD_FILE).exists():
         rm_dir = out / f"reward-{int(time.time())}"
-    _, rep = pf.reward(base, rankings, rm_dir, val_fraction=0.2, seed=args.seed)
+    rep = reward(base, rankings, rm_dir, val_fraction=0.2, seed=args.seed).details["report"]
     emit({"measure": "reward model", **rep, "seconds": time.perf_counter() - t0})
     summary["reward model"] = rep
 
     # 5) DPO
     t0 = time.perf_counter()
     dpo_dir = out / f"dpo-{int(time.time())}"
-    _, stage = pf.dpo(base, rankings, dpo_dir, beta=args.dpo_beta, sft_weight=args.dpo_sft,
-                      batch_size=8, val_fraction=0.1, steps=args.dpo_steps, lr=args.dpo_lr,
-                      warmup_steps=10, eval_every=50, weight_decay=0.0, save_every=0,
-                      progress=False, seed=args.seed)
-    emit({"measure": "dpo training", **stage.last_eval, "seconds": time.perf_counter() - t0})
+    result = dpo(base, rankings, dpo_dir, beta=args.dpo_beta, sft_weight=args.dpo_sft,
+                 batch_size=8, val_fraction=0.1, steps=args.dpo_steps, lr=args.dpo_lr,
+                 warmup_steps=10, eval_every=50, weight_decay=0.0, save_every=0,
+                 progress=False, seed=args.seed)
+    emit({"measure": "dpo training", **result.details["eval"], "seconds": time.perf_counter() - t0})
     tuned, _, _ = load_model(dpo_dir)
     measure("DPO", tuned)
 
     # 6) RL against the reward model
     t0 = time.perf_counter()
     rl_dir = out / f"rlhf-{int(time.time())}"
-    pf.rlhf(base, out / "prompts.txt", rl_dir, reward_model=rm_dir, k=args.k,
-            prompts_per_step=4, kl_coef=args.kl_coef, max_new_tokens=L, steps=args.rl_steps,
-            lr=args.rl_lr, warmup_steps=10, eval_every=50, weight_decay=0.0, save_every=0,
-            progress=False, seed=args.seed)
+    rlhf(base, out / "prompts.txt", rl_dir, reward_model=rm_dir, k=args.k,
+         prompts_per_step=4, kl_coef=args.kl_coef, max_new_tokens=L, steps=args.rl_steps,
+         lr=args.rl_lr, warmup_steps=10, eval_every=50, weight_decay=0.0, save_every=0,
+         progress=False, seed=args.seed)
     rows = read_metrics(rl_dir)
     steps = [r for r in rows if "reward" in r]
     first, last = steps[: len(steps) // 10 or 1], steps[-(len(steps) // 10 or 1):]

@@ -23,6 +23,7 @@ from lmlab.checkpoint import load_model
 from lmlab.finetune import finetune
 from lmlab.instruct import evaluate_instruct, instruct_tune, load_instruct_data
 from lmlab.pretrain import pretrain
+from lmlab.rundir import is_run
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     base = out / "base"
 
     t0 = time.perf_counter()
-    if not (base / "model.safetensors").exists():
+    if not is_run(base):
         pretrain("builtin:python-docs", base, n_layer=4, n_head=4, n_embd=128,
                  block_size=args.block_size, batch_size=16, steps=args.pretrain_steps, lr=2e-3,
                  warmup_steps=100, eval_every=500, save_every=0, progress=False)
@@ -55,17 +56,17 @@ def main() -> None:
                       lr=1e-3, warmup_steps=50, eval_every=250, save_every=0, progress=False,
                       prompt="The ", sample_tokens=200)
     print(json.dumps({"measure": "style-finetune", "corpus": style,
-                      "new_val_before": round(report.new_val_before, 4),
-                      "new_val_after": round(report.new_val_after, 4),
-                      "old_val_before": report.old_val_before and round(report.old_val_before, 4),
-                      "old_val_after": report.old_val_after and round(report.old_val_after, 4),
+                      "new_val_before": round(report.details["new_val_before"], 4),
+                      "new_val_after": round(report.details["new_val_after"], 4),
+                      "old_val_before": report.details["old_val_before"] and round(report.details["old_val_before"], 4),
+                      "old_val_after": report.details["old_val_after"] and round(report.details["old_val_after"], 4),
                       "seconds": round(time.perf_counter() - t0, 1),
-                      "sample_parent": report.samples.get("parent"),
-                      "sample_finetuned": report.samples.get("finetuned")}))
+                      "sample_parent": report.details["samples"].get("parent"),
+                      "sample_finetuned": report.details["samples"].get("finetuned")}))
 
     t0 = time.perf_counter()
     tuned_dir = out / "instruct"
-    if not (tuned_dir / "model.safetensors").exists():
+    if not is_run(tuned_dir):
         instruct_tune(base, "builtin:python-qa", tuned_dir, batch_size=16,
                       steps=args.instruct_steps, lr=1e-3, warmup_steps=50, eval_every=250,
                       save_every=0, progress=False)

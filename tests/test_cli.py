@@ -118,13 +118,15 @@ def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     assert checkpoint.load_model(out)[0].matmul_precision == "bf16"    # sample/predict/chat
     capsys.readouterr()
     # --resume without --precision continues in the run's own bf16, silently; asking for another
-    # precision gets a note, and the run still keeps its own.
+    # precision is refused (a resumed run keeps its precision), and nothing changes.
     assert main(["pretrain", "--run", out, "--resume", "--steps", "8", *base]) == 0
-    assert "resuming in" not in capsys.readouterr().err
+    assert "precision" not in capsys.readouterr().err
     assert main(["pretrain", "--run", out, "--resume", "--steps", "10", "--precision", "fp32",
-                 *base]) == 0
-    assert "resuming in bf16" in capsys.readouterr().err
+                 *base]) == 2
+    err = capsys.readouterr().err
+    assert "--precision 'fp32' is not allowed: the run was set up with 'bf16'" in err
     assert checkpoint.read_config(out)["train"]["precision"] == "bf16"
+    assert checkpoint.load_training_state(out)[1]["step"] == 8
     # A run derived from it trains in what its own command line says.
     assert main(["finetune", out, "--corpus", str(run / "corpus.txt"), "--out",
                  str(run / "bf16-ft"), "--steps", "2", "--eval-every", "0", "--no-progress",
@@ -196,13 +198,17 @@ def test_dpo_and_rl_references_compute_in_the_policy_precision(run):
     """DPO's reference log-probabilities and RL's KL reference are computed by models set up
     before train() starts: they must already use the run's precision, so the policy starts at
     exactly the reference."""
-    from lmlab import preference
+    from lmlab.dpo import DPOStage
+    from lmlab.stage import open_stage
 
-    model, _, cfg, _ = preference._open_stage_run(run / "base", run / "pref-bf16", False, 0,
-                                                  {"precision": "bf16", "progress": False})
+    opened = open_stage("dpo", run / "pref-bf16", {"precision": "bf16", "progress": False},
+                        parent=run / "base")
+    cfg = opened.train_config()
+    model = checkpoint.load_model(run / "base")[0]
+    model.matmul_precision = cfg.precision  # as lmlab.dpo.dpo does before building its stage
     assert cfg.precision == model.matmul_precision == "bf16"
-    stage = preference.DPOStage(model, checkpoint.load_model(run / "base")[1],
-                                [("the cat", " sat.", " blue.")], [], batch_size=1)
+    stage = DPOStage(model, checkpoint.load_model(run / "base")[1],
+                     [("the cat", " sat.", " blue.")], [], batch_size=1)
     policy = stage._logps(model, stage.train)
     np.testing.assert_array_equal(policy, stage.ref_train)
     model.matmul_precision = "fp32"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmlab import builtin_corpus, data
-from lmlab.data import (BatchSampler, load_corpus, load_instruct_jsonl, load_rankings_jsonl, ranking_pairs,
+from lmlab.data import (BatchSampler, load_corpus, load_instruct_jsonl,
                         split_tokens, tokenize_corpus)
 from lmlab.tokenizer import train_tokenizer
 
@@ -357,47 +357,7 @@ def test_jsonl_file_errors(tmp_path):
         load_instruct_jsonl(tmp_path / "none.jsonl")
     empty = _write(tmp_path / "e.jsonl", "\n\n")
     with pytest.raises(ValueError, match="contains no records"):
-        load_rankings_jsonl(empty)
+        load_instruct_jsonl(empty)
     latin = _write(tmp_path / "l.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"l\.jsonl:2: not UTF-8"):
         load_instruct_jsonl(latin)
-
-
-# -- rankings JSONL -------------------------------------------------------------------------------
-
-
-def test_load_rankings_ties_pairs_and_extras(tmp_path):
-    p = _jsonl(tmp_path, [
-        {"prompt": "p1", "completions": ["a", "b", "c", "d"], "ranking": [2, [0, 3], 1], "seeds": [1, 2, 3, 4]},
-        {"prompt": "p2", "chosen": "good", "rejected": "bad"},
-        {"prompt": "p3", "completions": ["x", "y"], "ranking": [[0, 1]]},
-    ])
-    recs = load_rankings_jsonl(p)
-    assert recs[0] == {"prompt": "p1", "completions": ["a", "b", "c", "d"], "ranking": [[2], [0, 3], [1]],
-                       "seeds": [1, 2, 3, 4]}
-    assert recs[1] == {"prompt": "p2", "completions": ["good", "bad"], "ranking": [[0], [1]]}
-    assert recs[2]["ranking"] == [[0, 1]]
-    assert sorted(ranking_pairs(recs[0]["ranking"])) == [(0, 1), (2, 0), (2, 1), (2, 3), (3, 1)]
-    assert ranking_pairs(recs[1]["ranking"]) == [(0, 1)]
-    assert ranking_pairs(recs[2]["ranking"]) == []
-
-
-@pytest.mark.parametrize("bad,match", [
-    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 2]}, "index 2 is out of range for 2"),
-    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "index -1 is out of range"),
-    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, [1, 0], 2]}, r"\[0\] more than once"),
-    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 2]}, r"leaves completion\(s\) \[1\] unranked"),
-    ({"prompt": "p", "completions": ["a", "b"], "ranking": [True, 0]}, "must be completion indices"),
-    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, []]}, "empty tie group"),
-    ({"prompt": "p", "completions": ["a", "b"], "ranking": []}, "non-empty list"),
-    ({"prompt": "p", "completions": ["a"], "ranking": [0]}, "at least 2 strings"),
-    ({"prompt": "p", "completions": ["a", "b"]}, "missing 'ranking'"),
-    ({"prompt": "p", "chosen": "a"}, "expected 'completions' and 'ranking', or 'chosen' and 'rejected'"),
-    ({"completions": ["a", "b"], "ranking": [0, 1]}, "missing 'prompt'"),
-    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
-])
-def test_load_rankings_errors_name_the_line(tmp_path, bad, match):
-    p = _jsonl(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, bad])
-    with pytest.raises(ValueError, match=match) as e:
-        load_rankings_jsonl(p)
-    assert f"{p}:2:" in str(e.value)

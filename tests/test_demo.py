@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lmlab import demo
+from lmlab.cli import demo as cli_demo
 from lmlab.demo_common import format_table, token_label
 from lmlab.demo_descent import bumpy, bumpy_slope, double_well, double_well_slope
 
@@ -202,14 +203,14 @@ def test_landscape_writes_every_picture_and_the_gif(tmp_path):
 def build_parser():
     parser = argparse.ArgumentParser(prog="lmlab")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo.add_demo_arguments(sub)
+    cli_demo.add_demo_arguments(sub)
     return parser
 
 
 def test_cli_descent_runs_through_run_demo(tmp_path, capsys):
     args = build_parser().parse_args(
         ["demo", "descent", "--lr", "0.45", "--start", "2", "--steps", "5", "--no-gif", "--out", str(tmp_path)])
-    assert args.func is demo.run_demo
+    assert args.func is cli_demo.run_demo
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "lr=0.45: good: fast and steady" in printed and "descent.png" in printed

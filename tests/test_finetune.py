@@ -33,9 +33,10 @@ def test_finetune_moves_loss_on_the_new_corpus_and_records_parent(parent, tmp_pa
     new.write_text(NEW)
     report = finetune(run, str(new), tmp_path / "child", steps=80, lr=3e-3, warmup_steps=5,
                       eval_every=40, save_every=0, progress=False, prompt="the ", sample_tokens=20)
-    assert report.new_val_after < report.new_val_before - 0.5
-    assert report.old_val_before is not None and report.old_val_after is not None
-    assert set(report.samples) == {"parent", "finetuned"}
+    d = report.details
+    assert d["new_val_after"] < d["new_val_before"] - 0.5
+    assert d["old_val_before"] is not None and d["old_val_after"] is not None
+    assert set(d["samples"]) == {"parent", "finetuned"}
     config = read_config(tmp_path / "child")
     assert config["parent"] == str(run) and config["train"]["stage"] == "finetune"
 
@@ -49,7 +50,7 @@ def test_unknown_characters_reported_before_training(parent, tmp_path):
     assert not (tmp_path / "child").exists()
     report = finetune(run, str(new), tmp_path / "child", unknown="skip", steps=5,
                       save_every=0, eval_every=0, progress=False, sample_tokens=0)
-    assert report.unknown_chars["Z"] == 2 and report.unknown_chars["!"] == 2
+    assert report.details["unknown_chars"]["Z"] == 2 and report.details["unknown_chars"]["!"] == 2
 
 
 def test_frozen_layers_do_not_change(parent, tmp_path):

@@ -3,16 +3,22 @@ independent references, the sign of the policy gradient, and end-to-end tuning w
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
 import numpy as np
 import pytest
 
-from lmlab import preference as pf
+from lmlab import dpo as dpo_mod
+from lmlab import judges as jg
+from lmlab import rankings as rk
+from lmlab import reward_model as rwd
+from lmlab import rl
+from lmlab import sequences as sq
 from lmlab.checkpoint import read_metrics
+from lmlab.cli import build_parser, main
 from lmlab.model import GPT, GPTConfig
+from lmlab.stage import STAGE_DEFAULTS
 from lmlab.tokenizer import train_tokenizer
 
 def _corpus(n: int, seed: int = 0) -> str:
@@ -48,18 +54,19 @@ def _pairs_by_place(groups):
 def test_pairs_from_ranking_with_ties(ranking):
     groups = [g if isinstance(g, list) else [g] for g in ranking]
     n = sum(len(g) for g in groups)
-    pairs = pf.pairs_from_ranking(ranking, n)
+    pairs = rk.pairs_from_ranking(ranking, n)
     assert len(pairs) == len(set(pairs))
     assert set(pairs) == _pairs_by_place(groups)
 
 
 @pytest.mark.parametrize("ranking,msg", [
-    ([0, 3, 1], "out of range"), ([0, 1, 1], "twice"), ([0, [1]], "leaves out"),
-    ([0, [], 1, 2], "empty group"), ([0, "1", 2], "indices"), ("012", "must be a list"),
-    ([True, 1, 2], "indices")])
+    ([0, 3, 1], "out of range"), ([0, 1, 1], r"\[1\] more than once"),
+    ([0, [1]], r"leaves completion\(s\) \[2\] unranked"), ([0, [], 1, 2], "empty tie group"),
+    ([0, "1", 2], "indices"), ("012", "non-empty list"), ([True, 1, 2], "indices"),
+    ([], "non-empty list")])
 def test_invalid_rankings_are_explained(ranking, msg):
-    with pytest.raises((ValueError, TypeError), match=msg):
-        pf.normalize_ranking(ranking, 3)
+    with pytest.raises(ValueError, match=msg):
+        rk.normalize_ranking(ranking, 3)
 
 
 def test_rankings_jsonl_round_trip_and_pair_import(tmp_path):
@@ -68,42 +75,86 @@ def test_rankings_jsonl_round_trip_and_pair_import(tmp_path):
              "judge": "human"},
             {"prompt": "", "completions": ["x\ny", "z"], "ranking": [1, 0]}]
     for r in recs:
-        pf.append_ranking(path, r)
+        rk.append_ranking(path, r)
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n" + json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n")
-    back = pf.load_rankings(path)
+    back = rk.load_rankings(path)
     assert back[0] == {**recs[0], "ranking": [2, [0, 1]]}  # groups of one are written compactly
     assert back[1] == recs[1]
     assert back[2] == {"prompt": "q", "completions": ["good", "bad"], "ranking": [0, 1]}
-    assert pf.preference_pairs(back) == [("p1", "c", "a"), ("p1", "c", "b"), ("", "z", "x\ny"),
+    assert rk.preference_pairs(back) == [("p1", "c", "a"), ("p1", "c", "b"), ("", "z", "x\ny"),
                                          ("q", "good", "bad")]
+
+
+def _write_jsonl(tmp_path, records):
+    p = tmp_path / "r.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return p
+
+
+def test_load_rankings_ties_pairs_and_extras(tmp_path):
+    p = _write_jsonl(tmp_path, [
+        {"prompt": "p1", "completions": ["a", "b", "c", "d"], "ranking": [2, [0, 3], 1], "seeds": [1, 2, 3, 4]},
+        {"prompt": "p2", "chosen": "good", "rejected": "bad"},
+        {"prompt": "p3", "completions": ["x", "y"], "ranking": [[0, 1]]},
+    ])
+    recs = rk.load_rankings(p)
+    assert recs[0] == {"prompt": "p1", "completions": ["a", "b", "c", "d"],
+                       "ranking": [2, [0, 3], 1], "seeds": [1, 2, 3, 4]}
+    assert recs[1] == {"prompt": "p2", "completions": ["good", "bad"], "ranking": [0, 1]}
+    assert recs[2]["ranking"] == [[0, 1]]
+    assert sorted(rk.pairs_from_ranking(recs[0]["ranking"])) == [(0, 1), (2, 0), (2, 1), (2, 3),
+                                                                 (3, 1)]
+    assert rk.pairs_from_ranking(recs[1]["ranking"]) == [(0, 1)]
+    assert rk.pairs_from_ranking(recs[2]["ranking"]) == []
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 2]}, "index 2 is out of range for 2"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "index -1 is out of range"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, [1, 0], 2]}, r"\[0\] more than once"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 2]}, r"leaves completion\(s\) \[1\] unranked"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [True, 0]}, "must be completion indices"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, []]}, "empty tie group"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": []}, "non-empty list"),
+    ({"prompt": "p", "completions": ["a"], "ranking": [0]}, "at least 2 strings"),
+    ({"prompt": "p", "completions": ["a", "b"]}, "missing 'ranking'"),
+    ({"prompt": "p", "chosen": "a"}, "expected 'completions' and 'ranking', or 'chosen' and 'rejected'"),
+    ({"completions": ["a", "b"], "ranking": [0, 1]}, "missing 'prompt'"),
+    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
+])
+def test_load_rankings_errors_name_the_line(tmp_path, bad, match):
+    p = _write_jsonl(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, bad])
+    with pytest.raises(ValueError, match=match) as e:
+        rk.load_rankings(p)
+    assert f"{p}:2:" in str(e.value)
 
 
 def test_bad_rankings_file_names_the_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"prompt": "p", "completions": ["a"], "ranking": [0]}\n{not json\n')
     with pytest.raises(ValueError, match=r"r.jsonl:2: invalid JSON"):
-        pf.load_rankings(path)
+        rk.load_rankings(path)
     path.write_text('{"prompt": "p", "completions": ["a", "b"], "ranking": [0, 0]}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:1: .*more than once"):
-        pf.load_rankings(path)
+        rk.load_rankings(path)
     path.write_text('{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:1: expected .completions. and .ranking."):
-        pf.load_rankings(path)
+        rk.load_rankings(path)
 
 
 def test_read_prompts_lines_and_jsonl(tmp_path):
     a = tmp_path / "a.txt"
     a.write_text("first\n\nsecond line\\nwith newline\n")
-    assert pf.read_prompts(a) == ["first", "second line\nwith newline"]
+    assert rk.read_prompts(a) == ["first", "second line\nwith newline"]
     b = tmp_path / "b.jsonl"
     b.write_text('{"prompt": "x"}\n{"prompt": "y", "id": 3}\n')
-    assert pf.read_prompts(b) == ["x", "y"]
+    assert rk.read_prompts(b) == ["x", "y"]
 
 
 def test_split_records_is_by_ranking_and_disjoint():
     recs = [{"prompt": str(i)} for i in range(10)]
-    train, val = pf.split_records(recs, 0.3, seed=1)
+    train, val = rk.split_records(recs, 0.3, seed=1)
     assert len(val) == 3 and len(train) == 7
     assert sorted(r["prompt"] for r in train + val) == sorted(str(i) for i in range(10))
 
@@ -113,16 +164,16 @@ def test_split_records_is_by_ranking_and_disjoint():
 
 def test_judges_rank_by_their_rule_with_ties():
     comps = ["the cat the", "cat", "the the the", "dog"]
-    assert pf.PreferWord("the")("p", comps) == [2, 0, [1, 3]]
-    assert pf.make_judge("shorter")("p", comps) == [[1, 3], [0, 2]]
-    assert pf.make_judge("longer")("p", comps) == [[0, 2], [1, 3]]
-    assert pf.make_judge("word:cat").score("p", "catcat cat") == 3.0
-    assert pf.judge_preference(pf.PreferWord("a"), "p", "aa", "a") == 1.0
-    assert pf.judge_preference(pf.PreferWord("a"), "p", "b", "a") == 0.0
-    assert pf.judge_preference(pf.PreferWord("a"), "p", "b", "c") == 0.5
+    assert jg.PreferWord("the")("p", comps) == [2, 0, [1, 3]]
+    assert jg.make_judge("shorter")("p", comps) == [[1, 3], [0, 2]]
+    assert jg.make_judge("longer")("p", comps) == [[0, 2], [1, 3]]
+    assert jg.make_judge("word:cat").score("p", "catcat cat") == 3.0
+    assert jg.judge_preference(jg.PreferWord("a"), "p", "aa", "a") == 1.0
+    assert jg.judge_preference(jg.PreferWord("a"), "p", "b", "a") == 0.0
+    assert jg.judge_preference(jg.PreferWord("a"), "p", "b", "c") == 0.5
     for spec in ("word:", "louder", 3):
         with pytest.raises((ValueError, TypeError)):
-            pf.make_judge(spec)
+            jg.make_judge(spec)
 
 
 # --- DPO -----------------------------------------------------------------------------------------
@@ -137,7 +188,7 @@ def test_dpo_loss_gradient_matches_finite_differences():
         z = (pc - ref_c) - (pr - ref_r)
         return np.mean(np.log1p(np.exp(-beta * z)))
 
-    val, g_c, g_r, margin = pf.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    val, g_c, g_r, margin = dpo_mod.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
     assert val == pytest.approx(loss(pi_c, pi_r), rel=1e-12)
     np.testing.assert_allclose(margin, beta * ((pi_c - ref_c) - (pi_r - ref_r)), rtol=1e-12)
     h = 1e-6
@@ -162,7 +213,7 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
     along several directions."""
     model = _tiny(tok, seed=3)
     pairs = _dpo_pairs()
-    stage = pf.DPOStage(model, tok, pairs, [], beta=0.5, batch_size=4, seed=0,
+    stage = dpo_mod.DPOStage(model, tok, pairs, [], beta=0.5, batch_size=4, seed=0,
                         sft_weight=sft_weight)
     model.params += np.random.default_rng(1).normal(0, 0.02, model.params.size).astype(np.float32)
     state = stage.state_dict()
@@ -174,7 +225,7 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
     ref = stage.ref_train  # log-probabilities of the unperturbed (reference) weights
 
     def logp(prompt, resp):
-        ids_p, ids_r = pf.encode_pair(tok, prompt, resp, 33)
+        ids_p, ids_r = sq.encode_pair(tok, prompt, resp, 33)
         seq = np.concatenate([ids_p, ids_r])
         _, losses = model.forward(seq[None, :-1], seq[None, 1:])
         return -float(losses[0, ids_p.size - 1:].astype(np.float64).sum()), ids_r.size
@@ -209,7 +260,7 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
 def test_dpo_padding_and_prompt_tokens_get_no_weight(tok):
     p = [np.array([1, 2, 3], np.int32), np.array([4], np.int32)]
     r = [np.array([5, 6], np.int32), np.array([7, 8, 9], np.int32)]
-    x, y, mask = pf.pack_for_loss(p, r, 6, pad_id=0)
+    x, y, mask = sq.pack_for_loss(p, r, 6, pad_id=0)
     np.testing.assert_array_equal(x[0, :4], [1, 2, 3, 5])
     np.testing.assert_array_equal(y[0, :4], [2, 3, 5, 6])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
@@ -224,9 +275,9 @@ def test_dpo_padding_and_prompt_tokens_get_no_weight(tok):
 def test_dpo_rejects_bad_settings(tok):
     model = _tiny(tok)
     with pytest.raises(ValueError, match="beta"):
-        pf.DPOStage(model, tok, _dpo_pairs(), [], beta=0)
+        dpo_mod.DPOStage(model, tok, _dpo_pairs(), [], beta=0)
     with pytest.raises(ValueError, match="at least one training pair"):
-        pf.DPOStage(model, tok, [], [])
+        dpo_mod.DPOStage(model, tok, [], [])
 
 
 # --- reward model --------------------------------------------------------------------------------
@@ -241,7 +292,7 @@ def test_bradley_terry_gradient_matches_finite_differences():
     def loss(w):  # written independently: -log(sigmoid(d)) = log(1 + exp(-d))
         return np.mean(np.log1p(np.exp(-(d_phi @ w)))) + 0.5 * l2 * np.sum(w ** 2)
 
-    val, grad = pf.bt_loss_and_grad(w, d_phi, l2)
+    val, grad = rwd.bt_loss_and_grad(w, d_phi, l2)
     assert val == pytest.approx(loss(w), rel=1e-12)
     h = 1e-6
     fd = np.array([(loss(w + h * e) - loss(w - h * e)) / (2 * h) for e in np.eye(7)])
@@ -250,10 +301,10 @@ def test_bradley_terry_gradient_matches_finite_differences():
 
 def test_reward_features_are_the_logits_at_the_right_positions(tok):
     model = _tiny(tok)
-    phi = pf.reward_features(model, tok, ["the cat", ""], [" sees", "a dog"])
+    phi = rwd.reward_features(model, tok, ["the cat", ""], [" sees", "a dog"])
     V = tok.vocab_size
     for row, (p, c) in enumerate([("the cat", " sees"), ("", "a dog")]):
-        ids_p, ids_r = pf.encode_pair(tok, p, c, 32)
+        ids_p, ids_r = sq.encode_pair(tok, p, c, 32)
         seq = np.concatenate([ids_p, ids_r])
         logits, _ = model.forward(seq[None])
         np.testing.assert_allclose(phi[row, :V], logits[0, -1], rtol=1e-5, atol=1e-5)
@@ -268,23 +319,23 @@ def test_reward_model_learns_a_judge_and_round_trips(tmp_path, tok):
     model = _tiny(tok, block_size=48, n_embd=32)
     rng = np.random.default_rng(0)
     letters = list("abcdefghx ")
-    judge = pf.PreferWord("x")
+    judge = jg.PreferWord("x")
 
     def record():
         comps = ["".join(rng.choice(letters, size=int(rng.integers(8, 20)))) for _ in range(4)]
         return {"prompt": "the ", "completions": comps, "ranking": judge("the ", comps)}
 
     train, val = [record() for _ in range(60)], [record() for _ in range(20)]
-    rm, report = pf.train_reward_model(model, tok, train, val, steps=200)
+    rm, report = rwd.train_reward_model(model, tok, train, val, steps=200)
     assert report["val_pairs"] > 50
     assert report["val_accuracy"] >= 0.8
     save_run(tmp_path / "base", model, tok, train_config={})
     rm.save(tmp_path / "rm")
-    back = pf.RewardModel.load(tmp_path / "rm")
+    back = rwd.RewardModel.load(tmp_path / "rm")
     comps = val[0]["completions"]
     np.testing.assert_allclose(back.score("the ", comps), rm.score("the ", comps), rtol=1e-6)
     with pytest.raises(FileNotFoundError, match="not a reward model"):
-        pf.RewardModel.load(tmp_path / "base")
+        rwd.RewardModel.load(tmp_path / "base")
 
 
 # --- RL ------------------------------------------------------------------------------------------
@@ -294,9 +345,9 @@ def test_leave_one_out_advantages():
     r = np.array([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
     ref = np.array([[r[i, j] - np.mean([r[i, k] for k in range(3) if k != j]) for j in range(3)]
                     for i in range(2)])
-    np.testing.assert_allclose(pf.leave_one_out_advantages(r), ref)
+    np.testing.assert_allclose(rl.leave_one_out_advantages(r), ref)
     with pytest.raises(ValueError, match="K >= 2"):
-        pf.leave_one_out_advantages(np.ones((2, 1)))
+        rl.leave_one_out_advantages(np.ones((2, 1)))
 
 
 def test_policy_gradient_step_raises_the_better_samples(tok):
@@ -305,15 +356,15 @@ def test_policy_gradient_step_raises_the_better_samples(tok):
     model = _tiny(tok, seed=5)
     ref = _tiny(tok, seed=5)
     rank_reward = lambda prompt, comps: np.arange(len(comps), dtype=float)  # noqa: E731
-    stage = pf.RLStage(model, ref, tok, ["the cat "], [], rank_reward, k=4, prompts_per_step=1,
+    stage = rl.RLStage(model, ref, tok, ["the cat "], [], rank_reward, k=4, prompts_per_step=1,
                        kl_coef=0.0, max_new_tokens=8, seed=0)
     model.zero_grad()
     stage.train_step(model, 1.0)
     b = stage.last_batch
     np.testing.assert_allclose(b["advantage"], [-2, -2 / 3, 2 / 3, 2])  # rewards 0..3
-    before = pf.sequence_logprobs(model, b["x"], b["y"], b["mask"])
+    before = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
     model.params -= np.float32(0.05) * model.grads
-    after = pf.sequence_logprobs(model, b["x"], b["y"], b["mask"])
+    after = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
     delta = after - before
     assert delta[3] > 0 and delta[0] < 0
     assert float(b["advantage"] @ delta) > 0
@@ -322,16 +373,16 @@ def test_policy_gradient_step_raises_the_better_samples(tok):
 def test_rl_kl_term_is_the_log_ratio_to_the_reference(tok):
     model, ref = _tiny(tok, seed=1), _tiny(tok, seed=2)
     reward = lambda prompt, comps: np.zeros(len(comps))  # noqa: E731
-    stage = pf.RLStage(model, ref, tok, ["a dog "], [], reward, k=3, prompts_per_step=2,
+    stage = rl.RLStage(model, ref, tok, ["a dog "], [], reward, k=3, prompts_per_step=2,
                        kl_coef=0.5, max_new_tokens=6, seed=0)
     model.zero_grad()
     out = stage.train_step(model, 1.0)
     b = stage.last_batch
-    lp = pf.sequence_logprobs(model, b["x"], b["y"], b["mask"])
-    lr_ = pf.sequence_logprobs(ref, b["x"], b["y"], b["mask"])
+    lp = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
+    lr_ = sq.sequence_logprobs(ref, b["x"], b["y"], b["mask"])
     np.testing.assert_allclose(b["kl"], lp - lr_, rtol=1e-6)
     shaped = (-0.5 * (lp - lr_)).reshape(2, 3)
-    np.testing.assert_allclose(b["advantage"], pf.leave_one_out_advantages(shaped).reshape(-1),
+    np.testing.assert_allclose(b["advantage"], rl.leave_one_out_advantages(shaped).reshape(-1),
                                rtol=1e-5, atol=1e-6)
     assert out["loss"] == pytest.approx(-shaped.mean(), rel=1e-5)
 
@@ -339,22 +390,33 @@ def test_rl_kl_term_is_the_log_ratio_to_the_reference(tok):
 # --- command line --------------------------------------------------------------------------------
 
 
-def test_preference_commands_parse():
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    pf.add_preference_commands(sub)
+def test_preference_commands_parse(capsys):
+    parser = build_parser()
     a = parser.parse_args(["rank", "run", "--prompts", "p.txt", "--out", "r.jsonl", "-k", "3",
                            "--judge", "word:cat"])
-    assert (a.samples, a.judge, a.func.__name__) == (3, "word:cat", "cmd_rank")
+    assert (a.k, a.judge, a.func.__name__) == (3, "word:cat", "cmd_rank")
     a = parser.parse_args(["dpo", "run", "--rankings", "a.jsonl", "b.jsonl", "--out", "o",
                            "--beta", "0.2"])
     assert a.rankings == ["a.jsonl", "b.jsonl"] and a.beta == 0.2
     a = parser.parse_args(["rlhf", "run", "--prompts", "p", "--out", "o", "--judge", "shorter"])
     assert a.judge == "shorter" and a.reward_model is None
-    with pytest.raises(SystemExit):
-        parser.parse_args(["rlhf", "run", "--prompts", "p", "--out", "o"])  # no reward source
+    with pytest.raises(SystemExit):  # two reward sources
+        parser.parse_args(["rlhf", "run", "--prompts", "p", "--out", "o", "--judge", "shorter",
+                           "--reward-model", "rm"])
     a = parser.parse_args(["reward", "run", "--rankings", "r.jsonl", "--out", "rm"])
-    assert a.val_fraction == 0.2
+    assert a.val_fraction is None  # not given: the stage's table says 0.2
+    assert STAGE_DEFAULTS["reward"]["val_fraction"] == 0.2
+
+
+def test_rlhf_without_a_reward_source_exits_2(tmp_path, tok, capsys):
+    from lmlab.checkpoint import save_run
+
+    save_run(tmp_path / "base", _tiny(tok), tok, train_config={})
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    assert main(["rlhf", str(tmp_path / "base"), "--prompts", str(tmp_path / "p.txt"), "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "exactly one of reward_model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -381,44 +443,45 @@ def test_end_to_end_dpo_and_rl_raise_the_judges_preference(base_run, capsys):
     from lmlab.checkpoint import load_model
     from lmlab.rank import run_session
 
-    judge = pf.PreferWord("cat")
+    judge = jg.PreferWord("cat")
     model, tok, _ = load_model(base_run / "base")
     n_new = 24
 
     def sample(prompt, i, k):
-        pids = pf.prompt_ids_for(tok, prompt, 48, n_new)
+        pids = sq.prompt_ids_for(tok, prompt, 48, n_new)
         seeds = [100 + k * i + j for j in range(k)]
-        return [pf.sample_completion(model, tok, pids, n_new, seed=s)[1] for s in seeds], seeds
+        return [sq.sample_completion(model, tok, pids, n_new, seed=s)[1] for s in seeds], seeds
 
     rankings = base_run / "rankings.jsonl"
     run_session(_prompts(150, 1), sample, rankings, 4, judge=judge, judge_name=judge.name)
     held_out = _prompts(30, 2)
     reference, _, _ = load_model(base_run / "base")
-    before = pf.compare_to_reference(reference, reference, tok, held_out, judge,
+    before = jg.compare_to_reference(reference, reference, tok, held_out, judge,
                                      max_new_tokens=n_new, samples_per_prompt=2, seed=7)
     assert 0.3 <= before["win_rate"] <= 0.7 and before["kl"] == 0.0
 
-    _, stage = pf.dpo(base_run / "base", rankings, base_run / "dpo", beta=0.5, sft_weight=1.0,
-                      batch_size=8, val_fraction=0.1, steps=120, lr=1e-4, warmup_steps=5, eval_every=40,
-                      weight_decay=0.0, progress=False, save_every=0)
-    assert stage.last_eval["val_margin"] > 0  # held-out chosen answers gained on rejected ones
+    result = dpo_mod.dpo(base_run / "base", rankings, base_run / "dpo", beta=0.5,
+                         sft_weight=1.0, batch_size=8, val_fraction=0.1, steps=120, lr=1e-4,
+                         warmup_steps=5, eval_every=40, weight_decay=0.0, progress=False,
+                         save_every=0)
+    assert result.details["eval"]["val_margin"] > 0  # held-out chosen answers gained on rejected ones
     tuned, _, _ = load_model(base_run / "dpo")
-    after = pf.compare_to_reference(tuned, reference, tok, held_out, judge, max_new_tokens=n_new,
+    after = jg.compare_to_reference(tuned, reference, tok, held_out, judge, max_new_tokens=n_new,
                                     samples_per_prompt=2, seed=7)
     assert after["win_rate"] >= before["win_rate"] + 0.15, (before, after)
     assert after["kl"] > 0
 
     prompts = base_run / "prompts.txt"
     prompts.write_text("\n".join(_prompts(100, 3)), encoding="utf-8")
-    _, rl = pf.rlhf(base_run / "base", prompts, base_run / "rl", judge="word:cat", k=4,
-                    prompts_per_step=4, kl_coef=0.05, max_new_tokens=n_new, steps=40, lr=3e-4,
-                    warmup_steps=5, eval_every=20, weight_decay=0.0, progress=False, save_every=0)
+    rl.rlhf(base_run / "base", prompts, base_run / "rl", judge="word:cat", k=4,
+            prompts_per_step=4, kl_coef=0.05, max_new_tokens=n_new, steps=40, lr=3e-4,
+            warmup_steps=5, eval_every=20, weight_decay=0.0, progress=False, save_every=0)
     rows = read_metrics(base_run / "rl")
     per_step = [r for r in rows if "reward" in r]
     assert [r["step"] for r in per_step] == list(range(1, 41))
     assert all(np.isfinite(r["kl"]) for r in per_step)
     tuned, _, _ = load_model(base_run / "rl")
-    after = pf.compare_to_reference(tuned, reference, tok, held_out, judge, max_new_tokens=n_new,
+    after = jg.compare_to_reference(tuned, reference, tok, held_out, judge, max_new_tokens=n_new,
                                     samples_per_prompt=2, seed=7)
     assert after["win_rate"] >= before["win_rate"] + 0.15, (before, after)
     assert np.mean([r["reward"] for r in per_step[-10:]]) > np.mean(
@@ -432,17 +495,15 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
 
     save_run(tmp_path / "base", _tiny(tok, block_size=32), tok, train_config={})
     rng = np.random.default_rng(0)
-    judge = pf.PreferWord("a")
+    judge = jg.PreferWord("a")
     with open(tmp_path / "prompts.txt", "w", encoding="utf-8") as f:
         f.write("\n".join(["the cat ", "a dog ", "my friend ", "the bird "]))
     for i in range(12):
         comps = ["".join(rng.choice(list("abcde "), size=int(rng.integers(3, 12))))
                  for _ in range(3)]
-        pf.append_ranking(tmp_path / "r.jsonl", {"prompt": "the cat ", "completions": comps,
+        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": "the cat ", "completions": comps,
                                                  "ranking": judge("the cat ", comps)})
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    pf.add_preference_commands(sub)
+    parser = build_parser()
     quick = ["--steps", "3", "--eval-every", "2", "--no-progress", "--threads", "1"]
     runs = [
         (["reward", str(tmp_path / "base"), "--rankings", str(tmp_path / "r.jsonl"), "--out",

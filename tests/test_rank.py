@@ -48,7 +48,8 @@ def test_session_with_scripted_input_and_judge(tmp_path):
     stats = run_session(PROMPTS, sample, out, 3, read=lambda _: next(answers), write=lines.append)
     assert stats == {"ranked": 1, "skipped": 1, "already": 0, "quit": True}
     assert any("9 is out of range" in ln for ln in lines)
-    from lmlab.preference import PreferShorter, load_rankings
+    from lmlab.judges import PreferShorter
+    from lmlab.rankings import load_rankings
     stats = run_session(PROMPTS, sample, out, 3, judge=PreferShorter(), write=lines.append)
     assert stats == {"ranked": 3, "skipped": 0, "already": 1, "quit": False}
     recs = load_rankings(out)
@@ -80,7 +81,7 @@ def _env():
 
 
 def _spawn(root, out):
-    args = ["-m", "lmlab.rank", str(root / "run"), "--prompts", str(root / "prompts.txt"),
+    args = ["-m", "lmlab", "rank", str(root / "run"), "--prompts", str(root / "prompts.txt"),
             "--out", str(out), "-k", "3", "--max-new-tokens", "6", "--seed", "5"]
     return pexpect.spawn(sys.executable, args, env=_env(), encoding="utf-8", timeout=60)
 
@@ -140,7 +141,7 @@ def test_rank_in_a_terminal_with_invalid_input_skip_quit_and_resume(tiny_run, tm
 
 def test_rank_with_a_scripted_judge(tiny_run, tmp_path):
     out = tmp_path / "judged.jsonl"
-    cmd = [sys.executable, "-m", "lmlab.rank", str(tiny_run / "run"), "--prompts",
+    cmd = [sys.executable, "-m", "lmlab", "rank", str(tiny_run / "run"), "--prompts",
            str(tiny_run / "prompts.txt"), "--out", str(out), "-k", "4", "--max-new-tokens", "8",
            "--judge", "word:a"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)

@@ -1,5 +1,5 @@
-"""Training data: text corpora, token caches, train/val split, random batches, and the instruct and
-preference (ranking) datasets.
+"""Training data: text corpora, token caches, train/val split, random batches, the instruct dataset,
+and the JSONL reader the instruct and rankings (lmlab.rankings) files share.
 
 Corpus specs (load_corpus):
   a file                    its text
@@ -16,15 +16,6 @@ Instruct data (load_instruct_jsonl), one JSON object per line:
   {"prompt": "...", "response": "..."}
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}
 roles are "user" and "assistant"; each conversation needs at least one assistant message.
-
-Rankings (load_rankings_jsonl), one JSON object per line:
-  {"prompt": "...", "completions": ["a", "b", "c"], "ranking": [2, [0, 1]]}
-`ranking` lists completion indices best first; a nested list is a tie group ("2 is best, 0 and 1
-tie after it"). Every completion appears exactly once. Pairs as other tools write them,
-  {"prompt": "...", "chosen": "...", "rejected": "..."}
-load as completions [chosen, rejected] with ranking [[0], [1]]. Loaded rankings are normalised to
-tie groups: a list of lists of indices, best group first; ranking_pairs() lists the (better, worse)
-pairs one implies. Blank lines are skipped; errors name the file and line number.
 """
 
 from __future__ import annotations
@@ -44,7 +35,7 @@ from .files import atomic_write_bytes
 
 __all__ = [
     "BUILTIN_CORPORA", "load_corpus", "tokenize_corpus", "split_tokens", "BatchSampler",
-    "load_instruct_jsonl", "load_rankings_jsonl", "ranking_pairs",
+    "load_instruct_jsonl", "read_jsonl_objects", "need_str",
 ]
 
 CORPUS_SUFFIXES = (".txt", ".md")
@@ -254,7 +245,8 @@ class BatchSampler:
 # -- JSONL datasets -----------------------------------------------------------------------------
 
 
-def _jsonl_records(path):
+def read_jsonl_objects(path):
+    """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSONL file not found: {path}")
@@ -279,7 +271,8 @@ def _jsonl_records(path):
     return path, records
 
 
-def _need_str(obj: dict, key: str, where: str) -> str:
+def need_str(obj: dict, key: str, where: str) -> str:
+    """obj[key], which must be a string; the error names where the object came from."""
     v = obj[key]
     if not isinstance(v, str):
         raise ValueError(f"{where}: {key!r} must be a string, got {type(v).__name__}")
@@ -288,7 +281,7 @@ def _need_str(obj: dict, key: str, where: str) -> str:
 
 def load_instruct_jsonl(path) -> list:
     """Conversations from an instruct JSONL file: a list of [{"role", "content"}, ...] lists."""
-    path, records = _jsonl_records(path)
+    path, records = read_jsonl_objects(path)
     out = []
     for lineno, obj in records:
         where = f"{path}:{lineno}"
@@ -302,79 +295,14 @@ def load_instruct_jsonl(path) -> list:
                     raise ValueError(f"{where}: messages[{j}] must be an object with 'role' and 'content'")
                 if m["role"] not in _ROLES:
                     raise ValueError(f"{where}: messages[{j}] has role {m['role']!r}; expected one of {_ROLES}")
-                conv.append({"role": m["role"], "content": _need_str(m, "content", f"{where}: messages[{j}]")})
+                conv.append({"role": m["role"], "content": need_str(m, "content", f"{where}: messages[{j}]")})
             if not any(m["role"] == "assistant" for m in conv):
                 raise ValueError(f"{where}: the conversation has no assistant message, so nothing to learn")
         elif "prompt" in obj and "response" in obj:
-            conv = [{"role": "user", "content": _need_str(obj, "prompt", where)},
-                    {"role": "assistant", "content": _need_str(obj, "response", where)}]
+            conv = [{"role": "user", "content": need_str(obj, "prompt", where)},
+                    {"role": "assistant", "content": need_str(obj, "response", where)}]
         else:
             raise ValueError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; "
                              f"got {sorted(obj)}")
         out.append(conv)
     return out
-
-
-def _tie_groups(ranking, k: int, where: str) -> list:
-    if not isinstance(ranking, list) or not ranking:
-        raise ValueError(f"{where}: 'ranking' must be a non-empty list of completion indices, best first")
-    groups = []
-    for item in ranking:
-        group = item if isinstance(item, list) else [item]
-        if not group:
-            raise ValueError(f"{where}: 'ranking' has an empty tie group")
-        for i in group:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise ValueError(f"{where}: ranking entries must be completion indices (ints), got {i!r}")
-            if not 0 <= i < k:
-                raise ValueError(f"{where}: ranking index {i} is out of range for {k} completions (0..{k - 1})")
-        groups.append(list(group))
-    flat = [i for g in groups for i in g]
-    dupes = sorted({i for i in flat if flat.count(i) > 1})
-    if dupes:
-        raise ValueError(f"{where}: ranking lists completion(s) {dupes} more than once")
-    unranked = sorted(set(range(k)) - set(flat))
-    if unranked:
-        raise ValueError(f"{where}: ranking leaves completion(s) {unranked} unranked; rank all {k}")
-    return groups
-
-
-def load_rankings_jsonl(path) -> list:
-    """Preference data: a list of {"prompt", "completions", "ranking" (tie groups, best first), ...}.
-
-    Other keys of a record (ids, seeds, judge names) are kept as they are.
-    """
-    path, records = _jsonl_records(path)
-    out = []
-    for lineno, obj in records:
-        where = f"{path}:{lineno}"
-        if "prompt" not in obj:
-            raise ValueError(f"{where}: missing 'prompt'")
-        rec = dict(obj)
-        rec["prompt"] = _need_str(obj, "prompt", where)
-        if "completions" in obj or "ranking" in obj:
-            for key in ("completions", "ranking"):
-                if key not in obj:
-                    raise ValueError(f"{where}: missing {key!r}")
-            comps = obj["completions"]
-            if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
-                raise ValueError(f"{where}: 'completions' must be a list of at least 2 strings")
-            rec["ranking"] = _tie_groups(obj["ranking"], len(comps), where)
-        elif "chosen" in obj and "rejected" in obj:
-            rec["completions"] = [_need_str(obj, "chosen", where), _need_str(obj, "rejected", where)]
-            rec["ranking"] = [[0], [1]]
-            del rec["chosen"], rec["rejected"]
-        else:
-            raise ValueError(f"{where}: expected 'completions' and 'ranking', or 'chosen' and 'rejected'; "
-                             f"got {sorted(obj)}")
-        out.append(rec)
-    return out
-
-
-def ranking_pairs(ranking) -> list:
-    """Every (better, worse) pair of completion indices a tie-group ranking implies (ties give none)."""
-    pairs = []
-    for g, group in enumerate(ranking):
-        for worse_group in ranking[g + 1:]:
-            pairs.extend((a, b) for a in group for b in worse_group)
-    return pairs

@@ -10,39 +10,20 @@ both models for the same prompt.
 from __future__ import annotations
 
 import collections
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 
-from . import ops
-from .pretrain import LanguageModelingStage, evaluate_loss
-from .train import TrainConfig, train
+from . import checks
+from .checkpoint import load_model
+from .data import load_corpus, split_tokens
+from .pretrain import LanguageModelingStage, check_tokens_fit, evaluate_loss
+from .sample import generate
+from .stage import StageResult, open_stage
+from .train import train
 
 UNKNOWN_POLICIES = ("error", "skip", "replace")
-
-
-@dataclass
-class FinetuneReport:
-    run_dir: str
-    parent: str
-    new_val_before: float
-    new_val_after: float
-    old_val_before: Optional[float]  # None when the parent's corpus is not readable here
-    old_val_after: Optional[float]
-    unknown_chars: dict = field(default_factory=dict)  # character -> count, before handling
-    samples: dict = field(default_factory=dict)  # "parent" / "finetuned" -> text
-    stopped_early: bool = False
-
-    def summary(self) -> str:
-        lines = [f"fine-tuned {self.parent} -> {self.run_dir}",
-                 f"  new corpus val loss: {self.new_val_before:.4f} -> {self.new_val_after:.4f} "
-                 f"({self.new_val_after - self.new_val_before:+.4f})"]
-        if self.old_val_before is not None:
-            lines.append(f"  parent corpus val loss: {self.old_val_before:.4f} -> "
-                         f"{self.old_val_after:.4f} ({self.old_val_after - self.old_val_before:+.4f})")
-        return "\n".join(lines)
 
 
 def encode_new_corpus(text: str, tokenizer, policy: str) -> tuple:
@@ -63,7 +44,6 @@ def encode_new_corpus(text: str, tokenizer, policy: str) -> tuple:
 
 
 def _sample_text(model, tok, prompt: str, n: int, seed: int) -> str:
-    from .sample import generate
     ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
     out = generate(model, ids, n, temperature=0.8, seed=seed, stop_ids=[tok.eot_id])
     return prompt + tok.decode(out)
@@ -78,66 +58,82 @@ def freeze_prefixes(n_layers_frozen: int, freeze_embeddings: bool, n_layer: int)
     return prefixes
 
 
-def finetune(parent, corpus: str, run_dir, *, unknown: str = "error", freeze_layers: int = 0,
-             freeze_embeddings: bool = False, batch_size: Optional[int] = None,
-             val_fraction: float = 0.1, eval_batches: int = 20, prompt: str = "",
-             sample_tokens: int = 200, threads: Optional[int] = None, resume: bool = False,
-             seed: int = 1337, **train_kwargs) -> FinetuneReport:
+def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
+             sample_tokens: int = 200, resume: bool = False, overwrite: bool = False,
+             threads: Optional[int] = None, **settings) -> StageResult:
     """Fine-tune the model in run directory `parent` on `corpus`, writing a new run to `run_dir`.
 
-    Keyword arguments beyond these go to TrainConfig (steps, lr, warmup_steps, ...); a lower learning
-    rate than pretraining's is typical (the default here is 3e-4 with 50 warmup steps).
+    settings: any of STAGE_DEFAULTS["finetune"] (unknown-character policy, freeze_layers,
+    freeze_embeddings, batch_size (default: the parent's), TrainConfig's steps, lr, ...; a lower
+    learning rate than pretraining's is typical). The result's details hold the report: val loss
+    on the new corpus and on the parent's before and after ("new_val_before", "new_val_after",
+    "old_val_before", "old_val_after"; old_* None when the parent's corpus is not readable here),
+    "unknown_chars" (character -> count, before handling) and "samples" (parent, finetuned).
     """
-    from .checkpoint import load_model
-    from .data import load_corpus, split_tokens
+    checks.check_values(sample_tokens=sample_tokens)
+    with open_stage("finetune", run_dir, {"corpus": corpus, **settings}, resume=resume,
+                    overwrite=overwrite, parent=parent, threads=threads) as run:
+        s = run.settings
+        if s.get("corpus") is None:
+            raise ValueError("finetune needs a corpus (--corpus)")
+        base, tok, parent_config = load_model(parent)
+        model, _, _ = load_model(parent)  # the copy that trains; `base` stays as the parent
+        tokens, unknown_counts = encode_new_corpus(load_corpus(s["corpus"]), tok, s["unknown"])
+        train_tokens, val_tokens = split_tokens(tokens, s["val_fraction"])
+        parent_run = parent_config.get("train") or {}
+        if s["batch_size"] is None:
+            s["batch_size"] = int(parent_run.get("batch_size", 12))
+        bs, T = s["batch_size"], model.config.block_size
+        frozen = freeze_prefixes(s["freeze_layers"], s["freeze_embeddings"], model.config.n_layer)
+        cfg = run.train_config(frozen=frozen)
+        check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)
+        # The parent's own corpus, to measure forgetting; skipped when it is not readable here.
+        old_val = None
+        old_spec = parent_run.get("corpus")
+        if old_spec:
+            try:
+                old_tokens = tok.encode(load_corpus(old_spec), unknown="skip")
+                _, old_val = split_tokens(old_tokens,
+                                          float(parent_run.get("val_fraction", s["val_fraction"])))
+            except (OSError, ValueError):
+                old_val = None
+        if old_val is not None and len(old_val) < 2:
+            old_val = None  # too short to measure anything
 
-    if threads:
-        ops.set_num_threads(threads)
-    parent, run_dir = Path(parent), Path(run_dir)
-    if run_dir.resolve() == parent.resolve():
-        raise ValueError("the fine-tuned run needs its own directory (it records its parent)")
-    base, tok, parent_config = load_model(parent)
-    model, _, _ = load_model(parent)  # the copy that trains; `base` stays as the parent
-    tokens, unknown_counts = encode_new_corpus(load_corpus(corpus), tok, unknown)
-    train_tokens, val_tokens = split_tokens(tokens, val_fraction)
-    parent_run = parent_config.get("train") or {}
-    bs = batch_size or int(parent_run.get("batch_size", 12))
-    T = model.config.block_size
-    # The parent's own corpus, to measure forgetting; skipped when it is not readable here.
-    old_val = None
-    old_spec = parent_run.get("corpus")
-    if old_spec:
-        try:
-            old_tokens = tok.encode(load_corpus(old_spec), unknown="skip")
-            _, old_val = split_tokens(old_tokens, float(parent_run.get("val_fraction", val_fraction)))
-        except (OSError, ValueError):
-            old_val = None
+        def losses(m) -> tuple:
+            new = evaluate_loss(m, val_tokens, bs, T, s["eval_batches"], s["seed"] + 1)
+            old = (evaluate_loss(m, old_val, bs, T, s["eval_batches"], s["seed"] + 1)
+                   if old_val is not None else None)
+            return new, old
 
-    def losses(m) -> tuple:
-        new = evaluate_loss(m, val_tokens, bs, T, eval_batches, seed + 1)
-        old = evaluate_loss(m, old_val, bs, T, eval_batches, seed + 1) if old_val is not None else None
-        return new, old
-
-    new_before, old_before = losses(base)
-    train_kwargs.setdefault("lr", 3e-4)
-    train_kwargs.setdefault("warmup_steps", 50)
-    train_kwargs.setdefault("steps", 500)
-    frozen = freeze_prefixes(freeze_layers, freeze_embeddings, model.config.n_layer)
-    cfg = TrainConfig(seed=seed, frozen=frozen, **train_kwargs)
-    stage = LanguageModelingStage(train_tokens, val_tokens, bs, T, seed, eval_batches)
-    run_config = {"stage": "finetune", "corpus": corpus, "model": asdict(model.config),
-                  "batch_size": bs, "val_fraction": val_fraction, "unknown": unknown,
-                  "freeze_layers": freeze_layers, "freeze_embeddings": freeze_embeddings,
-                  **{k: v for k, v in parent_run.items() if k in ("chat_template",)}}
-    result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
-                   resume=resume, parent=str(parent))
+        stage = LanguageModelingStage(train_tokens, val_tokens, bs, T, s["seed"], s["eval_batches"])
+        run_config = run.run_config(
+            corpus=s["corpus"], model=asdict(model.config), batch_size=bs,
+            val_fraction=s["val_fraction"], unknown=s["unknown"],
+            freeze_layers=s["freeze_layers"], freeze_embeddings=s["freeze_embeddings"],
+            **{k: v for k, v in parent_run.items() if k in ("chat_template",)})
+        run.hold()
+        new_before, old_before = losses(base)
+        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
+                       resume=resume, parent=str(parent))
     new_after, old_after = losses(model)
     samples = {}
     if sample_tokens > 0:
-        samples = {"parent": _sample_text(base, tok, prompt, sample_tokens, seed),
-                   "finetuned": _sample_text(model, tok, prompt, sample_tokens, seed)}
-    return FinetuneReport(run_dir=str(run_dir), parent=str(parent), new_val_before=new_before,
-                          new_val_after=new_after, old_val_before=old_before,
-                          old_val_after=old_after,
-                          unknown_chars=dict(collections.Counter(unknown_counts)),
-                          samples=samples, stopped_early=result.stopped_early)
+        samples = {"parent": _sample_text(base, tok, prompt, sample_tokens, s["seed"]),
+                   "finetuned": _sample_text(model, tok, prompt, sample_tokens, s["seed"])}
+    return StageResult.from_training(
+        "finetune", run_dir, result, parent=str(parent), new_val_before=new_before,
+        new_val_after=new_after, old_val_before=old_before, old_val_after=old_after,
+        unknown_chars=dict(collections.Counter(unknown_counts)), samples=samples)
+
+
+def finetune_summary(result: StageResult) -> str:
+    """The report's lines: val loss on the new corpus and the parent's, before -> after."""
+    d = result.details
+    lines = [f"fine-tuned {d['parent']} -> {result.run_dir}",
+             f"  new corpus val loss: {d['new_val_before']:.4f} -> {d['new_val_after']:.4f} "
+             f"({d['new_val_after'] - d['new_val_before']:+.4f})"]
+    if d["old_val_before"] is not None:
+        lines.append(f"  parent corpus val loss: {d['old_val_before']:.4f} -> "
+                     f"{d['old_val_after']:.4f} ({d['old_val_after'] - d['old_val_before']:+.4f})")
+    return "\n".join(lines)

@@ -19,13 +19,16 @@ import inspect
 import re
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, List, Optional
 
 import numpy as np
 
-from . import ops
-from .train import TrainConfig, train
+from .checkpoint import load_model
+from .data import load_instruct_jsonl
+from .sample import generate
+from .stage import StageResult, open_stage
+from .tokenizer import SPECIAL_TOKENS
+from .train import train
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 TEMPLATE = {"name": "lmlab-chat-v1", "user": USER, "assistant": ASSISTANT, "end": END}
@@ -230,7 +233,6 @@ def load_instruct_data(spec: str):
             raise ValueError(f"unknown built-in instruct dataset {name!r}; known: "
                              + ", ".join(f"builtin:{k}" for k in BUILTIN_INSTRUCT))
         return builtin_instruct_dataset()
-    from .data import load_instruct_jsonl
     convs = load_instruct_jsonl(spec)
     if len(convs) < 2:
         return convs, convs
@@ -269,7 +271,6 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
 def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100,
             temperature: float = 0.0, top_k=None, top_p=None, seed=None, callback=None):
     """The assistant's reply to a conversation: (text, ended) where ended says <|end|> was produced."""
-    from .sample import generate
     ids, _ = render(tokenizer, messages, add_generation_prompt=True)
     ids = ids[-model.config.block_size:]
     end_id = tokenizer.special_id(END)
@@ -277,7 +278,10 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
                    seed=seed, stop_ids=[end_id], callback=callback)
     # generate() leaves the stop id out: a reply shorter than the limit is one that ended.
     ended = len(out) < max_new_tokens
-    body = [int(t) for t in out if t != tokenizer.eot_id]
+    # Text only: a special token the model emits mid-reply (<|user|>, <|endoftext|>, ...) is
+    # left out, so the reply can go back into a conversation (chat --history) as plain content.
+    specials = {tokenizer.special_id(t) for t in SPECIAL_TOKENS}
+    body = [int(t) for t in out if int(t) not in specials]
     return tokenizer.decode(body), ended
 
 
@@ -301,30 +305,30 @@ def evaluate_instruct(model, tokenizer, conversations, *, max_new_tokens: int = 
 
 # --- the stage entry point -----------------------------------------------------------------------
 
-def instruct_tune(parent, data: str, run_dir, *, batch_size: int = 16, threads: Optional[int] = None,
-                  resume: bool = False, seed: int = 1337, **train_kwargs):
-    """Instruct-tune the model in `parent` on `data` (builtin:python-qa or a JSONL file)."""
-    from .checkpoint import load_model
+def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
+                  overwrite: bool = False, threads: Optional[int] = None,
+                  **settings) -> StageResult:
+    """Instruct-tune the model in `parent` on `data` (builtin:python-qa or a JSONL file).
 
-    if threads:
-        ops.set_num_threads(threads)
-    parent, run_dir = Path(parent), Path(run_dir)
-    model, tok, parent_config = load_model(parent)
-    T = model.config.block_size
-    train_convs, held_out = load_instruct_data(data)
-    train_examples, problems = build_examples(train_convs, tok, T)
-    val_examples, _ = build_examples(held_out, tok, T)
-    train_kwargs.setdefault("lr", 3e-4)
-    train_kwargs.setdefault("warmup_steps", 50)
-    train_kwargs.setdefault("steps", 1000)
-    train_kwargs.setdefault("eval_every", 100)
-    cfg = TrainConfig(seed=seed, **train_kwargs)
-    stage = InstructStage(train_examples, [e for e in val_examples if e.n_supervised > 0],
-                          batch_size, T, tok.eot_id, seed)
-    run_config = {"stage": "instruct", "data": data, "model": asdict(model.config),
-                  "batch_size": batch_size, "chat_template": TEMPLATE,
-                  "corpus": (parent_config.get("train") or {}).get("corpus"),
-                  "data_problems": {k: len(v) for k, v in problems.items()}}
-    result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
-                   resume=resume, parent=str(parent))
-    return result, problems
+    settings: any of STAGE_DEFAULTS["instruct"]. The result's details hold "problems": per kind
+    (unencodable, truncated, no_supervised), the indices of the training conversations affected.
+    """
+    with open_stage("instruct", run_dir, {"data": data, **settings}, resume=resume,
+                    overwrite=overwrite, parent=parent, threads=threads) as run:
+        s = run.settings
+        model, tok, parent_config = load_model(parent)
+        T = model.config.block_size
+        train_convs, held_out = load_instruct_data(s["data"])
+        train_examples, problems = build_examples(train_convs, tok, T)
+        val_examples, _ = build_examples(held_out, tok, T)
+        cfg = run.train_config()
+        stage = InstructStage(train_examples, [e for e in val_examples if e.n_supervised > 0],
+                              s["batch_size"], T, tok.eot_id, s["seed"])
+        run_config = run.run_config(
+            data=s["data"], model=asdict(model.config), batch_size=s["batch_size"],
+            chat_template=TEMPLATE, corpus=(parent_config.get("train") or {}).get("corpus"),
+            data_problems={k: len(v) for k, v in problems.items()})
+        run.hold()
+        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
+                       resume=resume, parent=str(parent))
+    return StageResult.from_training("instruct", run_dir, result, problems=problems)

@@ -6,16 +6,18 @@ with weight 1/(B*T), through the one weighted cross-entropy kernel.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from . import ops
-from .rundir import is_run
-from .train import TrainConfig, TrainResult, train
+from .checkpoint import load_model
+from .data import BatchSampler, load_corpus, split_tokens, tokenize_corpus
+from .model import GPT, GPTConfig
+from .stage import StageResult, open_stage
+from .tokenizer import train_tokenizer
+from .train import train
 
 
 class LanguageModelingStage:
@@ -23,8 +25,6 @@ class LanguageModelingStage:
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, batch_size: int,
                  block_size: int, seed: int, eval_batches: int = 20):
-        from .data import BatchSampler
-
         self.sampler = BatchSampler(train_tokens, batch_size, block_size, seed)
         self.val_tokens = val_tokens
         self.batch_size, self.block_size = batch_size, block_size
@@ -54,8 +54,6 @@ class LanguageModelingStage:
 def evaluate_loss(model, tokens: np.ndarray, batch_size: int, block_size: int, batches: int,
                   seed: int) -> float:
     """Mean next-token loss over `batches` seeded random windows (the same windows every call)."""
-    from .data import BatchSampler
-
     block_size = min(block_size, len(tokens) - 1)
     sampler = BatchSampler(tokens, batch_size, block_size, seed)
     total = 0.0
@@ -66,48 +64,53 @@ def evaluate_loss(model, tokens: np.ndarray, batch_size: int, block_size: int, b
     return total / batches
 
 
-DEFAULT_CORPUS = "builtin:python-docs"
+def check_tokens_fit(corpus: str, train_tokens, val_tokens, block_size: int,
+                     eval_every: int) -> None:
+    """Refuse, before training, a split too short for one window of block_size + 1 tokens (a
+    validation split is needed only when evaluation is on)."""
+    need = block_size + 1
+    if len(train_tokens) < need:
+        raise ValueError(f"the training split of {corpus} has {len(train_tokens)} tokens; a "
+                         f"window of block_size {block_size} needs {need}: use a longer corpus "
+                         "or a smaller block size")
+    if eval_every and len(val_tokens) < need:
+        raise ValueError(f"the validation split of {corpus} has {len(val_tokens)} tokens; a "
+                         f"window of block_size {block_size} needs {need}: raise val_fraction "
+                         "(--val-fraction), use a longer corpus, or turn evaluation off "
+                         "(eval_every 0)")
 
 
-def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *,
-             tokenizer: str = "char", vocab_size: int = 512, n_layer: int = 4, n_head: int = 4,
-             n_embd: int = 128, block_size: int = 64, batch_size: int = 12,
-             val_fraction: float = 0.1, eval_batches: int = 20, threads: Optional[int] = None,
-             resume: bool = False, seed: int = 1337, **train_kwargs) -> TrainResult:
+def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: bool = False,
+             overwrite: bool = False, threads: Optional[int] = None, **settings) -> StageResult:
     """Train a GPT from scratch on a corpus by next-token prediction; everything lands in run_dir.
 
-    corpus: a file, directory, glob or "builtin:NAME" (default builtin:python-docs; when resuming,
-    the run's own corpus). Model-shape arguments are ignored when resuming. tokenizer: "char" or "bpe" (vocab_size
-    applies to "bpe"). Other keyword arguments go to TrainConfig (steps, lr, warmup_steps, ...).
+    corpus: a file, directory, glob or "builtin:NAME" (default builtin:python-docs). settings: any
+    of STAGE_DEFAULTS["pretrain"] (model shape, tokenizer "char"/"bpe", vocab_size for "bpe",
+    batch_size, val_fraction, and TrainConfig's steps, lr, warmup_steps, ...). resume=True
+    continues the run in run_dir with its own settings (lmlab.stage says which may change).
     """
-    from .data import load_corpus, split_tokens, tokenize_corpus
-    from .model import GPT, GPTConfig
-    from .tokenizer import Tokenizer, train_tokenizer
-
-    if threads:
-        ops.set_num_threads(threads)
-    run_dir = Path(run_dir)
-    cfg = TrainConfig(seed=seed, **train_kwargs)
-    if resume:
-        from .checkpoint import load_model
-        model, tok, saved = load_model(run_dir)
-        model_config = model.config
-        corpus = corpus or (saved.get("train") or {}).get("corpus") or DEFAULT_CORPUS
-    else:
-        if is_run(run_dir):
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to "
-                                  "continue it, or choose another run directory")
-        corpus = corpus or DEFAULT_CORPUS
-        text = load_corpus(corpus)
-        tok = train_tokenizer(text, tokenizer, vocab_size)
-        model_config = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size,
-                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-        model = GPT(model_config, seed=seed)
-    tokens = tokenize_corpus(corpus, tok)
-    train_tokens, val_tokens = split_tokens(tokens, val_fraction)
-    stage = LanguageModelingStage(train_tokens, val_tokens, batch_size, model_config.block_size,
-                                  seed, eval_batches)
-    run_config = {"stage": "pretrain", "corpus": corpus, "model": asdict(model_config),
-                  "batch_size": batch_size, "val_fraction": val_fraction,
-                  "threads": ops.get_num_threads(), "cpu": ops.cpu_info()["isa"]}
-    return train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config, resume=resume)
+    with open_stage("pretrain", run_dir, {"corpus": corpus, **settings}, resume=resume,
+                    overwrite=overwrite, threads=threads) as run:
+        s = run.settings
+        if resume:
+            model, tok, _ = load_model(run_dir)
+        else:
+            text = load_corpus(s["corpus"])
+            tok = train_tokenizer(text, s["tokenizer"], s["vocab_size"])
+            model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=s["block_size"],
+                                  n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"]),
+                        seed=s["seed"])
+        T = model.config.block_size
+        train_tokens, val_tokens = split_tokens(tokenize_corpus(s["corpus"], tok),
+                                                s["val_fraction"])
+        cfg = run.train_config()
+        check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)
+        stage = LanguageModelingStage(train_tokens, val_tokens, s["batch_size"], T, s["seed"],
+                                      s["eval_batches"])
+        run_config = run.run_config(corpus=s["corpus"], model=asdict(model.config),
+                                    batch_size=s["batch_size"], val_fraction=s["val_fraction"],
+                                    threads=ops.get_num_threads(), cpu=ops.cpu_info()["isa"])
+        run.hold()
+        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
+                       resume=resume)
+    return StageResult.from_training("pretrain", run_dir, result)

@@ -1,4 +1,4 @@
-"""`lmlab rank`: collect rankings in the terminal, from a person or a scripted judge.
+"""Collecting rankings in the terminal, from a person or a scripted judge (`lmlab rank`).
 
 For each prompt the model samples K completions with distinct seeds; they are shown numbered from
 1 and the person types a ranking, best first:
@@ -14,11 +14,10 @@ the same command again skips the prompts that file already ranks.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
-from .preference import append_ranking, compact_ranking, load_rankings, make_judge, read_prompts
+from .rankings import append_ranking, compact_ranking, load_rankings
 
 HELP = 'best first, e.g. "2 1 3"; ties "2=1 3"; "s" skips, "q" quits'
 
@@ -128,71 +127,3 @@ def _ask(read: Callable, write: Callable, k: int):
             return parse_ranking_input(text, k)
         except RankingInputError as exc:
             write(f"  not a ranking: {exc}. Try again.")
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def add_rank_arguments(p) -> None:
-    p.add_argument("run", help="run directory of the model that answers")
-    p.add_argument("--prompts", required=True, help="prompts file (one per line, or JSONL)")
-    p.add_argument("--out", required=True, help="rankings JSONL (appended to; resumes)")
-    p.add_argument("-k", "--samples", type=int, default=4, help="completions per prompt")
-    p.add_argument("--judge", default=None, metavar="SPEC",
-                   help="rank with a scripted judge instead of a person: word:WORD, shorter, "
-                        "longer")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0,
-                   help="completion j of prompt i uses seed SEED + K*i + j")
-    p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the kernels")
-    p.set_defaults(func=cmd_rank)
-
-
-def cmd_rank(args) -> int:
-    from . import ops
-    from .checkpoint import load_model
-    from .preference import prompt_ids_for, sample_completion
-
-    if args.threads:
-        ops.set_num_threads(args.threads)
-    judge = make_judge(args.judge) if args.judge else None
-    prompts = read_prompts(args.prompts)
-    model, tok, _ = load_model(args.run)
-    bs = model.config.block_size
-    k = args.samples
-
-    def sample(prompt: str, index: int, k: int):
-        pids = prompt_ids_for(tok, prompt, bs, args.max_new_tokens)
-        seeds = [args.seed + k * index + j for j in range(k)]
-        texts = [sample_completion(model, tok, pids, args.max_new_tokens, seed=s,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p)[1] for s in seeds]
-        return texts, seeds
-
-    run_session(prompts, sample, args.out, k, judge=judge,
-                judge_name=args.judge or "human", write=lambda s: print(s, flush=True))
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m lmlab.rank ...`: the same verb without the rest of the CLI."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="lmlab rank", description=__doc__.split("\n\n")[0])
-    add_rank_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_rank(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"lmlab rank: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # while sampling; every judgement so far is already on disk
-        print("\nlmlab rank: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

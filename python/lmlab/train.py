@@ -25,13 +25,13 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
 
-from . import ops
+from . import checks, ops
 from .model import check_precision
 from .rundir import RunDir, open_run_dir
 
@@ -60,14 +60,12 @@ class TrainConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # The same rules as the command line's flags (lmlab.checks), so the Python API refuses
+        # what `lmlab` refuses.
+        for f in fields(self):
+            if f.name in checks.RULES and f.name != "precision":
+                checks.check(f.name, getattr(self, f.name))
+        checks.check_relations({"lr": self.lr, "min_lr": self.min_lr})
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         check_precision(self.precision, "precision")

@@ -1,0 +1,67 @@
+"""The `lmlab` command line: every parser and the one `main`; each verb is a thin call into the
+library modules that do the work (which never import the command line).
+
+    lmlab pretrain   train a GPT from scratch on a corpus (next-token prediction)     cli/training.py
+    lmlab finetune   continue training a run on a new corpus (style fine-tuning)
+    lmlab instruct   tune a run on prompt/response pairs, loss on the responses only
+    lmlab sample     generate text from a trained run                                 cli/generation.py
+    lmlab predict    show the next-token distribution for a prompt
+    lmlab chat       talk to an instruct-tuned run
+    lmlab inspect-data  show which tokens of an instruct dataset receive loss
+    lmlab rank | reward | dpo | rlhf   learn from human rankings                      cli/preference.py
+    lmlab bench      measure kernels or training throughput against references        cli/bench.py
+    lmlab demo       teaching views: gradient descent, loss, sampling, embeddings     cli/demo.py
+
+Errors a user can cause (a bad value, a missing file, an existing run) end in one line
+"lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+from ..checks import SettingError
+from ..train import NonFiniteLoss
+from . import bench, demo, generation, preference, training
+from .common import flag
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmlab", description="Train small GPT language models on a CPU and watch them learn.")
+    parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    training.add_commands(sub)
+    generation.add_commands(sub)
+    preference.add_commands(sub)
+    bench.add_commands(sub)
+    demo.add_demo_arguments(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+        return rc if isinstance(rc, int) else 0  # some runners return their result rows
+    except SettingError as exc:
+        print(f"lmlab {args.command}: error: {exc.message(flag(exc.name) + ' ')}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+        print(f"lmlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept
+        print(f"lmlab {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nlmlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

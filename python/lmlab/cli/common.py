@@ -1,0 +1,115 @@
+"""What the verbs of the command line share: option groups, flag names, thread setting, reports.
+
+Options a user may leave out default to None (a sentinel): the stage then takes the value from its
+row of lmlab.stage.STAGE_DEFAULTS, or on --resume from the run, and knows which flags were given.
+Every flag's long name is its setting's Python name with dashes ("--min-lr" sets min_lr; a
+one-letter name is "-k"), so an error about a setting names the flag the user typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import checks, ops
+from ..stage import STAGE_DEFAULTS
+
+RESUME_HELP = ("continue the run exactly as it was set up: every setting comes from the run's "
+               "config.json. A setting given again with another value is applied, with a line "
+               "\"lmlab: lr changed from X to Y\" (e.g. --steps to extend the run); the model, "
+               "data, batch size, seed and precision cannot change (exit 2)")
+OVERWRITE_HELP = "replace an existing run in the output directory (says what it removes)"
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting."""
+    return f"-{name}" if len(name) == 1 else "--" + name.replace("_", "-")
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP threads for the kernels (default: all cores)")
+
+
+def apply_threads(args) -> None:
+    """Check --threads and set it (verbs that open a stage pass it to the stage instead)."""
+    checks.check("threads", args.threads)
+    if args.threads:
+        ops.set_num_threads(args.threads)
+
+
+def add_setting(g, stage: str, name: str, kind, text: str = "", **kw) -> None:
+    """A flag for one of a stage's settings: default None (not given), help showing the table's
+    default."""
+    default = STAGE_DEFAULTS[stage][name]
+    shown = f" (default {default})" if default is not None else ""
+    g.add_argument(flag(name), dest=name, type=kind, default=None, help=text + shown, **kw)
+
+
+def add_train_options(p: argparse.ArgumentParser, stage: str) -> None:
+    """The optimisation settings every stage trained by lmlab.train shares."""
+    g = p.add_argument_group("optimisation")
+    add_setting(g, stage, "steps", int, "optimiser steps")
+    add_setting(g, stage, "lr", float, "peak learning rate")
+    g.add_argument("--min-lr", dest="min_lr", type=float, default=None,
+                   help="end of the cosine decay, 0 <= min-lr <= lr (default lr/10)")
+    add_setting(g, stage, "warmup_steps", int, "linear warmup steps")
+    add_setting(g, stage, "weight_decay", float, "AdamW's decoupled weight decay, >= 0")
+    add_setting(g, stage, "grad_clip", float, "global gradient-norm clip, >= 0 (0: off)")
+    add_setting(g, stage, "grad_accum", int, "micro-batches per step")
+    add_setting(g, stage, "eval_every", int, "validation every N steps (0: off)")
+    add_setting(g, stage, "save_every", int, "checkpoint every N steps (0: only at the end)")
+    add_setting(g, stage, "log_every", int, "metrics.jsonl row every N steps")
+    g.add_argument("--keep", dest="keep", type=int, default=None, metavar="N",
+                   help="keep the newest N checkpoints (default: all)")
+    add_setting(g, stage, "seed", int)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="matmul precision: fp32, or bf16 = the operands of every matmul and "
+                        "attention product rounded to bfloat16 with fp32 accumulation (parameters, "
+                        "gradients, optimiser state and other ops stay fp32). auto (default): bf16 "
+                        "where the CPU has AMX tiles for it, else fp32. A resumed run keeps its own")
+
+
+def add_run_output(p: argparse.ArgumentParser, *, derived: bool, resume: bool = True) -> None:
+    """The output run directory: --out NEW for a stage that starts from a run (it records its
+    parent), and --resume / --overwrite."""
+    if derived:
+        p.add_argument("parent", metavar="run", help="the run directory to start from")
+        p.add_argument("--out", required=True,
+                       help="the new run directory (it records its parent)")
+    if resume:
+        p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def given_settings(args, stage: str, *passed: str) -> dict:
+    """The stage's settings as the command line gave them (None: not given), less those `passed`
+    to the stage function as its own arguments (its data)."""
+    given = {name: getattr(args, name) for name in STAGE_DEFAULTS[stage]
+             if hasattr(args, name) and name not in passed}
+    if hasattr(args, "no_progress"):
+        given["progress"] = False if args.no_progress else None
+    return given
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int,
+                         temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"at most this many new tokens (default {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 means greedy (default {temperature})")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def check_sampling(args) -> None:
+    checks.check_values(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p)
+    if args.seed is not None:
+        checks.check("seed", args.seed)
+
+
+def report_training(result) -> None:
+    print(result.summary())

@@ -1,0 +1,199 @@
+"""The verbs that read a trained run: sample, predict, chat and inspect-data (they take no lock
+and write nothing into the run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from .. import checks
+from ..checkpoint import load_model
+from ..instruct import inspect_examples, load_instruct_data, render, respond
+from ..sample import generate, next_token_distribution
+from .common import add_sampling_options, add_threads, apply_threads, check_sampling
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples, >= 1")
+    p.add_argument("--stop", default=None, help="stop string: output is cut where it appears")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when complete")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text even if the run has a chat template")
+    add_sampling_options(p, max_new_tokens=200, temperature=0.8)
+    add_threads(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("predict", help="the next-token distribution for a prompt")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--top-k", type=int, default=10, help="show the k most likely (default 10)")
+    p.add_argument("--png", default=None, help="also draw a bar chart to this PNG")
+    p.add_argument("--json", action="store_true", help="one JSON object per token")
+    add_threads(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("inspect-data", help="show which tokens of an instruct dataset get loss")
+    p.add_argument("run", help="run directory whose tokenizer and block size to use")
+    p.add_argument("--data", default="builtin:python-qa")
+    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--no-color", action="store_true")
+    p.set_defaults(func=cmd_inspect_data)
+
+    p = sub.add_parser("chat", help="talk to an instruct-tuned run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--history", action="store_true",
+                   help="keep earlier turns (their text) in the context")
+    add_sampling_options(p, max_new_tokens=120, temperature=0.0)
+    add_threads(p)
+    p.set_defaults(func=cmd_chat)
+
+
+class _StopString(Exception):
+    """Raised from the streaming callback when the stop string has appeared."""
+
+
+def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                       num_samples, stop, stream, raw=False) -> None:
+    """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
+    gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
+    model, tok, config = load_model(run)
+    template = (config.get("train") or {}).get("chat_template")
+    if template and not raw:
+        prompt_ids, _ = render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        stop_ids, echo = [tok.special_id(template["end"])], f"{prompt}\n> "
+    else:
+        prompt_ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
+        stop_ids, echo = [tok.eot_id], prompt
+    prompt_ids = prompt_ids[-model.config.block_size:]
+    for i in range(num_samples):
+        s = None if seed is None else seed + i
+        if num_samples > 1:
+            print(f"--- sample {i + 1}" + (f" (seed {s})" if s is not None else "") + " ---")
+        sys.stdout.write(echo)
+        new: list = []
+        shown = ""
+
+        def on_token(token_id: int) -> None:
+            # Decode everything so far and print the new suffix, so a character split across BPE
+            # tokens appears whole; stop as soon as the stop string shows up.
+            nonlocal shown
+            new.append(int(token_id))
+            full = tok.decode(new)
+            text = full[: full.index(stop)] if stop and stop in full else full
+            if stream and not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+            if len(text) < len(full):
+                raise _StopString
+
+        try:
+            generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=s, stop_ids=stop_ids, callback=on_token)
+        except _StopString:
+            pass
+        text = tok.decode(new)
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+        sys.stdout.write(text[len(shown):] + "\n")
+        sys.stdout.flush()
+
+
+def cmd_sample(args) -> int:
+    apply_threads(args)
+    check_sampling(args)
+    checks.check("num_samples", args.num_samples)
+    generate_and_print(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, num_samples=args.num_samples, stop=args.stop,
+                       stream=not args.no_stream, raw=args.raw)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    apply_threads(args)
+    checks.check("top_k", args.top_k)
+    model, tok, _ = load_model(args.run)
+    probs = next_token_distribution(model, tok.encode(args.prompt))
+    order = np.argsort(-probs, kind="stable")[: args.top_k]
+    rows = [(tok.decode([int(i)]), int(i), float(probs[i])) for i in order]
+    if args.json:
+        for text, i, p in rows:
+            print(json.dumps({"token": text, "id": i, "probability": p}))
+    else:
+        print(f"next token after {args.prompt!r}:")
+        width = max(len(repr(t)) for t, _, _ in rows)
+        for text, i, p in rows:
+            bar = "#" * int(round(p * 50))
+            print(f"  {repr(text):<{width}}  {p:7.2%}  {bar}")
+    if args.png:
+        _bar_chart(rows, args.prompt, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _bar_chart(rows, prompt, path) -> None:
+    import matplotlib  # only here: drawing is optional and slow to import
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [repr(t) for t, _, _ in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+    ax.barh(range(len(rows))[::-1], [p for _, _, p in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows))[::-1], labels)
+    ax.set_xlabel("probability")
+    ax.set_title(f"next token after {prompt!r}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_inspect_data(args) -> int:
+    checks.check("n", args.n)
+    if args.block_size is not None:
+        checks.check("block_size", args.block_size)
+    model, tok, _ = load_model(args.run)
+    block = args.block_size or model.config.block_size
+    train_convs, _ = load_instruct_data(args.data)
+    print(inspect_examples(tok, train_convs, block, n=args.n,
+                           color=not args.no_color and sys.stdout.isatty()))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    apply_threads(args)
+    check_sampling(args)
+    model, tok, _ = load_model(args.run)
+    print("lmlab chat: type a message, an empty line or Ctrl-D to quit.")
+    history: list = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            return 0
+        unknown = tok.unknown_chars(line)
+        if unknown:
+            # Asked again rather than ended: the session (and its history) goes on.
+            shown = ", ".join(repr(c) for c in unknown)
+            print(f"lmlab chat: this model's tokenizer cannot encode {shown}; please type the "
+                  "message without them")
+            continue
+        messages = (history if args.history else []) + [{"role": "user", "content": line}]
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        text, ended = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+        print(text + ("" if ended else " [...]"))
+        # The history holds text only (respond() leaves out every special token), so a later
+        # turn renders it through the template like any message.
+        history = messages + [{"role": "assistant", "content": text}]

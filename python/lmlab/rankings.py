@@ -1,0 +1,169 @@
+"""The rankings format: judgements of several completions of one prompt, read, checked and written.
+
+Rankings (JSONL, one judgement per line):
+    {"prompt": str, "completions": [str, str, ...], "ranking": [...]}
+`ranking` lists every completion index exactly once, best first. An item is either an index or a
+list of indices tied at that place: [2, [0, 1], 3] means 2 is best, 0 and 1 tie, 3 is worst.
+Pairwise data as other tools write it, {"prompt", "chosen", "rejected"}, is read as a two-item
+ranking [0, 1] over [chosen, rejected]. Extra keys (who judged, sampling seeds) are kept. Rankings
+are handed around in the compact form written here: a group of one as its bare index.
+
+This is the one place the format is checked (`normalize_ranking`) and its pairs derived
+(`pairs_from_ranking`); the reward model, DPO and `lmlab rank` all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .data import need_str, read_jsonl_objects
+
+
+def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
+    """Check a ranking over n completions; return it as a list of groups (lists of indices).
+
+    Items are ints or lists of ints (ties); every index 0..n-1 must appear exactly once.
+    """
+    if not isinstance(ranking, (list, tuple)) or not ranking:
+        raise ValueError(f"{where}: 'ranking' must be a non-empty list of completion indices, "
+                         f"best first, got {ranking!r}")
+    groups = []
+    for item in ranking:
+        group = list(item) if isinstance(item, (list, tuple)) else [item]
+        if not group:
+            raise ValueError(f"{where}: 'ranking' has an empty tie group: {ranking!r}")
+        for i in group:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise ValueError(f"{where}: ranking entries must be completion indices (ints) "
+                                 f"or lists of them, got {i!r} in {ranking!r}")
+            if not 0 <= i < n:
+                raise ValueError(f"{where}: ranking index {i} is out of range for {n} "
+                                 f"completions (0..{n - 1})")
+        groups.append([int(i) for i in group])
+    flat = [i for g in groups for i in g]
+    dupes = sorted({i for i in flat if flat.count(i) > 1})
+    if dupes:
+        raise ValueError(f"{where}: ranking lists completion(s) {dupes} more than once")
+    unranked = sorted(set(range(n)) - set(flat))
+    if unranked:
+        raise ValueError(f"{where}: ranking leaves completion(s) {unranked} unranked; rank all {n}")
+    return groups
+
+
+def compact_ranking(groups) -> list:
+    """The JSON form: a single index for a group of one, a list for ties."""
+    return [g[0] if len(g) == 1 else list(g) for g in groups]
+
+
+def pairs_from_ranking(ranking, n: Optional[int] = None) -> list:
+    """Every (better, worse) index pair a ranking implies, best pairs first; ties give no pair."""
+    if n is None:
+        n = sum(len(g) if isinstance(g, (list, tuple)) else 1 for g in ranking)
+    groups = normalize_ranking(ranking, n)
+    pairs = []
+    for a, better in enumerate(groups):
+        for worse in groups[a + 1:]:
+            pairs.extend((b, w) for b in better for w in worse)
+    return pairs
+
+
+def parse_record(obj, *, where: str = "record") -> dict:
+    """One JSON object -> {"prompt", "completions", "ranking" (compact), ...extra keys}."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" not in obj:
+        raise ValueError(f"{where}: missing 'prompt'")
+    rec = dict(obj)
+    rec["prompt"] = need_str(obj, "prompt", where)
+    if "completions" in obj or "ranking" in obj:
+        for key in ("completions", "ranking"):
+            if key not in obj:
+                raise ValueError(f"{where}: missing {key!r}")
+        comps = obj["completions"]
+        if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
+            raise ValueError(f"{where}: 'completions' must be a list of at least 2 strings")
+        rec["ranking"] = compact_ranking(normalize_ranking(obj["ranking"], len(comps), where=where))
+    elif "chosen" in obj and "rejected" in obj:
+        rec["completions"] = [need_str(obj, "chosen", where), need_str(obj, "rejected", where)]
+        rec["ranking"] = [0, 1]
+        del rec["chosen"], rec["rejected"]
+    else:
+        raise ValueError(f"{where}: expected 'completions' and 'ranking', or 'chosen' and "
+                         f"'rejected'; got {sorted(obj)}")
+    return rec
+
+
+def ranking_paths(rankings) -> Optional[list]:
+    """One rankings file or several, as a list of path strings (None stays None: not given)."""
+    if rankings is None:
+        return None
+    if isinstance(rankings, (str, os.PathLike)):
+        rankings = [rankings]
+    return [os.fspath(p) for p in rankings]
+
+
+def load_rankings(path) -> list:
+    """Every record of a rankings JSONL file (rankings and/or pairs); errors name file and line."""
+    path, records = read_jsonl_objects(path)
+    return [parse_record(obj, where=f"{path}:{lineno}") for lineno, obj in records]
+
+
+def append_ranking(path, record: dict) -> None:
+    """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it."""
+    line = json.dumps(parse_record(record), ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def preference_pairs(records: Iterable[dict]) -> list:
+    """(prompt, chosen, rejected) for every pair implied by every ranking."""
+    out = []
+    for rec in records:
+        comps = rec["completions"]
+        out.extend((rec["prompt"], comps[b], comps[w])
+                   for b, w in pairs_from_ranking(rec["ranking"], len(comps)))
+    return out
+
+
+def split_records(records: Sequence[dict], val_fraction: float, seed: int) -> tuple:
+    """Split by ranking (not by pair), so no held-out prompt's pairs leak into training."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_val = int(round(len(records) * val_fraction))
+    if val_fraction > 0 and len(records) >= 2:
+        n_val = min(max(n_val, 1), len(records) - 1)
+    val = [records[i] for i in sorted(order[:n_val])]
+    train = [records[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def read_prompts(path) -> list:
+    """Prompts from a file: JSONL objects with "prompt", or else one prompt per line."""
+    path = Path(path)
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    prompts = []
+    for lineno, ln in enumerate(lines, 1):
+        obj = None
+        if ln.lstrip().startswith("{"):
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError:
+                obj = None
+        if isinstance(obj, dict):
+            if not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{path}:{lineno}: a JSON line needs a string \"prompt\"")
+            prompts.append(obj["prompt"])
+        else:
+            # One prompt per line; "\n" in the file stands for a newline inside the prompt.
+            prompts.append(ln.replace("\\n", "\n"))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (expected one per line, or JSONL with \"prompt\")")
+    return prompts

@@ -1,0 +1,108 @@
+"""Prompt/response sequences for the preference stages: encoding, packing into batches, their
+log-probabilities under a model, and sampling one completion.
+
+A sequence's log-probability is minus the sum of the model's per-token losses over its response,
+so any loss on sequence log-probabilities (DPO, the policy gradient) reaches the model as one
+scalar coefficient per sequence on that sequence's response tokens, through the same weighted
+cross-entropy backward as every other stage.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .sample import generate
+
+def _encode(tok, text: str) -> np.ndarray:
+    # Special tokens are allowed: sampled text decodes them to their names (e.g. "<|user|>"), and
+    # the ids must round-trip.
+    return np.asarray(tok.encode(text, allow_special=True), dtype=np.int32)
+
+
+def _prompt_ids(tok, prompt: str) -> np.ndarray:
+    # An empty prompt becomes the context generation starts from.
+    ids = _encode(tok, prompt)
+    return ids if ids.size else np.array([tok.eot_id], dtype=np.int32)
+
+
+def encode_pair(tok, prompt: str, response: str, max_len: int) -> tuple:
+    """(prompt ids, response ids) fitted into max_len tokens.
+
+    An empty prompt becomes <|endoftext|>, the context generation starts from. Too long: the
+    prompt loses its oldest tokens first (keeping one), then the response is cut at the end.
+    """
+    p = _prompt_ids(tok, prompt)
+    r = _encode(tok, response)
+    if p.size + r.size > max_len:
+        p = p[-max(1, max_len - r.size):]
+        r = r[: max_len - p.size]
+    return p, r
+
+
+def pack_for_loss(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], T: int,
+                  pad_id: int) -> tuple:
+    """Batch prompt+response sequences for next-token losses: x, y (N, T) and the response mask.
+
+    mask[b, t] = 1 where y[b, t] is a response token. Right padding (mask 0) leaves the real
+    positions unchanged, since attention is causal.
+    """
+    n = len(prompts)
+    x = np.full((n, T), pad_id, dtype=np.int32)
+    y = np.full((n, T), pad_id, dtype=np.int32)
+    mask = np.zeros((n, T), dtype=np.float32)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        seq = np.concatenate([p, r])
+        m = seq.size - 1
+        if m > T:
+            raise ValueError(f"sequence of {seq.size} tokens does not fit T={T} (+1)")
+        x[b, :m] = seq[:-1]
+        y[b, :m] = seq[1:]
+        mask[b, p.size - 1: m] = 1.0
+    return x, y, mask
+
+
+def sequence_logprobs(model, x, y, mask) -> np.ndarray:
+    """log p(response | prompt) per row, float64: minus the masked sum of per-token losses."""
+    _, losses = model.forward(x, y)
+    return -(losses.astype(np.float64) * mask).sum(axis=1)
+
+
+def batched_logprobs(model, prompts, responses, T, pad_id, batch_size) -> np.ndarray:
+    out = np.zeros(len(prompts), dtype=np.float64)
+    for i in range(0, len(prompts), batch_size):
+        j = min(len(prompts), i + batch_size)
+        x, y, mask = pack_for_loss(prompts[i:j], responses[i:j], T, pad_id)
+        out[i:j] = sequence_logprobs(model, x, y, mask)
+    return out
+
+
+def log_sigmoid(z):
+    return -np.logaddexp(0.0, -z)
+
+
+def sigmoid(z):
+    return np.exp(log_sigmoid(z))
+
+
+def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np.ndarray:
+    """The prompt's ids, oldest tokens dropped so that max_new_tokens still fit the block."""
+    if not 0 < max_new_tokens < block_size:
+        raise ValueError(f"max_new_tokens must be in 1..{block_size - 1} (block_size "
+                         f"{block_size} also holds the prompt), got {max_new_tokens}")
+    return _prompt_ids(tok, prompt)[-(block_size - max_new_tokens):]
+
+
+def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,
+                      temperature: float = 1.0, top_k=None, top_p=None) -> tuple:
+    """One sampled answer: (response ids, text). generate() stops before a sampled
+    <|endoftext|>; the ids put it back (it is part of what the policy chose), the text does not."""
+    new = np.asarray(generate(model, prompt_ids, max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, stop_ids=[tok.eot_id]),
+                     dtype=np.int32)
+    text = tok.decode(new)
+    if new.size < max_new_tokens:
+        new = np.append(new, np.int32(tok.eot_id))
+    return new, text
+

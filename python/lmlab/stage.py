@@ -1,0 +1,228 @@
+"""The one way to start a training stage: its defaults, its checks, its run directory, its result.
+
+Every training verb (pretrain, finetune, instruct, reward, dpo, rlhf) and the Python function
+behind it (lmlab.pretrain.pretrain, ...) starts through open_stage():
+
+1. the values given are checked (lmlab.checks) before anything is read or written;
+2. the output run directory is opened: an existing run is refused unless resuming or overwriting,
+   a derived run may not be its parent, and the run is locked while the stage writes it;
+3. the settings are built from the stage's row of STAGE_DEFAULTS (the only place a default lives;
+   the command line shows and uses the same table), then, on resume, the run's own settings from
+   its config.json, then the values given;
+4. the matmul precision is resolved once ("auto" -> what this CPU runs fastest; a resumed run keeps
+   its own), and the optimiser's TrainConfig is built.
+
+Resume rule (also in every verb's --help): a resumed run continues as it was set up; every
+setting comes from its config.json. A value given explicitly that differs is applied, with a line
+"lmlab: lr changed from X to Y", except the settings that define the run's model, data and batches
+(FIXED_ON_RESUME): changing one of those is refused, since the run would no longer be the same run.
+
+Every stage returns a StageResult.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from . import checks, ops
+from .checkpoint import read_config
+from .rundir import is_run
+from .train import TrainConfig, TrainResult
+
+# --- the defaults -------------------------------------------------------------------------------
+
+# Optimisation settings every stage trained by lmlab.train shares; each stage's row overrides some.
+TRAIN_DEFAULTS = {
+    "steps": 2000, "lr": 1e-3, "min_lr": None, "warmup_steps": 100, "weight_decay": 0.1,
+    "grad_clip": 1.0, "grad_accum": 1, "eval_every": 250, "save_every": 500, "log_every": 10,
+    "keep": None, "seed": 1337, "precision": "auto", "progress": True,
+}
+
+STAGE_DEFAULTS = {
+    "pretrain": {**TRAIN_DEFAULTS, "corpus": "builtin:python-docs", "tokenizer": "char",
+                 "vocab_size": 512, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64,
+                 "batch_size": 12, "val_fraction": 0.1, "eval_batches": 20},
+    # batch_size None: the parent's
+    "finetune": {**TRAIN_DEFAULTS, "steps": 500, "lr": 3e-4, "warmup_steps": 50,
+                 "corpus": None, "unknown": "error", "freeze_layers": 0, "freeze_embeddings": False,
+                 "batch_size": None, "val_fraction": 0.1, "eval_batches": 20},
+    "instruct": {**TRAIN_DEFAULTS, "steps": 1000, "lr": 3e-4, "warmup_steps": 50,
+                 "eval_every": 100, "data": "builtin:python-qa", "batch_size": 16},
+    # DPO and RL: measured by benchmarks/preference_eval.py on a small char model.
+    "dpo": {**TRAIN_DEFAULTS, "steps": 150, "lr": 1e-4, "warmup_steps": 10, "rankings": None,
+            "beta": 0.5, "sft_weight": 1.0, "batch_size": 8, "val_fraction": 0.1},
+    "rlhf": {**TRAIN_DEFAULTS, "steps": 100, "lr": 3e-4, "warmup_steps": 10,
+             "log_every": 1,  # the mean reward and KL of every step in metrics.jsonl
+             "prompts": None, "reward_model": None, "judge": None, "k": 4,
+             "prompts_per_step": 4, "kl_coef": 1.0, "max_new_tokens": 32, "temperature": 1.0,
+             "top_k": None, "val_fraction": 0.1},
+    # The reward model fits its head with its own full-batch Adam, not lmlab.train.
+    "reward": {"rankings": None, "val_fraction": 0.2, "steps": 300, "lr": 0.05, "l2": 1e-2,
+               "seed": 1337},
+}
+
+# Settings that define the run's model, data and batches: a resume cannot change them.
+FIXED_ON_RESUME = frozenset({
+    "corpus", "data", "rankings", "prompts", "reward_model", "judge", "tokenizer", "vocab_size",
+    "n_layer", "n_head", "n_embd", "block_size", "batch_size", "val_fraction", "eval_batches",
+    "seed", "precision", "unknown", "freeze_layers", "freeze_embeddings", "k", "prompts_per_step",
+})
+# How this process shows progress: not a setting of the run.
+_NOT_RECORDED = frozenset({"progress"})
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+# --- the result ---------------------------------------------------------------------------------
+
+@dataclass
+class StageResult(TrainResult):
+    """What every stage returns: how training went (TrainResult's fields), the run, and the
+    stage's own numbers."""
+    stage: str = ""
+    run_dir: str = ""
+    details: dict = field(default_factory=dict)  # the stage's report (see each stage function)
+
+    @classmethod
+    def from_training(cls, stage: str, run_dir, result: TrainResult, **details) -> "StageResult":
+        return cls(**asdict(result), stage=stage, run_dir=str(run_dir), details=details)
+
+    def summary(self) -> str:
+        status = "stopped early (Ctrl-C)" if self.stopped_early else "finished"
+        val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+        speed = f", {self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else ""
+        return (f"{status}: {self.steps_done} steps in {self.seconds:.1f} s, "
+                f"loss {self.final_loss:.4f}{val}{speed}; run in {self.run_dir}")
+
+
+# --- opening a stage ----------------------------------------------------------------------------
+
+@dataclass
+class StageRun:
+    """A stage being started: its settings and TrainConfig, and its output directory (held,
+    i.e. locked, from hold() until close())."""
+    name: str
+    out: Path
+    settings: dict  # every setting of the stage, resolved
+    resume: bool
+    overwrite: bool
+    parent: Optional[Path]
+    handle: object = None  # the open run directory (its lock), released by close()
+
+    def hold(self) -> None:
+        """Open the output for writing, once the stage's data is loaded and checked: from here
+        on the run is locked, and overwrite has removed the old run (each removal is printed)."""
+        _check_output(self.out, self.resume, self.overwrite, self.parent)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def train_config(self, **extra) -> TrainConfig:
+        """The optimiser's config from the settings (extra: what the stage adds, e.g. frozen)."""
+        s = {k: v for k, v in self.settings.items() if k in _TRAIN_FIELDS}
+        return TrainConfig(**s, **extra)
+
+    def run_config(self, **described) -> dict:
+        """config.json's train section for this stage: the settings plus what the stage records."""
+        recorded = {k: v for k, v in self.settings.items() if k not in _NOT_RECORDED}
+        return {"stage": self.name, "settings": recorded, **described}
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_given(stage: str, given: dict) -> dict:
+    """The values a caller gave (None = not given), each checked; unknown names are a TypeError."""
+    table = STAGE_DEFAULTS[stage]
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        raise TypeError(f"{stage}() got unexpected setting(s) {unknown}; its settings are "
+                        f"{sorted(table)}")
+    given = {k: v for k, v in given.items() if v is not None}
+    for name, value in given.items():
+        if name in checks.RULES:
+            checks.check(name, value)
+    return given
+
+
+def saved_settings(stage: str, train: dict) -> dict:
+    """A run's settings from config.json's train section; runs written before settings were
+    recorded as one dict keep them in the optimiser section and beside it."""
+    if isinstance(train.get("settings"), dict):
+        return dict(train["settings"])
+    table = STAGE_DEFAULTS[stage]
+    found = {}
+    for section in (train.get("model") or {}, train, train.get("optim") or {}):
+        found.update({k: v for k, v in section.items() if k in table and k not in _NOT_RECORDED})
+    if "precision" in train:
+        found["precision"] = train["precision"]
+    return found
+
+
+def _merge_for_resume(stage: str, saved: dict, given: dict) -> dict:
+    settings = {**STAGE_DEFAULTS[stage], **saved}
+    for name, value in given.items():
+        if name in _NOT_RECORDED or name not in saved or saved[name] == value:
+            settings[name] = value
+            continue
+        if name in FIXED_ON_RESUME:
+            raise checks.SettingError(name, value, f"the run was set up with {saved[name]!r}, and "
+                                      "a resumed run keeps its model, data and batches; start a "
+                                      "new run (or fine-tune into one) to change it")
+        print(f"lmlab: {name} changed from {saved[name]!r} to {value!r}", file=sys.stderr)
+        settings[name] = value
+    return settings
+
+
+def resolve_precision(name: str) -> str:
+    """"auto" -> bf16 where this CPU multiplies bf16 on AMX tiles, else fp32; a name as given."""
+    if name != "auto":
+        return name
+    return "bf16" if ops.cpu_info()["bf16_matmul"] == "amx" else "fp32"
+
+
+def _check_output(out: Path, resume: bool, overwrite: bool, parent: Optional[Path]) -> None:
+    """The output directory's rules, checked before any work (nothing is written here)."""
+    if parent is not None:
+        o, p = out.resolve(), parent.resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise ValueError(f"the output {out} must be a new directory outside the run it starts "
+                             f"from ({parent})")
+    exists = is_run(out)
+    if resume and not exists:
+        raise FileNotFoundError(f"run directory not found: {out} holds no run to resume")
+    if exists and not resume and not overwrite:
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to "
+                              "continue it, overwrite=True (--overwrite) to replace it, or "
+                              "choose another run directory")
+
+
+def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
+               parent=None, threads: Optional[int] = None) -> StageRun:
+    """Check, open and configure a stage's run (module docstring); close it when done."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+    given = check_given(stage, given)
+    checks.check("threads", threads)
+    out = Path(out)
+    parent = Path(parent) if parent is not None else None
+    _check_output(out, resume, overwrite, parent)
+    if resume:
+        saved = saved_settings(stage, read_config(out).get("train") or {})
+        settings = _merge_for_resume(stage, saved, given)
+    else:
+        settings = {**STAGE_DEFAULTS[stage], **given}
+        if "precision" in settings:
+            settings["precision"] = resolve_precision(settings["precision"])
+    checks.check_relations(settings)
+    if threads:
+        ops.set_num_threads(threads)
+    return StageRun(stage, out, settings, resume, overwrite, parent)
