@@ -211,7 +211,7 @@ def test_sigkill_before_the_first_checkpoint_is_refused_clearly(world, tmp_path,
     assert rc == 2 and f"{run} holds no checkpoint" in err and err.count("\n") == 1
     rc, _, err = _cli(capsys, *world.args(run, "--resume"))
     assert rc == 2 and err.count("\n") == 1
-    assert f"there is no run to resume in {run}" in err or f"{run} holds no checkpoint" in err
+    assert "no run to resume" in err and str(run) in err
     rc, _, err = _cli(capsys, *world.args(run))
     assert rc == 2 and "files of an earlier run (metrics.jsonl)" in err and "--overwrite" in err
 
