@@ -193,7 +193,7 @@ def _kill_points(world):
 
 def test_sigkill_at_every_step_of_a_save_leaves_a_run_that_resumes_bit_for_bit(world, tmp_path, capsys):
     points = _kill_points(world)
-    assert len(points) >= 14
+    assert len(points) >= 14, points  # a save: 6 file fsyncs, 2 renames, 3 directory fsyncs
     for n in points:
         run = tmp_path / f"kill{n}"
         rc, _, err = _run_child(world, run, {n: ["kill"]})
