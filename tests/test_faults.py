@@ -32,6 +32,10 @@ from lmlab.cli import main
 
 from flat_run import flatten
 
+# The event tracer names files through /proc/self/fd, and the faults are Linux's (RLIMIT_FSIZE
+# semantics, tmpfs, bind mounts, setpriv).
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fault injection uses Linux interfaces")
+
 TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n"
         "how vexingly quick daft zebras jump! sphinx of black quartz, judge my vow.\n") * 40
 SHAPE = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
