@@ -142,6 +142,16 @@ def test_written_files_have_normal_permissions(gpt, tok, tmp_path):
         assert os.stat(_ckpt(run) / name).st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_save_leaves_a_users_own_files_beside_the_run(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("mine")
+    for step in (1, 2):
+        _save(run, _model(gpt, tok), tok, step=step)
+    assert (run / "config.json").read_text() == "mine"
+    assert checkpoint.current_checkpoint(run).name == "step_000002"
+
+
 def test_extra_files_are_part_of_the_checkpoint(gpt, tok, tmp_path):
     run = tmp_path / "run"
     save_run(run, _model(gpt, tok), tok, train_config={}, files={"head.bin": b"\x01\x02"})

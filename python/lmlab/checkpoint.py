@@ -511,9 +511,8 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
     try:
         if displaced is not None:
             shutil.rmtree(displaced)
-        for fname in rundir.CHECKPOINT_FILES:  # a flat-layout run's files, now moved into step_N
-            if (run / fname).is_file():
-                os.unlink(run / fname)
+        for fname in rundir.moved_flat_files(run):  # a flat-layout run's, now in checkpoints/
+            os.unlink(run / fname)
         prune_checkpoints(run, keep)
     except OSError:
         pass  # leftovers are removed when the run is next opened

@@ -47,7 +47,7 @@ CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, STATE_FILE, REWA
                     CONFIG_FILE)
 # What a run consists of (overwrite removes these); config.json last, so a run half removed by a
 # crash no longer looks like a flat-layout run.
-RUN_NAMES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE) + CHECKPOINT_FILES
+RUN_NAMES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE) + CHECKPOINT_FILES  # [:4] any run
 # Names a save uses before its checkpoint is complete (checkpoints/.tmp-*) or while displacing one
 # (checkpoints/.old-*); atomic file writes use ".<name>.<random>.tmp".
 SAVE_TEMP_PREFIX = ".tmp-"
@@ -62,11 +62,24 @@ def is_run(path) -> bool:
 
 
 def _run_files(path: Path) -> list:
-    return [n for n in RUN_NAMES if os.path.lexists(path / n)]
+    """The run's entries in `path`; a checkpoint's file names count only where they form a
+    flat-layout run (a lone config.json may be anybody's)."""
+    ours = RUN_NAMES if is_run(path) else RUN_NAMES[:4]
+    return [n for n in ours if os.path.lexists(path / n)]
 
 
 def _is_leftover(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX) and name != LOCK_FILE
+
+
+def moved_flat_files(path) -> list:
+    """The flat-layout checkpoint files left at the top of a run whose current.json names a
+    checkpoint in checkpoints/ (the save that moved the run there removes them, model.safetensors
+    last, so they are recognised by it even after a kill). A user's own config.json is not ours."""
+    p = Path(path)
+    if not ((p / CURRENT_FILE).is_file() and (p / MODEL_FILE).is_file()):
+        return []
+    return [n for n in CHECKPOINT_FILES if n != MODEL_FILE and (p / n).is_file()] + [MODEL_FILE]
 
 
 def _symlinks(path: Path) -> list:
@@ -158,8 +171,7 @@ class RunDir:
             for name in sorted(os.listdir(ckpts)):
                 if name.startswith((SAVE_TEMP_PREFIX, SAVE_OLD_PREFIX)) or _is_leftover(name):
                     gone.append(f"{CHECKPOINTS_DIR}/{name}")
-        if (top / CURRENT_FILE).is_file():
-            gone += [n for n in CHECKPOINT_FILES if (top / n).is_file()]
+        gone += moved_flat_files(top)
         for name in gone:
             _remove(top / name)
         self.cleaned += gone
