@@ -357,8 +357,11 @@ def test_load_model_missing_dir_and_files(gpt, tok, tmp_path):
     os.remove(_ckpt(run) / "state.json")
     with pytest.raises(FileNotFoundError, match="missing state.json"):
         load_training_state(run)
+    _save(run, _model(gpt, tok), tok, step=6)
     shutil.rmtree(_ckpt(run))
-    with pytest.raises(CheckpointError, match=r"current.json names checkpoints/step_000005, which is missing"):
+    with pytest.raises(CheckpointError, match=r"current.json names checkpoints/step_000006, which is missing; "
+                                              r"the newest checkpoint there is checkpoints/step_000005 \(write "
+                                              r'\{"checkpoint": "step_000005"\} into current.json to use it\)'):
         load_model(run)
     (run / "current.json").write_text('{"checkpoint": "../../etc"}')
     with pytest.raises(CheckpointError, match=r"current.json does not name a checkpoint"):

@@ -107,18 +107,31 @@ def current_checkpoint(run_dir) -> Path:
     if os.path.lexists(pointer):
         if pointer.is_symlink():
             raise CheckpointError(f"{pointer} is a symbolic link; lmlab does not follow links inside a run")
-        data = _read_json(pointer)
+        try:
+            data = _read_json(pointer)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{_newest_hint(run)}") from None
         name = data.get("checkpoint") if isinstance(data, dict) else None
         if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
             raise CheckpointError(f"{pointer} does not name a checkpoint (expected "
-                                  '{"checkpoint": "step_N", ...}), got ' + repr(data)[:100])
+                                  '{"checkpoint": "step_N", ...}), got ' + repr(data)[:100]
+                                  + _newest_hint(run))
         d = run / CHECKPOINTS_DIR / name
         if d.is_symlink() or not d.is_dir():
-            raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing")
+            raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing"
+                                  + _newest_hint(run))
         return d
     if (run / CONFIG_FILE).is_file() or (run / MODEL_FILE).is_file():
         return run
     raise FileNotFoundError(f"{run} holds no checkpoint (no {CURRENT_FILE}, no {MODEL_FILE})")
+
+
+def _newest_hint(run: Path) -> str:
+    found = list_checkpoints(run)
+    if not found:
+        return ""
+    return (f"; the newest checkpoint there is {CHECKPOINTS_DIR}/{found[-1][1].name} (write "
+            f'{{"checkpoint": "{found[-1][1].name}"}} into {CURRENT_FILE} to use it)')
 
 
 def list_checkpoints(run_dir) -> list:
