@@ -45,9 +45,10 @@ STATE_FILE = "state.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, STATE_FILE, REWARD_HEAD_FILE,
                     CONFIG_FILE)
-# What a run consists of (overwrite removes these); config.json last, so a run half removed by a
-# crash no longer looks like a flat-layout run.
-RUN_NAMES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE) + CHECKPOINT_FILES  # [:4] any run
+# What a run consists of (overwrite removes these): its own entries, and in the flat layout a
+# checkpoint's files, config.json last, so a run half removed by a crash no longer looks like one.
+RUN_ENTRIES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE)
+RUN_NAMES = RUN_ENTRIES + CHECKPOINT_FILES
 # Names a save uses before its checkpoint is complete (checkpoints/.tmp-*) or while displacing one
 # (checkpoints/.old-*); atomic file writes use ".<name>.<random>.tmp".
 SAVE_TEMP_PREFIX = ".tmp-"
@@ -64,7 +65,7 @@ def is_run(path) -> bool:
 def _run_files(path: Path) -> list:
     """The run's entries in `path`; a checkpoint's file names count only where they form a
     flat-layout run (a lone config.json may be anybody's)."""
-    ours = RUN_NAMES if is_run(path) else RUN_NAMES[:4]
+    ours = RUN_NAMES if is_run(path) else RUN_ENTRIES
     return [n for n in ours if os.path.lexists(path / n)]
 
 
