@@ -41,11 +41,9 @@ class FixedBatchStage:
         self.x, self.y = x, y
         self.weights = np.full(x.shape, 1.0 / x.size, dtype=np.float32)
 
-    def train_step(self, model, scale):
+    def train_step(self, model):
         _, losses = model.forward(self.x, self.y)
-        loss = float(losses.mean())
-        model.backward(self.weights * np.float32(scale))
-        return {"loss": loss, "tokens": self.x.size}
+        return {"loss": float(losses.mean()), "tokens": self.x.size, "weights": self.weights}
 
     def evaluate(self, model):
         _, losses = model.forward(self.x, self.y)
@@ -98,11 +96,11 @@ def on_call(stage, n, *, before=None, after=None):
     """Wrap stage.train_step so that its n-th call runs before() first, or after(out) on its result."""
     original, calls = stage.train_step, {"n": 0}
 
-    def wrapped(model, scale):
+    def wrapped(model):
         calls["n"] += 1
         if calls["n"] == n and before is not None:
             before()
-        out = original(model, scale)
+        out = original(model)
         if calls["n"] == n and after is not None:
             after(out)
         return out
