@@ -241,11 +241,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     start_step = 0
     if resume:
         arrays, state = checkpoint.load_training_state(run_dir)
-        saved, _, _ = checkpoint.load_model(run_dir)
-        if saved.params.shape != model.params.shape:
-            raise ValueError(f"{run_dir}: saved model has {saved.params.size} parameters, this "
-                             f"model {model.params.size}; resume needs the same model config")
-        model.params[...] = saved.params
+        checkpoint.load_weights(run_dir, model)     # into this model: it is the one that trains
         start_step = int(state["step"])
         optimizer.load_state(arrays, int(state["adam_t"]))
         stage.load_state_dict(state["stage"])
