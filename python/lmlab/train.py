@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from . import checks, ops
+from . import checkpoint, checks, ops
 from .model import check_precision
 from .rundir import RunDir, open_run_dir
 
@@ -80,7 +81,6 @@ def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
     """
     if not resume:
         return cfg.precision
-    from . import checkpoint
     saved = checkpoint.saved_precision(checkpoint.read_config(run_dir))
     if saved != cfg.precision:
         print(f"lmlab: {run_dir} was trained with {saved} matmuls; resuming in {saved} (not "
@@ -231,8 +231,6 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
 
 def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
            parent) -> TrainResult:
-    from . import checkpoint
-
     run_dir = Path(run_dir)
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
@@ -270,7 +268,6 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     t_start = time.perf_counter()
@@ -347,7 +344,6 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
 
 def _plot(run_dir: Path) -> None:
-    from . import checkpoint
     try:
         checkpoint.plot_loss(run_dir)
     except Exception as exc:  # a plot is a convenience; never lose a finished run over it
