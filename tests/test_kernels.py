@@ -56,7 +56,7 @@ def prefill(rng, shape) -> np.ndarray:
 # === matmul ============================================================================================
 
 MATMUL_SHAPES = [  # (N, C, OC); (67, 300, 97) crosses the usual K blocks and every micro-tile edge;
-    # (768, 512, 128) is a DESIGN.md training shape, large enough for a GEMM's packed, threaded path
+    # (768, 512, 128) is a docs/DESIGN.md training shape, large enough for a GEMM's packed, threaded path
     (1, 1, 1), (7, 9, 33), (33, 65, 7), (65, 33, 9), (9, 1, 65), (1, 65, 7), (67, 300, 97), (768, 512, 128)]
 
 
@@ -468,7 +468,7 @@ def test_residual_forward_and_backward(isa, rng, shape):
 
 # === attention =========================================================================================
 
-ATTENTION_SHAPES = [  # (B, T, C, NH); the last is the DESIGN.md model's (6 heads of 64, block 256)
+ATTENTION_SHAPES = [  # (B, T, C, NH); the last is the docs/DESIGN.md model's (6 heads of 64, block 256)
     (1, 1, 1, 1), (1, 7, 9, 3), (2, 9, 33, 11), (1, 33, 12, 2), (2, 65, 64, 4), (1, 130, 96, 1),
     (1, 256, 384, 6)]
 

@@ -375,6 +375,20 @@ def load_model(run_dir):
     return made[0], tokenizer, config
 
 
+def load_weights(run_dir, model) -> None:
+    """Read the weights of a run's current checkpoint into `model`, whose config must be the run's
+    (what a resume does with the model it already holds: no second model is built)."""
+    d = current_checkpoint(run_dir)
+    _required(d, [MODEL_FILE, CONFIG_FILE])
+    config = read_config(run_dir)
+    mcfg = GPTConfig(**config["model"])
+    if mcfg != model.config:
+        raise CheckpointError(f"{d / CONFIG_FILE} holds the model {mcfg}, but the model to resume is "
+                              f"{model.config}; a resume needs the run's own model config")
+    _read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+                      model.named_parameters)
+
+
 def load_training_state(run_dir):
     """(optimizer dict of arrays, state dict) of a run's current checkpoint, for resuming exactly."""
     d = current_checkpoint(run_dir)
