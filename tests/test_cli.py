@@ -132,12 +132,12 @@ def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     assert checkpoint.read_config(run / "bf16-ft")["train"]["precision"] == "fp32"
 
 
-def test_auto_precision_is_bf16_exactly_where_amx_runs_it(run):
+def test_auto_precision_is_what_ops_resolves(run):
     out = run / "auto"
     assert main(["pretrain", "--corpus", str(run / "corpus.txt"), "--run", str(out), "--steps", "2",
                  "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
                  "--batch-size", "2", "--eval-every", "0", "--no-progress"]) == 0
-    expected = "bf16" if ops.cpu_info()["bf16_matmul"] == "amx" else "fp32"
+    expected = ops.precision_name(ops.resolve_precision("auto"))
     assert checkpoint.read_config(out)["train"]["precision"] == expected
 
 

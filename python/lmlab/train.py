@@ -31,7 +31,6 @@ from typing import Optional, Protocol
 import numpy as np
 
 from . import checks, ops
-from .model import check_precision
 
 
 @dataclass
@@ -66,7 +65,8 @@ class TrainConfig:
         checks.check_relations({"lr": self.lr, "min_lr": self.min_lr})
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        check_precision(self.precision, "precision")
+        # Stored by name ("fp32"/"bf16", as config.json records it); a Precision is accepted.
+        self.precision = ops.precision_name(self.precision)
 
 
 def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
