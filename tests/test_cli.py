@@ -211,3 +211,31 @@ def test_dpo_and_rl_references_compute_in_the_policy_precision(run):
     np.testing.assert_array_equal(policy, stage.ref_train)
     model.matmul_precision = "fp32"
     assert not np.array_equal(stage._logps(model, stage.train), stage.ref_train)
+
+
+def test_chat_asks_again_after_an_unencodable_message(run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is \u2603?\nwhat is one plus one?\n\n"))
+    assert main(["chat", str(run / "base"), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot encode '\u2603'" in out and "type the message without them" in out
+    assert out.count("model> ") == 1  # the second message was answered; the session went on
+
+
+def test_chat_history_keeps_only_text(run, capsys, monkeypatch):
+    """A reply holding the template's own tokens goes into the history as its text only, so a
+    later turn renders through the template like any message."""
+    from lmlab import instruct
+
+    _, tok, _ = checkpoint.load_model(run / "base")
+    reply = [tok.special_id("<|user|>"), *tok.encode("two").tolist(), tok.special_id("<|end|>")]
+    prompts = []
+
+    def fake_generate(model, ids, max_new_tokens, **kwargs):
+        prompts.append(tok.decode(ids))
+        return np.asarray(reply[:-1], dtype=np.int32)  # generate leaves out the stop id
+
+    monkeypatch.setattr(instruct, "generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\nthe cat\n\n"))
+    assert main(["chat", str(run / "base"), "--history", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.count("model> two") == 2
+    assert prompts[1] == ("<|user|>one<|assistant|>two<|end|><|user|>the cat<|assistant|>")

@@ -128,8 +128,10 @@ class StageRun:
 
     def train_config(self, **extra) -> TrainConfig:
         """The optimiser's config from the settings (extra: what the stage adds, e.g. frozen)."""
-        s = {k: v for k, v in self.settings.items() if k in _TRAIN_FIELDS}
-        return TrainConfig(**s, **extra)
+        cfg = TrainConfig(**{k: v for k, v in self.settings.items() if k in _TRAIN_FIELDS}, **extra)
+        # Recorded as resolved (min_lr None -> lr/10), so a resume continues with the same values.
+        self.settings.update({k: getattr(cfg, k) for k in self.settings if k in _TRAIN_FIELDS})
+        return cfg
 
     def run_config(self, **described) -> dict:
         """config.json's train section for this stage: the settings plus what the stage records."""
