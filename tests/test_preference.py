@@ -16,6 +16,7 @@ from lmlab import reward_model as rwd
 from lmlab import rl
 from lmlab import sequences as sq
 from lmlab.checkpoint import read_metrics
+from lmlab.errors import RunDirError
 from lmlab.cli import build_parser, main
 from lmlab.model import GPT, GPTConfig
 from lmlab.stage import STAGE_DEFAULTS
@@ -528,5 +529,5 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
     assert steps == [1, 2, 3]
     load_model(tmp_path / "rl")
     args = parser.parse_args(runs[1][0])
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         args.func(args)

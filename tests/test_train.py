@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmlab import checkpoint, ops
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, RunDirError
 from lmlab.model import GPT, GPTConfig
 from lmlab.pretrain import LanguageModelingStage, pretrain
 from lmlab.tokenizer import train_tokenizer
@@ -73,9 +73,10 @@ def test_bad_config_rejected():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=-1)
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16 .*got 'fp16'"):
         TrainConfig(precision="fp16")
     assert TrainConfig().precision == "fp32"
+    assert TrainConfig(precision=ops.Precision.BF16).precision == "bf16"  # kept by name
 
 
 def test_loss_falls_well_below_start(tmp_path):
@@ -224,12 +225,12 @@ def test_pretrain_api_end_to_end_and_refuses_to_overwrite(tmp_path):
     assert result.steps_done == 20 and math.isfinite(result.final_loss)
     config = checkpoint.read_config(run)
     assert config["train"]["stage"] == "pretrain" and config["train"]["corpus"] == str(corpus)
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
         pretrain(str(corpus), run, n_layer=1, n_head=2, n_embd=16, block_size=16, steps=5,
                  progress=False)
-    # Resuming a finished run to a longer schedule continues from step 20.
-    more = pretrain(str(corpus), run, batch_size=4, steps=30, eval_every=10, save_every=10,
-                    progress=False, resume=True)
+    # Resuming a finished run to a longer schedule continues from step 20, with the run's own
+    # batch size and evaluation settings.
+    more = pretrain(run_dir=run, steps=30, progress=False, resume=True)
     assert more.steps_done == 30
 
 

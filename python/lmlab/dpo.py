@@ -160,9 +160,8 @@ def dpo(run, rankings, out_dir, *, resume: bool = False, overwrite: bool = False
             rankings=s["rankings"], beta=s["beta"], sft_weight=s["sft_weight"],
             batch_size=s["batch_size"], val_fraction=s["val_fraction"],
             train_pairs=len(stage.train), val_pairs=len(stage.val), model=asdict(model.config))
-        opened.hold()
-        result = train(model, stage, cfg, out_dir, tokenizer=tok, run_config=run_config,
-                       resume=resume, parent=str(run))
+        result = train(model, stage, cfg, opened.hold(), tokenizer=tok,
+                       run_config=run_config, resume=resume, parent=str(run))
     if not stage.last_eval:  # evaluation was off during training: report once at the end
         stage.evaluate(model)
     return StageResult.from_training("dpo", out_dir, result, eval=stage.last_eval,

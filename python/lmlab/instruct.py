@@ -328,7 +328,6 @@ def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
             data=s["data"], model=asdict(model.config), batch_size=s["batch_size"],
             chat_template=TEMPLATE, corpus=(parent_config.get("train") or {}).get("corpus"),
             data_problems={k: len(v) for k, v in problems.items()})
-        run.hold()
-        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
-                       resume=resume, parent=str(parent))
+        result = train(model, stage, cfg, run.hold(), tokenizer=tok,
+                       run_config=run_config, resume=resume, parent=str(parent))
     return StageResult.from_training("instruct", run_dir, result, problems=problems)

@@ -109,7 +109,6 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
         run_config = run.run_config(corpus=s["corpus"], model=asdict(model.config),
                                     batch_size=s["batch_size"], val_fraction=s["val_fraction"],
                                     threads=ops.get_num_threads(), cpu=ops.cpu_info()["isa"])
-        run.hold()
-        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
-                       resume=resume)
+        result = train(model, stage, cfg, run.hold(), tokenizer=tok,
+                       run_config=run_config, resume=resume)
     return StageResult.from_training("pretrain", run_dir, result)

@@ -173,8 +173,7 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
             reward=source, k=s["k"], prompts_per_step=s["prompts_per_step"],
             kl_coef=s["kl_coef"], max_new_tokens=s["max_new_tokens"],
             temperature=s["temperature"], top_k=s["top_k"], model=asdict(model.config))
-        opened.hold()
-        result = train(model, stage, cfg, out_dir, tokenizer=tok, run_config=run_config,
-                       resume=resume, parent=str(run))
+        result = train(model, stage, cfg, opened.hold(), tokenizer=tok,
+                       run_config=run_config, resume=resume, parent=str(run))
     return StageResult.from_training("rlhf", out_dir, result,
                                      val_prompts=[r["prompt"] for r in val_p], tuner=stage)

@@ -34,7 +34,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint, checks, ops
-from .model import check_precision
 from .rundir import RunDir, open_run_dir
 
 
@@ -70,7 +69,8 @@ class TrainConfig:
         checks.check_relations({"lr": self.lr, "min_lr": self.min_lr})
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        check_precision(self.precision, "precision")
+        # Stored by name ("fp32"/"bf16", as config.json records it); a Precision is accepted.
+        self.precision = ops.precision_name(self.precision)
 
 
 def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
