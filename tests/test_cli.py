@@ -134,12 +134,12 @@ def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     assert checkpoint.read_config(run / "bf16-ft")["train"]["precision"] == "fp32"
 
 
-def test_auto_precision_is_bf16_exactly_where_amx_runs_it(run):
+def test_auto_precision_is_what_ops_resolves(run):
     out = run / "auto"
     assert main(["pretrain", "--corpus", str(run / "corpus.txt"), "--run", str(out), "--steps", "2",
                  "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
                  "--batch-size", "2", "--eval-every", "0", "--no-progress"]) == 0
-    expected = "bf16" if ops.cpu_info()["bf16_matmul"] == "amx" else "fp32"
+    expected = ops.precision_name(ops.resolve_precision("auto"))
     assert checkpoint.read_config(out)["train"]["precision"] == expected
 
 
@@ -213,3 +213,31 @@ def test_dpo_and_rl_references_compute_in_the_policy_precision(run):
     np.testing.assert_array_equal(policy, stage.ref_train)
     model.matmul_precision = "fp32"
     assert not np.array_equal(stage._logps(model, stage.train), stage.ref_train)
+
+
+def test_chat_asks_again_after_an_unencodable_message(run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is \u2603?\nwhat is one plus one?\n\n"))
+    assert main(["chat", str(run / "base"), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot encode '\u2603'" in out and "type the message without them" in out
+    assert out.count("model> ") == 1  # the second message was answered; the session went on
+
+
+def test_chat_history_keeps_only_text(run, capsys, monkeypatch):
+    """A reply holding the template's own tokens goes into the history as its text only, so a
+    later turn renders through the template like any message."""
+    from lmlab import instruct
+
+    _, tok, _ = checkpoint.load_model(run / "base")
+    reply = [tok.special_id("<|user|>"), *tok.encode("two").tolist(), tok.special_id("<|end|>")]
+    prompts = []
+
+    def fake_generate(model, ids, max_new_tokens, **kwargs):
+        prompts.append(tok.decode(ids))
+        return np.asarray(reply[:-1], dtype=np.int32)  # generate leaves out the stop id
+
+    monkeypatch.setattr(instruct, "generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\nthe cat\n\n"))
+    assert main(["chat", str(run / "base"), "--history", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.count("model> two") == 2
+    assert prompts[1] == ("<|user|>one<|assistant|>two<|end|><|user|>the cat<|assistant|>")

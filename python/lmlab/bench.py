@@ -1,6 +1,6 @@
 """Kernel benchmarks: each lmlab kernel timed against a vectorised numpy reference (and PyTorch's
 scaled_dot_product_attention when torch is importable) in the same run, on the shapes a GPT of the
-DESIGN.md sizes uses (6 layers, 384 wide, block 256, batch 16: B*T = 4096 rows).
+docs/DESIGN.md sizes uses (6 layers, 384 wide, block 256, batch 16: B*T = 4096 rows).
 
 `bench_kernels()` returns one row per measurement; `lmlab bench kernels [--json] [--threads N]
 [--repeat N]` prints them (cli.py wires the verb through add_bench_kernels_arguments and
@@ -414,7 +414,7 @@ def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed calls per kernel, best taken (default 5)")
     parser.add_argument("--shapes", choices=sorted(SIZES), default="gpt",
-                        help="gpt: the DESIGN.md model's shapes; tiny: a seconds-long smoke run")
+                        help="gpt: the docs/DESIGN.md model's shapes; tiny: a seconds-long smoke run")
     return parser
 
 

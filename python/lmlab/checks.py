@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from .ops import MATMUL_PRECISIONS
+
 
 class SettingError(ValueError):
     """A value outside what a setting allows."""
@@ -99,9 +101,9 @@ RULES = {
     "eval_every": Rule(int, 0, _STEPS),
     "save_every": Rule(int, 0, _STEPS),
     "log_every": Rule(int, 1, _STEPS),
-    "keep": Rule(int, 0, _STEPS, optional=True),
+    "keep_checkpoints": Rule(int, 0, _STEPS),
     "seed": Rule(int, 0, 2**63 - 1),
-    "precision": Rule(str, choices=("auto", "fp32", "bf16")),
+    "precision": Rule(str, choices=("auto",) + MATMUL_PRECISIONS),
     # model and data
     "tokenizer": Rule(str, choices=("char", "bpe")),
     "vocab_size": Rule(int, 1, 1 << 20),

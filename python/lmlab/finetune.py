@@ -112,10 +112,9 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
             val_fraction=s["val_fraction"], unknown=s["unknown"],
             freeze_layers=s["freeze_layers"], freeze_embeddings=s["freeze_embeddings"],
             **{k: v for k, v in parent_run.items() if k in ("chat_template",)})
-        run.hold()
         new_before, old_before = losses(base)
-        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
-                       resume=resume, parent=str(parent))
+        result = train(model, stage, cfg, run.hold(), tokenizer=tok,
+                       run_config=run_config, resume=resume, parent=str(parent))
     new_after, old_after = losses(model)
     samples = {}
     if sample_tokens > 0:

@@ -33,12 +33,11 @@ class LanguageModelingStage:
         self._weights = np.full((batch_size, block_size), 1.0 / (batch_size * block_size),
                                 dtype=np.float32)
 
-    def train_step(self, model, scale: float) -> dict:
+    def train_step(self, model) -> dict:
         x, y = self.sampler.next()
         _, losses = model.forward(x, y)
         loss = float(losses.mean(dtype=np.float64))
-        model.backward(self._weights * np.float32(scale))
-        return {"loss": loss, "tokens": x.size}
+        return {"loss": loss, "tokens": x.size, "weights": self._weights}
 
     def evaluate(self, model) -> dict:
         return {"val_loss": evaluate_loss(model, self.val_tokens, self.batch_size, self.block_size,
@@ -110,7 +109,6 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
         run_config = run.run_config(corpus=s["corpus"], model=asdict(model.config),
                                     batch_size=s["batch_size"], val_fraction=s["val_fraction"],
                                     threads=ops.get_num_threads(), cpu=ops.cpu_info()["isa"])
-        run.hold()
-        result = train(model, stage, cfg, run_dir, tokenizer=tok, run_config=run_config,
-                       resume=resume)
+        result = train(model, stage, cfg, run.hold(), tokenizer=tok,
+                       run_config=run_config, resume=resume)
     return StageResult.from_training("pretrain", run_dir, result)

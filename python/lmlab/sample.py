@@ -19,7 +19,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .model import GPT, KVCache
+from . import checks
+from .kvcache import KVCache
+from .model import GPT
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
@@ -29,13 +31,8 @@ def _softmax64(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_options(temperature, top_k, top_p) -> None:
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    # The same rules as the command line's flags (lmlab.checks).
+    checks.check_values(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -114,9 +111,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
     result shorter than max_new_tokens means a stop id was produced). callback(token_id) is called
     with each returned id as soon as it is chosen, for streaming.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    checks.check("max_new_tokens", max_new_tokens)
     cfg = model.config
     _check_options(temperature, top_k, top_p)
     stops = set(int(s) for s in stop_ids) if stop_ids is not None else set()

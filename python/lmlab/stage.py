@@ -3,14 +3,17 @@
 Every training verb (pretrain, finetune, instruct, reward, dpo, rlhf) and the Python function
 behind it (lmlab.pretrain.pretrain, ...) starts through open_stage():
 
-1. the values given are checked (lmlab.checks) before anything is read or written;
-2. the output run directory is opened: an existing run is refused unless resuming or overwriting,
-   a derived run may not be its parent, and the run is locked while the stage writes it;
-3. the settings are built from the stage's row of STAGE_DEFAULTS (the only place a default lives;
+1. every value given is checked (lmlab.checks), and the output directory's common refusals
+   made (an existing run without resume or overwrite; resume without a run), before any work;
+2. the settings are built from the stage's row of STAGE_DEFAULTS (the only place a default lives;
    the command line shows and uses the same table), then, on resume, the run's own settings from
-   its config.json, then the values given;
-4. the matmul precision is resolved once ("auto" -> what this CPU runs fastest; a resumed run keeps
-   its own), and the optimiser's TrainConfig is built.
+   its config.json, then the values given; relations between them are checked (min_lr <= lr, ...);
+3. the matmul precision is resolved once (ops.resolve_precision: "auto" -> what this CPU runs
+   fastest; a resumed run keeps its own) and recorded by name; run.train_config() is the
+   optimiser's TrainConfig;
+4. the stage loads and checks its data, then run.hold() opens the output with
+   lmlab.rundir.open_run_dir (the run's rules: not its parent, no symlinks, locked while the stage
+   writes it; overwrite removes the old run only here) and hands the RunDir to train().
 
 Resume rule (also in every verb's --help): a resumed run continues as it was set up; every
 setting comes from its config.json. A value given explicitly that differs is applied, with a line
@@ -28,8 +31,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import checks, ops
-from .checkpoint import read_config
-from .rundir import is_run
+from .checkpoint import read_config, saved_precision
+from .errors import RunDirError
+from .rundir import is_run, open_run_dir
 from .train import TrainConfig, TrainResult
 
 # --- the defaults -------------------------------------------------------------------------------
@@ -38,7 +42,7 @@ from .train import TrainConfig, TrainResult
 TRAIN_DEFAULTS = {
     "steps": 2000, "lr": 1e-3, "min_lr": None, "warmup_steps": 100, "weight_decay": 0.1,
     "grad_clip": 1.0, "grad_accum": 1, "eval_every": 250, "save_every": 500, "log_every": 10,
-    "keep": None, "seed": 1337, "precision": "auto", "progress": True,
+    "keep_checkpoints": 5, "seed": 1337, "precision": "auto", "progress": True,
 }
 
 STAGE_DEFAULTS = {
@@ -101,8 +105,8 @@ class StageResult(TrainResult):
 
 @dataclass
 class StageRun:
-    """A stage being started: its settings and TrainConfig, and its output directory (held,
-    i.e. locked, from hold() until close())."""
+    """A stage being started: its settings and TrainConfig, and its output run directory (open
+    and locked from hold() until close())."""
     name: str
     out: Path
     settings: dict  # every setting of the stage, resolved
@@ -111,16 +115,23 @@ class StageRun:
     parent: Optional[Path]
     handle: object = None  # the open run directory (its lock), released by close()
 
-    def hold(self) -> None:
-        """Open the output for writing, once the stage's data is loaded and checked: from here
-        on the run is locked, and overwrite has removed the old run (each removal is printed)."""
-        _check_output(self.out, self.resume, self.overwrite, self.parent)
-        self.out.mkdir(parents=True, exist_ok=True)
+    def hold(self):
+        """The output run directory, open for writing and locked (an lmlab.rundir.RunDir: pass it
+        to train()); with overwrite, the old run is removed here and what went is printed."""
+        if self.handle is None:
+            self.handle = open_run_dir(self.out, resume=self.resume, overwrite=self.overwrite,
+                                       parent=self.parent)
+            if self.handle.removed:
+                print(f"lmlab: --overwrite removed from {self.out}: "
+                      f"{', '.join(self.handle.removed)}", file=sys.stderr)
+        return self.handle
 
     def train_config(self, **extra) -> TrainConfig:
         """The optimiser's config from the settings (extra: what the stage adds, e.g. frozen)."""
-        s = {k: v for k, v in self.settings.items() if k in _TRAIN_FIELDS}
-        return TrainConfig(**s, **extra)
+        cfg = TrainConfig(**{k: v for k, v in self.settings.items() if k in _TRAIN_FIELDS}, **extra)
+        # Recorded as resolved (min_lr None -> lr/10), so a resume continues with the same values.
+        self.settings.update({k: getattr(cfg, k) for k in self.settings if k in _TRAIN_FIELDS})
+        return cfg
 
     def run_config(self, **described) -> dict:
         """config.json's train section for this stage: the settings plus what the stage records."""
@@ -162,8 +173,6 @@ def saved_settings(stage: str, train: dict) -> dict:
     found = {}
     for section in (train.get("model") or {}, train, train.get("optim") or {}):
         found.update({k: v for k, v in section.items() if k in table and k not in _NOT_RECORDED})
-    if "precision" in train:
-        found["precision"] = train["precision"]
     return found
 
 
@@ -182,29 +191,6 @@ def _merge_for_resume(stage: str, saved: dict, given: dict) -> dict:
     return settings
 
 
-def resolve_precision(name: str) -> str:
-    """"auto" -> bf16 where this CPU multiplies bf16 on AMX tiles, else fp32; a name as given."""
-    if name != "auto":
-        return name
-    return "bf16" if ops.cpu_info()["bf16_matmul"] == "amx" else "fp32"
-
-
-def _check_output(out: Path, resume: bool, overwrite: bool, parent: Optional[Path]) -> None:
-    """The output directory's rules, checked before any work (nothing is written here)."""
-    if parent is not None:
-        o, p = out.resolve(), parent.resolve()
-        if o == p or p in o.parents or o in p.parents:
-            raise ValueError(f"the output {out} must be a new directory outside the run it starts "
-                             f"from ({parent})")
-    exists = is_run(out)
-    if resume and not exists:
-        raise FileNotFoundError(f"run directory not found: {out} holds no run to resume")
-    if exists and not resume and not overwrite:
-        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to "
-                              "continue it, overwrite=True (--overwrite) to replace it, or "
-                              "choose another run directory")
-
-
 def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
                parent=None, threads: Optional[int] = None) -> StageRun:
     """Check, open and configure a stage's run (module docstring); close it when done."""
@@ -214,15 +200,30 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     checks.check("threads", threads)
     out = Path(out)
     parent = Path(parent) if parent is not None else None
-    _check_output(out, resume, overwrite, parent)
+    if resume and given.get("precision") == "auto":
+        del given["precision"]  # auto on resume: the run's own
+    settings = {**STAGE_DEFAULTS[stage], **given}
+    if "precision" in settings:
+        # The one place a precision is resolved ("auto": what this CPU runs fastest); recorded
+        # by name, as config.json stores it.
+        settings["precision"] = ops.precision_name(ops.resolve_precision(settings["precision"]))
+        if "precision" in given:
+            given["precision"] = settings["precision"]
+    if not resume:
+        checks.check_relations(settings)
+    # The run directory is opened (locked, and with overwrite emptied) only by hold(), once the
+    # stage has loaded and checked its data, so a stage refused for any reason leaves no trace.
+    # The common refusals come first, before any work:
+    if resume and not is_run(out):
+        raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
+    if not resume and not overwrite and is_run(out):
+        raise RunDirError(f"{out} already holds a run; pass --resume to continue it, --overwrite "
+                          "to replace it, or choose another directory")
     if resume:
-        saved = saved_settings(stage, read_config(out).get("train") or {})
-        settings = _merge_for_resume(stage, saved, given)
-    else:
-        settings = {**STAGE_DEFAULTS[stage], **given}
+        config = read_config(out)
+        saved = saved_settings(stage, config.get("train") or {})
         if "precision" in settings:
-            settings["precision"] = resolve_precision(settings["precision"])
-    checks.check_relations(settings)
-    if threads:
-        ops.set_num_threads(threads)
+            saved["precision"] = saved_precision(config)
+        settings = _merge_for_resume(stage, saved, given)
+        checks.check_relations(settings)
     return StageRun(stage, out, settings, resume, overwrite, parent)

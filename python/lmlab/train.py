@@ -6,12 +6,13 @@ parameter buffer, the learning-rate schedule, gradient accumulation and clipping
 progress display, metrics, checkpoints, exact resume, Ctrl-C and NaN handling.
 
 The stage contract (duck-typed, see `Stage`):
-    stage.train_step(model, scale) -> dict   forward + backward of one micro-batch; the stage calls
-                                             model.backward(weights * scale) so gradients accumulate
-                                             as the mean over micro-batches; returns at least "loss"
-                                             and "tokens" (tokens processed); any other numbers
-                                             (a reward, a KL, a margin) are averaged over the
-                                             micro-batches and logged with the step
+    stage.train_step(model) -> dict          draws one micro-batch and runs its forward (the model's
+                                             last forward is the one backward differentiates);
+                                             returns "loss", "tokens" (tokens processed) and
+                                             "weights": the (B, T) weight of each token's loss in
+                                             the stage's objective, sum(weights * losses); any other
+                                             numbers (a reward, a KL, a margin) are averaged over
+                                             the micro-batches and logged with the step
     stage.evaluate(model) -> dict            validation metrics, at least {"val_loss": ...}; every
                                              number in it is logged
     stage.state_dict() / load_state_dict(d)  the data position and RNG state, JSON-serialisable
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from . import checks, ops
-from .model import check_precision
+from . import checkpoint, checks, ops
 from .rundir import RunDir, open_run_dir
 
 
@@ -68,7 +69,8 @@ class TrainConfig:
         checks.check_relations({"lr": self.lr, "min_lr": self.min_lr})
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        check_precision(self.precision, "precision")
+        # Stored by name ("fp32"/"bf16", as config.json records it); a Precision is accepted.
+        self.precision = ops.precision_name(self.precision)
 
 
 def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
@@ -79,7 +81,6 @@ def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
     """
     if not resume:
         return cfg.precision
-    from . import checkpoint
     saved = checkpoint.saved_precision(checkpoint.read_config(run_dir))
     if saved != cfg.precision:
         print(f"lmlab: {run_dir} was trained with {saved} matmuls; resuming in {saved} (not "
@@ -102,7 +103,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Stage(Protocol):
-    def train_step(self, model, scale: float) -> dict: ...
+    def train_step(self, model) -> dict: ...
     def evaluate(self, model) -> dict: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, d: dict) -> None: ...
@@ -230,8 +231,6 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
 
 def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
            parent) -> TrainResult:
-    from . import checkpoint
-
     run_dir = Path(run_dir)
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
@@ -240,11 +239,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     start_step = 0
     if resume:
         arrays, state = checkpoint.load_training_state(run_dir)
-        saved, _, _ = checkpoint.load_model(run_dir)
-        if saved.params.shape != model.params.shape:
-            raise ValueError(f"{run_dir}: saved model has {saved.params.size} parameters, this "
-                             f"model {model.params.size}; resume needs the same model config")
-        model.params[...] = saved.params
+        checkpoint.load_weights(run_dir, model)     # into this model: it is the one that trains
         start_step = int(state["step"])
         optimizer.load_state(arrays, int(state["adam_t"]))
         stage.load_state_dict(state["stage"])
@@ -273,7 +268,6 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     t_start = time.perf_counter()
@@ -290,7 +284,9 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
                 model.zero_grad()
                 losses, tokens, extras = [], 0, {}
                 for _ in range(cfg.grad_accum):
-                    out = stage.train_step(model, 1.0 / cfg.grad_accum)
+                    out = stage.train_step(model)
+                    # Scaled by 1/grad_accum: the gradients accumulate to the micro-batches' mean.
+                    model.backward(out["weights"] * np.float32(1.0 / cfg.grad_accum))
                     losses.append(float(out["loss"]))
                     tokens += int(out["tokens"])
                     for key, value in _numbers(out, skip=("loss", "tokens")).items():
@@ -348,7 +344,6 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
 
 def _plot(run_dir: Path) -> None:
-    from . import checkpoint
     try:
         checkpoint.plot_loss(run_dir)
     except Exception as exc:  # a plot is a convenience; never lose a finished run over it

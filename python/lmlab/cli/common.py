@@ -20,6 +20,10 @@ RESUME_HELP = ("continue the run exactly as it was set up: every setting comes f
 OVERWRITE_HELP = "replace an existing run in the output directory (says what it removes)"
 
 
+# Short spellings of a few long flags.
+ALIASES = {"keep_checkpoints": ["--keep"]}
+
+
 def flag(name: str) -> str:
     """The command-line flag of a setting."""
     return f"-{name}" if len(name) == 1 else "--" + name.replace("_", "-")
@@ -42,7 +46,8 @@ def add_setting(g, stage: str, name: str, kind, text: str = "", **kw) -> None:
     default."""
     default = STAGE_DEFAULTS[stage][name]
     shown = f" (default {default})" if default is not None else ""
-    g.add_argument(flag(name), dest=name, type=kind, default=None, help=text + shown, **kw)
+    flags = [flag(name)] + ALIASES.get(name, [])
+    g.add_argument(*flags, dest=name, type=kind, default=None, help=text + shown, **kw)
 
 
 def add_train_options(p: argparse.ArgumentParser, stage: str) -> None:
@@ -59,11 +64,12 @@ def add_train_options(p: argparse.ArgumentParser, stage: str) -> None:
     add_setting(g, stage, "eval_every", int, "validation every N steps (0: off)")
     add_setting(g, stage, "save_every", int, "checkpoint every N steps (0: only at the end)")
     add_setting(g, stage, "log_every", int, "metrics.jsonl row every N steps")
-    g.add_argument("--keep", dest="keep", type=int, default=None, metavar="N",
-                   help="keep the newest N checkpoints (default: all)")
+    add_setting(g, stage, "keep_checkpoints", int,
+                "keep the newest N checkpoints in checkpoints/ (the current one always; 0: all)",
+                metavar="N")
     add_setting(g, stage, "seed", int)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    g.add_argument("--precision", choices=("auto",) + ops.MATMUL_PRECISIONS, default=None,
                    help="matmul precision: fp32, or bf16 = the operands of every matmul and "
                         "attention product rounded to bfloat16 with fp32 accumulation (parameters, "
                         "gradients, optimiser state and other ops stay fp32). auto (default): bf16 "
