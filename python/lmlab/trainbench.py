@@ -168,7 +168,7 @@ def _isa_in_use(impl: str) -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
-def peak_matmul(impl: str, precision: str, threads: int, repeat: int = 3) -> dict:
+def peak_matmul(impl: str, precision: str, threads: int, repeat: int = 5) -> dict:
     """The fastest matmul GFLOP/s of one implementation at one precision (the subprocess body):
     the forward and both backward products of each `lmlab bench kernels` shape, best of `repeat`.
     PyTorch's bf16 products take tensors already in bf16 (lmlab's take fp32 and round them)."""
