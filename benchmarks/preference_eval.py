@@ -32,6 +32,7 @@ from lmlab.sequences import prompt_ids_for, sample_completion
 from lmlab.checkpoint import load_model, read_metrics
 from lmlab.pretrain import pretrain
 from lmlab.rank import run_session
+from lmlab.rundir import is_run
 
 
 def corpus_prompts(n: int, length: int, seed: int) -> list:
@@ -93,7 +94,7 @@ def main() -> None:
 
     # 1) the base model
     t0 = time.perf_counter()
-    if not (base / "model.safetensors").exists():
+    if not is_run(base):
         pretrain("builtin:python-docs", base, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd,
                  block_size=args.block_size, batch_size=16, steps=args.pretrain_steps, lr=3e-3,
                  warmup_steps=100, eval_every=500, save_every=0, progress=False, seed=args.seed)

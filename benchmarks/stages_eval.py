@@ -23,6 +23,7 @@ from lmlab.checkpoint import load_model
 from lmlab.finetune import finetune
 from lmlab.instruct import evaluate_instruct, instruct_tune, load_instruct_data
 from lmlab.pretrain import pretrain
+from lmlab.rundir import is_run
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     base = out / "base"
 
     t0 = time.perf_counter()
-    if not (base / "model.safetensors").exists():
+    if not is_run(base):
         pretrain("builtin:python-docs", base, n_layer=4, n_head=4, n_embd=128,
                  block_size=args.block_size, batch_size=16, steps=args.pretrain_steps, lr=2e-3,
                  warmup_steps=100, eval_every=500, save_every=0, progress=False)
@@ -65,7 +66,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     tuned_dir = out / "instruct"
-    if not (tuned_dir / "model.safetensors").exists():
+    if not is_run(tuned_dir):
         instruct_tune(base, "builtin:python-qa", tuned_dir, batch_size=16,
                       steps=args.instruct_steps, lr=1e-3, warmup_steps=50, eval_every=250,
                       save_every=0, progress=False)

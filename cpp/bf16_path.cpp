@@ -62,6 +62,7 @@ struct Names {
     const char* name;
 };
 const Names kNames[] = {{Bf16Path::amx, "amx"},
+                        {Bf16Path::avx512_bf16, "avx512_bf16"},
                         {Bf16Path::emulated, "emulated"}};
 
 Bf16Path fastest_available() {
@@ -93,9 +94,10 @@ bool bf16_path_from_name(const char* name, Bf16Path* path) {
 }
 
 bool bf16_path_available(Bf16Path path) {
-    static const bool amx = probe_amx();
+    static const bool amx = probe_amx(), avx512_bf16 = probe_avx512_bf16();
     switch (path) {
         case Bf16Path::amx: return amx;
+        case Bf16Path::avx512_bf16: return avx512_bf16;
         case Bf16Path::emulated: return true;
     }
     return false;

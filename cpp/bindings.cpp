@@ -530,9 +530,10 @@ void round_bf16(py::array out_, py::array inp_) {
 
 // --- runtime -------------------------------------------------------------------------------------
 
-const lmlab::Bf16Path kBf16Paths[] = {lmlab::Bf16Path::amx, lmlab::Bf16Path::emulated};
+const lmlab::Bf16Path kBf16Paths[] = {lmlab::Bf16Path::amx, lmlab::Bf16Path::avx512_bf16,
+                                       lmlab::Bf16Path::emulated};
 
-// "amx, emulated": every bf16 path, or those this CPU and OS can run.
+// "amx, avx512_bf16, emulated": every bf16 path, or those this CPU and OS can run.
 std::string bf16_path_list(bool available_only) {
     std::string s;
     for (lmlab::Bf16Path p : kBf16Paths)

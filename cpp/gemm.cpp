@@ -442,6 +442,9 @@ void gemm(Precision precision, idx_t M, idx_t N, idx_t K, float alpha, Operand A
         case Bf16Path::amx:
             if (gemm_bf16_amx(M, N, K, alpha, A, B, C, parallel)) return;
             break;
+        case Bf16Path::avx512_bf16:
+            if (gemm_bf16_dpbf16(M, N, K, alpha, A, B, C, parallel)) return;
+            break;
         case Bf16Path::emulated:
             break;
     }

@@ -14,6 +14,7 @@
 // Which code runs (gemm below picks):
 //   fp32                  gemm_fp32: the blocked fp32 product of cpp/gemm.cpp
 //   bf16, bf16_path amx   gemm_bf16_amx: AMX tiles (cpp/gemm_amx.cpp)
+//   bf16, avx512_bf16     gemm_bf16_dpbf16: VDPBF16PS (cpp/gemm_dpbf16.cpp)
 //   bf16, emulated        gemm_bf16_emulated: gemm_fp32's kernels on operands rounded to bf16
 // The native bf16 paths exist only in the AVX-512 build; elsewhere bf16 is always emulated.
 #pragma once
@@ -71,6 +72,8 @@ void gemm_bf16_emulated(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Opera
 // build, the CPU or OS lacks the instructions, or no scratch memory.
 bool gemm_bf16_amx(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
                    bool parallel);
+bool gemm_bf16_dpbf16(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
+                      bool parallel);
 
 // The plain triple loop in a precision, each C element reduced over k in ascending order in fp32
 // (bf16: alpha folded into A, then both operands rounded, as every bf16 path does). The oracle the

@@ -1,4 +1,4 @@
-// Internal to the matrix-product sources (cpp/gemm.cpp, cpp/gemm_amx.cpp): the
+// Internal to the matrix-product sources (cpp/gemm.cpp, cpp/gemm_amx.cpp, cpp/gemm_dpbf16.cpp): the
 // machinery their paths share (scratch buffers, the split of C between threads, in-register
 // transposes for packing). The entry points themselves are declared in cpp/gemm.h.
 #pragma once

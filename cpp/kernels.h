@@ -46,8 +46,8 @@ using idx_t = std::int64_t;
 //   Precision::fp32  the fp32 values as given, fp32 accumulation.
 //   Precision::bf16  both operands rounded to bfloat16 (round to nearest even: 8 significant bits),
 //                    the products of those exact values accumulated in fp32, the result fp32. Where
-//                    the CPU multiplies bf16 natively (Bf16Path below) this runs at up to sixteen (AMX)
-//                    times the fp32 rate; elsewhere the fp32 kernels run on the
+//                    the CPU multiplies bf16 natively (Bf16Path below) this runs at two (AVX512-BF16)
+//                    to sixteen (AMX) times the fp32 rate; elsewhere the fp32 kernels run on the
 //                    rounded operands, which gives the same rounding of the inputs.
 // Mixed precision in the usual sense: parameters, gradients, optimiser state and every other kernel
 // stay fp32; only the operands of the products lose precision.
@@ -158,10 +158,11 @@ bool select_isa(const char* name);
 // always emulate). Every path multiplies the same bf16-rounded operands and accumulates in fp32.
 //   amx          AMX-BF16 tiles (TDPBF16PS), cpp/gemm_amx.cpp: CPU has AMX-TILE, AMX-BF16 and
 //                AVX512-BF16, and the OS grants this process the tile state
+//   avx512_bf16  VDPBF16PS on zmm registers, cpp/gemm_dpbf16.cpp: CPU has AVX512-BF16
 //   emulated     the fp32 kernels on rounded operands: any CPU
-enum class Bf16Path : int { emulated = 0, amx = 2 };
+enum class Bf16Path : int { emulated = 0, avx512_bf16 = 1, amx = 2 };
 
-// "amx" or "emulated"; and back (false for an unknown name).
+// "amx", "avx512_bf16" or "emulated"; and back (false for an unknown name).
 const char* bf16_path_name(Bf16Path path);
 bool bf16_path_from_name(const char* name, Bf16Path* path);
 

@@ -14,7 +14,7 @@ import pytest
 
 from lmlab import ops
 
-# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "portable").
+# Every instruction-set variant this build holds and this CPU runs ("avx512", "avx2", "neon", "portable").
 AVAILABLE_ISAS = list(ops.cpu_info()["available"])
 
 
@@ -35,6 +35,21 @@ def rng(request):
 
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory):
-    """run(driver, isa, *args): a C++ test driver (tests/drivers.py) built on this machine for a
-    kernel variant on first use, then run; skipped without a C++ compiler."""
-    return drivers.runner(drivers.native_target(), tmp_path_factory)
+    """The C++ test drivers (tests/drivers.py) built on this machine, each for a kernel variant on
+    first use; skipped without a C++ compiler."""
+    return drivers.drivers(drivers.native_target(), tmp_path_factory)
+
+
+# Where Precision.BF16 products can run: every bf16 path this CPU has in the avx512 variant (the only
+# one with native code: "amx", "avx512_bf16"), and the emulation in each other variant.
+AVAILABLE_BF16_PATHS = list(ops.cpu_info()["bf16_paths"])
+BF16_VARIANTS = [(isa, path) for isa in AVAILABLE_ISAS
+                 for path in (AVAILABLE_BF16_PATHS if isa == "avx512" else ["emulated"])]
+
+
+@pytest.fixture(params=BF16_VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
+def bf16_variant(request):
+    """Runs a bf16 test once per kernel variant and bf16 path, restoring both afterwards."""
+    isa, path = request.param
+    with ops.use_isa(isa), ops.use_bf16_path(path):
+        yield request.param

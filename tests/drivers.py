@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import struct
 import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +31,17 @@ FLAGS = {  # each variant's compiler flags, as in CMakeLists.txt
     "neon": ["-DLMLAB_NEON"],
 }
 
+def kernel_sources() -> list[str]:
+    """The sources compiled once per variant: CMakeLists.txt's LMLAB_KERNEL_SOURCES, its one list."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    return re.search(r"set\(LMLAB_KERNEL_SOURCES\s+([^)]*)\)", text).group(1).split()
+
+
 SOURCES = {  # each driver's sources; bf16_path.cpp decides which bf16 paths (amx, avx512_bf16) may run
-    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/bf16_path.cpp"],
+    "gemm_check": ["tests/gemm_check.cpp", "cpp/gemm.cpp", "cpp/gemm_amx.cpp", "cpp/gemm_dpbf16.cpp",
+                   "cpp/bf16_path.cpp"],
     "simd_check": ["tests/simd_check.cpp"],
+    "kernel_run": ["tests/kernel_run.cpp", *kernel_sources(), "cpp/bf16_path.cpp"],
 }
 
 # Debian's cross compiler and its target libraries (g++-aarch64-linux-gnu), and qemu-user.
@@ -55,32 +66,73 @@ class Target:
                         *(str(ROOT / s) for s in SOURCES[driver]), "-o", str(exe)], check=True)
         return exe
 
-    def run(self, exe: Path, *args: str) -> list[list[str]]:
-        """The driver's printed lines, split into fields; a crash or non-zero exit fails the test."""
-        done = subprocess.run([*self.runner, str(exe), *args], capture_output=True, text=True)
+    def run(self, exe: Path, *args: str, stdin: bytes = b"") -> bytes:
+        """The driver's output; a crash or non-zero exit fails the test, with what it printed."""
+        done = subprocess.run([*self.runner, str(exe), *args], input=stdin, capture_output=True)
         assert done.returncode == 0, (f"{exe.name} {' '.join(args)} exited with {done.returncode}:\n"
-                                      f"{done.stdout}{done.stderr}")
-        return [line.split() for line in done.stdout.strip().splitlines()]
+                                      f"{done.stdout[-2000:]!r}\n{done.stderr.decode(errors='replace')}")
+        return done.stdout
 
 
-def runner(found: tuple[Target | None, str], tmp_path_factory, required: bool = False):
-    """run(driver, isa, *args) for a target found by native_target() or aarch64_target(): builds each
-    driver once per variant, then runs it. Without the target the test is skipped with the reason
-    (failed, if required)."""
+class Drivers:
+    """The drivers for one target, each built once per variant on first use."""
+
+    def __init__(self, target: Target, out_dir: Path):
+        self.target, self.out_dir = target, out_dir
+        self.built: dict[tuple[str, str], Path] = {}
+
+    def exe(self, driver: str, isa: str) -> Path:
+        if (driver, isa) not in self.built:
+            self.built[driver, isa] = self.target.build(driver, isa, self.out_dir)
+        return self.built[driver, isa]
+
+    def lines(self, driver: str, isa: str, *args: str) -> list[list[str]]:
+        """A checking driver's printed lines, split into fields."""
+        text = self.target.run(self.exe(driver, isa), *args).decode()
+        return [line.split() for line in text.strip().splitlines()]
+
+    def kernel(self, isa: str, name: str, *args):
+        """Runs the kernel `name` of cpp/kernels.h through tests/kernel_run.cpp with the arguments in
+        its parameter order (numpy float32/int32 arrays, None, ints, floats), writing the results into
+        the arrays passed, as the kernel would; returns the kernel's value, if it has one."""
+        out = self.target.run(self.exe("kernel_run", isa), name, stdin=encode(args))
+        pos = 0
+        for a in (a for a in args if isinstance(a, np.ndarray)):
+            (count,) = struct.unpack_from("<q", out, pos)
+            assert count == a.size, f"{name}: array of {count} elements back for {a.size}"
+            a.reshape(-1)[:] = np.frombuffer(out, a.dtype, count, pos + 8)
+            pos += 8 + 4 * count
+        if pos < len(out):
+            assert out[pos:pos + 1] == b"r", f"{name}: unexpected output"
+            return struct.unpack_from("<d", out, pos + 1)[0]
+        return None
+
+
+def encode(args) -> bytes:
+    """kernel_run's input format (see tests/kernel_run.cpp)."""
+    parts = []
+    for a in args:
+        if a is None:
+            parts.append(b"n")
+        elif isinstance(a, np.ndarray):
+            assert a.dtype in (np.float32, np.int32) and a.flags.c_contiguous, a.dtype
+            parts += [b"a", struct.pack("<q", a.size), a.tobytes()]
+        elif isinstance(a, (bool, int, np.integer)):
+            parts += [b"i", struct.pack("<q", int(a))]
+        else:
+            parts += [b"f", struct.pack("<d", float(a))]
+    return b"".join(parts)
+
+
+def drivers(found: tuple[Target | None, str], tmp_path_factory, required: bool = False) -> Drivers:
+    """The Drivers of a target found by native_target() or aarch64_target(). Without the target the
+    test is skipped with the reason (failed, if required)."""
     target, why_not = found
     if target is None:
         if required:
             pytest.fail(f"required, but {why_not}")
         pytest.skip(why_not)
-    out_dir = tmp_path_factory.mktemp(f"drivers_{target.name}")
-    built: dict[tuple[str, str], Path] = {}
-
-    def run(driver: str, isa: str, *args: str) -> list[list[str]]:
-        if (driver, isa) not in built:
-            built[driver, isa] = target.build(driver, isa, out_dir)
-        return target.run(built[driver, isa], *args)
-
-    return run
+    return Drivers(target, tmp_path_factory.mktemp(f"drivers_{target.name}"))
 
 
 def find_compiler() -> str | None:

@@ -1,15 +1,15 @@
-"""Run directories: bitwise checkpoint round trips, atomic writes, no pickle, metrics, loss plot.
-
-Uses the real lmlab.model when it is importable; otherwise a stand-in GPT with the same names,
-shapes and flat-buffer layout is installed as lmlab.model for the duration of a test.
+"""Checkpoints: bitwise round trips, one checkpoint as one unit (interrupted and failed saves leave
+the previous one current), keeping N, the flat layout of older runs, every file read checked,
+no pickle, metrics, loss plot.
 """
 
 import dataclasses
+import errno
+import hashlib
 import json
-import math
 import os
-import sys
-import types
+import shutil
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -20,57 +20,16 @@ from lmlab.checkpoint import (append_metrics, load_model, load_training_state,
                               plot_loss, read_metrics, save_run, truncate_metrics)
 from lmlab.errors import CheckpointError
 from lmlab.files import atomic_write, atomic_write_bytes
-from lmlab.tokenizer import Tokenizer, train_tokenizer
+from lmlab.model import GPT, GPTConfig
+from lmlab.rundir import is_run
+from lmlab.tokenizer import train_tokenizer
 
-
-# -- a stand-in for lmlab.model (used only while the real one is not importable) -------------------
-
-
-@dataclasses.dataclass
-class StandInConfig:
-    vocab_size: int
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-
-
-class StandInGPT:
-    def __init__(self, config, seed=0):
-        V, C, T = config.vocab_size, config.n_embd, config.block_size
-        shapes = [("wte", (V, C)), ("wpe", (T, C))]
-        for i in range(config.n_layer):
-            p = f"h.{i}."
-            shapes += [(p + "ln_1.weight", (C,)), (p + "ln_1.bias", (C,)),
-                       (p + "attn.c_attn.weight", (3 * C, C)), (p + "attn.c_attn.bias", (3 * C,)),
-                       (p + "attn.c_proj.weight", (C, C)), (p + "attn.c_proj.bias", (C,)),
-                       (p + "ln_2.weight", (C,)), (p + "ln_2.bias", (C,)),
-                       (p + "mlp.c_fc.weight", (4 * C, C)), (p + "mlp.c_fc.bias", (4 * C,)),
-                       (p + "mlp.c_proj.weight", (C, 4 * C)), (p + "mlp.c_proj.bias", (C,))]
-        shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
-        self.config = config
-        self.params = np.random.default_rng(seed).standard_normal(sum(math.prod(s) for _, s in shapes),
-                                                                  dtype=np.float32)
-        self._named, off = {}, 0
-        for name, shape in shapes:
-            self._named[name] = self.params[off:off + math.prod(shape)].reshape(shape)
-            off += math.prod(shape)
-
-    def named_parameters(self):
-        return dict(self._named)
+from flat_run import write_flat
 
 
 @pytest.fixture
-def gpt(monkeypatch):
-    """(GPT, GPTConfig): the real model classes, or the stand-ins installed as lmlab.model."""
-    try:
-        from lmlab.model import GPT, GPTConfig
-        return GPT, GPTConfig
-    except ImportError:
-        fake = types.ModuleType("lmlab.model")
-        fake.GPT, fake.GPTConfig = StandInGPT, StandInConfig
-        monkeypatch.setitem(sys.modules, "lmlab.model", fake)
-        return StandInGPT, StandInConfig
+def gpt():
+    return GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +59,14 @@ def _bits(a):
     return np.ascontiguousarray(a).view(np.uint32)
 
 
+def _ckpt(run, name=None):
+    return run / "checkpoints" / name if name else checkpoint.current_checkpoint(run)
+
+
+def _files(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 # -- round trips ----------------------------------------------------------------------------------
 
 
@@ -107,8 +74,10 @@ def test_save_load_round_trip_is_bitwise(gpt, tok, tmp_path):
     run = tmp_path / "run"
     model = _model(gpt, tok)
     opt, state = _save(run, model, tok, parent="runs/base", extra={"chat_template": "x"})
-    assert sorted(os.listdir(run)) == ["config.json", "model.safetensors", "optimizer.safetensors",
-                                       "state.json", "tokenizer.json"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "current.json"]
+    assert json.loads((run / "current.json").read_text()) == {"checkpoint": "step_000005", "step": 5}
+    assert sorted(os.listdir(_ckpt(run))) == ["config.json", "model.safetensors", "optimizer.safetensors",
+                                              "state.json", "tokenizer.json"]
     loaded, ltok, config = load_model(run)
     assert np.array_equal(_bits(loaded.params), _bits(model.params))
     for name, view in model.named_parameters().items():
@@ -120,6 +89,10 @@ def test_save_load_round_trip_is_bitwise(gpt, tok, tmp_path):
     assert config["train"] == {"lr": 1e-3, "steps": 10} and config["parent"] == "runs/base"
     assert config["tokenizer"] == {"kind": "char", "vocab_size": tok.vocab_size}
     assert config["extra"] == {"chat_template": "x"}
+    files = config["checkpoint"]["files"]
+    assert config["checkpoint"]["step"] == 5 and sorted(files) == sorted(os.listdir(_ckpt(run)))[1:]
+    raw = (_ckpt(run) / "model.safetensors").read_bytes()
+    assert files["model.safetensors"] == {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     lopt, lstate = load_training_state(run)
     assert sorted(lopt) == ["m", "v"]
     for k in opt:
@@ -131,18 +104,19 @@ def test_files_are_safetensors_and_json_no_pickle(gpt, tok, tmp_path):
     run = tmp_path / "run"
     model = _model(gpt, tok)
     _save(run, model, tok)
+    d = _ckpt(run)
     for name in ("model.safetensors", "optimizer.safetensors"):
-        raw = (run / name).read_bytes()
+        raw = (d / name).read_bytes()
         assert not raw.startswith(b"\x80")  # pickle protocol 2+ opcode
         header_len = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + header_len])  # safetensors: 8-byte length, JSON header, raw data
         assert header["__metadata__"]["format"] == "lmlab"
-    weights = safetensors.numpy.load_file(str(run / "model.safetensors"))
+    weights = safetensors.numpy.load_file(str(d / "model.safetensors"))
     assert set(weights) == set(model.named_parameters())
     assert {"wte", "wpe", "h.0.attn.c_attn.weight", "h.1.mlp.c_proj.bias", "ln_f.weight"} <= set(weights)
     assert weights["h.0.attn.c_attn.weight"].shape == (3 * 8, 8)
     for name in ("config.json", "state.json", "tokenizer.json"):
-        json.loads((run / name).read_text(encoding="utf-8"))
+        json.loads((d / name).read_text(encoding="utf-8"))
 
 
 def test_train_config_may_be_a_dataclass_and_optimizer_state_optional(gpt, tok, tmp_path):
@@ -154,7 +128,7 @@ def test_train_config_may_be_a_dataclass_and_optimizer_state_optional(gpt, tok, 
     run = tmp_path / "run"
     model = _model(gpt, tok)
     save_run(run, model, tok, train_config=Cfg(), optimizer=None, state={"step": 2})
-    assert not (run / "optimizer.safetensors").exists()
+    assert not (_ckpt(run) / "optimizer.safetensors").exists()
     assert load_model(run)[2]["train"] == {"lr": 3e-4, "steps": 2}
     assert load_training_state(run) == ({}, {"step": 2})
 
@@ -164,11 +138,23 @@ def test_written_files_have_normal_permissions(gpt, tok, tmp_path):
     _save(run, _model(gpt, tok), tok)
     umask = os.umask(0)
     os.umask(umask)
-    for name in os.listdir(run):
-        assert os.stat(run / name).st_mode & 0o777 == 0o666 & ~umask
+    for name in os.listdir(_ckpt(run)) + ["../../current.json"]:
+        assert os.stat(_ckpt(run) / name).st_mode & 0o777 == 0o666 & ~umask
 
 
-# -- atomicity ------------------------------------------------------------------------------------
+def test_extra_files_are_part_of_the_checkpoint(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    save_run(run, _model(gpt, tok), tok, train_config={}, files={"head.bin": b"\x01\x02"})
+    assert checkpoint.read_checkpoint_file(run, "head.bin") == b"\x01\x02"
+    (_ckpt(run) / "head.bin").write_bytes(b"\x01\x03")
+    with pytest.raises(CheckpointError, match=r"head.bin is corrupted or truncated"):
+        checkpoint.read_checkpoint_file(run, "head.bin")
+    for bad in ("config.json", "../x", ".hidden", "model.safetensors"):
+        with pytest.raises(ValueError, match="not a name an extra checkpoint file can have"):
+            save_run(run, _model(gpt, tok), tok, train_config={}, files={bad: b""})
+
+
+# -- one unit: interrupted and failed saves ------------------------------------------------------
 
 
 def test_atomic_write_failure_keeps_previous_file(tmp_path):
@@ -185,93 +171,305 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]  # the temporary file is removed
 
 
-def test_failed_checkpoint_write_keeps_previous_checkpoint(gpt, tok, tmp_path, monkeypatch):
+def _interrupt_save_at(monkeypatch, n, exc):
+    """Make the n-th filesystem step of the next save (a file written, a rename, the pointer
+    replaced) raise `exc` instead."""
+    from lmlab import files
+
+    calls = {"n": 0}
+
+    def step(real):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise exc
+            return real(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(checkpoint, "write_new_file", step(files.write_new_file))
+    monkeypatch.setattr(checkpoint.os, "rename", step(os.rename))
+    monkeypatch.setattr(checkpoint, "atomic_write_json", step(files.atomic_write_json))
+    return calls
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_a_save_interrupted_at_any_step_leaves_the_previous_checkpoint_current(gpt, tok, tmp_path,
+                                                                               monkeypatch, exc):
     run = tmp_path / "run"
     old = _model(gpt, tok, seed=1)
     _save(run, old, tok, step=5)
-    before = {n: (run / n).read_bytes() for n in os.listdir(run)}
-    real_save = safetensors.numpy.save
+    before = _files(run)
+    steps = 7  # five files, the rename into place, current.json
+    for n in range(1, steps + 1):
+        with monkeypatch.context() as mp:
+            calls = _interrupt_save_at(mp, n, exc)
+            with pytest.raises(type(exc) if isinstance(exc, KeyboardInterrupt) else CheckpointError) as e:
+                _save(run, _model(gpt, tok, seed=2), tok, step=6)
+            assert calls["n"] == n
+        if not isinstance(exc, KeyboardInterrupt):
+            assert "No space left on device" in str(e.value)
+            assert str(e.value).endswith("the checkpoint step_000005 stays current")
+        assert _files(run) == before, n  # nothing left behind, nothing changed
+        loaded, _, _ = load_model(run)
+        assert np.array_equal(_bits(loaded.params), _bits(old.params))
+        assert load_training_state(run)[1]["step"] == 5
+    with monkeypatch.context() as mp:  # one step more than a save has: the save completes
+        calls = _interrupt_save_at(mp, steps + 1, KeyboardInterrupt())
+        _save(run, _model(gpt, tok, seed=2), tok, step=6)
+    assert load_training_state(run)[1]["step"] == 6
 
-    def half_written(tensors, metadata=None):
-        real_save(tensors, metadata=metadata)
-        raise KeyboardInterrupt  # Ctrl-C while the weights are being written
 
-    with monkeypatch.context() as mp:
-        mp.setattr(safetensors.numpy, "save", half_written)
-        with pytest.raises(KeyboardInterrupt):
-            _save(run, _model(gpt, tok, seed=2), tok, step=6)
-    assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before
-    loaded, _, _ = load_model(run)
-    assert np.array_equal(_bits(loaded.params), _bits(old.params))
-    assert load_training_state(run)[1]["step"] == 5
-
-
-def test_save_interrupted_between_files_is_detected(gpt, tok, tmp_path, monkeypatch):
+def test_a_kill_after_the_rename_leaves_a_complete_orphan_that_the_next_save_replaces(gpt, tok, tmp_path):
     run = tmp_path / "run"
     _save(run, _model(gpt, tok, seed=1), tok, step=5)
+    pointer = (run / "current.json").read_bytes()
+    _save(run, _model(gpt, tok, seed=2), tok, step=6)
+    (run / "current.json").write_bytes(pointer)  # what SIGKILL between the rename and the pointer leaves
+    assert load_training_state(run)[1]["step"] == 5
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [5, 6]
+    newer = _model(gpt, tok, seed=3)
+    _save(run, newer, tok, step=6)  # the resumed run saves step 6 again
+    assert np.array_equal(_bits(load_model(run)[0].params), _bits(newer.params))
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000005", "step_000006"]
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt
 
-    # The new weights and optimiser state land, then the save dies before state.json.
-    monkeypatch.setattr(Tokenizer, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _save(run, _model(gpt, tok, seed=2), tok, step=6)
-    with pytest.raises(ValueError, match="come from different saves"):
+def test_keep_prunes_old_checkpoints_and_resaving_a_step_goes_beside_it(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    model = _model(gpt, tok)
+    for step in range(1, 7):
+        _save(run, model, tok, step=step, keep=3)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000004", "step_000005", "step_000006"]
+    _save(run, model, tok, step=6, keep=3)  # the same step again: never written over the current
+    assert json.loads((run / "current.json").read_text())["checkpoint"] == "step_000006.1"
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000004", "step_000005", "step_000006.1"]
+    for step in range(7, 9):
+        _save(run, model, tok, step=step, keep=0)
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [4, 5, 6, 7, 8]
+    _save(run, model, tok, step=6, keep=None)  # a resumed run going back: later steps are dropped
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [4, 5, 6]
+
+
+# -- the flat layout of older runs -------------------------------------------------------------------
+
+
+def _flat(gpt, tok, run, step=5, seed=1):
+    model = _model(gpt, tok, seed=seed)
+    n = model.params.size
+    opt = {"m": np.full(n, step, np.float32), "v": np.arange(n, dtype=np.float32) / 7}
+    config = {"lmlab_version": "0.1.0", "model": dataclasses.asdict(model.config),
+              "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size},
+              "train": {"lr": 1e-3}, "parent": None, "extra": {}}
+    save_id = write_flat(run, weights=model.named_parameters(), tokenizer_json=tok.to_str(),
+                         config=config, optimizer=opt, state={"step": step})
+    return model, opt, save_id
+
+
+def test_a_flat_layout_run_loads_and_its_next_save_moves_it_into_checkpoints(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    model, opt, _ = _flat(gpt, tok, run)
+    write_flat(run / "checkpoints" / "step_000003", weights=_model(gpt, tok, seed=3).named_parameters(),
+               tokenizer_json=tok.to_str(), config=checkpoint.read_config(run))
+    assert is_run(run) and checkpoint.current_checkpoint(run) == run
+    loaded, _, config = load_model(run)
+    assert np.array_equal(_bits(loaded.params), _bits(model.params)) and config["train"] == {"lr": 1e-3}
+    lopt, state = load_training_state(run)
+    assert state == {"step": 5} and np.array_equal(_bits(lopt["v"]), _bits(opt["v"]))
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [3]  # an old weights-only snapshot
+    newer = _model(gpt, tok, seed=2)
+    _save(run, newer, tok, step=6)
+    assert sorted(os.listdir(run)) == ["checkpoints", "current.json"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000003", "step_000006"]
+    assert np.array_equal(_bits(load_model(run)[0].params), _bits(newer.params))
+
+
+def test_a_flat_layout_save_interrupted_between_files_is_detected(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    _flat(gpt, tok, run, step=5, seed=1)
+    state_json = (run / "state.json").read_bytes()
+    _flat(gpt, tok, run, step=6, seed=2)  # main died after the weights, before state.json
+    (run / "state.json").write_bytes(state_json)
+    with pytest.raises(CheckpointError, match="come from different saves"):
         load_training_state(run)
 
 
-# -- load errors ----------------------------------------------------------------------------------
+# -- every file read is checked ----------------------------------------------------------------------
+
+
+def _rewrite(run, name, data: bytes):
+    """Replace one file of the current checkpoint and record it in the manifest, as a save would:
+    the checks that follow are the ones on the content, not the checksum."""
+    d = _ckpt(run)
+    (d / name).write_bytes(data)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["checkpoint"]["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _refused_after_rewrite(run, name, data, message, load=load_model):
+    """`name` rewritten as `data` makes `load` fail with `message`, naming the file."""
+    _rewrite(run, name, data)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load(run)
+    assert str(_ckpt(run) / name) in str(e.value)
+
+
+def _edit_config(run, edit):
+    path = _ckpt(run) / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+    return cfg
 
 
 def test_load_model_missing_dir_and_files(gpt, tok, tmp_path):
     with pytest.raises(FileNotFoundError, match="run directory not found"):
         load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        load_model(tmp_path / "empty")
     run = tmp_path / "run"
     _save(run, _model(gpt, tok), tok)
-    os.remove(run / "tokenizer.json")
+    os.remove(_ckpt(run) / "tokenizer.json")
     with pytest.raises(FileNotFoundError, match="missing tokenizer.json"):
         load_model(run)
-    os.remove(run / "state.json")
+    os.remove(_ckpt(run) / "state.json")
     with pytest.raises(FileNotFoundError, match="missing state.json"):
         load_training_state(run)
-
-
-def _saved_with_edited_model_config(gpt, tok, tmp_path, **changes):
-    """A saved run whose config.json's model section was then edited; returns (run, config)."""
-    run = tmp_path / "run"
-    _save(run, _model(gpt, tok), tok)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["model"].update(changes)
-    (run / "config.json").write_text(json.dumps(cfg))
-    return run, cfg
+    shutil.rmtree(_ckpt(run))
+    with pytest.raises(CheckpointError, match=r"current.json names checkpoints/step_000005, which is missing"):
+        load_model(run)
+    (run / "current.json").write_text('{"checkpoint": "../../etc"}')
+    with pytest.raises(CheckpointError, match=r"current.json does not name a checkpoint"):
+        load_model(run)
 
 
 def test_load_model_shape_mismatch(gpt, tok, tmp_path):
-    run, _ = _saved_with_edited_model_config(gpt, tok, tmp_path, n_embd=16)
-    with pytest.raises(ValueError) as e:
+    run = tmp_path / "run"
+    _save(run, _model(gpt, tok), tok)
+    _edit_config(run, lambda c: c["model"].update(n_embd=16))
+    with pytest.raises(CheckpointError) as e:
         load_model(run)
     assert "tensor 'wte' has shape (%d, 8)" % tok.vocab_size in str(e.value)
     assert "needs (%d, 16)" % tok.vocab_size in str(e.value)
 
 
 def test_load_model_tensor_set_and_config_fields_checked(gpt, tok, tmp_path):
-    run, cfg = _saved_with_edited_model_config(gpt, tok, tmp_path, n_layer=3)
-    with pytest.raises(ValueError, match=r"missing tensors \['h\.2\."):
+    run = tmp_path / "run"
+    _save(run, _model(gpt, tok), tok)
+    _edit_config(run, lambda c: c["model"].update(n_layer=3))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['h\.2\."):
         load_model(run)
-    cfg["model"]["n_layer"] = 2
-    cfg["model"]["rotary"] = True
-    (run / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"does not know: \['rotary'\]"):
+    _edit_config(run, lambda c: c["model"].update(n_layer=2, rotary=True))
+    with pytest.raises(CheckpointError, match=r"does not know: \['rotary'\]"):
         load_model(run)
-    (run / "config.json").write_text("{oops")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    (_ckpt(run) / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_model(run)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model"].update(vocab_size=10**12), r"model.vocab_size must be an integer in \[1, 2097152\], got 1000000000000"),
+    (lambda c: c["model"].update(n_layer="2"), r"model.n_layer must be an integer in \[1, 1024\], got '2'"),
+    (lambda c: c["model"].update(n_embd=True), r"model.n_embd must be an integer .* got True"),
+    (lambda c: c["model"].update(n_head=0), r"model.n_head must be an integer in \[1, 32768\], got 0"),
+    (lambda c: c["model"].update(vocab_size=2**21, n_embd=2**12, n_head=1), r"describes 8,.* parameters, more than"),
+    (lambda c: c["model"].pop("vocab_size"), "model config lacks vocab_size"),
+    (lambda c: c.update(model=[1, 2]), r'has no "model" section'),
+    (lambda c: c.update(tokenizer={"kind": "word", "vocab_size": 3}), r'"tokenizer" must be'),
+    (lambda c: c.update(train=5), r'"train" must be an object or null, got int'),
+    (lambda c: c.update(extra="x"), r'"extra" must be an object or null, got str'),
+    (lambda c: c.update(parent=3), r'"parent" must be a string or null, got int'),
+    (lambda c: c["checkpoint"].update(files=[]), r'"checkpoint.files" must map'),
+])
+def test_config_json_sections_types_and_bounds_are_checked_before_allocating(gpt, tok, tmp_path, edit, message):
+    run = tmp_path / "run"
+    _save(run, _model(gpt, tok), tok)
+    _edit_config(run, edit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=message) as e:
+            load_model(run)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value).startswith(str(_ckpt(run) / "config.json"))
+    assert peak < 4 << 20  # refused before the model (and its weights) were allocated
+
+
+def _safetensors(tensors: dict) -> bytes:
+    return safetensors.numpy.save(tensors)
+
+
+@pytest.mark.parametrize("case", ["empty", "short", "header_cut", "data_cut", "random", "huge_header",
+                                  "f64", "shape", "extra_bytes", "nan"])
+def test_a_damaged_model_safetensors_is_named_with_its_fault(gpt, tok, tmp_path, case):
+    run = tmp_path / "run"
+    model = _model(gpt, tok)
+    _save(run, model, tok)
+    raw = (_ckpt(run) / "model.safetensors").read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    named = {k: v.copy() for k, v in model.named_parameters().items()}
+    data, message = {
+        "empty": (b"", "is truncated: 0 bytes"),
+        "short": (raw[:5], "is truncated: 5 bytes"),
+        "header_cut": (raw[:8 + hlen // 2], "is truncated or not a safetensors file"),
+        "data_cut": (raw[:-10], "is truncated: the header describes"),
+        "random": (np.random.default_rng(0).bytes(len(raw)), "is truncated or not a safetensors file"),
+        "huge_header": ((1 << 62).to_bytes(8, "little") + raw[8:], "its header claims 4611686018427387904 bytes"),
+        "f64": (_safetensors({k: v.astype(np.float64) for k, v in named.items()}),
+                "has dtype F64, expected F32"),
+        "shape": (_safetensors({**named, "wpe": named["wpe"][:3]}), r"tensor 'wpe' has shape \(3, 8\)"),
+        "extra_bytes": (raw + b"\0" * 8, "is longer than its header says"),
+        "nan": (_safetensors({**named, "ln_f.bias": np.full_like(named["ln_f.bias"], np.nan)}),
+                "tensor 'ln_f.bias' holds NaN or infinite values"),
+    }[case]
+    _refused_after_rewrite(run, "model.safetensors", data, message)
+
+
+def test_a_changed_file_fails_its_checksum(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    _save(run, _model(gpt, tok), tok)
+    path = _ckpt(run) / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # one bit of one weight: still a valid file of finite floats
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupted: its SHA-256 differs"):
+        load_model(run)
+    path.write_bytes(bytes(raw[:-4]))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is \d+ bytes, but config.json recorded"):
+        load_model(run)
+    opt = _ckpt(run) / "optimizer.safetensors"
+    raw = bytearray(opt.read_bytes())
+    raw[-4] ^= 0x01  # the lowest mantissa bit of the last float
+    opt.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors is corrupted"):
+        load_training_state(run)
+
+
+def test_tokenizer_must_match_the_models_vocabulary_exactly(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    _save(run, _model(gpt, tok), tok)
+    small = train_tokenizer("abc", "char")
+    _rewrite(run, "tokenizer.json", small.to_str().encode())
+    with pytest.raises(CheckpointError, match=rf"tokenizer.json is a char tokenizer of {small.vocab_size} ids, "
+                                              rf"but the model .* has vocab_size {tok.vocab_size}"):
+        load_model(run)
+    for data, message in [(b"\xff\xfe", "not UTF-8"), (b"{}", "not a valid tokenizer.json"),
+                          (b"[1, 2", "not a valid tokenizer.json")]:
+        _refused_after_rewrite(run, "tokenizer.json", data, message)
+
+
+def test_state_json_is_checked(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    _save(run, _model(gpt, tok), tok)
+    for data, message in [(b"[]", "is not an lmlab state file"), (b'{"state": 3}', "is not an lmlab state file"),
+                          (b"{", "state.json: not valid JSON")]:
+        _refused_after_rewrite(run, "state.json", data, message, load=load_training_state)
 
 
 def test_save_run_rejects_non_float32_weights(tok, tmp_path):
     class Bad:
-        config = StandInConfig(vocab_size=5)
+        config = GPTConfig(vocab_size=5)
 
         def named_parameters(self):
             return {"wte": np.zeros((5, 2), np.float64)}

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lmlab.checkpoint import load_model
+from lmlab.checkpoint import load_model, read_config
 from lmlab.finetune import finetune
 from lmlab.pretrain import pretrain
 
@@ -37,7 +37,7 @@ def test_finetune_moves_loss_on_the_new_corpus_and_records_parent(parent, tmp_pa
     assert d["new_val_after"] < d["new_val_before"] - 0.5
     assert d["old_val_before"] is not None and d["old_val_after"] is not None
     assert set(d["samples"]) == {"parent", "finetuned"}
-    config = json.loads((tmp_path / "child" / "config.json").read_text())
+    config = read_config(tmp_path / "child")
     assert config["parent"] == str(run) and config["train"]["stage"] == "finetune"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import reference as ref
 from drivers import check_gemm_rows
 from drivers import gemm_tolerance as tolerance
 from lmlab import ops
@@ -114,6 +115,71 @@ def test_bitwise_identical_for_1_and_2_threads(isa, shape):
         assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
 
 
+# --- bf16: every path against float64 on the same rounded operands --------------------------------
+# Every bf16 path multiplies the same bf16 operands exactly and sums in fp32, so the fp32 tolerance
+# applies, plus what AVX512-BF16 and AMX flush: bf16 inputs and fp32 partial sums below 2^-126 count
+# as zero (DAZ, FTZ), at most 2^-126 lost per step of k on top of the rounding: K * 2^-126 absolute.
+FLUSH = 2.0 ** -126
+
+
+def bf16_reference(inp, weight):
+    """(exact, size): float64 product of the bf16-rounded operands and of their absolute values."""
+    i, w = ref.round_bf16(inp), ref.round_bf16(weight)
+    return i @ w.T, np.abs(i) @ np.abs(w).T
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(47, 1100, 200)], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_forward_matches_float64_on_rounded_operands(bf16_variant, shape):
+    N, C, OC = shape
+    inp, weight, bias, _ = operands(N, C, OC)
+    out = np.full((N, OC), np.nan, np.float32)
+    ops.matmul_forward(out, inp, weight, bias, precision=ops.Precision.BF16)
+    exact, size = bf16_reference(inp, weight)
+    assert rel_err(out, exact + bias, size + np.abs(bias)) < tolerance(C)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -60, 2.0 ** -66, 2.0 ** -70])
+def test_bf16_tiny_values_within_the_flush_bound(bf16_variant, scale):
+    """Products near and below 2^-126: the native paths may flush them, within K * 2^-126."""
+    N, C, OC = 9, 70, 33
+    inp, weight, _, _ = operands(N, C, OC, seed=3)
+    inp, weight = (inp * np.float32(scale)), (weight * np.float32(scale))
+    out = ops.matmul_forward(np.zeros((N, OC), np.float32), inp, weight, precision="bf16")
+    exact, size = bf16_reference(inp, weight)
+    bound = tolerance(C) * size.max() + C * FLUSH
+    assert np.all(np.abs(out - exact) <= bound)
+
+
+def dpbf16_sequence(inp, weight):
+    """out = inp @ weight.T as Intel defines VDPBF16PS: per pair of k, acc += the odd product, then
+    acc += the even one, each sum of the exact product rounded once to float32 (the float64 sum is
+    exact here), bf16 inputs and float32 results below 2^-126 taken as zero."""
+    def flush(x):
+        return np.where(np.abs(x) < FLUSH, 0.0, x)
+    i, w = flush(ref.round_bf16(inp)), flush(ref.round_bf16(weight))
+    if i.shape[1] % 2:
+        i, w = np.pad(i, ((0, 0), (0, 1))), np.pad(w, ((0, 0), (0, 1)))
+    acc = np.zeros((i.shape[0], w.shape[0]), np.float32)
+    for k in range(0, i.shape[1], 2):
+        for kk in (k + 1, k):
+            acc = flush((acc + np.outer(i[:, kk], w[:, kk])).astype(np.float32))
+    return acc
+
+
+@pytest.mark.skipif("avx512_bf16" not in ops.cpu_info()["bf16_paths"] or "avx512" not in ISAS,
+                    reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -62, 2.0 ** -64])
+def test_dpbf16_path_is_the_documented_instruction(scale):
+    """The avx512_bf16 path, one slice deep, bit for bit as the instruction is defined: the
+    accumulation order (odd k first in each pair) and the flushing the tolerance above allows for."""
+    inp, weight, _, _ = operands(17, 75, 40, seed=5)
+    inp, weight = inp * np.float32(scale), weight * np.float32(scale)
+    out = np.zeros((17, 40), np.float32)
+    with ops.use_isa("avx512"), ops.use_bf16_path("avx512_bf16"):
+        ops.matmul_forward(out, inp, weight, precision="bf16")
+    assert np.array_equal(out, dpbf16_sequence(inp, weight))
+
+
 # --- the internal gemm, through tests/gemm_check.cpp -------------------------------------------------
 
 # Precision::bf16 runs on every path this CPU has, each checked in the avx512 build (the only one with
@@ -125,4 +191,4 @@ MODES = ["fp32"] + [f"bf16:{p}" for p in ops.cpu_info()["bf16_paths"]]
 @pytest.mark.parametrize("isa", ISAS)
 def test_gemm_strides_alpha_accumulate(isa, mode, driver):  # driver: conftest.py
     # bf16: the reference multiplies the same bf16-rounded operands, so the tolerance is fp32's.
-    check_gemm_rows(driver("gemm_check", isa, *mode.split(":")))
+    check_gemm_rows(driver.lines("gemm_check", isa, *mode.split(":")))

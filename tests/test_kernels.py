@@ -120,7 +120,7 @@ def test_matmul_backward_skips_none(isa, rng, wanted):
 
 @pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES + [(100, 1100, 70)])  # 1100: several AMX k-slices
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matmul_bf16_forward(isa, rng, N, C, OC, with_bias):
+def test_matmul_bf16_forward(bf16_variant, rng, N, C, OC, with_bias):
     inp, weight = randn(rng, N, C), randn(rng, OC, C)
     bias = randn(rng, OC) if with_bias else None
     out = ops.matmul_forward(zeros32((N, OC)), inp, weight, bias, precision="bf16")
@@ -129,7 +129,7 @@ def test_matmul_bf16_forward(isa, rng, N, C, OC, with_bias):
 
 
 @pytest.mark.parametrize("N,C,OC", MATMUL_SHAPES + [(1100, 70, 100)])
-def test_matmul_bf16_backward_accumulates(isa, rng, N, C, OC):
+def test_matmul_bf16_backward_accumulates(bf16_variant, rng, N, C, OC):
     inp, weight, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, N, OC)
     dinp0, dweight0, dbias0 = prefill(rng, (N, C)), prefill(rng, (OC, C)), prefill(rng, (OC,))
     dinp, dweight, dbias = dinp0.copy(), dweight0.copy(), dbias0.copy()
@@ -142,7 +142,7 @@ def test_matmul_bf16_backward_accumulates(isa, rng, N, C, OC):
     assert_close(dbias, dbias0 + e_dbias, matmul_tol(N), "dbias")
 
 
-def test_matmul_bf16_rounds_the_operands(isa, rng):
+def test_matmul_bf16_rounds_the_operands(bf16_variant, rng):
     # Against the unrounded product the bf16 result is off by about 2^-9 relative: far outside the
     # fp32 tolerance, so the test above could not pass by computing in fp32.
     inp, weight = randn(rng, 64, 256), randn(rng, 96, 256)
@@ -589,7 +589,7 @@ def assert_bf16_close(actual, expected, bound, what):
 
 
 @pytest.mark.parametrize("B,T,C,NH", ATTENTION_SHAPES)
-def test_attention_bf16_forward_backward(isa, rng, B, T, C, NH):
+def test_attention_bf16_forward_backward(bf16_variant, rng, B, T, C, NH):
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
     out, stats, dqkv = zeros32((B, T, C)), zeros32((B, NH, T, 2)), garbage((B, T, 3 * C))
     ops.attention_forward(out, stats, qkv, NH, precision="bf16")
@@ -603,7 +603,7 @@ def test_attention_bf16_forward_backward(isa, rng, B, T, C, NH):
     assert_bf16_close(dqkv, e_dqkv, b_dqkv, "dqkv")
 
 
-def test_attention_bf16_rounds_the_operands(isa, rng):
+def test_attention_bf16_rounds_the_operands(bf16_variant, rng):
     # Against exact (unrounded) attention the bf16 result is off by ~2^-9 relative: far outside the
     # fp32 accumulation tolerance the test above allows, so that test would see unrounded operands.
     B, T, C, NH = 2, 64, 64, 2
@@ -1081,8 +1081,7 @@ DETERMINISM_CASES = {  # sizes a kernel splits across threads, including row red
 }
 
 
-@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_bitwise_identical_across_thread_counts(isa, rng, case):
+def check_thread_counts(rng, case):
     make, dims = DETERMINISM_CASES[case]
     run = make(rng, *dims)
     results = {}
@@ -1096,3 +1095,13 @@ def test_bitwise_identical_across_thread_counts(isa, rng, case):
             assert a.tobytes() == b.tobytes(), (
                 f"{case}: output {i} differs between 1 and {threads} threads "
                 f"({int(np.sum(a != b))} entries, max |diff| {float(np.max(np.abs(a.astype(np.float64) - b))):.3g})")
+
+
+@pytest.mark.parametrize("case", [c for c in DETERMINISM_CASES if "bf16" not in c])
+def test_bitwise_identical_across_thread_counts(isa, rng, case):
+    check_thread_counts(rng, case)
+
+
+@pytest.mark.parametrize("case", [c for c in DETERMINISM_CASES if "bf16" in c])
+def test_bf16_bitwise_identical_across_thread_counts(bf16_variant, rng, case):
+    check_thread_counts(rng, case)

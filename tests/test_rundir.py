@@ -36,7 +36,7 @@ def test_fresh_run_is_created_locked_and_released(tmp_path):
     with open_run_dir(run) as rd:
         assert isinstance(rd, RunDir) and rd.is_open and rd.path == run and run.is_dir()
         assert os.fspath(rd) == str(run) and rd.removed == [] and not is_run(run)
-        with pytest.raises(RunDirError, match=rf"{run} is in use by another lmlab process \(pid {os.getpid()}\)"):
+        with pytest.raises(RunDirError, match=rf"{run} is already open in this process; pass its RunDir"):
             open_run_dir(run)
     assert not rd.is_open
     open_run_dir(run).close()  # released: opens again

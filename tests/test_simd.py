@@ -15,4 +15,4 @@ from lmlab import ops
 
 @pytest.mark.parametrize("isa", ops.cpu_info()["available"])
 def test_simd_api(isa, driver):  # driver: conftest.py
-    check_simd_lines(driver("simd_check", isa), isa)
+    check_simd_lines(driver.lines("simd_check", isa), isa)

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from flat_run import flatten
 
 from lmlab import checkpoint
 from lmlab.checks import SettingError, check, check_values, max_threads
@@ -172,7 +173,7 @@ def test_overwrite_replaces_a_run_and_says_what_it_removed(root, tmp_path, capsy
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert main(ft + ["--overwrite", "--lr", "0.002"]) == 0
     err = capsys.readouterr().err
-    assert f"--overwrite removed from {out}:" in err and "config.json" in err
+    assert f"--overwrite removed from {out}:" in err and "checkpoints/" in err
     assert checkpoint.read_config(out)["train"]["optim"]["lr"] == 0.002
     assert main(ft + ["--overwrite", "--resume"]) == 2
     # A run may not be written into its own parent.
@@ -219,10 +220,11 @@ def test_resume_of_a_run_without_recorded_settings_uses_its_optimiser_section(ro
     run = tmp_path / "old"
     pretrain(str(root / "corpus.txt"), run, n_layer=1, n_head=2, n_embd=16, block_size=16,
              batch_size=3, steps=2, lr=0.004, eval_every=0, progress=False)
-    config = checkpoint.read_config(run)
+    flatten(run)  # as main wrote runs before this change: one checkpoint's files at the top
+    config = json.loads((run / "config.json").read_text())
     del config["train"]["settings"]
     (run / "config.json").write_text(json.dumps(config))
-    saved = saved_settings("pretrain", config["train"])
+    saved = saved_settings("pretrain", checkpoint.read_config(run)["train"])
     assert saved["batch_size"] == 3 and saved["lr"] == 0.004 and saved["n_embd"] == 16
     result = pretrain(run_dir=run, resume=True, steps=3, progress=False)
     assert result.steps_done == 3

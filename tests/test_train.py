@@ -209,7 +209,7 @@ def test_pretrain_api_end_to_end_and_refuses_to_overwrite(tmp_path):
     result = pretrain(str(corpus), run, n_layer=1, n_head=2, n_embd=16, block_size=16,
                       batch_size=4, steps=20, eval_every=10, save_every=10, progress=False)
     assert result.steps_done == 20 and math.isfinite(result.final_loss)
-    config = json.loads((run / "config.json").read_text())
+    config = checkpoint.read_config(run)
     assert config["train"]["stage"] == "pretrain" and config["train"]["corpus"] == str(corpus)
     with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
         pretrain(str(corpus), run, n_layer=1, n_head=2, n_embd=16, block_size=16, steps=5,

@@ -1,136 +1,213 @@
-"""Run directories: atomic file writes, checkpoints, metrics and the loss plot.
+"""Checkpoints of a run: writing one as a unit, reading one back with every file checked, and the
+metrics and loss plot beside them (rundir.py holds the run directory's layout and opening rules).
 
-A run directory holds
+A checkpoint is a directory, checkpoints/step_N/, holding
   model.safetensors      weights under GPT-2 names (model.named_parameters())
   optimizer.safetensors  optimiser buffers (e.g. AdamW m and v), for exact resume
-  config.json            model config, training config, tokenizer kind, parent run, lmlab version
   tokenizer.json         the tokenizer, in the `tokenizers` library's format
   state.json             step, RNG and data-sampler state (whatever the trainer passes), for resume
-  metrics.jsonl          one JSON object per logged step (append_metrics / read_metrics)
-  loss.png               train and validation loss against step, learning rate on a second axis
+  config.json            model config, training config, tokenizer kind, parent run, lmlab version,
+                         and the size and SHA-256 of every other file of the checkpoint
+  (and any extra files a stage adds, e.g. reward_head.safetensors)
 No pickle anywhere: weights are safetensors, everything else JSON, so loading never runs code.
 
-Every file is written atomically (temporary file in the same directory, flush, fsync, rename), so
-a crash or Ctrl-C leaves either the previous file or the new one, never a torn one. A checkpoint
-spans several files, so each save stamps one random `save_id` into the safetensors metadata,
-config.json and state.json; load_training_state refuses a set whose ids disagree (a save that was
-interrupted between files) instead of resuming from mixed steps.
+Saving writes every file into a temporary directory (checkpoints/.tmp-*), fsyncs it, renames it to
+step_N and then atomically replaces current.json to name it; only then are older checkpoints
+pruned. A kill at any instant leaves current.json naming one complete checkpoint (the new one or
+the previous one); what the kill left behind is removed when the run is next opened. A save that
+fails (disk full, file too large, permission) raises errors.CheckpointError naming the path and
+the cause, and the previous checkpoint stays current.
+
+Reading checks every file before trusting it, and reports one line naming the file: config.json's
+sections and their types, model sizes within MAX_* bounds (before anything is allocated), the
+safetensors header against the model config (dtype, names, shapes, offsets, file size) before the
+data is read, the recorded sizes and checksums, finite weights, and a tokenizer whose vocabulary is
+exactly the model's. Runs in the flat layout (one checkpoint's files at the run's top, as lmlab
+wrote them before) load and resume the same way; their mixed-save check is the save_id stamped in
+each file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import math
 import os
+import shutil
+import struct
 import uuid
+from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default
+from . import rundir
+from .errors import CheckpointError
+from .model import GPT, GPTConfig, parameter_layout
+from .tokenizer import Tokenizer
+from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, json_default,
+                    json_text, write_error, write_new_file)
+from .rundir import (CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, CURRENT_FILE, LOSS_PLOT_FILE,
+                     METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, SAVE_OLD_PREFIX, SAVE_TEMP_PREFIX,
+                     STATE_FILE, TOKENIZER_FILE)
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT_FILE = "loss.png"
+# Bounds on a saved model config, checked before anything is allocated: far above any model a CPU
+# trains, far below what would exhaust memory.
+MAX_VOCAB = 1 << 21
+MAX_BLOCK = 1 << 16
+MAX_LAYERS = 1024
+MAX_EMBD = 1 << 15
+MAX_PARAMS = 1 << 31   # 8 GiB of float32 weights
+MAX_HEADER = 1 << 26   # bytes of a safetensors JSON header
+MAX_JSON = 1 << 28     # bytes of config.json, state.json, tokenizer.json, current.json
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+# -- JSON files -----------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path, limit: int = MAX_JSON) -> bytes:
+    if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{path} is {size} bytes, more than the {limit} this file can be")
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
 
 
-# -- checkpoints --------------------------------------------------------------------------------
+def _parse_json(path: Path, data: bytes):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
 
 
-def _tensor_dict(arrays, what: str) -> dict:
-    if not isinstance(arrays, dict):
-        raise TypeError(f"{what} must be a dict of name -> numpy array, got {type(arrays).__name__}")
-    out = {}
-    for name, a in arrays.items():
-        if not isinstance(name, str):
-            raise TypeError(f"{what} keys must be str, got {name!r}")
-        a = np.asarray(a)
-        if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-            raise TypeError(f"{what}[{name!r}] must be a numeric array, got dtype {a.dtype}")
-        out[name] = np.ascontiguousarray(a)
-    return out
+def _read_json(path) -> dict:
+    path = Path(path)
+    return _parse_json(path, _read_bytes(path))
 
 
-def _safetensors_bytes(arrays: dict, save_id: str) -> bytes:
-    from safetensors.numpy import save
-
-    return save(arrays, metadata={"format": "lmlab", "save_id": save_id})
+# -- where the current checkpoint is ---------------------------------------------------------------
 
 
-def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None = None,
-             state: dict | None = None, parent: str | None = None, extra: dict | None = None) -> None:
-    """Write a checkpoint of `model` (+ tokenizer, configs, optimiser and trainer state) to run_dir.
-
-    `train_config` is a dict or dataclass saved under config.json's "train"; `extra` (a dict, e.g. a
-    chat template) is saved under "extra". Files are written model first and state.json last.
-    """
-    run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    save_id = uuid.uuid4().hex
-    weights = _tensor_dict(model.named_parameters(), "model.named_parameters()")
-    bad = [n for n, a in weights.items() if a.dtype != np.float32]
-    if bad:
-        raise TypeError(f"model parameters must be float32; not: {bad[:5]}")
-    atomic_write_bytes(os.path.join(run_dir, MODEL_FILE), _safetensors_bytes(weights, save_id))
-    if optimizer is not None:
-        opt = _tensor_dict(optimizer, "optimizer")
-        atomic_write_bytes(os.path.join(run_dir, OPTIMIZER_FILE), _safetensors_bytes(opt, save_id))
-    tokenizer.save(os.path.join(run_dir, TOKENIZER_FILE))
-    from . import __version__
-
-    if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
-        train_config = dataclasses.asdict(train_config)
-    config = {
-        "lmlab_version": __version__,
-        "model": dataclasses.asdict(model.config),
-        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
-        "train": train_config,
-        "parent": None if parent is None else os.fspath(parent),
-        "extra": extra or {},
-        "save_id": save_id,
-    }
-    atomic_write_json(os.path.join(run_dir, CONFIG_FILE), config)
-    if state is not None:
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        atomic_write_json(os.path.join(run_dir, STATE_FILE),
-                          {"save_id": save_id, "has_optimizer": optimizer is not None, "state": state})
+def current_checkpoint(run_dir) -> Path:
+    """The directory holding a run's current checkpoint: checkpoints/step_N/ named by current.json,
+    or, for a flat-layout run (or a checkpoint directory given directly), the directory itself."""
+    run = Path(os.fspath(run_dir))
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run}")
+    pointer = run / CURRENT_FILE
+    if os.path.lexists(pointer):
+        if pointer.is_symlink():
+            raise CheckpointError(f"{pointer} is a symbolic link; lmlab does not follow links inside a run")
+        data = _read_json(pointer)
+        name = data.get("checkpoint") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+            raise CheckpointError(f"{pointer} does not name a checkpoint (expected "
+                                  '{"checkpoint": "step_N", ...}), got ' + repr(data)[:100])
+        d = run / CHECKPOINTS_DIR / name
+        if d.is_symlink() or not d.is_dir():
+            raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing")
+        return d
+    if (run / CONFIG_FILE).is_file() or (run / MODEL_FILE).is_file():
+        return run
+    raise FileNotFoundError(f"{run} holds no checkpoint (no {CURRENT_FILE}, no {MODEL_FILE})")
 
 
-def _check_run_dir(run_dir: str, needed) -> None:
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    missing = [n for n in needed if not os.path.isfile(os.path.join(run_dir, n))]
+def list_checkpoints(run_dir) -> list:
+    """[(step, directory)] of the run's checkpoints/step_N/ directories, oldest first (a re-save of
+    the current step is step_N.1, step_N.2, ... and sorts after step_N)."""
+    base = Path(os.fspath(run_dir)) / CHECKPOINTS_DIR
+    found = []
+    if base.is_dir() and not base.is_symlink():
+        for d in base.iterdir():
+            m = CHECKPOINT_NAME.fullmatch(d.name)
+            if m and d.is_dir() and not d.is_symlink() and (
+                    (d / CONFIG_FILE).is_file() or (d / CURRENT_FILE).is_file()):
+                found.append(((int(m.group(1)), int(m.group(2) or 0)), d))
+    return [(key[0], d) for key, d in sorted(found)]
+
+
+def _required(directory: Path, names) -> None:
+    missing = [n for n in names if not (directory / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"run directory {run_dir} is missing {', '.join(missing)}")
+        raise FileNotFoundError(f"run directory {directory} is missing {', '.join(missing)}")
 
 
-def _safetensors_save_id(path: str) -> str | None:
-    from safetensors import safe_open
+# -- config.json ------------------------------------------------------------------------------------
 
-    with safe_open(path, framework="np") as f:
-        return (f.metadata() or {}).get("save_id")
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_model_config(m, path: Path) -> dict:
+    if not isinstance(m, dict):
+        raise CheckpointError(f'{path} has no "model" section (a dict of the model\'s sizes)')
+    fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    unknown = sorted(set(m) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{path}: model config has fields this lmlab does not know: {unknown}")
+    bounds = {"vocab_size": MAX_VOCAB, "block_size": MAX_BLOCK, "n_layer": MAX_LAYERS,
+              "n_head": MAX_EMBD, "n_embd": MAX_EMBD}
+    for name in fields:
+        if name not in m:
+            if name == "vocab_size":
+                raise CheckpointError(f"{path}: model config lacks vocab_size")
+            continue
+        v, top = m[name], bounds.get(name)
+        if not _is_int(v) or v < 1 or (top is not None and v > top):
+            raise CheckpointError(f"{path}: model.{name} must be an integer in [1, {top}], got {v!r}")
+    n = sum(math.prod(shape) for _, shape in parameter_layout(GPTConfig(**m)))
+    if n > MAX_PARAMS:
+        raise CheckpointError(f"{path}: the model config describes {n:,} parameters, more than the "
+                              f"{MAX_PARAMS:,} lmlab loads")
+    return m
+
+
+def _check_config(config, path: Path) -> dict:
+    """config.json's sections and their types (a file edited by hand or damaged says which)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    _check_model_config(config.get("model"), path)
+    tok = config.get("tokenizer")
+    if not (isinstance(tok, dict) and tok.get("kind") in ("char", "bpe") and _is_int(tok.get("vocab_size"))):
+        raise CheckpointError(f'{path}: "tokenizer" must be {{"kind": "char" or "bpe", "vocab_size": '
+                              f"an integer}}, got {tok!r}"[:300])
+    kinds = {"train": (dict, type(None)), "extra": (dict, type(None)), "parent": (str, type(None)),
+             "lmlab_version": (str,), "save_id": (str,), "checkpoint": (dict,)}
+    for key, types in kinds.items():
+        if key in config and not isinstance(config[key], types):
+            want = " or ".join("null" if t is type(None) else {dict: "an object", str: "a string"}[t]
+                               for t in types)
+            raise CheckpointError(f'{path}: "{key}" must be {want}, got {type(config[key]).__name__}')
+    files = (config.get("checkpoint") or {}).get("files", {})
+    ok = isinstance(files, dict) and all(
+        isinstance(v, dict) and _is_int(v.get("bytes")) and isinstance(v.get("sha256"), str)
+        for v in files.values())
+    if not ok:
+        raise CheckpointError(f'{path}: "checkpoint.files" must map file names to '
+                              '{"bytes": ..., "sha256": ...}')
+    return config
+
+
+def _config_path(run_dir) -> Path:
+    d = current_checkpoint(run_dir)
+    _required(d, [CONFIG_FILE])
+    return d / CONFIG_FILE
 
 
 def read_config(run_dir) -> dict:
-    """config.json of a run directory."""
-    run_dir = os.fspath(run_dir)
-    _check_run_dir(run_dir, [CONFIG_FILE])
-    return _read_json(os.path.join(run_dir, CONFIG_FILE))
+    """config.json of a run's current checkpoint, checked."""
+    path = _config_path(run_dir)
+    return _check_config(_read_json(path), path)
 
 
 def saved_precision(config: dict) -> str:
@@ -142,88 +219,348 @@ def saved_precision(config: dict) -> str:
     return check_precision(precision, "config.json's train.precision")
 
 
+# -- safetensors, read with checks ----------------------------------------------------------------
+
+
+def _read_header(f, path: Path, size: int, hasher) -> tuple:
+    """(tensors {name: (shape, start, end)} in file order, metadata, data start), all checked."""
+    if size < 8:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, not even a safetensors header")
+    raw = f.read(8)
+    hasher.update(raw)
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, MAX_HEADER):
+        raise CheckpointError(f"{path} is truncated or not a safetensors file: its header claims "
+                              f"{n} bytes, the file holds {size}")
+    raw = f.read(n)
+    hasher.update(raw)
+    header = _parse_json(path, raw)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    tensors, spans = {}, []
+    for name, t in header.items():
+        ok = (isinstance(t, dict) and isinstance(t.get("shape"), list)
+              and all(_is_int(d) and d >= 0 for d in t["shape"])
+              and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
+              and all(_is_int(o) for o in t["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+        if t.get("dtype") != "F32":
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.get('dtype')}, expected F32 "
+                                  "(float32)")
+        shape, (start, end) = tuple(t["shape"]), t["data_offsets"]
+        if not 0 <= start <= end or end - start != 4 * math.prod(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} has data offsets "
+                                  f"[{start}, {end}], which do not hold it")
+        tensors[name] = (shape, start, end)
+        spans.append((start, end))
+    spans.sort()
+    pos = 0
+    for start, end in spans:
+        if start != pos:
+            raise CheckpointError(f"{path}: tensor data overlaps or leaves a gap at byte {pos}")
+        pos = end
+    if pos != data_len:
+        what = "truncated" if pos > data_len else "longer than its header says"
+        raise CheckpointError(f"{path} is {what}: the header describes {pos} bytes of tensor data, "
+                              f"the file holds {data_len}")
+    return tensors, meta, 8 + n
+
+
+def _read_safetensors(path: Path, expected: dict | None = None, digest: dict | None = None,
+                      targets=None) -> tuple:
+    """({name: float32 array}, metadata) of a safetensors file. With `expected` ({name: shape})
+    the header's names and shapes must match it, and then `targets()` gives the arrays the data
+    is read straight into (so nothing is allocated before the header has been checked)."""
+    hasher = hashlib.sha256()
+    try:
+        size = path.stat().st_size
+        if digest is not None and size != digest["bytes"]:
+            raise CheckpointError(f"{path} is {size} bytes, but {CONFIG_FILE} recorded "
+                                  f"{digest['bytes']}: the file is truncated or was replaced")
+        with open(path, "rb") as f:
+            tensors, meta, data_start = _read_header(f, path, size, hasher)
+            if expected is not None:
+                missing = sorted(set(expected) - set(tensors))
+                unexpected = sorted(set(tensors) - set(expected))
+                if missing or unexpected:
+                    raise CheckpointError(f"{path} does not match {CONFIG_FILE}'s model: missing tensors "
+                                          f"{missing[:8]}, unexpected tensors {unexpected[:8]}")
+                for name, shape in expected.items():
+                    if tensors[name][0] != shape:
+                        raise CheckpointError(f"{path}: tensor {name!r} has shape {tensors[name][0]}, "
+                                              f"but {CONFIG_FILE}'s model needs {shape}")
+            into = targets() if targets is not None else {}
+            out = {}
+            for name, (shape, start, end) in sorted(tensors.items(), key=lambda kv: kv[1][1]):
+                a = into[name] if name in into else np.empty(shape, np.float32)
+                buf = memoryview(a.reshape(-1)).cast("B")
+                if f.readinto(buf) != end - start:
+                    raise CheckpointError(f"{path} is truncated in tensor {name!r}")
+                hasher.update(buf)
+                if not np.all(np.isfinite(a)):
+                    raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
+                out[name] = a
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if digest is not None and hasher.hexdigest() != digest["sha256"]:
+        raise CheckpointError(f"{path} is corrupted: its SHA-256 differs from the one {CONFIG_FILE} "
+                              "recorded when it was saved")
+    return out, meta
+
+
+def _digest_of(config: dict, name: str):
+    return ((config.get("checkpoint") or {}).get("files") or {}).get(name)
+
+
+def read_checkpoint_file(run_dir, name: str) -> bytes:
+    """The bytes of one file of the current checkpoint, checked against the recorded size and
+    SHA-256 (e.g. a stage's extra file such as reward_head.safetensors)."""
+    d = current_checkpoint(run_dir)
+    config = read_config(run_dir)
+    data = _read_bytes(d / name, limit=MAX_PARAMS * 4)
+    digest = _digest_of(config, name)
+    if digest is not None and (len(data) != digest["bytes"]
+                               or hashlib.sha256(data).hexdigest() != digest["sha256"]):
+        raise CheckpointError(f"{d / name} is corrupted or truncated: its size or SHA-256 differs "
+                              f"from what {CONFIG_FILE} recorded when it was saved")
+    return data
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
 def load_model(run_dir):
-    """(GPT, Tokenizer, config dict) from a run directory written by save_run.
+    """(GPT, Tokenizer, config dict) of a run's current checkpoint, every file checked.
 
     The model computes in the matmul precision the run was trained in (saved_precision)."""
-    from safetensors.numpy import load_file
-
-    from .model import GPT, GPTConfig
-    from .tokenizer import Tokenizer
-
-    run_dir = os.fspath(run_dir)
-    _check_run_dir(run_dir, [MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE])
+    d = current_checkpoint(run_dir)
+    _required(d, [MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE])
     config = read_config(run_dir)
-    mcfg = config.get("model")
-    if not isinstance(mcfg, dict):
-        raise ValueError(f"{run_dir}/{CONFIG_FILE} has no \"model\" section")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(mcfg) - fields)
-    if unknown:
-        raise ValueError(f"{run_dir}/{CONFIG_FILE}: model config has fields this lmlab does not know: {unknown}")
-    model = GPT(GPTConfig(**mcfg), matmul_precision=saved_precision(config))
-    tokenizer = Tokenizer.load(os.path.join(run_dir, TOKENIZER_FILE))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
-    weights = load_file(os.path.join(run_dir, MODEL_FILE))
-    params = model.named_parameters()
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(set(weights) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{run_dir}/{MODEL_FILE} does not match config.json's model: missing tensors "
-                         f"{missing[:8]}, unexpected tensors {unexpected[:8]}")
-    for name, view in params.items():
-        w = weights[name]
-        if w.shape != view.shape:
-            raise ValueError(f"{run_dir}/{MODEL_FILE}: tensor {name!r} has shape {w.shape}, but config.json's "
-                             f"model needs {view.shape}")
-        if w.dtype != np.float32:
-            raise ValueError(f"{run_dir}/{MODEL_FILE}: tensor {name!r} has dtype {w.dtype}, expected float32")
-        view[...] = w
-    return model, tokenizer, config
+    mcfg = GPTConfig(**config["model"])
+    tok_path = d / TOKENIZER_FILE
+    try:
+        text = read_checkpoint_file(run_dir, TOKENIZER_FILE).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{tok_path}: not UTF-8 text (byte offset {e.start})") from None
+    tokenizer = Tokenizer.from_str(text, source=tok_path)
+    if tokenizer.vocab_size != mcfg.vocab_size or tokenizer.kind != config["tokenizer"]["kind"]:
+        raise CheckpointError(f"{tok_path} is a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, "
+                              f"but the model in {d / CONFIG_FILE} has vocab_size {mcfg.vocab_size} "
+                              f"({config['tokenizer']['kind']}): the files come from different runs")
+    precision = saved_precision(config)
+    made = []
+
+    def allocate():
+        made.append(GPT(mcfg, matmul_precision=precision))
+        return made[0].named_parameters()
+
+    _read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+                      allocate)
+    return made[0], tokenizer, config
 
 
 def load_training_state(run_dir):
-    """(optimizer dict of arrays, state dict) saved by save_run, for resuming a run exactly."""
-    from safetensors.numpy import load_file
-
-    run_dir = os.fspath(run_dir)
-    _check_run_dir(run_dir, [STATE_FILE, MODEL_FILE])
-    saved = _read_json(os.path.join(run_dir, STATE_FILE))
-    if not isinstance(saved, dict) or "state" not in saved:
-        raise ValueError(f"{run_dir}/{STATE_FILE} is not an lmlab state file")
-    save_id = saved.get("save_id")
-    ids = {MODEL_FILE: _safetensors_save_id(os.path.join(run_dir, MODEL_FILE))}
-    optimizer = {}
+    """(optimizer dict of arrays, state dict) of a run's current checkpoint, for resuming exactly."""
+    d = current_checkpoint(run_dir)
+    _required(d, [STATE_FILE, MODEL_FILE])
+    config = read_config(run_dir)
+    data = read_checkpoint_file(run_dir, STATE_FILE)
+    saved = _parse_json(d / STATE_FILE, data)
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise CheckpointError(f"{d / STATE_FILE} is not an lmlab state file")
+    optimizer, ids = {}, {}
     if saved.get("has_optimizer"):
-        _check_run_dir(run_dir, [OPTIMIZER_FILE])
-        ids[OPTIMIZER_FILE] = _safetensors_save_id(os.path.join(run_dir, OPTIMIZER_FILE))
-        optimizer = load_file(os.path.join(run_dir, OPTIMIZER_FILE))
-    stale = [n for n, i in ids.items() if i != save_id]
-    if stale:
-        raise ValueError(f"{run_dir}: {', '.join(stale)} and {STATE_FILE} come from different saves "
-                         f"(a checkpoint write was interrupted); cannot resume exactly")
+        _required(d, [OPTIMIZER_FILE])
+        optimizer, meta = _read_safetensors(d / OPTIMIZER_FILE, None, _digest_of(config, OPTIMIZER_FILE))
+        ids[OPTIMIZER_FILE] = meta.get("save_id")
+    if "save_id" in saved:  # a flat-layout run: its files were written one by one
+        try:
+            with open(d / MODEL_FILE, "rb") as f:
+                _, meta, _ = _read_header(f, d / MODEL_FILE, os.fstat(f.fileno()).st_size, hashlib.sha256())
+        except OSError as e:
+            raise CheckpointError(f"cannot read {d / MODEL_FILE}: {e.strerror}") from None
+        ids[MODEL_FILE] = meta.get("save_id")
+        stale = [n for n, i in ids.items() if i != saved["save_id"]]
+        if stale:
+            raise CheckpointError(f"{d}: {', '.join(stale)} and {STATE_FILE} come from different saves "
+                                  "(a checkpoint write was interrupted); cannot resume exactly")
     return optimizer, saved["state"]
+
+
+# -- saving -----------------------------------------------------------------------------------------
+
+
+def _tensor_dict(arrays, what: str) -> dict:
+    if not isinstance(arrays, dict):
+        raise TypeError(f"{what} must be a dict of name -> numpy array, got {type(arrays).__name__}")
+    out = {}
+    for name, a in arrays.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what} keys must be str, got {name!r}")
+        a = np.asarray(a)
+        if a.dtype != np.float32:
+            raise TypeError(f"{what}[{name!r}] must be a float32 array, got dtype {a.dtype}")
+        out[name] = np.ascontiguousarray(a)
+    return out
+
+
+def _safetensors_bytes(arrays: dict) -> bytes:
+    from safetensors.numpy import save
+
+    return save(arrays, metadata={"format": "lmlab"})
+
+
+def _current_name(run: Path):
+    try:
+        return current_checkpoint(run).name if (run / CURRENT_FILE).is_file() else None
+    except (OSError, ValueError):
+        return None  # an unreadable pointer is replaced by the one this save writes
+
+
+def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None = None,
+             state: dict | None = None, parent: str | None = None, extra: dict | None = None,
+             files: dict | None = None, keep: int | None = None) -> Path:
+    """Save a checkpoint of `model` (+ tokenizer, configs, optimiser and trainer state) as one unit
+    in run_dir/checkpoints/step_N/ (N = state["step"], else 0) and make it the run's current one.
+
+    `train_config` is a dict or dataclass saved under config.json's "train"; `extra` (a dict, e.g. a
+    chat template) under "extra"; `files` ({name: bytes}) are extra files of the checkpoint (read
+    back with read_checkpoint_file). keep: how many checkpoints to keep, newest first and the
+    current one always (None or 0: all). Returns the checkpoint's directory.
+    """
+    from . import __version__
+
+    run = Path(os.fspath(run_dir))
+    weights = _tensor_dict(model.named_parameters(), "model.named_parameters()")
+    if state is not None and not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    step = int(state.get("step", 0)) if state else 0
+    if step < 0:
+        raise ValueError(f"state['step'] must be >= 0, got {step}")
+    if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
+        train_config = dataclasses.asdict(train_config)
+    contents = {MODEL_FILE: _safetensors_bytes(weights)}
+    if optimizer is not None:
+        contents[OPTIMIZER_FILE] = _safetensors_bytes(_tensor_dict(optimizer, "optimizer"))
+    contents[TOKENIZER_FILE] = tokenizer.to_str().encode("utf-8")
+    if state is not None:
+        contents[STATE_FILE] = json_text({"has_optimizer": optimizer is not None,
+                                          "state": state}).encode("utf-8")
+    for name, data in (files or {}).items():
+        if name in contents or name == CONFIG_FILE or os.path.basename(name) != name or name.startswith("."):
+            raise ValueError(f"files: {name!r} is not a name an extra checkpoint file can have")
+        contents[name] = bytes(data)
+    config = {
+        "lmlab_version": __version__,
+        "model": dataclasses.asdict(model.config),
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+        "train": train_config,
+        "parent": None if parent is None else os.fspath(parent),
+        "extra": extra or {},
+        "checkpoint": {"step": step, "files": {
+            n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in contents.items()}},
+    }
+    contents[CONFIG_FILE] = json_text(config).encode("utf-8")  # last: the manifest of the others
+
+    ckpts = run / CHECKPOINTS_DIR
+    tmp = ckpts / f"{SAVE_TEMP_PREFIX}step_{step:06d}-{uuid.uuid4().hex[:8]}"
+    previous = _current_name(run)
+    name = f"step_{step:06d}"
+    k = 0
+    while name == previous:  # a second save of the current step goes beside it, never over it
+        k += 1
+        name = f"step_{step:06d}.{k}"
+    target, displaced = ckpts / name, None
+    try:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
+        for fname, data in contents.items():
+            write_new_file(tmp / fname, data)
+        fsync_dir(tmp)
+        if os.path.lexists(target):  # a checkpoint of this step that never became current
+            displaced = ckpts / f"{SAVE_OLD_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(target, displaced)
+        os.rename(tmp, target)
+        fsync_dir(ckpts)
+        atomic_write_json(run / CURRENT_FILE, {"checkpoint": name, "step": step})
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _current_name(run) == name:
+            raise  # interrupted after current.json named the new checkpoint: the save is complete
+        if os.path.isdir(target) and (displaced is not None or not os.path.lexists(tmp)):
+            shutil.rmtree(target, ignore_errors=True)  # renamed into place, never made current
+        if displaced is not None:
+            try:
+                os.rename(displaced, target)
+            except OSError:
+                pass
+        if not isinstance(e, (OSError, CheckpointError)):
+            raise
+        err = write_error(getattr(e, "filename", None) or tmp, e) if isinstance(e, OSError) else e
+        where = f"the checkpoint {previous} stays current" if previous else "nothing was saved"
+        raise CheckpointError(f"{err}; {where}") from None
+    # The new checkpoint is current: what it supersedes can go (a failure here loses nothing).
+    try:
+        if displaced is not None:
+            shutil.rmtree(displaced)
+        for fname in rundir.CHECKPOINT_FILES:  # a flat-layout run's files, now moved into step_N
+            if (run / fname).is_file():
+                os.unlink(run / fname)
+        prune_checkpoints(run, keep)
+    except OSError:
+        pass  # leftovers are removed when the run is next opened
+    return target
+
+
+def prune_checkpoints(run_dir, keep: int | None) -> list:
+    """Remove checkpoints beyond the `keep` newest (the current one is always kept; None or 0
+    keeps all), checkpoints of steps after the current one (left by a save a kill interrupted
+    before it became current) and earlier saves of the current step. Returns the removed names."""
+    run = Path(os.fspath(run_dir))
+    current = current_checkpoint(run)
+    cur_step = int(CHECKPOINT_NAME.fullmatch(current.name).group(1)) if current.parent.name == CHECKPOINTS_DIR else None
+    kept, removed = [], []
+    for step, d in reversed(list_checkpoints(run)):
+        stale = d != current and cur_step is not None and step >= cur_step
+        if d == current or (not stale and (not keep or len(kept) < keep)):
+            kept.append(d)
+        else:
+            removed.append(d)
+    for d in removed:
+        # Renamed away first, so a kill mid-removal leaves a leftover, never half a checkpoint.
+        trash = d.parent / f"{SAVE_OLD_PREFIX}{d.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(d, trash)
+        shutil.rmtree(trash)
+    return [d.name for d in removed]
 
 
 # -- metrics and the loss plot --------------------------------------------------------------------
 
 
 def append_metrics(run_dir, row: dict) -> None:
-    """Append one JSON object as a line of metrics.jsonl (created on first use)."""
+    """Append one JSON object as a line of metrics.jsonl (created on first use; never through a
+    symbolic link)."""
     if not isinstance(row, dict):
         raise TypeError(f"row must be a dict, got {type(row).__name__}")
     run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, METRICS_FILE)
     line = (json.dumps(row, default=json_default) + "\n").encode("utf-8")
-    with open(os.path.join(run_dir, METRICS_FILE), "a+b") as f:
-        _drop_torn_tail(f)
-        # One write of a whole line: a crash can at worst leave a torn last line, which read_metrics
-        # ignores and the next append removes.
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "r+b") as f:
+            _drop_torn_tail(f)
+            # One write of a whole line at the end: a crash can at worst leave a torn last line,
+            # which read_metrics ignores and the next append removes.
+            f.seek(0, os.SEEK_END)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def _drop_torn_tail(f) -> None:
@@ -238,8 +575,13 @@ def read_metrics(run_dir) -> list:
     path = os.path.join(os.fspath(run_dir), METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        complete = f.read().split("\n")[:-1]  # the last piece is "" or a torn line
+    try:
+        with open(path, encoding="utf-8") as f:
+            complete = f.read().split("\n")[:-1]  # the last piece is "" or a torn line
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     rows = []
     for lineno, line in enumerate(complete, 1):
         if not line.strip():
@@ -247,15 +589,20 @@ def read_metrics(run_dir) -> list:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            raise CheckpointError(f"{path}:{lineno}: not valid JSON ({e})") from None
     return rows
 
 
-def truncate_metrics(run_dir, max_step: int) -> None:
-    """Keep only rows with step <= max_step (a resumed run rewrites what came after its checkpoint)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= max_step]
-    text = "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
+def truncate_metrics(run_dir, max_step: int) -> bool:
+    """Keep only rows with step <= max_step (a resumed run logs what came after its checkpoint
+    again). Rewrites the file only when there is something to drop; returns whether it did."""
+    rows = read_metrics(run_dir)
+    keep = [r for r in rows if not isinstance(r, dict) or r.get("step", 0) <= max_step]
+    if len(keep) == len(rows):
+        return False
+    text = "".join(json.dumps(r, default=json_default) + "\n" for r in keep)
     atomic_write_text(os.path.join(os.fspath(run_dir), METRICS_FILE), text)
+    return True
 
 
 def plot_loss(run_dir, path=None):

@@ -25,10 +25,12 @@ import glob
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
+from .errors import CheckpointError
 from .files import atomic_write_bytes
 
 __all__ = [
@@ -37,7 +39,11 @@ __all__ = [
 ]
 
 CORPUS_SUFFIXES = (".txt", ".md")
-_TOKENS_FORMAT = b"lmlab-tokens-v1"
+_TOKENS_FORMAT = b"lmlab-tokens-v2"
+# A token cache file: magic, the id count (uint64) and the ids' SHA-256, padded to 64 bytes, then
+# the ids as little-endian int32.
+_TOKENS_MAGIC = b"LMLABTOK"
+_TOKENS_HEADER = 64
 _ROLES = ("user", "assistant")
 
 
@@ -110,8 +116,10 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     The ids are cached in `cache_dir` (default $LMLAB_CACHE or ~/.cache/lmlab) under tokens/, in a
     file named by a hash of the corpus text, the tokenizer.json and the unknown-character policy:
     the second call with the same inputs reads the cache, and any change to the text or the
-    tokenizer tokenises afresh. `unknown` ("error", "replace", "skip") overrides the tokenizer's
-    policy for characters it cannot represent.
+    tokenizer tokenises afresh. A cache file that is truncated, damaged or of another format
+    (its header's count and SHA-256 do not match its ids) is rebuilt; a cache that cannot be
+    written (disk full, permission) is skipped with a note. `unknown` ("error", "replace",
+    "skip") overrides the tokenizer's policy for characters it cannot represent.
     """
     text = load_corpus(spec, cache_dir=cache_dir)
     policy = unknown if unknown is not None else tokenizer.unknown
@@ -120,16 +128,42 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     h.update(text.encode("utf-8", "surrogatepass"))
     root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     path = os.path.join(root, "tokens", h.hexdigest()[:40] + ".int32")
-    if not (os.path.isfile(path) and os.path.getsize(path) > 0 and os.path.getsize(path) % 4 == 0):
-        try:
-            ids = tokenizer.encode(text, unknown=policy)
-        except ValueError as e:
-            raise ValueError(f"corpus {os.fspath(spec)!r}: {e}") from None
-        if ids.size == 0:
-            raise ValueError(f"corpus {os.fspath(spec)!r} gives no tokens")
+    cached = _read_token_cache(path)
+    if cached is not None:
+        return cached
+    try:
+        ids = tokenizer.encode(text, unknown=policy)
+    except ValueError as e:
+        raise ValueError(f"corpus {os.fspath(spec)!r}: {e}") from None
+    if ids.size == 0:
+        raise ValueError(f"corpus {os.fspath(spec)!r} gives no tokens")
+    payload = np.ascontiguousarray(ids, dtype="<i4")
+    header = (_TOKENS_MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest())
+    try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_bytes(path, np.ascontiguousarray(ids, dtype="<i4").tobytes())
-    return np.memmap(path, dtype="<i4", mode="r")
+        atomic_write_bytes(path, header.ljust(_TOKENS_HEADER, b"\0") + payload.tobytes())
+    except (OSError, CheckpointError) as e:
+        print(f"lmlab: not caching the tokens of {os.fspath(spec)!r} ({e})", file=sys.stderr)
+        payload.flags.writeable = False
+        return payload
+    return _read_token_cache(path)
+
+
+def _read_token_cache(path: str):
+    """The ids of a token cache file, or None when it is missing, stale or damaged."""
+    try:
+        size = os.path.getsize(path)
+        if size <= _TOKENS_HEADER:
+            return None
+        with open(path, "rb") as f:
+            head = f.read(_TOKENS_HEADER)
+        count = int.from_bytes(head[8:16], "little")
+        if head[:8] != _TOKENS_MAGIC or size != _TOKENS_HEADER + 4 * count:
+            return None
+        ids = np.memmap(path, dtype="<i4", mode="r", offset=_TOKENS_HEADER, shape=(count,))
+    except (OSError, ValueError):
+        return None
+    return ids if hashlib.sha256(ids).digest() == head[16:48] else None
 
 
 def split_tokens(tokens, val_fraction: float = 0.1):

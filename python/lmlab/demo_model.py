@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -353,15 +352,15 @@ def read_metrics_rows(path) -> list[dict]:
 
 
 def find_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """(step, directory) of each checkpoints/step_NNNNN/ under a run directory, in step order."""
-    base = Path(run_dir) / "checkpoints"
-    found = []
-    if base.is_dir():
-        for d in base.iterdir():
-            m = re.fullmatch(r"step_(\d+)", d.name)
-            if m and d.is_dir() and (d / "config.json").is_file():
-                found.append((int(m.group(1)), d))
-    return sorted(found)
+    """(step, directory) of each checkpoints/step_N/ of a run but the current one (the final
+    model), in step order."""
+    from .checkpoint import current_checkpoint, list_checkpoints
+
+    try:
+        current = current_checkpoint(run_dir)
+    except (OSError, ValueError):
+        current = None
+    return [(step, d) for step, d in list_checkpoints(run_dir) if d != current]
 
 
 def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int = 60, seed: int = 0) -> DemoResult:

@@ -28,8 +28,8 @@ on purpose, into buffers cleared once per backward: LayerNorm's, into the residu
 gradient (that add is the residual connection's backward: d(res) = d(res after the block) +
 d(block input)), and cross-entropy's, into dlogits.
 
-Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16") is handed to every matmul and
-attention kernel call; with "bf16" the operands of their products are rounded to bfloat16 and
+Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16"), kept as the ops.Precision the kernels
+take, is handed to every matmul and attention kernel call; with "bf16" the operands of their products are rounded to bfloat16 and
 accumulated in fp32, while parameters, gradients and every other op stay fp32.
 
 Frozen parameters: `freeze(prefixes)` names parameters the optimiser leaves alone; backward skips
@@ -192,7 +192,7 @@ class KVCache:
 class GPT:
     """A GPT-2 language model whose parameters and gradients each live in one flat buffer."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision: str = "fp32") -> None:
+    def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision="fp32") -> None:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
@@ -230,17 +230,21 @@ class GPT:
 
     @property
     def matmul_precision(self) -> str:
-        """What every matmul of forward and backward computes in.
+        """What every matmul of forward and backward computes in, by name.
 
         "fp32" (the default), or "bf16": both operands of each matmul rounded to bfloat16, products
         accumulated in fp32. Parameters, gradients and every other op stay fp32 either way (mixed
-        precision).
+        precision). Set it by name or as an ops.Precision; the kernels get the enum, parsed once.
         """
-        return self._precision
+        return ops.precision_name(self._precision)
 
     @matmul_precision.setter
-    def matmul_precision(self, value: str) -> None:
-        self._precision = check_precision(value, "matmul_precision")
+    def matmul_precision(self, value) -> None:
+        try:
+            self._precision = ops.parse_precision(value)
+        except ValueError:
+            raise ValueError(f"matmul_precision must be one of {', '.join(ops.MATMUL_PRECISIONS)} "
+                             f"(or an lmlab.ops.Precision), got {value!r}") from None
 
     # --- parameters ------------------------------------------------------------------------------
 
@@ -412,7 +416,7 @@ class GPT:
         acts = self._buffers("_acts", _activation_layout, B, T)
         params, prec, NH = self._named, self._precision, cfg.n_head
         # One token's kernels are single rows, too little work to pay for waking the thread team
-        # (docs/DESIGN.md, "Sampling").
+        # (docs/DESIGN.md, "The model", KV cache).
         threads = ops.num_threads(1) if cache is not None and T == 1 else contextlib.nullcontext()
         with threads:
             ops.embedding_forward(acts.res[0], tokens, params["wte"], params["wpe"][start:])

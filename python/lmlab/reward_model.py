@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
-from .checkpoint import append_metrics, load_model, save_run
+from .checkpoint import (append_metrics, current_checkpoint, load_model, read_checkpoint_file,
+                         save_run)
 from .rankings import load_rankings, pairs_from_ranking, ranking_paths, split_records
 from .sequences import encode_pair, log_sigmoid, sigmoid
 from .stage import StageResult, open_stage
@@ -89,25 +90,18 @@ class RewardModel:
         return self.score_features(phi)
 
     def save(self, run_dir, *, parent: Optional[str] = None, train_config: Optional[dict] = None):
-
-        run_dir = Path(run_dir)
+        """One checkpoint holding the transformer and the head (checkpoint.save_run's extra files)."""
+        head = save({"w": self.w, "mu": self.mu, "sigma": self.sigma, "b": np.array([self.b])})
         save_run(run_dir, self.model, self.tok, train_config=train_config or {"stage": "reward"},
-                 optimizer=None, state=None, parent=parent)
-        tmp = run_dir / (self.HEAD_FILE + ".tmp")
-        save_file({"w": self.w, "mu": self.mu, "sigma": self.sigma, "b": np.array([self.b])},
-                  str(tmp))
-        os.replace(tmp, run_dir / self.HEAD_FILE)
+                 optimizer=None, state=None, parent=parent, files={self.HEAD_FILE: head})
 
     @classmethod
     def load(cls, run_dir) -> "RewardModel":
-
-        run_dir = Path(run_dir)
-        head = run_dir / cls.HEAD_FILE
-        if not head.exists():
+        if not (current_checkpoint(run_dir) / cls.HEAD_FILE).exists():
             raise FileNotFoundError(f"{run_dir} is not a reward model run (no {cls.HEAD_FILE}); "
                                     "train one with `lmlab reward`")
         model, tok, _ = load_model(run_dir)
-        t = load_file(str(head))
+        t = load(read_checkpoint_file(run_dir, cls.HEAD_FILE))
         return cls(model, tok, t["w"], float(t["b"][0]), t["mu"], t["sigma"])
 
 

@@ -186,6 +186,9 @@ def _lock(path: Path) -> int:
         pid = _holder_pid(fd)
         os.close(fd)
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            if pid == str(os.getpid()):
+                raise RunDirError(f"{path} is already open in this process; pass its RunDir "
+                                  "instead of opening it again") from None
             raise RunDirError(f"{path} is in use by another lmlab process (pid {pid}); wait for it "
                               "to finish or stop it first") from None
         raise RunDirError(f"cannot lock {lock}: {e.strerror}") from None

@@ -29,10 +29,14 @@ import re
 
 import numpy as np
 
+from .errors import CheckpointError
+from .files import atomic_write_text
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 REPLACEMENT_CHAR = "\ufffd"
 UNKNOWN_POLICIES = ("error", "replace", "skip")
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
+MAX_TOKENIZER_BYTES = 1 << 28
 
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -183,22 +187,28 @@ class Tokenizer:
 
     def save(self, path) -> None:
         """Write tokenizer.json atomically; `path` is the file, or a directory to write it into."""
-        from .files import atomic_write_text
-
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         atomic_write_text(path, self.to_str())
 
     @classmethod
-    def from_str(cls, s: str, *, unknown: str = "error") -> "Tokenizer":
+    def from_str(cls, s: str, *, unknown: str = "error", source=None) -> "Tokenizer":
+        """A tokenizer from tokenizer.json text; `source` (the file it came from) prefixes errors."""
         from tokenizers import Tokenizer as HFTokenizer
 
+        where = f"{os.fspath(source)}: " if source is not None else ""
         try:
             tk = HFTokenizer.from_str(s)
         except Exception as e:  # the library raises its own Exception type for malformed JSON
-            raise ValueError(f"not a valid tokenizer.json: {e}") from None
-        return cls(tk, unknown=unknown)
+            raise CheckpointError(f"{where}not a valid tokenizer.json: {str(e)[:200]}") from None
+        ids = sorted(tk.get_vocab(with_added_tokens=True).values())
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"{where}token ids must be 0..{len(ids) - 1} without gaps or repeats")
+        try:
+            return cls(tk, unknown=unknown)
+        except ValueError as e:
+            raise CheckpointError(f"{where}{e}") from None
 
     @classmethod
     def load(cls, path, *, unknown: str = "error") -> "Tokenizer":
@@ -208,12 +218,17 @@ class Tokenizer:
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            s = f.read()
         try:
-            return cls.from_str(s, unknown=unknown)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+                raise CheckpointError(f"{path} is larger than the {MAX_TOKENIZER_BYTES} bytes a "
+                                      "tokenizer.json can be")
+            with open(path, encoding="utf-8") as f:
+                s = f.read()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+        return cls.from_str(s, unknown=unknown, source=path)
 
 
 def _char_tokenizer(text: str):

@@ -19,6 +19,7 @@ The stage contract (duck-typed, see `Stage`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -31,6 +32,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from . import checks, ops
+from .rundir import RunDir, open_run_dir
 
 
 @dataclass
@@ -48,7 +50,7 @@ class TrainConfig:
     eval_every: int = 250  # validation every N steps (and at the end); 0 disables
     save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     log_every: int = 10  # metrics.jsonl row every N steps
-    keep_snapshots: bool = True  # each periodic save also keeps the weights in checkpoints/step_N/
+    keep_checkpoints: int = 5  # checkpoints/step_N/ kept, newest first (the current always); 0 = all
     seed: int = 1337
     progress: bool = True  # the progress bar
     frozen: list = field(default_factory=list)  # parameter-name prefixes left untouched
@@ -143,11 +145,16 @@ class AdamW:
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C into a request to stop after the current step (with a checkpoint);
-    a second Ctrl-C interrupts at once (the last checkpoint on disk stays intact)."""
+    """Ctrl-C during training: the first asks to stop after the current step, with a checkpoint;
+    a second interrupts at once (KeyboardInterrupt; the last checkpoint on disk stays current).
+    During a save (`with stop.saving():`) the first Ctrl-C waits for the save to finish, and says
+    so; another during the same save forces the exit, which still leaves the previous checkpoint
+    current (a checkpoint becomes current in one atomic step, see checkpoint.py)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._saving = False
+        self._presses_while_saving = 0
         self._previous = None
 
     def __enter__(self) -> "_StopRequest":
@@ -158,11 +165,29 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self._saving:
+            self.requested = True
+            self._presses_while_saving += 1
+            if self._presses_while_saving >= 2:
+                print("\nlmlab: forcing an exit; the save in progress is abandoned and the previous "
+                      "checkpoint stays current", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
+            print("\nlmlab: saving a checkpoint; the run stops when it is written (Ctrl-C again "
+                  "abandons this save, keeping the previous checkpoint)", file=sys.stderr, flush=True)
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print("\nlmlab: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def saving(self):
+        self._saving, self._presses_while_saving = True, 0
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -187,15 +212,27 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
           resume: bool = False, parent: Optional[str] = None) -> TrainResult:
     """Run the optimisation loop, writing checkpoints and metrics into run_dir.
 
+    run_dir: an open rundir.RunDir, or a path, which is opened here with rundir.open_run_dir (so an
+    existing run needs resume=True, and the run is locked while training).
     run_config is stored in config.json beside the model config (what data, which stage, ...).
     With resume=True the model, optimiser, step, RNG and data position are restored from run_dir,
     so the run continues exactly as if it had never stopped, in the matmul precision the run was
-    started in (which wins over cfg.precision, with a note, if they differ).
+    started in (which wins over cfg.precision, with a note, if they differ). A resume that runs no
+    step writes nothing.
     """
+    if isinstance(run_dir, RunDir):
+        return _train(model, stage, cfg, run_dir, tokenizer=tokenizer, run_config=run_config,
+                      resume=resume, parent=parent)
+    with open_run_dir(run_dir, resume=resume, parent=parent) as run:
+        return _train(model, stage, cfg, run, tokenizer=tokenizer, run_config=run_config,
+                      resume=resume, parent=parent)
+
+
+def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
+           parent) -> TrainResult:
     from . import checkpoint
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
     model.freeze(cfg.frozen)
@@ -221,10 +258,18 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
     full_config = {"optim": _jsonable(asdict(cfg)), "precision": cfg.precision,
                    **(run_config or {})}
 
+    last_saved = start_step if resume else None
+
     def save(step: int) -> None:
+        nonlocal last_saved
+        if step == last_saved:
+            return  # nothing changed since that checkpoint
         state = {"step": step, "adam_t": optimizer.t, "stage": stage.state_dict()}
-        checkpoint.save_run(run_dir, model, tokenizer, train_config=full_config,
-                            optimizer=optimizer.state(), state=state, parent=parent)
+        with stop.saving():
+            checkpoint.save_run(run_dir, model, tokenizer, train_config=full_config,
+                                optimizer=optimizer.state(), state=state, parent=parent,
+                                keep=cfg.keep_checkpoints)
+        last_saved = step
 
     bar = None
     if cfg.progress:
@@ -288,11 +333,6 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
                     bar.update(1)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
-                    if cfg.keep_snapshots:
-                        # Weights only (no optimiser state): for sampling how the model was doing
-                        # at this point of training (`lmlab demo training`).
-                        checkpoint.save_run(run_dir / "checkpoints" / f"step_{step:06d}", model,
-                                            tokenizer, train_config=full_config, parent=parent)
                 if stop.requested:
                     stopped = True
                     break
@@ -300,7 +340,8 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
             if bar is not None:
                 bar.close()
         save(step)
-    _plot(run_dir)
+    if step > start_step:
+        _plot(run_dir)
     seconds = time.perf_counter() - t_start
     return TrainResult(steps_done=step, final_loss=loss, val_loss=val_loss, stopped_early=stopped,
                        seconds=seconds, tokens_per_s=tokens_total / max(seconds, 1e-9))
