@@ -93,6 +93,9 @@ OTHER_BAD = [
     (["dpo", "R", "--rankings", "X", "--out", "O", "--eval-samples", "0"], "--eval-samples 0 is not allowed"),
     (["rlhf", "R", "--prompts", "P", "--judge", "shorter", "--out", "O", "-k", "1"], "-k 1 is not allowed"),
     (["rlhf", "R", "--prompts", "P", "--judge", "shorter", "--out", "O", "--kl-coef", "-1"], "--kl-coef -1.0 is not allowed"),
+    (["bench", "kernels", "--repeat", "0"], "--repeat 0 is not allowed: expected an integer >= 1"),
+    (["bench", "train", "--threads", "100000"], "--threads 100000 is not allowed"),
+    (["bench", "generate", "--new-tokens", "0"], "--new-tokens 0 is not allowed"),
 ]
 
 
