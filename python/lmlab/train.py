@@ -31,7 +31,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from . import checks, ops
+from . import checkpoint, checks, ops
 from .rundir import RunDir, open_run_dir
 
 
@@ -79,7 +79,6 @@ def run_precision(cfg: TrainConfig, run_dir, resume: bool) -> str:
     """
     if not resume:
         return cfg.precision
-    from . import checkpoint
     saved = checkpoint.saved_precision(checkpoint.read_config(run_dir))
     if saved != cfg.precision:
         print(f"lmlab: {run_dir} was trained with {saved} matmuls; resuming in {saved} (not "
@@ -230,8 +229,6 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
 
 def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
            parent) -> TrainResult:
-    from . import checkpoint
-
     run_dir = Path(run_dir)
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
@@ -348,7 +345,6 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
 
 def _plot(run_dir: Path) -> None:
-    from . import checkpoint
     try:
         checkpoint.plot_loss(run_dir)
     except Exception as exc:  # a plot is a convenience; never lose a finished run over it
