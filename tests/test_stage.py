@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from flat_run import flatten
@@ -246,3 +247,22 @@ def test_dpo_defaults_are_one_table(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "DPO temperature (default 0.5)" in help_text
     assert "--resume" in help_text and "changed from X to Y" in help_text
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "finetune", "instruct", "reward", "dpo", "rlhf"])
+def test_every_training_verb_refuses_an_existing_run(root, tmp_path, capsys, verb):
+    exists = tmp_path / "exists"
+    shutil.copytree(root / "base", exists)
+    before = sorted(p.relative_to(exists) for p in exists.rglob("*"))
+    argv = {"pretrain": ["pretrain", "--corpus", "C", "--run", str(exists)],
+            "finetune": ["finetune", str(root / "base"), "--corpus", "C", "--out", str(exists)],
+            "instruct": ["instruct", str(root / "base"), "--out", str(exists)],
+            "reward": ["reward", str(root / "base"), "--rankings", "X", "--out", str(exists)],
+            "dpo": ["dpo", str(root / "base"), "--rankings", "X", "--out", str(exists)],
+            "rlhf": ["rlhf", str(root / "base"), "--prompts", "P", "--judge", "shorter", "--out",
+                     str(exists)]}[verb]
+    assert main(argv + ["--no-progress"] * (verb != "reward")) == 2
+    err = capsys.readouterr().err
+    assert f"{exists} already holds a run; pass " in err and "--overwrite to replace it" in err
+    assert ("--resume" in err) == (verb != "reward")  # a reward model is fitted in one go
+    assert sorted(p.relative_to(exists) for p in exists.rglob("*")) == before
