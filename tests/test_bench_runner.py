@@ -3,13 +3,13 @@ the JSON-lines mode, and the OpenBLAS environment warning. No timing is asserted
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 
 import pytest
 
 from lmlab import bench
+from lmlab.cli import main
 
 KERNELS = {"matmul fwd", "matmul bwd-input", "matmul bwd-weight", "softmax fwd", "softmax bwd",
            "crossentropy fwd", "crossentropy bwd", "layernorm fwd", "layernorm bwd", "gelu fwd", "gelu bwd",
@@ -53,9 +53,8 @@ def test_bench_kernels_json_lines():
 
 
 def test_cli_arguments_round_trip(capsys):
-    parser = bench.add_bench_kernels_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--json", "--threads", "1", "--repeat", "1", "--shapes", "tiny"])
-    assert bench.run_bench_kernels(args) == 0
+    assert main(["bench", "kernels", "--json", "--threads", "1", "--repeat", "1", "--shapes",
+                 "tiny"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert {json.loads(line)["kernel"] for line in lines} == KERNELS
 

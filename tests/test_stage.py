@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
+from flat_run import flatten
 
 from lmlab import checkpoint
 from lmlab.checks import SettingError, check, check_values, max_threads
@@ -92,6 +94,9 @@ OTHER_BAD = [
     (["dpo", "R", "--rankings", "X", "--out", "O", "--eval-samples", "0"], "--eval-samples 0 is not allowed"),
     (["rlhf", "R", "--prompts", "P", "--judge", "shorter", "--out", "O", "-k", "1"], "-k 1 is not allowed"),
     (["rlhf", "R", "--prompts", "P", "--judge", "shorter", "--out", "O", "--kl-coef", "-1"], "--kl-coef -1.0 is not allowed"),
+    (["bench", "kernels", "--repeat", "0"], "--repeat 0 is not allowed: expected an integer >= 1"),
+    (["bench", "train", "--threads", "100000"], "--threads 100000 is not allowed"),
+    (["bench", "generate", "--new-tokens", "0"], "--new-tokens 0 is not allowed"),
 ]
 
 
@@ -172,7 +177,7 @@ def test_overwrite_replaces_a_run_and_says_what_it_removed(root, tmp_path, capsy
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert main(ft + ["--overwrite", "--lr", "0.002"]) == 0
     err = capsys.readouterr().err
-    assert f"--overwrite removed from {out}:" in err and "config.json" in err
+    assert f"--overwrite removed from {out}:" in err and "checkpoints/" in err
     assert checkpoint.read_config(out)["train"]["optim"]["lr"] == 0.002
     assert main(ft + ["--overwrite", "--resume"]) == 2
     # A run may not be written into its own parent.
@@ -219,10 +224,11 @@ def test_resume_of_a_run_without_recorded_settings_uses_its_optimiser_section(ro
     run = tmp_path / "old"
     pretrain(str(root / "corpus.txt"), run, n_layer=1, n_head=2, n_embd=16, block_size=16,
              batch_size=3, steps=2, lr=0.004, eval_every=0, progress=False)
-    config = checkpoint.read_config(run)
+    flatten(run)  # as main wrote runs before this change: one checkpoint's files at the top
+    config = json.loads((run / "config.json").read_text())
     del config["train"]["settings"]
     (run / "config.json").write_text(json.dumps(config))
-    saved = saved_settings("pretrain", config["train"])
+    saved = saved_settings("pretrain", checkpoint.read_config(run)["train"])
     assert saved["batch_size"] == 3 and saved["lr"] == 0.004 and saved["n_embd"] == 16
     result = pretrain(run_dir=run, resume=True, steps=3, progress=False)
     assert result.steps_done == 3
@@ -241,3 +247,22 @@ def test_dpo_defaults_are_one_table(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "DPO temperature (default 0.5)" in help_text
     assert "--resume" in help_text and "changed from X to Y" in help_text
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "finetune", "instruct", "reward", "dpo", "rlhf"])
+def test_every_training_verb_refuses_an_existing_run(root, tmp_path, capsys, verb):
+    exists = tmp_path / "exists"
+    shutil.copytree(root / "base", exists)
+    before = sorted(p.relative_to(exists) for p in exists.rglob("*"))
+    argv = {"pretrain": ["pretrain", "--corpus", "C", "--run", str(exists)],
+            "finetune": ["finetune", str(root / "base"), "--corpus", "C", "--out", str(exists)],
+            "instruct": ["instruct", str(root / "base"), "--out", str(exists)],
+            "reward": ["reward", str(root / "base"), "--rankings", "X", "--out", str(exists)],
+            "dpo": ["dpo", str(root / "base"), "--rankings", "X", "--out", str(exists)],
+            "rlhf": ["rlhf", str(root / "base"), "--prompts", "P", "--judge", "shorter", "--out",
+                     str(exists)]}[verb]
+    assert main(argv + ["--no-progress"] * (verb != "reward")) == 2
+    err = capsys.readouterr().err
+    assert f"{exists} already holds a run; pass " in err and "--overwrite to replace it" in err
+    assert ("--resume" in err) == (verb != "reward")  # a reward model is fitted in one go
+    assert sorted(p.relative_to(exists) for p in exists.rglob("*")) == before

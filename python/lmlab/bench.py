@@ -3,8 +3,7 @@ scaled_dot_product_attention when torch is importable) in the same run, on the s
 docs/DESIGN.md sizes uses (6 layers, 384 wide, block 256, batch 16: B*T = 4096 rows).
 
 `bench_kernels()` returns one row per measurement; `lmlab bench kernels [--json] [--threads N]
-[--repeat N]` prints them (cli.py wires the verb through add_bench_kernels_arguments and
-run_bench_kernels). Each row: kernel, shape, lmlab, reference, unit ("GFLOP/s" for matmul, higher is
+[--repeat N]` prints them (lmlab.cli.bench). Each row: kernel, shape, lmlab, reference, unit ("GFLOP/s" for matmul, higher is
 better; "ms" otherwise, lower is better), ratio (lmlab's speed over the reference's: > 1 means lmlab is
 faster, in either unit), reference_name, threads, isa, and max_rel_err (the two results compared,
 normwise, so a fast wrong kernel shows).
@@ -16,7 +15,6 @@ load: set, they pin slower kernels, so the numpy matmul figures are depressed; a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -403,31 +401,3 @@ def _bench_attention(record, randn, dims, threads, repeat):
                f"torch {torch.__version__} scaled_dot_product_attention", _rel_err(y, t_y))
     finally:
         torch.set_num_threads(prev)
-
-
-# --- command line (cli.py wires `lmlab bench kernels` to these two) -----------------------------------
-
-def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for lmlab, numpy's BLAS and torch (default: lmlab's, all cores)")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="timed calls per kernel, best taken (default 5)")
-    parser.add_argument("--shapes", choices=sorted(SIZES), default="gpt",
-                        help="gpt: the docs/DESIGN.md model's shapes; tiny: a seconds-long smoke run")
-    return parser
-
-
-def run_bench_kernels(args: argparse.Namespace) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    if args.repeat is not None and args.repeat < 1:
-        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
-    bench_kernels(threads=args.threads, json_lines=args.json, shapes=args.shapes, repeat=args.repeat)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_bench_kernels(add_bench_kernels_arguments(
-        argparse.ArgumentParser(prog="python -m lmlab.bench", description=__doc__.split("\n\n")[0]))
-        .parse_args()))

@@ -133,6 +133,11 @@ RULES = {
     "top_p": Rule(float, 0, 1, low_open=True, optional=True),
     "num_samples": Rule(int, 1, 100_000),
     "n": Rule(int, 0, 100_000),
+    # benchmarks
+    "repeat": Rule(int, 1, 100_000),
+    "warmup": Rule(int, 0, _STEPS),
+    "prompt_len": Rule(int, 1, _SIZE),
+    "new_tokens": Rule(int, 1, _SIZE),
 }
 
 

@@ -217,8 +217,9 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     if resume and not is_run(out):
         raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
     if not resume and not overwrite and is_run(out):
-        raise RunDirError(f"{out} already holds a run; pass --resume to continue it, --overwrite "
-                          "to replace it, or choose another directory")
+        resumable = "--resume to continue it, " if stage != "reward" else ""
+        raise RunDirError(f"{out} already holds a run; pass {resumable}--overwrite to replace "
+                          "it, or choose another directory")
     if resume:
         config = read_config(out)
         saved = saved_settings(stage, config.get("train") or {})

@@ -9,8 +9,8 @@ Each implementation runs in each matmul precision asked for: "fp32", and "bf16" 
 with bfloat16 matmul operands and fp32 parameters and optimiser (lmlab's GPT.matmul_precision; for
 PyTorch the forward under torch.autocast("cpu", dtype=torch.bfloat16), its standard CPU recipe).
 
-    python -m lmlab.trainbench --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12
-    python -m lmlab.trainbench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
+    lmlab bench train --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12
+    lmlab bench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
 
 The second measures generation tokens/s with the KV cache against without it.
 
@@ -25,7 +25,6 @@ restricted to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCT
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -366,125 +365,19 @@ def speed_ratios(rows: list[dict]) -> list[tuple[str, float]]:
             for a, b in pairs if ("lmlab", a) in tps and ("pytorch", b) in tps]
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, n_layer: int, n_head: int, n_embd: int,
-                         block_size: int) -> None:
-    parser.add_argument("--n-layer", type=int, default=n_layer)
-    parser.add_argument("--n-head", type=int, default=n_head)
-    parser.add_argument("--n-embd", type=int, default=n_embd)
-    parser.add_argument("--block-size", type=int, default=block_size)
-    parser.add_argument("--vocab-size", type=int, default=65)
-    parser.add_argument("--threads", type=int, default=None, help="default: lmlab's thread count")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-
-
-def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `lmlab bench train`."""
-    _add_model_arguments(parser, 4, 4, 128, 64)
-    parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warmup)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--impl", choices=IMPLS, action="append", default=None,
-                        help="run only this implementation (repeatable); default both")
-    parser.add_argument("--precision", choices=PRECISIONS + ("both",), default="both",
-                        help="matmul precision: fp32, bf16 (bfloat16 matmul operands, fp32 "
-                             "accumulation and parameters; PyTorch under CPU autocast), or both "
-                             "(default)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print where one lmlab step's time goes, kernel by kernel")
-    parser.add_argument("--isa", choices=tuple(ISA_ENV), default="native",
-                        help="avx2: lmlab on its AVX2 kernels and PyTorch restricted to AVX2, to "
-                             "measure an AVX2 machine on this one (default: native)")
-    parser.add_argument("--no-mfu", dest="mfu", action="store_false",
-                        help="skip measuring the matmul peak that MFU is relative to")
-
-
-def run_bench_train(args: argparse.Namespace) -> list[dict]:
-    """Run `lmlab bench train` from parsed arguments and print the rows."""
-    precision = getattr(args, "precision", "fp32")
-    precisions = PRECISIONS if precision == "both" else (precision,)
-    isa = getattr(args, "isa", "native")
-    rows = bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size,
-                       args.steps, vocab_size=args.vocab_size, threads=args.threads,
-                       impls=tuple(args.impl or IMPLS), warmup=args.warmup, precisions=precisions,
-                       isa=isa, mfu=getattr(args, "mfu", True))
-    for r in rows:
-        if args.json:
-            print(json.dumps(r), flush=True)
-        else:
-            mfu = f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""
-            print(f"{r['impl']:8s} {r['precision']:5s} {r['tokens_per_s']:10.0f} tokens/s  "
-                  f"{r['ms_per_step']:8.1f} ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
-                  f"({r['threads']} threads, {r['isa']}){mfu}")
-    if not args.json and rows:
-        print(f"model FLOPs per token (6N + 12LCT): {rows[0]['flops_per_token'] / 1e6:.2f} M")
-        for p in precisions:
-            peak = next((r["peak"] for r in rows if r["precision"] == p and "peak" in r), None)
-            if peak is not None:
-                print(f"fastest {p} matmul in this run: {peak['gflops']:.0f} GFLOP/s "
-                      f"({peak['impl']}, {peak['product']})")
-        for label, ratio in speed_ratios(rows):
-            print(f"{label}: {ratio:.2f}x")
-    if getattr(args, "profile", False):
-        cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                   block_size=args.block_size, batch_size=args.batch_size,
-                   vocab_size=args.vocab_size)
-        for p in precisions:
-            from . import ops
-            variant = ops.use_isa("avx2") if isa == "avx2" else contextlib.nullcontext()
-            with variant:
-                prof = profile_step(cfg, steps=max(1, min(args.steps, 5)), threads=args.threads,
-                                    precision=p)
-            total = sum(ms for _, ms, _ in prof)
-            if not args.json:
-                print(f"lmlab {p} step, kernel by kernel:")
-            for name, ms, calls in prof:
-                if args.json:
-                    print(json.dumps({"profile": name, "precision": p, "ms_per_step": ms,
-                                      "calls_per_step": calls}))
-                else:
-                    print(f"  {name:22s} {ms:9.2f} ms/step {100 * ms / total:5.1f}%  "
-                          f"{calls:4d} calls")
-    return rows
-
-
-def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a `lmlab bench generate` (KV cache vs none)."""
-    _add_model_arguments(parser, 6, 6, 384, 256)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-
-
-def run_bench_generate(args: argparse.Namespace) -> list[dict]:
-    """Run a generation benchmark from parsed arguments and print the rows."""
-    rows = bench_generate(args.n_layer, args.n_head, args.n_embd, args.block_size,
-                          prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                          vocab_size=args.vocab_size, threads=args.threads)
-    for r in rows:
-        print(json.dumps(r) if args.json else
-              f"{r['impl']:15s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
-              f"  same tokens: {r['same_tokens']}")
-    return rows
-
-
-def main(argv=None) -> None:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--child"]:
-        spec = json.loads(argv[1])
-        if "peak" in spec:
-            print(json.dumps(peak_matmul(spec["peak"], spec["precision"], spec["threads"])))
-        else:
-            print(json.dumps(run_one(spec["impl"], spec["cfg"], spec["steps"], spec["warmup"],
-                                     spec["threads"], spec.get("precision", "fp32"))))
+def _child_main(argv) -> None:
+    """The subprocess body bench_train starts: `python -m lmlab.trainbench --child SPEC` measures
+    one implementation in one precision and prints its row as JSON."""
+    if len(argv) != 2 or argv[0] != "--child":
+        raise SystemExit("usage: python -m lmlab.trainbench --child SPEC (bench_train's "
+                         "subprocess; run `lmlab bench train` instead)")
+    spec = json.loads(argv[1])
+    if "peak" in spec:
+        print(json.dumps(peak_matmul(spec["peak"], spec["precision"], spec["threads"])))
         return
-    parser = argparse.ArgumentParser(prog="python -m lmlab.trainbench", description=__doc__)
-    if argv[:1] == ["generate"]:
-        add_bench_generate_arguments(parser)
-        run_bench_generate(parser.parse_args(argv[1:]))
-        return
-    add_bench_train_arguments(parser)
-    run_bench_train(parser.parse_args(argv))
+    print(json.dumps(run_one(spec["impl"], spec["cfg"], spec["steps"], spec["warmup"],
+                             spec["threads"], spec.get("precision", "fp32"))))
 
 
 if __name__ == "__main__":
-    main()
+    _child_main(sys.argv[1:])

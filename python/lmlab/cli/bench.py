@@ -1,20 +1,145 @@
-"""The `lmlab bench` verb: kernels, training and generation measured against references in the
-same run."""
+"""The `lmlab bench` verb: kernels (lmlab.bench), training and generation (lmlab.trainbench), each
+measured against a reference in the same run; the rows are printed as a table or JSON lines."""
 
 from __future__ import annotations
 
-from .. import bench, trainbench
+import contextlib
+import json
+
+from .. import bench, checks, ops, trainbench
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="measure kernels or training against references in the same run")
     bsub = p.add_subparsers(dest="bench_what", required=True, metavar="{kernels,train,generate}")
     k = bsub.add_parser("kernels", help="every kernel vs numpy (and PyTorch) in the same run")
-    bench.add_bench_kernels_arguments(k)
-    k.set_defaults(func=bench.run_bench_kernels)
+    k.add_argument("--json", action="store_true", help="print one JSON object per line")
+    k.add_argument("--threads", type=int, default=None,
+                   help="threads for lmlab, numpy's BLAS and torch (default: lmlab's, all cores)")
+    k.add_argument("--repeat", type=int, default=None,
+                   help="timed calls per kernel, best taken (default 5)")
+    k.add_argument("--shapes", choices=sorted(bench.SIZES), default="gpt",
+                   help="gpt: a 6-layer, 384-wide GPT's shapes; tiny: a seconds-long smoke run")
+    k.set_defaults(func=run_bench_kernels)
     t = bsub.add_parser("train", help="training tokens/s and peak memory vs PyTorch, same config")
-    trainbench.add_bench_train_arguments(t)
-    t.set_defaults(func=trainbench.run_bench_train)
+    _add_train_arguments(t)
+    t.set_defaults(func=run_bench_train)
     g = bsub.add_parser("generate", help="generation tokens/s with the KV cache vs without")
-    trainbench.add_bench_generate_arguments(g)
-    g.set_defaults(func=trainbench.run_bench_generate)
+    _add_generate_arguments(g)
+    g.set_defaults(func=run_bench_generate)
+
+
+def run_bench_kernels(args) -> int:
+    checks.check("threads", args.threads)
+    if args.repeat is not None:
+        checks.check("repeat", args.repeat)
+    bench.bench_kernels(threads=args.threads, json_lines=args.json, shapes=args.shapes,
+                        repeat=args.repeat)
+    return 0
+
+
+def _check_model(args) -> None:
+    checks.check("threads", args.threads)
+    checks.check_values(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                        block_size=args.block_size, vocab_size=args.vocab_size)
+    checks.check_relations({"n_embd": args.n_embd, "n_head": args.n_head})
+
+
+def _add_model_arguments(parser, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--n-head", type=int, default=n_head)
+    parser.add_argument("--n-embd", type=int, default=n_embd)
+    parser.add_argument("--block-size", type=int, default=block_size)
+    parser.add_argument("--vocab-size", type=int, default=65)
+    parser.add_argument("--threads", type=int, default=None, help="default: lmlab's thread count")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _add_train_arguments(parser) -> None:
+    """The options of `lmlab bench train`."""
+    _add_model_arguments(parser, 4, 4, 128, 64)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warmup)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--impl", choices=trainbench.IMPLS, action="append", default=None,
+                        help="run only this implementation (repeatable); default both")
+    parser.add_argument("--precision", choices=trainbench.PRECISIONS + ("both",), default="both",
+                        help="matmul precision: fp32, bf16 (bfloat16 matmul operands, fp32 "
+                             "accumulation and parameters; PyTorch under CPU autocast), or both "
+                             "(default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one lmlab step's time goes, kernel by kernel")
+    parser.add_argument("--isa", choices=tuple(trainbench.ISA_ENV), default="native",
+                        help="avx2: lmlab on its AVX2 kernels and PyTorch restricted to AVX2, to "
+                             "measure an AVX2 machine on this one (default: native)")
+    parser.add_argument("--no-mfu", dest="mfu", action="store_false",
+                        help="skip measuring the matmul peak that MFU is relative to")
+
+
+def run_bench_train(args) -> list:
+    """Run `lmlab bench train` from parsed arguments and print the rows."""
+    _check_model(args)
+    checks.check_values(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+    precisions = trainbench.PRECISIONS if args.precision == "both" else (args.precision,)
+    rows = trainbench.bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size,
+                                  args.batch_size, args.steps, vocab_size=args.vocab_size,
+                                  threads=args.threads, impls=tuple(args.impl or trainbench.IMPLS),
+                                  warmup=args.warmup, precisions=precisions, isa=args.isa,
+                                  mfu=args.mfu)
+    for r in rows:
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            mfu = f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""
+            print(f"{r['impl']:8s} {r['precision']:5s} {r['tokens_per_s']:10.0f} tokens/s  "
+                  f"{r['ms_per_step']:8.1f} ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
+                  f"({r['threads']} threads, {r['isa']}){mfu}")
+    if not args.json and rows:
+        print(f"model FLOPs per token (6N + 12LCT): {rows[0]['flops_per_token'] / 1e6:.2f} M")
+        for p in precisions:
+            peak = next((r["peak"] for r in rows if r["precision"] == p and "peak" in r), None)
+            if peak is not None:
+                print(f"fastest {p} matmul in this run: {peak['gflops']:.0f} GFLOP/s "
+                      f"({peak['impl']}, {peak['product']})")
+        for label, ratio in trainbench.speed_ratios(rows):
+            print(f"{label}: {ratio:.2f}x")
+    if args.profile:
+        cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                   block_size=args.block_size, batch_size=args.batch_size,
+                   vocab_size=args.vocab_size)
+        for p in precisions:
+            with ops.use_isa("avx2") if args.isa == "avx2" else contextlib.nullcontext():
+                prof = trainbench.profile_step(cfg, steps=max(1, min(args.steps, 5)),
+                                               threads=args.threads, precision=p)
+            total = sum(ms for _, ms, _ in prof)
+            if not args.json:
+                print(f"lmlab {p} step, kernel by kernel:")
+            for name, ms, calls in prof:
+                if args.json:
+                    print(json.dumps({"profile": name, "precision": p, "ms_per_step": ms,
+                                      "calls_per_step": calls}))
+                else:
+                    print(f"  {name:22s} {ms:9.2f} ms/step {100 * ms / total:5.1f}%  "
+                          f"{calls:4d} calls")
+    return rows
+
+
+def _add_generate_arguments(parser) -> None:
+    """The options of a `lmlab bench generate` (KV cache vs none)."""
+    _add_model_arguments(parser, 6, 6, 384, 256)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+
+
+def run_bench_generate(args) -> list:
+    """Run a generation benchmark from parsed arguments and print the rows."""
+    _check_model(args)
+    checks.check_values(prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    rows = trainbench.bench_generate(args.n_layer, args.n_head, args.n_embd, args.block_size,
+                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                     vocab_size=args.vocab_size, threads=args.threads)
+    for r in rows:
+        print(json.dumps(r) if args.json else
+              f"{r['impl']:15s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
+              f"  same tokens: {r['same_tokens']}")
+    return rows
