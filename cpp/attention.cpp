@@ -13,8 +13,8 @@
 // block itself is computed square and its upper half masked, which costs less than ragged tiles).
 // The per-head products (two forward, six backward with the recomputed scores) are
 // C (+)= alpha * op(A) . B with B's rows contiguous. In fp32 they run on the register-tiled product
-// below (measured here 15-20% faster than the general packed gemm of cpp/gemm.cpp on these small,
-// strided, causal blocks); in bf16 on gemm (cpp/gemm.h, the native bf16 path where there is one).
+// below (faster than the general packed gemm on these small, strided, causal blocks; figures in
+// docs/DESIGN.md); in bf16 on gemm (cpp/gemm.h, the native bf16 path where there is one).
 // The two whose natural B is a transpose (S = Q.K^T, dP = dO.V^T) read K^T / V^T from a per-thread
 // copy made once per head.
 // Per thread scratch: K^T, V^T and a contiguous K or V (HS x T each) and a block or two of scores,
@@ -202,8 +202,8 @@ void transpose(float* dst, idx_t ld, const float* src, idx_t rs, idx_t T, idx_t 
 }
 
 // dst (T x HS, rows contiguous) = the head's rows of src at stride rs. The products that stream a
-// whole head's K or V as B (O = P V, dQ = dS K) run a few per cent faster from a contiguous copy,
-// which the L1 prefetcher follows, than from rows 3C apart.
+// whole head's K or V as B (O = P V, dQ = dS K) read a contiguous copy, which the L1 prefetcher
+// follows, rather than rows 3C apart.
 void gather_rows(float* dst, const float* src, idx_t rs, idx_t T, idx_t HS) {
     for (idx_t s = 0; s < T; s++) std::memcpy(dst + s * HS, src + s * rs, (std::size_t)HS * sizeof(float));
 }

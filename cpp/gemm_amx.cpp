@@ -64,7 +64,7 @@ constexpr idx_t kBlock = 32;       // C block per micro-kernel call: 2 x 2 tiles
 // B panels of the column block (NC x KC, 512 KB) stream from L2.
 constexpr idx_t KC = 512, MC = 256, NC = 512;
 
-// Products smaller than this run on one thread (the tile unit is ~10x faster than gemm's kernels).
+// Products smaller than this run on one thread (the tile unit finishes them before a thread team would start).
 constexpr double kParallelMinWork = 1 << 21;
 
 inline idx_t round_up(idx_t a, idx_t b) { return ceil_div(a, b) * b; }

@@ -392,8 +392,9 @@ def test_matmul_precision_attribute_and_validation():
 
 
 @pytest.mark.parametrize("zero_some", [False, True])
-def test_bf16_forward_backward_match_rounded_float64_reference(isa, zero_some):
-    """On every kernel variant (AMX tiles where the CPU has them, emulated rounding elsewhere)."""
+def test_bf16_forward_backward_match_rounded_float64_reference(bf16_variant, zero_some):
+    """On every kernel variant and every bf16 path this CPU runs (AMX tiles, AVX512-BF16, and the
+    emulated rounding), against one reference."""
     m = tiny_model()
     m.matmul_precision = "bf16"
     x, y, w = tiny_batch(zero_some=zero_some)
@@ -435,7 +436,7 @@ def test_bf16_model_close_to_fp32_model():
         assert diff <= BF16_VS_FP32_GRAD_NORMWISE, f"{name}: normwise difference {diff:.3g}"
 
 
-def test_bf16_kv_cache_runs_in_bf16():
+def test_bf16_kv_cache_runs_in_bf16(bf16_variant):
     """The KV-cached forward uses the model's precision too: a fill is bitwise forward()'s, one-token
     steps agree with the full forward to float32 accumulation order, and both differ from fp32."""
     m = tiny_model(seed=5)

@@ -41,7 +41,7 @@ SIZES = {
 DEFAULT_REPEAT = {"gpt": 5, "tiny": 2}
 # Seconds of idleness before each measurement. OpenBLAS's, oneDNN's and OpenMP's worker threads
 # busy-wait for a while after their last job; timing the next implementation inside that window
-# measured it on a fraction of the cores (a 1.1 TFLOP/s product came out at 150). Set per run.
+# would measure it on a fraction of the cores. Set per run.
 DEFAULT_SETTLE_S = {"gpt": 0.3, "tiny": 0.0}
 _settle_s = 0.0
 
