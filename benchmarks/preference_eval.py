@@ -30,6 +30,7 @@ from lmlab.reward_model import RewardModel, reward
 from lmlab.rl import rlhf
 from lmlab.sequences import prompt_ids_for, sample_completion
 from lmlab.checkpoint import load_model, read_metrics
+from lmlab.data import load_corpus
 from lmlab.pretrain import pretrain
 from lmlab.rank import run_session
 from lmlab.rundir import is_run
@@ -37,8 +38,6 @@ from lmlab.rundir import is_run
 
 def corpus_prompts(n: int, length: int, seed: int) -> list:
     """n snippets of the corpus, each ending just after a space, so the answer starts a word."""
-    from lmlab.data import load_corpus
-
     text = load_corpus("builtin:python-docs")
     rng = np.random.default_rng(seed)
     out: list = []

@@ -44,3 +44,39 @@ def test_generate(benchmark, use_cache):
     out = benchmark(generate, model, prompt, 32, temperature=0, use_cache=use_cache)
     np.testing.assert_array_equal(out, generate(model, prompt, 32, temperature=0,
                                                 use_cache=not use_cache))
+
+
+def test_model_flops_per_token_counts_every_weight_matrix():
+    """6N + 12 L C T, N from the weight shapes of one block (qkv 3C x C, projection C x C, MLP
+    4C x C and C x 4C) and the tied LM head (V x C)."""
+    cfg = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
+    C = 384
+    block = 3 * C * C + C * C + 4 * C * C + C * 4 * C
+    n = 6 * block + 65 * C
+    assert trainbench.model_flops_per_token(cfg) == 6 * n + 12 * 6 * C * 256
+    assert trainbench.model_flops_per_token(dict(cfg, n_layer=12)) > trainbench.model_flops_per_token(cfg)
+
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, steps=1, warmup=0,
+            threads=1)
+
+
+def test_bench_train_reports_mfu_against_the_run_s_fastest_matmul():
+    rows = trainbench.bench_train(impls=("lmlab",), precisions=("fp32", "bf16"), **TINY)
+    for r in rows:
+        assert r["flops_per_token"] == trainbench.model_flops_per_token(r["config"])
+        peak = r["peak"]
+        assert peak["impl"] == "lmlab" and peak["gflops"] > 0
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (peak["gflops"] * 1e9))
+
+
+@pytest.mark.skipif("avx2" not in __import__("lmlab").cpu_info()["available"], reason="no AVX2 here")
+def test_bench_train_isa_avx2_restricts_both_libraries():
+    impls = ("lmlab", "pytorch") if trainbench.torch_available() else ("lmlab",)
+    rows = trainbench.bench_train(impls=impls, precisions=("fp32",), isa="avx2", mfu=False, **TINY)
+    isas = {r["impl"]: r["isa"] for r in rows}
+    assert isas["lmlab"] == "avx2"
+    if "pytorch" in isas:
+        assert isas["pytorch"] == "AVX2"
+    with pytest.raises(ValueError, match="isa must be one of"):
+        trainbench.bench_train(isa="sse2", **TINY)

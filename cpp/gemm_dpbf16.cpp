@@ -25,6 +25,7 @@
 // Only the AVX-512 build holds this code, compiled for AVX512-BF16 by a target attribute;
 // cpp/bf16_path.cpp decides at run time whether it may run.
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "gemm.h"
@@ -55,11 +56,14 @@ namespace {
 
 using pair_t = std::uint32_t;  // two bf16: k in the low half, k + 1 in the high half
 
-// Register tile: 28 of the 32 zmm accumulate, 2 hold B, the broadcasts of A take the rest.
-constexpr int MR = 14, NR = 32;
-// Cache blocks: an A micro-panel (MR x KC bf16, 14 KB) stays in L1 while the B panels of a column
-// block (NC x KC, 512 KB) stream from L2.
-constexpr idx_t KC = 512, MC = 14 * 12, NC = 512;
+// Register tile: 24 of the 32 zmm accumulate, 2 hold B, the broadcasts of A take one more. 12 rows
+// (not 14) divide the model widths (128, 384, 1536) with little or no padding.
+constexpr int MR = 12, NR = 32;
+// Cache blocks: an A micro-panel (MR x KC bf16, 12 KB) stays in L1 while the B panels of a column
+// block (NC x KC, 512 KB) stream from L2. A is packed up to kAPackBytes at a time (all of it, in
+// the model's products), so each slice of A is packed once whatever the number of column blocks.
+constexpr idx_t KC = 512, NC = 512;
+constexpr idx_t kAPackBytes = idx_t(4) << 20;
 
 constexpr double kParallelMinWork = 1 << 18;  // as gemm_fp32: below this, one thread
 
@@ -71,6 +75,7 @@ inline idx_t slice_depth(idx_t K) {
 
 thread_local Scratch<pair_t> tl_pack_a;  // see Scratch in gemm_internal.h
 thread_local Scratch<pair_t> tl_pack_b;
+thread_local Scratch<pair_t> tl_pack_shared;  // the operand a team shares, held by its first thread
 
 inline __mmask16 lanes(idx_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
@@ -96,43 +101,62 @@ pair_t scalar_pair(float even, float odd) {
 }
 
 // --- packing ---------------------------------------------------------------------------------------
-// A panel of P lanes (rows of A or columns of B) over kb steps of k:
-//   dst[p * P + r] = pair(scale * src[2p * sk + r * sr], scale * src[(2p + 1) * sk + r * sr])
-// for r < w and 2p (+ 1) < kb, zero elsewhere.
+// A block of `count` lanes (rows of A or columns of B) over kb steps of k, as consecutive P-lane
+// panels (the last one zero-padded), panel q at dst + q * P * pairs:
+//   panel[p * P + r] = pair(scale * src[2p * sk + l * sr], scale * src[(2p + 1) * sk + l * sr])
+// for lane l = q * P + r < count and 2p (+ 1) < kb, zero elsewhere.
+
+// Whole-vector interleave: [a0..a15, b0..b15] (bf16) to [a0, b0, a1, b1, ...].
+LMLAB_BF16_TARGET inline __m512i pair_order() {
+    alignas(64) std::uint16_t idx[32];
+    for (int n = 0; n < 16; n++) {
+        idx[2 * n] = (std::uint16_t)n;
+        idx[2 * n + 1] = (std::uint16_t)(16 + n);
+    }
+    return _mm512_load_si512(idx);
+}
+
+// Lanes contiguous (sr == 1): each pair of rows k, k + 1 is read once from end to end (the order
+// the hardware prefetchers follow) and dealt out to every panel, 16 lanes at a time.
 template <int P>
-LMLAB_BF16_TARGET void pack_panel(pair_t* dst, const float* src, idx_t sk, idx_t sr, int w, idx_t kb,
-                                  float scale) {
-    const idx_t pairs = ceil_div(kb, 2);
+LMLAB_BF16_TARGET void pack_rows(pair_t* dst, const float* src, idx_t sk, idx_t count, idx_t kb,
+                                 float scale) {
+    const idx_t pairs = ceil_div(kb, 2), panels = ceil_div(count, P);
     const __m512 vscale = _mm512_set1_ps(scale);
-    if (sr == 1) {
-        // Lanes contiguous: rows k and k + 1 of 16 lanes, interleaved.
-        alignas(64) std::uint16_t order_idx[32];
-        for (int n = 0; n < 16; n++) {
-            order_idx[2 * n] = (std::uint16_t)n;
-            order_idx[2 * n + 1] = (std::uint16_t)(16 + n);
-        }
-        const __m512i order = _mm512_load_si512(order_idx);
-        for (int g = 0; g < P; g += 16) {
-            const __mmask16 load = lanes(w - g), store = lanes(P - g);
-            for (idx_t p = 0; p < pairs; p++) {
-                const float* s = src + 2 * p * sk + g;
-                const __m512 even = _mm512_mul_ps(_mm512_maskz_loadu_ps(load, s), vscale);
-                const __m512 odd = 2 * p + 1 < kb
-                                       ? _mm512_mul_ps(_mm512_maskz_loadu_ps(load, s + sk), vscale)
-                                       : _mm512_setzero_ps();
-                _mm512_mask_storeu_epi32(dst + p * P + g, store, interleave_pairs(even, odd, order));
+    const __m512i order = pair_order();
+    for (idx_t p = 0; p < pairs; p++) {
+        const float* even_row = src + 2 * p * sk;
+        const bool has_odd = 2 * p + 1 < kb;
+        for (idx_t q = 0; q < panels; q++) {
+            pair_t* out = dst + q * P * pairs + p * P;
+            for (int g = 0; g < P; g += 16) {
+                const idx_t l = q * P + g;
+                const __mmask16 load = lanes(count - l), store = lanes(P - g);
+                const __m512 even = _mm512_mul_ps(_mm512_maskz_loadu_ps(load, even_row + l), vscale);
+                const __m512 odd = has_odd ? _mm512_mul_ps(_mm512_maskz_loadu_ps(load, even_row + sk + l), vscale)
+                                           : _mm512_setzero_ps();
+                _mm512_mask_storeu_epi32(out + g, store, interleave_pairs(even, odd, order));
             }
         }
-    } else if (sk == 1) {
-        // k contiguous: 32 k of a lane are 16 ready-made pairs; a 16 x 16 transpose of those 32-bit
-        // pairs puts 16 lanes side by side.
+    }
+}
+
+// k contiguous (sk == 1): 32 k of a lane are 16 ready-made pairs; a 16 x 16 transpose of those
+// 32-bit pairs puts 16 lanes side by side.
+template <int P>
+LMLAB_BF16_TARGET void pack_columns(pair_t* dst, const float* src, idx_t sr, idx_t count, idx_t kb,
+                                    float scale) {
+    const idx_t pairs = ceil_div(kb, 2);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (idx_t q0 = 0; q0 < count; q0 += P) {
+        pair_t* panel = dst + q0 * pairs;
         for (idx_t p0 = 0; p0 < pairs; p0 += 16) {
             const idx_t k0 = 2 * p0, valid_k = kb - k0, n_pairs = min_idx(16, pairs - p0);
             for (int g = 0; g < P; g += 16) {
                 vf v[16];
                 for (int r = 0; r < 16; r++) {
-                    if (g + r < w) {
-                        const float* s = src + (g + r) * sr + k0;
+                    if (q0 + g + r < count) {
+                        const float* s = src + (q0 + g + r) * sr + k0;
                         v[r] = consecutive_pairs(
                             _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(valid_k), s), vscale),
                             _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(valid_k - 16), s + 16), vscale));
@@ -143,27 +167,37 @@ LMLAB_BF16_TARGET void pack_panel(pair_t* dst, const float* src, idx_t sk, idx_t
                 transpose(v);
                 const __mmask16 store = lanes(P - g);
                 for (idx_t j = 0; j < n_pairs; j++)
-                    _mm512_mask_storeu_epi32(dst + (p0 + j) * P + g, store, _mm512_castps_si512(v[j]));
+                    _mm512_mask_storeu_epi32(panel + (p0 + j) * P + g, store, _mm512_castps_si512(v[j]));
             }
         }
-    } else {
-        for (idx_t p = 0; p < pairs; p++)
-            for (int r = 0; r < P; r++) {
-                const bool lane = r < w;
-                const float even = lane ? scale * src[2 * p * sk + r * sr] : 0.0f;
-                const float odd = lane && 2 * p + 1 < kb ? scale * src[(2 * p + 1) * sk + r * sr] : 0.0f;
-                dst[p * P + r] = scalar_pair(even, odd);
-            }
     }
 }
 
-// Packs `count` lanes as consecutive P-lane panels of kb steps (the last one zero-padded).
+// Any other strides: one element at a time.
+template <int P>
+void pack_strided(pair_t* dst, const float* src, idx_t sk, idx_t sr, idx_t count, idx_t kb,
+                  float scale) {
+    const idx_t pairs = ceil_div(kb, 2);
+    for (idx_t q0 = 0; q0 < count; q0 += P)
+        for (idx_t p = 0; p < pairs; p++)
+            for (int r = 0; r < P; r++) {
+                const bool lane = q0 + r < count;
+                const float even = lane ? scale * src[(q0 + r) * sr + 2 * p * sk] : 0.0f;
+                const float odd =
+                    lane && 2 * p + 1 < kb ? scale * src[(q0 + r) * sr + (2 * p + 1) * sk] : 0.0f;
+                dst[q0 * pairs + p * P + r] = scalar_pair(even, odd);
+            }
+}
+
 template <int P>
 void pack_block(pair_t* dst, const float* src, idx_t sk, idx_t sr, idx_t count, idx_t kb,
                 float scale) {
-    const idx_t pairs = ceil_div(kb, 2);
-    for (idx_t p0 = 0; p0 < count; p0 += P)
-        pack_panel<P>(dst + p0 * pairs, src + p0 * sr, sk, sr, (int)min_idx(P, count - p0), kb, scale);
+    if (sr == 1)
+        pack_rows<P>(dst, src, sk, count, kb, scale);
+    else if (sk == 1)
+        pack_columns<P>(dst, src, sr, count, kb, scale);
+    else
+        pack_strided<P>(dst, src, sk, sr, count, kb, scale);
 }
 
 // --- micro-kernel ----------------------------------------------------------------------------------
@@ -171,6 +205,11 @@ void pack_block(pair_t* dst, const float* src, idx_t sk, idx_t sr, idx_t count, 
 // itself (add), the bias row, or zero; the same additions for full and edge tiles.
 LMLAB_BF16_TARGET void micro_kernel(idx_t pairs, const pair_t* a, const pair_t* b, float* c,
                                     idx_t ldc, int mr, int nr, const float* bias, bool add) {
+    // The tile's lines of C, asked for now so that the write-back at the end does not wait on them.
+    for (int i = 0; i < mr; i++) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + NR - 1), _MM_HINT_T0);
+    }
     __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -213,41 +252,182 @@ LMLAB_BF16_TARGET void micro_kernel(idx_t pairs, const pair_t* a, const pair_t* 
     }
 }
 
-// --- one thread's share ----------------------------------------------------------------------------
-// The blocked product over a sub-block of C. Returns false (having written nothing) if its scratch
-// could not be allocated.
-bool dpbf16_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
-    const idx_t kc = slice_depth(K), max_pairs = kc / 2;
-    const idx_t mc = min_idx(MC, ceil_div(M, MR) * MR), nc = min_idx(NC, ceil_div(N, NR) * NR);
-    pair_t* pa = tl_pack_a.get((size_t)(mc * max_pairs));
-    pair_t* pb = tl_pack_b.get((size_t)(nc * max_pairs));
-    if (pa == nullptr || pb == nullptr) return false;
-    for (idx_t jc = 0; jc < N; jc += NC) {
-        const idx_t nb = min_idx(NC, N - jc);
-        for (idx_t pc = 0; pc < K; pc += kc) {
-            const idx_t kb = min_idx(kc, K - pc), pairs = ceil_div(kb, 2);
-            const Operand b = B.from(pc, jc);
-            pack_block<NR>(pb, b.data, b.row_stride, b.col_stride, nb, kb, 1.0f);
-            // The first slice starts from C's init; later ones add to C.
-            const bool add = C.accumulate || pc > 0;
-            const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
-            for (idx_t ic = 0; ic < M; ic += MC) {
-                const idx_t mb = min_idx(MC, M - ic);
+// --- one thread's share, and the team's product ------------------------------------------------------
+// Threads divide C along its longer side in whole tiles, each computing its share alone, with no
+// synchronisation until the end. Only where a share is narrow, so that packing the operand every
+// thread needs in full (B when splitting rows, A when splitting columns) would cost a good part of
+// the work if each thread did it, the team packs that operand once, all slices up front (a share of
+// the panels each), and meets once before computing. Which thread packs a panel changes nothing in
+// it, so C is bitwise the same for any team size.
+
+// An operand packed whole: slice s, lane block j at data + (s * blocks + j) * block * max_pairs.
+struct Packed {
+    pair_t* data = nullptr;
+    idx_t blocks = 0, block = 0, max_pairs = 0;
+    pair_t* at(idx_t s, idx_t j) const { return data + (s * blocks + j) * block * max_pairs; }
+};
+
+// C tiles of one (slice, row chunk, column block): packed A rows [0, mb) times packed B columns
+// [0, nb) into c, from the init (row_init or zero) or adding to c.
+void tiles(idx_t pairs, const pair_t* pa, idx_t mb, const pair_t* pb, idx_t nb, float* c, idx_t ldc,
+           const float* row_init, bool add) {
+    for (idx_t ir = 0; ir < mb; ir += MR) {
+        const int mr = (int)min_idx(MR, mb - ir);
+        for (idx_t jr = 0; jr < nb; jr += NR)
+            micro_kernel(pairs, pa + ir * pairs, pb + jr * pairs, c + ir * ldc + jr, ldc, mr,
+                         (int)min_idx(NR, nb - jr), row_init == nullptr ? nullptr : row_init + jr,
+                         add);
+    }
+}
+
+// Rows of A packed at once: all of them where they fit kAPackBytes, so that each slice of A is
+// packed once for every column block.
+inline idx_t a_chunk(idx_t M, idx_t kc) {
+    return min_idx(ceil_div(M, MR) * MR, kAPackBytes / (kc * 2) / MR * MR);
+}
+
+// The product over a block of C on one thread, packing its operands itself except one the team
+// packed whole (packed_a or packed_b, in this block's coordinates). Returns false, having written
+// nothing, if its scratch could not be had.
+bool dpbf16_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
+                    const Packed& packed_a, const Packed& packed_b) {
+    const idx_t kc = slice_depth(K), max_pairs = kc / 2, mc = a_chunk(M, kc);
+    const idx_t nc = min_idx(NC, ceil_div(N, NR) * NR);
+    pair_t* own_a = packed_a.data == nullptr ? tl_pack_a.get((size_t)(mc * max_pairs)) : nullptr;
+    pair_t* own_b = packed_b.data == nullptr ? tl_pack_b.get((size_t)(nc * max_pairs)) : nullptr;
+    if ((packed_a.data == nullptr && own_a == nullptr) || (packed_b.data == nullptr && own_b == nullptr))
+        return false;
+    for (idx_t pc = 0, s = 0; pc < K; pc += kc, s++) {
+        const idx_t kb = min_idx(kc, K - pc), pairs = ceil_div(kb, 2);
+        // The first slice starts from C's init; later ones add to C.
+        const bool add = C.accumulate || pc > 0;
+        for (idx_t ic = 0; ic < M; ic += mc) {
+            const idx_t mb = min_idx(mc, M - ic);
+            const pair_t* pa = own_a;
+            if (own_a == nullptr) {
+                pa = packed_a.at(s, ic / mc);
+            } else {
                 const Operand a = A.from(ic, pc);
-                pack_block<MR>(pa, a.data, a.col_stride, a.row_stride, mb, kb, alpha);
-                for (idx_t ir = 0; ir < mb; ir += MR) {
-                    const int mr = (int)min_idx(MR, mb - ir);
-                    for (idx_t jr = 0; jr < nb; jr += NR) {
-                        const int nr = (int)min_idx(NR, nb - jr);
-                        micro_kernel(pairs, pa + ir * pairs, pb + jr * pairs,
-                                     C.data + (ic + ir) * C.ld + jc + jr, C.ld, mr, nr,
-                                     row_init == nullptr ? nullptr : row_init + jr, add);
-                    }
+                pack_block<MR>(own_a, a.data, a.col_stride, a.row_stride, mb, kb, alpha);
+            }
+            for (idx_t jc = 0; jc < N; jc += NC) {
+                const idx_t nb = min_idx(NC, N - jc);
+                const pair_t* pb = own_b;
+                if (own_b == nullptr) {
+                    pb = packed_b.at(s, jc / NC);
+                } else {
+                    const Operand b = B.from(pc, jc);
+                    pack_block<NR>(own_b, b.data, b.row_stride, b.col_stride, nb, kb, 1.0f);
                 }
+                const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
+                tiles(pairs, pa, mb, pb, nb, C.data + ic * C.ld + jc, C.ld, row_init, add);
             }
         }
     }
     return true;
+}
+
+// Thread t's share of packing `count` lanes (P-lane panels) of a block the team shares.
+template <int P>
+void pack_share(pair_t* dst, const float* src, idx_t sk, idx_t sr, idx_t count, idx_t kb,
+                float scale, idx_t t, idx_t team) {
+    const idx_t pairs = ceil_div(kb, 2);
+    idx_t first, last;
+    thread_share(ceil_div(count, P), t, team, &first, &last);
+    if (last > first)
+        pack_block<P>(dst + first * P * pairs, src + first * P * sr, sk, sr,
+                      min_idx(last * P, count) - first * P, kb, scale);
+}
+
+// Thread t of `team`: its share of packing the shared operand whole, then (after the team has
+// met) its block of C. The same barrier for every thread, whatever its share.
+void team_member(idx_t t, idx_t team, bool split_rows, idx_t M, idx_t N, idx_t K, float alpha,
+                 Operand A, Operand B, Output C, const Packed& shared, bool* ok) {
+    const idx_t kc = slice_depth(K);
+    for (idx_t pc = 0, s = 0; pc < K; pc += kc, s++) {
+        const idx_t kb = min_idx(kc, K - pc);
+        if (split_rows) {
+            for (idx_t jc = 0, j = 0; jc < N; jc += NC, j++) {
+                const Operand b = B.from(pc, jc);
+                pack_share<NR>(shared.at(s, j), b.data, b.row_stride, b.col_stride,
+                               min_idx(NC, N - jc), kb, 1.0f, t, team);
+            }
+        } else {
+            const Operand a = A.from(0, pc);
+            pack_share<MR>(shared.at(s, 0), a.data, a.col_stride, a.row_stride, M, kb, alpha, t, team);
+        }
+    }
+#pragma omp barrier
+    const idx_t units = split_rows ? ceil_div(M, MR) : ceil_div(N, NR);
+    idx_t first, last;
+    thread_share(units, t, team, &first, &last);
+    if (last <= first) return;
+    const Packed none;
+    bool done;
+    if (split_rows) {
+        const idx_t m0 = first * MR, m1 = min_idx(last * MR, M);
+        done = dpbf16_blocked(m1 - m0, N, K, alpha, A.from(m0, 0), B, C.from(m0, 0), none, shared);
+    } else {
+        const idx_t n0 = first * NR, n1 = min_idx(last * NR, N);
+        done = dpbf16_blocked(M, n1 - n0, K, alpha, A, B.from(0, n0), C.from(0, n0), shared, none);
+    }
+    if (!done) {
+#pragma omp atomic write
+        *ok = false;
+    }
+}
+
+// Shares of at most this many tiles' width have the team pack the common operand (there its
+// packing is a tenth or more of a thread's work), if all of it fits kSharedBytes.
+constexpr idx_t kShareUnits = 64;
+constexpr idx_t kSharedBytes = idx_t(8) << 20;
+
+// The product on `team` threads. Returns false if scratch memory could not be had (some of C may
+// then be written: the caller recomputes all of it).
+bool dpbf16_team(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, int team) {
+    const bool split_rows = M >= N;
+    const idx_t units = split_rows ? ceil_div(M, MR) : ceil_div(N, NR);
+    if (team > units) team = (int)units;
+    const Packed none;
+    if (team <= 1) return dpbf16_blocked(M, N, K, alpha, A, B, C, none, none);
+    const idx_t kc = slice_depth(K), slices = ceil_div(K, kc);
+    Packed shared;
+    shared.max_pairs = kc / 2;
+    if (split_rows) {
+        shared.block = min_idx(NC, ceil_div(N, NR) * NR);
+        shared.blocks = ceil_div(N, NC);
+    } else {
+        shared.block = a_chunk(M, kc);
+        shared.blocks = ceil_div(M, shared.block);
+    }
+    const idx_t shared_bytes = slices * shared.blocks * shared.block * shared.max_pairs * 4;
+    // (Split by columns, all of A must be one chunk: team_member packs its rows in one run.)
+    const bool share = units / team <= kShareUnits && (split_rows || shared.blocks == 1) &&
+                       shared_bytes <= kSharedBytes;
+    bool ok = true;
+    if (share) {
+        // The calling thread's scratch, kept between calls like the others.
+        shared.data = tl_pack_shared.get((size_t)(shared_bytes / 4));
+        if (shared.data == nullptr) return false;
+#pragma omp parallel num_threads(team)
+        {
+#ifdef _OPENMP
+            const idx_t t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+            const idx_t t = 0, n = 1;
+#endif
+            team_member(t, n, split_rows, M, N, K, alpha, A, B, C, shared, &ok);
+        }
+        return ok;
+    }
+    split_between_threads(M, N, K, MR, NR, 0.0, true, [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
+        if (!dpbf16_blocked(rows, cols, K, alpha, A.from(m0, 0), B.from(0, n0), C.from(m0, n0), none,
+                            none)) {
+#pragma omp atomic write
+            ok = false;
+        }
+    });
+    return ok;
 }
 
 }  // namespace
@@ -260,13 +440,8 @@ bool gemm_bf16_dpbf16(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand
         empty_product(M, N, C);
         return true;
     }
-    split_between_threads(M, N, K, MR, NR, kParallelMinWork, parallel,
-                          [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
-                              const Operand a = A.from(m0, 0), b = B.from(0, n0);
-                              const Output c = C.from(m0, n0);
-                              if (!dpbf16_blocked(rows, cols, K, alpha, a, b, c))
-                                  gemm_reference(Precision::bf16, rows, cols, K, alpha, a, b, c);
-                          });
+    if (!dpbf16_team(M, N, K, alpha, A, B, C, product_threads(M, N, K, kParallelMinWork, parallel)))
+        gemm_reference(Precision::bf16, M, N, K, alpha, A, B, C);
     return true;
 }
 

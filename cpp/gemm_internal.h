@@ -55,17 +55,27 @@ inline void empty_product(idx_t M, idx_t N, Output C) {
 // units of unit_m rows or unit_n columns, so the operand every thread packs in full (B when splitting
 // rows, A when splitting columns) is the smaller one. Each C element belongs to one share whatever
 // the thread count, which is what keeps the products thread-count independent.
+// Threads for a product of M * N * K multiply-adds: the OpenMP team, or one thread when `parallel`
+// is false, when already inside a team, or below min_work.
+inline int product_threads(idx_t M, idx_t N, idx_t K, double min_work, bool parallel) {
+#ifdef _OPENMP
+    if (parallel && !omp_in_parallel() && (double)M * N * K >= min_work) return omp_get_max_threads();
+#else
+    (void)M, (void)N, (void)K, (void)parallel, (void)min_work;
+#endif
+    return 1;
+}
+
+// Thread t of `team` takes units [first, last) of `units`: contiguous, in order, sizes within one.
+inline void thread_share(idx_t units, idx_t t, idx_t team, idx_t* first, idx_t* last) {
+    *first = units * t / team;
+    *last = units * (t + 1) / team;
+}
+
 template <class Share>
 void split_between_threads(idx_t M, idx_t N, idx_t K, idx_t unit_m, idx_t unit_n, double min_work,
                            bool parallel, Share share) {
-    int threads = 1;
-#ifdef _OPENMP
-    if (parallel && !omp_in_parallel() && (double)M * N * K >= min_work)
-        threads = omp_get_max_threads();
-#else
-    (void)parallel;
-    (void)min_work;
-#endif
+    int threads = product_threads(M, N, K, min_work, parallel);
     const bool split_rows = M >= N;
     const idx_t units = split_rows ? ceil_div(M, unit_m) : ceil_div(N, unit_n);
     if (threads > units) threads = (int)units;
@@ -80,7 +90,8 @@ void split_between_threads(idx_t M, idx_t N, idx_t K, idx_t unit_m, idx_t unit_n
 #else
         const idx_t t = 0, team = 1;
 #endif
-        const idx_t first = units * t / team, last = units * (t + 1) / team;
+        idx_t first, last;
+        thread_share(units, t, team, &first, &last);
         if (split_rows) {
             const idx_t m0 = first * unit_m, m1 = min_idx(last * unit_m, M);
             if (m1 > m0) share(m0, idx_t(0), m1 - m0, N);

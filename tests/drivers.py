@@ -1,7 +1,8 @@
-"""Builds and runs the C++ test drivers (tests/gemm_check.cpp, tests/simd_check.cpp) for one kernel
-variant, either natively or cross-compiled for AArch64 and run under qemu-user, and checks what they
-print. Used by tests/test_gemm.py and tests/test_simd.py (native, every variant this CPU runs) and by
-tests/test_aarch64.py (the neon and portable variants under qemu).
+"""Builds and runs the C++ test drivers (tests/gemm_check.cpp, tests/simd_check.cpp,
+tests/kernel_run.cpp) for one kernel variant, either natively or cross-compiled for AArch64 and run
+under qemu-user, and checks what the checking ones print. Used by tests/test_gemm.py and
+tests/test_simd.py (native, every variant this CPU runs) and by tests/test_aarch64.py (the neon and
+portable variants under qemu, where kernel_run stands in for the Python module).
 
 The drivers compile the kernel sources themselves, with each variant's flags as in CMakeLists.txt, so
 they reach internals (the general gemm, cpp/simd.h) that the Python module does not expose.
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import struct
 import platform
+import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ FLAGS = {  # each variant's compiler flags, as in CMakeLists.txt
     "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "neon": ["-DLMLAB_NEON"],
 }
+
 
 def kernel_sources() -> list[str]:
     """The sources compiled once per variant: CMakeLists.txt's LMLAB_KERNEL_SOURCES, its one list."""
@@ -56,7 +58,7 @@ class Target:
     name: str  # "native" or "aarch64"
     cxx: str
     runner: tuple[str, ...]  # prefix of the command line: () natively, qemu for aarch64
-    x86: bool  # x86-64 target: the AMX probe is compiled in
+    x86: bool  # x86-64 target: bf16_path.cpp's CPU probes are compiled in
 
     def build(self, driver: str, isa: str, out_dir: Path) -> Path:
         exe = out_dir / f"{driver}_{self.name}_{isa}"
@@ -66,9 +68,11 @@ class Target:
                         *(str(ROOT / s) for s in SOURCES[driver]), "-o", str(exe)], check=True)
         return exe
 
-    def run(self, exe: Path, *args: str, stdin: bytes = b"") -> bytes:
-        """The driver's output; a crash or non-zero exit fails the test, with what it printed."""
-        done = subprocess.run([*self.runner, str(exe), *args], input=stdin, capture_output=True)
+    def run(self, exe: Path, *args: str, stdin: bytes = b"", threads: int | None = None) -> bytes:
+        """The driver's output (on `threads` OpenMP threads, if given); a crash or non-zero exit fails
+        the test, with what it printed."""
+        env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run([*self.runner, str(exe), *args], input=stdin, capture_output=True, env=env)
         assert done.returncode == 0, (f"{exe.name} {' '.join(args)} exited with {done.returncode}:\n"
                                       f"{done.stdout[-2000:]!r}\n{done.stderr.decode(errors='replace')}")
         return done.stdout
@@ -91,11 +95,11 @@ class Drivers:
         text = self.target.run(self.exe(driver, isa), *args).decode()
         return [line.split() for line in text.strip().splitlines()]
 
-    def kernel(self, isa: str, name: str, *args):
+    def kernel(self, isa: str, name: str, *args, threads: int | None = None):
         """Runs the kernel `name` of cpp/kernels.h through tests/kernel_run.cpp with the arguments in
         its parameter order (numpy float32/int32 arrays, None, ints, floats), writing the results into
         the arrays passed, as the kernel would; returns the kernel's value, if it has one."""
-        out = self.target.run(self.exe("kernel_run", isa), name, stdin=encode(args))
+        out = self.target.run(self.exe("kernel_run", isa), name, stdin=encode(args), threads=threads)
         pos = 0
         for a in (a for a in args if isinstance(a, np.ndarray)):
             (count,) = struct.unpack_from("<q", out, pos)

@@ -142,6 +142,16 @@ def test_written_files_have_normal_permissions(gpt, tok, tmp_path):
         assert os.stat(_ckpt(run) / name).st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_save_leaves_a_users_own_files_beside_the_run(gpt, tok, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("mine")
+    for step in (1, 2):
+        _save(run, _model(gpt, tok), tok, step=step)
+    assert (run / "config.json").read_text() == "mine"
+    assert checkpoint.current_checkpoint(run).name == "step_000002"
+
+
 def test_extra_files_are_part_of_the_checkpoint(gpt, tok, tmp_path):
     run = tmp_path / "run"
     save_run(run, _model(gpt, tok), tok, train_config={}, files={"head.bin": b"\x01\x02"})
@@ -264,6 +274,18 @@ def _flat(gpt, tok, run, step=5, seed=1):
     return model, opt, save_id
 
 
+def test_a_failed_save_into_a_flat_layout_run_keeps_it(gpt, tok, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    model, _, _ = _flat(gpt, tok, run)
+    before = _files(run)
+    with monkeypatch.context() as mp:
+        _interrupt_save_at(mp, 2, OSError(errno.ENOSPC, "No space left on device"))
+        with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint stays current"):
+            _save(run, _model(gpt, tok, seed=2), tok, step=6)
+    assert _files(run) == before
+    assert np.array_equal(_bits(load_model(run)[0].params), _bits(model.params))
+
+
 def test_a_flat_layout_run_loads_and_its_next_save_moves_it_into_checkpoints(gpt, tok, tmp_path):
     run = tmp_path / "run"
     model, opt, _ = _flat(gpt, tok, run)
@@ -335,8 +357,11 @@ def test_load_model_missing_dir_and_files(gpt, tok, tmp_path):
     os.remove(_ckpt(run) / "state.json")
     with pytest.raises(FileNotFoundError, match="missing state.json"):
         load_training_state(run)
+    _save(run, _model(gpt, tok), tok, step=6)
     shutil.rmtree(_ckpt(run))
-    with pytest.raises(CheckpointError, match=r"current.json names checkpoints/step_000005, which is missing"):
+    with pytest.raises(CheckpointError, match=r"current.json names checkpoints/step_000006, which is missing; "
+                                              r"the newest checkpoint there is checkpoints/step_000005 \(write "
+                                              r'\{"checkpoint": "step_000005"\} into current.json to use it\)'):
         load_model(run)
     (run / "current.json").write_text('{"checkpoint": "../../etc"}')
     with pytest.raises(CheckpointError, match=r"current.json does not name a checkpoint"):
@@ -463,7 +488,8 @@ def test_state_json_is_checked(gpt, tok, tmp_path):
     run = tmp_path / "run"
     _save(run, _model(gpt, tok), tok)
     for data, message in [(b"[]", "is not an lmlab state file"), (b'{"state": 3}', "is not an lmlab state file"),
-                          (b"{", "state.json: not valid JSON")]:
+                          (b"{", "state.json: not valid JSON"),
+                          (b'{"state": {"step": -1}}', "step must be an integer >= 0, got -1")]:
         _refused_after_rewrite(run, "state.json", data, message, load=load_training_state)
 
 

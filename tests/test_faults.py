@@ -32,6 +32,10 @@ from lmlab.cli import main
 
 from flat_run import flatten
 
+# The event tracer names files through /proc/self/fd, and the faults are Linux's (RLIMIT_FSIZE
+# semantics, tmpfs, bind mounts, setpriv).
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fault injection uses Linux interfaces")
+
 TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n"
         "how vexingly quick daft zebras jump! sphinx of black quartz, judge my vow.\n") * 40
 SHAPE = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -193,7 +197,7 @@ def _kill_points(world):
 
 def test_sigkill_at_every_step_of_a_save_leaves_a_run_that_resumes_bit_for_bit(world, tmp_path, capsys):
     points = _kill_points(world)
-    assert len(points) >= 14
+    assert len(points) >= 14, points  # a save: 6 file fsyncs, 2 renames, 3 directory fsyncs
     for n in points:
         run = tmp_path / f"kill{n}"
         rc, _, err = _run_child(world, run, {n: ["kill"]})
@@ -211,7 +215,7 @@ def test_sigkill_before_the_first_checkpoint_is_refused_clearly(world, tmp_path,
     assert rc == 2 and f"{run} holds no checkpoint" in err and err.count("\n") == 1
     rc, _, err = _cli(capsys, *world.args(run, "--resume"))
     assert rc == 2 and err.count("\n") == 1
-    assert f"there is no run to resume in {run}" in err or f"{run} holds no checkpoint" in err
+    assert "no run to resume" in err and str(run) in err
     rc, _, err = _cli(capsys, *world.args(run))
     assert rc == 2 and "files of an earlier run (metrics.jsonl)" in err and "--overwrite" in err
 
@@ -257,7 +261,7 @@ def test_ctrl_c_twice_between_saves_stops_at_once_keeping_the_last_checkpoint(wo
 def _assert_failed_save(rc, err, run, cause, kept):
     assert rc == 2, err
     assert "Traceback" not in err and err.count("\n") == 1, err
-    assert f"lmlab pretrain: error: cannot write {run}/checkpoints/" in err
+    assert f"lmlab pretrain: error: cannot write {run}/" in err  # the file that met the fault
     assert f"{cause}; the checkpoint step_{kept:06d} stays current" in err
     assert checkpoint.load_training_state(run)[1]["step"] == kept
 
@@ -390,7 +394,7 @@ def test_a_resume_that_runs_no_step_changes_no_file(world, tmp_path, capsys):
 
     def files():
         return {p.relative_to(run).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-                for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+                for p in sorted(run.rglob("*")) if p.is_file()}
 
     before = files()
     rc, _, err = _cli(capsys, *world.args(run, "--resume"))

@@ -25,7 +25,8 @@ import pytest
 
 import reference
 from lmlab import ops
-from lmlab.model import GPT, GPTConfig, KVCache
+from lmlab.kvcache import KVCache
+from lmlab.model import GPT, GPTConfig
 from lmlab.reference import gpt_loss_and_grads, round_bf16
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12)

@@ -220,7 +220,8 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
     state = stage.state_dict()
     idx = np.random.default_rng(0).integers(0, len(pairs), size=4)  # what the stage will draw
     model.zero_grad()
-    out = stage.train_step(model, 1.0)
+    out = stage.train_step(model)
+    model.backward(out["weights"])
     grad = model.grads.astype(np.float64).copy()
 
     ref = stage.ref_train  # log-probabilities of the unperturbed (reference) weights
@@ -360,7 +361,7 @@ def test_policy_gradient_step_raises_the_better_samples(tok):
     stage = rl.RLStage(model, ref, tok, ["the cat "], [], rank_reward, k=4, prompts_per_step=1,
                        kl_coef=0.0, max_new_tokens=8, seed=0)
     model.zero_grad()
-    stage.train_step(model, 1.0)
+    model.backward(stage.train_step(model)["weights"])
     b = stage.last_batch
     np.testing.assert_allclose(b["advantage"], [-2, -2 / 3, 2 / 3, 2])  # rewards 0..3
     before = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
@@ -377,7 +378,8 @@ def test_rl_kl_term_is_the_log_ratio_to_the_reference(tok):
     stage = rl.RLStage(model, ref, tok, ["a dog "], [], reward, k=3, prompts_per_step=2,
                        kl_coef=0.5, max_new_tokens=6, seed=0)
     model.zero_grad()
-    out = stage.train_step(model, 1.0)
+    out = stage.train_step(model)
+    model.backward(out["weights"])
     b = stage.last_batch
     lp = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
     lr_ = sq.sequence_logprobs(ref, b["x"], b["y"], b["mask"])

@@ -68,6 +68,17 @@ def test_overwrite_removes_the_run_and_lists_it_keeping_other_files(tmp_path):
     assert os.listdir(flat) == [".lock"]
 
 
+def test_files_that_only_share_a_name_with_a_checkpoints_are_left_alone(tmp_path):
+    run = tmp_path / "project"
+    run.mkdir()
+    (run / "config.json").write_text('{"mine": true}')
+    (run / "state.json").write_text("{}")
+    with open_run_dir(run, overwrite=True) as rd:
+        assert rd.removed == []
+    assert (run / "config.json").read_text() == '{"mine": true}' and (run / "state.json").exists()
+    open_run_dir(run).close()
+
+
 def test_resume_needs_a_run(tmp_path):
     with pytest.raises(RunDirError, match=r"no run to resume in .*nope \(it does not exist\)"):
         open_run_dir(tmp_path / "nope", resume=True)
@@ -135,11 +146,16 @@ def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path):
     (run / "checkpoints" / ".tmp-step_000020-ff" / "model.safetensors").write_text("half")
     (run / "checkpoints" / ".old-step_000010-ee").mkdir()
     (run / "model.safetensors").write_text("flat-layout leftover after the move")
+    (run / "state.json").write_text("flat-layout leftover after the move")
     (run / "notes.tmp").write_text("a user's file, not ours")
     with open_run_dir(run, resume=True) as rd:
         assert sorted(rd.cleaned) == [".metrics.jsonl.abc123.tmp", "checkpoints/.old-step_000010-ee",
-                                      "checkpoints/.tmp-step_000020-ff", "model.safetensors"]
+                                      "checkpoints/.tmp-step_000020-ff", "model.safetensors", "state.json"]
     assert sorted(os.listdir(run)) == [".lock", "checkpoints", "current.json", "metrics.jsonl", "notes.tmp"]
+    (run / "config.json").write_text("a user's own, beside the run")
+    with open_run_dir(run, resume=True) as rd:
+        assert rd.cleaned == []
+    assert (run / "config.json").exists()
     assert os.listdir(run / "checkpoints") == ["step_000010"]
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmlab.model import GPT, GPTConfig, KVCache
+from lmlab.kvcache import KVCache
+from lmlab.model import GPT, GPTConfig
 from lmlab.sample import filter_distribution, generate, next_token_distribution
 
 CFG = dict(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)

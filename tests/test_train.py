@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmlab import checkpoint, ops
-from lmlab.errors import RunDirError
+from lmlab.errors import CheckpointError, RunDirError
 from lmlab.model import GPT, GPTConfig
 from lmlab.pretrain import LanguageModelingStage, pretrain
 from lmlab.tokenizer import train_tokenizer
@@ -42,11 +42,9 @@ class FixedBatchStage:
         self.x, self.y = x, y
         self.weights = np.full(x.shape, 1.0 / x.size, dtype=np.float32)
 
-    def train_step(self, model, scale):
+    def train_step(self, model):
         _, losses = model.forward(self.x, self.y)
-        loss = float(losses.mean())
-        model.backward(self.weights * np.float32(scale))
-        return {"loss": loss, "tokens": self.x.size}
+        return {"loss": float(losses.mean()), "tokens": self.x.size, "weights": self.weights}
 
     def evaluate(self, model):
         _, losses = model.forward(self.x, self.y)
@@ -100,11 +98,11 @@ def on_call(stage, n, *, before=None, after=None):
     """Wrap stage.train_step so that its n-th call runs before() first, or after(out) on its result."""
     original, calls = stage.train_step, {"n": 0}
 
-    def wrapped(model, scale):
+    def wrapped(model):
         calls["n"] += 1
         if calls["n"] == n and before is not None:
             before()
-        out = original(model, scale)
+        out = original(model)
         if calls["n"] == n and after is not None:
             after(out)
         return out
@@ -148,6 +146,22 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, capsys, precision):
     loss_a = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "a")]
     loss_b = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "b")]
     assert loss_a == loss_b
+
+
+def test_resume_reads_the_weights_into_the_model_it_is_given(tmp_path):
+    """train(resume=True) fills the caller's model (no second one) and refuses another config."""
+    tok, ids, model = tiny_setup()
+    stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
+    train(model, stage, quiet(steps=10), tmp_path / "run", tokenizer=tok)
+    _, _, other = tiny_setup(seed=7)
+    params = other.params
+    train(other, LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3), quiet(steps=10),
+          tmp_path / "run", tokenizer=tok, resume=True)
+    assert other.params is params and np.array_equal(other.params, model.params)
+    wider = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    with pytest.raises(CheckpointError, match="run's own model config"):
+        train(wider, LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3),
+              quiet(steps=20), tmp_path / "run", tokenizer=tok, resume=True)
 
 
 def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):

@@ -1,6 +1,6 @@
 """Kernel benchmarks: each lmlab kernel timed against a vectorised numpy reference (and PyTorch's
 scaled_dot_product_attention when torch is importable) in the same run, on the shapes a GPT of the
-DESIGN.md sizes uses (6 layers, 384 wide, block 256, batch 16: B*T = 4096 rows).
+docs/DESIGN.md sizes uses (6 layers, 384 wide, block 256, batch 16: B*T = 4096 rows).
 
 `bench_kernels()` returns one row per measurement; `lmlab bench kernels [--json] [--threads N]
 [--repeat N]` prints them (lmlab.cli.bench). Each row: kernel, shape, lmlab, reference, unit ("GFLOP/s" for matmul, higher is

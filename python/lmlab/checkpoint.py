@@ -107,18 +107,31 @@ def current_checkpoint(run_dir) -> Path:
     if os.path.lexists(pointer):
         if pointer.is_symlink():
             raise CheckpointError(f"{pointer} is a symbolic link; lmlab does not follow links inside a run")
-        data = _read_json(pointer)
+        try:
+            data = _read_json(pointer)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{_newest_hint(run)}") from None
         name = data.get("checkpoint") if isinstance(data, dict) else None
         if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
             raise CheckpointError(f"{pointer} does not name a checkpoint (expected "
-                                  '{"checkpoint": "step_N", ...}), got ' + repr(data)[:100])
+                                  '{"checkpoint": "step_N", ...}), got ' + repr(data)[:100]
+                                  + _newest_hint(run))
         d = run / CHECKPOINTS_DIR / name
         if d.is_symlink() or not d.is_dir():
-            raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing")
+            raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing"
+                                  + _newest_hint(run))
         return d
     if (run / CONFIG_FILE).is_file() or (run / MODEL_FILE).is_file():
         return run
     raise FileNotFoundError(f"{run} holds no checkpoint (no {CURRENT_FILE}, no {MODEL_FILE})")
+
+
+def _newest_hint(run: Path) -> str:
+    found = list_checkpoints(run)
+    if not found:
+        return ""
+    return (f"; the newest checkpoint there is {CHECKPOINTS_DIR}/{found[-1][1].name} (write "
+            f'{{"checkpoint": "{found[-1][1].name}"}} into {CURRENT_FILE} to use it)')
 
 
 def list_checkpoints(run_dir) -> list:
@@ -362,6 +375,20 @@ def load_model(run_dir):
     return made[0], tokenizer, config
 
 
+def load_weights(run_dir, model) -> None:
+    """Read the weights of a run's current checkpoint into `model`, whose config must be the run's
+    (what a resume does with the model it already holds: no second model is built)."""
+    d = current_checkpoint(run_dir)
+    _required(d, [MODEL_FILE, CONFIG_FILE])
+    config = read_config(run_dir)
+    mcfg = GPTConfig(**config["model"])
+    if mcfg != model.config:
+        raise CheckpointError(f"{d / CONFIG_FILE} holds the model {mcfg}, but the model to resume is "
+                              f"{model.config}; a resume needs the run's own model config")
+    _read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+                      model.named_parameters)
+
+
 def load_training_state(run_dir):
     """(optimizer dict of arrays, state dict) of a run's current checkpoint, for resuming exactly."""
     d = current_checkpoint(run_dir)
@@ -371,6 +398,9 @@ def load_training_state(run_dir):
     saved = _parse_json(d / STATE_FILE, data)
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         raise CheckpointError(f"{d / STATE_FILE} is not an lmlab state file")
+    step = saved["state"].get("step", 0)
+    if not _is_int(step) or step < 0:
+        raise CheckpointError(f"{d / STATE_FILE}: step must be an integer >= 0, got {step!r}")
     optimizer, ids = {}, {}
     if saved.get("has_optimizer"):
         _required(d, [OPTIMIZER_FILE])
@@ -500,15 +530,16 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         if not isinstance(e, (OSError, CheckpointError)):
             raise
         err = write_error(getattr(e, "filename", None) or tmp, e) if isinstance(e, OSError) else e
-        where = f"the checkpoint {previous} stays current" if previous else "nothing was saved"
+        where = (f"the checkpoint {previous} stays current" if previous
+                 else "the previous checkpoint stays current" if (run / MODEL_FILE).is_file()
+                 else "nothing was saved")
         raise CheckpointError(f"{err}; {where}") from None
     # The new checkpoint is current: what it supersedes can go (a failure here loses nothing).
     try:
         if displaced is not None:
             shutil.rmtree(displaced)
-        for fname in rundir.CHECKPOINT_FILES:  # a flat-layout run's files, now moved into step_N
-            if (run / fname).is_file():
-                os.unlink(run / fname)
+        for fname in rundir.moved_flat_files(run):  # a flat-layout run's, now in checkpoints/
+            os.unlink(run / fname)
         prune_checkpoints(run, keep)
     except OSError:
         pass  # leftovers are removed when the run is next opened

@@ -89,7 +89,7 @@ class DPOStage:
         lp = batched_logprobs(model, prompts, responses, self.T, self.pad, 2 * self.batch_size)
         return lp.reshape(2, -1).T
 
-    def train_step(self, model, scale: float) -> dict:
+    def train_step(self, model) -> dict:
         idx = self.rng.integers(0, len(self.train), size=self.batch_size)
         items = [self.train[i] for i in idx]
         prompts = [p for p, _, _ in items] * 2
@@ -108,10 +108,9 @@ class DPOStage:
             nll = -(logp[:B] / n_c[:, 0]).mean()
             loss += self.sft_weight * float(nll)
             weights[:B] += self.sft_weight * mask[:B] / (n_c * B)
-        model.backward((weights * scale).astype(np.float32))
         self.calls += 1
-        return {"loss": loss, "tokens": int(x.size), "margin": float(margin.mean()),
-                "accuracy": float((margin > 0).mean())}
+        return {"loss": loss, "tokens": int(x.size), "weights": weights,
+                "margin": float(margin.mean()), "accuracy": float((margin > 0).mean())}
 
     def evaluate(self, model) -> dict:
         items = self.val if self.val else self.train

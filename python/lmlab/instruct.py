@@ -122,15 +122,15 @@ class InstructStage:
         self.batch_size, self.block_size, self.pad_id = batch_size, block_size, pad_id
         self.rng = np.random.default_rng(seed)
 
-    def train_step(self, model, scale: float) -> dict:
+    def train_step(self, model) -> dict:
         pick = self.rng.integers(0, len(self.train_examples), size=self.batch_size)
         x, y, mask = batch_arrays([self.train_examples[i] for i in pick], self.block_size,
                                   self.pad_id)
         _, losses = model.forward(x, y)
         n = mask.sum()
-        weights = (mask * np.float32(scale / n)).astype(np.float32)
-        model.backward(weights)
-        return {"loss": float(losses[mask].mean(dtype=np.float64)), "tokens": int(x.size)}
+        weights = (mask * np.float32(1.0 / n)).astype(np.float32)
+        return {"loss": float(losses[mask].mean(dtype=np.float64)), "tokens": int(x.size),
+                "weights": weights}
 
     def evaluate(self, model) -> dict:
         return {"val_loss": masked_loss(model, self.val_examples, self.batch_size,

@@ -3,38 +3,16 @@
 GPT-2's architecture (Radford et al. 2019, as laid out in nanoGPT's model.py and llm.c's
 train_gpt2.c): token + learned position embeddings, pre-LayerNorm blocks of causal multi-head
 self-attention and a GELU MLP of width 4C, a final LayerNorm, and an LM head tied to the token
-embedding. Every computation runs through the kernels in lmlab.ops; this file only owns memory.
-docs/DESIGN.md walks one training step through it.
+embedding. Every computation is one kernel call (lmlab.ops); this file owns memory, in three
+arenas each laid out by one named table (llm.c's names): `params` and `grads` (parameter_layout;
+views by GPT-2 name, weights stored (out, in) like torch.nn.Linear, so y = x @ W.T + b), `acts`
+(what backward reads, per (B, T)) and `grads_acts` (activation gradients shared by all layers).
 
-Memory layout (llm.c's names: params, grads, acts, grads_acts)
-- Parameters live in ONE flat float32 buffer (`params`) and gradients in another (`grads`), laid
-  out by one table (`parameter_layout`), so AdamW, clipping and checkpoints each work on one array
-  and every parameter's offsets come from that table. `named_parameters()` / `named_grads()` are
-  views with GPT-2's names (wte and wpe without ".weight"); weights are stored (out, in) like
-  torch.nn.Linear, so `y = x @ W.T + b`, as in nanoGPT's state dict minus its "transformer." prefix
-  and the tied lm_head (Hugging Face GPT-2 files store (in, out) Conv1D weights: transpose them).
-- Activations (`acts`) live in one arena laid out by `_activation_layout` for a (B, T), kept while
-  later calls fit in it. Per layer the forward keeps only what the backward reads: residual
-  streams, LayerNorm outputs and statistics, qkv, attention's softmax statistics per row (its
-  backward recomputes the probabilities, so no T x T array is kept), the attention output, the
-  MLP's GELU input and output. The projections' outputs share one buffer (only their sum with the
-  residual is needed). The activation gradients (`grads_acts`, `_grad_activation_layout`) are
-  shared by all layers, some buffers reusing the memory of one that is dead by then.
-
-Gradient rule (cpp/kernels.h): parameter gradients ACCUMULATE (+=) and zero_grad() clears them once
-per optimiser step, so micro-batches sum. The input gradients of matmul, GELU and attention are
-WRITTEN (accumulate=False), so their buffers are never zero-filled. Two input gradients are added
-on purpose, into buffers cleared once per backward: LayerNorm's, into the residual stream's
-gradient (that add is the residual connection's backward: d(res) = d(res after the block) +
-d(block input)), and cross-entropy's, into dlogits.
-
-Matmul precision: `GPT.matmul_precision` ("fp32" or "bf16"), kept as the ops.Precision the kernels
-take, is handed to every matmul and attention kernel call; with "bf16" the operands of their products are rounded to bfloat16 and
-accumulated in fp32, while parameters, gradients and every other op stay fp32.
-
-Frozen parameters: `freeze(prefixes)` names parameters the optimiser leaves alone; backward skips
-their gradients and stops below the lowest layer that still trains, and `trainable_ranges()` gives
-the optimiser the spans of the flat buffer it updates.
+Gradient rule (cpp/kernels.h): parameter gradients accumulate and zero_grad() clears them once per
+optimiser step; the input gradients of matmul, GELU and attention are written (accumulate=False),
+so those buffers are never zero-filled; LayerNorm adds its input gradient into the residual
+stream's (that add is the residual connection's backward) and cross-entropy adds into dlogits,
+two buffers cleared once per backward. docs/DESIGN.md, "The model", says more.
 """
 
 from __future__ import annotations
@@ -47,6 +25,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from . import ops
+from .kvcache import KVCache
 
 
 @dataclass
@@ -70,31 +49,25 @@ class GPTConfig:
 
 # --- layout tables: (name, shape), in storage order ---------------------------------------------------
 
-# One block's parameters: the attribute _Layer gives each, and its GPT-2 name after "h.{i}.".
+# One block's parameters: the attribute _Layer gives each, its GPT-2 name after "h.{i}.", and its
+# shape as multiples of C (rows, columns).
 _LAYER_PARAMETERS = (
-    ("ln1w", "ln_1.weight"), ("ln1b", "ln_1.bias"),
-    ("qkvw", "attn.c_attn.weight"), ("qkvb", "attn.c_attn.bias"),
-    ("attprojw", "attn.c_proj.weight"), ("attprojb", "attn.c_proj.bias"),
-    ("ln2w", "ln_2.weight"), ("ln2b", "ln_2.bias"),
-    ("fcw", "mlp.c_fc.weight"), ("fcb", "mlp.c_fc.bias"),
-    ("fcprojw", "mlp.c_proj.weight"), ("fcprojb", "mlp.c_proj.bias"),
+    ("ln1w", "ln_1.weight", (1,)), ("ln1b", "ln_1.bias", (1,)),
+    ("qkvw", "attn.c_attn.weight", (3, 1)), ("qkvb", "attn.c_attn.bias", (3,)),
+    ("attprojw", "attn.c_proj.weight", (1, 1)), ("attprojb", "attn.c_proj.bias", (1,)),
+    ("ln2w", "ln_2.weight", (1,)), ("ln2b", "ln_2.bias", (1,)),
+    ("fcw", "mlp.c_fc.weight", (4, 1)), ("fcb", "mlp.c_fc.bias", (4,)),
+    ("fcprojw", "mlp.c_proj.weight", (1, 4)), ("fcprojb", "mlp.c_proj.bias", (1,)),
 )
 
 
 def parameter_layout(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
     """The table of the flat parameter (and gradient) buffer."""
     V, C, maxT = cfg.vocab_size, cfg.n_embd, cfg.block_size
-    block_shapes = {
-        "ln_1.weight": (C,), "ln_1.bias": (C,),
-        "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
-        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-        "ln_2.weight": (C,), "ln_2.bias": (C,),
-        "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
-        "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,),
-    }
     layout = [("wte", (V, C)), ("wpe", (maxT, C))]
     for i in range(cfg.n_layer):
-        layout += [(f"h.{i}.{suffix}", block_shapes[suffix]) for _, suffix in _LAYER_PARAMETERS]
+        layout += [(f"h.{i}.{suffix}", tuple(m * C for m in shape))
+                   for _, suffix, shape in _LAYER_PARAMETERS]
     layout += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
     return layout
 
@@ -134,31 +107,28 @@ def _grad_activation_layout(cfg: GPTConfig, B: int,
     ]
 
 
-def _size(layout) -> int:
-    return sum(math.prod(entry[1]) for entry in layout if len(entry) == 2 or entry[2] is None)
+def _spans(layout) -> dict[str, tuple[int, int]]:
+    """Name -> [start, stop) of each entry, one after another; an entry naming an earlier one as
+    its third element reuses that one's memory."""
+    spans, offset = {}, 0
+    for name, shape, *shares in layout:
+        start = spans[shares[0]][0] if shares and shares[0] else offset
+        spans[name] = (start, start + math.prod(shape))
+        offset = max(offset, spans[name][1])
+    return spans
 
 
 def _views(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
-    """Name -> view of flat, one entry after another (an entry naming an earlier one shares its start)."""
-    views, starts, offset = {}, {}, 0
-    for entry in layout:
-        name, shape = entry[0], entry[1]
-        shares = entry[2] if len(entry) > 2 else None
-        start = starts[shares] if shares is not None else offset
-        n = math.prod(shape)
-        views[name] = flat[start:start + n].reshape(shape)
-        starts[name] = start
-        if shares is None:
-            offset += n
-    return views
+    return {name: flat[start:stop].reshape(shape)
+            for (name, shape, *_), (start, stop) in zip(layout, _spans(layout).values())}
 
 
 class _Layer:
     """One block's parameters (or gradients, None where frozen): attributes instead of lookups."""
-    __slots__ = tuple(attr for attr, _ in _LAYER_PARAMETERS)
+    __slots__ = tuple(attr for attr, _, _ in _LAYER_PARAMETERS)
 
     def __init__(self, named: dict, i: int) -> None:
-        for attr, suffix in _LAYER_PARAMETERS:
+        for attr, suffix, _ in _LAYER_PARAMETERS:
             setattr(self, attr, named[f"h.{i}.{suffix}"])
 
 
@@ -171,24 +141,6 @@ class _Buffers:
             setattr(self, name, view)
 
 
-class KVCache:
-    """Keys and values of the positions fed so far, for decoding one token at a time.
-
-    k (n_layer, n_head, block_size, head_size) and vt (n_layer, n_head, head_size, block_size): the
-    layouts in which the matmul kernel (out = inp @ weight.T) takes them as its weight operand.
-    `length` positions are filled; the rest are masked out of the softmax.
-    """
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        HS = cfg.n_embd // cfg.n_head
-        self.k = np.zeros((cfg.n_layer, cfg.n_head, cfg.block_size, HS), np.float32)
-        self.vt = np.zeros((cfg.n_layer, cfg.n_head, HS, cfg.block_size), np.float32)
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-
 class GPT:
     """A GPT-2 language model whose parameters and gradients each live in one flat buffer."""
 
@@ -198,18 +150,15 @@ class GPT:
         self.config = cfg = config
         self.matmul_precision = matmul_precision
         layout = parameter_layout(cfg)
-        self._offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, shape in layout:
-            self._offsets[name] = (offset, offset + math.prod(shape))
-            offset += math.prod(shape)
-        self.params = np.zeros(offset, np.float32)
-        self.grads = np.zeros(offset, np.float32)
+        self._offsets = _spans(layout)
+        n = self._offsets["ln_f.bias"][1]
+        self.params = np.zeros(n, np.float32)
+        self.grads = np.zeros(n, np.float32)
         self._named = _views(self.params, layout)
         self._named_grads = _views(self.grads, layout)
         # nanoGPT's rule: decay every parameter with ndim >= 2 (all matmul weights and both
         # embeddings), never biases or LayerNorm gains.
-        self.decay_mask = np.zeros(offset, np.float32)
+        self.decay_mask = np.zeros(n, np.float32)
         for name, view in _views(self.decay_mask, layout).items():
             if view.ndim >= 2:
                 view[...] = 1.0
@@ -230,12 +179,9 @@ class GPT:
 
     @property
     def matmul_precision(self) -> str:
-        """What every matmul of forward and backward computes in, by name.
-
-        "fp32" (the default), or "bf16": both operands of each matmul rounded to bfloat16, products
-        accumulated in fp32. Parameters, gradients and every other op stay fp32 either way (mixed
-        precision). Set it by name or as an ops.Precision; the kernels get the enum, parsed once.
-        """
+        """What every matmul and attention product computes in: "fp32" (the default) or "bf16"
+        (operands rounded to bfloat16, fp32 accumulation; everything else stays fp32). Set it by
+        name or as an ops.Precision; the kernels get the enum, parsed once here."""
         return ops.precision_name(self._precision)
 
     @matmul_precision.setter
@@ -324,14 +270,10 @@ class GPT:
                  for n, g in self._named_grads.items()}
         layer_grads = [_Layer(grads, i) for i in range(self.config.n_layer)]
         # Below the lowest layer holding a trainable parameter nothing needs a gradient.
-        lowest = self.config.n_layer
-        if grads["wte"] is not None or grads["wpe"] is not None:
-            lowest = -1
-        else:
-            for i, layer in enumerate(layer_grads):
-                if any(getattr(layer, attr) is not None for attr in _Layer.__slots__):
-                    lowest = i
-                    break
+        trains = [any(getattr(layer, attr) is not None for attr in _Layer.__slots__)
+                  for layer in layer_grads]
+        lowest = -1 if grads["wte"] is not None or grads["wpe"] is not None else \
+            (trains + [True]).index(True)
         self._grad_plan = grads, layer_grads, lowest
         return self._grad_plan
 
@@ -343,7 +285,7 @@ class GPT:
         if views is not None and views.B == B and views.T == T:
             return views
         layout = layout_of(self.config, B, T)
-        need = _size(layout)
+        need = max(stop for _, stop in _spans(layout).values())
         arena = getattr(self, name + "_arena")
         if arena is None or arena.size < need:
             # Free the old arena (and the views into it) before taking the new one.
@@ -428,7 +370,7 @@ class GPT:
                     ops.attention_forward(acts.atty[l], acts.att_stats[l], acts.qkv[l], NH,
                                           precision=prec)
                 if cache is not None:
-                    self._attend_cached(acts.atty[l], acts.qkv[l], cache, l, start)
+                    cache.attend(acts.atty[l], acts.qkv[l], l, start, prec)
                 ops.matmul_forward(acts.proj, acts.atty[l], layer.attprojw, layer.attprojb,
                                    precision=prec)
                 ops.residual_forward(acts.res2[l], acts.res[l], acts.proj)
@@ -449,43 +391,6 @@ class GPT:
         ops.crossentropy_forward(acts.losses, acts.lse, acts.logits, self._targets)
         self._has_targets = True
         return acts.logits, acts.losses
-
-    def _attend_cached(self, out: np.ndarray, qkv: np.ndarray, cache: KVCache, l: int,
-                       start: int) -> None:
-        """Store the new positions' keys and values in the cache; after a first fill (whose
-        attention forward() computed) write their attention over every cached position into out.
-
-        The same kernels as the rest of the model: per head, scores = (q * scale) @ K.T and
-        out = P @ V as matmuls over the whole cache, the positions not yet filled (and, for several
-        new tokens, each one's future) masked to -inf before the softmax, so they weigh exactly 0.
-        With "bf16" the products' operands are rounded as the attention kernel rounds them.
-        """
-        cfg, prec = self.config, self._precision
-        T, NH = qkv.shape[1], cfg.n_head
-        HS = cfg.n_embd // NH
-        heads = qkv[0].reshape(T, 3, NH, HS)
-        cache.k[l, :, start:start + T] = heads[:, 1].transpose(1, 0, 2)
-        cache.vt[l, :, :, start:start + T] = heads[:, 2].transpose(1, 2, 0)
-        if start == 0:
-            return
-        q = np.ascontiguousarray(heads[:, 0].transpose(1, 0, 2))               # (NH, T, HS)
-        q *= np.float32(1.0 / math.sqrt(HS))
-        S = start + T                   # cached positions, the new ones included
-        scores = np.empty((NH, T, S), np.float32)
-        for h in range(NH):
-            ops.matmul_forward(scores[h], q[h], cache.k[l, h, :S], precision=prec)
-        if T > 1:                       # each new token's future
-            scores[:, np.arange(S)[None, :] > np.arange(start, S)[:, None]] = -np.inf
-        # V is cached transposed, so its first S positions are not one block of memory: the
-        # product runs over the whole cache with the probabilities of the rest set to 0.
-        probs = np.empty_like(scores)
-        ops.softmax_forward(probs, scores)
-        padded = np.zeros((NH, T, cfg.block_size), np.float32)
-        padded[:, :, :S] = probs
-        y = np.empty((NH, T, HS), np.float32)
-        for h in range(NH):
-            ops.matmul_forward(y[h], padded[h], cache.vt[l, h], precision=prec)
-        out[0] = y.transpose(1, 0, 2).reshape(T, NH * HS)
 
     def backward(self, weights) -> None:
         """Accumulate d(sum(weights * losses)) / d(params) into grads.

@@ -33,12 +33,11 @@ class LanguageModelingStage:
         self._weights = np.full((batch_size, block_size), 1.0 / (batch_size * block_size),
                                 dtype=np.float32)
 
-    def train_step(self, model, scale: float) -> dict:
+    def train_step(self, model) -> dict:
         x, y = self.sampler.next()
         _, losses = model.forward(x, y)
         loss = float(losses.mean(dtype=np.float64))
-        model.backward(self._weights * np.float32(scale))
-        return {"loss": loss, "tokens": x.size}
+        return {"loss": loss, "tokens": x.size, "weights": self._weights}
 
     def evaluate(self, model) -> dict:
         return {"val_loss": evaluate_loss(model, self.val_tokens, self.batch_size, self.block_size,

@@ -83,7 +83,7 @@ class RLStage:
         r = [self.reward_fn(prompts[i], texts[i: i + group]) for i in range(0, len(texts), group)]
         return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in r])
 
-    def train_step(self, model, scale: float) -> dict:
+    def train_step(self, model) -> dict:
         # 1) sample K answers for each of P prompts, and score them
         which = self.rng.integers(0, len(self.prompts), size=self.P)
         pids = [self.ids[i] for i in which for _ in range(self.k)]
@@ -98,9 +98,8 @@ class RLStage:
         kl = logp - logp_ref
         shaped = (reward - self.kl_coef * kl).reshape(self.P, self.k)
         adv = leave_one_out_advantages(shaped).reshape(-1)
-        # 3) the policy gradient through the weighted cross-entropy
+        # 3) the policy gradient as weights on the token losses (the loop runs the backward)
         w = (adv / len(pids)).astype(np.float32)[:, None] * mask
-        model.backward(w * np.float32(scale))
         self.calls += 1
         self.last_batch = {"x": x, "y": y, "mask": mask, "texts": texts, "reward": reward,
                            "kl": kl, "advantage": adv}
@@ -108,7 +107,7 @@ class RLStage:
         stats = {"reward": float(reward.mean()), "kl": float(kl.mean()),
                  "kl_per_token": float(kl.sum() / max(n_tok, 1.0)),
                  "response_tokens": n_tok / len(pids)}
-        return {"loss": -float(shaped.mean()), "tokens": int(x.size), **stats}
+        return {"loss": -float(shaped.mean()), "tokens": int(x.size), "weights": w, **stats}
 
     def evaluate(self, model) -> dict:
         seeds = self.eval_seed + np.arange(len(self.val_ids))

@@ -6,7 +6,7 @@
                               the newest `keep` are kept, the current one always
       metrics.jsonl           one JSON object per logged step
       loss.png                the loss curves
-      .lock                   locked (flock) by the process writing the run; holds its pid
+      .lock                   locked (flock) by the process writing the run (empty)
 Runs written before checkpoints were directories (the "flat layout") hold one checkpoint's files
 at the top (model.safetensors, config.json, ...); they still load and resume, and their first new
 save moves them to the layout above.
@@ -45,9 +45,10 @@ STATE_FILE = "state.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, STATE_FILE, REWARD_HEAD_FILE,
                     CONFIG_FILE)
-# What a run consists of (overwrite removes these); config.json last, so a run half removed by a
-# crash no longer looks like a flat-layout run.
-RUN_NAMES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE) + CHECKPOINT_FILES
+# What a run consists of (overwrite removes these): its own entries, and in the flat layout a
+# checkpoint's files, config.json last, so a run half removed by a crash no longer looks like one.
+RUN_ENTRIES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE)
+RUN_NAMES = RUN_ENTRIES + CHECKPOINT_FILES
 # Names a save uses before its checkpoint is complete (checkpoints/.tmp-*) or while displacing one
 # (checkpoints/.old-*); atomic file writes use ".<name>.<random>.tmp".
 SAVE_TEMP_PREFIX = ".tmp-"
@@ -62,11 +63,24 @@ def is_run(path) -> bool:
 
 
 def _run_files(path: Path) -> list:
-    return [n for n in RUN_NAMES if os.path.lexists(path / n)]
+    """The run's entries in `path`; a checkpoint's file names count only where they form a
+    flat-layout run (a lone config.json may be anybody's)."""
+    ours = RUN_NAMES if is_run(path) else RUN_ENTRIES
+    return [n for n in ours if os.path.lexists(path / n)]
 
 
 def _is_leftover(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX) and name != LOCK_FILE
+
+
+def moved_flat_files(path) -> list:
+    """The flat-layout checkpoint files left at the top of a run whose current.json names a
+    checkpoint in checkpoints/ (the save that moved the run there removes them, model.safetensors
+    last, so they are recognised by it even after a kill). A user's own config.json is not ours."""
+    p = Path(path)
+    if not ((p / CURRENT_FILE).is_file() and (p / MODEL_FILE).is_file()):
+        return []
+    return [n for n in CHECKPOINT_FILES if n != MODEL_FILE and (p / n).is_file()] + [MODEL_FILE]
 
 
 def _symlinks(path: Path) -> list:
@@ -94,11 +108,17 @@ def _remove(p: Path) -> None:
 
 
 def _holder_pid(fd: int) -> str:
+    """The pid holding the flock on `fd`'s file, from /proc/locks (Linux); "unknown" elsewhere.
+    Read from the kernel rather than written into the lock file, so opening a run changes no file."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        st = os.fstat(fd)
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            pids = {fields[4] for fields in (line.split() for line in f)
+                    if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device}
     except OSError:
         return "unknown"
-    return text if text.isdigit() else "unknown"
+    return pids.pop() if len(pids) == 1 else "unknown"
 
 
 class RunDir:
@@ -152,8 +172,7 @@ class RunDir:
             for name in sorted(os.listdir(ckpts)):
                 if name.startswith((SAVE_TEMP_PREFIX, SAVE_OLD_PREFIX)) or _is_leftover(name):
                     gone.append(f"{CHECKPOINTS_DIR}/{name}")
-        if (top / CURRENT_FILE).is_file():
-            gone += [n for n in CHECKPOINT_FILES if (top / n).is_file()]
+        gone += moved_flat_files(top)
         for name in gone:
             _remove(top / name)
         self.cleaned += gone
@@ -192,11 +211,6 @@ def _lock(path: Path) -> int:
             raise RunDirError(f"{path} is in use by another lmlab process (pid {pid}); wait for it "
                               "to finish or stop it first") from None
         raise RunDirError(f"cannot lock {lock}: {e.strerror}") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    except OSError:
-        pass  # the pid is only for the message another process shows; the lock is what matters
     return fd
 
 

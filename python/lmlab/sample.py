@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from . import checks
-from .model import GPT, KVCache
+from .kvcache import KVCache
+from .model import GPT
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:

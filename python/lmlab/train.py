@@ -6,12 +6,13 @@ parameter buffer, the learning-rate schedule, gradient accumulation and clipping
 progress display, metrics, checkpoints, exact resume, Ctrl-C and NaN handling.
 
 The stage contract (duck-typed, see `Stage`):
-    stage.train_step(model, scale) -> dict   forward + backward of one micro-batch; the stage calls
-                                             model.backward(weights * scale) so gradients accumulate
-                                             as the mean over micro-batches; returns at least "loss"
-                                             and "tokens" (tokens processed); any other numbers
-                                             (a reward, a KL, a margin) are averaged over the
-                                             micro-batches and logged with the step
+    stage.train_step(model) -> dict          draws one micro-batch and runs its forward (the model's
+                                             last forward is the one backward differentiates);
+                                             returns "loss", "tokens" (tokens processed) and
+                                             "weights": the (B, T) weight of each token's loss in
+                                             the stage's objective, sum(weights * losses); any other
+                                             numbers (a reward, a KL, a margin) are averaged over
+                                             the micro-batches and logged with the step
     stage.evaluate(model) -> dict            validation metrics, at least {"val_loss": ...}; every
                                              number in it is logged
     stage.state_dict() / load_state_dict(d)  the data position and RNG state, JSON-serialisable
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import checkpoint, checks, ops
 from .rundir import RunDir, open_run_dir
@@ -101,7 +103,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Stage(Protocol):
-    def train_step(self, model, scale: float) -> dict: ...
+    def train_step(self, model) -> dict: ...
     def evaluate(self, model) -> dict: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, d: dict) -> None: ...
@@ -237,11 +239,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     start_step = 0
     if resume:
         arrays, state = checkpoint.load_training_state(run_dir)
-        saved, _, _ = checkpoint.load_model(run_dir)
-        if saved.params.shape != model.params.shape:
-            raise ValueError(f"{run_dir}: saved model has {saved.params.size} parameters, this "
-                             f"model {model.params.size}; resume needs the same model config")
-        model.params[...] = saved.params
+        checkpoint.load_weights(run_dir, model)     # into this model: it is the one that trains
         start_step = int(state["step"])
         optimizer.load_state(arrays, int(state["adam_t"]))
         stage.load_state_dict(state["stage"])
@@ -270,7 +268,6 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     t_start = time.perf_counter()
@@ -287,7 +284,9 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
                 model.zero_grad()
                 losses, tokens, extras = [], 0, {}
                 for _ in range(cfg.grad_accum):
-                    out = stage.train_step(model, 1.0 / cfg.grad_accum)
+                    out = stage.train_step(model)
+                    # Scaled by 1/grad_accum: the gradients accumulate to the micro-batches' mean.
+                    model.backward(out["weights"] * np.float32(1.0 / cfg.grad_accum))
                     losses.append(float(out["loss"]))
                     tokens += int(out["tokens"])
                     for key, value in _numbers(out, skip=("loss", "tokens")).items():

@@ -13,10 +13,19 @@ PyTorch the forward under torch.autocast("cpu", dtype=torch.bfloat16), its stand
     lmlab bench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
 
 The second measures generation tokens/s with the KV cache against without it.
+
+Efficiency: each run reports the model FLOPs per token, 6N + 12 L C T (PaLM, appendix B; N counts
+every weight matrix a token multiplies through, the tied LM head included), and each row its MFU:
+tokens/s x FLOPs per token over the fastest matmul rate measured in the same run at that precision
+(either library, any of `lmlab bench kernels`'s shapes and products), under the same --isa.
+
+--isa avx2 measures an AVX2 machine on this one: lmlab on its AVX2 kernels (LMLAB_ISA) and PyTorch
+restricted to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), peaks included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,6 +37,22 @@ import numpy as np
 from .ops import MATMUL_PRECISIONS as PRECISIONS
 
 IMPLS = ("lmlab", "pytorch")
+
+# The environment that holds every implementation to one instruction set ("native": none).
+ISA_ENV = {
+    "native": {},
+    "avx2": {"LMLAB_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def model_flops_per_token(cfg: dict) -> float:
+    """Training FLOPs per token, 6N + 12 L C T: N = 12 L C^2 (qkv, attention projection, MLP) +
+    V C (the tied LM head), each weight multiplied once forward and twice backward at 2 FLOPs;
+    12 L C T for the attention scores and their mix over the T positions (full, not causal half)."""
+    L, C, T, V = cfg["n_layer"], cfg["n_embd"], cfg["block_size"], cfg["vocab_size"]
+    n_weights = 12 * L * C * C + V * C
+    return 6.0 * n_weights + 12.0 * L * C * T
 
 
 def _peak_rss_mib() -> float:
@@ -74,8 +99,6 @@ def lmlab_step_fn(cfg: dict, lr: float = 1e-3, precision: str = "fp32"):
 def pytorch_step_fn(cfg: dict, lr: float = 1e-3, precision: str = "fp32"):
     """The same step in PyTorch eager (torch_reference.TorchGPT, torch.optim.AdamW); "bf16" runs
     the forward (and so its backward) under CPU autocast to bfloat16, parameters staying fp32."""
-    import contextlib
-
     import torch
 
     from .model import GPTConfig
@@ -131,7 +154,58 @@ def run_one(impl: str, cfg: dict, steps: int, warmup: int, threads: int,
     tokens = steps * cfg["batch_size"] * cfg["block_size"]
     return {"impl": impl, "precision": precision, "config": cfg, "threads": threads, "steps": steps,
             "tokens_per_s": tokens / dt, "ms_per_step": 1000.0 * dt / steps,
-            "peak_rss_mib": _peak_rss_mib(), "first_loss": losses[0], "last_loss": losses[-1]}
+            "peak_rss_mib": _peak_rss_mib(), "first_loss": losses[0], "last_loss": losses[-1],
+            "isa": _isa_in_use(impl)}
+
+
+def _isa_in_use(impl: str) -> str:
+    """The instruction set the implementation runs on in this process, as it reports it."""
+    if impl == "lmlab":
+        from . import ops
+        return ops.cpu_info()["isa"]
+    import torch
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def peak_matmul(impl: str, precision: str, threads: int, repeat: int = 3) -> dict:
+    """The fastest matmul GFLOP/s of one implementation at one precision (the subprocess body):
+    the forward and both backward products of each `lmlab bench kernels` shape, best of `repeat`.
+    PyTorch's bf16 products take tensors already in bf16 (lmlab's take fp32 and round them)."""
+    from .bench import MATMUL_SHAPES
+    _set_threads(impl, threads)
+    rng = np.random.default_rng(0)
+    best = {"gflops": 0.0}
+    for M, K, N in MATMUL_SHAPES["gpt"]:
+        inp, w, dout = (rng.standard_normal(s, dtype=np.float32) for s in ((M, K), (N, K), (M, N)))
+        if impl == "lmlab":
+            from . import ops
+            out, dinp, dw = (np.zeros(s, np.float32) for s in ((M, N), (M, K), (N, K)))
+            products = {
+                "fwd": lambda: ops.matmul_forward(out, inp, w, precision=precision),
+                "bwd-input": lambda: ops.matmul_backward(dinp, None, None, dout, inp, w,
+                                                         precision=precision, accumulate=False),
+                "bwd-weight": lambda: ops.matmul_backward(None, dw, None, dout, inp, w,
+                                                          precision=precision)}
+        else:
+            import torch
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            ti, tw, td = (torch.from_numpy(x).to(dtype) for x in (inp, w, dout))
+            products = {"fwd": lambda: torch.matmul(ti, tw.T),
+                        "bwd-input": lambda: torch.matmul(td, tw),
+                        "bwd-weight": lambda: torch.matmul(td.T, ti)}
+        for name, fn in products.items():
+            fn()
+            ms = min(_timed_ms(fn) for _ in range(repeat))
+            gflops = 2.0 * M * K * N / ms / 1e6
+            if gflops > best["gflops"]:
+                best = {"gflops": gflops, "impl": impl, "product": f"{name} {M}x{K}x{N}"}
+    return {"peak": best, "precision": precision, "isa": _isa_in_use(impl)}
+
+
+def _timed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return 1000.0 * (time.perf_counter() - t0)
 
 
 def profile_step(cfg: dict, steps: int = 3, threads: int | None = None,
@@ -220,13 +294,18 @@ def torch_available() -> bool:
 
 def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
                 steps: int, vocab_size: int = 65, threads: int | None = None,
-                impls=IMPLS, warmup: int = 2, precisions=("fp32",)) -> list[dict]:
-    """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess.
+                impls=IMPLS, warmup: int = 2, precisions=("fp32",), isa: str = "native",
+                mfu: bool = True) -> list[dict]:
+    """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess,
+    every one under ISA_ENV[isa].
 
     PyTorch is skipped when torch is not installed. Returns one dict per (implementation,
     precision), implementation-major, with impl, precision, config, tokens_per_s, peak_rss_mib,
-    ms_per_step (and threads, steps, losses).
+    ms_per_step, flops_per_token (and threads, steps, losses, isa); with mfu, also each row's mfu
+    and peak (the fastest matmul of any implementation run, at the row's precision).
     """
+    if isa not in ISA_ENV:
+        raise ValueError(f"isa must be one of {tuple(ISA_ENV)}, got {isa!r}")
     for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
                         ("block_size", block_size), ("batch_size", batch_size), ("steps", steps),
                         ("vocab_size", vocab_size)):
@@ -245,21 +324,36 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
         threads = ops.get_num_threads()
     cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                batch_size=batch_size, vocab_size=vocab_size)
+    impls = [i for i in impls if i != "pytorch" or torch_available()]
     rows = []
     for impl in impls:
-        if impl == "pytorch" and not torch_available():
-            continue
         for precision in precisions:
-            spec = json.dumps(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup,
-                                   threads=threads, precision=precision))
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-            proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", spec],
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench_train: the {impl} {precision} run failed:\n"
-                                   f"{proc.stderr[-2000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            row = _child(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup, threads=threads,
+                              precision=precision), threads, isa)
+            row["flops_per_token"] = model_flops_per_token(cfg)
+            rows.append(row)
+    if mfu:
+        for precision in precisions:
+            peaks = [_child(dict(peak=impl, threads=threads, precision=precision), threads, isa)
+                     for impl in impls]
+            peak = max((p["peak"] for p in peaks), key=lambda p: p["gflops"])
+            for row in rows:
+                if row["precision"] == precision:
+                    row["peak"] = peak
+                    row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak["gflops"] * 1e9)
     return rows
+
+
+def _child(spec: dict, threads: int, isa: str) -> dict:
+    """Runs a measurement (run_one or peak_matmul) in a fresh process under ISA_ENV[isa]."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **ISA_ENV[isa])
+    proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        what = spec.get("impl") or f"{spec['peak']} peak matmul"
+        raise RuntimeError(f"bench_train: the {what} {spec['precision']} run failed:\n"
+                           f"{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def speed_ratios(rows: list[dict]) -> list[tuple[str, float]]:
@@ -273,13 +367,16 @@ def speed_ratios(rows: list[dict]) -> list[tuple[str, float]]:
 
 def _child_main(argv) -> None:
     """The subprocess body bench_train starts: `python -m lmlab.trainbench --child SPEC` measures
-    one implementation in one precision and prints its row as JSON."""
+    one implementation in one precision (or the matmul peak) and prints its row as JSON."""
     if len(argv) != 2 or argv[0] != "--child":
         raise SystemExit("usage: python -m lmlab.trainbench --child SPEC (bench_train's "
                          "subprocess; run `lmlab bench train` instead)")
     spec = json.loads(argv[1])
-    print(json.dumps(run_one(spec["impl"], spec["cfg"], spec["steps"], spec["warmup"],
-                             spec["threads"], spec.get("precision", "fp32"))))
+    if "peak" in spec:
+        print(json.dumps(peak_matmul(spec["peak"], spec["precision"], spec["threads"])))
+    else:
+        print(json.dumps(run_one(spec["impl"], spec["cfg"], spec["steps"], spec["warmup"],
+                                 spec["threads"], spec.get("precision", "fp32"))))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ measured against a reference in the same run; the rows are printed as a table or
 
 from __future__ import annotations
 
+import contextlib
 import json
 
-from .. import bench, checks, trainbench
+from .. import bench, checks, ops, trainbench
 
 
 def add_commands(sub) -> None:
@@ -18,7 +19,7 @@ def add_commands(sub) -> None:
     k.add_argument("--repeat", type=int, default=None,
                    help="timed calls per kernel, best taken (default 5)")
     k.add_argument("--shapes", choices=sorted(bench.SIZES), default="gpt",
-                   help="gpt: a 6-layer, 384-wide GPT's shapes; tiny: a seconds-long smoke run")
+                   help="gpt: the docs/DESIGN.md model's shapes; tiny: a seconds-long smoke run")
     k.set_defaults(func=run_bench_kernels)
     t = bsub.add_parser("train", help="training tokens/s and peak memory vs PyTorch, same config")
     _add_train_arguments(t)
@@ -68,6 +69,11 @@ def _add_train_arguments(parser) -> None:
                              "(default)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where one lmlab step's time goes, kernel by kernel")
+    parser.add_argument("--isa", choices=tuple(trainbench.ISA_ENV), default="native",
+                        help="avx2: lmlab on its AVX2 kernels and PyTorch restricted to AVX2, to "
+                             "measure an AVX2 machine on this one (default: native)")
+    parser.add_argument("--no-mfu", dest="mfu", action="store_false",
+                        help="skip measuring the matmul peak that MFU is relative to")
 
 
 def run_bench_train(args) -> list:
@@ -78,15 +84,23 @@ def run_bench_train(args) -> list:
     rows = trainbench.bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size,
                                   args.batch_size, args.steps, vocab_size=args.vocab_size,
                                   threads=args.threads, impls=tuple(args.impl or trainbench.IMPLS),
-                                  warmup=args.warmup, precisions=precisions)
+                                  warmup=args.warmup, precisions=precisions, isa=args.isa,
+                                  mfu=args.mfu)
     for r in rows:
         if args.json:
             print(json.dumps(r), flush=True)
         else:
+            mfu = f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""
             print(f"{r['impl']:8s} {r['precision']:5s} {r['tokens_per_s']:10.0f} tokens/s  "
                   f"{r['ms_per_step']:8.1f} ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
-                  f"({r['threads']} threads)")
-    if not args.json:
+                  f"({r['threads']} threads, {r['isa']}){mfu}")
+    if not args.json and rows:
+        print(f"model FLOPs per token (6N + 12LCT): {rows[0]['flops_per_token'] / 1e6:.2f} M")
+        for p in precisions:
+            peak = next((r["peak"] for r in rows if r["precision"] == p and "peak" in r), None)
+            if peak is not None:
+                print(f"fastest {p} matmul in this run: {peak['gflops']:.0f} GFLOP/s "
+                      f"({peak['impl']}, {peak['product']})")
         for label, ratio in trainbench.speed_ratios(rows):
             print(f"{label}: {ratio:.2f}x")
     if args.profile:
@@ -94,8 +108,10 @@ def run_bench_train(args) -> list:
                    block_size=args.block_size, batch_size=args.batch_size,
                    vocab_size=args.vocab_size)
         for p in precisions:
-            prof = trainbench.profile_step(cfg, steps=max(1, min(args.steps, 5)),
-                                           threads=args.threads, precision=p)
+            variant = ops.use_isa("avx2") if args.isa == "avx2" else contextlib.nullcontext()
+            with variant:
+                prof = trainbench.profile_step(cfg, steps=max(1, min(args.steps, 5)),
+                                               threads=args.threads, precision=p)
             total = sum(ms for _, ms, _ in prof)
             if not args.json:
                 print(f"lmlab {p} step, kernel by kernel:")
