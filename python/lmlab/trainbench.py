@@ -367,7 +367,7 @@ def speed_ratios(rows: list[dict]) -> list[tuple[str, float]]:
 
 def _child_main(argv) -> None:
     """The subprocess body bench_train starts: `python -m lmlab.trainbench --child SPEC` measures
-    one implementation in one precision and prints its row as JSON."""
+    one implementation in one precision (or the matmul peak) and prints its row as JSON."""
     if len(argv) != 2 or argv[0] != "--child":
         raise SystemExit("usage: python -m lmlab.trainbench --child SPEC (bench_train's "
                          "subprocess; run `lmlab bench train` instead)")

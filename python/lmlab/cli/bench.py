@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
     k.add_argument("--repeat", type=int, default=None,
                    help="timed calls per kernel, best taken (default 5)")
     k.add_argument("--shapes", choices=sorted(bench.SIZES), default="gpt",
-                   help="gpt: a 6-layer, 384-wide GPT's shapes; tiny: a seconds-long smoke run")
+                   help="gpt: the docs/DESIGN.md model's shapes; tiny: a seconds-long smoke run")
     k.set_defaults(func=run_bench_kernels)
     t = bsub.add_parser("train", help="training tokens/s and peak memory vs PyTorch, same config")
     _add_train_arguments(t)
