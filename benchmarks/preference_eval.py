@@ -29,7 +29,8 @@ from lmlab.rankings import load_rankings, preference_pairs
 from lmlab.reward_model import RewardModel, reward
 from lmlab.rl import rlhf
 from lmlab.sequences import prompt_ids_for, sample_completion
-from lmlab.checkpoint import load_model, read_metrics
+from lmlab.checkpoint import load_model
+from lmlab.metrics import read_metrics
 from lmlab.data import load_corpus
 from lmlab.pretrain import pretrain
 from lmlab.rank import run_session

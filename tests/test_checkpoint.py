@@ -16,8 +16,8 @@ import pytest
 import safetensors.numpy
 
 from lmlab import checkpoint
-from lmlab.checkpoint import (append_metrics, load_model, load_training_state,
-                              plot_loss, read_metrics, save_run, truncate_metrics)
+from lmlab.checkpoint import load_model, load_training_state, save_run
+from lmlab.metrics import append_metrics, plot_loss, read_metrics, truncate_metrics
 from lmlab.errors import CheckpointError
 from lmlab.files import atomic_write, atomic_write_bytes
 from lmlab.model import GPT, GPTConfig

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import pytest
 
-from lmlab import checkpoint
+from lmlab import checkpoint, metrics
 from lmlab.cli import main
 
 from flat_run import flatten
@@ -105,7 +105,7 @@ def _outcome(run) -> dict:
     """Everything a resumed run must reproduce bit for bit."""
     model, _, config = checkpoint.load_model(run)
     optimizer, state = checkpoint.load_training_state(run)
-    rows = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in checkpoint.read_metrics(run)]
+    rows = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics.read_metrics(run)]
     return {"params": model.params.tobytes(), "m": optimizer["m"].tobytes(),
             "v": optimizer["v"].tobytes(), "state": state, "metrics": rows, "train": config["train"],
             "checkpoints": [s for s, _ in checkpoint.list_checkpoints(run)],

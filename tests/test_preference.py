@@ -15,7 +15,7 @@ from lmlab import rankings as rk
 from lmlab import reward_model as rwd
 from lmlab import rl
 from lmlab import sequences as sq
-from lmlab.checkpoint import read_metrics
+from lmlab.metrics import read_metrics
 from lmlab.errors import RunDirError
 from lmlab.cli import build_parser, main
 from lmlab.model import GPT, GPTConfig

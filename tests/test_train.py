@@ -3,14 +3,13 @@ gradient accumulation, and the bf16 matmul precision (learning, thread determini
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 
 import numpy as np
 import pytest
 
-from lmlab import checkpoint, ops
+from lmlab import checkpoint, metrics, ops
 from lmlab.errors import CheckpointError, RunDirError
 from lmlab.model import GPT, GPTConfig
 from lmlab.pretrain import LanguageModelingStage, pretrain
@@ -85,7 +84,7 @@ def test_loss_falls_well_below_start(tmp_path):
     start = stage.evaluate(model)["val_loss"]
     result = train(model, stage, quiet(steps=150), tmp_path / "run", tokenizer=tok)
     assert result.val_loss < 0.5 * start
-    rows = checkpoint.read_metrics(tmp_path / "run")
+    rows = metrics.read_metrics(tmp_path / "run")
     assert rows[-1]["step"] == 150 and "val_loss" in rows[-1]
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -140,11 +139,11 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, capsys, precision):
     assert model_c.matmul_precision == precision
     assert checkpoint.read_config(tmp_path / "b")["train"]["precision"] == precision
     assert np.array_equal(model_a.params, model_c.params)
-    steps_a = [r["step"] for r in checkpoint.read_metrics(tmp_path / "a")]
-    steps_b = [r["step"] for r in checkpoint.read_metrics(tmp_path / "b")]
+    steps_a = [r["step"] for r in metrics.read_metrics(tmp_path / "a")]
+    steps_b = [r["step"] for r in metrics.read_metrics(tmp_path / "b")]
     assert steps_a == steps_b
-    loss_a = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "a")]
-    loss_b = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "b")]
+    loss_a = [r["loss"] for r in metrics.read_metrics(tmp_path / "a")]
+    loss_b = [r["loss"] for r in metrics.read_metrics(tmp_path / "b")]
     assert loss_a == loss_b
 
 

@@ -1,5 +1,6 @@
-"""Checkpoints of a run: writing one as a unit, reading one back with every file checked, and the
-metrics and loss plot beside them (rundir.py holds the run directory's layout and opening rules).
+"""Checkpoints of a run: writing one as a unit, reading one back with every file checked
+(rundir.py holds the run directory's layout and opening rules, tensorfile.py the safetensors
+format, metrics.py the metrics and loss plot beside the checkpoints).
 
 A checkpoint is a directory, checkpoints/step_N/, holding
   model.safetensors      weights under GPT-2 names (model.named_parameters())
@@ -31,26 +32,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
-import struct
 import uuid
 from pathlib import Path
-
-import numpy as np
 
 from . import rundir
 from .errors import CheckpointError
 from .model import GPT, GPTConfig, parameter_layout
+from .tensorfile import read_metadata, read_safetensors, safetensors_bytes, tensor_dict
 from .tokenizer import Tokenizer
-from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, json_default,
-                    json_text, write_error, write_new_file)
-from .rundir import (CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, CURRENT_FILE, LOSS_PLOT_FILE,
-                     METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, SAVE_OLD_PREFIX, SAVE_TEMP_PREFIX,
-                     STATE_FILE, TOKENIZER_FILE)
+from .files import atomic_write_json, fsync_dir, json_text, write_error, write_new_file
+from .rundir import (CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, CURRENT_FILE, MODEL_FILE,
+                     OPTIMIZER_FILE, SAVE_OLD_PREFIX, SAVE_TEMP_PREFIX, STATE_FILE, TOKENIZER_FILE)
 
 # Bounds on a saved model config, checked before anything is allocated: far above any model a CPU
 # trains, far below what would exhaust memory.
@@ -59,7 +55,6 @@ MAX_BLOCK = 1 << 16
 MAX_LAYERS = 1024
 MAX_EMBD = 1 << 15
 MAX_PARAMS = 1 << 31   # 8 GiB of float32 weights
-MAX_HEADER = 1 << 26   # bytes of a safetensors JSON header
 MAX_JSON = 1 << 28     # bytes of config.json, state.json, tokenizer.json, current.json
 
 
@@ -235,95 +230,6 @@ def saved_precision(config: dict) -> str:
 # -- safetensors, read with checks ----------------------------------------------------------------
 
 
-def _read_header(f, path: Path, size: int, hasher) -> tuple:
-    """(tensors {name: (shape, start, end)} in file order, metadata, data start), all checked."""
-    if size < 8:
-        raise CheckpointError(f"{path} is truncated: {size} bytes, not even a safetensors header")
-    raw = f.read(8)
-    hasher.update(raw)
-    (n,) = struct.unpack("<Q", raw)
-    if n > min(size - 8, MAX_HEADER):
-        raise CheckpointError(f"{path} is truncated or not a safetensors file: its header claims "
-                              f"{n} bytes, the file holds {size}")
-    raw = f.read(n)
-    hasher.update(raw)
-    header = _parse_json(path, raw)
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    tensors, spans = {}, []
-    for name, t in header.items():
-        ok = (isinstance(t, dict) and isinstance(t.get("shape"), list)
-              and all(_is_int(d) and d >= 0 for d in t["shape"])
-              and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
-              and all(_is_int(o) for o in t["data_offsets"]))
-        if not ok:
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
-        if t.get("dtype") != "F32":
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.get('dtype')}, expected F32 "
-                                  "(float32)")
-        shape, (start, end) = tuple(t["shape"]), t["data_offsets"]
-        if not 0 <= start <= end or end - start != 4 * math.prod(shape):
-            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} has data offsets "
-                                  f"[{start}, {end}], which do not hold it")
-        tensors[name] = (shape, start, end)
-        spans.append((start, end))
-    spans.sort()
-    pos = 0
-    for start, end in spans:
-        if start != pos:
-            raise CheckpointError(f"{path}: tensor data overlaps or leaves a gap at byte {pos}")
-        pos = end
-    if pos != data_len:
-        what = "truncated" if pos > data_len else "longer than its header says"
-        raise CheckpointError(f"{path} is {what}: the header describes {pos} bytes of tensor data, "
-                              f"the file holds {data_len}")
-    return tensors, meta, 8 + n
-
-
-def _read_safetensors(path: Path, expected: dict | None = None, digest: dict | None = None,
-                      targets=None) -> tuple:
-    """({name: float32 array}, metadata) of a safetensors file. With `expected` ({name: shape})
-    the header's names and shapes must match it, and then `targets()` gives the arrays the data
-    is read straight into (so nothing is allocated before the header has been checked)."""
-    hasher = hashlib.sha256()
-    try:
-        size = path.stat().st_size
-        if digest is not None and size != digest["bytes"]:
-            raise CheckpointError(f"{path} is {size} bytes, but {CONFIG_FILE} recorded "
-                                  f"{digest['bytes']}: the file is truncated or was replaced")
-        with open(path, "rb") as f:
-            tensors, meta, data_start = _read_header(f, path, size, hasher)
-            if expected is not None:
-                missing = sorted(set(expected) - set(tensors))
-                unexpected = sorted(set(tensors) - set(expected))
-                if missing or unexpected:
-                    raise CheckpointError(f"{path} does not match {CONFIG_FILE}'s model: missing tensors "
-                                          f"{missing[:8]}, unexpected tensors {unexpected[:8]}")
-                for name, shape in expected.items():
-                    if tensors[name][0] != shape:
-                        raise CheckpointError(f"{path}: tensor {name!r} has shape {tensors[name][0]}, "
-                                              f"but {CONFIG_FILE}'s model needs {shape}")
-            into = targets() if targets is not None else {}
-            out = {}
-            for name, (shape, start, end) in sorted(tensors.items(), key=lambda kv: kv[1][1]):
-                a = into[name] if name in into else np.empty(shape, np.float32)
-                buf = memoryview(a.reshape(-1)).cast("B")
-                if f.readinto(buf) != end - start:
-                    raise CheckpointError(f"{path} is truncated in tensor {name!r}")
-                hasher.update(buf)
-                if not np.all(np.isfinite(a)):
-                    raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
-                out[name] = a
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    if digest is not None and hasher.hexdigest() != digest["sha256"]:
-        raise CheckpointError(f"{path} is corrupted: its SHA-256 differs from the one {CONFIG_FILE} "
-                              "recorded when it was saved")
-    return out, meta
-
-
 def _digest_of(config: dict, name: str):
     return ((config.get("checkpoint") or {}).get("files") or {}).get(name)
 
@@ -370,7 +276,7 @@ def load_model(run_dir):
         made.append(GPT(mcfg, matmul_precision=precision))
         return made[0].named_parameters()
 
-    _read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+    read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
                       allocate)
     return made[0], tokenizer, config
 
@@ -385,7 +291,7 @@ def load_weights(run_dir, model) -> None:
     if mcfg != model.config:
         raise CheckpointError(f"{d / CONFIG_FILE} holds the model {mcfg}, but the model to resume is "
                               f"{model.config}; a resume needs the run's own model config")
-    _read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+    read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
                       model.named_parameters)
 
 
@@ -404,15 +310,10 @@ def load_training_state(run_dir):
     optimizer, ids = {}, {}
     if saved.get("has_optimizer"):
         _required(d, [OPTIMIZER_FILE])
-        optimizer, meta = _read_safetensors(d / OPTIMIZER_FILE, None, _digest_of(config, OPTIMIZER_FILE))
+        optimizer, meta = read_safetensors(d / OPTIMIZER_FILE, None, _digest_of(config, OPTIMIZER_FILE))
         ids[OPTIMIZER_FILE] = meta.get("save_id")
     if "save_id" in saved:  # a flat-layout run: its files were written one by one
-        try:
-            with open(d / MODEL_FILE, "rb") as f:
-                _, meta, _ = _read_header(f, d / MODEL_FILE, os.fstat(f.fileno()).st_size, hashlib.sha256())
-        except OSError as e:
-            raise CheckpointError(f"cannot read {d / MODEL_FILE}: {e.strerror}") from None
-        ids[MODEL_FILE] = meta.get("save_id")
+        ids[MODEL_FILE] = read_metadata(d / MODEL_FILE).get("save_id")
         stale = [n for n, i in ids.items() if i != saved["save_id"]]
         if stale:
             raise CheckpointError(f"{d}: {', '.join(stale)} and {STATE_FILE} come from different saves "
@@ -421,26 +322,6 @@ def load_training_state(run_dir):
 
 
 # -- saving -----------------------------------------------------------------------------------------
-
-
-def _tensor_dict(arrays, what: str) -> dict:
-    if not isinstance(arrays, dict):
-        raise TypeError(f"{what} must be a dict of name -> numpy array, got {type(arrays).__name__}")
-    out = {}
-    for name, a in arrays.items():
-        if not isinstance(name, str):
-            raise TypeError(f"{what} keys must be str, got {name!r}")
-        a = np.asarray(a)
-        if a.dtype != np.float32:
-            raise TypeError(f"{what}[{name!r}] must be a float32 array, got dtype {a.dtype}")
-        out[name] = np.ascontiguousarray(a)
-    return out
-
-
-def _safetensors_bytes(arrays: dict) -> bytes:
-    from safetensors.numpy import save
-
-    return save(arrays, metadata={"format": "lmlab"})
 
 
 def _current_name(run: Path):
@@ -464,7 +345,7 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
     from . import __version__
 
     run = Path(os.fspath(run_dir))
-    weights = _tensor_dict(model.named_parameters(), "model.named_parameters()")
+    weights = tensor_dict(model.named_parameters(), "model.named_parameters()")
     if state is not None and not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     step = int(state.get("step", 0)) if state else 0
@@ -472,9 +353,9 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         raise ValueError(f"state['step'] must be >= 0, got {step}")
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
-    contents = {MODEL_FILE: _safetensors_bytes(weights)}
+    contents = {MODEL_FILE: safetensors_bytes(weights)}
     if optimizer is not None:
-        contents[OPTIMIZER_FILE] = _safetensors_bytes(_tensor_dict(optimizer, "optimizer"))
+        contents[OPTIMIZER_FILE] = safetensors_bytes(tensor_dict(optimizer, "optimizer"))
     contents[TOKENIZER_FILE] = tokenizer.to_str().encode("utf-8")
     if state is not None:
         contents[STATE_FILE] = json_text({"has_optimizer": optimizer is not None,
@@ -566,114 +447,3 @@ def prune_checkpoints(run_dir, keep: int | None) -> list:
         os.rename(d, trash)
         shutil.rmtree(trash)
     return [d.name for d in removed]
-
-
-# -- metrics and the loss plot --------------------------------------------------------------------
-
-
-def append_metrics(run_dir, row: dict) -> None:
-    """Append one JSON object as a line of metrics.jsonl (created on first use; never through a
-    symbolic link)."""
-    if not isinstance(row, dict):
-        raise TypeError(f"row must be a dict, got {type(row).__name__}")
-    run_dir = os.fspath(run_dir)
-    path = os.path.join(run_dir, METRICS_FILE)
-    line = (json.dumps(row, default=json_default) + "\n").encode("utf-8")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        with os.fdopen(fd, "r+b") as f:
-            _drop_torn_tail(f)
-            # One write of a whole line at the end: a crash can at worst leave a torn last line,
-            # which read_metrics ignores and the next append removes.
-            f.seek(0, os.SEEK_END)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise write_error(path, e) from None
-
-
-def _drop_torn_tail(f) -> None:
-    f.seek(0)
-    data = f.read()
-    if data and not data.endswith(b"\n"):
-        f.truncate(data.rfind(b"\n") + 1)
-
-
-def read_metrics(run_dir) -> list:
-    """Rows of metrics.jsonl ([] if there is none yet); a torn final line (no newline) is ignored."""
-    path = os.path.join(os.fspath(run_dir), METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            complete = f.read().split("\n")[:-1]  # the last piece is "" or a torn line
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    rows = []
-    for lineno, line in enumerate(complete, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    return rows
-
-
-def truncate_metrics(run_dir, max_step: int) -> bool:
-    """Keep only rows with step <= max_step (a resumed run logs what came after its checkpoint
-    again). Rewrites the file only when there is something to drop; returns whether it did."""
-    rows = read_metrics(run_dir)
-    keep = [r for r in rows if not isinstance(r, dict) or r.get("step", 0) <= max_step]
-    if len(keep) == len(rows):
-        return False
-    text = "".join(json.dumps(r, default=json_default) + "\n" for r in keep)
-    atomic_write_text(os.path.join(os.fspath(run_dir), METRICS_FILE), text)
-    return True
-
-
-def plot_loss(run_dir, path=None):
-    """Write loss.png: "loss" and "val_loss" against "step", "lr" on a twin axis. Returns the path,
-    or None when metrics.jsonl has no loss yet."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    run_dir = os.fspath(run_dir)
-    rows = [r for r in read_metrics(run_dir) if "step" in r]
-
-    def series(key):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    train, val, lr = series("loss"), series("val_loss"), series("lr")
-    if not train[0] and not val[0]:
-        return None
-    # Figure + Agg canvas directly: no pyplot global state, no display needed.
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if train[0]:
-        ax.plot(*train, label="train loss", color="tab:blue", linewidth=1)
-    if val[0]:
-        ax.plot(*val, label="val loss", color="tab:orange", marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if lr[0]:
-        ax2 = ax.twinx()
-        ax2.plot(*lr, label="lr", color="tab:gray", linestyle="--", linewidth=1)
-        ax2.set_ylabel("learning rate")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    out = os.fspath(path) if path is not None else os.path.join(run_dir, LOSS_PLOT_FILE)
-    atomic_write_bytes(out, buf.getvalue())
-    return out

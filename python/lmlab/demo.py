@@ -31,6 +31,10 @@ _MODEL_VIEWS = ("loss", "sampling", "training", "embeddings")
 def __getattr__(name):
     # the model views import lmlab.model / sample / checkpoint: only load them when asked for
     if name in _MODEL_VIEWS:
+        if name == "training":
+            from .demo_training import training
+
+            return training
         from . import demo_model
 
         return getattr(demo_model, name)

@@ -185,3 +185,9 @@ def format_table(header: list[str], rows: list[list], *, indent: str = "  ") -> 
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def clip_text(text: str, width: int) -> str:
+    """One visible line of at most `width` characters (textwrap.shorten drops a line with no spaces)."""
+    shown = token_label(text)
+    return shown if len(shown) <= width else shown[: width - 1] + "\u2026"

@@ -14,17 +14,8 @@ import math
 
 import numpy as np
 
-from .demo_common import (
-    DemoResult,
-    check_float,
-    check_int,
-    format_table,
-    new_figure,
-    out_dir,
-    save_gif,
-    save_png,
-    write_text,
-)
+from .demo_common import (DemoResult, check_float, check_int, format_table, new_figure, out_dir,
+                          save_gif, save_png, write_text)
 
 DEFAULT_LRS = (0.05, 0.3, 0.9, 1.05)  # slow and steady; good; overshoots and oscillates; diverges
 ESCAPE = 1e12  # a diverging path past this |x| has left every chart; stop instead of overflowing

@@ -14,7 +14,6 @@ embeddings:  the nearest tokens to one token by cosine similarity of wte rows, a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .demo_common import (
     ansi_background,
     check_float,
     check_int,
+    clip_text,
     confidence_rgb,
     format_table,
     new_figure,
@@ -61,12 +61,6 @@ def _log_softmax64(logits: np.ndarray) -> np.ndarray:
 
 def _piece(tokenizer, i: int) -> str:
     return tokenizer.decode(np.array([i], np.int32))
-
-
-def _clip(text: str, width: int) -> str:
-    """One visible line of at most `width` characters (textwrap.shorten drops a line with no spaces)."""
-    shown = token_label(text)
-    return shown if len(shown) <= width else shown[: width - 1] + "\u2026"
 
 
 def _rgb01(p: float) -> tuple[float, float, float]:
@@ -172,7 +166,7 @@ def loss(source, text: str, out, *, colour: bool | None = None) -> DemoResult:
 # next-token distribution and sampling
 
 
-def _prompt_ids(tokenizer, prompt: str) -> np.ndarray:
+def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be str, got {type(prompt).__name__}")
     ids = np.asarray(tokenizer.encode(prompt), np.int32)
@@ -201,7 +195,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     seed = check_int("seed", seed, 0)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     out = out_dir(out)
-    ids = _prompt_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt)
 
     probs = np.asarray(next_token_distribution(model, ids), np.float64)
     V = probs.size
@@ -249,7 +243,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     for row, (name, t) in enumerate(texts):
         y = 1 - (row + 0.5) / len(texts)
         ax.text(0.0, y, name, fontsize=9, fontweight="bold", va="center", transform=ax.transAxes)
-        ax.text(0.2, y, _clip(t, 110), fontsize=9, family="monospace", va="center", transform=ax.transAxes)
+        ax.text(0.2, y, clip_text(t, 110), fontsize=9, family="monospace", va="center", transform=ax.transAxes)
     files["samples"] = save_png(fig, out / "sampling_samples.png")
 
     steps = None
@@ -315,143 +309,12 @@ def _generation_gif(model, tokenizer, prompt_ids, new_ids, path: Path, max_frame
         ax_text.clear()
         ax_text.axis("off")
         so_far = tokenizer.decode(new_ids[: k + 1])
-        ax_text.text(0.0, 0.75, "prompt: " + _clip(prompt_text[-60:], 70), fontsize=9, transform=ax_text.transAxes)
-        ax_text.text(0.0, 0.3, "generated: " + _clip(so_far[-70:], 80), fontsize=10, family="monospace",
+        ax_text.text(0.0, 0.75, "prompt: " + clip_text(prompt_text[-60:], 70), fontsize=9, transform=ax_text.transAxes)
+        ax_text.text(0.0, 0.3, "generated: " + clip_text(so_far[-70:], 80), fontsize=10, family="monospace",
                      color="tab:blue", transform=ax_text.transAxes)
         return []
 
     return save_gif(fig, update, len(steps), path, fps=2.0), steps
-
-
-# ---------------------------------------------------------------------------------------------
-# training as it happens
-
-
-def read_metrics_rows(path) -> list[dict]:
-    """Rows of a metrics.jsonl file; a torn last line (a run interrupted mid-write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}: train a run first (lmlab pretrain ...)")
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):
-                continue
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or "step" not in row or "loss" not in row:
-            raise ValueError(f"{path}:{lineno}: each row needs at least 'step' and 'loss', got {line[:80]!r}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no metrics rows yet")
-    return rows
-
-
-def find_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """(step, directory) of each checkpoints/step_N/ of a run but the current one (the final
-    model), in step order."""
-    from .checkpoint import current_checkpoint, list_checkpoints
-
-    try:
-        current = current_checkpoint(run_dir)
-    except (OSError, ValueError):
-        current = None
-    return [(step, d) for step, d in list_checkpoints(run_dir) if d != current]
-
-
-def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int = 60, seed: int = 0) -> DemoResult:
-    """Loss curves and learning rate of a run, and one sample (same prompt, same seed) per checkpoint.
-
-    source: a run directory (its metrics.jsonl, checkpoints/step_*/ and final model are used), or a
-    (model, tokenizer) pair with `metrics` naming a metrics.jsonl file (then only that model samples).
-    """
-    from .sample import generate
-
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    seed = check_int("seed", seed, 0)
-    out = out_dir(out)
-    if isinstance(source, (str, os.PathLike)):
-        run_dir = Path(source)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"run directory not found: {run_dir}")
-        rows = read_metrics_rows(metrics if metrics is not None else run_dir / "metrics.jsonl")
-        stages = [(step, d) for step, d in find_checkpoints(run_dir)]
-        final = (int(rows[-1]["step"]), run_dir)
-        if not stages or stages[-1][0] < final[0]:
-            stages.append(final)
-    else:
-        if metrics is None:
-            raise ValueError("training with a (model, tokenizer) pair needs metrics= a metrics.jsonl path")
-        rows = read_metrics_rows(metrics)
-        stages = [(int(rows[-1]["step"]), resolve_model(source))]
-
-    samples = []
-    for step, where in stages:
-        model, tokenizer = resolve_model(where)
-        ids = _prompt_ids(tokenizer, prompt)
-        text = tokenizer.decode(generate(model, ids, max_new_tokens, temperature=1.0, seed=seed))
-        samples.append({"step": step, "source": str(where) if not isinstance(where, tuple) else "model", "text": text})
-
-    steps = np.array([r["step"] for r in rows], np.int64)
-    train_loss = np.array([r["loss"] for r in rows], np.float64)
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    lr_rows = [(r["step"], r["lr"]) for r in rows if r.get("lr") is not None]
-
-    fig = new_figure(11, 4.6 + 0.4 * len(samples))
-    ax, ax_text = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3.6, 0.4 + 0.4 * len(samples)]})
-    ax.plot(steps, train_loss, color="tab:blue", lw=1.4, label="training loss")
-    if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", ms=4, lw=1.4, label="validation loss (held-out text)")
-    for step, _ in stages:
-        ax.axvline(step, color="0.6", ls=":", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (cross-entropy)")
-    ax.set_title("Training as it happens: the loss falls as gradient descent nudges the weights", fontsize=11)
-    handles, names = ax.get_legend_handles_labels()
-    if lr_rows:
-        ax_lr = ax.twinx()
-        (lr_line,) = ax_lr.plot(*zip(*lr_rows), color="tab:green", ls="--", lw=1.2, label="learning rate (right axis)")
-        ax_lr.set_ylabel("learning rate")
-        handles.append(lr_line)
-        names.append(lr_line.get_label())
-    ax.legend(handles, names, fontsize=8, loc="upper right")
-    ax.grid(True, alpha=0.3)
-    ax_text.axis("off")
-    ax_text.set_title(f"a sample at each checkpoint (dotted lines), same prompt and seed {seed}", fontsize=10, loc="left")
-    for row, s in enumerate(samples):
-        y = 1 - (row + 0.5) / len(samples)
-        ax_text.text(0.0, y, f"step {s['step']}", fontsize=9, fontweight="bold", va="center", transform=ax_text.transAxes)
-        ax_text.text(0.12, y, _clip(s["text"], 115), fontsize=8.5,
-                     family="monospace", va="center", transform=ax_text.transAxes)
-    files = {"figure": save_png(fig, out / "training.png")}
-
-    table_rows = [[int(r["step"]), float(r["loss"]), float(r["val_loss"]) if r.get("val_loss") is not None else "",
-                   float(r["lr"]) if r.get("lr") is not None else "",
-                   float(r["tokens_per_s"]) if r.get("tokens_per_s") is not None else ""] for r in rows]
-    if len(table_rows) > 12:  # the start, the end and a few between (rows with a val loss first) show the trend
-        with_val = [i for i, r in enumerate(rows) if r.get("val_loss") is not None]
-        pool = with_val if len(with_val) >= 6 else list(range(len(rows)))
-        pick = sorted({0, len(rows) - 1, *(pool[i] for i in np.linspace(0, len(pool) - 1, 10).round().astype(int))})
-        table_rows = [table_rows[i] for i in pick]
-    table = (format_table(["step", "loss", "val loss", "lr", "tokens/s"], table_rows) + "\n\n"
-             + "\n".join(f"  step {s['step']:>6}: {s['text']!r}" for s in samples))
-    explanation = (
-        "Training as it happens. Each step measures the loss on a batch of text and moves every weight\n"
-        "a little against its gradient; the learning rate (the dashed line) sets how far.\n"
-        "The validation loss is measured on text the model never trains on: while it falls with the\n"
-        "training loss the model is learning the language, not memorising its batches. The samples,\n"
-        "taken with the same prompt and seed at each checkpoint, show the same progress in words.\n"
-        f"  {len(rows)} logged steps; loss {train_loss[0]:.3f} -> {train_loss[-1]:.3f}"
-        + (f"; validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f}" if val else "; no validation loss logged")
-        + ("" if len(stages) > 1 else "\n  (no checkpoints/step_*/ directories in this run: samples from the final model only)")
-    )
-    files["text"] = write_text(out / "training.txt", explanation + "\n\n" + table + "\n")
-    numbers = {"steps": steps, "loss": train_loss, "val": val, "lr": lr_rows, "samples": samples}
-    return DemoResult("training", files, numbers, explanation, table)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 from safetensors.numpy import load, save
 
-from .checkpoint import (append_metrics, current_checkpoint, load_model, read_checkpoint_file,
-                         save_run)
+from .checkpoint import current_checkpoint, load_model, read_checkpoint_file, save_run
+from .metrics import append_metrics
 from .rankings import load_rankings, pairs_from_ranking, ranking_paths, split_records
 from .sequences import encode_pair, log_sigmoid, sigmoid
 from .stage import StageResult, open_stage

@@ -33,7 +33,7 @@ from typing import Optional, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, checks, ops
+from . import checkpoint, checks, metrics, ops
 from .rundir import RunDir, open_run_dir
 
 
@@ -244,7 +244,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
         optimizer.load_state(arrays, int(state["adam_t"]))
         stage.load_state_dict(state["stage"])
         # Rows logged after the checkpoint are logged again by the resumed run.
-        checkpoint.truncate_metrics(run_dir, start_step)
+        metrics.truncate_metrics(run_dir, start_step)
         if start_step >= cfg.steps:
             print(f"lmlab: {run_dir} already finished {start_step} of {cfg.steps} steps",
                   file=sys.stderr)
@@ -319,7 +319,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
                     window_t, window_tokens = now, 0
                     row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": tps, **extras, **evaluation}
-                    checkpoint.append_metrics(run_dir, row)
+                    metrics.append_metrics(run_dir, row)
                     if bar is not None:
                         post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
                         if val_loss is not None:
@@ -345,7 +345,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
 def _plot(run_dir: Path) -> None:
     try:
-        checkpoint.plot_loss(run_dir)
+        metrics.plot_loss(run_dir)
     except Exception as exc:  # a plot is a convenience; never lose a finished run over it
         print(f"lmlab: could not draw loss.png ({exc})", file=sys.stderr)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import demo_model
+from .. import demo_model, demo_training
 from ..demo_descent import DEFAULT_LRS, descent, landscape
 
 
@@ -103,7 +103,7 @@ def run_demo(args) -> int:
                 top_p=args.top_p, show=args.show, samples=args.samples, seed=args.seed,
                 max_new_tokens=args.max_new_tokens, gif=not args.no_gif)
         elif view == "training":
-            result = demo_model.training(args.run, args.out, prompt=args.prompt,
+            result = demo_training.training(args.run, args.out, prompt=args.prompt,
                                          max_new_tokens=args.max_new_tokens, seed=args.seed)
         elif view == "embeddings":
             result = demo_model.embeddings(args.run, args.token, args.out, k=args.neighbours, labels=args.labels)
