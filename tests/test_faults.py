@@ -532,3 +532,16 @@ def test_a_damaged_token_cache_is_rebuilt(world, partial, capsys):
     finally:
         for p, data in saved.items():
             p.write_bytes(data)
+
+
+def test_a_hand_edited_flat_layout_state_is_refused_in_one_line(world, partial, capsys):
+    """Flat-layout runs carry no checksums, so a state.json edited by hand is only caught when the
+    trainer reads it: one line naming the file, exit 2, no traceback."""
+    flatten(partial)
+    state_path = partial / "state.json"
+    saved = json.loads(state_path.read_text())
+    del saved["state"]["adam_t"]
+    state_path.write_text(json.dumps(saved))
+    rc, _, err = _cli(capsys, *world.args(partial, "--resume"))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "state.json does not hold this stage's trainer state" in err and "Traceback" not in err

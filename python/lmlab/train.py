@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint, checks, metrics, ops
+from .errors import CheckpointError
 from .rundir import RunDir, open_run_dir
 
 
@@ -240,9 +241,15 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     if resume:
         arrays, state = checkpoint.load_training_state(run_dir)
         checkpoint.load_weights(run_dir, model)     # into this model: it is the one that trains
-        start_step = int(state["step"])
-        optimizer.load_state(arrays, int(state["adam_t"]))
-        stage.load_state_dict(state["stage"])
+        try:
+            start_step = int(state["step"])
+            optimizer.load_state(arrays, int(state["adam_t"]))
+            stage.load_state_dict(state["stage"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            # A state.json edited by hand (new checkpoints are checksummed; flat-layout ones are not).
+            raise CheckpointError(f"{checkpoint.current_checkpoint(run_dir) / 'state.json'} does not "
+                                  f"hold this stage's trainer state ({type(e).__name__}: {e}); "
+                                  "cannot resume exactly") from None
         # Rows logged after the checkpoint are logged again by the resumed run.
         metrics.truncate_metrics(run_dir, start_step)
         if start_step >= cfg.steps:
