@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import rundir
 from .errors import CheckpointError
-from .model import GPT, GPTConfig, parameter_layout
+from .model import GPT, GPTConfig, check_precision, parameter_layout
 from .tensorfile import read_metadata, read_safetensors, safetensors_bytes, tensor_dict
 from .tokenizer import Tokenizer
 from .files import atomic_write_json, fsync_dir, json_text, write_error, write_new_file
@@ -223,7 +223,6 @@ def saved_precision(config: dict) -> str:
     is recorded (runs from before lmlab had a choice, and runs that never trained)."""
     train = config.get("train")
     precision = train.get("precision", "fp32") if isinstance(train, dict) else "fp32"
-    from .model import check_precision
     return check_precision(precision, "config.json's train.precision")
 
 

@@ -14,6 +14,7 @@ from .demo_common import (DemoResult, check_int, clip_text, format_table, new_fi
                           write_text)
 from .demo_model import prompt_ids, resolve_model
 from .metrics import read_metrics_file
+from .sample import generate
 
 
 
@@ -47,8 +48,6 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
     source: a run directory (its metrics.jsonl, checkpoints/step_*/ and final model are used), or a
     (model, tokenizer) pair with `metrics` naming a metrics.jsonl file (then only that model samples).
     """
-    from .sample import generate
-
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     seed = check_int("seed", seed, 0)
     out = out_dir(out)
