@@ -1,4 +1,5 @@
-"""Teaching views over a trained model: `demo loss`, `demo sampling`, `demo training`, `demo embeddings`.
+"""Teaching views over a trained model: `demo loss`, `demo sampling`, `demo embeddings` (`demo training`
+lives in demo_training.py).
 
 Each view takes a run directory (loaded with lmlab.checkpoint.load_model) or a (model, tokenizer)
 pair, draws PNGs into an output directory and returns a DemoResult with every number it showed.
@@ -7,8 +8,6 @@ loss:        for each position of a text, the probability the model gave the rig
              its cross-entropy -log p; their mean is the loss training minimises
 sampling:    the next-token distribution for a prompt, reshaped by temperature, top-k and top-p,
              and samples with different seeds (and one seed twice: the same text)
-training:    train/validation loss and learning rate from metrics.jsonl, and samples from the
-             checkpoints under checkpoints/step_*/ (the final model only when there are none)
 embeddings:  the nearest tokens to one token by cosine similarity of wte rows, and a 2-D PCA map
 """
 
