@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .checkpoint import load_model
-from .rankings import load_rankings, preference_pairs, ranking_paths, split_records
+from .rankings import load_split_rankings, preference_pairs, ranking_paths
 from .sequences import (batched_logprobs, encode_pair, log_sigmoid, pack_for_loss, sequence_logprobs,
                         sigmoid)
 from .stage import StageResult, open_stage
@@ -144,10 +144,8 @@ def dpo(run, rankings, out_dir, *, resume: bool = False, overwrite: bool = False
     with open_stage("dpo", out_dir, {"rankings": rankings, **settings}, resume=resume,
                     overwrite=overwrite, parent=run, threads=threads) as opened:
         s = opened.settings
-        if not s["rankings"]:
-            raise ValueError("DPO needs rankings (--rankings FILE ...)")
-        records = [r for p in s["rankings"] for r in load_rankings(p)]
-        train_recs, val_recs = split_records(records, s["val_fraction"], s["seed"])
+        train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
+                                                   "DPO")
         model, tok, _ = load_model(run)
         cfg = opened.train_config()
         # The reference log-probabilities are computed here, before training, in the precision

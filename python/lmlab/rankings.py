@@ -145,6 +145,16 @@ def split_records(records: Sequence[dict], val_fraction: float, seed: int) -> tu
     return train, val
 
 
+
+def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str) -> tuple:
+    """(train, held-out) records of every rankings file a preference stage was given, split by
+    split_records; `needed_by` names the stage in the error when none was given."""
+    if not paths:
+        raise ValueError(f"{needed_by} needs rankings (--rankings FILE ...)")
+    records = [r for p in paths for r in load_rankings(p)]
+    return split_records(records, val_fraction, seed)
+
+
 def read_prompts(path) -> list:
     """Prompts from a file: JSONL objects with "prompt", or else one prompt per line."""
     path = Path(path)

@@ -11,10 +11,8 @@ it. `lmlab rlhf --reward-model` scores its samples with it.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,7 +20,7 @@ from safetensors.numpy import load, save
 
 from .checkpoint import current_checkpoint, load_model, read_checkpoint_file, save_run
 from .metrics import append_metrics
-from .rankings import load_rankings, pairs_from_ranking, ranking_paths, split_records
+from .rankings import load_split_rankings, pairs_from_ranking, ranking_paths
 from .sequences import encode_pair, log_sigmoid, sigmoid
 from .stage import StageResult, open_stage
 
@@ -178,10 +176,8 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
     with open_stage("reward", out_dir, {"rankings": rankings, **settings}, overwrite=overwrite,
                     parent=run, threads=threads) as opened:
         s = opened.settings
-        if not s["rankings"]:
-            raise ValueError("a reward model needs rankings (--rankings FILE ...)")
-        records = [r for p in s["rankings"] for r in load_rankings(p)]
-        train_recs, val_recs = split_records(records, s["val_fraction"], s["seed"])
+        train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
+                                                   "a reward model")
         model, tok, _ = load_model(run)
         opened.hold()
         t0 = time.perf_counter()
