@@ -19,3 +19,8 @@ class RunDirError(LmlabError):
 class CheckpointError(LmlabError):
     """A file of a run could not be read (truncated, corrupted, inconsistent) or written (disk
     full, file too large, permission); the previous checkpoint stays current."""
+
+
+class ConversionError(LmlabError):
+    """A Hugging Face checkpoint lmlab's GPT cannot represent (naming the feature), or an export
+    or import that cannot be written where asked."""

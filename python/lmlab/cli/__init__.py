@@ -9,6 +9,8 @@ library modules that do the work (which never import the command line).
     lmlab chat       talk to an instruct-tuned run
     lmlab inspect-data  show which tokens of an instruct dataset receive loss
     lmlab rank | reward | dpo | rlhf   learn from human rankings                      cli/preference.py
+    lmlab export     write a run as a Hugging Face transformers model directory        cli/interop.py
+    lmlab import     make a local Hugging Face GPT-2 checkpoint an lmlab run
     lmlab bench      measure kernels or training throughput against references        cli/bench.py
     lmlab demo       teaching views: gradient descent, loss, sampling, embeddings     cli/demo.py
 
@@ -25,7 +27,7 @@ from typing import Optional, Sequence
 from .. import __version__
 from ..checks import SettingError
 from ..train import NonFiniteLoss
-from . import bench, demo, generation, preference, training
+from . import bench, demo, generation, interop, preference, training
 from .common import flag
 
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_commands(sub)
     generation.add_commands(sub)
     preference.add_commands(sub)
+    interop.add_commands(sub)
     bench.add_commands(sub)
     demo.add_demo_arguments(sub)
     return parser

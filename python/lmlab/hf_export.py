@@ -1,0 +1,164 @@
+"""`lmlab export RUN --to hf OUT`: a run's current checkpoint as a Hugging Face transformers model
+directory, loadable by AutoModelForCausalLM and AutoTokenizer with no lmlab code.
+
+OUT holds config.json (GPT-2's, hf.gpt2_config), model.safetensors (hf.name_map's names and
+layouts, float32), generation_config.json, the tokenizer as a fast tokenizer (tokenizer.json,
+unchanged from the run, with tokenizer_config.json and special_tokens_map.json naming its special
+tokens and, for an instruct-tuned run, the chat template) and a short README.md (a model card).
+
+Written atomically: everything goes into a temporary directory beside OUT, synced, then renamed to
+OUT. An existing OUT is refused unless overwrite=True, and even then only a model directory (one
+holding config.json) or an empty one is replaced: the old one is renamed aside, the new one renamed
+in, the old one removed. A kill between those two renames leaves the old export as
+.OUT.old-*, which the next export of OUT puts back before it starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from .checkpoint import load_model
+from .errors import CheckpointError, ConversionError
+from .files import TEMP_SUFFIX, fsync_dir, json_text, write_new_file
+from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
+from .instruct import END
+from .tokenizer import SPECIAL_TOKENS
+
+HF_CONFIG_FILE = "config.json"
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "README.md")
+_OLD = ".old-"
+
+
+def hf_files(model, tok, config: dict, source: str) -> dict:
+    """{file name: bytes} of the transformers directory of (model, tokenizer, run config)."""
+    from safetensors.numpy import save
+
+    cfg = model.config
+    params = model.named_parameters()
+    tensors = {hname: to_hf(name, params[name]) for name, hname, _, _ in name_map(cfg)}
+    template = (config.get("train") or {}).get("chat_template")
+    eot = tok.eot_id
+    # An instruct-tuned run's answer ends at <|end|>, where `lmlab sample` and `chat` stop too.
+    eos = tok.special_id(END) if template else eot
+    special = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[0],
+               "pad_token": SPECIAL_TOKENS[0], "additional_special_tokens": SPECIAL_TOKENS[1:]}
+    tok_config = {
+        # PreTrainedTokenizerFast reads tokenizer.json as it is (transformers 4 and 5 alike).
+        "tokenizer_class": "PreTrainedTokenizerFast", **special,
+        "model_max_length": cfg.block_size, "add_bos_token": False, "add_eos_token": False,
+        # Decoding must give the text back exactly, as lmlab's does.
+        "clean_up_tokenization_spaces": False,
+    }
+    if template:
+        tok_config["chat_template"] = chat_template_jinja(template)
+    generation = {"bos_token_id": eot, "eos_token_id": eos, "pad_token_id": eot}
+    return {
+        "config.json": json_text(gpt2_config(cfg, bos_id=eot, eos_id=eot, pad_id=eot)).encode(),
+        "generation_config.json": json_text(generation).encode(),
+        "model.safetensors": save(tensors, metadata={"format": "pt"}),
+        "tokenizer.json": tok.to_str().encode("utf-8"),
+        "tokenizer_config.json": json_text(tok_config).encode("utf-8"),
+        "special_tokens_map.json": json_text(special).encode("utf-8"),
+        "README.md": _model_card(cfg, tok, source, bool(template)).encode("utf-8"),
+    }
+
+
+def _model_card(cfg, tok, source: str, chat: bool) -> str:
+    n = sum(math.prod(shape) for _, _, shape, _ in name_map(cfg))
+    use = ("tok.apply_chat_template([{'role': 'user', 'content': 'Hello'}], "
+           "add_generation_prompt=True, return_tensors='pt')" if chat else "tok('Hello', return_tensors='pt').input_ids")
+    return (f"# GPT-2-architecture model exported by lmlab\n\n"
+            f"Exported from the lmlab run `{source}`: {cfg.n_layer} layers, {cfg.n_head} heads, "
+            f"width {cfg.n_embd}, context {cfg.block_size}, {n:,} parameters; a {tok.kind} "
+            f"tokenizer of {tok.vocab_size} tokens"
+            f"{' with the chat template it was instruct-tuned on' if chat else ''}.\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained('.')\n"
+            "tok = AutoTokenizer.from_pretrained('.')\n"
+            f"ids = {use}\n"
+            "print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))\n```\n")
+
+
+def _check_out(out: Path, run: Path, overwrite: bool) -> list:
+    """Refusals before any work; returns what an overwrite replaces."""
+    r, o = run.resolve(), out.resolve()
+    if o == r or r in o.parents or o in r.parents:
+        raise ConversionError(f"the export directory {out} overlaps the run {run}; choose a "
+                              "directory outside it")
+    if not os.path.lexists(out):
+        return []
+    if out.is_symlink() or not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a directory; choose another output")
+    entries = sorted(os.listdir(out))
+    if not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it, or choose "
+                              "another directory")
+    if entries and HF_CONFIG_FILE not in entries:
+        raise ConversionError(f"{out} is not empty and holds no {HF_CONFIG_FILE}, so it is not a "
+                              "model directory --overwrite would replace; choose another output")
+    return entries
+
+
+def _restore_interrupted(out: Path) -> None:
+    """Put back an export displaced by an overwrite that was killed before it finished, and
+    remove temporary directories left by killed exports."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    for name in sorted(os.listdir(parent)):
+        left = parent / name
+        if name.startswith(f".{out.name}.") and name.endswith(TEMP_SUFFIX):
+            shutil.rmtree(left, ignore_errors=True)
+        elif name.startswith(f".{out.name}{_OLD}") and not os.path.lexists(out):
+            os.rename(left, out)
+            print(f"lmlab: restored {out} from {left} (an export over it was interrupted)",
+                  file=sys.stderr)
+
+
+def export_hf(run, out, *, overwrite: bool = False) -> dict:
+    """Write the run's current checkpoint as a transformers GPT-2 directory `out` (module
+    docstring). Returns {"out", "files", "replaced"}: the directory, its files, and what an
+    overwrite replaced."""
+    run, out = Path(os.fspath(run)), Path(os.fspath(out))
+    _restore_interrupted(out)
+    replaced = _check_out(out, run, overwrite)
+    model, tok, config = load_model(run)
+    files = hf_files(model, tok, config, os.fspath(run))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+    old = out.parent / f".{out.name}{_OLD}{uuid.uuid4().hex[:8]}"
+    try:
+        os.mkdir(tmp)
+        for name, data in files.items():
+            write_new_file(tmp / name, data)
+        fsync_dir(tmp)
+        if os.path.lexists(out):
+            os.rename(out, old)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except (OSError, CheckpointError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(old) and not os.path.lexists(out):
+            os.rename(old, out)
+        why = (f"cannot write {e.filename or out}: {e.strerror}" if isinstance(e, OSError)
+               else str(e))
+        kept = "the previous export is unchanged" if replaced else "nothing was written"
+        raise ConversionError(f"{why}; {kept}") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return {"out": os.fspath(out), "files": list(files), "replaced": replaced}
+
+
+def describe(report: dict) -> str:
+    """The verb's closing lines."""
+    lines = []
+    if report["replaced"]:
+        lines.append(f"lmlab: --overwrite replaced {report['out']} ({', '.join(report['replaced'])})")
+    lines.append(f"wrote {report['out']}: {', '.join(report['files'])}")
+    lines.append(f"load it with transformers.AutoModelForCausalLM.from_pretrained({report['out']!r})")
+    return "\n".join(lines)

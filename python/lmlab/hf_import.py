@@ -1,0 +1,316 @@
+"""`lmlab import HF_DIR --run RUN`: a local Hugging Face GPT-2 checkpoint (GPT-2 124M, distilgpt2,
+any saved GPT2LMHeadModel) as an lmlab run, which sample, finetune, instruct, dpo and rlhf take
+like any other. Nothing is downloaded: HF_DIR is a directory the user has.
+
+HF_DIR holds config.json (model_type "gpt2"), the weights (model.safetensors, a sharded
+model.safetensors.index.json, or pytorch_model.bin, read with PyTorch's weights-only loader where
+PyTorch is installed; float32, float16, bfloat16 or float64, read as float32) and tokenizer.json.
+
+Refused, each in one line naming the feature: another model type or architecture, an activation
+other than GPT-2's tanh GELU, an MLP width other than 4C, attention scaled otherwise than by
+1/sqrt(head size) (scale_attn_weights false, scale_attn_by_inverse_layer_idx), cross-attention, a
+layer norm epsilon other than lmlab's 1e-5, an LM head not tied to wte, a missing tensor (a layer
+without bias), tensors lmlab has no place for, a tokenizer that is neither byte-level BPE nor an
+lmlab char tokenizer or that does not give text back exactly, and a tokenizer whose size is not the
+model's vocab_size. reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
+as lmlab does). Dropout settings are not kept: lmlab trains without dropout.
+
+An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
+(tokenizer.SPECIAL_TOKENS; instruct tuning and the chat template use them). Those the checkpoint's
+tokenizer lacks (GPT-2's has only <|endoftext|>) are added after its last id, and the embedding
+gains one row for each, the mean of the existing rows, so they start as an average token.
+`block_size` keeps the first N position embeddings: the same model on contexts of at most N tokens,
+which fits fine-tuning a 124M model in a laptop's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import save_run
+from .errors import ConversionError, RunDirError
+from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
+from .instruct import TEMPLATE
+from .model import GPT, GPTConfig
+from .reference import LAYERNORM_EPS
+from .rundir import is_run, open_run_dir
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
+
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+# Buffers some GPT-2 checkpoints store (the causal mask), not parameters.
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+# Text a tokenizer must give back exactly: ASCII, whitespace runs, accents, CJK, an emoji.
+_ROUND_TRIP_PROBE = "Hello, world!\n\tdef f(x):  return x ** 2  # ok\r\ncafé naïve 東京 🙂 <>|"
+
+
+def _refuse(where, what: str) -> ConversionError:
+    return ConversionError(f"{where}: {what}")
+
+
+# -- config.json -----------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a transformers model directory holds "
+                                "config.json, the weights and tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _refuse(path, f"not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise _refuse(path, "expected a JSON object")
+    return data
+
+
+def model_config(hf: dict, path: Path) -> GPTConfig:
+    """lmlab's GPTConfig of a transformers GPT-2 config.json, or ConversionError naming the first
+    feature lmlab's GPT cannot represent."""
+    kind = hf.get("model_type")
+    if kind != "gpt2":
+        raise _refuse(path, f"model_type {kind!r} is not 'gpt2'; lmlab's GPT is GPT-2's "
+                            "architecture (learned absolute position embeddings, LayerNorm with "
+                            "biases, GELU MLP, tied LM head) and imports only GPT-2 checkpoints")
+    archs = [a for a in hf.get("architectures") or [] if a not in ARCHITECTURES]
+    if archs:
+        raise _refuse(path, f"architecture {archs[0]} has parts lmlab's GPT lacks; lmlab imports "
+                            f"{' or '.join(ARCHITECTURES)}")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in TANH_GELU_NAMES:
+        raise _refuse(path, f"activation_function {act!r} is not lmlab's GELU, GPT-2's tanh form "
+                            f"({', '.join(TANH_GELU_NAMES)})")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or np.float32(eps) != np.float32(LAYERNORM_EPS):
+        raise _refuse(path, f"layer_norm_epsilon {eps!r} is not lmlab's {LAYERNORM_EPS} (fixed in "
+                            "its LayerNorm kernel)")
+    if hf.get("scale_attn_weights", True) is not True:
+        raise _refuse(path, "scale_attn_weights is false: lmlab's attention always scales scores "
+                            "by 1/sqrt(head size)")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise _refuse(path, "scale_attn_by_inverse_layer_idx is true: lmlab's attention scales "
+                            "scores by 1/sqrt(head size) only, not by 1/layer")
+    if hf.get("add_cross_attention", False):
+        raise _refuse(path, "add_cross_attention is true: lmlab's GPT has no cross-attention")
+    sizes = {}
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        v = hf.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _refuse(path, f"{key} must be a positive integer, got {v!r}")
+        sizes[key] = v
+    inner = hf.get("n_inner")
+    if inner is not None and inner != 4 * sizes["n_embd"]:
+        raise _refuse(path, f"n_inner {inner!r} is not 4 * n_embd = {4 * sizes['n_embd']}: "
+                            "lmlab's MLP is 4 times the model width")
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise _refuse(path, f"n_embd {sizes['n_embd']} is not divisible by n_head {sizes['n_head']}")
+    return GPTConfig(vocab_size=sizes["vocab_size"], block_size=sizes["n_positions"],
+                     n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"])
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+def _read_safetensors(path: Path) -> dict:
+    """{name: float32 array} of a safetensors file of float tensors (bf16 widened exactly)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size
+            if n > size - 8:
+                raise _refuse(path, "not a safetensors file (its header is longer than the file)")
+            header = json.loads(f.read(n).decode("utf-8"))
+            out = {}
+            for name, t in header.items():
+                if name == "__metadata__" or _BUFFER.fullmatch(name.removeprefix(HF_PREFIX)):
+                    continue
+                dtype = _FLOAT_DTYPES.get(t.get("dtype"))
+                if dtype is None:
+                    raise _refuse(path, f"tensor {name!r} has dtype {t.get('dtype')}; lmlab reads "
+                                        f"float tensors ({', '.join(_FLOAT_DTYPES)})")
+                start, end = t["data_offsets"]
+                f.seek(8 + n + start)
+                raw = f.read(end - start)
+                a = np.frombuffer(raw, dtype=dtype)
+                if len(raw) != end - start or a.size != int(np.prod(t["shape"])):
+                    raise _refuse(path, f"tensor {name!r} is truncated or its offsets do not hold it")
+                if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+                    a = (a.astype("<u4") << 16).view("<f4")
+                out[name] = a.astype(np.float32).reshape(t["shape"])
+            return out
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise _refuse(path, f"not a valid safetensors file ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise _refuse(path, f"cannot read it: {e.strerror}") from None
+
+
+def _read_torch_bin(path: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise _refuse(path, "reading pytorch_model.bin needs PyTorch, which is not installed; "
+                            "install torch, or save the model as model.safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs: weights only
+    except Exception as e:  # torch raises many types for a damaged or unsafe file
+        raise _refuse(path, f"cannot read it with torch.load(weights_only=True): {str(e)[:200]}") from None
+    return {k: v.float().numpy() for k, v in state.items()
+            if hasattr(v, "numpy") and not _BUFFER.fullmatch(k.removeprefix(HF_PREFIX))}
+
+
+def read_weights(hf_dir: Path) -> dict:
+    """{name without "transformer.": float32 array} of the checkpoint's weights."""
+    single, index, pt = (hf_dir / n for n in ("model.safetensors", "model.safetensors.index.json",
+                                              "pytorch_model.bin"))
+    if single.is_file():
+        tensors = _read_safetensors(single)
+    elif index.is_file():
+        shards = _read_json(index).get("weight_map")
+        if not isinstance(shards, dict):
+            raise _refuse(index, 'no "weight_map" object')
+        tensors = {}
+        for shard in sorted(set(shards.values())):
+            tensors.update(_read_safetensors(hf_dir / os.path.basename(str(shard))))
+    elif pt.is_file():
+        tensors = _read_torch_bin(pt)
+    else:
+        raise FileNotFoundError(f"{hf_dir} holds no weights: expected model.safetensors, "
+                                "model.safetensors.index.json or pytorch_model.bin")
+    return {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
+
+
+def _place_weights(model: GPT, cfg: GPTConfig, tensors: dict, hf: dict, where: Path) -> None:
+    """Copy the checkpoint's tensors into `model` (whose vocabulary and context may be larger
+    and smaller than the checkpoint's: rows are added, positions cropped)."""
+    expected = {}
+    for name, hname, shape, transposed in name_map(cfg):
+        expected[hname.removeprefix(HF_PREFIX)] = (name, shape[::-1] if transposed else shape)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        why = ("lmlab's layers all have biases" if missing[0].endswith(".bias")
+               else "lmlab's GPT needs it")
+        raise _refuse(where, f"the checkpoint has no tensor {missing[0]} ({why}); "
+                             f"{len(missing)} missing in all")
+    extra = sorted(k for k in tensors if k not in expected and k != LM_HEAD)
+    if extra:
+        raise _refuse(where, f"the checkpoint holds tensors lmlab's GPT has no place for: "
+                             f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+    for key, (name, shape) in expected.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise _refuse(where, f"tensor {key} has shape {tuple(tensors[key].shape)}, but "
+                                 f"config.json's sizes need {tuple(shape)}")
+    head = tensors.get(LM_HEAD)
+    tied = hf.get("tie_word_embeddings", True)
+    if (not tied or head is not None) and not (head is not None
+                                                and np.array_equal(head, tensors["wte.weight"])):
+        raise _refuse(where, "the LM head is untied (lm_head.weight is "
+                             f"{'missing' if head is None else 'not equal to wte'} and "
+                             f"tie_word_embeddings is {str(tied).lower()}): lmlab's LM head is "
+                             "the token embedding wte")
+    params = model.named_parameters()
+    for key, (name, _) in expected.items():
+        w = from_hf(name, tensors.pop(key))
+        if name == "wte":
+            params[name][: len(w)] = w
+            params[name][len(w):] = w.mean(axis=0, dtype=np.float64)  # added special tokens
+        elif name == "wpe":
+            params[name][...] = w[: model.config.block_size]
+        else:
+            params[name][...] = w
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+
+def read_tokenizer(hf_dir: Path, vocab_size: int):
+    """(lmlab Tokenizer, special tokens added) of HF_DIR/tokenizer.json, checked."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: lmlab imports a model with its fast tokenizer "
+                                "(in transformers, AutoTokenizer.from_pretrained(d).save_pretrained(d) "
+                                "writes one)")
+    try:
+        tk = HFTokenizer.from_file(os.fspath(path))
+    except Exception as e:  # the library raises its own Exception type
+        raise _refuse(path, f"not a valid tokenizer.json: {str(e)[:200]}") from None
+    spec = json.loads(tk.to_str())
+    kind = type(tk.model).__name__
+    parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if kind == "BPE" and (parts.count('"ByteLevel"') < 2 or spec.get("normalizer") is not None):
+        raise _refuse(path, "a BPE tokenizer that is not byte-level (GPT-2's kind: a ByteLevel "
+                            "pre-tokenizer and decoder, no normalizer); lmlab's BPE tokenizers "
+                            "are byte-level")
+    if kind not in ("BPE", "WordLevel"):
+        raise _refuse(path, f"a {kind} tokenizer; lmlab's tokenizers are byte-level BPE or "
+                            "character-level")
+    n = tk.get_vocab_size(with_added_tokens=True)
+    if n != vocab_size:
+        raise _refuse(path, f"the tokenizer has {n} tokens but the model's vocab_size is "
+                            f"{vocab_size}; they must be equal")
+    vocab = tk.get_vocab(with_added_tokens=True)
+    added = [s for s in SPECIAL_TOKENS if s not in vocab]
+    tk.add_special_tokens(added)
+    tok = Tokenizer.from_str(tk.to_str(), source=path)
+    if tok.kind == "bpe" and tok.decode(tok.encode(_ROUND_TRIP_PROBE)) != _ROUND_TRIP_PROBE:
+        raise _refuse(path, "the tokenizer does not give text back exactly (decode(encode(x)) != "
+                            "x); lmlab's tokenizers must")
+    return tok, added
+
+
+def _chat_template(hf_dir: Path):
+    """lmlab's template when the checkpoint's tokenizer_config.json carries lmlab's chat template
+    (a run exported by lmlab after instruct tuning), else None."""
+    path = hf_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    jinja = _read_json(path).get("chat_template")
+    return dict(TEMPLATE) if jinja == chat_template_jinja(TEMPLATE) else None
+
+
+# -- the verb --------------------------------------------------------------------------------------
+
+def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = None) -> dict:
+    """Write the transformers GPT-2 checkpoint in `hf_dir` as the lmlab run `run` (module
+    docstring). Returns {"run", "model" (its GPTConfig), "added_tokens", "checkpoint"}."""
+    hf_dir = Path(os.fspath(hf_dir))
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir} is not a directory: pass the directory that holds the "
+                                "model's config.json")
+    if not overwrite and is_run(run):  # refused before the (long) conversion, as stages do
+        raise RunDirError(f"{run} already holds a run; pass --overwrite to replace it, or choose "
+                          "another directory")
+    hf = _read_json(hf_dir / "config.json")
+    cfg = model_config(hf, hf_dir / "config.json")
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= cfg.block_size:
+            raise ValueError(f"--block-size must be an integer in [1, {cfg.block_size}] (the "
+                             f"checkpoint's n_positions), got {block_size!r}")
+    tok, added = read_tokenizer(hf_dir, cfg.vocab_size)
+    template = _chat_template(hf_dir)
+    tensors = read_weights(hf_dir)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    _place_weights(model, cfg, tensors, hf, hf_dir)
+    del tensors
+    train = {"stage": "import", "source": os.fspath(hf_dir.resolve()), "settings": {},
+             "precision": "fp32", "added_tokens": added, "n_positions": cfg.block_size,
+             "hf": {k: hf.get(k) for k in ("model_type", "architectures", "activation_function",
+                                            "transformers_version")}}
+    if template:
+        train["chat_template"] = template
+    with open_run_dir(run, overwrite=overwrite, parent=hf_dir) as handle:
+        if handle.removed:
+            print(f"lmlab: --overwrite removed from {run}: {', '.join(handle.removed)}",
+                  file=sys.stderr)
+        where = save_run(handle, model, tok, train_config=train)
+    return {"run": os.fspath(run), "model": model.config, "added_tokens": added,
+            "checkpoint": os.fspath(where)}
