@@ -1,0 +1,442 @@
+"""Hugging Face interop: `lmlab export --to hf` loads in transformers and computes what lmlab
+computes; `lmlab import` turns a transformers GPT-2 checkpoint into a run that gives the same tensors
+back and trains; what lmlab's GPT cannot represent is refused in one line, exit 2.
+
+transformers and torch are the oracle where installed (tests needing them skip otherwise); the
+refusals run on directories written by lmlab's own export and need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlab.checkpoint import load_model, read_config
+from lmlab.cli import main
+from lmlab.hf import LM_HEAD, TANH_GELU_NAMES, name_map
+from lmlab.instruct import instruct_tune, render
+from lmlab.pretrain import pretrain
+from lmlab.reference import gelu_forward
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "python/lmlab/corpora/shakespeare.txt"
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_every=0,
+            save_every=0, progress=False)
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is a king?"}],
+    [{"role": "system", "content": "Speak plainly."}, {"role": "user", "content": "Who art thou?"},
+     {"role": "assistant", "content": "A player, my lord."}, {"role": "user", "content": "Why?"}],
+]
+
+
+def _transformers():
+    pytest.importorskip("torch", reason="PyTorch is not installed (transformers needs it here)")
+    return pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+def _corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "bard.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _corpus(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["char", "bpe"])
+def run(request, tmp_path_factory, corpus):
+    """A tiny run pretrained for a few steps, with a char or a byte-level BPE tokenizer."""
+    out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
+    pretrain(str(corpus), out, tokenizer=request.param, vocab_size=300, steps=30, **TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def instruct_run(tmp_path_factory, corpus):
+    d = tmp_path_factory.mktemp("instruct")
+    pretrain(str(corpus), d / "base", tokenizer="bpe", vocab_size=300, steps=5, **TINY)
+    data = d / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n"
+                            for w in ("yes", "no", "aye", "nay", "good", "well")), encoding="utf-8")
+    instruct_tune(d / "base", str(data), d / "qa", steps=2, lr=1e-3, warmup_steps=1, batch_size=2,
+                  eval_every=0, save_every=0, progress=False)
+    return d / "qa"
+
+
+def _export(run, out) -> Path:
+    assert main(["export", str(run), "--to", "hf", str(out)]) == 0
+    return out
+
+
+def _torch_logits(model, ids):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids, np.int64)[None])).logits[0].numpy()
+
+
+def _safetensors(path) -> dict:
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+def test_export_loads_in_transformers_with_lmlab_logits_and_tokens(run, tmp_path):
+    tf = _transformers()
+    out = _export(run, tmp_path / "hf")
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    hf_tok = tf.AutoTokenizer.from_pretrained(out)
+    model, tok, _ = load_model(run)
+    text = "MENENIUS:\nWhat say you?\n"
+    ids = tok.encode(text)
+    # The same tokenizer in both: same ids, and decoding gives the text back.
+    assert hf_tok(text)["input_ids"] == ids.tolist()
+    assert hf_tok.decode(ids.tolist()) == text
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    # Both fp32; different summation orders leave differences of a few ulps of the logits.
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_positions"], config["vocab_size"]) == (model.config.block_size, tok.vocab_size)
+    assert config["tie_word_embeddings"] and LM_HEAD not in _safetensors(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", TANH_GELU_NAMES)
+def test_the_gelu_names_lmlab_writes_and_accepts_are_its_gelu(name):
+    _transformers()
+    import torch
+    from transformers.activations import ACT2FN
+    x = np.linspace(-6, 6, 1001)
+    got = ACT2FN[name](torch.tensor(x, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got, gelu_forward(x), rtol=0, atol=1e-9)
+
+
+def test_greedy_generate_in_transformers_equals_lmlab_sample(run, tmp_path, capsys):
+    tf = _transformers()
+    import torch
+    out = _export(run, tmp_path / "hf")
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    hf_tok = tf.AutoTokenizer.from_pretrained(out)
+    prompt, n = "ROMEO:\n", 24
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0",
+                 "--max-new-tokens", str(n), "--no-stream"]) == 0
+    lmlab_text = capsys.readouterr().out[len(prompt):-1]
+    ids = torch.tensor([hf_tok(prompt)["input_ids"]])
+    new = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                            do_sample=False)[0, ids.shape[1]:].tolist()
+    if new and new[-1] == hf_tok.eos_token_id:
+        new = new[:-1]  # lmlab stops at <|endoftext|> without printing it
+    assert lmlab_text and hf_tok.decode(new) == lmlab_text
+
+
+def test_chat_template_gives_the_prompt_lmlab_trains_on(instruct_run, tmp_path, capsys):
+    tf = _transformers()
+    import torch
+    out = _export(instruct_run, tmp_path / "hf")
+    hf_tok = tf.AutoTokenizer.from_pretrained(out)
+    _, tok, _ = load_model(instruct_run)
+    for messages in CONVERSATIONS + [CONVERSATIONS[1] + [{"role": "assistant", "content": "So."}]]:
+        for gen in (True, False):
+            ids, _ = render(tok, messages, add_generation_prompt=gen)
+            text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            assert text == tok.decode(ids)
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids.tolist()
+    # The answer ends where lmlab's does: transformers stops at <|end|> as `lmlab sample` does.
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == \
+        tok.special_id("<|end|>")
+    capsys.readouterr()
+    assert main(["sample", str(instruct_run), "--prompt", "Say yes.", "--temperature", "0",
+                 "--max-new-tokens", "12", "--no-stream"]) == 0
+    lmlab_answer = capsys.readouterr().out.split("\n> ", 1)[1][:-1]
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    ids, _ = render(tok, [{"role": "user", "content": "Say yes."}], add_generation_prompt=True)
+    ids = torch.tensor(ids[None].astype(np.int64))
+    new = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                            do_sample=False)[0, ids.shape[1]:].tolist()
+    assert hf_tok.decode([t for t in new if t != tok.special_id("<|end|>")]) == lmlab_answer
+
+
+def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_directory(run, tmp_path,
+                                                                                   capsys):
+    out = _export(run, tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "hf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 0
+    assert _safetensors(out / "model.safetensors")  # replaced by a whole new export
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert main(["export", str(run), "--to", "hf", str(other), "--overwrite"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert (other / "mine.txt").read_text() == "keep me"
+    assert main(["export", str(run), "--to", "hf", str(Path(run) / "hf")]) == 2
+    assert "overlaps the run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes"]  # no temporary left
+
+
+def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys):
+    out = _export(run, tmp_path / "hf")
+    before = (out / "model.safetensors").read_bytes()
+    os.rename(out, tmp_path / ".hf.old-12345678")  # the state a kill mid-overwrite leaves
+    (tmp_path / ".hf.abcdef12.tmp").mkdir()
+    assert main(["export", str(run), "--to", "hf", str(out)]) == 2  # put back, so it exists
+    assert "restored" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+# -- import -----------------------------------------------------------------------------------------
+
+def _gpt2_tokenizer(text: str, vocab_size: int, specials):
+    """A byte-level BPE tokenizer built like GPT-2's: the merges, then the special tokens last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([text], trainer=trainer)
+    tk.add_special_tokens(list(specials))
+    return tk
+
+
+def _save_gpt2(d: Path, text: str, specials, dtype=None, **config) -> Path:
+    """A randomly initialised GPT2LMHeadModel saved by transformers, with its tokenizer.json."""
+    tf = _transformers()
+    import torch
+    tk = _gpt2_tokenizer(text, 300, specials)
+    eot = tk.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2,
+                        n_head=4, bos_token_id=eot, eos_token_id=eot, **config)
+    model = tf.GPT2LMHeadModel(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(d)
+    tk.save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, corpus):
+    """A GPT-2 checkpoint whose tokenizer has only <|endoftext|>, as GPT-2's has."""
+    return _save_gpt2(tmp_path_factory.mktemp("gpt2") / "hf", corpus.read_text(), ["<|endoftext|>"])
+
+
+def test_import_then_export_gives_back_the_same_tensors(tmp_path, corpus):
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), specials)
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    _export(tmp_path / "run", tmp_path / "back")
+    original, back = _safetensors(hf / "model.safetensors"), _safetensors(tmp_path / "back/model.safetensors")
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == np.float32 and np.array_equal(back[name], tensor), name
+    assert json.loads((tmp_path / "back/tokenizer.json").read_text())["model"] == \
+        json.loads((hf / "tokenizer.json").read_text())["model"]
+
+
+def test_import_adds_lmlab_special_tokens_and_keeps_the_model(gpt2_dir, tmp_path):
+    tf = _transformers()
+    assert main(["import", str(gpt2_dir), "--run", str(tmp_path / "run")]) == 0
+    model, tok, config = load_model(tmp_path / "run")
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    V = hf_model.config.vocab_size
+    assert tok.vocab_size == V + 3 and config["train"]["added_tokens"] == ["<|user|>",
+                                                                           "<|assistant|>", "<|end|>"]
+    assert [tok.special_id(s) for s in ("<|user|>", "<|assistant|>", "<|end|>")] == [V, V + 1, V + 2]
+    wte = model.named_parameters()["wte"]
+    hf_wte = hf_model.transformer.wte.weight.detach().numpy()
+    assert np.array_equal(wte[:V], hf_wte)
+    np.testing.assert_allclose(wte[V:], np.broadcast_to(hf_wte.mean(0), (3, wte.shape[1])),
+                               rtol=0, atol=1e-7)
+    text = "MENENIUS: What work's, my countrymen, in hand?"
+    ids = tok.encode(text)
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(gpt2_dir / "tokenizer.json"))
+    assert hf_tok(text)["input_ids"] == ids.tolist() and tok.decode(ids) == text
+    ids = ids[: model.config.block_size]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+def test_import_keeps_the_first_positions_with_block_size(gpt2_dir, tmp_path):
+    tf = _transformers()
+    assert main(["import", str(gpt2_dir), "--run", str(tmp_path / "run"), "--block-size", "8"]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    assert model.config.block_size == 8
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    ids = tok.encode("To be, or not")[:8]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    V = hf_model.config.vocab_size
+    np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "bf16"])
+def test_import_reads_pytorch_bin_and_bfloat16_weights(fmt, tmp_path, corpus):
+    _transformers()
+    import torch
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
+                    dtype=torch.bfloat16 if fmt == "bf16" else None)
+    if fmt == "bin":
+        from safetensors.torch import load_file
+        torch.save(load_file(str(hf / "model.safetensors")), hf / "pytorch_model.bin")
+        os.unlink(hf / "model.safetensors")
+    expected = {k: v.float().numpy() for k, v in
+                __import__("transformers").GPT2LMHeadModel.from_pretrained(hf).state_dict().items()}
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, _, _ = load_model(tmp_path / "run")
+    params = model.named_parameters()
+    for name, hname, _, transposed in name_map(model.config):
+        want = expected[hname].T if transposed else expected[hname]
+        got = params[name][: len(want)] if name == "wte" else params[name]
+        assert np.array_equal(got, want), name
+
+
+def test_an_exported_instruct_run_imports_with_its_chat_template(instruct_run, tmp_path):
+    _export(instruct_run, tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--run", str(tmp_path / "run")]) == 0
+    config = read_config(tmp_path / "run")
+    assert config["train"]["chat_template"] == read_config(instruct_run)["train"]["chat_template"]
+    assert config["train"]["added_tokens"] == []
+
+
+def test_an_imported_run_samples_finetunes_instructs_and_learns_from_rankings(gpt2_dir, tmp_path,
+                                                                              corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["import", str(gpt2_dir), "--run", str(run)]) == 0
+    assert main(["sample", str(run), "--prompt", "KING:", "--seed", "1", "--max-new-tokens", "8",
+                 "--no-stream"]) == 0
+    common = ["--steps", "2", "--warmup-steps", "1", "--eval-every", "0", "--no-progress",
+              "--batch-size", "2"]
+    assert main(["finetune", str(run), "--corpus", str(corpus), "--out", str(tmp_path / "ft"),
+                 *common]) == 0
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n"
+                            for w in ("yes", "no", "aye", "nay")), encoding="utf-8")
+    assert main(["instruct", str(run), "--data", str(data), "--out", str(tmp_path / "qa"),
+                 *common]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"})
+                             + "\n" for w in ("yes", "aye", "well", "good")), encoding="utf-8")
+    assert main(["dpo", str(tmp_path / "qa"), "--rankings", str(pairs), "--out",
+                 str(tmp_path / "dpo"), *common]) == 0
+    assert capsys.readouterr().err.count("error") == 0
+    for out in ("ft", "qa", "dpo"):
+        assert read_config(tmp_path / out)["parent"] is not None
+
+
+def test_import_refuses_an_existing_run(gpt2_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["import", str(gpt2_dir), "--run", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["import", str(gpt2_dir), "--run", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["import", str(gpt2_dir), "--run", str(run), "--overwrite"]) == 0
+    assert main(["import", str(gpt2_dir), "--run", str(gpt2_dir), "--overwrite"]) == 2
+
+
+# -- refusals (on lmlab's own export: no transformers needed) ----------------------------------------
+
+def _edit_config(**changes):
+    def edit(d: Path):
+        config = json.loads((d / "config.json").read_text())
+        config.update(changes)
+        (d / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _edit_tensors(edit_fn):
+    def edit(d: Path):
+        from safetensors.numpy import save_file
+        tensors = _safetensors(d / "model.safetensors")
+        edit_fn(tensors)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return edit
+
+
+def _untie(d: Path):
+    _edit_config(tie_word_embeddings=False)(d)
+    _edit_tensors(lambda t: t.update({LM_HEAD: t["transformer.wte.weight"] * 2}))(d)
+
+
+def _tokenizer_of(kind):
+    def edit(d: Path):
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+        tokens = {f"t{i}": i for i in range(vocab)}
+        if kind == "WordPiece":
+            tk = Tokenizer(models.WordPiece(tokens, unk_token="t0"))
+        elif kind == "metaspace":  # sentencepiece-style BPE: not byte-level
+            tk = Tokenizer(models.BPE(tokens, []))
+            tk.pre_tokenizer = pre_tokenizers.Metaspace()
+        else:  # byte-level BPE, one token short of the model's vocabulary
+            tk = _gpt2_tokenizer(SHAKESPEARE.read_text()[:20000], vocab - 1, ["<|endoftext|>"])
+            tk.normalizer = None if kind == "short" else normalizers.Lowercase()
+            if kind == "lowercase":
+                tk.add_tokens(["extra"])
+        tk.save(str(d / "tokenizer.json"))
+    return edit
+
+
+REFUSALS = {
+    "relu": (_edit_config(activation_function="relu"), "activation_function 'relu'"),
+    "exact-gelu": (_edit_config(activation_function="gelu"), "activation_function 'gelu'"),
+    "model-type": (_edit_config(model_type="gpt_neox"), "model_type 'gpt_neox'"),
+    "architecture": (_edit_config(architectures=["GPT2ForSequenceClassification"]),
+                     "architecture GPT2ForSequenceClassification"),
+    "n-inner": (_edit_config(n_inner=96), "n_inner 96"),
+    "epsilon": (_edit_config(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
+    "inverse-layer-idx": (_edit_config(scale_attn_by_inverse_layer_idx=True),
+                          "scale_attn_by_inverse_layer_idx"),
+    "unscaled-attention": (_edit_config(scale_attn_weights=False), "scale_attn_weights"),
+    "cross-attention": (_edit_config(add_cross_attention=True), "cross-attention"),
+    "untied-head": (_untie, "untied"),
+    "no-bias": (_edit_tensors(lambda t: t.pop("transformer.h.0.mlp.c_fc.bias")), "biases"),
+    "extra-tensor": (_edit_tensors(lambda t: t.update({"score.weight": np.ones((2, 2), np.float32)})),
+                     "no place for: score.weight"),
+    "vocab-mismatch": (_tokenizer_of("short"), "vocab_size"),
+    "normalizer": (_tokenizer_of("lowercase"), "not byte-level"),
+    "wordpiece": (_tokenizer_of("WordPiece"), "WordPiece"),
+    "not-byte-level": (_tokenizer_of("metaspace"), "not byte-level"),
+    "no-tokenizer": (lambda d: os.unlink(d / "tokenizer.json"), "tokenizer.json not found"),
+    "no-config": (lambda d: os.unlink(d / "config.json"), "config.json not found"),
+    "no-weights": (lambda d: os.unlink(d / "model.safetensors"), "holds no weights"),
+    "truncated": (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"),
+                  "model.safetensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, corpus):
+    d = tmp_path_factory.mktemp("exported")
+    pretrain(str(corpus), d / "run", tokenizer="bpe", vocab_size=300, steps=1, **TINY)
+    return _export(d / "run", d / "hf")
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_import_refuses_what_lmlab_cannot_represent_in_one_line(case, exported, tmp_path, capsys):
+    edit, named = REFUSALS[case]
+    d = tmp_path / "hf"
+    shutil.copytree(exported, d)
+    edit(d)
+    capsys.readouterr()
+    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab import: error: ") and err.count("\n") == 1, err
+    assert named in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_unedited_export_imports(exported, tmp_path):
+    """The refusals' control: the same directory, unedited, is accepted."""
+    assert main(["import", str(exported), "--run", str(tmp_path / "run")]) == 0
