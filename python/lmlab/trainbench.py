@@ -10,6 +10,7 @@ with bfloat16 matmul operands and fp32 parameters and optimiser (lmlab's GPT.mat
 PyTorch the forward under torch.autocast("cpu", dtype=torch.bfloat16), its standard CPU recipe).
 
     lmlab bench train --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12
+    lmlab bench train --config gpt2-small --block-size 64
     lmlab bench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
 
 The second measures generation tokens/s with the KV cache against without it.
@@ -37,6 +38,16 @@ import numpy as np
 from .ops import MATMUL_PRECISIONS as PRECISIONS
 
 IMPLS = ("lmlab", "pytorch")
+
+# Named model shapes for `lmlab bench train --config NAME`; a flag given overrides its field.
+# nanogpt-cpu: nanoGPT's CPU recipe (docs/DESIGN.md). gpt2-small: GPT-2 124M (its vocabulary and
+# 1024-token context) at llm.c's CPU batch size.
+CONFIGS = {
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                        vocab_size=65),
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4,
+                       vocab_size=50257),
+}
 
 # The environment that holds every implementation to one instruction set ("native": none).
 ISA_ENV = {

@@ -45,20 +45,27 @@ def _check_model(args) -> None:
     checks.check_relations({"n_embd": args.n_embd, "n_head": args.n_head})
 
 
-def _add_model_arguments(parser, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
-    parser.add_argument("--n-layer", type=int, default=n_layer)
-    parser.add_argument("--n-head", type=int, default=n_head)
-    parser.add_argument("--n-embd", type=int, default=n_embd)
-    parser.add_argument("--block-size", type=int, default=block_size)
-    parser.add_argument("--vocab-size", type=int, default=65)
+def _add_model_arguments(parser, n_layer, n_head, n_embd, block_size, vocab_size=65,
+                         text: str = "") -> None:
+    """The model-shape flags; None defaults are filled in from --config (_apply_config)."""
+    parser.add_argument("--n-layer", type=int, default=n_layer, help=text)
+    parser.add_argument("--n-head", type=int, default=n_head, help=text)
+    parser.add_argument("--n-embd", type=int, default=n_embd, help=text)
+    parser.add_argument("--block-size", type=int, default=block_size, help=text)
+    parser.add_argument("--vocab-size", type=int, default=vocab_size, help=text)
     parser.add_argument("--threads", type=int, default=None, help="default: lmlab's thread count")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _add_train_arguments(parser) -> None:
     """The options of `lmlab bench train`."""
-    _add_model_arguments(parser, 4, 4, 128, 64)
-    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--config", choices=sorted(trainbench.CONFIGS), default="nanogpt-cpu",
+                        help="a named model shape and batch: nanogpt-cpu (4 layers, 4 heads, 128 "
+                             "wide, block 64, batch 12, vocabulary 65; the default) or gpt2-small "
+                             "(12 layers, 12 heads, 768 wide, block 1024, batch 4, vocabulary "
+                             "50,257); the flags below override its fields")
+    _add_model_arguments(parser, None, None, None, None, None, text="default: from --config")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: from --config")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--impl", choices=trainbench.IMPLS, action="append", default=None,
@@ -78,6 +85,9 @@ def _add_train_arguments(parser) -> None:
 
 def run_bench_train(args) -> list:
     """Run `lmlab bench train` from parsed arguments and print the rows."""
+    for name, value in trainbench.CONFIGS[args.config].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     _check_model(args)
     checks.check_values(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
     precisions = trainbench.PRECISIONS if args.precision == "both" else (args.precision,)
