@@ -74,3 +74,25 @@ def test_openblas_environment_warning(monkeypatch, capsys):
     assert "depressed" in capsys.readouterr().err
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     assert bench.openblas_warning() is None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "gpt2-small", "--block-size", "64"],
+     dict(n_layer=12, n_head=12, n_embd=768, block_size=64, batch_size=4, vocab_size=50257)),
+    (["--config", "gpt2-small"],
+     dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4, vocab_size=50257)),
+    ([], dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65)),
+])
+def test_bench_train_named_configs_and_overrides(argv, expected, monkeypatch):
+    """--config names a shape; a flag given overrides that one field (the run itself is stubbed:
+    what is checked is the configuration bench_train receives)."""
+    from lmlab import trainbench
+    seen = {}
+
+    def fake(n_layer, n_head, n_embd, block_size, batch_size, steps, vocab_size, **kw):
+        seen.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                    batch_size=batch_size, vocab_size=vocab_size)
+        return []
+    monkeypatch.setattr(trainbench, "bench_train", fake)
+    assert main(["bench", "train", *argv]) == 0
+    assert seen == expected

@@ -440,3 +440,18 @@ def test_import_refuses_what_lmlab_cannot_represent_in_one_line(case, exported, 
 def test_the_unedited_export_imports(exported, tmp_path):
     """The refusals' control: the same directory, unedited, is accepted."""
     assert main(["import", str(exported), "--run", str(tmp_path / "run")]) == 0
+
+
+def test_reorder_and_upcast_attn_is_the_same_attention_and_imports(tmp_path, corpus):
+    """transformers' reorder_and_upcast_attn computes the scores in fp32 with the scale folded in:
+    the same function, so it is accepted, and the logits agree."""
+    tf = _transformers()
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
+                    reorder_and_upcast_attn=True)
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    ids = tok.encode("Before we proceed any further")[: model.config.block_size]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    V = hf_model.config.vocab_size
+    np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
