@@ -455,3 +455,11 @@ def test_reorder_and_upcast_attn_is_the_same_attention_and_imports(tmp_path, cor
     logits, _ = model.forward(ids[None].astype(np.int32))
     V = hf_model.config.vocab_size
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+def test_an_untied_head_equal_to_wte_is_the_tied_model_and_imports(exported, tmp_path):
+    d = tmp_path / "hf"
+    shutil.copytree(exported, d)
+    _edit_config(tie_word_embeddings=False)(d)
+    _edit_tensors(lambda t: t.update({LM_HEAD: t["transformer.wte.weight"].copy()}))(d)
+    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 0

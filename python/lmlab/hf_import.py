@@ -207,14 +207,14 @@ def _place_weights(model: GPT, cfg: GPTConfig, tensors: dict, hf: dict, where: P
         if tuple(tensors[key].shape) != tuple(shape):
             raise _refuse(where, f"tensor {key} has shape {tuple(tensors[key].shape)}, but "
                                  f"config.json's sizes need {tuple(shape)}")
+    # Tied (transformers' default), the model's head is wte whatever lm_head.weight holds; untied,
+    # it is lm_head.weight, which lmlab can take only when it equals wte.
     head = tensors.get(LM_HEAD)
-    tied = hf.get("tie_word_embeddings", True)
-    if (not tied or head is not None) and not (head is not None
-                                                and np.array_equal(head, tensors["wte.weight"])):
-        raise _refuse(where, "the LM head is untied (lm_head.weight is "
-                             f"{'missing' if head is None else 'not equal to wte'} and "
-                             f"tie_word_embeddings is {str(tied).lower()}): lmlab's LM head is "
-                             "the token embedding wte")
+    if not hf.get("tie_word_embeddings", True) and not (
+            head is not None and np.array_equal(head, tensors["wte.weight"])):
+        raise _refuse(where, "the LM head is untied (tie_word_embeddings is false and "
+                             f"lm_head.weight is {'missing' if head is None else 'not wte'}): "
+                             "lmlab's LM head is the token embedding wte")
     params = model.named_parameters()
     for key, (name, _) in expected.items():
         w = from_hf(name, tensors.pop(key))
