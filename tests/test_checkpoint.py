@@ -554,3 +554,19 @@ def test_checkpoint_module_has_no_pickle():
     with open(checkpoint.__file__, encoding="utf-8") as f:
         src = f.read()
     assert "import pickle" not in src and "np.load(" not in src and "allow_pickle" not in src
+
+
+def test_checkpoint_tensor_files_are_safetensors_the_library_reads(gpt, tok, tmp_path):
+    """save_run writes model.safetensors and optimizer.safetensors itself, straight from the
+    arrays (tensorfile.safetensors_chunks); the safetensors library must read back the same bits."""
+    from safetensors.numpy import load_file
+
+    model = _model(gpt, tok, seed=3)
+    _save(tmp_path / "run", model, tok, step=2)
+    ckpt = tmp_path / "run/checkpoints/step_000002"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert sorted(weights) == sorted(model.named_parameters())
+    for name, a in model.named_parameters().items():
+        assert np.array_equal(_bits(weights[name]), _bits(a)), name
+    opt = load_file(str(ckpt / "optimizer.safetensors"))
+    assert np.array_equal(opt["v"], np.arange(model.params.size, dtype=np.float32) / 7)

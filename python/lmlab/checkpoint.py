@@ -42,7 +42,7 @@ from pathlib import Path
 from . import rundir
 from .errors import CheckpointError
 from .model import GPT, GPTConfig, check_precision, parameter_layout
-from .tensorfile import read_metadata, read_safetensors, safetensors_bytes, tensor_dict
+from .tensorfile import read_metadata, read_safetensors, safetensors_chunks, tensor_dict
 from .tokenizer import Tokenizer
 from .files import atomic_write_json, fsync_dir, json_text, write_error, write_new_file
 from .rundir import (CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, CURRENT_FILE, MODEL_FILE,
@@ -330,6 +330,15 @@ def _current_name(run: Path):
         return None  # an unreadable pointer is replaced by the one this save writes
 
 
+def _digest(data) -> dict:
+    """{"bytes", "sha256"} of a file's content: bytes, or the buffers write_new_file writes in turn."""
+    h, n = hashlib.sha256(), 0
+    for chunk in (data if isinstance(data, list) else [data]):
+        h.update(chunk)
+        n += len(chunk)  # bytes: the chunks are bytes or byte-format memoryviews
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
 def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None = None,
              state: dict | None = None, parent: str | None = None, extra: dict | None = None,
              files: dict | None = None, keep: int | None = None) -> Path:
@@ -352,9 +361,10 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         raise ValueError(f"state['step'] must be >= 0, got {step}")
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
-    contents = {MODEL_FILE: safetensors_bytes(weights)}
+    # The tensor files are written straight from the arrays (safetensors_chunks), never as bytes.
+    contents = {MODEL_FILE: safetensors_chunks(weights)}
     if optimizer is not None:
-        contents[OPTIMIZER_FILE] = safetensors_bytes(tensor_dict(optimizer, "optimizer"))
+        contents[OPTIMIZER_FILE] = safetensors_chunks(tensor_dict(optimizer, "optimizer"))
     contents[TOKENIZER_FILE] = tokenizer.to_str().encode("utf-8")
     if state is not None:
         contents[STATE_FILE] = json_text({"has_optimizer": optimizer is not None,
@@ -370,8 +380,7 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         "train": train_config,
         "parent": None if parent is None else os.fspath(parent),
         "extra": extra or {},
-        "checkpoint": {"step": step, "files": {
-            n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in contents.items()}},
+        "checkpoint": {"step": step, "files": {n: _digest(b) for n, b in contents.items()}},
     }
     contents[CONFIG_FILE] = json_text(config).encode("utf-8")  # last: the manifest of the others
 

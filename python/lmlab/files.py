@@ -47,15 +47,17 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_new_file(path, data: bytes) -> None:
-    """Create `path` (which must not exist, and is never followed as a symlink), write `data` and
-    fsync it. For files inside a directory that is itself made visible atomically later."""
+def write_new_file(path, data) -> None:
+    """Create `path` (which must not exist, and is never followed as a symlink), write `data` (bytes,
+    or a list of buffers written one after another) and fsync it. For files inside a directory that
+    is itself made visible atomically later."""
     path = os.fspath(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
                      0o666)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:

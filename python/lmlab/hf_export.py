@@ -27,6 +27,7 @@ from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, write_new_file
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .instruct import END
+from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
 
 HF_CONFIG_FILE = "config.json"
@@ -36,9 +37,7 @@ _OLD = ".old-"
 
 
 def hf_files(model, tok, config: dict, source: str) -> dict:
-    """{file name: bytes} of the transformers directory of (model, tokenizer, run config)."""
-    from safetensors.numpy import save
-
+    """{file name: bytes, or buffers for write_new_file} of the transformers directory of (model, tokenizer, run config)."""
     cfg = model.config
     params = model.named_parameters()
     tensors = {hname: to_hf(name, params[name]) for name, hname, _, _ in name_map(cfg)}
@@ -61,7 +60,8 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
     return {
         "config.json": json_text(gpt2_config(cfg, bos_id=eot, eos_id=eot, pad_id=eot)).encode(),
         "generation_config.json": json_text(generation).encode(),
-        "model.safetensors": save(tensors, metadata={"format": "pt"}),
+        # transformers requires the "pt" format tag; written straight from the arrays.
+        "model.safetensors": safetensors_chunks(tensors, {"format": "pt"}),
         "tokenizer.json": tok.to_str().encode("utf-8"),
         "tokenizer_config.json": json_text(tok_config).encode("utf-8"),
         "special_tokens_map.json": json_text(special).encode("utf-8"),
