@@ -37,7 +37,8 @@ _OLD = ".old-"
 
 
 def hf_files(model, tok, config: dict, source: str) -> dict:
-    """{file name: bytes, or buffers for write_new_file} of the transformers directory of (model, tokenizer, run config)."""
+    """{file name: bytes, or buffers for write_new_file} of the transformers directory of
+    (model, tokenizer, run config)."""
     cfg = model.config
     params = model.named_parameters()
     tensors = {hname: to_hf(name, params[name]) for name, hname, _, _ in name_map(cfg)}
@@ -72,7 +73,8 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
 def _model_card(cfg, tok, source: str, chat: bool) -> str:
     n = sum(math.prod(shape) for _, _, shape, _ in name_map(cfg))
     use = ("tok.apply_chat_template([{'role': 'user', 'content': 'Hello'}], "
-           "add_generation_prompt=True, return_tensors='pt')" if chat else "tok('Hello', return_tensors='pt').input_ids")
+           "add_generation_prompt=True, return_tensors='pt')" if chat
+           else "tok('Hello', return_tensors='pt').input_ids")
     return (f"# GPT-2-architecture model exported by lmlab\n\n"
             f"Exported from the lmlab run `{source}`: {cfg.n_layer} layers, {cfg.n_head} heads, "
             f"width {cfg.n_embd}, context {cfg.block_size}, {n:,} parameters; a {tok.kind} "

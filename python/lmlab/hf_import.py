@@ -291,7 +291,8 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
     hf = _read_json(hf_dir / "config.json")
     cfg = model_config(hf, hf_dir / "config.json")
     if block_size is not None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= cfg.block_size:
+        if (isinstance(block_size, bool) or not isinstance(block_size, int)
+                or not 1 <= block_size <= cfg.block_size):
             raise ValueError(f"--block-size must be an integer in [1, {cfg.block_size}] (the "
                              f"checkpoint's n_positions), got {block_size!r}")
     tok, added = read_tokenizer(hf_dir, cfg.vocab_size)
