@@ -463,3 +463,16 @@ def test_an_untied_head_equal_to_wte_is_the_tied_model_and_imports(exported, tmp
     _edit_config(tie_word_embeddings=False)(d)
     _edit_tensors(lambda t: t.update({LM_HEAD: t["transformer.wte.weight"].copy()}))(d)
     assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 0
+
+
+def test_the_model_card_example_runs(instruct_run, tmp_path, monkeypatch, capsys):
+    """The README.md an export writes shows how to load and prompt it; that code runs as written."""
+    _transformers()
+    out = _export(instruct_run, tmp_path / "hf")
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "apply_chat_template" in code  # an instruct run's card prompts through its template
+    monkeypatch.chdir(out)
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("<|user|>Hello<|assistant|>")

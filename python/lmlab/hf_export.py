@@ -73,18 +73,20 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
 def _model_card(cfg, tok, source: str, chat: bool) -> str:
     n = sum(math.prod(shape) for _, _, shape, _ in name_map(cfg))
     use = ("tok.apply_chat_template([{'role': 'user', 'content': 'Hello'}], "
-           "add_generation_prompt=True, return_tensors='pt')" if chat
-           else "tok('Hello', return_tensors='pt').input_ids")
+           "add_generation_prompt=True, return_tensors='pt', return_dict=True)['input_ids']" if chat
+           else "tok('Hello', return_tensors='pt')['input_ids']")
     return (f"# GPT-2-architecture model exported by lmlab\n\n"
             f"Exported from the lmlab run `{source}`: {cfg.n_layer} layers, {cfg.n_head} heads, "
             f"width {cfg.n_embd}, context {cfg.block_size}, {n:,} parameters; a {tok.kind} "
             f"tokenizer of {tok.vocab_size} tokens"
             f"{' with the chat template it was instruct-tuned on' if chat else ''}.\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained('.')\n"
             "tok = AutoTokenizer.from_pretrained('.')\n"
             f"ids = {use}\n"
-            "print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))\n```\n")
+            "print(tok.decode(model.generate(ids, attention_mask=torch.ones_like(ids), "
+            f"max_new_tokens={max(1, min(50, cfg.block_size // 2))}, do_sample=False)[0]))\n"
+            "```\n")
 
 
 def _check_out(out: Path, run: Path, overwrite: bool) -> list:
