@@ -1,6 +1,7 @@
 """safetensors files as lmlab reads and writes them: float32 tensors only, the header checked
 (names, dtypes, shapes, offsets, file size) before any tensor is allocated, data read straight into
-the arrays that will hold it, SHA-256 and size compared with what the checkpoint recorded."""
+the arrays that will hold it, SHA-256 and size compared with what the checkpoint recorded; written
+straight from the arrays' memory (safetensors_chunks), never copied into one bytes object."""
 
 from __future__ import annotations
 
