@@ -11,6 +11,7 @@ library modules that do the work (which never import the command line).
     lmlab rank | reward | dpo | rlhf   learn from human rankings                      cli/preference.py
     lmlab bench      measure kernels or training throughput against references        cli/bench.py
     lmlab demo       teaching views: gradient descent, loss, sampling, embeddings     cli/demo.py
+    lmlab studio     the teaching views as a local web app, ranking for a class       cli/studio.py
 
 Errors a user can cause (a bad value, a missing file, an existing run) end in one line
 "lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag.
@@ -25,7 +26,7 @@ from typing import Optional, Sequence
 from .. import __version__
 from ..checks import SettingError
 from ..train import NonFiniteLoss
-from . import bench, demo, generation, preference, training
+from . import bench, demo, generation, preference, studio, training
 from .common import flag
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_commands(sub)
     bench.add_commands(sub)
     demo.add_demo_arguments(sub)
+    studio.add_commands(sub)
     return parser
 
 
