@@ -8,7 +8,10 @@ threads for anything that touches a model.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -87,3 +90,26 @@ def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
         announce("  (every device must open this URL once: the token is its key; share it only with the class)")
     announce(f"  rankings go to {app.app.state.rankings.path}; Ctrl-C stops the studio")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` with uvicorn in a background thread (port 0: a free one); yields its base URL.
+    For scripts and tests that drive a real browser or many clients at once."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, name="lmlab-studio", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the studio did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -48,10 +48,6 @@ async def _refuse(send, status: int, message: str, headers=()) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class Guard:
     """ASGI middleware: token, Host header, content type and body size, in that order."""
 
@@ -90,27 +86,31 @@ class Guard:
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 return await _refuse(send, 413, f"request body too large: at most {self.max_body} bytes")
-        receive = self._counting(receive)
-        send = self._with_headers(send, set_cookie)
-        try:
-            await self.app(scope, receive, send)
-        except _TooLarge:
-            await _refuse(send, 413, f"request body too large: at most {self.max_body} bytes")
-
-    def _counting(self, receive):
-        """receive() that stops a body without Content-Length (chunked) once it passes max_body."""
+        # A body sent without Content-Length (chunked) is counted as it arrives; past max_body the
+        # guard answers 413 itself, tells the app the client left, and drops whatever it answers.
+        refused = False
         seen = 0
 
-        async def counted():
-            nonlocal seen
+        async def counted_receive():
+            nonlocal refused, seen
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise _TooLarge
+                    refused = True
+                    await _refuse(send, 413, f"request body too large: at most {self.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        return counted
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, self._with_headers(guarded_send, set_cookie))
+        except Exception:
+            if not refused:  # after a 413 the app's complaint about the "disconnect" is expected
+                raise
 
     @staticmethod
     def _with_headers(send, extra):
