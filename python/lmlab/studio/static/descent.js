@@ -60,7 +60,8 @@ function play() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  for (const id of ["function", "method", "start", "lr"]) $(id).addEventListener("input", load);
+  for (const id of ["start", "lr"]) $(id).addEventListener("input", load);
+  for (const id of ["function", "method"]) $(id).addEventListener("change", load);
   $("step").onclick = step;
   $("play").onclick = play;
   $("reset").onclick = () => { k = 0; draw(); };

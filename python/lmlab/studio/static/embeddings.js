@@ -40,7 +40,7 @@ async function load() {
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
-  $("run").addEventListener("input", load);
+  $("run").addEventListener("change", load);
   $("find").onclick = () => neighbours({token: $("token").value});
   $("map").addEventListener("click", ev => {
     if (!map || !plot) return;

@@ -46,7 +46,8 @@ async function pick(mode) {
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
-  for (const id of ["temperature", "top_k", "top_p", "prompt", "run"]) $(id).addEventListener("input", refresh);
+  for (const id of ["temperature", "top_k", "top_p", "prompt"]) $(id).addEventListener("input", refresh);
+  $("run").addEventListener("change", refresh);
   $("greedy").onclick = () => pick("greedy");
   $("sample").onclick = () => pick("sample");
   try { await fillRuns($("run")); refresh(); } catch (e) { showError($("error"), e); }

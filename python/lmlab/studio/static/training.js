@@ -6,7 +6,7 @@ class RunPanel {
   constructor(root) {
     this.root = root; this.rows = []; this.source = null; this.seed = 0;
     this.q = cls => root.querySelector("." + cls);
-    this.q("run").addEventListener("input", () => this.follow());
+    this.q("run").addEventListener("change", () => this.follow());
     this.q("resample").onclick = () => { this.seed++; this.sample(); };
   }
   follow() {
