@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 
 from starlette.concurrency import run_in_threadpool
@@ -22,8 +21,6 @@ MAX_TEXT_CHARS = 2000        # a prompt, a text to score, a chat message
 MAX_NEW_TOKENS = 200         # tokens one request may generate
 MAX_CHAT_MESSAGES = 20
 MAX_SHOWN_TOKENS = 64        # bars on the Next token page
-
-log = logging.getLogger("lmlab.studio")
 
 
 class BadRequest(ValueError):
@@ -40,7 +37,7 @@ def api(handler):
             return JSONResponse(await handler(request))
         except UnknownRun as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 
     return endpoint

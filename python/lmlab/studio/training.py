@@ -17,7 +17,7 @@ import os
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from ..checkpoint import current_checkpoint
 from ..metrics import read_metrics
@@ -63,7 +63,6 @@ async def stream_endpoint(request: Request):
         run = request.app.state.runs.get(request.query_params.get("run", "0"))
         sent = int(number_value({"n": request.headers.get("last-event-id", "0")}, "n", lo=0, integer=True))
     except (UnknownRun, ValueError) as exc:
-        from starlette.responses import JSONResponse
         return JSONResponse({"error": str(exc)}, status_code=404 if isinstance(exc, UnknownRun) else 400)
     lifetime = request.app.state.stream_lifetime
 
