@@ -5,10 +5,12 @@ and 20 simultaneous ranking submissions against a real uvicorn server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,3 +472,25 @@ def test_lmlab_studio_errors_are_one_line(studio_runs, tmp_path, monkeypatch, ca
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "starlette" else find(name, *a))
     assert main(["studio", str(studio_runs[0])]) == 2
     assert 'pip install "lmlab[studio]"' in capsys.readouterr().err
+
+
+def test_two_processes_appending_big_rankings_to_one_file_never_interleave(tmp_path):
+    """The studio and a `lmlab rank` in another process may share a file: append_ranking writes
+    each line whole under an exclusive flock."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.jsonl"
+    script = ("import sys\nfrom lmlab.rankings import append_ranking\n"
+              "for i in range(30):\n"
+              "    append_ranking(sys.argv[1], {'prompt': sys.argv[2], 'completions': [sys.argv[2] * 20000, 'b'],"
+              " 'ranking': [0, 1], 'judge': f'{sys.argv[2]}{i}'})\n")
+    import lmlab
+
+    # the children import the same lmlab as this test (the source tree or the installed package)
+    env = {**os.environ, "PYTHONPATH": str(Path(lmlab.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), who], env=env) for who in ("x", "y")]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["judge"] for r in records) == sorted(f"{w}{i}" for w in "xy" for i in range(30))
+    assert all(r["completions"][0] == r["prompt"] * 20000 for r in records)

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -115,6 +116,11 @@ async def with_model(run, work):
             return work(*run.model())
 
     return await run_in_threadpool(locked)
+
+
+def token_text(tokenizer, i: int) -> str:
+    """The text of one token id."""
+    return tokenizer.decode(np.array([i], np.int32))
 
 
 def encodable(tokenizer, text: str, name: str) -> None:

@@ -15,8 +15,8 @@ from starlette.requests import Request
 
 from ..demo_model import prompt_ids
 from ..sample import draw_token, filter_distribution, next_token_distribution
-from .common import (MAX_SHOWN_TOKENS, api, choice_value, encodable, json_body,
-                     number_value, sampling_values, text_value, with_model)
+from .common import (MAX_SHOWN_TOKENS, api, choice_value, encodable, json_body, number_value,
+                     sampling_values, text_value, token_text, with_model)
 
 CACHED_PROMPTS = 64
 
@@ -41,10 +41,6 @@ class DistributionCache:
             self.items[key] = value
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
-
-
-def _piece(tok, i: int) -> str:
-    return tok.decode(np.array([i], np.int32))
 
 
 async def _distribution(request: Request, values: dict):
@@ -75,7 +71,7 @@ async def distribution_endpoint(request: Request) -> dict:
     order = np.argsort(-probs, kind="stable")[:show]
     return {"run": run.name, "prompt": prompt, "vocab_size": int(probs.size),
             "kept": int(np.count_nonzero(shaped)),
-            "tokens": [{"id": int(i), "text": _piece(tok, int(i)), "p": float(probs[i]),
+            "tokens": [{"id": int(i), "text": token_text(tok, int(i)), "p": float(probs[i]),
                         "shaped": float(shaped[i])} for i in order]}
 
 
@@ -93,6 +89,6 @@ async def pick_endpoint(request: Request) -> dict:
     else:
         chosen = draw_token(filter_distribution(probs, **settings), np.random.default_rng(seed))
     ended = chosen == tok.eot_id  # the model ends its text here: nothing to append
-    text = _piece(tok, chosen)
+    text = token_text(tok, chosen)
     return {"id": chosen, "text": text, "p": float(probs[chosen]), "ended": ended,
             "prompt": prompt if ended else prompt + text}

@@ -11,13 +11,9 @@ from ..demo_common import confidence_rgb
 from ..demo_model import embedding_rows, nearest_tokens, pca_2d, token_id, token_losses
 from ..instruct import respond
 from .common import (MAX_CHAT_MESSAGES, MAX_NEW_TOKENS, BadRequest, api, encodable, json_body,
-                     number_value, sampling_values, text_value, with_model)
+                     number_value, sampling_values, text_value, token_text, with_model)
 
 MAX_NEIGHBOURS = 50
-
-
-def _piece(tok, i: int) -> str:
-    return tok.decode(np.array([i], np.int32))
 
 
 @api
@@ -30,12 +26,12 @@ async def loss_endpoint(request: Request) -> dict:
         encodable(tok, text, "text")
         scored = token_losses(model, tok, text)
         ids = scored["ids"]
-        tokens = [{"text": _piece(tok, int(ids[0])), "p": None, "ce": None}]
+        tokens = [{"text": token_text(tok, int(ids[0])), "p": None, "ce": None}]
         for i in range(scored["targets"].size):
-            tokens.append({"text": _piece(tok, int(ids[i + 1])), "p": float(scored["probs"][i]),
+            tokens.append({"text": token_text(tok, int(ids[i + 1])), "p": float(scored["probs"][i]),
                            "ce": float(scored["ce"][i]),
                            "rgb": list(confidence_rgb(float(scored["probs"][i]))),
-                           "guess": _piece(tok, int(scored["top_guess"][i])),
+                           "guess": token_text(tok, int(scored["top_guess"][i])),
                            "guess_p": float(scored["top_guess_p"][i])})
         return {"run": run.name, "tokens": tokens, "mean_ce": float(scored["ce"].mean()),
                 "uniform_ce": float(np.log(tok.vocab_size))}
@@ -53,7 +49,7 @@ async def embeddings_endpoint(request: Request) -> dict:
         coords, explained = pca_2d(wte)
         return {"run": run.name, "dims": int(wte.shape[1]),
                 "explained": [float(v) for v in explained[:2]],
-                "tokens": [{"id": i, "text": _piece(tok, i), "x": float(coords[i, 0]),
+                "tokens": [{"id": i, "text": token_text(tok, i), "x": float(coords[i, 0]),
                             "y": float(coords[i, 1]) if coords.shape[1] > 1 else 0.0}
                            for i in range(wte.shape[0])]}
 
@@ -75,7 +71,7 @@ async def neighbours_endpoint(request: Request) -> dict:
         wte = embedding_rows(model, tok)
         i = token_id(tok, query)
         _, neighbours = nearest_tokens(tok, wte, i, k)
-        return {"run": run.name, "id": i, "text": _piece(tok, i), "neighbours": neighbours}
+        return {"run": run.name, "id": i, "text": token_text(tok, i), "neighbours": neighbours}
 
     return await with_model(run, work)
 
