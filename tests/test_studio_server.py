@@ -494,3 +494,24 @@ def test_two_processes_appending_big_rankings_to_one_file_never_interleave(tmp_p
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["judge"] for r in records) == sorted(f"{w}{i}" for w in "xy" for i in range(30))
     assert all(r["completions"][0] == r["prompt"] * 20000 for r in records)
+
+
+def test_a_stalled_model_does_not_stall_the_other_pages(studio_runs, tmp_path):  # noqa: F811
+    """Model work runs in worker threads: while run 0's model is busy (its lock held here), the
+    descent, the other run and the ranking file still answer; run 0's request finishes after."""
+    app = create_app(studio_runs, rankings=tmp_path / "r.jsonl")
+    busy = app.app.state.runs.get(0).lock
+    with running(app) as url:
+        with ThreadPoolExecutor(1) as pool:
+            busy.acquire()
+            try:
+                waiting = pool.submit(httpx.post, f"{url}/api/loss", json={"run": 0, "text": "To be"}, timeout=60)
+                time.sleep(0.3)
+                assert not waiting.done()
+                assert httpx.get(f"{url}/api/descent", timeout=10).status_code == 200
+                assert httpx.post(f"{url}/api/loss", json={"run": 1, "text": "To be"}, timeout=30).status_code == 200
+                assert httpx.get(f"{url}/api/rank/prompts", timeout=10).status_code == 200
+                assert not waiting.done()
+            finally:
+                busy.release()
+            assert waiting.result().status_code == 200

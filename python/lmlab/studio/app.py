@@ -88,6 +88,8 @@ def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
     announce(f"lmlab studio: open {url}")
     if token:
         announce("  (every device must open this URL once: the token is its key; share it only with the class)")
+    if host in ("0.0.0.0", "::"):
+        announce(f"  from another computer, put this computer's address in place of {host}")
     announce(f"  rankings go to {app.app.state.rankings.path}; Ctrl-C stops the studio")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
