@@ -130,6 +130,7 @@ def test_next_token_page_reshapes_with_top_k_and_appends_the_most_likely(browser
     browser.find_element(By.ID, "greedy").click()
     wait_for(browser, lambda d: d.find_element(By.ID, "prompt").get_attribute("value") == prompt + best,
              "the most likely token appended")
+    assert browser.find_element(By.CSS_SELECTOR, "#text .added").get_attribute("textContent") == best
     browser.find_element(By.ID, "sample").click()
     wait_for(browser, lambda d: d.find_element(By.ID, "seed").get_attribute("value") == "1", "a seeded sample")
     assert "with seed 0" in text_of(browser, "#picked")

@@ -90,8 +90,9 @@ def main() -> None:
             ActionChains(d).move_to_element(slider).click().perform()
             slider.send_keys(Keys.HOME + Keys.ARROW_RIGHT * 8)
             until(d, lambda d: text(d, "#kept").startswith("keeps 8 "))
-            d.find_element(By.ID, "greedy").click()
-            time.sleep(1)
+            for _ in range(3):
+                d.find_element(By.ID, "greedy").click()
+                time.sleep(1)
             shoot(d, "next")
 
             d.get(f"{url}/loss")

@@ -29,7 +29,9 @@ function draw() {
   p.dot(xs[k], ls[k], "#2f6fdf", 8);
   const all = path.losses.filter(v => isFinite(v) && Math.abs(v) < 1e12);
   const positive = all.every(v => v > 0);
-  const [l0, l1] = positive ? [Math.min(...all) * 0.8, Math.max(...all) * 1.2] : extent(all);
+  // a log axis spans at most 8 decades below the largest loss, so the first steps stay readable
+  const [l0, l1] = positive ? [Math.max(Math.min(...all) * 0.8, Math.max(...all) * 1e-8), Math.max(...all) * 1.5]
+                            : extent(all);
   const q = makePlot($("loss"), [0, Math.max(1, path.xs.length - 1), l0, l1],
                      {xLabel: "step", yLabel: "loss f(x)" + (positive ? " (log scale)" : ""), logY: positive});
   q.line(ls.map((_, i) => i), ls, "#2f6fdf", 2, 3);

@@ -1,7 +1,7 @@
 // Next token page: the distribution after the prompt; the sliders reshape it on the server
 // (lmlab.sample.filter_distribution), which keeps the model's distribution cached per prompt.
 "use strict";
-let request = 0, original = null;
+let request = 0, added = "";  // added: the tokens picked since the prompt was last typed
 
 function settings() {
   return {run: $("run").value, prompt: $("prompt").value, temperature: +$("temperature").value,
@@ -9,10 +9,8 @@ function settings() {
 }
 
 function showText() {
-  const prompt = $("prompt").value;
-  if (original === null || !prompt.startsWith(original)) original = prompt;
-  $("text").innerHTML = escapeHtml(original) +
-    `<span class="added">${escapeHtml(prompt.slice(original.length))}</span>`;
+  const prompt = $("prompt").value, typed = prompt.slice(0, prompt.length - added.length);
+  $("text").innerHTML = escapeHtml(typed) + `<span class="added">${escapeHtml(added)}</span>`;
 }
 
 async function refresh() {
@@ -40,13 +38,15 @@ async function pick(mode) {
       `picked ${JSON.stringify(data.text)} (p = ${(100 * data.p).toFixed(1)}%)` +
       (mode === "sample" ? ` with seed ${$("seed").value}` : "");
     if (mode === "sample") $("seed").value = +$("seed").value + 1;  // the next draw, a new number
+    if (!data.ended) added += data.text;
     $("prompt").value = data.prompt;
     await refresh();
   } catch (e) { showError($("error"), e); }
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
-  for (const id of ["temperature", "top_k", "top_p", "prompt"]) $(id).addEventListener("input", refresh);
+  for (const id of ["temperature", "top_k", "top_p"]) $(id).addEventListener("input", refresh);
+  $("prompt").addEventListener("input", () => { added = ""; refresh(); });
   $("run").addEventListener("change", refresh);
   $("greedy").onclick = () => pick("greedy");
   $("sample").onclick = () => pick("sample");

@@ -59,7 +59,7 @@ function makePlot(canvas, box, opts) {
   const ctx = canvas.getContext("2d");
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, w, h);
-  const m = {l: 62, r: 14, t: 14, b: 40};
+  const m = {l: 74, r: 26, t: 14, b: 40};
   const logY = !!opts.logY;
   const ty = v => logY ? Math.log10(Math.max(v, 1e-300)) : v;
   let [x0, x1, y0, y1] = box;
@@ -70,17 +70,18 @@ function makePlot(canvas, box, opts) {
   ctx.strokeStyle = "#b7bfcc"; ctx.fillStyle = "#687083"; ctx.lineWidth = 1;
   ctx.font = "12px system-ui, sans-serif";
   ctx.strokeRect(m.l, m.t, w - m.l - m.r, h - m.t - m.b);
+  const digits = span => span >= 50 ? 0 : span >= 5 ? 1 : 2;  // ticks as precise as the range needs
   for (let i = 0; i <= 5; i++) {
     const xv = x0 + (x1 - x0) * i / 5, yv = y0 + (y1 - y0) * i / 5;
-    ctx.textAlign = "center"; ctx.fillText(fmt(xv, 2), X(xv), h - m.b + 16);
+    ctx.textAlign = "center"; ctx.fillText(fmt(xv, digits(x1 - x0)), X(xv), h - m.b + 16);
     ctx.textAlign = "right";
     const py = h - m.b - i / 5 * (h - m.t - m.b);
-    ctx.fillText(logY ? fmt(Math.pow(10, yv), 2) : fmt(yv, 2), m.l - 6, py + 4);
+    ctx.fillText(logY ? Math.pow(10, yv).toPrecision(2) : fmt(yv, digits(y1 - y0)), m.l - 6, py + 4);
     ctx.beginPath(); ctx.strokeStyle = "#eef1f6"; ctx.moveTo(m.l + 1, py); ctx.lineTo(w - m.r - 1, py); ctx.stroke();
   }
   ctx.textAlign = "center"; ctx.fillStyle = "#1d2330";
   if (opts.xLabel) ctx.fillText(opts.xLabel, (m.l + w - m.r) / 2, h - 6);
-  if (opts.yLabel) { ctx.save(); ctx.translate(13, (m.t + h - m.b) / 2); ctx.rotate(-Math.PI / 2);
+  if (opts.yLabel) { ctx.save(); ctx.translate(12, (m.t + h - m.b) / 2); ctx.rotate(-Math.PI / 2);
                      ctx.fillText(opts.yLabel, 0, 0); ctx.restore(); }
   const inside = (x, y) => isFinite(x) && isFinite(y) && x >= x0 - 1e-9 && x <= x1 + 1e-9;
   return {
