@@ -448,10 +448,10 @@ def test_lmlab_studio_prints_the_url_with_a_token_for_a_network_host(studio_runs
 
     seen = {}
 
-    def fake_run(app, host, port, log_level):
-        seen.update(app=app, host=host, port=port)
+    def fake_run(server):
+        seen.update(app=server.config.app, host=server.config.host, port=server.config.port)
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     assert main(["studio", str(studio_runs[0]), "--host", "0.0.0.0", "--port", "8123"]) == 0
     out = capsys.readouterr().out
     token = re.search(r"http://0\.0\.0\.0:8123/\?token=([\w-]+)", out).group(1)

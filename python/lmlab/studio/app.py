@@ -72,14 +72,13 @@ def create_app(run_paths: Sequence = (), *, token: Optional[str] = None, allowed
     app.state.rankings = ranking.RankingBook(Path(os.fspath(rankings)).resolve(), prompts)
     app.state.distributions = next_token.DistributionCache()
     app.state.stream_lifetime = float(stream_lifetime)
+    app.state.stopping = False  # set when the server is told to stop: the streams end
     return Guard(app, token=token, allowed_hosts=allowed_hosts)
 
 
 def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
           rankings=DEFAULT_RANKINGS, prompts: Sequence[str] = (), announce=print) -> None:
     """Run the studio until Ctrl-C. A host other than loopback gets a fresh access token."""
-    import uvicorn
-
     token = None if is_loopback(host) else new_token()
     allowed = LOOPBACK_HOSTS if token is None else None
     app = create_app(run_paths, token=token, allowed_hosts=allowed, rankings=rankings, prompts=prompts)
@@ -91,17 +90,28 @@ def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
     if host in ("0.0.0.0", "::"):
         announce(f"  from another computer, put this computer's address in place of {host}")
     announce(f"  rankings go to {app.app.state.rankings.path}; Ctrl-C stops the studio")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    _server(app, host, port).run()
+
+
+def _server(app, host: str, port: int):
+    """A uvicorn server that, when told to stop (Ctrl-C), first tells the open training streams,
+    which end within a poll so that the shutdown waits for nothing."""
+    import uvicorn
+
+    class StudioServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.app.state.stopping = True
+            super().handle_exit(sig, frame)
+
+    return StudioServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                       lifespan="off", timeout_graceful_shutdown=10))
 
 
 @contextlib.contextmanager
 def running(app, host: str = "127.0.0.1", port: int = 0):
     """Serve `app` with uvicorn in a background thread (port 0: a free one); yields its base URL.
     For scripts and tests that drive a real browser or many clients at once."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           lifespan="off"))
+    server = _server(app, host, port)
     thread = threading.Thread(target=server.run, name="lmlab-studio", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -113,5 +123,5 @@ def running(app, host: str = "127.0.0.1", port: int = 0):
     try:
         yield f"http://{host}:{bound}"
     finally:
-        server.should_exit = True
+        server.handle_exit(None, None)
         thread.join(30)

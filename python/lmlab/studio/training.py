@@ -72,7 +72,7 @@ async def stream_endpoint(request: Request):
         end = loop.time() + lifetime
         seen, checkpoint, quiet_since = None, None, loop.time()
         yield "retry: 1000\n\n"
-        while loop.time() < end:
+        while loop.time() < end and not request.app.state.stopping:
             signature = _signature(run)
             if signature != seen:
                 seen = signature
