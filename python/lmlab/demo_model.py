@@ -70,16 +70,16 @@ def _rgb01(p: float) -> tuple[float, float, float]:
 # loss of a model on a text
 
 
-def loss(source, text: str, out, *, colour: bool | None = None) -> DemoResult:
-    """Per-position probability of the right next token and its cross-entropy on `text`.
+def token_losses(model, tokenizer, text: str) -> dict:
+    """For each position of `text`: the probability the model gives the right next token, its
+    cross-entropy -log p (float64), the model's own per-token loss, and its top guess with that
+    guess's probability. Keys: ids, targets, probs, ce, model_losses, top_guess, top_guess_p.
 
     A text longer than the model's block_size + 1 tokens is scored in consecutive windows of
     block_size predictions, the context starting afresh in each (as training batches do).
     """
-    model, tokenizer = resolve_model(source)
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
-    out = out_dir(out)
     ids = np.asarray(tokenizer.encode(text), np.int32)
     if ids.size < 2:
         raise ValueError(f"text must encode to at least 2 tokens (one to read, one to predict), got {ids.size}")
@@ -97,9 +97,19 @@ def loss(source, text: str, out, *, colour: bool | None = None) -> DemoResult:
         model_losses.append(np.array(losses[0], np.float64))
         guess.append(np.argmax(logp, axis=-1))
         guess_p.append(np.exp(logp.max(axis=-1)))
-    probs, ce = np.concatenate(probs), np.concatenate(ce)
-    model_losses, guess, guess_p = np.concatenate(model_losses), np.concatenate(guess), np.concatenate(guess_p)
-    targets = ids[1:]
+    return {"ids": ids, "targets": ids[1:], "probs": np.concatenate(probs), "ce": np.concatenate(ce),
+            "model_losses": np.concatenate(model_losses), "top_guess": np.concatenate(guess),
+            "top_guess_p": np.concatenate(guess_p)}
+
+
+def loss(source, text: str, out, *, colour: bool | None = None) -> DemoResult:
+    """Per-position probability of the right next token and its cross-entropy on `text`, drawn
+    (the numbers come from token_losses)."""
+    model, tokenizer = resolve_model(source)
+    out = out_dir(out)
+    scored = token_losses(model, tokenizer, text)
+    ids, targets, probs, ce = scored["ids"], scored["targets"], scored["probs"], scored["ce"]
+    model_losses, guess, guess_p = scored["model_losses"], scored["top_guess"], scored["top_guess_p"]
     pieces = [_piece(tokenizer, int(i)) for i in ids]
     mean_ce = float(ce.mean())
 
@@ -336,27 +346,44 @@ def token_id(tokenizer, token) -> int:
     return int(ids[0])
 
 
+def embedding_rows(model, tokenizer) -> np.ndarray:
+    """The token embeddings (rows of wte) as float64 (V, C), one row per token of the tokenizer."""
+    # rows past the tokenizer's vocabulary (padding of the model's vocab_size) are no tokens at all
+    V = min(int(tokenizer.vocab_size), int(model.config.vocab_size))
+    return np.array(model.named_parameters()["wte"][:V], np.float64)
+
+
+def nearest_tokens(tokenizer, wte: np.ndarray, q: int, k: int):
+    """(cosine of every row with row q, the k nearest other tokens as dicts id/token/cosine)."""
+    V = wte.shape[0]
+    if not 0 <= q < V:
+        raise ValueError(f"token id {q} has no embedding row (the model has {V})")
+    norms = np.linalg.norm(wte, axis=1)
+    cos = wte @ wte[q] / np.maximum(norms * norms[q], 1e-300)
+    order = [int(i) for i in np.argsort(-cos, kind="stable") if i != q][: min(k, V - 1)]
+    return cos, [{"id": i, "token": _piece(tokenizer, i), "cosine": float(cos[i])} for i in order]
+
+
+def pca_2d(wte: np.ndarray):
+    """(coords (V, 2): each row along the two directions the rows vary most, the fraction of the
+    variance along every direction)."""
+    centred = wte - wte.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T, s**2 / np.sum(s**2)
+
+
 def embeddings(source, token, out, *, k: int = 10, labels: int = 120) -> DemoResult:
     """Nearest tokens to `token` by cosine similarity of wte rows, and a labelled 2-D PCA of all rows."""
     model, tokenizer = resolve_model(source)
     k = check_int("k", k, 1)
     labels = check_int("labels", labels, 1)
     out = out_dir(out)
-    # rows past the tokenizer's vocabulary (padding of the model's vocab_size) are no tokens at all
-    V = min(int(tokenizer.vocab_size), int(model.config.vocab_size))
-    wte = np.array(model.named_parameters()["wte"][:V], np.float64)  # (V, C)
+    wte = embedding_rows(model, tokenizer)
+    V = wte.shape[0]
     q = token_id(tokenizer, token)
-    if q >= V:
-        raise ValueError(f"token id {q} has no embedding row (the model has {V})")
-    norms = np.linalg.norm(wte, axis=1)
-    cos = wte @ wte[q] / np.maximum(norms * norms[q], 1e-300)
-    order = [int(i) for i in np.argsort(-cos, kind="stable") if i != q][: min(k, V - 1)]
-    neighbours = [{"id": i, "token": _piece(tokenizer, i), "cosine": float(cos[i])} for i in order]
-
-    centred = wte - wte.mean(axis=0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    coords = centred @ vt[:2].T  # (V, 2): each token's position along the two main directions
-    explained = s**2 / np.sum(s**2)
+    cos, neighbours = nearest_tokens(tokenizer, wte, q, k)
+    order = [n["id"] for n in neighbours]
+    coords, explained = pca_2d(wte)
 
     fig = new_figure(13, 6.2)
     ax, ax_n = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.7, 1.0]})

@@ -14,6 +14,7 @@ This is the one place the format is checked (`normalize_ranking`) and its pairs 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -114,12 +115,20 @@ def load_rankings(path) -> list:
 
 
 def append_ranking(path, record: dict) -> None:
-    """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it."""
-    line = json.dumps(parse_record(record), ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it.
+
+    The whole line goes out in one write under an exclusive flock, so writers in several processes
+    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines."""
+    line = (json.dumps(parse_record(record), ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(line)
+        while view:  # a regular file takes the line in one write; loop only on a short write
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def preference_pairs(records: Iterable[dict]) -> list:

@@ -78,6 +78,16 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
     return p
 
 
+def draw_token(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One token id drawn from the (filtered) distribution p with one uniform number from rng."""
+    cdf = np.cumsum(p)
+    nxt = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    nxt = min(nxt, p.size - 1)
+    while p[nxt] == 0.0:        # rounding at the cdf's flat end: step back to a kept id
+        nxt -= 1
+    return nxt
+
+
 def _context(model: GPT, ids) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.size == 0:
@@ -135,12 +145,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:
-            p = filter_distribution(_softmax64(logits), temperature, top_k, top_p)
-            cdf = np.cumsum(p)
-            nxt = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-            nxt = min(nxt, p.size - 1)
-            while p[nxt] == 0.0:        # rounding at the cdf's flat end: step back to a kept id
-                nxt -= 1
+            nxt = draw_token(filter_distribution(_softmax64(logits), temperature, top_k, top_p), rng)
         if nxt in stops:
             break
         tokens.append(nxt)

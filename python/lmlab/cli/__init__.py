@@ -13,6 +13,7 @@ library modules that do the work (which never import the command line).
     lmlab import     make a local Hugging Face GPT-2 checkpoint an lmlab run
     lmlab bench      measure kernels or training throughput against references        cli/bench.py
     lmlab demo       teaching views: gradient descent, loss, sampling, embeddings     cli/demo.py
+    lmlab studio     the teaching views as a local web app, ranking for a class       cli/studio.py
 
 Errors a user can cause (a bad value, a missing file, an existing run) end in one line
 "lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag.
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 from .. import __version__
 from ..checks import SettingError
 from ..train import NonFiniteLoss
-from . import bench, demo, generation, interop, preference, training
+from . import bench, demo, generation, interop, preference, studio, training
 from .common import flag
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     interop.add_commands(sub)
     bench.add_commands(sub)
     demo.add_demo_arguments(sub)
+    studio.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,41 @@
+"""`lmlab studio`: serve the teaching pages for the runs named (lmlab.studio does the work)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..rankings import read_prompts
+
+INSTALL_HINT = 'the studio needs starlette and uvicorn: pip install "lmlab[studio]"'
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "studio", help="the lecture in the browser: descent, next token, loss, training, rank, "
+                       "chat, embeddings",
+        description="Serve a local web app over the runs named. It binds 127.0.0.1 unless --host "
+                    "says otherwise; any other host gets a random access token, printed in the "
+                    "URL, which every request must carry. The pages read only these runs and "
+                    "write only the rankings file.")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run directories the pages may use")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only; "
+                        "0.0.0.0 lets a class in, with a token)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--rankings", default="rankings.jsonl",
+                   help="the rankings JSONL the Rank page appends to (default rankings.jsonl)")
+    p.add_argument("--prompts", default=None,
+                   help="prompts offered on the Rank page (one per line, or JSONL)")
+    p.set_defaults(func=cmd_studio)
+
+
+def cmd_studio(args) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uvicorn") is None:
+        raise ValueError(INSTALL_HINT)
+    from ..studio import serve
+
+    prompts = read_prompts(args.prompts) if args.prompts else []
+    serve(args.runs, host=args.host, port=args.port, rankings=args.rankings, prompts=prompts)
+    return 0

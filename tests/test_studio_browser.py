@@ -1,0 +1,239 @@
+"""The studio in a real headless Chromium (Selenium): every page opened, sliders moved with the
+keyboard, the descent stepped, a ranking submitted from two browser sessions at once; asserts on
+the page and on the files written. Skips with "no browser" where Chromium or its driver is missing
+(.ci/run installs Debian's chromium and chromium-driver)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from studio_fixtures import PROMPTS, studio_runs  # noqa: F401  (a fixture)
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="no browser: selenium is not installed")
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from lmlab.checkpoint import load_model  # noqa: E402
+from lmlab.metrics import append_metrics, read_metrics  # noqa: E402
+from lmlab.rankings import load_rankings  # noqa: E402
+from lmlab.studio import create_app  # noqa: E402
+from lmlab.studio.app import running  # noqa: E402
+
+WAIT_S = 30
+
+
+def _browser_paths():
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    return browser, driver
+
+
+def new_browser():
+    """A headless Chromium with the system's chromedriver (never one fetched at run time)."""
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = _browser_paths()
+    if not browser or not driver:
+        pytest.skip("no browser: chromium and chromedriver are not installed "
+                    "(apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1000", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    try:
+        return webdriver.Chrome(options=options, service=Service(driver))
+    except WebDriverException as exc:
+        pytest.skip(f"no browser: chromium did not start ({str(exc).splitlines()[0]})")
+
+
+@pytest.fixture(scope="module")
+def served(studio_runs, tmp_path_factory):  # noqa: F811
+    """A real studio over a copy of the base run (the Training test appends to it), the instruct
+    run and the base run again; rankings go to its own directory."""
+    root = tmp_path_factory.mktemp("browser")
+    growing = root / "growing"
+    shutil.copytree(studio_runs[0], growing)
+    app = create_app([growing, studio_runs[1], studio_runs[0]], rankings=root / "rankings.jsonl",
+                     prompts=PROMPTS, stream_lifetime=20)
+    with running(app) as url:
+        yield url, root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = new_browser()
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, what):
+    return WebDriverWait(driver, WAIT_S).until(lambda d: condition(d), message=f"waiting for {what}")
+
+
+def text_of(driver, css):
+    return driver.find_element(By.CSS_SELECTOR, css).text
+
+
+def no_error(driver):
+    assert text_of(driver, ".error") == ""
+
+
+def move_slider(driver, element_id, home_then_right: int):
+    """Focus a range input and move it with the keyboard as a person would: Home, then Right n times."""
+    slider = driver.find_element(By.ID, element_id)
+    ActionChains(driver).move_to_element(slider).click().perform()
+    slider.send_keys(Keys.HOME + Keys.ARROW_RIGHT * home_then_right)
+
+
+def test_descent_page_moves_the_learning_rate_and_steps_down_the_parabola(browser, served):
+    url, _ = served
+    browser.get(f"{url}/descent")
+    wait_for(browser, lambda d: text_of(d, "#x") == "4.0000", "the path from x0 = 4")
+    move_slider(browser, "lr", 59)  # min 0.005, step 0.005: lr 0.300
+    wait_for(browser, lambda d: text_of(d, "#lr-out") == "0.300", "lr 0.300")
+    wait_for(browser, lambda d: text_of(d, "#k") == "0", "the new path")
+    for _ in range(3):
+        browser.find_element(By.ID, "step").click()
+    # x_k = 4 (1 - 2 lr)^k on x^2
+    assert text_of(browser, "#k") == "3"
+    assert text_of(browser, "#x") == f"{4 * 0.4 ** 3:.4f}"
+    assert text_of(browser, "#slope") == f"{2 * 4 * 0.4 ** 3:.4f}"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")) == 4
+    Select(browser.find_element(By.ID, "method")).select_by_value("adam")
+    wait_for(browser, lambda d: text_of(d, "#k") == "0", "the Adam path")
+    browser.find_element(By.ID, "step").click()
+    assert float(text_of(browser, "#x")) == pytest.approx(4 - 0.3, abs=1e-3)  # Adam's first step is lr
+    no_error(browser)
+
+
+def test_next_token_page_reshapes_with_top_k_and_appends_the_most_likely(browser, served, studio_runs):  # noqa: F811
+    from lmlab.sample import next_token_distribution
+
+    url, _ = served
+    model, tok, _ = load_model(studio_runs[0])
+    V = tok.vocab_size
+    browser.get(f"{url}/next")
+    wait_for(browser, lambda d: text_of(d, "#kept") == f"keeps {V} of {V} tokens", "the distribution")
+    move_slider(browser, "top_k", 3)
+    wait_for(browser, lambda d: text_of(d, "#kept") == f"keeps 3 of {V} tokens", "top-k 3")
+    shaped = [float(e.get_attribute("data-p")) for e in browser.find_elements(By.CSS_SELECTOR, ".shaped-p")]
+    assert sum(p > 0 for p in shaped) == 3 and sum(shaped) == pytest.approx(1.0, abs=1e-6)
+    prompt = browser.find_element(By.ID, "prompt").get_attribute("value")
+    best = tok.decode([int(np.argmax(next_token_distribution(model, tok.encode(prompt))))])
+    browser.find_element(By.ID, "greedy").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "prompt").get_attribute("value") == prompt + best,
+             "the most likely token appended")
+    assert browser.find_element(By.CSS_SELECTOR, "#text .added").get_attribute("textContent") == best
+    browser.find_element(By.ID, "sample").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "seed").get_attribute("value") == "1", "a seeded sample")
+    assert "with seed 0" in text_of(browser, "#picked")
+    no_error(browser)
+
+
+def test_loss_page_colours_each_token_and_explains_it_on_hover(browser, served, studio_runs):  # noqa: F811
+    url, _ = served
+    _, tok, _ = load_model(studio_runs[0])
+    browser.get(f"{url}/loss")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#scored span"), "the scored text")
+    text = browser.find_element(By.ID, "text").get_attribute("value")
+    spans = browser.find_elements(By.CSS_SELECTOR, "#scored span")
+    assert len(spans) == len(tok.encode(text))
+    assert "".join(s.get_attribute("textContent") for s in spans) == text
+    assert "rgb(" in spans[1].get_attribute("style")
+    ActionChains(browser).move_to_element(spans[2]).perform()
+    wait_for(browser, lambda d: "p(right token)" in text_of(d, "#hover"), "the hover numbers")
+    assert "mean" in text_of(browser, "#summary")
+
+
+def test_training_page_follows_a_growing_run_live(browser, served):
+    url, root = served
+    last = read_metrics(root / "growing")[-1]["step"]
+    browser.get(f"{url}/training")
+    wait_for(browser, lambda d: text_of(d, "#panel-a .step") == str(last), "the run's last step")
+    wait_for(browser, lambda d: text_of(d, "#panel-a .sample") != "", "a sample from the checkpoint")
+    append_metrics(root / "growing", {"step": 999, "loss": 0.5, "val_loss": 0.75, "tokens_per_s": 12345.0})
+    wait_for(browser, lambda d: text_of(d, "#panel-a .step") == "999", "the appended row")
+    assert text_of(browser, "#panel-a .tps") in ("12,345", "12345")
+    assert text_of(browser, "#panel-a .val") == "0.750"
+    assert text_of(browser, "#panel-b .step") != ""  # the second run, side by side
+
+
+def test_rank_page_takes_submissions_from_two_sessions_at_once(browser, served):
+    url, root = served
+    other = new_browser()
+    try:
+        sessions = [browser, other]
+        for d in sessions:
+            d.get(f"{url}/rank")
+            wait_for(d, lambda d: d.find_element(By.ID, "prompt").get_attribute("value") == PROMPTS[0],
+                     "the prompts")
+            k = d.find_element(By.ID, "k")
+            k.clear()
+            k.send_keys("3")
+            d.find_element(By.ID, "round").click()
+            wait_for(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "select.place")) == 3, "3 answers")
+        places = {"Ada": ["3", "2", "1"], "Grace": ["1", "1", "2"]}
+        for d, (name, chosen) in zip(sessions, places.items()):
+            for select, value in zip(d.find_elements(By.CSS_SELECTOR, "select.place"), chosen):
+                Select(select).select_by_value(value)
+            d.find_element(By.ID, "name").send_keys(name)
+        for d in sessions:  # both requests in flight together
+            d.find_element(By.ID, "submit").click()
+        for d, name in zip(sessions, places):
+            wait_for(d, lambda d: text_of(d, "#status").startswith(f"saved: {name}"), f"{name}'s ranking saved")
+        lines = (root / "rankings.jsonl").read_text(encoding="utf-8").splitlines()
+        records = {r["judge"]: r for r in map(json.loads, lines)}
+        assert len(lines) == 2 and set(records) == {"Ada", "Grace"}
+        assert records["Ada"]["ranking"] == [2, 1, 0] and records["Grace"]["ranking"] == [[0, 1], 2]
+        assert records["Ada"]["completions"] == records["Grace"]["completions"]
+        shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#answers .mono")]
+        assert shown == [PROMPTS[0] + c for c in records["Ada"]["completions"]]
+        assert len(load_rankings(root / "rankings.jsonl")) == 2
+    finally:
+        other.quit()
+
+
+def test_chat_page_answers_like_lmlab_chat(browser, served, studio_runs):  # noqa: F811
+    from lmlab.instruct import respond
+
+    url, _ = served
+    model, tok, _ = load_model(studio_runs[1])
+    browser.get(f"{url}/chat")
+    wait_for(browser, lambda d: Select(d.find_element(By.ID, "run")).options, "the chat runs")
+    assert [o.text for o in Select(browser.find_element(By.ID, "run")).options] == ["chat (instruct)"]
+    browser.find_element(By.ID, "message").send_keys("What is abs?" + Keys.ENTER)
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log div")) == 2, "the reply")
+    reply, ended = respond(model, tok, [{"role": "user", "content": "What is abs?"}], max_new_tokens=120)
+    shown = browser.find_elements(By.CSS_SELECTOR, "#log .model")[0].get_attribute("textContent")
+    assert shown == "model> " + reply + ("" if ended else " [...]")
+    no_error(browser)
+
+
+def test_embeddings_page_shows_neighbours_of_a_clicked_token(browser, served, studio_runs):  # noqa: F811
+    url, _ = served
+    model, tok, _ = load_model(studio_runs[0])
+    browser.get(f"{url}/embeddings")
+    wait_for(browser, lambda d: "tokens" in text_of(d, "#variance"), "the map")
+    i = int(tok.encode("e")[0])
+    x, y, w, h = browser.execute_script(
+        "const t = map.tokens[arguments[0]]; const c = document.getElementById('map');"
+        "return [plot.X(t.x), plot.Y(t.y), c.clientWidth, c.clientHeight];", i)
+    canvas = browser.find_element(By.ID, "map")
+    ActionChains(browser).move_to_element_with_offset(canvas, int(x - w / 2), int(y - h / 2)).click().perform()
+    wait_for(browser, lambda d: text_of(d, "#query").startswith("nearest to"), "the neighbours")
+    wte = np.array(model.named_parameters()["wte"][: tok.vocab_size], np.float64)
+    clicked = browser.execute_script("return chosen;")
+    cos = wte @ wte[clicked] / (np.linalg.norm(wte, axis=1) * np.linalg.norm(wte[clicked]))
+    cos[clicked] = -np.inf
+    want = [tok.decode([int(j)]) for j in np.argsort(-cos, kind="stable")[:10]]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr td.mono")
+    label = {" ": "\u2423", "\n": "\u21b5"}
+    assert [r.text for r in rows] == ["".join(label.get(c, c) for c in t) for t in want]
+    no_error(browser)
