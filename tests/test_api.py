@@ -195,6 +195,8 @@ def test_bad_keywords_and_values_are_refused_before_any_work(root, base):
         base.loss("t")
     with pytest.raises(ValueError, match="cannot represent: '\u00e9'"):
         base.loss("the \u00e9t\u00e9")
+    with pytest.raises(ValueError, match="k must be a positive whole number"):
+        base.next_token_distribution("the").top(0)
     with pytest.raises(KeyError, match="not one"):
         base.next_token_distribution("the")["th"]
     with pytest.raises(FileNotFoundError):

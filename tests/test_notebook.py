@@ -38,6 +38,8 @@ def test_lecture_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     package_root = str(Path(lmlab.__file__).resolve().parent.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    # The notebook trains into tempfile.mkdtemp(): here, inside this test's own directory.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     before = _untracked_or_changed()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

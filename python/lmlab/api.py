@@ -42,20 +42,25 @@ def _text(name: str, value) -> str:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq: comparing arrays has no single answer
 class NextTokens:
     """A model's distribution over every token of its vocabulary for what follows a prompt.
 
     probs[i] is the probability of token id i (float64, sums to 1); top(k) lists the k most likely
     as (token text, probability), most likely first, ties broken by lower id (as `lmlab predict`
     shows them); dist["e"] is the probability of the token whose text is "e".
+
+    >>> dist = model.next_token_distribution("the ")
+    >>> len(dist) == model.tokenizer.vocab_size, dist.top(2)[0][1] >= dist.top(2)[1][1]
+    (True, True)
     """
     prompt: str
     probs: np.ndarray
     tokenizer: object
 
     def top(self, k: int = 10) -> List[Tuple[str, float]]:
-        checks.check("top_k", k)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive whole number of tokens, got {k!r}")
         order = np.argsort(-self.probs, kind="stable")[:k]
         return [(self.tokenizer.decode([int(i)]), float(self.probs[i])) for i in order]
 
