@@ -128,7 +128,7 @@ def test_python_api_refuses_the_same_values():
         check("threads", 100000)
     with pytest.raises(SettingError, match="batch_size=0"):
         pretrain("x", "never", batch_size=0)
-    with pytest.raises(TypeError, match="unexpected setting"):
+    with pytest.raises(TypeError, match="unknown keyword"):
         pretrain("x", "never", batchsize=4)
     assert not os.path.exists("never")
 

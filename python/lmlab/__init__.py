@@ -1,12 +1,43 @@
 """lmlab: train small GPT language models on a CPU and watch them learn.
 
 The compiled kernels live in lmlab._core (private); lmlab.ops wraps them one function per kernel.
+The top-level API (lmlab.pretrain, lmlab.finetune, lmlab.instruct, lmlab.load, lmlab.Model) lives
+in lmlab.api and is imported on first use, so `import lmlab` stays quick.
 """
 
 from __future__ import annotations
+
+import importlib
+import types
 
 __version__ = "0.1.0"
 
 from .ops import cpu_info, get_num_threads, set_num_threads  # noqa: E402
 
-__all__ = ["__version__", "cpu_info", "get_num_threads", "set_num_threads"]
+# The API's training functions share their names with the modules that hold the stages.
+_STAGES = ("pretrain", "finetune", "instruct")
+_API = _STAGES + ("load", "Model")
+
+__all__ = ["__version__", "cpu_info", "get_num_threads", "set_num_threads", *_API]
+
+
+class _CallableStage(types.ModuleType):
+    """A stage's module (lmlab.pretrain, lmlab.finetune, lmlab.instruct) that, called, is the
+    top-level function of the same name in lmlab.api: the package attribute is the module
+    whichever was imported first, so the module is made to answer the call."""
+
+    def __call__(self, *args, **kwargs):
+        api = importlib.import_module(".api", __name__)
+        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    # PEP 562: the API is imported on first use (it pulls in the tokenizer and the trainer).
+    if name in _API:
+        api = importlib.import_module(".api", __name__)
+        return importlib.import_module(f".{name}", __name__) if name in _STAGES else getattr(api, name)
+    raise AttributeError(f"module 'lmlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

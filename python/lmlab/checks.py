@@ -31,6 +31,27 @@ class SettingError(ValueError):
         return f"{label}{self.value!r} is not allowed: {self.allowed}"
 
 
+class UnknownSettingError(TypeError, ValueError):
+    """A keyword that is no setting of the function given it: a TypeError, as Python's own error
+    for an unexpected keyword argument is, and a ValueError, as every other refused value is."""
+
+
+def refuse_unknown(function: str, given, known) -> None:
+    """Raise UnknownSettingError naming each keyword in `given` that is not in `known`, with the
+    closest known name as a suggestion."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    import difflib  # only on this error path
+
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        named.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise UnknownSettingError(f"{function}() got unknown keyword(s) {', '.join(named)}; expected "
+                              f"one of {', '.join(sorted(known))}")
+
+
 @dataclass(frozen=True)
 class Rule:
     kind: type  # int, float or str

@@ -34,6 +34,7 @@ from .demo_common import (
     use_colour,
     write_text,
 )
+from .sample import score_tokens
 
 
 def resolve_model(source):
@@ -50,12 +51,6 @@ def resolve_model(source):
         model, tokenizer, _ = load_model(source)
         return model, tokenizer
     raise TypeError(f"source must be a run directory or a (model, tokenizer) pair, got {type(source).__name__}")
-
-
-def _log_softmax64(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _piece(tokenizer, i: int) -> str:
@@ -83,23 +78,11 @@ def token_losses(model, tokenizer, text: str) -> dict:
     ids = np.asarray(tokenizer.encode(text), np.int32)
     if ids.size < 2:
         raise ValueError(f"text must encode to at least 2 tokens (one to read, one to predict), got {ids.size}")
-    block = int(model.config.block_size)
-    probs, ce, model_losses, guess, guess_p = [], [], [], [], []
-    for s in range(0, ids.size - 1, block):
-        x = ids[s : s + block]
-        y = ids[s + 1 : s + 1 + block]
-        x = x[: y.size]
-        logits, losses = model.forward(x[None, :], y[None, :])
-        logp = _log_softmax64(logits[0])  # (T, V), our own softmax in float64
-        right = logp[np.arange(y.size), y]
-        probs.append(np.exp(right))
-        ce.append(-right)
-        model_losses.append(np.array(losses[0], np.float64))
-        guess.append(np.argmax(logp, axis=-1))
-        guess_p.append(np.exp(logp.max(axis=-1)))
-    return {"ids": ids, "targets": ids[1:], "probs": np.concatenate(probs), "ce": np.concatenate(ce),
-            "model_losses": np.concatenate(model_losses), "top_guess": np.concatenate(guess),
-            "top_guess_p": np.concatenate(guess_p)}
+    logp, model_losses = score_tokens(model, ids)  # (N-1, V) float64, and the model's own losses
+    right = logp[np.arange(ids.size - 1), ids[1:]]
+    return {"ids": ids, "targets": ids[1:], "probs": np.exp(right), "ce": -right,
+            "model_losses": model_losses, "top_guess": np.argmax(logp, axis=-1),
+            "top_guess_p": np.exp(logp.max(axis=-1))}
 
 
 def loss(source, text: str, out, *, colour: bool | None = None) -> DemoResult:

@@ -10,12 +10,13 @@ both models for the same prompt.
 from __future__ import annotations
 
 import collections
+import sys
 from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 
-from . import checks
+from . import _CallableStage, checks
 from .checkpoint import load_model
 from .data import load_corpus, split_tokens
 from .pretrain import LanguageModelingStage, check_tokens_fit, evaluate_loss
@@ -136,3 +137,7 @@ def finetune_summary(result: StageResult) -> str:
         lines.append(f"  parent corpus val loss: {d['old_val_before']:.4f} -> "
                      f"{d['old_val_after']:.4f} ({d['old_val_after'] - d['old_val_before']:+.4f})")
     return "\n".join(lines)
+
+
+# lmlab.finetune(...) calls lmlab.api.finetune (see lmlab._CallableStage).
+sys.modules[__name__].__class__ = _CallableStage

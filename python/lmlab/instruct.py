@@ -17,12 +17,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional
 
 import numpy as np
 
+from . import _CallableStage
 from .checkpoint import load_model
 from .data import load_instruct_jsonl
 from .sample import generate
@@ -285,6 +287,19 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
     return tokenizer.decode(body), ended
 
 
+def generation_prompt(tokenizer, run_config: dict, prompt: str, *, raw: bool = False) -> tuple:
+    """What `lmlab sample` feeds the model for a prompt: (prompt ids, stop ids, chat). A run with a
+    chat template (instruct-tuned) gets the prompt as a user turn and answers until <|end|>
+    (chat True), unless raw; otherwise the prompt is continued as plain text (an empty prompt
+    starts after <|endoftext|>, as every training document does) until <|endoftext|>."""
+    template = (run_config.get("train") or {}).get("chat_template")
+    if template and not raw:
+        ids, _ = render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return ids, [tokenizer.special_id(template["end"])], True
+    ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eot_id], dtype=np.int32)
+    return ids, [tokenizer.eot_id], False
+
+
 def _first_words(text: str, n: int) -> list:
     return re.findall(r"\w+", text.lower())[:n]
 
@@ -331,3 +346,7 @@ def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
         result = train(model, stage, cfg, run.hold(), tokenizer=tok,
                        run_config=run_config, resume=resume, parent=str(parent))
     return StageResult.from_training("instruct", run_dir, result, problems=problems)
+
+
+# lmlab.instruct(...) calls lmlab.api.instruct (see lmlab._CallableStage).
+sys.modules[__name__].__class__ = _CallableStage

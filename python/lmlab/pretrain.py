@@ -6,12 +6,13 @@ with weight 1/(B*T), through the one weighted cross-entropy kernel.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 
-from . import ops
+from . import _CallableStage, ops
 from .checkpoint import load_model
 from .data import BatchSampler, load_corpus, split_tokens, tokenize_corpus
 from .model import GPT, GPTConfig
@@ -112,3 +113,7 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
         result = train(model, stage, cfg, run.hold(), tokenizer=tok,
                        run_config=run_config, resume=resume)
     return StageResult.from_training("pretrain", run_dir, result)
+
+
+# lmlab.pretrain(...) calls lmlab.api.pretrain (see lmlab._CallableStage).
+sys.modules[__name__].__class__ = _CallableStage

@@ -111,6 +111,31 @@ def next_token_distribution(model: GPT, prompt_ids) -> np.ndarray:
     return _softmax64(logits[0, -1])
 
 
+def score_tokens(model: GPT, ids) -> tuple:
+    """How the model scores each token of `ids` given the ones before it: (logp, losses), logp the
+    float64 log-probabilities of every token at each of the len(ids) - 1 positions (N-1, V), and
+    losses the model's own per-position cross-entropy (float64 (N-1,), computed by its kernel).
+
+    A sequence longer than block_size + 1 tokens is scored in consecutive windows of block_size
+    predictions, the context starting afresh in each (as training batches do).
+    """
+    ids = _context(model, ids)
+    if ids.size < 2:
+        raise ValueError(f"scoring needs at least 2 tokens (one to read, one to predict), got "
+                         f"{ids.size}")
+    block = int(model.config.block_size)
+    logps, losses = [], []
+    for s in range(0, ids.size - 1, block):
+        y = ids[s + 1: s + 1 + block]
+        x = ids[s: s + y.size]
+        logits, loss = model.forward(x[None, :], y[None, :])
+        z = np.asarray(logits[0], np.float64)
+        z = z - z.max(axis=-1, keepdims=True)  # log-softmax in float64, max subtracted
+        logps.append(z - np.log(np.exp(z).sum(axis=-1, keepdims=True)))
+        losses.append(np.asarray(loss[0], np.float64))
+    return np.concatenate(logps), np.concatenate(losses)
+
+
 def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
              stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,

@@ -151,12 +151,9 @@ class StageRun:
 
 
 def check_given(stage: str, given: dict) -> dict:
-    """The values a caller gave (None = not given), each checked; unknown names are a TypeError."""
-    table = STAGE_DEFAULTS[stage]
-    unknown = sorted(set(given) - set(table))
-    if unknown:
-        raise TypeError(f"{stage}() got unexpected setting(s) {unknown}; its settings are "
-                        f"{sorted(table)}")
+    """The values a caller gave (None = not given), each checked; an unknown name is refused
+    (checks.UnknownSettingError, a TypeError and a ValueError)."""
+    checks.refuse_unknown(stage, given, STAGE_DEFAULTS[stage])
     given = {k: v for k, v in given.items() if v is not None}
     for name, value in given.items():
         if name in checks.RULES:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import checks
 from ..checkpoint import load_model
-from ..instruct import inspect_examples, load_instruct_data, render, respond
+from ..instruct import generation_prompt, inspect_examples, load_instruct_data, respond
 from ..sample import generate, next_token_distribution
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
 
@@ -63,13 +63,8 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
     gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
     model, tok, config = load_model(run)
-    template = (config.get("train") or {}).get("chat_template")
-    if template and not raw:
-        prompt_ids, _ = render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        stop_ids, echo = [tok.special_id(template["end"])], f"{prompt}\n> "
-    else:
-        prompt_ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
-        stop_ids, echo = [tok.eot_id], prompt
+    prompt_ids, stop_ids, chat = generation_prompt(tok, config, prompt, raw=raw)
+    echo = f"{prompt}\n> " if chat else prompt
     prompt_ids = prompt_ids[-model.config.block_size:]
     for i in range(num_samples):
         s = None if seed is None else seed + i
