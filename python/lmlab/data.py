@@ -34,7 +34,7 @@ from .errors import CheckpointError
 from .files import atomic_write_bytes
 
 __all__ = [
-    "BUILTIN_CORPORA", "load_corpus", "tokenize_corpus", "split_tokens", "BatchSampler",
+    "BUILTIN_CORPORA", "load_corpus", "corpus_fingerprint", "tokenize_corpus", "split_tokens", "BatchSampler",
     "load_instruct_jsonl", "read_jsonl_objects", "need_str",
 ]
 
@@ -108,6 +108,22 @@ def load_corpus(spec, *, cache_dir=None) -> str:
     if not text.strip():
         raise ValueError(f"corpus {spec!r} is empty (no text besides whitespace)")
     return text
+
+
+def corpus_fingerprint(spec, *, cache_dir=None) -> str:
+    """A short SHA-256 of a corpus spec's files (read in blocks: any size), or of a built-in's
+    text: the same on every machine that holds the same corpus."""
+    spec = os.fspath(spec)
+    h = hashlib.sha256()
+    if spec.startswith("builtin:"):
+        h.update(load_corpus(spec, cache_dir=cache_dir).encode("utf-8"))
+    else:
+        for path in _corpus_files(spec):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = None) -> np.ndarray:
@@ -212,6 +228,11 @@ class BatchSampler:
         return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
     __next__ = next
+
+    def skip(self) -> None:
+        """Step past one batch: the generator moves exactly as next() moves it."""
+        self._rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        self.batches_drawn += 1
 
     def __iter__(self):
         return self

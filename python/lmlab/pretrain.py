@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import ops
+from . import distributed, ops
 from .checkpoint import load_model
 from .data import BatchSampler, load_corpus, split_tokens, tokenize_corpus
 from .model import GPT, GPTConfig
@@ -38,6 +38,12 @@ class LanguageModelingStage:
         _, losses = model.forward(x, y)
         loss = float(losses.mean(dtype=np.float64))
         return {"loss": loss, "tokens": x.size, "weights": self._weights}
+
+    def skip_step(self) -> None:
+        self.sampler.skip()
+
+    def data_fingerprint(self) -> str:
+        return distributed.fingerprint(self.sampler.tokens, self.val_tokens)
 
     def evaluate(self, model) -> dict:
         return {"val_loss": evaluate_loss(model, self.val_tokens, self.batch_size, self.block_size,
