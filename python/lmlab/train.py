@@ -356,7 +356,9 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                 for (m, _) in shared:
                     for key, values in m["extras"].items():
                         extras.setdefault(key, []).extend(values)
-                stop.requested = any(flag for (_, flag) in shared)
+                # Every rank stops after this step if any rank was asked to by then (a request
+                # arriving later on one rank is shared at the next step).
+                stop_all = any(flag for (_, flag) in shared)
                 loss = float(np.mean(losses))
                 extras = {key: float(np.mean(values)) for key, values in extras.items()}
                 if optimizer.sharded:
@@ -404,7 +406,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                     bar.update(1)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
-                if stop.requested:
+                if stop_all:
                     stopped = True
                     break
         finally:
