@@ -75,6 +75,9 @@ def _final(run: Path, name: str = "model.safetensors") -> bytes:
     return (checkpoint.current_checkpoint(run) / name).read_bytes()
 
 
+TIMINGS = ("tokens_per_s", "allreduce_ms")
+
+
 def _rows(run: Path) -> list:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -86,8 +89,8 @@ def _same_run(a: Path, b: Path) -> None:
     rows_a, rows_b = _rows(a), _rows(b)
     assert len(rows_a) == len(rows_b)
     for x, y in zip(rows_a, rows_b):
-        assert {k: v for k, v in x.items() if k != "tokens_per_s"} == \
-               {k: v for k, v in y.items() if k != "tokens_per_s"}
+        assert {k: v for k, v in x.items() if k not in TIMINGS} == \
+               {k: v for k, v in y.items() if k not in TIMINGS}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,7 @@ def test_pretrain_on_two_ranks_is_one_process_with_grad_accum_bit_for_bit(tmp_pa
     # Rank 0 alone reports and writes: one summary line, one row per logged step.
     assert done.stdout.count("finished: 6 steps") == 1
     assert [r["step"] for r in _rows(run)] == [3, 6]
+    assert all(r["allreduce_ms"] > 0 for r in _rows(run))
     assert checkpoint.read_config(run)["train"]["world_size"] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -71,6 +72,7 @@ class World:
         self.comm = comm
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
+        self.comm_seconds = 0.0  # time spent moving gradients and parameters (logged per step)
 
     @property
     def is_root(self) -> bool:
@@ -107,6 +109,7 @@ class World:
         if not self.distributed:
             return flat
         from mpi4py import MPI
+        began = time.perf_counter()
         bounds = self.shards(flat.size)
         start, stop = bounds[self.rank]
         counts = [b - a for a, b in bounds]
@@ -119,6 +122,7 @@ class World:
         total = received[0].copy()
         for r in range(1, self.size):  # rank order: the order grad accumulation adds micro-batches
             total += received[r]
+        self.comm_seconds += time.perf_counter() - began
         return total
 
     def allgather_shards(self, flat: np.ndarray, shard: Optional[np.ndarray] = None) -> None:
@@ -127,6 +131,7 @@ class World:
         if not self.distributed:
             return
         from mpi4py import MPI
+        began = time.perf_counter()
         bounds = self.shards(flat.size)
         start, stop = bounds[self.rank]
         if shard is not None:
@@ -134,6 +139,7 @@ class World:
         counts = [b - a for a, b in bounds]
         displs = [a for a, _ in bounds]
         self.comm.Allgatherv(MPI.IN_PLACE, [flat, counts, displs, MPI.FLOAT])
+        self.comm_seconds += time.perf_counter() - began
 
     def reduce_gradients(self, flat: np.ndarray) -> None:
         """flat <- the sum over ranks of flat, the same on every rank (see the module docstring)."""

@@ -343,6 +343,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
     step = start_step
     stopped = False
     window_t, window_tokens = time.perf_counter(), 0
+    window_steps, window_comm = 0, world.comm_seconds
     with _StopRequest() as stop:
         try:
             while step < cfg.steps:
@@ -384,6 +385,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                 step += 1
                 tokens_total += tokens
                 window_tokens += tokens
+                window_steps += 1
                 # 3) validation, metrics, progress, checkpoints
                 evaluation = {}
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -396,6 +398,9 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                     window_t, window_tokens = now, 0
                     row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": tps, **extras, **evaluation}
+                    if world.distributed:  # rank 0's time in the gradient exchange, per step
+                        row["allreduce_ms"] = 1e3 * (world.comm_seconds - window_comm) / window_steps
+                    window_steps, window_comm = 0, world.comm_seconds
                     metrics.append_metrics(run_dir, row)
                     if bar is not None:
                         post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
