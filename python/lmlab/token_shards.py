@@ -20,7 +20,7 @@ modification time: a changed source gives a new key, so the corpus is tokenized 
 interrupted pass resumes after its last shard. Memory stays bounded by a few chunks whatever the
 corpus size. BPE pieces are split with the tokenizer's own pattern and each distinct piece is
 encoded once (a cache), which is what makes BPE fast here; chunks are encoded in `workers`
-processes.
+processes (BPE; the char tokenizer's byte-table lookup keeps up with the disk in one).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ FORMAT = "lmlab-token-shards-v1"
 READ_BYTES = 4 << 20  # one read of a source file
 CHUNK_CHARS = 4 << 20  # the text one worker encodes at a time
 MAX_PENDING_BYTES = 64 << 20  # a line longer than this is cut without a safe point
-SHARD_TOKENS = 64 << 20  # ids per shard file
+SHARD_TOKENS = 16 << 20  # ids per shard file (what the pass holds before writing one)
 _BOM = b"\xef\xbb\xbf"
 # Byte-level BPE's pre-tokenizer pattern (GPT-2's, as the `tokenizers` ByteLevel pre-tokenizer uses).
 _BYTE_LEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
@@ -350,27 +350,28 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     done = sum(s["size"] for s in sources[:start[0]]) + (start[1] if start[0] < len(files) else 0)
     bar = tqdm(total=sum(s["size"] for s in sources), initial=done, unit="B", unit_scale=True,
                desc="tokenizing", disable=not progress, dynamic_ncols=True)
-    if workers is None:  # processes pay off only for several chunks
+    if workers is None:  # processes pay off for BPE over several chunks (char is I/O bound)
         several = sum(s["size"] for s in sources) > 2 * CHUNK_CHARS
-        workers = min(4, os.cpu_count() or 1) if several and _can_spawn() else 1
+        bpe = tokenizer.kind == "bpe"
+        workers = min(4, os.cpu_count() or 1) if several and bpe and _can_spawn() else 1
     parts, count, any_text = [], 0, any(s["tokens"] for s in good)
 
     def flush(position) -> None:
         nonlocal parts, count
-        ids = np.concatenate(parts).astype(manifest["dtype"]) if parts else np.zeros(0, dtype)
-        name = f"shard_{len(manifest['shards']):05d}.bin"
-        atomic_write_bytes(os.path.join(directory, name), ids.tobytes())
-        manifest["shards"].append({"file": name, "tokens": int(ids.size), "next": list(position),
-                                   "sha256": hashlib.sha256(ids.tobytes()).hexdigest()})
-        atomic_write_json(manifest_path, manifest)
+        ids = np.concatenate(parts) if parts else np.zeros(0, manifest["dtype"])
         parts, count = [], 0
+        name = f"shard_{len(manifest['shards']):05d}.bin"
+        atomic_write_bytes(os.path.join(directory, name), memoryview(ids).cast("B"))
+        manifest["shards"].append({"file": name, "tokens": int(ids.size), "next": list(position),
+                                   "sha256": hashlib.sha256(memoryview(ids).cast("B")).hexdigest()})
+        atomic_write_json(manifest_path, manifest)
 
     try:
         with bar:
             position = start
             chunks = corpus_chunks(files, start)
             for ids, _, position, has_text in _encoded(chunks, tokenizer.to_str(), policy, workers):
-                parts.append(ids)
+                parts.append(ids.astype(manifest["dtype"]))  # held in the shard's width
                 count += ids.size
                 any_text = any_text or has_text
                 bar.update(_bytes_done(sources, position) - bar.n)

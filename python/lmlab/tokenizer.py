@@ -38,6 +38,8 @@ UNKNOWN_POLICIES = ("error", "replace", "skip")
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 MAX_TOKENIZER_BYTES = 1 << 28
 
+# The byte-table encoding (Tokenizer._ids_by_bytes): ids 0..253, then two markers.
+_BYTE_IDS, _WIDE_BYTE, _UNKNOWN_BYTE = 254, 254, 255
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -87,6 +89,12 @@ class Tokenizer:
             codepoints = np.array([ord(c) for c, _ in chars], dtype=np.int64)
             self._table = np.full(int(codepoints.max()) + 2, -1, dtype=np.int32)
             self._table[codepoints] = [i for _, i in chars]
+            # Vocabularies of up to _BYTE_IDS ids also map ASCII bytes in one bytes.translate.
+            self._byte_table = None
+            if self.vocab_size <= _BYTE_IDS:
+                ascii_ids = [int(i) if i >= 0 else _UNKNOWN_BYTE for i in self._table[:128]]
+                ascii_ids += [_UNKNOWN_BYTE] * (128 - len(ascii_ids))
+                self._byte_table = bytes(ascii_ids + [_WIDE_BYTE] * 128)
             if REPLACEMENT_CHAR not in vocab:
                 raise ValueError("char tokenizer vocabulary lacks the replacement character U+FFFD")
             self._replacement_id = vocab[REPLACEMENT_CHAR]
@@ -129,6 +137,9 @@ class Tokenizer:
 
     def _encode_plain(self, text: str, policy: str) -> np.ndarray:
         if self.kind == "char":
+            fast = self._ids_by_bytes(text)
+            if fast is not None:
+                return fast
             ids = self._ids_of(self._codepoints_of(text))
             known = ids >= 0
             if not known.all():
@@ -156,6 +167,25 @@ class Tokenizer:
     def _codepoints_of(text: str) -> np.ndarray:
         # surrogatepass: lone surrogates become code points too, so they are reported, not crashed on.
         return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+    def _ids_by_bytes(self, text: str):
+        """The ids of text through a byte table (ASCII) plus the table of code points for the
+        rest; None where the vocabulary is too large for it or lacks a character of text."""
+        if self._byte_table is None:
+            return None
+        raw = text.encode("utf-8", "surrogatepass")
+        ids = np.frombuffer(raw.translate(self._byte_table), dtype=np.uint8)
+        if len(raw) == len(text):  # ASCII only
+            return None if (ids == _UNKNOWN_BYTE).any() else ids.astype(np.int32)
+        if (ids == _UNKNOWN_BYTE).any():
+            return None
+        ids = ids[(np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80].astype(np.int32)  # per char
+        wide = np.flatnonzero(ids == _WIDE_BYTE)
+        wide_ids = self._ids_of(self._codepoints_of(text)[wide])
+        if (wide_ids < 0).any():
+            return None
+        ids[wide] = wide_ids
+        return ids
 
     def _ids_of(self, cps: np.ndarray) -> np.ndarray:
         """The id of each code point, -1 where the vocabulary lacks it."""
