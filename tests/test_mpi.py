@@ -305,3 +305,24 @@ def test_three_ranks_equal_one_process_and_two_by_two_match_within_float_roundin
     # And the same N again is bit for bit the same run.
     lmlab(2, "pretrain", "--run", tmp_path / "again", *TINY, "--steps", 3, "--grad-accum", 2)
     _same_run(tmp_path / "two", tmp_path / "again")
+
+
+def test_shards_cover_the_buffer_once_on_aligned_boundaries():
+    from lmlab.distributed import shard_bounds
+    for n in (1, 15, 16, 17, 1000, 809_856):
+        for size in (1, 2, 3, 7, 64):
+            bounds = shard_bounds(n, size)
+            assert len(bounds) == size and bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a <= b for a, b in bounds)
+            assert all(bounds[i][1] == bounds[i + 1][0] for i in range(size - 1))
+            assert all(a % 16 == 0 for a, _ in bounds if a < n)
+
+
+def test_launched_size_reads_the_launchers_variables(monkeypatch):
+    from lmlab.distributed import launched_size
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_RANK",
+                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert launched_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_size() == 4
