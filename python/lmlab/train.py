@@ -357,8 +357,8 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                 for (m, _) in shared:
                     for key, values in m["extras"].items():
                         extras.setdefault(key, []).extend(values)
-                # Every rank stops after this step if any rank was asked to by then (a request
-                # arriving later on one rank is shared at the next step).
+                # Under MPI every rank stops after this step if any rank was asked to by now (a
+                # request arriving later is shared at the next step); one process checks at the end.
                 stop_all = any(flag for (_, flag) in shared)
                 loss = float(np.mean(losses))
                 extras = {key: float(np.mean(values)) for key, values in extras.items()}
@@ -411,7 +411,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                     bar.update(1)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
-                if stop_all:
+                if stop_all if world.distributed else stop.requested:
                     stopped = True
                     break
         finally:
