@@ -119,6 +119,7 @@ RULES = {
     "eps": Rule(float, 0, 1, low_open=True),
     "grad_clip": Rule(float, 0),
     "grad_accum": Rule(int, 1, 4096),
+    "zero": Rule(int, 0, 1),  # ZeRO stage under MPI: 1 shards the AdamW state (lmlab.distributed)
     "eval_every": Rule(int, 0, _STEPS),
     "save_every": Rule(int, 0, _STEPS),
     "log_every": Rule(int, 1, _STEPS),

@@ -34,7 +34,7 @@ from .errors import CheckpointError
 from .files import atomic_write_bytes
 
 __all__ = [
-    "BUILTIN_CORPORA", "load_corpus", "tokenize_corpus", "split_tokens", "BatchSampler",
+    "BUILTIN_CORPORA", "load_corpus", "corpus_fingerprint", "tokenize_corpus", "split_tokens", "BatchSampler",
     "load_instruct_jsonl", "read_jsonl_objects", "need_str",
 ]
 
@@ -110,8 +110,30 @@ def load_corpus(spec, *, cache_dir=None) -> str:
     return text
 
 
-def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = None) -> np.ndarray:
+def corpus_fingerprint(spec, *, cache_dir=None) -> str:
+    """A short SHA-256 of a corpus spec's files (read in blocks: any size), or of a built-in's
+    text: the same on every machine that holds the same corpus."""
+    spec = os.fspath(spec)
+    h = hashlib.sha256()
+    if spec.startswith("builtin:"):
+        h.update(load_corpus(spec, cache_dir=cache_dir).encode("utf-8"))
+    else:
+        for path in _corpus_files(spec):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = None,
+                    stream: bool | None = None, progress: bool = True):
     """Token ids of a corpus as a read-only memory-mapped int32 array.
+
+    A corpus of files larger than token_shards.STREAM_ABOVE_BYTES (or any, with stream=True) is
+    tokenized in a streaming pass with bounded memory into shard files instead, and comes back as
+    a token_shards.TokenShards (same ids, used like the array; `progress` shows the pass's bar):
+    see lmlab.token_shards for its cache and resume rules.
 
     The ids are cached in `cache_dir` (default $LMLAB_CACHE or ~/.cache/lmlab) under tokens/, in a
     file named by a hash of the corpus text, the tokenizer.json and the unknown-character policy:
@@ -121,8 +143,13 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     written (disk full, permission) is skipped with a note. `unknown` ("error", "replace",
     "skip") overrides the tokenizer's policy for characters it cannot represent.
     """
-    text = load_corpus(spec, cache_dir=cache_dir)
     policy = unknown if unknown is not None else tokenizer.unknown
+    files = _stream_files(spec, stream)
+    if files:
+        from .token_shards import stream_tokens
+        root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+        return stream_tokens(files, os.fspath(spec), tokenizer, root, policy, progress=progress)
+    text = load_corpus(spec, cache_dir=cache_dir)
     h = hashlib.sha256(_TOKENS_FORMAT + b"\0")
     h.update(tokenizer.to_str().encode("utf-8") + b"\0" + policy.encode("utf-8") + b"\0")
     h.update(text.encode("utf-8", "surrogatepass"))
@@ -147,6 +174,23 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
         payload.flags.writeable = False
         return payload
     return _read_token_cache(path)
+
+
+def _stream_files(spec, stream) -> list:
+    """The files of a corpus to tokenize in a streaming pass ([] for the in-memory path)."""
+    if stream is False or str(os.fspath(spec)).startswith("builtin:"):
+        return []
+    from .token_shards import STREAM_ABOVE_BYTES
+    files = _corpus_files(os.fspath(spec))
+    if stream or sum(os.path.getsize(f) for f in files) > STREAM_ABOVE_BYTES:
+        return files
+    return []
+
+
+def corpus_files_if_large(spec) -> list:
+    """The files of a corpus too large to read whole ([] otherwise): train its tokenizer on
+    token_shards.corpus_text_for_tokenizer(files) instead of load_corpus."""
+    return _stream_files(spec, None)
 
 
 def _read_token_cache(path: str):
@@ -189,7 +233,9 @@ class BatchSampler:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+        from .token_shards import TokenShards  # a streamed corpus: sampled in place
+        if not isinstance(tokens, (np.ndarray, TokenShards)):
+            tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
         if len(tokens) < block_size + 1:
@@ -212,6 +258,11 @@ class BatchSampler:
         return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
     __next__ = next
+
+    def skip(self) -> None:
+        """Step past one batch: the generator moves exactly as next() moves it."""
+        self._rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        self.batches_drawn += 1
 
     def __iter__(self):
         return self

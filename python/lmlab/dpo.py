@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import distributed
 from .checkpoint import load_model
 from .rankings import load_split_rankings, preference_pairs, ranking_paths
 from .sequences import (batched_logprobs, encode_pair, log_sigmoid, pack_for_loss, sequence_logprobs,
@@ -111,6 +112,13 @@ class DPOStage:
         self.calls += 1
         return {"loss": loss, "tokens": int(x.size), "weights": weights,
                 "margin": float(margin.mean()), "accuracy": float((margin > 0).mean())}
+
+    def skip_step(self) -> None:
+        self.rng.integers(0, len(self.train), size=self.batch_size)
+        self.calls += 1
+
+    def data_fingerprint(self) -> str:
+        return distributed.fingerprint(*(a for item in self.train for a in item))
 
     def evaluate(self, model) -> dict:
         items = self.val if self.val else self.train

@@ -134,6 +134,9 @@ class InstructStage:
         return {"loss": float(losses[mask].mean(dtype=np.float64)), "tokens": int(x.size),
                 "weights": weights}
 
+    def skip_step(self) -> None:
+        self.rng.integers(0, len(self.train_examples), size=self.batch_size)
+
     def evaluate(self, model) -> dict:
         return {"val_loss": masked_loss(model, self.val_examples, self.batch_size,
                                         self.block_size, self.pad_id)}

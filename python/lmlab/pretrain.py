@@ -12,12 +12,14 @@ from typing import Optional
 
 import numpy as np
 
-from . import _CallableStage, ops
+from . import _CallableStage, distributed, ops
 from .checkpoint import load_model
-from .data import BatchSampler, load_corpus, split_tokens, tokenize_corpus
+from .data import (BatchSampler, corpus_files_if_large, load_corpus, split_tokens,
+                   tokenize_corpus)
 from .model import GPT, GPTConfig
 from .stage import StageResult, open_stage
-from .tokenizer import train_tokenizer
+from .token_shards import corpus_text_for_tokenizer
+from .tokenizer import train_tokenizer, train_tokenizer_on_chunks
 from .train import train
 
 
@@ -39,6 +41,12 @@ class LanguageModelingStage:
         _, losses = model.forward(x, y)
         loss = float(losses.mean(dtype=np.float64))
         return {"loss": loss, "tokens": x.size, "weights": self._weights}
+
+    def skip_step(self) -> None:
+        self.sampler.skip()
+
+    def data_fingerprint(self) -> str:
+        return distributed.fingerprint(self.sampler.tokens, self.val_tokens)
 
     def evaluate(self, model) -> dict:
         return {"val_loss": evaluate_loss(model, self.val_tokens, self.batch_size, self.block_size,
@@ -95,14 +103,25 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
         if resume:
             model, tok, _ = load_model(run_dir)
         else:
-            text = load_corpus(s["corpus"])
-            tok = train_tokenizer(text, s["tokenizer"], s["vocab_size"])
+            large = corpus_files_if_large(s["corpus"])
+            if large:  # never held whole: the tokenizer learns from it chunk by chunk
+                tok = train_tokenizer_on_chunks(corpus_text_for_tokenizer(large),
+                                                s["tokenizer"], s["vocab_size"])
+            else:
+                tok = train_tokenizer(load_corpus(s["corpus"]), s["tokenizer"], s["vocab_size"])
             model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=s["block_size"],
                                   n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"]),
                         seed=s["seed"])
         T = model.config.block_size
-        train_tokens, val_tokens = split_tokens(tokenize_corpus(s["corpus"], tok),
-                                                s["val_fraction"])
+        # Under MPI rank 0 tokenizes (or streams the corpus into its cache) first, then the
+        # others read that cache rather than all writing it at once.
+        world = distributed.world()
+        if not world.is_root:
+            world.barrier()
+        tokens = tokenize_corpus(s["corpus"], tok, progress=s["progress"])
+        if world.is_root:
+            world.barrier()
+        train_tokens, val_tokens = split_tokens(tokens, s["val_fraction"])
         cfg = run.train_config()
         check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)
         stage = LanguageModelingStage(train_tokens, val_tokens, s["batch_size"], T, s["seed"],

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 from safetensors.numpy import load, save
 
+from . import distributed
 from .checkpoint import current_checkpoint, load_model, read_checkpoint_file, save_run
 from .metrics import append_metrics
 from .rankings import load_split_rankings, pairs_from_ranking, ranking_paths
@@ -179,6 +180,14 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
         train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
                                                    "a reward model")
         model, tok, _ = load_model(run)
+        world = distributed.world()
+        if not world.is_root:
+            # One full-batch fit of a linear head: rank 0 does it and writes the run.
+            report = world.bcast(None)
+            return StageResult(stage="reward", run_dir=str(out_dir), steps_done=s["steps"],
+                               final_loss=report["final_loss"], val_loss=None,
+                               stopped_early=False, seconds=0.0, tokens_per_s=0.0,
+                               details={"report": report, "reward_model": None})
         opened.hold()
         t0 = time.perf_counter()
         rm, report = train_reward_model(model, tok, train_recs, val_recs, steps=s["steps"],
@@ -189,6 +198,7 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
             precision=model.matmul_precision,
             features="logits at the last position + mean logits over the completion",
             report=report))
+        world.bcast(report)
     return StageResult(stage="reward", run_dir=str(out_dir), steps_done=s["steps"],
                        final_loss=report["final_loss"], val_loss=None, stopped_early=False,
                        seconds=time.perf_counter() - t0, tokens_per_s=0.0,

@@ -109,6 +109,11 @@ class RLStage:
                  "response_tokens": n_tok / len(pids)}
         return {"loss": -float(shaped.mean()), "tokens": int(x.size), "weights": w, **stats}
 
+    def skip_step(self) -> None:
+        self.rng.integers(0, len(self.prompts), size=self.P)
+        self.rng.integers(0, 2**31 - 1, size=self.P * self.k)
+        self.calls += 1
+
     def evaluate(self, model) -> dict:
         seeds = self.eval_seed + np.arange(len(self.val_ids))
         responses, texts = self._rollouts(model, self.val_ids, self.val_prompts, seeds)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from . import checks, ops
+from . import checks, distributed, ops
 from .checkpoint import read_config, saved_precision
 from .errors import RunDirError
 from .rundir import is_run, open_run_dir
@@ -43,6 +43,7 @@ TRAIN_DEFAULTS = {
     "steps": 2000, "lr": 1e-3, "min_lr": None, "warmup_steps": 100, "weight_decay": 0.1,
     "grad_clip": 1.0, "grad_accum": 1, "eval_every": 250, "save_every": 500, "log_every": 10,
     "keep_checkpoints": 5, "seed": 1337, "precision": "auto", "progress": True,
+    "zero": 0,  # under MPI, 1 shards the AdamW state across ranks (ZeRO-1)
 }
 
 STAGE_DEFAULTS = {
@@ -117,7 +118,10 @@ class StageRun:
 
     def hold(self):
         """The output run directory, open for writing and locked (an lmlab.rundir.RunDir: pass it
-        to train()); with overwrite, the old run is removed here and what went is printed."""
+        to train()); with overwrite, the old run is removed here and what went is printed.
+        Under MPI only rank 0 opens (and writes) it; the other ranks get its path."""
+        if not distributed.world().is_root:
+            return self.out
         if self.handle is None:
             self.handle = open_run_dir(self.out, resume=self.resume, overwrite=self.overwrite,
                                        parent=self.parent)
@@ -136,7 +140,8 @@ class StageRun:
     def run_config(self, **described) -> dict:
         """config.json's train section for this stage: the settings plus what the stage records."""
         recorded = {k: v for k, v in self.settings.items() if k not in _NOT_RECORDED}
-        return {"stage": self.name, "settings": recorded, **described}
+        return {"stage": self.name, "settings": recorded,
+                "world_size": distributed.world().size, **described}
 
     def close(self) -> None:
         if self.handle is not None:
@@ -188,6 +193,25 @@ def _merge_for_resume(stage: str, saved: dict, given: dict) -> dict:
     return settings
 
 
+def _grad_accum_for(train: dict, saved_accum: int) -> int:
+    """Each rank's grad_accum that keeps a resumed run's global batch when it was trained on
+    another number of MPI ranks (grad_accum counts one rank's micro-batches)."""
+    saved_size, size = int(train.get("world_size", 1)), distributed.world().size
+    if saved_size == size:
+        return saved_accum
+    total = saved_accum * saved_size
+    if total % size:
+        raise checks.SettingError("grad_accum", saved_accum, f"the run took {total} micro-batches a "
+                                  f"step on {saved_size} process(es), which {size} processes cannot "
+                                  "share equally; resume it on a number of processes that divides "
+                                  f"{total}, or give --grad-accum to change its batch")
+    if distributed.world().is_root:
+        print(f"lmlab: the run was trained on {saved_size} process(es), now {size}: grad_accum "
+              f"{saved_accum} -> {total // size}, so each step takes the same {total} "
+              "micro-batches", file=sys.stderr)
+    return total // size
+
+
 def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
                parent=None, threads: Optional[int] = None) -> StageRun:
     """Check, open and configure a stage's run (module docstring); close it when done."""
@@ -223,5 +247,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if "precision" in settings:
             saved["precision"] = saved_precision(config)
         settings = _merge_for_resume(stage, saved, given)
+        if "grad_accum" in settings and "grad_accum" not in given:
+            settings["grad_accum"] = _grad_accum_for(config.get("train") or {}, settings["grad_accum"])
         checks.check_relations(settings)
     return StageRun(stage, out, settings, resume, overwrite, parent)

@@ -38,6 +38,8 @@ UNKNOWN_POLICIES = ("error", "replace", "skip")
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 MAX_TOKENIZER_BYTES = 1 << 28
 
+# The byte-table encoding (Tokenizer._ids_by_bytes): ids 0..253, then two markers.
+_BYTE_IDS, _WIDE_BYTE, _UNKNOWN_BYTE = 254, 254, 255
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -82,9 +84,17 @@ class Tokenizer:
                 raise ValueError("char tokenizer vocabulary has gaps in its ids")
             self._pieces = pieces
             chars = sorted((t, i) for t, i in vocab.items() if len(t) == 1)
-            # Sorted code points + their ids: encoding is one searchsorted over the whole text.
-            self._codepoints = np.array([ord(c) for c, _ in chars], dtype=np.uint32)
-            self._char_ids = np.array([i for _, i in chars], dtype=np.int32)
+            # A table from code point to id (-1: not in the vocabulary), one past the largest
+            # code point: encoding is one gather over the text's code points.
+            codepoints = np.array([ord(c) for c, _ in chars], dtype=np.int64)
+            self._table = np.full(int(codepoints.max()) + 2, -1, dtype=np.int32)
+            self._table[codepoints] = [i for _, i in chars]
+            # Vocabularies of up to _BYTE_IDS ids also map ASCII bytes in one bytes.translate.
+            self._byte_table = None
+            if self.vocab_size <= _BYTE_IDS:
+                ascii_ids = [int(i) if i >= 0 else _UNKNOWN_BYTE for i in self._table[:128]]
+                ascii_ids += [_UNKNOWN_BYTE] * (128 - len(ascii_ids))
+                self._byte_table = bytes(ascii_ids + [_WIDE_BYTE] * 128)
             if REPLACEMENT_CHAR not in vocab:
                 raise ValueError("char tokenizer vocabulary lacks the replacement character U+FFFD")
             self._replacement_id = vocab[REPLACEMENT_CHAR]
@@ -127,15 +137,15 @@ class Tokenizer:
 
     def _encode_plain(self, text: str, policy: str) -> np.ndarray:
         if self.kind == "char":
-            cps = self._codepoints_of(text)
-            known = self._known(cps)
+            fast = self._ids_by_bytes(text)
+            if fast is not None:
+                return fast
+            ids = self._ids_of(self._codepoints_of(text))
+            known = ids >= 0
             if not known.all():
                 self._unknown_policy(text, policy)
-                if policy == "skip":
-                    cps = cps[known]
-                    known = known[known]
-            idx = np.minimum(np.searchsorted(self._codepoints, cps), len(self._codepoints) - 1)
-            return np.where(known, self._char_ids[idx], np.int32(self._replacement_id)).astype(np.int32)
+                ids = ids[known] if policy == "skip" else np.where(known, ids, self._replacement_id)
+            return ids.astype(np.int32, copy=False)
         if _SURROGATE_RE.search(text):
             self._unknown_policy(text, policy)
             text = _SURROGATE_RE.sub(REPLACEMENT_CHAR if policy == "replace" else "", text)
@@ -158,9 +168,31 @@ class Tokenizer:
         # surrogatepass: lone surrogates become code points too, so they are reported, not crashed on.
         return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
+    def _ids_by_bytes(self, text: str):
+        """The ids of text through a byte table (ASCII) plus the table of code points for the
+        rest; None where the vocabulary is too large for it or lacks a character of text."""
+        if self._byte_table is None:
+            return None
+        raw = text.encode("utf-8", "surrogatepass")
+        ids = np.frombuffer(raw.translate(self._byte_table), dtype=np.uint8)
+        if len(raw) == len(text):  # ASCII only
+            return None if (ids == _UNKNOWN_BYTE).any() else ids.astype(np.int32)
+        if (ids == _UNKNOWN_BYTE).any():
+            return None
+        ids = ids[(np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80].astype(np.int32)  # per char
+        wide = np.flatnonzero(ids == _WIDE_BYTE)
+        wide_ids = self._ids_of(self._codepoints_of(text)[wide])
+        if (wide_ids < 0).any():
+            return None
+        ids[wide] = wide_ids
+        return ids
+
+    def _ids_of(self, cps: np.ndarray) -> np.ndarray:
+        """The id of each code point, -1 where the vocabulary lacks it."""
+        return self._table[np.minimum(cps, len(self._table) - 1)]
+
     def _known(self, cps: np.ndarray) -> np.ndarray:
-        idx = np.minimum(np.searchsorted(self._codepoints, cps), len(self._codepoints) - 1)
-        return self._codepoints[idx] == cps
+        return self._ids_of(cps) >= 0
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -248,7 +280,7 @@ def _char_tokenizer(text: str):
     return tk
 
 
-def _bpe_tokenizer(text: str, vocab_size: int):
+def _bpe_tokenizer(text, vocab_size: int):
     from tokenizers import decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -260,7 +292,9 @@ def _bpe_tokenizer(text: str, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     # The special strings are removed from the training text so they are never learned as merges.
-    tk.train_from_iterator([_SPECIAL_RE.sub(" ", text)], trainer=trainer)
+    texts = [text] if isinstance(text, str) else text
+    tk.train_from_iterator((_SPECIAL_RE.sub(" ", _SURROGATE_RE.sub("", t)) for t in texts),
+                           trainer=trainer)
     return tk
 
 
@@ -283,4 +317,25 @@ def train_tokenizer(text: str, kind: str = "char", vocab_size: int = 512, *, unk
         if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"vocab_size for a bpe tokenizer must be an int >= {MIN_BPE_VOCAB}, got {vocab_size!r}")
         return Tokenizer(_bpe_tokenizer(_SURROGATE_RE.sub("", text), vocab_size), unknown=unknown)
+    raise ValueError(f"kind must be 'char' or 'bpe', got {kind!r}")
+
+
+def train_tokenizer_on_chunks(chunks, kind: str = "char", vocab_size: int = 512, *,
+                              unknown: str = "error") -> Tokenizer:
+    """train_tokenizer over a text given as an iterable of chunks, for corpora too large to hold:
+    the same tokenizer as train_tokenizer on the chunks joined, when each chunk ends where a piece
+    ends (lmlab.token_shards.corpus_chunks cuts there)."""
+    _check_policy(unknown)
+    if kind == "char":
+        seen = np.zeros(0x110000, dtype=bool)
+        for chunk in chunks:
+            cps = np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+            seen[: int(cps.max()) + 1 if cps.size else 0] |= np.bincount(cps).astype(bool)
+        seen[0xD800:0xE000] = False  # lone surrogates are never in a vocabulary
+        return train_tokenizer("".join(map(chr, np.flatnonzero(seen).tolist())), "char",
+                               unknown=unknown)
+    if kind == "bpe":
+        if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(f"vocab_size for a bpe tokenizer must be an int >= {MIN_BPE_VOCAB}, got {vocab_size!r}")
+        return Tokenizer(_bpe_tokenizer(chunks, vocab_size), unknown=unknown)
     raise ValueError(f"kind must be 'char' or 'bpe', got {kind!r}")

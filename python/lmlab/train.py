@@ -16,6 +16,11 @@ The stage contract (duck-typed, see `Stage`):
     stage.evaluate(model) -> dict            validation metrics, at least {"val_loss": ...}; every
                                              number in it is logged
     stage.state_dict() / load_state_dict(d)  the data position and RNG state, JSON-serialisable
+    stage.skip_step()                        (for several MPI ranks) moves the data position past
+                                             one micro-batch exactly as train_step would, without
+                                             computing it: another rank computes that one
+    stage.data_fingerprint() -> str          (optional) a hash of the training data, which the
+                                             ranks of an MPI run compare before training
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Optional, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, checks, metrics, ops
+from . import checkpoint, checks, distributed, metrics, ops
 from .errors import CheckpointError
 from .rundir import RunDir, open_run_dir
 
@@ -60,6 +65,10 @@ class TrainConfig:
     # Matmul precision, "fp32" or "bf16" (bfloat16 operands, fp32 accumulation; see
     # GPT.matmul_precision). A resumed run keeps the precision it was started in.
     precision: str = "fp32"
+    # Under MPI (lmlab.distributed): 1 shards the AdamW moments across the ranks (ZeRO-1); the
+    # same updates as 0, with optimiser memory 1/N per rank. grad_accum counts each rank's
+    # micro-batches, so a step takes grad_accum * ranks of them.
+    zero: int = 0
 
     def __post_init__(self) -> None:
         # The same rules as the command line's flags (lmlab.checks), so the Python API refuses
@@ -115,34 +124,51 @@ class AdamW:
 
     It updates only the spans of the buffer the model's trainable_ranges() names, so frozen
     parameters (model.freeze) are moved neither by their moments nor by weight decay.
+    shard=(start, stop): ZeRO-1, the moments of that span of the buffer only, and step() updates
+    only it, from that span's gradient; state() gathers the full moments onto rank 0.
     """
 
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig, shard=None, world=None):
         self.model = model
         self.cfg = cfg
-        self.m = np.zeros_like(model.params)
-        self.v = np.zeros_like(model.params)
+        self.world = world or distributed.World()
+        self.n = model.params.size
+        self.lo, self.hi = shard if shard is not None else (0, self.n)
+        self.m = np.zeros(self.hi - self.lo, np.float32)
+        self.v = np.zeros(self.hi - self.lo, np.float32)
         self.t = 0
-        self.ranges = model.trainable_ranges()
+        self.ranges = [(max(a, self.lo), min(b, self.hi)) for a, b in model.trainable_ranges()
+                       if max(a, self.lo) < min(b, self.hi)]
 
-    def step(self, lr: float, grad_scale: float) -> None:
+    @property
+    def sharded(self) -> bool:
+        return (self.lo, self.hi) != (0, self.n)
+
+    def step(self, lr: float, grad_scale: float, grads=None) -> None:
+        """One update; grads: the gradient of this optimiser's span (default the model's)."""
         self.t += 1
-        p, g, mask = self.model.params, self.model.grads, self.model.decay_mask
+        p, mask, lo = self.model.params, self.model.decay_mask, self.lo
+        g = grads if grads is not None else self.model.grads[lo:self.hi]
         for start, stop in self.ranges:
-            ops.adamw_update(p[start:stop], self.m[start:stop], self.v[start:stop], g[start:stop],
-                             mask[start:stop], lr=lr, beta1=self.cfg.beta1, beta2=self.cfg.beta2,
-                             eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
-                             grad_scale=grad_scale, t=self.t)
+            ops.adamw_update(p[start:stop], self.m[start - lo:stop - lo], self.v[start - lo:stop - lo],
+                             g[start - lo:stop - lo], mask[start:stop], lr=lr,
+                             beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps,
+                             weight_decay=self.cfg.weight_decay, grad_scale=grad_scale, t=self.t)
 
     def state(self) -> dict:
-        return {"m": self.m, "v": self.v}
+        """The full moments (on rank 0; a collective call when sharded, None on other ranks)."""
+        if not self.sharded:
+            return {"m": self.m, "v": self.v}
+        return {"m": self.world.gather_to_root(self.m, self.n),
+                "v": self.world.gather_to_root(self.v, self.n)}
 
     def load_state(self, arrays: dict, t: int) -> None:
-        if arrays["m"].shape != self.m.shape or arrays["v"].shape != self.v.shape:
+        """From the full moments of a checkpoint (whatever the number of ranks that wrote it)."""
+        if arrays["m"].shape != (self.n,) or arrays["v"].shape != (self.n,):
             raise ValueError("optimizer state does not match the model's parameter count "
-                             f"({arrays['m'].shape} vs {self.m.shape})")
-        self.m[...] = arrays["m"]
-        self.v[...] = arrays["v"]
+                             f"({arrays['m'].shape} vs {(self.n,)})")
+        self.m[...] = arrays["m"][self.lo:self.hi]
+        self.v[...] = arrays["v"][self.lo:self.hi]
         self.t = t
 
 
@@ -221,22 +247,45 @@ def train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config: Opt
     so the run continues exactly as if it had never stopped, in the matmul precision the run was
     started in (which wins over cfg.precision, with a note, if they differ). A resume that runs no
     step writes nothing.
+
+    Under MPI (lmlab.distributed) every rank calls train(): rank 0 alone opens and writes run_dir,
+    the others read it (on resume) and never write.
     """
-    if isinstance(run_dir, RunDir):
+    world = distributed.world()
+    if isinstance(run_dir, RunDir) or not world.is_root:
         return _train(model, stage, cfg, run_dir, tokenizer=tokenizer, run_config=run_config,
-                      resume=resume, parent=parent)
+                      resume=resume, parent=parent, world=world)
     with open_run_dir(run_dir, resume=resume, parent=parent) as run:
         return _train(model, stage, cfg, run, tokenizer=tokenizer, run_config=run_config,
-                      resume=resume, parent=parent)
+                      resume=resume, parent=parent, world=world)
 
 
 def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
-           parent) -> TrainResult:
+           parent, world) -> TrainResult:
+    try:
+        return _optimise(model, stage, cfg, run_dir, tokenizer=tokenizer, run_config=run_config,
+                         resume=resume, parent=parent, world=world)
+    except NonFiniteLoss:
+        raise  # every rank sees the same loss and stops at the same step: nothing to abort
+    except BaseException as exc:
+        if world.distributed:  # the other ranks wait in a collective: end them (checkpoints are atomic)
+            world.abort(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                        2 if isinstance(exc, ValueError) else 1)
+        raise
+
+
+def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
+              parent, world) -> TrainResult:
     run_dir = Path(run_dir)
+    writer = world.is_root  # the one rank that prints, logs and saves
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
     model.freeze(cfg.frozen)
-    optimizer = AdamW(model, cfg)
+    if world.distributed and not hasattr(stage, "skip_step"):
+        raise ValueError(f"{type(stage).__name__} cannot train on several processes (it has no "
+                         "skip_step to step over the other ranks' micro-batches)")
+    shard = world.shards(model.params.size)[world.rank] if cfg.zero and world.distributed else None
+    optimizer = AdamW(model, cfg, shard=shard, world=world)
     start_step = 0
     if resume:
         arrays, state = checkpoint.load_training_state(run_dir)
@@ -251,10 +300,18 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
                                   f"hold this stage's trainer state ({type(e).__name__}: {e}); "
                                   "cannot resume exactly") from None
         # Rows logged after the checkpoint are logged again by the resumed run.
-        metrics.truncate_metrics(run_dir, start_step)
-        if start_step >= cfg.steps:
+        if writer:
+            metrics.truncate_metrics(run_dir, start_step)
+        if start_step >= cfg.steps and writer:
             print(f"lmlab: {run_dir} already finished {start_step} of {cfg.steps} steps",
                   file=sys.stderr)
+    if world.distributed:
+        # Every rank must train the same model on the same data with the same kernels.
+        data = getattr(stage, "data_fingerprint", None)
+        world.check_same("run", {**distributed.environment(),
+                                 "parameters": distributed.fingerprint(model.params),
+                                 "data": data() if data else None,
+                                 "data position": json.dumps(stage.state_dict(), sort_keys=True)})
     # config.json's "train" section: how this run was trained (optimiser settings and the stage's
     # own description: corpus, data, batch size, chat template, ...).
     full_config = {"optim": _jsonable(asdict(cfg)), "precision": cfg.precision,
@@ -267,14 +324,16 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
         if step == last_saved:
             return  # nothing changed since that checkpoint
         state = {"step": step, "adam_t": optimizer.t, "stage": stage.state_dict()}
-        with stop.saving():
-            checkpoint.save_run(run_dir, model, tokenizer, train_config=full_config,
-                                optimizer=optimizer.state(), state=state, parent=parent,
-                                keep=cfg.keep_checkpoints)
+        moments = optimizer.state()  # every rank: with ZeRO-1 a gather onto rank 0
+        if writer:
+            with stop.saving():
+                checkpoint.save_run(run_dir, model, tokenizer, train_config=full_config,
+                                    optimizer=moments, state=state, parent=parent,
+                                    keep=cfg.keep_checkpoints)
         last_saved = step
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and writer:
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     t_start = time.perf_counter()
@@ -284,23 +343,32 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     step = start_step
     stopped = False
     window_t, window_tokens = time.perf_counter(), 0
+    window_steps, window_comm = 0, world.comm_seconds
     with _StopRequest() as stop:
         try:
             while step < cfg.steps:
-                # 1) gradients of one optimiser step, accumulated over micro-batches
-                model.zero_grad()
-                losses, tokens, extras = [], 0, {}
-                for _ in range(cfg.grad_accum):
-                    out = stage.train_step(model)
-                    # Scaled by 1/grad_accum: the gradients accumulate to the micro-batches' mean.
-                    model.backward(out["weights"] * np.float32(1.0 / cfg.grad_accum))
-                    losses.append(float(out["loss"]))
-                    tokens += int(out["tokens"])
-                    for key, value in _numbers(out, skip=("loss", "tokens")).items():
-                        extras.setdefault(key, []).append(value)
+                # 1) gradients of one optimiser step, accumulated over micro-batches (each rank
+                # computes its own contiguous share of them and steps over the others')
+                mine = _micro_batches(model, stage, cfg, world)
+                shared = world.allgather((mine, stop.requested))
+                losses = [x for (m, _) in shared for x in m["losses"]]
+                tokens = sum(m["tokens"] for (m, _) in shared)
+                extras = {}
+                for (m, _) in shared:
+                    for key, values in m["extras"].items():
+                        extras.setdefault(key, []).extend(values)
+                # Under MPI every rank stops after this step if any rank was asked to by now (a
+                # request arriving later is shared at the next step); one process checks at the end.
+                stop_all = any(flag for (_, flag) in shared)
                 loss = float(np.mean(losses))
                 extras = {key: float(np.mean(values)) for key, values in extras.items()}
-                grad_norm = ops.global_norm(model.grads)
+                if optimizer.sharded:
+                    grads = world.reduce_scatter_sum(model.grads)
+                    grad_norm = math.sqrt(sum(world.allgather(ops.sum_squares(grads))))
+                else:
+                    grads = None
+                    world.reduce_gradients(model.grads)
+                    grad_norm = ops.global_norm(model.grads)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise NonFiniteLoss(
                         f"step {step}: loss {loss}, gradient norm {grad_norm}. Training stopped; "
@@ -311,21 +379,28 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
                 if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
                     scale = cfg.grad_clip / (grad_norm + 1e-6)
                 lr = lr_at(step, cfg)
-                optimizer.step(lr, scale)
+                optimizer.step(lr, scale, grads)
+                if optimizer.sharded:
+                    world.allgather_shards(model.params)
                 step += 1
                 tokens_total += tokens
                 window_tokens += tokens
+                window_steps += 1
                 # 3) validation, metrics, progress, checkpoints
                 evaluation = {}
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    evaluation = _numbers(stage.evaluate(model))
+                    evaluation = world.bcast(_numbers(stage.evaluate(model)) if writer else None)
                     val_loss = evaluation["val_loss"]
-                if step % max(1, cfg.log_every) == 0 or step == cfg.steps or evaluation:
+                if writer and (step % max(1, cfg.log_every) == 0 or step == cfg.steps
+                               or evaluation):
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_tokens = now, 0
                     row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": tps, **extras, **evaluation}
+                    if world.distributed:  # rank 0's time in the gradient exchange, per step
+                        row["allreduce_ms"] = 1e3 * (world.comm_seconds - window_comm) / window_steps
+                    window_steps, window_comm = 0, world.comm_seconds
                     metrics.append_metrics(run_dir, row)
                     if bar is not None:
                         post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
@@ -336,18 +411,55 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
                     bar.update(1)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save(step)
-                if stop.requested:
+                if stop_all if world.distributed else stop.requested:
                     stopped = True
                     break
         finally:
             if bar is not None:
                 bar.close()
         save(step)
-    if step > start_step:
+    if step > start_step and writer:
         _plot(run_dir)
     seconds = time.perf_counter() - t_start
     return TrainResult(steps_done=step, final_loss=loss, val_loss=val_loss, stopped_early=stopped,
                        seconds=seconds, tokens_per_s=tokens_total / max(seconds, 1e-9))
+
+
+def _micro_batches(model, stage, cfg: TrainConfig, world) -> dict:
+    """This rank's micro-batches of one optimiser step, their gradients left in model.grads.
+
+    A step takes grad_accum * world.size micro-batches in the stage's order; rank r computes the
+    r-th contiguous grad_accum of them and steps over the rest (stage.skip_step), so N ranks take
+    exactly the batches of one process with N times the grad_accum. Each micro-batch's gradient is
+    computed from zero and added to the sum in order, in float32 (the sum the ranks' gradients
+    then get, in rank order: see lmlab.distributed).
+    """
+    total = cfg.grad_accum * world.size
+    first = world.rank * cfg.grad_accum
+    weight = np.float32(1.0 / total)  # the gradients sum to the micro-batches' mean
+    losses, tokens, extras = [], 0, {}
+    summed = None
+    model.zero_grad()
+    for i in range(total):
+        if not first <= i < first + cfg.grad_accum:
+            stage.skip_step()
+            continue
+        out = stage.train_step(model)
+        if summed is not None:
+            model.zero_grad()
+        model.backward(out["weights"] * weight)
+        if cfg.grad_accum > 1:
+            if summed is None:
+                summed = model.grads.copy()
+            else:
+                summed += model.grads
+        losses.append(float(out["loss"]))
+        tokens += int(out["tokens"])
+        for key, value in _numbers(out, skip=("loss", "tokens")).items():
+            extras.setdefault(key, []).append(value)
+    if summed is not None:
+        model.grads[...] = summed
+    return {"losses": losses, "tokens": tokens, "extras": extras}
 
 
 def _plot(run_dir: Path) -> None:

@@ -14,21 +14,26 @@ library modules that do the work (which never import the command line).
     lmlab bench      measure kernels or training throughput against references        cli/bench.py
     lmlab demo       teaching views: gradient descent, loss, sampling, embeddings     cli/demo.py
     lmlab studio     the teaching views as a local web app, ranking for a class       cli/studio.py
+    lmlab doctor     check the install; --mpi: every MPI rank sees the same build, data cli/doctor.py
 
 Errors a user can cause (a bad value, a missing file, an existing run) end in one line
 "lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag.
+
+Under `mpiexec -n N lmlab VERB` (lmlab.distributed) only rank 0 writes to stdout, and an error on
+any rank ends every rank (MPI_Abort) with that line, naming the rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
-from .. import __version__
+from .. import __version__, distributed
 from ..checks import SettingError
 from ..train import NonFiniteLoss
-from . import bench, demo, generation, interop, preference, studio, training
+from . import bench, demo, doctor, generation, interop, preference, studio, training
 from .common import flag
 
 
@@ -44,28 +49,41 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_commands(sub)
     demo.add_demo_arguments(sub)
     studio.add_commands(sub)
+    doctor.add_commands(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    world = None
     try:
+        if distributed.launched_size() > 1:
+            world = distributed.world()
+            distributed.share_cores()
+            if not world.is_root:  # rank 0 alone reports
+                sys.stdout = open(os.devnull, "w")
         rc = args.func(args)
         return rc if isinstance(rc, int) else 0  # some runners return their result rows
     except SettingError as exc:
-        print(f"lmlab {args.command}: error: {exc.message(flag(exc.name) + ' ')}", file=sys.stderr)
-        return 2
+        return _fail(world, 2, f"lmlab {args.command}: error: "
+                               f"{exc.message(flag(exc.name) + ' ')}")
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
-        print(f"lmlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(world, 2, f"lmlab {args.command}: error: {exc}")
     except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept
         print(f"lmlab {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return 1  # every rank saw the same loss and stops here
     except KeyboardInterrupt:
-        print("\nlmlab: interrupted", file=sys.stderr)
-        return 130
+        return _fail(world, 130, "\nlmlab: interrupted")
+
+
+def _fail(world, code: int, message: str) -> int:
+    """Print the error; under MPI, end every rank with it (the others may wait for this one)."""
+    if world is not None and world.distributed:
+        world.abort(message.strip(), code)
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def add_train_options(p: argparse.ArgumentParser, stage: str) -> None:
     add_setting(g, stage, "warmup_steps", int, "linear warmup steps")
     add_setting(g, stage, "weight_decay", float, "AdamW's decoupled weight decay, >= 0")
     add_setting(g, stage, "grad_clip", float, "global gradient-norm clip, >= 0 (0: off)")
-    add_setting(g, stage, "grad_accum", int, "micro-batches per step")
+    add_setting(g, stage, "grad_accum", int, "micro-batches per step (per process under mpiexec)")
+    add_setting(g, stage, "zero", int, "under mpiexec, 1 shards the AdamW state across the "
+                "processes (ZeRO-1: the same updates, optimiser memory / N)", choices=(0, 1))
     add_setting(g, stage, "eval_every", int, "validation every N steps (0: off)")
     add_setting(g, stage, "save_every", int, "checkpoint every N steps (0: only at the end)")
     add_setting(g, stage, "log_every", int, "metrics.jsonl row every N steps")

@@ -1,0 +1,243 @@
+"""Data-parallel training across processes with MPI: who this process is, and every message the
+ranks exchange.
+
+`lmlab VERB ...` is one process; `mpiexec -n N lmlab VERB ...` is N ranks of one run. world()
+says which: it imports mpi4py only when an MPI launcher started this process (or when asked with
+require=True, as `lmlab doctor --mpi` does), so a plain run never loads MPI. Without mpi4py, a run
+under a launcher with more than one process is refused with the install line.
+
+What the ranks exchange, per optimiser step:
+  - the flat gradient buffer, summed in rank order (reduce_gradients): each rank receives its shard
+    of every rank's buffer (Alltoallv), adds them in rank order in float32, then the summed shards
+    are all-gathered. The sum is the same whatever the MPI library's reduction order, so a run
+    repeated with the same N is bit for bit the same, and with N = 2 (a + b = b + a) bit for bit
+    the run of one process with --grad-accum 2. It moves 2(N-1)/N of the buffer per rank, as a
+    ring allreduce does.
+  - with ZeRO-1, the same reduce-scatter without the all-gather; each rank updates its shard of the
+    parameters with its shard of the AdamW moments, then the parameters are all-gathered.
+  - one small message of every rank's losses, token counts and Ctrl-C flag (gather_step), so rank
+    0 logs what one process would, and every rank stops after the same step.
+A rank that raises calls abort(): it prints one line naming itself and MPI_Abort ends every rank
+(mpiexec also ends them when a rank dies); rank 0 writes checkpoints atomically, so the last one
+stays current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+INSTALL_HINT = 'pip install "lmlab[mpi]" (mpi4py and an MPI from wheels)'
+# Set by MPI launchers in the processes they start: MPICH/Hydra and Intel MPI (PMI_*), Open MPI
+# (OMPI_*), PMIx launchers, MVAPICH.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+# Shard boundaries fall on multiples of this many floats, so each shard starts on a cache line.
+_SHARD_ALIGN = 16
+
+
+class MPIUnavailable(ValueError):
+    """More than one process (or an MPI check) was asked for, and mpi4py cannot be imported."""
+
+
+def launched_size() -> int:
+    """The number of processes the launcher that started this one says it started (1 if none)."""
+    for var in _SIZE_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    if any(var in os.environ for var in _RANK_VARS):
+        return 2  # a launcher that names the rank only: treat as several
+    return 1
+
+
+def shard_bounds(n: int, size: int) -> list:
+    """[(start, stop), ...]: the n elements cut into `size` contiguous shards, one per rank, each
+    boundary on a multiple of _SHARD_ALIGN (the last shard takes the rest)."""
+    per = -(-n // size)
+    per = -(-per // _SHARD_ALIGN) * _SHARD_ALIGN
+    return [(min(n, r * per), min(n, (r + 1) * per)) for r in range(size)]
+
+
+class World:
+    """This process's place among the ranks of one run. A World of size 1 has no communicator
+    and every method is the one-process identity."""
+
+    def __init__(self, comm=None):
+        self.comm = comm
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.size = comm.Get_size() if comm is not None else 1
+        self.comm_seconds = 0.0  # time spent moving gradients and parameters (logged per step)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def __repr__(self) -> str:
+        return f"World(rank={self.rank}, size={self.size})"
+
+    # -- small messages -------------------------------------------------------------------------
+
+    def allgather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; for small objects)."""
+        return self.comm.allgather(obj) if self.distributed else [obj]
+
+    def bcast(self, obj):
+        """Rank 0's obj on every rank."""
+        return self.comm.bcast(obj, root=0) if self.distributed else obj
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self.comm.Barrier()
+
+    # -- the gradient and the parameters ----------------------------------------------------------
+
+    def shards(self, n: int) -> list:
+        return shard_bounds(n, self.size)
+
+    def reduce_scatter_sum(self, flat: np.ndarray) -> np.ndarray:
+        """This rank's shard of the sum over ranks of `flat` (float32), added in rank order."""
+        if not self.distributed:
+            return flat
+        from mpi4py import MPI
+        began = time.perf_counter()
+        bounds = self.shards(flat.size)
+        start, stop = bounds[self.rank]
+        counts = [b - a for a, b in bounds]
+        displs = [a for a, _ in bounds]
+        received = np.empty((self.size, stop - start), np.float32)
+        mine = [stop - start] * self.size
+        self.comm.Alltoallv([flat, counts, displs, MPI.FLOAT],
+                            [received, mine, [i * (stop - start) for i in range(self.size)],
+                             MPI.FLOAT])
+        total = received[0].copy()
+        for r in range(1, self.size):  # rank order: the order grad accumulation adds micro-batches
+            total += received[r]
+        self.comm_seconds += time.perf_counter() - began
+        return total
+
+    def allgather_shards(self, flat: np.ndarray, shard: Optional[np.ndarray] = None) -> None:
+        """Every rank's shard of `flat` into `flat` on every rank (this rank's from `shard`, or
+        from flat itself)."""
+        if not self.distributed:
+            return
+        from mpi4py import MPI
+        began = time.perf_counter()
+        bounds = self.shards(flat.size)
+        start, stop = bounds[self.rank]
+        if shard is not None:
+            flat[start:stop] = shard
+        counts = [b - a for a, b in bounds]
+        displs = [a for a, _ in bounds]
+        self.comm.Allgatherv(MPI.IN_PLACE, [flat, counts, displs, MPI.FLOAT])
+        self.comm_seconds += time.perf_counter() - began
+
+    def reduce_gradients(self, flat: np.ndarray) -> None:
+        """flat <- the sum over ranks of flat, the same on every rank (see the module docstring)."""
+        if self.distributed:
+            self.allgather_shards(flat, self.reduce_scatter_sum(flat))
+
+    def gather_to_root(self, shard: np.ndarray, n: int) -> Optional[np.ndarray]:
+        """The full array of n float32 from every rank's shard, on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return shard
+        from mpi4py import MPI
+        bounds = self.shards(n)
+        full = np.empty(n, np.float32) if self.is_root else None
+        counts = [b - a for a, b in bounds]
+        displs = [a for a, _ in bounds]
+        self.comm.Gatherv(np.ascontiguousarray(shard, np.float32),
+                          [full, counts, displs, MPI.FLOAT] if self.is_root else None, root=0)
+        return full
+
+    # -- agreeing before and during training ------------------------------------------------------
+
+    def check_same(self, what: str, values: dict) -> None:
+        """Refuse (ValueError, on every rank) unless every rank has the same `values`; the message
+        names the first that differs, and on which ranks."""
+        if not self.distributed:
+            return
+        everyone = self.allgather(values)
+        for key in values:
+            seen = [v.get(key) for v in everyone]
+            if any(v != seen[0] for v in seen[1:]):
+                ranks = ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+                raise ValueError(f"the ranks of this MPI run do not see the same {what}: {key} "
+                                 f"differs ({ranks}); every machine needs the same lmlab build "
+                                 "and the same data at the same path")
+
+    def abort(self, message: str, code: int = 1) -> None:
+        """Print `message` naming this rank and end every rank of the run (MPI_Abort)."""
+        print(f"lmlab: rank {self.rank} of {self.size}: {message}; stopping every rank",
+              file=sys.stderr, flush=True)
+        if self.distributed:
+            self.comm.Abort(code)
+
+
+_WORLD: Optional[World] = None
+
+
+def world(require: bool = False) -> World:
+    """This process's World: MPI's when a launcher started it (or require=True), else one rank.
+
+    Raises MPIUnavailable (with the install line) where MPI is needed and mpi4py is missing."""
+    global _WORLD
+    if _WORLD is not None and (_WORLD.comm is not None or not require):
+        return _WORLD
+    size = launched_size()
+    if size == 1 and not require:
+        _WORLD = World()
+        return _WORLD
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        asked = f"{size} processes" if size > 1 else "an MPI check"
+        raise MPIUnavailable(f"{asked} need mpi4py, which cannot be imported ({e}); install it "
+                             f"with: {INSTALL_HINT}") from None
+    _WORLD = World(MPI.COMM_WORLD)
+    if size > 1 and _WORLD.size == 1:
+        raise MPIUnavailable(f"the launcher started {size} processes but mpi4py's MPI sees only "
+                             "this one: mpi4py was built against another MPI than the mpiexec "
+                             "used; run the mpiexec of the MPI mpi4py uses (with the wheels: the "
+                             f"one `{INSTALL_HINT.split(' (')[0]}` installs)")
+    return _WORLD
+
+
+def share_cores() -> None:
+    """Give each of the ranks on this machine its share of the cores, unless OMP_NUM_THREADS says
+    otherwise (--threads still wins): N ranks of all cores each would oversubscribe them."""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if "OMP_NUM_THREADS" in os.environ or not (local or "").isdigit() or int(local) < 2:
+        return
+    from . import set_num_threads
+    set_num_threads(max(1, (os.cpu_count() or 1) // int(local)))
+
+
+def fingerprint(*arrays) -> str:
+    """A short SHA-256 of arrays' bytes, to compare data across ranks."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if hasattr(a, "digest") and not isinstance(a, np.ndarray):  # token_shards.TokenShards
+            h.update(f"{a.digest}:{a.start}:{a.stop}".encode())
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def environment() -> dict:
+    """What every rank must share to train one run: the lmlab version and the kernel path."""
+    from . import __version__, cpu_info
+    info = cpu_info()
+    return {"lmlab version": __version__,
+            "kernel path": f"{info.get('isa')} (bf16 matmuls: {info.get('bf16_matmul')})"}

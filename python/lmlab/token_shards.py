@@ -1,0 +1,394 @@
+"""Corpora larger than memory: a streaming pass that tokenizes a corpus's files into shard files,
+and TokenShards, the memory-mapped array over them that training samples from.
+
+lmlab.data.tokenize_corpus comes here for a corpus of files larger than STREAM_ABOVE_BYTES (or when
+asked with stream=True); smaller ones and built-in corpora keep the one-file token cache there.
+
+The pass reads the files in blocks and cuts the text only after a line break followed by a
+printable ASCII character: there both tokenizers start a new piece (the char tokenizer anywhere;
+byte-level BPE's pre-tokenizer always ends a whitespace run there), so tokenizing chunk by chunk
+gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it). A line
+over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the one
+place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8 with
+the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line.
+
+The ids (uint16 when the vocabulary fits, else int32) go to the cache directory's
+tokens/stream-KEY/ as shard_NNNNN.bin files of up to SHARD_TOKENS ids, each written atomically,
+with manifest.json naming the shards done, their SHA-256 and where in the sources the next one
+starts. KEY hashes the tokenizer, the unknown-character policy and each source's path, size and
+modification time: a changed source gives a new key, so the corpus is tokenized again; an
+interrupted pass resumes after its last shard. Memory stays bounded by a few chunks whatever the
+corpus size. BPE pieces are split with the tokenizer's own pattern and each distinct piece is
+encoded once (a cache), which is what makes BPE fast here; chunks are encoded in `workers`
+processes (BPE; the char tokenizer's byte-table lookup keeps up with the disk in one).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Iterator, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .files import atomic_write_bytes, atomic_write_json
+
+STREAM_ABOVE_BYTES = 64 << 20
+FORMAT = "lmlab-token-shards-v1"
+READ_BYTES = 4 << 20  # one read of a source file
+CHUNK_CHARS = 4 << 20  # the text one worker encodes at a time
+MAX_PENDING_BYTES = 64 << 20  # a line longer than this is cut without a safe point
+SHARD_TOKENS = 16 << 20  # ids per shard file (what the pass holds before writing one)
+_BOM = b"\xef\xbb\xbf"
+# Byte-level BPE's pre-tokenizer pattern (GPT-2's, as the `tokenizers` ByteLevel pre-tokenizer uses).
+_BYTE_LEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+_MAX_PIECE_CACHE = 2_000_000
+
+
+# -- reading the sources in safe chunks ----------------------------------------------------------
+
+
+def _last_safe_cut(buf: bytes) -> int:
+    """Just past the last b"\\n" in buf that a printable ASCII byte follows (0 if none)."""
+    j = len(buf) - 1
+    while True:
+        j = buf.rfind(b"\n", 0, j)
+        if j < 0:
+            return 0
+        if 0x21 <= buf[j + 1] <= 0x7E:
+            return j + 1
+
+
+def _forced_cut(buf: bytes) -> int:
+    """Where to cut a buffer with no safe point: after its last line break, else at a character."""
+    j = buf.rfind(b"\n") + 1
+    if j:
+        return j
+    j = len(buf) - 1
+    while j > 0 and 0x80 <= buf[j] < 0xC0:
+        j -= 1  # back to the first byte of the last character, which goes to the next piece
+    return j or len(buf)
+
+
+def _decode(raw: bytes, path: str, base: int) -> str:
+    skip = len(_BOM) if base == 0 and raw.startswith(_BOM) else 0
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = base + skip + e.start
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{raw[skip + e.start]:02x} at byte offset "
+                         f"{at} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 -t "
+                         "utf-8)") from None
+    return text.replace("\r\n", "\n")
+
+
+def _starts_safely(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(len(_BOM) + 1)
+    head = head[len(_BOM):] if head.startswith(_BOM) else head
+    return bool(head) and 0x21 <= head[0] <= 0x7E
+
+
+def _segments(files: list, start=(0, 0)) -> Iterator[tuple]:
+    """(text, next position, safe) in order: the corpus text from `start` (file index, byte
+    offset); a chunk may end after a segment marked safe, and resumes at its next position."""
+    multi = len(files) > 1
+    first, offset = start
+    for index in range(first, len(files)):
+        path = files[index]
+        base = offset if index == first else 0
+        pending = b""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot read corpus file ({e.strerror})", path) from None
+        with f:
+            f.seek(base)
+            while True:
+                block = f.read(READ_BYTES)
+                if not block:
+                    break
+                pending += block
+                cut = _last_safe_cut(pending)
+                if not cut and len(pending) > MAX_PENDING_BYTES:
+                    cut = _forced_cut(pending)
+                if cut:
+                    yield _decode(pending[:cut], path, base), (index, base + cut), True
+                    base += cut
+                    pending = pending[cut:]
+        tail = _decode(pending, path, base)
+        last = index == len(files) - 1
+        if multi:
+            ends_with_newline = tail.endswith("\n") if tail else base > 0
+            tail += ("" if ends_with_newline else "\n") + ("" if last else "\n")
+        yield tail, (index + 1, 0), last or _starts_safely(files[index + 1])
+
+
+def corpus_chunks(files: list, start=(0, 0), chunk_chars: Optional[int] = None) -> Iterator[tuple]:
+    """(text, next position): the corpus text in chunks of about chunk_chars (CHUNK_CHARS), each
+    ending where tokenizing may restart (module docstring)."""
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    parts, size = [], 0
+    for text, position, safe in _segments(files, start):
+        parts.append(text)
+        size += len(text)
+        if safe and size >= chunk_chars:
+            yield "".join(parts), position
+            parts, size = [], 0
+    if parts:
+        yield "".join(parts), (len(files), 0)
+
+
+def corpus_text_for_tokenizer(files: list) -> Iterator[str]:
+    """The corpus text chunk by chunk, to train a tokenizer on without holding it whole."""
+    return (text for text, _ in corpus_chunks(files))
+
+
+# -- encoding chunks -----------------------------------------------------------------------------
+
+
+class _ChunkEncoder:
+    """Token ids of a chunk: the char tokenizer's lookup, or BPE through a cache of pieces."""
+
+    def __init__(self, tokenizer_json: str, policy: str):
+        from .tokenizer import Tokenizer
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.policy = policy
+        self.pattern = None
+        pre = json.loads(tokenizer_json).get("pre_tokenizer") or {}
+        if (self.tokenizer.kind == "bpe" and pre.get("type") == "ByteLevel"
+                and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)):
+            import regex
+            self.pattern = regex.compile(_BYTE_LEVEL_PATTERN)
+        self.pieces: dict = {}
+
+    def __call__(self, text: str) -> np.ndarray:
+        if self.pattern is None:
+            return self.tokenizer.encode(text, unknown=self.policy)
+        words = self.pattern.findall(text)
+        new = list({w for w in words if w not in self.pieces})
+        if new:
+            if len(self.pieces) > _MAX_PIECE_CACHE:
+                self.pieces.clear()
+                new = list(set(words))
+            encoded = self.tokenizer._tk.encode_batch(new, add_special_tokens=False)
+            self.pieces.update((w, e.ids) for w, e in zip(new, encoded))
+        ids = itertools.chain.from_iterable(map(self.pieces.__getitem__, words))
+        return np.fromiter(ids, dtype=np.int32)
+
+
+_ENCODER: Optional[_ChunkEncoder] = None
+
+
+def _start_worker(tokenizer_json: str, policy: str) -> None:
+    global _ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _ENCODER = _ChunkEncoder(tokenizer_json, policy)
+
+
+def _encode_in_worker(text: str) -> np.ndarray:
+    return _ENCODER(text)
+
+
+def _can_spawn() -> bool:
+    """Whether worker processes can start: a spawned worker imports the main script again, which
+    is safe for `python -m`, console scripts and scripts guarded by `if __name__ == "__main__"`."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or not path:
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "__main__" in f.read()
+    except OSError:
+        return False
+
+
+def _encoded(chunks, tokenizer_json: str, policy: str, workers: int):
+    """(ids, text length, next position) per chunk, in order, `workers` processes encoding."""
+    if workers <= 1:
+        encoder = _ChunkEncoder(tokenizer_json, policy)
+        for text, position in chunks:
+            yield encoder(text), len(text), position, bool(text.strip())
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(tokenizer_json, policy)) as pool:
+        queue = collections.deque()
+        for text, position in chunks:
+            queue.append((pool.submit(_encode_in_worker, text), len(text), position,
+                          bool(text.strip())))
+            if len(queue) > 2 * workers:  # bounded: a few chunks in flight
+                future, *rest = queue.popleft()
+                yield (future.result(), *rest)
+        while queue:
+            future, *rest = queue.popleft()
+            yield (future.result(), *rest)
+
+
+# -- the shards ----------------------------------------------------------------------------------
+
+
+class TokenShards:
+    """A read-only 1-D array of token ids over memory-mapped shard files: len(), slices (views),
+    integer-array indexing (a gather across shards) and np.asarray (a copy) work as on an array."""
+
+    ndim = 1
+
+    def __init__(self, maps: list, digest: str, start: int = 0, stop: Optional[int] = None):
+        self._maps = maps
+        self._bounds = np.cumsum([0] + [len(m) for m in maps])
+        self.digest = digest  # the SHA-256 of the shards: compared across MPI ranks
+        self.start = start
+        self.stop = int(self._bounds[-1]) if stop is None else stop
+        self.dtype = maps[0].dtype if maps else np.dtype("<u2")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self),)
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("TokenShards slices take step 1")
+            return TokenShards(self._maps, self.digest, self.start + lo, self.start + max(lo, hi))
+        idx = np.asarray(key)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"TokenShards index must be integers or a slice, got {idx.dtype}")
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"token index out of range for {len(self)} tokens")
+        idx = np.where(idx < 0, idx + len(self), idx) + self.start
+        shard = np.searchsorted(self._bounds, idx, side="right") - 1
+        out = np.empty(idx.shape, self.dtype)
+        for s in np.unique(shard):
+            where = shard == s
+            out[where] = self._maps[s][idx[where] - self._bounds[s]]
+        return out if idx.ndim else out[()]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[np.arange(len(self))]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _sources(files: list) -> list:
+    out = []
+    for path in files:
+        st = os.stat(path)
+        out.append({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _shard_ok(path: str, entry: dict, itemsize: int) -> bool:
+    try:
+        if os.path.getsize(path) != entry["tokens"] * itemsize:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest() == entry["sha256"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _open(directory: str, manifest: dict) -> TokenShards:
+    dtype = np.dtype(manifest["dtype"])
+    maps = [np.memmap(os.path.join(directory, s["file"]), dtype=dtype, mode="r",
+                      shape=(s["tokens"],)) for s in manifest["shards"] if s["tokens"]]
+    digest = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
+    return TokenShards(maps, digest[:16])
+
+
+def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: str, *,
+                  workers: Optional[int] = None, progress: bool = True) -> TokenShards:
+    """The token ids of a corpus's files as TokenShards, tokenized here in one streaming pass
+    unless its shards are already in cache_root (module docstring)."""
+    sources = _sources(files)
+    key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
+    directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
+    manifest_path = os.path.join(directory, "manifest.json")
+    dtype = "<u2" if tokenizer.vocab_size <= 1 << 16 else "<i4"
+    manifest = {"format": FORMAT, "dtype": dtype, "sources": sources, "shards": [],
+                "complete": False}
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("format") == FORMAT and saved.get("sources") == sources:
+            manifest = saved
+    except (OSError, ValueError):
+        pass
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    # Keep the shards that are whole; an interrupted pass resumes after the last of them.
+    good = []
+    for entry in manifest["shards"]:
+        if not _shard_ok(os.path.join(directory, entry["file"]), entry, itemsize):
+            break
+        good.append(entry)
+    if len(good) < len(manifest["shards"]):
+        manifest["complete"] = False
+    manifest["shards"] = good
+    if manifest["complete"]:
+        return _open(directory, manifest)
+    os.makedirs(directory, exist_ok=True)
+    start = tuple(good[-1]["next"]) if good else (0, 0)
+    done = sum(s["size"] for s in sources[:start[0]]) + (start[1] if start[0] < len(files) else 0)
+    bar = tqdm(total=sum(s["size"] for s in sources), initial=done, unit="B", unit_scale=True,
+               desc="tokenizing", disable=not progress, dynamic_ncols=True)
+    if workers is None:  # processes pay off for BPE over several chunks (char is I/O bound)
+        several = sum(s["size"] for s in sources) > 2 * CHUNK_CHARS
+        bpe = tokenizer.kind == "bpe"
+        workers = min(4, os.cpu_count() or 1) if several and bpe and _can_spawn() else 1
+    parts, count, any_text = [], 0, any(s["tokens"] for s in good)
+
+    def flush(position) -> None:
+        nonlocal parts, count
+        ids = np.concatenate(parts) if parts else np.zeros(0, manifest["dtype"])
+        parts, count = [], 0
+        name = f"shard_{len(manifest['shards']):05d}.bin"
+        atomic_write_bytes(os.path.join(directory, name), memoryview(ids).cast("B"))
+        manifest["shards"].append({"file": name, "tokens": int(ids.size), "next": list(position),
+                                   "sha256": hashlib.sha256(memoryview(ids).cast("B")).hexdigest()})
+        atomic_write_json(manifest_path, manifest)
+
+    try:
+        with bar:
+            position = start
+            chunks = corpus_chunks(files, start)
+            for ids, _, position, has_text in _encoded(chunks, tokenizer.to_str(), policy, workers):
+                parts.append(ids.astype(manifest["dtype"]))  # held in the shard's width
+                count += ids.size
+                any_text = any_text or has_text
+                bar.update(_bytes_done(sources, position) - bar.n)
+                if count >= SHARD_TOKENS:
+                    flush(position)
+            if not any_text:
+                raise ValueError(f"corpus {spec!r} is empty (no text besides whitespace)")
+            if parts or not manifest["shards"]:
+                flush(position)
+    except ValueError as e:
+        raise ValueError(f"corpus {spec!r}: {e}" if not str(e).startswith("corpus") else str(e)) \
+            from None
+    manifest["complete"] = True
+    atomic_write_json(manifest_path, manifest)
+    return _open(directory, manifest)
+
+
+def _bytes_done(sources: list, position) -> int:
+    index, offset = position
+    return sum(s["size"] for s in sources[:index]) + (offset if index < len(sources) else 0)

@@ -1,0 +1,200 @@
+"""Streaming tokenization (lmlab.token_shards): the shards hold exactly the ids of the in-memory
+path (lmlab.data.tokenize_corpus with stream=False) for both tokenizers, an interrupted pass
+resumes after its last whole shard, a changed source is tokenized again, a damaged shard is
+rebuilt, and training samples the memory-mapped shards as it samples an array.
+
+The chunk, read and shard sizes are shrunk so that small corpora cross many boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmlab import token_shards
+from lmlab.data import BatchSampler, load_corpus, split_tokens, tokenize_corpus
+from lmlab.tokenizer import train_tokenizer, train_tokenizer_on_chunks
+
+SHAKESPEARE = load_corpus("builtin:shakespeare")[:120_000]
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(token_shards, "READ_BYTES", 777)
+    monkeypatch.setattr(token_shards, "CHUNK_CHARS", 3000)
+    monkeypatch.setattr(token_shards, "SHARD_TOKENS", 9000)
+    # One process unless a test asks for workers: spawned ones would not see these sizes.
+    monkeypatch.setattr(token_shards, "_can_spawn", lambda: False)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A directory whose files exercise every joint: a byte-order mark, CRLF, files that start
+    with indentation (no safe cut at the file boundary), no final newline, non-ASCII text."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text(SHAKESPEARE[:70_000])
+    (root / "b.txt").write_bytes(b"\xef\xbb\xbf  indented line\r\nsecond line\r\n\n\n" +
+                                 "caf\u00e9 na\u00efve \u2014 \u65e5\u672c\n".encode() * 50 + b"end")
+    (root / "sub" / "c.md").write_text("    code block\n\tand a tab  \n  " + SHAKESPEARE[70_000:])
+    (root / "sub" / "d.txt").write_text("\n\n   \n")
+    return root
+
+
+def _in_memory(spec, tok, cache):
+    return np.asarray(tokenize_corpus(spec, tok, cache_dir=cache, stream=False))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_streamed_shards_hold_exactly_the_in_memory_ids(tmp_path, corpus, kind):
+    text = load_corpus(corpus)
+    tok = train_tokenizer(text, kind, 400)
+    shards = tokenize_corpus(corpus, tok, cache_dir=tmp_path / "cache", stream=True,
+                             progress=False)
+    assert isinstance(shards, token_shards.TokenShards) and len(shards._maps) > 3
+    assert all(isinstance(m, np.memmap) for m in shards._maps)  # read from disk, not held
+    expected = _in_memory(corpus, tok, tmp_path / "cache")
+    np.testing.assert_array_equal(np.asarray(shards), expected)
+    assert tok.decode(np.asarray(shards)) == text
+    # A single file is its text as it is (no newline added).
+    single = tokenize_corpus(corpus / "b.txt", tok, cache_dir=tmp_path / "c1", stream=True,
+                             progress=False)
+    np.testing.assert_array_equal(np.asarray(single), _in_memory(corpus / "b.txt", tok, tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_tokenizer_trained_chunk_by_chunk_is_the_one_trained_on_the_whole_text(corpus, kind):
+    files = sorted(str(p) for p in corpus.rglob("*") if p.is_file())
+    files = [f for f in files if not f.endswith(("c.md", "d.txt"))] + \
+            [str(corpus / "sub" / "c.md"), str(corpus / "sub" / "d.txt")]
+    chunks = list(token_shards.corpus_text_for_tokenizer(files))
+    assert len(chunks) > 5 and "".join(chunks) == load_corpus(corpus)
+    whole = train_tokenizer(load_corpus(corpus), kind, 400)
+    streamed = train_tokenizer_on_chunks(iter(chunks), kind, 400)
+    assert streamed.to_str() == whole.to_str()
+
+
+def test_worker_processes_give_the_same_shards(tmp_path, corpus):
+    tok = train_tokenizer(load_corpus(corpus), "bpe", 400)
+    files = [str(corpus / "a.txt"), str(corpus / "b.txt")]
+    one = token_shards.stream_tokens(files, "x", tok, str(tmp_path / "one"), "error", workers=1,
+                                     progress=False)
+    two = token_shards.stream_tokens(files, "x", tok, str(tmp_path / "two"), "error", workers=2,
+                                     progress=False)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(two))
+
+
+def _manifest(cache) -> dict:
+    (path,) = (cache / "tokens").glob("stream-*/manifest.json")
+    return json.loads(path.read_text())
+
+
+def test_an_interrupted_pass_resumes_after_its_last_whole_shard(tmp_path, corpus, monkeypatch):
+    tok = train_tokenizer(load_corpus(corpus), "char")
+    cache = tmp_path / "cache"
+    real = token_shards._ChunkEncoder.__call__
+    calls = []
+
+    def dies_on_the_eighth_chunk(self, text):
+        calls.append(len(text))
+        if len(calls) == 8 and dying:
+            raise KeyboardInterrupt
+        return real(self, text)
+
+    dying = True
+    monkeypatch.setattr(token_shards._ChunkEncoder, "__call__", dies_on_the_eighth_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    dying = False
+    partial = _manifest(cache)
+    assert not partial["complete"] and len(partial["shards"]) >= 1
+    kept = {s["file"]: os.stat(next(cache.glob("tokens/stream-*")) / s["file"]).st_mtime_ns
+            for s in partial["shards"]}
+    chars_before = sum(calls[:-1])
+    calls.clear()
+    resumed = tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(resumed), _in_memory(corpus, tok, cache))
+    # The shards written before the interruption were kept, and their text not read again.
+    directory = next(cache.glob("tokens/stream-*"))
+    assert {f: os.stat(directory / f).st_mtime_ns for f in kept} == kept
+    assert sum(calls) < len(load_corpus(corpus)) - chars_before + 3000 * 4
+    assert _manifest(cache)["complete"]
+
+
+def test_shards_are_reused_until_a_source_changes(tmp_path, corpus, monkeypatch):
+    tok = train_tokenizer(load_corpus(corpus) + "Z", "char")
+    cache = tmp_path / "cache"
+    tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+
+    def no_encoding(self, text):
+        raise AssertionError("the corpus was tokenized again")
+
+    with monkeypatch.context() as m:
+        m.setattr(token_shards._ChunkEncoder, "__call__", no_encoding)
+        again = tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(again), _in_memory(corpus, tok, cache))
+    with open(corpus / "a.txt", "a") as f:
+        f.write("Z")
+    changed = tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    assert len(changed) == len(again) + 1
+    np.testing.assert_array_equal(np.asarray(changed), _in_memory(corpus, tok, cache))
+
+
+def test_a_damaged_shard_is_tokenized_again(tmp_path, corpus):
+    tok = train_tokenizer(load_corpus(corpus), "char")
+    cache = tmp_path / "cache"
+    first = np.asarray(tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False))
+    directory = next(cache.glob("tokens/stream-*"))
+    shard = directory / _manifest(cache)["shards"][2]["file"]
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    again = tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(again), first)
+
+
+def test_sampling_shards_draws_the_batches_of_the_array(tmp_path, corpus):
+    tok = train_tokenizer(load_corpus(corpus), "char")
+    shards = tokenize_corpus(corpus, tok, cache_dir=tmp_path, stream=True, progress=False)
+    array = _in_memory(corpus, tok, tmp_path)
+    for a, b in zip(split_tokens(shards, 0.1), split_tokens(array, 0.1)):
+        assert len(a) == len(b)
+        one, two = BatchSampler(a, 16, 64, seed=5), BatchSampler(b, 16, 64, seed=5)
+        for _ in range(20):  # windows cross shard boundaries
+            for x, y in zip(one.next(), two.next()):
+                np.testing.assert_array_equal(x, y)
+        assert one.state_dict() == two.state_dict()
+    assert shards[5] == array[5] and shards[-1] == array[-1]
+    np.testing.assert_array_equal(shards[100:30000][[0, 9000, -1]], array[100:30000][[0, 9000, -1]])
+
+
+def test_errors_name_the_file_and_what_to_do(tmp_path, corpus):
+    tok = train_tokenizer(load_corpus(corpus), "char")
+    (corpus / "bad.txt").write_bytes(b"fine\n" * 500 + b"\xff broken")
+    with pytest.raises(ValueError, match=r"bad\.txt is not UTF-8 text: byte 0xff at byte offset 2500"):
+        tokenize_corpus(corpus, tok, cache_dir=tmp_path, stream=True, progress=False)
+    (corpus / "bad.txt").write_text("unseen \u2603 snowman\n")
+    with pytest.raises(ValueError, match="cannot represent: '\u2603' x1"):
+        tokenize_corpus(corpus, tok, cache_dir=tmp_path, stream=True, progress=False)
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text(" \n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        tokenize_corpus(blank, tok, cache_dir=tmp_path, stream=True, progress=False)
+
+
+def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monkeypatch):
+    from lmlab.pretrain import pretrain
+    monkeypatch.setattr(token_shards, "STREAM_ABOVE_BYTES", 0)  # every file corpus streams
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_every=0,
+                    progress=False, precision="fp32")
+    first = pretrain(str(corpus), tmp_path / "run", steps=2, **settings)
+    assert list((tmp_path / "cache" / "tokens").glob("stream-*/manifest.json"))
+    resumed = pretrain(None, tmp_path / "run", resume=True, steps=4, progress=False)
+    straight = pretrain(str(corpus), tmp_path / "straight", steps=4, **settings)
+    assert first.steps_done == 2 and resumed.steps_done == 4
+    assert resumed.final_loss == straight.final_loss  # the same batches from the shards

@@ -1,0 +1,328 @@
+"""Data-parallel training under mpiexec (lmlab.distributed): N ranks take the batches of one
+process with --grad-accum N, bit for bit at N = 2; ZeRO-1 makes the same updates; runs resume
+under another N; Ctrl-C, a killed rank and a rank that raises stop every rank with the last
+checkpoint current; `lmlab doctor --mpi` refuses ranks that see different data.
+
+Each test launches real processes with the mpiexec next to mpi4py (from `pip install
+"lmlab[mpi]"`), over loopback, with one thread per rank and tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlab import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 120
+
+
+def _mpiexec():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None, 'mpi4py is not installed (pip install "lmlab[mpi]")'
+    # The launcher of the MPI mpi4py was built with: next to this Python first, then PATH.
+    here = Path(sys.executable).parent / "mpiexec"
+    found = str(here) if here.exists() else shutil.which("mpiexec")
+    if found is None:
+        return None, "no mpiexec on PATH (pip install mpich, or a system MPI)"
+    return found, ""
+
+
+MPIEXEC, WHY = _mpiexec()
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason=WHY)
+
+TINY = ["--corpus", "builtin:shakespeare", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+        "--block-size", "32", "--batch-size", "4", "--eval-every", "3", "--save-every", "3",
+        "--no-progress", "--precision", "fp32", "--sample-after", "0"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"),
+                                                      env.get("PYTHONPATH", "")]))
+    for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
+        env.pop(var, None)
+    return env
+
+
+def _command(n: int, args) -> list:
+    lmlab = [sys.executable, "-m", "lmlab", *map(str, args)]
+    return lmlab if n == 1 else [MPIEXEC, "-n", str(n), *lmlab]
+
+
+def lmlab(n: int, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """`lmlab ARGS` on one process, or under `mpiexec -n N`."""
+    done = subprocess.run(_command(n, args), env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _final(run: Path, name: str = "model.safetensors") -> bytes:
+    return (checkpoint.current_checkpoint(run) / name).read_bytes()
+
+
+TIMINGS = ("tokens_per_s", "allreduce_ms")
+
+
+def _rows(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Bit for bit: weights, AdamW moments, and every logged loss and gradient norm."""
+    assert _final(a) == _final(b)
+    assert _final(a, "optimizer.safetensors") == _final(b, "optimizer.safetensors")
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert len(rows_a) == len(rows_b)
+    for x, y in zip(rows_a, rows_b):
+        assert {k: v for k, v in x.items() if k not in TIMINGS} == \
+               {k: v for k, v in y.items() if k not in TIMINGS}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process with --grad-accum 2, 6 steps: what two ranks must reproduce."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    lmlab(1, "pretrain", "--run", run, *TINY, "--steps", 6, "--grad-accum", 2)
+    return run
+
+
+@needs_mpi
+def test_pretrain_on_two_ranks_is_one_process_with_grad_accum_bit_for_bit(tmp_path, reference):
+    run = tmp_path / "run"
+    done = lmlab(2, "pretrain", "--run", run, *TINY, "--steps", 6)
+    _same_run(run, reference)
+    # Rank 0 alone reports and writes: one summary line, one row per logged step.
+    assert done.stdout.count("finished: 6 steps") == 1
+    assert [r["step"] for r in _rows(run)] == [3, 6]
+    assert all(r["allreduce_ms"] > 0 for r in _rows(run))
+    assert checkpoint.read_config(run)["train"]["world_size"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+
+@needs_mpi
+def test_zero1_makes_the_same_updates_as_plain_data_parallel(tmp_path, reference):
+    run = tmp_path / "run"
+    lmlab(2, "pretrain", "--run", run, *TINY, "--steps", 6, "--zero", 1)
+    # The moments are gathered from the two shards into the one checkpoint format.
+    _same_run(run, reference)
+
+
+@needs_mpi
+def test_a_run_resumes_from_two_ranks_into_one_and_back(tmp_path, reference):
+    run = tmp_path / "run"
+    lmlab(2, "pretrain", "--run", run, *TINY, "--steps", 2)
+    one = lmlab(1, "pretrain", "--run", run, "--resume", "--steps", 4, "--no-progress",
+                "--sample-after", 0)
+    assert "grad_accum 1 -> 2" in one.stderr
+    lmlab(2, "pretrain", "--run", run, "--resume", "--steps", 6, "--no-progress", "--zero", 1,
+          "--sample-after", 0)
+    assert _final(run) == _final(reference)
+    assert _final(run, "optimizer.safetensors") == _final(reference, "optimizer.safetensors")
+    # A global batch of 2 micro-batches cannot be shared by 3 ranks: refused, nothing trained.
+    refused = lmlab(3, "pretrain", "--run", run, "--resume", "--steps", 8, check=False)
+    assert refused.returncode != 0 and "cannot share equally" in refused.stderr
+    assert checkpoint.current_checkpoint(run).name == "step_000006"
+
+
+@needs_mpi
+def test_dpo_on_two_ranks_is_one_process_with_grad_accum(tmp_path, reference):
+    rankings = tmp_path / "rankings.jsonl"
+    with open(rankings, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"prompt": f"Say {chr(97 + i)}: ", "completions": ["yes " * (i % 3 + 1), "no"],
+                                "ranking": [0, 1]}) + "\n")
+    common = ["dpo", reference, "--rankings", rankings, "--steps", 4, "--batch-size", 2,
+              "--eval-every", 2, "--save-every", 2, "--no-progress", "--precision", "fp32"]
+    lmlab(2, *common, "--out", tmp_path / "two")
+    lmlab(1, *common, "--out", tmp_path / "one", "--grad-accum", 2)
+    _same_run(tmp_path / "two", tmp_path / "one")
+    assert "margin" in _rows(tmp_path / "two")[-1]
+
+
+def _rank_pids(launcher: subprocess.Popen, run: Path) -> dict:
+    """{rank: pid} of the lmlab processes training `run`."""
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in cmd and b"lmlab" in cmd:
+            for var in env:
+                if var.startswith(b"PMI_RANK="):
+                    pids[int(var[9:])] = int(entry.name)
+    return pids
+
+
+def _start_long_run(run: Path) -> subprocess.Popen:
+    args = [*TINY, "--steps", 100000, "--save-every", 5, "--eval-every", 0]
+    proc = subprocess.Popen(_command(2, ["pretrain", "--run", run, *args]), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until it has saved twice
+        if (run / "current.json").exists() and checkpoint.current_checkpoint(run).name >= "step_000010":
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the two-rank run did not reach its second checkpoint in 60 s")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' pids in /proc")
+@needs_mpi
+def test_a_killed_rank_stops_the_others_and_leaves_a_resumable_run(tmp_path):
+    run = tmp_path / "run"
+    proc = _start_long_run(run)
+    os.kill(_rank_pids(proc, run)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)  # every rank ends within seconds
+    assert proc.returncode != 0 and "signal 9" in out + err  # the launcher names the death
+    assert not _rank_pids(proc, run)
+    model, _, _ = checkpoint.load_model(run)  # the last checkpoint is whole
+    step = json.loads((run / "current.json").read_text())["step"]
+    lmlab(1, "pretrain", "--run", run, "--resume", "--steps", step + 2, "--no-progress",
+          "--sample-after", 0)
+    assert json.loads((run / "current.json").read_text())["step"] == step + 2
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' pids in /proc")
+@needs_mpi
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    run = tmp_path / "run"
+    proc = _start_long_run(run)
+    os.kill(_rank_pids(proc, run)[1], signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped early (Ctrl-C)" in out
+    step = json.loads((run / "current.json").read_text())["step"]
+    assert f"stopped early (Ctrl-C): {step} steps" in out  # saved at the step every rank ended
+
+
+@needs_mpi
+def test_a_rank_that_raises_ends_every_rank_with_its_message(tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(
+        "import sys\n"
+        "from lmlab import distributed\n"
+        "from lmlab.pretrain import pretrain, LanguageModelingStage\n"
+        "step = LanguageModelingStage.train_step\n"
+        "calls = []\n"
+        "def faulty(self, model):\n"
+        "    calls.append(1)\n"
+        "    if distributed.world().rank == 1 and len(calls) == 7:\n"
+        "        raise RuntimeError('disk on fire')\n"
+        "    return step(self, model)\n"
+        "LanguageModelingStage.train_step = faulty\n"
+        f"pretrain('builtin:shakespeare', {str(tmp_path / 'run')!r}, n_layer=1, n_head=2, "
+        "n_embd=16, block_size=16, batch_size=2, steps=100, save_every=3, eval_every=0, "
+        "progress=False, precision='fp32')\n")
+    started = time.monotonic()
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script)], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode != 0
+    assert "rank 1 of 2: RuntimeError: disk on fire; stopping every rank" in done.stderr
+    assert time.monotonic() - started < 60
+    # Rank 1 raised in step 7; rank 0 saved step 6 just before, or was ended during that save,
+    # which leaves step 3 current (a checkpoint becomes current in one atomic step).
+    assert json.loads((tmp_path / "run" / "current.json").read_text())["step"] in (3, 6)
+    checkpoint.load_model(tmp_path / "run")
+
+
+@needs_mpi
+def test_doctor_checks_that_every_rank_sees_the_same_corpus(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the same text\n")
+    b.write_text("other text\n")
+    ok = lmlab(2, "doctor", "--mpi", "--corpus", a)
+    assert "ok: all 2 rank(s)" in ok.stdout and ok.stdout.count("rank ") == 2
+    py = [sys.executable, "-m", "lmlab", "doctor", "--mpi", "--corpus"]
+    differ = subprocess.run([MPIEXEC, "-n", "1", *py, str(a), ":", "-n", "1", *py, str(b)],
+                            env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert differ.returncode != 0
+    assert "do not see the same installation: corpus differs" in differ.stderr
+
+
+def _without_mpi4py(code: str, **env) -> subprocess.CompletedProcess:
+    blocker = "import sys; sys.modules['mpi4py'] = None\n"
+    return subprocess.run([sys.executable, "-c", blocker + code], env={**_env(), **env},
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+
+
+def test_more_than_one_process_without_mpi4py_says_how_to_install_it():
+    main = "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    launched = _without_mpi4py(main.replace("sys.argv[1:]", "['doctor']"), PMI_SIZE="2",
+                               PMI_RANK="0")
+    assert launched.returncode == 2
+    assert 'lmlab doctor: error: 2 processes need mpi4py' in launched.stderr
+    assert 'pip install "lmlab[mpi]"' in launched.stderr
+    asked = _without_mpi4py(main.replace("sys.argv[1:]", "['doctor', '--mpi']"))
+    assert asked.returncode == 2 and 'pip install "lmlab[mpi]"' in asked.stderr
+
+
+def test_a_plain_run_never_imports_mpi4py(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom lmlab.cli import main\n"
+         f"rc = main(['pretrain', '--run', {str(tmp_path / 'run')!r}, '--steps', '2', "
+         "'--n-layer', '1', '--n-embd', '16', '--n-head', '2', '--block-size', '16', "
+         "'--no-progress', '--sample-after', '0'])\n"
+         "assert rc == 0 and 'mpi4py' not in sys.modules, sorted(sys.modules)\n"],
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@needs_mpi
+def test_three_ranks_equal_one_process_and_two_by_two_match_within_float_rounding(tmp_path):
+    # One micro-batch per rank: the rank-order sum is the sum grad accumulation makes, bit for bit.
+    lmlab(3, "pretrain", "--run", tmp_path / "three", *TINY, "--steps", 3)
+    lmlab(1, "pretrain", "--run", tmp_path / "one3", *TINY, "--steps", 3, "--grad-accum", 3)
+    _same_run(tmp_path / "three", tmp_path / "one3")
+    # Two ranks of two micro-batches add (g0 + g1) + (g2 + g3), one process ((g0 + g1) + g2) + g3:
+    # the same to float32 rounding of a four-way sum.
+    lmlab(2, "pretrain", "--run", tmp_path / "two", *TINY, "--steps", 3, "--grad-accum", 2)
+    lmlab(1, "pretrain", "--run", tmp_path / "one4", *TINY, "--steps", 3, "--grad-accum", 4)
+    a = checkpoint.load_model(tmp_path / "two")[0].params
+    b = checkpoint.load_model(tmp_path / "one4")[0].params
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    losses = [[r["loss"] for r in _rows(tmp_path / run)] for run in ("two", "one4")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    # And the same N again is bit for bit the same run.
+    lmlab(2, "pretrain", "--run", tmp_path / "again", *TINY, "--steps", 3, "--grad-accum", 2)
+    _same_run(tmp_path / "two", tmp_path / "again")
+
+
+def test_shards_cover_the_buffer_once_on_aligned_boundaries():
+    from lmlab.distributed import shard_bounds
+    for n in (1, 15, 16, 17, 1000, 809_856):
+        for size in (1, 2, 3, 7, 64):
+            bounds = shard_bounds(n, size)
+            assert len(bounds) == size and bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a <= b for a, b in bounds)
+            assert all(bounds[i][1] == bounds[i + 1][0] for i in range(size - 1))
+            assert all(a % 16 == 0 for a, _ in bounds if a < n)
+
+
+def test_launched_size_reads_the_launchers_variables(monkeypatch):
+    from lmlab.distributed import launched_size
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_RANK",
+                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert launched_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_size() == 4
