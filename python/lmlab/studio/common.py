@@ -22,6 +22,7 @@ MAX_TEXT_CHARS = 2000        # a prompt, a text to score, a chat message
 MAX_NEW_TOKENS = 200         # tokens one request may generate
 MAX_CHAT_MESSAGES = 20
 MAX_SHOWN_TOKENS = 64        # bars on the Next token page
+MAX_PICKED_IDS = 2000        # tokens the Next token page may append to a prompt
 
 
 class BadRequest(ValueError):
