@@ -56,12 +56,13 @@ def new_browser():
 @pytest.fixture(scope="module")
 def served(studio_runs, tmp_path_factory):  # noqa: F811
     """A real studio over a copy of the base run (the Training test appends to it), the instruct
-    run and the base run again; rankings go to its own directory."""
+    run and the base run again, and a slot the Training page may train into; rankings go to its
+    own directory."""
     root = tmp_path_factory.mktemp("browser")
     growing = root / "growing"
     shutil.copytree(studio_runs[0], growing)
     app = create_app([growing, studio_runs[1], studio_runs[0]], rankings=root / "rankings.jsonl",
-                     prompts=PROMPTS, stream_lifetime=20)
+                     prompts=PROMPTS, stream_lifetime=20, train_into=[root / "from-page"])
     with running(app) as url:
         yield url, root
 
@@ -163,6 +164,34 @@ def test_training_page_follows_a_growing_run_live(browser, served):
     assert text_of(browser, "#panel-a .tps") in ("12,345", "12345")
     assert text_of(browser, "#panel-a .val") == "0.750"
     assert text_of(browser, "#panel-b .step") != ""  # the second run, side by side
+
+
+def test_training_page_starts_a_pretrain_and_draws_its_curve(browser, served):
+    url, root = served
+    browser.get(f"{url}/training")
+    wait_for(browser, lambda d: d.find_element(By.ID, "train").is_displayed(), "the training form")
+    assert [o.text for o in Select(browser.find_element(By.ID, "train-run")).options] == ["from-page (new)"]
+    Select(browser.find_element(By.ID, "train-stage")).select_by_value("pretrain")
+    Select(browser.find_element(By.ID, "train-corpus")).select_by_value("shakespeare")
+    Select(browser.find_element(By.ID, "train-preset")).select_by_value("tiny")
+    steps = browser.find_element(By.ID, "train-steps")
+    steps.clear()
+    steps.send_keys("15")
+    browser.find_element(By.ID, "train-start").click()
+    wait_for(browser, lambda d: text_of(d, "#train-state") == "finished (exit 0)", "the run to finish")
+    assert Select(browser.find_element(By.CSS_SELECTOR, "#panel-a .run")).first_selected_option.text == "from-page"
+    wait_for(browser, lambda d: text_of(d, "#panel-a .step") == "15", "the last step on the panel")
+    assert [r["step"] for r in read_metrics(root / "from-page") if "loss" in r] == list(range(1, 16))
+    # the train curve is drawn: pixels of its colour (#2f6fdf) on the canvas
+    blue = browser.execute_script(
+        "const c = document.querySelector('#panel-a .curve'), d = c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 47) < 30 && Math.abs(d[i + 1] - 111) < 30"
+        " && Math.abs(d[i + 2] - 223) < 30) n++; return n;")
+    assert blue > 50
+    assert "finished: 15 steps" in text_of(browser, "#train-log")
+    assert browser.find_element(By.ID, "train-stop").get_attribute("disabled") is not None
+    no_error(browser)
 
 
 def test_rank_page_takes_submissions_from_two_sessions_at_once(browser, served):

@@ -185,10 +185,44 @@ def test_picking_the_most_likely_and_sampling_with_a_seed(studio, models):
     ({"prompt": "x" * 2001}, "at most 2000"),
     ({"prompt": "\u2603 snow"}, "cannot encode '\u2603'"),
     ({"prompt": "x", "show": 1000}, "show must be in"),
+    ({"prompt": "x", "ids": "1,2"}, "ids must be a list"),
+    ({"prompt": "x", "ids": [-1]}, "id must be in"),
+    ({"prompt": "x", "ids": [1 << 20]}, "ids must be in [0, "),
+    ({"prompt": "x", "ids": [1] * 2001}, "at most 2000 token ids"),
 ])
 def test_next_token_refuses_bad_values(studio, body, message):
     r = studio.post("/api/next", json=body)
     assert r.status_code == 400 and message in r.json()["error"]
+
+
+def test_picks_go_back_as_ids_so_a_split_utf8_character_is_exact_on_a_byte_level_bpe_run(tmp_path):
+    """Two byte-level BPE tokens make one character: after the first the text shows U+FFFD, yet the
+    model is fed exactly the ids it picked, and the character is whole once the second arrives."""
+    from lmlab.pretrain import pretrain
+    from lmlab.sample import next_token_distribution
+
+    corpus = tmp_path / "accents.txt"
+    corpus.write_text("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, d\u00e9j\u00e0 vu. " * 200, encoding="utf-8")
+    run = tmp_path / "bytes"
+    pretrain(str(corpus), run, tokenizer="bpe", vocab_size=260, n_layer=1, n_head=2, n_embd=16,
+             block_size=32, batch_size=4, steps=3, eval_every=0, save_every=0, progress=False, seed=0)
+    model, tok, _ = load_model(run)
+    first, second = (int(i) for i in tok.encode("\u00e9"))  # one character, two byte tokens
+    app = create_app([run], rankings=tmp_path / "r.jsonl", allowed_hosts={"127.0.0.1"})
+    with TestClient(app, base_url=LOCAL) as c:
+        shown = c.post("/api/next", json={"prompt": "caf", "ids": [first], "show": 64}).json()
+        exact = next_token_distribution(model, np.concatenate([tok.encode("caf"), [first]]))
+        retyped = next_token_distribution(model, tok.encode("caf" + tok.decode([first])))
+        assert not np.allclose(exact, retyped)  # the text would not give the model its own ids back
+        for t in shown["tokens"]:
+            assert t["p"] == pytest.approx(exact[t["id"]], rel=1e-5, abs=1e-9)
+        pick = c.post("/api/next/pick", json={"prompt": "caf", "ids": [first], "mode": "greedy"}).json()
+        assert pick["id"] == int(np.argmax(exact)) and pick["ids"] == [first, pick["id"]]
+        assert pick["prompt"] == "caf" + tok.decode([first, pick["id"]])
+        half = c.post("/api/next/pick", json={"prompt": "caf", "mode": "greedy"}).json()
+        assert half["ids"] == [half["id"]] and half["prompt"] == "caf" + tok.decode([half["id"]])
+    whole = tok.decode([first, second])
+    assert whole == "\u00e9" and "\ufffd" in tok.decode([first])
 
 
 # --- loss, embeddings, chat ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from lmlab.instruct import instruct_tune
 from lmlab.pretrain import pretrain
@@ -40,7 +40,7 @@ def browser():
 
 
 def until(d, condition):
-    WebDriverWait(d, 60).until(lambda d: condition(d))
+    WebDriverWait(d, 300).until(lambda d: condition(d))
 
 
 def text(d, css):
@@ -66,8 +66,9 @@ def main() -> None:
                  save_every=0, progress=False, seed=0)
     if not chat.exists():
         instruct_tune(base, None, chat, steps=150, lr=1e-3, eval_every=50, progress=False, seed=0)
+    shutil.rmtree(work / "class", ignore_errors=True)  # the Training page trains it afresh
     app = create_app([base, chat], rankings=work / "rankings.jsonl",
-                     prompts=["ROMEO: ", "JULIET: ", "First Citizen: "])
+                     prompts=["ROMEO: ", "JULIET: ", "First Citizen: "], train_into=[work / "class"])
     d = browser()
     try:
         with running(app) as url:
@@ -105,9 +106,21 @@ def main() -> None:
             ActionChains(d).move_to_element(d.find_elements(By.CSS_SELECTOR, "#scored span")[12]).perform()
             shoot(d, "loss")
 
+            d.set_window_size(1280, 1120)  # the training form above the two panels
             d.get(f"{url}/training")
-            until(d, lambda d: text(d, "#panel-b .sample") != "" and text(d, "#panel-a .sample") != "")
+            until(d, lambda d: d.find_element(By.ID, "train").is_displayed())
+            Select(d.find_element(By.ID, "train-preset")).select_by_value("small")
+            steps = d.find_element(By.ID, "train-steps")
+            steps.clear()
+            steps.send_keys("400")
+            d.find_element(By.ID, "train-start").click()
+            Select(d.find_element(By.CSS_SELECTOR, "#panel-b .run")).select_by_value("0")  # the base beside it
+            until(d, lambda d: text(d, "#panel-a .step") not in ("", "\u2013") and int(text(d, "#panel-a .step")) >= 120
+                  and text(d, "#panel-b .sample") != "" and text(d, "#panel-a .sample") != "")
             shoot(d, "training")
+            d.find_element(By.ID, "train-stop").click()
+            until(d, lambda d: text(d, "#train-state").startswith("stopped"))
+            d.set_window_size(1280, 860)
 
             d.get(f"{url}/rank")
             until(d, lambda d: d.find_element(By.ID, "prompt").get_attribute("value") == "ROMEO: ")

@@ -16,7 +16,7 @@ def add_commands(sub) -> None:
         description="Serve a local web app over the runs named. It binds 127.0.0.1 unless --host "
                     "says otherwise; any other host gets a random access token, printed in the "
                     "URL, which every request must carry. The pages read only these runs and "
-                    "write only the rankings file.")
+                    "write only the rankings file and the runs named with --train-into.")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run directories the pages may use")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; "
@@ -24,6 +24,10 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--rankings", default="rankings.jsonl",
                    help="the rankings JSONL the Rank page appends to (default rankings.jsonl)")
+    p.add_argument("--train-into", action="append", default=[], metavar="DIR",
+                   help="a run directory the Training page may train (pretrain on a built-in "
+                        "corpus, or finetune / instruct from a run named here); it need not exist "
+                        "yet, and one holding a run can only be resumed. Repeat for several")
     p.add_argument("--prompts", default=None,
                    help="prompts offered on the Rank page (one per line, or JSONL)")
     p.set_defaults(func=cmd_studio)
@@ -37,5 +41,6 @@ def cmd_studio(args) -> int:
     from ..studio import serve
 
     prompts = read_prompts(args.prompts) if args.prompts else []
-    serve(args.runs, host=args.host, port=args.port, rankings=args.rankings, prompts=prompts)
+    serve(args.runs, host=args.host, port=args.port, rankings=args.rankings, prompts=prompts,
+          train_into=args.train_into)
     return 0

@@ -25,6 +25,7 @@ from . import descent, next_token, ranking, training, views
 from .common import api
 from .runs import Runs
 from .security import LOOPBACK_HOSTS, Guard, is_loopback, new_token
+from .trainer import Trainer
 
 STATIC = Path(__file__).parent / "static"
 PAGES = ("descent", "next", "loss", "training", "rank", "chat", "embeddings")
@@ -45,9 +46,11 @@ async def runs_endpoint(request: Request) -> dict:
 
 def create_app(run_paths: Sequence = (), *, token: Optional[str] = None, allowed_hosts=None,
                rankings=DEFAULT_RANKINGS, prompts: Sequence[str] = (),
-               stream_lifetime: float = training.STREAM_LIFETIME_S):
+               stream_lifetime: float = training.STREAM_LIFETIME_S, train_into: Sequence = ()):
     """The ASGI app for these runs. token=None: no token asked (loopback only); allowed_hosts:
-    the Host header names accepted (None: any; the server passes the loopback names then)."""
+    the Host header names accepted (None: any; the server passes the loopback names then);
+    train_into: run directories the Training page may train (see trainer.py). Whoever serves the
+    app calls stop_training(app) when it stops."""
     routes = [Route("/", _page("index"))]
     routes += [Route(f"/{name}", _page(name)) for name in PAGES]
     routes += [
@@ -62,13 +65,18 @@ def create_app(run_paths: Sequence = (), *, token: Optional[str] = None, allowed
         Route("/api/training/metrics", training.metrics_endpoint),
         Route("/api/training/stream", training.stream_endpoint),
         Route("/api/training/sample", training.sample_endpoint),
+        Route("/api/training/options", training.train_options_endpoint),
+        Route("/api/training/job", training.train_job_endpoint),
+        Route("/api/training/start", training.train_start_endpoint, methods=["POST"]),
+        Route("/api/training/stop", training.train_stop_endpoint, methods=["POST"]),
         Route("/api/rank/prompts", ranking.prompts_endpoint),
         Route("/api/rank/round", ranking.round_endpoint, methods=["POST"]),
         Route("/api/rank/submit", ranking.submit_endpoint, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes)
-    app.state.runs = Runs(run_paths)
+    app.state.runs = Runs(run_paths, train_into)
+    app.state.trainer = Trainer()
     app.state.rankings = ranking.RankingBook(Path(os.fspath(rankings)).resolve(), prompts)
     app.state.distributions = next_token.DistributionCache()
     app.state.stream_lifetime = float(stream_lifetime)
@@ -76,12 +84,19 @@ def create_app(run_paths: Sequence = (), *, token: Optional[str] = None, allowed
     return Guard(app, token=token, allowed_hosts=allowed_hosts)
 
 
+def stop_training(app) -> None:
+    """Stop the training children the pages started (each saves a checkpoint first)."""
+    app.app.state.trainer.stop_all()
+
+
 def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
-          rankings=DEFAULT_RANKINGS, prompts: Sequence[str] = (), announce=print) -> None:
+          rankings=DEFAULT_RANKINGS, prompts: Sequence[str] = (), train_into: Sequence = (),
+          announce=print) -> None:
     """Run the studio until Ctrl-C. A host other than loopback gets a fresh access token."""
     token = None if is_loopback(host) else new_token()
     allowed = LOOPBACK_HOSTS if token is None else None
-    app = create_app(run_paths, token=token, allowed_hosts=allowed, rankings=rankings, prompts=prompts)
+    app = create_app(run_paths, token=token, allowed_hosts=allowed, rankings=rankings, prompts=prompts,
+                     train_into=train_into)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     announce(f"lmlab studio: open {url}")
@@ -89,8 +104,14 @@ def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
         announce("  (every device must open this URL once: the token is its key; share it only with the class)")
     if host in ("0.0.0.0", "::"):
         announce(f"  from another computer, put this computer's address in place of {host}")
+    slots = [r.name for r in app.app.state.runs.runs if r.trainable]
+    if slots:
+        announce(f"  the Training page may train into: {', '.join(slots)}")
     announce(f"  rankings go to {app.app.state.rankings.path}; Ctrl-C stops the studio")
-    _server(app, host, port).run()
+    try:
+        _server(app, host, port).run()
+    finally:
+        stop_training(app)
 
 
 def _server(app, host: str, port: int):
@@ -125,3 +146,4 @@ def running(app, host: str = "127.0.0.1", port: int = 0):
     finally:
         server.handle_exit(None, None)
         thread.join(30)
+        stop_training(app)

@@ -22,15 +22,21 @@ MAX_TEXT_CHARS = 2000        # a prompt, a text to score, a chat message
 MAX_NEW_TOKENS = 200         # tokens one request may generate
 MAX_CHAT_MESSAGES = 20
 MAX_SHOWN_TOKENS = 64        # bars on the Next token page
+MAX_PICKED_IDS = 2000        # tokens the Next token page may append to a prompt
 
 
 class BadRequest(ValueError):
     """A request value that is missing, of the wrong kind or out of range (answered 400)."""
 
 
+class Conflict(RuntimeError):
+    """A request the studio's state refuses now (a second training of one run; answered 409)."""
+
+
 def api(handler):
     """Wrap an endpoint: its dict becomes JSON; BadRequest and the library's ValueErrors (a prompt
-    the tokenizer cannot encode, a damaged checkpoint) a 400, an unknown run a 404, one line each."""
+    the tokenizer cannot encode, a damaged checkpoint) a 400, an unknown run a 404, a Conflict a
+    409, one line each."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request):
@@ -38,6 +44,8 @@ def api(handler):
             return JSONResponse(await handler(request))
         except UnknownRun as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
+        except Conflict as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
         except (ValueError, FileNotFoundError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 

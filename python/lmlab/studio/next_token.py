@@ -3,6 +3,10 @@
 The model's distribution comes from lmlab.sample.next_token_distribution, the reshaping from
 sample.filter_distribution and the seeded draw from sample.draw_token: the same code `lmlab sample`
 generates with. A slider move reshapes a cached distribution; only a new prompt runs the model.
+
+The context is the typed prompt's ids followed by the ids of the tokens picked since (`ids`): the
+page keeps the picks as ids, not text, so a byte-level BPE token that is only part of a UTF-8
+character (shown as U+FFFD until the rest arrives) is fed back exactly as the model produced it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from starlette.requests import Request
 
 from ..demo_model import prompt_ids
 from ..sample import draw_token, filter_distribution, next_token_distribution
-from .common import (MAX_SHOWN_TOKENS, api, choice_value, encodable, json_body, number_value,
-                     sampling_values, text_value, token_text, with_model)
+from .common import (MAX_PICKED_IDS, MAX_SHOWN_TOKENS, BadRequest, api, choice_value, encodable,
+                     json_body, number_value, sampling_values, text_value, token_text, with_model)
 
 CACHED_PROMPTS = 64
 
@@ -43,22 +47,33 @@ class DistributionCache:
                 self.items.popitem(last=False)
 
 
+def _picked_ids(values: dict) -> list:
+    ids = values.get("ids", [])
+    if not isinstance(ids, list) or len(ids) > MAX_PICKED_IDS:
+        raise BadRequest(f"ids must be a list of at most {MAX_PICKED_IDS} token ids")
+    return [number_value({"id": i}, "id", lo=0, integer=True) for i in ids]
+
+
 async def _distribution(request: Request, values: dict):
     run = request.app.state.runs.get(values.get("run", 0))
     prompt = text_value(values, "prompt", default="")
+    ids = _picked_ids(values)
     cache = request.app.state.distributions
 
     def work(model, tok, config):
         encodable(tok, prompt, "prompt")
-        key = (run.index, str(run.loaded_checkpoint), prompt)
+        if any(i >= tok.vocab_size for i in ids):
+            raise BadRequest(f"ids must be in [0, {tok.vocab_size}) for this model")
+        key = (run.index, str(run.loaded_checkpoint), prompt, tuple(ids))
         probs = cache.get(key)
         if probs is None:
-            probs = next_token_distribution(model, prompt_ids(tok, prompt))
+            context = np.concatenate([prompt_ids(tok, prompt), np.array(ids, np.int32)])
+            probs = next_token_distribution(model, context)
             cache.put(key, probs)
         return probs, tok
 
     probs, tok = await with_model(run, work)
-    return run, prompt, probs, tok
+    return run, prompt, ids, probs, tok
 
 
 @api
@@ -66,7 +81,7 @@ async def distribution_endpoint(request: Request) -> dict:
     values = await json_body(request)
     settings = sampling_values(values)
     show = number_value(values, "show", default=20, lo=1, hi=MAX_SHOWN_TOKENS, integer=True)
-    run, prompt, probs, tok = await _distribution(request, values)
+    run, prompt, _, probs, tok = await _distribution(request, values)
     shaped = filter_distribution(probs, **settings)
     order = np.argsort(-probs, kind="stable")[:show]
     return {"run": run.name, "prompt": prompt, "vocab_size": int(probs.size),
@@ -78,17 +93,20 @@ async def distribution_endpoint(request: Request) -> dict:
 @api
 async def pick_endpoint(request: Request) -> dict:
     """The next token: the most likely one, or one drawn from the reshaped distribution with
-    numpy's Generator seeded by `seed` (the same seed and prompt draw the same token)."""
+    numpy's Generator seeded by `seed` (the same seed and prompt draw the same token). Answers the
+    picked ids so far and the text they make after the prompt (decoded together, so the bytes of
+    one character split over two tokens join up)."""
     values = await json_body(request)
     settings = sampling_values(values)
     mode = choice_value(values, "mode", ("greedy", "sample"), default="greedy")
     seed = number_value(values, "seed", default=0, lo=0, hi=2**63 - 1, integer=True)
-    run, prompt, probs, tok = await _distribution(request, values)
+    run, prompt, ids, probs, tok = await _distribution(request, values)
     if mode == "greedy":
         chosen = int(np.argmax(probs))
     else:
         chosen = draw_token(filter_distribution(probs, **settings), np.random.default_rng(seed))
     ended = chosen == tok.eot_id  # the model ends its text here: nothing to append
-    text = token_text(tok, chosen)
-    return {"id": chosen, "text": text, "p": float(probs[chosen]), "ended": ended,
-            "prompt": prompt if ended else prompt + text}
+    ids = ids if ended else ids + [chosen]
+    added = tok.decode(np.array(ids, np.int32))
+    return {"id": chosen, "text": token_text(tok, chosen), "p": float(probs[chosen]), "ended": ended,
+            "ids": ids, "added": added, "prompt": prompt + added}

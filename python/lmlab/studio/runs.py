@@ -4,6 +4,9 @@ A request names a run by its position in the list ("0", "1", ...) or by its name
 last component, made unique with "-2", "-3" ... when two share one). Nothing a request sends is
 ever joined onto a path: an unknown name is refused, whatever slashes or dots it holds.
 
+A run named with --train-into is a slot the Training page may train (trainer.py): it need not
+exist yet, and it is listed after the others (or, if it is one of them, that run becomes trainable).
+
 Models are loaded on first use and kept; a run still training gets its newest checkpoint, because
 the cache is keyed by the run's current checkpoint. The C++ forward pass keeps activations in the
 model, so each model has a lock and one forward pass runs on it at a time (other runs, the pages
@@ -33,6 +36,7 @@ class Run:
     index: int
     name: str
     path: Path
+    trainable: bool = False  # named with --train-into: the Training page may train it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _loaded: Optional[tuple] = field(default=None, repr=False)  # (checkpoint, model, tok, config)
 
@@ -47,7 +51,8 @@ class Run:
             config = {}
         train = config.get("train") or {}
         return {"index": self.index, "name": self.name, "stage": train.get("stage") or config.get("stage"),
-                "chat": bool(train.get("chat_template")), "model": config.get("model")}
+                "chat": bool(train.get("chat_template")), "model": config.get("model"),
+                "trainable": self.trainable, "exists": is_run(self.path)}
 
     @property
     def loaded_checkpoint(self) -> Optional[Path]:
@@ -66,7 +71,7 @@ class Run:
 class Runs:
     """The runs named on the command line, in order."""
 
-    def __init__(self, paths) -> None:
+    def __init__(self, paths, train_into=()) -> None:
         self.runs: list[Run] = []
         taken: set = set()
         for i, p in enumerate(paths):
@@ -77,13 +82,30 @@ class Runs:
                 raise ValueError(f"{os.fspath(p)} is not a run directory (no checkpoint or "
                                  f"{METRICS_FILE}); name a directory written by lmlab pretrain, "
                                  "finetune, instruct, dpo or rlhf")
-            base = path.name or f"run{i}"
-            name, n = base, 1
-            while name in taken:
-                n += 1
-                name = f"{base}-{n}"
-            taken.add(name)
-            self.runs.append(Run(i, name, path))
+            self.runs.append(Run(i, self._unique(path.name or f"run{i}", taken), path))
+        for p in train_into:
+            path = Path(os.fspath(p)).resolve()
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"--train-into {os.fspath(p)} is a file; name a directory for a new "
+                                 "run (or a run to resume)")
+            if not path.parent.is_dir():
+                raise FileNotFoundError(f"--train-into {os.fspath(p)}: the directory {path.parent} "
+                                        "does not exist")
+            named = [r for r in self.runs if r.path == path]
+            if named:
+                named[0].trainable = True
+                continue
+            name = self._unique(path.name or f"run{len(self.runs)}", taken)
+            self.runs.append(Run(len(self.runs), name, path, trainable=True))
+
+    @staticmethod
+    def _unique(base: str, taken: set) -> str:
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name)
+        return name
 
     def __len__(self) -> int:
         return len(self.runs)

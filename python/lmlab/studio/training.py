@@ -1,5 +1,5 @@
-"""The Training page's endpoints: a run's metrics.jsonl as it grows, over server-sent events, and a
-sample from its newest checkpoint.
+"""The Training page's endpoints: a run's metrics.jsonl as it grows, over server-sent events, a
+sample from its newest checkpoint, and training started and stopped from the page (trainer.py).
 
 The rows are read with lmlab.metrics.read_metrics (which ignores a torn last line, so a row being
 appended right now is sent once complete). The stream polls the file's size and mtime; it sends
@@ -22,7 +22,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from ..checkpoint import current_checkpoint
 from ..metrics import read_metrics
 from ..sample import generate
-from .common import MAX_NEW_TOKENS, api, number_value, with_model
+from . import trainer
+from .common import MAX_NEW_TOKENS, api, json_body, number_value, with_model
 from .runs import UnknownRun
 
 POLL_S = 0.5
@@ -111,3 +112,39 @@ async def sample_endpoint(request: Request) -> dict:
         return {"run": run.name, "checkpoint": run.loaded_checkpoint.name, "text": tok.decode(ids)}
 
     return await with_model(run, work)
+
+
+@api
+async def train_options_endpoint(request: Request) -> dict:
+    """What the page may train: the run slots, the runs to start from, and the bounded choices."""
+    runs = request.app.state.runs
+    return {**trainer.options(), "runs": runs.describe(),
+            "jobs": {r.name: _job(request, r) for r in runs.runs if r.trainable}}
+
+
+def _job(request: Request, run) -> dict:
+    job = request.app.state.trainer.job(run)
+    return {"run": run.name, "state": "idle"} if job is None else {"run": run.name, **job.describe()}
+
+
+@api
+async def train_start_endpoint(request: Request) -> dict:
+    values = await json_body(request)
+    runs, jobs = request.app.state.runs, request.app.state.trainer
+    run, argv = await run_in_threadpool(trainer.command, values, runs)
+    await run_in_threadpool(jobs.start, run, argv)
+    return _job(request, run)
+
+
+@api
+async def train_stop_endpoint(request: Request) -> dict:
+    run = request.app.state.runs.get((await json_body(request)).get("run", ""))
+    job = request.app.state.trainer.job(run)
+    if job is not None:
+        job.stop()
+    return _job(request, run)
+
+
+@api
+async def train_job_endpoint(request: Request) -> dict:
+    return _job(request, request.app.state.runs.get(request.query_params.get("run", "0")))

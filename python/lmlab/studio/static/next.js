@@ -1,15 +1,18 @@
 // Next token page: the distribution after the prompt; the sliders reshape it on the server
 // (lmlab.sample.filter_distribution), which keeps the model's distribution cached per prompt.
+// The tokens picked since the prompt was typed are kept as ids and sent as ids: a byte-level BPE
+// token holding part of a character goes back to the model exactly (its text is only for show).
 "use strict";
-let request = 0, added = "";  // added: the tokens picked since the prompt was last typed
+let request = 0, typed = "", ids = [], added = "";  // the typed prompt; the picks since, and their text
 
 function settings() {
-  return {run: $("run").value, prompt: $("prompt").value, temperature: +$("temperature").value,
+  return {run: $("run").value, prompt: typed, ids, temperature: +$("temperature").value,
           top_k: +$("top_k").value, top_p: +$("top_p").value};
 }
 
+function retyped() { typed = $("prompt").value; ids = []; added = ""; refresh(); }
+
 function showText() {
-  const prompt = $("prompt").value, typed = prompt.slice(0, prompt.length - added.length);
   $("text").innerHTML = escapeHtml(typed) + `<span class="added">${escapeHtml(added)}</span>`;
 }
 
@@ -38,7 +41,7 @@ async function pick(mode) {
       `picked ${JSON.stringify(data.text)} (p = ${(100 * data.p).toFixed(1)}%)` +
       (mode === "sample" ? ` with seed ${$("seed").value}` : "");
     if (mode === "sample") $("seed").value = +$("seed").value + 1;  // the next draw, a new number
-    if (!data.ended) added += data.text;
+    ids = data.ids; added = data.added;
     $("prompt").value = data.prompt;
     await refresh();
   } catch (e) { showError($("error"), e); }
@@ -46,9 +49,9 @@ async function pick(mode) {
 
 document.addEventListener("DOMContentLoaded", async () => {
   for (const id of ["temperature", "top_k", "top_p"]) $(id).addEventListener("input", refresh);
-  $("prompt").addEventListener("input", () => { added = ""; refresh(); });
-  $("run").addEventListener("change", refresh);
+  $("prompt").addEventListener("input", retyped);
+  $("run").addEventListener("change", retyped);
   $("greedy").onclick = () => pick("greedy");
   $("sample").onclick = () => pick("sample");
-  try { await fillRuns($("run")); refresh(); } catch (e) { showError($("error"), e); }
+  try { await fillRuns($("run")); retyped(); } catch (e) { showError($("error"), e); }
 });

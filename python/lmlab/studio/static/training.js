@@ -1,5 +1,6 @@
 // Training page: each panel follows one run over server-sent events (rows of metrics.jsonl as they
-// are appended, and its checkpoint name when a new one is saved).
+// are appended, and its checkpoint name when a new one is saved). Runs named with --train-into can
+// be trained from the page: the form offers only the server's own choices (/api/training/options).
 "use strict";
 
 class RunPanel {
@@ -47,11 +48,82 @@ class RunPanel {
   }
 }
 
+function options(select, values, labels) {
+  select.innerHTML = values.map((v, i) => `<option value="${escapeHtml(v)}">${escapeHtml(labels ? labels[i] : v)}</option>`).join("");
+}
+
+class TrainForm {
+  constructor(panel) { this.panel = panel; this.timer = null; }
+  async load() {
+    const o = await api("/api/training/options");
+    this.o = o;
+    const slots = o.runs.filter(r => r.trainable);
+    if (!slots.length) return;
+    $("train").hidden = false;
+    options($("train-run"), slots.map(r => String(r.index)), slots.map(r => r.name + (r.exists ? " (holds a run)" : " (new)")));
+    options($("train-stage"), o.stages);
+    const parents = o.runs.filter(r => r.exists);
+    options($("train-parent"), parents.map(r => String(r.index)), parents.map(r => r.name + (r.stage ? ` (${r.stage})` : "")));
+    options($("train-preset"), Object.keys(o.presets), Object.entries(o.presets).map(([k, p]) =>
+      `${k}: ${p.n_layer} layer${p.n_layer > 1 ? "s" : ""}, ${p.n_embd} wide, context ${p.block_size}`));
+    $("train-steps").max = o.max_steps;
+    $("train-stage").onchange = () => this.stageChanged();
+    $("train-run").onchange = () => this.poll();
+    $("train-start").onclick = () => this.start();
+    $("train-stop").onclick = () => this.stop();
+    this.stageChanged();
+    this.poll();
+  }
+  stageChanged() {
+    const stage = $("train-stage").value, pre = stage === "pretrain";
+    $("train-parent-label").hidden = pre;
+    $("train-preset-label").hidden = !pre;
+    $("train-corpus-name").textContent = stage === "instruct" ? "data" : "corpus";
+    const list = stage === "instruct" ? this.o.instruct_data : this.o.corpora;
+    options($("train-corpus"), list);
+    if (list.includes("shakespeare")) $("train-corpus").value = "shakespeare";
+  }
+  async start() {
+    const body = {run: $("train-run").value, stage: $("train-stage").value, corpus: $("train-corpus").value,
+                  steps: Number($("train-steps").value), resume: $("train-resume").checked};
+    if (body.stage === "pretrain") body.preset = $("train-preset").value; else body.parent = $("train-parent").value;
+    try {
+      this.show(await api("/api/training/start", body));
+      const follow = this.panel.q("run");
+      follow.value = body.run;  // the left panel follows the run being trained
+      this.panel.follow();
+      this.poll();
+    } catch (e) { showError($("train-error"), e); }
+  }
+  async stop() {
+    try { this.show(await api("/api/training/stop", {run: $("train-run").value})); }
+    catch (e) { showError($("train-error"), e); }
+  }
+  async poll() {
+    clearTimeout(this.timer);
+    try {
+      const job = await api(`/api/training/job?run=${encodeURIComponent($("train-run").value)}`);
+      this.show(job);
+      if (job.state === "running" || job.state === "stopping") this.timer = setTimeout(() => this.poll(), 1000);
+    } catch (e) { showError($("train-error"), e); }
+  }
+  show(job) {
+    const busy = job.state === "running" || job.state === "stopping";
+    $("train-state").textContent = job.state + (job.returncode !== null && job.returncode !== undefined ? ` (exit ${job.returncode})` : "");
+    $("train-command").textContent = job.command || "";
+    $("train-log").textContent = (job.log || []).join("\n");
+    $("train-start").disabled = busy;
+    $("train-stop").disabled = job.state !== "running";
+    showError($("train-error"));
+  }
+}
+
 document.addEventListener("DOMContentLoaded", async () => {
   const panels = [new RunPanel($("panel-a")), new RunPanel($("panel-b"))];
   try {
     await fillRuns(panels[0].q("run"), null, 0);
     await fillRuns(panels[1].q("run"), null, 1);
     panels.forEach(p => p.follow());
+    await new TrainForm(panels[0]).load();
   } catch (e) { showError(panels[0].q("error"), e); }
 });
