@@ -216,6 +216,12 @@ class _ChunkEncoder:
 
     def __call__(self, text: str) -> np.ndarray:
         if self.pattern is None:
+            if self.tokenizer.kind == "char":
+                # Byte-table vocabularies (< 256 ids) go straight to the shards' uint16: one
+                # conversion of the ids, not two.
+                fast = self.tokenizer._ids_by_bytes(text, np.uint16)
+                if fast is not None:
+                    return fast
             return self.tokenizer.encode(text, unknown=self.policy)
         # Each piece is looked up in C (map + fromiter), with no Python-level step per piece.
         words = self._pieces_of(text)
@@ -437,7 +443,7 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
             position = start
             chunks = corpus_chunks(files, start)
             for ids, _, position, has_text in _encoded(chunks, tokenizer.to_str(), policy, workers):
-                parts.append(ids.astype(manifest["dtype"]))  # held in the shard's width
+                parts.append(ids.astype(manifest["dtype"], copy=False))  # held in the shard's width
                 count += ids.size
                 any_text = any_text or has_text
                 bar.update(_bytes_done(sources, position) - bar.n)
