@@ -75,6 +75,9 @@ def measure(corpus: Path, tokenizer_json: Path, workers: int) -> dict:
         sys.exit(f"tokenize_stream: the child failed (exit {child.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    # user+sys of the child and its worker processes: on a loaded machine MB per CPU-second is a
+    # steadier figure than MB/s (n free cores give about n times it).
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     return result
 
 
@@ -99,13 +102,16 @@ def main(argv=None) -> None:
         sample = load_corpus("builtin:shakespeare") + load_corpus("builtin:python-docs")
         print(f"{os.cpu_count()} cores; corpus {size / 2**20:,.0f} MiB in "
               f"{len(list(corpus.glob('*.txt')))} files\n")
-        print("| tokenizer | seconds | MB/s | peak RSS | tokens |\n|---|---|---|---|---|")
+        print(f"load average {os.getloadavg()[0]:.1f}\n")
+        print("| tokenizer | seconds | MB/s | CPU seconds | MB/CPU-s | peak RSS | tokens |\n"
+              "|---|---|---|---|---|---|---|")
         for kind in args.kinds:
             tok = train_tokenizer(sample, kind, 1024, unknown="error")
             path = Path(tmp) / f"{kind}.json"
             tok.save(path)
             r = measure(corpus, path, args.workers)
             print(f"| {kind} | {r['seconds']:.1f} | {size / 1e6 / r['seconds']:.1f} | "
+                  f"{r['cpu_seconds']:.1f} | {size / 1e6 / r['cpu_seconds']:.1f} | "
                   f"{r['peak_rss_mib']:,.0f} MiB | {r['tokens']:,} |", flush=True)
 
 

@@ -198,3 +198,30 @@ def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monk
     straight = pretrain(str(corpus), tmp_path / "straight", steps=4, **settings)
     assert first.steps_done == 2 and resumed.steps_done == 4
     assert resumed.final_loss == straight.final_loss  # the same batches from the shards
+
+
+def test_chunk_cuts_split_bpe_pieces_as_the_whole_text_does(tmp_path):
+    # Trailing spaces and blank lines before a line: "\n\n" or "  \n" at a chunk's end would be
+    # one whitespace piece there but two inside the text, so chunks are never cut after them.
+    root = tmp_path / "ws"
+    root.mkdir()
+    line = "word:  \nnext\n\nTitle  \n\n  indented\nplain\ncaf\u00e9\n"
+    (root / "a.txt").write_text(line * 400)
+    (root / "b.txt").write_text("Second file\n" * 300)
+    files = sorted(str(p) for p in root.iterdir())
+    text = load_corpus(root)
+    tok = train_tokenizer(text, "bpe", 300)
+    pre = tok._tk.pre_tokenizer
+    chunks = [c for c, _ in token_shards.corpus_chunks(files)]
+    assert len(chunks) > 5 and "".join(chunks) == text
+    pieces = [p for chunk in chunks for p, _ in pre.pre_tokenize_str(chunk)]
+    assert pieces == [p for p, _ in pre.pre_tokenize_str(text)]
+
+
+def test_the_ascii_fast_path_splits_as_the_tokenizer_pattern(corpus):
+    text = load_corpus(corpus) + "\n".join(["x\u00e9 \u65e5 a\u2028b\x1c c\x85d \u00bd 3"] * 3000)
+    tok = train_tokenizer(text, "bpe", 400)
+    encoder = token_shards._ChunkEncoder(tok.to_str(), "error")
+    for part in (text, text[:5000], "plain ascii\n\n  only\t\x0b\x1f\n", "\u00e9" * 9000):
+        assert encoder._pieces_of(part) == encoder.pattern.findall(part)
+        np.testing.assert_array_equal(encoder(part), tok.encode(part))

@@ -168,18 +168,18 @@ class Tokenizer:
         # surrogatepass: lone surrogates become code points too, so they are reported, not crashed on.
         return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
-    def _ids_by_bytes(self, text: str):
-        """The ids of text through a byte table (ASCII) plus the table of code points for the
-        rest; None where the vocabulary is too large for it or lacks a character of text."""
+    def _ids_by_bytes(self, text: str, dtype=np.int32):
+        """The ids of text (as `dtype`) through a byte table (ASCII) plus the table of code points
+        for the rest; None where the vocabulary is too large for it or lacks a character of text."""
         if self._byte_table is None:
             return None
         raw = text.encode("utf-8", "surrogatepass")
         ids = np.frombuffer(raw.translate(self._byte_table), dtype=np.uint8)
         if len(raw) == len(text):  # ASCII only
-            return None if (ids == _UNKNOWN_BYTE).any() else ids.astype(np.int32)
+            return None if (ids == _UNKNOWN_BYTE).any() else ids.astype(dtype)
         if (ids == _UNKNOWN_BYTE).any():
             return None
-        ids = ids[(np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80].astype(np.int32)  # per char
+        ids = ids[(np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80].astype(dtype)  # per char
         wide = np.flatnonzero(ids == _WIDE_BYTE)
         wide_ids = self._ids_of(self._codepoints_of(text)[wide])
         if (wide_ids < 0).any():
