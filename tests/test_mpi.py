@@ -50,8 +50,9 @@ TINY = ["--corpus", "builtin:shakespeare", "--n-layer", "1", "--n-head", "2", "-
 
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"),
-                                                      env.get("PYTHONPATH", "")]))
+    # the lmlab these tests imported (the installed package in CI, python/ in a dev build)
+    package_parent = str(Path(checkpoint.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH", "")]))
     for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
         env.pop(var, None)
     return env
