@@ -5,14 +5,17 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kernels.h"
+#include "pieces.h"
 
 namespace py = pybind11;
 using lmlab::idx_t;
@@ -593,6 +596,116 @@ void set_num_threads(int n) {
     lmlab::set_num_threads(n);
 }
 
+// -- byte-level BPE pieces (pieces.h) -------------------------------------------------------------
+
+std::string_view bytes_view(const py::bytes& b) {
+    char* data = nullptr;
+    py::ssize_t n = 0;
+    if (PyBytes_AsStringAndSize(b.ptr(), &data, &n) != 0) throw py::error_already_set();
+    return std::string_view(data, static_cast<std::size_t>(n));
+}
+
+lmlab::PieceTable make_piece_table(const py::bytes& classes) {
+    std::string_view c = bytes_view(classes);
+    if (c.size() != 128)
+        throw py::value_error("PieceTable: classes must be 128 bytes (one per ASCII character), got " +
+                              std::to_string(c.size()));
+    lmlab::CharClass table[128];
+    for (std::size_t i = 0; i < 128; i++) {
+        if (static_cast<unsigned char>(c[i]) > 3)
+            throw py::value_error("PieceTable: classes[" + std::to_string(i) + "] must be 0-3 (other, "
+                                  "letter, digit, space), got " + std::to_string(static_cast<int>(c[i])));
+        table[i] = static_cast<lmlab::CharClass>(c[i]);
+    }
+    return lmlab::PieceTable(table);
+}
+
+// (ids as int32, []) when every piece is in the table, else (None, [each missing piece's bytes]).
+py::tuple piece_table_encode(const lmlab::PieceTable& table, const py::bytes& text,
+                             const py::object& lengths_or_none) {
+    std::string_view t = bytes_view(text);
+    const std::int64_t* lens = nullptr;
+    std::size_t n_lens = 0;
+    py::array_t<std::int64_t, py::array::c_style> lengths_arr;
+    if (!lengths_or_none.is_none()) {
+        if (!py::isinstance<py::array>(lengths_or_none))
+            throw py::type_error("PieceTable.encode: lengths must be a 1-D int64 array or None");
+        auto lengths = lengths_or_none.cast<py::array>();
+        if (!lengths.dtype().equal(py::dtype::of<std::int64_t>()) || lengths.ndim() != 1)
+            throw py::type_error("PieceTable.encode: lengths must be a 1-D int64 array, got " +
+                                 std::string(py::str(lengths.dtype())) + " with shape " +
+                                 shape_str(shape_of(lengths)));
+        lengths_arr = py::array_t<std::int64_t, py::array::c_style>::ensure(lengths);
+        lens = lengths_arr.data();
+        n_lens = static_cast<std::size_t>(lengths_arr.size());
+        std::int64_t total = 0;
+        for (std::size_t k = 0; k < n_lens; k++) {
+            if (lens[k] <= 0)
+                throw py::value_error("PieceTable.encode: lengths[" + std::to_string(k) +
+                                      "] must be > 0 (a piece has bytes), got " + std::to_string(lens[k]));
+            total += lens[k];
+        }
+        if (total != static_cast<std::int64_t>(t.size()))
+            throw py::value_error("PieceTable.encode: lengths sum to " + std::to_string(total) +
+                                  " but text has " + std::to_string(t.size()) + " bytes");
+    } else {
+        for (std::size_t i = 0; i < t.size(); i++)
+            if (static_cast<unsigned char>(t[i]) >= 0x80)
+                throw py::value_error("PieceTable.encode: text must be ASCII when no lengths are given, "
+                                      "got byte " + std::to_string(static_cast<unsigned char>(t[i])) +
+                                      " at offset " + std::to_string(i));
+    }
+    std::vector<std::int32_t> ids;
+    std::vector<lmlab::Span> missing;
+    bool whole;
+    {
+        py::gil_scoped_release release;
+        ids.reserve(t.size() / 3 + 16);
+        whole = table.encode(t.data(), t.size(), lens, n_lens, ids, missing);
+    }
+    if (!whole) {
+        py::list pieces;
+        for (const lmlab::Span& s : missing) pieces.append(py::bytes(t.data() + s.start, s.length));
+        return py::make_tuple(py::none(), pieces);
+    }
+    py::array_t<std::int32_t> out(static_cast<py::ssize_t>(ids.size()));
+    std::copy(ids.begin(), ids.end(), out.mutable_data());
+    return py::make_tuple(out, py::list());
+}
+
+void piece_table_add(lmlab::PieceTable& table, const py::list& pieces, const py::array& ids,
+                     const py::array& counts) {
+    if (!ids.dtype().equal(py::dtype::of<std::int32_t>()) || ids.ndim() != 1)
+        throw py::type_error("PieceTable.add: ids must be a 1-D int32 array");
+    if (!counts.dtype().equal(py::dtype::of<std::int64_t>()) || counts.ndim() != 1)
+        throw py::type_error("PieceTable.add: counts must be a 1-D int64 array");
+    auto id = py::array_t<std::int32_t, py::array::c_style>::ensure(ids);
+    auto count = py::array_t<std::int64_t, py::array::c_style>::ensure(counts);
+    if (static_cast<std::size_t>(count.size()) != pieces.size())
+        throw py::value_error("PieceTable.add: " + std::to_string(pieces.size()) + " pieces but " +
+                              std::to_string(count.size()) + " counts");
+    // Every check before the first piece goes in: a refused call leaves the table as it was.
+    std::int64_t total = 0;
+    for (py::ssize_t k = 0; k < count.size(); k++) {
+        std::int64_t c = count.data()[k];
+        if (c <= 0)
+            throw py::value_error("PieceTable.add: counts[" + std::to_string(k) + "] must be > 0, got " +
+                                  std::to_string(c));
+        if (!py::isinstance<py::bytes>(pieces[k]))
+            throw py::type_error("PieceTable.add: pieces[" + std::to_string(k) + "] must be bytes");
+        total += c;
+    }
+    if (total != id.size())
+        throw py::value_error("PieceTable.add: counts sum to " + std::to_string(total) + " but there are " +
+                              std::to_string(id.size()) + " ids");
+    std::int64_t at = 0;
+    for (py::ssize_t k = 0; k < count.size(); k++) {
+        std::string_view p = bytes_view(pieces[k].cast<py::bytes>());
+        table.add(p.data(), p.size(), id.data() + at, static_cast<std::size_t>(count.data()[k]));
+        at += count.data()[k];
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -646,4 +759,11 @@ PYBIND11_MODULE(_core, m) {
     m.def("set_bf16_path", &set_bf16_path, py::arg("name"));
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &lmlab::get_num_threads);
+    // Byte-level BPE's piece table (cpp/pieces.h), for lmlab.token_shards.
+    py::class_<lmlab::PieceTable>(m, "PieceTable")
+        .def(py::init(&make_piece_table), py::arg("classes"))
+        .def("encode", &piece_table_encode, py::arg("text"), py::arg("lengths") = py::none())
+        .def("add", &piece_table_add, py::arg("pieces"), py::arg("ids"), py::arg("counts"))
+        .def("clear", &lmlab::PieceTable::clear)
+        .def("__len__", &lmlab::PieceTable::size);
 }

@@ -16,7 +16,7 @@ import pytest
 
 from lmlab import token_shards
 from lmlab.data import BatchSampler, load_corpus, split_tokens, tokenize_corpus
-from lmlab.tokenizer import train_tokenizer, train_tokenizer_on_chunks
+from lmlab.tokenizer import SPECIAL_TOKENS, train_tokenizer, train_tokenizer_on_chunks
 
 SHAKESPEARE = load_corpus("builtin:shakespeare")[:120_000]
 
@@ -24,7 +24,7 @@ SHAKESPEARE = load_corpus("builtin:shakespeare")[:120_000]
 @pytest.fixture(autouse=True)
 def small_pieces(monkeypatch):
     monkeypatch.setattr(token_shards, "READ_BYTES", 777)
-    monkeypatch.setattr(token_shards, "CHUNK_CHARS", 3000)
+    monkeypatch.setattr(token_shards, "CHUNK_BYTES", 3000)
     monkeypatch.setattr(token_shards, "SHARD_TOKENS", 9000)
     # One process unless a test asks for workers: spawned ones would not see these sizes.
     monkeypatch.setattr(token_shards, "_can_spawn", lambda: False)
@@ -212,16 +212,73 @@ def test_chunk_cuts_split_bpe_pieces_as_the_whole_text_does(tmp_path):
     text = load_corpus(root)
     tok = train_tokenizer(text, "bpe", 300)
     pre = tok._tk.pre_tokenizer
-    chunks = [c for c, _ in token_shards.corpus_chunks(files)]
+    chunks = [c.decode() for c, _ in token_shards.corpus_chunks(files)]
     assert len(chunks) > 5 and "".join(chunks) == text
     pieces = [p for chunk in chunks for p, _ in pre.pre_tokenize_str(chunk)]
     assert pieces == [p for p, _ in pre.pre_tokenize_str(text)]
 
 
-def test_the_ascii_fast_path_splits_as_the_tokenizer_pattern(corpus):
+def test_the_piece_table_encodes_as_the_tokenizer(corpus):
+    # cpp/pieces.h splits ASCII itself and `regex` splits the rest: both must give the
+    # tokenizer's own ids, on the corpus and on text made of the pattern's awkward cases.
     text = load_corpus(corpus) + "\n".join(["x\u00e9 \u65e5 a\u2028b\x1c c\x85d \u00bd 3"] * 3000)
     tok = train_tokenizer(text, "bpe", 400)
     encoder = token_shards._ChunkEncoder(tok.to_str(), "error")
-    for part in (text, text[:5000], "plain ascii\n\n  only\t\x0b\x1f\n", "\u00e9" * 9000):
-        assert encoder._pieces_of(part) == encoder.pattern.findall(part)
+    for part in (text, text[:5000], "plain ascii\n\n  only\t\x0b\x1f\n", "\u00e9" * 9000, "",
+                 "don't 's 're 've 'm 'll 'd 'S 'x '' ''s  'tis\n", "  \n \n\n\t x  1 2\x00\x7f!?"):
+        regions = list(encoder._regions(part))
+        assert "".join(part[lo:hi] for lo, hi, _ in regions) == part
         np.testing.assert_array_equal(encoder(part), tok.encode(part))
+    # Random strings over the characters each alternative of the pattern turns on.
+    rng = np.random.default_rng(0)
+    alphabet = list("ab'srtvelmdS09 \n\t\x0b\x1c.!-_") + ["'s", "'ll", " '", "\u00e9", "\u3000"]
+    for _ in range(300):
+        part = "".join(rng.choice(alphabet, size=int(rng.integers(1, 60))))
+        np.testing.assert_array_equal(encoder(part), tok.encode(part), err_msg=repr(part))
+
+
+def test_the_piece_table_gives_the_same_ids_after_emptying_itself(corpus, monkeypatch):
+    text = load_corpus(corpus)
+    tok = train_tokenizer(text, "bpe", 400)
+    monkeypatch.setattr(token_shards, "_MAX_PIECE_CACHE", 40)  # far fewer than the distinct pieces
+    encoder = token_shards._ChunkEncoder(tok.to_str(), "error")
+    for part in (text[:20_000], text[20_000:45_000], text):
+        np.testing.assert_array_equal(encoder(part), tok.encode(part))
+        assert len(encoder.table) <= max(40, len(set(encoder.pattern.findall(part))))
+
+
+def test_special_token_text_in_a_corpus_is_read_as_text(tmp_path):
+    # As Tokenizer.encode reads it: a corpus cannot forge a special token, streamed or not.
+    root = tmp_path / "special"
+    root.mkdir()
+    (root / "a.txt").write_text("First story.\n<|endoftext|>\nSecond story, caf\u00e9.\n" * 500)
+    tok = train_tokenizer(load_corpus(root), "bpe", 300)
+    streamed = np.asarray(tokenize_corpus(str(root), tok, cache_dir=tmp_path / "s", stream=True))
+    np.testing.assert_array_equal(streamed, _in_memory(str(root), tok, tmp_path / "m"))
+    assert not np.isin(streamed, [tok.special_id(s) for s in SPECIAL_TOKENS]).any()
+
+
+def test_the_piece_table_refuses_what_it_cannot_split():
+    from lmlab import _core
+    with pytest.raises(ValueError, match="128 bytes"):
+        _core.PieceTable(b"\x00" * 5)
+    with pytest.raises(ValueError, match="0-3"):
+        _core.PieceTable(b"\x07" * 128)
+    table = _core.PieceTable(bytes(128))
+    with pytest.raises(ValueError, match="must be ASCII"):
+        table.encode("caf\u00e9".encode())
+    with pytest.raises(ValueError, match="sum to 3 but text has 5"):
+        table.encode(b"hello", np.array([1, 2], np.int64))
+    with pytest.raises(ValueError, match="must be > 0"):
+        table.encode(b"hello", np.array([5, 0], np.int64))
+    with pytest.raises(TypeError, match="int64"):
+        table.encode(b"hello", np.array([5], np.int32))
+    with pytest.raises(ValueError, match="2 pieces but 1 counts"):
+        table.add([b"a", b"b"], np.array([1], np.int32), np.array([1], np.int64))
+    with pytest.raises(ValueError, match="counts sum to 1 but there are 2 ids"):
+        table.add([b"a"], np.array([1, 2], np.int32), np.array([1], np.int64))
+    table.add([b"ab", b"c"], np.array([7, 8, 9], np.int32), np.array([2, 1], np.int64))
+    ids, missing = table.encode(b"abcd", np.array([2, 1, 1], np.int64))
+    assert ids is None and missing == [b"d"]
+    ids, missing = table.encode(b"abc", np.array([2, 1], np.int64))
+    assert ids.tolist() == [7, 8, 9] and missing == [] and len(table) == 2

@@ -12,17 +12,21 @@ than inside the text, and files are joined by a blank line), so tokenizing chunk
 gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it). A line
 over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the one
 place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8 with
-the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line.
+the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line. Chunks
+stay UTF-8 bytes (checked, never decoded where the tokenizer can read bytes): ASCII text goes
+from the file to the ids without a Python string.
 
-The ids (uint16 when the vocabulary fits, else int32) go to the cache directory's
+The ids (uint8 for a byte-table char vocabulary, uint16 when the vocabulary fits, else int32) go to the cache directory's
 tokens/stream-KEY/ as shard_NNNNN.bin files of up to SHARD_TOKENS ids, each written atomically,
 with manifest.json naming the shards done, their SHA-256 and where in the sources the next one
 starts. KEY hashes the tokenizer, the unknown-character policy and each source's path, size and
 modification time: a changed source gives a new key, so the corpus is tokenized again; an
 interrupted pass resumes after its last shard. Memory stays bounded by a few chunks whatever the
-corpus size. BPE pieces are split with the tokenizer's own pattern and each distinct piece is
-encoded once (a cache), which is what makes BPE fast here; chunks are encoded in `workers`
-processes (BPE; the char tokenizer's byte-table lookup keeps up with the disk in one).
+corpus size. BPE text is split into the pre-tokenizer's pieces and each distinct piece is encoded
+once, into a table in C++ (cpp/pieces.h) that splits ASCII text and looks pieces up at tens of
+MB/s; `regex` splits the non-ASCII stretches. Chunks are encoded in `workers` processes (BPE; the
+char tokenizer's byte-table lookup keeps up with the disk in one). A special token's text in a
+corpus is text, as Tokenizer.encode reads it: no corpus can forge a special token.
 """
 
 from __future__ import annotations
@@ -47,13 +51,13 @@ from .files import atomic_write_bytes, atomic_write_json
 STREAM_ABOVE_BYTES = 64 << 20
 FORMAT = "lmlab-token-shards-v1"
 READ_BYTES = 4 << 20  # one read of a source file
-CHUNK_CHARS = 4 << 20  # the text one worker encodes at a time
+CHUNK_BYTES = 4 << 20  # the text one worker encodes at a time
 MAX_PENDING_BYTES = 64 << 20  # a line longer than this is cut without a safe point
 SHARD_TOKENS = 16 << 20  # ids per shard file (what the pass holds before writing one)
 _BOM = b"\xef\xbb\xbf"
 # Byte-level BPE's pre-tokenizer pattern (GPT-2's, as the `tokenizers` ByteLevel pre-tokenizer uses).
 _BYTE_LEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
-_MAX_PIECE_CACHE = 2_000_000
+_MAX_PIECE_CACHE = 2_000_000  # distinct pieces the table holds before it is emptied
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")  # a chunk may be cut just after this line break
 
@@ -83,21 +87,26 @@ def _forced_cut(buf: bytes) -> int:
     return j or len(buf)
 
 
-def _decode(raw: bytes, path: str, base: int) -> str:
+def _decode(raw: bytes, path: str, base: int) -> bytes:
+    """raw (from byte offset base of path) as corpus text: checked to be UTF-8, the byte-order
+    mark dropped, "\\r\\n" as "\\n"; still bytes."""
     skip = len(_BOM) if base == 0 and raw.startswith(_BOM) else 0
-    try:
-        text = raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = base + skip + e.start
-        raise ValueError(f"{path} is not UTF-8 text: byte 0x{raw[skip + e.start]:02x} at byte offset "
-                         f"{at} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 -t "
-                         "utf-8)") from None
-    return text.replace("\r\n", "\n")
+    body = raw[skip:] if skip else raw
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            at = base + skip + e.start
+            raise ValueError(f"{path} is not UTF-8 text: byte 0x{body[e.start]:02x} at byte offset "
+                             f"{at} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 -t "
+                             "utf-8)") from None
+    return body.replace(b"\r\n", b"\n")
 
 
 def _segments(files: list, start=(0, 0)) -> Iterator[tuple]:
-    """(text, next position, safe) in order: the corpus text from `start` (file index, byte
-    offset); a chunk may end after a segment marked safe, and resumes at its next position."""
+    """(text as UTF-8 bytes, next position, safe) in order: the corpus text from `start` (file
+    index, byte offset); a chunk may end after a segment marked safe, and resumes at its next
+    position."""
     multi = len(files) > 1
     first, offset = start
     for index in range(first, len(files)):
@@ -125,36 +134,36 @@ def _segments(files: list, start=(0, 0)) -> Iterator[tuple]:
         tail = _decode(pending, path, base)
         last = index == len(files) - 1
         if multi:
-            ends_with_newline = tail.endswith("\n") if tail else base > 0
-            tail += ("" if ends_with_newline else "\n") + ("" if last else "\n")
+            ends_with_newline = tail.endswith(b"\n") if tail else base > 0
+            tail += (b"" if ends_with_newline else b"\n") + (b"" if last else b"\n")
         yield tail, (index + 1, 0), last  # a join ends in a blank line: never safe
 
 
-def corpus_chunks(files: list, start=(0, 0), chunk_chars: Optional[int] = None) -> Iterator[tuple]:
-    """(text, next position): the corpus text in chunks of about chunk_chars (CHUNK_CHARS), each
-    ending where tokenizing may restart (module docstring)."""
-    chunk_chars = chunk_chars or CHUNK_CHARS
+def corpus_chunks(files: list, start=(0, 0), chunk_bytes: Optional[int] = None) -> Iterator[tuple]:
+    """(text as UTF-8 bytes, next position): the corpus text in chunks of about chunk_bytes
+    (CHUNK_BYTES), each ending where tokenizing may restart (module docstring)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     parts, size = [], 0
     for text, position, safe in _segments(files, start):
         parts.append(text)
         size += len(text)
-        if safe and size >= chunk_chars:
-            yield "".join(parts), position
+        if safe and size >= chunk_bytes:
+            yield b"".join(parts), position
             parts, size = [], 0
     if parts:
-        yield "".join(parts), (len(files), 0)
+        yield b"".join(parts), (len(files), 0)
 
 
 def corpus_text_for_tokenizer(files: list) -> Iterator[str]:
     """The corpus text chunk by chunk, to train a tokenizer on without holding it whole."""
-    return (text for text, _ in corpus_chunks(files))
+    return (text.decode("utf-8") for text, _ in corpus_chunks(files))
 
 
 # -- encoding chunks -----------------------------------------------------------------------------
 
 
 class _ChunkEncoder:
-    """Token ids of a chunk: the char tokenizer's lookup, or BPE through a cache of pieces."""
+    """Token ids of a chunk: the char tokenizer's lookup, or BPE through a table of pieces."""
 
     def __init__(self, tokenizer_json: str, policy: str):
         from .tokenizer import Tokenizer
@@ -165,22 +174,26 @@ class _ChunkEncoder:
         if (self.tokenizer.kind == "bpe" and pre.get("type") == "ByteLevel"
                 and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)):
             import regex
+            from . import _core
             self.pattern = regex.compile(_BYTE_LEVEL_PATTERN)
-            self.ascii_pattern = _ascii_pattern(self.pattern)
-        self._clear_pieces()
+            # Piece -> ids, in C++: it splits ASCII text itself (cpp/pieces.h), and looks up the
+            # pieces `regex` cuts from the rest.
+            self.table = _core.PieceTable(_ascii_classes(self.pattern))
 
-    def _pieces_of(self, text: str) -> list:
-        """The pre-tokenizer's pieces of text: ASCII stretches (cut at safe points, as chunks
-        are) through `re`, about twice as fast as `regex`, and the rest through `regex`."""
+    def _regions(self, text: str) -> Iterator[tuple]:
+        """(start, end, ascii) covering text in order: ASCII stretches, cut at safe points as
+        chunks are so each splits as it would inside the whole text, and what lies between."""
         if text.isascii():
-            return self.ascii_pattern.findall(text)
-        words, pos, regions = [], 0, 0
+            yield 0, len(text), True
+            return
+        pos, regions = 0, 0
         for run in _NON_ASCII_RUN.finditer(text):
             if run.start() < pos:
                 continue
             regions += 1
             if regions > len(text) >> 12:  # mostly non-ASCII: one pass of `regex` is quicker
-                return self.pattern.findall(text)
+                yield pos, len(text), False
+                return
             lo = run.start()
             while lo > pos:  # back to the safe point at or before the run
                 lo = text.rfind("\n", pos, lo)
@@ -192,69 +205,68 @@ class _ChunkEncoder:
                     break
             after = _SAFE_CUT.search(text, run.end())
             hi = after.start() + 1 if after else len(text)
-            words += self.ascii_pattern.findall(text, pos, lo)
-            words += self.pattern.findall(text, lo, hi)
+            if lo > pos:
+                yield pos, lo, True
+            yield lo, hi, False
             pos = hi
-        words += self.ascii_pattern.findall(text, pos)
-        return words
+        if pos < len(text):
+            yield pos, len(text), True
 
-    def _clear_pieces(self) -> None:
-        # The cache: piece -> its number; piece number k's ids are flat[starts[k]:starts[k + 1]].
-        self.pieces: dict = {}
-        self.flat = np.zeros(0, np.int32)
-        self.starts = np.zeros(1, np.int64)
-        self.lengths = np.zeros(0, np.int64)
+    def _add_pieces(self, pieces: list) -> None:
+        """Encodes pieces (UTF-8 bytes) with the BPE and puts them in the table."""
+        words = [p.decode("utf-8") for p in pieces]
+        encoded = [e.ids for e in self.tokenizer._tk.encode_batch(words, add_special_tokens=False)]
+        counts = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, count=int(counts.sum()))
+        self.table.add(pieces, flat, counts)
 
-    def _add_pieces(self, new: list) -> None:
-        encoded = [e.ids for e in self.tokenizer._tk.encode_batch(new, add_special_tokens=False)]
-        lengths = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
-        self.flat = np.concatenate([self.flat, np.fromiter(itertools.chain.from_iterable(encoded),
-                                                           np.int32, count=int(lengths.sum()))])
-        self.starts = np.concatenate([self.starts, self.starts[-1] + np.cumsum(lengths)])
-        self.lengths = np.concatenate([self.lengths, lengths])
-        self.pieces.update(zip(new, range(len(self.pieces), len(self.pieces) + len(new))))
+    def _encode_bpe(self, raw: bytes, lengths: Optional[np.ndarray]) -> np.ndarray:
+        ids, missing = self.table.encode(raw, lengths)
+        if ids is None:
+            if len(self.table) + len(missing) > _MAX_PIECE_CACHE:  # bound memory: start afresh
+                self.table.clear()
+                _, missing = self.table.encode(raw, lengths)  # now every distinct piece of raw
+            self._add_pieces(missing)
+            ids, missing = self.table.encode(raw, lengths)
+        return ids
 
-    def __call__(self, text: str) -> np.ndarray:
+    def __call__(self, raw) -> np.ndarray:
+        """The ids of a chunk given as UTF-8 bytes (a str is encoded first)."""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8")
         if self.pattern is None:
             if self.tokenizer.kind == "char":
-                # Byte-table vocabularies (< 256 ids) go straight to the shards' uint16: one
-                # conversion of the ids, not two.
-                fast = self.tokenizer._ids_by_bytes(text, np.uint16)
+                # A byte-table vocabulary (< 256 ids) maps the bytes straight to uint8 ids, the
+                # shards' width for it.
+                fast = self.tokenizer._ids_by_utf8(raw, np.uint8)
                 if fast is not None:
                     return fast
-            return self.tokenizer.encode(text, unknown=self.policy)
-        # Each piece is looked up in C (map + fromiter), with no Python-level step per piece.
-        words = self._pieces_of(text)
-        numbers = np.fromiter(map(self.pieces.get, words, itertools.repeat(-1)), np.int64,
-                              count=len(words))
-        missing = np.flatnonzero(numbers < 0).tolist()
-        if missing:
-            new = list(dict.fromkeys(words[i] for i in missing))
-            if len(self.pieces) + len(new) > _MAX_PIECE_CACHE:  # bound memory: start afresh
-                self._clear_pieces()
-                self._add_pieces(list(dict.fromkeys(words)))
-                numbers = np.fromiter(map(self.pieces.__getitem__, words), np.int64,
-                                      count=len(words))
+            return self.tokenizer.encode(raw.decode("utf-8"), unknown=self.policy)
+        if raw.isascii():
+            return self._encode_bpe(raw, None)
+        text = raw.decode("utf-8")
+        parts = []
+        for lo, hi, ascii in self._regions(text):
+            if ascii:
+                parts.append(self._encode_bpe(text[lo:hi].encode("ascii"), None))
             else:
-                self._add_pieces(new)
-                numbers[missing] = [self.pieces[words[i]] for i in missing]
-        lengths = self.lengths[numbers]
-        if (lengths == 1).all():  # most pieces are one token: a plain gather
-            return self.flat[self.starts[numbers]]
-        ends = np.cumsum(lengths)
-        first = np.repeat(self.starts[numbers] - (ends - lengths), lengths)
-        return self.flat[first + np.arange(int(ends[-1]) if ends.size else 0)]
+                words = self.pattern.findall(text, lo, hi)
+                lengths = np.fromiter((len(w.encode("utf-8")) for w in words), np.int64,
+                                      count=len(words))
+                parts.append(self._encode_bpe(text[lo:hi].encode("utf-8"), lengths))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def _ascii_pattern(pattern) -> "re.Pattern":
-    """_BYTE_LEVEL_PATTERN for ASCII text, in `re`: its classes spelled out as the ASCII
-    characters that `pattern` (the `regex` module's) puts in them, so both split ASCII alike."""
-    def chars(cls: str) -> str:
-        import regex
-        return "".join(re.escape(chr(c)) for c in range(128) if regex.fullmatch(cls, chr(c)))
-    letters, digits, space = chars(r"\p{L}"), chars(r"\p{N}"), chars(r"\s")
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{digits}]+"
-                      rf"| ?[^{space}{letters}{digits}]+|[{space}]+(?![^{space}])|[{space}]+")
+def _ascii_classes(pattern) -> bytes:
+    """Each ASCII character's class in _BYTE_LEVEL_PATTERN as `pattern` (the `regex` module's)
+    sees it: 0 other, 1 letter (\\p{L}), 2 digit (\\p{N}), 3 whitespace (\\s); cpp/pieces.h."""
+    import regex
+    classes = bytearray(128)
+    for c in range(128):
+        for value, cls in ((1, r"\p{L}"), (2, r"\p{N}"), (3, r"\s")):
+            if regex.fullmatch(cls, chr(c)):
+                classes[c] = value
+    return bytes(classes)
 
 
 _ENCODER: Optional[_ChunkEncoder] = None
@@ -285,19 +297,27 @@ def _can_spawn() -> bool:
         return False
 
 
+def _has_text(raw: bytes) -> bool:
+    """Whether a chunk holds anything besides whitespace (whitespace as str.strip sees it)."""
+    stripped = raw.strip()  # ASCII whitespace, without decoding
+    if not stripped:
+        return False
+    return bool(stripped[:64].decode("utf-8", "ignore").strip() or stripped.decode("utf-8").strip())
+
+
 def _encoded(chunks, tokenizer_json: str, policy: str, workers: int):
-    """(ids, text length, next position) per chunk, in order, `workers` processes encoding."""
+    """(ids, next position, whether the chunk has text) per chunk, in order, `workers` processes
+    encoding."""
     if workers <= 1:
         encoder = _ChunkEncoder(tokenizer_json, policy)
         for text, position in chunks:
-            yield encoder(text), len(text), position, bool(text.strip())
+            yield encoder(text), position, _has_text(text)
         return
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(tokenizer_json, policy)) as pool:
         queue = collections.deque()
         for text, position in chunks:
-            queue.append((pool.submit(_encode_in_worker, text), len(text), position,
-                          bool(text.strip())))
+            queue.append((pool.submit(_encode_in_worker, text), position, _has_text(text)))
             if len(queue) > 2 * workers:  # bounded: a few chunks in flight
                 future, *rest = queue.popleft()
                 yield (future.result(), *rest)
@@ -395,7 +415,8 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
     directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
     manifest_path = os.path.join(directory, "manifest.json")
-    dtype = "<u2" if tokenizer.vocab_size <= 1 << 16 else "<i4"
+    dtype = ("|u1" if tokenizer.vocab_size <= 1 << 8 else
+             "<u2" if tokenizer.vocab_size <= 1 << 16 else "<i4")
     manifest = {"format": FORMAT, "dtype": dtype, "sources": sources, "shards": [],
                 "complete": False}
     try:
@@ -423,7 +444,7 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     bar = tqdm(total=sum(s["size"] for s in sources), initial=done, unit="B", unit_scale=True,
                desc="tokenizing", disable=not progress, dynamic_ncols=True)
     if workers is None:  # processes pay off for BPE over several chunks (char is I/O bound)
-        several = sum(s["size"] for s in sources) > 2 * CHUNK_CHARS
+        several = sum(s["size"] for s in sources) > 2 * CHUNK_BYTES
         bpe = tokenizer.kind == "bpe"
         workers = min(4, os.cpu_count() or 1) if several and bpe and _can_spawn() else 1
     parts, count, any_text = [], 0, any(s["tokens"] for s in good)
@@ -442,7 +463,7 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
         with bar:
             position = start
             chunks = corpus_chunks(files, start)
-            for ids, _, position, has_text in _encoded(chunks, tokenizer.to_str(), policy, workers):
+            for ids, position, has_text in _encoded(chunks, tokenizer.to_str(), policy, workers):
                 parts.append(ids.astype(manifest["dtype"], copy=False))  # held in the shard's width
                 count += ids.size
                 any_text = any_text or has_text

@@ -173,14 +173,21 @@ class Tokenizer:
         for the rest; None where the vocabulary is too large for it or lacks a character of text."""
         if self._byte_table is None:
             return None
-        raw = text.encode("utf-8", "surrogatepass")
+        return self._ids_by_utf8(text.encode("utf-8", "surrogatepass"), dtype, text)
+
+    def _ids_by_utf8(self, raw: bytes, dtype=np.int32, text: str | None = None):
+        """_ids_by_bytes for text given as its UTF-8 bytes (`text`, if given, is raw decoded)."""
+        if self._byte_table is None:
+            return None
         ids = np.frombuffer(raw.translate(self._byte_table), dtype=np.uint8)
-        if len(raw) == len(text):  # ASCII only
-            return None if (ids == _UNKNOWN_BYTE).any() else ids.astype(dtype)
         if (ids == _UNKNOWN_BYTE).any():
             return None
+        if raw.isascii():
+            return ids if ids.dtype == dtype else ids.astype(dtype)
         ids = ids[(np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80].astype(dtype)  # per char
         wide = np.flatnonzero(ids == _WIDE_BYTE)
+        if text is None:
+            text = raw.decode("utf-8", "surrogatepass")
         wide_ids = self._ids_of(self._codepoints_of(text)[wide])
         if (wide_ids < 0).any():
             return None
