@@ -200,6 +200,23 @@ def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monk
     assert resumed.final_loss == straight.final_loss  # the same batches from the shards
 
 
+def test_finetune_on_a_streamed_corpus_trains_as_on_the_text(tmp_path, corpus, monkeypatch):
+    from lmlab.finetune import finetune
+    from lmlab.pretrain import pretrain
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_every=0,
+                    progress=False, precision="fp32")
+    pretrain("builtin:shakespeare", tmp_path / "base", steps=2, **settings)
+    tune = dict(steps=3, eval_every=0, progress=False, precision="fp32", unknown="replace",
+                sample_tokens=0)
+    in_memory = finetune(tmp_path / "base", str(corpus), tmp_path / "mem", **tune)
+    monkeypatch.setattr(token_shards, "STREAM_ABOVE_BYTES", 0)  # every file corpus streams
+    streamed = finetune(tmp_path / "base", str(corpus), tmp_path / "streamed", **tune)
+    assert list((tmp_path / "cache" / "tokens").glob("stream-*/manifest.json"))
+    assert in_memory.details["unknown_chars"] and streamed.details["unknown_chars"] is None
+    assert streamed.final_loss == in_memory.final_loss  # the same ids, the same batches
+
+
 def test_chunk_cuts_split_bpe_pieces_as_the_whole_text_does(tmp_path):
     # Trailing spaces and blank lines before a line: "\n\n" or "  \n" at a chunk's end would be
     # one whitespace piece there but two inside the text, so chunks are never cut after them.

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _CallableStage, checks
 from .checkpoint import load_model
-from .data import load_corpus, split_tokens
+from .data import corpus_files_if_large, load_corpus, split_tokens, tokenize_corpus
 from .pretrain import LanguageModelingStage, check_tokens_fit, evaluate_loss
 from .sample import generate
 from .stage import StageResult, open_stage
@@ -69,7 +69,8 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
     learning rate than pretraining's is typical). The result's details hold the report: val loss
     on the new corpus and on the parent's before and after ("new_val_before", "new_val_after",
     "old_val_before", "old_val_after"; old_* None when the parent's corpus is not readable here),
-    "unknown_chars" (character -> count, before handling) and "samples" (parent, finetuned).
+    "unknown_chars" (character -> count, before handling; None for a corpus of files over 64 MB,
+    which is tokenized in a streaming pass as pretraining's is) and "samples" (parent, finetuned).
     """
     checks.check_values(sample_tokens=sample_tokens)
     with open_stage("finetune", run_dir, {"corpus": corpus, **settings}, resume=resume,
@@ -79,7 +80,14 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
             raise ValueError("finetune needs a corpus (--corpus)")
         base, tok, parent_config = load_model(parent)
         model, _, _ = load_model(parent)  # the copy that trains; `base` stays as the parent
-        tokens, unknown_counts = encode_new_corpus(load_corpus(s["corpus"]), tok, s["unknown"])
+        if corpus_files_if_large(s["corpus"]):
+            # Never held whole: tokenized in a streaming pass into memory-mapped shards (the
+            # unknown characters are handled there, not counted).
+            tokens = tokenize_corpus(s["corpus"], tok, unknown=s["unknown"],
+                                     progress=s["progress"])
+            unknown_counts = None
+        else:
+            tokens, unknown_counts = encode_new_corpus(load_corpus(s["corpus"]), tok, s["unknown"])
         train_tokens, val_tokens = split_tokens(tokens, s["val_fraction"])
         parent_run = parent_config.get("train") or {}
         if s["batch_size"] is None:
@@ -124,7 +132,8 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
     return StageResult.from_training(
         "finetune", run_dir, result, parent=str(parent), new_val_before=new_before,
         new_val_after=new_after, old_val_before=old_before, old_val_after=old_after,
-        unknown_chars=dict(collections.Counter(unknown_counts)), samples=samples)
+        unknown_chars=None if unknown_counts is None else dict(collections.Counter(unknown_counts)),
+        samples=samples)
 
 
 def finetune_summary(result: StageResult) -> str:

@@ -91,6 +91,9 @@ def cmd_finetune(args) -> int:
     if unknown:
         print(f"{sum(unknown.values())} characters the tokenizer cannot encode were handled "
               f"with --unknown {args.unknown or 'error'}")
+    elif unknown is None and args.unknown not in (None, "error"):
+        print(f"characters the tokenizer cannot encode were handled with --unknown {args.unknown} "
+              "(not counted: the corpus was tokenized in a streaming pass)")
     report_training(result)
     print(finetune_summary(result))
     for who, text in result.details["samples"].items():
