@@ -183,6 +183,15 @@ class World:
             self.comm.Abort(code)
 
 
+def describe_failure(exc: BaseException) -> str:
+    """The line a rank stopping on `exc` prints: an MPI error (a collective that could not
+    complete) says what it most likely means, since MPI's own text rarely does."""
+    if type(exc).__module__.startswith("mpi4py"):
+        return (f"a message between the ranks failed ({exc}): another rank has most likely died or "
+                "been killed (mpiexec's output names it)")
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 _WORLD: Optional[World] = None
 
 

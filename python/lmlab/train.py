@@ -269,8 +269,7 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
         raise  # every rank sees the same loss and stops at the same step: nothing to abort
     except BaseException as exc:
         if world.distributed:  # the other ranks wait in a collective: end them (checkpoints are atomic)
-            world.abort(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                        2 if isinstance(exc, ValueError) else 1)
+            world.abort(distributed.describe_failure(exc), 2 if isinstance(exc, ValueError) else 1)
         raise
 
 
