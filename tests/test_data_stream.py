@@ -258,6 +258,7 @@ def test_the_piece_table_gives_the_same_ids_after_emptying_itself(corpus, monkey
     text = load_corpus(corpus)
     tok = train_tokenizer(text, "bpe", 400)
     monkeypatch.setattr(token_shards, "_MAX_PIECE_CACHE", 40)  # far fewer than the distinct pieces
+    monkeypatch.setattr(token_shards, "_ADD_BATCH", 7)  # new pieces reach `tokenizers` in batches
     encoder = token_shards._ChunkEncoder(tok.to_str(), "error")
     for part in (text[:20_000], text[20_000:45_000], text):
         np.testing.assert_array_equal(encoder(part), tok.encode(part))

@@ -58,6 +58,7 @@ _BOM = b"\xef\xbb\xbf"
 # Byte-level BPE's pre-tokenizer pattern (GPT-2's, as the `tokenizers` ByteLevel pre-tokenizer uses).
 _BYTE_LEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
 _MAX_PIECE_CACHE = 2_000_000  # distinct pieces the table holds before it is emptied
+_ADD_BATCH = 16_384  # pieces encoded by `tokenizers` at a time
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")  # a chunk may be cut just after this line break
 
@@ -213,12 +214,19 @@ class _ChunkEncoder:
             yield pos, len(text), True
 
     def _add_pieces(self, pieces: list) -> None:
-        """Encodes pieces (UTF-8 bytes) with the BPE and puts them in the table."""
-        words = [p.decode("utf-8") for p in pieces]
-        encoded = [e.ids for e in self.tokenizer._tk.encode_batch(words, add_special_tokens=False)]
-        counts = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, count=int(counts.sum()))
-        self.table.add(pieces, flat, counts)
+        """Encodes pieces (UTF-8 bytes) with the BPE and puts them in the table, a batch at a time:
+        `tokenizers` returns a heavy object per piece, and a chunk of diverse text can hold a
+        million new pieces."""
+        tk = self.tokenizer._tk
+        encode = getattr(tk, "encode_batch_fast", tk.encode_batch)  # no offsets: tokenizers >= 0.20
+        for at in range(0, len(pieces), _ADD_BATCH):
+            batch = pieces[at:at + _ADD_BATCH]
+            words = [p.decode("utf-8") for p in batch]
+            encoded = [e.ids for e in encode(words, add_special_tokens=False)]
+            counts = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
+            flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32,
+                               count=int(counts.sum()))
+            self.table.add(batch, flat, counts)
 
     def _encode_bpe(self, raw: bytes, lengths: Optional[np.ndarray]) -> np.ndarray:
         ids, missing = self.table.encode(raw, lengths)
