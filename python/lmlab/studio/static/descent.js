@@ -8,12 +8,17 @@ async function load() {
   const q = new URLSearchParams({function: $("function").value, method: $("method").value,
                                  start: $("start").value, lr: $("lr").value, steps: 100});
   const mine = ++request;
+  $("k").textContent = "…";  // the step count of a path still on its way
   try {
     const data = await api("/api/descent?" + q);
     if (mine !== request) return;  // a newer setting is on its way
     path = data; k = 0; showError($("error"));
     draw();
-  } catch (e) { showError($("error"), e); }
+  } catch (e) {
+    if (mine !== request) return;
+    showError($("error"), e);
+    draw();  // the last path stays, with its step count
+  }
 }
 
 function draw() {
