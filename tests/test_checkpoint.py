@@ -243,6 +243,38 @@ def test_a_kill_after_the_rename_leaves_a_complete_orphan_that_the_next_save_rep
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000005", "step_000006"]
 
 
+def test_a_reader_keeps_to_the_checkpoint_it_resolved_while_a_save_moves_current(gpt, tok, tmp_path,
+                                                                                  monkeypatch):
+    # A training process (or MPI rank 0 finishing its save as the others are stopped) can make
+    # a new checkpoint current while another process loads the run: every file the reader takes
+    # must come from the checkpoint it resolved first, never one checkpoint's weights against the
+    # next one's config (which reads as "corrupted").
+    run = tmp_path / "run"
+    first, second = _model(gpt, tok, seed=1), _model(gpt, tok, seed=2)
+    _save(run, first, tok, step=3)
+    resolve = checkpoint.current_checkpoint
+
+    def resolve_then_save(run_dir):
+        d = resolve(run_dir)
+        if d.name == "step_000003":  # the concurrent save lands right after the reader resolved
+            monkeypatch.setattr(checkpoint, "current_checkpoint", resolve)
+            _save(run, second, tok, step=6)
+        return d
+
+    monkeypatch.setattr(checkpoint, "current_checkpoint", resolve_then_save)
+    model, _, config = load_model(run)
+    assert _ckpt(run).name == "step_000006"  # the save did move current on
+    np.testing.assert_array_equal(_bits(model.params), _bits(first.params))  # step 3's, whole
+    assert config["checkpoint"]["step"] == 3
+
+    shutil.rmtree(run)
+    _save(run, first, tok, step=3)
+    monkeypatch.setattr(checkpoint, "current_checkpoint", resolve_then_save)
+    optimizer, state = load_training_state(run)
+    assert _ckpt(run).name == "step_000006"
+    assert (optimizer["m"] == 3).all() and state["step"] == 3  # _save fills m with the step
+
+
 def test_keep_prunes_old_checkpoints_and_resaving_a_step_goes_beside_it(gpt, tok, tmp_path):
     run = tmp_path / "run"
     model = _model(gpt, tok)

@@ -206,16 +206,18 @@ def _check_config(config, path: Path) -> dict:
     return config
 
 
-def _config_path(run_dir) -> Path:
-    d = current_checkpoint(run_dir)
+def _config_in(d: Path) -> dict:
+    """config.json of the checkpoint directory d, checked. Readers resolve the current checkpoint
+    once and read every file from that directory: a save that makes another checkpoint current
+    in between must not pair one checkpoint's files with another's config."""
     _required(d, [CONFIG_FILE])
-    return d / CONFIG_FILE
+    path = d / CONFIG_FILE
+    return _check_config(_read_json(path), path)
 
 
 def read_config(run_dir) -> dict:
     """config.json of a run's current checkpoint, checked."""
-    path = _config_path(run_dir)
-    return _check_config(_read_json(path), path)
+    return _config_in(current_checkpoint(run_dir))
 
 
 def saved_precision(config: dict) -> str:
@@ -237,7 +239,11 @@ def read_checkpoint_file(run_dir, name: str) -> bytes:
     """The bytes of one file of the current checkpoint, checked against the recorded size and
     SHA-256 (e.g. a stage's extra file such as reward_head.safetensors)."""
     d = current_checkpoint(run_dir)
-    config = read_config(run_dir)
+    return _checked_file(d, _config_in(d), name)
+
+
+def _checked_file(d: Path, config: dict, name: str) -> bytes:
+    """The bytes of file `name` of checkpoint directory d, checked against d's config."""
     data = _read_bytes(d / name, limit=MAX_PARAMS * 4)
     digest = _digest_of(config, name)
     if digest is not None and (len(data) != digest["bytes"]
@@ -256,11 +262,11 @@ def load_model(run_dir):
     The model computes in the matmul precision the run was trained in (saved_precision)."""
     d = current_checkpoint(run_dir)
     _required(d, [MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE])
-    config = read_config(run_dir)
+    config = _config_in(d)
     mcfg = GPTConfig(**config["model"])
     tok_path = d / TOKENIZER_FILE
     try:
-        text = read_checkpoint_file(run_dir, TOKENIZER_FILE).decode("utf-8")
+        text = _checked_file(d, config, TOKENIZER_FILE).decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{tok_path}: not UTF-8 text (byte offset {e.start})") from None
     tokenizer = Tokenizer.from_str(text, source=tok_path)
@@ -285,7 +291,7 @@ def load_weights(run_dir, model) -> None:
     (what a resume does with the model it already holds: no second model is built)."""
     d = current_checkpoint(run_dir)
     _required(d, [MODEL_FILE, CONFIG_FILE])
-    config = read_config(run_dir)
+    config = _config_in(d)
     mcfg = GPTConfig(**config["model"])
     if mcfg != model.config:
         raise CheckpointError(f"{d / CONFIG_FILE} holds the model {mcfg}, but the model to resume is "
@@ -298,8 +304,8 @@ def load_training_state(run_dir):
     """(optimizer dict of arrays, state dict) of a run's current checkpoint, for resuming exactly."""
     d = current_checkpoint(run_dir)
     _required(d, [STATE_FILE, MODEL_FILE])
-    config = read_config(run_dir)
-    data = read_checkpoint_file(run_dir, STATE_FILE)
+    config = _config_in(d)
+    data = _checked_file(d, config, STATE_FILE)
     saved = _parse_json(d / STATE_FILE, data)
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         raise CheckpointError(f"{d / STATE_FILE} is not an lmlab state file")
