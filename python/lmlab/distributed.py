@@ -37,6 +37,8 @@ INSTALL_HINT = 'pip install "lmlab[mpi]" (mpi4py and an MPI from wheels)'
 # (OMPI_*), PMIx launchers, MVAPICH.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+# How long a failing rank waits between printing why and MPI_Abort (World.abort).
+ABORT_GRACE_S = 1.0
 # Shard boundaries fall on multiples of this many floats, so each shard starts on a cache line.
 _SHARD_ALIGN = 16
 
@@ -180,6 +182,10 @@ class World:
         print(f"lmlab: rank {self.rank} of {self.size}: {message}; stopping every rank",
               file=sys.stderr, flush=True)
         if self.distributed:
+            # MPI_Abort kills every rank at once, and the launcher drops what it has not yet
+            # forwarded from their pipes: give it a moment to pass this line (and another rank's
+            # failing at the same step) on, or a loaded machine may end the run without a word.
+            time.sleep(ABORT_GRACE_S)
             self.comm.Abort(code)
 
 

@@ -188,7 +188,8 @@ def _merge_for_resume(stage: str, saved: dict, given: dict) -> dict:
             raise checks.SettingError(name, value, f"the run was set up with {saved[name]!r}, and "
                                       "a resumed run keeps its model, data and batches; start a "
                                       "new run (or fine-tune into one) to change it")
-        print(f"lmlab: {name} changed from {saved[name]!r} to {value!r}", file=sys.stderr)
+        if distributed.world().is_root:  # every rank merges the same settings; one says so
+            print(f"lmlab: {name} changed from {saved[name]!r} to {value!r}", file=sys.stderr)
         settings[name] = value
     return settings
 
