@@ -531,3 +531,73 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
     args = parser.parse_args(runs[1][0])
     with pytest.raises(RunDirError, match="already holds a run"):
         args.func(args)
+
+
+# --- after instruct tuning -----------------------------------------------------------------------
+
+
+def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_path, tok,
+                                                                            monkeypatch):
+    """reward, dpo and rlhf from an instruct-tuned run put every prompt in a user turn (the ids
+    instruct tuning trained on, built here by hand), end sampled answers at <|end|>, and save runs
+    that keep the template, so `lmlab sample` on them still answers as an assistant."""
+    from lmlab import api
+    from lmlab.chat import TEMPLATE
+    from lmlab.checkpoint import load_model, read_config, save_run
+    from lmlab.instruct import instruct_tune
+
+    save_run(tmp_path / "base", _tiny(tok, block_size=48), tok, train_config={})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"{s} sees", "response": f"{s} sees a ball."}) + "\n"
+                          for s in ("the cat", "a dog", "my friend", "the bird", "a fox")),
+                  encoding="utf-8")
+    instruct_tune(tmp_path / "base", str(qa), tmp_path / "chat", steps=2, lr=1e-3, warmup_steps=1,
+                  batch_size=2, eval_every=0, save_every=0, progress=False)
+    model, chat_tok, _ = load_model(tmp_path / "chat")
+    assert chat_tok.chat_template == TEMPLATE
+
+    prompt = "the cat "
+    user, assistant, end = (chat_tok.special_id(t) for t in ("<|user|>", "<|assistant|>", "<|end|>"))
+    turn = np.concatenate([[user], tok.encode(prompt), [assistant]]).astype(np.int32)
+    rng = np.random.default_rng(0)
+    judge = jg.PreferWord("a")
+    for _ in range(8):
+        comps = ["".join(rng.choice(list("abcde "), size=int(rng.integers(3, 10))))
+                 for _ in range(3)]
+        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": prompt, "completions": comps,
+                                                 "ranking": judge(prompt, comps)})
+    quick = dict(steps=2, eval_every=0, save_every=0, progress=False, threads=1)
+
+    # DPO's pairs follow the user turn.
+    dpo_result = dpo_mod.dpo(tmp_path / "chat", tmp_path / "r.jsonl", tmp_path / "dpo",
+                             batch_size=2, **quick)
+    assert all(np.array_equal(p, turn) for p, _, _ in dpo_result.details["tuner"].train)
+
+    # The reward model reads the logits of the user turn and the answer.
+    rwd.reward(tmp_path / "chat", tmp_path / "r.jsonl", tmp_path / "rm", steps=5)
+    rm = rwd.RewardModel.load(tmp_path / "rm")
+    answer = "a cab"
+    phi = rwd.reward_features(rm.model, rm.tok, [prompt], [answer])
+    logits, _ = model.forward(np.concatenate([turn, tok.encode(answer)])[None].astype(np.int32))
+    np.testing.assert_allclose(phi[0, :chat_tok.vocab_size], logits[0, -1], rtol=1e-6, atol=1e-6)
+
+    # RL samples after the user turn and stops at <|end|>, which the rollout keeps.
+    rl_result = rl.rlhf(tmp_path / "chat", [prompt, "a dog "], tmp_path / "rl",
+                        reward_model=str(tmp_path / "rm"), k=2, prompts_per_step=1,
+                        max_new_tokens=6, val_fraction=0.5, **quick)
+    assert any(np.array_equal(ids, turn) for ids in rl_result.details["tuner"].ids
+                                                     + rl_result.details["tuner"].val_ids)
+    stops = []
+
+    def answer_of_two_tokens(model, prompt_ids, max_new_tokens, *, stop_ids, **_):
+        stops.append(list(stop_ids))
+        return [int(tok.encode("a")[0])] * 2
+
+    monkeypatch.setattr(sq, "generate", answer_of_two_tokens)
+    ids, text = sq.sample_completion(model, chat_tok, turn, 6, seed=0)
+    assert stops == [[end]] and ids[-1] == end and text == "aa"
+
+    for run in ("dpo", "rm", "rl"):
+        assert read_config(tmp_path / run)["train"]["chat_template"] == TEMPLATE, run
+        assert api.load(tmp_path / run).chat, run
+    assert not api.load(tmp_path / "base").chat

@@ -25,6 +25,7 @@ from . import checks
 from . import finetune as _finetune_stage
 from . import instruct as _instruct_stage
 from . import pretrain as _pretrain_stage
+from .chat import template_of
 from .checkpoint import load_model
 from .sample import generate as _generate
 from .sample import next_token_distribution as _next_token_distribution
@@ -107,7 +108,7 @@ class Model:
     @property
     def chat(self) -> bool:
         """True for an instruct-tuned run: generate() answers its prompt through the chat template."""
-        return bool((self.config.get("train") or {}).get("chat_template"))
+        return template_of(self.tokenizer) is not None
 
     def generate(self, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -129,8 +130,7 @@ class Model:
             raise ValueError("stop must be a non-empty string (or None)")
         if seed is not None:
             checks.check("seed", seed)
-        ids, stop_ids, _ = _instruct_stage.generation_prompt(self.tokenizer, self.config, prompt,
-                                                             raw=raw)
+        ids, stop_ids, _ = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
         new: list = []
 
         def on_token(token_id: int) -> None:

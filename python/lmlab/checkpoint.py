@@ -270,6 +270,7 @@ def load_model(run_dir):
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{tok_path}: not UTF-8 text (byte offset {e.start})") from None
     tokenizer = Tokenizer.from_str(text, source=tok_path)
+    tokenizer.chat_template = (config.get("train") or {}).get("chat_template")
     if tokenizer.vocab_size != mcfg.vocab_size or tokenizer.kind != config["tokenizer"]["kind"]:
         raise CheckpointError(f"{tok_path} is a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, "
                               f"but the model in {d / CONFIG_FILE} has vocab_size {mcfg.vocab_size} "
@@ -367,6 +368,11 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         raise ValueError(f"state['step'] must be >= 0, got {step}")
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
+    template = getattr(tokenizer, "chat_template", None)
+    if template and isinstance(train_config, dict):
+        # The run answers through its tokenizer's chat template (lmlab.chat), and so does every
+        # run tuned from it: load_model puts it back on the tokenizer.
+        train_config = {**train_config, "chat_template": template}
     # The tensor files are written straight from the arrays (safetensors_chunks), never as bytes.
     contents = {MODEL_FILE: safetensors_chunks(weights)}
     if optimizer is not None:

@@ -119,8 +119,7 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
         run_config = run.run_config(
             corpus=s["corpus"], model=asdict(model.config), batch_size=bs,
             val_fraction=s["val_fraction"], unknown=s["unknown"],
-            freeze_layers=s["freeze_layers"], freeze_embeddings=s["freeze_embeddings"],
-            **{k: v for k, v in parent_run.items() if k in ("chat_template",)})
+            freeze_layers=s["freeze_layers"], freeze_embeddings=s["freeze_embeddings"])
         new_before, old_before = losses(base)
         result = train(model, stage, cfg, run.hold(), tokenizer=tok,
                        run_config=run_config, resume=resume, parent=str(parent))

@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from .instruct import TEMPLATE
+from .chat import TEMPLATE
 from .model import GPTConfig, parameter_layout
 from .reference import LAYERNORM_EPS
 

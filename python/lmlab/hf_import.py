@@ -37,7 +37,7 @@ import numpy as np
 from .checkpoint import save_run
 from .errors import ConversionError, RunDirError
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
-from .instruct import TEMPLATE
+from .chat import TEMPLATE
 from .model import GPT, GPTConfig
 from .reference import LAYERNORM_EPS
 from .rundir import is_run, open_run_dir

@@ -1,11 +1,10 @@
 """Instruct tuning: prompt/response pairs through one chat template, the loss on responses only.
 
-The template marks a user turn with <|user|>, an assistant turn with <|assistant|> and the end of a
-response with <|end|>. Each segment is encoded on its own and the special tokens are inserted as ids,
-so a prompt/response boundary can never be merged by the tokenizer. Only the tokens of assistant
-turns and their <|end|> are supervised: the stage puts weight 1/(supervised tokens in the batch) on
-them and 0 on everything else, through the same weighted cross-entropy as pretraining. Examples are
-padded one per row, so no example attends to another.
+The template (lmlab.chat) marks a user turn with <|user|>, an assistant turn with <|assistant|> and
+the end of a response with <|end|>; the tuned run keeps it on its tokenizer. Only the tokens of
+assistant turns and their <|end|> are supervised: the stage puts weight 1/(supervised tokens in the
+batch) on them and 0 on everything else, through the same weighted cross-entropy as pretraining.
+Examples are padded one per row, so no example attends to another.
 
 Also here: the built-in instruct dataset (questions about the running Python's standard library,
 answered by the first sentence of each docstring), `inspect_examples` for `lmlab inspect-data`, and
@@ -25,6 +24,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from . import _CallableStage
+from .chat import END, TEMPLATE, answer_end_id, render, template_of, user_turn
 from .checkpoint import load_model
 from .data import load_instruct_jsonl
 from .sample import generate
@@ -32,8 +32,6 @@ from .stage import StageResult, open_stage
 from .tokenizer import SPECIAL_TOKENS
 from .train import train
 
-USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
-TEMPLATE = {"name": "lmlab-chat-v1", "user": USER, "assistant": ASSISTANT, "end": END}
 
 
 @dataclass
@@ -47,28 +45,6 @@ class Example:
     def n_supervised(self) -> int:
         # Position 0 is never a target, so it cannot count.
         return int(self.supervised[1:].sum())
-
-
-def render(tokenizer, messages: List[dict], *, add_generation_prompt: bool = False):
-    """Token ids and the supervised mask of a conversation in the chat template."""
-    ids: list = []
-    mask: list = []
-    user_id, asst_id, end_id = (tokenizer.special_id(t) for t in (USER, ASSISTANT, END))
-    for turn in messages:
-        role, content = turn["role"], turn["content"]
-        body = tokenizer.encode(content).tolist()
-        if role in ("user", "system"):
-            ids += [user_id] + body
-            mask += [False] * (1 + len(body))
-        elif role == "assistant":
-            ids += [asst_id] + body + [end_id]
-            mask += [False] + [True] * (len(body) + 1)
-        else:
-            raise ValueError(f"message role must be 'user', 'system' or 'assistant', got {role!r}")
-    if add_generation_prompt:
-        ids.append(asst_id)
-        mask.append(False)
-    return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
 
 
 def build_examples(conversations: Iterable[List[dict]], tokenizer, block_size: int):
@@ -290,15 +266,13 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
     return tokenizer.decode(body), ended
 
 
-def generation_prompt(tokenizer, run_config: dict, prompt: str, *, raw: bool = False) -> tuple:
+def generation_prompt(tokenizer, prompt: str, *, raw: bool = False) -> tuple:
     """What `lmlab sample` feeds the model for a prompt: (prompt ids, stop ids, chat). A run with a
-    chat template (instruct-tuned) gets the prompt as a user turn and answers until <|end|>
-    (chat True), unless raw; otherwise the prompt is continued as plain text (an empty prompt
-    starts after <|endoftext|>, as every training document does) until <|endoftext|>."""
-    template = (run_config.get("train") or {}).get("chat_template")
-    if template and not raw:
-        ids, _ = render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return ids, [tokenizer.special_id(template["end"])], True
+    chat template (instruct-tuned, lmlab.chat) gets the prompt as a user turn and answers until
+    <|end|> (chat True), unless raw; otherwise the prompt is continued as plain text (an empty
+    prompt starts after <|endoftext|>, as every training document does) until <|endoftext|>."""
+    if template_of(tokenizer) and not raw:
+        return user_turn(tokenizer, prompt), [answer_end_id(tokenizer)], True
     ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eot_id], dtype=np.int32)
     return ids, [tokenizer.eot_id], False
 
@@ -335,6 +309,7 @@ def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
                     overwrite=overwrite, parent=parent, threads=threads) as run:
         s = run.settings
         model, tok, parent_config = load_model(parent)
+        tok.chat_template = dict(TEMPLATE)  # saved with the run, and by every run tuned from it
         T = model.config.block_size
         train_convs, held_out = load_instruct_data(s["data"])
         train_examples, problems = build_examples(train_convs, tok, T)
@@ -344,7 +319,7 @@ def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
                               s["batch_size"], T, tok.eot_id, s["seed"])
         run_config = run.run_config(
             data=s["data"], model=asdict(model.config), batch_size=s["batch_size"],
-            chat_template=TEMPLATE, corpus=(parent_config.get("train") or {}).get("corpus"),
+            corpus=(parent_config.get("train") or {}).get("corpus"),
             data_problems={k: len(v) for k, v in problems.items()})
         result = train(model, stage, cfg, run.hold(), tokenizer=tok,
                        run_config=run_config, resume=resume, parent=str(parent))

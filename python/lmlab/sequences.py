@@ -1,5 +1,6 @@
 """Prompt/response sequences for the preference stages: encoding, packing into batches, their
-log-probabilities under a model, and sampling one completion.
+log-probabilities under a model, and sampling one completion. A prompt is the context its answer
+follows: a user turn for a run with a chat template (lmlab.chat), else plain text.
 
 A sequence's log-probability is minus the sum of the model's per-token losses over its response,
 so any loss on sequence log-probabilities (DPO, the policy gradient) reaches the model as one
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .chat import answer_end_id, template_of, user_turn
 from .sample import generate
 
 def _encode(tok, text: str) -> np.ndarray:
@@ -22,7 +24,10 @@ def _encode(tok, text: str) -> np.ndarray:
 
 
 def _prompt_ids(tok, prompt: str) -> np.ndarray:
-    # An empty prompt becomes the context generation starts from.
+    # A run with a chat template answers the prompt as a user turn (lmlab.chat); otherwise an
+    # empty prompt becomes the context generation starts from.
+    if template_of(tok):
+        return user_turn(tok, prompt)
     ids = _encode(tok, prompt)
     return ids if ids.size else np.array([tok.eot_id], dtype=np.int32)
 
@@ -30,8 +35,9 @@ def _prompt_ids(tok, prompt: str) -> np.ndarray:
 def encode_pair(tok, prompt: str, response: str, max_len: int) -> tuple:
     """(prompt ids, response ids) fitted into max_len tokens.
 
-    An empty prompt becomes <|endoftext|>, the context generation starts from. Too long: the
-    prompt loses its oldest tokens first (keeping one), then the response is cut at the end.
+    The prompt becomes the context its answer follows (module docstring; an empty plain prompt
+    becomes <|endoftext|>). Too long: the prompt loses its oldest tokens first (keeping one), then
+    the response is cut at the end.
     """
     p = _prompt_ids(tok, prompt)
     r = _encode(tok, response)
@@ -96,13 +102,15 @@ def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np
 
 def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,
                       temperature: float = 1.0, top_k=None, top_p=None) -> tuple:
-    """One sampled answer: (response ids, text). generate() stops before a sampled
-    <|endoftext|>; the ids put it back (it is part of what the policy chose), the text does not."""
+    """One sampled answer: (response ids, text). generate() stops before a sampled end of answer
+    (<|endoftext|>, or <|end|> for a run with a chat template); the ids put it back (it is part
+    of what the policy chose), the text does not."""
+    end = answer_end_id(tok)
     new = np.asarray(generate(model, prompt_ids, max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, stop_ids=[tok.eot_id]),
+                              top_k=top_k, top_p=top_p, seed=seed, stop_ids=[end]),
                      dtype=np.int32)
     text = tok.decode(new)
     if new.size < max_new_tokens:
-        new = np.append(new, np.int32(tok.eot_id))
+        new = np.append(new, np.int32(end))
     return new, text
 

@@ -68,6 +68,9 @@ class Tokenizer:
             raise ValueError(f"not an lmlab tokenizer: special tokens {missing} are missing from its vocabulary")
         self._tk = tk
         self.unknown = _check_policy(unknown)
+        # The run's chat template (lmlab.chat), or None: set by instruct tuning and load_model,
+        # saved by save_run in config.json (not in tokenizer.json, which is the vocabulary alone).
+        self.chat_template = None
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self._special = {s: vocab[s] for s in SPECIAL_TOKENS}
         self.eot_id = self._special["<|endoftext|>"]

@@ -62,8 +62,8 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
                        num_samples, stop, stream, raw=False) -> None:
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
     gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
-    model, tok, config = load_model(run)
-    prompt_ids, stop_ids, chat = generation_prompt(tok, config, prompt, raw=raw)
+    model, tok, _ = load_model(run)
+    prompt_ids, stop_ids, chat = generation_prompt(tok, prompt, raw=raw)
     echo = f"{prompt}\n> " if chat else prompt
     prompt_ids = prompt_ids[-model.config.block_size:]
     for i in range(num_samples):
