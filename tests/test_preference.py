@@ -559,6 +559,13 @@ def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_
     prompt = "the cat "
     user, assistant, end = (chat_tok.special_id(t) for t in ("<|user|>", "<|assistant|>", "<|end|>"))
     turn = np.concatenate([[user], tok.encode(prompt), [assistant]]).astype(np.int32)
+    # A prompt longer than the block loses its oldest text but keeps the turn's <|user|>.
+    long_prompt = "the cat sees a red box. " * 6
+    cut = sq.prompt_ids_for(chat_tok, long_prompt, 48, 8)
+    assert cut.size == 40 and cut[0] == user and cut[-1] == assistant
+    np.testing.assert_array_equal(cut[1:-1], tok.encode(long_prompt)[-38:])
+    plain = sq.prompt_ids_for(tok, long_prompt, 48, 8)
+    np.testing.assert_array_equal(plain, tok.encode(long_prompt)[-40:])
     rng = np.random.default_rng(0)
     judge = jg.PreferWord("a")
     for _ in range(8):

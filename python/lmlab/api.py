@@ -25,7 +25,7 @@ from . import checks
 from . import finetune as _finetune_stage
 from . import instruct as _instruct_stage
 from . import pretrain as _pretrain_stage
-from .chat import template_of
+from .chat import cut_prompt, template_of
 from .checkpoint import load_model
 from .sample import generate as _generate
 from .sample import next_token_distribution as _next_token_distribution
@@ -130,7 +130,7 @@ class Model:
             raise ValueError("stop must be a non-empty string (or None)")
         if seed is not None:
             checks.check("seed", seed)
-        ids, stop_ids, _ = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
+        ids, stop_ids, chat = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
         new: list = []
 
         def on_token(token_id: int) -> None:
@@ -139,9 +139,9 @@ class Model:
                 raise _StopString
 
         try:
-            _generate(self.gpt, ids[-self.gpt.config.block_size:], max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                      stop_ids=stop_ids, callback=on_token)
+            _generate(self.gpt, cut_prompt(ids, self.gpt.config.block_size, turn=chat),
+                      max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, stop_ids=stop_ids, callback=on_token)
         except _StopString:
             pass
         text = self.tokenizer.decode(new)

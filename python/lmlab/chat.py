@@ -61,3 +61,15 @@ def answer_end_id(tokenizer) -> int:
     """The token that ends an answer: <|end|> for a run with a chat template, else <|endoftext|>."""
     template = template_of(tokenizer)
     return tokenizer.special_id(template["end"]) if template else tokenizer.eot_id
+
+
+def cut_prompt(prompt_ids: np.ndarray, n: int, *, turn: bool) -> np.ndarray:
+    """A prompt's ids cut to its last n tokens (n >= 1) to leave room in the block. A chat
+    prompt (turn=True: rendered in the template, starting with <|user|>) keeps its first token, so
+    the model still sees a turn of the template it was tuned on."""
+    prompt_ids = np.asarray(prompt_ids)
+    if prompt_ids.size <= n:
+        return prompt_ids
+    if turn and n >= 2:
+        return np.concatenate([prompt_ids[:1], prompt_ids[prompt_ids.size - (n - 1):]])
+    return prompt_ids[prompt_ids.size - n:]

@@ -24,7 +24,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from . import _CallableStage
-from .chat import END, TEMPLATE, answer_end_id, render, template_of, user_turn
+from .chat import END, TEMPLATE, answer_end_id, cut_prompt, render, template_of, user_turn
 from .checkpoint import load_model
 from .data import load_instruct_jsonl
 from .sample import generate
@@ -253,7 +253,7 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
             temperature: float = 0.0, top_k=None, top_p=None, seed=None, callback=None):
     """The assistant's reply to a conversation: (text, ended) where ended says <|end|> was produced."""
     ids, _ = render(tokenizer, messages, add_generation_prompt=True)
-    ids = ids[-model.config.block_size:]
+    ids = cut_prompt(ids, model.config.block_size, turn=True)
     end_id = tokenizer.special_id(END)
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, stop_ids=[end_id], callback=callback)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .chat import answer_end_id, template_of, user_turn
+from .chat import answer_end_id, cut_prompt, template_of, user_turn
 from .sample import generate
 
 def _encode(tok, text: str) -> np.ndarray:
@@ -42,7 +42,7 @@ def encode_pair(tok, prompt: str, response: str, max_len: int) -> tuple:
     p = _prompt_ids(tok, prompt)
     r = _encode(tok, response)
     if p.size + r.size > max_len:
-        p = p[-max(1, max_len - r.size):]
+        p = cut_prompt(p, max(1, max_len - r.size), turn=bool(template_of(tok)))
         r = r[: max_len - p.size]
     return p, r
 
@@ -97,7 +97,8 @@ def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np
     if not 0 < max_new_tokens < block_size:
         raise ValueError(f"max_new_tokens must be in 1..{block_size - 1} (block_size "
                          f"{block_size} also holds the prompt), got {max_new_tokens}")
-    return _prompt_ids(tok, prompt)[-(block_size - max_new_tokens):]
+    return cut_prompt(_prompt_ids(tok, prompt), block_size - max_new_tokens,
+                      turn=bool(template_of(tok)))
 
 
 def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from .. import checks
+from ..chat import cut_prompt
 from ..checkpoint import load_model
 from ..instruct import generation_prompt, inspect_examples, load_instruct_data, respond
 from ..sample import generate, next_token_distribution
@@ -65,7 +66,7 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
     model, tok, _ = load_model(run)
     prompt_ids, stop_ids, chat = generation_prompt(tok, prompt, raw=raw)
     echo = f"{prompt}\n> " if chat else prompt
-    prompt_ids = prompt_ids[-model.config.block_size:]
+    prompt_ids = cut_prompt(prompt_ids, model.config.block_size, turn=chat)
     for i in range(num_samples):
         s = None if seed is None else seed + i
         if num_samples > 1:
