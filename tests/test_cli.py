@@ -93,7 +93,8 @@ def test_instruct_inspect_and_chat(run, capsys, monkeypatch):
     assert not capsys.readouterr().out.startswith("the \n> ")
     monkeypatch.setattr("sys.stdin", io.StringIO("what is one plus one?\n\n"))
     assert main(["chat", str(run / "qa"), "--max-new-tokens", "8"]) == 0
-    assert "model> " in capsys.readouterr().out
+    chatted = capsys.readouterr()
+    assert "model> " in chatted.out and "not instruct-tuned" not in chatted.err
 
 
 def test_errors_exit_2_with_a_message(run, capsys):
@@ -218,8 +219,9 @@ def test_dpo_and_rl_references_compute_in_the_policy_precision(run):
 def test_chat_asks_again_after_an_unencodable_message(run, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("what is \u2603?\nwhat is one plus one?\n\n"))
     assert main(["chat", str(run / "base"), "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "cannot encode '\u2603'" in out and "type the message without them" in out
+    assert "is not instruct-tuned (no chat template)" in err  # a base model: said, not refused
     assert out.count("model> ") == 1  # the second message was answered; the session went on
 
 

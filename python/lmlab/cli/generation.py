@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .. import checks
-from ..chat import cut_prompt
+from ..chat import cut_prompt, template_of
 from ..checkpoint import load_model
 from ..instruct import generation_prompt, inspect_examples, load_instruct_data, respond
 from ..sample import generate, next_token_distribution
@@ -166,6 +166,11 @@ def cmd_chat(args) -> int:
     apply_threads(args)
     check_sampling(args)
     model, tok, _ = load_model(args.run)
+    if template_of(tok) is None:
+        # Allowed, since a base model failing to answer is itself worth seeing; but said.
+        print(f"lmlab chat: note: {args.run} is not instruct-tuned (no chat template), so it has "
+              "never seen a conversation and will most likely continue text rather than answer; "
+              "`lmlab instruct` tunes one", file=sys.stderr)
     print("lmlab chat: type a message, an empty line or Ctrl-D to quit.")
     history: list = []
     while True:
