@@ -22,11 +22,11 @@ import sys
 import uuid
 from pathlib import Path
 
+from .chat import END
 from .checkpoint import load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, write_new_file
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
-from .chat import END
 from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
 

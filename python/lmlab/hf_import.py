@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat import TEMPLATE
 from .checkpoint import save_run
 from .errors import ConversionError, RunDirError
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
-from .chat import TEMPLATE
 from .model import GPT, GPTConfig
 from .reference import LAYERNORM_EPS
 from .rundir import is_run, open_run_dir

@@ -33,7 +33,6 @@ from .tokenizer import SPECIAL_TOKENS
 from .train import train
 
 
-
 @dataclass
 class Example:
     ids: np.ndarray  # int32 (L,): the rendered conversation
