@@ -13,7 +13,8 @@ import shutil
 import pytest
 from flat_run import flatten
 
-from lmlab import checkpoint
+import lmlab
+from lmlab import checkpoint, metrics
 from lmlab.checks import SettingError, check, check_values, max_threads
 from lmlab.cli import main
 from lmlab.pretrain import pretrain
@@ -130,6 +131,16 @@ def test_python_api_refuses_the_same_values():
         pretrain("x", "never", batch_size=0)
     with pytest.raises(TypeError, match="unknown keyword"):
         pretrain("x", "never", batchsize=4)
+    # Switches and paths are checked too: "no" is not False, and 5 is not a corpus.
+    for settings, message in [({"progress": "no"}, "progress='no' is not allowed: expected True or "
+                                                   "False"),
+                              ({"resume": "yes"}, "resume='yes' is not allowed"),
+                              ({"overwrite": 1}, "overwrite=1 is not allowed"),
+                              ({"corpus": 5}, "corpus=5 is not allowed: expected a path or "
+                                              "builtin:NAME")]:
+        settings = {"corpus": "x", **settings}
+        with pytest.raises(SettingError, match=message):
+            pretrain(settings.pop("corpus"), "never", **settings)
     assert not os.path.exists("never")
 
 
@@ -215,7 +226,19 @@ def test_resume_takes_every_setting_from_the_run(root, tmp_path, capsys):
         assert main(["pretrain", "--run", str(run), "--resume", "--steps", "9", *flags]) == 2
         err = capsys.readouterr().err
         assert name in err and "a resumed run keeps its model, data and batches" in err, err
+        assert "changed from" not in err  # a refused resume reports only why
+    # Fewer steps than the run has trained cannot be a resume's target.
+    assert main(["pretrain", "--run", str(run), "--resume", "--steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 5 is not allowed: the run has already trained 8 steps" in err, err
+    assert "changed from" not in err
     assert checkpoint.load_training_state(run)[1]["step"] == 8
+    # Resuming a finished run trains nothing and reports the losses it logged last.
+    rows = [r for r in metrics.read_metrics(run) if "val_loss" in r]
+    result = lmlab.pretrain(run=run, resume=True, steps=8, progress=False).result
+    assert result.steps_done == 8 and result.final_loss == rows[-1]["loss"]
+    assert result.val_loss == rows[-1]["val_loss"]
+    assert "already finished 8 of 8 steps" in capsys.readouterr().err
 
 
 def test_resume_of_a_run_without_recorded_settings_uses_its_optimiser_section(root, tmp_path):

@@ -54,7 +54,7 @@ def refuse_unknown(function: str, given, known) -> None:
 
 @dataclass(frozen=True)
 class Rule:
-    kind: type  # int, float or str
+    kind: type  # int, float, str, bool, or os.PathLike (a str or a path)
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False  # low itself is not allowed
@@ -65,6 +65,10 @@ class Rule:
     def describe(self) -> str:
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.kind is bool:
+            text = "True or False"
+        elif self.kind is os.PathLike:
+            text = "a path or builtin:NAME (a str or an os.PathLike)"
         else:
             what = "an integer" if self.kind is int else "a finite number"
             bounds = []
@@ -87,6 +91,11 @@ class Rule:
         if self.kind is str:
             if not isinstance(value, str):
                 raise SettingError(name, value, "expected a string")
+            return
+        if self.kind in (bool, os.PathLike):
+            allowed = (bool, np.bool_) if self.kind is bool else (str, os.PathLike)
+            if not isinstance(value, allowed):
+                raise SettingError(name, value, f"expected {self.describe()}")
             return
         ok_type = (isinstance(value, (int, np.integer)) if self.kind is int
                    else isinstance(value, (int, float, np.integer, np.floating)))
@@ -138,6 +147,13 @@ RULES = {
     "eval_batches": Rule(int, 1, 100_000),
     "unknown": Rule(str, choices=("error", "skip", "replace")),
     "freeze_layers": Rule(int, 0, 1024),
+    "freeze_embeddings": Rule(bool),
+    "corpus": Rule(os.PathLike, optional=True),
+    "data": Rule(os.PathLike, optional=True),
+    "prompts": Rule(os.PathLike, optional=True),
+    "progress": Rule(bool),
+    "resume": Rule(bool),
+    "overwrite": Rule(bool),
     "sample_tokens": Rule(int, 0, _SIZE),
     # preference stages
     "beta": Rule(float, 0, 1000, low_open=True),

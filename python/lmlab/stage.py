@@ -178,8 +178,11 @@ def saved_settings(stage: str, train: dict) -> dict:
     return found
 
 
-def _merge_for_resume(stage: str, saved: dict, given: dict) -> dict:
+def _merge_for_resume(stage: str, saved: dict, given: dict, steps_done) -> dict:
+    """The settings a resumed run trains with: its own, with the given ones that may change; what
+    changes is said once all are accepted (a refused resume reports only why)."""
     settings = {**STAGE_DEFAULTS[stage], **saved}
+    changed = []
     for name, value in given.items():
         if name in _NOT_RECORDED or name not in saved or saved[name] == value:
             settings[name] = value
@@ -188,9 +191,16 @@ def _merge_for_resume(stage: str, saved: dict, given: dict) -> dict:
             raise checks.SettingError(name, value, f"the run was set up with {saved[name]!r}, and "
                                       "a resumed run keeps its model, data and batches; start a "
                                       "new run (or fine-tune into one) to change it")
-        if distributed.world().is_root:  # every rank merges the same settings; one says so
-            print(f"lmlab: {name} changed from {saved[name]!r} to {value!r}", file=sys.stderr)
+        changed.append(f"{name} changed from {saved[name]!r} to {value!r}")
         settings[name] = value
+    steps = settings.get("steps")
+    if isinstance(steps_done, int) and isinstance(steps, int) and steps < steps_done:
+        raise checks.SettingError("steps", steps, f"the run has already trained {steps_done} "
+                                  f"steps, and a resumed run trains up to steps: give at least "
+                                  f"{steps_done}")
+    if distributed.world().is_root:  # every rank merges the same settings; one says so
+        for line in changed:
+            print(f"lmlab: {line}", file=sys.stderr)
     return settings
 
 
@@ -216,6 +226,7 @@ def _grad_accum_for(train: dict, saved_accum: int) -> int:
 def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
                parent=None, threads: Optional[int] = None) -> StageRun:
     """Check, open and configure a stage's run (module docstring); close it when done."""
+    checks.check_values(resume=resume, overwrite=overwrite)
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
     given = check_given(stage, given)
@@ -247,7 +258,8 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         saved = saved_settings(stage, config.get("train") or {})
         if "precision" in settings:
             saved["precision"] = saved_precision(config)
-        settings = _merge_for_resume(stage, saved, given)
+        steps_done = (config.get("checkpoint") or {}).get("step")
+        settings = _merge_for_resume(stage, saved, given, steps_done)
         if "grad_accum" in settings and "grad_accum" not in given:
             settings["grad_accum"] = _grad_accum_for(config.get("train") or {}, settings["grad_accum"])
         checks.check_relations(settings)

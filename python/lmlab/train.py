@@ -337,8 +337,9 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                    file=sys.stderr)
     t_start = time.perf_counter()
     tokens_total = 0
-    loss = float("nan")
-    val_loss = None
+    # A resumed run reports the losses logged up to its checkpoint until it logs new ones (a run
+    # already finished logs none).
+    loss, val_loss = _last_logged_losses(run_dir) if resume else (float("nan"), None)
     step = start_step
     stopped = False
     window_t, window_tokens = time.perf_counter(), 0
@@ -466,6 +467,22 @@ def _plot(run_dir: Path) -> None:
         metrics.plot_loss(run_dir)
     except Exception as exc:  # a plot is a convenience; never lose a finished run over it
         print(f"lmlab: could not draw loss.png ({exc})", file=sys.stderr)
+
+
+def _last_logged_losses(run_dir) -> tuple:
+    """(loss, val_loss) of the last rows of a run's metrics.jsonl that hold them (nan and None
+    where none does, or the file cannot be read)."""
+    loss, val_loss = float("nan"), None
+    try:
+        rows = metrics.read_metrics(run_dir)
+    except CheckpointError:
+        return loss, val_loss
+    for row in rows:
+        if isinstance(row.get("loss"), (int, float)):
+            loss = float(row["loss"])
+        if isinstance(row.get("val_loss"), (int, float)):
+            val_loss = float(row["val_loss"])
+    return loss, val_loss
 
 
 def _numbers(d: dict, skip=()) -> dict:
