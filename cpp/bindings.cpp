@@ -581,14 +581,18 @@ void set_bf16_path(const std::string& name) {
                               bf16_path_list(true));
 }
 
+std::string available_isa_list() {
+    const char* names[8];
+    int n = lmlab::available_isas(names, 8);
+    std::string avail;
+    for (int i = 0; i < n; i++) avail += std::string(i ? ", " : "") + names[i];
+    return avail;
+}
+
 void set_isa(const std::string& name) {
-    if (!lmlab::select_isa(name.c_str())) {
-        const char* names[8];
-        int n = lmlab::available_isas(names, 8);
-        std::string avail;
-        for (int i = 0; i < n; i++) avail += std::string(i ? ", " : "") + names[i];
-        throw py::value_error("set_isa: '" + name + "' is not available on this CPU/build; available: " + avail);
-    }
+    if (!lmlab::select_isa(name.c_str()))
+        throw py::value_error("set_isa: '" + name + "' is not available on this CPU/build; available: " +
+                              available_isa_list());
 }
 
 void set_num_threads(int n) {
@@ -725,6 +729,13 @@ PYBIND11_MODULE(_core, m) {
             throw py::import_error(std::string("LMLAB_BF16='") + forced +
                                    "': this CPU/OS cannot run it; available here: " +
                                    bf16_path_list(true));
+    }
+    // LMLAB_ISA forces a kernel variant for the process, with the same rule.
+    if (const char* forced = std::getenv("LMLAB_ISA"); forced != nullptr && forced[0] != '\0') {
+        if (!lmlab::select_isa(forced))
+            throw py::import_error(std::string("LMLAB_ISA='") + forced +
+                                   "' names no kernel variant this CPU and build can run; "
+                                   "available here: " + available_isa_list());
     }
     auto a = [](const char* name) { return py::arg(name).noconvert(); };
     auto o = [](const char* name) { return py::arg(name).none(true); };

@@ -57,14 +57,9 @@ const Variant kVariants[] = {
     {"portable", &kernel_table_portable, &always},
 };
 
+// The best variant this CPU runs (LMLAB_ISA, applied by the bindings at import, may then force
+// another through select_isa).
 const KernelTable* choose_at_import() {
-    // LMLAB_ISA forces a variant (for testing the portable path); an unavailable name falls back to
-    // the best available one rather than failing the import.
-    const char* forced = std::getenv("LMLAB_ISA");
-    if (forced != nullptr && forced[0] != '\0') {
-        for (const Variant& v : kVariants)
-            if (std::strcmp(v.name, forced) == 0 && v.supported()) return &v.table();
-    }
     for (const Variant& v : kVariants)
         if (v.supported()) return &v.table();
     return &kernel_table_portable();

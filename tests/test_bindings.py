@@ -387,3 +387,10 @@ def test_other_bad_objects_never_crash():
             _core.gelu_forward(np.zeros(3, f32), bad)
         with pytest.raises(TypeError):
             _core.sum_squares(bad)
+
+
+def test_round_bf16_names_a_wrong_input_rather_than_its_own_output():
+    for bad, what in ((np.ones(3), "float64"), ([1.0, 2.0], "list")):
+        with pytest.raises(TypeError, match=f"x must be a float32 numpy array, got {what}"):
+            ops.round_bf16(bad)
+    np.testing.assert_array_equal(ops.round_bf16(np.float32([1.0, 3.0])), np.float32([1.0, 3.0]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import lmlab
-from lmlab import ops
+from lmlab import checks, ops
 
 KNOWN_ISAS = ("avx512", "avx2", "neon", "portable")  # best first; x86-64 builds never hold neon
 # A variant lmlab knows that this build or CPU does not run (neon on x86-64, avx2 on AArch64).
@@ -82,10 +83,16 @@ def test_lmlab_isa_forces_portable_at_import():
     np.testing.assert_allclose(forced["gelu"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_unknown_lmlab_isa_falls_back_to_best():
-    """A wrong LMLAB_ISA must not break the import: the best available variant is used."""
-    child = run_child("sse9000")
-    assert child["info"]["isa"] == child["info"]["available"][0]
+@pytest.mark.parametrize("name", ["sse9000", "neon" if platform.machine() == "x86_64" else "avx2"])
+def test_lmlab_isa_naming_no_variant_this_cpu_runs_fails_the_import(name):
+    """A forced variant that cannot run is an error, not a silent run on another one (which would
+    test or measure something else than asked); the message names what can run."""
+    env = dict(os.environ, LMLAB_ISA=name)
+    done = subprocess.run([sys.executable, "-c", "import lmlab"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"LMLAB_ISA='{name}' names no kernel variant" in done.stderr
+    assert "available here: " + ", ".join(lmlab.cpu_info()["available"]) in done.stderr
 
 
 @pytest.mark.parametrize("name", lmlab.cpu_info()["available"])
@@ -140,10 +147,13 @@ def test_num_threads_context_restores():
     assert ops.get_num_threads() == before
 
 
-@pytest.mark.parametrize("n", [0, -1])
-def test_set_num_threads_below_one_raises(n):
+@pytest.mark.parametrize("n", [0, -1, 1.5, "2", None, True, 100_000])
+def test_set_num_threads_refuses_what_threads_refuses(n):
+    """The rule of threads= and --threads: an integer from 1 to 4 per core. A huge count would
+    have OpenMP fail to make the threads and end the process at the next kernel call."""
     before = ops.get_num_threads()
-    with pytest.raises(ValueError, match=f"n must be >= 1, got {n}"):
+    with pytest.raises(ValueError, match=rf"threads={n!r} is not allowed: expected an integer >= 1 "
+                                         rf"and <= {checks.max_threads()}"):
         lmlab.set_num_threads(n)
     assert ops.get_num_threads() == before
 

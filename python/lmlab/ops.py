@@ -203,6 +203,9 @@ def round_bf16(x: Array, out: Optional[Array] = None) -> Array:
     """x rounded to the nearest bfloat16 (ties to even), as float32: exactly what Precision.BF16
     does to a matmul operand. out may be x itself."""
     if out is None:
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise TypeError(f"x must be a float32 numpy array, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
         out = np.empty_like(x)
     _core.round_bf16(out, x)
     return out
@@ -262,7 +265,10 @@ def use_isa(name: str) -> Iterator[None]:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of OpenMP threads the kernels use."""
+    """Set the number of OpenMP threads the kernels use: an integer from 1 to 4 per core
+    (lmlab.checks.max_threads), as threads= and --threads take; SettingError (a ValueError) else."""
+    from .checks import Rule, max_threads  # lmlab.checks imports this module
+    Rule(int, 1, max_threads()).check("threads", n)
     _core.set_num_threads(int(n))
 
 

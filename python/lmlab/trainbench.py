@@ -317,6 +317,11 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     """
     if isa not in ISA_ENV:
         raise ValueError(f"isa must be one of {tuple(ISA_ENV)}, got {isa!r}")
+    forced = ISA_ENV[isa].get("LMLAB_ISA")
+    from . import ops  # here, not at the top: a PyTorch child never loads lmlab's kernels
+    if forced is not None and forced not in ops.cpu_info()["available"]:
+        raise ValueError(f"isa {isa!r}: this CPU cannot run lmlab's {forced} kernels (available "
+                         f"here: {', '.join(ops.cpu_info()['available'])})")
     for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
                         ("block_size", block_size), ("batch_size", batch_size), ("steps", steps),
                         ("vocab_size", vocab_size)):
