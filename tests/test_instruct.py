@@ -3,10 +3,12 @@ dataset, and that tuning teaches a model to answer and stop."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from lmlab import instruct
+from lmlab import instruct, metrics
 from lmlab.instruct import (END, InstructStage, batch_arrays, build_examples,
                             builtin_instruct_dataset, evaluate_instruct, inspect_examples, render)
 from lmlab.model import GPT, GPTConfig
@@ -119,3 +121,43 @@ def test_instruct_tuning_teaches_answering_and_stopping(tmp_path):
 def test_unknown_builtin_dataset_named():
     with pytest.raises(ValueError, match="python-qa"):
         instruct.load_instruct_data("builtin:nope")
+
+
+def _write_jsonl(path, rows):
+    """rows: dicts as JSON lines, None as a blank line."""
+    path.write_text("".join("\n" if r is None else json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+BAD = {"prompt": "\u00dcn\u00efcode?", "response": "no"}  # not in the tiny tokenizer's alphabet
+
+
+def test_inspect_data_checks_every_conversation_and_names_file_lines(tmp_path):
+    """Held-out conversations (every tenth, from the first) are checked too, and problems are named
+    by their line in the file, blank lines counted."""
+    tok, _ = tiny()
+    rows = [BAD, {"prompt": QA[0][0], "response": QA[0][1]}, None, BAD,
+            *({"prompt": q, "response": a} for q, a in QA[1:])]
+    convs, labels = instruct.instruct_dataset(_write_jsonl(tmp_path / "qa.jsonl", rows))
+    assert labels[:3] == ["line 1", "line 2", "line 4"] and len(convs) == 2 + len(QA)
+    view = inspect_examples(tok, convs, 48, n=1, color=False, labels=labels)
+    assert view.splitlines()[0].startswith("example line 2: ")
+    assert "2 contain text the tokenizer cannot encode (skipped): line 1, line 4" in view
+    assert f"{len(convs)} examples" in view
+
+
+def test_instruct_with_no_scorable_held_out_conversation_measures_no_validation_loss(tmp_path,
+                                                                                     capsys):
+    """A loss over no token is not 0.0: with every held-out conversation unencodable, the run logs
+    no validation loss, returns None for it, and says why."""
+    import lmlab
+    (tmp_path / "corpus.txt").write_text(ALPHABET * 40)
+    lmlab.pretrain(str(tmp_path / "corpus.txt"), tmp_path / "base", steps=2, n_layer=1, n_head=1,
+                   n_embd=8, block_size=48, batch_size=2, progress=False)
+    data = _write_jsonl(tmp_path / "qa.jsonl", [BAD] + [{"prompt": q, "response": a} for q, a in QA])
+    model = lmlab.instruct(tmp_path / "base", data, out=tmp_path / "qa", steps=3, batch_size=2,
+                           eval_every=1, progress=False)
+    assert model.result.val_loss is None
+    assert model.result.steps_done == 3 and np.isfinite(model.result.final_loss)
+    assert not any("val_loss" in row for row in metrics.read_metrics(tmp_path / "qa"))
+    assert "no held-out conversation (1 held out) can be scored" in capsys.readouterr().err

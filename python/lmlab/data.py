@@ -330,8 +330,9 @@ def need_str(obj: dict, key: str, where: str) -> str:
     return v
 
 
-def load_instruct_jsonl(path) -> list:
-    """Conversations from an instruct JSONL file: a list of [{"role", "content"}, ...] lists."""
+def load_instruct_jsonl(path, *, line_numbers: bool = False):
+    """Conversations from an instruct JSONL file: a list of [{"role", "content"}, ...] lists; with
+    line_numbers, (conversations, the file line of each)."""
     path, records = read_jsonl_objects(path)
     out = []
     for lineno, obj in records:
@@ -356,4 +357,6 @@ def load_instruct_jsonl(path) -> list:
             raise ValueError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; "
                              f"got {sorted(obj)}")
         out.append(conv)
+    if line_numbers:
+        return out, [lineno for lineno, _ in records]
     return out

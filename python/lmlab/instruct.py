@@ -18,12 +18,12 @@ import inspect
 import re
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, List, Optional
 
 import numpy as np
 
-from . import _CallableStage
+from . import _CallableStage, distributed
 from .chat import END, TEMPLATE, answer_end_id, cut_prompt, render, template_of, user_turn
 from .checkpoint import load_model
 from .data import load_instruct_jsonl
@@ -208,10 +208,7 @@ BUILTIN_INSTRUCT = {"python-qa": "questions about the running Python's standard 
 def load_instruct_data(spec: str):
     """(train, held_out) conversations from "builtin:python-qa" or a JSONL file (10% held out)."""
     if spec.startswith("builtin:"):
-        name = spec[len("builtin:"):]
-        if name not in BUILTIN_INSTRUCT:
-            raise ValueError(f"unknown built-in instruct dataset {name!r}; known: "
-                             + ", ".join(f"builtin:{k}" for k in BUILTIN_INSTRUCT))
+        _builtin_name(spec)
         return builtin_instruct_dataset()
     convs = load_instruct_jsonl(spec)
     if len(convs) < 2:
@@ -220,11 +217,35 @@ def load_instruct_data(spec: str):
     return [c for i, c in enumerate(convs) if i % 10 != 0], held_out
 
 
+def _builtin_name(spec: str) -> str:
+    name = spec[len("builtin:"):]
+    if name not in BUILTIN_INSTRUCT:
+        raise ValueError(f"unknown built-in instruct dataset {name!r}; known: "
+                         + ", ".join(f"builtin:{k}" for k in BUILTIN_INSTRUCT))
+    return name
+
+
+def instruct_dataset(spec: str) -> tuple:
+    """(conversations, labels): every conversation of the data, held-out ones included, in order,
+    and what a message calls each ("line 7" of a JSONL file, "#3" of a built-in)."""
+    if spec.startswith("builtin:"):
+        _builtin_name(spec)
+        train_set, held_out = builtin_instruct_dataset()
+        convs = train_set + held_out
+        return convs, [f"#{i + 1}" for i in range(len(convs))]
+    convs, lines = load_instruct_jsonl(spec, line_numbers=True)
+    return convs, [f"line {n}" for n in lines]
+
+
 # --- inspect-data --------------------------------------------------------------------------------
 
-def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, color: bool = True) -> str:
+def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, color: bool = True,
+                     labels: Optional[List[str]] = None) -> str:
     """A printable view: for the first n examples, every token with the supervised ones highlighted,
-    the supervised-token count, and a summary of problems over the whole dataset."""
+    the supervised-token count, and a summary of problems over the whole dataset. labels name each
+    conversation in the view (default "#1", "#2", ... in order)."""
+    if labels is None:
+        labels = [f"#{i + 1}" for i in range(len(conversations))]
     examples, problems = build_examples(conversations, tokenizer, block_size)
     on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[", "]")
     out = []
@@ -234,7 +255,8 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
             piece = tokenizer.decode([tid])
             parts.append(f"{on}{piece}{off}" if sup else piece)
         flag = "  (TRUNCATED by block size)" if ex.truncated else ""
-        out.append(f"example {ex.source}: {len(ex.ids)} tokens, {ex.n_supervised} supervised{flag}")
+        out.append(f"example {labels[ex.source]}: {len(ex.ids)} tokens, {ex.n_supervised} "
+                   f"supervised{flag}")
         out.append("  " + "".join(parts).replace("\n", "\n  "))
     total = len(examples) + len(problems["unencodable"])
     out.append(f"{total} examples; {sum(e.n_supervised for e in examples)} supervised tokens")
@@ -242,7 +264,9 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
                        ("truncated", f"are cut off by the block size {block_size}"),
                        ("no_supervised", "have no supervised token")):
         if problems[kind]:
-            out.append(f"  {len(problems[kind])} {what}: e.g. #{problems[kind][:5]}")
+            shown = ", ".join(labels[i] for i in problems[kind][:5])
+            more = ", ..." if len(problems[kind]) > 5 else ""
+            out.append(f"  {len(problems[kind])} {what}: {shown}{more}")
     return "\n".join(out)
 
 
@@ -313,9 +337,18 @@ def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
         train_convs, held_out = load_instruct_data(s["data"])
         train_examples, problems = build_examples(train_convs, tok, T)
         val_examples, _ = build_examples(held_out, tok, T)
+        val_examples = [e for e in val_examples if e.n_supervised > 0]
         cfg = run.train_config()
-        stage = InstructStage(train_examples, [e for e in val_examples if e.n_supervised > 0],
-                              s["batch_size"], T, tok.eot_id, s["seed"])
+        if not val_examples and cfg.eval_every:
+            # A loss over no token would read as a perfect 0.0: measure none, and say so.
+            if distributed.world().is_root:
+                print(f"lmlab instruct: no held-out conversation ({len(held_out)} held out) can be "
+                      "scored: each cannot be encoded, or supervises no token within the block "
+                      "size (`lmlab inspect-data` shows which); no validation loss is measured",
+                      file=sys.stderr)
+            cfg = replace(cfg, eval_every=0)
+        stage = InstructStage(train_examples, val_examples, s["batch_size"], T, tok.eot_id,
+                              s["seed"])
         run_config = run.run_config(
             data=s["data"], model=asdict(model.config), batch_size=s["batch_size"],
             corpus=(parent_config.get("train") or {}).get("corpus"),

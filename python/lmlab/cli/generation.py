@@ -11,7 +11,7 @@ import numpy as np
 from .. import checks
 from ..chat import cut_prompt, template_of
 from ..checkpoint import load_model
-from ..instruct import generation_prompt, inspect_examples, load_instruct_data, respond
+from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
 from ..sample import generate, next_token_distribution
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
 
@@ -19,7 +19,9 @@ from .common import add_sampling_options, add_threads, apply_threads, check_samp
 def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run", help="run directory")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="",
+                   help="the text to continue, or for an instruct-tuned run the question to answer "
+                        "(default: none, so a plain run starts a document)")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples, >= 1")
     p.add_argument("--stop", default=None, help="stop string: output is cut where it appears")
     p.add_argument("--no-stream", action="store_true", help="print each sample when complete")
@@ -31,7 +33,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("predict", help="the next-token distribution for a prompt")
     p.add_argument("run", help="run directory")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text whose next token is predicted")
     p.add_argument("--top-k", type=int, default=10, help="show the k most likely (default 10)")
     p.add_argument("--png", default=None, help="also draw a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="one JSON object per token")
@@ -40,10 +42,14 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("inspect-data", help="show which tokens of an instruct dataset get loss")
     p.add_argument("run", help="run directory whose tokenizer and block size to use")
-    p.add_argument("--data", default="builtin:python-qa")
+    p.add_argument("--data", default="builtin:python-qa",
+                   help="instruct data: builtin:python-qa or a JSONL file of prompt/response pairs "
+                        "or messages")
     p.add_argument("-n", type=int, default=3, help="examples to show")
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--no-color", action="store_true")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="cut examples at this many tokens (default: the run's block size)")
+    p.add_argument("--no-color", action="store_true",
+                   help="mark supervised tokens with [brackets] instead of colour")
     p.set_defaults(func=cmd_inspect_data)
 
     p = sub.add_parser("chat", help="talk to an instruct-tuned run")
@@ -156,9 +162,9 @@ def cmd_inspect_data(args) -> int:
         checks.check("block_size", args.block_size)
     model, tok, _ = load_model(args.run)
     block = args.block_size or model.config.block_size
-    train_convs, _ = load_instruct_data(args.data)
-    print(inspect_examples(tok, train_convs, block, n=args.n,
-                           color=not args.no_color and sys.stdout.isatty()))
+    conversations, labels = instruct_dataset(args.data)
+    print(inspect_examples(tok, conversations, block, n=args.n,
+                           color=not args.no_color and sys.stdout.isatty(), labels=labels))
     return 0
 
 
