@@ -4,6 +4,7 @@ precision rows, and clear errors with exit status 2."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 
@@ -243,3 +244,29 @@ def test_chat_history_keeps_only_text(run, capsys, monkeypatch):
     assert main(["chat", str(run / "base"), "--history", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.count("model> two") == 2
     assert prompts[1] == ("<|user|>one<|assistant|>two<|end|><|user|>the cat<|assistant|>")
+
+
+def _every_option(parser, name="lmlab"):
+    """(verb, parser, action) for every option of every verb and sub-verb."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb, sub in action.choices.items():
+                yield from _every_option(sub, f"{name} {verb}")
+        elif action.option_strings:
+            yield name, parser, action
+
+
+def test_every_verbs_help_shows_every_default_and_describes_every_option():
+    """README: "Each verb has --help, which shows every default". An option whose default is a
+    value shows it; one that defaults to None (not given) or a switch says in words what it does."""
+    from lmlab.cli import build_parser
+    missing = []
+    for verb, parser, action in _every_option(build_parser()):
+        if action.dest in ("help", "version"):
+            continue
+        text = parser._get_formatter()._expand_help(action) if action.help else ""
+        if not text:
+            missing.append(f"{verb} {action.option_strings[0]}: no help")
+        elif action.default not in (None, False, "") and "default" not in text:
+            missing.append(f"{verb} {action.option_strings[0]}: default {action.default!r} not shown")
+    assert not missing, "\n".join(missing)

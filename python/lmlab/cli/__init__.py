@@ -34,14 +34,15 @@ from .. import __version__, distributed
 from ..checks import SettingError
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
-from .common import flag
+from .common import Parser, flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmlab", description="Train small GPT language models on a CPU and watch them learn.")
     parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
     training.add_commands(sub)
     generation.add_commands(sub)
     preference.add_commands(sub)

@@ -136,9 +136,9 @@ def run_bench_train(args) -> list:
 
 def _add_generate_arguments(parser) -> None:
     """The options of a `lmlab bench generate` (KV cache vs none)."""
-    _add_model_arguments(parser, 6, 6, 384, 256)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    _add_model_arguments(parser, 6, 6, 384, 256, text="model shape")
+    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated")
 
 
 def run_bench_generate(args) -> list:

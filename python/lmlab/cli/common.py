@@ -20,6 +20,29 @@ RESUME_HELP = ("continue the run exactly as it was set up: every setting comes f
 OVERWRITE_HELP = "replace an existing run in the output directory (says what it removes)"
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help that shows each option's default where its text does not already: every default but
+    None (the option not given; its text says what then happens), False (a switch left off) and
+    the empty string."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is argparse.SUPPRESS
+                or default is None or default is False or default == ""):
+            return text
+        shown = str(default).replace("%", "%%")  # help strings are %-formatted
+        return f"{text} (default {shown})" if text else f"default {shown}"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every lmlab parser and sub-parser: its --help shows the defaults (ShowDefaults)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", ShowDefaults)
+        super().__init__(*args, **kwargs)
+
+
 # Short spellings of a few long flags.
 ALIASES = {"keep_checkpoints": ["--keep"]}
 
@@ -75,7 +98,8 @@ def add_train_options(p: argparse.ArgumentParser, stage: str) -> None:
                    help="matmul precision: fp32, or bf16 = the operands of every matmul and "
                         "attention product rounded to bfloat16 with fp32 accumulation (parameters, "
                         "gradients, optimiser state and other ops stay fp32). auto (default): bf16 "
-                        "where the CPU has AMX tiles for it, else fp32. A resumed run keeps its own")
+                        "where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else fp32. A resumed "
+                        "run keeps its own")
 
 
 def add_run_output(p: argparse.ArgumentParser, *, derived: bool, resume: bool = True) -> None:
@@ -107,9 +131,12 @@ def add_sampling_options(p: argparse.ArgumentParser, *, max_new_tokens: int,
                    help=f"at most this many new tokens (default {max_new_tokens})")
     g.add_argument("--temperature", type=float, default=temperature,
                    help=f"0 means greedy (default {temperature})")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely (default: from every token)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling, in (0, 1] (default: off)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="same seed, same text (default: a fresh random seed each run)")
 
 
 def check_sampling(args) -> None:

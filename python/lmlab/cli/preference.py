@@ -34,10 +34,12 @@ def add_commands(sub) -> None:
     p.add_argument("--judge", default=None, metavar="SPEC",
                    help="rank with a scripted judge instead of a person: word:WORD, shorter, "
                         "longer")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely (default: from every token)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling, in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0,
                    help="completion j of prompt i uses seed SEED + K*i + j")
     add_threads(p)
@@ -83,7 +85,8 @@ def add_commands(sub) -> None:
     add_setting(p, "rlhf", "max_new_tokens", int)
     add_setting(p, "rlhf", "temperature", float,
                 "sampling temperature; 1.0 (with no --top-k) keeps the gradient on-policy")
-    add_setting(p, "rlhf", "top_k", int)
+    add_setting(p, "rlhf", "top_k", int, "sample from the k most likely (default: from every "
+                "token)")
     _finish_tuner(p, "rlhf", cmd_rlhf, "prompts")
 
 
@@ -103,7 +106,8 @@ def _finish_tuner(p, stage: str, func, held_out_what: str) -> None:
                         "the tuned answer to the reference's on --eval-prompts")
     p.add_argument("--eval-prompts", default=None, help="prompts file for --eval-judge")
     p.add_argument("--eval-samples", type=int, default=2, help="answers per prompt for the eval")
-    p.add_argument("--eval-max-new-tokens", type=int, default=32)
+    p.add_argument("--eval-max-new-tokens", type=int, default=32,
+                   help="at most this many new tokens per answer for the eval")
     add_run_output(p, derived=False)
     add_train_options(p, stage)
     add_threads(p)
