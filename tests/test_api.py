@@ -201,6 +201,27 @@ def test_bad_keywords_and_values_are_refused_before_any_work(root, base):
         base.next_token_distribution("the")["th"]
     with pytest.raises(FileNotFoundError):
         lmlab.load(root / "missing")
+    for bad in (3, None):
+        with pytest.raises(ValueError, match="run must be a run directory"):
+            lmlab.load(bad)
+        with pytest.raises(ValueError, match="run must be a run directory"):
+            lmlab.Model(bad)
+
+
+def test_help_and_signature_of_the_callable_stage_modules_describe_the_call():
+    """lmlab.pretrain is both the stage's module and the API function: help() and
+    inspect.signature show what calling it does (the API's Model-returning function) first."""
+    import inspect
+    import pydoc
+    for name in ("pretrain", "finetune", "instruct"):
+        module, function = getattr(lmlab, name), getattr(api, name)
+        assert inspect.signature(module) == inspect.signature(function)
+        text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+        assert f"lmlab.{name}{inspect.signature(function)}" in text
+        assert inspect.cleandoc(function.__doc__).splitlines()[0] in text
+        # The module's own docstring follows, still reachable.
+        own = sys.modules[f"lmlab.{name}"].__dict__["__doc__"]
+        assert inspect.cleandoc(own).splitlines()[0] in text
 
 
 def test_import_stays_light_and_stage_modules_are_callable():

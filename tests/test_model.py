@@ -453,3 +453,16 @@ def test_bf16_kv_cache_runs_in_bf16(bf16_variant):
     m.matmul_precision = "fp32"
     fp32 = m.forward(ctx[None, :], cache=KVCache(m.config))[0][0, -1]
     assert not np.allclose(fp32, step, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kv_cache_made_for_another_model_is_refused_by_name():
+    m = tiny_model(seed=5)
+    other = GPTConfig(**{**m.config.__dict__, "n_embd": m.config.n_embd * 2})
+    ctx = np.array([[3, 1, 4]], np.int32)
+    with pytest.raises(ValueError, match=r"this KV cache was made for a model of \(n_layer, "
+                                         r"n_head, n_embd, block_size\) .*KVCache\(model.config\)"):
+        m.forward(ctx, cache=KVCache(other))
+    with pytest.raises(TypeError, match="cache must be an lmlab KVCache, got dict"):
+        m.forward(ctx, cache={})
+    logits, _ = m.forward(ctx, cache=KVCache(m.config))  # its own still works
+    assert np.isfinite(logits).all()

@@ -608,3 +608,15 @@ def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_
         assert read_config(tmp_path / run)["train"]["chat_template"] == TEMPLATE, run
         assert api.load(tmp_path / run).chat, run
     assert not api.load(tmp_path / "base").chat
+
+
+def test_rankings_given_as_something_else_than_paths_are_named():
+    from pathlib import Path
+
+    from lmlab.rankings import ranking_paths
+    for bad in (5, [5], {"a.jsonl": 1}, b"a.jsonl"):
+        with pytest.raises(ValueError, match=r"rankings must be a rankings file \(a str or path\) "
+                                             r"or a list of them, got "):
+            ranking_paths(bad)
+    assert ranking_paths(["a.jsonl", Path("b.jsonl")]) == ["a.jsonl", "b.jsonl"]
+    assert ranking_paths(None) is None

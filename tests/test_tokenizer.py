@@ -142,7 +142,12 @@ def test_char_unknown_chars_error_names_chars_and_counts(char_tok):
         char_tok.encode(text)
     msg = str(e.value)
     assert "'☃' x2" in msg and "'⚡' x1" in msg and "3 characters (2 distinct)" in msg
-    assert "unknown='replace'" in msg
+    # The same error reaches sample, predict and Model.generate, which take no unknown= policy: the
+    # message says why, not which keyword to pass.
+    assert "vocabulary holds only what the text it was built from holds" in msg
+    assert "unknown=" not in msg
+    with pytest.raises(ValueError, match=r"text contains 1 character \(1 distinct\)"):
+        char_tok.encode("☃")
 
 
 def test_char_unknown_fallbacks(char_tok):

@@ -26,9 +26,28 @@ class _CallableStage(types.ModuleType):
     top-level function of the same name in lmlab.api: the package attribute is the module
     whichever was imported first, so the module is made to answer the call."""
 
-    def __call__(self, *args, **kwargs):
+    def _api_function(self):
         api = importlib.import_module(".api", __name__)
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+        return getattr(api, self.__name__.rpartition(".")[2])
+
+    def __call__(self, *args, **kwargs):
+        return self._api_function()(*args, **kwargs)
+
+    # help(lmlab.pretrain) and inspect.signature(lmlab.pretrain) describe what a call does (the API
+    # function) first, then the module. Data descriptors on the type take precedence over the
+    # module's own __doc__ in its __dict__, which stays the module's docstring.
+    @property
+    def __doc__(self):
+        import inspect
+        function, own = self._api_function(), self.__dict__.get("__doc__") or ""
+        return (f"{self.__name__}{inspect.signature(function)}\n\n"
+                f"{inspect.cleandoc(function.__doc__ or '')}\n\n"
+                f"The module {self.__name__}, the stage behind the call:\n{inspect.cleandoc(own)}")
+
+    @property
+    def __signature__(self):
+        import inspect
+        return inspect.signature(self._api_function())
 
 
 def __getattr__(name: str):

@@ -94,8 +94,8 @@ class Model:
     """
 
     def __init__(self, run, *, result: Optional[StageResult] = None):
-        self.run = Path(run)
-        self.gpt, self.tokenizer, self.config = load_model(run)
+        self.run = _run_of(run)
+        self.gpt, self.tokenizer, self.config = load_model(self.run)
         self.result = result
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ class KVCache:
     """
 
     def __init__(self, config) -> None:
+        self.shape = (config.n_layer, config.n_head, config.n_embd, config.block_size)
         self.n_head, self.block_size = config.n_head, config.block_size
         HS = config.n_embd // config.n_head
         self.k = np.zeros((config.n_layer, config.n_head, config.block_size, HS), np.float32)
@@ -33,6 +34,14 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def check_fits(self, config) -> None:
+        """ValueError unless this cache was made for a model of config's shape."""
+        shape = (config.n_layer, config.n_head, config.n_embd, config.block_size)
+        if shape != self.shape:
+            raise ValueError(f"this KV cache was made for a model of (n_layer, n_head, n_embd, "
+                             f"block_size) {self.shape}, not this one's {shape}: make it with "
+                             "KVCache(model.config)")
 
     def attend(self, out: np.ndarray, qkv: np.ndarray, layer: int, start: int,
                precision) -> None:

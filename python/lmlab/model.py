@@ -340,6 +340,9 @@ class GPT:
             if targets is not None:
                 raise ValueError("a forward with a KV cache is for inference: it takes no targets "
                                  "(backward needs a forward over the whole sequence)")
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be an lmlab KVCache, got {type(cache).__name__}")
+            cache.check_fits(cfg)
             start = cache.length
         self._tokens = tokens = self._copy_tokens(tokens, "tokens", self._tokens)
         B, T = tokens.shape

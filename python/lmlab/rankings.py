@@ -105,6 +105,10 @@ def ranking_paths(rankings) -> Optional[list]:
         return None
     if isinstance(rankings, (str, os.PathLike)):
         rankings = [rankings]
+    if not isinstance(rankings, (list, tuple)) or not all(
+            isinstance(p, (str, os.PathLike)) for p in rankings):
+        raise ValueError(f"rankings must be a rankings file (a str or path) or a list of them, "
+                         f"got {rankings!r}")
     return [os.fspath(p) for p in rankings]
 
 

@@ -50,6 +50,10 @@ def _check_policy(unknown: str) -> str:
     return unknown
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 class Tokenizer:
     """A char-level or byte-level BPE tokenizer (see the module docstring for its behaviour)."""
 
@@ -161,9 +165,10 @@ class Tokenizer:
         shown = ", ".join(f"{c!r} x{n}" for c, n in counts.most_common(20))
         more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
         raise ValueError(
-            f"text contains {sum(counts.values())} characters ({len(counts)} distinct) that this "
-            f"{self.kind} tokenizer cannot represent: {shown}{more}; pass unknown='replace' to map "
-            f"them to U+FFFD or unknown='skip' to drop them"
+            f"text contains {_count(sum(counts.values()), 'character')} ({len(counts)} distinct) "
+            f"that this "
+            f"{self.kind} tokenizer cannot represent: {shown}{more} (its vocabulary holds only "
+            f"what the text it was built from holds)"
         )
 
     @staticmethod
