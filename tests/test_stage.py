@@ -241,6 +241,27 @@ def test_resume_takes_every_setting_from_the_run(root, tmp_path, capsys):
     assert "already finished 8 of 8 steps" in capsys.readouterr().err
 
 
+def test_a_run_is_resumed_only_by_the_stage_that_made_it(root, tmp_path, capsys):
+    """pretrain --resume on a fine-tuned run would thaw its frozen layers and drop its parent;
+    other verbs would fail on its state. Each is refused in one line naming the right verb."""
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(root / "base"), "--corpus", str(root / "corpus.txt"), "--out",
+                 str(ft), "--steps", "2", "--freeze-layers", "1", "--sample-tokens", "0",
+                 "--no-progress"]) == 0
+    before = (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    for argv in (["pretrain", "--run", str(ft)], ["instruct", str(root / "base"), "--out", str(ft)],
+                 ["dpo", str(root / "base"), "--out", str(ft)]):
+        assert main([*argv, "--resume", "--steps", "4", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{argv[0]} cannot resume {ft}: it holds a finetune run: resume it with lmlab " \
+               "finetune --resume" in err, err
+        assert err.count("\n") == 1 and "changed from" not in err
+    assert (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes() == before
+    assert main(["finetune", str(root / "base"), "--out", str(ft), "--resume", "--steps", "3",
+                 "--no-progress"]) == 0
+
+
 def test_resume_of_a_run_without_recorded_settings_uses_its_optimiser_section(root, tmp_path):
     """Runs written before the settings were recorded as one dict (config.json's train section
     holds optim, batch_size, corpus, model) resume with their own values."""

@@ -223,6 +223,22 @@ def _grad_accum_for(train: dict, saved_accum: int) -> int:
     return total // size
 
 
+def _check_made_by(stage: str, out: Path, made_by) -> None:
+    """A run is resumed only by the stage that made it: another would train it as something else
+    (pretrain would thaw a fine-tune's frozen layers and drop its parent) or fail on its state."""
+    if not isinstance(made_by, str) or made_by == stage:
+        return  # runs written before the stage was recorded say nothing
+    if made_by == "import":
+        how = ("it holds a checkpoint imported from Hugging Face, which has no training to "
+               "continue; tune it into a new run instead (lmlab finetune or instruct --out NEW)")
+    elif made_by == "reward":
+        how = ("it holds a reward model, whose head is fitted in one go and is never resumed; "
+               "train it again with lmlab reward --overwrite")
+    else:
+        how = f"it holds a {made_by} run: resume it with lmlab {made_by} --resume"
+    raise RunDirError(f"{stage} cannot resume {out}: {how}")
+
+
 def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
                parent=None, threads: Optional[int] = None) -> StageRun:
     """Check, open and configure a stage's run (module docstring); close it when done."""
@@ -255,6 +271,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
                           "it, or choose another directory")
     if resume:
         config = read_config(out)
+        _check_made_by(stage, out, (config.get("train") or {}).get("stage"))
         saved = saved_settings(stage, config.get("train") or {})
         if "precision" in settings:
             saved["precision"] = saved_precision(config)
