@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmlab import checkpoint
 from lmlab.checkpoint import load_model, read_config
 from lmlab.cli import main
 from lmlab.hf import LM_HEAD, TANH_GELU_NAMES, name_map
@@ -176,11 +177,22 @@ def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_direct
     other.mkdir()
     (other / "mine.txt").write_text("keep me")
     assert main(["export", str(run), "--to", "hf", str(other), "--overwrite"]) == 2
-    assert "not a model directory" in capsys.readouterr().err
+    assert "does not hold a transformers model" in capsys.readouterr().err
     assert (other / "mine.txt").read_text() == "keep me"
+    (other / "config.json").write_text("{}")  # a config.json alone does not make a model
+    assert main(["export", str(run), "--to", "hf", str(other), "--overwrite"]) == 2
+    assert "does not hold a transformers model" in capsys.readouterr().err
     assert main(["export", str(run), "--to", "hf", str(Path(run) / "hf")]) == 2
     assert "overlaps the run" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes"]  # no temporary left
+    # Another run, or one of its checkpoints (each holds a config.json), is never replaced.
+    victim = tmp_path / "victim"
+    shutil.copytree(run, victim)
+    step = checkpoint.current_checkpoint(victim)
+    for target in (victim, step, victim / "inside"):
+        assert main(["export", str(run), "--to", "hf", str(target), "--overwrite"]) == 2
+        assert "the lmlab run or checkpoint" in capsys.readouterr().err
+    assert checkpoint.load_model(victim)[0].config == checkpoint.load_model(run)[0].config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes", "victim"]  # no temporary
 
 
 def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys):

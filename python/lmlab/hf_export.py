@@ -15,6 +15,7 @@ in, the old one removed. A kill between those two renames leaves the old export 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from .chat import END
 from .checkpoint import load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, write_new_file
+from .rundir import CURRENT_FILE
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
@@ -89,12 +91,36 @@ def _model_card(cfg, tok, source: str, chat: bool) -> str:
             "```\n")
 
 
+def _config_kind(directory: Path):
+    """ "lmlab" where directory's config.json is an lmlab checkpoint's (a "model" section),
+    "transformers" where it is a transformers model's (a "model_type"), else None."""
+    try:
+        with open(directory / HF_CONFIG_FILE, "rb") as f:
+            config = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and "model" in config:
+        return "lmlab"
+    if isinstance(config, dict) and "model_type" in config:
+        return "transformers"
+    return None
+
+
+def _is_lmlab_run(directory: Path) -> bool:
+    return (directory / CURRENT_FILE).is_file() or _config_kind(directory) == "lmlab"
+
+
 def _check_out(out: Path, run: Path, overwrite: bool) -> list:
     """Refusals before any work; returns what an overwrite replaces."""
     r, o = run.resolve(), out.resolve()
     if o == r or r in o.parents or o in r.parents:
         raise ConversionError(f"the export directory {out} overlaps the run {run}; choose a "
                               "directory outside it")
+    for d in (o, *o.parents):
+        if _is_lmlab_run(d):  # an export must never replace or sit inside a run's checkpoint
+            where = "is" if d == o else "is inside"
+            raise ConversionError(f"{out} {where} the lmlab run or checkpoint {d}; choose a "
+                                  "directory outside every run")
     if not os.path.lexists(out):
         return []
     if out.is_symlink() or not out.is_dir():
@@ -103,9 +129,10 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> list:
     if not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it, or choose "
                               "another directory")
-    if entries and HF_CONFIG_FILE not in entries:
-        raise ConversionError(f"{out} is not empty and holds no {HF_CONFIG_FILE}, so it is not a "
-                              "model directory --overwrite would replace; choose another output")
+    if entries and _config_kind(out) != "transformers":
+        raise ConversionError(f"{out} is not empty and does not hold a transformers model (a "
+                              f"{HF_CONFIG_FILE} with a model_type), so it is not an export "
+                              "--overwrite would replace; choose another output")
     return entries
 
 
