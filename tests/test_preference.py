@@ -232,14 +232,14 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
         _, losses = model.forward(seq[None, :-1], seq[None, 1:])
         return -float(losses[0, ids_p.size - 1:].astype(np.float64).sum()), ids_r.size
 
-    def loss_now():
+    def loss_now(indices=idx):
         total = 0.0
-        for i in idx:
+        for i in indices:
             p, c, r = pairs[i]
             (lc, n_c), (lr, _) = logp(p, c), logp(p, r)
             z = (lc - ref[i][0]) - (lr - ref[i][1])
             total += np.log1p(np.exp(-0.5 * z)) - sft_weight * lc / n_c
-        return total / len(idx)
+        return total / len(indices)
 
     assert out["loss"] == pytest.approx(loss_now(), rel=1e-5)
     base = model.params.copy()
@@ -257,6 +257,12 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
         assert grad @ d == pytest.approx(fd, rel=0.03, abs=2e-4)
     stage.load_state_dict(state)  # resume restores the draw
     assert stage.rng.integers(0, len(pairs), size=4).tolist() == idx.tolist()
+    # Evaluation scores the training objective, anchor included, over every pair (no pair is
+    # held out here, so the training ones), so a run's loss and val loss are one quantity.
+    ev = stage.evaluate(model)
+    assert ev["val_loss"] == pytest.approx(loss_now(range(len(pairs))), rel=1e-5)
+    if sft_weight:
+        assert ev["val_dpo_loss"] < ev["val_loss"]
 
 
 def test_dpo_padding_and_prompt_tokens_get_no_weight(tok):

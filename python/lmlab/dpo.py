@@ -124,8 +124,16 @@ class DPOStage:
         items = self.val if self.val else self.train
         ref = self.ref_val if self.val else self.ref_train
         lp = self._logps(model, items)
-        loss, _, _, margin = dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], self.beta)
-        self.last_eval = {"val_loss": loss, "val_margin": float(margin.mean()),
+        dpo, _, _, margin = dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], self.beta)
+        loss = dpo
+        if self.sft_weight:
+            # train_step's objective, anchor included, so the loss and the val loss of a run's
+            # report and metrics are one quantity; val_dpo_loss is the DPO term alone.
+            _, _, mask = pack_for_loss([p for p, _, _ in items], [c for _, c, _ in items], self.T,
+                                       self.pad)
+            tokens = np.maximum(mask.sum(axis=1), 1.0)
+            loss += self.sft_weight * float(-(lp[:, 0] / tokens).mean())
+        self.last_eval = {"val_loss": loss, "val_dpo_loss": dpo, "val_margin": float(margin.mean()),
                           "val_accuracy": float((margin > 0).mean()),
                           "held_out": bool(self.val)}
         return self.last_eval
