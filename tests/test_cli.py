@@ -270,3 +270,48 @@ def test_every_verbs_help_shows_every_default_and_describes_every_option():
         elif action.default not in (None, False, "") and "default" not in text:
             missing.append(f"{verb} {action.option_strings[0]}: default {action.default!r} not shown")
     assert not missing, "\n".join(missing)
+
+
+def test_predict_of_an_empty_prompt_starts_a_document_and_png_goes_where_named(run, tmp_path,
+                                                                               capsys):
+    """An empty prompt is the start of a document, as for sample; --png PATH writes exactly PATH
+    (matplotlib alone would add .png to a name without one)."""
+    from lmlab.sample import next_token_distribution
+    assert main(["predict", str(run / "base"), "--prompt", "", "--top-k", "3", "--json",
+                 "--png", str(tmp_path / "chart")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[:3]]
+    model, tok, _ = checkpoint.load_model(run / "base")
+    probs = next_token_distribution(model, np.array([tok.eot_id], np.int32))
+    assert [r["id"] for r in rows] == np.argsort(-probs, kind="stable")[:3].tolist()
+    assert (tmp_path / "chart").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "chart.png").exists()
+
+
+def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(run, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "never"
+    assert main(["pretrain", "--corpus", str(run / "corpus.txt"), "--run", str(out), "--steps", "2",
+                 "--sample-after", "-5", "--no-progress"]) == 2
+    assert "--sample-after -5 is not allowed: expected an integer >= 0" in capsys.readouterr().err
+    assert not out.exists()  # refused before any training
+    (tmp_path / "afile").write_text("x")
+    assert main(["sample", str(tmp_path / "afile")]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a run directory" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n")
+    (tmp_path / "binary.dat").write_bytes(b"\xd0\xff\x00abc")
+    for argv, message in [
+            (["--prompts", str(prompts), "--out", str(tmp_path)], "is a directory; rankings go to "
+                                                                   "a JSONL file"),
+            (["--prompts", str(prompts), "--out", str(tmp_path / "no" / "r.jsonl")],
+             "the directory " + str(tmp_path / "no") + " does not exist"),
+            (["--prompts", str(tmp_path / "binary.dat"), "--out", str(tmp_path / "r.jsonl")],
+             "is not UTF-8 text"),
+            (["--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r.jsonl")],
+             "prompts file " + str(tmp_path / "none.txt") + " not found"),
+            (["--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl"), "--judge", "word:"],
+             "judge 'word:' names no word")]:
+        assert main(["rank", str(run / "base"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r.jsonl").exists()

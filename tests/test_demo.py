@@ -105,7 +105,8 @@ def test_descent_edge_regimes(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
-        (dict(steps=0), ValueError, "steps must be >= 1"),
+        (dict(steps=0), ValueError, "steps must be in 1..1,000, got 0"),
+        (dict(steps=1001), ValueError, "steps must be in 1..1,000, got 1001"),  # a frame a step
         (dict(steps=2.5), TypeError, "steps must be an integer"),
         (dict(start="four"), TypeError, "start must be a number"),
         (dict(lr=float("nan")), ValueError, "lr must be finite"),
@@ -115,6 +116,12 @@ def test_descent_edge_regimes(tmp_path):
 def test_descent_rejects_bad_arguments(tmp_path, kwargs, error, words):
     with pytest.raises(error, match=words):
         demo.descent(tmp_path, gif=False, **kwargs)
+
+
+def test_landscape_steps_are_bounded(tmp_path):
+    """10**8 steps of a scalar optimiser in Python would run for hours: refused at once."""
+    with pytest.raises(ValueError, match="steps must be in 1..10,000, got 100000000"):
+        demo.landscape(tmp_path, steps=10**8, gif=False)
 
 
 def test_out_must_be_a_directory(tmp_path):

@@ -97,6 +97,8 @@ def current_checkpoint(run_dir) -> Path:
     or, for a flat-layout run (or a checkpoint directory given directly), the directory itself."""
     run = Path(os.fspath(run_dir))
     if not run.is_dir():
+        if os.path.lexists(run):
+            raise NotADirectoryError(f"{run} is a file, not a run directory")
         raise FileNotFoundError(f"run directory not found: {run}")
     pointer = run / CURRENT_FILE
     if os.path.lexists(pointer):

@@ -72,10 +72,11 @@ class Rule:
         else:
             what = "an integer" if self.kind is int else "a finite number"
             bounds = []
+            shown = (lambda x: str(int(x))) if self.kind is int else (lambda x: f"{x:g}")
             if self.low is not None:
-                bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+                bounds.append(f"{'>' if self.low_open else '>='} {shown(self.low)}")
             if self.high is not None:
-                bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+                bounds.append(f"{'<' if self.high_open else '<='} {shown(self.high)}")
             text = what + (" " + " and ".join(bounds) if bounds else "")
         return text + (" (or unset)" if self.optional else "")
 
@@ -166,6 +167,7 @@ RULES = {
     "eval_max_new_tokens": Rule(int, 1, _SIZE),
     # sampling
     "max_new_tokens": Rule(int, 0, 1 << 24),
+    "sample_after": Rule(int, 0, 1 << 24),  # lmlab pretrain: new tokens sampled after training
     "temperature": Rule(float, 0, 1000),
     "top_k": Rule(int, 1, 1 << 24, optional=True),
     "top_p": Rule(float, 0, 1, low_open=True, optional=True),

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 import operator
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write, atomic_write_text, fsync_dir
 
 PNG_DPI = 110
 GIF_DPI = 70
@@ -34,15 +37,16 @@ class DemoResult:
         return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
     try:
         if isinstance(value, bool):
             raise TypeError
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        within = f"in {minimum}..{maximum:,}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be {within}, got {value}")
     return value
 
 
@@ -81,7 +85,8 @@ def new_figure(width: float, height: float):
 
 
 def save_png(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=PNG_DPI)
+    """fig as a PNG at path, written atomically (a kill leaves the previous file or none)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
     return path
 
 
@@ -97,10 +102,21 @@ def save_gif(fig, update, frames: int, path: Path, fps: float = 3.0) -> Path:
     fig.canvas.draw()
     fig.set_layout_engine("none")
     writer = PillowWriter(fps=fps)
-    with writer.saving(fig, str(path), GIF_DPI):
-        for k in range(frames):
-            update(k)
-            writer.grab_frame()
+    # Drawn into a temporary file beside path (the writer wants a file name ending .gif), then
+    # renamed over it: a kill leaves the previous file or none, never a torn one.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        with writer.saving(fig, str(tmp), GIF_DPI):
+            for k in range(frames):
+                update(k)
+                writer.grab_frame()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
     return path
 
 
@@ -183,7 +199,7 @@ def format_table(header: list[str], rows: list[list], *, indent: str = "  ") -> 
 
 
 def write_text(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return path
 
 

@@ -19,6 +19,10 @@ from .demo_common import (DemoResult, check_float, check_int, format_table, new_
 
 DEFAULT_LRS = (0.05, 0.3, 0.9, 1.05)  # slow and steady; good; overshoots and oscillates; diverges
 ESCAPE = 1e12  # a diverging path past this |x| has left every chart; stop instead of overflowing
+# Most steps a view draws: each descent step is a frame of its animation; the landscape views step
+# scalar optimisers in Python (10,000 steps take about a second).
+MAX_DESCENT_STEPS = 1_000
+MAX_LANDSCAPE_STEPS = 10_000
 
 REGIME_COLOURS = {
     "slow, steady": "tab:blue",
@@ -66,7 +70,7 @@ def descent(out, *, lr=None, lrs=DEFAULT_LRS, start: float = 4.0, steps: int = 2
     learning rate), descent.gif (the paths growing step by step) and descent.txt.
     """
     start = check_float("start", start)
-    steps = check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1, MAX_DESCENT_STEPS)
     rates = [check_float("lrs", v) for v in lrs]
     if lr is not None:
         lr = check_float("lr", lr)
@@ -300,7 +304,7 @@ def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) 
     """Plain gradient descent on the double well from each start: where you start decides where you end."""
     starts = [check_float("starts", s) for s in starts]
     lr = check_float("lr", lr, positive=True)
-    steps = check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     out = out_dir(out)
     x_global, x_local = double_well_minima()
     runs = []
@@ -346,7 +350,7 @@ def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> Dem
     """Plain gradient descent on the bumpy function: a small lr sticks in a ripple, a large one bounces."""
     start = check_float("start", start)
     rates = [check_float("lrs", r, positive=True) for r in lrs]
-    steps = check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     out = out_dir(out)
     x_star = bumpy_global_min()
     runs = []
@@ -404,7 +408,7 @@ def optimizers(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     adam_lr = check_float("adam_lr", adam_lr, positive=True)
-    steps = check_int("steps", steps, 1)
+    steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     tol = check_float("tol", tol, positive=True)
     out = out_dir(out)
     x_star = bumpy_global_min()

@@ -75,6 +75,9 @@ def make_judge(spec: str) -> ScoreJudge:
     if not isinstance(spec, str):
         raise TypeError(f"judge spec must be a string, got {type(spec).__name__}")
     if spec.startswith("word:"):
+        if spec == "word:":
+            raise ValueError("judge 'word:' names no word: expected word:WORD (e.g. word:python), "
+                             "shorter or longer")
         return PreferWord(spec[len("word:"):])
     if spec == "shorter":
         return PreferShorter()

@@ -168,10 +168,35 @@ def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str) -
     return split_records(records, val_fraction, seed)
 
 
+def check_rankings_output(path) -> Path:
+    """The rankings file `lmlab rank` or the studio will append to, checked before any work: not a
+    directory, in a directory that exists and can be written."""
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; rankings go to a JSONL file (e.g. "
+                         f"{path / 'rankings.jsonl'})")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write rankings to {path}: the directory {folder} does "
+                                "not exist")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise PermissionError(f"cannot write rankings to {path}: permission denied")
+    return path
+
+
 def read_prompts(path) -> list:
     """Prompts from a file: JSONL objects with "prompt", or else one prompt per line."""
-    path = Path(path)
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"prompts file {path} {what}: expected a text file of prompts, "
+                                "one per line, or JSONL with \"prompt\"")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte offset {e.start}); convert "
+                         "it, e.g. with iconv -t UTF-8") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     prompts = []
     for lineno, ln in enumerate(lines, 1):
         obj = None

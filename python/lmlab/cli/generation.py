@@ -11,6 +11,7 @@ import numpy as np
 from .. import checks
 from ..chat import cut_prompt, template_of
 from ..checkpoint import load_model
+from ..files import atomic_write
 from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
 from ..sample import generate, next_token_distribution
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
@@ -122,7 +123,10 @@ def cmd_predict(args) -> int:
     apply_threads(args)
     checks.check("top_k", args.top_k)
     model, tok, _ = load_model(args.run)
-    probs = next_token_distribution(model, tok.encode(args.prompt))
+    ids = tok.encode(args.prompt)
+    if not len(ids):
+        ids = np.array([tok.eot_id], np.int32)  # an empty prompt: where every document starts
+    probs = next_token_distribution(model, ids)
     order = np.argsort(-probs, kind="stable")[: args.top_k]
     rows = [(tok.decode([int(i)]), int(i), float(probs[i])) for i in order]
     if args.json:
@@ -152,7 +156,8 @@ def _bar_chart(rows, prompt, path) -> None:
     ax.set_xlabel("probability")
     ax.set_title(f"next token after {prompt!r}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # PNG at exactly the path named (matplotlib would add ".png" to a name without one), atomically.
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 

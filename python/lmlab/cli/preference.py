@@ -10,7 +10,7 @@ from ..checkpoint import load_model
 from ..dpo import dpo
 from ..judges import compare_to_reference, make_judge
 from ..rank import run_session
-from ..rankings import read_prompts
+from ..rankings import check_rankings_output, read_prompts
 from ..reward_model import reward
 from ..rl import rlhf
 from ..sequences import prompt_ids_for, sample_completion
@@ -121,6 +121,7 @@ def cmd_rank(args) -> int:
                         seed=args.seed)
     judge = make_judge(args.judge) if args.judge else None
     prompts = read_prompts(args.prompts)
+    check_rankings_output(args.out)
     model, tok, _ = load_model(args.run)
     bs = model.config.block_size
 

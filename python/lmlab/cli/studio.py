@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..rankings import read_prompts
+from ..rankings import check_rankings_output, read_prompts
 
 INSTALL_HINT = 'the studio needs starlette and uvicorn: pip install "lmlab[studio]"'
 
@@ -41,6 +41,7 @@ def cmd_studio(args) -> int:
     from ..studio import serve
 
     prompts = read_prompts(args.prompts) if args.prompts else []
+    check_rankings_output(args.rankings)
     serve(args.runs, host=args.host, port=args.port, rankings=args.rankings, prompts=prompts,
           train_into=args.train_into)
     return 0

@@ -6,6 +6,7 @@ value and opens the run through lmlab.stage before any work.
 
 from __future__ import annotations
 
+from .. import checks
 from ..finetune import finetune, finetune_summary
 from ..instruct import instruct_tune
 from ..pretrain import pretrain
@@ -71,6 +72,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
+    checks.check("sample_after", args.sample_after)  # before training, as every value is
     result = pretrain(args.corpus, args.run, resume=args.resume, overwrite=args.overwrite,
                       threads=args.threads, **given_settings(args, "pretrain", "corpus"))
     report_training(result)

@@ -77,6 +77,8 @@ class Runs:
         for i, p in enumerate(paths):
             path = Path(os.fspath(p)).resolve()
             if not path.is_dir():
+                if path.exists():
+                    raise NotADirectoryError(f"{os.fspath(p)} is a file, not a run directory")
                 raise FileNotFoundError(f"run directory {os.fspath(p)} does not exist")
             if not is_run(path) and not (path / METRICS_FILE).exists():
                 raise ValueError(f"{os.fspath(p)} is not a run directory (no checkpoint or "
