@@ -19,6 +19,8 @@ Resume rule (also in every verb's --help): a resumed run continues as it was set
 setting comes from its config.json. A value given explicitly that differs is applied, with a line
 "lmlab: lr changed from X to Y", except the settings that define the run's model, data and batches
 (FIXED_ON_RESUME): changing one of those is refused, since the run would no longer be the same run.
+Only the stage that made a run resumes it (pretrain would train a fine-tune's frozen layers), and
+steps cannot fall below the steps the run has trained.
 
 Every stage returns a StageResult.
 """
