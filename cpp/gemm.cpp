@@ -121,6 +121,30 @@ thread_local Scratch<float> tl_pack_b;
 constexpr int kTransposeBlock = 8;
 #endif
 
+// Floats of scratch past a packed block: room for store_lanes's whole-vector store of the block's
+// last row (a vector is at most 16 floats).
+constexpr idx_t kPackSlack = 16;
+
+#ifdef LMLAB_GEMM_VECTOR_PACKING
+// The first `lanes` (<= kW) of x stored at dst, a row of a panel being packed. On AVX2 a masked
+// store (VMASKMOVPS) is microcoded and slow on AMD's Zen cores, and packing the 6-row A panels
+// did one per step of k; instead the whole vector is stored. Its extra lanes land on the next
+// row of the panel (or the next panel), which the packing writes later (rows in increasing
+// address order), or on kPackSlack past the block. AVX-512's masked stores are cheap: kept.
+// A row of P lanes is one partial vector (P < kW) or whole ones, so a spill never lands on lanes
+// of the same row written before it.
+template <int P>
+inline void store_lanes(float* dst, vf x, idx_t lanes) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    static_assert(P < (int)kW || P % (int)kW == 0, "a spilled store would overwrite this row");
+    vstore_n(dst, x, kW);
+    (void)lanes;
+#else
+    vstore_n(dst, x, lanes);
+#endif
+}
+#endif
+
 // Lanes contiguous in memory (sr == 1): straight copies.
 template <int P>
 void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t kb, float scale) {
@@ -131,7 +155,7 @@ void pack_lanes_contiguous(float* dst, const float* src, idx_t sk, int w, idx_t 
     for (int g = 0; g < P; g += (int)kW) {
         const idx_t valid = w > g ? w - g : 0;
         for (idx_t k = 0; k < kb; k++)
-            vstore_n(dst + k * P + g, vmul(vload_n(src + k * sk + g, valid, 0.0f), vscale), P - g);
+            store_lanes<P>(dst + k * P + g, vmul(vload_n(src + k * sk + g, valid, 0.0f), vscale), P - g);
     }
 #else
     for (idx_t k = 0; k < kb; k++)
@@ -153,7 +177,7 @@ void pack_lanes_transposed(float* dst, const float* src, idx_t sr, int w, idx_t 
             for (int i = 0; i < TB; i++)
                 v[i] = g + i < w ? vload_n(src + (g + i) * sr + k0, TB, 0.0f) : vset(0.0f);
             transpose(v);
-            for (int j = 0; j < TB; j++) vstore_n(dst + (k0 + j) * P + g, vmul(v[j], vscale), P - g);
+            for (int j = 0; j < TB; j++) store_lanes<P>(dst + (k0 + j) * P + g, vmul(v[j], vscale), P - g);
         }
     }
 #else
@@ -376,8 +400,8 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
 bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, bool bf16) {
     const idx_t kc = slice_depth(K);
     const idx_t mc = min_idx(MC, ceil_div(M, MR) * MR), nc = min_idx(NC, ceil_div(N, NR) * NR);
-    float* pa = tl_pack_a.get((size_t)(mc * kc));
-    float* pb = tl_pack_b.get((size_t)(nc * kc));
+    float* pa = tl_pack_a.get((size_t)(mc * kc + kPackSlack));
+    float* pb = tl_pack_b.get((size_t)(nc * kc + kPackSlack));
     if (pa == nullptr || pb == nullptr) return false;
     for (idx_t jc = 0; jc < N; jc += NC) {
         const idx_t nb = min_idx(NC, N - jc);
