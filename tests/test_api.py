@@ -201,6 +201,10 @@ def test_bad_keywords_and_values_are_refused_before_any_work(root, base):
         base.next_token_distribution("the")["th"]
     with pytest.raises(FileNotFoundError):
         lmlab.load(root / "missing")
+    class PathLike:  # any os.PathLike names a run, as Path does
+        def __fspath__(self):
+            return str(root / "base")
+    assert lmlab.load(PathLike()).run == root / "base"
     for bad in (3, None):
         with pytest.raises(ValueError, match="run must be a run directory"):
             lmlab.load(bad)

@@ -223,6 +223,8 @@ def test_tokenize_corpus_unknown_chars(tmp_path):
     with pytest.raises(ValueError) as e:
         tokenize_corpus(str(p), tok, cache_dir=tmp_path / "tc")
     assert str(p) in str(e.value) and "'☃' x1" in str(e.value)
+    # A corpus is tokenized under a policy the caller can choose: the message says how.
+    assert "unknown='skip' (--unknown skip) drops them" in str(e.value)
     ids = tokenize_corpus(str(p), tok, cache_dir=tmp_path / "tc", unknown="skip")
     assert tok.decode(ids) == "abcd"
 

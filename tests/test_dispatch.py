@@ -147,6 +147,19 @@ def test_num_threads_context_restores():
     assert ops.get_num_threads() == before
 
 
+def test_num_threads_restores_a_count_above_what_callers_may_ask():
+    """OMP_NUM_THREADS may start a process above 4 per core; a block run on fewer threads (the
+    KV-cached decode step) still gives that count back."""
+    before = ops.get_num_threads()
+    try:
+        lmlab._core.set_num_threads(checks.max_threads() + 1)
+        with ops.num_threads(1):
+            assert ops.get_num_threads() == 1
+        assert ops.get_num_threads() == checks.max_threads() + 1
+    finally:
+        lmlab._core.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n", [0, -1, 1.5, "2", None, True, 100_000])
 def test_set_num_threads_refuses_what_threads_refuses(n):
     """The rule of threads= and --threads: an integer from 1 to 4 per core. A huge count would

@@ -192,8 +192,13 @@ def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_direct
         assert main(["export", str(run), "--to", "hf", str(target), "--overwrite"]) == 2
         assert "the lmlab run or checkpoint" in capsys.readouterr().err
     assert checkpoint.load_model(victim)[0].config == checkpoint.load_model(run)[0].config
+    # A folder that merely holds a config.json with a "model" key is no run.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"model": "gpt2"}')
+    assert main(["export", str(run), "--to", "hf", str(project / "exports")]) == 0
+    shutil.rmtree(project)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes", "victim"]  # no temporary
-
 
 def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys):
     out = _export(run, tmp_path / "hf")

@@ -227,18 +227,37 @@ def test_resume_takes_every_setting_from_the_run(root, tmp_path, capsys):
         err = capsys.readouterr().err
         assert name in err and "a resumed run keeps its model, data and batches" in err, err
         assert "changed from" not in err  # a refused resume reports only why
+    # A resume refused by a relation between settings says only why, too.
+    assert main(["pretrain", "--run", str(run), "--resume", "--steps", "9", "--lr", "0.00001"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-lr 0.0001 is not allowed: expected at most lr" in err and "changed from" not in err
     # Fewer steps than the run has trained cannot be a resume's target.
     assert main(["pretrain", "--run", str(run), "--resume", "--steps", "5"]) == 2
     err = capsys.readouterr().err
     assert "--steps 5 is not allowed: the run has already trained 8 steps" in err, err
     assert "changed from" not in err
     assert checkpoint.load_training_state(run)[1]["step"] == 8
-    # Resuming a finished run trains nothing and reports the losses it logged last.
+    # Resuming a finished run trains nothing and reports the losses it logged last (a line that
+    # is not an object, edited in by hand, is passed over).
     rows = [r for r in metrics.read_metrics(run) if "val_loss" in r]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[1]\n")
     result = lmlab.pretrain(run=run, resume=True, steps=8, progress=False).result
     assert result.steps_done == 8 and result.final_loss == rows[-1]["loss"]
     assert result.val_loss == rows[-1]["val_loss"]
     assert "already finished 8 of 8 steps" in capsys.readouterr().err
+
+
+def test_paths_given_as_path_objects_are_recorded_as_text(root, tmp_path):
+    """A corpus given as a pathlib.Path is recorded as config.json holds it, so resuming with the
+    same Path is no change."""
+    from pathlib import Path
+    run = tmp_path / "run"
+    pretrain(Path(root / "corpus.txt"), run, steps=2, n_layer=1, n_head=2, n_embd=16,
+             block_size=16, batch_size=4, progress=False)
+    assert checkpoint.read_config(run)["train"]["settings"]["corpus"] == str(root / "corpus.txt")
+    pretrain(Path(root / "corpus.txt"), run, resume=True, steps=3, progress=False)
+    assert checkpoint.load_training_state(run)[1]["step"] == 3
 
 
 def test_a_run_is_resumed_only_by_the_stage_that_made_it(root, tmp_path, capsys):

@@ -177,7 +177,9 @@ def test_unknown_chars_inside_allowed_special_text(char_tok):
 def test_bpe_lone_surrogates_are_unknown(bpe_tok):
     text = "ab\ud800cd"
     assert bpe_tok.unknown_chars(text) == collections.Counter({"\ud800": 1})
-    with pytest.raises(ValueError, match="cannot represent"):
+    with pytest.raises(ValueError, match=r"1 lone surrogate \(1 distinct\) that this bpe "
+                                         r"tokenizer cannot represent: '\\ud800' x1 \(they are "
+                                         r"not valid Unicode\)"):
         bpe_tok.encode(text)
     assert bpe_tok.decode(bpe_tok.encode(text, unknown="replace")) == "ab" + REPLACEMENT_CHAR + "cd"
     assert bpe_tok.decode(bpe_tok.encode(text, unknown="skip")) == "abcd"

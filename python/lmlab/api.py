@@ -15,6 +15,7 @@ the same name here, so `lmlab.pretrain(...)` and `lmlab.pretrain.pretrain(...)` 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -206,10 +207,10 @@ def load(run) -> Model:
 def _run_of(run, name: str = "run") -> Path:
     if isinstance(run, Model):
         return run.run
-    if not isinstance(run, (str, Path)):
-        raise ValueError(f"{name} must be a run directory (a str or Path) or an lmlab.Model, got "
+    if not isinstance(run, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a run directory (a str or path) or an lmlab.Model, got "
                          f"{type(run).__name__}")
-    return Path(run)
+    return Path(os.fspath(run))
 
 
 def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, resume: bool = False,

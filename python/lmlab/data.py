@@ -32,6 +32,7 @@ import numpy as np
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
 from .files import atomic_write_bytes
+from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
     "BUILTIN_CORPORA", "load_corpus", "corpus_fingerprint", "tokenize_corpus", "split_tokens", "BatchSampler",
@@ -160,6 +161,8 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
         return cached
     try:
         ids = tokenizer.encode(text, unknown=policy)
+    except UnrepresentableText as e:
+        raise ValueError(f"corpus {os.fspath(spec)!r}: {e}{POLICY_HINT}") from None
     except ValueError as e:
         raise ValueError(f"corpus {os.fspath(spec)!r}: {e}") from None
     if ids.size == 0:

@@ -27,7 +27,7 @@ from .chat import END
 from .checkpoint import load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, write_new_file
-from .rundir import CURRENT_FILE
+from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
@@ -99,7 +99,7 @@ def _config_kind(directory: Path):
             config = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return None
-    if isinstance(config, dict) and "model" in config:
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
         return "lmlab"
     if isinstance(config, dict) and "model_type" in config:
         return "transformers"
@@ -107,7 +107,11 @@ def _config_kind(directory: Path):
 
 
 def _is_lmlab_run(directory: Path) -> bool:
-    return (directory / CURRENT_FILE).is_file() or _config_kind(directory) == "lmlab"
+    """A run directory (current.json beside checkpoints/) or one of its checkpoints (an lmlab
+    config.json beside model.safetensors), not any folder holding a file of such a name."""
+    if (directory / CURRENT_FILE).is_file() and (directory / CHECKPOINTS_DIR).is_dir():
+        return True
+    return (directory / MODEL_FILE).is_file() and _config_kind(directory) == "lmlab"
 
 
 def _check_out(out: Path, run: Path, overwrite: bool) -> list:

@@ -285,4 +285,5 @@ def num_threads(n: int) -> Iterator[None]:
     try:
         yield
     finally:
-        set_num_threads(previous)
+        # Unchecked: the count before may be one OMP_NUM_THREADS set above what callers may ask.
+        _core.set_num_threads(previous)

@@ -168,9 +168,9 @@ def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str) -
     return split_records(records, val_fraction, seed)
 
 
-def check_rankings_output(path) -> Path:
+def check_rankings_output(path, *, writable: bool = True) -> Path:
     """The rankings file `lmlab rank` or the studio will append to, checked before any work: not a
-    directory, in a directory that exists and can be written."""
+    directory, in a directory that exists, and (writable) one this process may write."""
     path = Path(os.fspath(path))
     if path.is_dir():
         raise ValueError(f"{path} is a directory; rankings go to a JSONL file (e.g. "
@@ -179,7 +179,7 @@ def check_rankings_output(path) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write rankings to {path}: the directory {folder} does "
                                 "not exist")
-    if not os.access(path if path.exists() else folder, os.W_OK):
+    if writable and not os.access(path if path.exists() else folder, os.W_OK):
         raise PermissionError(f"cannot write rankings to {path}: permission denied")
     return path
 

@@ -27,6 +27,7 @@ Every stage returns a StageResult.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -165,6 +166,8 @@ def check_given(stage: str, given: dict) -> dict:
     for name, value in given.items():
         if name in checks.RULES:
             checks.check(name, value)
+            if checks.RULES[name].kind is os.PathLike:
+                given[name] = os.fspath(value)  # recorded and compared as config.json holds it
     return given
 
 
@@ -180,9 +183,10 @@ def saved_settings(stage: str, train: dict) -> dict:
     return found
 
 
-def _merge_for_resume(stage: str, saved: dict, given: dict, steps_done) -> dict:
-    """The settings a resumed run trains with: its own, with the given ones that may change; what
-    changes is said once all are accepted (a refused resume reports only why)."""
+def _merge_for_resume(stage: str, saved: dict, given: dict, steps_done) -> tuple:
+    """(settings, changes): the settings a resumed run trains with, its own with the given ones
+    that may change, and a line for each change, said once every check has passed (a refused
+    resume reports only why)."""
     settings = {**STAGE_DEFAULTS[stage], **saved}
     changed = []
     for name, value in given.items():
@@ -200,10 +204,7 @@ def _merge_for_resume(stage: str, saved: dict, given: dict, steps_done) -> dict:
         raise checks.SettingError("steps", steps, f"the run has already trained {steps_done} "
                                   f"steps, and a resumed run trains up to steps: give at least "
                                   f"{steps_done}")
-    if distributed.world().is_root:  # every rank merges the same settings; one says so
-        for line in changed:
-            print(f"lmlab: {line}", file=sys.stderr)
-    return settings
+    return settings, changed
 
 
 def _grad_accum_for(train: dict, saved_accum: int) -> int:
@@ -278,8 +279,11 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if "precision" in settings:
             saved["precision"] = saved_precision(config)
         steps_done = (config.get("checkpoint") or {}).get("step")
-        settings = _merge_for_resume(stage, saved, given, steps_done)
+        settings, changed = _merge_for_resume(stage, saved, given, steps_done)
         if "grad_accum" in settings and "grad_accum" not in given:
             settings["grad_accum"] = _grad_accum_for(config.get("train") or {}, settings["grad_accum"])
         checks.check_relations(settings)
+        if distributed.world().is_root:  # every rank merges the same settings; one says so
+            for line in changed:
+                print(f"lmlab: {line}", file=sys.stderr)
     return StageRun(stage, out, settings, resume, overwrite, parent)

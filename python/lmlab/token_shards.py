@@ -47,6 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .files import atomic_write_bytes, atomic_write_json
+from .tokenizer import POLICY_HINT, UnrepresentableText
 
 STREAM_ABOVE_BYTES = 64 << 20
 FORMAT = "lmlab-token-shards-v1"
@@ -483,8 +484,9 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
             if parts or not manifest["shards"]:
                 flush(position)
     except ValueError as e:
-        raise ValueError(f"corpus {spec!r}: {e}" if not str(e).startswith("corpus") else str(e)) \
-            from None
+        hint = POLICY_HINT if isinstance(e, UnrepresentableText) else ""
+        raise ValueError((f"corpus {spec!r}: {e}" if not str(e).startswith("corpus") else str(e))
+                         + hint) from None
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest)
     return _open(directory, manifest)

@@ -50,6 +50,17 @@ def _check_policy(unknown: str) -> str:
     return unknown
 
 
+class UnrepresentableText(ValueError):
+    """Text holding characters a tokenizer cannot represent, under the policy unknown="error".
+    Its message says which and why, not what to do: the callers that take a policy (a corpus
+    being tokenized: POLICY_HINT) add that."""
+
+
+# What a caller tokenizing a corpus under a policy adds to UnrepresentableText's message.
+POLICY_HINT = ("; unknown='skip' (--unknown skip) drops them, unknown='replace' (--unknown "
+               "replace) maps them to U+FFFD")
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
@@ -164,12 +175,16 @@ class Tokenizer:
         counts = self.unknown_chars(text)
         shown = ", ".join(f"{c!r} x{n}" for c, n in counts.most_common(20))
         more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
-        raise ValueError(
-            f"text contains {_count(sum(counts.values()), 'character')} ({len(counts)} distinct) "
-            f"that this "
-            f"{self.kind} tokenizer cannot represent: {shown}{more} (its vocabulary holds only "
-            f"what the text it was built from holds)"
-        )
+        total = sum(counts.values())
+        if self.kind == "char":
+            why = "its vocabulary holds only what the text it was built from holds"
+            what = _count(total, "character")
+        else:  # byte-level BPE encodes every valid character; only lone surrogates are left
+            why = "they are not valid Unicode"
+            what = _count(total, "lone surrogate")
+        raise UnrepresentableText(
+            f"text contains {what} ({len(counts)} distinct) that this {self.kind} tokenizer "
+            f"cannot represent: {shown}{more} ({why})")
 
     @staticmethod
     def _codepoints_of(text: str) -> np.ndarray:

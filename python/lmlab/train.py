@@ -478,6 +478,8 @@ def _last_logged_losses(run_dir) -> tuple:
     except CheckpointError:
         return loss, val_loss
     for row in rows:
+        if not isinstance(row, dict):
+            continue  # a line edited by hand; truncate_metrics tolerates them too
         if isinstance(row.get("loss"), (int, float)):
             loss = float(row["loss"])
         if isinstance(row.get("val_loss"), (int, float)):

@@ -41,7 +41,8 @@ def cmd_studio(args) -> int:
     from ..studio import serve
 
     prompts = read_prompts(args.prompts) if args.prompts else []
-    check_rankings_output(args.rankings)
+    # Not whether it can be written: a studio that only shows runs may start anywhere.
+    check_rankings_output(args.rankings, writable=False)
     serve(args.runs, host=args.host, port=args.port, rankings=args.rankings, prompts=prompts,
           train_into=args.train_into)
     return 0
