@@ -217,7 +217,8 @@ def test_sigkill_before_the_first_checkpoint_is_refused_clearly(world, tmp_path,
     assert rc == 2 and err.count("\n") == 1
     assert "no run to resume" in err and str(run) in err
     rc, _, err = _cli(capsys, *world.args(run))
-    assert rc == 2 and "files of an earlier run (metrics.jsonl)" in err and "--overwrite" in err
+    assert rc == 2 and "files of an earlier run that saved no checkpoint (metrics.jsonl)" in err
+    assert "--overwrite" in err and "--resume" not in err
 
 
 # -- Ctrl-C -------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, make):
     assert is_run(run)
     with pytest.raises(RunDirError, match=rf"{run} already holds a run; pass --resume .* --overwrite"):
         open_run_dir(run)
+    # A writer that cannot continue a run (reward, import) is not told to.
+    with pytest.raises(RunDirError, match=rf"{run} already holds a run; pass --overwrite to "):
+        open_run_dir(run, resumable=False)
     before = sorted(os.listdir(run))
     with open_run_dir(run, resume=True) as rd:
         assert rd.removed == []
@@ -99,7 +102,10 @@ def test_a_crashed_runs_metrics_are_not_appended_to(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n')
-    with pytest.raises(RunDirError, match=r"files of an earlier run \(metrics.jsonl\); pass --resume"):
+    # Nothing to resume there, so the advice is --overwrite alone.
+    with pytest.raises(RunDirError, match=r"files of an earlier run that saved no checkpoint "
+                                          r"\(metrics.jsonl\), so there is nothing to resume; pass "
+                                          r"--overwrite to replace them"):
         open_run_dir(run)
     with pytest.raises(RunDirError, match="no run to resume"):
         open_run_dir(run, resume=True)

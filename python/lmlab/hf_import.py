@@ -308,7 +308,7 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
                                             "transformers_version")}}
     if template:
         train["chat_template"] = template
-    with open_run_dir(run, overwrite=overwrite, parent=hf_dir) as handle:
+    with open_run_dir(run, overwrite=overwrite, parent=hf_dir, resumable=False) as handle:
         if handle.removed:
             print(f"lmlab: --overwrite removed from {run}: {', '.join(handle.removed)}",
                   file=sys.stderr)

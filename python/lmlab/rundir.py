@@ -214,12 +214,14 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=None) -> RunDir:
+def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=None,
+                 resumable: bool = True) -> RunDir:
     """Open `path` for writing a run, applying every rule in the module docstring.
 
     resume: `path` must hold a run to continue. Otherwise an existing run (or files of one, such as
     the metrics of a run that crashed before its first save) is refused unless overwrite=True,
     which removes them and lists them in RunDir.removed. parent: the run this one starts from.
+    resumable: whether the writer can continue a run (reward and import cannot), for the advice.
     Raises RunDirError with one line naming the run and what to do.
     """
     if resume and overwrite:
@@ -239,9 +241,14 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
                           "to, or remove it")
     existing = [] if resume or not path.is_dir() else _run_files(path)
     if existing and not overwrite:
-        what = "a run" if is_run(path) else f"files of an earlier run ({', '.join(existing)})"
-        raise RunDirError(f"{path} already holds {what}; pass --resume to continue it, --overwrite "
-                          "to replace it, or choose another directory")
+        if is_run(path):
+            resume_it = "--resume to continue it, " if resumable else ""
+            raise RunDirError(f"{path} already holds a run; pass {resume_it}--overwrite to replace "
+                              "it, or choose another directory")
+        # A run stopped before its first checkpoint: nothing to resume, only files to replace.
+        raise RunDirError(f"{path} holds files of an earlier run that saved no checkpoint "
+                          f"({', '.join(existing)}), so there is nothing to resume; pass "
+                          "--overwrite to replace them, or choose another directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -127,6 +127,7 @@ class StageRun:
             return self.out
         if self.handle is None:
             self.handle = open_run_dir(self.out, resume=self.resume, overwrite=self.overwrite,
+                                       resumable=self.name != "reward",
                                        parent=self.parent)
             if self.handle.removed:
                 print(f"lmlab: --overwrite removed from {self.out}: "
