@@ -200,6 +200,7 @@ def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_direct
     shutil.rmtree(project)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes", "victim"]  # no temporary
 
+
 def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys):
     out = _export(run, tmp_path / "hf")
     before = (out / "model.safetensors").read_bytes()
@@ -208,6 +209,29 @@ def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys)
     assert main(["export", str(run), "--to", "hf", str(out)]) == 2  # put back, so it exists
     assert "restored" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_of_several_displaced_exports_the_newest_is_put_back_and_the_rest_removed(run, tmp_path,
+                                                                                   capsys):
+    """An overwrite killed after its rename-in leaves the export it replaced; a later one killed
+    between its renames leaves the newer one too. The newest comes back, whatever the random
+    part of the names, and the older copies (a model's size each) go."""
+    out = _export(run, tmp_path / "hf")
+    older = tmp_path / f".hf.old-{10**19:020d}-ffffffff"
+    shutil.copytree(out, older)
+    (older / "README.md").write_text("the older export")
+    legacy = tmp_path / ".hf.old-fedcba98"  # named by an earlier lmlab: older still
+    shutil.copytree(older, legacy)
+    newest = (out / "README.md").read_text()
+    os.rename(out, tmp_path / f".hf.old-{2 * 10**19:020d}-00000000")
+    assert main(["export", str(run), "--to", "hf", str(out)]) == 2  # put back, so it exists
+    assert "restored" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    # Left beside an export that is in place (killed before its last rmtree): removed too.
+    shutil.copytree(out, older)
+    assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -140,20 +142,34 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> list:
     return entries
 
 
+def _old_name(out: Path) -> str:
+    """Where an overwrite moves the export it replaces: named by the time, so the newest of
+    several sorts last (_restore_interrupted)."""
+    return f".{out.name}{_OLD}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+
+
 def _restore_interrupted(out: Path) -> None:
-    """Put back an export displaced by an overwrite that was killed before it finished, and
+    """Put back the newest export displaced by an overwrite that was killed between its renames,
+    remove older displaced copies (an overwrite killed before removing the one it replaced), and
     remove temporary directories left by killed exports."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         return
-    for name in sorted(os.listdir(parent)):
-        left = parent / name
+    olds = []
+    for name in os.listdir(parent):
         if name.startswith(f".{out.name}.") and name.endswith(TEMP_SUFFIX):
-            shutil.rmtree(left, ignore_errors=True)
-        elif name.startswith(f".{out.name}{_OLD}") and not os.path.lexists(out):
-            os.rename(left, out)
-            print(f"lmlab: restored {out} from {left} (an export over it was interrupted)",
-                  file=sys.stderr)
+            shutil.rmtree(parent / name, ignore_errors=True)
+        elif name.startswith(f".{out.name}{_OLD}"):
+            stamp = name[len(f".{out.name}{_OLD}"):]
+            olds.append((bool(re.fullmatch(r"\d{20}-[0-9a-f]{8}", stamp)), name))
+    olds = [name for _, name in sorted(olds)]  # names without a time (older lmlab) first
+    if olds and not os.path.lexists(out):
+        os.rename(parent / olds[-1], out)
+        print(f"lmlab: restored {out} from {parent / olds[-1]} (an export over it was "
+              "interrupted)", file=sys.stderr)
+        olds = olds[:-1]
+    for name in olds:
+        shutil.rmtree(parent / name, ignore_errors=True)
 
 
 def export_hf(run, out, *, overwrite: bool = False) -> dict:
@@ -167,7 +183,7 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
     files = hf_files(model, tok, config, os.fspath(run))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
-    old = out.parent / f".{out.name}{_OLD}{uuid.uuid4().hex[:8]}"
+    old = out.parent / _old_name(out)
     try:
         os.mkdir(tmp)
         for name, data in files.items():
