@@ -315,3 +315,26 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_streamed_sample_is_cut_where_the_stop_string_starts_as_a_whole_one_is(run, capsys):
+    """Streaming shows text as it comes, but not the first characters of a stop string that then
+    arrives: the streamed output equals --no-stream's for every stop string and seed."""
+    from lmlab.cli.generation import _before_partial_stop
+    assert _before_partial_stop("the ca", "cat") == "the " and _before_partial_stop("abc", "x") == "abc"
+    assert _before_partial_stop("aab", "abab") == "a" and _before_partial_stop("ab", None) == "ab"
+    for seed in range(3):
+        args = ["sample", str(run / "base"), "--prompt", "t", "--max-new-tokens", "40", "--seed",
+                str(seed)]
+        assert main(args + ["--no-stream"]) == 0
+        text = capsys.readouterr().out
+        sampled = text[1:-1]  # between the prompt and the final newline
+        assert len(sampled) >= 4
+        # Stop strings taken from the sample itself, so each is met, a character at a time.
+        for stop in (sampled[len(sampled) // 2:][:2], sampled[-3:]):
+            assert main(args + ["--stop", stop]) == 0
+            streamed = capsys.readouterr().out
+            assert main(args + ["--stop", stop, "--no-stream"]) == 0
+            whole = capsys.readouterr().out
+            assert text.startswith(whole[:-1] + stop)  # cut where the stop string starts
+            assert streamed == whole

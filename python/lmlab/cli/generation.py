@@ -66,6 +66,15 @@ class _StopString(Exception):
     """Raised from the streaming callback when the stop string has appeared."""
 
 
+def _before_partial_stop(text: str, stop) -> str:
+    """text without its longest ending that begins the stop string (all of it when none does)."""
+    if stop:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                return text[:-k]
+    return text
+
+
 def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                        num_samples, stop, stream, raw=False) -> None:
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
@@ -89,10 +98,12 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
             new.append(int(token_id))
             full = tok.decode(new)
             text = full[: full.index(stop)] if stop and stop in full else full
-            if stream and not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown):])
+            # Text that may be the start of the stop string waits until it is known not to be.
+            visible = text if len(text) < len(full) else _before_partial_stop(text, stop)
+            if stream and not visible.endswith("\ufffd") and len(visible) > len(shown):
+                sys.stdout.write(visible[len(shown):])
                 sys.stdout.flush()
-                shown = text
+                shown = visible
             if len(text) < len(full):
                 raise _StopString
 
