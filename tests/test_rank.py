@@ -57,6 +57,22 @@ def test_session_with_scripted_input_and_judge(tmp_path):
     assert recs[0]["ranking"] == [2, 1, 0] and recs[1]["ranking"] == [0, 1, 2]
 
 
+def test_a_prompt_listed_twice_is_ranked_twice_across_an_interrupted_session(tmp_path):
+    """Resuming counts the rankings of each prompt: an interrupted session ends with the same
+    records as one run straight through."""
+    from lmlab.judges import PreferShorter
+    from lmlab.rankings import load_rankings
+    prompts = ["alpha ", "beta ", "alpha ", "beta ", "alpha "]
+    sample = lambda prompt, i, k: ([f"{prompt}{i}" * (j + 1) for j in range(k)], list(range(k)))  # noqa: E731
+    whole = tmp_path / "whole.jsonl"
+    run_session(prompts, sample, whole, 2, judge=PreferShorter(), write=lambda _: None)
+    parts = tmp_path / "parts.jsonl"
+    run_session(prompts[:3], sample, parts, 2, judge=PreferShorter(), write=lambda _: None)
+    stats = run_session(prompts, sample, parts, 2, judge=PreferShorter(), write=lambda _: None)
+    assert stats["already"] == 3 and stats["ranked"] == 2
+    assert load_rankings(parts) == load_rankings(whole) and len(load_rankings(whole)) == 5
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from lmlab.checkpoint import save_run

@@ -13,6 +13,7 @@ the same command again skips the prompts that file already ranks.
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -69,12 +70,12 @@ def show_completions(prompt: str, completions: Sequence[str], write: Callable) -
         write(f"  {i}) ...{c}".replace("\n", "\u21b5"))
 
 
-def ranked_prompts(path) -> set:
-    """Prompts the rankings file already holds (an absent file holds none)."""
+def ranked_prompts(path) -> collections.Counter:
+    """How many rankings the file already holds for each prompt (an absent file holds none)."""
     path = Path(path)
     if not path.exists() or not path.read_text(encoding="utf-8").strip():
-        return set()
-    return {r["prompt"] for r in load_rankings(path)}
+        return collections.Counter()
+    return collections.Counter(r["prompt"] for r in load_rankings(path))
 
 
 def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, judge=None,
@@ -86,8 +87,14 @@ def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, j
     """
     if k < 2:
         raise ValueError(f"k must be >= 2 completions to rank, got {k}")
-    done = ranked_prompts(out_path)
-    todo = [(i, p) for i, p in enumerate(prompts) if p not in done]
+    # A prompt listed n times is ranked n times: its j-th listing is done once the file holds
+    # more than j rankings of it, so an interrupted session resumes to the same set.
+    done, seen = ranked_prompts(out_path), collections.Counter()
+    todo = []
+    for i, p in enumerate(prompts):
+        if seen[p] >= done[p]:
+            todo.append((i, p))
+        seen[p] += 1
     stats = {"ranked": 0, "skipped": 0, "already": len(prompts) - len(todo), "quit": False}
     if stats["already"]:
         write(f"{stats['already']} of {len(prompts)} prompts already ranked in {out_path}; "
