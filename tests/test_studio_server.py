@@ -181,6 +181,7 @@ def test_picking_the_most_likely_and_sampling_with_a_seed(studio, models):
     ({"prompt": "x", "top_p": 0}, "top_p must be in (0, 1]"),
     ({"prompt": "x", "top_k": -2}, "top_k must be in"),
     ({"prompt": "x", "top_k": True}, "top_k must be a finite number"),
+    ({"prompt": "x", "top_k": 10 ** 400}, "top_k must be in [0, "),  # beyond any float: not a 500
     ({"prompt": 5}, "prompt must be a string"),
     ({"prompt": "x" * 2001}, "at most 2000"),
     ({"prompt": "\u2603 snow"}, "cannot encode '\u2603'"),

@@ -142,3 +142,19 @@ def test_lmlab_studio_train_into_names_slots_and_refuses_a_file(studio_runs, tmp
     (tmp_path / "file").write_text("x")
     assert main(["studio", "--train-into", str(tmp_path / "file")]) == 2
     assert "lmlab studio: error: --train-into" in capsys.readouterr().err
+
+
+def test_a_job_stopped_while_it_is_still_starting_ends_stopped_not_failed(tmp_path):
+    """Stop pressed right after Start reaches the child before its training loop takes SIGINT
+    (Python still starting, or the run loading): that is a stop too, and nothing was written."""
+    import os
+
+    from lmlab.studio.trainer import Job
+    run = tmp_path / "run"
+    job = Job(["pretrain", "--corpus", "builtin:shakespeare", "--run", str(run), "--steps", "50",
+               "--no-progress"], env=dict(os.environ))
+    job.stop()
+    job.wait(120)
+    described = job.describe()
+    assert described["returncode"] != 0 and described["state"] == "stopped", described
+    assert not (run / "current.json").exists()

@@ -88,7 +88,14 @@ def number_value(values: dict, name: str, *, default=None, lo=None, hi=None, int
             value = float(value)
         except ValueError:
             raise BadRequest(f"{name} must be a number, got {value[:40]!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name} must be a finite number, got {value!r}"[:120])
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # a JSON integer of hundreds of digits, beyond any float
+        raise BadRequest(f"{name} must be in [{lo}, {hi}], got an integer of "
+                         f"{len(str(abs(value)))} digits") from None
+    if not finite:
         raise BadRequest(f"{name} must be a finite number, got {value!r}")
     if integer:
         if value != int(value):

@@ -146,12 +146,19 @@ class Job:
             self.process.wait()
         self._reader.join(5)
 
+    def _interrupted(self, code: int) -> bool:
+        return code in (130, -signal.SIGINT) or any("KeyboardInterrupt" in line for line in self.log)
+
     def describe(self) -> dict:
         code = self.process.poll()
         if code is None:
             state = "stopping" if self.stop_requested else "running"
         elif code == 0:
             state = "stopped" if self.stop_requested else "finished"
+        elif self.stop_requested and self._interrupted(code):
+            # Stopped before its training loop could take the SIGINT (still starting Python, or
+            # loading): it ends as "interrupted", with nothing written, which is a stop too.
+            state = "stopped"
         else:
             state = "failed"
         return {"state": state, "returncode": code, "command": "lmlab " + " ".join(self.argv),
