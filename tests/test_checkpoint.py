@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 import shutil
 import tracemalloc
 
@@ -179,6 +180,23 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
         atomic_write(path, torn)
     assert path.read_bytes() == b"old content"
     assert os.listdir(tmp_path) == ["f.bin"]  # the temporary file is removed
+
+
+def test_the_next_write_of_a_file_removes_temporaries_killed_writers_abandoned(tmp_path):
+    """A write killed before its rename leaves .<name>.<random>.tmp (as large as the file: a
+    token cache of a big corpus); the next write of that file removes it once no writer has
+    touched it for ABANDONED_AFTER_S, and leaves a fresh one (a live writer's) and other files."""
+    from lmlab.files import ABANDONED_AFTER_S
+    path = tmp_path / "cache.int32"
+    stale, fresh = tmp_path / ".cache.int32.abcd1234.tmp", tmp_path / ".cache.int32.live5678.tmp"
+    other = tmp_path / ".other.int32.abcd1234.tmp"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"partial")
+    old = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    atomic_write_bytes(path, b"ids")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, fresh.name, other.name])
 
 
 def _interrupt_save_at(monkeypatch, n, exc):

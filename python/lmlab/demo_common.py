@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write, atomic_write_text, fsync_dir
+from .files import atomic_write, atomic_write_text, fsync_dir, remove_abandoned
 
 PNG_DPI = 110
 GIF_DPI = 70
@@ -104,6 +104,7 @@ def save_gif(fig, update, frames: int, path: Path, fps: float = 3.0) -> Path:
     writer = PillowWriter(fps=fps)
     # Drawn into a temporary file beside path (the writer wants a file name ending .gif), then
     # renamed over it: a kill leaves the previous file or none, never a torn one.
+    remove_abandoned(path.parent, f".{path.name}.", path.suffix)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         with writer.saving(fig, str(tmp), GIF_DPI):

@@ -3,7 +3,8 @@
 `atomic_write*` write into a temporary file in the target's directory, flush and fsync it, and
 rename it over the target, so a crash leaves either the old file or the new one, never a torn
 one. The temporary file is named ".<name>.<random>.tmp" (TEMP_SUFFIX), so whoever cleans a
-directory after a crash can recognise it. An OSError (disk full, file too large, permission) comes
+directory after a crash can recognise it: the next write of the same file removes those a killed
+writer abandoned (remove_abandoned). An OSError (disk full, file too large, permission) comes
 out as errors.CheckpointError naming the path and the cause.
 """
 
@@ -13,12 +14,17 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 
 from .errors import CheckpointError
 
 TEMP_SUFFIX = ".tmp"
+
+# A temporary file untouched this long was left by a writer that was killed: a live one writes it
+# continuously and renames it within seconds.
+ABANDONED_AFTER_S = 3600.0
 
 
 def write_error(path, exc: OSError) -> CheckpointError:
@@ -64,10 +70,30 @@ def write_new_file(path, data) -> None:
         raise write_error(path, e) from None
 
 
+def remove_abandoned(directory, prefix: str, suffix: str = TEMP_SUFFIX) -> None:
+    """Remove the files in `directory` named prefix...suffix that no writer has touched for
+    ABANDONED_AFTER_S: temporary files of killed writes (a cache file of a large corpus leaves one
+    as large as itself). Best effort: what cannot be listed or removed stays."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        if name.startswith(prefix) and name.endswith(suffix):
+            p = os.path.join(directory, name)
+            try:
+                if now - os.lstat(p).st_mtime > ABANDONED_AFTER_S:
+                    os.unlink(p)
+            except OSError:
+                pass
+
+
 def atomic_write(path, write) -> None:
     """Create or replace `path` atomically; `write(f)` writes the content to a binary file object."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    remove_abandoned(directory, "." + os.path.basename(path) + ".")
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                                    suffix=TEMP_SUFFIX)
