@@ -7,10 +7,12 @@ unchanged from the run, with tokenizer_config.json and special_tokens_map.json n
 tokens and, for an instruct-tuned run, the chat template) and a short README.md (a model card).
 
 Written atomically: everything goes into a temporary directory beside OUT, synced, then renamed to
-OUT. An existing OUT is refused unless overwrite=True, and even then only a model directory (one
-holding config.json) or an empty one is replaced: the old one is renamed aside, the new one renamed
-in, the old one removed. A kill between those two renames leaves the old export as
-.OUT.old-*, which the next export of OUT puts back before it starts.
+OUT. An existing OUT is refused unless overwrite=True, and even then only a transformers model
+directory (a config.json with a model_type) or an empty one is replaced, never an lmlab run or
+checkpoint, nor anything inside one: the old export is renamed aside, the new one renamed in, the
+old one removed. A kill between those two renames leaves the old export as .OUT.old-TIME-*, which
+the next export of OUT puts back before it starts (the newest, if several; older ones, left by a
+kill before the last removal, are removed).
 """
 
 from __future__ import annotations

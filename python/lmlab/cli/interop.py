@@ -17,7 +17,8 @@ def add_commands(sub) -> None:
                         "tokenizer as a fast tokenizer, the chat template of an instruct run)")
     p.add_argument("out", help="the directory to write (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing model directory (one holding config.json) at OUT")
+                   help="replace an earlier export at OUT (a transformers model directory; "
+                        "never an lmlab run)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="make a local Hugging Face GPT-2 checkpoint an lmlab run")
