@@ -187,7 +187,7 @@ def test_picking_the_most_likely_and_sampling_with_a_seed(studio, models):
     ({"prompt": "\u2603 snow"}, "cannot encode '\u2603'"),
     ({"prompt": "x", "show": 1000}, "show must be in"),
     ({"prompt": "x", "ids": "1,2"}, "ids must be a list"),
-    ({"prompt": "x", "ids": [-1]}, "id must be in"),
+    ({"prompt": "x", "ids": [-1]}, "id must be >= 0, got -1"),
     ({"prompt": "x", "ids": [1 << 20]}, "ids must be in [0, "),
     ({"prompt": "x", "ids": [1] * 2001}, "at most 2000 token ids"),
 ])
@@ -467,7 +467,7 @@ def test_posts_must_be_json_and_small(studio):
 
 
 @pytest.mark.parametrize("ref", ["../base", "base/../chat", "/etc/passwd", "2", "-1", "chat/", "x" * 500,
-                                 "~", "base\x00"])
+                                 "~", "base\x00", "\u00b2"])  # "²" is a digit to str.isdigit
 def test_only_the_runs_named_at_start_are_reachable(studio, ref):
     for r in (studio.get("/api/training/metrics", params={"run": ref}),
               studio.get("/api/embeddings", params={"run": ref}),

@@ -75,6 +75,14 @@ def text_value(values: dict, name: str, *, default=None, max_chars: int = MAX_TE
     return value
 
 
+def _range(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    if lo is not None:
+        return f">= {lo}"
+    return f"<= {hi}" if hi is not None else "a finite number"
+
+
 def number_value(values: dict, name: str, *, default=None, lo=None, hi=None, integer: bool = False,
                  optional: bool = False):
     """A number from a JSON body or query string (strings are parsed), within [lo, hi]."""
@@ -93,7 +101,7 @@ def number_value(values: dict, name: str, *, default=None, lo=None, hi=None, int
     try:
         finite = math.isfinite(value)
     except OverflowError:  # a JSON integer of hundreds of digits, beyond any float
-        raise BadRequest(f"{name} must be in [{lo}, {hi}], got an integer of "
+        raise BadRequest(f"{name} must be {_range(lo, hi)}, got an integer of "
                          f"{len(str(abs(value)))} digits") from None
     if not finite:
         raise BadRequest(f"{name} must be a finite number, got {value!r}")
@@ -102,7 +110,7 @@ def number_value(values: dict, name: str, *, default=None, lo=None, hi=None, int
             raise BadRequest(f"{name} must be a whole number, got {value}")
         value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise BadRequest(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise BadRequest(f"{name} must be {_range(lo, hi)}, got {value}")
     return value
 
 

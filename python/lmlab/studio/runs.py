@@ -119,7 +119,7 @@ class Runs:
         ref = str(ref)
         if len(ref) > NAME_CHARS:
             raise UnknownRun(f"no run named {ref[:NAME_CHARS]!r}...")
-        if ref.isdigit() and int(ref) < len(self.runs):
+        if ref.isascii() and ref.isdigit() and int(ref) < len(self.runs):  # not "²", a digit too
             return self.runs[int(ref)]
         for run in self.runs:
             if run.name == ref:
