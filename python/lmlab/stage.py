@@ -72,6 +72,9 @@ STAGE_DEFAULTS = {
                "seed": 1337},
 }
 
+# Stages whose runs are never resumed: the reward model fits its head in one go.
+NOT_RESUMABLE = frozenset({"reward"})
+
 # Settings that define the run's model, data and batches: a resume cannot change them.
 FIXED_ON_RESUME = frozenset({
     "corpus", "data", "rankings", "prompts", "reward_model", "judge", "tokenizer", "vocab_size",
@@ -127,7 +130,7 @@ class StageRun:
             return self.out
         if self.handle is None:
             self.handle = open_run_dir(self.out, resume=self.resume, overwrite=self.overwrite,
-                                       resumable=self.name != "reward",
+                                       resumable=self.name not in NOT_RESUMABLE,
                                        parent=self.parent)
             if self.handle.removed:
                 print(f"lmlab: --overwrite removed from {self.out}: "
@@ -270,7 +273,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     if resume and not is_run(out):
         raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
     if not resume and not overwrite and is_run(out):
-        resumable = "--resume to continue it, " if stage != "reward" else ""
+        resumable = "--resume to continue it, " if stage not in NOT_RESUMABLE else ""
         raise RunDirError(f"{out} already holds a run; pass {resumable}--overwrite to replace "
                           "it, or choose another directory")
     if resume:
