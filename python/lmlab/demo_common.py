@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import operator
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write, atomic_write_text, fsync_dir, remove_abandoned
+from .files import atomic_write, atomic_write_file, atomic_write_text
 
 PNG_DPI = 110
 GIF_DPI = 70
@@ -102,22 +101,14 @@ def save_gif(fig, update, frames: int, path: Path, fps: float = 3.0) -> Path:
     fig.canvas.draw()
     fig.set_layout_engine("none")
     writer = PillowWriter(fps=fps)
-    # Drawn into a temporary file beside path (the writer wants a file name ending .gif), then
-    # renamed over it: a kill leaves the previous file or none, never a torn one.
-    remove_abandoned(path.parent, f".{path.name}.", path.suffix)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        with writer.saving(fig, str(tmp), GIF_DPI):
+
+    def draw(tmp: str) -> None:
+        with writer.saving(fig, tmp, GIF_DPI):
             for k in range(frames):
                 update(k)
                 writer.grab_frame()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+
+    atomic_write_file(path, draw)  # the writer wants a file name ending .gif
     return path
 
 

@@ -2,7 +2,8 @@
 
 `atomic_write*` write into a temporary file in the target's directory, flush and fsync it, and
 rename it over the target, so a crash leaves either the old file or the new one, never a torn
-one. The temporary file is named ".<name>.<random>.tmp" (TEMP_SUFFIX), so whoever cleans a
+one. The temporary file is named ".<name>.<random>.tmp" (TEMP_SUFFIX; atomic_write_file, for
+writers that want a file name, keeps the target's suffix after it), so whoever cleans a
 directory after a crash can recognise it: the next write of the same file removes those a killed
 writer abandoned (remove_abandoned). An OSError (disk full, file too large, permission) comes
 out as errors.CheckpointError naming the path and the cause.
@@ -91,19 +92,38 @@ def remove_abandoned(directory, prefix: str, suffix: str = TEMP_SUFFIX) -> None:
 
 def atomic_write(path, write) -> None:
     """Create or replace `path` atomically; `write(f)` writes the content to a binary file object."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    remove_abandoned(directory, "." + os.path.basename(path) + ".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                                   suffix=TEMP_SUFFIX)
-    except OSError as e:
-        raise write_error(path, e) from None
-    try:
+    def fill(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    _replace_atomically(path, TEMP_SUFFIX, fill)
+
+
+def atomic_write_file(path, write_to) -> None:
+    """atomic_write for a writer that wants a file name rather than a file object (matplotlib's
+    GIF writer): write_to(tmp) writes the content to a temporary path that keeps path's suffix."""
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
+        write_to(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    _replace_atomically(path, TEMP_SUFFIX + os.path.splitext(os.fspath(path))[1], fill)
+
+
+def _replace_atomically(path, suffix: str, fill) -> None:
+    """Create a temporary file ".<name>.<random><suffix>" beside path, fill(fd, tmp) it (written
+    and synced), rename it over path and sync the directory; on any failure remove it."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    remove_abandoned(directory, prefix, suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        fill(fd, tmp)
         # mkstemp creates 0600; give the file the permissions a plain open() would have.
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
