@@ -359,7 +359,8 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_first(world, par
         rc, _, err = _cli(capsys, *world.args(partial, "--resume"))
         assert rc == 2 and err.count("\n") == 1
         assert f"{partial} is in use by another lmlab process (pid {holder.pid})" in err
-        rc, out, _ = _cli(capsys, "sample", str(partial), "--max-new-tokens", "5")
+        # A prompt, so the output is never blank whatever the 5 sampled tokens are.
+        rc, out, _ = _cli(capsys, "sample", str(partial), "--max-new-tokens", "5", "--prompt", "a")
         assert rc == 0 and out.strip()  # readers take no lock
     finally:
         holder.stdin.close()
