@@ -321,7 +321,7 @@ def test_a_read_only_filesystem_is_refused_before_training(world, partial, capsy
         pytest.skip("a read-only bind mount needs root with CAP_SYS_ADMIN")
     try:
         assert _mount("-o", "remount,bind,ro", partial)
-        rc, out, _ = _cli(capsys, "sample", str(partial), "--max-new-tokens", "5")
+        rc, out, _ = _cli(capsys, "sample", str(partial), "--max-new-tokens", "5", "--prompt", "a")
         assert rc == 0 and out.strip()  # reading needs no write access
         rc, _, err = _cli(capsys, *world.args(partial, "--resume"))
         assert rc == 2 and err.count("\n") == 1
