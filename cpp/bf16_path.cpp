@@ -7,7 +7,9 @@
 
 #include "kernels.h"
 
-#if defined(LMLAB_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#if defined(LMLAB_SIMULATED_ISA)
+// A test driver built on tests/simulated_isa, whose intrinsics are plain C++: every path runs.
+#elif defined(LMLAB_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define LMLAB_X86_PROBE 1
 #include <cpuid.h>
 #if defined(__linux__)
@@ -52,6 +54,9 @@ bool probe_amx() {
     return false;
 #endif
 }
+#elif defined(LMLAB_SIMULATED_ISA)
+bool probe_avx512_bf16() { return true; }
+bool probe_amx() { return true; }
 #else
 bool probe_avx512_bf16() { return false; }
 bool probe_amx() { return false; }

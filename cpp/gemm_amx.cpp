@@ -46,7 +46,11 @@ bool gemm_bf16_amx(idx_t, idx_t, idx_t, float, Operand, Operand, Output, bool) {
 
 #else
 
+#ifdef LMLAB_SIMULATED_ISA  // tests/simulated_isa: the intrinsics are plain C++
+#define LMLAB_AMX_TARGET
+#else
 #define LMLAB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+#endif
 
 // GCC 12 does not emit the destructor of a class-template thread_local on its own: instantiate it.
 template struct Scratch<std::uint16_t>;

@@ -48,7 +48,11 @@ bool gemm_bf16_dpbf16(idx_t, idx_t, idx_t, float, Operand, Operand, Output, bool
 
 #else
 
+#ifdef LMLAB_SIMULATED_ISA  // tests/simulated_isa: the intrinsics are plain C++
+#define LMLAB_BF16_TARGET
+#else
 #define LMLAB_BF16_TARGET __attribute__((target("avx512bf16")))
+#endif
 
 // GCC 12 does not emit the destructor of a class-template thread_local on its own: instantiate it.
 template struct Scratch<std::uint32_t>;

@@ -30,6 +30,11 @@ FLAGS = {  # each variant's compiler flags, as in CMakeLists.txt
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "neon": ["-DLMLAB_NEON"],
+    # The avx512 variant's code on tests/simulated_isa's plain-C++ intrinsics, for any x86-64 CPU: the
+    # macros the real avx512 build has, no instruction-set flags (tests/test_avx512_simulated.py).
+    "avx512_sim": [f"-I{ROOT / 'tests' / 'simulated_isa'}", "-DLMLAB_SIMULATED_ISA", "-D__AVX512F__",
+                   "-D__AVX512DQ__", "-D__AVX512BW__", "-D__AVX512VL__", "-D__AVX2__", "-D__FMA__",
+                   "-D__F16C__", "-Wno-psabi"],
 }
 
 
@@ -51,6 +56,15 @@ AARCH64_CXX = os.environ.get("LMLAB_AARCH64_CXX", "aarch64-linux-gnu-g++")
 AARCH64_SYSROOT = os.environ.get("LMLAB_AARCH64_SYSROOT", "/usr/aarch64-linux-gnu")
 
 
+def sanitize_flags() -> list[str]:
+    """ASan + UBSan for the drivers where LMLAB_SANITIZE_DRIVERS=1 (.ci/sanitize sets it), the first
+    finding failing the run."""
+    if os.environ.get("LMLAB_SANITIZE_DRIVERS") != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+            "-g"]
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a driver is built for and how it is run."""
@@ -64,7 +78,7 @@ class Target:
         exe = out_dir / f"{driver}_{self.name}_{isa}"
         defines = ["-DLMLAB_HAVE_AVX512"] if self.x86 else []
         subprocess.run([self.cxx, "-std=c++17", "-O2", "-fopenmp", f"-I{ROOT / 'cpp'}",
-                        f"-DLMLAB_ISA_NS={isa}", *defines, *FLAGS[isa],
+                        f"-DLMLAB_ISA_NS={isa}", *defines, *FLAGS[isa], *sanitize_flags(),
                         *(str(ROOT / s) for s in SOURCES[driver]), "-o", str(exe)], check=True)
         return exe
 
@@ -95,11 +109,13 @@ class Drivers:
         text = self.target.run(self.exe(driver, isa), *args).decode()
         return [line.split() for line in text.strip().splitlines()]
 
-    def kernel(self, isa: str, name: str, *args, threads: int | None = None):
+    def kernel(self, isa: str, name: str, *args, threads: int | None = None, bf16_path: str | None = None):
         """Runs the kernel `name` of cpp/kernels.h through tests/kernel_run.cpp with the arguments in
         its parameter order (numpy float32/int32 arrays, None, ints, floats), writing the results into
-        the arrays passed, as the kernel would; returns the kernel's value, if it has one."""
-        out = self.target.run(self.exe("kernel_run", isa), name, stdin=encode(args), threads=threads)
+        the arrays passed, as the kernel would; returns the kernel's value, if it has one. bf16_path
+        names the path of its bf16 products (default: the fastest the driver finds)."""
+        path = () if bf16_path is None else (bf16_path,)
+        out = self.target.run(self.exe("kernel_run", isa), name, *path, stdin=encode(args), threads=threads)
         pos = 0
         for a in (a for a in args if isinstance(a, np.ndarray)):
             (count,) = struct.unpack_from("<q", out, pos)
@@ -194,7 +210,7 @@ def check_gemm_rows(rows: list[list[str]]) -> None:
 # vexp's error bound in ulp, as cpp/simd.h states it (measured over every fp32 input on x86).
 EXP_MAX_ULP = 1.07
 SIMD_CHECKS = {"tails", "select_rules", "rounding", "horizontal", "ldexp", "exp_special", "exp_finite"}
-LANES = {"avx512": 16, "avx2": 8, "neon": 4, "portable": 1}  # cpp/simd.h's kW per variant
+LANES = {"avx512": 16, "avx512_sim": 16, "avx2": 8, "neon": 4, "portable": 1}  # cpp/simd.h's kW per variant
 
 
 def check_simd_lines(lines: list[list[str]], isa: str) -> None:

@@ -2,7 +2,8 @@
 // back: how tests/test_aarch64.py calls the AArch64 kernels, cross-compiled and under qemu, where no
 // Python module can be loaded, and checks them against tests/reference.py.
 //
-// Usage: kernel_run NAME < arguments > results, NAME any kernel of cpp/kernels.h. The arguments come
+// Usage: kernel_run NAME [BF16_PATH] < arguments > results, NAME any kernel of cpp/kernels.h, BF16_PATH
+// the Bf16Path for its Precision::bf16 products (default: the fastest this CPU runs). The arguments come
 // in the kernel's parameter order, each a tag byte and its value (little-endian):
 //   'a' int64 count, then count 4-byte elements   a float* or std::int32_t* parameter
 //   'n'                                           a null pointer
@@ -96,9 +97,16 @@ void run(R (*kernel)(Params...)) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: kernel_run NAME < arguments\n");
+    if (argc != 2 && argc != 3) {
+        std::fprintf(stderr, "usage: kernel_run NAME [amx|avx512_bf16|emulated] < arguments\n");
         return 2;
+    }
+    if (argc == 3) {  // the bf16 path for Precision::bf16 products; else the fastest this CPU has
+        lmlab::Bf16Path path;
+        if (!lmlab::bf16_path_from_name(argv[2], &path) || !lmlab::select_bf16_path(path)) {
+            std::fprintf(stderr, "kernel_run: this CPU cannot run the bf16 path '%s'\n", argv[2]);
+            return 3;
+        }
     }
 #define LMLAB_KERNEL_RUN(ret, name, params)      \
     if (std::strcmp(argv[1], #name) == 0) {      \

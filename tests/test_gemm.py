@@ -150,10 +150,11 @@ def test_bf16_tiny_values_within_the_flush_bound(bf16_variant, scale):
     assert np.all(np.abs(out - exact) <= bound)
 
 
-def dpbf16_sequence(inp, weight):
+def pair_sequence(inp, weight, odd_first: bool = True):
     """out = inp @ weight.T as Intel defines VDPBF16PS: per pair of k, acc += the odd product, then
     acc += the even one, each sum of the exact product rounded once to float32 (the float64 sum is
-    exact here), bf16 inputs and float32 results below 2^-126 taken as zero."""
+    exact here), bf16 inputs and float32 results below 2^-126 taken as zero. odd_first=False: the
+    even product first, as TDPBF16PS's definition (and tests/simulated_isa) adds them."""
     def flush(x):
         return np.where(np.abs(x) < FLUSH, 0.0, x)
     i, w = flush(ref.round_bf16(inp)), flush(ref.round_bf16(weight))
@@ -161,7 +162,7 @@ def dpbf16_sequence(inp, weight):
         i, w = np.pad(i, ((0, 0), (0, 1))), np.pad(w, ((0, 0), (0, 1)))
     acc = np.zeros((i.shape[0], w.shape[0]), np.float32)
     for k in range(0, i.shape[1], 2):
-        for kk in (k + 1, k):
+        for kk in ((k + 1, k) if odd_first else (k, k + 1)):
             acc = flush((acc + np.outer(i[:, kk], w[:, kk])).astype(np.float32))
     return acc
 
@@ -177,7 +178,7 @@ def test_dpbf16_path_is_the_documented_instruction(scale):
     out = np.zeros((17, 40), np.float32)
     with ops.use_isa("avx512"), ops.use_bf16_path("avx512_bf16"):
         ops.matmul_forward(out, inp, weight, precision="bf16")
-    assert np.array_equal(out, dpbf16_sequence(inp, weight))
+    assert np.array_equal(out, pair_sequence(inp, weight))
 
 
 # --- the internal gemm, through tests/gemm_check.cpp -------------------------------------------------
