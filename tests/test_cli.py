@@ -268,7 +268,13 @@ def test_every_verbs_help_shows_every_default_and_describes_every_option():
         if not text:
             missing.append(f"{verb} {action.option_strings[0]}: no help")
         elif action.default not in (None, False, "") and "default" not in text:
-            missing.append(f"{verb} {action.option_strings[0]}: default {action.default!r} not shown")
+            if action.nargs != 0:
+                missing.append(f"{verb} {action.option_strings[0]}: default {action.default!r} "
+                               "not shown")
+        if action.nargs == 0 and "(default" in text:
+            # A switch has no value to show: "--no-mfu ... (default True)" reads as "skipped
+            # unless asked", the opposite of what it does.
+            missing.append(f"{verb} {action.option_strings[0]}: a switch showing a default")
     assert not missing, "\n".join(missing)
 
 
