@@ -50,7 +50,8 @@ class NextTokens:
 
     probs[i] is the probability of token id i (float64, sums to 1); top(k) lists the k most likely
     as (token text, probability), most likely first, ties broken by lower id (as `lmlab predict`
-    shows them); dist["e"] is the probability of the token whose text is "e".
+    shows them); dist["e"] is the probability of the token whose text is "e" (`"e" in dist`: is
+    "e" one token).
 
     >>> dist = model.next_token_distribution("the ")
     >>> len(dist) == model.tokenizer.vocab_size, dist.top(2)[0][1] >= dist.top(2)[1][1]
@@ -75,6 +76,18 @@ class NextTokens:
         if len(ids) != 1:
             raise KeyError(f"{token!r} is {len(ids)} tokens for this tokenizer, not one")
         return float(self.probs[int(ids[0])])
+
+    def __contains__(self, token) -> bool:
+        """Whether `token` is the text of exactly one token, so that dist[token] answers."""
+        try:
+            return isinstance(token, str) and len(
+                self.tokenizer.encode(token, allow_special=True)) == 1
+        except ValueError:  # characters this tokenizer cannot encode
+            return False
+
+    # Not a sequence: without this, `for t in dist` and `"x" in dist` would fall back to
+    # dist[0], dist[1], ... and fail with "token must be text". .top(k) lists, .probs is by id.
+    __iter__ = None
 
     def __len__(self) -> int:
         return len(self.probs)
