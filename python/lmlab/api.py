@@ -226,13 +226,15 @@ def _run_of(run, name: str = "run") -> Path:
     return Path(os.fspath(run))
 
 
-def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, resume: bool = False,
-             overwrite: bool = False, threads: Optional[int] = None, **settings) -> Model:
+def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, prompt: str = "",
+             sample_after: int = 0, resume: bool = False, overwrite: bool = False,
+             threads: Optional[int] = None, **settings) -> Model:
     """Pretrain a GPT from scratch on `corpus` by next-token prediction, into the run directory
     `run`, and return it as a Model (its .result says how training went). `lmlab pretrain
     --corpus CORPUS --run RUN ...`: keywords are the flags (n_layer, n_head, n_embd, block_size,
     batch_size, tokenizer "char"/"bpe", vocab_size, steps, lr, min_lr, warmup_steps, seed,
     precision, progress, ...), defaults from lmlab.stage.STAGE_DEFAULTS["pretrain"].
+    sample_after=N samples N tokens after `prompt` when training ends: .result.details["sample"].
 
     >>> import tempfile, lmlab
     >>> run = tempfile.mkdtemp() + "/base"
@@ -246,8 +248,9 @@ def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, resume: bool 
     lmlab.checks.UnknownSettingError: pretrain() got unknown keyword(s) 'setps' (did you mean 'steps'?); ...
     """
     out = _run_of(run)
-    result = _pretrain_stage.pretrain(corpus, out, resume=resume, overwrite=overwrite,
-                                      threads=threads, **settings)
+    result = _pretrain_stage.pretrain(corpus, out, prompt=prompt, sample_after=sample_after,
+                                      resume=resume, overwrite=overwrite, threads=threads,
+                                      **settings)
     return Model(out, result=result)
 
 
