@@ -69,6 +69,10 @@ def test_sample_stop_string_cuts_the_output(run, capsys):
                  "--temperature", "0", "--stop", " "]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the ") and " " not in out[len("the "):].rstrip("\n")
+    # An empty stop string (an unset shell variable: --stop "$STOP") is refused, as the API's is,
+    # not taken as no stop string.
+    assert main(["sample", str(run / "base"), "--prompt", "the ", "--stop", ""]) == 2
+    assert "--stop must be a non-empty string" in capsys.readouterr().err
 
 
 def test_predict_table_and_json(run, capsys):
