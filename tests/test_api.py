@@ -146,6 +146,16 @@ def test_next_token_distribution_equals_the_module_function_and_lmlab_predict(ro
     assert dist[rows[1]["token"]] == rows[1]["probability"]
 
 
+def test_next_token_distribution_answers_in_and_is_not_iterated_by_index(base):
+    """dist["e"] reads like a dict, so `"e" in dist` must answer (not fall back to dist[0], dist[1],
+    ... and fail with "token must be text"), and iterating it is refused by name."""
+    dist = base.next_token_distribution("the c")
+    assert "a" in dist and "<|end|>" in dist
+    assert "ab" not in dist and "" not in dist and "\u00e9" not in dist and 3 not in dist
+    with pytest.raises(TypeError, match="not iterable"):
+        list(dist)
+
+
 def _numpy_losses(model, ids) -> np.ndarray:
     """-log p of each next token, from the model's logits, in float64 numpy, window by window."""
     T = model.gpt.config.block_size

@@ -36,6 +36,24 @@ def test_pretrain_leaves_a_complete_run(run):
             "state.json"} == names
 
 
+def test_sample_after_prompt_is_checked_before_training_and_samples_as_lmlab_sample(run, capsys):
+    """README: every value is checked before any work. A --prompt for --sample-after that the
+    corpus's char tokenizer cannot encode ("Z") is refused before training and leaves no run,
+    not after the whole training; a good one prints what `lmlab sample --seed 0` prints."""
+    out = run / "sampled"
+    shape = ["--corpus", str(run / "corpus.txt"), "--run", str(out), "--n-layer", "1",
+             "--n-head", "2", "--n-embd", "16", "--block-size", "48", "--batch-size", "4",
+             "--steps", "3", "--eval-every", "0", "--no-progress", "--sample-after", "12"]
+    assert main(["pretrain", *shape, "--prompt", "Zoo "]) == 2
+    assert "'Z' x1" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["pretrain", *shape, "--prompt", "the "]) == 0
+    printed = capsys.readouterr().out.split("--- a sample from the trained model ---\n")[1]
+    assert main(["sample", str(out), "--prompt", "the ", "--max-new-tokens", "12", "--seed", "0",
+                 "--temperature", "0.8"]) == 0
+    assert printed == capsys.readouterr().out
+
+
 def test_sample_is_reproducible_by_seed(run, capsys):
     args = ["sample", str(run / "base"), "--prompt", "the ", "--max-new-tokens", "20", "--seed", "3"]
     assert main(args) == 0
@@ -51,6 +69,10 @@ def test_sample_stop_string_cuts_the_output(run, capsys):
                  "--temperature", "0", "--stop", " "]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the ") and " " not in out[len("the "):].rstrip("\n")
+    # An empty stop string (an unset shell variable: --stop "$STOP") is refused, as the API's is,
+    # not taken as no stop string.
+    assert main(["sample", str(run / "base"), "--prompt", "the ", "--stop", ""]) == 2
+    assert "--stop must be a non-empty string" in capsys.readouterr().err
 
 
 def test_predict_table_and_json(run, capsys):
@@ -268,7 +290,13 @@ def test_every_verbs_help_shows_every_default_and_describes_every_option():
         if not text:
             missing.append(f"{verb} {action.option_strings[0]}: no help")
         elif action.default not in (None, False, "") and "default" not in text:
-            missing.append(f"{verb} {action.option_strings[0]}: default {action.default!r} not shown")
+            if action.nargs != 0:
+                missing.append(f"{verb} {action.option_strings[0]}: default {action.default!r} "
+                               "not shown")
+        if action.nargs == 0 and "(default" in text:
+            # A switch has no value to show: "--no-mfu ... (default True)" reads as "skipped
+            # unless asked", the opposite of what it does.
+            missing.append(f"{verb} {action.option_strings[0]}: a switch showing a default")
     assert not missing, "\n".join(missing)
 
 

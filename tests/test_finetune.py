@@ -53,6 +53,21 @@ def test_unknown_characters_reported_before_training(parent, tmp_path):
     assert report.details["unknown_chars"]["Z"] == 2 and report.details["unknown_chars"]["!"] == 2
 
 
+def test_a_sample_prompt_the_tokenizer_cannot_encode_is_refused_before_training(parent, tmp_path):
+    """The before/after samples come after training; their prompt is checked before it, so a
+    typo costs no training (and leaves no run) rather than failing at the very end."""
+    _, run = parent
+    new = tmp_path / "new.txt"
+    new.write_text(NEW)
+    with pytest.raises(ValueError, match=r"'Z' x1"):
+        finetune(run, str(new), tmp_path / "child", steps=5, progress=False, prompt="Zoo ",
+                 sample_tokens=5)
+    assert not (tmp_path / "child").exists()
+    # Without samples the prompt is not used, so not checked.
+    finetune(run, str(new), tmp_path / "child", steps=2, eval_every=0, progress=False,
+             prompt="Zoo ", sample_tokens=0)
+
+
 def test_frozen_layers_do_not_change(parent, tmp_path):
     _, run = parent
     new = tmp_path / "new.txt"

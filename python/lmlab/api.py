@@ -50,7 +50,8 @@ class NextTokens:
 
     probs[i] is the probability of token id i (float64, sums to 1); top(k) lists the k most likely
     as (token text, probability), most likely first, ties broken by lower id (as `lmlab predict`
-    shows them); dist["e"] is the probability of the token whose text is "e".
+    shows them); dist["e"] is the probability of the token whose text is "e" (`"e" in dist`: is
+    "e" one token).
 
     >>> dist = model.next_token_distribution("the ")
     >>> len(dist) == model.tokenizer.vocab_size, dist.top(2)[0][1] >= dist.top(2)[1][1]
@@ -75,6 +76,18 @@ class NextTokens:
         if len(ids) != 1:
             raise KeyError(f"{token!r} is {len(ids)} tokens for this tokenizer, not one")
         return float(self.probs[int(ids[0])])
+
+    def __contains__(self, token) -> bool:
+        """Whether `token` is the text of exactly one token, so that dist[token] answers."""
+        try:
+            return isinstance(token, str) and len(
+                self.tokenizer.encode(token, allow_special=True)) == 1
+        except ValueError:  # characters this tokenizer cannot encode
+            return False
+
+    # Not a sequence: without this, `for t in dist` and `"x" in dist` would fall back to
+    # dist[0], dist[1], ... and fail with "token must be text". .top(k) lists, .probs is by id.
+    __iter__ = None
 
     def __len__(self) -> int:
         return len(self.probs)
@@ -213,13 +226,15 @@ def _run_of(run, name: str = "run") -> Path:
     return Path(os.fspath(run))
 
 
-def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, resume: bool = False,
-             overwrite: bool = False, threads: Optional[int] = None, **settings) -> Model:
+def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, prompt: str = "",
+             sample_after: int = 0, resume: bool = False, overwrite: bool = False,
+             threads: Optional[int] = None, **settings) -> Model:
     """Pretrain a GPT from scratch on `corpus` by next-token prediction, into the run directory
     `run`, and return it as a Model (its .result says how training went). `lmlab pretrain
     --corpus CORPUS --run RUN ...`: keywords are the flags (n_layer, n_head, n_embd, block_size,
     batch_size, tokenizer "char"/"bpe", vocab_size, steps, lr, min_lr, warmup_steps, seed,
     precision, progress, ...), defaults from lmlab.stage.STAGE_DEFAULTS["pretrain"].
+    sample_after=N samples N tokens after `prompt` when training ends: .result.details["sample"].
 
     >>> import tempfile, lmlab
     >>> run = tempfile.mkdtemp() + "/base"
@@ -233,8 +248,9 @@ def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, resume: bool 
     lmlab.checks.UnknownSettingError: pretrain() got unknown keyword(s) 'setps' (did you mean 'steps'?); ...
     """
     out = _run_of(run)
-    result = _pretrain_stage.pretrain(corpus, out, resume=resume, overwrite=overwrite,
-                                      threads=threads, **settings)
+    result = _pretrain_stage.pretrain(corpus, out, prompt=prompt, sample_after=sample_after,
+                                      resume=resume, overwrite=overwrite, threads=threads,
+                                      **settings)
     return Model(out, result=result)
 
 

@@ -14,13 +14,11 @@ import sys
 from dataclasses import asdict
 from typing import Optional
 
-import numpy as np
-
 from . import _CallableStage, checks
 from .checkpoint import load_model
 from .data import corpus_files_if_large, load_corpus, split_tokens, tokenize_corpus
-from .pretrain import LanguageModelingStage, check_tokens_fit, evaluate_loss
-from .sample import generate
+from .pretrain import (LanguageModelingStage, check_tokens_fit, evaluate_loss, sample_prompt_ids,
+                       sample_text)
 from .stage import StageResult, open_stage
 from .train import train
 
@@ -42,12 +40,6 @@ def encode_new_corpus(text: str, tokenizer, policy: str) -> tuple:
             f"(--unknown skip) to drop them or unknown='replace' (--unknown replace) to map them "
             f"to the replacement character.")
     return tokenizer.encode(text, unknown=policy), unknown
-
-
-def _sample_text(model, tok, prompt: str, n: int, seed: int) -> str:
-    ids = tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
-    out = generate(model, ids, n, temperature=0.8, seed=seed, stop_ids=[tok.eot_id])
-    return prompt + tok.decode(out)
 
 
 def freeze_prefixes(n_layers_frozen: int, freeze_embeddings: bool, n_layer: int) -> list:
@@ -79,6 +71,9 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
         if s.get("corpus") is None:
             raise ValueError("finetune needs a corpus (--corpus)")
         base, tok, parent_config = load_model(parent)
+        # The samples' prompt is encoded now, so one the tokenizer cannot encode is refused
+        # before training rather than after it.
+        prompt_ids = sample_prompt_ids(tok, prompt) if sample_tokens > 0 else None
         model, _, _ = load_model(parent)  # the copy that trains; `base` stays as the parent
         if corpus_files_if_large(s["corpus"]):
             # Never held whole: tokenized in a streaming pass into memory-mapped shards (the
@@ -126,8 +121,9 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
     new_after, old_after = losses(model)
     samples = {}
     if sample_tokens > 0:
-        samples = {"parent": _sample_text(base, tok, prompt, sample_tokens, s["seed"]),
-                   "finetuned": _sample_text(model, tok, prompt, sample_tokens, s["seed"])}
+        samples = {"parent": sample_text(base, tok, prompt, prompt_ids, sample_tokens, s["seed"]),
+                   "finetuned": sample_text(model, tok, prompt, prompt_ids, sample_tokens,
+                                            s["seed"])}
     return StageResult.from_training(
         "finetune", run_dir, result, parent=str(parent), new_val_before=new_before,
         new_val_after=new_after, old_val_before=old_before, old_val_after=old_after,

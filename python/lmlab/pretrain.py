@@ -12,11 +12,12 @@ from typing import Optional
 
 import numpy as np
 
-from . import _CallableStage, distributed, ops
+from . import _CallableStage, checks, distributed, ops
 from .checkpoint import load_model
 from .data import (BatchSampler, corpus_files_if_large, load_corpus, split_tokens,
                    tokenize_corpus)
 from .model import GPT, GPTConfig
+from .sample import generate
 from .stage import StageResult, open_stage
 from .token_shards import corpus_text_for_tokenizer
 from .tokenizer import train_tokenizer, train_tokenizer_on_chunks
@@ -88,15 +89,34 @@ def check_tokens_fit(corpus: str, train_tokens, val_tokens, block_size: int,
                          "(eval_every 0)")
 
 
-def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: bool = False,
-             overwrite: bool = False, threads: Optional[int] = None, **settings) -> StageResult:
+def sample_prompt_ids(tok, prompt: str) -> np.ndarray:
+    """The ids a sample after training continues: the prompt's, or for an empty prompt
+    <|endoftext|>, where every document starts. A stage encodes it before training, so a prompt
+    its tokenizer cannot encode is refused before any work."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text (a str), got {type(prompt).__name__}")
+    return tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
+
+
+def sample_text(model, tok, prompt: str, ids, n: int, seed: int) -> str:
+    """The prompt and up to n tokens sampled after it (temperature 0.8, ends at <|endoftext|>)."""
+    out = generate(model, ids, n, temperature=0.8, seed=seed, stop_ids=[tok.eot_id])
+    return prompt + tok.decode(out)
+
+
+def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, prompt: str = "",
+             sample_after: int = 0, resume: bool = False, overwrite: bool = False,
+             threads: Optional[int] = None, **settings) -> StageResult:
     """Train a GPT from scratch on a corpus by next-token prediction; everything lands in run_dir.
 
     corpus: a file, directory, glob or "builtin:NAME" (default builtin:python-docs). settings: any
     of STAGE_DEFAULTS["pretrain"] (model shape, tokenizer "char"/"bpe", vocab_size for "bpe",
     batch_size, val_fraction, and TrainConfig's steps, lr, warmup_steps, ...). resume=True
     continues the run in run_dir with its own settings (lmlab.stage says which may change).
+    sample_after > 0 samples that many tokens after `prompt` when training ends (not when it
+    stopped early): the result's details["sample"], the prompt included.
     """
+    checks.check("sample_after", sample_after)
     with open_stage("pretrain", run_dir, {"corpus": corpus, **settings}, resume=resume,
                     overwrite=overwrite, threads=threads) as run:
         s = run.settings
@@ -112,6 +132,7 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
             model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=s["block_size"],
                                   n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"]),
                         seed=s["seed"])
+        prompt_ids = sample_prompt_ids(tok, prompt) if sample_after > 0 else None
         T = model.config.block_size
         # Under MPI rank 0 tokenizes (or streams the corpus into its cache) first, then the
         # others read that cache rather than all writing it at once.
@@ -131,7 +152,10 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
                                     threads=ops.get_num_threads(), cpu=ops.cpu_info()["isa"])
         result = train(model, stage, cfg, run.hold(), tokenizer=tok,
                        run_config=run_config, resume=resume)
-    return StageResult.from_training("pretrain", run_dir, result)
+    details = {}
+    if sample_after > 0 and not result.stopped_early:
+        details["sample"] = sample_text(model, tok, prompt, prompt_ids, sample_after, seed=0)
+    return StageResult.from_training("pretrain", run_dir, result, **details)
 
 
 # lmlab.pretrain(...) calls lmlab.api.pretrain (see lmlab._CallableStage).

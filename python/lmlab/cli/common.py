@@ -22,14 +22,14 @@ OVERWRITE_HELP = "replace an existing run in the output directory (says what it 
 
 class ShowDefaults(argparse.HelpFormatter):
     """--help that shows each option's default where its text does not already: every default but
-    None (the option not given; its text says what then happens), False (a switch left off) and
-    the empty string."""
+    None (the option not given; its text says what then happens), a switch's (a flag that takes
+    no value, such as --no-mfu, whose True means "not given", not "on") and the empty string."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
         if (not action.option_strings or "default" in text or default is argparse.SUPPRESS
-                or default is None or default is False or default == ""):
+                or default is None or action.nargs == 0 or default == ""):
             return text
         shown = str(default).replace("%", "%%")  # help strings are %-formatted
         return f"{text} (default {shown})" if text else f"default {shown}"

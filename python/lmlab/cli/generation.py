@@ -123,6 +123,8 @@ def cmd_sample(args) -> int:
     apply_threads(args)
     check_sampling(args)
     checks.check("num_samples", args.num_samples)
+    if args.stop == "":  # as Model.generate(stop="") refuses it; it would cut nothing, silently
+        raise ValueError("--stop must be a non-empty string (or left out)")
     generate_and_print(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed, num_samples=args.num_samples, stop=args.stop,

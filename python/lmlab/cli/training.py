@@ -6,13 +6,11 @@ value and opens the run through lmlab.stage before any work.
 
 from __future__ import annotations
 
-from .. import checks
 from ..finetune import finetune, finetune_summary
 from ..instruct import instruct_tune
 from ..pretrain import pretrain
 from .common import (add_run_output, add_setting, add_threads, add_train_options,
                      given_settings, report_training)
-from .generation import generate_and_print
 
 
 def add_commands(sub) -> None:
@@ -72,15 +70,12 @@ def add_commands(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    checks.check("sample_after", args.sample_after)  # before training, as every value is
-    result = pretrain(args.corpus, args.run, resume=args.resume, overwrite=args.overwrite,
-                      threads=args.threads, **given_settings(args, "pretrain", "corpus"))
+    result = pretrain(args.corpus, args.run, prompt=args.prompt, sample_after=args.sample_after,
+                      resume=args.resume, overwrite=args.overwrite, threads=args.threads,
+                      **given_settings(args, "pretrain", "corpus"))
     report_training(result)
-    if args.sample_after and not result.stopped_early:
-        print("\n--- a sample from the trained model ---")
-        generate_and_print(args.run, prompt=args.prompt, max_new_tokens=args.sample_after,
-                           temperature=0.8, top_k=None, top_p=None, seed=0, num_samples=1,
-                           stop=None, stream=True)
+    if "sample" in result.details:
+        print(f"\n--- a sample from the trained model ---\n{result.details['sample']}")
     return 0
 
 
