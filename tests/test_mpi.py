@@ -332,6 +332,45 @@ def test_shards_cover_the_buffer_once_on_aligned_boundaries():
             assert all(a % 16 == 0 for a, _ in bounds if a < n)
 
 
+def test_the_norm_of_shards_is_the_norm_of_the_whole_buffer_bit_for_bit():
+    """ZeRO-1 clips (and logs) with the norm of a gradient no rank holds whole: the ranks' chunk
+    sums, added in order, must give ops.global_norm of the whole buffer exactly, whatever N."""
+    from lmlab import ops
+    from lmlab.distributed import World, shard_bounds
+
+    class Ranks(World):  # rank 0 of `size`, handed every rank's chunk sums by allgather
+        distributed = True
+
+        def __init__(self, size, shard_parts):
+            super().__init__()
+            self.size, self.shard_parts = size, shard_parts
+
+        def allgather(self, obj):
+            assert obj == self.shard_parts[0]
+            return self.shard_parts
+
+    rng = np.random.default_rng(0)
+    for n in (1, 4095, 4097, 15_234, 809_856):
+        g = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 0, n))).astype(np.float32)
+        for size in (1, 2, 3, 7):
+            bounds = shard_bounds(n, size)
+            ranks = Ranks(size, [ops.sum_squares_parts(g[a:b]) for a, b in bounds])
+            assert ranks.global_norm(g[:bounds[0][1]]) == ops.global_norm(g), (n, size)
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks, shape", [(2, []), (3, ["--n-embd", 8, "--block-size", 8])])
+def test_zero1_logs_the_gradient_norm_of_plain_data_parallel_at_every_step(tmp_path, ranks, shape):
+    """The norm of every step, not only of the logged ones (TINY's first step differed in its last
+    bit when each rank summed its own shard); and a model smaller than one shard, which rank 0
+    holds whole while the other ranks' shards are empty."""
+    args = [*TINY, "--steps", 6, "--log-every", 1, *shape]
+    lmlab(ranks, "pretrain", "--run", tmp_path / "plain", *args)
+    lmlab(ranks, "pretrain", "--run", tmp_path / "zero", *args, "--zero", 1)
+    _same_run(tmp_path / "zero", tmp_path / "plain")
+    assert len(_rows(tmp_path / "plain")) == 6
+
+
 def test_launched_size_reads_the_launchers_variables(monkeypatch):
     from lmlab.distributed import launched_size
     for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_RANK",

@@ -160,6 +160,22 @@ def test_split_records_is_by_ranking_and_disjoint():
     assert sorted(r["prompt"] for r in train + val) == sorted(str(i) for i in range(10))
 
 
+def test_split_records_holds_out_every_ranking_of_a_held_out_prompt():
+    """A class ranks the same prompt (and the same answers) once per person: held-out accuracy
+    means nothing if one person's ranking of a prompt trains and another's is held out."""
+    recs = [{"prompt": f"p{i}", "completions": ["a", "b"], "ranking": [j % 2, 1 - j % 2],
+             "by": j} for j in range(4) for i in range(10)]
+    train, val = rk.split_records(recs, 0.3, seed=1)
+    held = {r["prompt"] for r in val}
+    assert len(held) == 3 and not held & {r["prompt"] for r in train}
+    assert len(val) == 12 and len(train) == 28
+    assert val == [r for r in recs if r["prompt"] in held]  # in file order
+    # With distinct prompts the split is the one by ranking it always was.
+    distinct = [{"prompt": str(i)} for i in range(10)]
+    order = np.random.default_rng(1).permutation(10)
+    assert rk.split_records(distinct, 0.3, seed=1)[1] == [distinct[i] for i in sorted(order[:3])]
+
+
 # --- judges --------------------------------------------------------------------------------------
 
 
@@ -510,8 +526,9 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
     for i in range(12):
         comps = ["".join(rng.choice(list("abcde "), size=int(rng.integers(3, 12))))
                  for _ in range(3)]
-        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": "the cat ", "completions": comps,
-                                                 "ranking": judge("the cat ", comps)})
+        prompt = ["the cat ", "a dog ", "my friend ", "the bird "][i % 4]  # 1 of 4 held out
+        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": prompt, "completions": comps,
+                                                 "ranking": judge(prompt, comps)})
     parser = build_parser()
     quick = ["--steps", "3", "--eval-every", "2", "--no-progress", "--threads", "1"]
     runs = [

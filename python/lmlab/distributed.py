@@ -32,6 +32,8 @@ from typing import Optional
 
 import numpy as np
 
+from . import ops
+
 INSTALL_HINT = 'pip install "lmlab[mpi]" (mpi4py and an MPI from wheels)'
 # Set by MPI launchers in the processes they start: MPICH/Hydra and Intel MPI (PMI_*), Open MPI
 # (OMPI_*), PMIx launchers, MVAPICH.
@@ -39,8 +41,10 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_S
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 # How long a failing rank waits between printing why and MPI_Abort (World.abort).
 ABORT_GRACE_S = 1.0
-# Shard boundaries fall on multiples of this many floats, so each shard starts on a cache line.
-_SHARD_ALIGN = 16
+# Shard boundaries fall on multiples of this many floats: whole chunks of ops.sum_squares, so the
+# ranks' chunk sums are those of the whole buffer and ZeRO-1's gradient norm is bit for bit the
+# one-process norm (World.global_norm); each shard also starts on a cache line.
+_SHARD_ALIGN = ops.SUM_SQUARES_CHUNK
 
 
 class MPIUnavailable(ValueError):
@@ -142,6 +146,14 @@ class World:
         displs = [a for a, _ in bounds]
         self.comm.Allgatherv(MPI.IN_PLACE, [flat, counts, displs, MPI.FLOAT])
         self.comm_seconds += time.perf_counter() - began
+
+    def global_norm(self, shard: np.ndarray) -> float:
+        """ops.global_norm of the buffer whose shards (shard_bounds) the ranks hold, bit for bit:
+        every shard is whole chunks of ops.sum_squares, whose sums are added here in buffer order."""
+        parts = ops.sum_squares_parts(shard)
+        if self.distributed:
+            parts = [p for rank_parts in self.allgather(parts) for p in rank_parts]
+        return ops.norm_of_parts(parts)
 
     def reduce_gradients(self, flat: np.ndarray) -> None:
         """flat <- the sum over ranks of flat, the same on every rank (see the module docstring)."""

@@ -211,9 +211,29 @@ def round_bf16(x: Array, out: Optional[Array] = None) -> Array:
     return out
 
 
+# sum_squares sums x in chunks of this many floats, each on its own, then adds the chunks' sums in
+# order, starting from 0.0 (cpp/adamw.cpp): the same total for any thread count.
+SUM_SQUARES_CHUNK = 4096
+
+
 def sum_squares(x: Array) -> float:
     """Sum of squares of a float32 array, accumulated in float64 in a fixed order."""
     return _core.sum_squares(x)
+
+
+def sum_squares_parts(x: Array) -> list:
+    """The chunk sums sum_squares(x) adds up: norm_of_parts of them is global_norm(x), bit for bit;
+    a buffer cut on multiples of SUM_SQUARES_CHUNK gives the same chunk sums piece by piece."""
+    return [_core.sum_squares(x[i:i + SUM_SQUARES_CHUNK])
+            for i in range(0, x.size, SUM_SQUARES_CHUNK)]
+
+
+def norm_of_parts(parts) -> float:
+    """The L2 norm from chunk sums (sum_squares_parts), added in order as sum_squares adds them."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return float(np.sqrt(total))
 
 
 def global_norm(x: Array) -> float:

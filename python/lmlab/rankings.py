@@ -146,15 +146,19 @@ def preference_pairs(records: Iterable[dict]) -> list:
 
 
 def split_records(records: Sequence[dict], val_fraction: float, seed: int) -> tuple:
-    """Split by ranking (not by pair), so no held-out prompt's pairs leak into training."""
+    """Split by prompt (not by pair, nor by ranking: a class in the studio ranks one prompt's
+    answers once per person), so no held-out prompt's pairs leak into training. val_fraction of
+    the distinct prompts are held out, with every ranking of each; the order is kept."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = int(round(len(records) * val_fraction))
-    if val_fraction > 0 and len(records) >= 2:
-        n_val = min(max(n_val, 1), len(records) - 1)
-    val = [records[i] for i in sorted(order[:n_val])]
-    train = [records[i] for i in sorted(order[n_val:])]
+    prompts = list(dict.fromkeys(r["prompt"] for r in records))  # distinct, in order of appearance
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    n_val = int(round(len(prompts) * val_fraction))
+    if val_fraction > 0 and len(prompts) >= 2:
+        n_val = min(max(n_val, 1), len(prompts) - 1)
+    held_out = {prompts[i] for i in order[:n_val]}
+    val = [r for r in records if r["prompt"] in held_out]
+    train = [r for r in records if r["prompt"] not in held_out]
     return train, val
 
 

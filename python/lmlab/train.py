@@ -134,15 +134,14 @@ class AdamW:
         self.world = world or distributed.World()
         self.n = model.params.size
         self.lo, self.hi = shard if shard is not None else (0, self.n)
+        # Every rank of a ZeRO-1 run takes the sharded exchange, rank 0 too when its shard is the
+        # whole buffer (a model of at most one shard's size: the other ranks' shards are empty).
+        self.sharded = shard is not None
         self.m = np.zeros(self.hi - self.lo, np.float32)
         self.v = np.zeros(self.hi - self.lo, np.float32)
         self.t = 0
         self.ranges = [(max(a, self.lo), min(b, self.hi)) for a, b in model.trainable_ranges()
                        if max(a, self.lo) < min(b, self.hi)]
-
-    @property
-    def sharded(self) -> bool:
-        return (self.lo, self.hi) != (0, self.n)
 
     def step(self, lr: float, grad_scale: float, grads=None) -> None:
         """One update; grads: the gradient of this optimiser's span (default the model's)."""
@@ -364,7 +363,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                 extras = {key: float(np.mean(values)) for key, values in extras.items()}
                 if optimizer.sharded:
                     grads = world.reduce_scatter_sum(model.grads)
-                    grad_norm = math.sqrt(sum(world.allgather(ops.sum_squares(grads))))
+                    grad_norm = world.global_norm(grads)
                 else:
                     grads = None
                     world.reduce_gradients(model.grads)

@@ -51,7 +51,8 @@ def add_commands(sub) -> None:
                                    "accuracy.")
     add_run_output(p, derived=True, resume=False)
     p.add_argument("--rankings", nargs="+", required=True, help="rankings / pairs JSONL file(s)")
-    add_setting(p, "reward", "val_fraction", float, "held-out share of rankings")
+    add_setting(p, "reward", "val_fraction", float,
+                "held-out share of the prompts ranked (each with all its rankings)")
     add_setting(p, "reward", "steps", int)
     add_setting(p, "reward", "lr", float)
     add_setting(p, "reward", "l2", float, "weight penalty on the head")
@@ -68,7 +69,7 @@ def add_commands(sub) -> None:
     add_setting(p, "dpo", "sft_weight", float,
                 "add this times the chosen answers' mean token NLL, an anchor that keeps the text "
                 "fluent (0 is plain DPO)")
-    _finish_tuner(p, "dpo", cmd_dpo, "rankings")
+    _finish_tuner(p, "dpo", cmd_dpo, "prompts ranked (each with all its rankings)")
 
     p = _tuner(sub, "rlhf", "tune by RL against a reward model (or a judge)",
                "Policy gradient with a leave-one-out baseline and a KL penalty to the frozen RUN; "
@@ -174,7 +175,8 @@ def cmd_reward(args) -> int:
                     threads=args.threads, **given_settings(args, "reward", "rankings"))
     rep = result.details["report"]
     val = (f"held-out pairwise accuracy {rep['val_accuracy']:.1%} on {rep['val_pairs']} pairs"
-           if "val_accuracy" in rep else "no held-out pairs (raise --val-fraction)")
+           if "val_accuracy" in rep else "no held-out pairs (a prompt is held out with all its "
+           "rankings: rank more prompts, or raise --val-fraction)")
     print(f"reward model: train accuracy {rep['train_accuracy']:.1%} on {rep['train_pairs']} "
           f"pairs, {val}; saved in {args.out}")
     return 0
