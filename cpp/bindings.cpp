@@ -97,20 +97,32 @@ struct Arg {
     const std::int32_t* ci32() const { return static_cast<const std::int32_t*>(array.data()); }
 };
 
-Arg in_f32(const char* fn, const char* name, const py::array& a) { return Arg(fn, name, a, false, false); }
-Arg out_f32(const char* fn, const char* name, const py::array& a) { return Arg(fn, name, a, false, true); }
-Arg in_i32(const char* fn, const char* name, const py::array& a) { return Arg(fn, name, a, true, false); }
+// The array arguments are taken as objects, so that a list or None gets this one-line TypeError
+// naming the argument instead of pybind11's list of overloads.
+py::array expect_array(const char* fn, const char* name, const py::object& o, bool or_none) {
+    if (!py::isinstance<py::array>(o))
+        throw py::type_error(std::string(fn) + ": argument '" + name + "' must be a numpy array" +
+                             (or_none ? " or None" : "") + ", got " +
+                             std::string(py::str(py::type::of(o).attr("__name__"))));
+    return py::reinterpret_borrow<py::array>(o);
+}
+
+Arg in_f32(const char* fn, const char* name, const py::object& a) {
+    return Arg(fn, name, expect_array(fn, name, a, false), false, false);
+}
+Arg out_f32(const char* fn, const char* name, const py::object& a) {
+    return Arg(fn, name, expect_array(fn, name, a, false), false, true);
+}
+Arg in_i32(const char* fn, const char* name, const py::object& a) {
+    return Arg(fn, name, expect_array(fn, name, a, false), true, false);
+}
 
 using OptArg = std::optional<Arg>;
 
 // An optional array argument: None, or an array checked like any other.
 OptArg opt_f32(const char* fn, const char* name, const py::object& o, bool writable) {
     if (o.is_none()) return std::nullopt;
-    if (!py::isinstance<py::array>(o))
-        throw py::type_error(std::string(fn) + ": argument '" + name +
-                             "' must be a numpy array or None, got " +
-                             std::string(py::str(py::type::of(o).attr("__name__"))));
-    return Arg(fn, name, py::reinterpret_borrow<py::array>(o), false, writable);
+    return Arg(fn, name, expect_array(fn, name, o, true), false, writable);
 }
 
 float* ptr(OptArg& a) { return a ? a->f32() : nullptr; }
@@ -158,7 +170,7 @@ void expect_indices(const Arg& idx, idx_t limit, const char* what) {
 
 // --- matmul ----------------------------------------------------------------------------------------
 
-void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::object bias_,
+void matmul_forward(py::object out_, py::object inp_, py::object weight_, py::object bias_,
                     lmlab::Precision precision) {
     const char* fn = "matmul_forward";
     Arg out = out_f32(fn, "out", out_), inp = in_f32(fn, "inp", inp_);
@@ -176,8 +188,8 @@ void matmul_forward(py::array out_, py::array inp_, py::array weight_, py::objec
     lmlab::kernels().matmul_forward(o, i, w, b, N, C, OC, precision);
 }
 
-void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, py::array dout_,
-                     py::array inp_, py::array weight_, lmlab::Precision precision,
+void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, py::object dout_,
+                     py::object inp_, py::object weight_, lmlab::Precision precision,
                      bool accumulate) {
     const char* fn = "matmul_backward";
     OptArg dinp = opt_f32(fn, "dinp", dinp_, true), dweight = opt_f32(fn, "dweight", dweight_, true);
@@ -201,7 +213,7 @@ void matmul_backward(py::object dinp_, py::object dweight_, py::object dbias_, p
 
 // --- softmax and cross-entropy ------------------------------------------------------------------
 
-void softmax_forward(py::array probs_, py::array logits_) {
+void softmax_forward(py::object probs_, py::object logits_) {
     const char* fn = "softmax_forward";
     Arg probs = out_f32(fn, "probs", probs_), logits = in_f32(fn, "logits", logits_);
     logits.expect_ndim(1, 16, "at least 1-D (..., V)");
@@ -214,7 +226,7 @@ void softmax_forward(py::array probs_, py::array logits_) {
     lmlab::kernels().softmax_forward(p, x, N, V);
 }
 
-void softmax_backward(py::array dlogits_, py::array dprobs_, py::array probs_) {
+void softmax_backward(py::object dlogits_, py::object dprobs_, py::object probs_) {
     const char* fn = "softmax_backward";
     Arg dlogits = out_f32(fn, "dlogits", dlogits_), dprobs = in_f32(fn, "dprobs", dprobs_);
     Arg probs = in_f32(fn, "probs", probs_);
@@ -229,7 +241,7 @@ void softmax_backward(py::array dlogits_, py::array dprobs_, py::array probs_) {
     lmlab::kernels().softmax_backward(dx, dp, p, N, V);
 }
 
-void crossentropy_forward(py::array losses_, py::array lse_, py::array logits_, py::array targets_) {
+void crossentropy_forward(py::object losses_, py::object lse_, py::object logits_, py::object targets_) {
     const char* fn = "crossentropy_forward";
     Arg losses = out_f32(fn, "losses", losses_), lse = out_f32(fn, "lse", lse_);
     Arg logits = in_f32(fn, "logits", logits_), targets = in_i32(fn, "targets", targets_);
@@ -249,8 +261,8 @@ void crossentropy_forward(py::array losses_, py::array lse_, py::array logits_, 
     lmlab::kernels().crossentropy_forward(l, s, x, t, N, V);
 }
 
-void crossentropy_backward(py::array dlogits_, py::array logits_, py::array lse_, py::array targets_,
-                           py::array weights_) {
+void crossentropy_backward(py::object dlogits_, py::object logits_, py::object lse_, py::object targets_,
+                           py::object weights_) {
     const char* fn = "crossentropy_backward";
     Arg dlogits = out_f32(fn, "dlogits", dlogits_), logits = in_f32(fn, "logits", logits_);
     Arg lse = in_f32(fn, "lse", lse_), targets = in_i32(fn, "targets", targets_);
@@ -274,8 +286,8 @@ void crossentropy_backward(py::array dlogits_, py::array logits_, py::array lse_
 
 // --- layernorm -----------------------------------------------------------------------------------
 
-void layernorm_forward(py::array out_, py::array mean_, py::array rstd_, py::array inp_,
-                       py::array weight_, py::array bias_) {
+void layernorm_forward(py::object out_, py::object mean_, py::object rstd_, py::object inp_,
+                       py::object weight_, py::object bias_) {
     const char* fn = "layernorm_forward";
     Arg out = out_f32(fn, "out", out_), mean = out_f32(fn, "mean", mean_);
     Arg rstd = out_f32(fn, "rstd", rstd_), inp = in_f32(fn, "inp", inp_);
@@ -297,8 +309,8 @@ void layernorm_forward(py::array out_, py::array mean_, py::array rstd_, py::arr
     lmlab::kernels().layernorm_forward(o, m, s, i, w, b, N, C);
 }
 
-void layernorm_backward(py::array dinp_, py::object dweight_, py::object dbias_, py::array dout_,
-                        py::array inp_, py::array weight_, py::array mean_, py::array rstd_) {
+void layernorm_backward(py::object dinp_, py::object dweight_, py::object dbias_, py::object dout_,
+                        py::object inp_, py::object weight_, py::object mean_, py::object rstd_) {
     const char* fn = "layernorm_backward";
     Arg dinp = out_f32(fn, "dinp", dinp_);
     OptArg dweight = opt_f32(fn, "dweight", dweight_, true), dbias = opt_f32(fn, "dbias", dbias_, true);
@@ -327,7 +339,7 @@ void layernorm_backward(py::array dinp_, py::object dweight_, py::object dbias_,
 
 // --- GELU and residual ---------------------------------------------------------------------------
 
-void gelu_forward(py::array out_, py::array inp_) {
+void gelu_forward(py::object out_, py::object inp_) {
     const char* fn = "gelu_forward";
     Arg out = out_f32(fn, "out", out_), inp = in_f32(fn, "inp", inp_);
     out.expect_shape(inp.shape());
@@ -339,7 +351,7 @@ void gelu_forward(py::array out_, py::array inp_) {
     lmlab::kernels().gelu_forward(o, i, N);
 }
 
-void gelu_backward(py::array dinp_, py::array inp_, py::array dout_, bool accumulate) {
+void gelu_backward(py::object dinp_, py::object inp_, py::object dout_, bool accumulate) {
     const char* fn = "gelu_backward";
     Arg dinp = out_f32(fn, "dinp", dinp_), inp = in_f32(fn, "inp", inp_), dout = in_f32(fn, "dout", dout_);
     dinp.expect_shape(inp.shape());
@@ -352,7 +364,7 @@ void gelu_backward(py::array dinp_, py::array inp_, py::array dout_, bool accumu
     lmlab::kernels().gelu_backward(di, i, g, N, accumulate);
 }
 
-void residual_forward(py::array out_, py::array a_, py::array b_) {
+void residual_forward(py::object out_, py::object a_, py::object b_) {
     const char* fn = "residual_forward";
     Arg out = out_f32(fn, "out", out_), a = in_f32(fn, "a", a_), b = in_f32(fn, "b", b_);
     b.expect_shape(a.shape());
@@ -365,7 +377,7 @@ void residual_forward(py::array out_, py::array a_, py::array b_) {
     lmlab::kernels().residual_forward(o, pa, pb, N);
 }
 
-void residual_backward(py::array da_, py::array db_, py::array dout_) {
+void residual_backward(py::object da_, py::object db_, py::object dout_) {
     const char* fn = "residual_backward";
     Arg da = out_f32(fn, "da", da_), db = out_f32(fn, "db", db_), dout = in_f32(fn, "dout", dout_);
     da.expect_shape(dout.shape());
@@ -397,7 +409,7 @@ AttentionDims attention_dims(const Arg& qkv, idx_t NH) {
     return {B, T, C, NH};
 }
 
-void attention_forward(py::array out_, py::array stats_, py::array qkv_, idx_t NH,
+void attention_forward(py::object out_, py::object stats_, py::object qkv_, idx_t NH,
                        lmlab::Precision precision) {
     const char* fn = "attention_forward";
     Arg out = out_f32(fn, "out", out_), stats = out_f32(fn, "stats", stats_);
@@ -412,7 +424,7 @@ void attention_forward(py::array out_, py::array stats_, py::array qkv_, idx_t N
     lmlab::kernels().attention_forward(o, st, x, d.B, d.T, d.C, d.NH, precision);
 }
 
-void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::array stats_, idx_t NH,
+void attention_backward(py::object dqkv_, py::object dout_, py::object qkv_, py::object stats_, idx_t NH,
                         lmlab::Precision precision, bool accumulate) {
     const char* fn = "attention_backward";
     Arg dqkv = out_f32(fn, "dqkv", dqkv_), dout = in_f32(fn, "dout", dout_);
@@ -430,7 +442,7 @@ void attention_backward(py::array dqkv_, py::array dout_, py::array qkv_, py::ar
 
 // --- embedding -----------------------------------------------------------------------------------
 
-void embedding_forward(py::array out_, py::array tokens_, py::array wte_, py::array wpe_) {
+void embedding_forward(py::object out_, py::object tokens_, py::object wte_, py::object wpe_) {
     const char* fn = "embedding_forward";
     Arg out = out_f32(fn, "out", out_), tokens = in_i32(fn, "tokens", tokens_);
     Arg wte = in_f32(fn, "wte", wte_), wpe = in_f32(fn, "wpe", wpe_);
@@ -452,7 +464,7 @@ void embedding_forward(py::array out_, py::array tokens_, py::array wte_, py::ar
     lmlab::kernels().embedding_forward(o, t, e, p, B, T, C);
 }
 
-void embedding_backward(py::object dwte_, py::object dwpe_, py::array dout_, py::array tokens_) {
+void embedding_backward(py::object dwte_, py::object dwpe_, py::object dout_, py::object tokens_) {
     const char* fn = "embedding_backward";
     OptArg dwte = opt_f32(fn, "dwte", dwte_, true), dwpe = opt_f32(fn, "dwpe", dwpe_, true);
     Arg dout = in_f32(fn, "dout", dout_), tokens = in_i32(fn, "tokens", tokens_);
@@ -485,7 +497,7 @@ void embedding_backward(py::object dwte_, py::object dwpe_, py::array dout_, py:
 
 // --- optimiser -----------------------------------------------------------------------------------
 
-void adamw_update(py::array params_, py::array m_, py::array v_, py::array grads_,
+void adamw_update(py::object params_, py::object m_, py::object v_, py::object grads_,
                   py::object decay_mask_, float lr, float beta1, float beta2, float eps,
                   float weight_decay, float grad_scale, idx_t t) {
     const char* fn = "adamw_update";
@@ -510,7 +522,7 @@ void adamw_update(py::array params_, py::array m_, py::array v_, py::array grads
     lmlab::kernels().adamw_update(p, pm, pv, g, dm, n, lr, beta1, beta2, eps, weight_decay, grad_scale, t);
 }
 
-double sum_squares(py::array x_) {
+double sum_squares(py::object x_) {
     Arg x = in_f32("sum_squares", "x", x_);
     const float* p = x.cf32();
     const idx_t n = x.size();
@@ -518,7 +530,7 @@ double sum_squares(py::array x_) {
     return lmlab::kernels().sum_squares(p, n);
 }
 
-void round_bf16(py::array out_, py::array inp_) {
+void round_bf16(py::object out_, py::object inp_) {
     const char* fn = "round_bf16";
     Arg out = out_f32(fn, "out", out_), inp = in_f32(fn, "inp", inp_);
     out.expect_shape(inp.shape());
