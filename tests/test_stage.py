@@ -329,3 +329,18 @@ def test_every_training_verb_refuses_an_existing_run(root, tmp_path, capsys, ver
     assert f"{exists} already holds a run; pass " in err and "--overwrite to replace it" in err
     assert ("--resume" in err) == (verb != "reward")  # a reward model is fitted in one go
     assert sorted(p.relative_to(exists) for p in exists.rglob("*")) == before
+
+
+def test_threads_given_to_a_stage_are_used_and_recorded(root, tmp_path):
+    """--threads (threads=) sets the kernels' thread count for the stage, and config.json records
+    the count the run trained with."""
+    from lmlab import ops
+    before = ops.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        assert main(["pretrain", "--corpus", str(root / "corpus.txt"), "--run", str(tmp_path / "t"),
+                     "--steps", "1", "--eval-every", "0", "--threads", str(want), *TINY]) == 0
+        assert ops.get_num_threads() == want
+        assert checkpoint.read_config(tmp_path / "t")["train"]["threads"] == want
+    finally:
+        ops.set_num_threads(before)

@@ -290,4 +290,6 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if distributed.world().is_root:  # every rank merges the same settings; one says so
             for line in changed:
                 print(f"lmlab: {line}", file=sys.stderr)
+    if threads:  # checked above; the kernels use it from here on (recorded in config.json)
+        ops.set_num_threads(threads)
     return StageRun(stage, out, settings, resume, overwrite, parent)
