@@ -59,6 +59,11 @@ PRETRAIN_BAD = [
     (["--block-size", "100000000"], "--block-size 100000000 is not allowed: expected an integer >= 1 and <= 65536"),
     (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 is not allowed: expected a multiple of n_head (4)"),
     (["--vocab-size", "0"], "--vocab-size 0 is not allowed"),
+    # A setting that applies only with another's value is refused, not silently ignored.
+    (["--vocab-size", "300"], "--vocab-size 300 is not allowed: it sets a bpe tokenizer's size"),
+    (["--tokenizer", "char", "--vocab-size", "300"], "leave it out, or use tokenizer 'bpe'"),
+    (["--tokenizer", "bpe", "--vocab-size", "100"],
+     "--vocab-size 100 is not allowed: expected >= 260 for a bpe tokenizer"),
     (["--val-fraction", "1"], "--val-fraction 1.0 is not allowed: expected a finite number >= 0 and < 1"),
     (["--threads", "100000"], f"--threads 100000 is not allowed: expected an integer >= 1 and <= {max_threads()}"),
     (["--threads", "0"], "--threads 0 is not allowed"),
@@ -131,6 +136,8 @@ def test_python_api_refuses_the_same_values():
         pretrain("x", "never", batch_size=0)
     with pytest.raises(TypeError, match="unknown keyword"):
         pretrain("x", "never", batchsize=4)
+    with pytest.raises(SettingError, match="vocab_size=300 is not allowed"):
+        pretrain("x", "never", tokenizer="char", vocab_size=300)
     # Switches and paths are checked too: "no" is not False, and 5 is not a corpus.
     for settings, message in [({"progress": "no"}, "progress='no' is not allowed: expected True or "
                                                    "False"),
