@@ -351,3 +351,17 @@ def test_threads_given_to_a_stage_are_used_and_recorded(root, tmp_path):
         assert checkpoint.read_config(tmp_path / "t")["train"]["threads"] == want
     finally:
         ops.set_num_threads(before)
+
+
+def test_a_bpe_vocabulary_smaller_than_asked_is_said_and_recorded_as_it_is(root, tmp_path, capsys):
+    """A corpus with too few distinct pairs yields fewer BPE tokens than vocab_size: a line says so,
+    the model (and tokenizer) record the real size, and the setting keeps the value asked."""
+    out = tmp_path / "bpe"
+    assert main(["pretrain", "--corpus", str(root / "corpus.txt"), "--run", str(out), "--steps", "1",
+                 "--eval-every", "0", "--tokenizer", "bpe", "--vocab-size", "5000", *TINY]) == 0
+    config = checkpoint.read_config(out)
+    real = config["model"]["vocab_size"]
+    assert real < 5000 and config["tokenizer"]["vocab_size"] == real
+    assert config["train"]["settings"]["vocab_size"] == 5000
+    assert (f"lmlab: BPE: the corpus yields only {real} tokens of the 5000 asked (vocab_size); "
+            f"the model has {real} (config.json: model.vocab_size)") in capsys.readouterr().err

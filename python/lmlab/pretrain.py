@@ -109,6 +109,12 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
                                                 s["tokenizer"], s["vocab_size"])
             else:
                 tok = train_tokenizer(load_corpus(s["corpus"]), s["tokenizer"], s["vocab_size"])
+            if (s["tokenizer"] == "bpe" and tok.vocab_size < s["vocab_size"]
+                    and distributed.world().is_root):
+                # Kept as asked in the settings; the model's (and tokenizer's) size is the real one.
+                print(f"lmlab: BPE: the corpus yields only {tok.vocab_size} tokens of the "
+                      f"{s['vocab_size']} asked (vocab_size); the model has {tok.vocab_size} "
+                      "(config.json: model.vocab_size)", file=sys.stderr)
             model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=s["block_size"],
                                   n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"]),
                         seed=s["seed"])
