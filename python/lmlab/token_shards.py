@@ -46,7 +46,7 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 STREAM_ABOVE_BYTES = 64 << 20
@@ -424,6 +424,9 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
     directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
     manifest_path = os.path.join(directory, "manifest.json")
+    # A pass killed mid-write (kill -9, power loss) leaves a shard's temporary file; each shard
+    # is written once, so the next write of it, which sweeps such files, may never come.
+    remove_abandoned(directory, ".")
     dtype = ("|u1" if tokenizer.vocab_size <= 1 << 8 else
              "<u2" if tokenizer.vocab_size <= 1 << 16 else "<i4")
     manifest = {"format": FORMAT, "dtype": dtype, "sources": sources, "shards": [],
