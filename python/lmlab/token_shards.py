@@ -22,8 +22,8 @@ with manifest.json naming the shards done, their SHA-256 and where in the source
 starts. KEY hashes the tokenizer, the unknown-character policy and each source's path, size and
 modification time: a changed source gives a new key, so the corpus is tokenized again; an
 interrupted pass resumes after its last shard, writing the shards an uninterrupted pass writes
-(its reads keep the file's block grid), so their digest does not depend on the interruption. Memory stays bounded by a few chunks whatever the
-corpus size. BPE text is split into the pre-tokenizer's pieces and each distinct piece is encoded
+(its reads keep the file's block grid), so their digest does not depend on the interruption.
+Memory stays bounded by a few chunks whatever the corpus size. BPE text is split into the pre-tokenizer's pieces and each distinct piece is encoded
 once, into a table in C++ (cpp/pieces.h) that splits ASCII text and looks pieces up at tens of
 MB/s; `regex` splits the non-ASCII stretches. Chunks are encoded in `workers` processes (BPE; the
 char tokenizer's byte-table lookup keeps up with the disk in one). A special token's text in a
