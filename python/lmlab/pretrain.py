@@ -121,12 +121,8 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, resume: b
         T = model.config.block_size
         # Under MPI rank 0 tokenizes (or streams the corpus into its cache) first, then the
         # others read that cache rather than all writing it at once.
-        world = distributed.world()
-        if not world.is_root:
-            world.barrier()
-        tokens = tokenize_corpus(s["corpus"], tok, progress=s["progress"])
-        if world.is_root:
-            world.barrier()
+        tokens = distributed.world().root_first(
+            lambda: tokenize_corpus(s["corpus"], tok, progress=s["progress"]))
         train_tokens, val_tokens = split_tokens(tokens, s["val_fraction"])
         cfg = run.train_config()
         check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)
