@@ -122,6 +122,12 @@ def test_an_interrupted_pass_resumes_after_its_last_whole_shard(tmp_path, corpus
     assert {f: os.stat(directory / f).st_mtime_ns for f in kept} == kept
     assert sum(calls) < len(load_corpus(corpus)) - chars_before + 3000 * 4
     assert _manifest(cache)["complete"]
+    # The shards are those of an uninterrupted pass, so their digest (what MPI ranks with a cache
+    # each compare) is the same whether or not a machine's pass was interrupted.
+    straight = tokenize_corpus(corpus, tok, cache_dir=tmp_path / "straight", stream=True,
+                               progress=False)
+    assert _manifest(cache)["shards"] == _manifest(tmp_path / "straight")["shards"]
+    assert resumed.digest == straight.digest
 
 
 def test_shards_are_reused_until_a_source_changes(tmp_path, corpus, monkeypatch):
@@ -300,3 +306,27 @@ def test_the_piece_table_refuses_what_it_cannot_split():
     assert ids is None and missing == [b"d"]
     ids, missing = table.encode(b"abc", np.array([2, 1], np.int64))
     assert ids.tolist() == [7, 8, 9] and missing == [] and len(table) == 2
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_temporaries_of_a_killed_pass_are_removed_when_the_cache_is_next_used(tmp_path, corpus,
+                                                                              stream):
+    """kill -9 while a shard (or the in-memory path's cache file) is written leaves its temporary
+    file; once the cache is whole it is only read, so using it sweeps those no writer has touched
+    for files.ABANDONED_AFTER_S, and leaves a fresh one (a live writer's)."""
+    import time
+
+    from lmlab.files import ABANDONED_AFTER_S
+    tok = train_tokenizer(load_corpus(corpus), "char")
+    cache = tmp_path / "cache"
+    first = np.asarray(tokenize_corpus(corpus, tok, cache_dir=cache, stream=stream, progress=False))
+    directory = next(cache.glob("tokens/stream-*")) if stream else cache / "tokens"
+    name = ".shard_00003.bin" if stream else ".0123abcd.int32"  # as files.atomic_write names them
+    stale, fresh = directory / f"{name}.k1lled.tmp", directory / f"{name}.l1ve.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b"partial")
+    old = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(stale, (old, old))
+    again = tokenize_corpus(corpus, tok, cache_dir=cache, stream=stream, progress=False)
+    np.testing.assert_array_equal(np.asarray(again), first)
+    assert not stale.exists() and fresh.exists()

@@ -95,6 +95,17 @@ def test_unencodable_and_truncated_examples_are_reported():
     assert "supervised" in view and "cannot encode" in view and "cut off" in view
 
 
+def test_inspect_data_shows_a_truncated_example_s_real_length_and_the_cut():
+    tok, _ = tiny(block_size=20)
+    full = len(render(tok, CONVS[0])[0])
+    assert full > 21
+    first = inspect_examples(tok, CONVS[:1], 20, n=1, color=False).splitlines()[0]
+    assert first.startswith(f"example #1: {full} tokens, TRUNCATED to its first 21 by block "
+                            "size 20, "), first
+    whole = inspect_examples(tok, CONVS[:1], 48, n=1, color=False).splitlines()[0]
+    assert whole.startswith(f"example #1: {full} tokens, ") and "TRUNCATED" not in whole
+
+
 def test_builtin_dataset_is_offline_deterministic_and_split():
     train_set, held = builtin_instruct_dataset()
     assert len(train_set) > 300 and len(held) > 30

@@ -379,3 +379,48 @@ def test_launched_size_reads_the_launchers_variables(monkeypatch):
     assert launched_size() == 1
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert launched_size() == 4
+
+
+_STREAMING_DRIVER = """
+import json, os, sys, time
+from lmlab import token_shards
+token_shards.STREAM_ABOVE_BYTES = 0  # every file corpus streams
+real = token_shards.stream_tokens
+def logged(*args, **kwargs):
+    rank = os.environ.get("PMI_RANK", "0")
+    with open(sys.argv[1], "a") as f:
+        f.write(json.dumps([rank, "start", time.time()]) + "\\n")
+    out = real(*args, **kwargs)
+    with open(sys.argv[1], "a") as f:
+        f.write(json.dumps([rank, "end", time.time()]) + "\\n")
+    return out
+token_shards.stream_tokens = logged
+from lmlab.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@needs_mpi
+@pytest.mark.parametrize("verb", ["pretrain", "finetune"])
+def test_rank_0_streams_a_large_corpus_before_the_others_read_its_shards(tmp_path, verb):
+    """Under MPI rank 0 tokenizes a corpus too large for memory into the cache first; the other
+    ranks start only once it is done (and then find its shards), in pretrain and finetune."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((ROOT / "python" / "lmlab" / "corpora" / "shakespeare.txt")
+                      .read_text()[:50_000])
+    small = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+             "--batch-size", "2", "--steps", "1", "--eval-every", "0", "--no-progress"]
+    env = dict(_env(), LMLAB_CACHE=str(tmp_path / "cache"))
+    if verb == "pretrain":
+        args = ["pretrain", "--corpus", corpus, "--run", tmp_path / "run", *small]
+    else:
+        lmlab(1, "pretrain", "--run", tmp_path / "base", *TINY, "--steps", 1)
+        args = ["finetune", tmp_path / "base", "--out", tmp_path / "run", "--corpus", corpus,
+                "--steps", "1", "--eval-every", "0", "--no-progress", "--sample-tokens", "0"]
+    log = tmp_path / "log.jsonl"
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", _STREAMING_DRIVER, log,
+                           *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    times = {(rank, what): t for rank, what, t in map(json.loads, log.read_text().splitlines())}
+    assert times[("1", "start")] >= times[("0", "end")], times

@@ -59,6 +59,11 @@ PRETRAIN_BAD = [
     (["--block-size", "100000000"], "--block-size 100000000 is not allowed: expected an integer >= 1 and <= 65536"),
     (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 is not allowed: expected a multiple of n_head (4)"),
     (["--vocab-size", "0"], "--vocab-size 0 is not allowed"),
+    # A setting that applies only with another's value is refused, not silently ignored.
+    (["--vocab-size", "300"], "--vocab-size 300 is not allowed: it sets a bpe tokenizer's size"),
+    (["--tokenizer", "char", "--vocab-size", "300"], "leave it out, or use tokenizer 'bpe'"),
+    (["--tokenizer", "bpe", "--vocab-size", "100"],
+     "--vocab-size 100 is not allowed: expected >= 260 for a bpe tokenizer"),
     (["--val-fraction", "1"], "--val-fraction 1.0 is not allowed: expected a finite number >= 0 and < 1"),
     (["--threads", "100000"], f"--threads 100000 is not allowed: expected an integer >= 1 and <= {max_threads()}"),
     (["--threads", "0"], "--threads 0 is not allowed"),
@@ -131,6 +136,8 @@ def test_python_api_refuses_the_same_values():
         pretrain("x", "never", batch_size=0)
     with pytest.raises(TypeError, match="unknown keyword"):
         pretrain("x", "never", batchsize=4)
+    with pytest.raises(SettingError, match="vocab_size=300 is not allowed"):
+        pretrain("x", "never", tokenizer="char", vocab_size=300)
     # Switches and paths are checked too: "no" is not False, and 5 is not a corpus.
     for settings, message in [({"progress": "no"}, "progress='no' is not allowed: expected True or "
                                                    "False"),
@@ -329,3 +336,32 @@ def test_every_training_verb_refuses_an_existing_run(root, tmp_path, capsys, ver
     assert f"{exists} already holds a run; pass " in err and "--overwrite to replace it" in err
     assert ("--resume" in err) == (verb != "reward")  # a reward model is fitted in one go
     assert sorted(p.relative_to(exists) for p in exists.rglob("*")) == before
+
+
+def test_threads_given_to_a_stage_are_used_and_recorded(root, tmp_path):
+    """--threads (threads=) sets the kernels' thread count for the stage, and config.json records
+    the count the run trained with."""
+    from lmlab import ops
+    before = ops.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        assert main(["pretrain", "--corpus", str(root / "corpus.txt"), "--run", str(tmp_path / "t"),
+                     "--steps", "1", "--eval-every", "0", "--threads", str(want), *TINY]) == 0
+        assert ops.get_num_threads() == want
+        assert checkpoint.read_config(tmp_path / "t")["train"]["threads"] == want
+    finally:
+        ops.set_num_threads(before)
+
+
+def test_a_bpe_vocabulary_smaller_than_asked_is_said_and_recorded_as_it_is(root, tmp_path, capsys):
+    """A corpus with too few distinct pairs yields fewer BPE tokens than vocab_size: a line says so,
+    the model (and tokenizer) record the real size, and the setting keeps the value asked."""
+    out = tmp_path / "bpe"
+    assert main(["pretrain", "--corpus", str(root / "corpus.txt"), "--run", str(out), "--steps", "1",
+                 "--eval-every", "0", "--tokenizer", "bpe", "--vocab-size", "5000", *TINY]) == 0
+    config = checkpoint.read_config(out)
+    real = config["model"]["vocab_size"]
+    assert real < 5000 and config["tokenizer"]["vocab_size"] == real
+    assert config["train"]["settings"]["vocab_size"] == 5000
+    assert (f"lmlab: BPE: the corpus yields only {real} tokens of the 5000 asked (vocab_size); "
+            f"the model has {real} (config.json: model.vocab_size)") in capsys.readouterr().err

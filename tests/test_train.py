@@ -67,6 +67,20 @@ def test_schedule_warmup_cosine_floor():
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
+def test_a_run_shorter_than_its_warmup_says_it_never_reaches_the_peak_rate(tmp_path, capsys):
+    """steps < warmup_steps is allowed, with a note at the start naming the highest rate reached;
+    a run long enough to reach lr gets no note."""
+    tok, ids, model = tiny_setup()
+    stage = LanguageModelingStage(ids, ids, 2, 16, seed=0, eval_batches=1)
+    train(model, stage, quiet(steps=2, warmup_steps=100, eval_every=0), tmp_path / "short",
+          tokenizer=tok)
+    assert ("lmlab: note: steps 2 < warmup_steps 100: the learning rate warms up only to 6e-05, "
+            "never reaching lr 0.003") in capsys.readouterr().err
+    train(model, stage, quiet(steps=2, warmup_steps=2, eval_every=0), tmp_path / "full",
+          tokenizer=tok)
+    assert "warmup" not in capsys.readouterr().err
+
+
 def test_bad_config_rejected():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)

@@ -196,10 +196,22 @@ def check_values(**values) -> None:
         check(name, value)
 
 
-def check_relations(s: dict) -> None:
-    """Relations between settings, on a complete set (defaults, saved and given merged)."""
+def check_relations(s: dict, given=()) -> None:
+    """Relations between settings, on a complete set (defaults, saved and given merged); given:
+    the names the caller set, for a setting that applies only with another's value (refused when
+    given without it, rather than silently ignored)."""
     if s.get("min_lr") is not None and "lr" in s and s["min_lr"] > s["lr"]:
         raise SettingError("min_lr", s["min_lr"], f"expected at most lr ({s['lr']:g}): the "
                            "cosine decay goes from lr down to min_lr")
     if "n_embd" in s and "n_head" in s and s["n_embd"] % s["n_head"]:
         raise SettingError("n_embd", s["n_embd"], f"expected a multiple of n_head ({s['n_head']})")
+    if s.get("tokenizer") == "char" and "vocab_size" in given:
+        raise SettingError("vocab_size", s["vocab_size"], "it sets a bpe tokenizer's size, and a "
+                           "char tokenizer has one id per character of the corpus: leave it "
+                           "out, or use tokenizer 'bpe'")
+    if s.get("tokenizer") == "bpe" and "vocab_size" in s:
+        from .tokenizer import MIN_BPE_VOCAB  # lmlab.tokenizer is not needed by the other rules
+
+        if s["vocab_size"] < MIN_BPE_VOCAB:
+            raise SettingError("vocab_size", s["vocab_size"], f"expected >= {MIN_BPE_VOCAB} for a "
+                               "bpe tokenizer (the 256 bytes plus the special tokens)")

@@ -31,7 +31,7 @@ import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
@@ -156,6 +156,9 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     h.update(text.encode("utf-8", "surrogatepass"))
     root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     path = os.path.join(root, "tokens", h.hexdigest()[:40] + ".int32")
+    # A write killed before its rename leaves a temporary file as large as the cache; once this
+    # one is written it is only read, so its next write, which would sweep those, never comes.
+    remove_abandoned(os.path.dirname(path), ".")
     cached = _read_token_cache(path)
     if cached is not None:
         return cached

@@ -105,6 +105,16 @@ class World:
         if self.distributed:
             self.comm.Barrier()
 
+    def root_first(self, work):
+        """work() on rank 0, then on the other ranks: what rank 0 writes to a cache (a corpus's
+        token shards) the others then read, rather than every rank writing it at once."""
+        if not self.is_root:
+            self.barrier()
+        result = work()
+        if self.is_root:
+            self.barrier()
+        return result
+
     # -- the gradient and the parameters ----------------------------------------------------------
 
     def shards(self, n: int) -> list:

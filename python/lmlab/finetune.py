@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from typing import Optional
 
-from . import _CallableStage, checks
+from . import _CallableStage, checks, distributed
 from .checkpoint import load_model
 from .data import corpus_files_if_large, load_corpus, split_tokens, tokenize_corpus
 from .pretrain import (LanguageModelingStage, check_tokens_fit, evaluate_loss, sample_prompt_ids,
@@ -77,9 +77,11 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
         model, _, _ = load_model(parent)  # the copy that trains; `base` stays as the parent
         if corpus_files_if_large(s["corpus"]):
             # Never held whole: tokenized in a streaming pass into memory-mapped shards (the
-            # unknown characters are handled there, not counted).
-            tokens = tokenize_corpus(s["corpus"], tok, unknown=s["unknown"],
-                                     progress=s["progress"])
+            # unknown characters are handled there, not counted); under MPI rank 0 first, as in
+            # pretrain, so the other ranks read its shards rather than all writing them at once.
+            tokens = distributed.world().root_first(
+                lambda: tokenize_corpus(s["corpus"], tok, unknown=s["unknown"],
+                                        progress=s["progress"]))
             unknown_counts = None
         else:
             tokens, unknown_counts = encode_new_corpus(load_corpus(s["corpus"]), tok, s["unknown"])

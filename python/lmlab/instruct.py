@@ -39,6 +39,7 @@ class Example:
     supervised: np.ndarray  # bool (L,): token i is a response token (or its <|end|>)
     truncated: bool  # longer than block_size + 1 and cut
     source: int  # index of the conversation in the dataset
+    rendered: int = 0  # its length in tokens before any cut (len(ids) when not truncated)
 
     @property
     def n_supervised(self) -> int:
@@ -56,11 +57,12 @@ def build_examples(conversations: Iterable[List[dict]], tokenizer, block_size: i
         except ValueError:
             problems["unencodable"].append(i)
             continue
-        truncated = len(ids) > block_size + 1
+        rendered = len(ids)
+        truncated = rendered > block_size + 1
         if truncated:
             ids, mask = ids[: block_size + 1], mask[: block_size + 1]
             problems["truncated"].append(i)
-        ex = Example(ids, mask, truncated, i)
+        ex = Example(ids, mask, truncated, i, rendered)
         if ex.n_supervised == 0:
             problems["no_supervised"].append(i)
         examples.append(ex)
@@ -254,9 +256,10 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
         for tid, sup in zip(ex.ids.tolist(), ex.supervised.tolist()):
             piece = tokenizer.decode([tid])
             parts.append(f"{on}{piece}{off}" if sup else piece)
-        flag = "  (TRUNCATED by block size)" if ex.truncated else ""
-        out.append(f"example {labels[ex.source]}: {len(ex.ids)} tokens, {ex.n_supervised} "
-                   f"supervised{flag}")
+        cut = (f", TRUNCATED to its first {len(ex.ids)} by block size {block_size}"
+               if ex.truncated else "")
+        out.append(f"example {labels[ex.source]}: {ex.rendered} tokens{cut}, {ex.n_supervised} "
+                   "supervised")
         out.append("  " + "".join(parts).replace("\n", "\n  "))
     total = len(examples) + len(problems["unencodable"])
     out.append(f"{total} examples; {sum(e.n_supervised for e in examples)} supervised tokens")

@@ -129,6 +129,12 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, prompt: s
                                                 s["tokenizer"], s["vocab_size"])
             else:
                 tok = train_tokenizer(load_corpus(s["corpus"]), s["tokenizer"], s["vocab_size"])
+            if (s["tokenizer"] == "bpe" and tok.vocab_size < s["vocab_size"]
+                    and distributed.world().is_root):
+                # Kept as asked in the settings; the model's (and tokenizer's) size is the real one.
+                print(f"lmlab: BPE: the corpus yields only {tok.vocab_size} tokens of the "
+                      f"{s['vocab_size']} asked (vocab_size); the model has {tok.vocab_size} "
+                      "(config.json: model.vocab_size)", file=sys.stderr)
             model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=s["block_size"],
                                   n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"]),
                         seed=s["seed"])
@@ -136,12 +142,8 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, prompt: s
         T = model.config.block_size
         # Under MPI rank 0 tokenizes (or streams the corpus into its cache) first, then the
         # others read that cache rather than all writing it at once.
-        world = distributed.world()
-        if not world.is_root:
-            world.barrier()
-        tokens = tokenize_corpus(s["corpus"], tok, progress=s["progress"])
-        if world.is_root:
-            world.barrier()
+        tokens = distributed.world().root_first(
+            lambda: tokenize_corpus(s["corpus"], tok, progress=s["progress"]))
         train_tokens, val_tokens = split_tokens(tokens, s["val_fraction"])
         cfg = run.train_config()
         check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)

@@ -266,7 +266,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if "precision" in given:
             given["precision"] = settings["precision"]
     if not resume:
-        checks.check_relations(settings)
+        checks.check_relations(settings, given)
     # The run directory is opened (locked, and with overwrite emptied) only by hold(), once the
     # stage has loaded and checked its data, so a stage refused for any reason leaves no trace.
     # The common refusals come first, before any work:
@@ -286,8 +286,10 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         settings, changed = _merge_for_resume(stage, saved, given, steps_done)
         if "grad_accum" in settings and "grad_accum" not in given:
             settings["grad_accum"] = _grad_accum_for(config.get("train") or {}, settings["grad_accum"])
-        checks.check_relations(settings)
+        checks.check_relations(settings, given)
         if distributed.world().is_root:  # every rank merges the same settings; one says so
             for line in changed:
                 print(f"lmlab: {line}", file=sys.stderr)
+    if threads:  # checked above; the kernels use it from here on (recorded in config.json)
+        ops.set_num_threads(threads)
     return StageRun(stage, out, settings, resume, overwrite, parent)

@@ -21,8 +21,9 @@ tokens/stream-KEY/ as shard_NNNNN.bin files of up to SHARD_TOKENS ids, each writ
 with manifest.json naming the shards done, their SHA-256 and where in the sources the next one
 starts. KEY hashes the tokenizer, the unknown-character policy and each source's path, size and
 modification time: a changed source gives a new key, so the corpus is tokenized again; an
-interrupted pass resumes after its last shard. Memory stays bounded by a few chunks whatever the
-corpus size. BPE text is split into the pre-tokenizer's pieces and each distinct piece is encoded
+interrupted pass resumes after its last shard, writing the shards an uninterrupted pass writes
+(its reads keep the file's block grid), so their digest does not depend on the interruption.
+Memory stays bounded by a few chunks whatever the corpus size. BPE text is split into the pre-tokenizer's pieces and each distinct piece is encoded
 once, into a table in C++ (cpp/pieces.h) that splits ASCII text and looks pieces up at tens of
 MB/s; `regex` splits the non-ASCII stretches. Chunks are encoded in `workers` processes (BPE; the
 char tokenizer's byte-table lookup keeps up with the disk in one). A special token's text in a
@@ -46,7 +47,7 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 STREAM_ABOVE_BYTES = 64 << 20
@@ -121,10 +122,14 @@ def _segments(files: list, start=(0, 0)) -> Iterator[tuple]:
             raise type(e)(e.errno, f"cannot read corpus file ({e.strerror})", path) from None
         with f:
             f.seek(base)
+            at = base
             while True:
-                block = f.read(READ_BYTES)
+                # Blocks on the file's READ_BYTES grid, also from a resumed pass's offset: the
+                # cuts (so the chunks and shards) are then those of an uninterrupted pass.
+                block = f.read(READ_BYTES - at % READ_BYTES)
                 if not block:
                     break
+                at += len(block)
                 pending += block
                 cut = _last_safe_cut(pending)
                 if not cut and len(pending) > MAX_PENDING_BYTES:
@@ -424,6 +429,9 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
     directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
     manifest_path = os.path.join(directory, "manifest.json")
+    # A pass killed mid-write (kill -9, power loss) leaves a shard's temporary file; each shard
+    # is written once, so the next write of it, which sweeps such files, may never come.
+    remove_abandoned(directory, ".")
     dtype = ("|u1" if tokenizer.vocab_size <= 1 << 8 else
              "<u2" if tokenizer.vocab_size <= 1 << 16 else "<i4")
     manifest = {"format": FORMAT, "dtype": dtype, "sources": sources, "shards": [],

@@ -310,6 +310,10 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                                  "parameters": distributed.fingerprint(model.params),
                                  "data": data() if data else None,
                                  "data position": json.dumps(stage.state_dict(), sort_keys=True)})
+    if writer and start_step < cfg.steps < cfg.warmup_steps:
+        print(f"lmlab: note: steps {cfg.steps} < warmup_steps {cfg.warmup_steps}: the learning "
+              f"rate warms up only to {lr_at(cfg.steps - 1, cfg):.3g}, never reaching lr "
+              f"{cfg.lr:g}", file=sys.stderr)
     # config.json's "train" section: how this run was trained (optimiser settings and the stage's
     # own description: corpus, data, batch size, chat template, ...).
     full_config = {"optim": _jsonable(asdict(cfg)), "precision": cfg.precision,

@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
     p.add_argument("--run", default="runs/pretrain", help="run directory (default runs/pretrain)")
     g = p.add_argument_group("model")
     add_setting(g, "pretrain", "tokenizer", str, choices=["char", "bpe"])
-    add_setting(g, "pretrain", "vocab_size", int, "BPE vocabulary size")
+    add_setting(g, "pretrain", "vocab_size", int, "BPE vocabulary size (with --tokenizer bpe only)")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"):
         add_setting(g, "pretrain", name, int)
     add_setting(g, "pretrain", "val_fraction", float, "held-out share of the corpus")
