@@ -9,11 +9,10 @@ from .. import checks
 from ..checkpoint import load_model
 from ..dpo import dpo
 from ..judges import compare_to_reference, make_judge
-from ..rank import run_session
+from ..rank import answer_sampler, run_session
 from ..rankings import check_rankings_output, read_prompts
 from ..reward_model import reward
 from ..rl import rlhf
-from ..sequences import prompt_ids_for, sample_completion
 from ..stage import STAGE_DEFAULTS
 from .common import (add_run_output, add_setting, add_threads, add_train_options, apply_threads,
                      given_settings, report_training)
@@ -124,15 +123,8 @@ def cmd_rank(args) -> int:
     prompts = read_prompts(args.prompts)
     check_rankings_output(args.out)
     model, tok, _ = load_model(args.run)
-    bs = model.config.block_size
-
-    def sample(prompt: str, index: int, k: int):
-        pids = prompt_ids_for(tok, prompt, bs, args.max_new_tokens)
-        seeds = [args.seed + k * index + j for j in range(k)]
-        texts = [sample_completion(model, tok, pids, args.max_new_tokens, seed=s,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p)[1] for s in seeds]
-        return texts, seeds
+    sample = answer_sampler(model, tok, args.max_new_tokens, seed=args.seed,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     try:
         run_session(prompts, sample, args.out, args.k, judge=judge,
