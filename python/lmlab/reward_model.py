@@ -5,7 +5,8 @@ The model exposes its final-layer-norm output h only through the tied LM head (l
 so the head reads logits: w . logits = (wte^T w) . h, i.e. a linear readout of h restricted to the
 span of the embedding rows (all of h when vocab_size >= n_embd). It reads the last position and
 the mean over the response positions, since a rule such as "contains this word" is spread over the
-response. Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry
+response; an answer that ended is read with its end token (sequences.answer_ids), so the last
+position is that token's. Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry
 it. `lmlab rlhf --reward-model` scores its samples with it.
 """
 
@@ -207,7 +208,8 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
         rm.save(out_dir, parent=str(run), train_config=opened.run_config(
             rankings=s["rankings"], val_fraction=s["val_fraction"], model=asdict(model.config),
             precision=model.matmul_precision,
-            features="logits at the last position + mean logits over the completion",
+            features="logits at the last position + mean logits over the completion (with "
+                     "its end token when it ended)",
             report=report))
         world.bcast(report)
     return StageResult(stage="reward", run_dir=str(out_dir), steps_done=s["steps"],

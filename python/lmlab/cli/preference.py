@@ -23,8 +23,9 @@ def add_commands(sub) -> None:
                                     "scripted judge)",
                        description="For each prompt, sample K completions with distinct seeds "
                                    "and rank them best first; every judgement is appended to the "
-                                   "rankings JSONL at once, and a later run resumes where this "
-                                   "one stopped.")
+                                   "rankings JSONL at once (with which answers ended with the "
+                                   "end-of-answer token, which reward and dpo then score), and a "
+                                   "later run resumes where this one stopped.")
     p.add_argument("run", help="run directory of the model that answers")
     p.add_argument("--prompts", required=True, help="prompts file (one per line, or JSONL)")
     p.add_argument("--out", required=True, help="rankings JSONL (appended to; resumes)")
@@ -33,7 +34,8 @@ def add_commands(sub) -> None:
     p.add_argument("--judge", default=None, metavar="SPEC",
                    help="rank with a scripted judge instead of a person: word:WORD, shorter, "
                         "longer")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new tokens")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="at most this many new tokens; an answer stopped here has not ended")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample from the k most likely (default: from every token)")
@@ -49,7 +51,9 @@ def add_commands(sub) -> None:
                                    "every pair the rankings imply; reports held-out pairwise "
                                    "accuracy.")
     add_run_output(p, derived=True, resume=False)
-    p.add_argument("--rankings", nargs="+", required=True, help="rankings / pairs JSONL file(s)")
+    p.add_argument("--rankings", nargs="+", required=True,
+                   help="rankings / pairs JSONL file(s); an answer marked ended is read with its "
+                        "end token")
     add_setting(p, "reward", "val_fraction", float,
                 "held-out share of the prompts ranked (each with all its rankings)")
     add_setting(p, "reward", "steps", int)
@@ -62,7 +66,8 @@ def add_commands(sub) -> None:
     p = _tuner(sub, "dpo", "tune toward preferred answers by DPO",
                "Direct preference optimisation against the frozen RUN as reference.")
     p.add_argument("--rankings", nargs="+", default=None,
-                   help="rankings / pairs JSONL file(s) (required; with --resume, the run's own)")
+                   help="rankings / pairs JSONL file(s) (required; with --resume, the run's "
+                        "own); an answer marked ended is scored with its end token")
     add_setting(p, "dpo", "beta", float, "DPO temperature")
     add_setting(p, "dpo", "batch_size", int, "pairs per micro-batch")
     add_setting(p, "dpo", "sft_weight", float,
