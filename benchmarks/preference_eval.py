@@ -28,12 +28,11 @@ from lmlab.judges import compare_to_reference, make_judge
 from lmlab.rankings import load_rankings, preference_pairs
 from lmlab.reward_model import RewardModel, reward
 from lmlab.rl import rlhf
-from lmlab.sequences import prompt_ids_for, sample_completion
 from lmlab.checkpoint import load_model
 from lmlab.metrics import read_metrics
 from lmlab.data import load_corpus
 from lmlab.pretrain import pretrain
-from lmlab.rank import run_session
+from lmlab.rank import answer_sampler, run_session
 from lmlab.rundir import is_run
 
 
@@ -112,13 +111,9 @@ def main() -> None:
     rankings = out / f"rankings-{judge.name.replace(':', '-')}.jsonl"
     t0 = time.perf_counter()
 
-    def sample(prompt, i, k):
-        pids = prompt_ids_for(tok, prompt, bs, L)
-        seeds = [args.seed + 1000 + k * i + j for j in range(k)]
-        return [sample_completion(model, tok, pids, L, seed=s)[1] for s in seeds], seeds
-
-    run_session(ranked, sample, rankings, args.k, judge=judge, judge_name=judge.name,
-                write=lambda s: None)
+    # Completion j of ranked prompt i: seed SEED + 1000 + K*i + j, as `lmlab rank --seed` does.
+    run_session(ranked, answer_sampler(model, tok, L, seed=args.seed + 1000), rankings, args.k,
+                judge=judge, judge_name=judge.name, write=lambda s: None)
     recs = load_rankings(rankings)
     emit({"measure": "rankings", "judge": judge.name, "rankings": len(recs),
           "pairs": len(preference_pairs(recs)), "seconds": time.perf_counter() - t0})

@@ -83,8 +83,10 @@ def test_rankings_jsonl_round_trip_and_pair_import(tmp_path):
     assert back[0] == {**recs[0], "ranking": [2, [0, 1]]}  # groups of one are written compactly
     assert back[1] == recs[1]
     assert back[2] == {"prompt": "q", "completions": ["good", "bad"], "ranking": [0, 1]}
-    assert rk.preference_pairs(back) == [("p1", "c", "a"), ("p1", "c", "b"), ("", "z", "x\ny"),
-                                         ("q", "good", "bad")]
+    assert rk.preference_pairs(back) == [("p1", "c", "a", False, False),
+                                         ("p1", "c", "b", False, False),
+                                         ("", "z", "x\ny", False, False),
+                                         ("q", "good", "bad", False, False)]
 
 
 def _write_jsonl(tmp_path, records):
@@ -123,6 +125,18 @@ def test_load_rankings_ties_pairs_and_extras(tmp_path):
     ({"prompt": "p", "chosen": "a"}, "expected 'completions' and 'ranking', or 'chosen' and 'rejected'"),
     ({"completions": ["a", "b"], "ranking": [0, 1]}, "missing 'prompt'"),
     ({"prompt": 5, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": [True]},
+     "'ended' has 1 entries for 2 completions; give one true/false per completion"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": [True, 1]},
+     "'ended' entries must be true or false, got 1"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": True},
+     "'ended' must be a list of 2 true/false values, one per completion"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": None},
+     "'ended' must be a list of 2"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "ended": [False, "yes"]},
+     "'ended' entries must be true or false, got 'yes'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "ended": [False, True, True]},
+     "'ended' has 3 entries for 2 completions"),
 ])
 def test_load_rankings_errors_name_the_line(tmp_path, bad, match):
     p = _write_jsonl(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, bad])
@@ -142,6 +156,24 @@ def test_bad_rankings_file_names_the_line(tmp_path):
     path.write_text('{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:1: expected .completions. and .ranking."):
         rk.load_rankings(path)
+
+
+def test_ended_is_kept_and_a_line_without_it_has_no_answer_ended(tmp_path):
+    p = _write_jsonl(tmp_path, [
+        {"prompt": "p1", "completions": ["a", "b", "c"], "ranking": [2, 0, 1],
+         "ended": [True, False, True]},
+        {"prompt": "p2", "chosen": "good", "rejected": "bad", "ended": [False, True]},
+        {"prompt": "p3", "completions": ["x", "y"], "ranking": [0, 1]},  # an older line
+    ])
+    recs = rk.load_rankings(p)
+    assert recs[0]["ended"] == [True, False, True] and recs[1]["ended"] == [False, True]
+    assert "ended" not in recs[2] and rk.answers_ended(recs[2]) == [False, False]
+    assert rk.preference_pairs(recs) == [("p1", "c", "a", True, True), ("p1", "c", "b", True, False),
+                                         ("p1", "a", "b", True, False),
+                                         ("p2", "good", "bad", False, True),
+                                         ("p3", "x", "y", False, False)]
+    rk.append_ranking(tmp_path / "w.jsonl", {**recs[0], "ended": [np.True_, False, True]})
+    assert json.loads((tmp_path / "w.jsonl").read_text())["ended"] == [True, False, True]
 
 
 def test_read_prompts_lines_and_jsonl(tmp_path):
@@ -281,6 +313,81 @@ def test_dpo_stage_gradient_matches_finite_differences(tok, sft_weight):
         assert ev["val_dpo_loss"] < ev["val_loss"]
 
 
+def _logp_float64(model, prompt_ids, answer_ids) -> float:
+    """log p(answer | prompt) from the model's own logits, log-softmaxed in float64 numpy."""
+    seq = np.concatenate([prompt_ids, answer_ids]).astype(np.int32)
+    logits, _ = model.forward(seq[None, :-1])
+    z = logits[0].astype(np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    logsm = z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
+    pos = np.arange(prompt_ids.size - 1, seq.size - 1)
+    return float(logsm[pos, seq[pos + 1]].sum())
+
+
+def test_dpo_scores_an_ended_answer_with_its_end_token(tmp_path, tok):
+    """A rankings line's ended answers are scored by DPO with <|endoftext|> after the text (so
+    DPO can move the probability of stopping); a line without "ended" (an older file) is scored on
+    the text alone, as before."""
+    path = _write_jsonl(tmp_path, [
+        {"prompt": "the cat ", "completions": ["sees a dog.", "likes"], "ranking": [0, 1],
+         "ended": [True, False]},
+        {"prompt": "a dog ", "chosen": "runs.", "rejected": "eats the", "ended": [False, True]},
+        {"prompt": "my friend ", "completions": ["eats.", "sees"], "ranking": [1, 0]},
+    ])
+    pairs = rk.preference_pairs(rk.load_rankings(path))
+    model = _tiny(tok, seed=4)
+    stage = dpo_mod.DPOStage(model, tok, pairs, [], batch_size=2)
+    eot = tok.eot_id
+    expected = []
+    for prompt, chosen, rejected, c_end, r_end in pairs:
+        p = np.asarray(tok.encode(prompt), np.int32)
+        expected.append([_logp_float64(model, p, np.asarray(list(tok.encode(a)) + [eot] * e, np.int32))
+                         for a, e in ((chosen, c_end), (rejected, r_end))])
+    np.testing.assert_allclose(stage.ref_train, expected, rtol=1e-5, atol=1e-5)
+    # The end token's own log-probability is what the flag adds.
+    p = np.asarray(tok.encode("the cat "), np.int32)
+    a = np.asarray(tok.encode("sees a dog."), np.int32)
+    log_p_end = (_logp_float64(model, p, np.append(a, eot).astype(np.int32))
+                 - _logp_float64(model, p, a))
+    assert log_p_end < -0.1
+    assert stage.ref_train[0, 0] == pytest.approx(_logp_float64(model, p, a) + log_p_end, abs=1e-4)
+    assert stage.train[0][1][-1] == eot and stage.train[0][2][-1] != eot
+    assert stage.train[2][1][-1] != eot and stage.train[2][2][-1] != eot  # the older line
+    # Plain (prompt, chosen, rejected) triples still mean answers that did not end.
+    plain = dpo_mod.DPOStage(model, tok, [t[:3] for t in pairs], [], batch_size=2)
+    np.testing.assert_allclose(plain.ref_train[2], stage.ref_train[2], rtol=1e-6)
+    assert plain.ref_train[0, 0] == pytest.approx(stage.ref_train[0, 0] - log_p_end, abs=1e-4)
+    with pytest.raises(ValueError, match="got 4 items"):
+        dpo_mod.DPOStage(model, tok, [pairs[0][:4]], [])
+
+
+def test_an_ended_answer_that_is_cut_loses_its_end_token(tok):
+    """encode_pair fits prompt + answer + end token: the prompt loses its oldest tokens first; an
+    answer cut at the end loses its end token first, so a cut answer never ends."""
+    eot = tok.eot_id
+    prompt, answer = "the cat sees ", "a dog."
+    p, a = tok.encode(prompt).tolist(), tok.encode(answer).tolist()
+    ids_p, ids_r = sq.encode_pair(tok, prompt, answer, 64, ended=True)
+    assert ids_p.tolist() == p and ids_r.tolist() == a + [eot]
+    np.testing.assert_array_equal(sq.answer_ids(tok, answer, True), a + [eot])
+    np.testing.assert_array_equal(sq.answer_ids(tok, answer), a)
+    # Room for the answer only once the prompt gives way: the prompt is cut, the end token kept.
+    ids_p, ids_r = sq.encode_pair(tok, prompt, answer, len(a) + 3, ended=True)
+    assert ids_p.tolist() == p[-2:] and ids_r.tolist() == a + [eot]
+    # No room even with a one-token prompt: the answer is cut, and the end token goes first.
+    ids_p, ids_r = sq.encode_pair(tok, prompt, answer, len(a) + 1, ended=True)
+    assert ids_p.tolist() == p[-1:] and ids_r.tolist() == a
+    ids_p, ids_r = sq.encode_pair(tok, prompt, answer, len(a) - 1, ended=True)
+    assert ids_r.tolist() == a[:-2]
+    # In DPO: a chosen answer longer than the block arrives cut, with no end token.
+    model = _tiny(tok, block_size=16)
+    long = "the cat sees a red box and the moon."
+    stage = dpo_mod.DPOStage(model, tok, [("a ", long, "eats.", True, True)], [], batch_size=1)
+    p_ids, c_ids, r_ids = stage.train[0]
+    assert p_ids.size + c_ids.size == 17 and c_ids.tolist() == tok.encode(long).tolist()[:c_ids.size]
+    assert r_ids.tolist() == tok.encode("eats.").tolist() + [eot]
+
+
 def test_dpo_padding_and_prompt_tokens_get_no_weight(tok):
     p = [np.array([1, 2, 3], np.int32), np.array([4], np.int32)]
     r = [np.array([5, 6], np.int32), np.array([7, 8, 9], np.int32)]
@@ -336,6 +443,36 @@ def test_reward_features_are_the_logits_at_the_right_positions(tok):
                                    atol=1e-5)
 
 
+def test_reward_features_read_an_ended_answer_with_its_end_token(tmp_path, tok):
+    """An ended answer's features are read with <|endoftext|> after the text: the last position
+    is the end token's, and the mean over the answer includes it; the reward model's training
+    features follow the rankings' "ended", and an older line reads as before."""
+    model = _tiny(tok)
+    V = tok.vocab_size
+    phi = rwd.reward_features(model, tok, ["the cat", "the cat"], [" sees", " sees"],
+                              ended=[True, False])
+    ids_p, ids_a = np.asarray(tok.encode("the cat")), np.asarray(tok.encode(" sees"))
+    for row, answer in enumerate([np.append(ids_a, tok.eot_id), ids_a]):
+        logits, _ = model.forward(np.concatenate([ids_p, answer]).astype(np.int32)[None])
+        np.testing.assert_allclose(phi[row, :V], logits[0, -1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(phi[row, V:], logits[0, ids_p.size:].mean(0), rtol=1e-5,
+                                   atol=1e-5)
+    assert not np.allclose(phi[0], phi[1])
+    np.testing.assert_allclose(rwd.reward_features(model, tok, ["the cat"], [" sees"]), phi[1:])
+    recs = rk.load_rankings(_write_jsonl(tmp_path, [
+        {"prompt": "the cat", "completions": [" sees", " sees"], "ranking": [0, 1],
+         "ended": [True, False]},
+        {"prompt": "the cat", "completions": [" sees", " sees"], "ranking": [1, 0]}]))
+    feats, pairs = rwd._pair_features(model, tok, recs)
+    np.testing.assert_allclose(feats, np.concatenate([phi, phi[1:], phi[1:]]))
+    assert pairs.tolist() == [[0, 1], [3, 2]]
+    rm = rwd.RewardModel(model, tok, w=np.arange(2 * V, dtype=np.float64))
+    np.testing.assert_allclose(rm.score("the cat", [" sees", " sees"], [True, False]),
+                               phi @ np.arange(2 * V))
+    with pytest.raises(ValueError, match="ended has 1 entries for 2 completions"):
+        rwd.reward_features(model, tok, ["a", "b"], ["c", "d"], ended=[True])
+
+
 def test_reward_model_learns_a_judge_and_round_trips(tmp_path, tok):
     """A judge that counts 'x' in random strings; the frozen-trunk head must order held-out pairs."""
     from lmlab.checkpoint import save_run
@@ -379,13 +516,21 @@ def test_policy_gradient_step_raises_the_better_samples(tok):
     likely, negative ones less likely (the sign of weights = +A/N on the token losses)."""
     model = _tiny(tok, seed=5)
     ref = _tiny(tok, seed=5)
-    rank_reward = lambda prompt, comps: np.arange(len(comps), dtype=float)  # noqa: E731
+    seen_ended = []
+
+    def rank_reward(prompt, comps, ended):
+        seen_ended.extend(ended)
+        return np.arange(len(comps), dtype=float)
+
     stage = rl.RLStage(model, ref, tok, ["the cat "], [], rank_reward, k=4, prompts_per_step=1,
                        kl_coef=0.0, max_new_tokens=8, seed=0)
     model.zero_grad()
     model.backward(stage.train_step(model)["weights"])
     b = stage.last_batch
     np.testing.assert_allclose(b["advantage"], [-2, -2 / 3, 2 / 3, 2])  # rewards 0..3
+    # The reward function is told which answers ended: those whose ids end with <|endoftext|>.
+    last = [b["y"][i][b["mask"][i] > 0][-1] for i in range(4)]
+    assert seen_ended == [bool(t == tok.eot_id) for t in last]
     before = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
     model.params -= np.float32(0.05) * model.grads
     after = sq.sequence_logprobs(model, b["x"], b["y"], b["mask"])
@@ -396,7 +541,7 @@ def test_policy_gradient_step_raises_the_better_samples(tok):
 
 def test_rl_kl_term_is_the_log_ratio_to_the_reference(tok):
     model, ref = _tiny(tok, seed=1), _tiny(tok, seed=2)
-    reward = lambda prompt, comps: np.zeros(len(comps))  # noqa: E731
+    reward = lambda prompt, comps, ended: np.zeros(len(comps))  # noqa: E731
     stage = rl.RLStage(model, ref, tok, ["a dog "], [], reward, k=3, prompts_per_step=2,
                        kl_coef=0.5, max_new_tokens=6, seed=0)
     model.zero_grad()
@@ -624,8 +769,9 @@ def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_
         return [int(tok.encode("a")[0])] * 2
 
     monkeypatch.setattr(sq, "generate", answer_of_two_tokens)
-    ids, text = sq.sample_completion(model, chat_tok, turn, 6, seed=0)
-    assert stops == [[end]] and ids[-1] == end and text == "aa"
+    ids, text, ended = sq.sample_completion(model, chat_tok, turn, 6, seed=0)
+    assert stops == [[end]] and ids[-1] == end and text == "aa" and ended
+    np.testing.assert_array_equal(sq.answer_ids(chat_tok, text, ended), ids)
 
     for run in ("dpo", "rm", "rl"):
         assert read_config(tmp_path / run)["train"]["chat_template"] == TEMPLATE, run

@@ -57,6 +57,22 @@ def test_session_with_scripted_input_and_judge(tmp_path):
     assert recs[0]["ranking"] == [2, 1, 0] and recs[1]["ranking"] == [0, 1, 2]
 
 
+def test_a_session_records_which_answers_ended(tmp_path):
+    """A sample function that says which answers ended gets them recorded; one that does not (the
+    older two-item form) writes lines without "ended", which read as no answer ended."""
+    from lmlab.judges import PreferShorter
+    from lmlab.rankings import answers_ended, load_rankings
+    with_end = lambda prompt, i, k: (["a", "bb", "ccc"], [1, 2, 3], [True, False, True])  # noqa: E731
+    without = lambda prompt, i, k: (["a", "bb", "ccc"], [1, 2, 3])  # noqa: E731
+    run_session(["p "], with_end, tmp_path / "new.jsonl", 3, judge=PreferShorter(),
+                write=lambda _: None)
+    run_session(["p "], without, tmp_path / "old.jsonl", 3, judge=PreferShorter(),
+                write=lambda _: None)
+    (new,), (old,) = load_rankings(tmp_path / "new.jsonl"), load_rankings(tmp_path / "old.jsonl")
+    assert new["ended"] == [True, False, True] and "ended" not in old
+    assert answers_ended(old) == [False] * 3
+
+
 def test_a_prompt_listed_twice_is_ranked_twice_across_an_interrupted_session(tmp_path):
     """Resuming counts the rankings of each prompt: an interrupted session ends with the same
     records as one run straight through."""
@@ -170,6 +186,24 @@ def test_rank_with_a_scripted_judge(tiny_run, tmp_path):
         assert sorted(flat) == [0, 1, 2, 3]
         assert [counts[i] for i in flat] == sorted(counts, reverse=True)
         assert r["judge"] == "word:a"
+    # Each line says which answers ended with <|endoftext|> within the 8 tokens: checked against
+    # the same seeds sampled without stopping (the draws agree up to the end token).
+    from lmlab.checkpoint import load_model
+    from lmlab.sample import generate
+    from lmlab.sequences import prompt_ids_for
+
+    model, tok, _ = load_model(tiny_run / "run")
+    ended = []
+    for i, r in enumerate(recs):
+        pids = prompt_ids_for(tok, r["prompt"], 16, 8)
+        assert r["seeds"] == [4 * i + j for j in range(4)]
+        for text, end, seed in zip(r["completions"], r["ended"], r["seeds"]):
+            full = [int(t) for t in generate(model, pids, 8, seed=seed)]
+            stop = full.index(tok.eot_id) if tok.eot_id in full else None
+            assert end is (stop is not None)  # cut at 8 tokens: not ended
+            assert text == tok.decode(full[:stop])
+            ended.append(end)
+    assert True in ended and False in ended
     res = subprocess.run(cmd[:-2] + ["--judge", "nonsense"], env=_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "unknown judge 'nonsense'" in res.stderr

@@ -352,14 +352,16 @@ def test_a_round_is_sampled_like_lmlab_rank_and_a_submission_is_a_rankings_line(
     first = studio.post("/api/rank/round", json=body).json()
     assert studio.post("/api/rank/round", json=body).json()["id"] == first["id"]
     pids = prompt_ids_for(tok, "ROMEO: ", model.config.block_size, 12)
-    assert first["completions"] == [sample_completion(model, tok, pids, 12, seed=s)[1] for s in (7, 8, 9)]
+    samples = [sample_completion(model, tok, pids, 12, seed=s) for s in (7, 8, 9)]
+    assert first["completions"] == [text for _, text, _ in samples]
+    assert first["ended"] == [ended for _, _, ended in samples]
     assert first["seeds"] == [7, 8, 9] and first["submitted"] == 0
 
     r = studio.post("/api/rank/submit", json={"round": first["id"], "name": " Ada ", "places": [2, 1, 2]})
     assert r.status_code == 200 and r.json()["ranking"] == [1, [0, 2]]
     (rec,) = load_rankings(tmp_path / "rankings.jsonl")
     assert rec == {"prompt": "ROMEO: ", "completions": first["completions"], "ranking": [1, [0, 2]],
-                   "judge": "Ada", "seeds": [7, 8, 9], "run": "base"}
+                   "ended": first["ended"], "judge": "Ada", "seeds": [7, 8, 9], "run": "base"}
     assert pairs_from_ranking(rec["ranking"]) == [(1, 0), (1, 2)]
     assert studio.post("/api/rank/round", json=body).json()["submitted"] == 1
 

@@ -37,7 +37,9 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float) -> tuple:
 
 
 class DPOStage:
-    """Direct preference optimisation from (prompt, chosen, rejected) pairs.
+    """Direct preference optimisation from (prompt, chosen, rejected, chosen ended, rejected
+    ended) pairs (rankings.preference_pairs; without the two flags no answer ended). An ended
+    answer is scored with its end token (sequences.answer_ids), so DPO also learns when to stop.
 
     Each micro-batch holds B chosen rows then B rejected rows in one (2B, T) forward. The reference
     model's log-probabilities are computed once up front (it is frozen), so no second model is held
@@ -74,9 +76,14 @@ class DPOStage:
     @staticmethod
     def _encode_pairs(tok, pairs, block_size):
         out = []
-        for prompt, chosen, rejected in pairs:
-            p, c = encode_pair(tok, prompt, chosen, block_size + 1)
-            p2, r = encode_pair(tok, prompt, rejected, block_size + 1)
+        for prompt, chosen, rejected, *ended in pairs:
+            if len(ended) not in (0, 2):
+                raise ValueError("a DPO pair is (prompt, chosen, rejected) or (prompt, chosen, "
+                                 f"rejected, chosen ended, rejected ended), got {len(ended) + 3} "
+                                 "items")
+            c_end, r_end = ended or (False, False)
+            p, c = encode_pair(tok, prompt, chosen, block_size + 1, c_end)
+            p2, r = encode_pair(tok, prompt, rejected, block_size + 1, r_end)
             p = p if p.size <= p2.size else p2  # one prompt for both, fitted to the longer
             out.append((p, c[: block_size + 1 - p.size], r[: block_size + 1 - p.size]))
         return out

@@ -95,8 +95,10 @@ def judge_preference(judge, prompt: str, a: str, b: str) -> float:
 
 
 def judge_reward(judge: ScoreJudge) -> Callable:
-    """A reward function (prompt, completions) -> rewards from a scoring judge."""
-    return lambda prompt, comps: np.array([judge.score(prompt, c) for c in comps], np.float64)
+    """A reward function (prompt, completions, ended) -> rewards from a scoring judge (which
+    reads the text only)."""
+    return lambda prompt, comps, ended=None: np.array([judge.score(prompt, c) for c in comps],
+                                                      np.float64)
 
 
 def compare_to_reference(policy, reference, tok, prompts: Sequence[str], judge, *,
@@ -113,9 +115,9 @@ def compare_to_reference(policy, reference, tok, prompts: Sequence[str], judge, 
         pids = prompt_ids_for(tok, prompt, bs, max_new_tokens)
         for s in range(samples_per_prompt):
             base = seed + 2 * (i * samples_per_prompt + s)
-            ids, mine = sample_completion(policy, tok, pids, max_new_tokens, seed=base,
+            ids, mine, _ = sample_completion(policy, tok, pids, max_new_tokens, seed=base,
                                           temperature=temperature, top_k=top_k)
-            _, theirs = sample_completion(reference, tok, pids, max_new_tokens, seed=base + 1,
+            _, theirs, _ = sample_completion(reference, tok, pids, max_new_tokens, seed=base + 1,
                                           temperature=temperature, top_k=top_k)
             pref = judge_preference(judge, prompt, mine, theirs)
             prefs.append(pref)

@@ -8,7 +8,9 @@ For each prompt the model samples K completions with distinct seeds; they are sh
     q            quit (Ctrl-D and Ctrl-C also quit); every judgement so far is already saved
 Invalid input (a number out of range, a duplicate, one left out, a stray word) is explained and
 asked again. Each judgement is appended to the rankings JSONL and synced to disk at once; running
-the same command again skips the prompts that file already ranks.
+the same command again skips the prompts that file already ranks. With each answer the line records
+whether it ended with the end-of-answer token ("ended", lmlab.rankings), since the text alone does
+not say.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .rankings import append_ranking, compact_ranking, load_rankings
+from .sequences import prompt_ids_for, sample_answers
 
 HELP = 'best first, e.g. "2 1 3"; ties "2=1 3"; "s" skips, "q" quits'
 
@@ -78,9 +81,27 @@ def ranked_prompts(path) -> collections.Counter:
     return collections.Counter(r["prompt"] for r in load_rankings(path))
 
 
+def answer_sampler(model, tok, max_new_tokens: int, *, seed: int = 0, **settings) -> Callable:
+    """run_session's sample function for a model: completion j of the prompt at index i uses seed
+    SEED + k*i + j; returns (completions, seeds, ended) (sequences.sample_answers). settings:
+    temperature, top_k, top_p."""
+    bs = model.config.block_size
+
+    def sample(prompt: str, index: int, k: int):
+        pids = prompt_ids_for(tok, prompt, bs, max_new_tokens)
+        seeds = [seed + k * index + j for j in range(k)]
+        texts, ended = sample_answers(model, tok, pids, max_new_tokens, seeds, **settings)
+        return texts, seeds, ended
+
+    return sample
+
+
 def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, judge=None,
                 read: Callable = input, write: Callable = print, judge_name: str = "human") -> dict:
-    """Rank every prompt not yet in out_path; sample(prompt, index, k) -> (completions, seeds).
+    """Rank every prompt not yet in out_path; sample(prompt, index, k) -> (completions, seeds,
+    ended) with ended[j] whether completion j ended with the end-of-answer token (answer_sampler
+    makes such a function). A sample that returns only (completions, seeds) writes no "ended"
+    (no answer ended, as for an older file).
 
     With judge=None a person answers through read(); otherwise judge(prompt, completions) does.
     Returns counts: ranked, skipped, already (ranked in an earlier session), quit (bool).
@@ -100,7 +121,7 @@ def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, j
         write(f"{stats['already']} of {len(prompts)} prompts already ranked in {out_path}; "
               "continuing with the rest")
     for n, (i, prompt) in enumerate(todo, 1):
-        completions, seeds = sample(prompt, i, k)
+        completions, seeds, *ended = sample(prompt, i, k)
         if judge is not None:
             action, ranking = "rank", judge(prompt, completions)
         else:
@@ -113,9 +134,11 @@ def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, j
         if action == "skip":
             stats["skipped"] += 1
             continue
-        append_ranking(out_path, {"prompt": prompt, "completions": list(completions),
-                                  "ranking": ranking, "judge": judge_name,
-                                  "seeds": [int(s) for s in seeds]})
+        record = {"prompt": prompt, "completions": list(completions), "ranking": ranking,
+                  "judge": judge_name, "seeds": [int(s) for s in seeds]}
+        if ended:
+            record["ended"] = list(ended[0])
+        append_ranking(out_path, record)
         stats["ranked"] += 1
     write(f"ranked {stats['ranked']}, skipped {stats['skipped']}"
           + (" (quit: run the same command again to resume)" if stats["quit"] else "")

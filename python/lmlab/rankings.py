@@ -1,12 +1,18 @@
 """The rankings format: judgements of several completions of one prompt, read, checked and written.
 
 Rankings (JSONL, one judgement per line):
-    {"prompt": str, "completions": [str, str, ...], "ranking": [...]}
+    {"prompt": str, "completions": [str, str, ...], "ranking": [...], "ended": [bool, ...]}
 `ranking` lists every completion index exactly once, best first. An item is either an index or a
 list of indices tied at that place: [2, [0, 1], 3] means 2 is best, 0 and 1 tie, 3 is worst.
-Pairwise data as other tools write it, {"prompt", "chosen", "rejected"}, is read as a two-item
-ranking [0, 1] over [chosen, rejected]. Extra keys (who judged, sampling seeds) are kept. Rankings
-are handed around in the compact form written here: a group of one as its bare index.
+`ended` (optional, one entry per completion) says whether the answer ended with the end-of-answer
+token (<|endoftext|>, or <|end|> for a run with a chat template) rather than running into the
+sampling limit: the text never holds that token, yet it is part of what the model chose, so the
+reward model and DPO score it (lmlab.sequences.answer_ids). `lmlab rank` and the studio write it; a
+line without it (older files, other tools) has no answer ended. Pairwise data as other tools write
+it, {"prompt", "chosen", "rejected"}, is read as a two-item ranking [0, 1] over [chosen, rejected]
+(its `ended`, if given, is [chosen's, rejected's]). Extra keys (who judged, sampling seeds) are
+kept. Rankings are handed around in the compact form written here: a group of one as its bare
+index.
 
 This is the one place the format is checked (`normalize_ranking`) and its pairs derived
 (`pairs_from_ranking`); the reward model, DPO and `lmlab rank` all go through it.
@@ -96,7 +102,28 @@ def parse_record(obj, *, where: str = "record") -> dict:
     else:
         raise ValueError(f"{where}: expected 'completions' and 'ranking', or 'chosen' and "
                          f"'rejected'; got {sorted(obj)}")
+    if "ended" in obj:
+        rec["ended"] = _check_ended(obj["ended"], len(rec["completions"]), where)
     return rec
+
+
+def _check_ended(ended, n: int, where: str) -> list:
+    if not isinstance(ended, (list, tuple)):
+        raise ValueError(f"{where}: 'ended' must be a list of {n} true/false values, one per "
+                         f"completion (did it end with the end-of-answer token?), got {ended!r}")
+    if len(ended) != n:
+        raise ValueError(f"{where}: 'ended' has {len(ended)} entries for {n} completions; give "
+                         "one true/false per completion")
+    for e in ended:
+        if not isinstance(e, (bool, np.bool_)):
+            raise ValueError(f"{where}: 'ended' entries must be true or false, got {e!r}")
+    return [bool(e) for e in ended]
+
+
+def answers_ended(record: dict) -> list:
+    """Whether each completion of a (parsed) record ended with the end-of-answer token; a record
+    without 'ended' (an older file, another tool's pairs) has none ended."""
+    return list(record.get("ended") or [False] * len(record["completions"]))
 
 
 def ranking_paths(rankings) -> Optional[list]:
@@ -136,11 +163,12 @@ def append_ranking(path, record: dict) -> None:
 
 
 def preference_pairs(records: Iterable[dict]) -> list:
-    """(prompt, chosen, rejected) for every pair implied by every ranking."""
+    """(prompt, chosen, rejected, chosen ended, rejected ended) for every pair implied by every
+    ranking; 'ended' as answers_ended says."""
     out = []
     for rec in records:
-        comps = rec["completions"]
-        out.extend((rec["prompt"], comps[b], comps[w])
+        comps, ended = rec["completions"], answers_ended(rec)
+        out.extend((rec["prompt"], comps[b], comps[w], ended[b], ended[w])
                    for b, w in pairs_from_ranking(rec["ranking"], len(comps)))
     return out
 

@@ -5,7 +5,8 @@ The model exposes its final-layer-norm output h only through the tied LM head (l
 so the head reads logits: w . logits = (wte^T w) . h, i.e. a linear readout of h restricted to the
 span of the embedding rows (all of h when vocab_size >= n_embd). It reads the last position and
 the mean over the response positions, since a rule such as "contains this word" is spread over the
-response. Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry
+response; an answer that ended is read with its end token (sequences.answer_ids), so the last
+position is that token's. Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry
 it. `lmlab rlhf --reward-model` scores its samples with it.
 """
 
@@ -21,20 +22,27 @@ from safetensors.numpy import load, save
 from . import distributed
 from .checkpoint import current_checkpoint, load_model, read_checkpoint_file, save_run
 from .metrics import append_metrics
-from .rankings import load_split_rankings, pairs_from_ranking, ranking_paths
+from .rankings import answers_ended, load_split_rankings, pairs_from_ranking, ranking_paths
 from .sequences import encode_pair, log_sigmoid, sigmoid
 from .stage import StageResult, open_stage
 
 def reward_features(model, tok, prompts: Sequence[str], completions: Sequence[str],
-                    batch_size: int = 16) -> np.ndarray:
+                    ended: Optional[Sequence[bool]] = None, batch_size: int = 16) -> np.ndarray:
     """(N, 2V) float64 features of each prompt+completion: the logits (= wte @ h_final) at the
-    last position, and their mean over the completion's positions."""
+    last position, and their mean over the completion's positions. A completion that ended
+    (ended[i]; None: none did) is read with its end token (sequences.answer_ids), which is then
+    the last position."""
     bs = model.config.block_size
     V = model.config.vocab_size
+    if ended is None:
+        ended = [False] * len(completions)
+    if len(ended) != len(completions):
+        raise ValueError(f"ended has {len(ended)} entries for {len(completions)} completions")
     out = np.zeros((len(prompts), 2 * V), dtype=np.float64)
     for i in range(0, len(prompts), batch_size):
-        items = [encode_pair(tok, p, c, bs) for p, c in
-                 zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+        items = [encode_pair(tok, p, c, bs, e) for p, c, e in
+                 zip(prompts[i:i + batch_size], completions[i:i + batch_size],
+                     ended[i:i + batch_size])]
         T = max(p.size + r.size for p, r in items)
         x = np.full((len(items), T), tok.eot_id, dtype=np.int32)
         for b, (p, r) in enumerate(items):
@@ -83,9 +91,12 @@ class RewardModel:
     def score_features(self, phi: np.ndarray) -> np.ndarray:
         return self._standardise(phi) @ self.w + self.b
 
-    def score(self, prompt: str, completions: Sequence[str]) -> np.ndarray:
-        """Rewards of several completions of one prompt."""
-        phi = reward_features(self.model, self.tok, [prompt] * len(completions), completions)
+    def score(self, prompt: str, completions: Sequence[str],
+              ended: Optional[Sequence[bool]] = None) -> np.ndarray:
+        """Rewards of several completions of one prompt; ended as in reward_features (RL passes
+        whether each sampled answer ended)."""
+        phi = reward_features(self.model, self.tok, [prompt] * len(completions), completions,
+                              ended)
         return self.score_features(phi)
 
     def save(self, run_dir, *, parent: Optional[str] = None, train_config: Optional[dict] = None):
@@ -106,14 +117,15 @@ class RewardModel:
 
 def _pair_features(model, tok, records) -> tuple:
     """Features of every completion, and for every implied pair the (better, worse) rows."""
-    prompts, comps, pairs = [], [], []
+    prompts, comps, ended, pairs = [], [], [], []
     for rec in records:
         base = len(comps)
         prompts += [rec["prompt"]] * len(rec["completions"])
         comps += list(rec["completions"])
+        ended += answers_ended(rec)
         pairs += [(base + b, base + w) for b, w in pairs_from_ranking(rec["ranking"],
                                                                       len(rec["completions"]))]
-    phi = reward_features(model, tok, prompts, comps) if comps else np.zeros((0, 0))
+    phi = reward_features(model, tok, prompts, comps, ended) if comps else np.zeros((0, 0))
     return phi, np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
@@ -196,7 +208,8 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
         rm.save(out_dir, parent=str(run), train_config=opened.run_config(
             rankings=s["rankings"], val_fraction=s["val_fraction"], model=asdict(model.config),
             precision=model.matmul_precision,
-            features="logits at the last position + mean logits over the completion",
+            features="logits at the last position + mean logits over the completion (with "
+                     "its end token when it ended)",
             report=report))
         world.bcast(report)
     return StageResult(stage="reward", run_dir=str(out_dir), steps_done=s["steps"],

@@ -34,7 +34,10 @@ def leave_one_out_advantages(rewards: np.ndarray) -> np.ndarray:
 class RLStage:
     """Policy gradient with a leave-one-out baseline and a KL penalty to a frozen reference.
 
-    Each micro-batch: P prompts, K samples each from the policy; reward r_i from reward_fn; the
+    Each micro-batch: P prompts, K samples each from the policy; reward r_i from
+    reward_fn(prompt, texts, ended), which gets one prompt's K answers and whether each ended with
+    the end-of-answer token (what a reward model trained on rankings scores; a judge reads the
+    text); the
     sequence log-ratio kl_i = log pi(y_i) - log ref(y_i) (an unbiased estimate of KL(pi || ref))
     is folded into the reward, r'_i = r_i - kl_coef * kl_i, which makes the REINFORCE estimate the
     exact gradient of E[r] - kl_coef * KL. The surrogate loss -(1/PK) sum_i A_i log pi(y_i) has,
@@ -71,16 +74,18 @@ class RLStage:
         self.last_batch: dict = {}  # the latest rollouts, for inspection and teaching
 
     def _rollouts(self, model, prompt_ids, prompts, seeds) -> tuple:
-        responses, texts = [], []
+        responses, texts, ended = [], [], []
         for p, s in zip(prompt_ids, seeds):
-            ids, text = sample_completion(model, self.tok, p, self.max_new, seed=int(s),
-                                          temperature=self.temperature, top_k=self.top_k)
+            ids, text, end = sample_completion(model, self.tok, p, self.max_new, seed=int(s),
+                                               temperature=self.temperature, top_k=self.top_k)
             responses.append(ids)
             texts.append(text)
-        return responses, texts
+            ended.append(end)
+        return responses, texts, ended
 
-    def _rewards(self, prompts, texts, group: int) -> np.ndarray:
-        r = [self.reward_fn(prompts[i], texts[i: i + group]) for i in range(0, len(texts), group)]
+    def _rewards(self, prompts, texts, ended, group: int) -> np.ndarray:
+        r = [self.reward_fn(prompts[i], texts[i: i + group], ended[i: i + group])
+             for i in range(0, len(texts), group)]
         return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in r])
 
     def train_step(self, model) -> dict:
@@ -89,8 +94,8 @@ class RLStage:
         pids = [self.ids[i] for i in which for _ in range(self.k)]
         prompts = [self.prompts[i] for i in which for _ in range(self.k)]
         seeds = self.rng.integers(0, 2**31 - 1, size=len(pids))
-        responses, texts = self._rollouts(model, pids, prompts, seeds)
-        reward = self._rewards(prompts, texts, self.k)
+        responses, texts, ended = self._rollouts(model, pids, prompts, seeds)
+        reward = self._rewards(prompts, texts, ended, self.k)
         # 2) log-probabilities under the reference, then the policy (its forward feeds backward)
         x, y, mask = pack_for_loss(pids, responses, self.T, self.tok.eot_id)
         logp_ref = sequence_logprobs(self.ref, x, y, mask)
@@ -116,9 +121,9 @@ class RLStage:
 
     def evaluate(self, model) -> dict:
         seeds = self.eval_seed + np.arange(len(self.val_ids))
-        responses, texts = self._rollouts(model, self.val_ids, self.val_prompts, seeds)
-        reward = np.array([float(np.asarray(self.reward_fn(p, [t]), np.float64).reshape(-1)[0])
-                           for p, t in zip(self.val_prompts, texts)])
+        responses, texts, ended = self._rollouts(model, self.val_ids, self.val_prompts, seeds)
+        reward = np.array([float(np.asarray(self.reward_fn(p, [t], [e]), np.float64).reshape(-1)[0])
+                           for p, t, e in zip(self.val_prompts, texts, ended)])
         x, y, mask = pack_for_loss(self.val_ids, responses, self.T, self.tok.eot_id)
         kl = sequence_logprobs(model, x, y, mask) - sequence_logprobs(self.ref, x, y, mask)
         ev = {"val_reward": float(reward.mean()), "val_kl": float(kl.mean())}

@@ -32,15 +32,25 @@ def _prompt_ids(tok, prompt: str) -> np.ndarray:
     return ids if ids.size else np.array([tok.eot_id], dtype=np.int32)
 
 
-def encode_pair(tok, prompt: str, response: str, max_len: int) -> tuple:
-    """(prompt ids, response ids) fitted into max_len tokens.
+def answer_ids(tok, text: str, ended: bool = False) -> np.ndarray:
+    """The ids of an answer: its text, then the end-of-answer token (chat.answer_end_id) when the
+    answer ended with it (sample_completion's `ended`; a rankings line's "ended"). The one place
+    that decides what DPO, the reward model and RL score as an answer."""
+    ids = _encode(tok, text)
+    return np.append(ids, np.int32(answer_end_id(tok))) if ended else ids
+
+
+def encode_pair(tok, prompt: str, response: str, max_len: int, ended: bool = False) -> tuple:
+    """(prompt ids, response ids) fitted into max_len tokens; the response is answer_ids(tok,
+    response, ended).
 
     The prompt becomes the context its answer follows (module docstring; an empty plain prompt
     becomes <|endoftext|>). Too long: the prompt loses its oldest tokens first (keeping one), then
-    the response is cut at the end.
+    the response is cut at the end, so an answer that is cut loses its end token first: a cut
+    answer never ends.
     """
     p = _prompt_ids(tok, prompt)
-    r = _encode(tok, response)
+    r = answer_ids(tok, response, ended)
     if p.size + r.size > max_len:
         p = cut_prompt(p, max(1, max_len - r.size), turn=bool(template_of(tok)))
         r = r[: max_len - p.size]
@@ -103,15 +113,27 @@ def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np
 
 def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,
                       temperature: float = 1.0, top_k=None, top_p=None) -> tuple:
-    """One sampled answer: (response ids, text). generate() stops before a sampled end of answer
-    (<|endoftext|>, or <|end|> for a run with a chat template); the ids put it back (it is part
-    of what the policy chose), the text does not."""
+    """One sampled answer: (response ids, text, ended). generate() stops before a sampled end of
+    answer (<|endoftext|>, or <|end|> for a run with a chat template): then `ended` is True and
+    the ids put the token back (it is part of what the policy chose; they are answer_ids(tok,
+    text, ended) up to the text's round trip), the text does not. An answer that runs into
+    max_new_tokens has not ended."""
     end = answer_end_id(tok)
     new = np.asarray(generate(model, prompt_ids, max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, stop_ids=[end]),
                      dtype=np.int32)
     text = tok.decode(new)
-    if new.size < max_new_tokens:
+    ended = bool(new.size < max_new_tokens)
+    if ended:
         new = np.append(new, np.int32(end))
-    return new, text
+    return new, text, ended
 
+
+
+def sample_answers(model, tok, prompt_ids, max_new_tokens: int, seeds, **settings) -> tuple:
+    """Answers to one prompt for ranking, one per seed, by sample_completion: (texts, ended), the
+    two lists a rankings line holds as "completions" and "ended". settings: temperature, top_k,
+    top_p."""
+    outs = [sample_completion(model, tok, prompt_ids, max_new_tokens, seed=int(s), **settings)
+            for s in seeds]
+    return [text for _, text, _ in outs], [ended for _, _, ended in outs]

@@ -9,11 +9,10 @@ from .. import checks
 from ..checkpoint import load_model
 from ..dpo import dpo
 from ..judges import compare_to_reference, make_judge
-from ..rank import run_session
+from ..rank import answer_sampler, run_session
 from ..rankings import check_rankings_output, read_prompts
 from ..reward_model import reward
 from ..rl import rlhf
-from ..sequences import prompt_ids_for, sample_completion
 from ..stage import STAGE_DEFAULTS
 from .common import (add_run_output, add_setting, add_threads, add_train_options, apply_threads,
                      given_settings, report_training)
@@ -24,8 +23,9 @@ def add_commands(sub) -> None:
                                     "scripted judge)",
                        description="For each prompt, sample K completions with distinct seeds "
                                    "and rank them best first; every judgement is appended to the "
-                                   "rankings JSONL at once, and a later run resumes where this "
-                                   "one stopped.")
+                                   "rankings JSONL at once (with which answers ended with the "
+                                   "end-of-answer token, which reward and dpo then score), and a "
+                                   "later run resumes where this one stopped.")
     p.add_argument("run", help="run directory of the model that answers")
     p.add_argument("--prompts", required=True, help="prompts file (one per line, or JSONL)")
     p.add_argument("--out", required=True, help="rankings JSONL (appended to; resumes)")
@@ -34,7 +34,8 @@ def add_commands(sub) -> None:
     p.add_argument("--judge", default=None, metavar="SPEC",
                    help="rank with a scripted judge instead of a person: word:WORD, shorter, "
                         "longer")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new tokens")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="at most this many new tokens; an answer stopped here has not ended")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample from the k most likely (default: from every token)")
@@ -50,7 +51,9 @@ def add_commands(sub) -> None:
                                    "every pair the rankings imply; reports held-out pairwise "
                                    "accuracy.")
     add_run_output(p, derived=True, resume=False)
-    p.add_argument("--rankings", nargs="+", required=True, help="rankings / pairs JSONL file(s)")
+    p.add_argument("--rankings", nargs="+", required=True,
+                   help="rankings / pairs JSONL file(s); an answer marked ended is read with its "
+                        "end token")
     add_setting(p, "reward", "val_fraction", float,
                 "held-out share of the prompts ranked (each with all its rankings)")
     add_setting(p, "reward", "steps", int)
@@ -63,7 +66,8 @@ def add_commands(sub) -> None:
     p = _tuner(sub, "dpo", "tune toward preferred answers by DPO",
                "Direct preference optimisation against the frozen RUN as reference.")
     p.add_argument("--rankings", nargs="+", default=None,
-                   help="rankings / pairs JSONL file(s) (required; with --resume, the run's own)")
+                   help="rankings / pairs JSONL file(s) (required; with --resume, the run's "
+                        "own); an answer marked ended is scored with its end token")
     add_setting(p, "dpo", "beta", float, "DPO temperature")
     add_setting(p, "dpo", "batch_size", int, "pairs per micro-batch")
     add_setting(p, "dpo", "sft_weight", float,
@@ -124,15 +128,8 @@ def cmd_rank(args) -> int:
     prompts = read_prompts(args.prompts)
     check_rankings_output(args.out)
     model, tok, _ = load_model(args.run)
-    bs = model.config.block_size
-
-    def sample(prompt: str, index: int, k: int):
-        pids = prompt_ids_for(tok, prompt, bs, args.max_new_tokens)
-        seeds = [args.seed + k * index + j for j in range(k)]
-        texts = [sample_completion(model, tok, pids, args.max_new_tokens, seed=s,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p)[1] for s in seeds]
-        return texts, seeds
+    sample = answer_sampler(model, tok, args.max_new_tokens, seed=args.seed,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     try:
         run_session(prompts, sample, args.out, args.k, judge=judge,

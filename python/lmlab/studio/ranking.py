@@ -1,8 +1,8 @@
 """The Rank page's endpoints: a round (a prompt and K sampled answers) and the class's submissions.
 
-A round's answers are sampled the way `lmlab rank` samples them (lmlab.sequences.sample_completion,
+A round's answers are sampled the way `lmlab rank` samples them (lmlab.sequences.sample_answers,
 answer j with seed SEED + j), so every browser asking for the same prompt, K and seed gets the same
-answers. The server keeps each round it handed out; a submission names the round by id and sends
+answers; the round keeps whether each ended with the end-of-answer token, which the line records. The server keeps each round it handed out; a submission names the round by id and sends
 only a name and the places, so what lands in the file is the prompt and answers the server showed.
 
 Every submission is one line of the rankings JSONL `lmlab rank` writes (lmlab.rankings checks the
@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from ..rankings import append_ranking, compact_ranking, load_rankings, normalize_ranking
-from ..sequences import prompt_ids_for, sample_completion
+from ..sequences import prompt_ids_for, sample_answers
 from .common import (MAX_NEW_TOKENS, BadRequest, api, encodable, json_body, number_value,
                      sampling_values, text_value, with_model)
 
@@ -102,13 +102,13 @@ async def round_endpoint(request: Request) -> dict:
         encodable(tok, prompt, "prompt")
         pids = prompt_ids_for(tok, prompt, model.config.block_size, max_new)
         seeds = [seed + j for j in range(k)]
-        texts = [sample_completion(model, tok, pids, max_new, seed=s, **settings)[1] for s in seeds]
-        return texts, seeds, str(run.loaded_checkpoint)
+        texts, ended = sample_answers(model, tok, pids, max_new, seeds, **settings)
+        return texts, ended, seeds, str(run.loaded_checkpoint)
 
-    texts, seeds, checkpoint = await with_model(run, work)
+    texts, ended, seeds, checkpoint = await with_model(run, work)
     key = json.dumps([run.name, checkpoint, prompt, seeds, max_new, settings], sort_keys=True)
     round_ = {"id": hashlib.sha256(key.encode()).hexdigest()[:20], "run": run.name, "prompt": prompt,
-              "completions": texts, "seeds": seeds}
+              "completions": texts, "ended": ended, "seeds": seeds}
     book.keep(round_)
     return {**round_, "submitted": await run_in_threadpool(book.count, round_)}
 
@@ -123,6 +123,7 @@ async def submit_endpoint(request: Request) -> dict:
         raise BadRequest("name must be printable text (no control characters)")
     ranking = places_to_ranking(values.get("places"), len(round_["completions"]))
     record = {"prompt": round_["prompt"], "completions": round_["completions"], "ranking": ranking,
-              "judge": name, "seeds": round_["seeds"], "run": round_["run"]}
+              "ended": round_["ended"], "judge": name, "seeds": round_["seeds"],
+              "run": round_["run"]}
     await run_in_threadpool(book.append, record)
     return {"saved": True, "ranking": ranking, "judge": name, "file": str(book.path)}
