@@ -179,8 +179,10 @@ def test_adamw_sum_squares_round_bf16(kernel, rng, n):
     np.testing.assert_array_equal(rounded, ref.round_bf16(grads).astype(np.float32))
 
 
-def test_bitwise_identical_for_1_and_3_threads(kernel, rng):
-    # Products split by rows and by columns, attention's heads, layernorm's fixed row chunks.
+@pytest.mark.parametrize("precision", [FP32, BF16], ids=["fp32", "bf16"])
+def test_bitwise_identical_for_1_and_3_threads(kernel, rng, precision):
+    # Products split by rows and by columns (in the given precision), attention's heads, layernorm's
+    # fixed row chunks.
     N, C, OC = 200, 96, 130
     B, T, CA, NH = 2, 70, 48, 3
     inp, weight, dout = randn(rng, N, C), randn(rng, OC, C), randn(rng, N, OC)
@@ -192,10 +194,11 @@ def test_bitwise_identical_for_1_and_3_threads(kernel, rng):
                    stats=f32(B, NH, T, 2), dqkv=f32(B, T, 3 * CA), ln_out=f32(N, C), mean=f32(N),
                    rstd=f32(N), ln_dinp=f32(N, C), ln_dw=f32(C), ln_db=f32(C))
         kernel("matmul_backward", got["dinp"], got["dweight"], got["dbias"], dout, inp, weight, N, C,
-               OC, FP32, False, threads=threads)
-        kernel("attention_forward", got["out"], got["stats"], qkv, B, T, CA, NH, FP32, threads=threads)
-        kernel("attention_backward", got["dqkv"], datt, qkv, got["stats"], B, T, CA, NH, FP32, False,
+               OC, precision, False, threads=threads)
+        kernel("attention_forward", got["out"], got["stats"], qkv, B, T, CA, NH, precision,
                threads=threads)
+        kernel("attention_backward", got["dqkv"], datt, qkv, got["stats"], B, T, CA, NH, precision,
+               False, threads=threads)
         kernel("layernorm_forward", got["ln_out"], got["mean"], got["rstd"], inp, ln_w, ln_w, N, C,
                threads=threads)
         kernel("layernorm_backward", got["ln_dinp"], got["ln_dw"], got["ln_db"], ln_dout, inp, ln_w,

@@ -322,14 +322,16 @@ def test_three_ranks_equal_one_process_and_two_by_two_match_within_float_roundin
 
 
 def test_shards_cover_the_buffer_once_on_aligned_boundaries():
+    # Aligned to the norm kernel's chunks, so the ranks' chunk sums are the whole buffer's.
     from lmlab.distributed import shard_bounds
-    for n in (1, 15, 16, 17, 1000, 809_856):
+    from lmlab.ops import SUM_SQUARES_CHUNK
+    for n in (1, 15, 16, 17, 1000, 4095, 4097, 809_856):
         for size in (1, 2, 3, 7, 64):
             bounds = shard_bounds(n, size)
             assert len(bounds) == size and bounds[0][0] == 0 and bounds[-1][1] == n
             assert all(a <= b for a, b in bounds)
             assert all(bounds[i][1] == bounds[i + 1][0] for i in range(size - 1))
-            assert all(a % 16 == 0 for a, _ in bounds if a < n)
+            assert all(a % SUM_SQUARES_CHUNK == 0 for a, _ in bounds if a < n)
 
 
 def test_the_norm_of_shards_is_the_norm_of_the_whole_buffer_bit_for_bit():
@@ -383,11 +385,12 @@ def test_launched_size_reads_the_launchers_variables(monkeypatch):
 
 _STREAMING_DRIVER = """
 import json, os, sys, time
-from lmlab import token_shards
+from lmlab import distributed, token_shards
 token_shards.STREAM_ABOVE_BYTES = 0  # every file corpus streams
 real = token_shards.stream_tokens
 def logged(*args, **kwargs):
-    rank = os.environ.get("PMI_RANK", "0")
+    # The rank as lmlab reads it from the launcher (MPICH, Open MPI, PMIx or MVAPICH names it).
+    rank = next((os.environ[v] for v in distributed._RANK_VARS if v in os.environ), "0")
     with open(sys.argv[1], "a") as f:
         f.write(json.dumps([rank, "start", time.time()]) + "\\n")
     out = real(*args, **kwargs)

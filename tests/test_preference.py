@@ -463,14 +463,38 @@ def test_reward_features_read_an_ended_answer_with_its_end_token(tmp_path, tok):
         {"prompt": "the cat", "completions": [" sees", " sees"], "ranking": [0, 1],
          "ended": [True, False]},
         {"prompt": "the cat", "completions": [" sees", " sees"], "ranking": [1, 0]}]))
-    feats, pairs = rwd._pair_features(model, tok, recs)
+    feats, pairs = rwd._pair_features(model, tok, recs, read_end_token=True)
     np.testing.assert_allclose(feats, np.concatenate([phi, phi[1:], phi[1:]]))
     assert pairs.tolist() == [[0, 1], [3, 2]]
-    rm = rwd.RewardModel(model, tok, w=np.arange(2 * V, dtype=np.float64))
+    rm = rwd.RewardModel(model, tok, w=np.arange(2 * V, dtype=np.float64), reads_end_token=True)
     np.testing.assert_allclose(rm.score("the cat", [" sees", " sees"], [True, False]),
                                phi @ np.arange(2 * V))
     with pytest.raises(ValueError, match="ended has 1 entries for 2 completions"):
         rwd.reward_features(model, tok, ["a", "b"], ["c", "d"], ended=[True])
+
+
+def test_a_reward_head_fitted_on_text_alone_scores_text_alone(tmp_path, tok):
+    """A head fitted on rankings in which no answer ended (or saved before end tokens were read)
+    scores RL's ended samples on their text, as it was fitted: with the end token appended its
+    features would be ones it never saw. A head fitted with ended answers reads the end token,
+    and the choice survives saving."""
+    from lmlab.checkpoint import save_run
+
+    model = _tiny(tok)
+    text_only = [{"prompt": "the ", "completions": ["ab", "ba", "aa"], "ranking": [0, 1, 2]}] * 3
+    with_end = [dict(text_only[0], ended=[True, False, True])] * 3
+    save_run(tmp_path / "base", model, tok, train_config={})
+    plain = rwd.reward_features(model, tok, ["the "] * 3, ["ab", "ba", "aa"])
+    ended = rwd.reward_features(model, tok, ["the "] * 3, ["ab", "ba", "aa"], [True] * 3)
+    for records, reads_end in ((text_only, False), (with_end, True)):
+        rm, _ = rwd.train_reward_model(model, tok, records, steps=5)
+        assert rm.reads_end_token is reads_end
+        rm.save(tmp_path / f"rm_{reads_end}")
+        back = rwd.RewardModel.load(tmp_path / f"rm_{reads_end}")
+        assert back.reads_end_token is reads_end
+        expected = rm.score_features(ended if reads_end else plain)
+        np.testing.assert_allclose(back.score("the ", ["ab", "ba", "aa"], [True] * 3), expected,
+                                   rtol=1e-6, atol=1e-9)
 
 
 def test_reward_model_learns_a_judge_and_round_trips(tmp_path, tok):
@@ -699,6 +723,35 @@ def test_reward_dpo_rlhf_verbs_run_end_to_end(tmp_path, tok, capsys):
     args = parser.parse_args(runs[1][0])
     with pytest.raises(RunDirError, match="already holds a run"):
         args.func(args)
+
+
+def test_eval_judge_on_a_file_of_one_prompt_judges_the_training_prompts(tmp_path, tok, capsys):
+    """A classroom file: one prompt, a ranking per person. Held-out rankings go by prompt, so none
+    is held out; --eval-judge then judges the training prompt and says so (it used to fail with
+    exit 2 after the whole training), and a missing --eval-prompts file is refused before any."""
+    from lmlab.checkpoint import save_run
+
+    save_run(tmp_path / "base", _tiny(tok, block_size=32), tok, train_config={})
+    rng, judge = np.random.default_rng(1), jg.PreferWord("a")
+    for _ in range(6):
+        comps = ["".join(rng.choice(list("abcde "), size=5)) for _ in range(3)]
+        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": "the cat ", "completions": comps,
+                                                 "ranking": judge("the cat ", comps)})
+    parser = build_parser()
+    argv = ["dpo", str(tmp_path / "base"), "--rankings", str(tmp_path / "r.jsonl"), "--batch-size",
+            "2", "--eval-judge", "word:a", "--eval-max-new-tokens", "4", "--steps", "2",
+            "--no-progress", "--threads", "1"]
+    args = parser.parse_args([*argv, "--out", str(tmp_path / "missing"), "--eval-prompts",
+                              str(tmp_path / "nope.txt")])
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        args.func(args)
+    assert not (tmp_path / "missing").exists()
+    args = parser.parse_args([*argv, "--out", str(tmp_path / "dpo")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "on training pairs" in out
+    assert re.search(r"judge word:a \(on the training prompts: none is held out\): prefers the "
+                     r"tuned answer on \d", out)
 
 
 # --- after instruct tuning -----------------------------------------------------------------------

@@ -160,8 +160,8 @@ def dpo(run, rankings, out_dir, *, resume: bool = False, overwrite: bool = False
 
     settings: any of STAGE_DEFAULTS["dpo"] (beta, sft_weight, batch_size (pairs per
     micro-batch), val_fraction, TrainConfig's steps, lr, ...). The result's details hold "eval"
-    (the last held-out margin and accuracy), "val_prompts" (the held-out rankings' prompts) and
-    "tuner" (the DPOStage).
+    (the last held-out margin and accuracy), "val_prompts" and "train_prompts" (the held-out and
+    the training rankings' prompts) and "tuner" (the DPOStage).
     """
     rankings = ranking_paths(rankings)
     with open_stage("dpo", out_dir, {"rankings": rankings, **settings}, resume=resume,
@@ -187,4 +187,5 @@ def dpo(run, rankings, out_dir, *, resume: bool = False, overwrite: bool = False
         stage.evaluate(model)
     return StageResult.from_training("dpo", out_dir, result, eval=stage.last_eval,
                                      val_prompts=sorted({r["prompt"] for r in val_recs}),
+                                     train_prompts=sorted({r["prompt"] for r in train_recs}),
                                      tuner=stage)

@@ -6,7 +6,8 @@ so the head reads logits: w . logits = (wte^T w) . h, i.e. a linear readout of h
 span of the embedding rows (all of h when vocab_size >= n_embd). It reads the last position and
 the mean over the response positions, since a rule such as "contains this word" is spread over the
 response; an answer that ended is read with its end token (sequences.answer_ids), so the last
-position is that token's. Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry
+position is that token's, by a head fitted on rankings with ended answers (RewardModel's
+reads_end_token; a head fitted on text alone scores text alone). Why frozen: dr/dlogits is not a cross-entropy gradient, so model.backward cannot carry
 it. `lmlab rlhf --reward-model` scores its samples with it.
 """
 
@@ -74,9 +75,13 @@ class RewardModel:
 
     HEAD_FILE = "reward_head.safetensors"
 
-    def __init__(self, model, tok, w=None, b: float = 0.0, mu=None, sigma=None):
+    def __init__(self, model, tok, w=None, b: float = 0.0, mu=None, sigma=None,
+                 reads_end_token: bool = False):
         F = 2 * model.config.vocab_size
         self.model, self.tok = model, tok
+        # Whether the head was fitted on answers read with their end token (some training answer
+        # had ended); if not, score() reads every answer as text alone, as the head was fitted.
+        self.reads_end_token = bool(reads_end_token)
         self.w = np.zeros(F) if w is None else np.asarray(w, dtype=np.float64)
         self.mu = np.zeros(F) if mu is None else np.asarray(mu, dtype=np.float64)
         self.sigma = np.ones(F) if sigma is None else np.asarray(sigma, dtype=np.float64)
@@ -94,14 +99,15 @@ class RewardModel:
     def score(self, prompt: str, completions: Sequence[str],
               ended: Optional[Sequence[bool]] = None) -> np.ndarray:
         """Rewards of several completions of one prompt; ended as in reward_features (RL passes
-        whether each sampled answer ended)."""
+        whether each sampled answer ended), used only by a head that reads end tokens."""
         phi = reward_features(self.model, self.tok, [prompt] * len(completions), completions,
-                              ended)
+                              ended if self.reads_end_token else None)
         return self.score_features(phi)
 
     def save(self, run_dir, *, parent: Optional[str] = None, train_config: Optional[dict] = None):
         """One checkpoint holding the transformer and the head (checkpoint.save_run's extra files)."""
-        head = save({"w": self.w, "mu": self.mu, "sigma": self.sigma, "b": np.array([self.b])})
+        head = save({"w": self.w, "mu": self.mu, "sigma": self.sigma, "b": np.array([self.b]),
+                     "reads_end_token": np.array([float(self.reads_end_token)])})
         save_run(run_dir, self.model, self.tok, train_config=train_config or {"stage": "reward"},
                  optimizer=None, state=None, parent=parent, files={self.HEAD_FILE: head})
 
@@ -112,11 +118,14 @@ class RewardModel:
                                     "train one with `lmlab reward`")
         model, tok, _ = load_model(run_dir)
         t = load(read_checkpoint_file(run_dir, cls.HEAD_FILE))
-        return cls(model, tok, t["w"], float(t["b"][0]), t["mu"], t["sigma"])
+        # Heads saved before end tokens were read have no flag: they read text alone.
+        reads_end = "reads_end_token" in t and bool(t["reads_end_token"][0])
+        return cls(model, tok, t["w"], float(t["b"][0]), t["mu"], t["sigma"], reads_end)
 
 
-def _pair_features(model, tok, records) -> tuple:
-    """Features of every completion, and for every implied pair the (better, worse) rows."""
+def _pair_features(model, tok, records, read_end_token: bool) -> tuple:
+    """Features of every completion (an ended one with its end token if read_end_token), and for
+    every implied pair the (better, worse) rows."""
     prompts, comps, ended, pairs = [], [], [], []
     for rec in records:
         base = len(comps)
@@ -125,7 +134,8 @@ def _pair_features(model, tok, records) -> tuple:
         ended += answers_ended(rec)
         pairs += [(base + b, base + w) for b, w in pairs_from_ranking(rec["ranking"],
                                                                       len(rec["completions"]))]
-    phi = reward_features(model, tok, prompts, comps, ended) if comps else np.zeros((0, 0))
+    phi = (reward_features(model, tok, prompts, comps, ended if read_end_token else None)
+           if comps else np.zeros((0, 0)))
     return phi, np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
@@ -145,11 +155,12 @@ def train_reward_model(model, tok, train_records, val_records=(), *, steps: int 
     Returns (RewardModel, report dict with train/val pairwise accuracy and pair counts).
     log(row) receives a metrics row every 10 steps and at the end.
     """
-    phi, pairs = _pair_features(model, tok, train_records)
+    reads_end = any(any(answers_ended(rec)) for rec in train_records)
+    phi, pairs = _pair_features(model, tok, train_records, reads_end)
     if len(pairs) == 0:
         raise ValueError("the training rankings imply no (better, worse) pair; every ranking is "
                          "a single tie")
-    rm = RewardModel(model, tok)
+    rm = RewardModel(model, tok, reads_end_token=reads_end)
     rm.mu = phi.mean(axis=0)
     rm.sigma = phi.std(axis=0) + 1e-6
     z = rm._standardise(phi)
@@ -158,7 +169,8 @@ def train_reward_model(model, tok, train_records, val_records=(), *, steps: int 
     m = np.zeros_like(w)
     v = np.zeros_like(w)
     beta1, beta2 = 0.9, 0.999
-    vphi, vpairs = _pair_features(model, tok, val_records) if val_records else (None, [])
+    vphi, vpairs = (_pair_features(model, tok, val_records, reads_end) if val_records
+                    else (None, []))
     for t in range(1, steps + 1):
         loss, g = bt_loss_and_grad(w, d_phi, l2)
         m = beta1 * m + (1 - beta1) * g

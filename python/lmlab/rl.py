@@ -144,7 +144,8 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
     """Tune the policy in `run` by RL on prompts (a prompts file for read_prompts, or a list)
     into out_dir, against settings["reward_model"] (a `lmlab reward` run) or settings["judge"]
     (a spec such as "word:cat"): exactly one. settings: any of STAGE_DEFAULTS["rlhf"]. The
-    result's details hold "val_prompts" and "tuner" (the RLStage)."""
+    result's details hold "val_prompts" and "train_prompts" (the held-out and the training
+    prompts) and "tuner" (the RLStage)."""
     prompt_list = None
     if isinstance(prompts, (list, tuple)):
         prompt_list, prompts = list(prompts), None
@@ -186,4 +187,5 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
         result = train(model, stage, cfg, opened.hold(), tokenizer=tok,
                        run_config=run_config, resume=resume, parent=str(run))
     return StageResult.from_training("rlhf", out_dir, result,
-                                     val_prompts=[r["prompt"] for r in val_p], tuner=stage)
+                                     val_prompts=[r["prompt"] for r in val_p],
+                                     train_prompts=[r["prompt"] for r in train_p], tuner=stage)

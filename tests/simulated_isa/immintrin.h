@@ -7,7 +7,7 @@
 // the target attributes off and tells cpp/bf16_path.cpp that both native bf16 paths may run.
 //
 // Semantics follow Intel's definitions where the kernels' results depend on them: masked loads and
-// stores touch only their lanes' memory; max/min return the second operand on NaN; fused multiply-add
+// stores touch only their lanes' memory; aligned loads and stores trap off a 64-byte boundary; max/min return the second operand on NaN; fused multiply-add
 // rounds once; VCVTNE2PS2BF16 rounds to nearest even, keeps NaN quiet and takes denormal inputs as
 // zero; VDPBF16PS and TDPBF16PS add each pair's exact products one at a time (VDPBF16PS odd k first,
 // TDPBF16PS even first), rounding each sum to fp32, with bf16 inputs and fp32 results below 2^-126
@@ -82,16 +82,35 @@ inline __m512 _mm512_loadu_ps(const void* p) {
     std::memcpy(&r, p, sizeof r);
     return r;
 }
-inline __m512 _mm512_load_ps(const void* p) { return _mm512_loadu_ps(p); }
+// The aligned forms fault (#GP) on an address that is not a multiple of 64, and so do these.
+namespace lmlab_sim {
+inline void expect_aligned(const void* p) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 64 != 0) __builtin_trap();
+}
+}  // namespace lmlab_sim
+inline __m512 _mm512_load_ps(const void* p) {
+    lmlab_sim::expect_aligned(p);
+    return _mm512_loadu_ps(p);
+}
 inline __m512i _mm512_load_si512(const void* p) {
+    lmlab_sim::expect_aligned(p);
     __m512i r;
     std::memcpy(&r, p, sizeof r);
     return r;
 }
 inline void _mm512_storeu_ps(void* p, __m512 a) { std::memcpy(p, &a, sizeof a); }
-inline void _mm512_store_ps(void* p, __m512 a) { std::memcpy(p, &a, sizeof a); }
-inline void _mm512_stream_ps(void* p, __m512 a) { std::memcpy(p, &a, sizeof a); }
-inline void _mm512_store_si512(void* p, __m512i a) { std::memcpy(p, &a, sizeof a); }
+inline void _mm512_store_ps(void* p, __m512 a) {
+    lmlab_sim::expect_aligned(p);
+    std::memcpy(p, &a, sizeof a);
+}
+inline void _mm512_stream_ps(void* p, __m512 a) {
+    lmlab_sim::expect_aligned(p);
+    std::memcpy(p, &a, sizeof a);
+}
+inline void _mm512_store_si512(void* p, __m512i a) {
+    lmlab_sim::expect_aligned(p);
+    std::memcpy(p, &a, sizeof a);
+}
 inline __m512 _mm512_mask_loadu_ps(__m512 src, __mmask16 k, const void* p) {
     for (int i = 0; i < 16; i++)
         if (lmlab_sim::lane(k, i)) {
@@ -156,7 +175,9 @@ inline __m512 _mm512_roundscale_ps(__m512 a, int) {  // only to nearest integer,
     for (int i = 0; i < 16; i++) a[i] = std::nearbyint(a[i]);
     return a;
 }
-// Pairwise halving, a fixed order as in the compiler's own expansion.
+// Pairwise halving in the compiler's own expansion's order (GCC's avx512fintrin.h): op(high half,
+// low half) for the 256- and 128-bit halvings, then op(low, high) within the last 128 bits. For max
+// the operand order decides which NaN-holding lane wins (MAXPS returns its second operand on NaN).
 inline float _mm512_reduce_add_ps(__m512 a) {
     for (int w = 8; w >= 1; w /= 2)
         for (int i = 0; i < w; i++) a[i] = a[i] + a[i + w];
@@ -164,7 +185,10 @@ inline float _mm512_reduce_add_ps(__m512 a) {
 }
 inline float _mm512_reduce_max_ps(__m512 a) {
     for (int w = 8; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) a[i] = a[i] > a[i + w] ? a[i] : a[i + w];
+        for (int i = 0; i < w; i++) {
+            const float x = w >= 4 ? a[i + w] : a[i], y = w >= 4 ? a[i] : a[i + w];
+            a[i] = x > y ? x : y;
+        }
     return a[0];
 }
 inline double _mm512_reduce_add_pd(__m512d a) {

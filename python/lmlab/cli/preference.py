@@ -108,7 +108,8 @@ def _finish_tuner(p, stage: str, func, held_out_what: str) -> None:
     add_setting(p, stage, "val_fraction", float, f"held-out share of the {held_out_what}")
     p.add_argument("--eval-judge", default=None, metavar="SPEC",
                    help="after training, how often this judge (word:WORD|shorter|longer) prefers "
-                        "the tuned answer to the reference's on --eval-prompts")
+                        "the tuned answer to the reference's on --eval-prompts (default: the "
+                        "held-out prompts, or the training prompts if none is held out)")
     p.add_argument("--eval-prompts", default=None, help="prompts file for --eval-judge")
     p.add_argument("--eval-samples", type=int, default=2, help="answers per prompt for the eval")
     p.add_argument("--eval-max-new-tokens", type=int, default=32,
@@ -140,13 +141,18 @@ def cmd_rank(args) -> int:
     return 0
 
 
-def _judge_eval(args, prompts) -> None:
+def _judge_eval(args, details) -> None:
+    """--eval-judge after training, on --eval-prompts, else the held-out prompts, else (a file of
+    one prompt holds none out) the training prompts, said so."""
     if not args.eval_judge:
         return
+    where = ""
     if args.eval_prompts:
         prompts = read_prompts(args.eval_prompts)
-    if not prompts:
-        raise ValueError("--eval-judge needs prompts: give --eval-prompts")
+    elif details["val_prompts"]:
+        prompts = details["val_prompts"]
+    else:
+        prompts, where = details["train_prompts"], " (on the training prompts: none is held out)"
     policy, tok, _ = load_model(args.out)
     reference, _, _ = load_model(args.parent)
     res = compare_to_reference(policy, reference, tok, prompts, make_judge(args.eval_judge),
@@ -154,7 +160,7 @@ def _judge_eval(args, prompts) -> None:
                                samples_per_prompt=args.eval_samples,
                                seed=args.seed if args.seed is not None else
                                STAGE_DEFAULTS["dpo"]["seed"])
-    print(f"judge {args.eval_judge}: prefers the tuned answer on {res['win_rate']:.1%} of "
+    print(f"judge {args.eval_judge}{where}: prefers the tuned answer on {res['win_rate']:.1%} of "
           f"{res['comparisons']} comparisons (wins {res['wins']}, ties {res['ties']}, losses "
           f"{res['losses']}); KL(tuned || reference) {res['kl']:.3f} nats per answer, "
           f"{res['kl_per_token']:.4f} per token")
@@ -163,8 +169,10 @@ def _judge_eval(args, prompts) -> None:
 def _check_eval(args) -> None:
     checks.check_values(eval_samples=args.eval_samples,
                         eval_max_new_tokens=args.eval_max_new_tokens)
-    if args.eval_judge:
-        make_judge(args.eval_judge)  # a bad spec is refused before training, not after
+    if args.eval_judge:  # a bad spec or prompts file is refused before training, not after
+        make_judge(args.eval_judge)
+        if args.eval_prompts:
+            read_prompts(args.eval_prompts)
 
 
 def cmd_reward(args) -> int:
@@ -189,7 +197,7 @@ def cmd_dpo(args) -> int:
     where = "held-out" if ev["held_out"] else "training"
     print(f"DPO on {where} pairs: implicit reward margin {ev['val_margin']:.3f}, "
           f"preference accuracy {ev['val_accuracy']:.1%}")
-    _judge_eval(args, result.details["val_prompts"])
+    _judge_eval(args, result.details)
     return 0
 
 
@@ -200,5 +208,5 @@ def cmd_rlhf(args) -> int:
                   **given_settings(args, "rlhf", "prompts"))
     report_training(result)
     print(f"mean reward and KL per step: {Path(args.out) / 'metrics.jsonl'}")
-    _judge_eval(args, result.details["val_prompts"])
+    _judge_eval(args, result.details)
     return 0
