@@ -365,3 +365,23 @@ def test_a_bpe_vocabulary_smaller_than_asked_is_said_and_recorded_as_it_is(root,
     assert config["train"]["settings"]["vocab_size"] == 5000
     assert (f"lmlab: BPE: the corpus yields only {real} tokens of the 5000 asked (vocab_size); "
             f"the model has {real} (config.json: model.vocab_size)") in capsys.readouterr().err
+
+
+def test_zero_on_one_process_is_noted_not_ignored(root, tmp_path, capsys):
+    """zero 1 (ZeRO-1) shards the AdamW state across MPI ranks; given to a one-process run it is
+    said to change nothing (one rank keeps the whole state), and the run is the zero 0 run."""
+    args = ["pretrain", "--corpus", str(root / "corpus.txt"), "--steps", "2", "--eval-every", "0",
+            *TINY]
+    capsys.readouterr()
+    assert main([*args, "--run", str(tmp_path / "z1"), "--zero", "1"]) == 0
+    assert ("lmlab: note: zero 1 shards the AdamW state across MPI ranks (mpiexec -n N); this run "
+            "is one process, which keeps the whole state") in capsys.readouterr().err
+    assert main([*args, "--run", str(tmp_path / "z0")]) == 0
+    assert "zero" not in capsys.readouterr().err
+    assert checkpoint.read_config(tmp_path / "z1")["train"]["settings"]["zero"] == 1
+    a, _, _ = checkpoint.load_model(tmp_path / "z1")
+    b, _, _ = checkpoint.load_model(tmp_path / "z0")
+    assert a.params.tobytes() == b.params.tobytes()
+    pretrain(str(root / "corpus.txt"), tmp_path / "api", steps=1, eval_every=0, n_layer=1,
+             n_head=2, n_embd=16, block_size=16, batch_size=4, progress=False, zero=1)
+    assert "lmlab: note: zero 1" in capsys.readouterr().err

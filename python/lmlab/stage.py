@@ -290,6 +290,12 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if distributed.world().is_root:  # every rank merges the same settings; one says so
             for line in changed:
                 print(f"lmlab: {line}", file=sys.stderr)
+    if given.get("zero") and not distributed.world().distributed:
+        # Not refused: one process holding the whole state is ZeRO-1 on one rank, the same run
+        # bit for bit, and the recorded setting shards it when the run resumes under mpiexec.
+        print("lmlab: note: zero 1 shards the AdamW state across MPI ranks (mpiexec -n N); this "
+              "run is one process, which keeps the whole state (the same run as zero 0)",
+              file=sys.stderr)
     if threads:  # checked above; the kernels use it from here on (recorded in config.json)
         ops.set_num_threads(threads)
     return StageRun(stage, out, settings, resume, overwrite, parent)
