@@ -36,7 +36,7 @@ from typing import Optional
 from . import checks, distributed, ops
 from .checkpoint import read_config, saved_precision
 from .errors import RunDirError
-from .rundir import is_run, open_run_dir
+from .rundir import is_run, open_run_dir, run_path
 from .train import TrainConfig, TrainResult
 
 # --- the defaults -------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
     given = check_given(stage, given)
     checks.check("threads", threads)
-    out = Path(out)
+    out = run_path(out)
     parent = Path(parent) if parent is not None else None
     if resume and given.get("precision") == "auto":
         del given["precision"]  # auto on resume: the run's own
