@@ -273,6 +273,11 @@ def test_frozen_prefixes_skip_their_gradients():
         m.freeze({"h.0.ln"})        # prefixes are whole dotted components: ln_1 is not "ln"
     with pytest.raises(ValueError, match="matches no parameter"):
         m.freeze({"h.9"})
+    # One string is not a collection of prefixes: "h.1" would be "h", ".", "1" ("h" alone froze
+    # every layer silently; "wte" failed naming the prefix 'e').
+    for one in ("h.1", "wte", "h"):
+        with pytest.raises(TypeError, match=rf"e.g. \['{one}'\], not one string"):
+            m.freeze(one)
     assert m.frozen == {"h.1.attn"}     # a refused freeze leaves the previous one
 
 

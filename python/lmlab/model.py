@@ -237,8 +237,12 @@ class GPT:
         """Freeze the parameters under these name prefixes (and unfreeze every other one).
 
         A prefix is whole dotted components: "h.0", "h.1.attn", "wte" ("h.1" is not "h.10").
-        ValueError for a prefix that names no parameter.
+        ValueError for a prefix that names no parameter; TypeError for one string, which would be
+        taken character by character (freeze("h") froze every layer as the prefix "h").
         """
+        if isinstance(prefixes, str):
+            raise TypeError(f"prefixes must be a collection of name prefixes, e.g. [{prefixes!r}], "
+                            f"not one string (its characters would each be a prefix)")
         prefixes = frozenset(prefixes)
         for prefix in prefixes:
             if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in self._named):
