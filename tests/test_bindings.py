@@ -394,3 +394,18 @@ def test_round_bf16_names_a_wrong_input_rather_than_its_own_output():
         with pytest.raises(TypeError, match=f"x must be a float32 numpy array, got {what}"):
             ops.round_bf16(bad)
     np.testing.assert_array_equal(ops.round_bf16(np.float32([1.0, 3.0])), np.float32([1.0, 3.0]))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"t": 1.7}, "t must be a whole number of steps, got 1.7"), ({"t": True}, "t must be"),
+    ({"lr": "0.1"}, "lr must be a number, got '0.1'"), ({"eps": None}, "eps must be a number")])
+def test_ops_adamw_names_a_scalar_of_the_wrong_kind(change, match):
+    """lmlab.ops.adamw_update converted its scalars itself: t=1.7 ran as step 1 (a silently
+    different bias correction), lr='x' failed without naming lr."""
+    from lmlab import ops
+    n = 4
+    p, m, v, g = np.ones(n, f32), np.zeros(n, f32), np.zeros(n, f32), np.ones(n, f32)
+    kwargs = {"lr": 0.1, "t": 1, **change}
+    with pytest.raises(TypeError, match=match):
+        ops.adamw_update(p, m, v, g, None, **kwargs)
+    assert np.array_equal(p, np.ones(n, f32))

@@ -195,8 +195,16 @@ def adamw_update(params: Array, m: Array, v: Array, grads: Array, decay_mask: Op
     Gradients are multiplied by grad_scale first, which is how global-norm clipping is applied
     without another pass over the buffer.
     """
-    _core.adamw_update(params, m, v, grads, decay_mask, float(lr), float(beta1), float(beta2),
-                       float(eps), float(weight_decay), float(grad_scale), int(t))
+    numbers = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+               "grad_scale": grad_scale}
+    for name, value in {**numbers, "t": t}.items():
+        # int(t) would run step 1.7 as step 1; float("x") would not say which argument it was.
+        kinds = (int, np.integer) if name == "t" else (int, float, np.integer, np.floating)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+            what = "a whole number of steps" if name == "t" else "a number"
+            raise TypeError(f"adamw_update: {name} must be {what}, got {value!r}")
+    _core.adamw_update(params, m, v, grads, decay_mask, *(float(x) for x in numbers.values()),
+                       int(t))
 
 
 def round_bf16(x: Array, out: Optional[Array] = None) -> Array:
