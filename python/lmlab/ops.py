@@ -294,14 +294,18 @@ def use_isa(name: str) -> Iterator[None]:
 
 def set_num_threads(n: int) -> None:
     """Set the number of OpenMP threads the kernels use: an integer from 1 to 4 per core
-    (lmlab.checks.max_threads), as threads= and --threads take; SettingError (a ValueError) else."""
+    (lmlab.checks.max_threads), as threads= and --threads take; SettingError (a ValueError) else.
+
+    The count belongs to the Python thread that sets it (OpenMP's per-thread setting): kernels
+    called from another thread (threading, concurrent.futures) use that thread's own count, which
+    starts at the default (OMP_NUM_THREADS, else every core); set it there too."""
     from .checks import Rule, max_threads  # lmlab.checks imports this module
     Rule(int, 1, max_threads()).check("threads", n)
     _core.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
-    """The number of OpenMP threads the kernels use."""
+    """The number of OpenMP threads the kernels called from this Python thread use."""
     return _core.get_num_threads()
 
 
