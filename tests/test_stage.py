@@ -288,6 +288,30 @@ def test_a_run_is_resumed_only_by_the_stage_that_made_it(root, tmp_path, capsys)
                  "--no-progress"]) == 0
 
 
+def test_a_run_is_resumed_only_from_the_run_it_started_from(root, tmp_path, capsys):
+    """finetune --resume names the parent again; another run was taken silently: its tokenizer
+    encoded the corpus (another character for each id when the sizes agree, as here), its
+    losses were the report's "before", and config.json named it as the parent."""
+    other_corpus = tmp_path / "other.txt"
+    other_corpus.write_text(TEXT.upper())      # as many characters, other ids
+    other, ft = tmp_path / "other", tmp_path / "ft"
+    assert main(["pretrain", "--corpus", str(other_corpus), "--run", str(other), "--steps", "1",
+                 "--eval-every", "0", *TINY]) == 0
+    assert main(["finetune", str(root / "base"), "--corpus", str(root / "corpus.txt"), "--out",
+                 str(ft), "--steps", "2", "--sample-tokens", "0", "--no-progress"]) == 0
+    before = (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["finetune", str(other), "--out", str(ft), "--resume", "--steps", "3",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"finetune cannot resume {ft} from {other}: it was started from {root / 'base'}, and "
+            "a resumed run continues from the run it started from") in err, err
+    assert (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes() == before
+    # The same parent under another spelling resumes.
+    assert main(["finetune", str(root / "base" / ".." / "base"), "--out", str(ft), "--resume",
+                 "--steps", "3", "--sample-tokens", "0", "--no-progress"]) == 0
+
+
 def test_resume_of_a_run_without_recorded_settings_uses_its_optimiser_section(root, tmp_path):
     """Runs written before the settings were recorded as one dict (config.json's train section
     holds optim, batch_size, corpus, model) resume with their own values."""

@@ -246,6 +246,23 @@ def _check_made_by(stage: str, out: Path, made_by) -> None:
     raise RunDirError(f"{stage} cannot resume {out}: {how}")
 
 
+def _check_same_parent(stage: str, out: Path, parent, recorded) -> None:
+    """A resumed run continues from the run it started from: another parent would hand it that
+    run's tokenizer (ids of other characters, if as many) and the report that run's "before",
+    and config.json would name it. Checked while the recorded parent is still there; one moved
+    since cannot be compared, and the one given is taken."""
+    if parent is None or not isinstance(recorded, str) or not os.path.exists(recorded):
+        return
+    try:
+        same = os.path.samefile(parent, recorded)
+    except OSError:
+        same = False  # the given parent is not there
+    if not same:
+        raise RunDirError(f"{stage} cannot resume {out} from {parent}: it was started from "
+                          f"{recorded}, and a resumed run continues from the run it started "
+                          f"from; name {recorded}, or tune {parent} into a new run")
+
+
 def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
                parent=None, threads: Optional[int] = None) -> StageRun:
     """Check, open and configure a stage's run (module docstring); close it when done."""
@@ -279,6 +296,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     if resume:
         config = read_config(out)
         _check_made_by(stage, out, (config.get("train") or {}).get("stage"))
+        _check_same_parent(stage, out, parent, config.get("parent"))
         saved = saved_settings(stage, config.get("train") or {})
         if "precision" in settings:
             saved["precision"] = saved_precision(config)
