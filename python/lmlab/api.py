@@ -145,6 +145,7 @@ class Model:
             raise ValueError("stop must be a non-empty string (or None)")
         if seed is not None:
             checks.check("seed", seed)
+        checks.check("raw", raw)  # raw="False" would be true
         ids, stop_ids, chat = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
         new: list = []
 
