@@ -351,6 +351,9 @@ def test_bad_targets_weights_and_config_raise():
         GPTConfig(vocab_size=10, n_embd=10, n_head=3)
     with pytest.raises(ValueError, match="positive integer"):
         GPTConfig(vocab_size=0)
+    for seed in (-1, "1", 1.5):   # numpy refused these without naming the seed
+        with pytest.raises(ValueError, match=f"seed={seed!r} is not allowed: expected an integer"):
+            GPT(GPTConfig(**TINY), seed=seed)
 
 
 # --- bf16 matmul precision --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from . import ops
+from . import checks, ops
 from .kvcache import KVCache
 
 
@@ -147,6 +147,7 @@ class GPT:
     def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision="fp32") -> None:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        checks.check("seed", seed)  # numpy's own refusal would not name the seed
         self.config = cfg = config
         self.matmul_precision = matmul_precision
         layout = parameter_layout(cfg)
