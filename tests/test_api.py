@@ -201,6 +201,8 @@ def test_bad_keywords_and_values_are_refused_before_any_work(root, base):
         base.generate("the ", temperature=-1)
     with pytest.raises(ValueError, match="prompt must be text"):
         base.generate(b"the ")
+    with pytest.raises(SettingError, match="raw='False' is not allowed: expected True or False"):
+        base.generate("the ", raw="False")    # a string is true: it would have meant raw=True
     with pytest.raises(ValueError, match="at least 2 tokens"):
         base.loss("t")
     with pytest.raises(ValueError, match="cannot represent: '\u00e9'"):

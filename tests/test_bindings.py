@@ -394,3 +394,40 @@ def test_round_bf16_names_a_wrong_input_rather_than_its_own_output():
         with pytest.raises(TypeError, match=f"x must be a float32 numpy array, got {what}"):
             ops.round_bf16(bad)
     np.testing.assert_array_equal(ops.round_bf16(np.float32([1.0, 3.0])), np.float32([1.0, 3.0]))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"t": 1.7}, "t must be a whole number of steps, got 1.7"), ({"t": True}, "t must be"),
+    ({"lr": "0.1"}, "lr must be a number, got '0.1'"), ({"eps": None}, "eps must be a number")])
+def test_ops_adamw_names_a_scalar_of_the_wrong_kind(change, match):
+    """lmlab.ops.adamw_update converted its scalars itself: t=1.7 ran as step 1 (a silently
+    different bias correction), lr='x' failed without naming lr."""
+    from lmlab import ops
+    n = 4
+    p, m, v, g = np.ones(n, f32), np.zeros(n, f32), np.zeros(n, f32), np.ones(n, f32)
+    kwargs = {"lr": 0.1, "t": 1, **change}
+    with pytest.raises(TypeError, match=match):
+        ops.adamw_update(p, m, v, g, None, **kwargs)
+    assert np.array_equal(p, np.ones(n, f32))
+
+
+def test_ops_name_a_scalar_of_the_wrong_kind_in_one_line():
+    """n_head and accumulate of the wrong kind: pybind11's refusal listed every signature over
+    several lines; the wrappers name the argument in one."""
+    from lmlab import ops
+    qkv, out, stats = np.ones((1, 2, 12), f32), np.empty((1, 2, 4), f32), np.empty((1, 2, 2, 2), f32)
+    for bad in (2.0, "2", True):
+        with pytest.raises(TypeError, match=rf"^n_head must be a whole number, got {bad!r}$"):
+            ops.attention_forward(out, stats, qkv, bad)
+    ops.attention_forward(out, stats, qkv, np.int64(2))
+    with pytest.raises(TypeError, match=r"^n_head must be a whole number"):
+        ops.attention_backward(np.zeros_like(qkv), out, qkv, stats, 2.0)
+    with pytest.raises(TypeError, match=r"^accumulate must be True or False, got 'no'$"):
+        ops.attention_backward(np.zeros_like(qkv), out, qkv, stats, 2, accumulate="no")
+    x = np.ones(3, f32)
+    with pytest.raises(TypeError, match=r"^accumulate must be True or False, got None$"):
+        ops.gelu_backward(np.zeros(3, f32), x, x, accumulate=None)
+    w = np.ones((2, 3), f32)
+    with pytest.raises(TypeError, match=r"^accumulate must be True or False, got 0$"):
+        ops.matmul_backward(np.zeros((1, 3), f32), None, None, np.ones((1, 2), f32),
+                            np.ones((1, 3), f32), w, accumulate=0)

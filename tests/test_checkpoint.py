@@ -87,7 +87,8 @@ def test_save_load_round_trip_is_bitwise(gpt, tok, tmp_path):
     assert ltok.to_str() == tok.to_str() and ltok.encode("hello").tolist() == tok.encode("hello").tolist()
     from lmlab import __version__
     assert config["lmlab_version"] == __version__
-    assert config["train"] == {"lr": 1e-3, "steps": 10} and config["parent"] == "runs/base"
+    assert config["train"] == {"lr": 1e-3, "steps": 10, "precision": "fp32"}
+    assert config["parent"] == "runs/base"
     assert config["tokenizer"] == {"kind": "char", "vocab_size": tok.vocab_size}
     assert config["extra"] == {"chat_template": "x"}
     files = config["checkpoint"]["files"]
@@ -99,6 +100,22 @@ def test_save_load_round_trip_is_bitwise(gpt, tok, tmp_path):
     for k in opt:
         assert lopt[k].dtype == opt[k].dtype and np.array_equal(_bits(lopt[k]), _bits(opt[k]))
     assert lstate == {"step": 5, "rng": {"state": 2**100 + 7}, "loss": 1.25, "sampler": {"batches": 5}}
+
+
+def test_a_model_loads_back_in_the_precision_it_was_saved_in(gpt, tok, tmp_path):
+    """save_run records the model's matmul precision unless train_config names one: a bf16 model
+    saved with a train_config that did not say came back fp32 (load_model reads the precision
+    from config.json), computing other logits than the model saved."""
+    model = _model(gpt, tok)
+    model.matmul_precision = "bf16"
+    save_run(tmp_path / "bf16", model, tok, train_config={"stage": "mine"})
+    loaded, _, config = load_model(tmp_path / "bf16")
+    assert loaded.matmul_precision == "bf16" and config["train"]["precision"] == "bf16"
+    x = np.arange(6, dtype=np.int32)[None] % tok.vocab_size
+    assert np.array_equal(loaded.forward(x)[0], model.forward(x)[0])
+    # A train_config that names a precision keeps it.
+    save_run(tmp_path / "named", model, tok, train_config={"precision": "fp32"})
+    assert load_model(tmp_path / "named")[0].matmul_precision == "fp32"
 
 
 def test_files_are_safetensors_and_json_no_pickle(gpt, tok, tmp_path):
@@ -130,7 +147,7 @@ def test_train_config_may_be_a_dataclass_and_optimizer_state_optional(gpt, tok, 
     model = _model(gpt, tok)
     save_run(run, model, tok, train_config=Cfg(), optimizer=None, state={"step": 2})
     assert not (_ckpt(run) / "optimizer.safetensors").exists()
-    assert load_model(run)[2]["train"] == {"lr": 3e-4, "steps": 2}
+    assert load_model(run)[2]["train"] == {"lr": 3e-4, "steps": 2, "precision": "fp32"}
     assert load_training_state(run) == ({}, {"step": 2})
 
 

@@ -140,6 +140,33 @@ def test_num_threads_round_trip():
         ops.set_num_threads(before)
 
 
+def test_num_threads_belong_to_the_python_thread_that_sets_them():
+    """As the docstring, README and DESIGN say: OpenMP's count is per thread, so a new Python
+    thread starts at the default, and what it sets stays its own (the KV-cached decode step's one
+    thread does not slow a training thread)."""
+    import threading
+
+    if not lmlab.cpu_info()["openmp"]:
+        pytest.skip("without OpenMP every count is 1")
+
+    def in_a_thread(work):
+        out = []
+        worker = threading.Thread(target=lambda: out.append(work()))
+        worker.start()
+        worker.join()
+        return out[0]
+
+    before = ops.get_num_threads()
+    fresh = in_a_thread(ops.get_num_threads)
+    try:
+        lmlab._core.set_num_threads(fresh + 1)      # unchecked: the default may be OMP_NUM_THREADS
+        assert in_a_thread(ops.get_num_threads) == fresh
+        in_a_thread(lambda: lmlab._core.set_num_threads(fresh + 2))
+        assert ops.get_num_threads() == fresh + 1
+    finally:
+        lmlab._core.set_num_threads(before)
+
+
 def test_num_threads_context_restores():
     before = ops.get_num_threads()
     with ops.num_threads(1):

@@ -10,7 +10,8 @@ import pytest
 
 from lmlab.checkpoint import load_model, read_config
 from lmlab.finetune import finetune
-from lmlab.pretrain import pretrain
+from lmlab.data import split_tokens
+from lmlab.pretrain import evaluate_loss, pretrain
 
 OLD = "the cat sat on the mat and the dog sat on the log. " * 60
 NEW = "no one sees the moon as the sea does. " * 60
@@ -83,3 +84,27 @@ def test_frozen_layers_do_not_change(parent, tmp_path):
             assert same, name
         elif name.startswith("h.1.") and name.endswith("weight") and b[name].ndim == 2:
             assert not same, name
+
+
+def test_before_and_after_are_measured_in_the_fine_tunes_precision(parent, tmp_path):
+    """A bf16 fine-tune of an fp32 parent: "before" is the parent's loss with bf16 products, as
+    "after" is the fine-tune's, so the two differ by training alone (the parent was measured in
+    its own fp32)."""
+    _, run = parent
+    new = tmp_path / "new.txt"
+    new.write_text(NEW)
+    report = finetune(run, str(new), tmp_path / "child", precision="bf16", steps=1, lr=1e-9,
+                      warmup_steps=0, eval_every=0, save_every=0, progress=False,
+                      sample_tokens=0)
+    d = report.details
+    model, tok, _ = load_model(run)
+    _, val = split_tokens(tok.encode(NEW), 0.1)
+
+    def loss_in(precision) -> float:
+        model.matmul_precision = precision
+        return evaluate_loss(model, val, 8, 32, 20, 1337 + 1)
+
+    fp32, bf16 = loss_in("fp32"), loss_in("bf16")
+    assert fp32 != bf16  # the two precisions do give different numbers here
+    assert d["new_val_before"] == bf16
+    assert d["old_val_before"] is not None

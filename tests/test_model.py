@@ -273,6 +273,11 @@ def test_frozen_prefixes_skip_their_gradients():
         m.freeze({"h.0.ln"})        # prefixes are whole dotted components: ln_1 is not "ln"
     with pytest.raises(ValueError, match="matches no parameter"):
         m.freeze({"h.9"})
+    # One string is not a collection of prefixes: "h.1" would be "h", ".", "1" ("h" alone froze
+    # every layer silently; "wte" failed naming the prefix 'e').
+    for one in ("h.1", "wte", "h"):
+        with pytest.raises(TypeError, match=rf"e.g. \['{one}'\], not one string"):
+            m.freeze(one)
     assert m.frozen == {"h.1.attn"}     # a refused freeze leaves the previous one
 
 
@@ -346,6 +351,9 @@ def test_bad_targets_weights_and_config_raise():
         GPTConfig(vocab_size=10, n_embd=10, n_head=3)
     with pytest.raises(ValueError, match="positive integer"):
         GPTConfig(vocab_size=0)
+    for seed in (-1, "1", 1.5):   # numpy refused these without naming the seed
+        with pytest.raises(ValueError, match=f"seed={seed!r} is not allowed: expected an integer"):
+            GPT(GPTConfig(**TINY), seed=seed)
 
 
 # --- bf16 matmul precision --------------------------------------------------------------------------------

@@ -188,3 +188,21 @@ def test_another_process_holding_the_run_is_named(tmp_path):
         holder.wait(timeout=30)
         holder.stdout.close()
     open_run_dir(run, resume=True).close()  # the holder's exit released it
+
+
+def test_an_empty_run_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Path('') is the current directory: run='' (an unset --run "$RUN") trained the default
+    model into whatever directory the script ran in. It is refused, by open_run_dir and by the
+    stages before they load any data, and nothing is written."""
+    import lmlab
+    from lmlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match=r"the run directory is empty \(''\)"):
+        open_run_dir("")
+    with pytest.raises(RunDirError, match=r"the run directory is empty"):
+        lmlab.pretrain("builtin:shakespeare", "", steps=1, progress=False)
+    with pytest.raises(RunDirError, match=r"the run directory is empty"):
+        lmlab.finetune(tmp_path / "nowhere", "builtin:shakespeare", out="", steps=1)
+    assert main(["pretrain", "--corpus", "builtin:shakespeare", "--run", "", "--steps", "1"]) == 2
+    assert os.listdir(tmp_path) == []

@@ -288,6 +288,30 @@ def test_a_run_is_resumed_only_by_the_stage_that_made_it(root, tmp_path, capsys)
                  "--no-progress"]) == 0
 
 
+def test_a_run_is_resumed_only_from_the_run_it_started_from(root, tmp_path, capsys):
+    """finetune --resume names the parent again; another run was taken silently: its tokenizer
+    encoded the corpus (another character for each id when the sizes agree, as here), its
+    losses were the report's "before", and config.json named it as the parent."""
+    other_corpus = tmp_path / "other.txt"
+    other_corpus.write_text(TEXT.upper())      # as many characters, other ids
+    other, ft = tmp_path / "other", tmp_path / "ft"
+    assert main(["pretrain", "--corpus", str(other_corpus), "--run", str(other), "--steps", "1",
+                 "--eval-every", "0", *TINY]) == 0
+    assert main(["finetune", str(root / "base"), "--corpus", str(root / "corpus.txt"), "--out",
+                 str(ft), "--steps", "2", "--sample-tokens", "0", "--no-progress"]) == 0
+    before = (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["finetune", str(other), "--out", str(ft), "--resume", "--steps", "3",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"finetune cannot resume {ft} from {other}: it was started from {root / 'base'}, and "
+            "a resumed run continues from the run it started from") in err, err
+    assert (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes() == before
+    # The same parent under another spelling resumes.
+    assert main(["finetune", str(root / "base" / ".." / "base"), "--out", str(ft), "--resume",
+                 "--steps", "3", "--sample-tokens", "0", "--no-progress"]) == 0
+
+
 def test_resume_of_a_run_without_recorded_settings_uses_its_optimiser_section(root, tmp_path):
     """Runs written before the settings were recorded as one dict (config.json's train section
     holds optim, batch_size, corpus, model) resume with their own values."""
@@ -365,3 +389,23 @@ def test_a_bpe_vocabulary_smaller_than_asked_is_said_and_recorded_as_it_is(root,
     assert config["train"]["settings"]["vocab_size"] == 5000
     assert (f"lmlab: BPE: the corpus yields only {real} tokens of the 5000 asked (vocab_size); "
             f"the model has {real} (config.json: model.vocab_size)") in capsys.readouterr().err
+
+
+def test_zero_on_one_process_is_noted_not_ignored(root, tmp_path, capsys):
+    """zero 1 (ZeRO-1) shards the AdamW state across MPI ranks; given to a one-process run it is
+    said to change nothing (one rank keeps the whole state), and the run is the zero 0 run."""
+    args = ["pretrain", "--corpus", str(root / "corpus.txt"), "--steps", "2", "--eval-every", "0",
+            *TINY]
+    capsys.readouterr()
+    assert main([*args, "--run", str(tmp_path / "z1"), "--zero", "1"]) == 0
+    assert ("lmlab: note: zero 1 shards the AdamW state across MPI ranks (mpiexec -n N); this run "
+            "is one process, which keeps the whole state") in capsys.readouterr().err
+    assert main([*args, "--run", str(tmp_path / "z0")]) == 0
+    assert "zero" not in capsys.readouterr().err
+    assert checkpoint.read_config(tmp_path / "z1")["train"]["settings"]["zero"] == 1
+    a, _, _ = checkpoint.load_model(tmp_path / "z1")
+    b, _, _ = checkpoint.load_model(tmp_path / "z0")
+    assert a.params.tobytes() == b.params.tobytes()
+    pretrain(str(root / "corpus.txt"), tmp_path / "api", steps=1, eval_every=0, n_layer=1,
+             n_head=2, n_embd=16, block_size=16, batch_size=4, progress=False, zero=1)
+    assert "lmlab: note: zero 1" in capsys.readouterr().err

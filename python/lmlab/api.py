@@ -28,6 +28,7 @@ from . import instruct as _instruct_stage
 from . import pretrain as _pretrain_stage
 from .chat import cut_prompt, template_of
 from .checkpoint import load_model
+from .rundir import run_path
 from .sample import generate as _generate
 from .sample import next_token_distribution as _next_token_distribution
 from .sample import score_tokens
@@ -144,6 +145,7 @@ class Model:
             raise ValueError("stop must be a non-empty string (or None)")
         if seed is not None:
             checks.check("seed", seed)
+        checks.check("raw", raw)  # raw="False" would be true
         ids, stop_ids, chat = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
         new: list = []
 
@@ -223,7 +225,7 @@ def _run_of(run, name: str = "run") -> Path:
     if not isinstance(run, (str, os.PathLike)):
         raise ValueError(f"{name} must be a run directory (a str or path) or an lmlab.Model, got "
                          f"{type(run).__name__}")
-    return Path(os.fspath(run))
+    return run_path(run)  # refuses '' (which a Path would turn into the current directory)
 
 
 def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, prompt: str = "",

@@ -354,7 +354,8 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
     """Save a checkpoint of `model` (+ tokenizer, configs, optimiser and trainer state) as one unit
     in run_dir/checkpoints/step_N/ (N = state["step"], else 0) and make it the run's current one.
 
-    `train_config` is a dict or dataclass saved under config.json's "train"; `extra` (a dict, e.g. a
+    `train_config` is a dict or dataclass saved under config.json's "train" (its "precision", the
+    one load_model gives the model back, is the model's matmul_precision unless it says); `extra` (a dict, e.g. a
     chat template) under "extra"; `files` ({name: bytes}) are extra files of the checkpoint (read
     back with read_checkpoint_file). keep: how many checkpoints to keep, newest first and the
     current one always (None or 0: all). Returns the checkpoint's directory.
@@ -370,6 +371,9 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         raise ValueError(f"state['step'] must be >= 0, got {step}")
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
+    if isinstance(train_config, dict) and "precision" not in train_config:
+        # What load_model gives the model back (saved_precision): the one it computes in now.
+        train_config = {**train_config, "precision": model.matmul_precision}
     template = getattr(tokenizer, "chat_template", None)
     if template and isinstance(train_config, dict):
         # The run answers through its tokenizer's chat template (lmlab.chat), and so does every

@@ -172,6 +172,7 @@ RULES = {
     "top_k": Rule(int, 1, 1 << 24, optional=True),
     "top_p": Rule(float, 0, 1, low_open=True, optional=True),
     "num_samples": Rule(int, 1, 100_000),
+    "raw": Rule(bool),  # a chat run's prompt as it is, not through the template
     "n": Rule(int, 0, 100_000),
     # benchmarks
     "repeat": Rule(int, 1, 100_000),

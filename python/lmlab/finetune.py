@@ -60,7 +60,8 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
     freeze_embeddings, batch_size (default: the parent's), TrainConfig's steps, lr, ...; a lower
     learning rate than pretraining's is typical). The result's details hold the report: val loss
     on the new corpus and on the parent's before and after ("new_val_before", "new_val_after",
-    "old_val_before", "old_val_after"; old_* None when the parent's corpus is not readable here),
+    "old_val_before", "old_val_after"; old_* None when the parent's corpus is not readable here;
+    both models measured in the fine-tune's precision),
     "unknown_chars" (character -> count, before handling; None for a corpus of files over 64 MB,
     which is tokenized in a streaming pass as pretraining's is) and "samples" (parent, finetuned).
     """
@@ -92,6 +93,9 @@ def finetune(parent, corpus: Optional[str], run_dir, *, prompt: str = "",
         bs, T = s["batch_size"], model.config.block_size
         frozen = freeze_prefixes(s["freeze_layers"], s["freeze_embeddings"], model.config.n_layer)
         cfg = run.train_config(frozen=frozen)
+        # The parent is measured (and sampled) in the fine-tune's precision, so before and after
+        # differ by the training alone, not by the parent's precision too.
+        base.matmul_precision = cfg.precision
         check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)
         # The parent's own corpus, to measure forgetting; skipped when it is not readable here.
         old_val = None

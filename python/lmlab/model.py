@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from . import ops
+from . import checks, ops
 from .kvcache import KVCache
 
 
@@ -147,6 +147,7 @@ class GPT:
     def __init__(self, config: GPTConfig, seed: int = 0, matmul_precision="fp32") -> None:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        checks.check("seed", seed)  # numpy's own refusal would not name the seed
         self.config = cfg = config
         self.matmul_precision = matmul_precision
         layout = parameter_layout(cfg)
@@ -237,8 +238,12 @@ class GPT:
         """Freeze the parameters under these name prefixes (and unfreeze every other one).
 
         A prefix is whole dotted components: "h.0", "h.1.attn", "wte" ("h.1" is not "h.10").
-        ValueError for a prefix that names no parameter.
+        ValueError for a prefix that names no parameter; TypeError for one string, which would be
+        taken character by character (freeze("h") froze every layer as the prefix "h").
         """
+        if isinstance(prefixes, str):
+            raise TypeError(f"prefixes must be a collection of name prefixes, e.g. [{prefixes!r}], "
+                            f"not one string (its characters would each be a prefix)")
         prefixes = frozenset(prefixes)
         for prefix in prefixes:
             if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in self._named):

@@ -63,6 +63,21 @@ def precision_name(precision) -> str:
     return next(name for name, value in _BY_NAME.items() if value == p)
 
 
+def _flag(name: str, value) -> bool:
+    """value if it is True or False; else a one-line TypeError naming it (pybind11's own lists
+    every signature over several lines)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _whole(name: str, value) -> int:
+    """value if it is an integer (not a bool); else a one-line TypeError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] = None,
                    precision: Precision | str = Precision.FP32) -> Array:
     """out (..., OC) = inp (..., C) @ weight (OC, C).T + bias (OC).
@@ -85,7 +100,8 @@ def matmul_backward(dinp: Optional[Array], dweight: Optional[Array], dbias: Opti
     gradients always accumulate.
     """
     _core.matmul_backward(dinp, dweight, dbias, dout, inp, weight,
-                          precision=parse_precision(precision), accumulate=accumulate)
+                          precision=parse_precision(precision),
+                          accumulate=_flag("accumulate", accumulate))
 
 
 def softmax_forward(probs: Array, logits: Array) -> Array:
@@ -137,7 +153,7 @@ def gelu_forward(out: Array, inp: Array) -> Array:
 
 def gelu_backward(dinp: Array, inp: Array, dout: Array, accumulate: bool = True) -> None:
     """dinp (+)= GELU'(inp) * dout: written with accumulate=False, added to with True."""
-    _core.gelu_backward(dinp, inp, dout, accumulate=accumulate)
+    _core.gelu_backward(dinp, inp, dout, accumulate=_flag("accumulate", accumulate))
 
 
 def residual_forward(out: Array, a: Array, b: Array) -> Array:
@@ -160,7 +176,8 @@ def attention_forward(out: Array, stats: Array, qkv: Array, n_head: int,
     Precision.BF16 gives the products Q.K^T and P.V bf16 operands (as matmul_forward does); the
     softmax stays fp32.
     """
-    _core.attention_forward(out, stats, qkv, n_head, precision=parse_precision(precision))
+    _core.attention_forward(out, stats, qkv, _whole("n_head", n_head),
+                            precision=parse_precision(precision))
     return out
 
 
@@ -171,8 +188,9 @@ def attention_backward(dqkv: Array, dout: Array, qkv: Array, stats: Array, n_hea
 
     precision as in attention_forward, for the six products of the backward pass.
     """
-    _core.attention_backward(dqkv, dout, qkv, stats, n_head, precision=parse_precision(precision),
-                             accumulate=accumulate)
+    _core.attention_backward(dqkv, dout, qkv, stats, _whole("n_head", n_head),
+                             precision=parse_precision(precision),
+                             accumulate=_flag("accumulate", accumulate))
 
 
 def embedding_forward(out: Array, tokens: Array, wte: Array, wpe: Array) -> Array:
@@ -195,8 +213,16 @@ def adamw_update(params: Array, m: Array, v: Array, grads: Array, decay_mask: Op
     Gradients are multiplied by grad_scale first, which is how global-norm clipping is applied
     without another pass over the buffer.
     """
-    _core.adamw_update(params, m, v, grads, decay_mask, float(lr), float(beta1), float(beta2),
-                       float(eps), float(weight_decay), float(grad_scale), int(t))
+    numbers = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+               "grad_scale": grad_scale}
+    for name, value in {**numbers, "t": t}.items():
+        # int(t) would run step 1.7 as step 1; float("x") would not say which argument it was.
+        kinds = (int, np.integer) if name == "t" else (int, float, np.integer, np.floating)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+            what = "a whole number of steps" if name == "t" else "a number"
+            raise TypeError(f"adamw_update: {name} must be {what}, got {value!r}")
+    _core.adamw_update(params, m, v, grads, decay_mask, *(float(x) for x in numbers.values()),
+                       int(t))
 
 
 def round_bf16(x: Array, out: Optional[Array] = None) -> Array:
@@ -286,14 +312,18 @@ def use_isa(name: str) -> Iterator[None]:
 
 def set_num_threads(n: int) -> None:
     """Set the number of OpenMP threads the kernels use: an integer from 1 to 4 per core
-    (lmlab.checks.max_threads), as threads= and --threads take; SettingError (a ValueError) else."""
+    (lmlab.checks.max_threads), as threads= and --threads take; SettingError (a ValueError) else.
+
+    The count belongs to the Python thread that sets it (OpenMP's per-thread setting): kernels
+    called from another thread (threading, concurrent.futures) use that thread's own count, which
+    starts at the default (OMP_NUM_THREADS, else every core); set it there too."""
     from .checks import Rule, max_threads  # lmlab.checks imports this module
     Rule(int, 1, max_threads()).check("threads", n)
     _core.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
-    """The number of OpenMP threads the kernels use."""
+    """The number of OpenMP threads the kernels called from this Python thread use."""
     return _core.get_num_threads()
 
 

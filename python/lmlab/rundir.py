@@ -214,6 +214,15 @@ def _lock(path: Path) -> int:
     return fd
 
 
+def run_path(path) -> Path:
+    """`path` as a Path; an empty one is refused (RunDirError): Path("") is the current directory,
+    so an unset variable in --run "$RUN" would write a run among whatever files are there."""
+    if not os.fspath(path):
+        raise RunDirError("the run directory is empty (''): name one (a run in the current "
+                          "directory is '.')")
+    return Path(os.fspath(path))
+
+
 def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=None,
                  resumable: bool = True) -> RunDir:
     """Open `path` for writing a run, applying every rule in the module docstring.
@@ -226,7 +235,7 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
     """
     if resume and overwrite:
         raise RunDirError("--resume continues a run and --overwrite replaces it: pass one of them")
-    path = Path(os.fspath(path))
+    path = run_path(path)
     if parent is not None:
         _check_parent(path, parent)
     if path.exists() and not path.is_dir():

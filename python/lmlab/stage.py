@@ -36,7 +36,7 @@ from typing import Optional
 from . import checks, distributed, ops
 from .checkpoint import read_config, saved_precision
 from .errors import RunDirError
-from .rundir import is_run, open_run_dir
+from .rundir import is_run, open_run_dir, run_path
 from .train import TrainConfig, TrainResult
 
 # --- the defaults -------------------------------------------------------------------------------
@@ -246,6 +246,23 @@ def _check_made_by(stage: str, out: Path, made_by) -> None:
     raise RunDirError(f"{stage} cannot resume {out}: {how}")
 
 
+def _check_same_parent(stage: str, out: Path, parent, recorded) -> None:
+    """A resumed run continues from the run it started from: another parent would hand it that
+    run's tokenizer (ids of other characters, if as many) and the report that run's "before",
+    and config.json would name it. Checked while the recorded parent is still there; one moved
+    since cannot be compared, and the one given is taken."""
+    if parent is None or not isinstance(recorded, str) or not os.path.exists(recorded):
+        return
+    try:
+        same = os.path.samefile(parent, recorded)
+    except OSError:
+        same = False  # the given parent is not there
+    if not same:
+        raise RunDirError(f"{stage} cannot resume {out} from {parent}: it was started from "
+                          f"{recorded}, and a resumed run continues from the run it started "
+                          f"from; name {recorded}, or tune {parent} into a new run")
+
+
 def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite: bool = False,
                parent=None, threads: Optional[int] = None) -> StageRun:
     """Check, open and configure a stage's run (module docstring); close it when done."""
@@ -254,7 +271,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
     given = check_given(stage, given)
     checks.check("threads", threads)
-    out = Path(out)
+    out = run_path(out)
     parent = Path(parent) if parent is not None else None
     if resume and given.get("precision") == "auto":
         del given["precision"]  # auto on resume: the run's own
@@ -279,6 +296,7 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     if resume:
         config = read_config(out)
         _check_made_by(stage, out, (config.get("train") or {}).get("stage"))
+        _check_same_parent(stage, out, parent, config.get("parent"))
         saved = saved_settings(stage, config.get("train") or {})
         if "precision" in settings:
             saved["precision"] = saved_precision(config)
@@ -290,6 +308,12 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if distributed.world().is_root:  # every rank merges the same settings; one says so
             for line in changed:
                 print(f"lmlab: {line}", file=sys.stderr)
+    if given.get("zero") and not distributed.world().distributed:
+        # Not refused: one process holding the whole state is ZeRO-1 on one rank, the same run
+        # bit for bit, and the recorded setting shards it when the run resumes under mpiexec.
+        print("lmlab: note: zero 1 shards the AdamW state across MPI ranks (mpiexec -n N); this "
+              "run is one process, which keeps the whole state (the same run as zero 0)",
+              file=sys.stderr)
     if threads:  # checked above; the kernels use it from here on (recorded in config.json)
         ops.set_num_threads(threads)
     return StageRun(stage, out, settings, resume, overwrite, parent)
