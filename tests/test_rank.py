@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,28 @@ def test_a_session_records_which_answers_ended(tmp_path):
     assert answers_ended(old) == [False] * 3
 
 
+def test_the_terminal_view_marks_the_answers_cut_at_the_token_limit(tmp_path):
+    """A person ranking sees which answers were cut at --max-new-tokens (they did not stop by
+    themselves) and which ended: the cut one is marked, the ended ones are not; without the limit
+    the mark still says it was cut, and a sample that does not say which ended marks none."""
+    sample = lambda prompt, i, k: (["a", "bb\ncc", "ccc"], [1, 2, 3], [True, False, True])  # noqa: E731
+    lines: list = []
+    run_session(["p "], sample, tmp_path / "r.jsonl", 3, read=lambda _: "2 1 3", write=lines.append,
+                max_new_tokens=32)
+    shown = [ln for ln in lines if ln.startswith("  ")]
+    assert shown == ["  1) ...a", "  2) ...bb\u21b5cc\u2026 (cut at 32 tokens)", "  3) ...ccc"]
+
+    lines.clear()
+    run_session(["q "], sample, tmp_path / "r.jsonl", 3, read=lambda _: "s", write=lines.append)
+    assert [ln for ln in lines if "cut" in ln] == ["  2) ...bb\u21b5cc\u2026 (cut at the token limit)"]
+
+    lines.clear()
+    older = lambda prompt, i, k: (["a", "bb", "ccc"], [1, 2, 3])  # noqa: E731
+    run_session(["q "], older, tmp_path / "r.jsonl", 3, read=lambda _: "s", write=lines.append,
+                max_new_tokens=32)
+    assert [ln for ln in lines if ln.startswith("  ")] == ["  1) ...a", "  2) ...bb", "  3) ...ccc"]
+
+
 def test_a_prompt_listed_twice_is_ranked_twice_across_an_interrupted_session(tmp_path):
     """Resuming counts the rankings of each prompt: an interrupted session ends with the same
     records as one run straight through."""
@@ -126,6 +149,7 @@ def test_rank_in_a_terminal_with_invalid_input_skip_quit_and_resume(tiny_run, tm
     child = _spawn(tiny_run, out)
     child.expect(r"prompt: 'alpha '")
     child.expect(ASK)
+    shown = re.findall(r"^  (\d)\) \.\.\.(.*?)\r?$", child.before, re.M)
     for typed, why in [("4 1 2", "4 is out of range"), ("1 1 2", "1 appears twice"),
                        ("1 2", "3 is missing"), ("first", "is not a completion number")]:
         child.sendline(typed)
@@ -152,6 +176,12 @@ def test_rank_in_a_terminal_with_invalid_input_skip_quit_and_resume(tiny_run, tm
     assert recs[0]["ranking"] == [1, 0, 2] and recs[1]["ranking"] == [[1, 0], 2]
     assert recs[0]["seeds"] == [5, 6, 7] and recs[1]["seeds"] == [8, 9, 10]
     assert all(r["judge"] == "human" and len(r["completions"]) == 3 for r in recs)
+    # Each answer shown as it was recorded, the ones that did not end within the 6 tokens marked
+    assert [n for n, _ in shown] == ["1", "2", "3"]
+    cut = [line.endswith("\u2026 (cut at 6 tokens)") for _, line in shown]
+    assert cut == [not e for e in recs[0]["ended"]]
+    assert all(line.startswith(c.replace("\n", "\u21b5"))
+               for (_, line), c in zip(shown, recs[0]["completions"]))
 
     # Resume: the ranked prompts are skipped, the skipped one comes back; Ctrl-D quits.
     child = _spawn(tiny_run, out)

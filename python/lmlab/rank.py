@@ -10,7 +10,8 @@ Invalid input (a number out of range, a duplicate, one left out, a stray word) i
 asked again. Each judgement is appended to the rankings JSONL and synced to disk at once; running
 the same command again skips the prompts that file already ranks. With each answer the line records
 whether it ended with the end-of-answer token ("ended", lmlab.rankings), since the text alone does
-not say.
+not say; so the person can judge that too, an answer cut at the --max-new-tokens limit is shown
+with a mark after it, e.g. "… (cut at 32 tokens)" (the studio's Rank page shows the same mark).
 """
 
 from __future__ import annotations
@@ -66,11 +67,22 @@ def parse_ranking_input(text: str, k: int):
     return "rank", compact_ranking(groups)
 
 
-def show_completions(prompt: str, completions: Sequence[str], write: Callable) -> None:
+def cut_mark(max_new_tokens=None) -> str:
+    """What follows an answer cut at the token limit (worded as on the studio's Rank page)."""
+    limit = f"{max_new_tokens} tokens" if max_new_tokens else "the token limit"
+    return f"\u2026 (cut at {limit})"
+
+
+def show_completions(prompt: str, completions: Sequence[str], write: Callable, ended=None,
+                     max_new_tokens=None) -> None:
+    """Each completion on its numbered line; one that did not end (ended[j] False) is marked as
+    cut at the limit, since "it stops" vs "it was cut mid-sentence" is part of what a person
+    judges. ended=None (not known) marks none."""
     write(f"prompt: {prompt!r}, continued by:")
     for i, c in enumerate(completions, 1):
         # Newlines are shown as a visible mark so every completion stays on its numbered line.
-        write(f"  {i}) ...{c}".replace("\n", "\u21b5"))
+        mark = "" if ended is None or ended[i - 1] else cut_mark(max_new_tokens)
+        write(f"  {i}) ...{c}".replace("\n", "\u21b5") + mark)
 
 
 def ranked_prompts(path) -> collections.Counter:
@@ -97,11 +109,13 @@ def answer_sampler(model, tok, max_new_tokens: int, *, seed: int = 0, **settings
 
 
 def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, judge=None,
-                read: Callable = input, write: Callable = print, judge_name: str = "human") -> dict:
+                read: Callable = input, write: Callable = print, judge_name: str = "human",
+                max_new_tokens=None) -> dict:
     """Rank every prompt not yet in out_path; sample(prompt, index, k) -> (completions, seeds,
     ended) with ended[j] whether completion j ended with the end-of-answer token (answer_sampler
     makes such a function). A sample that returns only (completions, seeds) writes no "ended"
-    (no answer ended, as for an older file).
+    (no answer ended, as for an older file) and shows no answer as cut. max_new_tokens (the
+    sampler's limit) only words the mark of a cut answer: "cut at N tokens".
 
     With judge=None a person answers through read(); otherwise judge(prompt, completions) does.
     Returns counts: ranked, skipped, already (ranked in an earlier session), quit (bool).
@@ -126,7 +140,8 @@ def run_session(prompts: Sequence[str], sample: Callable, out_path, k: int, *, j
             action, ranking = "rank", judge(prompt, completions)
         else:
             write(f"\n[{n}/{len(todo)}]")
-            show_completions(prompt, completions, write)
+            show_completions(prompt, completions, write, ended[0] if ended else None,
+                             max_new_tokens)
             action, ranking = _ask(read, write, k)
         if action == "quit":
             stats["quit"] = True

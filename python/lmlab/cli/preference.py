@@ -134,7 +134,8 @@ def cmd_rank(args) -> int:
 
     try:
         run_session(prompts, sample, args.out, args.k, judge=judge,
-                    judge_name=args.judge or "human", write=lambda s: print(s, flush=True))
+                    judge_name=args.judge or "human", write=lambda s: print(s, flush=True),
+                    max_new_tokens=args.max_new_tokens)
     except KeyboardInterrupt:  # while sampling; every judgement so far is already on disk
         print("\nlmlab rank: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
