@@ -222,11 +222,44 @@ def test_rank_page_takes_submissions_from_two_sessions_at_once(browser, served):
         assert len(lines) == 2 and set(records) == {"Ada", "Grace"}
         assert records["Ada"]["ranking"] == [2, 1, 0] and records["Grace"]["ranking"] == [[0, 1], 2]
         assert records["Ada"]["completions"] == records["Grace"]["completions"]
-        shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#answers .mono")]
-        assert shown == [PROMPTS[0] + c for c in records["Ada"]["completions"]]
+        shown = [e.get_attribute("textContent")
+                 for e in browser.find_elements(By.CSS_SELECTOR, "#answers .mono")]
+        assert shown == [PROMPTS[0] + c + ("" if e else CUT) for c, e in
+                         zip(records["Ada"]["completions"], records["Ada"]["ended"])]
         assert len(load_rankings(root / "rankings.jsonl")) == 2
     finally:
         other.quit()
+
+
+CUT = "\u2026 (cut at 32 tokens)"  # after an answer cut at the page's limit, as `lmlab rank` marks it
+
+
+def test_rank_page_marks_the_answers_cut_at_the_token_limit(browser, served, studio_runs):  # noqa: F811
+    """An answer that did not end within the round's 32 tokens is marked as cut after its text,
+    an answer that ended is not; a round without "ended" (an older server) marks none."""
+    from lmlab.sequences import prompt_ids_for, sample_answers
+
+    url, _ = served
+    model, tok, _ = load_model(studio_runs[0])  # the page's first run is a copy of it
+    pids = prompt_ids_for(tok, PROMPTS[0], model.config.block_size, 32)
+    rounds = ((s, *sample_answers(model, tok, pids, 32, [s, s + 1, s + 2])) for s in range(0, 90, 3))
+    seed, texts, ended = next(r for r in rounds if len(set(r[2])) == 2)  # some ended, some cut
+    browser.get(f"{url}/rank")
+    wait_for(browser, lambda d: d.find_element(By.ID, "prompt").get_attribute("value") == PROMPTS[0],
+             "the prompts")
+    for field, value in (("k", "3"), ("seed", str(seed))):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "round").click()
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "select.place")) == 3, "3 answers")
+    for li, text, end in zip(browser.find_elements(By.CSS_SELECTOR, "#answers li"), texts, ended):
+        assert li.find_element(By.CSS_SELECTOR, ".mono b").get_attribute("textContent") == text
+        marks = [m.get_attribute("textContent") for m in li.find_elements(By.CSS_SELECTOR, ".cut")]
+        assert marks == ([] if end else [CUT])
+    no_error(browser)
+    older = browser.execute_script(
+        "return [cutMark({completions: ['a', 'b']}, 0), cutMark({completions: ['a'], ended: [false]}, 0)];")
+    assert older[0] == "" and "\u2026 (cut at the token limit)" in older[1]
 
 
 def test_chat_page_answers_like_lmlab_chat(browser, served, studio_runs):  # noqa: F811

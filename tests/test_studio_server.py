@@ -356,6 +356,7 @@ def test_a_round_is_sampled_like_lmlab_rank_and_a_submission_is_a_rankings_line(
     assert first["completions"] == [text for _, text, _ in samples]
     assert first["ended"] == [ended for _, _, ended in samples]
     assert first["seeds"] == [7, 8, 9] and first["submitted"] == 0
+    assert first["max_new_tokens"] == 12  # the page marks an answer that did not end as cut at 12
 
     r = studio.post("/api/rank/submit", json={"round": first["id"], "name": " Ada ", "places": [2, 1, 2]})
     assert r.status_code == 200 and r.json()["ranking"] == [1, [0, 2]]

@@ -2,8 +2,11 @@
 
 A round's answers are sampled the way `lmlab rank` samples them (lmlab.sequences.sample_answers,
 answer j with seed SEED + j), so every browser asking for the same prompt, K and seed gets the same
-answers; the round keeps whether each ended with the end-of-answer token, which the line records. The server keeps each round it handed out; a submission names the round by id and sends
-only a name and the places, so what lands in the file is the prompt and answers the server showed.
+answers; the round keeps whether each ended with the end-of-answer token, which the line records,
+and the page marks an answer cut at the round's max_new_tokens as `lmlab rank` does
+("… (cut at N tokens)"). The server keeps each round it handed out; a submission names the round
+by id and sends only a name and the places, so what lands in the file is the prompt and answers
+the server showed.
 
 Every submission is one line of the rankings JSONL `lmlab rank` writes (lmlab.rankings checks the
 record and appends it: one write of the whole line under an exclusive flock, then fsync), plus a
@@ -110,7 +113,8 @@ async def round_endpoint(request: Request) -> dict:
     round_ = {"id": hashlib.sha256(key.encode()).hexdigest()[:20], "run": run.name, "prompt": prompt,
               "completions": texts, "ended": ended, "seeds": seeds}
     book.keep(round_)
-    return {**round_, "submitted": await run_in_threadpool(book.count, round_)}
+    return {**round_, "max_new_tokens": max_new,
+            "submitted": await run_in_threadpool(book.count, round_)}
 
 
 @api

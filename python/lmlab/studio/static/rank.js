@@ -2,6 +2,15 @@
 "use strict";
 let round = null;
 
+// The mark after an answer cut at the token limit, worded as `lmlab rank` words it (lmlab.rank.cut_mark).
+// A round from a server that does not send `ended` marks no answer.
+function cutMark(round, i) {
+  if (!Array.isArray(round.ended) || round.ended[i] !== false) return "";
+  const limit = round.max_new_tokens ? `${round.max_new_tokens} tokens` : "the token limit";
+  return `<span class="cut" title="the model did not end this answer: it was stopped at the token limit">` +
+    `\u2026 (cut at ${limit})</span>`;
+}
+
 async function newRound() {
   try {
     round = await api("/api/rank/round", {run: $("run").value, prompt: $("prompt").value,
@@ -12,7 +21,7 @@ async function newRound() {
       `<option value="${p + 1}" ${p === i ? "selected" : ""}>${p + 1}</option>`).join("");
     $("answers").innerHTML = round.completions.map((c, i) =>
       `<li><label>place <select class="place" data-i="${i}">${options(i)}</select></label>` +
-      `<span class="mono">${escapeHtml(round.prompt)}<b>${escapeHtml(c)}</b></span></li>`).join("");
+      `<span class="mono">${escapeHtml(round.prompt)}<b>${escapeHtml(c)}</b>${cutMark(round, i)}</span></li>`).join("");
     $("submit").disabled = false;
     $("status").textContent = `${round.submitted} ranking(s) of these answers so far`;
   } catch (e) { showError($("error"), e); }
