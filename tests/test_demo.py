@@ -462,6 +462,40 @@ def test_embeddings_neighbours_and_pca_match_numpy(tiny, tmp_path):
     assert_png(result.files["figure"])
 
 
+def figure_texts(monkeypatch):
+    """Every text each figure a model view saves shows, as matplotlib draws it: these titles hold no
+    math, so an escaped dollar '\\$' is drawn as '$' and every other character as it is."""
+    from lmlab import demo_model
+
+    shown = []
+    real = demo_model.save_png
+
+    def save_png(fig, path):
+        for t in fig.findobj(lambda o: hasattr(o, "get_text")):
+            shown.append(t.get_text().replace("\\$", "$"))
+        return real(fig, path)
+
+    monkeypatch.setattr(demo_model, "save_png", save_png)
+    return shown
+
+
+def test_quoted_tokens_in_titles_and_legends_are_drawn_as_they_are(tmp_path, monkeypatch):
+    # repr() of an escaped label drew '\\$' for '$' and '\\\\' for one backslash
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer("it costs $5 or $6 \\ a cat sat. " * 3, "char")
+    pair = (GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0), tok)
+    shown = figure_texts(monkeypatch)
+    demo.embeddings(pair, "$", tmp_path / "e1", k=3)
+    assert "nearest tokens to '$'" in shown and "'$'" in shown  # the title and the legend
+    demo.embeddings(pair, "\\", tmp_path / "e2", k=3)
+    assert "nearest tokens to '\\'" in shown
+    demo.sampling(pair, "costs $5", tmp_path / "s", samples=1, max_new_tokens=3, gif=False)
+    assert any(t.startswith("What comes after 'costs\u2423$5'?") for t in shown)
+    assert "Samples from the same prompt 'costs\u2423$5' (temperature 1)" in shown
+
+
 def test_embeddings_token_must_be_one_token(tiny, tmp_path):
     model, tok = tiny
     with pytest.raises(ValueError, match="exactly one token"):
