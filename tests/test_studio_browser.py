@@ -106,7 +106,14 @@ def test_descent_page_moves_the_learning_rate_and_steps_down_the_parabola(browse
     # x_k = 4 (1 - 2 lr)^k on x^2
     assert text_of(browser, "#x") == f"{4 * 0.4 ** 3:.4f}"
     assert text_of(browser, "#slope") == f"{2 * 4 * 0.4 ** 3:.4f}"
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")) == 4
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    # each row's step taken is the one from its x: -lr * its slope (none yet from the current x)
+    for _, x, slope, taken, _ in rows[:-1]:
+        assert float(slope) == pytest.approx(2 * float(x), abs=1e-3)
+        assert float(taken) == pytest.approx(-0.3 * float(slope), abs=1e-3)
+    assert rows[-1][3] == ""
     Select(browser.find_element(By.ID, "method")).select_by_value("adam")
     wait_for(browser, lambda d: text_of(d, "#k") == "0", "the Adam path")
     browser.find_element(By.ID, "step").click()
