@@ -442,6 +442,23 @@ def test_training_view_without_checkpoints_samples_the_final_model(tiny, tmp_pat
     assert pair.numbers["samples"][0]["text"] == result.numbers["samples"][0]["text"]
 
 
+def test_training_view_says_what_a_stage_logs_as_its_loss(tiny, tmp_path, monkeypatch):
+    # rlhf logs loss = -(reward - kl_coef * KL) (lmlab.rl): the axis called it a cross-entropy
+    from lmlab import demo_training
+    from lmlab.checkpoint import save_run
+
+    model, tok = tiny
+    for name in ("rlhf", "pretrain"):
+        save_run(tmp_path / name, model, tok, train_config={"stage": name})
+        write_metrics(tmp_path / name / "metrics.jsonl", [1, 2, 3], with_val=False)
+    shown = figure_texts(monkeypatch, demo_training)
+    demo.training(str(tmp_path / "rlhf"), tmp_path / "out_rl", max_new_tokens=3)
+    assert "loss = \u2212(reward \u2212 kl_coef\u00b7KL)" in shown and "loss (cross-entropy)" not in shown
+    shown.clear()
+    demo.training(str(tmp_path / "pretrain"), tmp_path / "out_lm", max_new_tokens=3)
+    assert "loss (cross-entropy)" in shown
+
+
 def test_embeddings_neighbours_and_pca_match_numpy(tiny, tmp_path):
     model, tok = tiny
     result = demo.embeddings(tiny, "e", tmp_path, k=5)
@@ -462,20 +479,21 @@ def test_embeddings_neighbours_and_pca_match_numpy(tiny, tmp_path):
     assert_png(result.files["figure"])
 
 
-def figure_texts(monkeypatch):
+def figure_texts(monkeypatch, module=None):
     """Every text each figure a model view saves shows, as matplotlib draws it: these titles hold no
     math, so an escaped dollar '\\$' is drawn as '$' and every other character as it is."""
     from lmlab import demo_model
 
+    module = module or demo_model
     shown = []
-    real = demo_model.save_png
+    real = module.save_png
 
     def save_png(fig, path):
         for t in fig.findobj(lambda o: hasattr(o, "get_text")):
             shown.append(t.get_text().replace("\\$", "$"))
         return real(fig, path)
 
-    monkeypatch.setattr(demo_model, "save_png", save_png)
+    monkeypatch.setattr(module, "save_png", save_png)
     return shown
 
 
