@@ -442,6 +442,23 @@ def test_training_view_without_checkpoints_samples_the_final_model(tiny, tmp_pat
     assert pair.numbers["samples"][0]["text"] == result.numbers["samples"][0]["text"]
 
 
+def test_training_view_says_what_a_stage_logs_as_its_loss(tiny, tmp_path, monkeypatch):
+    # rlhf logs loss = -(reward - kl_coef * KL) (lmlab.rl): the axis called it a cross-entropy
+    from lmlab import demo_training
+    from lmlab.checkpoint import save_run
+
+    model, tok = tiny
+    for name in ("rlhf", "pretrain"):
+        save_run(tmp_path / name, model, tok, train_config={"stage": name})
+        write_metrics(tmp_path / name / "metrics.jsonl", [1, 2, 3], with_val=False)
+    shown = figure_texts(monkeypatch, demo_training)
+    demo.training(str(tmp_path / "rlhf"), tmp_path / "out_rl", max_new_tokens=3)
+    assert "loss = \u2212(reward \u2212 kl_coef\u00b7KL)" in shown and "loss (cross-entropy)" not in shown
+    shown.clear()
+    demo.training(str(tmp_path / "pretrain"), tmp_path / "out_lm", max_new_tokens=3)
+    assert "loss (cross-entropy)" in shown
+
+
 def test_embeddings_neighbours_and_pca_match_numpy(tiny, tmp_path):
     model, tok = tiny
     result = demo.embeddings(tiny, "e", tmp_path, k=5)
@@ -460,6 +477,41 @@ def test_embeddings_neighbours_and_pca_match_numpy(tiny, tmp_path):
     np.testing.assert_allclose(np.abs(result.numbers["coords"]), np.abs(centred @ top), atol=1e-9)
     np.testing.assert_allclose(result.numbers["explained_variance_ratio"][:2], evals[::-1][:2] / evals.sum(), rtol=1e-8)
     assert_png(result.files["figure"])
+
+
+def figure_texts(monkeypatch, module=None):
+    """Every text each figure a model view saves shows, as matplotlib draws it: these titles hold no
+    math, so an escaped dollar '\\$' is drawn as '$' and every other character as it is."""
+    from lmlab import demo_model
+
+    module = module or demo_model
+    shown = []
+    real = module.save_png
+
+    def save_png(fig, path):
+        for t in fig.findobj(lambda o: hasattr(o, "get_text")):
+            shown.append(t.get_text().replace("\\$", "$"))
+        return real(fig, path)
+
+    monkeypatch.setattr(module, "save_png", save_png)
+    return shown
+
+
+def test_quoted_tokens_in_titles_and_legends_are_drawn_as_they_are(tmp_path, monkeypatch):
+    # repr() of an escaped label drew '\\$' for '$' and '\\\\' for one backslash
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer("it costs $5 or $6 \\ a cat sat. " * 3, "char")
+    pair = (GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0), tok)
+    shown = figure_texts(monkeypatch)
+    demo.embeddings(pair, "$", tmp_path / "e1", k=3)
+    assert "nearest tokens to '$'" in shown and "'$'" in shown  # the title and the legend
+    demo.embeddings(pair, "\\", tmp_path / "e2", k=3)
+    assert "nearest tokens to '\\'" in shown
+    demo.sampling(pair, "costs $5", tmp_path / "s", samples=1, max_new_tokens=3, gif=False)
+    assert any(t.startswith("What comes after 'costs\u2423$5'?") for t in shown)
+    assert "Samples from the same prompt 'costs\u2423$5' (temperature 1)" in shown
 
 
 def test_embeddings_token_must_be_one_token(tiny, tmp_path):

@@ -106,7 +106,14 @@ def test_descent_page_moves_the_learning_rate_and_steps_down_the_parabola(browse
     # x_k = 4 (1 - 2 lr)^k on x^2
     assert text_of(browser, "#x") == f"{4 * 0.4 ** 3:.4f}"
     assert text_of(browser, "#slope") == f"{2 * 4 * 0.4 ** 3:.4f}"
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")) == 4
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    # each row's step taken is the one from its x: -lr * its slope (none yet from the current x)
+    for _, x, slope, taken, _ in rows[:-1]:
+        assert float(slope) == pytest.approx(2 * float(x), abs=1e-3)
+        assert float(taken) == pytest.approx(-0.3 * float(slope), abs=1e-3)
+    assert rows[-1][3] == ""
     Select(browser.find_element(By.ID, "method")).select_by_value("adam")
     wait_for(browser, lambda d: text_of(d, "#k") == "0", "the Adam path")
     browser.find_element(By.ID, "step").click()
@@ -164,6 +171,33 @@ def test_training_page_follows_a_growing_run_live(browser, served):
     assert text_of(browser, "#panel-a .tps") in ("12,345", "12345")
     assert text_of(browser, "#panel-a .val") == "0.750"
     assert text_of(browser, "#panel-b .step") != ""  # the second run, side by side
+
+
+def canvas_pixels(driver, css, rgb, tol=30):
+    """How many pixels of a canvas are near the colour rgb."""
+    return driver.execute_script(
+        "const c = document.querySelector(arguments[0]), d = c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data, [r, g, b] = arguments[1]; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - r) < arguments[2] &&"
+        " Math.abs(d[i + 1] - g) < arguments[2] && Math.abs(d[i + 2] - b) < arguments[2]) n++; return n;",
+        css, list(rgb), tol)
+
+
+def test_training_page_draws_losses_below_zero(browser, tmp_path):
+    # rlhf logs loss = -(reward - kl_coef * KL): mostly below 0; the axis stopped at 0, so the
+    # curves were clipped away and the chart was empty
+    run = tmp_path / "rl"
+    for step in range(1, 21):
+        row = {"step": step, "loss": -0.2 - 0.03 * step, "tokens_per_s": 100.0}
+        if step % 5 == 0:
+            row["val_loss"] = -0.25 - 0.03 * step
+        append_metrics(run, row)
+    with running(create_app([run], rankings=tmp_path / "rankings.jsonl", stream_lifetime=20)) as url:
+        browser.get(f"{url}/training")
+        wait_for(browser, lambda d: text_of(d, "#panel-a .step") == "20", "the run's rows")
+        assert text_of(browser, "#panel-a .loss") == "-0.800"
+        assert canvas_pixels(browser, "#panel-a .curve", (47, 111, 223)) > 50  # train (blue)
+        assert canvas_pixels(browser, "#panel-a .curve", (224, 138, 30)) > 20  # validation (orange)
 
 
 def test_training_page_starts_a_pretrain_and_draws_its_curve(browser, served):

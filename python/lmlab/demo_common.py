@@ -148,6 +148,12 @@ def token_label(text: str, *, for_plot: bool = True) -> str:
     return "".join(out) if out else "\u2205"
 
 
+def quoted_label(text: str) -> str:
+    """token_label(text) between quotes, for a plot's title or legend: repr() of the label would
+    double the backslash of each escape token_label writes ('\\$' on the plot for a '$')."""
+    return f"'{token_label(text)}'"
+
+
 def use_colour(colour: bool | None) -> bool:
     """ANSI colours on a terminal unless NO_COLOR is set; `colour` True/False forces the choice."""
     if colour is not None:

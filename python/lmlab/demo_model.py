@@ -28,6 +28,7 @@ from .demo_common import (
     format_table,
     new_figure,
     out_dir,
+    quoted_label,
     save_gif,
     save_png,
     token_label,
@@ -215,7 +216,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     axes[0].set_yticklabels(labels, fontsize=9)
     axes[0].invert_yaxis()
     axes[0].set_ylabel(f"the {order.size} likeliest next tokens")
-    fig.suptitle(f"What comes after {token_label(prompt[-40:]) if prompt else '<|endoftext|>'!r}? "
+    fig.suptitle(f"What comes after {quoted_label(prompt[-40:] if prompt else '<|endoftext|>')}? "
                  "The next-token distribution and how sampling settings reshape it", fontsize=12)
     files = {"figure": save_png(fig, out / "sampling.png")}
 
@@ -231,7 +232,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     fig = new_figure(11, 0.9 + 0.62 * len(texts))
     ax = fig.subplots()
     ax.axis("off")
-    ax.set_title(f"Samples from the same prompt {token_label(prompt[-40:])!r} (temperature 1)", fontsize=11, loc="left")
+    ax.set_title(f"Samples from the same prompt {quoted_label(prompt[-40:])} (temperature 1)", fontsize=11, loc="left")
     for row, (name, t) in enumerate(texts):
         y = 1 - (row + 0.5) / len(texts)
         ax.text(0.0, y, name, fontsize=9, fontweight="bold", va="center", transform=ax.transAxes)
@@ -296,7 +297,7 @@ def _generation_gif(model, tokenizer, prompt_ids, new_ids, path: Path, max_frame
         ax.set_xlim(0, 1)
         ax.set_xlabel("probability of being the next token")
         ax.set_title(f"step {k + 1}: the model's distribution; the random draw picked "
-                     f"{token_label(_piece(tokenizer, step['chosen']))!r} (p = {step['p_chosen']:.2f}, orange)",
+                     f"{quoted_label(_piece(tokenizer, step['chosen']))} (p = {step['p_chosen']:.2f}, orange)",
                      fontsize=10)
         ax_text.clear()
         ax_text.axis("off")
@@ -383,7 +384,7 @@ def embeddings(source, token, out, *, k: int = 10, labels: int = 120) -> DemoRes
                     fontsize=9 if i == q or i in near else 7, color=colour, ha="center", va="bottom",
                     fontweight="bold" if i == q else "normal")
     ax.scatter(coords[order, 0], coords[order, 1], s=22, color="tab:blue", label=f"{len(order)} nearest by cosine")
-    ax.scatter(coords[q, 0], coords[q, 1], s=60, color="tab:red", marker="*", label=f"{token_label(_piece(tokenizer, q))!r}")
+    ax.scatter(coords[q, 0], coords[q, 1], s=60, color="tab:red", marker="*", label=quoted_label(_piece(tokenizer, q)))
     ax.set_xlabel(f"principal direction 1 ({100 * explained[0]:.1f}% of the variance)")
     ax.set_ylabel(f"principal direction 2 ({100 * explained[1]:.1f}% of the variance)" if explained.size > 1 else "")
     ax.set_title(f"The {V} token embeddings (rows of wte, {wte.shape[1]} numbers each) seen from their "
@@ -396,7 +397,7 @@ def embeddings(source, token, out, *, k: int = 10, labels: int = 120) -> DemoRes
     ax_n.set_xlim(-1, 1)
     ax_n.axvline(0, color="black", lw=0.8)
     ax_n.set_xlabel("cosine similarity (1 = same direction, 0 = unrelated)")
-    ax_n.set_title(f"nearest tokens to {token_label(_piece(tokenizer, q))!r}", fontsize=10)
+    ax_n.set_title(f"nearest tokens to {quoted_label(_piece(tokenizer, q))}", fontsize=10)
     files = {"figure": save_png(fig, out / "embeddings.png")}
 
     table = format_table(["rank", "token", "id", "cosine"],

@@ -9,13 +9,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import current_checkpoint, list_checkpoints
+from .checkpoint import current_checkpoint, list_checkpoints, read_config
 from .demo_common import (DemoResult, check_int, clip_text, format_table, new_figure, out_dir, save_png,
                           write_text)
 from .demo_model import prompt_ids, resolve_model
 from .metrics import read_metrics_file
 from .sample import generate
 
+# What a stage logs as "loss" where it is not the next-token cross-entropy (pretrain, finetune and
+# instruct log that): the y axis says which quantity is drawn.
+LOSS_LABELS = {
+    "dpo": "loss (the DPO objective on ranked pairs)",
+    "rlhf": "loss = \u2212(reward \u2212 kl_coef\u00b7KL)",
+    "reward": "loss (Bradley\u2013Terry on ranked pairs)",
+}
+
+
+def run_stage(run_dir) -> str | None:
+    """The stage that made a run (config.json's train.stage), None when it is not recorded."""
+    try:
+        train = read_config(run_dir).get("train")
+    except (OSError, ValueError):
+        return None
+    return train.get("stage") if isinstance(train, dict) else None
 
 
 def read_metrics_rows(path) -> list[dict]:
@@ -58,6 +74,7 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
         rows = read_metrics_rows(metrics if metrics is not None else run_dir / "metrics.jsonl")
         stages = [(step, d) for step, d in find_checkpoints(run_dir)]
         final = (int(rows[-1]["step"]), run_dir)
+        made_by = run_stage(run_dir)
         if not stages or stages[-1][0] < final[0]:
             stages.append(final)
     else:
@@ -65,6 +82,7 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
             raise ValueError("training with a (model, tokenizer) pair needs metrics= a metrics.jsonl path")
         rows = read_metrics_rows(metrics)
         stages = [(int(rows[-1]["step"]), resolve_model(source))]
+        made_by = None
 
     samples = []
     for step, where in stages:
@@ -86,7 +104,7 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
     for step, _ in stages:
         ax.axvline(step, color="0.6", ls=":", lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (cross-entropy)")
+    ax.set_ylabel(LOSS_LABELS.get(made_by, "loss (cross-entropy)"))
     ax.set_title("Training as it happens: the loss falls as gradient descent nudges the weights", fontsize=11)
     handles, names = ax.get_legend_handles_labels()
     if lr_rows:

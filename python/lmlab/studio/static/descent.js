@@ -48,7 +48,9 @@ function draw() {
     (path.diverged ? " (left every chart: stopped)" : "") : "";
   const rows = [];
   for (let i = Math.max(0, k - 7); i <= k; i++) {
-    const taken = i > 0 ? path.xs[i] - path.xs[i - 1] : null;
+    // the step taken from x_i (on its row, beside the slope there: −lr × slope for plain descent);
+    // none yet from the current point
+    const taken = i < k ? path.xs[i + 1] - path.xs[i] : null;
     rows.push(`<tr><td>${i}</td><td>${fmt(path.xs[i])}</td><td>${fmt(path.slopes[i])}</td>` +
               `<td>${taken === null ? "" : fmt(taken)}</td><td>${fmt(path.losses[i])}</td></tr>`);
   }

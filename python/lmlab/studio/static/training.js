@@ -33,8 +33,11 @@ class RunPanel {
   draw() {
     const train = this.rows.filter(r => isFinite(r.loss)), val = this.rows.filter(r => isFinite(r.val_loss));
     const steps = this.rows.map(r => r.step).filter(isFinite);
-    const [y0, y1] = extent(train.map(r => r.loss).concat(val.map(r => r.val_loss)));
-    const p = makePlot(this.q("curve"), [0, Math.max(1, ...steps), Math.max(0, y0), y1],
+    const losses = train.map(r => r.loss).concat(val.map(r => r.val_loss));
+    const [y0, y1] = extent(losses);
+    // the axis starts at 0 unless a loss is below it (rlhf logs minus its reward: mostly < 0)
+    const bottom = Math.min(...losses) < 0 ? y0 : Math.max(0, y0);
+    const p = makePlot(this.q("curve"), [0, Math.max(1, ...steps), bottom, y1],
                        {xLabel: "step", yLabel: "loss"});
     p.line(train.map(r => r.step), train.map(r => r.loss), "#2f6fdf", 1.5);
     p.line(val.map(r => r.step), val.map(r => r.val_loss), "#e08a1e", 2, 3);
