@@ -427,6 +427,21 @@ def test_training_view_reads_metrics_and_samples_each_checkpoint(tiny, tmp_path)
     assert_png(result.files["figure"])
 
 
+def test_training_view_labels_the_final_sample_with_the_checkpoint_step(tiny, tmp_path):
+    """A run stopped between logged rows (Ctrl-C at step 37, rows every 5) holds the step-37 model:
+    its sample is labelled 37, not the last row's 35; a run killed after logging a row but before
+    saving it holds an older model, labelled with that model's step."""
+    from lmlab.checkpoint import save_run
+
+    model, tok = tiny
+    run = tmp_path / "run"
+    for step, logged in ((37, range(5, 36, 5)), (50, range(5, 61, 5))):
+        save_run(run, model, tok, train_config={}, state={"step": step})
+        write_metrics(run / "metrics.jsonl", logged)
+        result = demo.training(str(run), tmp_path / f"out{step}", max_new_tokens=3)
+        assert [s["step"] for s in result.numbers["samples"]][-1] == step
+
+
 def test_training_view_without_checkpoints_samples_the_final_model(tiny, tmp_path):
     from lmlab.checkpoint import save_run
 

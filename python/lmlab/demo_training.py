@@ -48,14 +48,28 @@ def read_metrics_rows(path) -> list[dict]:
     return rows
 
 
+def _current(run_dir):
+    try:
+        return current_checkpoint(run_dir)
+    except (OSError, ValueError):
+        return None
+
+
 def find_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """(step, directory) of each checkpoints/step_N/ of a run but the current one (the final
     model), in step order."""
-    try:
-        current = current_checkpoint(run_dir)
-    except (OSError, ValueError):
-        current = None
+    current = _current(run_dir)
     return [(step, d) for step, d in list_checkpoints(run_dir) if d != current]
+
+
+def final_step(run_dir, last_logged: int) -> int:
+    """The step of the model a run holds now: its current checkpoint's, which is ahead of the last
+    logged row when training stopped between rows (Ctrl-C at step 137, rows every 5) and behind it
+    when a kill came between a row and its checkpoint; the last logged step for a model saved
+    without one (step 0)."""
+    current = _current(run_dir)
+    step = next((s for s, d in list_checkpoints(run_dir) if d == current), 0)
+    return step if step > 0 else last_logged
 
 
 def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int = 60, seed: int = 0) -> DemoResult:
@@ -73,7 +87,7 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
             raise FileNotFoundError(f"run directory not found: {run_dir}")
         rows = read_metrics_rows(metrics if metrics is not None else run_dir / "metrics.jsonl")
         stages = [(step, d) for step, d in find_checkpoints(run_dir)]
-        final = (int(rows[-1]["step"]), run_dir)
+        final = (final_step(run_dir, int(rows[-1]["step"])), run_dir)
         made_by = run_stage(run_dir)
         if not stages or stages[-1][0] < final[0]:
             stages.append(final)
