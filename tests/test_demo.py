@@ -387,6 +387,8 @@ def test_sampling_rejects_bad_settings(tiny, tmp_path):
         demo.sampling(tiny, "a", tmp_path, top_p=1.5)
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         demo.sampling(tiny, "a", tmp_path, top_k=0)
+    with pytest.raises(ValueError, match="samples must be in 1..100, got 10000000000"):
+        demo.sampling(tiny, "a", tmp_path, samples=10**10)  # it sampled for ever
 
 
 def write_metrics(path, steps, with_val=True, torn=False):
