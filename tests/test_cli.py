@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -366,3 +367,19 @@ def test_a_streamed_sample_is_cut_where_the_stop_string_starts_as_a_whole_one_is
             whole = capsys.readouterr().out
             assert text.startswith(whole[:-1] + stop)  # cut where the stop string starts
             assert streamed == whole
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("argv", [["pretrain", "--corpus", "/proc/self/mem", "--steps", "1"],
+                                  ["instruct", "BASE", "--data", "/proc/self/mem"]])
+def test_a_file_the_system_cannot_read_is_one_line_naming_it(run, tmp_path, capsys, argv):
+    """A read that fails with a plain OSError (EIO here: /proc/self/mem opens but cannot be read
+    from offset 0) is an error line naming the file, exit 2, as a missing or unreadable one is;
+    it was a traceback."""
+    argv = [str(run / "base") if a == "BASE" else a for a in argv]
+    out = ["--run" if argv[0] == "pretrain" else "--out", str(tmp_path / "never")]
+    assert main(argv + out + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmlab {argv[0]}: error: ") and "/proc/self/mem" in err, err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "never").exists()

@@ -387,6 +387,8 @@ def test_sampling_rejects_bad_settings(tiny, tmp_path):
         demo.sampling(tiny, "a", tmp_path, top_p=1.5)
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         demo.sampling(tiny, "a", tmp_path, top_k=0)
+    with pytest.raises(ValueError, match="samples must be in 1..100, got 10000000000"):
+        demo.sampling(tiny, "a", tmp_path, samples=10**10)  # it sampled for ever
 
 
 def write_metrics(path, steps, with_val=True, torn=False):
@@ -550,3 +552,27 @@ def test_cli_model_views_run_from_a_run_directory(tiny, tmp_path, capsys):
         args = parser.parse_args(["demo", *argv, "--out", str(tmp_path / argv[0])])
         assert args.func(args) == 0
         assert f"{argv[0]}.png" in capsys.readouterr().out
+
+
+def test_a_refused_view_writes_nothing(tiny, tmp_path):
+    """A value refused by a view leaves neither its output directory nor any picture: landscape
+    wrote landscape_local_global.png before its second part checked --start, and every view made
+    --out before checking its text, token or settings."""
+    from lmlab.checkpoint import save_run
+
+    model, tok = tiny
+    run = str(tmp_path / "run")
+    save_run(run, model, tok, train_config={})
+    out = tmp_path / "out"
+    for call, words in [
+            (lambda: demo.landscape(out, start=float("nan"), gif=False), "start must be finite"),
+            (lambda: demo.landscape(out, momentum=1.5, gif=False), r"momentum must be in \[0, 1\)"),
+            (lambda: demo.loss(run, "", out), "at least 2 tokens"),
+            (lambda: demo.sampling(run, "the", out, top_k=10**9, gif=False), "top_k"),
+            (lambda: demo.embeddings(run, "the", out), "exactly one token"),
+            (lambda: demo.training(str(tmp_path / "none"), out), "run directory not found")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=words):
+            call()
+        assert not out.exists(), words
+    demo.descent(out / "a" / "b", steps=2, gif=False)  # made by its first file, parents too
+    assert (out / "a" / "b" / "descent.png").is_file()

@@ -613,6 +613,38 @@ def test_rlhf_without_a_reward_source_exits_2(tmp_path, tok, capsys):
     assert not (tmp_path / "o").exists()
 
 
+_EVAL_ALONE = [
+    (["--eval-judge", ""], "unknown judge ''"),  # was no eval at all
+    (["--eval-prompts", "P"], "--eval-prompts 'P' is not allowed: it applies only to the eval"),
+    (["--eval-samples", "3"], "--eval-samples 3 is not allowed: it applies only to the eval"),
+    (["--eval-max-new-tokens", "8"], "--eval-max-new-tokens 8 is not allowed: it applies only")]
+
+
+@pytest.mark.parametrize("verb,extra,message", [
+    ("rank", ["--judge", ""], "unknown judge ''"),  # was a human ranking session, reading stdin
+    ("rlhf", ["--judge", ""], "unknown judge ''"),
+    *[(verb, extra, message) for verb in ("dpo", "rlhf") for extra, message in _EVAL_ALONE]])
+def test_an_empty_judge_or_an_eval_option_without_eval_judge_is_refused(tmp_path, tok, capsys,
+                                                                       verb, extra, message):
+    """An empty judge spec (--judge "$JUDGE" unset) is refused like any unknown one rather than
+    read as none given, and an --eval-* option without --eval-judge is refused rather than
+    silently ignored, before any work."""
+    from lmlab.checkpoint import save_run
+
+    save_run(tmp_path / "base", _tiny(tok), tok, train_config={})
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    data = {"rank": ["--prompts", str(tmp_path / "p.txt")],
+            "dpo": ["--rankings", str(tmp_path / "r.jsonl")],
+            "rlhf": ["--prompts", str(tmp_path / "p.txt")]}[verb]
+    if verb == "rlhf" and extra[0] != "--judge":
+        data += ["--judge", "shorter"]
+    out = tmp_path / ("o.jsonl" if verb == "rank" else "o")
+    assert main([verb, str(tmp_path / "base"), *data, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmlab {verb}: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 

@@ -67,10 +67,13 @@ PRETRAIN_BAD = [
     (["--val-fraction", "1"], "--val-fraction 1.0 is not allowed: expected a finite number >= 0 and < 1"),
     (["--threads", "100000"], f"--threads 100000 is not allowed: expected an integer >= 1 and <= {max_threads()}"),
     (["--threads", "0"], "--threads 0 is not allowed"),
+    # An integer past a float's range is refused like any other too large (math.isfinite of it
+    # raised OverflowError).
+    (["--n-layer", "9" * 400], "--n-layer 999"),
 ]
 
 
-@pytest.mark.parametrize("flags,message", PRETRAIN_BAD, ids=[f[0][0] + f[0][-1] for f in PRETRAIN_BAD])
+@pytest.mark.parametrize("flags,message", PRETRAIN_BAD, ids=[(f[0][0] + f[0][-1])[:40] for f in PRETRAIN_BAD])
 def test_pretrain_bad_values_exit_2_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     rc = main(["pretrain", "--corpus", str(tmp_path / "absent.txt"), "--run", str(out), *flags])
@@ -97,16 +100,18 @@ OTHER_BAD = [
     (["instruct", "R", "--out", "O", "--batch-size", "-4"], "--batch-size -4 is not allowed"),
     (["reward", "R", "--rankings", "X", "--out", "O", "--l2", "-1"], "--l2 -1.0 is not allowed"),
     (["dpo", "R", "--rankings", "X", "--out", "O", "--beta", "0"], "--beta 0.0 is not allowed: expected a finite number > 0"),
-    (["dpo", "R", "--rankings", "X", "--out", "O", "--eval-samples", "0"], "--eval-samples 0 is not allowed"),
+    (["dpo", "R", "--rankings", "X", "--out", "O", "--eval-judge", "shorter", "--eval-samples", "0"],
+     "--eval-samples 0 is not allowed: expected an integer >= 1"),
     (["rlhf", "R", "--prompts", "P", "--judge", "shorter", "--out", "O", "-k", "1"], "-k 1 is not allowed"),
     (["rlhf", "R", "--prompts", "P", "--judge", "shorter", "--out", "O", "--kl-coef", "-1"], "--kl-coef -1.0 is not allowed"),
     (["bench", "kernels", "--repeat", "0"], "--repeat 0 is not allowed: expected an integer >= 1"),
     (["bench", "train", "--threads", "100000"], "--threads 100000 is not allowed"),
     (["bench", "generate", "--new-tokens", "0"], "--new-tokens 0 is not allowed"),
+    (["sample", "R", "--max-new-tokens", "9" * 400], "is not allowed: expected an integer >= 0 and <= 16777216"),
 ]
 
 
-@pytest.mark.parametrize("argv,message", OTHER_BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in OTHER_BAD])
+@pytest.mark.parametrize("argv,message", OTHER_BAD, ids=[" ".join(a[:1] + a[-2:])[:60] for a, _ in OTHER_BAD])
 def test_other_verbs_bad_values_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # R, O, P, ... do not exist: the value is refused before they are read
     assert main(argv) == 2

@@ -62,13 +62,19 @@ def check_float(name: str, value, *, positive: bool = False) -> float:
 
 
 def out_dir(path) -> Path:
+    """The output directory, checked; it is made by the first file written into it (save_png,
+    save_gif, write_text), so a view refused after this check leaves no empty directory."""
     if path is None:
         raise ValueError("out must be a directory path, got None")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"out must be a directory, but {p} is a file")
-    p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def _made_parent(path: Path) -> Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def new_figure(width: float, height: float):
@@ -85,7 +91,7 @@ def new_figure(width: float, height: float):
 
 def save_png(fig, path: Path) -> Path:
     """fig as a PNG at path, written atomically (a kill leaves the previous file or none)."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
+    atomic_write(_made_parent(path), lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
     return path
 
 
@@ -108,7 +114,7 @@ def save_gif(fig, update, frames: int, path: Path, fps: float = 3.0) -> Path:
                 update(k)
                 writer.grab_frame()
 
-    atomic_write_file(path, draw)  # the writer wants a file name ending .gif
+    atomic_write_file(_made_parent(path), draw)  # the writer wants a file name ending .gif
     return path
 
 
@@ -197,7 +203,7 @@ def format_table(header: list[str], rows: list[list], *, indent: str = "  ") -> 
 
 
 def write_text(path: Path, text: str) -> Path:
-    atomic_write_text(path, text)
+    atomic_write_text(_made_parent(path), text)
     return path
 
 

@@ -394,6 +394,13 @@ def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> Dem
     return DemoResult("landscape", files, numbers, explanation)
 
 
+def _check_momentum(momentum) -> float:
+    momentum = check_float("momentum", momentum)
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    return momentum
+
+
 def optimizers(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0.9, adam_lr: float = 0.3,
                steps: int = 100, tol: float = 0.1, gif: bool = True) -> DemoResult:
     """Plain GD, momentum and Adam on the bumpy function from one start.
@@ -404,9 +411,7 @@ def optimizers(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0
     """
     start = check_float("start", start)
     lr = check_float("lr", lr, positive=True)
-    momentum = check_float("momentum", momentum)
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    momentum = _check_momentum(momentum)
     adam_lr = check_float("adam_lr", adam_lr, positive=True)
     steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     tol = check_float("tol", tol, positive=True)
@@ -485,6 +490,11 @@ def optimizers(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0
 def landscape(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0.9, adam_lr: float = 0.3,
               steps: int = 100, gif: bool = True) -> DemoResult:
     """All three 'what can go wrong' pictures: local vs global minimum, erratic slope, optimisers."""
+    # every value checked before the first picture is written (each part checks its own too)
+    check_float("start", start), check_float("lr", lr, positive=True)
+    check_float("adam_lr", adam_lr, positive=True)
+    check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
+    _check_momentum(momentum)
     parts = {
         "local_global": local_global(out, steps=max(steps, 60)),
         "erratic": erratic(out, start=start, steps=max(steps, 60)),

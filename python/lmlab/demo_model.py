@@ -167,6 +167,9 @@ def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
     return ids if ids.size else np.array([tokenizer.eot_id], np.int32)
 
 
+MAX_SAMPLES = 100  # each sample is a line of the picture; 10**30 ran (sampling) for ever
+
+
 def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 5, top_p: float = 0.9,
              show: int = 15, samples: int = 4, seed: int = 0, max_new_tokens: int = 40,
              gif: bool = True) -> DemoResult:
@@ -184,7 +187,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     show = check_int("show", show, 1)
-    samples = check_int("samples", samples, 1)
+    samples = check_int("samples", samples, 1, MAX_SAMPLES)
     seed = check_int("seed", seed, 0)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     out = out_dir(out)

@@ -69,8 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SettingError as exc:
         return _fail(world, 2, f"lmlab {args.command}: error: "
                                f"{exc.message(flag(exc.name) + ' ')}")
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: a file the system will not read or write
         return _fail(world, 2, f"lmlab {args.command}: error: {exc}")
     except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept
         print(f"lmlab {args.command}: {exc}", file=sys.stderr)

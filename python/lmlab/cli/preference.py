@@ -17,6 +17,8 @@ from ..stage import STAGE_DEFAULTS
 from .common import (add_run_output, add_setting, add_threads, add_train_options, apply_threads,
                      given_settings, report_training)
 
+EVAL_DEFAULTS = {"eval_samples": 2, "eval_max_new_tokens": 32}  # --eval-judge's answers
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("rank", help="sample K answers per prompt and rank them (you, or a "
@@ -111,9 +113,11 @@ def _finish_tuner(p, stage: str, func, held_out_what: str) -> None:
                         "the tuned answer to the reference's on --eval-prompts (default: the "
                         "held-out prompts, or the training prompts if none is held out)")
     p.add_argument("--eval-prompts", default=None, help="prompts file for --eval-judge")
-    p.add_argument("--eval-samples", type=int, default=2, help="answers per prompt for the eval")
-    p.add_argument("--eval-max-new-tokens", type=int, default=32,
-                   help="at most this many new tokens per answer for the eval")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help=f"answers per prompt for --eval-judge (default {EVAL_DEFAULTS['eval_samples']})")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None,
+                   help="at most this many new tokens per answer for --eval-judge (default "
+                        f"{EVAL_DEFAULTS['eval_max_new_tokens']})")
     add_run_output(p, derived=False)
     add_train_options(p, stage)
     add_threads(p)
@@ -125,7 +129,7 @@ def cmd_rank(args) -> int:
     checks.check_values(k=args.k, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)
-    judge = make_judge(args.judge) if args.judge else None
+    judge = make_judge(args.judge) if args.judge is not None else None  # '' is refused
     prompts = read_prompts(args.prompts)
     check_rankings_output(args.out)
     model, tok, _ = load_model(args.run)
@@ -145,10 +149,10 @@ def cmd_rank(args) -> int:
 def _judge_eval(args, details) -> None:
     """--eval-judge after training, on --eval-prompts, else the held-out prompts, else (a file of
     one prompt holds none out) the training prompts, said so."""
-    if not args.eval_judge:
+    if args.eval_judge is None:
         return
     where = ""
-    if args.eval_prompts:
+    if args.eval_prompts is not None:
         prompts = read_prompts(args.eval_prompts)
     elif details["val_prompts"]:
         prompts = details["val_prompts"]
@@ -168,11 +172,20 @@ def _judge_eval(args, details) -> None:
 
 
 def _check_eval(args) -> None:
+    """The --eval-* options, before training: a bad judge spec or prompts file is refused, and
+    so is an option of the eval given without --eval-judge (it would be silently ignored)."""
+    for name in ("eval_prompts", "eval_samples", "eval_max_new_tokens"):
+        if args.eval_judge is None and getattr(args, name) is not None:
+            raise checks.SettingError(name, getattr(args, name), "it applies only to the eval "
+                                      "after training: add --eval-judge SPEC, or leave it out")
+    for name, default in EVAL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     checks.check_values(eval_samples=args.eval_samples,
                         eval_max_new_tokens=args.eval_max_new_tokens)
-    if args.eval_judge:  # a bad spec or prompts file is refused before training, not after
+    if args.eval_judge is not None:
         make_judge(args.eval_judge)
-        if args.eval_prompts:
+        if args.eval_prompts is not None:
             read_prompts(args.eval_prompts)
 
 
