@@ -100,9 +100,10 @@ class Rule:
             return
         ok_type = (isinstance(value, (int, np.integer)) if self.kind is int
                    else isinstance(value, (int, float, np.integer, np.floating)))
-        # an int is finite however large (math.isfinite overflows converting one past 1e308)
-        finite = isinstance(value, (int, np.integer)) or math.isfinite(value)
-        if isinstance(value, (bool, np.bool_)) or not ok_type or not finite:
+        # an int is finite however large (math.isfinite overflows converting one past 1e308); only
+        # a number of the right type is asked (math.isfinite of a str raises)
+        finite = ok_type and (isinstance(value, (int, np.integer)) or math.isfinite(value))
+        if isinstance(value, (bool, np.bool_)) or not finite:
             raise SettingError(name, value, f"expected {self.describe()}")
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             raise SettingError(name, value, f"expected {self.describe()}")
