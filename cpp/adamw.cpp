@@ -20,9 +20,7 @@ void adamw_update(float* params, float* m, float* v, const float* grads, const f
     const vf vbias1 = vset(bias1), vbias2 = vset(bias2), veps = vset(eps), vlr = vset(lr);
     const vf vwd = vset(weight_decay), vscale = vset(grad_scale);
     parallel_blocks(n, [=](idx_t i0, idx_t i1) {
-        LMLAB_SIMD
-        for (idx_t i = i0; i < i1; i += kW) {
-            const idx_t k = i1 - i;
+        for_each_vector(i0, i1, [=](idx_t i, idx_t k) {
             vf g = vmul(vload_n(grads + i, k, 0.0f), vscale);
             vf mi = vfmadd(vb1, vload_n(m + i, k, 0.0f), vmul(va1, g));
             vf vi = vfmadd(vb2, vload_n(v + i, k, 0.0f), vmul(va2, vmul(g, g)));
@@ -32,7 +30,7 @@ void adamw_update(float* params, float* m, float* v, const float* grads, const f
             vf p = vload_n(params + i, k, 0.0f);
             vf step = vdiv(vmul(mi, vbias1), vadd(vsqrt(vmul(vi, vbias2)), veps));
             vstore_n(params + i, vsub(p, vmul(vlr, vfmadd(decay, p, step))), k);
-        }
+        });
     });
 }
 

@@ -35,21 +35,18 @@ inline void sigmoid_2u(vf u, vf* s, vf* one_minus_s) {
 
 void gelu_forward(float* out, const float* inp, idx_t N) {
     parallel_blocks(N, [=](idx_t i0, idx_t i1) {
-        LMLAB_SIMD
-        for (idx_t i = i0; i < i1; i += kW) {
-            vf x = vload_n(inp + i, i1 - i, 0.0f);
+        for_each_vector(i0, i1, [=](idx_t i, idx_t k) {
+            vf x = vload_n(inp + i, k, 0.0f);
             vf s, one_minus_s;
             sigmoid_2u(gelu_arg(x, vmul(x, x)), &s, &one_minus_s);
-            vstore_n(out + i, vmul(x, s), i1 - i);
-        }
+            vstore_n(out + i, vmul(x, s), k);
+        });
     });
 }
 
 void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate) {
     parallel_blocks(N, [=](idx_t i0, idx_t i1) {
-        LMLAB_SIMD
-        for (idx_t i = i0; i < i1; i += kW) {
-            const idx_t k = i1 - i;
+        for_each_vector(i0, i1, [=](idx_t i, idx_t k) {
             vf x = vmin(vset(kDerivClamp), vmax(vset(-kDerivClamp), vload_n(inp + i, k, 0.0f)));
             vf x2 = vmul(x, x);
             vf s, one_minus_s;
@@ -59,7 +56,7 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N, bo
             vf grad = vfmadd(vmul(vadd(x, x), du), vmul(s, one_minus_s), s);
             const vf prior = accumulate ? vload_n(dinp + i, k, 0.0f) : vset(0.0f);
             vstore_n(dinp + i, vfmadd(grad, vload_n(dout + i, k, 0.0f), prior), k);
-        }
+        });
     });
 }
 

@@ -20,6 +20,8 @@
 //   vhsum vhmax         horizontal sum / max, in a fixed lane order
 //   vexp                exp(x), see below
 //   scale_row, add_row  dst = src * scale, dst += src over a row of n floats
+//   for_each_vector(i0, i1, body) runs body(i, lanes) over a range a vector at a time, four whole
+//                       vectors per iteration (elementwise kernels whose vectors are long chains)
 //   parallel_blocks(n, body) runs body(i0, i1) over fixed blocks of [0, n) on the OpenMP team: for
 //                       elementwise kernels, whose every element then takes the same code path (full
 //                       vector or masked tail) whatever the thread count.
@@ -344,6 +346,28 @@ static inline void add_row(float* dst, const float* src, idx_t n) {
     LMLAB_SIMD
     for (idx_t i = 0; i < n; i += kW)
         vstore_n(dst + i, vadd(vload_n(dst + i, n - i, 0.0f), vload_n(src + i, n - i, 0.0f)), n - i);
+}
+
+// Runs body(i, lanes) over [i0, i1) one vector at a time (lanes = min(kW, i1 - i)), four whole
+// vectors per iteration where they fit. For elementwise kernels whose every vector is a long
+// dependency chain (exp, a division, a square root): four independent chains side by side in the
+// instruction stream keep the floating-point units busy, where the out-of-order window holds too
+// little of one chain after another to overlap them. Each vector's arithmetic is unchanged, so
+// results are too. The calls must not depend on each other: on the portable variant (one element
+// per step) the loop is `omp simd`, for the compiler to vectorise.
+template <class Body>
+static inline void for_each_vector(idx_t i0, idx_t i1, Body body) {
+    idx_t i = i0;
+#ifdef LMLAB_VECTOR_INTRINSICS
+    for (; i + 4 * kW <= i1; i += 4 * kW) {
+        body(i, kW);
+        body(i + kW, kW);
+        body(i + 2 * kW, kW);
+        body(i + 3 * kW, kW);
+    }
+#endif
+    LMLAB_SIMD
+    for (idx_t j = i; j < i1; j += kW) body(j, i1 - j);
 }
 
 // Elements per block of parallel_blocks: large enough to amortise scheduling, a multiple of every kW.
