@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -110,6 +111,41 @@ def test_load_corpus_unreadable_file(tmp_path, monkeypatch):
     with pytest.raises(PermissionError) as e:
         load_corpus(str(p))
     assert "cannot read corpus file" in str(e.value) and str(p) in str(e.value)
+
+
+def test_load_corpus_refuses_a_device_or_fifo_inside_a_folder_or_glob(tmp_path):
+    # A FIFO among a folder's files blocked the read forever, /dev/zero never ended, a socket
+    # failed or was skipped in silence (a glob): each is refused by name before anything is read.
+    # The test uses a socket, which fails without hanging.
+    _write(tmp_path / "d" / "a.txt", "some text")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "d" / "z.txt"))
+    sock.close()
+    for spec in (tmp_path / "d", tmp_path / "d" / "*.txt"):
+        with pytest.raises(ValueError, match=r"corpus file .*z\.txt is not a regular file"):
+            load_corpus(str(spec))
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(ValueError, match=r"fifo\.txt is not a regular file"):
+        load_corpus(str(tmp_path / "fifo.txt"))
+
+
+def test_load_corpus_refuses_a_folder_it_cannot_list(tmp_path, monkeypatch):
+    # os.walk skips a folder it cannot list unless told otherwise: the model trained on part of
+    # the corpus without a word (running as root defeats chmod 000, hence the patched scandir).
+    _write(tmp_path / "d" / "a.txt", "some text")
+    _write(tmp_path / "d" / "locked" / "b.txt", "more text")
+    locked = str(tmp_path / "d" / "locked")
+    real_scandir = os.scandir
+
+    def deny(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deny)
+    with pytest.raises(PermissionError, match=r"cannot list corpus folder \(Permission denied\)"
+                                              r".*locked"):
+        load_corpus(str(tmp_path / "d"))
 
 
 def test_unknown_builtin_lists_known():
@@ -357,6 +393,11 @@ def test_load_instruct_errors_name_the_line(tmp_path, bad, match):
 def test_jsonl_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_instruct_jsonl(tmp_path / "none.jsonl")
+    with pytest.raises(ValueError, match="is a directory: expected a file"):
+        load_instruct_jsonl(tmp_path)
+    os.mkfifo(tmp_path / "fifo.jsonl")  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match=r"fifo\.jsonl is not a regular file"):
+        load_instruct_jsonl(tmp_path / "fifo.jsonl")
     empty = _write(tmp_path / "e.jsonl", "\n\n")
     with pytest.raises(ValueError, match="contains no records"):
         load_instruct_jsonl(empty)
