@@ -373,8 +373,20 @@ def test_load_instruct_both_forms(tmp_path):
     assert convs == [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], msgs]
 
 
+def test_load_instruct_reads_a_byte_order_mark_and_crlf(tmp_path):
+    # Windows editors start a UTF-8 file with a byte-order mark; corpora and prompts drop it.
+    p = _write(tmp_path / "bom.jsonl", b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\r\n\r\n'
+                                       b'{"prompt": "c", "response": "d"}\r\n')
+    assert [[m["content"] for m in c] for c in load_instruct_jsonl(p)] == [["a", "b"], ["c", "d"]]
+
+
 @pytest.mark.parametrize("bad,match", [
-    ("{not json}", "invalid JSON"),
+    ("{not json}", r"not valid JSON: Expecting property name enclosed in double quotes \(column 2\)"),
+    ('{"prompt": "a", "prompt": "b", "response": "c"}', "the key 'prompt' appears twice"),
+    pytest.param('{"prompt": "a", "response": "c", "n": ' + "[" * 100000 + "]" * 100000 + "}",
+                 "JSON nested too deeply", id="nested-past-the-parser"),  # was a RecursionError
+    pytest.param('{"prompt": "a", "response": "c", "n": ' + "9" * 5000 + "}",
+                 "a number with too many digits", id="5000-digit-number"),  # named no file
     ('["a", "b"]', "expected a JSON object"),
     ({"prompt": "only a prompt"}, "expected keys 'prompt' and 'response', or 'messages'"),
     ({"prompt": "p", "response": 3}, "'response' must be a string"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
-import json
 import os
 import stat
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
-from .files import atomic_write_bytes, remove_abandoned
+from .files import JSONTextError, atomic_write_bytes, parse_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
@@ -76,21 +75,21 @@ def _walk_error(e: OSError) -> None:
     raise type(e)(e.errno, f"cannot list corpus folder ({e.strerror})", e.filename) from None
 
 
-def need_regular_file(path: str, what: str) -> str:
-    """path, which must name a regular file (symlinks followed); otherwise one line naming `what`
-    and the path: missing, a directory, or a FIFO, device or socket (whose read would wait forever
-    or never end)."""
+def need_regular_file(path: str, what: str, expected: str = "a file") -> str:
+    """path, which must name a regular file (symlinks followed); otherwise one line naming `what`,
+    the path and what was `expected`: missing, a directory, or a FIFO, device or socket (whose
+    read would wait forever or never end)."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+        raise FileNotFoundError(f"{what} {path} not found: expected {expected}") from None
     except OSError as e:
         raise type(e)(e.errno, f"cannot read {what} ({e.strerror})", path) from None
     if stat.S_ISDIR(mode):
-        raise ValueError(f"{what} {path} is a directory: expected a file")
+        raise ValueError(f"{what} {path} is a directory: expected {expected}")
     if not stat.S_ISREG(mode):
         raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket): "
-                         f"expected a file")
+                         f"expected {expected}")
     return path
 
 
@@ -345,10 +344,12 @@ def read_jsonl_objects(path):
             raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         if not line.strip():
             continue
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")  # the byte-order mark some editors put first
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            obj = parse_json(line)
+        except JSONTextError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append((lineno, obj))

@@ -28,7 +28,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .data import need_str, read_jsonl_objects
+from .data import need_regular_file, need_str, read_jsonl_objects
+from .files import JSONTextError, NotJSON, parse_json
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -218,25 +219,25 @@ def check_rankings_output(path, *, writable: bool = True) -> Path:
 
 def read_prompts(path) -> list:
     """Prompts from a file: JSONL objects with "prompt", or else one prompt per line."""
-    path = Path(os.fspath(path))
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"prompts file {path} {what}: expected a text file of prompts, "
-                                "one per line, or JSONL with \"prompt\"")
+    path = Path(need_regular_file(os.fspath(path), "prompts file", "a text file of prompts, one "
+                                  "per line, or JSONL with \"prompt\""))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"prompts file {path} is not UTF-8 text (byte offset {e.start}); convert "
                          "it, e.g. with iconv -t UTF-8") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
     prompts = []
-    for lineno, ln in enumerate(lines, 1):
+    for lineno, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
         obj = None
         if ln.lstrip().startswith("{"):
             try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError:
+                obj = parse_json(ln)
+            except NotJSON:  # a prompt that happens to start with "{"
                 obj = None
+            except JSONTextError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
         if isinstance(obj, dict):
             if not isinstance(obj.get("prompt"), str):
                 raise ValueError(f"{path}:{lineno}: a JSON line needs a string \"prompt\"")
