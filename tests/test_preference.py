@@ -177,6 +177,31 @@ def test_ended_is_kept_and_a_line_without_it_has_no_answer_ended(tmp_path):
     assert json.loads((tmp_path / "w.jsonl").read_text())["ended"] == [True, False, True]
 
 
+def test_append_ranking_on_a_full_disk_names_the_file_and_leaves_no_torn_line(tmp_path,
+                                                                              monkeypatch):
+    """A disk that fills in the middle of the line: the error was "[Errno 28] No space left on
+    device" naming no file, and the half line left behind made the next `lmlab rank` (which
+    reads the file to resume) refuse it."""
+    path = tmp_path / "r.jsonl"
+    first = {"prompt": "p1", "completions": ["a", "b"], "ranking": [0, 1]}
+    rk.append_ranking(path, first)
+    real_write = os.write
+
+    def fill_up(fd, data):  # half the line fits, then the disk is full
+        if len(data) > 1:
+            return real_write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", fill_up)
+    with pytest.raises(ValueError, match=re.escape(f"cannot write {path}: No space left on "
+                                                   "device")):
+        rk.append_ranking(path, {**first, "prompt": "p2"})
+    monkeypatch.undo()
+    assert [r["prompt"] for r in rk.load_rankings(path)] == ["p1"]
+    rk.append_ranking(path, {**first, "prompt": "p3"})
+    assert [r["prompt"] for r in rk.load_rankings(path)] == ["p1", "p3"]
+
+
 def test_read_prompts_lines_and_jsonl(tmp_path):
     a = tmp_path / "a.txt"
     a.write_text("first\n\nsecond line\\nwith newline\n")

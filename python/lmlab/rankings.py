@@ -29,7 +29,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .data import need_regular_file, need_str, read_jsonl_objects
-from .files import JSONTextError, NotJSON, parse_json
+from .files import JSONTextError, NotJSON, parse_json, write_error
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -150,15 +150,28 @@ def append_ranking(path, record: dict) -> None:
     """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it.
 
     The whole line goes out in one write under an exclusive flock, so writers in several processes
-    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines."""
+    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines. A write that fails
+    (disk full, file too large) is cut off again, so the file keeps its whole lines only, and
+    comes out as CheckpointError naming the file."""
     line = (json.dumps(parse_record(record), ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(line)
-        while view:  # a regular file takes the line in one write; loop only on a short write
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:  # a regular file takes the line in one write; loop only on a short write
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)  # no torn line for the next reader to stop at
+            except OSError:
+                pass
+            raise write_error(path, e) from None
     finally:
         os.close(fd)  # closing releases the lock
 
