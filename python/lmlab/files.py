@@ -38,6 +38,24 @@ def write_error(path, exc: OSError) -> CheckpointError:
     return CheckpointError(f"cannot write {os.fspath(path)}: {cause}")
 
 
+def make_parent_dir(path):
+    """Create the folders above `path` (a file or folder about to be written) and return path. A
+    failure is the one-line CheckpointError of write_error; a file standing where a folder must be
+    is named as such (os.makedirs says "File exists" of it, as if the folder were there)."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        above = parent
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise CheckpointError(f"cannot write {os.fspath(path)}: {above} is a file, not a "
+                                  "directory") from None
+        raise write_error(path, e) from None
+    return path
+
+
 def fsync_dir(directory) -> None:
     """Make renames and creations inside `directory` durable (POSIX; a no-op where unsupported)."""
     try:
