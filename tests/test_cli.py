@@ -351,11 +351,17 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n")
     (tmp_path / "binary.dat").write_bytes(b"\xd0\xff\x00abc")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
     for argv, message in [
             (["--prompts", str(prompts), "--out", str(tmp_path)], "is a directory; rankings go to "
                                                                    "a JSONL file"),
             (["--prompts", str(prompts), "--out", str(tmp_path / "no" / "r.jsonl")],
              "the directory " + str(tmp_path / "no") + " does not exist"),
+            # Opening a FIFO to append waited for a reader forever.
+            (["--prompts", str(prompts), "--out", str(fifo)],
+             f"rankings file {fifo} is not a regular file (a FIFO, device or socket): expected a "
+             "JSONL file"),
             (["--prompts", str(tmp_path / "binary.dat"), "--out", str(tmp_path / "r.jsonl")],
              "is not UTF-8 text"),
             (["--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r.jsonl")],

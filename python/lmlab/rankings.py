@@ -216,11 +216,14 @@ def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str) -
 
 def check_rankings_output(path, *, writable: bool = True) -> Path:
     """The rankings file `lmlab rank` or the studio will append to, checked before any work: not a
-    directory, in a directory that exists, and (writable) one this process may write."""
+    directory, nor a FIFO or device (opening a FIFO to write waits for a reader forever), in a
+    directory that exists, and (writable) one this process may write."""
     path = Path(os.fspath(path))
     if path.is_dir():
         raise ValueError(f"{path} is a directory; rankings go to a JSONL file (e.g. "
                          f"{path / 'rankings.jsonl'})")
+    if path.exists():
+        need_regular_file(os.fspath(path), "rankings file", "a JSONL file")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write rankings to {path}: the directory {folder} does "
