@@ -457,6 +457,10 @@ def test_load_model_tensor_set_and_config_fields_checked(gpt, tok, tmp_path):
     (_ckpt(run) / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_model(run)
+    # A hand-edited number past Python's digit limit was a ValueError that named no file.
+    (_ckpt(run) / "config.json").write_text('{"model": {"n_layer": ' + "9" * 5000 + "}}")
+    with pytest.raises(CheckpointError, match="config.json: a number with too many digits"):
+        load_model(run)
 
 
 @pytest.mark.parametrize("edit, message", [

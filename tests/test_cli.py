@@ -37,6 +37,28 @@ def test_pretrain_leaves_a_complete_run(run):
             "state.json"} == names
 
 
+def test_an_omp_num_threads_above_what_threads_takes_is_refused(run, capsys, monkeypatch):
+    """OpenMP starts every thread at OMP_NUM_THREADS: OMP_NUM_THREADS=100000 segfaulted at the
+    first kernel, 4000000000 (which OpenMP wraps to a negative count, outside this test's reach)
+    aborted out of memory. The command line refuses what --threads refuses, in one line, before
+    any work. The process's count is set here as OpenMP would have set it from the variable."""
+    from lmlab import _core, checks
+    before = ops.get_num_threads()
+    try:
+        for count in (checks.max_threads() + 1, 100_000):
+            _core.set_num_threads(count)
+            monkeypatch.setenv("OMP_NUM_THREADS", str(count))
+            assert main(["sample", str(run / "base"), "--prompt", "t", "--max-new-tokens", "2",
+                         "--seed", "1"]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err == (f"lmlab sample: error: OMP_NUM_THREADS='{count}' is "
+                                         "not allowed: expected "
+                                         f"an integer from 1 to {checks.max_threads()} (4 per "
+                                         "core, as --threads takes); lower or unset it\n")
+    finally:
+        _core.set_num_threads(before)
+
+
 def test_sample_after_prompt_is_checked_before_training_and_samples_as_lmlab_sample(run, capsys):
     """README: every value is checked before any work. A --prompt for --sample-after that the
     corpus's char tokenizer cannot encode ("Z") is refused before training and leaves no run,
@@ -329,11 +351,17 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n")
     (tmp_path / "binary.dat").write_bytes(b"\xd0\xff\x00abc")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
     for argv, message in [
             (["--prompts", str(prompts), "--out", str(tmp_path)], "is a directory; rankings go to "
                                                                    "a JSONL file"),
             (["--prompts", str(prompts), "--out", str(tmp_path / "no" / "r.jsonl")],
              "the directory " + str(tmp_path / "no") + " does not exist"),
+            # Opening a FIFO to append waited for a reader forever.
+            (["--prompts", str(prompts), "--out", str(fifo)],
+             f"rankings file {fifo} is not a regular file (a FIFO, device or socket): expected a "
+             "JSONL file"),
             (["--prompts", str(tmp_path / "binary.dat"), "--out", str(tmp_path / "r.jsonl")],
              "is not UTF-8 text"),
             (["--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r.jsonl")],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -110,6 +111,41 @@ def test_load_corpus_unreadable_file(tmp_path, monkeypatch):
     with pytest.raises(PermissionError) as e:
         load_corpus(str(p))
     assert "cannot read corpus file" in str(e.value) and str(p) in str(e.value)
+
+
+def test_load_corpus_refuses_a_device_or_fifo_inside_a_folder_or_glob(tmp_path):
+    # A FIFO among a folder's files blocked the read forever, /dev/zero never ended, a socket
+    # failed or was skipped in silence (a glob): each is refused by name before anything is read.
+    # The test uses a socket, which fails without hanging.
+    _write(tmp_path / "d" / "a.txt", "some text")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "d" / "z.txt"))
+    sock.close()
+    for spec in (tmp_path / "d", tmp_path / "d" / "*.txt"):
+        with pytest.raises(ValueError, match=r"corpus file .*z\.txt is not a regular file"):
+            load_corpus(str(spec))
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(ValueError, match=r"fifo\.txt is not a regular file"):
+        load_corpus(str(tmp_path / "fifo.txt"))
+
+
+def test_load_corpus_refuses_a_folder_it_cannot_list(tmp_path, monkeypatch):
+    # os.walk skips a folder it cannot list unless told otherwise: the model trained on part of
+    # the corpus without a word (running as root defeats chmod 000, hence the patched scandir).
+    _write(tmp_path / "d" / "a.txt", "some text")
+    _write(tmp_path / "d" / "locked" / "b.txt", "more text")
+    locked = str(tmp_path / "d" / "locked")
+    real_scandir = os.scandir
+
+    def deny(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deny)
+    with pytest.raises(PermissionError, match=r"cannot list corpus folder \(Permission denied\)"
+                                              r".*locked"):
+        load_corpus(str(tmp_path / "d"))
 
 
 def test_unknown_builtin_lists_known():
@@ -337,8 +373,20 @@ def test_load_instruct_both_forms(tmp_path):
     assert convs == [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], msgs]
 
 
+def test_load_instruct_reads_a_byte_order_mark_and_crlf(tmp_path):
+    # Windows editors start a UTF-8 file with a byte-order mark; corpora and prompts drop it.
+    p = _write(tmp_path / "bom.jsonl", b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\r\n\r\n'
+                                       b'{"prompt": "c", "response": "d"}\r\n')
+    assert [[m["content"] for m in c] for c in load_instruct_jsonl(p)] == [["a", "b"], ["c", "d"]]
+
+
 @pytest.mark.parametrize("bad,match", [
-    ("{not json}", "invalid JSON"),
+    ("{not json}", r"not valid JSON: Expecting property name enclosed in double quotes \(column 2\)"),
+    ('{"prompt": "a", "prompt": "b", "response": "c"}', "the key 'prompt' appears twice"),
+    pytest.param('{"prompt": "a", "response": "c", "n": ' + "[" * 100000 + "]" * 100000 + "}",
+                 "JSON nested too deeply", id="nested-past-the-parser"),  # was a RecursionError
+    pytest.param('{"prompt": "a", "response": "c", "n": ' + "9" * 5000 + "}",
+                 "a number with too many digits", id="5000-digit-number"),  # named no file
     ('["a", "b"]', "expected a JSON object"),
     ({"prompt": "only a prompt"}, "expected keys 'prompt' and 'response', or 'messages'"),
     ({"prompt": "p", "response": 3}, "'response' must be a string"),
@@ -357,6 +405,11 @@ def test_load_instruct_errors_name_the_line(tmp_path, bad, match):
 def test_jsonl_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_instruct_jsonl(tmp_path / "none.jsonl")
+    with pytest.raises(ValueError, match="is a directory: expected a file"):
+        load_instruct_jsonl(tmp_path)
+    os.mkfifo(tmp_path / "fifo.jsonl")  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match=r"fifo\.jsonl is not a regular file"):
+        load_instruct_jsonl(tmp_path / "fifo.jsonl")
     empty = _write(tmp_path / "e.jsonl", "\n\n")
     with pytest.raises(ValueError, match="contains no records"):
         load_instruct_jsonl(empty)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import numpy as np
 import pytest
@@ -129,6 +130,11 @@ def test_out_must_be_a_directory(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ValueError, match="out must be a directory"):
         demo.descent(f, gif=False)
+    # A file above the directory: the error was "[Errno 20] Not a directory" or "[Errno 17] File
+    # exists", an OSError with no line of its own.
+    with pytest.raises(ValueError, match=re.escape(f"cannot write {f / 'sub' / 'descent.png'}: "
+                                                   f"{f} is a file, not a directory")):
+        demo.descent(f / "sub", gif=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,6 +185,15 @@ def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_direct
     assert "does not hold a transformers model" in capsys.readouterr().err
     assert main(["export", str(run), "--to", "hf", str(Path(run) / "hf")]) == 2
     assert "overlaps the run" in capsys.readouterr().err
+    # A file where a folder above OUT must be: os.makedirs's "[Errno 17] File exists" named the
+    # file as if the folder were there.
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "afile" / "sub" / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"cannot write {tmp_path / 'afile' / 'sub' / 'hf'}: "
+                                     f"{tmp_path / 'afile'} is a file, not a directory; nothing "
+                                     "was written") in err, err
+    (tmp_path / "afile").unlink()
     # Another run, or one of its checkpoints (each holds a config.json), is never replaced.
     victim = tmp_path / "victim"
     shutil.copytree(run, victim)

@@ -4,6 +4,7 @@ independent references, the sign of the policy gradient, and end-to-end tuning w
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_load_rankings_errors_name_the_line(tmp_path, bad, match):
 def test_bad_rankings_file_names_the_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"prompt": "p", "completions": ["a"], "ranking": [0]}\n{not json\n')
-    with pytest.raises(ValueError, match=r"r.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"r.jsonl:2: not valid JSON"):
         rk.load_rankings(path)
     path.write_text('{"prompt": "p", "completions": ["a", "b"], "ranking": [0, 0]}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:1: .*more than once"):
@@ -176,6 +177,31 @@ def test_ended_is_kept_and_a_line_without_it_has_no_answer_ended(tmp_path):
     assert json.loads((tmp_path / "w.jsonl").read_text())["ended"] == [True, False, True]
 
 
+def test_append_ranking_on_a_full_disk_names_the_file_and_leaves_no_torn_line(tmp_path,
+                                                                              monkeypatch):
+    """A disk that fills in the middle of the line: the error was "[Errno 28] No space left on
+    device" naming no file, and the half line left behind made the next `lmlab rank` (which
+    reads the file to resume) refuse it."""
+    path = tmp_path / "r.jsonl"
+    first = {"prompt": "p1", "completions": ["a", "b"], "ranking": [0, 1]}
+    rk.append_ranking(path, first)
+    real_write = os.write
+
+    def fill_up(fd, data):  # half the line fits, then the disk is full
+        if len(data) > 1:
+            return real_write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", fill_up)
+    with pytest.raises(ValueError, match=re.escape(f"cannot write {path}: No space left on "
+                                                   "device")):
+        rk.append_ranking(path, {**first, "prompt": "p2"})
+    monkeypatch.undo()
+    assert [r["prompt"] for r in rk.load_rankings(path)] == ["p1"]
+    rk.append_ranking(path, {**first, "prompt": "p3"})
+    assert [r["prompt"] for r in rk.load_rankings(path)] == ["p1", "p3"]
+
+
 def test_read_prompts_lines_and_jsonl(tmp_path):
     a = tmp_path / "a.txt"
     a.write_text("first\n\nsecond line\\nwith newline\n")
@@ -183,6 +209,26 @@ def test_read_prompts_lines_and_jsonl(tmp_path):
     b = tmp_path / "b.jsonl"
     b.write_text('{"prompt": "x"}\n{"prompt": "y", "id": 3}\n')
     assert rk.read_prompts(b) == ["x", "y"]
+
+
+def test_read_prompts_odd_files(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "x"}\r\n\r\n{"prompt": "y"}\r\n')  # BOM, CRLF
+    assert rk.read_prompts(p) == ["x", "y"]
+    p.write_text("{not JSON, a prompt that starts with a brace\n")
+    assert rk.read_prompts(p) == ["{not JSON, a prompt that starts with a brace"]
+    # JSON the reader refuses names the file's own line: blank lines count (they were skipped
+    # before numbering); nesting past the parser's limit was a RecursionError traceback.
+    for bad, message in [('{"prompt": 3}', 'a JSON line needs a string "prompt"'),
+                         ('{"prompt": "a", "prompt": "b"}', "the key 'prompt' appears twice"),
+                         ('{"prompt": ' + "[" * 100000 + "]" * 100000 + "}",
+                          "JSON nested too deeply")]:
+        p.write_text('first\n\n\n' + bad + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{p}:4: {message}")):
+            rk.read_prompts(p)
+    os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer forever
+    with pytest.raises(ValueError, match=r"prompts file .*fifo is not a regular file"):
+        rk.read_prompts(tmp_path / "fifo")
 
 
 def test_split_records_is_by_ranking_and_disjoint():

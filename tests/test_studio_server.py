@@ -467,6 +467,10 @@ def test_posts_must_be_json_and_small(studio):
     r = studio.post("/api/next", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     assert studio.post("/api/next", json=[1, 2]).status_code == 400
+    # Within the size limit, nesting past json's recursion limit was a 500 (RecursionError).
+    r = studio.post("/api/next", content=b"[" * 30000 + b"]" * 30000,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
 
 
 @pytest.mark.parametrize("ref", ["../base", "base/../chat", "/etc/passwd", "2", "-1", "chat/", "x" * 500,

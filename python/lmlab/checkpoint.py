@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -44,7 +43,8 @@ from .errors import CheckpointError
 from .model import GPT, GPTConfig, check_precision, parameter_layout
 from .tensorfile import read_metadata, read_safetensors, safetensors_chunks, tensor_dict
 from .tokenizer import Tokenizer
-from .files import atomic_write_json, fsync_dir, json_text, write_error, write_new_file
+from .files import (JSONTextError, atomic_write_json, fsync_dir, json_text, parse_json, write_error,
+                    write_new_file)
 from .rundir import (CHECKPOINT_NAME, CHECKPOINTS_DIR, CONFIG_FILE, CURRENT_FILE, MODEL_FILE,
                      OPTIMIZER_FILE, SAVE_OLD_PREFIX, SAVE_TEMP_PREFIX, STATE_FILE, TOKENIZER_FILE)
 
@@ -75,13 +75,9 @@ def _read_bytes(path: Path, limit: int = MAX_JSON) -> bytes:
 
 def _parse_json(path: Path, data: bytes):
     try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: JSON nested too deeply") from None
+        return parse_json(data)
+    except JSONTextError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _read_json(path) -> dict:

@@ -23,20 +23,20 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
-import json
 import os
+import stat
 import sys
 
 import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
-from .files import atomic_write_bytes, remove_abandoned
+from .files import JSONTextError, atomic_write_bytes, parse_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
     "BUILTIN_CORPORA", "load_corpus", "corpus_fingerprint", "tokenize_corpus", "split_tokens", "BatchSampler",
-    "load_instruct_jsonl", "read_jsonl_objects", "need_str",
+    "load_instruct_jsonl", "read_jsonl_objects", "need_str", "need_regular_file",
 ]
 
 CORPUS_SUFFIXES = (".txt", ".md")
@@ -69,26 +69,52 @@ def _read_text(path: str) -> str:
     return text.replace("\r\n", "\n")
 
 
+def _walk_error(e: OSError) -> None:
+    """os.walk's onerror: a folder of the corpus that cannot be listed is an error, not a folder
+    skipped in silence (the model would train on part of the corpus)."""
+    raise type(e)(e.errno, f"cannot list corpus folder ({e.strerror})", e.filename) from None
+
+
+def need_regular_file(path: str, what: str, expected: str = "a file") -> str:
+    """path, which must name a regular file (symlinks followed); otherwise one line naming `what`,
+    the path and what was `expected`: missing, a directory, or a FIFO, device or socket (whose
+    read would wait forever or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found: expected {expected}") from None
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot read {what} ({e.strerror})", path) from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a directory: expected {expected}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket): "
+                         f"expected {expected}")
+    return path
+
+
 def _corpus_files(spec: str) -> list:
+    """The files of a corpus spec, each a regular file: a FIFO, device or socket among them,
+    named or inside a folder, is refused before anything is read."""
     if os.path.isdir(spec):
         files = []
-        for root, dirs, names in os.walk(spec):
+        for root, dirs, names in os.walk(spec, onerror=_walk_error):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             files.extend(os.path.join(root, n) for n in names
                          if not n.startswith(".") and n.lower().endswith(CORPUS_SUFFIXES))
         files.sort(key=lambda p: os.path.relpath(p, spec).split(os.sep))
         if not files:
             raise ValueError(f"corpus directory {spec} contains no {' or '.join(CORPUS_SUFFIXES)} files")
-        return files
-    if os.path.isfile(spec):
-        return [spec]
-    if os.path.exists(spec):
-        raise ValueError(f"corpus {spec} is neither a regular file nor a directory")
-    if glob.has_magic(spec):
-        files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+    elif os.path.lexists(spec):
+        files = [spec]
+    elif glob.has_magic(spec):
+        files = sorted(f for f in glob.glob(spec, recursive=True) if not os.path.isdir(f))
         if not files:
             raise FileNotFoundError(f"no files match the corpus glob {spec!r}")
-        return files
+    else:
+        files = None
+    if files is not None:
+        return [need_regular_file(path, "corpus file") for path in files]
     known = ", ".join(f"builtin:{k}" for k in sorted(BUILTIN_CORPORA))
     raise FileNotFoundError(f"corpus {spec!r} not found: no such file or directory, and not a glob or "
                             f"builtin:NAME (built-in corpora: {known})")
@@ -304,9 +330,7 @@ class BatchSampler:
 
 def read_jsonl_objects(path):
     """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"JSONL file not found: {path}")
+    path = need_regular_file(os.fspath(path), "JSONL file")
     try:
         with open(path, "rb") as f:
             lines = f.readlines()
@@ -320,10 +344,12 @@ def read_jsonl_objects(path):
             raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         if not line.strip():
             continue
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")  # the byte-order mark some editors put first
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            obj = parse_json(line)
+        except JSONTextError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append((lineno, obj))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write, atomic_write_file, atomic_write_text
+from .files import atomic_write, atomic_write_file, atomic_write_text, make_parent_dir
 
 PNG_DPI = 110
 GIF_DPI = 70
@@ -72,11 +72,6 @@ def out_dir(path) -> Path:
     return p
 
 
-def _made_parent(path: Path) -> Path:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def new_figure(width: float, height: float):
     """A Figure bound to an Agg canvas (raises a clear ImportError when matplotlib is missing)."""
     try:
@@ -91,7 +86,7 @@ def new_figure(width: float, height: float):
 
 def save_png(fig, path: Path) -> Path:
     """fig as a PNG at path, written atomically (a kill leaves the previous file or none)."""
-    atomic_write(_made_parent(path), lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
+    atomic_write(make_parent_dir(path), lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
     return path
 
 
@@ -114,7 +109,7 @@ def save_gif(fig, update, frames: int, path: Path, fps: float = 3.0) -> Path:
                 update(k)
                 writer.grab_frame()
 
-    atomic_write_file(_made_parent(path), draw)  # the writer wants a file name ending .gif
+    atomic_write_file(make_parent_dir(path), draw)  # the writer wants a file name ending .gif
     return path
 
 
@@ -203,7 +198,7 @@ def format_table(header: list[str], rows: list[list], *, indent: str = "  ") -> 
 
 
 def write_text(path: Path, text: str) -> Path:
-    atomic_write_text(_made_parent(path), text)
+    atomic_write_text(make_parent_dir(path), text)
     return path
 
 

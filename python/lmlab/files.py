@@ -7,6 +7,10 @@ writers that want a file name, keeps the target's suffix after it), so whoever c
 directory after a crash can recognise it: the next write of the same file removes those a killed
 writer abandoned (remove_abandoned). An OSError (disk full, file too large, permission) comes
 out as errors.CheckpointError naming the path and the cause.
+
+`parse_json` is the one reader of JSON that lmlab did not just write (a file a person may have
+edited, another tool's file, a request body): whatever is wrong comes out as JSONTextError, a
+ValueError whose message the caller prefixes with the file and line.
 """
 
 from __future__ import annotations
@@ -32,6 +36,24 @@ def write_error(path, exc: OSError) -> CheckpointError:
     """The one-line error for a failed write of `path`."""
     cause = exc.strerror or str(exc) or type(exc).__name__
     return CheckpointError(f"cannot write {os.fspath(path)}: {cause}")
+
+
+def make_parent_dir(path):
+    """Create the folders above `path` (a file or folder about to be written) and return path. A
+    failure is the one-line CheckpointError of write_error; a file standing where a folder must be
+    is named as such (os.makedirs says "File exists" of it, as if the folder were there)."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        above = parent
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise CheckpointError(f"cannot write {os.fspath(path)}: {above} is a file, not a "
+                                  "directory") from None
+        raise write_error(path, e) from None
+    return path
 
 
 def fsync_dir(directory) -> None:
@@ -165,3 +187,46 @@ def json_text(obj) -> str:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json_text(obj))
+
+
+class JSONTextError(ValueError):
+    """What is wrong with a JSON text, in words, without the file: the reader adds where it was."""
+
+
+class NotJSON(JSONTextError):
+    """The text is not JSON at all (not UTF-8, or not JSON's syntax), rather than JSON that lmlab
+    refuses: a reader of lines that may be JSON or plain text takes such a line as text."""
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise JSONTextError(f"the key {key!r} appears twice in one object")
+    return obj
+
+
+def parse_json(data):
+    """The value of a JSON text (str, or bytes as UTF-8) that lmlab did not just write itself: a
+    file a person may have edited, another tool's file, a request body. Anything Python's json
+    would refuse with another exception, or accept with a guess, is JSONTextError naming the
+    cause: not UTF-8, not JSON (with the position), nested too deeply for the parser, a number
+    too long to convert, or a key given twice in one object (which one was meant?)."""
+    try:
+        if isinstance(data, (bytes, bytearray)):
+            data = data.decode("utf-8")
+        return json.loads(data, object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise NotJSON(f"not UTF-8 (byte 0x{e.object[e.start]:02x} at byte offset "
+                      f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        lines = e.doc.rstrip("\n").count("\n") + 1
+        where = f"line {e.lineno} column {e.colno}" if lines > 1 else f"column {e.colno}"
+        raise NotJSON(f"not valid JSON: {e.msg} ({where})") from None
+    except RecursionError:
+        raise JSONTextError("JSON nested too deeply") from None
+    except JSONTextError:
+        raise
+    except ValueError:  # an integer past sys.get_int_max_str_digits()
+        raise JSONTextError("a number with too many digits") from None

@@ -30,7 +30,7 @@ from pathlib import Path
 from .chat import END
 from .checkpoint import load_model
 from .errors import CheckpointError, ConversionError
-from .files import TEMP_SUFFIX, fsync_dir, json_text, write_new_file
+from .files import TEMP_SUFFIX, fsync_dir, json_text, make_parent_dir, write_new_file
 from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .tensorfile import safetensors_chunks
@@ -183,10 +183,10 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
     replaced = _check_out(out, run, overwrite)
     model, tok, config = load_model(run)
     files = hf_files(model, tok, config, os.fspath(run))
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     old = out.parent / _old_name(out)
     try:
+        make_parent_dir(out)
         os.mkdir(tmp)
         for name, data in files.items():
             write_new_file(tmp / name, data)

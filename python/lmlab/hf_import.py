@@ -37,6 +37,7 @@ import numpy as np
 from .chat import TEMPLATE
 from .checkpoint import save_run
 from .errors import ConversionError, RunDirError
+from .files import JSONTextError, parse_json
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
 from .model import GPT, GPTConfig
 from .reference import LAYERNORM_EPS
@@ -62,10 +63,11 @@ def _read_json(path: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: a transformers model directory holds "
                                 "config.json, the weights and tokenizer.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _refuse(path, f"not readable JSON ({e})") from None
+        data = parse_json(path.read_bytes())
+    except OSError as e:
+        raise _refuse(path, f"cannot read it ({e.strerror})") from None
+    except JSONTextError as e:
+        raise _refuse(path, str(e)) from None
     if not isinstance(data, dict):
         raise _refuse(path, "expected a JSON object")
     return data
@@ -125,7 +127,9 @@ def _read_safetensors(path: Path) -> dict:
             n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size
             if n > size - 8:
                 raise _refuse(path, "not a safetensors file (its header is longer than the file)")
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = parse_json(f.read(n))
+            if not isinstance(header, dict):
+                raise _refuse(path, "not a safetensors file (its header is not a JSON object)")
             out = {}
             for name, t in header.items():
                 if name == "__metadata__" or _BUFFER.fullmatch(name.removeprefix(HF_PREFIX)):
@@ -144,7 +148,7 @@ def _read_safetensors(path: Path) -> dict:
                     a = (a.astype("<u4") << 16).view("<f4")
                 out[name] = a.astype(np.float32).reshape(t["shape"])
             return out
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConversionError):
             raise
         raise _refuse(path, f"not a valid safetensors file ({type(e).__name__}: {e})") from None

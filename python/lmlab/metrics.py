@@ -8,7 +8,8 @@ import json
 import os
 
 from .errors import CheckpointError
-from .files import atomic_write_bytes, atomic_write_text, json_default, write_error
+from .files import (JSONTextError, atomic_write_bytes, atomic_write_text, json_default, parse_json,
+                    write_error)
 from .rundir import LOSS_PLOT_FILE, METRICS_FILE
 
 
@@ -64,9 +65,9 @@ def read_metrics_file(path) -> list:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            rows.append(parse_json(line))
+        except JSONTextError as e:
+            raise CheckpointError(f"{path}:{lineno}: {e}") from None
     return rows
 
 

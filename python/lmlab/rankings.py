@@ -28,7 +28,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .data import need_str, read_jsonl_objects
+from .data import need_regular_file, need_str, read_jsonl_objects
+from .files import JSONTextError, NotJSON, parse_json, write_error
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -149,15 +150,28 @@ def append_ranking(path, record: dict) -> None:
     """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it.
 
     The whole line goes out in one write under an exclusive flock, so writers in several processes
-    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines."""
+    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines. A write that fails
+    (disk full, file too large) is cut off again, so the file keeps its whole lines only, and
+    comes out as CheckpointError naming the file."""
     line = (json.dumps(parse_record(record), ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(line)
-        while view:  # a regular file takes the line in one write; loop only on a short write
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:  # a regular file takes the line in one write; loop only on a short write
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)  # no torn line for the next reader to stop at
+            except OSError:
+                pass
+            raise write_error(path, e) from None
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -202,11 +216,14 @@ def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str) -
 
 def check_rankings_output(path, *, writable: bool = True) -> Path:
     """The rankings file `lmlab rank` or the studio will append to, checked before any work: not a
-    directory, in a directory that exists, and (writable) one this process may write."""
+    directory, nor a FIFO or device (opening a FIFO to write waits for a reader forever), in a
+    directory that exists, and (writable) one this process may write."""
     path = Path(os.fspath(path))
     if path.is_dir():
         raise ValueError(f"{path} is a directory; rankings go to a JSONL file (e.g. "
                          f"{path / 'rankings.jsonl'})")
+    if path.exists():
+        need_regular_file(os.fspath(path), "rankings file", "a JSONL file")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write rankings to {path}: the directory {folder} does "
@@ -218,25 +235,25 @@ def check_rankings_output(path, *, writable: bool = True) -> Path:
 
 def read_prompts(path) -> list:
     """Prompts from a file: JSONL objects with "prompt", or else one prompt per line."""
-    path = Path(os.fspath(path))
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"prompts file {path} {what}: expected a text file of prompts, "
-                                "one per line, or JSONL with \"prompt\"")
+    path = Path(need_regular_file(os.fspath(path), "prompts file", "a text file of prompts, one "
+                                  "per line, or JSONL with \"prompt\""))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"prompts file {path} is not UTF-8 text (byte offset {e.start}); convert "
                          "it, e.g. with iconv -t UTF-8") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
     prompts = []
-    for lineno, ln in enumerate(lines, 1):
+    for lineno, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
         obj = None
         if ln.lstrip().startswith("{"):
             try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError:
+                obj = parse_json(ln)
+            except NotJSON:  # a prompt that happens to start with "{"
                 obj = None
+            except JSONTextError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
         if isinstance(obj, dict):
             if not isinstance(obj.get("prompt"), str):
                 raise ValueError(f"{path}:{lineno}: a JSON line needs a string \"prompt\"")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .files import JSONTextError, parse_json
 from .rundir import CONFIG_FILE
 
 MAX_HEADER = 1 << 26   # bytes of a safetensors JSON header
@@ -26,9 +27,9 @@ def _is_int(v) -> bool:
 
 def _parse_header(path: Path, raw: bytes):
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON") from None
+        return parse_json(raw)
+    except JSONTextError as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid: {e}") from None
 
 
 def _read_header(f, path: Path, size: int, hasher) -> tuple:

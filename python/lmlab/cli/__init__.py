@@ -34,7 +34,7 @@ from .. import __version__, distributed
 from ..checks import SettingError
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
-from .common import Parser, flag
+from .common import Parser, check_inherited_threads, flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     world = None
     try:
+        check_inherited_threads()
         if distributed.launched_size() > 1:
             world = distributed.world()
             distributed.share_cores()

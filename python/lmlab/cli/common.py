@@ -9,8 +9,10 @@ one-letter name is "-k"), so an error about a setting names the flag the user ty
 from __future__ import annotations
 
 import argparse
+import os
 
 from .. import checks, ops
+from ..errors import LmlabError
 from ..stage import STAGE_DEFAULTS
 
 RESUME_HELP = ("continue the run exactly as it was set up: every setting comes from the run's "
@@ -55,6 +57,17 @@ def flag(name: str) -> str:
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads for the kernels (default: all cores)")
+
+
+def check_inherited_threads() -> None:
+    """Refuse an OMP_NUM_THREADS above what --threads takes (checks.max_threads, 4 per core),
+    before any kernel runs: every thread that does not set its own count (the studio's workers
+    too) starts at it, and a count in the hundred thousands ends the process at the first
+    kernel (a segfault, or libgomp's abort for lack of memory)."""
+    if not 1 <= ops.get_num_threads() <= checks.max_threads():  # past 2**31 OpenMP's wraps
+        raise LmlabError(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')!r} is not "
+                         f"allowed: expected an integer from 1 to {checks.max_threads()} (4 per "
+                         "core, as --threads takes); lower or unset it")
 
 
 def apply_threads(args) -> None:

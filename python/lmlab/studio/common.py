@@ -8,7 +8,6 @@ so the pages, the server and the README quote the same numbers.
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 import numpy as np
@@ -16,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ..files import JSONTextError, parse_json
 from .runs import UnknownRun
 
 MAX_TEXT_CHARS = 2000        # a prompt, a text to score, a chat message
@@ -55,9 +55,9 @@ def api(handler):
 async def json_body(request: Request) -> dict:
     raw = await request.body()
     try:
-        body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+        body = parse_json(raw or b"{}")
+    except JSONTextError as exc:
+        raise BadRequest(f"the request body: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
