@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import time
 import shutil
 import tracemalloc
@@ -197,6 +198,19 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
         atomic_write(path, torn)
     assert path.read_bytes() == b"old content"
     assert os.listdir(tmp_path) == ["f.bin"]  # the temporary file is removed
+
+
+def test_atomic_write_never_replaces_a_device_fifo_or_directory(tmp_path):
+    """Renaming over /dev/null (a --png or --out a user points there) would put a regular file
+    where the device was: refused in one line, the device untouched, nothing left behind."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    for target, kind in ((fifo, "a device, FIFO or socket"), (tmp_path / "folder", "a directory")):
+        with pytest.raises(CheckpointError, match=f"cannot write {target}: it is {kind}"):
+            atomic_write_bytes(target, b"content")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["folder", "pipe"]
 
 
 def test_the_next_write_of_a_file_removes_temporaries_killed_writers_abandoned(tmp_path):

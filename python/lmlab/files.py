@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import tempfile
 import time
 
@@ -133,10 +134,26 @@ def atomic_write_file(path, write_to) -> None:
     _replace_atomically(path, TEMP_SUFFIX + os.path.splitext(os.fspath(path))[1], fill)
 
 
+def _refuse_replacing_a_special_file(path: str) -> None:
+    """A rename over a device, FIFO or socket would put a regular file in its place: run as root,
+    `--png /dev/null` would have replaced /dev/null for every program on the machine. Such a path
+    is refused (a symlink is replaced itself, never what it points to, so it may stand there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"cannot write {path}: it is a directory, not a file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, not a "
+                              "regular file")
+
+
 def _replace_atomically(path, suffix: str, fill) -> None:
     """Create a temporary file ".<name>.<random><suffix>" beside path, fill(fd, tmp) it (written
     and synced), rename it over path and sync the directory; on any failure remove it."""
     path = os.fspath(path)
+    _refuse_replacing_a_special_file(path)
     directory = os.path.dirname(os.path.abspath(path))
     prefix = "." + os.path.basename(path) + "."
     remove_abandoned(directory, prefix, suffix)
