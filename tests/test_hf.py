@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +388,27 @@ def test_import_refuses_an_existing_run(gpt2_dir, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["import", str(gpt2_dir), "--run", str(run), "--overwrite"]) == 0
     assert main(["import", str(gpt2_dir), "--run", str(gpt2_dir), "--overwrite"]) == 2
+
+
+def test_an_import_killed_in_its_save_runs_again_without_overwrite(exported, tmp_path):
+    """kill -9 while the checkpoint's files are written: the same command then imports."""
+    run = tmp_path / "run"
+    kill_in_save = textwrap.dedent("""
+        import os, sys
+        from lmlab import checkpoint
+        from lmlab.cli import main
+        def killed(path, data):
+            os._exit(137)
+        checkpoint.write_new_file = killed
+        sys.exit(main(sys.argv[1:]))
+    """)
+    child = subprocess.run([sys.executable, "-c", kill_in_save, "import", str(exported), "--run",
+                            str(run)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 137, child.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()][0].startswith(".tmp-")
+    assert main(["import", str(exported), "--run", str(run)]) == 0
+    assert os.listdir(run / "checkpoints") == ["step_000000"]
+    assert load_model(run)[0].config == load_model(exported.parent / "run")[0].config
 
 
 # -- refusals (on lmlab's own export: no transformers needed) ----------------------------------------
