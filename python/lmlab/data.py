@@ -31,7 +31,7 @@ import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
-from .files import atomic_write_bytes, remove_abandoned
+from .files import atomic_write_bytes, complete_lines, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
@@ -302,16 +302,21 @@ class BatchSampler:
 # -- JSONL datasets -----------------------------------------------------------------------------
 
 
-def read_jsonl_objects(path):
-    """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line."""
+def read_jsonl_objects(path, *, appended: bool = False, allow_empty: bool = False):
+    """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line.
+
+    appended: a file lmlab appends to a line at a time (rankings, by files.append_line), whose
+    torn last line, left by an interrupted append, is skipped (files.complete_lines).
+    allow_empty: a file with no record gives [] instead of an error."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSONL file not found: {path}")
     try:
         with open(path, "rb") as f:
-            lines = f.readlines()
+            data = f.read()
     except OSError as e:
         raise type(e)(e.errno, f"cannot read JSONL file ({e.strerror})", path) from None
+    lines = complete_lines(data) if appended else data.split(b"\n")
     records = []
     for lineno, raw in enumerate(lines, 1):
         try:
@@ -327,7 +332,7 @@ def read_jsonl_objects(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append((lineno, obj))
-    if not records:
+    if not records and not allow_empty:
         raise ValueError(f"{path} contains no records")
     return path, records
 

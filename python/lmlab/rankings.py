@@ -20,7 +20,6 @@ This is the one place the format is checked (`normalize_ranking`) and its pairs 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .data import need_str, read_jsonl_objects
+from .files import append_line
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -139,27 +139,22 @@ def ranking_paths(rankings) -> Optional[list]:
     return [os.fspath(p) for p in rankings]
 
 
-def load_rankings(path) -> list:
-    """Every record of a rankings JSONL file (rankings and/or pairs); errors name file and line."""
-    path, records = read_jsonl_objects(path)
+def load_rankings(path, *, allow_empty: bool = False) -> list:
+    """Every record of a rankings JSONL file (rankings and/or pairs); errors name file and line.
+    A torn last line, which an interrupted append leaves, is skipped (files.complete_lines).
+    allow_empty: a file without a record gives [] rather than an error."""
+    path, records = read_jsonl_objects(path, appended=True, allow_empty=allow_empty)
     return [parse_record(obj, where=f"{path}:{lineno}") for lineno, obj in records]
 
 
 def append_ranking(path, record: dict) -> None:
     """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it.
 
-    The whole line goes out in one write under an exclusive flock, so writers in several processes
-    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines."""
+    files.append_line writes the whole line in one write under an exclusive flock, so writers in
+    several processes (`lmlab rank` and `lmlab studio` on one file) never interleave their lines,
+    and first removes a torn last line a killed writer left."""
     line = (json.dumps(parse_record(record), ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(line)
-        while view:  # a regular file takes the line in one write; loop only on a short write
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # closing releases the lock
+    append_line(path, line)
 
 
 def preference_pairs(records: Iterable[dict]) -> list:
