@@ -216,6 +216,36 @@ def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_ctrl_c_during_an_export_leaves_the_previous_one_and_no_temporary(run, tmp_path, capsys,
+                                                                         monkeypatch, where):
+    """Ctrl-C while the files are written (a model's size of them), or between the renames of an
+    overwrite: the previous export is in place at once, and nothing else is left beside it."""
+    from lmlab import hf_export
+    out = _export(run, tmp_path / "hf")
+    before = (out / "model.safetensors").read_bytes()
+    (out / "README.md").write_text("the previous export")
+    real_write, real_rename = hf_export.write_new_file, os.rename
+
+    def write_new_file(path, data):
+        if where == "write" and path.name == "model.safetensors":
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    def rename(src, dst):
+        if where == "rename" and os.fspath(dst) == os.fspath(out) and ".tmp" in os.fspath(src):
+            raise KeyboardInterrupt  # the new one in: the old export is already renamed aside
+        real_rename(src, dst)
+
+    monkeypatch.setattr(hf_export, "write_new_file", write_new_file)
+    monkeypatch.setattr(hf_export.os, "rename", rename)
+    assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (out / "README.md").read_text() == "the previous export"
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_of_several_displaced_exports_the_newest_is_put_back_and_the_rest_removed(run, tmp_path,
                                                                                    capsys):
     """An overwrite killed after its rename-in leaves the export it replaced; a later one killed
