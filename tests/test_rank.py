@@ -274,6 +274,7 @@ def test_rank_killed_mid_line_resumes_and_its_file_stays_readable(tiny_run, tmp_
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "2 of 4 prompts already ranked" in res.stdout
+    assert f"the last line of {out} is cut short" in res.stderr
     assert [json.loads(ln)["prompt"] for ln in out.read_text().splitlines()] == PROMPTS
 
 

@@ -306,7 +306,7 @@ def read_jsonl_objects(path, *, appended: bool = False, allow_empty: bool = Fals
     """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line.
 
     appended: a file lmlab appends to a line at a time (rankings, by files.append_line), whose
-    torn last line, left by an interrupted append, is skipped (files.complete_lines).
+    torn last line, left by an interrupted append, is skipped (files.complete_lines) with a note.
     allow_empty: a file with no record gives [] instead of an error."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -317,6 +317,10 @@ def read_jsonl_objects(path, *, appended: bool = False, allow_empty: bool = Fals
     except OSError as e:
         raise type(e)(e.errno, f"cannot read JSONL file ({e.strerror})", path) from None
     lines = complete_lines(data) if appended else data.split(b"\n")
+    if len(lines) == data.count(b"\n") and data[data.rfind(b"\n") + 1:].strip():
+        print(f"lmlab: note: the last line of {path} is cut short (an append interrupted by a "
+              "kill or a full disk) and is skipped; the next append to the file removes it",
+              file=sys.stderr)
     records = []
     for lineno, raw in enumerate(lines, 1):
         try:
