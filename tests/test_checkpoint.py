@@ -607,6 +607,12 @@ def test_metrics_append_read_and_torn_tail(tmp_path):
     assert path.read_text().count("\n") == 3
     truncate_metrics(tmp_path, 2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 2.0}')  # cut between the row and its newline: a whole row
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    truncate_metrics(tmp_path, 2)  # so a resume from step 2 drops it, as any later row
+    append_metrics(tmp_path, {"step": 3, "loss": 1.5})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][2:] == [(3, 1.5)]
 
 
 def test_metrics_corrupt_line_names_it(tmp_path):

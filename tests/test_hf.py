@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +225,36 @@ def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_ctrl_c_during_an_export_leaves_the_previous_one_and_no_temporary(run, tmp_path, capsys,
+                                                                         monkeypatch, where):
+    """Ctrl-C while the files are written (a model's size of them), or between the renames of an
+    overwrite: the previous export is in place at once, and nothing else is left beside it."""
+    from lmlab import hf_export
+    out = _export(run, tmp_path / "hf")
+    before = (out / "model.safetensors").read_bytes()
+    (out / "README.md").write_text("the previous export")
+    real_write, real_rename = hf_export.write_new_file, os.rename
+
+    def write_new_file(path, data):
+        if where == "write" and path.name == "model.safetensors":
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    def rename(src, dst):
+        if where == "rename" and os.fspath(dst) == os.fspath(out) and ".tmp" in os.fspath(src):
+            raise KeyboardInterrupt  # the new one in: the old export is already renamed aside
+        real_rename(src, dst)
+
+    monkeypatch.setattr(hf_export, "write_new_file", write_new_file)
+    monkeypatch.setattr(hf_export.os, "rename", rename)
+    assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (out / "README.md").read_text() == "the previous export"
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_of_several_displaced_exports_the_newest_is_put_back_and_the_rest_removed(run, tmp_path,
                                                                                    capsys):
     """An overwrite killed after its rename-in leaves the export it replaced; a later one killed
@@ -394,6 +427,27 @@ def test_import_refuses_an_existing_run(gpt2_dir, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["import", str(gpt2_dir), "--run", str(run), "--overwrite"]) == 0
     assert main(["import", str(gpt2_dir), "--run", str(gpt2_dir), "--overwrite"]) == 2
+
+
+def test_an_import_killed_in_its_save_runs_again_without_overwrite(exported, tmp_path):
+    """kill -9 while the checkpoint's files are written: the same command then imports."""
+    run = tmp_path / "run"
+    kill_in_save = textwrap.dedent("""
+        import os, sys
+        from lmlab import checkpoint
+        from lmlab.cli import main
+        def killed(path, data):
+            os._exit(137)
+        checkpoint.write_new_file = killed
+        sys.exit(main(sys.argv[1:]))
+    """)
+    child = subprocess.run([sys.executable, "-c", kill_in_save, "import", str(exported), "--run",
+                            str(run)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 137, child.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()][0].startswith(".tmp-")
+    assert main(["import", str(exported), "--run", str(run)]) == 0
+    assert os.listdir(run / "checkpoints") == ["step_000000"]
+    assert load_model(run)[0].config == load_model(exported.parent / "run")[0].config
 
 
 # -- refusals (on lmlab's own export: no transformers needed) ----------------------------------------

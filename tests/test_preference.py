@@ -185,18 +185,19 @@ def test_append_ranking_on_a_full_disk_names_the_file_and_leaves_no_torn_line(tm
     path = tmp_path / "r.jsonl"
     first = {"prompt": "p1", "completions": ["a", "b"], "ranking": [0, 1]}
     rk.append_ranking(path, first)
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def fill_up(fd, data):  # half the line fits, then the disk is full
+    def fill_up(fd, data, offset):  # half the line fits, then the disk is full
         if len(data) > 1:
-            return real_write(fd, bytes(data[:len(data) // 2]))
+            return real_pwrite(fd, bytes(data[:len(data) // 2]), offset)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "write", fill_up)
+    monkeypatch.setattr(os, "pwrite", fill_up)
     with pytest.raises(ValueError, match=re.escape(f"cannot write {path}: No space left on "
                                                    "device")):
         rk.append_ranking(path, {**first, "prompt": "p2"})
     monkeypatch.undo()
+    assert path.read_text().count("\n") == 1 and path.read_text().endswith("\n")  # cut off again
     assert [r["prompt"] for r in rk.load_rankings(path)] == ["p1"]
     rk.append_ranking(path, {**first, "prompt": "p3"})
     assert [r["prompt"] for r in rk.load_rankings(path)] == ["p1", "p3"]

@@ -237,3 +237,52 @@ def test_rank_with_a_scripted_judge(tiny_run, tmp_path):
     res = subprocess.run(cmd[:-2] + ["--judge", "nonsense"], env=_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "unknown judge 'nonsense'" in res.stderr
+
+
+# A `lmlab rank` killed in the middle of writing its third line: the kernel cuts a long write at a
+# page boundary when kill -9 arrives (a full disk cuts any write); half a write, then an exit,
+# stands in for it (os.write or os.pwrite, whichever the append uses).
+KILLED_MID_LINE = """
+import os, sys
+from lmlab.cli import main
+calls = [0]
+def torn(real):
+    def write(fd, data, *offset):
+        calls[0] += 1
+        if calls[0] == 3:
+            real(fd, bytes(data)[:len(data) // 2], *offset)
+            os._exit(137)
+        return real(fd, data, *offset)
+    return write
+os.write, os.pwrite = torn(os.write), torn(os.pwrite)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_rank_killed_mid_line_resumes_and_its_file_stays_readable(tiny_run, tmp_path):
+    from lmlab.rankings import load_rankings
+    out = tmp_path / "judged.jsonl"
+    args = ["rank", str(tiny_run / "run"), "--prompts", str(tiny_run / "prompts.txt"), "--out",
+            str(out), "-k", "2", "--max-new-tokens", "6", "--judge", "shorter"]
+    res = subprocess.run([sys.executable, "-c", KILLED_MID_LINE, *args], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 137, res.stderr
+    assert not out.read_bytes().endswith(b"\n")  # the torn third line
+    # Readers (reward, dpo, the studio) take the whole lines; the run resumes with the third.
+    assert [r["prompt"] for r in load_rankings(out)] == PROMPTS[:2]
+    res = subprocess.run([sys.executable, "-m", "lmlab", *args], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "2 of 4 prompts already ranked" in res.stdout
+    assert f"the last line of {out} is cut short" in res.stderr
+    assert [json.loads(ln)["prompt"] for ln in out.read_text().splitlines()] == PROMPTS
+
+
+def test_a_file_without_a_final_newline_gets_one_before_the_next_ranking(tmp_path):
+    """Another tool's pairs whose last line has no newline: kept whole, not glued to the next."""
+    from lmlab.rankings import append_ranking, load_rankings
+    out = tmp_path / "pairs.jsonl"
+    out.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}')
+    append_ranking(out, {"prompt": "q", "completions": ["c", "d"], "ranking": [1, 0]})
+    assert [r["prompt"] for r in load_rankings(out)] == ["p", "q"]
+    assert out.read_text().count("\n") == 2

@@ -165,6 +165,25 @@ def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path):
     assert os.listdir(run / "checkpoints") == ["step_000010"]
 
 
+def test_what_a_first_save_killed_midway_left_is_no_run_and_is_cleaned(tmp_path):
+    """A writer killed in its first save (lmlab import, whose only files are the checkpoint's)
+    leaves checkpoints/ holding a temporary directory, or nothing; running it again must work
+    without --overwrite, as nothing of a run is there."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-step_000000-ab12cd34").mkdir(parents=True)
+    (run / "checkpoints" / ".tmp-step_000000-ab12cd34" / "model.safetensors").write_text("half")
+    (run / ".lock").write_text("")
+    with open_run_dir(run, resumable=False) as rd:
+        assert rd.cleaned == ["checkpoints/.tmp-step_000000-ab12cd34"] and rd.removed == []
+    assert os.listdir(run / "checkpoints") == []
+    with open_run_dir(run) as rd:  # killed between creating checkpoints/ and its first entry
+        assert rd.cleaned == []
+    # A checkpoint beside the leftovers is a run's file still.
+    (run / "checkpoints" / "step_000010").mkdir()
+    with pytest.raises(RunDirError, match=r"saved no checkpoint \(checkpoints\)"):
+        open_run_dir(run)
+
+
 def test_another_process_holding_the_run_is_named(tmp_path):
     run = new_run(tmp_path / "run")
     holder = subprocess.Popen(

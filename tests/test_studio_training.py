@@ -107,6 +107,34 @@ def test_stop_checkpoints_a_second_start_is_refused_and_the_studio_stops_its_chi
     assert _step(slot) > stopped_at
 
 
+def test_a_slot_whose_child_was_killed_before_its_first_checkpoint_starts_again(studio_runs, tmp_path):  # noqa: F811
+    """kill -9 (the studio's own after STOP_WAIT_S, the OOM killer) before the first save leaves
+    the slot its metrics and no checkpoint: nothing to resume, and the page cannot pass
+    --overwrite, so a new start must replace those files itself."""
+    slot = tmp_path / "class"
+    app = create_app([studio_runs[0]], train_into=[slot], rankings=tmp_path / "r.jsonl",
+                     allowed_hosts={"127.0.0.1"})
+    start = {"run": "class", "stage": "pretrain", "corpus": "shakespeare", "steps": MAX_STEPS}
+    try:
+        with TestClient(app, base_url=LOCAL) as c:
+            assert c.post("/api/training/start", json=start).status_code == 200
+            wait_until(lambda: read_metrics(slot), "the first metrics row", timeout=120)
+            child = app.app.state.trainer.job(app.app.state.runs.get("class")).process
+            child.kill()  # a save comes every 1000 steps; the first row is step 10
+            child.wait()
+            assert (slot / "metrics.jsonl").exists() and not (slot / "current.json").exists()
+            r = c.post("/api/training/start", json={**start, "steps": 12})
+            assert r.status_code == 200, r.text
+            wait_until(lambda: c.get("/api/training/job", params={"run": "class"}).json()["state"]
+                       != "running", "the new run to finish")
+            job = c.get("/api/training/job", params={"run": "class"}).json()
+            assert job["state"] == "finished", job["log"]
+            assert [row["step"] for row in read_metrics(slot) if "loss" in row] == list(range(1, 13))
+            assert _step(slot) == 12
+    finally:
+        stop_training(app)
+
+
 @pytest.mark.parametrize("change, status, message", [
     ({"run": "base"}, 400, "not named with --train-into"),
     ({"run": "../slot"}, 404, "no run"),

@@ -31,7 +31,7 @@ import numpy as np
 
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
-from .files import JSONTextError, atomic_write_bytes, parse_json, remove_abandoned
+from .files import JSONTextError, atomic_write_bytes, complete_lines, parse_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
@@ -328,14 +328,23 @@ class BatchSampler:
 # -- JSONL datasets -----------------------------------------------------------------------------
 
 
-def read_jsonl_objects(path):
-    """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line."""
+def read_jsonl_objects(path, *, appended: bool = False, allow_empty: bool = False):
+    """(path, [(line number, object), ...]) of a JSONL file of objects; errors name the line.
+
+    appended: a file lmlab appends to a line at a time (rankings, by files.append_line), whose
+    torn last line, left by an interrupted append, is skipped (files.complete_lines) with a note.
+    allow_empty: a file with no record gives [] instead of an error."""
     path = need_regular_file(os.fspath(path), "JSONL file")
     try:
         with open(path, "rb") as f:
-            lines = f.readlines()
+            data = f.read()
     except OSError as e:
         raise type(e)(e.errno, f"cannot read JSONL file ({e.strerror})", path) from None
+    lines = complete_lines(data) if appended else data.split(b"\n")
+    if len(lines) == data.count(b"\n") and data[data.rfind(b"\n") + 1:].strip():
+        print(f"lmlab: note: the last line of {path} is cut short (an append interrupted by a "
+              "kill or a full disk) and is skipped; the next append to the file removes it",
+              file=sys.stderr)
     records = []
     for lineno, raw in enumerate(lines, 1):
         try:
@@ -353,7 +362,7 @@ def read_jsonl_objects(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append((lineno, obj))
-    if not records:
+    if not records and not allow_empty:
         raise ValueError(f"{path} contains no records")
     return path, records
 

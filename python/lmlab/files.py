@@ -11,11 +11,19 @@ out as errors.CheckpointError naming the path and the cause.
 `parse_json` is the one reader of JSON that lmlab did not just write (a file a person may have
 edited, another tool's file, a request body): whatever is wrong comes out as JSONTextError, a
 ValueError whose message the caller prefixes with the file and line.
+
+JSONL files that grow a line at a time (metrics.jsonl, rankings) are appended by append_line: one
+whole line per write, under an exclusive flock, then fsync. A kill can still cut a long write short
+(the kernel stops it at a page boundary; a full disk stops any), leaving a last line without its
+"\n". The one rule both sides share (complete_lines): an unterminated last line that parses as JSON
+is a record (another tool's file without a final newline), anything else there is a torn write,
+which readers skip and the next append_line removes before it writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import stat
@@ -247,3 +255,73 @@ def parse_json(data):
         raise
     except ValueError:  # an integer past sys.get_int_max_str_digits()
         raise JSONTextError("a number with too many digits") from None
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def complete_lines(data: bytes) -> list:
+    """The lines of JSONL `data` (bytes, without their "\n"), less a torn last line (module
+    docstring); blank lines are kept, for the caller's line numbers."""
+    lines = data.split(b"\n")
+    last = lines.pop()  # b"" after a final "\n"
+    if last.strip() and _is_json(last):
+        lines.append(last)
+    return lines
+
+
+def _unterminated_tail(fd: int, size: int) -> bytes:
+    """The bytes after the last "\n" of the open file (b"" when it ends with one, or is empty)."""
+    tail, pos = b"", size
+    while pos > 0:
+        n = min(1 << 16, pos)
+        pos -= n
+        block = os.pread(fd, n, pos)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return block[cut + 1:] + tail
+        tail = block + tail
+    return tail
+
+
+def append_line(path, line: bytes, *, follow_links: bool = True) -> None:
+    """Append `line` (one whole line, ending with "\n") to the JSONL file `path`, created if missing,
+    in one write under an exclusive flock, then fsync it: writers in several processes never
+    interleave lines, and a crash or Ctrl-C never loses a line written. A torn last line (module
+    docstring) is removed first; a whole one without its "\n" gets it, and a write that fails (disk
+    full, file too large) is cut off again. follow_links=False refuses a symbolic link. An OSError
+    comes out as CheckpointError naming the file."""
+    path = os.fspath(path)
+    flags = os.O_RDWR | os.O_CREAT | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            end = os.fstat(fd).st_size
+            tail = _unterminated_tail(fd, end)
+            if tail and (not tail.strip() or _is_json(tail)):
+                line = b"\n" + line
+            elif tail:
+                end -= len(tail)
+                os.ftruncate(fd, end)
+            start, view = end, memoryview(line)
+            try:
+                while view:  # a regular file takes the line in one write; loop only on a short write
+                    written = os.pwrite(fd, view, end)
+                    view, end = view[written:], end + written
+                os.fsync(fd)
+            except OSError:
+                try:  # a write the disk cut short (full, file too large) leaves no torn line
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)  # closing releases the lock
+    except OSError as e:
+        raise write_error(path, e) from None

@@ -10,7 +10,8 @@ Written atomically: everything goes into a temporary directory beside OUT, synce
 OUT. An existing OUT is refused unless overwrite=True, and even then only a transformers model
 directory (a config.json with a model_type) or an empty one is replaced, never an lmlab run or
 checkpoint, nor anything inside one: the old export is renamed aside, the new one renamed in, the
-old one removed. A kill between those two renames leaves the old export as .OUT.old-TIME-*, which
+old one removed. A failed write or Ctrl-C removes the temporary directory and leaves the previous
+export (or none) in place; a kill between those two renames leaves the old export as .OUT.old-TIME-*, which
 the next export of OUT puts back before it starts (the newest, if several; older ones, left by a
 kill before the last removal, are removed).
 """
@@ -195,10 +196,12 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
             os.rename(out, old)
         os.rename(tmp, out)
         fsync_dir(out.parent)
-    except (OSError, CheckpointError) as e:
+    except BaseException as e:  # a failed write, or Ctrl-C: leave the previous export as it was
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.lexists(old) and not os.path.lexists(out):
             os.rename(old, out)
+        if not isinstance(e, (OSError, CheckpointError)):
+            raise
         why = (f"cannot write {e.filename or out}: {e.strerror}" if isinstance(e, OSError)
                else str(e))
         kept = "the previous export is unchanged" if replaced else "nothing was written"

@@ -1,5 +1,6 @@
-"""A run's metrics.jsonl (one JSON object per logged step, appended whole and fsynced, a torn last
-line ignored on reading and dropped on the next append) and the loss plot drawn from it."""
+"""A run's metrics.jsonl (one JSON object per logged step, appended whole and fsynced by
+files.append_line, a torn last line ignored on reading and dropped on the next append) and the
+loss plot drawn from it."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import json
 import os
 
 from .errors import CheckpointError
-from .files import (JSONTextError, atomic_write_bytes, atomic_write_text, json_default, parse_json,
-                    write_error)
+from .files import (JSONTextError, append_line, atomic_write_bytes, atomic_write_text,
+                    complete_lines, json_default, parse_json, write_error)
 from .rundir import LOSS_PLOT_FILE, METRICS_FILE
 
 
 def append_metrics(run_dir, row: dict) -> None:
     """Append one JSON object as a line of metrics.jsonl (created on first use; never through a
-    symbolic link)."""
+    symbolic link), by files.append_line: a torn last line a crash left is removed first."""
     if not isinstance(row, dict):
         raise TypeError(f"row must be a dict, got {type(row).__name__}")
     run_dir = os.fspath(run_dir)
@@ -23,24 +24,9 @@ def append_metrics(run_dir, row: dict) -> None:
     line = (json.dumps(row, default=json_default) + "\n").encode("utf-8")
     try:
         os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        with os.fdopen(fd, "r+b") as f:
-            _drop_torn_tail(f)
-            # One write of a whole line at the end: a crash can at worst leave a torn last line,
-            # which read_metrics ignores and the next append removes.
-            f.seek(0, os.SEEK_END)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
     except OSError as e:
         raise write_error(path, e) from None
-
-
-def _drop_torn_tail(f) -> None:
-    f.seek(0)
-    data = f.read()
-    if data and not data.endswith(b"\n"):
-        f.truncate(data.rfind(b"\n") + 1)
+    append_line(path, line, follow_links=False)
 
 
 def read_metrics(run_dir) -> list:
@@ -52,16 +38,19 @@ def read_metrics(run_dir) -> list:
 
 
 def read_metrics_file(path) -> list:
-    """Rows of a metrics.jsonl file; a torn final line (no newline) is ignored."""
+    """Rows of a metrics.jsonl file; a torn final line (files.complete_lines) is ignored."""
     try:
-        with open(path, encoding="utf-8") as f:
-            complete = f.read().split("\n")[:-1]  # the last piece is "" or a torn line
+        with open(path, "rb") as f:
+            lines = complete_lines(f.read())
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     rows = []
-    for lineno, line in enumerate(complete, 1):
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path}:{lineno}: not UTF-8 text (byte offset {e.start} of the "
+                                  "line)") from None
         if not line.strip():
             continue
         try:

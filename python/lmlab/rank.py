@@ -87,10 +87,9 @@ def show_completions(prompt: str, completions: Sequence[str], write: Callable, e
 
 def ranked_prompts(path) -> collections.Counter:
     """How many rankings the file already holds for each prompt (an absent file holds none)."""
-    path = Path(path)
-    if not path.exists() or not path.read_text(encoding="utf-8").strip():
+    if not Path(path).exists():
         return collections.Counter()
-    return collections.Counter(r["prompt"] for r in load_rankings(path))
+    return collections.Counter(r["prompt"] for r in load_rankings(path, allow_empty=True))
 
 
 def answer_sampler(model, tok, max_new_tokens: int, *, seed: int = 0, **settings) -> Callable:

@@ -20,7 +20,6 @@ This is the one place the format is checked (`normalize_ranking`) and its pairs 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .data import need_regular_file, need_str, read_jsonl_objects
-from .files import JSONTextError, NotJSON, parse_json, write_error
+from .files import JSONTextError, NotJSON, append_line, parse_json
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -140,40 +139,24 @@ def ranking_paths(rankings) -> Optional[list]:
     return [os.fspath(p) for p in rankings]
 
 
-def load_rankings(path) -> list:
-    """Every record of a rankings JSONL file (rankings and/or pairs); errors name file and line."""
-    path, records = read_jsonl_objects(path)
+def load_rankings(path, *, allow_empty: bool = False) -> list:
+    """Every record of a rankings JSONL file (rankings and/or pairs); errors name file and line.
+    A torn last line, which an interrupted append leaves, is skipped (files.complete_lines).
+    allow_empty: a file without a record gives [] rather than an error."""
+    path, records = read_jsonl_objects(path, appended=True, allow_empty=allow_empty)
     return [parse_record(obj, where=f"{path}:{lineno}") for lineno, obj in records]
 
 
 def append_ranking(path, record: dict) -> None:
     """Append one judgement and force it to disk, so a crash or Ctrl-C never loses it.
 
-    The whole line goes out in one write under an exclusive flock, so writers in several processes
-    (`lmlab rank` and `lmlab studio` on one file) never interleave their lines. A write that fails
-    (disk full, file too large) is cut off again, so the file keeps its whole lines only, and
-    comes out as CheckpointError naming the file."""
+    files.append_line writes the whole line in one write under an exclusive flock, so writers in
+    several processes (`lmlab rank` and `lmlab studio` on one file) never interleave their lines,
+    first removes a torn last line a killed writer left, and cuts off again a write that fails (disk
+    full, file too large), so the file keeps its whole lines only; a failure comes out as
+    CheckpointError naming the file."""
     line = (json.dumps(parse_record(record), ensure_ascii=False) + "\n").encode("utf-8")
-    try:
-        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise write_error(path, e) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            view = memoryview(line)
-            while view:  # a regular file takes the line in one write; loop only on a short write
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as e:
-            try:
-                os.ftruncate(fd, size)  # no torn line for the next reader to stop at
-            except OSError:
-                pass
-            raise write_error(path, e) from None
-    finally:
-        os.close(fd)  # closing releases the lock
+    append_line(path, line)
 
 
 def preference_pairs(records: Iterable[dict]) -> list:

@@ -62,15 +62,27 @@ def is_run(path) -> bool:
     return (p / CURRENT_FILE).is_file() or ((p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file())
 
 
-def _run_files(path: Path) -> list:
-    """The run's entries in `path`; a checkpoint's file names count only where they form a
-    flat-layout run (a lone config.json may be anybody's)."""
-    ours = RUN_NAMES if is_run(path) else RUN_ENTRIES
-    return [n for n in ours if os.path.lexists(path / n)]
-
-
 def _is_leftover(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX) and name != LOCK_FILE
+
+
+def _is_save_leftover(name: str) -> bool:
+    """A name in checkpoints/ that an interrupted save or prune left (never a checkpoint)."""
+    return name.startswith((SAVE_TEMP_PREFIX, SAVE_OLD_PREFIX)) or _is_leftover(name)
+
+
+def run_files(path: Path) -> list:
+    """The run's entries in `path` (what overwrite removes; where `path` holds no run, the files
+    of one that saved no checkpoint); a checkpoint's file names count only where they form a
+    flat-layout run (a lone config.json may be anybody's), and checkpoints/ only where it holds
+    more than an interrupted first save left (opening removes that, as any save's leftovers)."""
+    ours = RUN_NAMES if is_run(path) else RUN_ENTRIES
+    found = [n for n in ours if os.path.lexists(path / n)]
+    ckpts = path / CHECKPOINTS_DIR
+    if CHECKPOINTS_DIR in found and ckpts.is_dir() and not ckpts.is_symlink() and all(
+            _is_save_leftover(n) for n in os.listdir(ckpts)):
+        found.remove(CHECKPOINTS_DIR)
+    return found
 
 
 def moved_flat_files(path) -> list:
@@ -170,7 +182,7 @@ class RunDir:
         ckpts = top / CHECKPOINTS_DIR
         if ckpts.is_dir():
             for name in sorted(os.listdir(ckpts)):
-                if name.startswith((SAVE_TEMP_PREFIX, SAVE_OLD_PREFIX)) or _is_leftover(name):
+                if _is_save_leftover(name):
                     gone.append(f"{CHECKPOINTS_DIR}/{name}")
         gone += moved_flat_files(top)
         for name in gone:
@@ -248,7 +260,7 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
         raise RunDirError(f"{links[0]} is a symbolic link; lmlab does not follow links inside a run "
                           "directory (it would write through them): replace it by what it points "
                           "to, or remove it")
-    existing = [] if resume or not path.is_dir() else _run_files(path)
+    existing = [] if resume or not path.is_dir() else run_files(path)
     if existing and not overwrite:
         if is_run(path):
             resume_it = "--resume to continue it, " if resumable else ""
@@ -265,7 +277,7 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
     run = RunDir(path, _lock(path))
     try:
         if overwrite:
-            for name in _run_files(path):
+            for name in run_files(path):
                 _remove(path / name)
                 run.removed.append(name + ("/" if name == CHECKPOINTS_DIR else ""))
         run.clean_leftovers()

@@ -66,7 +66,7 @@ class RankingBook:
         """How many submissions the file holds for this round's prompt and answers."""
         with self.lock:
             try:
-                records = load_rankings(self.path)
+                records = load_rankings(self.path, allow_empty=True)
             except FileNotFoundError:
                 return 0
         return sum(r["prompt"] == round_["prompt"] and r["completions"] == round_["completions"]

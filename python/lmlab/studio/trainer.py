@@ -6,7 +6,8 @@ corpus by name (lmlab.builtin_corpus) or the built-in instruct data, the run to 
 index or name, a model size preset, and a number of steps. From those the server builds the
 argument list of `python -m lmlab VERB ...` (never a shell string); nothing a request sends becomes
 a path. The stage's own rules apply in the child: lmlab.stage.open_stage refuses a slot that
-already holds a run unless the request asks to resume it (there is no overwrite from the page).
+already holds a run unless the request asks to resume it (there is no overwrite of a run from the
+page; a slot holding only the files of a run that saved no checkpoint is started afresh).
 
 The child runs in its own session (a Ctrl-C in the studio's terminal does not reach it twice);
 Stop sends it one SIGINT, which lmlab's training loop answers by saving a checkpoint and exiting.
@@ -29,7 +30,7 @@ from typing import Optional
 from ..builtin_corpus import BUILTIN_CORPORA
 from ..checkpoint import read_config
 from ..instruct import BUILTIN_INSTRUCT
-from ..rundir import is_run
+from ..rundir import is_run, run_files
 from ..stage import STAGE_DEFAULTS
 from .common import BadRequest, Conflict, choice_value, number_value
 
@@ -74,6 +75,9 @@ def command(values: dict, runs) -> tuple:
     elif is_run(run.path):
         raise BadRequest(f"run {run.name} already holds a run: resume it, or name another "
                          "directory with --train-into (the page never overwrites a run)")
+    # A run that saved no checkpoint (its child killed, or diverged, before its first save) left
+    # only files to replace, such as its metrics: the start replaces them, as --overwrite would.
+    replace = not resume and bool(run_files(run.path))
     # Logging, validation and checkpoints frequent enough for the page to follow a short run.
     schedule = ["--log-every", str(max(1, min(10, steps // 50))),
                 "--eval-every", str(max(10, steps // 10)), "--save-every", str(max(25, steps // 5))]
@@ -102,7 +106,9 @@ def command(values: dict, runs) -> tuple:
     argv += ["--steps", str(steps), "--no-progress"] + schedule
     if resume:
         argv.append("--resume")
-    else:  # a short run still warms up
+    else:
+        if replace:
+            argv.append("--overwrite")  # a short run still warms up
         warmup = min(STAGE_DEFAULTS[stage]["warmup_steps"], max(1, steps // 10))
         argv += ["--warmup-steps", str(warmup)]
     return run, argv
