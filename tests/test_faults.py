@@ -46,7 +46,8 @@ SAVES = (3, 6, 9, 12)
 
 # Runs `lmlab` with os.fsync, os.rename and os.replace counted; at the events named in
 # $LMLAB_FAULTS ({"event number": [actions]}) it acts before the call: "kill" (SIGKILL), "sigint",
-# "fsize:N" (RLIMIT_FSIZE = N bytes from then on), "pause" (print "paused", wait for stdin to close).
+# "sigterm", "fsize:N" (RLIMIT_FSIZE = N bytes from then on), "pause" (print "paused", wait for
+# stdin to close).
 DRIVER = r"""
 import json, os, resource, signal, sys
 plan = json.loads(os.environ.get("LMLAB_FAULTS", "{}"))
@@ -55,8 +56,8 @@ count = [0]
 def act(action):
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "sigint":
-        os.kill(os.getpid(), signal.SIGINT)
+    elif action in ("sigint", "sigterm"):
+        os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
     elif action.startswith("fsize:"):
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(action[6:]), resource.RLIM_INFINITY))
     elif action == "pause":
@@ -231,7 +232,20 @@ def test_ctrl_c_then_ctrl_c_during_the_save_waits_for_it(world, tmp_path, capsys
     rc, out, err = _run_child(world, run, {step4: ["sigint"], step4 + 3: ["sigint"]})
     assert rc == 0, err
     assert "saving a checkpoint; the run stops when it is written" in err
-    assert "stopped early (Ctrl-C): 4 steps" in out
+    assert "stopped early (Ctrl-C / SIGTERM): 4 steps" in out
+    assert checkpoint.load_training_state(run)[1]["step"] == 4
+    _assert_recovers(world, run, capsys, extra_checkpoints=[4])
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_as_ctrl_c_does(world, tmp_path, capsys):
+    """Process managers, batch schedulers and `docker stop` send SIGTERM before they kill: it was
+    Python's default, an exit on the spot that lost every step since the last save."""
+    run = tmp_path / "run"
+    step4 = world.event("fsync", "metrics.jsonl", 1)  # the row of step 4, outside any save
+    rc, out, err = _run_child(world, run, {step4: ["sigterm"]})
+    assert rc == 0, err
+    assert "asked to stop (SIGTERM)" in err and "stopping after this step" in err
+    assert "stopped early (Ctrl-C / SIGTERM): 4 steps" in out
     assert checkpoint.load_training_state(run)[1]["step"] == 4
     _assert_recovers(world, run, capsys, extra_checkpoints=[4])
 

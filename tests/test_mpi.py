@@ -223,9 +223,9 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     os.kill(_rank_pids(proc, run)[1], signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "stopped early (Ctrl-C)" in out
+    assert "stopped early (Ctrl-C / SIGTERM)" in out
     step = json.loads((run / "current.json").read_text())["step"]
-    assert f"stopped early (Ctrl-C): {step} steps" in out  # saved at the step every rank ended
+    assert f"stopped early (Ctrl-C / SIGTERM): {step} steps" in out  # saved at the step every rank ended
 
 
 @needs_mpi

@@ -101,7 +101,7 @@ class StageResult(TrainResult):
         return cls(**asdict(result), stage=stage, run_dir=str(run_dir), details=details)
 
     def summary(self) -> str:
-        status = "stopped early (Ctrl-C)" if self.stopped_early else "finished"
+        status = "stopped early (Ctrl-C / SIGTERM)" if self.stopped_early else "finished"
         val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
         speed = f", {self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else ""
         return (f"{status}: {self.steps_done} steps in {self.seconds:.1f} s, "

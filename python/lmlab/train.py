@@ -176,22 +176,29 @@ class _StopRequest:
     a second interrupts at once (KeyboardInterrupt; the last checkpoint on disk stays current).
     During a save (`with stop.saving():`) the first Ctrl-C waits for the save to finish, and says
     so; another during the same save forces the exit, which still leaves the previous checkpoint
-    current (a checkpoint becomes current in one atomic step, see checkpoint.py)."""
+    current (a checkpoint becomes current in one atomic step, see checkpoint.py). SIGTERM, which
+    process managers, batch schedulers and `docker stop` send before they kill, counts as a
+    Ctrl-C."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
         self._saving = False
         self._presses_while_saving = 0
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self) -> "_StopRequest":
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave the signals alone
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGTERM and not self.requested:
+            print("\nlmlab: asked to stop (SIGTERM)", file=sys.stderr, flush=True)
         if self._saving:
             self.requested = True
             self._presses_while_saving += 1
@@ -217,8 +224,8 @@ class _StopRequest:
             self._saving = False
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class NonFiniteLoss(RuntimeError):
