@@ -161,6 +161,28 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, capsys, precision):
     assert loss_a == loss_b
 
 
+def test_a_resume_on_data_changed_since_the_checkpoint_says_so(tmp_path, capsys):
+    """A corpus edited between a run and its resume: training went on silently on other data,
+    where a resume promises to continue the run exactly. Each checkpoint keeps a hash of the
+    data; a resume on other data notes it (and one on the same data says nothing)."""
+    tok, ids, model = tiny_setup()
+    run = tmp_path / "run"
+    train(model, LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3), quiet(steps=10), run,
+          tokenizer=tok)
+    assert checkpoint.load_training_state(run)[1]["data"]
+    capsys.readouterr()
+    train(model, LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3), quiet(steps=12), run,
+          tokenizer=tok, resume=True)
+    assert "not what" not in capsys.readouterr().err
+    edited = ids.copy()
+    edited[100] = (edited[100] + 1) % tok.vocab_size
+    train(model, LanguageModelingStage(edited[:1500], edited[1500:], 4, 16, seed=3),
+          quiet(steps=14), run, tokenizer=tok, resume=True)
+    err = capsys.readouterr().err
+    assert f"the training data is not what {run} was trained on up to step 12" in err
+    assert checkpoint.load_training_state(run)[1]["step"] == 14
+
+
 def test_resume_reads_the_weights_into_the_model_it_is_given(tmp_path):
     """train(resume=True) fills the caller's model (no second one) and refuses another config."""
     tok, ids, model = tiny_setup()

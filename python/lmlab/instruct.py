@@ -114,6 +114,10 @@ class InstructStage:
     def skip_step(self) -> None:
         self.rng.integers(0, len(self.train_examples), size=self.batch_size)
 
+    def data_fingerprint(self) -> str:
+        return distributed.fingerprint(*(a for e in self.train_examples + self.val_examples
+                                         for a in (e.ids, e.supervised)))
+
     def evaluate(self, model) -> dict:
         return {"val_loss": masked_loss(model, self.val_examples, self.batch_size,
                                         self.block_size, self.pad_id)}

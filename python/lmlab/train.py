@@ -20,7 +20,9 @@ The stage contract (duck-typed, see `Stage`):
                                              one micro-batch exactly as train_step would, without
                                              computing it: another rank computes that one
     stage.data_fingerprint() -> str          (optional) a hash of the training data, which the
-                                             ranks of an MPI run compare before training
+                                             ranks of an MPI run compare before training, and
+                                             which each checkpoint keeps, so that a resume on
+                                             data changed since is noted
 """
 
 from __future__ import annotations
@@ -291,6 +293,9 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                          "skip_step to step over the other ranks' micro-batches)")
     shard = world.shards(model.params.size)[world.rank] if cfg.zero and world.distributed else None
     optimizer = AdamW(model, cfg, shard=shard, world=world)
+    # A hash of the training data (stage.data_fingerprint, where the stage has one), kept with each
+    # checkpoint, so that a resume on data edited since can say so.
+    data_fingerprint = stage.data_fingerprint() if hasattr(stage, "data_fingerprint") else None
     start_step = 0
     if resume:
         arrays, state = checkpoint.load_training_state(run_dir)
@@ -304,6 +309,11 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
             raise CheckpointError(f"{checkpoint.current_checkpoint(run_dir) / 'state.json'} does not "
                                   f"hold this stage's trainer state ({type(e).__name__}: {e}); "
                                   "cannot resume exactly") from None
+        trained_on = state.get("data") if isinstance(state, dict) else None
+        if writer and trained_on is not None and data_fingerprint not in (None, trained_on):
+            print(f"lmlab: note: the training data is not what {run_dir} was trained on up to step "
+                  f"{start_step} (a file it reads has changed since); the run continues on the data "
+                  "as it is now, so not as it would have without the change", file=sys.stderr)
         # Rows logged after the checkpoint are logged again by the resumed run.
         if writer:
             metrics.truncate_metrics(run_dir, start_step)
@@ -312,10 +322,9 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                   file=sys.stderr)
     if world.distributed:
         # Every rank must train the same model on the same data with the same kernels.
-        data = getattr(stage, "data_fingerprint", None)
         world.check_same("run", {**distributed.environment(),
                                  "parameters": distributed.fingerprint(model.params),
-                                 "data": data() if data else None,
+                                 "data": data_fingerprint,
                                  "data position": json.dumps(stage.state_dict(), sort_keys=True)})
     if writer and start_step < cfg.steps < cfg.warmup_steps:
         print(f"lmlab: note: steps {cfg.steps} < warmup_steps {cfg.warmup_steps}: the learning "
@@ -333,6 +342,8 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
         if step == last_saved:
             return  # nothing changed since that checkpoint
         state = {"step": step, "adam_t": optimizer.t, "stage": stage.state_dict()}
+        if data_fingerprint is not None:
+            state["data"] = data_fingerprint
         moments = optimizer.state()  # every rank: with ZeRO-1 a gather onto rank 0
         if writer:
             with stop.saving():
