@@ -92,6 +92,29 @@ def _manifest(cache) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.parametrize("damage", ["[]", "{\"format\": 1", "shards not a list", "entry not a dict",
+                                    "entry without its file"])
+def test_a_damaged_manifest_is_ignored_and_the_pass_starts_over(tmp_path, corpus, damage):
+    """manifest.json is lmlab's own, but a disk or a person can damage it: valid JSON of another
+    form (a list; shard entries that are not objects) was a traceback (AttributeError, TypeError)
+    on every later run of the corpus; now the pass starts over, as without a manifest."""
+    tok = train_tokenizer(load_corpus(corpus), "char")
+    cache = tmp_path / "cache"
+    tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    path = next(cache.glob("tokens/stream-*")) / "manifest.json"
+    saved = json.loads(path.read_text())
+    text = {"[]": "[]", "{\"format\": 1": '{"format": 1',
+            "shards not a list": json.dumps({**saved, "shards": "shard_00000.bin"}),
+            "entry not a dict": json.dumps({**saved, "shards": ["shard_00000.bin"]}),
+            "entry without its file": json.dumps(
+                {**saved, "shards": [{k: v for k, v in e.items() if k != "file"}
+                                     for e in saved["shards"]]})}[damage]
+    path.write_text(text)
+    again = tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(again), _in_memory(corpus, tok, tmp_path / "mem"))
+    assert _manifest(cache) == saved
+
+
 def test_an_interrupted_pass_resumes_after_its_last_whole_shard(tmp_path, corpus, monkeypatch):
     tok = train_tokenizer(load_corpus(corpus), "char")
     cache = tmp_path / "cache"

@@ -400,6 +400,21 @@ def _sources(files: list) -> list:
     return out
 
 
+def _manifest_of(saved, sources: list, dtype: str) -> bool:
+    """Whether `saved` (a manifest.json's value) is a manifest of this pass: its format, sources
+    and dtype, and shard entries of the form the pass writes. Anything else (a file damaged or
+    edited) is ignored, and the pass starts over, as without one."""
+    if not (isinstance(saved, dict) and saved.get("format") == FORMAT
+            and saved.get("sources") == sources and saved.get("dtype") == dtype
+            and isinstance(saved.get("complete"), bool) and isinstance(saved.get("shards"), list)):
+        return False
+    return all(isinstance(e, dict) and isinstance(e.get("file"), str) and "/" not in e["file"]
+               and isinstance(e.get("tokens"), int) and isinstance(e.get("sha256"), str)
+               and isinstance(e.get("next"), list) and len(e["next"]) == 2
+               and all(isinstance(n, int) for n in e["next"])
+               for e in saved["shards"])
+
+
 def _shard_ok(path: str, entry: dict, itemsize: int) -> bool:
     try:
         if os.path.getsize(path) != entry["tokens"] * itemsize:
@@ -439,10 +454,10 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     try:
         with open(manifest_path, encoding="utf-8") as f:
             saved = json.load(f)
-        if saved.get("format") == FORMAT and saved.get("sources") == sources:
+        if _manifest_of(saved, sources, dtype):
             manifest = saved
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError, RecursionError):
+        pass  # no manifest, or one damaged: the pass starts over
     itemsize = np.dtype(manifest["dtype"]).itemsize
     # Keep the shards that are whole; an interrupted pass resumes after the last of them.
     good = []
