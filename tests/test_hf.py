@@ -323,16 +323,34 @@ def test_import_keeps_the_first_positions_with_block_size(gpt2_dir, tmp_path):
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["bin", "bf16"])
+def _as_pytorch_bin(hf: Path, shards: int) -> None:
+    """Rewrite hf's model.safetensors as pytorch_model.bin, or as that many shards with the
+    pytorch_model.bin.index.json transformers writes for them."""
+    import torch
+    from safetensors.torch import load_file
+    state = load_file(str(hf / "model.safetensors"))
+    os.unlink(hf / "model.safetensors")
+    if shards == 1:
+        torch.save(state, hf / "pytorch_model.bin")
+        return
+    names, weight_map = sorted(state), {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = names[i::shards]
+        torch.save({k: state[k] for k in part}, hf / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {},
+                                                                  "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "bin-sharded", "bf16"])
 def test_import_reads_pytorch_bin_and_bfloat16_weights(fmt, tmp_path, corpus):
     _transformers()
     import torch
     hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
                     dtype=torch.bfloat16 if fmt == "bf16" else None)
-    if fmt == "bin":
-        from safetensors.torch import load_file
-        torch.save(load_file(str(hf / "model.safetensors")), hf / "pytorch_model.bin")
-        os.unlink(hf / "model.safetensors")
+    if fmt.startswith("bin"):
+        _as_pytorch_bin(hf, 3 if fmt == "bin-sharded" else 1)
     expected = {k: v.float().numpy() for k, v in
                 __import__("transformers").GPT2LMHeadModel.from_pretrained(hf).state_dict().items()}
     assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0

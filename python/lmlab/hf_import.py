@@ -3,8 +3,9 @@ any saved GPT2LMHeadModel) as an lmlab run, which sample, finetune, instruct, dp
 like any other. Nothing is downloaded: HF_DIR is a directory the user has.
 
 HF_DIR holds config.json (model_type "gpt2"), the weights (model.safetensors, a sharded
-model.safetensors.index.json, or pytorch_model.bin, read with PyTorch's weights-only loader where
-PyTorch is installed; float32, float16, bfloat16 or float64, read as float32) and tokenizer.json.
+model.safetensors.index.json, or pytorch_model.bin or its sharded pytorch_model.bin.index.json,
+read with PyTorch's weights-only loader where PyTorch is installed; float32, float16, bfloat16 or
+float64, read as float32) and tokenizer.json.
 
 Refused, each in one line naming the feature: another model type or architecture, an activation
 other than GPT-2's tanh GELU, an MLP width other than 4C, attention scaled otherwise than by
@@ -166,24 +167,36 @@ def _read_torch_bin(path: Path) -> dict:
             if hasattr(v, "numpy") and not _BUFFER.fullmatch(k.removeprefix(HF_PREFIX))}
 
 
+def _read_sharded(index: Path, read_shard) -> dict:
+    """The tensors of a sharded checkpoint: every shard its index's weight_map names, each read
+    by read_shard (transformers writes both formats' indexes alike)."""
+    shards = _read_json(index).get("weight_map")
+    if not isinstance(shards, dict):
+        raise _refuse(index, 'no "weight_map" object')
+    tensors = {}
+    for shard in sorted(set(shards.values())):
+        tensors.update(read_shard(index.parent / os.path.basename(str(shard))))
+    return tensors
+
+
+# Where a transformers directory keeps its weights, in the order transformers prefers them, and how
+# each is read.
+_WEIGHT_FILES = (("model.safetensors", _read_safetensors),
+                 ("model.safetensors.index.json", lambda p: _read_sharded(p, _read_safetensors)),
+                 ("pytorch_model.bin", _read_torch_bin),
+                 ("pytorch_model.bin.index.json", lambda p: _read_sharded(p, _read_torch_bin)))
+
+
 def read_weights(hf_dir: Path) -> dict:
     """{name without "transformer.": float32 array} of the checkpoint's weights."""
-    single, index, pt = (hf_dir / n for n in ("model.safetensors", "model.safetensors.index.json",
-                                              "pytorch_model.bin"))
-    if single.is_file():
-        tensors = _read_safetensors(single)
-    elif index.is_file():
-        shards = _read_json(index).get("weight_map")
-        if not isinstance(shards, dict):
-            raise _refuse(index, 'no "weight_map" object')
-        tensors = {}
-        for shard in sorted(set(shards.values())):
-            tensors.update(_read_safetensors(hf_dir / os.path.basename(str(shard))))
-    elif pt.is_file():
-        tensors = _read_torch_bin(pt)
+    for name, read in _WEIGHT_FILES:
+        if (hf_dir / name).is_file():
+            tensors = read(hf_dir / name)
+            break
     else:
-        raise FileNotFoundError(f"{hf_dir} holds no weights: expected model.safetensors, "
-                                "model.safetensors.index.json or pytorch_model.bin")
+        raise FileNotFoundError(f"{hf_dir} holds no weights: expected "
+                                f"{', '.join(n for n, _ in _WEIGHT_FILES[:-1])} or "
+                                f"{_WEIGHT_FILES[-1][0]}")
     return {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
 
 
