@@ -370,6 +370,27 @@ def test_an_exported_instruct_run_imports_with_its_chat_template(instruct_run, t
     assert config["train"]["added_tokens"] == []
 
 
+def test_an_export_saved_again_by_transformers_imports_with_its_chat_template(instruct_run,
+                                                                               tmp_path):
+    """transformers' save_pretrained writes the chat template to chat_template.jinja, not to
+    tokenizer_config.json: an export loaded, fine-tuned or not, and saved by transformers is still
+    the instruct model, and the imported run renders the conversations transformers renders."""
+    tf = _transformers()
+    out = _export(instruct_run, tmp_path / "hf")
+    saved = tmp_path / "saved"
+    tf.AutoModelForCausalLM.from_pretrained(out).save_pretrained(saved)
+    hf_tok = tf.AutoTokenizer.from_pretrained(out)
+    hf_tok.save_pretrained(saved)
+    assert main(["import", str(saved), "--run", str(tmp_path / "run")]) == 0
+    _, tok, config = load_model(tmp_path / "run")
+    assert config["train"]["chat_template"] == read_config(instruct_run)["train"]["chat_template"]
+    hf_tok = tf.AutoTokenizer.from_pretrained(saved)
+    for messages in CONVERSATIONS:
+        ids, _ = render(tok, messages, add_generation_prompt=True)
+        assert tok.decode(ids) == hf_tok.apply_chat_template(messages, tokenize=False,
+                                                             add_generation_prompt=True)
+
+
 def test_an_imported_run_samples_finetunes_instructs_and_learns_from_rankings(gpt2_dir, tmp_path,
                                                                               corpus, capsys):
     run = tmp_path / "run"

@@ -280,12 +280,21 @@ def read_tokenizer(hf_dir: Path, vocab_size: int):
 
 
 def _chat_template(hf_dir: Path):
-    """lmlab's template when the checkpoint's tokenizer_config.json carries lmlab's chat template
-    (a run exported by lmlab after instruct tuning), else None."""
-    path = hf_dir / "tokenizer_config.json"
-    if not path.is_file():
+    """lmlab's template when the checkpoint's chat template is lmlab's (a run exported by lmlab
+    after instruct tuning), else None. The template is where transformers reads it: the file
+    chat_template.jinja where there is one (what save_pretrained writes since transformers 4.43,
+    so an export loaded and saved again by transformers keeps it there), else tokenizer_config.json's
+    "chat_template"."""
+    jinja_file, config = hf_dir / "chat_template.jinja", hf_dir / "tokenizer_config.json"
+    if jinja_file.is_file():
+        try:
+            jinja = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _refuse(jinja_file, f"cannot read it as UTF-8 text ({e})") from None
+    elif config.is_file():
+        jinja = _read_json(config).get("chat_template")
+    else:
         return None
-    jinja = _read_json(path).get("chat_template")
     return dict(TEMPLATE) if jinja == chat_template_jinja(TEMPLATE) else None
 
 
