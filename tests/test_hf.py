@@ -252,11 +252,12 @@ def _gpt2_tokenizer(text: str, vocab_size: int, specials):
     return tk
 
 
-def _save_gpt2(d: Path, text: str, specials, dtype=None, **config) -> Path:
-    """A randomly initialised GPT2LMHeadModel saved by transformers, with its tokenizer.json."""
+def _save_gpt2(d: Path, text: str, specials, dtype=None, tokenizer=None, **config) -> Path:
+    """A randomly initialised GPT2LMHeadModel saved by transformers, with its tokenizer.json (a
+    GPT-2-like BPE tokenizer of `text`, or `tokenizer`)."""
     tf = _transformers()
     import torch
-    tk = _gpt2_tokenizer(text, 300, specials)
+    tk = tokenizer or _gpt2_tokenizer(text, 300, specials)
     eot = tk.token_to_id("<|endoftext|>")
     torch.manual_seed(0)
     cfg = tf.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2,
@@ -273,6 +274,74 @@ def _save_gpt2(d: Path, text: str, specials, dtype=None, **config) -> Path:
 def gpt2_dir(tmp_path_factory, corpus):
     """A GPT-2 checkpoint whose tokenizer has only <|endoftext|>, as GPT-2's has."""
     return _save_gpt2(tmp_path_factory.mktemp("gpt2") / "hf", corpus.read_text(), ["<|endoftext|>"])
+
+
+def _char_tokenizer(text: str, variant: str = "lmlab-like"):
+    """A character-level WordLevel tokenizer written by hand, not by lmlab: lmlab's layout (special
+    tokens, U+FFFD, one token per character) or a variant transformers reads otherwise."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from lmlab.tokenizer import REPLACEMENT_CHAR, SPECIAL_TOKENS
+    vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS + [REPLACEMENT_CHAR] + sorted(set(text)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="e" if variant == "other-unk"
+                                    else REPLACEMENT_CHAR))
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    tk.pre_tokenizer = (pre_tokenizers.WhitespaceSplit() if variant == "word-split"
+                        else pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"))
+    if variant != "no-decoder":
+        tk.decoder = decoders.Fuse()
+    return tk
+
+
+@pytest.mark.parametrize("variant", ["word-split", "no-decoder", "other-unk", "bos"])
+def test_import_refuses_a_tokenizer_transformers_reads_otherwise_than_lmlab(variant, tmp_path,
+                                                                           corpus, capsys):
+    """lmlab reads a WordLevel tokenizer one character per token (U+FFFD for an unseen one) and
+    adds no tokens to a text; one whose own pre-tokenizer, decoder, unknown token or
+    post-processor make transformers read it otherwise would feed the model ids it never saw, and
+    its export would tokenize otherwise than lmlab: refused, naming tokenizer.json."""
+    tf = _transformers()
+    from tokenizers import processors
+    text = corpus.read_text()
+    if variant == "bos":  # a BPE tokenizer that starts every text with <|endoftext|>
+        tk = _gpt2_tokenizer(text, 300, ["<|endoftext|>"])
+        eot = tk.token_to_id("<|endoftext|>")
+        tk.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                          special_tokens=[("<|endoftext|>", eot)])
+    else:
+        tk = _char_tokenizer(text, variant)
+    hf = _save_gpt2(tmp_path / "hf", text, None, tokenizer=tk)
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))
+    sample = "First Citizen:\nBefore we proceed \u263a"
+    ids = hf_tok(sample)["input_ids"]
+    per_char = [hf_tok.convert_tokens_to_ids(c) if c in hf_tok.get_vocab() else
+                hf_tok.convert_tokens_to_ids("\ufffd") for c in sample]
+    # The reference disagrees with lmlab's reading: what the import would have taken on.
+    assert (ids[0] == eot if variant == "bos" else
+            ids != per_char or hf_tok.decode(per_char) != sample.replace("\u263a", "\ufffd"))
+    capsys.readouterr()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_char_tokenizer_not_written_by_lmlab_imports_and_reads_as_transformers_does(tmp_path,
+                                                                                     corpus):
+    """The control: a hand-made tokenizer of lmlab's char layout imports, and lmlab's ids, text and
+    logits are transformers'."""
+    tf = _transformers()
+    hf = _save_gpt2(tmp_path / "hf", "", None, tokenizer=_char_tokenizer(corpus.read_text()))
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))
+    sample = "First Citizen:\n  Before we proceed \u263a"
+    ids = tok.encode(sample, unknown="replace")
+    assert hf_tok(sample)["input_ids"] == ids.tolist()
+    assert hf_tok.decode(ids.tolist()) == tok.decode(ids)
+    ids = ids[: model.config.block_size]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    np.testing.assert_allclose(logits[0], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
 def test_import_then_export_gives_back_the_same_tensors(tmp_path, corpus):

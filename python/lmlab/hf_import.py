@@ -12,8 +12,10 @@ other than GPT-2's tanh GELU, an MLP width other than 4C, attention scaled other
 1/sqrt(head size) (scale_attn_weights false, scale_attn_by_inverse_layer_idx), cross-attention, a
 layer norm epsilon other than lmlab's 1e-5, an LM head not tied to wte, a missing tensor (a layer
 without bias), tensors lmlab has no place for, a tokenizer that is neither byte-level BPE nor an
-lmlab char tokenizer or that does not give text back exactly, and a tokenizer whose size is not the
-model's vocab_size. reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
+lmlab char tokenizer or that does not give text back exactly, one the tokenizers library (what
+transformers runs) encodes or decodes otherwise than lmlab reads it (a post-processor adding tokens,
+a char tokenizer with another pre-tokenizer, decoder or unknown token), and a tokenizer whose size
+is not the model's vocab_size. reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
 as lmlab does). Dropout settings are not kept: lmlab trains without dropout.
 
 An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
@@ -276,7 +278,45 @@ def read_tokenizer(hf_dir: Path, vocab_size: int):
     if tok.kind == "bpe" and tok.decode(tok.encode(_ROUND_TRIP_PROBE)) != _ROUND_TRIP_PROBE:
         raise _refuse(path, "the tokenizer does not give text back exactly (decode(encode(x)) != "
                             "x); lmlab's tokenizers must")
+    _check_same_tokens(tk, tok, vocab, path)
     return tok, added
+
+
+def _check_same_tokens(tk, tok: Tokenizer, vocab: dict, path: Path) -> None:
+    """Refuse a tokenizer that the tokenizers library (what transformers runs, on the checkpoint
+    and on its export alike) encodes or decodes otherwise than lmlab's Tokenizer of the same
+    tokenizer.json: the model would be given ids it was not trained on. lmlab's char tokenizer reads
+    one token per character and U+FFFD for a character it lacks, whatever the file's pre-tokenizer,
+    model and decoder say, and lmlab's encode adds no tokens to the text."""
+    probe = _ROUND_TRIP_PROBE
+    if tok.kind == "char":  # every character it knows, and one it does not
+        known = sorted(t for t in vocab if len(t) == 1)
+        unseen = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in vocab)
+        probe += "".join(known) + unseen
+    ours = tok.encode(probe, unknown="replace").tolist()
+    try:
+        theirs = tk.encode(probe).ids
+        plain = tk.encode(probe, add_special_tokens=False).ids
+        text = tk.decode(ours, skip_special_tokens=False)
+    except Exception as e:  # the library raises its own Exception type
+        raise _refuse(path, f"the tokenizer cannot encode and decode text: {str(e)[:200]}") from None
+    if theirs != ours and plain == ours:
+        extra = [t for t in theirs if t not in ours] or theirs
+        raise _refuse(path, f"the tokenizer's post-processor adds {tk.id_to_token(extra[0])!r} to "
+                            "every text; lmlab's encode adds no tokens, so its prompts would lack it")
+    if theirs != ours:
+        at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+                  min(len(theirs), len(ours)))
+        how = ("one token per character, U+FFFD for an unseen one" if tok.kind == "char"
+               else "byte-level BPE")
+        raise _refuse(path, f"the tokenizers library encodes text with this tokenizer otherwise "
+                            f"than lmlab reads it ({how}): token {at} is "
+                            f"{tk.id_to_token(theirs[at]) if at < len(theirs) else None!r}, lmlab's "
+                            f"{tk.id_to_token(ours[at]) if at < len(ours) else None!r}")
+    if text != tok.decode(ours):
+        raise _refuse(path, "the tokenizers library decodes ids with this tokenizer otherwise "
+                            f"than lmlab does (its decoder gives {text[:24]!r} for lmlab's "
+                            f"{tok.decode(ours)[:24]!r})")
 
 
 def _chat_template(hf_dir: Path):
