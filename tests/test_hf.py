@@ -607,6 +607,26 @@ def test_reorder_and_upcast_attn_is_the_same_attention_and_imports(tmp_path, cor
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
+def test_a_stored_head_other_than_wte_is_refused_even_when_the_config_says_tied(tmp_path, corpus,
+                                                                                capsys):
+    """transformers computes with a stored lm_head.weight that differs from wte, whatever
+    tie_word_embeddings says; lmlab's head is wte, so such a checkpoint is refused, not imported
+    as a different model."""
+    tf = _transformers()
+    from safetensors.numpy import save_file
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"])
+    tensors = _safetensors(hf / "model.safetensors")
+    tensors[LM_HEAD] = tensors["transformer.wte.weight"][::-1].copy()
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    assert np.array_equal(hf_model.lm_head.weight.detach().numpy(), tensors[LM_HEAD])
+    capsys.readouterr()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lm_head.weight is not wte" in err, err
+
+
 def test_an_untied_head_equal_to_wte_is_the_tied_model_and_imports(exported, tmp_path):
     d = tmp_path / "hf"
     shutil.copytree(exported, d)

@@ -222,14 +222,17 @@ def _place_weights(model: GPT, cfg: GPTConfig, tensors: dict, hf: dict, where: P
         if tuple(tensors[key].shape) != tuple(shape):
             raise _refuse(where, f"tensor {key} has shape {tuple(tensors[key].shape)}, but "
                                  f"config.json's sizes need {tuple(shape)}")
-    # Tied (transformers' default), the model's head is wte whatever lm_head.weight holds; untied,
-    # it is lm_head.weight, which lmlab can take only when it equals wte.
+    # lmlab's LM head is wte. A stored lm_head.weight that is not wte is the head transformers
+    # computes with, tied or not (transformers 5 unties a model whose checkpoint holds both with
+    # different values); untied and not stored, transformers' head is random. Either is refused.
     head = tensors.get(LM_HEAD)
-    if not hf.get("tie_word_embeddings", True) and not (
-            head is not None and np.array_equal(head, tensors["wte.weight"])):
-        raise _refuse(where, "the LM head is untied (tie_word_embeddings is false and "
-                             f"lm_head.weight is {'missing' if head is None else 'not wte'}): "
+    if head is not None and not np.array_equal(head, tensors["wte.weight"]):
+        raise _refuse(where, "lm_head.weight is not wte (transformers computes with the stored "
+                             "head, so the LM head is untied whatever tie_word_embeddings says): "
                              "lmlab's LM head is the token embedding wte")
+    if head is None and not hf.get("tie_word_embeddings", True):
+        raise _refuse(where, "the LM head is untied (tie_word_embeddings is false and "
+                             "lm_head.weight is missing): lmlab's LM head is the token embedding wte")
     params = model.named_parameters()
     for key, (name, _) in expected.items():
         w = from_hf(name, tensors.pop(key))
