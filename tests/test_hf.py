@@ -344,6 +344,30 @@ def test_a_char_tokenizer_not_written_by_lmlab_imports_and_reads_as_transformers
     np.testing.assert_allclose(logits[0], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
+def test_chat_tokens_a_checkpoint_holds_as_ordinary_tokens_become_special(tmp_path, corpus):
+    """A tokenizer holding <|end|> as an ordinary added token turns the typed text "<|end|>" into the
+    token; lmlab keeps user text as text (the token ends an answer), so the import makes it special:
+    lmlab then encodes such text as transformers does with split_special_tokens, and its
+    templates still reach the token."""
+    tf = _transformers()
+    tk = _gpt2_tokenizer(corpus.read_text(), 300, ["<|endoftext|>"])
+    tk.add_tokens(["<|end|>"])
+    hf = _save_gpt2(tmp_path / "hf", "", None, tokenizer=tk)
+    end = tk.token_to_id("<|end|>")
+    text = "Say <|end|> now."
+    assert end in tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))(text)[
+        "input_ids"]
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    _, tok, _ = load_model(tmp_path / "run")
+    assert tok.special_id("<|end|>") == end
+    ids = tok.encode(text).tolist()
+    assert end not in ids and tok.decode(ids) == text
+    assert end in tok.encode(text, allow_special=True).tolist()
+    out = _export(tmp_path / "run", tmp_path / "out")
+    as_text = tf.AutoTokenizer.from_pretrained(out, split_special_tokens=True)
+    assert as_text(text)["input_ids"] == ids
+
+
 def test_import_then_export_gives_back_the_same_tensors(tmp_path, corpus):
     specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
     hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), specials)

@@ -21,7 +21,8 @@ as lmlab does). Dropout settings are not kept: lmlab trains without dropout.
 An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
 (tokenizer.SPECIAL_TOKENS; instruct tuning and the chat template use them). Those the checkpoint's
 tokenizer lacks (GPT-2's has only <|endoftext|>) are added after its last id, and the embedding
-gains one row for each, the mean of the existing rows, so they start as an average token.
+gains one row for each, the mean of the existing rows, so they start as an average token. Those it
+holds as ordinary (not special) tokens are made special, so text spelling one stays text.
 `block_size` keeps the first N position embeddings: the same model on contexts of at most N tokens,
 which fits fine-tuning a 124M model in a laptop's memory.
 """
@@ -249,6 +250,7 @@ def _place_weights(model: GPT, cfg: GPTConfig, tensors: dict, hf: dict, where: P
 
 def read_tokenizer(hf_dir: Path, vocab_size: int):
     """(lmlab Tokenizer, special tokens added) of HF_DIR/tokenizer.json, checked."""
+    from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
     path = hf_dir / "tokenizer.json"
@@ -276,7 +278,12 @@ def read_tokenizer(hf_dir: Path, vocab_size: int):
                             f"{vocab_size}; they must be equal")
     vocab = tk.get_vocab(with_added_tokens=True)
     added = [s for s in SPECIAL_TOKENS if s not in vocab]
-    tk.add_special_tokens(added)
+    # lmlab's special tokens the checkpoint holds as ordinary tokens become special, as in every
+    # lmlab tokenizer: text that spells one ("<|end|>" typed by a user) is then encoded as text, and
+    # never ends a turn or forges a role (tokenizer.py).
+    special = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+    tk.add_special_tokens(added + [AddedToken(s, special=True) for s in SPECIAL_TOKENS
+                                   if s in vocab and s not in special])
     tok = Tokenizer.from_str(tk.to_str(), source=path)
     if tok.kind == "bpe" and tok.decode(tok.encode(_ROUND_TRIP_PROBE)) != _ROUND_TRIP_PROBE:
         raise _refuse(path, "the tokenizer does not give text back exactly (decode(encode(x)) != "
