@@ -260,8 +260,8 @@ def _save_gpt2(d: Path, text: str, specials, dtype=None, tokenizer=None, **confi
     tk = tokenizer or _gpt2_tokenizer(text, 300, specials)
     eot = tk.token_to_id("<|endoftext|>")
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2,
-                        n_head=4, bos_token_id=eot, eos_token_id=eot, **config)
+    sizes = {"n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4, **config}
+    cfg = tf.GPT2Config(vocab_size=tk.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, **sizes)
     model = tf.GPT2LMHeadModel(cfg)
     if dtype is not None:
         model = model.to(dtype)
@@ -434,6 +434,28 @@ def _as_pytorch_bin(hf: Path, shards: int) -> None:
         weight_map.update(dict.fromkeys(part, file))
     (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {},
                                                                   "weight_map": weight_map}))
+
+
+def test_a_context_longer_than_a_run_holds_is_refused_unless_block_size_crops_it(tmp_path, corpus,
+                                                                                  capsys):
+    """transformers computes a GPT-2 of more positions than an lmlab run may hold
+    (checkpoint.MAX_BLOCK); imported whole, no verb could load the run, so the import refuses it
+    and points to --block-size, with which the run loads and computes transformers' logits."""
+    tf = _transformers()
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
+                    n_positions=checkpoint.MAX_BLOCK + 1, n_layer=1, n_embd=8, n_head=2)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    capsys.readouterr()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"n_positions {checkpoint.MAX_BLOCK + 1}" in err, err
+    assert "--block-size" in err and not (tmp_path / "run").exists()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run"), "--block-size", "16"]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    ids = tok.encode("Before we proceed any further, hear me speak.")[:16]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    V = hf_model.config.vocab_size
+    np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["bin", "bin-sharded", "bf16"])

@@ -15,7 +15,8 @@ without bias), tensors lmlab has no place for, a tokenizer that is neither byte-
 lmlab char tokenizer or that does not give text back exactly, one the tokenizers library (what
 transformers runs) encodes or decodes otherwise than lmlab reads it (a post-processor adding tokens,
 a char tokenizer with another pre-tokenizer, decoder or unknown token), and a tokenizer whose size
-is not the model's vocab_size. reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
+is not the model's vocab_size; and a model beyond the bounds every verb checks when it loads a run
+(checkpoint.MAX_BLOCK positions, which block_size crops, MAX_PARAMS parameters, ...). reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
 as lmlab does). Dropout settings are not kept: lmlab trains without dropout.
 
 An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
@@ -30,6 +31,7 @@ which fits fine-tuning a 124M model in a laptop's memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -39,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from .chat import TEMPLATE
-from .checkpoint import save_run
+from .checkpoint import MAX_BLOCK, MAX_EMBD, MAX_LAYERS, MAX_PARAMS, MAX_VOCAB, save_run
 from .errors import ConversionError, RunDirError
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, parameter_layout
 from .reference import LAYERNORM_EPS
 from .rundir import is_run, open_run_dir
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -117,6 +119,22 @@ def model_config(hf: dict, path: Path) -> GPTConfig:
         raise _refuse(path, f"n_embd {sizes['n_embd']} is not divisible by n_head {sizes['n_head']}")
     return GPTConfig(vocab_size=sizes["vocab_size"], block_size=sizes["n_positions"],
                      n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"])
+
+
+def _check_loadable(cfg: GPTConfig, path: Path, cropped: bool) -> None:
+    """Refuse, before the weights are read, a model larger than a run may be (checkpoint.py's
+    bounds, which every verb checks when it loads a run): imported, it could never be loaded."""
+    context = ("block_size" if cropped else "n_positions", cfg.block_size, MAX_BLOCK,
+               "" if cropped else "; --block-size N keeps its first N positions")
+    for name, value, top, hint in (context, ("n_layer", cfg.n_layer, MAX_LAYERS, ""),
+                                   ("n_embd", cfg.n_embd, MAX_EMBD, ""),
+                                   ("vocab_size", cfg.vocab_size, MAX_VOCAB, "")):
+        if value > top:
+            raise _refuse(path, f"{name} {value} is more than the {top} an lmlab run holds{hint}")
+    n = sum(math.prod(shape) for _, shape in parameter_layout(cfg))
+    if n > MAX_PARAMS:
+        raise _refuse(path, f"the model has {n:,} parameters, more than the {MAX_PARAMS:,} an "
+                            "lmlab run holds")
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -369,9 +387,11 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
                              f"checkpoint's n_positions), got {block_size!r}")
     tok, added = read_tokenizer(hf_dir, cfg.vocab_size)
     template = _chat_template(hf_dir)
+    run_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    _check_loadable(run_cfg, hf_dir / "config.json", cropped=block_size is not None)
     tensors = read_weights(hf_dir)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    model = GPT(run_cfg)
     _place_weights(model, cfg, tensors, hf, hf_dir)
     del tensors
     train = {"stage": "import", "source": os.fspath(hf_dir.resolve()), "settings": {},
