@@ -108,6 +108,26 @@ def test_export_loads_in_transformers_with_lmlab_logits_and_tokens(run, tmp_path
     assert config["tie_word_embeddings"] and LM_HEAD not in _safetensors(out / "model.safetensors")
 
 
+def test_a_bf16_trained_run_exports_its_fp32_parameters(corpus, tmp_path):
+    """The export of a run trained in bf16 holds its fp32 parameters bit for bit: transformers'
+    fp32 logits are lmlab's in fp32 (its own bf16 products round, as the README says)."""
+    tf = _transformers()
+    run = tmp_path / "run"
+    pretrain(str(corpus), run, tokenizer="char", steps=3, precision="bf16", **TINY)
+    out = _export(run, tmp_path / "hf")
+    model, tok, _ = load_model(run)
+    assert model.matmul_precision == "bf16"
+    stored = _safetensors(out / "model.safetensors")
+    for name, hname, _, transposed in name_map(model.config):
+        want = model.named_parameters()[name]
+        assert np.array_equal(stored[hname], want.T if transposed else want), name
+    ids = tok.encode("MENENIUS:\nWhat say you?\n")
+    model.matmul_precision = "fp32"
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", TANH_GELU_NAMES)
 def test_the_gelu_names_lmlab_writes_and_accepts_are_its_gelu(name):
     _transformers()
