@@ -222,6 +222,29 @@ def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_direct
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes", "victim"]  # no temporary
 
 
+def test_a_reward_model_is_refused_and_its_parent_is_the_model_to_export(instruct_run, tmp_path,
+                                                                         capsys):
+    """A reward model run is its parent's frozen transformer plus a head GPT2LMHeadModel has no
+    place for: its export was the parent's language model under the reward model's name. Refused,
+    naming the parent, whose export transformers computes as the reward run's transformer."""
+    tf = _transformers()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"})
+                             + "\n" for w in ("yes", "aye", "well", "good")), encoding="utf-8")
+    rm = tmp_path / "rm"
+    assert main(["reward", str(instruct_run), "--rankings", str(pairs), "--out", str(rm)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(rm), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reward model" in err and str(instruct_run) in err, err
+    assert not (tmp_path / "hf").exists()
+    model, tok, _ = load_model(rm)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(_export(instruct_run, tmp_path / "parent"))
+    ids = tok.encode("Say yes.")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
 def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys):
     out = _export(run, tmp_path / "hf")
     before = (out / "model.safetensors").read_bytes()
