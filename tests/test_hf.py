@@ -368,6 +368,36 @@ def test_import_refuses_a_tokenizer_transformers_reads_otherwise_than_lmlab(vari
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("setting", ["truncation", "padding"])
+def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored_as_transformers_does(
+        setting, tmp_path, corpus):
+    """A tokenizer.json saved with truncation or padding enabled: transformers encodes a text whole
+    and unpadded unless the call asks otherwise. lmlab refused the first (as not giving text back)
+    and padded every prompt with the second; both now encode as transformers does, here and in
+    the export."""
+    tf = _transformers()
+    tk = _gpt2_tokenizer(corpus.read_text(), 300, ["<|endoftext|>"])
+    if setting == "truncation":
+        tk.enable_truncation(max_length=4)
+    else:
+        tk.enable_padding(length=24, pad_id=tk.token_to_id("<|endoftext|>"),
+                          pad_token="<|endoftext|>")
+    hf = _save_gpt2(tmp_path / "hf", "", None, tokenizer=tk)
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    out = _export(tmp_path / "run", tmp_path / "out")
+    for hf_tok in (tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json")),
+                   tf.AutoTokenizer.from_pretrained(out)):
+        for text in ("Hi", "First Citizen: Before we proceed any further, hear me speak."):
+            ids = tok.encode(text)
+            assert hf_tok(text)["input_ids"] == ids.tolist() and tok.decode(ids) == text
+    ids = tok.encode("Hi")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    np.testing.assert_allclose(logits[0, :, :hf_model.config.vocab_size],
+                               _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
 def test_a_char_tokenizer_not_written_by_lmlab_imports_and_reads_as_transformers_does(tmp_path,
                                                                                      corpus):
     """The control: a hand-made tokenizer of lmlab's char layout imports, and lmlab's ids, text and

@@ -280,6 +280,11 @@ def read_tokenizer(hf_dir: Path, vocab_size: int):
         tk = HFTokenizer.from_file(os.fspath(path))
     except Exception as e:  # the library raises its own Exception type
         raise _refuse(path, f"not a valid tokenizer.json: {str(e)[:200]}") from None
+    # Truncation and padding saved in the file are settings of a call, not of the vocabulary:
+    # transformers turns them off for a call that asks for neither, and lmlab's encode is always
+    # such a call (the whole text, unpadded).
+    tk.no_truncation()
+    tk.no_padding()
     spec = json.loads(tk.to_str())
     kind = type(tk.model).__name__
     parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
