@@ -128,6 +128,42 @@ def test_a_bf16_trained_run_exports_its_fp32_parameters(corpus, tmp_path):
     np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
 
 
+def test_the_exported_tokenizer_reads_unicode_whitespace_and_unseen_characters_as_lmlab(run,
+                                                                                       tmp_path):
+    """Whitespace runs, CRLF, accents, CJK and emoji, and (char) characters the vocabulary lacks,
+    which both read as U+FFFD: the same ids and the same text back in transformers."""
+    tf = _transformers()
+    hf_tok = tf.AutoTokenizer.from_pretrained(_export(run, tmp_path / "hf"))
+    _, tok, _ = load_model(run)
+    for text in ("  \t\t  x\n\n\n", "a\r\nb   c\u00a0d", "café naïve 東京 🙂", " ROMEO ~ ^ `"):
+        ids = tok.encode(text, unknown="replace")
+        assert hf_tok(text)["input_ids"] == ids.tolist(), text
+        assert hf_tok.decode(ids.tolist()) == tok.decode(ids), text
+        if not tok.unknown_chars(text):
+            assert tok.decode(ids) == text
+
+
+def test_a_finetune_with_frozen_layers_exports_with_lmlab_logits(instruct_run, corpus, tmp_path):
+    """Fine-tuned with the first layer and the embeddings frozen: the export holds the parent's
+    frozen tensors bit for bit and the new ones, and transformers computes lmlab's logits."""
+    tf = _transformers()
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(instruct_run), "--corpus", str(corpus), "--out", str(ft),
+                 "--steps", "2", "--warmup-steps", "1", "--eval-every", "0", "--no-progress",
+                 "--batch-size", "2", "--freeze-layers", "1", "--freeze-embeddings"]) == 0
+    parent = _safetensors(_export(instruct_run, tmp_path / "parent") / "model.safetensors")
+    out = _export(ft, tmp_path / "hf")
+    tensors = _safetensors(out / "model.safetensors")
+    frozen = ("transformer.wte.", "transformer.wpe.", "transformer.h.0.")
+    for name, tensor in tensors.items():
+        assert np.array_equal(tensor, parent[name]) == name.startswith(frozen), name
+    model, tok, _ = load_model(ft)
+    ids = tok.encode("MENENIUS:\nWhat say you?\n")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", TANH_GELU_NAMES)
 def test_the_gelu_names_lmlab_writes_and_accepts_are_its_gelu(name):
     _transformers()
@@ -475,6 +511,25 @@ def test_import_adds_lmlab_special_tokens_and_keeps_the_model(gpt2_dir, tmp_path
     ids = ids[: model.config.block_size]
     logits, _ = model.forward(ids[None].astype(np.int32))
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+def test_import_finetune_export_reimport_keeps_the_logits(gpt2_dir, corpus, tmp_path):
+    """The round trip: an imported GPT-2, fine-tuned a few steps, exported and imported again is
+    the fine-tuned model, in lmlab (exactly) and in transformers."""
+    tf = _transformers()
+    assert main(["import", str(gpt2_dir), "--run", str(tmp_path / "run")]) == 0
+    assert main(["finetune", str(tmp_path / "run"), "--corpus", str(corpus), "--out",
+                 str(tmp_path / "ft"), "--steps", "2", "--warmup-steps", "1", "--eval-every", "0",
+                 "--no-progress", "--batch-size", "2"]) == 0
+    out = _export(tmp_path / "ft", tmp_path / "hf")
+    assert main(["import", str(out), "--run", str(tmp_path / "back")]) == 0
+    (model, tok, _), (back, back_tok, _) = load_model(tmp_path / "ft"), load_model(tmp_path / "back")
+    assert back_tok.vocab_size == tok.vocab_size
+    ids = tok.encode("MENENIUS: What work's, my countrymen, in hand?")[: model.config.block_size]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    assert np.array_equal(back.forward(ids[None].astype(np.int32))[0], logits)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
 
 
 def test_import_keeps_the_first_positions_with_block_size(gpt2_dir, tmp_path):
