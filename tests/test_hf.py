@@ -434,6 +434,31 @@ def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored_as_transform
                                _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("cls", ["GPT2Tokenizer", "PreTrainedTokenizerFast"])
+def test_add_prefix_space_in_tokenizer_config_is_refused_where_transformers_applies_it(
+        cls, gpt2_dir, tmp_path, capsys):
+    """tokenizer_config.json's add_prefix_space makes transformers' GPT-2 tokenizer encode a space
+    before every text, which tokenizer.json (what lmlab reads) does not say: refused there, and
+    accepted where the class transformers loads ignores it, with transformers' ids."""
+    tf = _transformers()
+    hf = tmp_path / "hf"
+    shutil.copytree(gpt2_dir, hf)
+    (hf / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": cls, "add_prefix_space": True, "eos_token": "<|endoftext|>"}))
+    text = "Before we proceed"
+    hf_ids = tf.AutoTokenizer.from_pretrained(hf)(text)["input_ids"]
+    plain = tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))(text)["input_ids"]
+    capsys.readouterr()
+    if cls == "GPT2Tokenizer":
+        assert hf_ids != plain  # transformers adds the space
+        assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "add_prefix_space" in err, err
+    else:
+        assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+        assert load_model(tmp_path / "run")[1].encode(text).tolist() == hf_ids
+
+
 def test_a_char_tokenizer_not_written_by_lmlab_imports_and_reads_as_transformers_does(tmp_path,
                                                                                      corpus):
     """The control: a hand-made tokenizer of lmlab's char layout imports, and lmlab's ids, text and

@@ -352,6 +352,21 @@ def _check_same_tokens(tk, tok: Tokenizer, vocab: dict, path: Path) -> None:
                             f"{tok.decode(ours)[:24]!r})")
 
 
+def _check_tokenizer_config(hf_dir: Path) -> None:
+    """Refuse tokenizer_config.json settings with which transformers encodes otherwise than
+    tokenizer.json says: its GPT-2 tokenizer (the class AutoTokenizer picks for a gpt2 model that
+    names none) puts a space before every text when add_prefix_space is true."""
+    path = hf_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = _read_json(path)
+    cls = config.get("tokenizer_class")
+    if config.get("add_prefix_space") and (cls is None or str(cls).startswith("GPT2Tokenizer")):
+        raise _refuse(path, f"add_prefix_space is true: transformers' {cls or 'GPT2Tokenizer'} "
+                            "then puts a space before every text, which lmlab's byte-level BPE "
+                            "never adds")
+
+
 def _chat_template(hf_dir: Path):
     """lmlab's template when the checkpoint's chat template is lmlab's (a run exported by lmlab
     after instruct tuning), else None. The template is where transformers reads it: the file
@@ -391,6 +406,7 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
             raise ValueError(f"--block-size must be an integer in [1, {cfg.block_size}] (the "
                              f"checkpoint's n_positions), got {block_size!r}")
     tok, added = read_tokenizer(hf_dir, cfg.vocab_size)
+    _check_tokenizer_config(hf_dir)
     template = _chat_template(hf_dir)
     run_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
