@@ -791,12 +791,20 @@ def test_the_unedited_export_imports(exported, tmp_path):
     assert main(["import", str(exported), "--run", str(tmp_path / "run")]) == 0
 
 
-def test_reorder_and_upcast_attn_is_the_same_attention_and_imports(tmp_path, corpus):
-    """transformers' reorder_and_upcast_attn computes the scores in fp32 with the scale folded in:
-    the same function, so it is accepted, and the logits agree."""
+SAME_FUNCTION = {f"activation-{name}": {"activation_function": name} for name in
+                 ("gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "gelu_python_tanh")}
+SAME_FUNCTION["reorder-and-upcast-attn"] = {"reorder_and_upcast_attn": True}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_FUNCTION))
+def test_configs_that_spell_lmlab_s_function_otherwise_import_with_transformers_logits(
+        case, tmp_path, corpus):
+    """Config values with which transformers computes what lmlab computes are accepted, and the
+    logits agree: GPT-2's tanh GELU under each of its names (gelu_accurate and gelu_python_tanh
+    were refused though they are the same formula), and reorder_and_upcast_attn (the scores in
+    fp32 with the scale folded in: the same attention)."""
     tf = _transformers()
-    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
-                    reorder_and_upcast_attn=True)
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"], **SAME_FUNCTION[case])
     assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
     model, tok, _ = load_model(tmp_path / "run")
     hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
