@@ -10,14 +10,17 @@ float64, read as float32) and tokenizer.json.
 Refused, each in one line naming the feature: another model type or architecture, an activation
 other than GPT-2's tanh GELU, an MLP width other than 4C, attention scaled otherwise than by
 1/sqrt(head size) (scale_attn_weights false, scale_attn_by_inverse_layer_idx), cross-attention, a
-layer norm epsilon other than lmlab's 1e-5, an LM head not tied to wte, a missing tensor (a layer
-without bias), tensors lmlab has no place for, a tokenizer that is neither byte-level BPE nor an
-lmlab char tokenizer or that does not give text back exactly, one the tokenizers library (what
-transformers runs) encodes or decodes otherwise than lmlab reads it (a post-processor adding tokens,
-a char tokenizer with another pre-tokenizer, decoder or unknown token), and a tokenizer whose size
-is not the model's vocab_size; and a model beyond the bounds every verb checks when it loads a run
-(checkpoint.MAX_BLOCK positions, which block_size crops, MAX_PARAMS parameters, ...). reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
-as lmlab does). Dropout settings are not kept: lmlab trains without dropout.
+layer norm epsilon other than lmlab's 1e-5, an LM head that is not wte (untied, or a stored
+lm_head.weight that differs), a missing tensor (a layer without bias), tensors lmlab has no place
+for, a tokenizer that is neither byte-level BPE nor an lmlab char tokenizer or that does not give
+text back exactly, one that transformers encodes or decodes otherwise than lmlab reads it (a
+post-processor adding tokens, a char tokenizer with another pre-tokenizer, decoder or unknown
+token, add_prefix_space in tokenizer_config.json for GPT-2's tokenizer class), a tokenizer whose
+size is not the model's vocab_size, and a model beyond the bounds every verb checks when it loads a
+run (checkpoint.MAX_BLOCK positions, which block_size crops, MAX_PARAMS parameters, ...).
+reorder_and_upcast_attn is accepted: it computes the same attention (in fp32, as lmlab does).
+Truncation and padding saved in tokenizer.json are ignored, as transformers ignores them. Dropout
+settings are not kept: lmlab trains without dropout.
 
 An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
 (tokenizer.SPECIAL_TOKENS; instruct tuning and the chat template use them). Those the checkpoint's
