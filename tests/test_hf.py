@@ -111,6 +111,62 @@ def test_export_loads_in_transformers_with_lmlab_logits_and_tokens(run, tmp_path
     assert config["tie_word_embeddings"] and LM_HEAD not in _safetensors(out / "model.safetensors")
 
 
+def test_a_bf16_trained_run_exports_its_fp32_parameters(corpus, tmp_path):
+    """The export of a run trained in bf16 holds its fp32 parameters bit for bit: transformers'
+    fp32 logits are lmlab's in fp32 (its own bf16 products round, as the README says)."""
+    tf = _transformers()
+    run = tmp_path / "run"
+    pretrain(str(corpus), run, tokenizer="char", steps=3, precision="bf16", **TINY)
+    out = _export(run, tmp_path / "hf")
+    model, tok, _ = load_model(run)
+    assert model.matmul_precision == "bf16"
+    stored = _safetensors(out / "model.safetensors")
+    for name, hname, _, transposed in name_map(model.config):
+        want = model.named_parameters()[name]
+        assert np.array_equal(stored[hname], want.T if transposed else want), name
+    ids = tok.encode("MENENIUS:\nWhat say you?\n")
+    model.matmul_precision = "fp32"
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
+def test_the_exported_tokenizer_reads_unicode_whitespace_and_unseen_characters_as_lmlab(run,
+                                                                                       tmp_path):
+    """Whitespace runs, CRLF, accents, CJK and emoji, and (char) characters the vocabulary lacks,
+    which both read as U+FFFD: the same ids and the same text back in transformers."""
+    tf = _transformers()
+    hf_tok = tf.AutoTokenizer.from_pretrained(_export(run, tmp_path / "hf"))
+    _, tok, _ = load_model(run)
+    for text in ("  \t\t  x\n\n\n", "a\r\nb   c\u00a0d", "café naïve 東京 🙂", " ROMEO ~ ^ `"):
+        ids = tok.encode(text, unknown="replace")
+        assert hf_tok(text)["input_ids"] == ids.tolist(), text
+        assert hf_tok.decode(ids.tolist()) == tok.decode(ids), text
+        if not tok.unknown_chars(text):
+            assert tok.decode(ids) == text
+
+
+def test_a_finetune_with_frozen_layers_exports_with_lmlab_logits(instruct_run, corpus, tmp_path):
+    """Fine-tuned with the first layer and the embeddings frozen: the export holds the parent's
+    frozen tensors bit for bit and the new ones, and transformers computes lmlab's logits."""
+    tf = _transformers()
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(instruct_run), "--corpus", str(corpus), "--out", str(ft),
+                 "--steps", "2", "--warmup-steps", "1", "--eval-every", "0", "--no-progress",
+                 "--batch-size", "2", "--freeze-layers", "1", "--freeze-embeddings"]) == 0
+    parent = _safetensors(_export(instruct_run, tmp_path / "parent") / "model.safetensors")
+    out = _export(ft, tmp_path / "hf")
+    tensors = _safetensors(out / "model.safetensors")
+    frozen = ("transformer.wte.", "transformer.wpe.", "transformer.h.0.")
+    for name, tensor in tensors.items():
+        assert np.array_equal(tensor, parent[name]) == name.startswith(frozen), name
+    model, tok, _ = load_model(ft)
+    ids = tok.encode("MENENIUS:\nWhat say you?\n")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", TANH_GELU_NAMES)
 def test_the_gelu_names_lmlab_writes_and_accepts_are_its_gelu(name):
     _transformers()
@@ -214,6 +270,29 @@ def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_direct
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes", "victim"]  # no temporary
 
 
+def test_a_reward_model_is_refused_and_its_parent_is_the_model_to_export(instruct_run, tmp_path,
+                                                                         capsys):
+    """A reward model run is its parent's frozen transformer plus a head GPT2LMHeadModel has no
+    place for: its export was the parent's language model under the reward model's name. Refused,
+    naming the parent, whose export transformers computes as the reward run's transformer."""
+    tf = _transformers()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"})
+                             + "\n" for w in ("yes", "aye", "well", "good")), encoding="utf-8")
+    rm = tmp_path / "rm"
+    assert main(["reward", str(instruct_run), "--rankings", str(pairs), "--out", str(rm)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(rm), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reward model" in err and str(instruct_run) in err, err
+    assert not (tmp_path / "hf").exists()
+    model, tok, _ = load_model(rm)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(_export(instruct_run, tmp_path / "parent"))
+    ids = tok.encode("Say yes.")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
 def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys):
     out = _export(run, tmp_path / "hf")
     before = (out / "model.safetensors").read_bytes()
@@ -294,15 +373,16 @@ def _gpt2_tokenizer(text: str, vocab_size: int, specials):
     return tk
 
 
-def _save_gpt2(d: Path, text: str, specials, dtype=None, **config) -> Path:
-    """A randomly initialised GPT2LMHeadModel saved by transformers, with its tokenizer.json."""
+def _save_gpt2(d: Path, text: str, specials, dtype=None, tokenizer=None, **config) -> Path:
+    """A randomly initialised GPT2LMHeadModel saved by transformers, with its tokenizer.json (a
+    GPT-2-like BPE tokenizer of `text`, or `tokenizer`)."""
     tf = _transformers()
     import torch
-    tk = _gpt2_tokenizer(text, 300, specials)
+    tk = tokenizer or _gpt2_tokenizer(text, 300, specials)
     eot = tk.token_to_id("<|endoftext|>")
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2,
-                        n_head=4, bos_token_id=eot, eos_token_id=eot, **config)
+    sizes = {"n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4, **config}
+    cfg = tf.GPT2Config(vocab_size=tk.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, **sizes)
     model = tf.GPT2LMHeadModel(cfg)
     if dtype is not None:
         model = model.to(dtype)
@@ -315,6 +395,153 @@ def _save_gpt2(d: Path, text: str, specials, dtype=None, **config) -> Path:
 def gpt2_dir(tmp_path_factory, corpus):
     """A GPT-2 checkpoint whose tokenizer has only <|endoftext|>, as GPT-2's has."""
     return _save_gpt2(tmp_path_factory.mktemp("gpt2") / "hf", corpus.read_text(), ["<|endoftext|>"])
+
+
+def _char_tokenizer(text: str, variant: str = "lmlab-like"):
+    """A character-level WordLevel tokenizer written by hand, not by lmlab: lmlab's layout (special
+    tokens, U+FFFD, one token per character) or a variant transformers reads otherwise."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from lmlab.tokenizer import REPLACEMENT_CHAR, SPECIAL_TOKENS
+    vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS + [REPLACEMENT_CHAR] + sorted(set(text)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="e" if variant == "other-unk"
+                                    else REPLACEMENT_CHAR))
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    tk.pre_tokenizer = (pre_tokenizers.WhitespaceSplit() if variant == "word-split"
+                        else pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"))
+    if variant != "no-decoder":
+        tk.decoder = decoders.Fuse()
+    return tk
+
+
+@pytest.mark.parametrize("variant", ["word-split", "no-decoder", "other-unk", "bos"])
+def test_import_refuses_a_tokenizer_transformers_reads_otherwise_than_lmlab(variant, tmp_path,
+                                                                           corpus, capsys):
+    """lmlab reads a WordLevel tokenizer one character per token (U+FFFD for an unseen one) and
+    adds no tokens to a text; one whose own pre-tokenizer, decoder, unknown token or
+    post-processor make transformers read it otherwise would feed the model ids it never saw, and
+    its export would tokenize otherwise than lmlab: refused, naming tokenizer.json."""
+    tf = _transformers()
+    from tokenizers import processors
+    text = corpus.read_text()
+    if variant == "bos":  # a BPE tokenizer that starts every text with <|endoftext|>
+        tk = _gpt2_tokenizer(text, 300, ["<|endoftext|>"])
+        eot = tk.token_to_id("<|endoftext|>")
+        tk.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                          special_tokens=[("<|endoftext|>", eot)])
+    else:
+        tk = _char_tokenizer(text, variant)
+    hf = _save_gpt2(tmp_path / "hf", text, None, tokenizer=tk)
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))
+    sample = "First Citizen:\nBefore we proceed \u263a"
+    ids = hf_tok(sample)["input_ids"]
+    per_char = [hf_tok.convert_tokens_to_ids(c) if c in hf_tok.get_vocab() else
+                hf_tok.convert_tokens_to_ids("\ufffd") for c in sample]
+    # The reference disagrees with lmlab's reading: what the import would have taken on.
+    assert (ids[0] == eot if variant == "bos" else
+            ids != per_char or hf_tok.decode(per_char) != sample.replace("\u263a", "\ufffd"))
+    capsys.readouterr()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", ["truncation", "padding"])
+def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored_as_transformers_does(
+        setting, tmp_path, corpus):
+    """A tokenizer.json saved with truncation or padding enabled: transformers encodes a text whole
+    and unpadded unless the call asks otherwise. lmlab refused the first (as not giving text back)
+    and padded every prompt with the second; both now encode as transformers does, here and in
+    the export."""
+    tf = _transformers()
+    tk = _gpt2_tokenizer(corpus.read_text(), 300, ["<|endoftext|>"])
+    if setting == "truncation":
+        tk.enable_truncation(max_length=4)
+    else:
+        tk.enable_padding(length=24, pad_id=tk.token_to_id("<|endoftext|>"),
+                          pad_token="<|endoftext|>")
+    hf = _save_gpt2(tmp_path / "hf", "", None, tokenizer=tk)
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    out = _export(tmp_path / "run", tmp_path / "out")
+    for hf_tok in (tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json")),
+                   tf.AutoTokenizer.from_pretrained(out)):
+        for text in ("Hi", "First Citizen: Before we proceed any further, hear me speak."):
+            ids = tok.encode(text)
+            assert hf_tok(text)["input_ids"] == ids.tolist() and tok.decode(ids) == text
+    ids = tok.encode("Hi")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    np.testing.assert_allclose(logits[0, :, :hf_model.config.vocab_size],
+                               _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["GPT2Tokenizer", "PreTrainedTokenizerFast"])
+def test_add_prefix_space_in_tokenizer_config_is_refused_where_transformers_applies_it(
+        cls, gpt2_dir, tmp_path, capsys):
+    """tokenizer_config.json's add_prefix_space makes transformers' GPT-2 tokenizer encode a space
+    before every text, which tokenizer.json (what lmlab reads) does not say: refused there, and
+    accepted where the class transformers loads ignores it, with transformers' ids."""
+    tf = _transformers()
+    hf = tmp_path / "hf"
+    shutil.copytree(gpt2_dir, hf)
+    (hf / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": cls, "add_prefix_space": True, "eos_token": "<|endoftext|>"}))
+    text = "Before we proceed"
+    hf_ids = tf.AutoTokenizer.from_pretrained(hf)(text)["input_ids"]
+    plain = tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))(text)["input_ids"]
+    capsys.readouterr()
+    if cls == "GPT2Tokenizer":
+        assert hf_ids != plain  # transformers adds the space
+        assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "add_prefix_space" in err, err
+    else:
+        assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+        assert load_model(tmp_path / "run")[1].encode(text).tolist() == hf_ids
+
+
+def test_a_char_tokenizer_not_written_by_lmlab_imports_and_reads_as_transformers_does(tmp_path,
+                                                                                     corpus):
+    """The control: a hand-made tokenizer of lmlab's char layout imports, and lmlab's ids, text and
+    logits are transformers'."""
+    tf = _transformers()
+    hf = _save_gpt2(tmp_path / "hf", "", None, tokenizer=_char_tokenizer(corpus.read_text()))
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))
+    sample = "First Citizen:\n  Before we proceed \u263a"
+    ids = tok.encode(sample, unknown="replace")
+    assert hf_tok(sample)["input_ids"] == ids.tolist()
+    assert hf_tok.decode(ids.tolist()) == tok.decode(ids)
+    ids = ids[: model.config.block_size]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    np.testing.assert_allclose(logits[0], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+def test_chat_tokens_a_checkpoint_holds_as_ordinary_tokens_become_special(tmp_path, corpus):
+    """A tokenizer holding <|end|> as an ordinary added token turns the typed text "<|end|>" into the
+    token; lmlab keeps user text as text (the token ends an answer), so the import makes it special:
+    lmlab then encodes such text as transformers does with split_special_tokens, and its
+    templates still reach the token."""
+    tf = _transformers()
+    tk = _gpt2_tokenizer(corpus.read_text(), 300, ["<|endoftext|>"])
+    tk.add_tokens(["<|end|>"])
+    hf = _save_gpt2(tmp_path / "hf", "", None, tokenizer=tk)
+    end = tk.token_to_id("<|end|>")
+    text = "Say <|end|> now."
+    assert end in tf.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))(text)[
+        "input_ids"]
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    _, tok, _ = load_model(tmp_path / "run")
+    assert tok.special_id("<|end|>") == end
+    ids = tok.encode(text).tolist()
+    assert end not in ids and tok.decode(ids) == text
+    assert end in tok.encode(text, allow_special=True).tolist()
+    out = _export(tmp_path / "run", tmp_path / "out")
+    as_text = tf.AutoTokenizer.from_pretrained(out, split_special_tokens=True)
+    assert as_text(text)["input_ids"] == ids
 
 
 def test_import_then_export_gives_back_the_same_tensors(tmp_path, corpus):
@@ -353,6 +580,25 @@ def test_import_adds_lmlab_special_tokens_and_keeps_the_model(gpt2_dir, tmp_path
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
+def test_import_finetune_export_reimport_keeps_the_logits(gpt2_dir, corpus, tmp_path):
+    """The round trip: an imported GPT-2, fine-tuned a few steps, exported and imported again is
+    the fine-tuned model, in lmlab (exactly) and in transformers."""
+    tf = _transformers()
+    assert main(["import", str(gpt2_dir), "--run", str(tmp_path / "run")]) == 0
+    assert main(["finetune", str(tmp_path / "run"), "--corpus", str(corpus), "--out",
+                 str(tmp_path / "ft"), "--steps", "2", "--warmup-steps", "1", "--eval-every", "0",
+                 "--no-progress", "--batch-size", "2"]) == 0
+    out = _export(tmp_path / "ft", tmp_path / "hf")
+    assert main(["import", str(out), "--run", str(tmp_path / "back")]) == 0
+    (model, tok, _), (back, back_tok, _) = load_model(tmp_path / "ft"), load_model(tmp_path / "back")
+    assert back_tok.vocab_size == tok.vocab_size
+    ids = tok.encode("MENENIUS: What work's, my countrymen, in hand?")[: model.config.block_size]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    assert np.array_equal(back.forward(ids[None].astype(np.int32))[0], logits)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_torch_logits(hf_model, ids), logits[0], rtol=0, atol=1e-4)
+
+
 def test_import_keeps_the_first_positions_with_block_size(gpt2_dir, tmp_path):
     tf = _transformers()
     assert main(["import", str(gpt2_dir), "--run", str(tmp_path / "run"), "--block-size", "8"]) == 0
@@ -365,16 +611,56 @@ def test_import_keeps_the_first_positions_with_block_size(gpt2_dir, tmp_path):
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["bin", "bf16"])
+def _as_pytorch_bin(hf: Path, shards: int) -> None:
+    """Rewrite hf's model.safetensors as pytorch_model.bin, or as that many shards with the
+    pytorch_model.bin.index.json transformers writes for them."""
+    import torch
+    from safetensors.torch import load_file
+    state = load_file(str(hf / "model.safetensors"))
+    os.unlink(hf / "model.safetensors")
+    if shards == 1:
+        torch.save(state, hf / "pytorch_model.bin")
+        return
+    names, weight_map = sorted(state), {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = names[i::shards]
+        torch.save({k: state[k] for k in part}, hf / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {},
+                                                                  "weight_map": weight_map}))
+
+
+def test_a_context_longer_than_a_run_holds_is_refused_unless_block_size_crops_it(tmp_path, corpus,
+                                                                                  capsys):
+    """transformers computes a GPT-2 of more positions than an lmlab run may hold
+    (checkpoint.MAX_BLOCK); imported whole, no verb could load the run, so the import refuses it
+    and points to --block-size, with which the run loads and computes transformers' logits."""
+    tf = _transformers()
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
+                    n_positions=checkpoint.MAX_BLOCK + 1, n_layer=1, n_embd=8, n_head=2)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    capsys.readouterr()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"n_positions {checkpoint.MAX_BLOCK + 1}" in err, err
+    assert "--block-size" in err and not (tmp_path / "run").exists()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run"), "--block-size", "16"]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    ids = tok.encode("Before we proceed any further, hear me speak.")[:16]
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    V = hf_model.config.vocab_size
+    np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "bin-sharded", "bf16"])
 def test_import_reads_pytorch_bin_and_bfloat16_weights(fmt, tmp_path, corpus):
     _transformers()
     import torch
     hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
                     dtype=torch.bfloat16 if fmt == "bf16" else None)
-    if fmt == "bin":
-        from safetensors.torch import load_file
-        torch.save(load_file(str(hf / "model.safetensors")), hf / "pytorch_model.bin")
-        os.unlink(hf / "model.safetensors")
+    if fmt.startswith("bin"):
+        _as_pytorch_bin(hf, 3 if fmt == "bin-sharded" else 1)
     expected = {k: v.float().numpy() for k, v in
                 __import__("transformers").GPT2LMHeadModel.from_pretrained(hf).state_dict().items()}
     assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
@@ -392,6 +678,27 @@ def test_an_exported_instruct_run_imports_with_its_chat_template(instruct_run, t
     config = read_config(tmp_path / "run")
     assert config["train"]["chat_template"] == read_config(instruct_run)["train"]["chat_template"]
     assert config["train"]["added_tokens"] == []
+
+
+def test_an_export_saved_again_by_transformers_imports_with_its_chat_template(instruct_run,
+                                                                               tmp_path):
+    """transformers' save_pretrained writes the chat template to chat_template.jinja, not to
+    tokenizer_config.json: an export loaded, fine-tuned or not, and saved by transformers is still
+    the instruct model, and the imported run renders the conversations transformers renders."""
+    tf = _transformers()
+    out = _export(instruct_run, tmp_path / "hf")
+    saved = tmp_path / "saved"
+    tf.AutoModelForCausalLM.from_pretrained(out).save_pretrained(saved)
+    hf_tok = tf.AutoTokenizer.from_pretrained(out)
+    hf_tok.save_pretrained(saved)
+    assert main(["import", str(saved), "--run", str(tmp_path / "run")]) == 0
+    _, tok, config = load_model(tmp_path / "run")
+    assert config["train"]["chat_template"] == read_config(instruct_run)["train"]["chat_template"]
+    hf_tok = tf.AutoTokenizer.from_pretrained(saved)
+    for messages in CONVERSATIONS:
+        ids, _ = render(tok, messages, add_generation_prompt=True)
+        assert tok.decode(ids) == hf_tok.apply_chat_template(messages, tokenize=False,
+                                                             add_generation_prompt=True)
 
 
 def test_an_imported_run_samples_finetunes_instructs_and_learns_from_rankings(gpt2_dir, tmp_path,
@@ -547,12 +854,20 @@ def test_the_unedited_export_imports(exported, tmp_path):
     assert main(["import", str(exported), "--run", str(tmp_path / "run")]) == 0
 
 
-def test_reorder_and_upcast_attn_is_the_same_attention_and_imports(tmp_path, corpus):
-    """transformers' reorder_and_upcast_attn computes the scores in fp32 with the scale folded in:
-    the same function, so it is accepted, and the logits agree."""
+SAME_FUNCTION = {f"activation-{name}": {"activation_function": name} for name in
+                 ("gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "gelu_python_tanh")}
+SAME_FUNCTION["reorder-and-upcast-attn"] = {"reorder_and_upcast_attn": True}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_FUNCTION))
+def test_configs_that_spell_lmlab_s_function_otherwise_import_with_transformers_logits(
+        case, tmp_path, corpus):
+    """Config values with which transformers computes what lmlab computes are accepted, and the
+    logits agree: GPT-2's tanh GELU under each of its names (gelu_accurate and gelu_python_tanh
+    were refused though they are the same formula), and reorder_and_upcast_attn (the scores in
+    fp32 with the scale folded in: the same attention)."""
     tf = _transformers()
-    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"],
-                    reorder_and_upcast_attn=True)
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"], **SAME_FUNCTION[case])
     assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
     model, tok, _ = load_model(tmp_path / "run")
     hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
@@ -560,6 +875,26 @@ def test_reorder_and_upcast_attn_is_the_same_attention_and_imports(tmp_path, cor
     logits, _ = model.forward(ids[None].astype(np.int32))
     V = hf_model.config.vocab_size
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
+def test_a_stored_head_other_than_wte_is_refused_even_when_the_config_says_tied(tmp_path, corpus,
+                                                                                capsys):
+    """transformers computes with a stored lm_head.weight that differs from wte, whatever
+    tie_word_embeddings says; lmlab's head is wte, so such a checkpoint is refused, not imported
+    as a different model."""
+    tf = _transformers()
+    from safetensors.numpy import save_file
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"])
+    tensors = _safetensors(hf / "model.safetensors")
+    tensors[LM_HEAD] = tensors["transformer.wte.weight"][::-1].copy()
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    assert np.array_equal(hf_model.lm_head.weight.detach().numpy(), tensors[LM_HEAD])
+    capsys.readouterr()
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lm_head.weight is not wte" in err, err
 
 
 def test_an_untied_head_equal_to_wte_is_the_tied_model_and_imports(exported, tmp_path):

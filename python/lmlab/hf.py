@@ -23,9 +23,10 @@ from .reference import LAYERNORM_EPS
 HF_PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
 # transformers' names for GPT-2's tanh-form GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
-# the one lmlab computes (cpp/gelu.cpp); "gelu_fast" writes sqrt(2/pi) as 0.7978845608, equal in fp32.
+# the one lmlab computes (cpp/gelu.cpp); "gelu_fast" writes sqrt(2/pi) as 0.7978845608, equal in fp32,
+# and "gelu_accurate" and "gelu_python_tanh" are the same formula written out again.
 GELU_NAME = "gelu_new"
-TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "gelu_python_tanh")
 # The weights transposed between lmlab's (out, in) and Conv1D's (in, out).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                     "mlp.c_proj.weight")

@@ -5,6 +5,8 @@ OUT holds config.json (GPT-2's, hf.gpt2_config), model.safetensors (hf.name_map'
 layouts, float32), generation_config.json, the tokenizer as a fast tokenizer (tokenizer.json,
 unchanged from the run, with tokenizer_config.json and special_tokens_map.json naming its special
 tokens and, for an instruct-tuned run, the chat template) and a short README.md (a model card).
+A reward model run is refused: its head has no GPT-2 counterpart, and its transformer is its
+parent's, which is the run to export.
 
 Written atomically: everything goes into a temporary directory beside OUT, synced, then renamed to
 OUT. An existing OUT is refused unless overwrite=True, and even then only a transformers model
@@ -29,10 +31,10 @@ import uuid
 from pathlib import Path
 
 from .chat import END
-from .checkpoint import load_model
+from .checkpoint import current_checkpoint, load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, make_parent_dir, write_new_file
-from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE
+from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE, REWARD_HEAD_FILE
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
@@ -183,6 +185,13 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
     _restore_interrupted(out)
     replaced = _check_out(out, run, overwrite)
     model, tok, config = load_model(run)
+    if (current_checkpoint(run) / REWARD_HEAD_FILE).is_file():
+        parent = config.get("parent")
+        raise ConversionError(
+            f"{run} is a reward model: its reward head (a readout of the logits at the last "
+            "position and over the response) has no place in a GPT2LMHeadModel, and its "
+            f"transformer is its parent's, frozen; export {parent or 'the run it was fitted on'} "
+            "for that language model")
     files = hf_files(model, tok, config, os.fspath(run))
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     old = out.parent / _old_name(out)

@@ -3,22 +3,30 @@ any saved GPT2LMHeadModel) as an lmlab run, which sample, finetune, instruct, dp
 like any other. Nothing is downloaded: HF_DIR is a directory the user has.
 
 HF_DIR holds config.json (model_type "gpt2"), the weights (model.safetensors, a sharded
-model.safetensors.index.json, or pytorch_model.bin, read with PyTorch's weights-only loader where
-PyTorch is installed; float32, float16, bfloat16 or float64, read as float32) and tokenizer.json.
+model.safetensors.index.json, or pytorch_model.bin or its sharded pytorch_model.bin.index.json,
+read with PyTorch's weights-only loader where PyTorch is installed; float32, float16, bfloat16 or
+float64, read as float32) and tokenizer.json.
 
 Refused, each in one line naming the feature: another model type or architecture, an activation
 other than GPT-2's tanh GELU, an MLP width other than 4C, attention scaled otherwise than by
 1/sqrt(head size) (scale_attn_weights false, scale_attn_by_inverse_layer_idx), cross-attention, a
-layer norm epsilon other than lmlab's 1e-5, an LM head not tied to wte, a missing tensor (a layer
-without bias), tensors lmlab has no place for, a tokenizer that is neither byte-level BPE nor an
-lmlab char tokenizer or that does not give text back exactly, and a tokenizer whose size is not the
-model's vocab_size. reorder_and_upcast_attn is accepted: it computes the same attention (in fp32,
-as lmlab does). Dropout settings are not kept: lmlab trains without dropout.
+layer norm epsilon other than lmlab's 1e-5, an LM head that is not wte (untied, or a stored
+lm_head.weight that differs), a missing tensor (a layer without bias), tensors lmlab has no place
+for, a tokenizer that is neither byte-level BPE nor an lmlab char tokenizer or that does not give
+text back exactly, one that transformers encodes or decodes otherwise than lmlab reads it (a
+post-processor adding tokens, a char tokenizer with another pre-tokenizer, decoder or unknown
+token, add_prefix_space in tokenizer_config.json for GPT-2's tokenizer class), a tokenizer whose
+size is not the model's vocab_size, and a model beyond the bounds every verb checks when it loads a
+run (checkpoint.MAX_BLOCK positions, which block_size crops, MAX_PARAMS parameters, ...).
+reorder_and_upcast_attn is accepted: it computes the same attention (in fp32, as lmlab does).
+Truncation and padding saved in tokenizer.json are ignored, as transformers ignores them. Dropout
+settings are not kept: lmlab trains without dropout.
 
 An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
 (tokenizer.SPECIAL_TOKENS; instruct tuning and the chat template use them). Those the checkpoint's
 tokenizer lacks (GPT-2's has only <|endoftext|>) are added after its last id, and the embedding
-gains one row for each, the mean of the existing rows, so they start as an average token.
+gains one row for each, the mean of the existing rows, so they start as an average token. Those it
+holds as ordinary (not special) tokens are made special, so text spelling one stays text.
 `block_size` keeps the first N position embeddings: the same model on contexts of at most N tokens,
 which fits fine-tuning a 124M model in a laptop's memory.
 """
@@ -26,6 +34,7 @@ which fits fine-tuning a 124M model in a laptop's memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -35,11 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from .chat import TEMPLATE
-from .checkpoint import save_run
+from .checkpoint import MAX_BLOCK, MAX_EMBD, MAX_LAYERS, MAX_PARAMS, MAX_VOCAB, save_run
 from .errors import ConversionError, RunDirError
 from .files import JSONTextError, parse_json
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, parameter_layout
 from .reference import LAYERNORM_EPS
 from .rundir import is_run, open_run_dir
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -117,6 +126,22 @@ def model_config(hf: dict, path: Path) -> GPTConfig:
                      n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"])
 
 
+def _check_loadable(cfg: GPTConfig, path: Path, cropped: bool) -> None:
+    """Refuse, before the weights are read, a model larger than a run may be (checkpoint.py's
+    bounds, which every verb checks when it loads a run): imported, it could never be loaded."""
+    context = ("block_size" if cropped else "n_positions", cfg.block_size, MAX_BLOCK,
+               "" if cropped else "; --block-size N keeps its first N positions")
+    for name, value, top, hint in (context, ("n_layer", cfg.n_layer, MAX_LAYERS, ""),
+                                   ("n_embd", cfg.n_embd, MAX_EMBD, ""),
+                                   ("vocab_size", cfg.vocab_size, MAX_VOCAB, "")):
+        if value > top:
+            raise _refuse(path, f"{name} {value} is more than the {top} an lmlab run holds{hint}")
+    n = sum(math.prod(shape) for _, shape in parameter_layout(cfg))
+    if n > MAX_PARAMS:
+        raise _refuse(path, f"the model has {n:,} parameters, more than the {MAX_PARAMS:,} an "
+                            "lmlab run holds")
+
+
 # -- weights ---------------------------------------------------------------------------------------
 
 def _read_safetensors(path: Path) -> dict:
@@ -170,24 +195,36 @@ def _read_torch_bin(path: Path) -> dict:
             if hasattr(v, "numpy") and not _BUFFER.fullmatch(k.removeprefix(HF_PREFIX))}
 
 
+def _read_sharded(index: Path, read_shard) -> dict:
+    """The tensors of a sharded checkpoint: every shard its index's weight_map names, each read
+    by read_shard (transformers writes both formats' indexes alike)."""
+    shards = _read_json(index).get("weight_map")
+    if not isinstance(shards, dict):
+        raise _refuse(index, 'no "weight_map" object')
+    tensors = {}
+    for shard in sorted(set(shards.values())):
+        tensors.update(read_shard(index.parent / os.path.basename(str(shard))))
+    return tensors
+
+
+# Where a transformers directory keeps its weights, in the order transformers prefers them, and how
+# each is read.
+_WEIGHT_FILES = (("model.safetensors", _read_safetensors),
+                 ("model.safetensors.index.json", lambda p: _read_sharded(p, _read_safetensors)),
+                 ("pytorch_model.bin", _read_torch_bin),
+                 ("pytorch_model.bin.index.json", lambda p: _read_sharded(p, _read_torch_bin)))
+
+
 def read_weights(hf_dir: Path) -> dict:
     """{name without "transformer.": float32 array} of the checkpoint's weights."""
-    single, index, pt = (hf_dir / n for n in ("model.safetensors", "model.safetensors.index.json",
-                                              "pytorch_model.bin"))
-    if single.is_file():
-        tensors = _read_safetensors(single)
-    elif index.is_file():
-        shards = _read_json(index).get("weight_map")
-        if not isinstance(shards, dict):
-            raise _refuse(index, 'no "weight_map" object')
-        tensors = {}
-        for shard in sorted(set(shards.values())):
-            tensors.update(_read_safetensors(hf_dir / os.path.basename(str(shard))))
-    elif pt.is_file():
-        tensors = _read_torch_bin(pt)
+    for name, read in _WEIGHT_FILES:
+        if (hf_dir / name).is_file():
+            tensors = read(hf_dir / name)
+            break
     else:
-        raise FileNotFoundError(f"{hf_dir} holds no weights: expected model.safetensors, "
-                                "model.safetensors.index.json or pytorch_model.bin")
+        raise FileNotFoundError(f"{hf_dir} holds no weights: expected "
+                                f"{', '.join(n for n, _ in _WEIGHT_FILES[:-1])} or "
+                                f"{_WEIGHT_FILES[-1][0]}")
     return {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
 
 
@@ -211,14 +248,17 @@ def _place_weights(model: GPT, cfg: GPTConfig, tensors: dict, hf: dict, where: P
         if tuple(tensors[key].shape) != tuple(shape):
             raise _refuse(where, f"tensor {key} has shape {tuple(tensors[key].shape)}, but "
                                  f"config.json's sizes need {tuple(shape)}")
-    # Tied (transformers' default), the model's head is wte whatever lm_head.weight holds; untied,
-    # it is lm_head.weight, which lmlab can take only when it equals wte.
+    # lmlab's LM head is wte. A stored lm_head.weight that is not wte is the head transformers
+    # computes with, tied or not (transformers 5 unties a model whose checkpoint holds both with
+    # different values); untied and not stored, transformers' head is random. Either is refused.
     head = tensors.get(LM_HEAD)
-    if not hf.get("tie_word_embeddings", True) and not (
-            head is not None and np.array_equal(head, tensors["wte.weight"])):
-        raise _refuse(where, "the LM head is untied (tie_word_embeddings is false and "
-                             f"lm_head.weight is {'missing' if head is None else 'not wte'}): "
+    if head is not None and not np.array_equal(head, tensors["wte.weight"]):
+        raise _refuse(where, "lm_head.weight is not wte (transformers computes with the stored "
+                             "head, so the LM head is untied whatever tie_word_embeddings says): "
                              "lmlab's LM head is the token embedding wte")
+    if head is None and not hf.get("tie_word_embeddings", True):
+        raise _refuse(where, "the LM head is untied (tie_word_embeddings is false and "
+                             "lm_head.weight is missing): lmlab's LM head is the token embedding wte")
     params = model.named_parameters()
     for key, (name, _) in expected.items():
         w = from_hf(name, tensors.pop(key))
@@ -235,6 +275,7 @@ def _place_weights(model: GPT, cfg: GPTConfig, tensors: dict, hf: dict, where: P
 
 def read_tokenizer(hf_dir: Path, vocab_size: int):
     """(lmlab Tokenizer, special tokens added) of HF_DIR/tokenizer.json, checked."""
+    from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
     path = hf_dir / "tokenizer.json"
@@ -246,6 +287,11 @@ def read_tokenizer(hf_dir: Path, vocab_size: int):
         tk = HFTokenizer.from_file(os.fspath(path))
     except Exception as e:  # the library raises its own Exception type
         raise _refuse(path, f"not a valid tokenizer.json: {str(e)[:200]}") from None
+    # Truncation and padding saved in the file are settings of a call, not of the vocabulary:
+    # transformers turns them off for a call that asks for neither, and lmlab's encode is always
+    # such a call (the whole text, unpadded).
+    tk.no_truncation()
+    tk.no_padding()
     spec = json.loads(tk.to_str())
     kind = type(tk.model).__name__
     parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
@@ -262,21 +308,88 @@ def read_tokenizer(hf_dir: Path, vocab_size: int):
                             f"{vocab_size}; they must be equal")
     vocab = tk.get_vocab(with_added_tokens=True)
     added = [s for s in SPECIAL_TOKENS if s not in vocab]
-    tk.add_special_tokens(added)
+    # lmlab's special tokens the checkpoint holds as ordinary tokens become special, as in every
+    # lmlab tokenizer: text that spells one ("<|end|>" typed by a user) is then encoded as text, and
+    # never ends a turn or forges a role (tokenizer.py).
+    special = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+    tk.add_special_tokens(added + [AddedToken(s, special=True) for s in SPECIAL_TOKENS
+                                   if s in vocab and s not in special])
     tok = Tokenizer.from_str(tk.to_str(), source=path)
     if tok.kind == "bpe" and tok.decode(tok.encode(_ROUND_TRIP_PROBE)) != _ROUND_TRIP_PROBE:
         raise _refuse(path, "the tokenizer does not give text back exactly (decode(encode(x)) != "
                             "x); lmlab's tokenizers must")
+    _check_same_tokens(tk, tok, vocab, path)
     return tok, added
 
 
-def _chat_template(hf_dir: Path):
-    """lmlab's template when the checkpoint's tokenizer_config.json carries lmlab's chat template
-    (a run exported by lmlab after instruct tuning), else None."""
+def _check_same_tokens(tk, tok: Tokenizer, vocab: dict, path: Path) -> None:
+    """Refuse a tokenizer that the tokenizers library (what transformers runs, on the checkpoint
+    and on its export alike) encodes or decodes otherwise than lmlab's Tokenizer of the same
+    tokenizer.json: the model would be given ids it was not trained on. lmlab's char tokenizer reads
+    one token per character and U+FFFD for a character it lacks, whatever the file's pre-tokenizer,
+    model and decoder say, and lmlab's encode adds no tokens to the text."""
+    probe = _ROUND_TRIP_PROBE
+    if tok.kind == "char":  # every character it knows, and one it does not
+        known = sorted(t for t in vocab if len(t) == 1)
+        unseen = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in vocab)
+        probe += "".join(known) + unseen
+    ours = tok.encode(probe, unknown="replace").tolist()
+    try:
+        theirs = tk.encode(probe).ids
+        plain = tk.encode(probe, add_special_tokens=False).ids
+        text = tk.decode(ours, skip_special_tokens=False)
+    except Exception as e:  # the library raises its own Exception type
+        raise _refuse(path, f"the tokenizer cannot encode and decode text: {str(e)[:200]}") from None
+    if theirs != ours and plain == ours:
+        extra = [t for t in theirs if t not in ours] or theirs
+        raise _refuse(path, f"the tokenizer's post-processor adds {tk.id_to_token(extra[0])!r} to "
+                            "every text; lmlab's encode adds no tokens, so its prompts would lack it")
+    if theirs != ours:
+        at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+                  min(len(theirs), len(ours)))
+        how = ("one token per character, U+FFFD for an unseen one" if tok.kind == "char"
+               else "byte-level BPE")
+        raise _refuse(path, f"the tokenizers library encodes text with this tokenizer otherwise "
+                            f"than lmlab reads it ({how}): token {at} is "
+                            f"{tk.id_to_token(theirs[at]) if at < len(theirs) else None!r}, lmlab's "
+                            f"{tk.id_to_token(ours[at]) if at < len(ours) else None!r}")
+    if text != tok.decode(ours):
+        raise _refuse(path, "the tokenizers library decodes ids with this tokenizer otherwise "
+                            f"than lmlab does (its decoder gives {text[:24]!r} for lmlab's "
+                            f"{tok.decode(ours)[:24]!r})")
+
+
+def _check_tokenizer_config(hf_dir: Path) -> None:
+    """Refuse tokenizer_config.json settings with which transformers encodes otherwise than
+    tokenizer.json says: its GPT-2 tokenizer (the class AutoTokenizer picks for a gpt2 model that
+    names none) puts a space before every text when add_prefix_space is true."""
     path = hf_dir / "tokenizer_config.json"
     if not path.is_file():
+        return
+    config = _read_json(path)
+    cls = config.get("tokenizer_class")
+    if config.get("add_prefix_space") and (cls is None or str(cls).startswith("GPT2Tokenizer")):
+        raise _refuse(path, f"add_prefix_space is true: transformers' {cls or 'GPT2Tokenizer'} "
+                            "then puts a space before every text, which lmlab's byte-level BPE "
+                            "never adds")
+
+
+def _chat_template(hf_dir: Path):
+    """lmlab's template when the checkpoint's chat template is lmlab's (a run exported by lmlab
+    after instruct tuning), else None. The template is where transformers reads it: the file
+    chat_template.jinja where there is one (what save_pretrained writes since transformers 4.43,
+    so an export loaded and saved again by transformers keeps it there), else tokenizer_config.json's
+    "chat_template"."""
+    jinja_file, config = hf_dir / "chat_template.jinja", hf_dir / "tokenizer_config.json"
+    if jinja_file.is_file():
+        try:
+            jinja = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _refuse(jinja_file, f"cannot read it as UTF-8 text ({e})") from None
+    elif config.is_file():
+        jinja = _read_json(config).get("chat_template")
+    else:
         return None
-    jinja = _read_json(path).get("chat_template")
     return dict(TEMPLATE) if jinja == chat_template_jinja(TEMPLATE) else None
 
 
@@ -300,10 +413,13 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
             raise ValueError(f"--block-size must be an integer in [1, {cfg.block_size}] (the "
                              f"checkpoint's n_positions), got {block_size!r}")
     tok, added = read_tokenizer(hf_dir, cfg.vocab_size)
+    _check_tokenizer_config(hf_dir)
     template = _chat_template(hf_dir)
+    run_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    _check_loadable(run_cfg, hf_dir / "config.json", cropped=block_size is not None)
     tensors = read_weights(hf_dir)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    model = GPT(run_cfg)
     _place_weights(model, cfg, tensors, hf, hf_dir)
     del tensors
     train = {"stage": "import", "source": os.fspath(hf_dir.resolve()), "settings": {},

@@ -24,7 +24,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("import", help="make a local Hugging Face GPT-2 checkpoint an lmlab run")
     p.add_argument("hf_dir", metavar="HF_DIR",
                    help="a directory holding config.json (GPT-2), model.safetensors or "
-                        "pytorch_model.bin, and tokenizer.json; nothing is downloaded")
+                        "pytorch_model.bin (or their sharded indexes), and tokenizer.json; nothing is "
+                        "downloaded")
     p.add_argument("--run", required=True, help="the run directory to write")
     p.add_argument("--block-size", type=int, default=None,
                    help="keep the first N position embeddings: contexts of at most N tokens, "
