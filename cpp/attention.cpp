@@ -154,7 +154,14 @@ void product(Precision precision, idx_t M, idx_t N, idx_t K, float alpha, const 
 
 // --- helpers shared by forward and backward -------------------------------------------------------
 
-constexpr idx_t kBlock = 64;  // query rows per block
+// Query rows per block. A smaller block computes less of the causal upper triangle (the diagonal
+// block is computed square) at more per-block cost: 32 measured faster on AVX2 (docs/DESIGN.md);
+// the other variants keep 64, not measured at 32.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr idx_t kBlock = 32;
+#else
+constexpr idx_t kBlock = 64;
+#endif
 
 // Below this many multiply-adds per product (B * NH * T^2 * HS / 2) a call runs on one thread: waking
 // the team would cost more than it saves (about 20 us of work).
