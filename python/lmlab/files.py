@@ -1,4 +1,5 @@
-"""Durable file writes: atomic replacement of a file, fsync of files and directories.
+"""Durable file writes (atomic replacement of a file, line appends to JSONL files, fsync of files
+and directories), and the one reader of JSON that lmlab did not write itself.
 
 `atomic_write*` write into a temporary file in the target's directory, flush and fsync it, and
 rename it over the target, so a crash leaves either the old file or the new one, never a torn
