@@ -660,6 +660,36 @@ def test_rlhf_without_a_reward_source_exits_2(tmp_path, tok, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_rlhf_refuses_a_reward_model_that_cannot_read_the_policys_answers(tmp_path, tok, capsys):
+    """The reward model re-encodes the policy's sampled text with its own tokenizer: one whose char
+    vocabulary lacks characters the policy can sample is refused before any sampling (it used to
+    stop the run at the first sample holding one, however late), one that reads them all is taken,
+    and a BPE policy (any character) needs a BPE reward model."""
+    from lmlab.checkpoint import save_run
+
+    wide = train_tokenizer(_corpus(200) + " QZ?", "char")
+    save_run(tmp_path / "narrow", _tiny(tok), tok, train_config={})
+    save_run(tmp_path / "wide", _tiny(wide), wide, train_config={})
+    recs = [{"prompt": "the ", "completions": ["ab", "ba"], "ranking": [0, 1]}] * 2
+    rm, _ = rwd.train_reward_model(_tiny(tok), tok, recs, steps=2)
+    rm.save(tmp_path / "rm", parent=str(tmp_path / "narrow"))
+    (tmp_path / "p.txt").write_text("the cat \na dog \n")
+    argv = ["--prompts", str(tmp_path / "p.txt"), "--reward-model", str(tmp_path / "rm"), "-k",
+            "2", "--prompts-per-step", "1", "--max-new-tokens", "4", "--steps", "1",
+            "--no-progress", "--threads", "1"]
+    assert main(["rlhf", str(tmp_path / "wide"), "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks 3 character(s)" in err and "'?', 'Q', 'Z'" in err, err
+    assert not (tmp_path / "o").exists()
+    # The reward model's own run (and any char run within its vocabulary) is read.
+    assert main(["rlhf", str(tmp_path / "narrow"), "--out", str(tmp_path / "o"), *argv]) == 0
+    rm.check_reads(train_tokenizer(_corpus(50), "char"))
+    bpe = train_tokenizer(_corpus(200), "bpe", vocab_size=300)
+    with pytest.raises(ValueError, match="byte-level BPE"):
+        rm.check_reads(bpe)
+    rwd.RewardModel(_tiny(bpe), bpe).check_reads(wide)
+
+
 _EVAL_ALONE = [
     (["--eval-judge", ""], "unknown judge ''"),  # was no eval at all
     (["--eval-prompts", "P"], "--eval-prompts 'P' is not allowed: it applies only to the eval"),

@@ -25,6 +25,7 @@ from .checkpoint import current_checkpoint, load_model, read_checkpoint_file, sa
 from .metrics import append_metrics
 from .rankings import answers_ended, load_split_rankings, pairs_from_ranking, ranking_paths
 from .sequences import encode_pair, log_sigmoid, sigmoid
+from .tokenizer import SPECIAL_TOKENS
 from .stage import StageResult, open_stage
 
 def reward_features(model, tok, prompts: Sequence[str], completions: Sequence[str],
@@ -103,6 +104,28 @@ class RewardModel:
         phi = reward_features(self.model, self.tok, [prompt] * len(completions), completions,
                               ended if self.reads_end_token else None)
         return self.score_features(phi)
+
+    def check_reads(self, tok, *, name: str = "the reward model", run: str = "the run") -> None:
+        """Refuse, before any sampling, a policy tokenizer whose answers this head's tokenizer
+        cannot encode: score() re-encodes the policy's decoded text, and a character its char
+        vocabulary lacks would otherwise stop RL at the first sample that holds one. A byte-level
+        BPE reward model reads any text; a char one reads a char policy whose every character it
+        holds (special tokens are read as themselves), and no BPE policy, which can sample any
+        character."""
+        if self.tok.kind == "bpe":
+            return
+        how = ("fit a reward model on this run's rankings (lmlab reward RUN --rankings ...) or "
+               "on a run with its tokenizer")
+        if tok.kind == "bpe":
+            raise ValueError(f"{name} cannot read {run}'s answers: its char tokenizer lacks most "
+                             f"of what a byte-level BPE tokenizer can sample; {how}")
+        special = {tok.special_id(s) for s in SPECIAL_TOKENS}
+        text = tok.decode([i for i in range(tok.vocab_size) if i not in special])
+        missing = sorted(self.tok.unknown_chars(text))
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise ValueError(f"{name} cannot read {run}'s answers: its char tokenizer lacks "
+                             f"{len(missing)} character(s) {run} can sample ({shown}); {how}")
 
     def save(self, run_dir, *, parent: Optional[str] = None, train_config: Optional[dict] = None):
         """One checkpoint holding the transformer and the head (checkpoint.save_run's extra files)."""

@@ -170,6 +170,8 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
         train_p, val_p = split_records([{"prompt": p} for p in prompt_list], s["val_fraction"],
                                        s["seed"])
         model, tok, _ = load_model(run)
+        if s["reward_model"] is not None:
+            rm.check_reads(tok, name=f"reward model {s['reward_model']}", run=str(run))
         ref, _, _ = load_model(run)
         cfg = opened.train_config()
         # The KL reference computes in the precision the policy trains in, so the policy starts
