@@ -143,6 +143,19 @@ def test_temperature(probs):
     assert greedy[np.argmax(probs)] == 1.0 and greedy.sum() == 1.0
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-320, 5e-324])
+def test_temperature_near_zero_is_greedy(model, probs, temperature):
+    # As T -> 0+, p ** (1/T) renormalised tends to all mass on the most likely token (no ties
+    # here); the smallest positive floats must reach that limit, not NaN.
+    with np.errstate(invalid="raise"):  # NaN is the failure; underflow to 0 is the limit
+        q = filter_distribution(probs, temperature)
+    expected = np.zeros_like(probs)
+    expected[np.argmax(probs)] = 1.0
+    np.testing.assert_array_equal(q, expected)
+    np.testing.assert_array_equal(generate(model, PROMPT, 15, temperature=temperature, seed=1),
+                                  generate(model, PROMPT, 15, temperature=0))
+
+
 def test_top_k_restricts_support(probs):
     q = filter_distribution(probs, top_k=5)
     kept = np.flatnonzero(q)

@@ -54,10 +54,12 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
         out[int(np.argmax(p))] = 1.0
         return out
     if temperature != 1.0:
-        # p ** (1/T) in log space, max subtracted, so small T neither under- nor overflows.
-        with np.errstate(divide="ignore"):
-            logp = np.log(p) / temperature
-        p = np.exp(logp - logp.max())
+        # p ** (1/T) in log space, the max subtracted before dividing by T: the most likely
+        # token's term is exactly 0 and every other one <= 0 (at worst -inf, weight 0), so no T > 0
+        # makes NaN (dividing first, a T near the smallest float turned every term into -inf).
+        with np.errstate(divide="ignore", over="ignore"):
+            logp = np.log(p)
+            p = np.exp((logp - logp.max()) / temperature)
     p = p / p.sum()
     order = None
     if top_k is not None and top_k < p.size:
