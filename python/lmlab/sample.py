@@ -138,6 +138,60 @@ def score_tokens(model: GPT, ids) -> tuple:
     return np.concatenate(logps), np.concatenate(losses)
 
 
+class TextStream:
+    """The text of generated ids, told as it becomes final and cut before a stop string: what
+    `lmlab sample` streams and `Model.generate` returns.
+
+    add(token_id) returns the text that may be shown now. Decoding is incremental, so n ids cost
+    O(n) however long the text grows (decoding the whole text at every id cost O(n^2)): a byte-level
+    BPE id that ends inside a UTF-8 character waits for the rest of it (decoding it alone would
+    show U+FFFD), and text that may be the start of `stop` waits until it is known not to be.
+    Once `stop` has appeared, `stopped` is True and no text from it on is ever returned.
+    """
+
+    def __init__(self, tokenizer, stop: Optional[str] = None) -> None:
+        self._tok, self._stop = tokenizer, stop or None
+        self._pending: list = []    # ids whose text may still change (an unfinished character)
+        self._held = ""             # final text, held back because it may begin the stop string
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self._pending.append(int(token_id))
+        piece = self._tok.decode(self._pending)
+        # The text of ids up to one that ends a character never changes (the UTF-8 decoder is
+        # back in its initial state there), so those ids are decoded once and dropped.
+        if piece.endswith("\ufffd"):
+            return ""
+        self._pending = []
+        return self._release(piece)
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended (an unfinished character as U+FFFD)."""
+        if self.stopped:
+            return ""
+        rest = self._release(self._tok.decode(self._pending)) + self._held
+        self._pending, self._held = [], ""
+        return rest
+
+    def _release(self, piece: str) -> str:
+        text = self._held + piece
+        stop = self._stop
+        if stop is None:
+            return text
+        if stop in text:            # every earlier start of it lay in the held-back text
+            self.stopped, self._held = True, ""
+            return text[: text.index(stop)]
+        # Hold back the longest ending of text that begins the stop string.
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                self._held = text[-k:]
+                return text[:-k]
+        self._held = ""
+        return text
+
+
 def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
              stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,
