@@ -1,4 +1,5 @@
-"""Sampling from a GPT: the next-token distribution, its filters, and generation.
+"""Sampling from a GPT: the next-token distribution, its filters, generation, and the text of the
+generated ids as it streams (TextStream).
 
 Generation picks a token from the model's next-token distribution and appends it, over and over.
 The distribution is shaped by temperature (T = 0 is greedy: always the most likely token), then
