@@ -134,6 +134,31 @@ def test_generate_stop_string_cuts_like_lmlab_sample(root, base, capsys):
     assert capsys.readouterr().out == "the " + text + "\n"
 
 
+def test_generated_text_is_decoded_once_not_again_at_every_token(root, base, capsys,
+                                                                 monkeypatch):
+    """Long generations took time quadratic in their length: the whole text was decoded again
+    after every token (to stream it, or to look for the stop string). Each id is decoded about
+    once now, and the text is the same as one decode of all the ids."""
+    from lmlab.tokenizer import Tokenizer
+    decoded = []
+    original = Tokenizer.decode
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids: decoded.append(len(ids)) or
+                        original(self, ids))
+    ids = base.tokenizer.encode("the ")
+    new = sample.generate(base.gpt, ids, 200, temperature=0)
+    assert new.size >= 20
+    reference = original(base.tokenizer, new)
+    decoded.clear()
+    assert base.generate("the ", max_new_tokens=200, temperature=0, stop="@never@") == reference
+    assert sum(decoded) <= 2 * new.size
+    for extra in ([], ["--no-stream"], ["--stop", "@never@"]):
+        decoded.clear()
+        assert main(["sample", str(root / "base"), "--prompt", "the ", "--max-new-tokens", "200",
+                     "--temperature", "0"] + extra) == 0
+        assert capsys.readouterr().out == "the " + reference + "\n"
+        assert sum(decoded) <= 2 * new.size
+
+
 def test_next_token_distribution_equals_the_module_function_and_lmlab_predict(root, base, capsys):
     dist = base.next_token_distribution("the c")
     ids = base.tokenizer.encode("the c")

@@ -10,7 +10,8 @@ import pytest
 
 from lmlab.kvcache import KVCache
 from lmlab.model import GPT, GPTConfig
-from lmlab.sample import filter_distribution, generate, next_token_distribution
+from lmlab.sample import TextStream, filter_distribution, generate, next_token_distribution
+from lmlab.tokenizer import train_tokenizer
 
 CFG = dict(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
 
@@ -143,6 +144,19 @@ def test_temperature(probs):
     assert greedy[np.argmax(probs)] == 1.0 and greedy.sum() == 1.0
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-320, 5e-324])
+def test_temperature_near_zero_is_greedy(model, probs, temperature):
+    # As T -> 0+, p ** (1/T) renormalised tends to all mass on the most likely token (no ties
+    # here); the smallest positive floats must reach that limit, not NaN.
+    with np.errstate(invalid="raise"):  # NaN is the failure; underflow to 0 is the limit
+        q = filter_distribution(probs, temperature)
+    expected = np.zeros_like(probs)
+    expected[np.argmax(probs)] = 1.0
+    np.testing.assert_array_equal(q, expected)
+    np.testing.assert_array_equal(generate(model, PROMPT, 15, temperature=temperature, seed=1),
+                                  generate(model, PROMPT, 15, temperature=0))
+
+
 def test_top_k_restricts_support(probs):
     q = filter_distribution(probs, top_k=5)
     kept = np.flatnonzero(q)
@@ -196,3 +210,35 @@ def test_bad_prompts_raise(model):
         generate(model, [1], -1)
     with pytest.raises(ValueError, match="probs"):
         filter_distribution(np.array([0.5, -0.1, 0.6]))
+
+
+# --- the text of generated ids ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_text_stream_shows_final_text_cut_before_the_stop_string(kind):
+    """Reference: the whole id sequence decoded at once, cut where the stop string first starts.
+    At every id, the text shown so far is a prefix of that reference (no U+FFFD for half a
+    character, no start of a stop string that then arrives), and all of it is shown in the end."""
+    text = "naïve café 😀 ok\n€5 → déjà vu, naïve café\n" * 3
+    tok = train_tokenizer(text, kind, vocab_size=300)
+    byte_level = np.arange(tok.vocab_size)  # bpe: the 256 single bytes among them
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        if trial % 2:
+            ids = tok.encode(text[int(rng.integers(0, 40)):][: int(rng.integers(1, 60))]).tolist()
+        else:               # anything, bytes that end inside a character and special tokens too
+            ids = rng.choice(byte_level, int(rng.integers(1, 40))).tolist()
+        whole = tok.decode(ids)
+        starts = int(rng.integers(0, len(whole)))
+        for stop in (None, whole[starts:starts + int(rng.integers(1, 4))] or None, "é", "zz"):
+            expected = whole[: whole.index(stop)] if stop and stop in whole else whole
+            stream, shown = TextStream(tok, stop), ""
+            for i in ids:
+                shown += stream.add(i)
+                assert expected.startswith(shown), (ids, stop, shown)
+                if stream.stopped:
+                    assert shown == expected
+                    break
+            shown += stream.finish()
+            assert shown == expected, (ids, stop)
+            assert stream.stopped == (stop is not None and stop in whole)

@@ -31,7 +31,7 @@ from .checkpoint import load_model
 from .rundir import run_path
 from .sample import generate as _generate
 from .sample import next_token_distribution as _next_token_distribution
-from .sample import score_tokens
+from .sample import TextStream, score_tokens
 from .stage import StageResult
 
 
@@ -147,11 +147,12 @@ class Model:
             checks.check("seed", seed)
         checks.check("raw", raw)  # raw="False" would be true
         ids, stop_ids, chat = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
-        new: list = []
+        text = TextStream(self.tokenizer, stop)
+        pieces: list = []
 
         def on_token(token_id: int) -> None:
-            new.append(int(token_id))
-            if stop and stop in self.tokenizer.decode(new):
+            pieces.append(text.add(token_id))
+            if text.stopped:
                 raise _StopString
 
         try:
@@ -160,8 +161,7 @@ class Model:
                       seed=seed, stop_ids=stop_ids, callback=on_token)
         except _StopString:
             pass
-        text = self.tokenizer.decode(new)
-        return text[: text.index(stop)] if stop and stop in text else text
+        return "".join(pieces) + text.finish()
 
     def next_token_distribution(self, prompt: str) -> NextTokens:
         """The probability of every token to come next after `prompt` (the text as given, as

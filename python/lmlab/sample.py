@@ -1,4 +1,5 @@
-"""Sampling from a GPT: the next-token distribution, its filters, and generation.
+"""Sampling from a GPT: the next-token distribution, its filters, generation, and the text of the
+generated ids as it streams (TextStream).
 
 Generation picks a token from the model's next-token distribution and appends it, over and over.
 The distribution is shaped by temperature (T = 0 is greedy: always the most likely token), then
@@ -54,10 +55,12 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
         out[int(np.argmax(p))] = 1.0
         return out
     if temperature != 1.0:
-        # p ** (1/T) in log space, max subtracted, so small T neither under- nor overflows.
-        with np.errstate(divide="ignore"):
-            logp = np.log(p) / temperature
-        p = np.exp(logp - logp.max())
+        # p ** (1/T) in log space, the max subtracted before dividing by T: the most likely
+        # token's term is exactly 0 and every other one <= 0 (at worst -inf, weight 0), so no T > 0
+        # makes NaN (dividing first, a T near the smallest float turned every term into -inf).
+        with np.errstate(divide="ignore", over="ignore"):
+            logp = np.log(p)
+            p = np.exp((logp - logp.max()) / temperature)
     p = p / p.sum()
     order = None
     if top_k is not None and top_k < p.size:
@@ -134,6 +137,60 @@ def score_tokens(model: GPT, ids) -> tuple:
         logps.append(z - np.log(np.exp(z).sum(axis=-1, keepdims=True)))
         losses.append(np.asarray(loss[0], np.float64))
     return np.concatenate(logps), np.concatenate(losses)
+
+
+class TextStream:
+    """The text of generated ids, told as it becomes final and cut before a stop string: what
+    `lmlab sample` streams and `Model.generate` returns.
+
+    add(token_id) returns the text that may be shown now. Decoding is incremental, so n ids cost
+    O(n) however long the text grows (decoding the whole text at every id cost O(n^2)): a byte-level
+    BPE id that ends inside a UTF-8 character waits for the rest of it (decoding it alone would
+    show U+FFFD), and text that may be the start of `stop` waits until it is known not to be.
+    Once `stop` has appeared, `stopped` is True and no text from it on is ever returned.
+    """
+
+    def __init__(self, tokenizer, stop: Optional[str] = None) -> None:
+        self._tok, self._stop = tokenizer, stop or None
+        self._pending: list = []    # ids whose text may still change (an unfinished character)
+        self._held = ""             # final text, held back because it may begin the stop string
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self._pending.append(int(token_id))
+        piece = self._tok.decode(self._pending)
+        # The text of ids up to one that ends a character never changes (the UTF-8 decoder is
+        # back in its initial state there), so those ids are decoded once and dropped.
+        if piece.endswith("\ufffd"):
+            return ""
+        self._pending = []
+        return self._release(piece)
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended (an unfinished character as U+FFFD)."""
+        if self.stopped:
+            return ""
+        rest = self._release(self._tok.decode(self._pending)) + self._held
+        self._pending, self._held = [], ""
+        return rest
+
+    def _release(self, piece: str) -> str:
+        text = self._held + piece
+        stop = self._stop
+        if stop is None:
+            return text
+        if stop in text:            # every earlier start of it lay in the held-back text
+            self.stopped, self._held = True, ""
+            return text[: text.index(stop)]
+        # Hold back the longest ending of text that begins the stop string.
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                self._held = text[-k:]
+                return text[:-k]
+        self._held = ""
+        return text
 
 
 def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,

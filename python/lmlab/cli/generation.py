@@ -13,7 +13,7 @@ from ..chat import cut_prompt, template_of
 from ..checkpoint import load_model
 from ..files import atomic_write
 from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
-from ..sample import generate, next_token_distribution
+from ..sample import TextStream, generate, next_token_distribution
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
 
 
@@ -66,15 +66,6 @@ class _StopString(Exception):
     """Raised from the streaming callback when the stop string has appeared."""
 
 
-def _before_partial_stop(text: str, stop) -> str:
-    """text without its longest ending that begins the stop string (all of it when none does)."""
-    if stop:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                return text[:-k]
-    return text
-
-
 def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                        num_samples, stop, stream, raw=False) -> None:
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
@@ -88,23 +79,19 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
         if num_samples > 1:
             print(f"--- sample {i + 1}" + (f" (seed {s})" if s is not None else "") + " ---")
         sys.stdout.write(echo)
-        new: list = []
-        shown = ""
+        # A character split across BPE tokens appears whole, and text that may begin the stop
+        # string waits until it is known not to (TextStream).
+        text = TextStream(tok, stop)
+        kept: list = []
 
         def on_token(token_id: int) -> None:
-            # Decode everything so far and print the new suffix, so a character split across BPE
-            # tokens appears whole; stop as soon as the stop string shows up.
-            nonlocal shown
-            new.append(int(token_id))
-            full = tok.decode(new)
-            text = full[: full.index(stop)] if stop and stop in full else full
-            # Text that may be the start of the stop string waits until it is known not to be.
-            visible = text if len(text) < len(full) else _before_partial_stop(text, stop)
-            if stream and not visible.endswith("\ufffd") and len(visible) > len(shown):
-                sys.stdout.write(visible[len(shown):])
+            piece = text.add(token_id)
+            if stream and piece:
+                sys.stdout.write(piece)
                 sys.stdout.flush()
-                shown = visible
-            if len(text) < len(full):
+            elif piece:
+                kept.append(piece)
+            if text.stopped:
                 raise _StopString
 
         try:
@@ -112,10 +99,7 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
                      top_p=top_p, seed=s, stop_ids=stop_ids, callback=on_token)
         except _StopString:
             pass
-        text = tok.decode(new)
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-        sys.stdout.write(text[len(shown):] + "\n")
+        sys.stdout.write("".join(kept) + text.finish() + "\n")
         sys.stdout.flush()
 
 
