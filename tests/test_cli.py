@@ -408,3 +408,48 @@ def test_a_file_the_system_cannot_read_is_one_line_naming_it(run, tmp_path, caps
     assert err.startswith(f"lmlab {argv[0]}: error: ") and "/proc/self/mem" in err, err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "never").exists()
+
+
+_PIPE_CHILD = """
+import argparse, os, sys
+from lmlab import cli
+
+def flood(args):  # a verb printing more than any reader takes
+    while True:
+        print("x" * 1000, flush=True)
+
+def worker_pipe(args):  # a pipe of lmlab's own breaking: not the reader of stdout going away
+    raise BrokenPipeError(32, "Broken pipe")
+
+def build():
+    parser = argparse.ArgumentParser(prog="lmlab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("flood").set_defaults(func=flood)
+    sub.add_parser("worker").set_defaults(func=worker_pipe)
+    return parser
+
+if sys.argv[1] == "flood":
+    r, w = os.pipe()
+    os.close(r)      # the reader (`| head`) has taken what it wanted and gone
+    os.dup2(w, 1)
+cli.build_parser = build
+sys.exit(cli.main([sys.argv[1]]))
+"""
+
+
+def test_output_into_a_closed_pipe_stops_quietly_as_a_shell_tool_does():
+    """`lmlab sample ... | head` printed "error: [Errno 32] Broken pipe" and exited 2; it now ends
+    as a process SIGPIPE ends (141) and prints nothing. A broken pipe that is not stdout's reader
+    going away is still an error."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(ops.__file__)), os.environ.get("PYTHONPATH"))
+        if p))
+    flood = subprocess.run([sys.executable, "-c", _PIPE_CHILD, "flood"], capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert flood.returncode == 141 and flood.stderr == ""
+    worker = subprocess.run([sys.executable, "-c", _PIPE_CHILD, "worker"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert worker.returncode == 2
+    assert worker.stderr.strip() == "lmlab worker: error: [Errno 32] Broken pipe"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from typing import Optional, Sequence
 
@@ -67,6 +68,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sys.stdout = open(os.devnull, "w")
         rc = args.func(args)
         return rc if isinstance(rc, int) else 0  # some runners return their result rows
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            return _fail(world, 2, f"lmlab {args.command}: error: [Errno 32] Broken pipe")
+        # `lmlab sample ... | head`: the reader took what it wanted; stop quietly, as shell tools
+        # do (the status of a process a SIGPIPE ended), and keep Python's exit flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except SettingError as exc:
         return _fail(world, 2, f"lmlab {args.command}: error: "
                                f"{exc.message(flag(exc.name) + ' ')}")
@@ -77,6 +85,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1  # every rank saw the same loss and stops here
     except KeyboardInterrupt:
         return _fail(world, 130, "\nlmlab: interrupted")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports POLLERR on its
+    write end), so that a BrokenPipeError from anywhere else (a worker's pipe) stays an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout has no descriptor
+        return False
 
 
 def _fail(world, code: int, message: str) -> int:
