@@ -338,6 +338,21 @@ def test_predict_of_an_empty_prompt_starts_a_document_and_png_goes_where_named(r
     assert not (tmp_path / "chart.png").exists()
 
 
+def test_predict_png_into_a_folder_is_refused_before_the_table_and_missing_folders_are_made(
+        run, tmp_path, capsys):
+    """--png naming a folder was refused only after the table was printed, and a PNG in a folder
+    not yet there failed ('No such file or directory') where the demo views make it."""
+    (tmp_path / "folder").mkdir()
+    assert main(["predict", str(run / "base"), "--prompt", "a", "--png",
+                 str(tmp_path / "folder")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == (f"lmlab predict: error: cannot write {tmp_path / 'folder'}"
+                                         ": it is a directory, not a file")
+    chart = tmp_path / "new" / "deeper" / "chart.png"
+    assert main(["predict", str(run / "base"), "--prompt", "a", "--png", str(chart)]) == 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(run, tmp_path,
                                                                                capsys):
     out = tmp_path / "never"

@@ -143,10 +143,12 @@ def atomic_write_file(path, write_to) -> None:
     _replace_atomically(path, TEMP_SUFFIX + os.path.splitext(os.fspath(path))[1], fill)
 
 
-def _refuse_replacing_a_special_file(path: str) -> None:
+def check_replaceable(path) -> None:
     """A rename over a device, FIFO or socket would put a regular file in its place: run as root,
     `--png /dev/null` would have replaced /dev/null for every program on the machine. Such a path
-    is refused (a symlink is replaced itself, never what it points to, so it may stand there)."""
+    is refused (a symlink is replaced itself, never what it points to, so it may stand there), by
+    every atomic write, and by a command before its work when it writes the file at the end."""
+    path = os.fspath(path)
     try:
         st = os.lstat(path)
     except OSError:
@@ -162,7 +164,7 @@ def _replace_atomically(path, suffix: str, fill) -> None:
     """Create a temporary file ".<name>.<random><suffix>" beside path, fill(fd, tmp) it (written
     and synced), rename it over path and sync the directory; on any failure remove it."""
     path = os.fspath(path)
-    _refuse_replacing_a_special_file(path)
+    check_replaceable(path)
     directory = os.path.dirname(os.path.abspath(path))
     prefix = "." + os.path.basename(path) + "."
     remove_abandoned(directory, prefix, suffix)

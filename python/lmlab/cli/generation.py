@@ -11,7 +11,7 @@ import numpy as np
 from .. import checks
 from ..chat import cut_prompt, template_of
 from ..checkpoint import load_model
-from ..files import atomic_write
+from ..files import atomic_write, check_replaceable, make_parent_dir
 from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
 from ..sample import TextStream, generate, next_token_distribution
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
@@ -119,6 +119,8 @@ def cmd_sample(args) -> int:
 def cmd_predict(args) -> int:
     apply_threads(args)
     checks.check("top_k", args.top_k)
+    if args.png:
+        check_replaceable(args.png)  # a folder or a device named: refused before any work
     model, tok, _ = load_model(args.run)
     ids = tok.encode(args.prompt)
     if not len(ids):
@@ -154,7 +156,7 @@ def _bar_chart(rows, prompt, path) -> None:
     ax.set_title(f"next token after {prompt!r}")
     fig.tight_layout()
     # PNG at exactly the path named (matplotlib would add ".png" to a name without one), atomically.
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(make_parent_dir(path), lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
