@@ -271,6 +271,18 @@ def test_chat_asks_again_after_an_unencodable_message(run, capsys, monkeypatch):
     assert out.count("model> ") == 1  # the second message was answered; the session went on
 
 
+def test_chat_says_so_when_a_message_is_not_utf8_and_asks_again(run, capsys, monkeypatch):
+    """Piped bytes that are not UTF-8 reach Python as lone surrogates: chat named those
+    ('cannot encode '\\udce9'') as characters the tokenizer lacks."""
+    raw = b"caf\xe9 \xff\nwhat is one plus one?\n\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(raw.decode("utf-8", "surrogateescape")))
+    assert main(["chat", str(run / "base"), "--max-new-tokens", "4"]) == 0
+    out, _ = capsys.readouterr()
+    assert "the message is not UTF-8 text (bytes 0xe9, 0xff); please type it again" in out
+    assert "\\udc" not in out and "cannot encode" not in out
+    assert out.count("model> ") == 1  # the second message was answered; the session went on
+
+
 def test_chat_history_keeps_only_text(run, capsys, monkeypatch):
     """A reply holding the template's own tokens goes into the history as its text only, so a
     later turn renders through the template like any message."""

@@ -191,6 +191,14 @@ def cmd_chat(args) -> int:
             return 0
         if not line:
             return 0
+        undecodable = sorted({ord(c) - 0xDC00 for c in line if 0xDC80 <= ord(c) <= 0xDCFF})
+        if undecodable:
+            # Bytes that are not UTF-8 reach Python as lone surrogates (U+DC80-U+DCFF): say so,
+            # rather than naming those stand-in characters as ones the tokenizer lacks.
+            shown = ", ".join(f"0x{b:02x}" for b in undecodable)
+            print(f"lmlab chat: the message is not UTF-8 text (bytes {shown}); please type it "
+                  "again as UTF-8")
+            continue
         unknown = tok.unknown_chars(line)
         if unknown:
             # Asked again rather than ended: the session (and its history) goes on.
