@@ -222,6 +222,50 @@ def test_sigkill_before_the_first_checkpoint_is_refused_clearly(world, tmp_path,
     assert "--overwrite" in err and "--resume" not in err
 
 
+def _files(run) -> dict:
+    return {p.relative_to(run).as_posix(): p.read_bytes()
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_sigkill_during_an_overwrite_keeps_the_old_run_until_the_new_one_saves(world, partial,
+                                                                             tmp_path, capsys):
+    """--overwrite of a run (at step 6) killed at each event before the new run's first
+    checkpoint leaves the old run: `sample` reads it, and `--resume` puts it back as it was and
+    continues it. Killed after that checkpoint, the new run (at step 3) is the run. Either way the
+    resumed run ends bit for bit as the reference."""
+    old = _files(partial)
+    traced = tmp_path / "traced"
+    shutil.copytree(partial, traced, symlinks=True)
+    events = []
+    with pytest.MonkeyPatch.context() as mp:
+        for op in ("fsync", "rename", "replace"):
+            real = getattr(os, op)
+            mp.setattr(os, op, lambda *a, op=op, real=real, **k: (events.append((op, a[-1])),
+                                                                   real(*a, **k))[1])
+        assert main(world.args(traced, "--overwrite")) == 0
+    first_save = next(i for i, (op, path) in enumerate(events)
+                      if op == "replace" and str(path).endswith("current.json")) + 1
+    aside = [i + 1 for i, (op, path) in enumerate(events)
+             if op == "rename" and ".replac" in os.fspath(path)]
+    assert len(aside) == 4, events  # 3 entries moved aside, then the folder renamed
+    points = sorted({*aside, aside[-1] + 1, aside[-1] + 2, first_save - 3, first_save,
+                     first_save + 1})
+    for n in points:
+        run = tmp_path / f"kill{n}"
+        shutil.copytree(partial, run, symlinks=True)
+        rc, _, err = _run_child(world, run, {n: ["kill"]}, "--overwrite")
+        assert rc == -signal.SIGKILL, (n, err)
+        rc, out, err = _cli(capsys, "sample", str(run), "--max-new-tokens", "5", "--seed", "0")
+        assert rc == 0 and out.strip(), (n, err)
+        step = 3 if n > first_save else 6
+        if step == 6:
+            from lmlab.rundir import settle_overwrite
+            settle_overwrite(run)
+            assert _files(run) == old and not any(".replac" in f for f in os.listdir(run)), n
+        assert checkpoint.load_training_state(run)[1]["step"] == step, n
+        _assert_recovers(world, run, capsys)
+
+
 # -- Ctrl-C -------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,9 @@ import textwrap
 import pytest
 
 from lmlab.errors import LmlabError, RunDirError
-from lmlab.rundir import CURRENT_FILE, RunDir, is_run, open_run_dir
+from lmlab.checkpoint import read_config, save_run
+from lmlab.rundir import (CURRENT_FILE, REPLACED_DIR, RunDir, is_run, open_run_dir,
+                          settle_overwrite)
 
 
 def flat_run(path):
@@ -35,7 +37,7 @@ def test_fresh_run_is_created_locked_and_released(tmp_path):
     run = tmp_path / "a" / "b"
     with open_run_dir(run) as rd:
         assert isinstance(rd, RunDir) and rd.is_open and rd.path == run and run.is_dir()
-        assert os.fspath(rd) == str(run) and rd.removed == [] and not is_run(run)
+        assert os.fspath(rd) == str(run) and rd.replaced == [] and not is_run(run)
         with pytest.raises(RunDirError, match=rf"{run} is already open in this process; pass its RunDir"):
             open_run_dir(run)
     assert not rd.is_open
@@ -53,22 +55,122 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, make):
         open_run_dir(run, resumable=False)
     before = sorted(os.listdir(run))
     with open_run_dir(run, resume=True) as rd:
-        assert rd.removed == []
+        assert rd.replaced == []
     assert sorted(os.listdir(run)) == sorted(before + [".lock"] * (".lock" not in before))
 
 
-def test_overwrite_removes_the_run_and_lists_it_keeping_other_files(tmp_path):
+def test_overwrite_sets_the_run_aside_and_lists_it_keeping_other_files(tmp_path):
     run = new_run(tmp_path / "run")
     (run / "notes.txt").write_text("mine")
     (run / "loss.png").write_text("png")
     with open_run_dir(run, overwrite=True) as rd:
-        assert rd.removed == ["current.json", "checkpoints/", "metrics.jsonl", "loss.png"]
-    assert sorted(os.listdir(run)) == [".lock", "notes.txt"] and not is_run(run)
+        assert rd.replaced == ["current.json", "checkpoints/", "metrics.jsonl", "loss.png"]
+        assert sorted(os.listdir(run)) == [".lock", REPLACED_DIR, "notes.txt"] and not is_run(run)
+        save_run(rd, *tiny_model(), train_config={"stage": "test"})
+    assert sorted(os.listdir(run)) == [".lock", "checkpoints", "current.json", "notes.txt"]
+    assert os.listdir(run / "checkpoints") == ["step_000000"]
     flat = flat_run(tmp_path / "flat")
     with open_run_dir(flat, overwrite=True) as rd:
-        assert rd.removed == ["metrics.jsonl", "loss.png", "model.safetensors", "optimizer.safetensors",
-                              "tokenizer.json", "state.json", "config.json"]
-    assert os.listdir(flat) == [".lock"]
+        assert rd.replaced == ["metrics.jsonl", "loss.png", "model.safetensors", "optimizer.safetensors",
+                               "tokenizer.json", "state.json", "config.json"]
+        assert sorted(os.listdir(flat)) == [".lock", REPLACED_DIR]
+        save_run(rd, *tiny_model(), train_config={"stage": "test"})
+    assert sorted(os.listdir(flat)) == [".lock", "checkpoints", "current.json"]
+
+
+def tiny_model():
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.tokenizer import train_tokenizer
+    tok = train_tokenizer("abc")
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8)), tok
+
+
+def snapshot(run):
+    """{relative path: bytes} of every file of a run but its lock."""
+    found = {}
+    for d, _, names in os.walk(run):
+        for n in names:
+            p = os.path.join(d, n)
+            if n != ".lock":
+                with open(p, "rb") as f:
+                    found[os.path.relpath(p, run)] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("make", [flat_run, new_run])
+def test_a_replaced_run_is_read_until_the_new_run_saves_and_put_back_if_it_never_does(tmp_path, make):
+    """The run --overwrite replaces is kept until the new run's first checkpoint is current:
+    readers read it meanwhile, and a new run that ends without a checkpoint (an error) puts it
+    back as it was."""
+    from lmlab.checkpoint import current_checkpoint
+
+    run = make(tmp_path / "run")
+    before = snapshot(run)
+    old = current_checkpoint(run)
+    with open_run_dir(run, overwrite=True):
+        assert current_checkpoint(run) == run / REPLACED_DIR / old.relative_to(run)
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5}\n')  # the new run's
+        (run / "checkpoints" / ".tmp-step_000010-aa").mkdir(parents=True)  # a save cut short
+    assert snapshot(run) == before and current_checkpoint(run) == old
+    assert not os.path.lexists(run / REPLACED_DIR)
+
+
+KILLED_OVERWRITE = """
+import os, sys
+from lmlab import rundir
+when = sys.argv[2]
+real_rename = os.rename
+moves = []
+def rename(a, b):
+    moves.append(b)
+    if when == "setting-aside" and len(moves) == 3:
+        os._exit(9)  # a kill mid-move: two entries aside, the rest in place
+    real_rename(a, b)
+os.rename = rename
+rd = rundir.open_run_dir(sys.argv[1], overwrite=True)
+with open(os.path.join(sys.argv[1], "metrics.jsonl"), "w") as f:
+    f.write('{"step": 1}\\n')
+if when == "training":
+    os._exit(9)  # killed before its first checkpoint
+"""
+
+
+@pytest.mark.parametrize("when", ["setting-aside", "training"])
+def test_an_overwrite_killed_before_its_first_checkpoint_leaves_the_old_run(tmp_path, when, capsys):
+    """kill -9 at any point of an --overwrite before the new run's first checkpoint: the old run
+    is still read, and the next verb writing there puts it back before deciding anything, so a
+    --resume continues it."""
+    from lmlab.checkpoint import current_checkpoint
+
+    run = new_run(tmp_path / "run")
+    (run / "loss.png").write_text("png")
+    before = snapshot(run)
+    r = subprocess.run([sys.executable, "-c", KILLED_OVERWRITE, str(run), when],
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 9
+    if when == "training":
+        assert current_checkpoint(run).parent.parent.name == REPLACED_DIR  # still readable
+    moved = {"setting-aside": ["metrics.jsonl", "current.json"],  # current.json goes first
+             "training": ["checkpoints", "loss.png", "metrics.jsonl", "current.json"]}[when]
+    assert settle_overwrite(run) == moved
+    assert "put back the run" in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert sorted(os.listdir(run)) == [".lock", "checkpoints", "current.json", "loss.png", "metrics.jsonl"]
+    with open_run_dir(run, resume=True) as rd:
+        assert rd.restored == []
+
+
+def test_a_kill_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):
+    run = new_run(tmp_path / "run")
+    with open_run_dir(run, overwrite=True) as rd:
+        save_run(rd, *tiny_model(), train_config={"stage": "new"}, state={"step": 3})
+        # As if killed between current.json and the removal of the replaced run:
+        os.mkdir(run / REPLACED_DIR)
+        (run / REPLACED_DIR / "metrics.jsonl").write_text("old")
+    with open_run_dir(run, resume=True) as rd:
+        assert rd.restored == []
+    assert not os.path.lexists(run / REPLACED_DIR)
+    assert read_config(run)["train"]["stage"] == "new"
 
 
 def test_files_that_only_share_a_name_with_a_checkpoints_are_left_alone(tmp_path):
@@ -77,7 +179,7 @@ def test_files_that_only_share_a_name_with_a_checkpoints_are_left_alone(tmp_path
     (run / "config.json").write_text('{"mine": true}')
     (run / "state.json").write_text("{}")
     with open_run_dir(run, overwrite=True) as rd:
-        assert rd.removed == []
+        assert rd.replaced == []
     assert (run / "config.json").read_text() == '{"mine": true}' and (run / "state.json").exists()
     open_run_dir(run).close()
 
@@ -110,8 +212,8 @@ def test_a_crashed_runs_metrics_are_not_appended_to(tmp_path):
     with pytest.raises(RunDirError, match="no run to resume"):
         open_run_dir(run, resume=True)
     with open_run_dir(run, overwrite=True) as rd:
-        assert rd.removed == ["metrics.jsonl"]
-    assert not (run / "metrics.jsonl").exists()
+        assert rd.replaced == ["metrics.jsonl"]
+        assert not (run / "metrics.jsonl").exists()
 
 
 def test_output_may_not_be_the_parent_nor_inside_it_nor_contain_it(tmp_path):
@@ -174,7 +276,7 @@ def test_what_a_first_save_killed_midway_left_is_no_run_and_is_cleaned(tmp_path)
     (run / "checkpoints" / ".tmp-step_000000-ab12cd34" / "model.safetensors").write_text("half")
     (run / ".lock").write_text("")
     with open_run_dir(run, resumable=False) as rd:
-        assert rd.cleaned == ["checkpoints/.tmp-step_000000-ab12cd34"] and rd.removed == []
+        assert rd.cleaned == ["checkpoints/.tmp-step_000000-ab12cd34"] and rd.replaced == []
     assert os.listdir(run / "checkpoints") == []
     with open_run_dir(run) as rd:  # killed between creating checkpoints/ and its first entry
         assert rd.cleaned == []

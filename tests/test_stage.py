@@ -17,6 +17,7 @@ import lmlab
 from lmlab import checkpoint, metrics
 from lmlab.checks import SettingError, check, check_values, max_threads
 from lmlab.cli import main
+from lmlab.rundir import REPLACED_DIR
 from lmlab.pretrain import pretrain
 from lmlab.sample import generate
 from lmlab.stage import STAGE_DEFAULTS, saved_settings
@@ -190,7 +191,7 @@ def test_finetune_checks_its_corpus_against_the_block_size(root, tmp_path, capsy
 
 # --- overwrite -----------------------------------------------------------------------------------
 
-def test_overwrite_replaces_a_run_and_says_what_it_removed(root, tmp_path, capsys):
+def test_overwrite_replaces_a_run_and_says_what_it_replaced(root, tmp_path, capsys):
     out = tmp_path / "ft"
     ft = ["finetune", str(root / "base"), "--corpus", str(root / "corpus.txt"), "--out", str(out),
           "--steps", "2", "--eval-every", "0", "--sample-tokens", "0", "--no-progress"]
@@ -200,7 +201,8 @@ def test_overwrite_replaces_a_run_and_says_what_it_removed(root, tmp_path, capsy
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert main(ft + ["--overwrite", "--lr", "0.002"]) == 0
     err = capsys.readouterr().err
-    assert f"--overwrite removed from {out}:" in err and "checkpoints/" in err
+    assert f"--overwrite replaces the run in {out} (" in err and "checkpoints/" in err
+    assert not os.path.lexists(out / REPLACED_DIR)
     assert checkpoint.read_config(out)["train"]["optim"]["lr"] == 0.002
     assert main(ft + ["--overwrite", "--resume"]) == 2
     # A run may not be written into its own parent.

@@ -90,14 +90,24 @@ def _read_json(path) -> dict:
 
 def current_checkpoint(run_dir) -> Path:
     """The directory holding a run's current checkpoint: checkpoints/step_N/ named by current.json,
-    or, for a flat-layout run (or a checkpoint directory given directly), the directory itself."""
+    or, for a flat-layout run (or a checkpoint directory given directly), the directory itself.
+    While an --overwrite replaces the run and the new run has no checkpoint yet, the replaced run's
+    (rundir's module docstring): wherever a kill left it, it stays readable."""
     run = Path(os.fspath(run_dir))
     if not run.is_dir():
         if os.path.lexists(run):
             raise NotADirectoryError(f"{run} is a file, not a run directory")
         raise FileNotFoundError(f"run directory not found: {run}")
-    pointer = run / CURRENT_FILE
-    if os.path.lexists(pointer):
+    # Where the replaced run is kept: whole in REPLACED_DIR, or split between REPLACING_DIR and
+    # the run directory while it is being set aside or put back.
+    homes = [run, run / rundir.REPLACED_DIR, run / rundir.REPLACING_DIR]
+    for home in homes:
+        pointer = home / CURRENT_FILE
+        if os.path.lexists(pointer) and not home.is_symlink():
+            break
+    else:
+        home = None
+    if home is not None:
         if pointer.is_symlink():
             raise CheckpointError(f"{pointer} is a symbolic link; lmlab does not follow links inside a run")
         try:
@@ -109,13 +119,14 @@ def current_checkpoint(run_dir) -> Path:
             raise CheckpointError(f"{pointer} does not name a checkpoint (expected "
                                   '{"checkpoint": "step_N", ...}), got ' + repr(data)[:100]
                                   + _newest_hint(run))
-        d = run / CHECKPOINTS_DIR / name
-        if d.is_symlink() or not d.is_dir():
-            raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing"
-                                  + _newest_hint(run))
-        return d
-    if (run / CONFIG_FILE).is_file() or (run / MODEL_FILE).is_file():
-        return run
+        for d in [home / CHECKPOINTS_DIR / name] + [run / CHECKPOINTS_DIR / name] * (home == homes[2]):
+            if d.is_dir() and not d.is_symlink():
+                return d
+        raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing"
+                              + _newest_hint(run))
+    for home in homes[:2]:
+        if (home / CONFIG_FILE).is_file() or (home / MODEL_FILE).is_file():
+            return home
     raise FileNotFoundError(f"{run} holds no checkpoint (no {CURRENT_FILE}, no {MODEL_FILE})")
 
 
@@ -443,6 +454,8 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
             shutil.rmtree(displaced)
         for fname in rundir.moved_flat_files(run):  # a flat-layout run's, now in checkpoints/
             os.unlink(run / fname)
+        if (run / rundir.REPLACED_DIR).is_dir():  # the run an --overwrite kept until now
+            shutil.rmtree(run / rundir.REPLACED_DIR)
         prune_checkpoints(run, keep)
     except OSError:
         pass  # leftovers are removed when the run is next opened

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ from .files import JSONTextError, parse_json
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
 from .model import GPT, GPTConfig, parameter_layout
 from .reference import LAYERNORM_EPS
-from .rundir import is_run, open_run_dir
+from .rundir import is_run, open_run_dir, report_replaced, settle_overwrite
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -402,6 +401,7 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} is not a directory: pass the directory that holds the "
                                 "model's config.json")
+    settle_overwrite(run)
     if not overwrite and is_run(run):  # refused before the (long) conversion, as stages do
         raise RunDirError(f"{run} already holds a run; pass --overwrite to replace it, or choose "
                           "another directory")
@@ -429,9 +429,7 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
     if template:
         train["chat_template"] = template
     with open_run_dir(run, overwrite=overwrite, parent=hf_dir, resumable=False) as handle:
-        if handle.removed:
-            print(f"lmlab: --overwrite removed from {run}: {', '.join(handle.removed)}",
-                  file=sys.stderr)
+        report_replaced(handle)
         where = save_run(handle, model, tok, train_config=train)
     return {"run": os.fspath(run), "model": model.config, "added_tokens": added,
             "checkpoint": os.fspath(where)}

@@ -12,11 +12,18 @@ at the top (model.safetensors, config.json, ...); they still load and resume, an
 save moves them to the layout above.
 
 open_run_dir applies every rule a writing verb needs, before any work starts: an existing run is
-refused unless resuming (or overwrite=True, which lists what it removes); resuming needs a run;
+refused unless resuming (or overwrite=True, which sets it aside: see below); resuming needs a run;
 the output may not be its parent run, nor inside it, nor contain it; symbolic links inside the
 run directory are refused (lmlab would write through them); an exclusive lock is held while the
 RunDir is open, so two processes never write one run; leftovers of an interrupted save (temporary
 files and directories) are removed. Readers (sample, predict, chat) only read and take no lock.
+
+An overwrite never leaves a directory without a run: the run it replaces is moved into
+RUN/.replacing-run/ entry by entry, which is then renamed to RUN/.replaced-run/ in one step, and
+kept there until the new run's first checkpoint is current (checkpoint.save_run then removes it).
+Until then readers read the replaced run. If the new run ends without a checkpoint (an error, a
+kill), the replaced run is put back: when its RunDir closes, or, after a kill, by the next process
+that opens the directory for writing (settle_overwrite).
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import fcntl
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import RunDirError
-from .files import TEMP_SUFFIX
+from .files import TEMP_SUFFIX, fsync_dir
 
 CURRENT_FILE = "current.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -45,7 +53,7 @@ STATE_FILE = "state.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, STATE_FILE, REWARD_HEAD_FILE,
                     CONFIG_FILE)
-# What a run consists of (overwrite removes these): its own entries, and in the flat layout a
+# What a run consists of (overwrite sets these aside): its own entries, and in the flat layout a
 # checkpoint's files, config.json last, so a run half removed by a crash no longer looks like one.
 RUN_ENTRIES = (CURRENT_FILE, CHECKPOINTS_DIR, METRICS_FILE, LOSS_PLOT_FILE)
 RUN_NAMES = RUN_ENTRIES + CHECKPOINT_FILES
@@ -54,6 +62,10 @@ RUN_NAMES = RUN_ENTRIES + CHECKPOINT_FILES
 SAVE_TEMP_PREFIX = ".tmp-"
 SAVE_OLD_PREFIX = ".old-"
 CHECKPOINT_NAME = re.compile(r"step_(\d+)(?:\.(\d+))?")
+# Where --overwrite keeps the run it replaces: REPLACING_DIR while its entries are moved, renamed
+# to REPLACED_DIR once they all are (module docstring).
+REPLACING_DIR = ".replacing-run"
+REPLACED_DIR = ".replaced-run"
 
 
 def is_run(path) -> bool:
@@ -72,7 +84,7 @@ def _is_save_leftover(name: str) -> bool:
 
 
 def run_files(path: Path) -> list:
-    """The run's entries in `path` (what overwrite removes; where `path` holds no run, the files
+    """The run's entries in `path` (what overwrite sets aside; where `path` holds no run, the files
     of one that saved no checkpoint); a checkpoint's file names count only where they form a
     flat-layout run (a lone config.json may be anybody's), and checkpoints/ only where it holds
     more than an interrupted first save left (opening removes that, as any save's leftovers)."""
@@ -136,13 +148,15 @@ def _holder_pid(fd: int) -> str:
 class RunDir:
     """An open run directory: holds its exclusive lock until close() (or the end of a with block).
 
-    path: the run directory; removed: what overwrite=True removed (names relative to path);
-    cleaned: leftovers of an interrupted save that opening removed.
+    path: the run directory; replaced: what overwrite=True set aside in REPLACED_DIR (names
+    relative to path); restored: what opening put back from an overwrite interrupted before its
+    first checkpoint; cleaned: leftovers of an interrupted save that opening removed.
     """
 
     def __init__(self, path: Path, fd: int):
         self.path = path
-        self.removed: list = []
+        self.replaced: list = []
+        self.restored: list = []
         self.cleaned: list = []
         self._fd = fd
 
@@ -157,10 +171,21 @@ class RunDir:
         return self._fd is not None
 
     def close(self) -> None:
-        """Release the lock (idempotent)."""
+        """Release the lock (idempotent). A run this one was replacing is put back first if no
+        checkpoint of the new run became current (it stopped before its first save)."""
         if self._fd is not None:
+            try:
+                put_back = _settle(self.path)
+            except OSError as e:
+                put_back = []
+                print(f"lmlab: could not put back the run {self.path / REPLACED_DIR} replaced: "
+                      f"{e.strerror} ({e.filename}); the next lmlab command writing {self.path} "
+                      "tries again", file=sys.stderr)
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the only descriptor releases the flock
+            if put_back:
+                print(f"lmlab: the new run in {self.path} saved no checkpoint, so the run it was "
+                      f"replacing is put back ({', '.join(put_back)})", file=sys.stderr)
 
     def __enter__(self) -> "RunDir":
         return self
@@ -189,6 +214,93 @@ class RunDir:
             _remove(top / name)
         self.cleaned += gone
         return gone
+
+
+def _move_back_order(names) -> list:
+    """Entries to move into the run directory, the one that makes it a run last (current.json;
+    config.json in the flat layout), so a kill midway never leaves a partial run looking whole."""
+    last = {CURRENT_FILE: 2, CONFIG_FILE: 1}
+    return sorted(names, key=lambda n: (last.get(n, 0), n))
+
+
+def _set_aside(path: Path, names: list) -> None:
+    """Move the run entries `names` into REPLACED_DIR as one step (module docstring)."""
+    aside = path / REPLACING_DIR
+    os.mkdir(aside)
+    for name in reversed(_move_back_order(names)):  # current.json first: readers then look aside
+        os.rename(path / name, aside / name)
+    fsync_dir(aside)
+    os.rename(aside, path / REPLACED_DIR)
+    fsync_dir(path)
+
+
+def _settle(path: Path) -> list:
+    """Finish what an overwrite left in `path` (its lock held): a replaced run is removed once the
+    new run has a checkpoint, and put back otherwise. Returns the names put back.
+
+    Whenever REPLACING_DIR exists, it and the run directory's run entries together are the old run
+    (while it is set aside, and while it is put back), so finishing is moving them all back."""
+    aside, replaced = path / REPLACING_DIR, path / REPLACED_DIR
+    if replaced.is_dir() and not replaced.is_symlink():
+        if is_run(path):  # the new run's first checkpoint is current
+            shutil.rmtree(replaced)
+            return []
+        # The new run saved no checkpoint: its files (and what its writes left) go, then the old
+        # run comes back.
+        leftovers = {n for n in os.listdir(path) if _is_leftover(n)}
+        for name in set(run_files(path)) | set(os.listdir(replaced)) | leftovers:
+            if os.path.lexists(path / name):
+                _remove(path / name)
+        os.rename(replaced, aside)
+        fsync_dir(path)
+    if not aside.is_dir() or aside.is_symlink():
+        return []
+    names = _move_back_order(os.listdir(aside))
+    for name in names:
+        os.rename(aside / name, path / name)
+    os.rmdir(aside)
+    fsync_dir(path)
+    return names
+
+
+def settle_overwrite(path) -> list:
+    """Put back the run an overwrite killed before its new run's first checkpoint was replacing
+    (or remove it, if the new run has one), unless another process holds `path`'s lock (it is
+    writing there). Changes nothing where no overwrite left anything. Returns the names put back,
+    having said so on stderr. Verbs call it before deciding whether `path` holds a run."""
+    path = Path(os.fspath(path))
+    if not any(os.path.isdir(path / d) for d in (REPLACING_DIR, REPLACED_DIR)):
+        return []
+    try:
+        fd = _lock(path)
+    except RunDirError:
+        return []  # held: its writer settles it
+    run = RunDir(path, fd)
+    try:
+        return _settle_and_report(run)
+    finally:
+        run.close()
+
+
+def _settle_and_report(run: RunDir) -> list:
+    try:
+        run.restored = _settle(run.path)
+    except OSError as e:
+        raise RunDirError(f"cannot put back the run in {run.path / REPLACED_DIR}: {e.strerror} "
+                          f"({e.filename})") from None
+    if run.restored:
+        print(f"lmlab: put back the run in {run.path} that an interrupted --overwrite was "
+              f"replacing (its new run saved no checkpoint): {', '.join(run.restored)}",
+              file=sys.stderr)
+    return run.restored
+
+
+def report_replaced(run: RunDir) -> None:
+    """Say on stderr what an overwrite set aside in opening `run`, and where it is kept."""
+    if run.replaced:
+        print(f"lmlab: --overwrite replaces the run in {run.path} ({', '.join(run.replaced)}); it "
+              f"is kept in {run.path / REPLACED_DIR} until the new run's first checkpoint",
+              file=sys.stderr)
 
 
 def _check_parent(path: Path, parent) -> None:
@@ -241,7 +353,8 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
 
     resume: `path` must hold a run to continue. Otherwise an existing run (or files of one, such as
     the metrics of a run that crashed before its first save) is refused unless overwrite=True,
-    which removes them and lists them in RunDir.removed. parent: the run this one starts from.
+    which sets them aside until the new run's first checkpoint (module docstring) and lists them in
+    RunDir.replaced. parent: the run this one starts from.
     resumable: whether the writer can continue a run (reward and import cannot), for the advice.
     Raises RunDirError with one line naming the run and what to do.
     """
@@ -252,6 +365,7 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
         _check_parent(path, parent)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"the run directory {path} is a file, not a directory")
+    restored = settle_overwrite(path)
     if resume and not is_run(path):
         why = "it does not exist" if not path.exists() else "it holds no checkpoint"
         raise RunDirError(f"there is no run to resume in {path} ({why}); start it without --resume")
@@ -276,13 +390,22 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
         raise RunDirError(f"cannot create the run directory {path}: {e.strerror}") from None
     run = RunDir(path, _lock(path))
     try:
+        # Settled again under the lock: another writer may have been between the two.
+        run.restored = restored + _settle_and_report(run)
         if overwrite:
-            for name in run_files(path):
-                _remove(path / name)
-                run.removed.append(name + ("/" if name == CHECKPOINTS_DIR else ""))
+            if os.path.lexists(path / REPLACED_DIR):  # not a directory: not ours to remove
+                raise RunDirError(f"{path / REPLACED_DIR} is in the way of --overwrite, which "
+                                  "keeps the run it replaces there; move it away")
+            names = run_files(path)
+            if names:
+                _set_aside(path, names)
+            run.replaced = [n + ("/" if n == CHECKPOINTS_DIR else "") for n in names]
         run.clean_leftovers()
     except OSError as e:
         run.close()
         raise RunDirError(f"cannot clean the run directory {path}: {e.strerror} "
                           f"({e.filename})") from None
+    except RunDirError:
+        run.close()
+        raise
     return run

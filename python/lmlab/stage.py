@@ -13,7 +13,8 @@ behind it (lmlab.pretrain.pretrain, ...) starts through open_stage():
    optimiser's TrainConfig;
 4. the stage loads and checks its data, then run.hold() opens the output with
    lmlab.rundir.open_run_dir (the run's rules: not its parent, no symlinks, locked while the stage
-   writes it; overwrite removes the old run only here) and hands the RunDir to train().
+   writes it; overwrite sets the old run aside only here, until the new run's first checkpoint)
+   and hands the RunDir to train().
 
 Resume rule (also in every verb's --help): a resumed run continues as it was set up; every
 setting comes from its config.json. A value given explicitly that differs is applied, with a line
@@ -36,7 +37,7 @@ from typing import Optional
 from . import checks, distributed, ops
 from .checkpoint import read_config, saved_precision
 from .errors import RunDirError
-from .rundir import is_run, open_run_dir, run_path
+from .rundir import is_run, open_run_dir, report_replaced, run_path, settle_overwrite
 from .train import TrainConfig, TrainResult
 
 # --- the defaults -------------------------------------------------------------------------------
@@ -124,7 +125,8 @@ class StageRun:
 
     def hold(self):
         """The output run directory, open for writing and locked (an lmlab.rundir.RunDir: pass it
-        to train()); with overwrite, the old run is removed here and what went is printed.
+        to train()); with overwrite, the old run is set aside here (kept until the new run's
+        first checkpoint) and what went is printed.
         Under MPI only rank 0 opens (and writes) it; the other ranks get its path."""
         if not distributed.world().is_root:
             return self.out
@@ -132,9 +134,7 @@ class StageRun:
             self.handle = open_run_dir(self.out, resume=self.resume, overwrite=self.overwrite,
                                        resumable=self.name not in NOT_RESUMABLE,
                                        parent=self.parent)
-            if self.handle.removed:
-                print(f"lmlab: --overwrite removed from {self.out}: "
-                      f"{', '.join(self.handle.removed)}", file=sys.stderr)
+            report_replaced(self.handle)
         return self.handle
 
     def train_config(self, **extra) -> TrainConfig:
@@ -286,7 +286,10 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         checks.check_relations(settings, given)
     # The run directory is opened (locked, and with overwrite emptied) only by hold(), once the
     # stage has loaded and checked its data, so a stage refused for any reason leaves no trace.
-    # The common refusals come first, before any work:
+    # The common refusals come first, before any work, once a run an interrupted overwrite was
+    # replacing is back in place:
+    if distributed.world().is_root:
+        settle_overwrite(out)
     if resume and not is_run(out):
         raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
     if not resume and not overwrite and is_run(out):

@@ -19,7 +19,8 @@ RESUME_HELP = ("continue the run exactly as it was set up: every setting comes f
                "config.json. A setting given again with another value is applied, with a line "
                "\"lmlab: lr changed from X to Y\" (e.g. --steps to extend the run); the model, "
                "data, batch size, seed and precision cannot change (exit 2)")
-OVERWRITE_HELP = "replace an existing run in the output directory (says what it removes)"
+OVERWRITE_HELP = ("replace an existing run in the output directory (says what it replaces; the "
+                  "old run is kept until the new run's first checkpoint)")
 
 
 class ShowDefaults(argparse.HelpFormatter):

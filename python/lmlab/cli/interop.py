@@ -31,7 +31,8 @@ def add_commands(sub) -> None:
                    help="keep the first N position embeddings: contexts of at most N tokens, "
                         "less memory to train (default: the checkpoint's n_positions)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run in the run directory (says what it removes)")
+                   help="replace an existing run in the run directory (says what it replaces; "
+                        "the old run is kept until the new one is saved)")
     p.set_defaults(func=cmd_import)
 
 
