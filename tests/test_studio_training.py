@@ -17,6 +17,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from lmlab.checkpoint import current_checkpoint, load_model, read_config  # noqa: E402
 from lmlab.cli import main  # noqa: E402
 from lmlab.metrics import read_metrics  # noqa: E402
+from lmlab.rundir import REPLACED_DIR  # noqa: E402
 from lmlab.studio import create_app  # noqa: E402
 from lmlab.studio.app import running, stop_training  # noqa: E402
 from lmlab.studio.trainer import MAX_STEPS, PRESETS  # noqa: E402
@@ -117,12 +118,17 @@ def test_a_slot_whose_child_was_killed_before_its_first_checkpoint_starts_again(
     start = {"run": "class", "stage": "pretrain", "corpus": "shakespeare", "steps": MAX_STEPS}
     try:
         with TestClient(app, base_url=LOCAL) as c:
-            assert c.post("/api/training/start", json=start).status_code == 200
-            wait_until(lambda: read_metrics(slot), "the first metrics row", timeout=120)
-            child = app.app.state.trainer.job(app.app.state.runs.get("class")).process
-            child.kill()  # a save comes every 1000 steps; the first row is step 10
-            child.wait()
-            assert (slot / "metrics.jsonl").exists() and not (slot / "current.json").exists()
+            # Twice: the second start replaces the first's files (as --overwrite), and is killed
+            # while it keeps them aside.
+            for attempt in range(2):
+                r = c.post("/api/training/start", json=start)
+                assert r.status_code == 200, r.text
+                wait_until(lambda: read_metrics(slot) and (attempt == 0 or (slot / REPLACED_DIR).exists()),
+                           "the first metrics row", timeout=120)
+                child = app.app.state.trainer.job(app.app.state.runs.get("class")).process
+                child.kill()  # a save comes every 1000 steps; the first row is step 10
+                child.wait()
+                assert (slot / "metrics.jsonl").exists() and not (slot / "current.json").exists()
             r = c.post("/api/training/start", json={**start, "steps": 12})
             assert r.status_code == 200, r.text
             wait_until(lambda: c.get("/api/training/job", params={"run": "class"}).json()["state"]
@@ -130,7 +136,30 @@ def test_a_slot_whose_child_was_killed_before_its_first_checkpoint_starts_again(
             job = c.get("/api/training/job", params={"run": "class"}).json()
             assert job["state"] == "finished", job["log"]
             assert [row["step"] for row in read_metrics(slot) if "loss" in row] == list(range(1, 13))
-            assert _step(slot) == 12
+            assert _step(slot) == 12 and not (slot / REPLACED_DIR).exists()
+    finally:
+        stop_training(app)
+
+
+def test_a_slot_whose_child_was_killed_just_after_setting_files_aside_starts_again(studio_runs, tmp_path):  # noqa: F811
+    """A child killed between setting the slot's old files aside (--overwrite) and writing its own
+    leaves nothing at the top: the start must still pass --overwrite, since the files come back."""
+    slot = tmp_path / "class"
+    (slot / REPLACED_DIR).mkdir(parents=True)
+    (slot / REPLACED_DIR / "metrics.jsonl").write_text('{"step": 10, "loss": 4.0}\n')
+    app = create_app([studio_runs[0]], train_into=[slot], rankings=tmp_path / "r.jsonl",
+                     allowed_hosts={"127.0.0.1"})
+    start = {"run": "class", "stage": "pretrain", "corpus": "shakespeare", "steps": 12}
+    try:
+        with TestClient(app, base_url=LOCAL) as c:
+            r = c.post("/api/training/start", json=start)
+            assert r.status_code == 200, r.text
+            wait_until(lambda: c.get("/api/training/job", params={"run": "class"}).json()["state"]
+                       != "running", "the new run to finish")
+            job = c.get("/api/training/job", params={"run": "class"}).json()
+            assert job["state"] == "finished", job["log"]
+            assert [row["step"] for row in read_metrics(slot) if "loss" in row] == list(range(1, 13))
+            assert not (slot / REPLACED_DIR).exists()
     finally:
         stop_training(app)
 

@@ -30,7 +30,7 @@ from typing import Optional
 from ..builtin_corpus import BUILTIN_CORPORA
 from ..checkpoint import read_config
 from ..instruct import BUILTIN_INSTRUCT
-from ..rundir import is_run, run_files
+from ..rundir import is_run, run_files, settle_overwrite
 from ..stage import STAGE_DEFAULTS
 from .common import BadRequest, Conflict, choice_value, number_value
 
@@ -66,6 +66,7 @@ def command(values: dict, runs) -> tuple:
     resume = values.get("resume", False)
     if not isinstance(resume, bool):
         raise BadRequest(f"resume must be true or false, got {resume!r}")
+    settle_overwrite(run.path)  # what a child killed while replacing files left, put back first
     if resume:
         if not is_run(run.path):
             raise BadRequest(f"run {run.name} holds no checkpoint to resume; start it without resume")
