@@ -916,3 +916,202 @@ def test_the_model_card_example_runs(instruct_run, tmp_path, monkeypatch, capsys
     capsys.readouterr()
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("<|user|>Hello<|assistant|>")
+
+
+# -- the model's own end-of-text token ---------------------------------------------------------------
+
+END_TOKEN = "</s>"
+END_SOURCES = {  # where a transformers directory declares its end of text, as the edit writes it
+    "config.json": lambda d, i: _edit_json(d / "config.json", eos_token_id=i),
+    "generation_config.json": lambda d, i: _edit_json(d / "generation_config.json",
+                                                      eos_token_id=[0, i]),
+    "tokenizer_config.json": lambda d, i: _edit_json(d / "tokenizer_config.json",
+                                                     eos_token=END_TOKEN),
+    "special_tokens_map.json": lambda d, i: _edit_json(
+        d / "special_tokens_map.json", eos_token={"content": END_TOKEN, "special": True}),
+}
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _with_end_token(exported: Path, d: Path, declared_in=None) -> int:
+    """A copy of lmlab's export in d whose tokenizer gains the special token </s> (the model a row
+    for it) and whose greedy choice is always </s> (ln_f gives every position the same output u,
+    and </s>'s row is 10u), declared as the end of text in `declared_in` (END_SOURCES). Returns
+    its id, as the tokenizers library reads it."""
+    from tokenizers import Tokenizer
+    shutil.copytree(exported, d)
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.add_special_tokens([END_TOKEN])
+    tk.save(str(d / "tokenizer.json"))
+    end = tk.token_to_id(END_TOKEN)
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    assert end == vocab  # the new last id
+
+    def add_row(t):
+        u = np.random.default_rng(0).standard_normal(t["transformer.ln_f.bias"].shape)
+        u = (u / np.linalg.norm(u)).astype(np.float32)
+        t["transformer.ln_f.weight"][:] = 0
+        t["transformer.ln_f.bias"][:] = u
+        t["transformer.wte.weight"] = np.concatenate([t["transformer.wte.weight"], 10 * u[None]])
+    _edit_tensors(add_row)(d)
+    _edit_json(d / "config.json", vocab_size=vocab + 1)
+    if declared_in:
+        END_SOURCES[declared_in](d, end)
+    return end
+
+
+def _greedy_until(model, ids, n, stops) -> list:
+    """The greedy continuation of ids by argmax of the model's distributions, cut before the first
+    of `stops`: what generation that stops there gives."""
+    from lmlab.sample import next_token_distribution
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(next_token_distribution(model, np.concatenate([ids, out]).astype(np.int32))))
+        if t in stops:
+            break
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("declared_in", sorted(END_SOURCES) + [None])
+def test_an_imported_model_stops_at_its_own_end_token(declared_in, exported, tmp_path, capsys):
+    """A checkpoint whose end of text is </s> (declared in any of the files transformers reads it
+    from) imports as a run that records it and stops generating there, as transformers does; the
+    control, undeclared, runs on through </s> (its greedy choice at every step)."""
+    import lmlab
+    end = _with_end_token(exported, tmp_path / "hf", declared_in)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--run", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    config = read_config(tmp_path / "run")
+    model = lmlab.load(tmp_path / "run")
+    ids = model.tokenizer.encode("KING:")
+    assert _greedy_until(model.gpt, ids, 1, ()) == [end]   # the setup: </s> is the greedy choice
+    text = model.generate("KING:", max_new_tokens=6, temperature=0)
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "KING:", "--max-new-tokens", "6",
+                 "--temperature", "0", "--no-stream"]) == 0
+    printed = capsys.readouterr().out
+    if declared_in is None:
+        assert "eos_tokens" not in config["train"]
+        assert text == END_TOKEN * 6 and printed == "KING:" + END_TOKEN * 6 + "\n"
+    else:
+        assert config["train"]["eos_tokens"] == [END_TOKEN]
+        assert f"also stops at its end-of-text token {END_TOKEN}" in out.out
+        assert text == "" and printed == "KING:\n"
+
+
+def test_runs_tuned_from_an_imported_run_keep_stopping_at_its_end_token(exported, tmp_path,
+                                                                         corpus, capsys):
+    """finetune and instruct keep the imported run's end token (as they keep a chat template): each
+    tuned run's greedy answer is its greedy continuation cut before the first end token, <|end|>
+    or </s> for the instruct-tuned run, <|endoftext|> or </s> for the fine-tuned one."""
+    import lmlab
+    from lmlab.chat import user_turn
+    from tokenizers import Tokenizer
+    _with_end_token(exported, tmp_path / "hf", "generation_config.json")
+    hf_tok = Tokenizer.from_file(str(tmp_path / "hf/tokenizer.json"))
+    run = tmp_path / "run"
+    assert main(["import", str(tmp_path / "hf"), "--run", str(run)]) == 0
+    common = ["--steps", "2", "--warmup-steps", "1", "--eval-every", "0", "--no-progress",
+              "--batch-size", "2", "--lr", "0.05"]
+    assert main(["finetune", str(run), "--corpus", str(corpus), "--out", str(tmp_path / "ft"),
+                 *common]) == 0
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n"
+                            for w in ("yes", "no", "aye", "nay")), encoding="utf-8")
+    assert main(["instruct", str(run), "--data", str(data), "--out", str(tmp_path / "qa"),
+                 *common]) == 0
+    assert main(["finetune", str(tmp_path / "qa"), "--corpus", str(corpus), "--out",
+                 str(tmp_path / "qa-ft"), *common]) == 0
+    for name, chat_end in (("ft", None), ("qa", "<|end|>"), ("qa-ft", "<|end|>")):
+        assert read_config(tmp_path / name)["train"]["eos_tokens"] == [END_TOKEN], name
+        model = lmlab.load(tmp_path / name)
+        assert model.chat == (chat_end is not None)
+        prompt = "Say yes."
+        ids = (user_turn(model.tokenizer, prompt) if chat_end
+               else model.tokenizer.encode(prompt))
+        stops = {hf_tok.token_to_id(chat_end or "<|endoftext|>"), hf_tok.token_to_id(END_TOKEN)}
+        expected = model.tokenizer.decode(_greedy_until(model.gpt, ids, 12, stops))
+        assert model.generate(prompt, max_new_tokens=12, temperature=0) == expected, name
+
+
+def test_export_writes_the_end_token_back_and_import_reads_it(exported, tmp_path):
+    end = _with_end_token(exported, tmp_path / "hf", "config.json")
+    assert main(["import", str(tmp_path / "hf"), "--run", str(tmp_path / "run")]) == 0
+    out = _export(tmp_path / "run", tmp_path / "out")
+    eot = json.loads((out / "tokenizer.json").read_text())
+    eot = next(t["id"] for t in eot["added_tokens"] if t["content"] == "<|endoftext|>")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["eos_token_id"] == [eot, end], name
+    assert main(["import", str(out), "--run", str(tmp_path / "back")]) == 0
+    assert read_config(tmp_path / "back")["train"]["eos_tokens"] == [END_TOKEN]
+
+
+def test_transformers_stops_the_export_where_lmlab_stops(exported, tmp_path):
+    tf = _transformers()
+    import torch
+    end = _with_end_token(exported, tmp_path / "hf", "tokenizer_config.json")
+    assert main(["import", str(tmp_path / "hf"), "--run", str(tmp_path / "run")]) == 0
+    out = _export(tmp_path / "run", tmp_path / "out")
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([load_model(tmp_path / "run")[1].encode("KING:").tolist()])
+    got = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                            do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got == [end]  # transformers stops at once, as lmlab's sample does (the test above)
+
+
+@pytest.mark.parametrize("edit, warned", [
+    (lambda d: _edit_json(d / "tokenizer_config.json", eos_token="<missing>"),
+     "tokenizer_config.json's eos_token '<missing>' is not a token"),
+    (lambda d: _edit_json(d / "config.json", eos_token_id=50256),
+     "config.json's eos_token_id 50256 is not a token"),
+])
+def test_an_end_token_the_vocabulary_lacks_is_left_out_with_a_warning(edit, warned, exported,
+                                                                      tmp_path, capsys):
+    """An end token the model can never produce (a GPT-2 config's default 50256 with a smaller
+    vocabulary; a name tokenizer.json lacks) imports, said in one line, and is not recorded."""
+    d = tmp_path / "hf"
+    shutil.copytree(exported, d)
+    edit(d)
+    capsys.readouterr()
+    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab import: warning: ") and err.count("\n") == 1 and warned in err, err
+    assert "eos_tokens" not in read_config(tmp_path / "run")["train"]
+
+
+@pytest.mark.parametrize("file, changes", [
+    ("config.json", {"eos_token_id": "two"}),
+    ("generation_config.json", {"eos_token_id": [0, 1.5]}),
+    ("special_tokens_map.json", {"eos_token": 7}),
+])
+def test_an_end_token_of_the_wrong_type_is_refused_in_one_line(file, changes, exported, tmp_path,
+                                                               capsys):
+    d = tmp_path / "hf"
+    shutil.copytree(exported, d)
+    _edit_json(d / file, **changes)
+    capsys.readouterr()
+    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab import: error: ") and err.count("\n") == 1, err
+    assert file in err and "eos_token" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_recorded_end_token_its_tokenizer_lacks_is_refused_in_one_line(exported,
+                                                                                   tmp_path, capsys):
+    _with_end_token(exported, tmp_path / "hf", "config.json")
+    run = tmp_path / "run"
+    assert main(["import", str(tmp_path / "hf"), "--run", str(run)]) == 0
+    config = checkpoint.current_checkpoint(run) / "config.json"
+    _edit_json(config, train={**json.loads(config.read_text())["train"], "eos_tokens": ["<none>"]})
+    capsys.readouterr()
+    assert main(["sample", str(run), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eos_tokens names '<none>'" in err, err

@@ -172,3 +172,56 @@ def test_instruct_with_no_scorable_held_out_conversation_measures_no_validation_
     assert model.result.steps_done == 3 and np.isfinite(model.result.final_loss)
     assert not any("val_loss" in row for row in metrics.read_metrics(tmp_path / "qa"))
     assert "no held-out conversation (1 held out) can be scored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["respond", "Model.generate", "lmlab sample"])
+def test_an_answer_outgrowing_the_block_is_read_as_the_assistant_s_turn(path, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Every way a chat run answers slides its window as a turn of the template. Block 16, the
+    prompt "what is one plus one?" (21 characters) as a user turn, cut to <|user|> + its last 14
+    characters + <|assistant|>. Written out by hand: after k generated tokens the model reads
+    <|user|> + the context's last 15 tokens while those still hold the <|assistant|> header
+    (k <= 14); from then on <|assistant|> + the answer's last 15 tokens. (A plain slide would
+    have read 16 tokens with no role token once the header slid out.)"""
+    from lmlab import api
+    from lmlab.chat import TEMPLATE
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    tok, model = tiny(block_size=16)
+    tok.chat_template = dict(TEMPLATE)
+    user, asst = tok.special_id("<|user|>"), tok.special_id("<|assistant|>")
+    ends = [tok.special_id(t) for t in ("<|end|>", "<|endoftext|>")]
+    question = "what is one plus one?"
+    fed = []
+    forward = GPT.forward
+
+    def record(self, tokens, *args, **kwargs):
+        fed.append(np.asarray(tokens)[0].tolist())
+        logits, loss = forward(self, tokens, *args, **kwargs)
+        logits[..., ends] = -1e9                   # the answer never ends: it outgrows the block
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", record)
+    n = 30
+    if path == "respond":
+        instruct.respond(model, tok, [{"role": "user", "content": question}], max_new_tokens=n)
+    else:
+        save_run(tmp_path / "run", model, tok, train_config={})
+        if path == "Model.generate":
+            api.load(tmp_path / "run").generate(question, max_new_tokens=n, temperature=0)
+        else:
+            assert main(["sample", str(tmp_path / "run"), "--prompt", question,
+                         "--max-new-tokens", str(n), "--temperature", "0", "--no-stream"]) == 0
+            capsys.readouterr()
+    prompt = [user] + tok.encode(question[-14:]).tolist() + [asst]
+    assert fed[0] == prompt                        # the prompt, cut to the block
+    steps = [w for w in fed[1:] if len(w) > 1]     # the cache fed one token until the first slide
+    generated = [w[-1] for w in fed[1:]]           # each step's newest token
+    assert len(steps) == n - 1 and all(len(w) == 16 for w in steps)
+    for k, window in enumerate(steps, start=1):
+        context = prompt + generated[:k]
+        if k <= 14:
+            assert window == [user] + context[-15:], k
+        else:
+            assert window == [asst] + generated[:k][-15:], k

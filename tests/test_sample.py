@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lmlab.chat import crop_context
 from lmlab.kvcache import KVCache
 from lmlab.model import GPT, GPTConfig
 from lmlab.sample import TextStream, filter_distribution, generate, next_token_distribution
@@ -95,6 +96,86 @@ def test_sliding_window_beyond_block_size(model):
                                                 temperature=0))
     p = next_token_distribution(model, long_prompt)
     np.testing.assert_allclose(p, next_token_distribution(model, long_prompt[-12:]))
+
+
+# (user, assistant, end) ids standing in for a chat template's turn tokens (chat.turn_ids).
+USER, ASSISTANT, END = 1, 2, 3
+TURNS = (USER, ASSISTANT, END)
+# A conversation: a user turn (5 6 7), an answer (8 9) ended, a user turn (10 11), the next answer's
+# header and its first words (12 13 14).
+CONVERSATION = [1, 5, 6, 7, 2, 8, 9, 3, 1, 10, 11, 2, 12, 13, 14]
+
+
+def test_a_chat_context_is_cropped_to_a_window_that_starts_as_a_turn():
+    """The rule (chat.crop_context), window by window, written out by hand for the conversation
+    1 5 6 7 2 8 9 3 1 10 11 2 12 13 14: the last n tokens, the first of them replaced by the role
+    token of the turn it lies in; a first token that is <|end|> is dropped."""
+    by_hand = {
+        15: CONVERSATION,
+        20: CONVERSATION,
+        3: [ASSISTANT, 13, 14],                    # 12 lies in the answer: <|assistant|>
+        4: [ASSISTANT, 12, 13, 14],                # starts at the header already
+        5: [USER, ASSISTANT, 12, 13, 14],          # 11 lies in the user turn
+        6: [USER, 11, ASSISTANT, 12, 13, 14],      # 10 lies in the user turn
+        7: [USER, 10, 11, ASSISTANT, 12, 13, 14],  # starts at the user's role token
+        8: [USER, 10, 11, ASSISTANT, 12, 13, 14],  # <|end|> first: dropped
+        9: [ASSISTANT, END, USER, 10, 11, ASSISTANT, 12, 13, 14],  # 9: the first answer's
+        14: [USER, 6, 7, ASSISTANT, 8, 9, END, USER, 10, 11, ASSISTANT, 12, 13, 14],
+    }
+    for n, window in by_hand.items():
+        assert crop_context(CONVERSATION, n, TURNS).tolist() == window, n
+        assert crop_context(CONVERSATION, n).tolist() == CONVERSATION[-n:], n  # plain text
+    assert crop_context(CONVERSATION, 1, TURNS).tolist() == [14]  # no room for a role token
+
+
+def _windows(model, prompt, n, **kwargs):
+    """(generated ids, every window generate() fed the model) with the cache off (each call then
+    reads the whole window)."""
+    fed = []
+    forward = model.forward
+
+    def record(tokens, *args, **kw):
+        fed.append(np.asarray(tokens)[0].tolist())
+        return forward(tokens, *args, **kw)
+
+    model.forward = record
+    try:
+        out = generate(model, prompt, n, use_cache=False, **kwargs)
+    finally:
+        del model.forward
+    return out, fed
+
+
+def test_generation_past_the_block_keeps_the_current_turn_s_role_token(model):
+    """A chat context (turns) outgrowing the block slides a window that starts as a turn: every
+    window is a role token followed by the context's latest tokens, the role token being the one of
+    the turn the cut falls in (the last role token at or before the first token dropped), except
+    where that first token is an <|end|>: the window then starts at the next turn's role token.
+    Plain text slides its plain window. Cached generation gives the same tokens."""
+    bs = CFG["block_size"]
+    prompt = CONVERSATION[:bs]                     # a full block: 1 5 6 7 2 8 9 3 1 10 11 2
+    out, fed = _windows(model, prompt, 25, temperature=0, turns=TURNS)
+    assert out.size == 25
+    assert fed[0] == prompt
+    ends_first = 0
+    for k, window in enumerate(fed[1:], start=1):
+        context = prompt + out[:k].tolist()
+        assert len(context) > bs
+        assert window[0] in (USER, ASSISTANT) and 1 < len(window) <= bs
+        assert window[1:] == context[-(len(window) - 1):]
+        dropped = context[: len(context) - (len(window) - 1)]   # everything before the tail kept
+        if len(window) == bs - 1:               # the first token of the plain window was <|end|>
+            assert context[-bs] == END and window == context[-(bs - 1):]
+            ends_first += 1
+        else:
+            assert len(window) == bs
+            assert window[0] == [t for t in dropped if t in (USER, ASSISTANT)][-1]
+    assert ends_first >= 1                         # the prompt's <|end|> reached the cut once
+    assert any(w[0] == ASSISTANT for w in fed[1:])  # the answer outgrew the block
+    np.testing.assert_array_equal(generate(model, prompt, 25, temperature=0, turns=TURNS), out)
+    plain_out, plain_fed = _windows(model, prompt, 25, temperature=0)
+    for k, window in enumerate(plain_fed):
+        assert window == (prompt + plain_out[:k].tolist())[-bs:]
 
 
 def test_stop_ids_and_callback(model):

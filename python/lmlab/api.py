@@ -26,7 +26,7 @@ from . import checks
 from . import finetune as _finetune_stage
 from . import instruct as _instruct_stage
 from . import pretrain as _pretrain_stage
-from .chat import cut_prompt, template_of
+from .chat import crop_context, template_of
 from .checkpoint import load_model
 from .rundir import run_path
 from .sample import generate as _generate
@@ -146,7 +146,7 @@ class Model:
         if seed is not None:
             checks.check("seed", seed)
         checks.check("raw", raw)  # raw="False" would be true
-        ids, stop_ids, chat = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
+        ids, stop_ids, turns = _instruct_stage.generation_prompt(self.tokenizer, prompt, raw=raw)
         text = TextStream(self.tokenizer, stop)
         pieces: list = []
 
@@ -156,9 +156,9 @@ class Model:
                 raise _StopString
 
         try:
-            _generate(self.gpt, cut_prompt(ids, self.gpt.config.block_size, turn=chat),
+            _generate(self.gpt, crop_context(ids, self.gpt.config.block_size, turns),
                       max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, stop_ids=stop_ids, callback=on_token)
+                      seed=seed, stop_ids=stop_ids, callback=on_token, turns=turns)
         except _StopString:
             pass
         return "".join(pieces) + text.finish()

@@ -12,6 +12,13 @@ saves that tokenizer, and is set again by checkpoint.load_model. So a run tuned 
 instruct-tuned one (finetune, reward, dpo, rlhf) keeps it: its rankings, rollouts, reward features
 and samples put each prompt in a user turn and end each answer at <|end|>, as instruct tuning
 taught the model. A run without it continues its prompt as plain text until <|endoftext|>.
+Either way generation also stops at the model's own end-of-text tokens where an imported
+checkpoint declared others (stop_ids).
+
+A context longer than the block is cut to its last block_size tokens (crop_context: a prompt cut to
+fit, and generation's sliding window). A chat context is cut so that it still starts as a turn of
+the template: the first token kept becomes the role token of the turn it lies in, so an answer
+that outgrows the block is still read as the assistant's answer to a user turn.
 """
 
 from __future__ import annotations
@@ -63,13 +70,53 @@ def answer_end_id(tokenizer) -> int:
     return tokenizer.special_id(template["end"]) if template else tokenizer.eot_id
 
 
-def cut_prompt(prompt_ids: np.ndarray, n: int, *, turn: bool) -> np.ndarray:
-    """A prompt's ids cut to its last n tokens (n >= 1) to leave room in the block. A chat
-    prompt (turn=True: rendered in the template, starting with <|user|>) keeps its first token, so
-    the model still sees a turn of the template it was tuned on."""
-    prompt_ids = np.asarray(prompt_ids)
-    if prompt_ids.size <= n:
-        return prompt_ids
-    if turn and n >= 2:
-        return np.concatenate([prompt_ids[:1], prompt_ids[prompt_ids.size - (n - 1):]])
-    return prompt_ids[prompt_ids.size - n:]
+def stop_ids(tokenizer, end_id: int) -> list:
+    """The ids generation stops at: end_id (the end of an answer, answer_end_id, for a prompt in
+    the chat template; <|endoftext|> for plain text) and the model's own end-of-text tokens where it
+    declares others (an imported checkpoint's eos_token_id, e.g. "</s>": Tokenizer.eos_tokens,
+    kept by every run tuned from it), at which the model learnt to end its text."""
+    ids = [int(end_id)]
+    for token in getattr(tokenizer, "eos_tokens", ()) or ():
+        i = tokenizer.token_id(token)
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def turn_ids(tokenizer, template: Optional[dict] = None) -> Optional[tuple]:
+    """(user, assistant, end) ids of `template` (default: the tokenizer's chat template), what
+    crop_context keeps a chat context well-formed with; None for a run without a template."""
+    template = template or template_of(tokenizer)
+    if not template:
+        return None
+    return tuple(tokenizer.special_id(template[k]) for k in ("user", "assistant", "end"))
+
+
+def crop_context(ids, n: int, turns: Optional[tuple] = None) -> np.ndarray:
+    """The last n tokens of a context (n >= 1): a prompt cut to leave room in the block, and the
+    sliding window generation reads once its context outgrows the block (sample.generate).
+
+    Plain text (turns None) keeps exactly its last n tokens. A chat context (turns: turn_ids, the
+    context rendered in the template) keeps the conversation a turn of the template the model was
+    tuned on: where the first of those n tokens is not a role token (<|user|>, <|assistant|>), it
+    is replaced by the role token of the turn it lies in, the last one before it, so the window
+    starts as that turn did; where it is an <|end|> (whose turn is over), it is dropped, and the
+    window starts at the next turn's role token. Without a role token before it, or with n < 2, the
+    cut is plain.
+    """
+    ids = np.asarray(ids)
+    if ids.size <= n:
+        return ids
+    start = ids.size - n
+    if turns is None or n < 2:
+        return ids[start:]
+    user, assistant, end = turns
+    first = int(ids[start])
+    if first in (user, assistant):
+        return ids[start:]
+    if first == end:
+        return ids[start + 1:]
+    roles = np.flatnonzero((ids[:start] == user) | (ids[:start] == assistant))
+    if roles.size == 0:
+        return ids[start:]
+    return np.concatenate([ids[roles[-1]: roles[-1] + 1], ids[start + 1:]])

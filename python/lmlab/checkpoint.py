@@ -280,6 +280,7 @@ def load_model(run_dir):
         raise CheckpointError(f"{tok_path}: not UTF-8 text (byte offset {e.start})") from None
     tokenizer = Tokenizer.from_str(text, source=tok_path)
     tokenizer.chat_template = (config.get("train") or {}).get("chat_template")
+    tokenizer.eos_tokens = _eos_tokens(config, tokenizer, d / CONFIG_FILE)
     if tokenizer.vocab_size != mcfg.vocab_size or tokenizer.kind != config["tokenizer"]["kind"]:
         raise CheckpointError(f"{tok_path} is a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, "
                               f"but the model in {d / CONFIG_FILE} has vocab_size {mcfg.vocab_size} "
@@ -294,6 +295,21 @@ def load_model(run_dir):
     read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
                       allocate)
     return made[0], tokenizer, config
+
+
+def _eos_tokens(config: dict, tokenizer, where: Path) -> tuple:
+    """The model's own end-of-text tokens recorded in config.json's train section ("eos_tokens",
+    written by import and kept by every run tuned from it), each checked to be a token of the run's
+    tokenizer: generation stops at them (lmlab.chat.stop_ids)."""
+    tokens = (config.get("train") or {}).get("eos_tokens") or []
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{where}: train.eos_tokens must be a list of token strings, got "
+                              f"{tokens!r}")
+    missing = [t for t in tokens if tokenizer.token_id(t) is None]
+    if missing:
+        raise CheckpointError(f"{where}: train.eos_tokens names {missing[0]!r}, which is not a "
+                              "token of the run's tokenizer")
+    return tuple(tokens)
 
 
 def load_weights(run_dir, model) -> None:
@@ -386,6 +402,10 @@ def save_run(run_dir, model, tokenizer, *, train_config, optimizer: dict | None 
         # The run answers through its tokenizer's chat template (lmlab.chat), and so does every
         # run tuned from it: load_model puts it back on the tokenizer.
         train_config = {**train_config, "chat_template": template}
+    eos = tuple(getattr(tokenizer, "eos_tokens", ()) or ())
+    if eos and isinstance(train_config, dict):
+        # An imported model's own end-of-text tokens (Tokenizer.eos_tokens), kept in the same way.
+        train_config = {**train_config, "eos_tokens": list(eos)}
     # The tensor files are written straight from the arrays (safetensors_chunks), never as bytes.
     contents = {MODEL_FILE: safetensors_chunks(weights)}
     if optimizer is not None:

@@ -58,10 +58,11 @@ def from_hf(name: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.T) if is_transposed(name) else array
 
 
-def gpt2_config(cfg: GPTConfig, *, bos_id: int, eos_id: int, pad_id: int) -> dict:
+def gpt2_config(cfg: GPTConfig, *, bos_id: int, eos_id, pad_id: int) -> dict:
     """config.json of a GPT2LMHeadModel that computes what lmlab's GPT of `cfg` computes.
 
-    Dropout is 0: lmlab trains without it, so training the export in transformers does the same."""
+    eos_id is one id or a list of them (transformers stops generating at any). Dropout is 0: lmlab
+    trains without it, so training the export in transformers does the same."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,

@@ -5,6 +5,8 @@ OUT holds config.json (GPT-2's, hf.gpt2_config), model.safetensors (hf.name_map'
 layouts, float32), generation_config.json, the tokenizer as a fast tokenizer (tokenizer.json,
 unchanged from the run, with tokenizer_config.json and special_tokens_map.json naming its special
 tokens and, for an instruct-tuned run, the chat template) and a short README.md (a model card).
+eos_token_id (config.json, generation_config.json) also lists the model's own end-of-text tokens
+where an imported checkpoint declared others (Tokenizer.eos_tokens), so import reads them back.
 A reward model run is refused: its head has no GPT-2 counterpart, and its transformer is its
 parent's, which is the run to export.
 
@@ -30,7 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .chat import END
+from .chat import END, stop_ids
 from .checkpoint import current_checkpoint, load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, make_parent_dir, write_new_file
@@ -66,9 +68,13 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
     }
     if template:
         tok_config["chat_template"] = chat_template_jinja(template)
-    generation = {"bos_token_id": eot, "eos_token_id": eos, "pad_token_id": eot}
+    # The model's own end-of-text tokens (an imported checkpoint's, e.g. "</s>": stop_ids) are
+    # eos ids too, so transformers stops where lmlab does; import reads them back.
+    generation = {"bos_token_id": eot, "eos_token_id": _ids_or_id(stop_ids(tok, eos)),
+                  "pad_token_id": eot}
+    model_eos = _ids_or_id(stop_ids(tok, eot))
     return {
-        "config.json": json_text(gpt2_config(cfg, bos_id=eot, eos_id=eot, pad_id=eot)).encode(),
+        "config.json": json_text(gpt2_config(cfg, bos_id=eot, eos_id=model_eos, pad_id=eot)).encode(),
         "generation_config.json": json_text(generation).encode(),
         # transformers requires the "pt" format tag; written straight from the arrays.
         "model.safetensors": safetensors_chunks(tensors, {"format": "pt"}),
@@ -77,6 +83,11 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
         "special_tokens_map.json": json_text(special).encode("utf-8"),
         "README.md": _model_card(cfg, tok, source, bool(template)).encode("utf-8"),
     }
+
+
+def _ids_or_id(ids: list):
+    """transformers' eos_token_id: one id, or a list where there are several."""
+    return ids[0] if len(ids) == 1 else ids
 
 
 def _model_card(cfg, tok, source: str, chat: bool) -> str:

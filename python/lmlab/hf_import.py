@@ -22,6 +22,12 @@ reorder_and_upcast_attn is accepted: it computes the same attention (in fp32, as
 Truncation and padding saved in tokenizer.json are ignored, as transformers ignores them. Dropout
 settings are not kept: lmlab trains without dropout.
 
+The model's own end-of-text tokens (eos_token_id in config.json and generation_config.json, an id
+or a list; eos_token in tokenizer_config.json and special_tokens_map.json), where they are other
+than <|endoftext|> (e.g. "</s>"), are recorded as the run's train.eos_tokens: generation from the
+run, and from every run tuned from it, stops at them as well as at lmlab's own end token, as
+transformers' generation stops at them. One the vocabulary lacks is left out with a warning.
+
 An lmlab tokenizer holds the special tokens <|endoftext|>, <|user|>, <|assistant|> and <|end|>
 (tokenizer.SPECIAL_TOKENS; instruct tuning and the chat template use them). Those the checkpoint's
 tokenizer lacks (GPT-2's has only <|endoftext|>) are added after its last id, and the embedding
@@ -392,11 +398,59 @@ def _chat_template(hf_dir: Path):
     return dict(TEMPLATE) if jinja == chat_template_jinja(TEMPLATE) else None
 
 
+def _eos_tokens(hf_dir: Path, hf: dict, tok: Tokenizer, vocab_size: int) -> tuple:
+    """(the checkpoint's end-of-text tokens other than <|endoftext|>, warnings): every token it
+    declares as its end of text, where transformers reads them: config.json's and
+    generation_config.json's eos_token_id (an id or a list of ids), tokenizer_config.json's and
+    special_tokens_map.json's eos_token (a string, or an object with its "content"). transformers
+    stops generating at any of them, so lmlab's generation does too (chat.stop_ids). One the
+    vocabulary lacks (an id beyond the model's vocab_size, as a GPT-2 config's default 50256 in a
+    smaller vocabulary; a string tokenizer.json has no token for) is one the model can never
+    produce: it is left out, with a warning naming it. Returned as token strings, by id."""
+    found, warnings = {}, []
+
+    def ignore(path: Path, what: str) -> None:
+        warnings.append(f"{path.name}'s {what} is not a token of the model's vocabulary of "
+                        f"{vocab_size}; the model can never produce it, so generation does not "
+                        "stop at it")
+
+    sources = [(hf_dir / "config.json", hf)]
+    for name in ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / name).is_file():
+            sources.append((hf_dir / name, _read_json(hf_dir / name)))
+    for path, data in sources:
+        ids = data.get("eos_token_id")
+        for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise _refuse(path, f"eos_token_id must be a token id or a list of token ids, got "
+                                    f"{ids!r}")
+            if not 0 <= i < vocab_size:
+                ignore(path, f"eos_token_id {i}")
+            else:
+                found[tok.token(i)] = i
+        token = data.get("eos_token")
+        if isinstance(token, dict):  # transformers' AddedToken, saved as an object
+            token = token.get("content")
+        if token is None:
+            continue
+        if not isinstance(token, str):
+            raise _refuse(path, f"eos_token must be a token's text, got {data.get('eos_token')!r}")
+        i = tok.token_id(token)
+        if i is None or i >= vocab_size:
+            ignore(path, f"eos_token {token!r}")
+        else:
+            found[token] = i
+    found.pop(SPECIAL_TOKENS[0], None)  # lmlab's own end of text, where generation stops anyway
+    return tuple(sorted(found, key=found.get)), warnings
+
+
 # -- the verb --------------------------------------------------------------------------------------
 
 def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = None) -> dict:
     """Write the transformers GPT-2 checkpoint in `hf_dir` as the lmlab run `run` (module
-    docstring). Returns {"run", "model" (its GPTConfig), "added_tokens", "checkpoint"}."""
+    docstring). Returns {"run", "model" (its GPTConfig), "added_tokens", "eos_tokens" (the model's
+    own end-of-text tokens besides <|endoftext|>), "warnings" (end tokens left out, each a line),
+    "checkpoint"}."""
     hf_dir = Path(os.fspath(hf_dir))
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} is not a directory: pass the directory that holds the "
@@ -415,6 +469,8 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
     tok, added = read_tokenizer(hf_dir, cfg.vocab_size)
     _check_tokenizer_config(hf_dir)
     template = _chat_template(hf_dir)
+    # Saved by save_run as the run's train.eos_tokens, and kept by every run tuned from it.
+    tok.eos_tokens, warnings = _eos_tokens(hf_dir, hf, tok, cfg.vocab_size)
     run_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size or cfg.block_size,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     _check_loadable(run_cfg, hf_dir / "config.json", cropped=block_size is not None)
@@ -432,4 +488,5 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
         report_replaced(handle)
         where = save_run(handle, model, tok, train_config=train)
     return {"run": os.fspath(run), "model": model.config, "added_tokens": added,
+            "eos_tokens": list(tok.eos_tokens), "warnings": warnings,
             "checkpoint": os.fspath(where)}

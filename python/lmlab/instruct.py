@@ -24,7 +24,8 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from . import _CallableStage, distributed
-from .chat import END, TEMPLATE, answer_end_id, cut_prompt, render, template_of, user_turn
+from .chat import (END, TEMPLATE, answer_end_id, crop_context, render, stop_ids, template_of,
+                   turn_ids, user_turn)
 from .checkpoint import load_model
 from .data import load_instruct_jsonl
 from .sample import generate
@@ -283,11 +284,13 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
             temperature: float = 0.0, top_k=None, top_p=None, seed=None, callback=None):
     """The assistant's reply to a conversation: (text, ended) where ended says <|end|> was produced."""
     ids, _ = render(tokenizer, messages, add_generation_prompt=True)
-    ids = cut_prompt(ids, model.config.block_size, turn=True)
-    end_id = tokenizer.special_id(END)
+    turns = turn_ids(tokenizer, TEMPLATE)  # what render wrote, template or not
+    ids = crop_context(ids, model.config.block_size, turns)
+    stops = stop_ids(tokenizer, tokenizer.special_id(END))
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, stop_ids=[end_id], callback=callback)
-    # generate() leaves the stop id out: a reply shorter than the limit is one that ended.
+                   seed=seed, stop_ids=stops, callback=callback, turns=turns)
+    # generate() leaves the stop id out: a reply shorter than the limit is one that ended (at
+    # <|end|>, or at the model's own end-of-text token).
     ended = len(out) < max_new_tokens
     # Text only: a special token the model emits mid-reply (<|user|>, <|endoftext|>, ...) is
     # left out, so the reply can go back into a conversation (chat --history) as plain content.
@@ -297,14 +300,17 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
 
 
 def generation_prompt(tokenizer, prompt: str, *, raw: bool = False) -> tuple:
-    """What `lmlab sample` feeds the model for a prompt: (prompt ids, stop ids, chat). A run with a
+    """What `lmlab sample` feeds the model for a prompt: (prompt ids, stop ids, turns). A run with a
     chat template (instruct-tuned, lmlab.chat) gets the prompt as a user turn and answers until
-    <|end|> (chat True), unless raw; otherwise the prompt is continued as plain text (an empty
-    prompt starts after <|endoftext|>, as every training document does) until <|endoftext|>."""
+    <|end|> (turns: chat.turn_ids, with which generation crops the context), unless raw; otherwise
+    the prompt is continued as plain text (an empty prompt starts after <|endoftext|>, as every
+    training document does) until <|endoftext|> (turns None). Either way generation also stops at
+    the model's own end-of-text tokens (chat.stop_ids)."""
     if template_of(tokenizer) and not raw:
-        return user_turn(tokenizer, prompt), [answer_end_id(tokenizer)], True
+        return (user_turn(tokenizer, prompt), stop_ids(tokenizer, answer_end_id(tokenizer)),
+                turn_ids(tokenizer))
     ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eot_id], dtype=np.int32)
-    return ids, [tokenizer.eot_id], False
+    return ids, stop_ids(tokenizer, tokenizer.eot_id), None
 
 
 def _first_words(text: str, n: int) -> list:

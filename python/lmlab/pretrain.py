@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from . import _CallableStage, checks, distributed, ops
+from .chat import stop_ids
 from .checkpoint import load_model
 from .data import (BatchSampler, corpus_files_if_large, load_corpus, split_tokens,
                    tokenize_corpus)
@@ -99,8 +100,9 @@ def sample_prompt_ids(tok, prompt: str) -> np.ndarray:
 
 
 def sample_text(model, tok, prompt: str, ids, n: int, seed: int) -> str:
-    """The prompt and up to n tokens sampled after it (temperature 0.8, ends at <|endoftext|>)."""
-    out = generate(model, ids, n, temperature=0.8, seed=seed, stop_ids=[tok.eot_id])
+    """The prompt and up to n tokens sampled after it (temperature 0.8, ends at <|endoftext|> or
+    at the model's own end-of-text tokens, chat.stop_ids)."""
+    out = generate(model, ids, n, temperature=0.8, seed=seed, stop_ids=stop_ids(tok, tok.eot_id))
     return prompt + tok.decode(out)
 
 

@@ -10,8 +10,11 @@ so the same seed gives the same tokens and different seeds give different sample
 With use_cache=True (the default) the model keeps each layer's keys and values and feeds one new
 token per step (O(T) work per token); without it every step reruns the whole context (O(T^2)).
 Both give the same tokens. Contexts longer than block_size are cropped to the last block_size
-tokens (a sliding window); because positions are absolute, the cache cannot slide, so once it is
-full each further step refills it from the cropped window, costing what an uncached step costs.
+tokens (a sliding window; chat.crop_context): plain text keeps exactly those, a chat context
+(generate's `turns`) keeps them starting as a turn of the template, the first one replaced by the
+role token of the turn it lies in. Because positions are absolute, the cache cannot slide, so once
+the window slides each further step refills the cache from the cropped window, costing what an
+uncached step costs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from . import checks
+from .chat import crop_context
 from .kvcache import KVCache
 from .model import GPT
 
@@ -196,29 +200,37 @@ class TextStream:
 def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
              stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,
-             callback: Optional[Callable[[int], None]] = None) -> np.ndarray:
+             callback: Optional[Callable[[int], None]] = None,
+             turns: Optional[tuple] = None) -> np.ndarray:
     """Generate up to max_new_tokens ids after prompt_ids; returns the new ids (int32, 1-D).
 
     Generation stops early when it produces any id in stop_ids; that id is not returned (so a
     result shorter than max_new_tokens means a stop id was produced). callback(token_id) is called
-    with each returned id as soon as it is chosen, for streaming.
+    with each returned id as soon as it is chosen, for streaming. turns: for a context in the chat
+    template, its (user, assistant, end) ids (chat.turn_ids), with which a context longer than
+    block_size is cropped to a window that starts as a turn (chat.crop_context); None: plain text.
     """
     checks.check("max_new_tokens", max_new_tokens)
     cfg = model.config
     _check_options(temperature, top_k, top_p)
     stops = set(int(s) for s in stop_ids) if stop_ids is not None else set()
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    tokens = list(_context(model, prompt_ids)[-cfg.block_size:])
     bs = cfg.block_size
+    tokens = list(crop_context(_context(model, prompt_ids), bs, turns))
     out: list[int] = []
     cache = KVCache(cfg) if use_cache else None
 
     def logits_for_next() -> np.ndarray:
-        window = np.asarray(tokens[-bs:], np.int32)[None, :]
-        if cache is not None and 0 < cache.length < bs:
-            window = window[:, -1:]     # only the newest token is not in the cache yet
-        elif cache is not None:
-            cache.reset()               # first call, or the window slid: refill from scratch
+        if len(tokens) <= bs:           # the whole context: the cache holds all but the newest
+            window = np.asarray(tokens, np.int32)[None, :]
+            if cache is not None and 0 < cache.length == len(tokens) - 1:
+                window = window[:, -1:]
+            elif cache is not None:
+                cache.reset()           # first call: fill it
+        else:                           # the window slid: refill the cache from scratch
+            window = np.asarray(crop_context(np.asarray(tokens, np.int32), bs, turns))[None, :]
+            if cache is not None:
+                cache.reset()
         logits, _ = model.forward(window, cache=cache)
         return logits[0, -1]
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .chat import answer_end_id, cut_prompt, template_of, user_turn
+from .chat import answer_end_id, crop_context, template_of, turn_ids, user_turn
 from .sample import generate
 
 def _encode(tok, text: str) -> np.ndarray:
@@ -45,14 +45,15 @@ def encode_pair(tok, prompt: str, response: str, max_len: int, ended: bool = Fal
     response, ended).
 
     The prompt becomes the context its answer follows (module docstring; an empty plain prompt
-    becomes <|endoftext|>). Too long: the prompt loses its oldest tokens first (keeping one), then
+    becomes <|endoftext|>). Too long: the prompt loses its oldest tokens first (a chat prompt
+    still starting with its turn's role token, chat.crop_context), then
     the response is cut at the end, so an answer that is cut loses its end token first: a cut
     answer never ends.
     """
     p = _prompt_ids(tok, prompt)
     r = answer_ids(tok, response, ended)
     if p.size + r.size > max_len:
-        p = cut_prompt(p, max(1, max_len - r.size), turn=bool(template_of(tok)))
+        p = crop_context(p, max(1, max_len - r.size), turn_ids(tok))
         r = r[: max_len - p.size]
     return p, r
 
@@ -107,8 +108,7 @@ def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np
     if not 0 < max_new_tokens < block_size:
         raise ValueError(f"max_new_tokens must be in 1..{block_size - 1} (block_size "
                          f"{block_size} also holds the prompt), got {max_new_tokens}")
-    return cut_prompt(_prompt_ids(tok, prompt), block_size - max_new_tokens,
-                      turn=bool(template_of(tok)))
+    return crop_context(_prompt_ids(tok, prompt), block_size - max_new_tokens, turn_ids(tok))
 
 
 def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,

@@ -86,6 +86,10 @@ class Tokenizer:
         # The run's chat template (lmlab.chat), or None: set by instruct tuning and load_model,
         # saved by save_run in config.json (not in tokenizer.json, which is the vocabulary alone).
         self.chat_template = None
+        # The model's own end-of-text tokens besides <|endoftext|> (an imported checkpoint's eos,
+        # e.g. "</s>"), where generation stops too (lmlab.chat.stop_ids): set by import and
+        # load_model, saved by save_run in config.json's train section like the chat template.
+        self.eos_tokens = ()
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self._special = {s: vocab[s] for s in SPECIAL_TOKENS}
         self.eot_id = self._special["<|endoftext|>"]
@@ -125,6 +129,14 @@ class Tokenizer:
         if token not in self._special:
             raise ValueError(f"{token!r} is not a special token; special tokens are {SPECIAL_TOKENS}")
         return self._special[token]
+
+    def token_id(self, token: str):
+        """The id of any token of the vocabulary (special or not), or None where it has none."""
+        return self._tk.token_to_id(token)
+
+    def token(self, i: int):
+        """The vocabulary's string of id i (as token_id reads it), or None outside [0, vocab_size)."""
+        return self._tk.id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
 
     # -- encoding ---------------------------------------------------------------------------
 

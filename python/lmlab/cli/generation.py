@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .. import checks
-from ..chat import cut_prompt, template_of
+from ..chat import crop_context, template_of
 from ..checkpoint import load_model
 from ..files import atomic_write, check_replaceable, make_parent_dir
 from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
@@ -71,9 +71,9 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
     gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
     model, tok, _ = load_model(run)
-    prompt_ids, stop_ids, chat = generation_prompt(tok, prompt, raw=raw)
-    echo = f"{prompt}\n> " if chat else prompt
-    prompt_ids = cut_prompt(prompt_ids, model.config.block_size, turn=chat)
+    prompt_ids, stop_ids, turns = generation_prompt(tok, prompt, raw=raw)
+    echo = f"{prompt}\n> " if turns else prompt
+    prompt_ids = crop_context(prompt_ids, model.config.block_size, turns)
     for i in range(num_samples):
         s = None if seed is None else seed + i
         if num_samples > 1:
@@ -96,7 +96,7 @@ def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p
 
         try:
             generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=s, stop_ids=stop_ids, callback=on_token)
+                     top_p=top_p, seed=s, stop_ids=stop_ids, callback=on_token, turns=turns)
         except _StopString:
             pass
         sys.stdout.write("".join(kept) + text.finish() + "\n")

@@ -4,6 +4,8 @@ run, lmlab.hf_import)."""
 
 from __future__ import annotations
 
+import sys
+
 from ..checks import check
 from ..hf_export import describe, export_hf
 from ..hf_import import import_hf
@@ -46,8 +48,12 @@ def cmd_import(args) -> int:
         check("block_size", args.block_size)
     report = import_hf(args.hf_dir, args.run, overwrite=args.overwrite, block_size=args.block_size)
     m = report["model"]
+    for warning in report["warnings"]:
+        print(f"lmlab import: warning: {warning}", file=sys.stderr)
     added = (f"; added the special tokens {', '.join(report['added_tokens'])} (embedding rows: "
              "the mean of the others)" if report["added_tokens"] else "")
+    eos = (f"; generation also stops at its end-of-text token{'s' * (len(report['eos_tokens']) > 1)} "
+           f"{', '.join(report['eos_tokens'])}" if report["eos_tokens"] else "")
     print(f"imported {args.hf_dir} -> {report['run']}: {m.n_layer} layers, {m.n_head} heads, "
-          f"width {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}{added}")
+          f"width {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}{added}{eos}")
     return 0

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..chat import stop_ids
 from ..checkpoint import current_checkpoint
 from ..metrics import read_metrics
 from ..sample import generate
@@ -108,7 +109,7 @@ async def sample_endpoint(request: Request) -> dict:
 
     def work(model, tok, config):
         ids = generate(model, np.array([tok.eot_id], np.int32), n, temperature=0.8, seed=seed,
-                       stop_ids=[tok.eot_id])
+                       stop_ids=stop_ids(tok, tok.eot_id))
         return {"run": run.name, "checkpoint": run.loaded_checkpoint.name, "text": tok.decode(ids)}
 
     return await with_model(run, work)
