@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -122,12 +123,21 @@ def test_finetune_reports_both_corpora(run, capsys):
 def test_instruct_inspect_and_chat(run, capsys, monkeypatch):
     data = run / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in
-                            [("what is one plus one?", "two."), ("what colour is the sky?", "blue.")] * 5))
+                            [("what is one plus one?", "two."), ("what colour is the sky?", "blue.")] * 5
+                            # a prompt that fills the block of 48: its answer is cut off entirely
+                            + [("the sky " * 8, "blue.")] * 2))
     assert main(["inspect-data", str(run / "base"), "--data", str(data), "--no-color"]) == 0
     assert "supervised" in capsys.readouterr().out
     assert main(["instruct", str(run / "base"), "--data", str(data), "--out", str(run / "qa"),
                  "--steps", "10", "--eval-every", "5", "--batch-size", "4", "--no-progress"]) == 0
-    assert "finished: 10 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "finished: 10 steps" in out
+    # The notes are sentences ("examples no supervised" was the key's name, not one).
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes and all(re.fullmatch(r"note: \d+ training examples (are cut off by the block size|"
+                                      r"have no supervised token) \(see lmlab inspect-data\)", line)
+                         for line in notes), notes
+    assert any("have no supervised token" in line for line in notes)
     config = checkpoint.read_config(run / "qa")
     assert config["train"]["chat_template"]["end"] == "<|end|>"
     # An instruct-tuned run answers a prompt through its template; --raw continues plain text.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -287,12 +288,25 @@ def test_a_run_is_resumed_only_by_the_stage_that_made_it(root, tmp_path, capsys)
                  ["dpo", str(root / "base"), "--out", str(ft)]):
         assert main([*argv, "--resume", "--steps", "4", "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert f"{argv[0]} cannot resume {ft}: it holds a finetune run: resume it with lmlab " \
-               "finetune --resume" in err, err
+        assert f"{argv[0]} cannot resume {ft}: it holds a run made by lmlab finetune: resume it " \
+               "with lmlab finetune --resume" in err, err
         assert err.count("\n") == 1 and "changed from" not in err
     assert (checkpoint.current_checkpoint(ft) / "model.safetensors").read_bytes() == before
     assert main(["finetune", str(root / "base"), "--out", str(ft), "--resume", "--steps", "3",
                  "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("made_by", ["instruct", "rlhf", "dpo"])
+def test_the_refusal_of_another_stage_reads_as_english(tmp_path, made_by):
+    """The refusal named the run's stage after an article: 'it holds a instruct run'."""
+    from lmlab.errors import RunDirError
+    from lmlab.stage import _check_made_by
+    with pytest.raises(RunDirError) as e:
+        _check_made_by("pretrain", tmp_path, made_by)
+    message = str(e.value)
+    assert not re.search(r"\ba (instruct|rlhf)\b", message), message
+    assert message.startswith(f"pretrain cannot resume {tmp_path}: ")
+    assert message.endswith(f"resume it with lmlab {made_by} --resume")
 
 
 def test_a_run_is_resumed_only_from_the_run_it_started_from(root, tmp_path, capsys):

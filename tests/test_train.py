@@ -183,6 +183,23 @@ def test_a_resume_on_data_changed_since_the_checkpoint_says_so(tmp_path, capsys)
     assert checkpoint.load_training_state(run)[1]["step"] == 14
 
 
+def test_a_resume_on_a_corpus_grown_since_the_checkpoint_notes_it_and_continues(tmp_path, capsys):
+    """Text appended to a corpus between a run and its resume changes the number of tokens: the
+    resume was refused as a damaged state.json ('does not hold this stage's trainer state'),
+    where an edit of the same length was noted and trained on. Both are noted, and the run goes
+    on, on the text as it is now."""
+    tok, ids, model = tiny_setup()
+    run = tmp_path / "run"
+    train(model, LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3), quiet(steps=10), run,
+          tokenizer=tok)
+    capsys.readouterr()
+    grown = np.concatenate([ids[:1500], ids[:200]])
+    train(model, LanguageModelingStage(grown, ids[1500:], 4, 16, seed=3), quiet(steps=12), run,
+          tokenizer=tok, resume=True)
+    assert f"the training data is not what {run} was trained on up to step 10" in capsys.readouterr().err
+    assert checkpoint.load_training_state(run)[1]["step"] == 12
+
+
 def test_resume_reads_the_weights_into_the_model_it_is_given(tmp_path):
     """train(resume=True) fills the caller's model (no second one) and refuses another config."""
     tok, ids, model = tiny_setup()

@@ -308,13 +308,17 @@ class BatchSampler:
         }
 
     def load_state_dict(self, d: dict) -> None:
+        """Continue from a saved state: the generator and the batch count. The batch shape must
+        match; the token count need not (n_tokens is recorded, not checked): a corpus edited since
+        the checkpoint is drawn from as it is now, from the same generator, and lmlab.train notes
+        the change by the data's hash."""
         if not isinstance(d, dict) or "rng" not in d:
             raise ValueError("not a BatchSampler state dict (no 'rng' entry)")
-        mine = {"batch_size": self.batch_size, "block_size": self.block_size, "n_tokens": len(self.tokens)}
+        mine = {"batch_size": self.batch_size, "block_size": self.block_size}
         for key, value in mine.items():
             if d.get(key) != value:
                 raise ValueError(f"sampler state was saved with {key}={d.get(key)!r}, this sampler has {value}; "
-                                 f"resume with the same data and batch shape")
+                                 f"resume with the same batch shape")
         rng = np.random.default_rng()
         try:
             rng.bit_generator.state = d["rng"]

@@ -48,6 +48,12 @@ class Example:
         return int(self.supervised[1:].sum())
 
 
+# What each kind of problem build_examples reports means, for inspect-data and instruct's notes.
+PROBLEMS = {"unencodable": "contain text the tokenizer cannot encode (skipped)",
+            "truncated": "are cut off by the block size",
+            "no_supervised": "have no supervised token"}
+
+
 def build_examples(conversations: Iterable[List[dict]], tokenizer, block_size: int):
     """Render every conversation; returns (examples, problems) where problems lists, per kind, the
     conversation indices that cannot be encoded, were cut by the block size, or supervise nothing."""
@@ -268,9 +274,9 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
         out.append("  " + "".join(parts).replace("\n", "\n  "))
     total = len(examples) + len(problems["unencodable"])
     out.append(f"{total} examples; {sum(e.n_supervised for e in examples)} supervised tokens")
-    for kind, what in (("unencodable", "contain text the tokenizer cannot encode (skipped)"),
-                       ("truncated", f"are cut off by the block size {block_size}"),
-                       ("no_supervised", "have no supervised token")):
+    for kind, what in PROBLEMS.items():
+        if kind == "truncated":
+            what += f" {block_size}"
         if problems[kind]:
             shown = ", ".join(labels[i] for i in problems[kind][:5])
             more = ", ..." if len(problems[kind]) > 5 else ""

@@ -242,7 +242,7 @@ def _check_made_by(stage: str, out: Path, made_by) -> None:
         how = ("it holds a reward model, whose head is fitted in one go and is never resumed; "
                "train it again with lmlab reward --overwrite")
     else:
-        how = f"it holds a {made_by} run: resume it with lmlab {made_by} --resume"
+        how = f"it holds a run made by lmlab {made_by}: resume it with lmlab {made_by} --resume"
     raise RunDirError(f"{stage} cannot resume {out}: {how}")
 
 

@@ -7,7 +7,7 @@ value and opens the run through lmlab.stage before any work.
 from __future__ import annotations
 
 from ..finetune import finetune, finetune_summary
-from ..instruct import instruct_tune
+from ..instruct import PROBLEMS, instruct_tune
 from ..pretrain import pretrain
 from .common import (add_run_output, add_setting, add_threads, add_train_options,
                      given_settings, report_training)
@@ -104,6 +104,6 @@ def cmd_instruct(args) -> int:
                            **given_settings(args, "instruct", "data"))
     for kind, idx in result.details["problems"].items():
         if idx:
-            print(f"note: {len(idx)} examples {kind.replace('_', ' ')} (see lmlab inspect-data)")
+            print(f"note: {len(idx)} training examples {PROBLEMS[kind]} (see lmlab inspect-data)")
     report_training(result)
     return 0
