@@ -951,3 +951,166 @@ def test_rankings_given_as_something_else_than_paths_are_named():
             ranking_paths(bad)
     assert ranking_paths(["a.jsonl", Path("b.jsonl")]) == ["a.jsonl", "b.jsonl"]
     assert ranking_paths(None) is None
+
+
+# --- text the run cannot encode, and rankings that imply no pair, refused up front ---------------
+
+
+def _unseen(text: str, corpus: str) -> list:
+    """Reference: the characters of text a char tokenizer trained on corpus lacks (its vocabulary
+    is the corpus's characters), ignoring nothing: callers pass text without special tokens."""
+    return sorted(set(text) - set(corpus))
+
+
+@pytest.mark.parametrize("verb", ["dpo", "reward"])
+def test_rankings_the_run_cannot_encode_are_refused_naming_file_line_and_field(tmp_path, tok,
+                                                                              capsys, verb):
+    """A rankings line holding characters the run's char tokenizer never saw is refused before any
+    work (it was refused at the first batch or feature pass that met it, naming neither file nor
+    line, and the reward model left its output directory behind): every line is checked, the
+    first offending line is named as an editor counts it, with the field, the characters and what
+    to do, and the others are counted."""
+    from lmlab.checkpoint import save_run
+
+    corpus = _corpus(200)
+    save_run(tmp_path / "base", _tiny(tok), tok, train_config={})
+    bad_rejected = "a QZ box"
+    lines = [json.dumps({"prompt": "the cat ", "chosen": "sees a ball", "rejected": "eats"}),
+             "",  # a blank line still counts
+             json.dumps({"prompt": "a dog ", "completions": ["runs", "finds", "eats"],
+                         "ranking": [2, [0, 1]]}),
+             json.dumps({"prompt": "my friend ", "chosen": "likes the moon",
+                         "rejected": bad_rejected}),
+             json.dumps({"prompt": "the bird ", "completions": ["sees", "jumps", "a Q"],
+                         "ranking": [0, 1, 2]}),
+             json.dumps({"prompt": "a fox ", "chosen": "eats", "rejected": "runs"})]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    first = 1 + next(i for i, ln in enumerate(lines) if bad_rejected in ln)
+    other = 1 + next(i for i, ln in enumerate(lines) if "the bird" in ln)
+    out = tmp_path / "o"
+    argv = [verb, str(tmp_path / "base"), "--rankings", str(path), "--out", str(out), "--steps",
+            "2", "--threads", "1"]
+    assert main(argv + (["--no-progress"] if verb == "dpo" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lmlab {verb}: error: {path}:{first}: "), err
+    assert "the rejected answer holds" in err
+    for c in _unseen(bad_rejected, corpus):
+        assert f"{c!r} x1" in err, (c, err)
+    assert f"(and 1 more: line {other})" in err and "--tokenizer bpe" in err
+    assert not out.exists()
+    assert len(rk.load_rankings(path)) == 5  # without a tokenizer to check against, all read
+    # The ranking form names the completion.
+    path.write_text("\n".join("" if i == first - 1 else ln for i, ln in enumerate(lines)) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{other}: the answer completions[2] "
+                                                   "holds character(s) the run's char tokenizer "
+                                                   "cannot encode (its vocabulary holds only the "
+                                                   "characters of the text it was trained on): "
+                                                   "'Q' x1; edit")):
+        rk.load_rankings(path, tokenizer=tok)
+
+
+def test_a_lone_surrogate_is_refused_as_invalid_unicode_for_either_tokenizer(tmp_path, tok):
+    bpe = train_tokenizer(_corpus(200), "bpe", vocab_size=300)
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt": "the \\ud800", "chosen": "a", "rejected": "the"}\n')
+    for t in (tok, bpe):
+        with pytest.raises(ValueError, match=re.escape(f"{path}:1: the prompt holds lone "
+                                                       "surrogate(s), which are not valid")):
+            rk.load_rankings(path, tokenizer=t)
+
+
+def test_the_encodability_check_follows_how_prompts_and_answers_are_encoded(tok):
+    """Reference: the stages' own encoding (sequences._prompt_ids, answer_ids) refuses exactly
+    what unencodable reports. A special token's name is a token in an answer and in a plain
+    prompt, but text in a chat prompt (user text cannot forge a turn)."""
+    from lmlab.chat import TEMPLATE
+
+    chat_tok = train_tokenizer(_corpus(200), "char")
+    chat_tok.chat_template = TEMPLATE
+    for t in (tok, chat_tok):
+        for text in ("the cat", "the <|end|> cat", "the Q cat", "<|user|>", "a|b", ""):
+            for is_prompt, encode in ((True, sq._prompt_ids), (False, sq.answer_ids)):
+                try:
+                    encode(t, text)
+                    refused = False
+                except ValueError:
+                    refused = True
+                assert bool(sq.unencodable(t, text, prompt=is_prompt)) == refused, (text, is_prompt)
+    assert sq.unencodable(chat_tok, "a<|end|>", prompt=True) == {"<": 1, "|": 2, ">": 1}
+    assert tok.unknown_chars("a<|end|>Q", allow_special=True) == {"Q": 1}
+
+
+def test_answers_sampled_for_ranking_are_never_refused(tmp_path, tok):
+    """What `lmlab rank` and the studio's Rank page write (sampled answers, which hold special
+    tokens' names and U+FFFD) is read back by the verbs with the run's tokenizer."""
+    model = _tiny(tok, seed=3)
+    texts, ended = [], []
+    for prompt in ("the cat ", "a dog "):
+        t, e = sq.sample_answers(model, tok, sq.prompt_ids_for(tok, prompt, 32, 24), 24,
+                                 range(6), temperature=2.0)
+        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": prompt, "completions": t,
+                                                 "ranking": list(range(6)), "ended": e})
+        texts += t
+    assert any("<|" in t for t in texts)  # the reference below covers special tokens' names
+    recs = rk.load_rankings(tmp_path / "r.jsonl", tokenizer=tok)
+    assert [c for r in recs for c in r["completions"]] == texts
+
+
+def test_rlhf_and_rank_prompts_the_run_cannot_encode_are_refused_naming_the_line(tmp_path, tok,
+                                                                                 capsys):
+    """rlhf's prompts file, rank's, and dpo's --eval-prompts: a prompt the run cannot encode is
+    refused before any work (rank stopped at that prompt's turn mid-session, and the eval after
+    the whole training, naming no line); lines count as an editor counts them (a form feed inside
+    a prompt used to start a new line)."""
+    from lmlab.checkpoint import save_run
+
+    corpus = _corpus(200) + "\x0c"
+    tok = train_tokenizer(corpus, "char")
+    save_run(tmp_path / "base", _tiny(tok), tok, train_config={})
+    prompts = tmp_path / "p.txt"
+    lines = ["the cat\x0csees ", "a dog ", "my Friend ", "the bird ", "a Fox "]
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bad = [i + 1 for i, ln in enumerate(lines) if _unseen(ln, corpus)]
+    assert bad == [3, 5]
+    head = f"{prompts}:{bad[0]}: the prompt holds character(s) the run's char tokenizer cannot "
+    tail = f"'F' x1 (and 1 more: line {bad[1]}); edit or remove the line"
+    (tmp_path / "r.jsonl").write_text('{"prompt": "a", "chosen": "the", "rejected": "a"}\n')
+    for verb, argv in [
+            ("rlhf", ["--prompts", str(prompts), "--judge", "shorter", "--max-new-tokens", "4"]),
+            ("rank", ["--prompts", str(prompts), "--judge", "shorter", "--max-new-tokens", "4"]),
+            ("dpo", ["--rankings", str(tmp_path / "r.jsonl"), "--eval-judge", "shorter",
+                     "--eval-prompts", str(prompts)])]:
+        out = tmp_path / ("o.jsonl" if verb == "rank" else "o")
+        assert main([verb, str(tmp_path / "base"), *argv, "--out", str(out), "--steps", "1"]
+                    if verb != "rank" else
+                    [verb, str(tmp_path / "base"), *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and head in err and tail in err, (verb, err)
+        assert not out.exists(), verb
+    with pytest.raises(ValueError, match=re.escape("prompts[1]: the prompt holds")):
+        rl.rlhf(tmp_path / "base", ["the cat ", "a Fox "], tmp_path / "o", judge="shorter",
+                max_new_tokens=4, steps=1, progress=False)
+    assert rk.read_prompts(prompts)[0] == lines[0]
+
+
+@pytest.mark.parametrize("verb", ["dpo", "reward"])
+def test_rankings_that_are_all_ties_are_refused_naming_the_files(tmp_path, tok, capsys, verb):
+    """A file whose every ranking ties all its answers implies no pair: refused before any work
+    naming the file (the reward model's refusal named none and left its output directory)."""
+    from lmlab.checkpoint import save_run
+
+    save_run(tmp_path / "base", _tiny(tok), tok, train_config={})
+    path = tmp_path / "ties.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completions": ["a", "the"],
+                                        "ranking": [[0, 1]]}) + "\n" for p in ("a ", "the ")))
+    out = tmp_path / "o"
+    # Two prompts: by default one is held out with its ranking, and the other trains.
+    for extra, says in [(["--val-fraction", "0"], f"every ranking in {path} is a single tie"),
+                        ([], f"every ranking in {path} that is not held out (1 of 2) is a single "
+                             "tie")]:
+        assert main([verb, str(tmp_path / "base"), "--rankings", str(path), "--out", str(out),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+        assert not out.exists()

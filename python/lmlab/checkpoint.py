@@ -273,6 +273,29 @@ def load_model(run_dir):
     _required(d, [MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE])
     config = _config_in(d)
     mcfg = GPTConfig(**config["model"])
+    tokenizer = _tokenizer_in(d, config)
+    precision = saved_precision(config)
+    made = []
+
+    def allocate():
+        made.append(GPT(mcfg, matmul_precision=precision))
+        return made[0].named_parameters()
+
+    read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
+                      allocate)
+    return made[0], tokenizer, config
+
+
+def load_tokenizer(run_dir):
+    """The Tokenizer of a run's current checkpoint (with its chat template), checked as load_model
+    checks it, without reading the weights: for checking data against the run before any work."""
+    d = current_checkpoint(run_dir)
+    _required(d, [CONFIG_FILE, TOKENIZER_FILE])
+    return _tokenizer_in(d, _config_in(d))
+
+
+def _tokenizer_in(d: Path, config: dict):
+    mcfg = GPTConfig(**config["model"])
     tok_path = d / TOKENIZER_FILE
     try:
         text = _checked_file(d, config, TOKENIZER_FILE).decode("utf-8")
@@ -285,16 +308,7 @@ def load_model(run_dir):
         raise CheckpointError(f"{tok_path} is a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, "
                               f"but the model in {d / CONFIG_FILE} has vocab_size {mcfg.vocab_size} "
                               f"({config['tokenizer']['kind']}): the files come from different runs")
-    precision = saved_precision(config)
-    made = []
-
-    def allocate():
-        made.append(GPT(mcfg, matmul_precision=precision))
-        return made[0].named_parameters()
-
-    read_safetensors(d / MODEL_FILE, dict(parameter_layout(mcfg)), _digest_of(config, MODEL_FILE),
-                      allocate)
-    return made[0], tokenizer, config
+    return tokenizer
 
 
 def _eos_tokens(config: dict, tokenizer, where: Path) -> tuple:

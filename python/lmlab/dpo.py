@@ -55,8 +55,8 @@ class DPOStage:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not train_pairs:
-            raise ValueError("DPO needs at least one training pair (a ranking with two "
-                             "distinguishable completions)")
+            raise ValueError("DPO needs at least one training pair (a ranking that is not a "
+                             "single tie)")
         if sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
         self.beta, self.batch_size = float(beta), int(batch_size)
@@ -167,9 +167,9 @@ def dpo(run, rankings, out_dir, *, resume: bool = False, overwrite: bool = False
     with open_stage("dpo", out_dir, {"rankings": rankings, **settings}, resume=resume,
                     overwrite=overwrite, parent=run, threads=threads) as opened:
         s = opened.settings
-        train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
-                                                   "DPO")
         model, tok, _ = load_model(run)
+        train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
+                                                   "DPO", tokenizer=tok)
         cfg = opened.train_config()
         # The reference log-probabilities are computed here, before training, in the precision
         # the policy trains in, so the policy starts at exactly the reference.

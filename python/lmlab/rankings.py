@@ -15,7 +15,9 @@ kept. Rankings are handed around in the compact form written here: a group of on
 index.
 
 This is the one place the format is checked (`normalize_ranking`) and its pairs derived
-(`pairs_from_ranking`); the reward model, DPO and `lmlab rank` all go through it.
+(`pairs_from_ranking`); the reward model, DPO and `lmlab rank` all go through it. Given the run's
+tokenizer, the readers (`load_rankings`, `read_prompts`) also check, before any work, that every
+line's text can be encoded (sequences.unencodable), naming the first line that cannot.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from .data import need_regular_file, need_str, read_jsonl_objects
 from .files import JSONTextError, NotJSON, append_line, parse_json
+from .sequences import unencodable, unencodable_refusal
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -139,12 +142,40 @@ def ranking_paths(rankings) -> Optional[list]:
     return [os.fspath(p) for p in rankings]
 
 
-def load_rankings(path, *, allow_empty: bool = False) -> list:
+def load_rankings(path, *, allow_empty: bool = False, tokenizer=None) -> list:
     """Every record of a rankings JSONL file (rankings and/or pairs); errors name file and line.
     A torn last line, which an interrupted append leaves, is skipped (files.complete_lines).
-    allow_empty: a file without a record gives [] rather than an error."""
-    path, records = read_jsonl_objects(path, appended=True, allow_empty=allow_empty)
-    return [parse_record(obj, where=f"{path}:{lineno}") for lineno, obj in records]
+    allow_empty: a file without a record gives [] rather than an error. tokenizer: the run the
+    records will train; a prompt or answer holding characters it cannot encode is refused here,
+    every line checked, naming the first such line and field and counting the others."""
+    path, objs = read_jsonl_objects(path, appended=True, allow_empty=allow_empty)
+    records = [parse_record(obj, where=f"{path}:{lineno}") for lineno, obj in objs]
+    if tokenizer is not None:
+        _check_encodable(tokenizer, path, [(lineno, obj, rec) for (lineno, obj), rec
+                                           in zip(objs, records)])
+    return records
+
+
+def _check_encodable(tok, path, lines) -> None:
+    """Refuse the first (line number, object, record) whose prompt or an answer tok cannot encode
+    (sequences.unencodable), naming its field as the line names it, and count the others."""
+    first, others = None, []
+    for lineno, obj, rec in lines:
+        fields = [("prompt", rec["prompt"], True)]
+        names = ([f"answer completions[{i}]" for i in range(len(rec["completions"]))]
+                 if "completions" in obj else ["chosen answer", "rejected answer"])
+        fields += [(name, text, False) for name, text in zip(names, rec["completions"])]
+        for name, text, is_prompt in fields:
+            unknown = unencodable(tok, text, prompt=is_prompt)
+            if unknown:
+                if first is None:
+                    first = (lineno, name, unknown)
+                else:
+                    others.append(f"line {lineno}")
+                break
+    if first is not None:
+        lineno, name, unknown = first
+        raise ValueError(unencodable_refusal(f"{path}:{lineno}", name, unknown, tok, others))
 
 
 def append_ranking(path, record: dict) -> None:
@@ -188,13 +219,22 @@ def split_records(records: Sequence[dict], val_fraction: float, seed: int) -> tu
 
 
 
-def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str) -> tuple:
+def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str,
+                        tokenizer=None) -> tuple:
     """(train, held-out) records of every rankings file a preference stage was given, split by
-    split_records; `needed_by` names the stage in the error when none was given."""
+    split_records; `needed_by` names the stage in the error when none was given. Refused before
+    any work: text `tokenizer` (the run's) cannot encode (load_rankings), and training rankings
+    that imply no pair (every one a single tie), naming the files."""
     if not paths:
         raise ValueError(f"{needed_by} needs rankings (--rankings FILE ...)")
-    records = [r for p in paths for r in load_rankings(p)]
-    return split_records(records, val_fraction, seed)
+    records = [r for p in paths for r in load_rankings(p, tokenizer=tokenizer)]
+    train, val = split_records(records, val_fraction, seed)
+    if not any(pairs_from_ranking(r["ranking"], len(r["completions"])) for r in train):
+        held = f" that is not held out ({len(train)} of {len(records)})" if val else ""
+        raise ValueError(f"{needed_by} needs a (better, worse) pair to train on, and every "
+                         f"ranking in {', '.join(paths)}{held} is a single tie (all its answers "
+                         "tied); rank at least one answer above another")
+    return train, val
 
 
 def check_rankings_output(path, *, writable: bool = True) -> Path:
@@ -216,8 +256,10 @@ def check_rankings_output(path, *, writable: bool = True) -> Path:
     return path
 
 
-def read_prompts(path) -> list:
-    """Prompts from a file: JSONL objects with "prompt", or else one prompt per line."""
+def read_prompts(path, *, tokenizer=None) -> list:
+    """Prompts from a file: JSONL objects with "prompt", or else one prompt per line. tokenizer:
+    the run that will answer them; a prompt holding characters it cannot encode is refused here,
+    every line checked, naming the first such line and counting the others."""
     path = Path(need_regular_file(os.fspath(path), "prompts file", "a text file of prompts, one "
                                   "per line, or JSONL with \"prompt\""))
     try:
@@ -225,8 +267,10 @@ def read_prompts(path) -> list:
     except UnicodeDecodeError as e:
         raise ValueError(f"prompts file {path} is not UTF-8 text (byte offset {e.start}); convert "
                          "it, e.g. with iconv -t UTF-8") from None
-    prompts = []
-    for lineno, ln in enumerate(text.splitlines(), 1):
+    prompts, linenos = [], []
+    # Lines as a text editor counts them: split at newlines only (read_text has made \r\n and
+    # \r newlines), not at the other breaks str.splitlines knows (\x0c, \u2028, ...).
+    for lineno, ln in enumerate(text.split("\n"), 1):
         if not ln.strip():
             continue
         obj = None
@@ -244,6 +288,24 @@ def read_prompts(path) -> list:
         else:
             # One prompt per line; "\n" in the file stands for a newline inside the prompt.
             prompts.append(ln.replace("\\n", "\n"))
+        linenos.append(lineno)
     if not prompts:
         raise ValueError(f"{path}: no prompts (expected one per line, or JSONL with \"prompt\")")
+    if tokenizer is not None:
+        check_prompts(prompts, tokenizer, path=path, linenos=linenos)
     return prompts
+
+
+def check_prompts(prompts, tokenizer, *, path=None, linenos=None) -> None:
+    """Refuse, every prompt checked, one that `tokenizer` cannot encode (sequences.unencodable):
+    the first is named by its place (path:line, given the file and each prompt's line; else
+    prompts[i]), the others counted."""
+    bad = [i for i, p in enumerate(prompts) if unencodable(tokenizer, p, prompt=True)]
+    if not bad:
+        return
+    places = ([f"line {n}" for n in linenos] if path is not None
+              else [f"prompts[{i}]" for i in range(len(prompts))])
+    where = f"{path}:{linenos[bad[0]]}" if path is not None else places[bad[0]]
+    raise ValueError(unencodable_refusal(where, "prompt", unencodable(tokenizer, prompts[bad[0]],
+                                                                      prompt=True),
+                                         tokenizer, [places[i] for i in bad[1:]]))

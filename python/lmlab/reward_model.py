@@ -224,9 +224,9 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
     with open_stage("reward", out_dir, {"rankings": rankings, **settings}, overwrite=overwrite,
                     parent=run, threads=threads) as opened:
         s = opened.settings
-        train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
-                                                   "a reward model")
         model, tok, _ = load_model(run)
+        train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
+                                                   "a reward model", tokenizer=tok)
         world = distributed.world()
         if not world.is_root:
             # One full-batch fit of a linear head: rank 0 does it and writes the run.

@@ -15,7 +15,7 @@ import numpy as np
 
 from .checkpoint import load_model
 from .judges import judge_reward, make_judge
-from .rankings import read_prompts, split_records
+from .rankings import check_prompts, read_prompts, split_records
 from .reward_model import RewardModel
 from .sequences import pack_for_loss, prompt_ids_for, sample_completion, sequence_logprobs
 from .stage import StageResult, open_stage
@@ -157,19 +157,21 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
         if (s["reward_model"] is None) == (s["judge"] is None):
             raise ValueError("give exactly one of reward_model (a `lmlab reward` run, "
                              "--reward-model) or judge (--judge)")
-        if prompt_list is None:
-            if s["prompts"] is None:
-                raise ValueError("RL needs prompts (--prompts FILE)")
-            prompt_list = read_prompts(s["prompts"])
+        if prompt_list is None and s["prompts"] is None:
+            raise ValueError("RL needs prompts (--prompts FILE)")
         if s["judge"] is not None:
             judge = make_judge(s["judge"])
             reward_fn, source = judge_reward(judge), f"judge {judge!r}"
         else:
             rm = RewardModel.load(s["reward_model"])
             reward_fn, source = rm.score, str(s["reward_model"])
+        model, tok, _ = load_model(run)
+        if prompt_list is None:
+            prompt_list = read_prompts(s["prompts"], tokenizer=tok)
+        else:
+            check_prompts(prompt_list, tok)
         train_p, val_p = split_records([{"prompt": p} for p in prompt_list], s["val_fraction"],
                                        s["seed"])
-        model, tok, _ = load_model(run)
         if s["reward_model"] is not None:
             rm.check_reads(tok, name=f"reward model {s['reward_model']}", run=str(run))
         ref, _, _ = load_model(run)

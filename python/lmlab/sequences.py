@@ -1,5 +1,6 @@
-"""Prompt/response sequences for the preference stages: encoding, packing into batches, their
-log-probabilities under a model, and sampling one completion. A prompt is the context its answer
+"""Prompt/response sequences for the preference stages: encoding (and the check, before any work,
+of text it cannot encode), packing into batches, their log-probabilities under a model, and
+sampling one completion. A prompt is the context its answer
 follows: a user turn for a run with a chat template (lmlab.chat), else plain text.
 
 A sequence's log-probability is minus the sum of the model's per-token losses over its response,
@@ -10,6 +11,7 @@ cross-entropy backward as every other stage.
 
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +32,36 @@ def _prompt_ids(tok, prompt: str) -> np.ndarray:
         return user_turn(tok, prompt)
     ids = _encode(tok, prompt)
     return ids if ids.size else np.array([tok.eot_id], dtype=np.int32)
+
+
+def unencodable(tok, text: str, *, prompt: bool = False) -> collections.Counter:
+    """Characters of a prompt (prompt=True) or an answer that the encoding here cannot give ids:
+    what _prompt_ids or answer_ids would refuse (a special token's name is a token, except in a
+    chat prompt, where user text is text). The stages check their data with it before any work."""
+    return tok.unknown_chars(text, allow_special=not (prompt and template_of(tok)))
+
+
+def unencodable_refusal(where: str, field: str, unknown, tok, others: Sequence = ()) -> str:
+    """The one-line refusal of `field` at `where` (file:line) holding the characters `unknown`
+    (unencodable's Counter) that tok cannot encode; `others`: the further places that hold some
+    ("line 7"; counted, the first few named). Says what to do: edit the line, or tune a run whose
+    tokenizer covers them."""
+    shown = ", ".join(f"{c!r} x{n}" for c, n in unknown.most_common(10))
+    shown += f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+    if all("\ud800" <= c <= "\udfff" for c in unknown):  # what even byte-level BPE refuses
+        what = "lone surrogate(s), which are not valid Unicode and no tokenizer encodes"
+        fix = "edit or remove the line (a \\ud800-style escape in the JSON makes one)"
+    else:
+        what = ("character(s) the run's char tokenizer cannot encode (its vocabulary holds "
+                "only the characters of the text it was trained on)")
+        fix = ("edit or remove the line, or tune a run whose tokenizer covers them (a parent "
+               "pretrained on text that holds them, or with a byte-level BPE tokenizer: lmlab "
+               "pretrain --tokenizer bpe)")
+    more = ""
+    if others:
+        named = ", ".join(str(o) for o in others[:5]) + (", ..." if len(others) > 5 else "")
+        more = f" (and {len(others)} more: {named})"
+    return f"{where}: the {field} holds {what}: {shown}{more}; {fix}"
 
 
 def answer_ids(tok, text: str, ended: bool = False) -> np.ndarray:

@@ -140,10 +140,14 @@ class Tokenizer:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def unknown_chars(self, text: str) -> collections.Counter:
-        """Characters of `text` (read as plain text) that this tokenizer cannot represent, with counts."""
+    def unknown_chars(self, text: str, *, allow_special: bool = False) -> collections.Counter:
+        """Characters of `text` that this tokenizer cannot represent, with counts: the characters
+        `encode(text, allow_special=allow_special)` would refuse (with allow_special, the exact
+        strings in SPECIAL_TOKENS are tokens, not characters to check)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        if allow_special:
+            text = "".join(_SPECIAL_RE.split(text)[::2])  # even pieces: the text between them
         if self.kind == "bpe":
             return collections.Counter(_SURROGATE_RE.findall(text))
         cps = self._codepoints_of(text)

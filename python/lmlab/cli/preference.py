@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import checks
-from ..checkpoint import load_model
+from ..checkpoint import load_model, load_tokenizer
 from ..dpo import dpo
 from ..judges import compare_to_reference, make_judge
 from ..rank import answer_sampler, run_session
@@ -130,9 +130,10 @@ def cmd_rank(args) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)
     judge = make_judge(args.judge) if args.judge is not None else None  # '' is refused
-    prompts = read_prompts(args.prompts)
     check_rankings_output(args.out)
     model, tok, _ = load_model(args.run)
+    # Every prompt is checked now: one the run cannot encode stopped the session at its turn.
+    prompts = read_prompts(args.prompts, tokenizer=tok)
     sample = answer_sampler(model, tok, args.max_new_tokens, seed=args.seed,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
@@ -172,8 +173,9 @@ def _judge_eval(args, details) -> None:
 
 
 def _check_eval(args) -> None:
-    """The --eval-* options, before training: a bad judge spec or prompts file is refused, and
-    so is an option of the eval given without --eval-judge (it would be silently ignored)."""
+    """The --eval-* options, before training: a bad judge spec or prompts file (or one holding
+    text the run cannot encode) is refused, and so is an option of the eval given without
+    --eval-judge (it would be silently ignored)."""
     for name in ("eval_prompts", "eval_samples", "eval_max_new_tokens"):
         if args.eval_judge is None and getattr(args, name) is not None:
             raise checks.SettingError(name, getattr(args, name), "it applies only to the eval "
@@ -186,7 +188,9 @@ def _check_eval(args) -> None:
     if args.eval_judge is not None:
         make_judge(args.eval_judge)
         if args.eval_prompts is not None:
-            read_prompts(args.eval_prompts)
+            # with the parent's tokenizer (the tuned run keeps it): a prompt it cannot encode
+            # stopped the eval after the whole training
+            read_prompts(args.eval_prompts, tokenizer=load_tokenizer(args.parent))
 
 
 def cmd_reward(args) -> int:
