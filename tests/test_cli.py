@@ -490,3 +490,19 @@ def test_output_into_a_closed_pipe_stops_quietly_as_a_shell_tool_does():
                             text=True, env=env, timeout=60)
     assert worker.returncode == 2
     assert worker.stderr.strip() == "lmlab worker: error: [Errno 32] Broken pipe"
+
+
+@pytest.mark.parametrize("argv, command, usage_flag", [
+    (["reward", "r", "--out", "o", "--rankings", "x.jsonl", "--resume"], "lmlab reward", "--l2"),
+    (["bench", "train", "--foo"], "lmlab bench train", "--no-mfu"),
+    (["sample", "r", "--temprature", "0.5"], "lmlab sample", "--temperature"),
+])
+def test_an_unknown_flag_is_refused_with_the_commands_own_usage(argv, command, usage_flag, capsys):
+    """argparse hands a sub-command's unknown arguments to the top-level parser, whose usage
+    ('lmlab [-h] [--version] COMMAND ...') names none of the command's flags."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"{command}: error: unrecognized arguments: {argv[-1] if argv[-1] != '0.5' else '--temprature 0.5'}" in err
+    assert usage_flag in err and "COMMAND ..." not in err

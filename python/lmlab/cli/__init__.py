@@ -35,7 +35,7 @@ from .. import __version__, distributed
 from ..checks import SettingError
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
-from .common import Parser, check_inherited_threads, flag
+from .common import CommandParser, Parser, check_inherited_threads, flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmlab", description="Train small GPT language models on a CPU and watch them learn.")
     parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=Parser)
+                                parser_class=CommandParser)
     training.add_commands(sub)
     generation.add_commands(sub)
     preference.add_commands(sub)

@@ -46,6 +46,18 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+class CommandParser(Parser):
+    """The parser of one command (lmlab VERB, lmlab bench train, ...): an argument it does not
+    know is refused with its own usage, not the top-level one (argparse leaves a sub-command's
+    leftovers to the top-level parser, whose usage names no flag of the command)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 # Short spellings of a few long flags.
 ALIASES = {"keep_checkpoints": ["--keep"]}
 
