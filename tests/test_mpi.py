@@ -259,6 +259,18 @@ def test_a_rank_that_raises_ends_every_rank_with_its_message(tmp_path):
 
 
 @needs_mpi
+def test_a_bad_setting_every_rank_refuses_is_said_once(tmp_path):
+    """Every rank checks the settings and refuses a bad one; rank 0 says so and its abort ends the
+    others before they repeat it (they printed the same line once per rank, then again after
+    MPI_Abort returned)."""
+    done = lmlab(2, "pretrain", "--corpus", "builtin:shakespeare", "--run", tmp_path / "run",
+                 "--steps", "5", "--lr", "-1", check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("--lr -1.0 is not allowed") == 1, done.stderr
+    assert "lmlab: rank 0 of 2: lmlab pretrain: error: --lr -1.0 is not allowed" in done.stderr
+
+
+@needs_mpi
 def test_doctor_checks_that_every_rank_sees_the_same_corpus(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("the same text\n")

@@ -41,6 +41,9 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_S
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 # How long a failing rank waits between printing why and MPI_Abort (World.abort).
 ABORT_GRACE_S = 1.0
+# How long a failing rank other than 0 waits before saying why (World.abort): longer than rank 0's
+# grace, so rank 0 failing the same way ends it first.
+NON_ROOT_REPORT_DELAY_S = 3.0
 # Shard boundaries fall on multiples of this many floats: whole chunks of ops.sum_squares, so the
 # ranks' chunk sums are those of the whole buffer and ZeRO-1's gradient norm is bit for bit the
 # one-process norm (World.global_norm); each shard also starts on a cache line.
@@ -200,7 +203,12 @@ class World:
                                  "and the same data at the same path")
 
     def abort(self, message: str, code: int = 1) -> None:
-        """Print `message` naming this rank and end every rank of the run (MPI_Abort)."""
+        """Print `message` naming this rank and end every rank of the run (MPI_Abort); does not
+        return under MPI. A rank other than 0 waits NON_ROOT_REPORT_DELAY_S first: where rank 0
+        fails the same way (a bad setting, which every rank checks), its abort ends this rank
+        before it prints, so the run says it once instead of once per rank."""
+        if self.distributed and not self.is_root:
+            time.sleep(NON_ROOT_REPORT_DELAY_S)
         print(f"lmlab: rank {self.rank} of {self.size}: {message}; stopping every rank",
               file=sys.stderr, flush=True)
         if self.distributed:
@@ -209,6 +217,7 @@ class World:
             # failing at the same step) on, or a loaded machine may end the run without a word.
             time.sleep(ABORT_GRACE_S)
             self.comm.Abort(code)
+            os._exit(code)  # MPI_Abort can return before the launcher ends this process
 
 
 def describe_failure(exc: BaseException) -> str:
