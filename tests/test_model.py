@@ -529,3 +529,18 @@ def test_a_kv_cache_length_outside_its_positions_is_refused():
     logits, _ = m.forward(np.array([[3, 1]], np.int32), cache=cache)
     ref, _ = m.forward(np.array([[3, 1]], np.int32))
     assert np.array_equal(logits, ref)
+
+
+def test_freeze_names_a_prefix_of_the_wrong_kind():
+    m = tiny_model()
+    m.freeze(["h.0"])
+    # freeze(None) failed in frozenset ("'NoneType' object is not iterable"); freeze([1]) said
+    # the prefix 1 "matches no parameter name", as if it were a name.
+    with pytest.raises(TypeError, match="prefixes must be a collection of name prefixes.*NoneType"):
+        m.freeze(None)
+    for bad in (1, None, b"h.0"):
+        with pytest.raises(TypeError, match=rf"frozen prefixes must be str .* got {bad!r}"):
+            m.freeze(["wte", bad])
+    assert m.frozen == {"h.0"}          # a refused freeze leaves the previous one
+    m.freeze(())
+    assert m.frozen == frozenset()

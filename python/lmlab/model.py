@@ -262,9 +262,15 @@ class GPT:
         if isinstance(prefixes, str):
             raise TypeError(f"prefixes must be a collection of name prefixes, e.g. [{prefixes!r}], "
                             f"not one string (its characters would each be a prefix)")
+        if not isinstance(prefixes, Iterable):   # freeze(None): "'NoneType' is not iterable"
+            raise TypeError(f"prefixes must be a collection of name prefixes, e.g. ['h.0'], got "
+                            f"{type(prefixes).__name__}")
         prefixes = frozenset(prefixes)
         for prefix in prefixes:
-            if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in self._named):
+            if not isinstance(prefix, str):
+                raise TypeError(f"frozen prefixes must be str (parameter name prefixes such as "
+                                f"'h.0'), got {prefix!r}")
+            if not any(frozen_by(n, prefix) for n in self._named):
                 raise ValueError(f"frozen prefix {prefix!r} matches no parameter name")
         self._frozen = prefixes
         self._grad_plan = None
