@@ -6,6 +6,7 @@ tokenizer.json we save; the reference for unknown-character counts is a plain Py
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -255,3 +256,13 @@ def test_token_takes_whole_ids_and_decode_names_the_id_given(fixture, request):
     with pytest.raises(ValueError, match=r"got \[18446744073709551615\]"):
         tok.decode(huge)
     assert tok.decode(np.array([1, 2], np.uint64)) == tok.decode([1, 2])
+
+
+def test_special_id_and_token_id_name_a_non_str_token(char_tok):
+    # special_id(["x"]) failed as "unhashable type: 'list'"; token_id(5) in the tokenizers library.
+    for call in (char_tok.special_id, char_tok.token_id):
+        for bad in (["<|end|>"], 5, None):
+            with pytest.raises(TypeError, match=rf"token must be .*\(str\), got {re.escape(repr(bad))}"):
+                call(bad)
+    assert char_tok.token_id("<|end|>") == char_tok.special_id("<|end|>") == \
+        SPECIAL_TOKENS.index("<|end|>")

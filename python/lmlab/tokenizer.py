@@ -126,12 +126,16 @@ class Tokenizer:
 
     def special_id(self, token: str) -> int:
         """The id of a special token, e.g. special_id("<|end|>")."""
+        if not isinstance(token, str):  # a list failed as "unhashable type"
+            raise TypeError(f"token must be a special token's text (str), got {token!r}")
         if token not in self._special:
             raise ValueError(f"{token!r} is not a special token; special tokens are {SPECIAL_TOKENS}")
         return self._special[token]
 
     def token_id(self, token: str):
         """The id of any token of the vocabulary (special or not), or None where it has none."""
+        if not isinstance(token, str):  # the tokenizers library's refusal names no argument
+            raise TypeError(f"token must be a token's text (str), got {token!r}")
         return self._tk.token_to_id(token)
 
     def token(self, i: int):
