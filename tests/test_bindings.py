@@ -431,3 +431,40 @@ def test_ops_name_a_scalar_of_the_wrong_kind_in_one_line():
     with pytest.raises(TypeError, match=r"^accumulate must be True or False, got 0$"):
         ops.matmul_backward(np.zeros((1, 3), f32), None, None, np.ones((1, 2), f32),
                             np.ones((1, 3), f32), w, accumulate=0)
+
+
+def test_ops_name_an_out_of_range_integer_or_a_non_str_name_in_one_line():
+    """An n_head or step past int64, or a variant name that is not a str: pybind11 listed every
+    signature over several lines instead of naming the argument."""
+    from lmlab import ops
+    qkv, out, stats = np.ones((1, 2, 12), f32), np.empty((1, 2, 4), f32), np.empty((1, 2, 2, 2), f32)
+    with pytest.raises(ValueError, match=rf"^n_head = {2**70} is out of range$"):
+        ops.attention_forward(out, stats, qkv, 2**70)
+    p = np.ones(4, f32)
+    with pytest.raises(ValueError, match=r"step t must be >= 1 and < 2\*\*63"):
+        ops.adamw_update(p, np.zeros(4, f32), np.zeros(4, f32), p.copy(), None, lr=0.1, t=2**70)
+    assert np.array_equal(p, np.ones(4, f32))
+    for call in (ops.set_isa, ops.set_bf16_path):
+        with pytest.raises(TypeError, match=r"must be a name \(str\), got 3$"):
+            call(3)
+    with pytest.raises(TypeError, match=r"^isa must be a name \(str\), got None$"):
+        with ops.use_isa(None):
+            pass
+
+
+@pytest.mark.parametrize("shape", [(3, 5000), (2, 3, 4096), (5000, 1), (7,)])
+def test_sum_squares_parts_chunks_the_elements_of_any_shape(shape):
+    """sum_squares takes any shape; sum_squares_parts sliced the first axis, so a (3, 5000) buffer
+    gave one chunk of all 15000 elements and then an empty slice, refused as 'must not be empty'."""
+    from lmlab import ops
+    x = np.random.default_rng(0).standard_normal(shape).astype(f32)
+    parts = ops.sum_squares_parts(x)
+    flat = x.astype(np.float64).reshape(-1)
+    expected = [float(np.sum(flat[i:i + ops.SUM_SQUARES_CHUNK] ** 2))
+                for i in range(0, flat.size, ops.SUM_SQUARES_CHUNK)]
+    assert len(parts) == len(expected) and np.allclose(parts, expected, rtol=1e-12, atol=0)
+    assert ops.norm_of_parts(parts) == ops.global_norm(x)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.sum_squares_parts(np.ones((4, 4), f32).T)
+    with pytest.raises(TypeError, match="must be a numpy array, got list"):
+        ops.sum_squares_parts([1.0, 2.0])

@@ -474,3 +474,73 @@ def test_a_kv_cache_made_for_another_model_is_refused_by_name():
         m.forward(ctx, cache={})
     logits, _ = m.forward(ctx, cache=KVCache(m.config))  # its own still works
     assert np.isfinite(logits).all()
+
+
+def test_parameter_count_is_gpt2_small_and_the_layout_total():
+    from lmlab.model import parameter_count, parameter_layout
+    # GPT-2 small (Radford et al. 2019; the 124M of nanoGPT's report, tied head counted once).
+    gpt2 = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    assert parameter_count(gpt2) == 124_439_808
+    for cfg in (GPTConfig(**TINY), GPTConfig(vocab_size=7, block_size=3, n_layer=2, n_head=1,
+                                             n_embd=5)):
+        assert parameter_count(cfg) == sum(math.prod(s) for _, s in parameter_layout(cfg))
+        assert parameter_count(cfg) == GPT(cfg).num_params()
+
+
+def test_a_model_of_terabytes_is_refused_before_anything_is_allocated():
+    """GPT(config) allocated first: 10**12 layers built a layout table without end, and a wide
+    model asked numpy for terabytes. In a subprocess under a memory and time limit, so that the
+    old behaviour fails the test instead of taking the machine."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        from lmlab.checkpoint import MAX_PARAMS
+        from lmlab.model import GPT, GPTConfig
+        for sizes in ({"n_layer": 10**12, "n_embd": 8, "n_head": 1},
+                      {"n_embd": 2**40, "n_head": 1, "n_layer": 1},
+                      {"vocab_size": 10**9, "n_embd": 10**5, "n_head": 1}):
+            try:
+                GPT(GPTConfig(**{"vocab_size": 10, **sizes}))
+            except ValueError as e:
+                assert "parameters" in str(e) and f"{MAX_PARAMS:,}" in str(e), e
+            else:
+                raise SystemExit(f"accepted {sizes}")
+        print("refused")
+    """)
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stderr[-2000:]
+
+
+def test_a_kv_cache_length_outside_its_positions_is_refused():
+    m = tiny_model(seed=5)
+    cache = KVCache(m.config)
+    # A negative length read wpe from its end (start -1), then failed inside matmul_forward.
+    for bad in (-1, m.config.block_size + 1, 1.5, True):
+        cache.length = bad
+        with pytest.raises(ValueError, match=r"KV cache's length must be a whole number .* got"):
+            m.forward(np.array([[1]], np.int32), cache=cache)
+    cache.reset()
+    logits, _ = m.forward(np.array([[3, 1]], np.int32), cache=cache)
+    ref, _ = m.forward(np.array([[3, 1]], np.int32))
+    assert np.array_equal(logits, ref)
+
+
+def test_freeze_names_a_prefix_of_the_wrong_kind():
+    m = tiny_model()
+    m.freeze(["h.0"])
+    # freeze(None) failed in frozenset ("'NoneType' object is not iterable"); freeze([1]) said
+    # the prefix 1 "matches no parameter name", as if it were a name.
+    with pytest.raises(TypeError, match="prefixes must be a collection of name prefixes.*NoneType"):
+        m.freeze(None)
+    for bad in (1, None, b"h.0"):
+        with pytest.raises(TypeError, match=rf"frozen prefixes must be str .* got {bad!r}"):
+            m.freeze(["wte", bad])
+    assert m.frozen == {"h.0"}          # a refused freeze leaves the previous one
+    m.freeze(())
+    assert m.frozen == frozenset()

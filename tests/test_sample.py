@@ -323,3 +323,25 @@ def test_text_stream_shows_final_text_cut_before_the_stop_string(kind):
             shown += stream.finish()
             assert shown == expected, (ids, stop)
             assert stream.stopped == (stop is not None and stop in whole)
+
+
+def test_bad_seed_stop_ids_use_cache_and_callback_are_refused_by_name(model):
+    # numpy's refusals ("SeedSequence expects int or sequence of ints for entropy not a") did not
+    # name the seed; use_cache="no" ran with the cache; stop_ids="ab" failed in int("a").
+    for seed in ("a", 1.5, -1, True):
+        with pytest.raises(ValueError, match=r"seed must be a whole number >= 0"):
+            generate(model, PROMPT, 2, seed=seed)
+    for stop_ids in ("ab", 3):
+        with pytest.raises(TypeError, match="stop_ids must be a collection of token ids"):
+            generate(model, PROMPT, 2, stop_ids=stop_ids)
+    with pytest.raises(TypeError, match="stop_ids must hold whole-number token ids, got 1.5"):
+        generate(model, PROMPT, 2, stop_ids=[1.5])
+    with pytest.raises(TypeError, match="use_cache must be True or False, got 'no'"):
+        generate(model, PROMPT, 2, use_cache="no")
+    with pytest.raises(TypeError, match="callback must be callable"):
+        generate(model, PROMPT, 2, callback=3)
+    # What stays allowed: numpy integers, a seed past int64 (stages add to a seed), a Generator.
+    a = generate(model, PROMPT, 5, seed=np.int64(7), stop_ids=np.array([0], np.int32))
+    b = generate(model, PROMPT, 5, seed=np.random.default_rng(7), stop_ids=[0])
+    assert np.array_equal(a, b)
+    assert generate(model, PROMPT, 3, seed=2**64 + 1).shape[0] <= 3

@@ -6,6 +6,7 @@ tokenizer.json we save; the reference for unknown-character counts is a plain Py
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -239,3 +240,29 @@ def test_bad_arguments(char_tok):
         char_tok.decode([1.5])
     assert char_tok.decode([]) == ""
     assert char_tok.encode("").shape == (0,)
+
+
+@pytest.mark.parametrize("fixture", ["char_tok", "bpe_tok"])
+def test_token_takes_whole_ids_and_decode_names_the_id_given(fixture, request):
+    tok = request.getfixturevalue(fixture)
+    # token(1.7) answered for id 1 (int() truncated it); token("a") failed in int("a").
+    for bad in (1.7, "a", None, True):
+        with pytest.raises(TypeError, match="token id must be a whole number"):
+            tok.token(bad)
+    assert tok.token(np.int64(1)) == tok.token(1) == tok._tk.id_to_token(1)
+    assert tok.token(tok.vocab_size) is None and tok.token(-1) is None
+    # A uint64 id past 2**63 was cast to int64 first and reported as a negative id.
+    huge = np.array([1, 2**64 - 1], np.uint64)
+    with pytest.raises(ValueError, match=r"got \[18446744073709551615\]"):
+        tok.decode(huge)
+    assert tok.decode(np.array([1, 2], np.uint64)) == tok.decode([1, 2])
+
+
+def test_special_id_and_token_id_name_a_non_str_token(char_tok):
+    # special_id(["x"]) failed as "unhashable type: 'list'"; token_id(5) in the tokenizers library.
+    for call in (char_tok.special_id, char_tok.token_id):
+        for bad in (["<|end|>"], 5, None):
+            with pytest.raises(TypeError, match=rf"token must be .*\(str\), got {re.escape(repr(bad))}"):
+                call(bad)
+    assert char_tok.token_id("<|end|>") == char_tok.special_id("<|end|>") == \
+        SPECIAL_TOKENS.index("<|end|>")

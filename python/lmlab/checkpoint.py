@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import rundir
 from .errors import CheckpointError
-from .model import GPT, GPTConfig, check_precision, parameter_layout
+from .model import MAX_PARAMS, GPT, GPTConfig, check_precision, parameter_layout
 from .tensorfile import read_metadata, read_safetensors, safetensors_chunks, tensor_dict
 from .tokenizer import Tokenizer
 from .files import (JSONTextError, atomic_write_json, fsync_dir, json_text, parse_json, write_error,
@@ -54,7 +54,7 @@ MAX_VOCAB = 1 << 21
 MAX_BLOCK = 1 << 16
 MAX_LAYERS = 1024
 MAX_EMBD = 1 << 15
-MAX_PARAMS = 1 << 31   # 8 GiB of float32 weights
+# MAX_PARAMS (imported from lmlab.model, which refuses to build a larger GPT): 8 GiB of weights
 MAX_JSON = 1 << 28     # bytes of config.json, state.json, tokenizer.json, current.json
 
 

@@ -42,6 +42,11 @@ class KVCache:
             raise ValueError(f"this KV cache was made for a model of (n_layer, n_head, n_embd, "
                              f"block_size) {self.shape}, not this one's {shape}: make it with "
                              "KVCache(model.config)")
+        n = self.length
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or \
+                not 0 <= n <= self.block_size:
+            raise ValueError(f"this KV cache's length must be a whole number of filled positions "
+                             f"in [0, {self.block_size}], got {n!r} (reset() empties it)")
 
     def attend(self, out: np.ndarray, qkv: np.ndarray, layer: int, start: int,
                precision) -> None:

@@ -27,6 +27,11 @@ import numpy as np
 from . import checks, ops
 from .kvcache import KVCache
 
+# The most parameters a GPT may have: far above any model a CPU trains, far below what would exhaust
+# memory (float32 parameters, gradients and decay mask: 24 GiB). A run's checkpoint holds no more
+# (lmlab.checkpoint reads this bound), so a larger model could be neither allocated nor loaded.
+MAX_PARAMS = 1 << 31
+
 
 @dataclass
 class GPTConfig:
@@ -59,6 +64,13 @@ _LAYER_PARAMETERS = (
     ("fcw", "mlp.c_fc.weight", (4, 1)), ("fcb", "mlp.c_fc.bias", (4,)),
     ("fcprojw", "mlp.c_proj.weight", (1, 4)), ("fcprojb", "mlp.c_proj.bias", (1,)),
 )
+
+
+def parameter_count(cfg: GPTConfig) -> int:
+    """The number of parameters of parameter_layout(cfg), from the sizes alone (no table is built,
+    so it answers at once for any config): wte, wpe, 12C^2 + 13C per layer, ln_f."""
+    V, C, maxT, L = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer
+    return V * C + maxT * C + L * (12 * C * C + 13 * C) + 2 * C
 
 
 def parameter_layout(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -148,6 +160,12 @@ class GPT:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         checks.check("seed", seed)  # numpy's own refusal would not name the seed
+        # Before any table or buffer: a config of terabytes (or of 10**12 layers, whose layout
+        # table alone would never finish) is refused, not allocated.
+        n_params = parameter_count(config)
+        if n_params > MAX_PARAMS:
+            raise ValueError(f"the config describes {n_params:,} parameters ({config}), more than "
+                             f"the {MAX_PARAMS:,} an lmlab GPT may have")
         self.config = cfg = config
         self.matmul_precision = matmul_precision
         layout = parameter_layout(cfg)
@@ -244,9 +262,15 @@ class GPT:
         if isinstance(prefixes, str):
             raise TypeError(f"prefixes must be a collection of name prefixes, e.g. [{prefixes!r}], "
                             f"not one string (its characters would each be a prefix)")
+        if not isinstance(prefixes, Iterable):   # freeze(None): "'NoneType' is not iterable"
+            raise TypeError(f"prefixes must be a collection of name prefixes, e.g. ['h.0'], got "
+                            f"{type(prefixes).__name__}")
         prefixes = frozenset(prefixes)
         for prefix in prefixes:
-            if not isinstance(prefix, str) or not any(frozen_by(n, prefix) for n in self._named):
+            if not isinstance(prefix, str):
+                raise TypeError(f"frozen prefixes must be str (parameter name prefixes such as "
+                                f"'h.0'), got {prefix!r}")
+            if not any(frozen_by(n, prefix) for n in self._named):
                 raise ValueError(f"frozen prefix {prefix!r} matches no parameter name")
         self._frozen = prefixes
         self._grad_plan = None

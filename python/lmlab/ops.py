@@ -75,7 +75,16 @@ def _whole(name: str, value) -> int:
     """value if it is an integer (not a bool); else a one-line TypeError naming it."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if not -2**63 <= value < 2**63:  # the kernels' 64-bit sizes: pybind11 lists every signature
+        raise ValueError(f"{name} = {value} is out of range")
     return int(value)
+
+
+def _name(what: str, value) -> str:
+    """value if it is a str; else a one-line TypeError naming it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a name (str), got {value!r}")
+    return value
 
 
 def matmul_forward(out: Array, inp: Array, weight: Array, bias: Optional[Array] = None,
@@ -221,6 +230,8 @@ def adamw_update(params: Array, m: Array, v: Array, grads: Array, decay_mask: Op
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
             what = "a whole number of steps" if name == "t" else "a number"
             raise TypeError(f"adamw_update: {name} must be {what}, got {value!r}")
+    if not -2**63 <= t < 2**63:  # past int64 pybind11 would list every signature (t < 1: the core)
+        raise ValueError(f"adamw_update: step t must be >= 1 and < 2**63, got {t}")
     _core.adamw_update(params, m, v, grads, decay_mask, *(float(x) for x in numbers.values()),
                        int(t))
 
@@ -250,8 +261,11 @@ def sum_squares(x: Array) -> float:
 def sum_squares_parts(x: Array) -> list:
     """The chunk sums sum_squares(x) adds up: norm_of_parts of them is global_norm(x), bit for bit;
     a buffer cut on multiples of SUM_SQUARES_CHUNK gives the same chunk sums piece by piece."""
-    return [_core.sum_squares(x[i:i + SUM_SQUARES_CHUNK])
-            for i in range(0, x.size, SUM_SQUARES_CHUNK)]
+    if not (isinstance(x, np.ndarray) and x.flags.c_contiguous):
+        _core.sum_squares(x)  # refuses it, naming what is wrong (not an array, not contiguous)
+    flat = x.reshape(-1)      # a view: the chunks are of elements, whatever x's shape
+    return [_core.sum_squares(flat[i:i + SUM_SQUARES_CHUNK])
+            for i in range(0, flat.size, SUM_SQUARES_CHUNK)]
 
 
 def norm_of_parts(parts) -> float:
@@ -280,14 +294,14 @@ def cpu_info() -> dict:
 def set_bf16_path(name: str) -> None:
     """Run bf16 products on a named path ('amx', 'avx512_bf16', 'emulated'); ValueError if this CPU
     cannot. The environment variable LMLAB_BF16 does the same at import."""
-    _core.set_bf16_path(name)
+    _core.set_bf16_path(_name("bf16 path", name))
 
 
 @contextlib.contextmanager
 def use_bf16_path(name: str) -> Iterator[None]:
     """Run a block with bf16 products on one path, then restore the previous one."""
     previous = _core.cpu_info()["bf16_path"]
-    _core.set_bf16_path(name)
+    _core.set_bf16_path(_name("bf16 path", name))
     try:
         yield
     finally:
@@ -296,14 +310,14 @@ def use_bf16_path(name: str) -> Iterator[None]:
 
 def set_isa(name: str) -> None:
     """Switch every kernel to another instruction-set variant (ValueError if unavailable here)."""
-    _core.set_isa(name)
+    _core.set_isa(_name("isa", name))
 
 
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
     """Run a block on one kernel variant, then restore the previous one."""
     previous = _core.cpu_info()["isa"]
-    _core.set_isa(name)
+    _core.set_isa(_name("isa", name))
     try:
         yield
     finally:

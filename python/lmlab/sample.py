@@ -197,6 +197,21 @@ class TextStream:
         return text
 
 
+def _stop_set(stop_ids) -> set:
+    """The ids of stop_ids (an iterable of whole numbers, or None) as a set of ints."""
+    if stop_ids is None:
+        return set()
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
+        raise TypeError(f"stop_ids must be a collection of token ids (or None), got "
+                        f"{type(stop_ids).__name__}")
+    stops = set()
+    for s in stop_ids:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"stop_ids must hold whole-number token ids, got {s!r}")
+        stops.add(int(s))
+    return stops
+
+
 def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
              stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,
@@ -213,7 +228,21 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
     checks.check("max_new_tokens", max_new_tokens)
     cfg = model.config
     _check_options(temperature, top_k, top_p)
-    stops = set(int(s) for s in stop_ids) if stop_ids is not None else set()
+    if not isinstance(use_cache, (bool, np.bool_)):  # use_cache="no" would be true
+        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (called with each new id), got "
+                        f"{type(callback).__name__}")
+    stops = _stop_set(stop_ids)
+    if not isinstance(seed, np.random.Generator):
+        # numpy's own refusals ("SeedSequence expects int ...", "expected non-negative integer")
+        # would not name the seed; a float seed 1.5 or True would otherwise be someone's guess.
+        # Any size is numpy's to take (stages pass seed + k), so only the kind and sign are checked.
+        if seed is not None and (isinstance(seed, (bool, np.bool_))
+                                 or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0, a numpy Generator or None, got "
+                             f"{seed!r}")
+        seed = int(seed) if seed is not None else None
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     bs = cfg.block_size
     tokens = list(crop_context(_context(model, prompt_ids), bs, turns))

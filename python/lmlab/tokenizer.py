@@ -126,16 +126,23 @@ class Tokenizer:
 
     def special_id(self, token: str) -> int:
         """The id of a special token, e.g. special_id("<|end|>")."""
+        if not isinstance(token, str):  # a list failed as "unhashable type"
+            raise TypeError(f"token must be a special token's text (str), got {token!r}")
         if token not in self._special:
             raise ValueError(f"{token!r} is not a special token; special tokens are {SPECIAL_TOKENS}")
         return self._special[token]
 
     def token_id(self, token: str):
         """The id of any token of the vocabulary (special or not), or None where it has none."""
+        if not isinstance(token, str):  # the tokenizers library's refusal names no argument
+            raise TypeError(f"token must be a token's text (str), got {token!r}")
         return self._tk.token_to_id(token)
 
     def token(self, i: int):
         """The vocabulary's string of id i (as token_id reads it), or None outside [0, vocab_size)."""
+        # int(1.7) would answer for id 1; int("a") would not say which argument it was.
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"token id must be a whole number, got {i!r}")
         return self._tk.id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
 
     # -- encoding ---------------------------------------------------------------------------
@@ -249,10 +256,12 @@ class Tokenizer:
             raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
-        arr = arr.reshape(-1).astype(np.int64)
-        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        arr = arr.reshape(-1)
+        # Checked in the ids' own dtype: cast to int64 first, a uint64 id >= 2**63 read as negative.
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)] if arr.size else arr
         if bad.size:
             raise ValueError(f"ids must be in [0, {self.vocab_size}), got {bad[:5].tolist()}")
+        arr = arr.astype(np.int64)
         if self.kind == "char":
             return "".join(self._pieces[i] for i in arr.tolist())
         return self._tk.decode(arr.tolist(), skip_special_tokens=False)
