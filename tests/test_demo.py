@@ -465,6 +465,39 @@ def test_training_view_without_checkpoints_samples_the_final_model(tiny, tmp_pat
     assert pair.numbers["samples"][0]["text"] == result.numbers["samples"][0]["text"]
 
 
+def test_training_view_samples_a_run_with_many_checkpoints_at_an_even_spread(tiny, tmp_path):
+    """A run saved every step with --keep-checkpoints 0 holds a checkpoint per step: the view loaded
+    and sampled every one and drew a line for each (60 checkpoints: a picture 3,000 pixels tall; a
+    few thousand: none at all). It samples at most MAX_SAMPLED, from the first to the final model,
+    spread evenly, and says so."""
+    from lmlab import demo_training
+    from lmlab.checkpoint import save_run
+    from lmlab.model import GPT
+    from lmlab.sample import generate
+
+    model, tok = tiny
+    run = tmp_path / "run"
+    save_run(run, model, tok, train_config={}, state={"step": 40})
+    models = {}
+    for step in range(1, 40):
+        models[step] = GPT(model.config, seed=step)
+        save_run(run / "checkpoints" / f"step_{step:06d}", models[step], tok, train_config={})
+    models[40] = model
+    write_metrics(run / "metrics.jsonl", range(1, 41))
+    result = demo.training(str(run), tmp_path / "out", prompt="the ", max_new_tokens=4, seed=1)
+    sampled = [s["step"] for s in result.numbers["samples"]]
+    most = demo_training.MAX_SAMPLED
+    assert 2 <= most < 40 and len(sampled) == most
+    assert sampled[0] == 1 and sampled[-1] == 40 and sampled == sorted(set(sampled))
+    gaps = np.diff(sampled)
+    assert gaps.max() - gaps.min() <= 1  # evenly spread over the 40 models
+    for s in result.numbers["samples"]:
+        assert s["text"] == tok.decode(generate(models[s["step"]], tok.encode("the "), 4, seed=1))
+    assert result.numbers["checkpoints"] == 40
+    assert f"{most} of the run's 40 checkpoints sampled" in result.explanation
+    assert_png(result.files["figure"])
+
+
 def test_training_view_says_what_a_stage_logs_as_its_loss(tiny, tmp_path, monkeypatch):
     # rlhf logs loss = -(reward - kl_coef * KL) (lmlab.rl): the axis called it a cross-entropy
     from lmlab import demo_training

@@ -60,7 +60,7 @@ def add_demo_arguments(subparsers) -> argparse.ArgumentParser:
         ("training", "a run's loss curves, learning rate and samples along the way", True, None, [
             ("--prompt", str, "", "prompt for the samples (empty: start of a document)"),
             ("--max-new-tokens", _positive_int, 60, "length of each sample"),
-            ("--seed", int, 0, "sampling seed, the same at every checkpoint")]),
+            ("--seed", int, 0, "sampling seed, the same at every checkpoint sampled")]),
         ("embeddings", "nearest tokens by cosine similarity and a PCA map of embeddings", True, None, [
             ("--token", None, None, "the token whose neighbours to list (its text)"),
             ("-k --neighbours", _positive_int, 10, "neighbours listed"),
