@@ -593,6 +593,33 @@ def test_cli_model_views_run_from_a_run_directory(tiny, tmp_path, capsys):
         assert f"{argv[0]}.png" in capsys.readouterr().out
 
 
+def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
+    """A bad value is one line naming the flag typed, exit 2: the views' keyword names leaked
+    ('temperatures must be > 0' for --temperature 0, 'top_p', 'adam_lr', 'k')."""
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    run = str(tmp_path / "run")
+    save_run(run, *tiny, train_config={})
+    out = str(tmp_path / "out")
+    for argv, line in [
+            (["sampling", run, "--prompt", "a", "--temperature", "0"], "--temperature must be > 0, got 0.0"),
+            (["sampling", run, "--prompt", "a", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+            (["sampling", run, "--prompt", "a", "--samples", "101"], "--samples must be in 1..100, got 101"),
+            (["training", run, "--seed", "-1"], "--seed must be >= 0, got -1"),
+            (["embeddings", run, "--token", "th"],
+             "--token must be exactly one token of the vocabulary; 'th' encodes to 2 tokens ['t', 'h']"),
+            (["loss", run, "--text", "t"],
+             "--text must encode to at least 2 tokens (one to read, one to predict), got 1"),
+            (["landscape", "--adam-lr", "0"], "--adam-lr must be > 0, got 0.0"),
+            (["landscape", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+            (["descent", "--steps", "1001"], "--steps must be in 1..1,000, got 1001")]:
+        assert main(["demo", *argv, "--out", out]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == f"lmlab demo: error: {line}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_refused_view_writes_nothing(tiny, tmp_path):
     """A value refused by a view leaves neither its output directory nor any picture: landscape
     wrote landscape_local_global.png before its second part checked --start, and every view made

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-from .demo_common import (DemoResult, check_float, check_int, format_table, new_figure, out_dir,
-                          save_gif, save_png, write_text)
+from .demo_common import (DemoResult, SettingValueError, check_float, check_int, format_table,
+                          new_figure, out_dir, save_gif, save_png, write_text)
 
 DEFAULT_LRS = (0.05, 0.3, 0.9, 1.05)  # slow and steady; good; overshoots and oscillates; diverges
 ESCAPE = 1e12  # a diverging path past this |x| has left every chart; stop instead of overflowing
@@ -77,7 +77,7 @@ def descent(out, *, lr=None, lrs=DEFAULT_LRS, start: float = 4.0, steps: int = 2
         if lr not in rates:
             rates.append(lr)
     if not rates:
-        raise ValueError("lrs must name at least one learning rate (or pass lr), got none")
+        raise SettingValueError("lrs", "must name at least one learning rate (or pass lr), got none")
     out = out_dir(out)
 
     runs = []
@@ -397,7 +397,7 @@ def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> Dem
 def _check_momentum(momentum) -> float:
     momentum = check_float("momentum", momentum)
     if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        raise SettingValueError("momentum", f"must be in [0, 1), got {momentum}")
     return momentum
 
 
