@@ -461,6 +461,10 @@ def test_training_view_without_checkpoints_samples_the_final_model(tiny, tmp_pat
     result = demo.training(str(tmp_path / "run"), tmp_path / "out", max_new_tokens=5)
     assert [s["step"] for s in result.numbers["samples"]] == [3]
     assert result.numbers["val"] == [] and "final model only" in result.explanation
+    # the final model is itself a checkpoints/step_N/ directory: the view said there were none
+    assert list((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert "no checkpoints/step_*/" not in result.explanation
+    assert "no checkpoint before the final model" in result.explanation
     pair = demo.training(tiny, tmp_path / "out2", metrics=tmp_path / "run" / "metrics.jsonl", max_new_tokens=5)
     assert pair.numbers["samples"][0]["text"] == result.numbers["samples"][0]["text"]
 

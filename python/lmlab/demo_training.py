@@ -173,7 +173,8 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
         "taken with the same prompt and seed at each checkpoint, show the same progress in words.\n"
         f"  {len(rows)} logged steps; loss {train_loss[0]:.3f} -> {train_loss[-1]:.3f}"
         + (f"; validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f}" if val else "; no validation loss logged")
-        + ("" if len(stages) > 1 else "\n  (no checkpoints/step_*/ directories in this run: samples from the final model only)")
+        + ("" if len(stages) > 1 else "\n  (no checkpoint before the final model in this run: samples from the final model only;"
+           "\n  train with a smaller --save-every to see the text change along the way)")
         + (f"\n  ({len(stages)} of the run's {kept} checkpoints sampled, spread evenly from the first to the final model)"
            if kept > len(stages) else "")
     )
