@@ -617,11 +617,39 @@ def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
              "--text must encode to at least 2 tokens (one to read, one to predict), got 1"),
             (["landscape", "--adam-lr", "0"], "--adam-lr must be > 0, got 0.0"),
             (["landscape", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
-            (["descent", "--steps", "1001"], "--steps must be in 1..1,000, got 1001")]:
+            (["descent", "--steps", "1001"], "--steps must be in 1..1,000, got 1001"),
+            # a start whose square overflows float64 drew and printed inf and 300-digit positions
+            (["descent", "--start=-1e300"], "--start must be within \u00b11,000,000 of the minimum, got -1e+300"),
+            (["landscape", "--start", "2e6"], "--start must be within \u00b11,000,000 of the minimum, got 2e+06")]:
         assert main(["demo", *argv, "--out", out]) == 2, argv
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err == f"lmlab demo: error: {line}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_start_at_the_bound_draws_without_overflow(tmp_path):
+    """The farthest start allowed gives finite numbers everywhere (x**2 of 1e300 overflowed)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in numpy or matplotlib fails the test
+        d = demo.descent(tmp_path / "d", start=-1e6, lrs=[0.3], steps=3, gif=False)
+        o = demo.optimizers(tmp_path / "o", start=1e6, steps=5, gif=False)
+    assert np.all(np.isfinite(d.numbers["runs"][0]["losses"]))
+    assert all(np.all(np.isfinite(np.asarray(v, float))) for v in _numbers(o.numbers))
+
+
+def _numbers(tree):
+    """Every numeric array or scalar inside a DemoResult's numbers."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _numbers(v)
+    elif isinstance(tree, (list, tuple)) and not all(isinstance(v, (int, float)) for v in tree):
+        for v in tree:
+            yield from _numbers(v)
+    elif isinstance(tree, (int, float, np.ndarray, list, tuple)) and not isinstance(tree, bool):
+        if not (isinstance(tree, np.ndarray) and tree.dtype.kind not in "fiu"):
+            yield tree
 
 
 def test_a_refused_view_writes_nothing(tiny, tmp_path):
