@@ -96,3 +96,19 @@ def test_bench_train_named_configs_and_overrides(argv, expected, monkeypatch):
     monkeypatch.setattr(trainbench, "bench_train", fake)
     assert main(["bench", "train", *argv]) == 0
     assert seen == expected
+
+
+def test_bench_train_measures_an_implementation_named_twice_once(monkeypatch):
+    """--impl is repeatable: `--impl lmlab --impl lmlab` measured lmlab twice, two rows of the
+    same implementation (and the speed ratio of the second against the first)."""
+    from lmlab import trainbench
+    seen = []
+
+    def fake(*args, impls, **kw):
+        seen.append(impls)
+        return []
+    monkeypatch.setattr(trainbench, "bench_train", fake)
+    assert main(["bench", "train", "--impl", "lmlab", "--impl", "lmlab"]) == 0
+    assert main(["bench", "train", "--impl", "pytorch", "--impl", "lmlab", "--impl", "pytorch"]) == 0
+    assert main(["bench", "train"]) == 0
+    assert seen == [("lmlab",), ("pytorch", "lmlab"), tuple(trainbench.IMPLS)]

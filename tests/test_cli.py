@@ -375,6 +375,62 @@ def test_predict_png_into_a_folder_is_refused_before_the_table_and_missing_folde
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_predict_json_with_png_keeps_standard_output_json_lines(run, tmp_path, capsys):
+    """--json promises one JSON object per line: with --png, "wrote PATH" went to standard output
+    as a line no JSON reader takes; it goes to standard error."""
+    chart = tmp_path / "chart.png"
+    assert main(["predict", str(run / "base"), "--prompt", "the ", "--top-k", "4", "--json",
+                 "--png", str(chart)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        assert set(json.loads(line)) == {"token", "id", "probability"}
+    assert err == f"wrote {chart}\n" and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_chart_title_shows_the_prompt_as_typed_and_the_end_of_a_long_one(
+        run, tmp_path, monkeypatch):
+    """The chart's title drew a prompt holding two '$' as mathtext ('x $a$ y' became 'x a y' with
+    an italic a), and a prompt longer than the title cut off both ends, hiding the text the next
+    token follows. The title shows the prompt's end, spaces made visible as the demo views do."""
+    from lmlab import demo_common
+
+    titles = []
+    real = demo_common.save_png
+
+    def save_png(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return real(fig, path)
+
+    monkeypatch.setattr(demo_common, "save_png", save_png)
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.tokenizer import train_tokenizer
+    tok = train_tokenizer("the $cat$ sat. " * 4, "char")
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    checkpoint.save_run(tmp_path / "dollars", gpt, tok, train_config={})
+    assert main(["predict", str(tmp_path / "dollars"), "--prompt", "the $cat$ sat", "--top-k",
+                 "2", "--png", str(tmp_path / "a.png")]) == 0
+    assert re.search(r"(?<!\\)\$", titles[-1]) is None  # every '$' escaped: no mathtext
+    assert titles[-1].replace("\\$", "$") == "next token after 'the\u2423$cat$\u2423sat'"
+    long_prompt = "what is one plus one? two. " * 10 + "the sky"
+    assert main(["predict", str(run / "base"), "--prompt", long_prompt, "--top-k", "2",
+                 "--png", str(tmp_path / "b.png")]) == 0
+    end = long_prompt[-39:].replace(" ", "\u2423")  # 40 characters shown: an ellipsis and 39
+    assert titles[-1] == f"next token after '\u2026{end}'"
+
+
+def test_predict_png_under_a_file_is_refused_before_the_table(run, tmp_path, capsys):
+    """--png a.png/chart.png with a.png a file failed only after the table was printed."""
+    (tmp_path / "a.png").write_bytes(b"not a folder")
+    chart = tmp_path / "a.png" / "deeper" / "chart.png"
+    assert main(["predict", str(run / "base"), "--prompt", "a", "--png", str(chart)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"lmlab predict: error: cannot write {chart}: "
+                                 f"{tmp_path / 'a.png'} is a file, not a directory\n")
+    assert (tmp_path / "a.png").read_bytes() == b"not a folder"
+
+
 def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(run, tmp_path,
                                                                                capsys):
     out = tmp_path / "never"

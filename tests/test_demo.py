@@ -461,8 +461,45 @@ def test_training_view_without_checkpoints_samples_the_final_model(tiny, tmp_pat
     result = demo.training(str(tmp_path / "run"), tmp_path / "out", max_new_tokens=5)
     assert [s["step"] for s in result.numbers["samples"]] == [3]
     assert result.numbers["val"] == [] and "final model only" in result.explanation
+    # the final model is itself a checkpoints/step_N/ directory: the view said there were none
+    assert list((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert "no checkpoints/step_*/" not in result.explanation
+    assert "no checkpoint before the final model" in result.explanation
     pair = demo.training(tiny, tmp_path / "out2", metrics=tmp_path / "run" / "metrics.jsonl", max_new_tokens=5)
     assert pair.numbers["samples"][0]["text"] == result.numbers["samples"][0]["text"]
+
+
+def test_training_view_samples_a_run_with_many_checkpoints_at_an_even_spread(tiny, tmp_path):
+    """A run saved every step with --keep-checkpoints 0 holds a checkpoint per step: the view loaded
+    and sampled every one and drew a line for each (60 checkpoints: a picture 3,000 pixels tall; a
+    few thousand: none at all). It samples at most MAX_SAMPLED, from the first to the final model,
+    spread evenly, and says so."""
+    from lmlab import demo_training
+    from lmlab.checkpoint import save_run
+    from lmlab.model import GPT
+    from lmlab.sample import generate
+
+    model, tok = tiny
+    run = tmp_path / "run"
+    save_run(run, model, tok, train_config={}, state={"step": 40})
+    models = {}
+    for step in range(1, 40):
+        models[step] = GPT(model.config, seed=step)
+        save_run(run / "checkpoints" / f"step_{step:06d}", models[step], tok, train_config={})
+    models[40] = model
+    write_metrics(run / "metrics.jsonl", range(1, 41))
+    result = demo.training(str(run), tmp_path / "out", prompt="the ", max_new_tokens=4, seed=1)
+    sampled = [s["step"] for s in result.numbers["samples"]]
+    most = demo_training.MAX_SAMPLED
+    assert 2 <= most < 40 and len(sampled) == most
+    assert sampled[0] == 1 and sampled[-1] == 40 and sampled == sorted(set(sampled))
+    gaps = np.diff(sampled)
+    assert gaps.max() - gaps.min() <= 1  # evenly spread over the 40 models
+    for s in result.numbers["samples"]:
+        assert s["text"] == tok.decode(generate(models[s["step"]], tok.encode("the "), 4, seed=1))
+    assert result.numbers["checkpoints"] == 40
+    assert f"{most} of the run's 40 checkpoints sampled" in result.explanation
+    assert_png(result.files["figure"])
 
 
 def test_training_view_says_what_a_stage_logs_as_its_loss(tiny, tmp_path, monkeypatch):
@@ -558,6 +595,61 @@ def test_cli_model_views_run_from_a_run_directory(tiny, tmp_path, capsys):
         args = parser.parse_args(["demo", *argv, "--out", str(tmp_path / argv[0])])
         assert args.func(args) == 0
         assert f"{argv[0]}.png" in capsys.readouterr().out
+
+
+def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
+    """A bad value is one line naming the flag typed, exit 2: the views' keyword names leaked
+    ('temperatures must be > 0' for --temperature 0, 'top_p', 'adam_lr', 'k')."""
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    run = str(tmp_path / "run")
+    save_run(run, *tiny, train_config={})
+    out = str(tmp_path / "out")
+    for argv, line in [
+            (["sampling", run, "--prompt", "a", "--temperature", "0"], "--temperature must be > 0, got 0.0"),
+            (["sampling", run, "--prompt", "a", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+            (["sampling", run, "--prompt", "a", "--samples", "101"], "--samples must be in 1..100, got 101"),
+            (["training", run, "--seed", "-1"], "--seed must be >= 0, got -1"),
+            (["embeddings", run, "--token", "th"],
+             "--token must be exactly one token of the vocabulary; 'th' encodes to 2 tokens ['t', 'h']"),
+            (["loss", run, "--text", "t"],
+             "--text must encode to at least 2 tokens (one to read, one to predict), got 1"),
+            (["landscape", "--adam-lr", "0"], "--adam-lr must be > 0, got 0.0"),
+            (["landscape", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+            (["descent", "--steps", "1001"], "--steps must be in 1..1,000, got 1001"),
+            # a start whose square overflows float64 drew and printed inf and 300-digit positions
+            (["descent", "--start=-1e300"], "--start must be within \u00b11,000,000 of the minimum, got -1e+300"),
+            (["landscape", "--start", "2e6"], "--start must be within \u00b11,000,000 of the minimum, got 2e+06")]:
+        assert main(["demo", *argv, "--out", out]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == f"lmlab demo: error: {line}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_start_at_the_bound_draws_without_overflow(tmp_path):
+    """The farthest start allowed gives finite numbers everywhere (x**2 of 1e300 overflowed)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in numpy or matplotlib fails the test
+        d = demo.descent(tmp_path / "d", start=-1e6, lrs=[0.3], steps=3, gif=False)
+        o = demo.optimizers(tmp_path / "o", start=1e6, steps=5, gif=False)
+    assert np.all(np.isfinite(d.numbers["runs"][0]["losses"]))
+    assert all(np.all(np.isfinite(np.asarray(v, float))) for v in _numbers(o.numbers))
+
+
+def _numbers(tree):
+    """Every numeric array or scalar inside a DemoResult's numbers."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _numbers(v)
+    elif isinstance(tree, (list, tuple)) and not all(isinstance(v, (int, float)) for v in tree):
+        for v in tree:
+            yield from _numbers(v)
+    elif isinstance(tree, (int, float, np.ndarray, list, tuple)) and not isinstance(tree, bool):
+        if not (isinstance(tree, np.ndarray) and tree.dtype.kind not in "fiu"):
+            yield tree
 
 
 def test_a_refused_view_writes_nothing(tiny, tmp_path):

@@ -187,6 +187,28 @@ def test_bpe_lone_surrogates_are_unknown(bpe_tok):
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_text_that_was_not_utf8_names_its_bytes(kind, char_tok, bpe_tok):
+    """Python reads an argument's bytes that are not UTF-8 (Latin-1 'caf\\xe9') as lone surrogates
+    U+DC80-U+DCFF: the error named those stand-ins as characters the vocabulary lacks (or, for
+    BPE, as invalid Unicode the user never typed); it names the bytes."""
+    tok = char_tok if kind == "char" else bpe_tok
+    raw = b"caf\xe9 \xff\xe9"
+    text = raw.decode("utf-8", "surrogateescape")  # what sys.argv holds for these bytes
+    bad = sorted({b for b in raw if b >= 0x80})
+    stand_ins = ", ".join(repr(chr(0xDC00 + b)) for b in bad)
+    with pytest.raises(ValueError) as e:
+        tok.encode(text)
+    assert str(e.value) == ("text is not UTF-8: it holds byte(s) 0xe9, 0xff (read as "
+                            f"{stand_ins}); give the text as UTF-8")
+    if kind == "char":  # a character the vocabulary lacks as well: both are said
+        with pytest.raises(ValueError) as e:
+            tok.encode(text + "\u2603")
+        assert str(e.value) == ("text is not UTF-8: it holds byte(s) 0xe9, 0xff (read as "
+                                f"{stand_ins}); it also holds 1 other distinct character this "
+                                "char tokenizer cannot represent; give the text as UTF-8")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_save_load_round_trip(kind, char_tok, bpe_tok, tmp_path):
     tok = char_tok if kind == "char" else bpe_tok
     path = tmp_path / "tokenizer.json"

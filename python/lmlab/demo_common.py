@@ -36,6 +36,15 @@ class DemoResult:
         return "\n\n".join(p for p in parts if p) + "\n"
 
 
+class SettingValueError(ValueError):
+    """A view's setting refused: "{name} {rest}". The command line names the flag instead of the
+    keyword (`lmlab demo sampling --top-p 0`: "--top-p must be in (0, 1], got 0.0")."""
+
+    def __init__(self, name: str, rest: str):
+        self.name, self.rest = name, rest
+        super().__init__(f"{name} {rest}")
+
+
 def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
     try:
         if isinstance(value, bool):
@@ -45,7 +54,7 @@ def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
     if value < minimum or (maximum is not None and value > maximum):
         within = f"in {minimum}..{maximum:,}" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name} must be {within}, got {value}")
+        raise SettingValueError(name, f"must be {within}, got {value}")
     return value
 
 
@@ -55,9 +64,9 @@ def check_float(name: str, value, *, positive: bool = False) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {out}")
+        raise SettingValueError(name, f"must be finite, got {out}")
     if positive and out <= 0:
-        raise ValueError(f"{name} must be > 0, got {out}")
+        raise SettingValueError(name, f"must be > 0, got {out}")
     return out
 
 

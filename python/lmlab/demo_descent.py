@@ -14,14 +14,17 @@ import math
 
 import numpy as np
 
-from .demo_common import (DemoResult, check_float, check_int, format_table, new_figure, out_dir,
-                          save_gif, save_png, write_text)
+from .demo_common import (DemoResult, SettingValueError, check_float, check_int, format_table,
+                          new_figure, out_dir, save_gif, save_png, write_text)
 
 DEFAULT_LRS = (0.05, 0.3, 0.9, 1.05)  # slow and steady; good; overshoots and oscillates; diverges
 ESCAPE = 1e12  # a diverging path past this |x| has left every chart; stop instead of overflowing
 # Most steps a view draws: each descent step is a frame of its animation; the landscape views step
 # scalar optimisers in Python (10,000 steps take about a second).
 MAX_DESCENT_STEPS = 1_000
+# Farthest start from the minimum: the pictures draw the curve out to the start, and the squares of
+# a start much larger overflow float64 (--start 1e300 printed 300-digit positions and f = inf).
+MAX_START = 1e6
 MAX_LANDSCAPE_STEPS = 10_000
 
 REGIME_COLOURS = {
@@ -32,6 +35,14 @@ REGIME_COLOURS = {
     "diverges": "tab:red",
     "already at the minimum": "tab:gray",
 }
+
+
+def check_start(name: str, value) -> float:
+    """A finite starting x within MAX_START of 0."""
+    x = check_float(name, value)
+    if abs(x) > MAX_START:
+        raise SettingValueError(name, f"must be within \u00b1{MAX_START:,.0f} of the minimum, got {x:g}")
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +80,7 @@ def descent(out, *, lr=None, lrs=DEFAULT_LRS, start: float = 4.0, steps: int = 2
     Writes descent.png (path on the parabola, loss per step, first step sizes; one column per
     learning rate), descent.gif (the paths growing step by step) and descent.txt.
     """
-    start = check_float("start", start)
+    start = check_start("start", start)
     steps = check_int("steps", steps, 1, MAX_DESCENT_STEPS)
     rates = [check_float("lrs", v) for v in lrs]
     if lr is not None:
@@ -77,7 +88,7 @@ def descent(out, *, lr=None, lrs=DEFAULT_LRS, start: float = 4.0, steps: int = 2
         if lr not in rates:
             rates.append(lr)
     if not rates:
-        raise ValueError("lrs must name at least one learning rate (or pass lr), got none")
+        raise SettingValueError("lrs", "must name at least one learning rate (or pass lr), got none")
     out = out_dir(out)
 
     runs = []
@@ -302,7 +313,7 @@ def _loss_axes(ax, title, best, best_label):
 
 def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) -> DemoResult:
     """Plain gradient descent on the double well from each start: where you start decides where you end."""
-    starts = [check_float("starts", s) for s in starts]
+    starts = [check_start("starts", s) for s in starts]
     lr = check_float("lr", lr, positive=True)
     steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     out = out_dir(out)
@@ -348,7 +359,7 @@ def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) 
 
 def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> DemoResult:
     """Plain gradient descent on the bumpy function: a small lr sticks in a ripple, a large one bounces."""
-    start = check_float("start", start)
+    start = check_start("start", start)
     rates = [check_float("lrs", r, positive=True) for r in lrs]
     steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     out = out_dir(out)
@@ -397,7 +408,7 @@ def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> Dem
 def _check_momentum(momentum) -> float:
     momentum = check_float("momentum", momentum)
     if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        raise SettingValueError("momentum", f"must be in [0, 1), got {momentum}")
     return momentum
 
 
@@ -409,7 +420,7 @@ def optimizers(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0
     momentum (same lr, beta 0.9) rolls through the ripples and Adam (lr 0.3) takes even-sized steps
     over them; both settle within 0.1 of the global minimum (x = -0.2396) in under 50 steps.
     """
-    start = check_float("start", start)
+    start = check_start("start", start)
     lr = check_float("lr", lr, positive=True)
     momentum = _check_momentum(momentum)
     adam_lr = check_float("adam_lr", adam_lr, positive=True)
@@ -491,7 +502,7 @@ def landscape(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0.
               steps: int = 100, gif: bool = True) -> DemoResult:
     """All three 'what can go wrong' pictures: local vs global minimum, erratic slope, optimisers."""
     # every value checked before the first picture is written (each part checks its own too)
-    check_float("start", start), check_float("lr", lr, positive=True)
+    check_start("start", start), check_float("lr", lr, positive=True)
     check_float("adam_lr", adam_lr, positive=True)
     check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     _check_momentum(momentum)

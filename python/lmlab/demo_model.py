@@ -20,6 +20,7 @@ import numpy as np
 
 from .demo_common import (
     DemoResult,
+    SettingValueError,
     ansi_background,
     check_float,
     check_int,
@@ -78,7 +79,7 @@ def token_losses(model, tokenizer, text: str) -> dict:
         raise TypeError(f"text must be str, got {type(text).__name__}")
     ids = np.asarray(tokenizer.encode(text), np.int32)
     if ids.size < 2:
-        raise ValueError(f"text must encode to at least 2 tokens (one to read, one to predict), got {ids.size}")
+        raise SettingValueError("text", f"must encode to at least 2 tokens (one to read, one to predict), got {ids.size}")
     logp, model_losses = score_tokens(model, ids)  # (N-1, V) float64, and the model's own losses
     right = logp[np.arange(ids.size - 1), ids[1:]]
     return {"ids": ids, "targets": ids[1:], "probs": np.exp(right), "ce": -right,
@@ -185,7 +186,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     top_k = check_int("top_k", top_k, 1)
     top_p = check_float("top_p", top_p)
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise SettingValueError("top_p", f"must be in (0, 1], got {top_p}")
     show = check_int("show", show, 1)
     samples = check_int("samples", samples, 1, MAX_SAMPLES)
     seed = check_int("seed", seed, 0)
@@ -328,8 +329,8 @@ def token_id(tokenizer, token) -> int:
     ids = np.asarray(tokenizer.encode(token, allow_special=True))
     if ids.size != 1:
         pieces = [_piece(tokenizer, int(i)) for i in ids]
-        raise ValueError(f"token must be exactly one token of the vocabulary; {token!r} encodes to {ids.size} "
-                         f"tokens {pieces}")
+        raise SettingValueError("token", f"must be exactly one token of the vocabulary; {token!r} encodes to "
+                                         f"{ids.size} tokens {pieces}")
     return int(ids[0])
 
 

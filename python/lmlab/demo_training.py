@@ -1,6 +1,8 @@
 """`demo training`: a run's train/validation loss and learning rate from metrics.jsonl, and one
 sample (same prompt, same seed) from each checkpoint under checkpoints/step_*/ and the final model,
-so a class sees the text improve as the loss falls."""
+so a class sees the text improve as the loss falls. A run that kept more checkpoints than a
+picture can show (MAX_SAMPLED) is sampled at that many, spread evenly from its first checkpoint to
+its final model."""
 
 from __future__ import annotations
 
@@ -23,6 +25,17 @@ LOSS_LABELS = {
     "rlhf": "loss = \u2212(reward \u2212 kl_coef\u00b7KL)",
     "reward": "loss (Bradley\u2013Terry on ranked pairs)",
 }
+
+# Most checkpoints sampled: each is a line of the picture and a model loaded and run (a run saved
+# every step with --keep-checkpoints 0 holds thousands: a picture metres tall, or none at all).
+MAX_SAMPLED = 12
+
+
+def spread(items: list, most: int) -> list:
+    """At most `most` of `items`, evenly spread from the first to the last (both kept)."""
+    if len(items) <= most:
+        return list(items)
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, most).round().astype(int).tolist()))]
 
 
 def run_stage(run_dir) -> str | None:
@@ -91,12 +104,15 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
         made_by = run_stage(run_dir)
         if not stages or stages[-1][0] < final[0]:
             stages.append(final)
+        kept = len(stages)
+        stages = spread(stages, MAX_SAMPLED)
     else:
         if metrics is None:
             raise ValueError("training with a (model, tokenizer) pair needs metrics= a metrics.jsonl path")
         rows = read_metrics_rows(metrics)
         stages = [(int(rows[-1]["step"]), resolve_model(source))]
         made_by = None
+        kept = 1
 
     samples = []
     for step, where in stages:
@@ -130,7 +146,8 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
     ax.legend(handles, names, fontsize=8, loc="upper right")
     ax.grid(True, alpha=0.3)
     ax_text.axis("off")
-    ax_text.set_title(f"a sample at each checkpoint (dotted lines), same prompt and seed {seed}", fontsize=10, loc="left")
+    at = "each checkpoint" if kept == len(stages) else f"{len(stages)} of the {kept} checkpoints"
+    ax_text.set_title(f"a sample at {at} (dotted lines), same prompt and seed {seed}", fontsize=10, loc="left")
     for row, s in enumerate(samples):
         y = 1 - (row + 0.5) / len(samples)
         ax_text.text(0.0, y, f"step {s['step']}", fontsize=9, fontweight="bold", va="center", transform=ax_text.transAxes)
@@ -156,8 +173,12 @@ def training(source, out, *, metrics=None, prompt: str = "", max_new_tokens: int
         "taken with the same prompt and seed at each checkpoint, show the same progress in words.\n"
         f"  {len(rows)} logged steps; loss {train_loss[0]:.3f} -> {train_loss[-1]:.3f}"
         + (f"; validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f}" if val else "; no validation loss logged")
-        + ("" if len(stages) > 1 else "\n  (no checkpoints/step_*/ directories in this run: samples from the final model only)")
+        + ("" if len(stages) > 1 else "\n  (no checkpoint before the final model in this run: samples from the final model only;"
+           "\n  train with a smaller --save-every to see the text change along the way)")
+        + (f"\n  ({len(stages)} of the run's {kept} checkpoints sampled, spread evenly from the first to the final model)"
+           if kept > len(stages) else "")
     )
     files["text"] = write_text(out / "training.txt", explanation + "\n\n" + table + "\n")
-    numbers = {"steps": steps, "loss": train_loss, "val": val, "lr": lr_rows, "samples": samples}
+    numbers = {"steps": steps, "loss": train_loss, "val": val, "lr": lr_rows, "samples": samples,
+               "checkpoints": kept}
     return DemoResult("training", files, numbers, explanation, table)

@@ -56,14 +56,21 @@ def make_parent_dir(path):
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        above = parent
-        while not os.path.lexists(above):
-            above = os.path.dirname(above)
-        if not os.path.isdir(above):
-            raise CheckpointError(f"cannot write {os.fspath(path)}: {above} is a file, not a "
-                                  "directory") from None
+        check_parent_dir(path)
         raise write_error(path, e) from None
     return path
+
+
+def check_parent_dir(path) -> None:
+    """Refuse `path` when the nearest of the folders above it that exists is not a folder (a file
+    named as one: --png out.png/chart.png), creating nothing: make_parent_dir's error, for a
+    command to give before its work when it writes the file at the end."""
+    above = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise CheckpointError(f"cannot write {os.fspath(path)}: {above} is a file, not a "
+                              "directory")
 
 
 def fsync_dir(directory) -> None:

@@ -18,6 +18,9 @@ Behaviour worth knowing:
   unseen characters to U+FFFD, which is what the `tokenizers` library does with it on its own.
 - Byte-level BPE represents every string that is valid Unicode (all of UTF-8); only lone surrogate
   code points, which have no UTF-8 form, are "unknown" to it and follow the same policy.
+- U+DC80-U+DCFF are how Python reads bytes that are not UTF-8 (a command-line argument typed in a
+  Latin-1 terminal); the error for them names the bytes ("text is not UTF-8: it holds byte(s)
+  0xe9"), not stand-in characters the user never typed.
 - `decode(encode(x)) == x` for every text the tokenizer can represent.
 """
 
@@ -205,6 +208,18 @@ class Tokenizer:
         else:  # byte-level BPE encodes every valid character; only lone surrogates are left
             why = "they are not valid Unicode"
             what = _count(total, "lone surrogate")
+        # Python reads bytes that are not UTF-8 (a command-line argument typed in a Latin-1
+        # terminal) as the lone surrogates U+DC80-U+DCFF: name the bytes, not the stand-ins
+        raw = sorted(ord(c) - 0xDC00 for c in counts if 0xDC80 <= ord(c) <= 0xDCFF)
+        if raw:
+            named = ", ".join(f"0x{b:02x}" for b in raw[:20]) + (" and more" if len(raw) > 20 else "")
+            stand_ins = ", ".join(repr(chr(0xDC00 + b)) for b in raw[:20])
+            other = len(counts) - len(raw)
+            also = (f"; it also holds {_count(other, 'other distinct character')} this "
+                    f"{self.kind} tokenizer cannot represent") if other else ""
+            raise UnrepresentableText(
+                f"text is not UTF-8: it holds byte(s) {named} (read as {stand_ins}){also}; give "
+                "the text as UTF-8")
         raise UnrepresentableText(
             f"text contains {what} ({len(counts)} distinct) that this {self.kind} tokenizer "
             f"cannot represent: {shown}{more} ({why})")

@@ -91,9 +91,11 @@ def run_bench_train(args) -> list:
     _check_model(args)
     checks.check_values(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
     precisions = trainbench.PRECISIONS if args.precision == "both" else (args.precision,)
+    # --impl lmlab --impl lmlab names one implementation: measured once, not once per flag
+    impls = tuple(dict.fromkeys(args.impl or trainbench.IMPLS))
     rows = trainbench.bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size,
                                   args.batch_size, args.steps, vocab_size=args.vocab_size,
-                                  threads=args.threads, impls=tuple(args.impl or trainbench.IMPLS),
+                                  threads=args.threads, impls=impls,
                                   warmup=args.warmup, precisions=precisions, isa=args.isa,
                                   mfu=args.mfu)
     for r in rows:

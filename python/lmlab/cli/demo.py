@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 
 from .. import demo_model, demo_training
+from ..demo_common import SettingValueError
 from ..demo_descent import DEFAULT_LRS, descent, landscape
+
+# The views' keywords whose flag is not the keyword with dashes.
+FLAGS = {"temperatures": "--temperature", "k": "-k"}
 
 
 def _positive_int(text: str) -> int:
@@ -60,7 +64,7 @@ def add_demo_arguments(subparsers) -> argparse.ArgumentParser:
         ("training", "a run's loss curves, learning rate and samples along the way", True, None, [
             ("--prompt", str, "", "prompt for the samples (empty: start of a document)"),
             ("--max-new-tokens", _positive_int, 60, "length of each sample"),
-            ("--seed", int, 0, "sampling seed, the same at every checkpoint")]),
+            ("--seed", int, 0, "sampling seed, the same at every checkpoint sampled")]),
         ("embeddings", "nearest tokens by cosine similarity and a PCA map of embeddings", True, None, [
             ("--token", None, None, "the token whose neighbours to list (its text)"),
             ("-k --neighbours", _positive_int, 10, "neighbours listed"),
@@ -86,7 +90,18 @@ def add_demo_arguments(subparsers) -> argparse.ArgumentParser:
 
 
 def run_demo(args) -> int:
-    """Run the view chosen on the command line, print its explanation and the files it wrote."""
+    """Run the view chosen on the command line, print its explanation and the files it wrote; a
+    refused setting is named by its flag."""
+    try:
+        result = _run_view(args)
+    except SettingValueError as e:
+        flag = FLAGS.get(e.name, "--" + e.name.replace("_", "-"))
+        raise ValueError(f"{flag} {e.rest}") from None
+    print(result.report(), end="")
+    return 0
+
+
+def _run_view(args):
     view = args.demo_view
     if view == "descent":
         result = descent(args.out, lr=args.lr, lrs=args.lrs, start=args.start, steps=args.steps, gif=not args.no_gif)
@@ -109,5 +124,4 @@ def run_demo(args) -> int:
             result = demo_model.embeddings(args.run, args.token, args.out, k=args.neighbours, labels=args.labels)
         else:
             raise ValueError(f"unknown demo view {view!r}")
-    print(result.report(), end="")
-    return 0
+    return result

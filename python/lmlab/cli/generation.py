@@ -11,7 +11,7 @@ import numpy as np
 from .. import checks
 from ..chat import crop_context, template_of
 from ..checkpoint import load_model
-from ..files import atomic_write, check_replaceable, make_parent_dir
+from ..files import check_parent_dir, check_replaceable
 from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
 from ..sample import TextStream, generate, next_token_distribution
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
@@ -120,7 +120,9 @@ def cmd_predict(args) -> int:
     apply_threads(args)
     checks.check("top_k", args.top_k)
     if args.png:
-        check_replaceable(args.png)  # a folder or a device named: refused before any work
+        # a folder, a device, or a file where a folder must be: refused before any work
+        check_replaceable(args.png)
+        check_parent_dir(args.png)
     model, tok, _ = load_model(args.run)
     ids = tok.encode(args.prompt)
     if not len(ids):
@@ -139,25 +141,30 @@ def cmd_predict(args) -> int:
             print(f"  {repr(text):<{width}}  {p:7.2%}  {bar}")
     if args.png:
         _bar_chart(rows, args.prompt, args.png)
-        print(f"wrote {args.png}")
+        # with --json, standard output holds JSON lines only
+        print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
-def _bar_chart(rows, prompt, path) -> None:
-    import matplotlib  # only here: drawing is optional and slow to import
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+PROMPT_SHOWN = 40  # characters of the prompt's end in the chart's title
 
-    labels = [repr(t) for t, _, _ in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+
+def _bar_chart(rows, prompt, path) -> None:
+    # only here: drawing is optional and slow to import; the demo views' figure, label and
+    # atomic PNG helpers (Agg canvas, no pyplot; a '$' is drawn, not read as mathtext)
+    from ..demo_common import new_figure, quoted_label, save_png
+
+    fig = new_figure(8, 0.4 * len(rows) + 1.5)
+    ax = fig.subplots()
     ax.barh(range(len(rows))[::-1], [p for _, _, p in rows], color="tab:blue")
-    ax.set_yticks(range(len(rows))[::-1], labels)
+    ax.set_yticks(range(len(rows))[::-1], [quoted_label(t) for t, _, _ in rows])
     ax.set_xlabel("probability")
-    ax.set_title(f"next token after {prompt!r}")
-    fig.tight_layout()
+    # the end of a long prompt is what the next token follows; an empty one starts a document
+    shown = prompt if len(prompt) <= PROMPT_SHOWN else "\u2026" + prompt[-(PROMPT_SHOWN - 1):]
+    shown = shown or "<|endoftext|>"
+    ax.set_title(f"next token after {quoted_label(shown)}")
     # PNG at exactly the path named (matplotlib would add ".png" to a name without one), atomically.
-    atomic_write(make_parent_dir(path), lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def cmd_inspect_data(args) -> int:
