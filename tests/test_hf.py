@@ -835,15 +835,21 @@ def exported(tmp_path_factory, corpus):
     return _export(d / "run", d / "hf")
 
 
-@pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_import_refuses_what_lmlab_cannot_represent_in_one_line(case, exported, tmp_path, capsys):
-    edit, named = REFUSALS[case]
+def _import_edited(exported, tmp_path, capsys, edit) -> tuple:
+    """(exit code, stderr) of `lmlab import` of a copy of `exported` changed by edit(dir)."""
     d = tmp_path / "hf"
     shutil.copytree(exported, d)
     edit(d)
     capsys.readouterr()
-    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
+    rc = main(["import", str(d), "--run", str(tmp_path / "run")])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_import_refuses_what_lmlab_cannot_represent_in_one_line(case, exported, tmp_path, capsys):
+    edit, named = REFUSALS[case]
+    rc, err = _import_edited(exported, tmp_path, capsys, edit)
+    assert rc == 2
     assert err.startswith("lmlab import: error: ") and err.count("\n") == 1, err
     assert named in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
@@ -1076,12 +1082,8 @@ def test_an_end_token_the_vocabulary_lacks_is_left_out_with_a_warning(edit, warn
                                                                       tmp_path, capsys):
     """An end token the model can never produce (a GPT-2 config's default 50256 with a smaller
     vocabulary; a name tokenizer.json lacks) imports, said in one line, and is not recorded."""
-    d = tmp_path / "hf"
-    shutil.copytree(exported, d)
-    edit(d)
-    capsys.readouterr()
-    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 0
-    err = capsys.readouterr().err
+    rc, err = _import_edited(exported, tmp_path, capsys, edit)
+    assert rc == 0
     assert err.startswith("lmlab import: warning: ") and err.count("\n") == 1 and warned in err, err
     assert "eos_tokens" not in read_config(tmp_path / "run")["train"]
 
@@ -1093,12 +1095,8 @@ def test_an_end_token_the_vocabulary_lacks_is_left_out_with_a_warning(edit, warn
 ])
 def test_an_end_token_of_the_wrong_type_is_refused_in_one_line(file, changes, exported, tmp_path,
                                                                capsys):
-    d = tmp_path / "hf"
-    shutil.copytree(exported, d)
-    _edit_json(d / file, **changes)
-    capsys.readouterr()
-    assert main(["import", str(d), "--run", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
+    rc, err = _import_edited(exported, tmp_path, capsys, lambda d: _edit_json(d / file, **changes))
+    assert rc == 2
     assert err.startswith("lmlab import: error: ") and err.count("\n") == 1, err
     assert file in err and "eos_token" in err
     assert not (tmp_path / "run").exists()

@@ -108,6 +108,19 @@ def test_stop_checkpoints_a_second_start_is_refused_and_the_studio_stops_its_chi
     assert _step(slot) > stopped_at
 
 
+def _train_12_steps_from_scratch(c, start, slot):
+    """Start `start` (12 steps) in the slot, wait for it to finish, and check that it trained a
+    fresh run: its metrics are steps 1-12 alone, and no earlier files are kept aside."""
+    r = c.post("/api/training/start", json=start)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: c.get("/api/training/job", params={"run": "class"}).json()["state"]
+               != "running", "the new run to finish")
+    job = c.get("/api/training/job", params={"run": "class"}).json()
+    assert job["state"] == "finished", job["log"]
+    assert [row["step"] for row in read_metrics(slot) if "loss" in row] == list(range(1, 13))
+    assert not (slot / REPLACED_DIR).exists()
+
+
 def test_a_slot_whose_child_was_killed_before_its_first_checkpoint_starts_again(studio_runs, tmp_path):  # noqa: F811
     """kill -9 (the studio's own after STOP_WAIT_S, the OOM killer) before the first save leaves
     the slot its metrics and no checkpoint: nothing to resume, and the page cannot pass
@@ -129,14 +142,8 @@ def test_a_slot_whose_child_was_killed_before_its_first_checkpoint_starts_again(
                 child.kill()  # a save comes every 1000 steps; the first row is step 10
                 child.wait()
                 assert (slot / "metrics.jsonl").exists() and not (slot / "current.json").exists()
-            r = c.post("/api/training/start", json={**start, "steps": 12})
-            assert r.status_code == 200, r.text
-            wait_until(lambda: c.get("/api/training/job", params={"run": "class"}).json()["state"]
-                       != "running", "the new run to finish")
-            job = c.get("/api/training/job", params={"run": "class"}).json()
-            assert job["state"] == "finished", job["log"]
-            assert [row["step"] for row in read_metrics(slot) if "loss" in row] == list(range(1, 13))
-            assert _step(slot) == 12 and not (slot / REPLACED_DIR).exists()
+            _train_12_steps_from_scratch(c, {**start, "steps": 12}, slot)
+            assert _step(slot) == 12
     finally:
         stop_training(app)
 
@@ -152,14 +159,7 @@ def test_a_slot_whose_child_was_killed_just_after_setting_files_aside_starts_aga
     start = {"run": "class", "stage": "pretrain", "corpus": "shakespeare", "steps": 12}
     try:
         with TestClient(app, base_url=LOCAL) as c:
-            r = c.post("/api/training/start", json=start)
-            assert r.status_code == 200, r.text
-            wait_until(lambda: c.get("/api/training/job", params={"run": "class"}).json()["state"]
-                       != "running", "the new run to finish")
-            job = c.get("/api/training/job", params={"run": "class"}).json()
-            assert job["state"] == "finished", job["log"]
-            assert [row["step"] for row in read_metrics(slot) if "loss" in row] == list(range(1, 13))
-            assert not (slot / REPLACED_DIR).exists()
+            _train_12_steps_from_scratch(c, start, slot)
     finally:
         stop_training(app)
 
