@@ -7,6 +7,7 @@
       metrics.jsonl           one JSON object per logged step
       loss.png                the loss curves
       .lock                   locked (flock) by the process writing the run (empty)
+      .replaced-run/          only while --overwrite replaces the run: the old run (see below)
 Runs written before checkpoints were directories (the "flat layout") hold one checkpoint's files
 at the top (model.safetensors, config.json, ...); they still load and resume, and their first new
 save moves them to the layout above.
