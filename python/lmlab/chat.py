@@ -104,12 +104,12 @@ def crop_context(ids, n: int, turns: Optional[tuple] = None) -> np.ndarray:
     window starts at the next turn's role token. Without a role token before it, or with n < 2, the
     cut is plain.
     """
-    ids = np.asarray(ids)
-    if ids.size <= n:
-        return ids
-    start = ids.size - n
+    if len(ids) <= n:
+        return np.asarray(ids)
+    start = len(ids) - n
     if turns is None or n < 2:
-        return ids[start:]
+        return np.asarray(ids[start:])  # a list is sliced before it is copied: generation's loop
+    ids = np.asarray(ids)
     user, assistant, end = turns
     first = int(ids[start])
     if first in (user, assistant):

@@ -257,7 +257,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
             elif cache is not None:
                 cache.reset()           # first call: fill it
         else:                           # the window slid: refill the cache from scratch
-            window = np.asarray(crop_context(np.asarray(tokens, np.int32), bs, turns))[None, :]
+            window = crop_context(tokens, bs, turns).astype(np.int32)[None, :]
             if cache is not None:
                 cache.reset()
         logits, _ = model.forward(window, cache=cache)

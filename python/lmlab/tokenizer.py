@@ -64,6 +64,13 @@ POLICY_HINT = ("; unknown='skip' (--unknown skip) drops them, unknown='replace' 
                "replace) maps them to U+FFFD")
 
 
+def undecodable_bytes(text) -> list:
+    """The bytes, sorted and distinct, that Python read as the lone surrogates U+DC80-U+DCFF
+    because they were not UTF-8 (a command-line argument or terminal input typed in Latin-1):
+    what an error names instead of those stand-in characters, which nobody typed."""
+    return sorted({ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF})
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
@@ -208,9 +215,8 @@ class Tokenizer:
         else:  # byte-level BPE encodes every valid character; only lone surrogates are left
             why = "they are not valid Unicode"
             what = _count(total, "lone surrogate")
-        # Python reads bytes that are not UTF-8 (a command-line argument typed in a Latin-1
-        # terminal) as the lone surrogates U+DC80-U+DCFF: name the bytes, not the stand-ins
-        raw = sorted(ord(c) - 0xDC00 for c in counts if 0xDC80 <= ord(c) <= 0xDCFF)
+        # Name bytes that were not UTF-8 as bytes, not as their stand-ins.
+        raw = undecodable_bytes(counts)
         if raw:
             named = ", ".join(f"0x{b:02x}" for b in raw[:20]) + (" and more" if len(raw) > 20 else "")
             stand_ins = ", ".join(repr(chr(0xDC00 + b)) for b in raw[:20])

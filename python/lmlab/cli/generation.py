@@ -14,6 +14,7 @@ from ..checkpoint import load_model
 from ..files import check_parent_dir, check_replaceable
 from ..instruct import generation_prompt, inspect_examples, instruct_dataset, respond
 from ..sample import TextStream, generate, next_token_distribution
+from ..tokenizer import undecodable_bytes
 from .common import add_sampling_options, add_threads, apply_threads, check_sampling
 
 
@@ -198,10 +199,8 @@ def cmd_chat(args) -> int:
             return 0
         if not line:
             return 0
-        undecodable = sorted({ord(c) - 0xDC00 for c in line if 0xDC80 <= ord(c) <= 0xDCFF})
+        undecodable = undecodable_bytes(line)
         if undecodable:
-            # Bytes that are not UTF-8 reach Python as lone surrogates (U+DC80-U+DCFF): say so,
-            # rather than naming those stand-in characters as ones the tokenizer lacks.
             shown = ", ".join(f"0x{b:02x}" for b in undecodable)
             print(f"lmlab chat: the message is not UTF-8 text (bytes {shown}); please type it "
                   "again as UTF-8")
