@@ -5,8 +5,8 @@
 // of -2|u| only, so it never overflows: sigmoid(2u) and 1 - sigmoid(2u) both come out with a small
 // relative error (measured at most 1.9 (1 + |u|) fp32 epsilons, 14 ulp on [-3, 3]), even where
 // 1 + tanh u would cancel (x < -3). Extreme inputs give the limits: GELU(x) = x for large x, -0 for
-// x < -9.9 (where the true value is below 2e-37: exp flushes to 0 there); GELU'(x) -> 1 and 0 (absolute
-// error at most 2e-7 measured); never NaN for finite x.
+// x < -9.9 (where the true value is below 2e-37: exp flushes to 0 there) down to and including -inf;
+// GELU'(x) -> 1 and 0 (absolute error at most 2e-7 measured), at +-inf too; NaN only for NaN x.
 #include "isa.h"
 #include "simd.h"
 
@@ -16,9 +16,10 @@ namespace LMLAB_ISA_NS {
 namespace {
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
-// The derivative's polynomial part x * u'(x) overflows for |x| > 1.5e13 while its sigmoid factor is
-// already exactly 0 for |x| > 10; evaluating it at x clamped to +-1e4 keeps inf * 0 out.
-constexpr float kDerivClamp = 1e4f;
+// Past |x| = 10 the sigmoid factor is exactly 0 or 1, so x clamped to +-1e4 gives the same results
+// while keeping inf * 0 out: of x * s at x = -inf, and of the derivative's polynomial part
+// x * u'(x), which overflows for |x| > 1.5e13. (vmax / vmin pass NaN through as their second operand.)
+constexpr float kSaturated = 1e4f;
 
 // u = sqrt(2/pi) (x + 0.044715 x^3) = x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2)
 inline vf gelu_arg(vf x, vf x2) { return vmul(x, vfmadd(vset(kSqrt2OverPi * kCubic), x2, vset(kSqrt2OverPi))); }
@@ -39,7 +40,7 @@ void gelu_forward(float* out, const float* inp, idx_t N) {
             vf x = vload_n(inp + i, k, 0.0f);
             vf s, one_minus_s;
             sigmoid_2u(gelu_arg(x, vmul(x, x)), &s, &one_minus_s);
-            vstore_n(out + i, vmul(x, s), k);
+            vstore_n(out + i, vmul(vmax(vset(-kSaturated), x), s), k);
         });
     });
 }
@@ -47,7 +48,7 @@ void gelu_forward(float* out, const float* inp, idx_t N) {
 void gelu_backward(float* dinp, const float* inp, const float* dout, idx_t N, bool accumulate) {
     parallel_blocks(N, [=](idx_t i0, idx_t i1) {
         for_each_vector(i0, i1, [=](idx_t i, idx_t k) {
-            vf x = vmin(vset(kDerivClamp), vmax(vset(-kDerivClamp), vload_n(inp + i, k, 0.0f)));
+            vf x = vmin(vset(kSaturated), vmax(vset(-kSaturated), vload_n(inp + i, k, 0.0f)));
             vf x2 = vmul(x, x);
             vf s, one_minus_s;
             sigmoid_2u(gelu_arg(x, x2), &s, &one_minus_s);

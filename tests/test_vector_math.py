@@ -100,6 +100,16 @@ def test_gelu_backward_wide_range(isa):
     assert dinp[x == FLT_MAX][0] == 1.25 and dinp[x == -FLT_MAX][0] == 0.25
 
 
+def test_gelu_infinities_and_nan(isa):
+    # The limits at the infinities (GELU(-inf) used to come out NaN, from -inf * 0), and NaN kept.
+    x = np.array([-np.inf, np.inf, np.nan, -1e30, 1e30], np.float32)
+    out, dinp = np.empty_like(x), np.zeros_like(x)
+    ops.gelu_forward(out, x)
+    ops.gelu_backward(dinp, x, np.ones_like(x))
+    np.testing.assert_array_equal(out, np.array([0.0, np.inf, np.nan, 0.0, 1e30], np.float32))
+    np.testing.assert_array_equal(dinp, [0.0, 1.0, np.nan, 0.0, 1.0])
+
+
 def softmax_reference(x):
     x = f64(x)
     m = x.max(-1, keepdims=True)

@@ -138,11 +138,15 @@ def layernorm_backward(dout, inp, weight, eps: float = LAYERNORM_EPS):
 
 def gelu_forward(inp) -> np.ndarray:
     x = f64(inp)
-    return 0.5 * x * (1.0 + np.tanh(GELU_SCALE * (x + GELU_CUBIC * x ** 3)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = 0.5 * x * (1.0 + np.tanh(GELU_SCALE * (x + GELU_CUBIC * x ** 3)))
+    return np.where(x == -np.inf, 0.0, out)  # the limit, where the formula gives -inf * 0
 
 
 def gelu_backward(inp, dout) -> np.ndarray:
-    x = f64(inp)
+    # Past |x| = 20 GELU' is 0 or 1 to within 1e-300; clipping there keeps inf * 0 out of the formula
+    # (x ** 3 overflows beyond 1e102).
+    x = np.clip(f64(inp), -20.0, 20.0)
     th = np.tanh(GELU_SCALE * (x + GELU_CUBIC * x ** 3))
     du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x ** 2)
     return (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th ** 2) * du) * f64(dout)
