@@ -198,14 +198,29 @@ inline int thread_id() {
 }
 
 // dst (HS x ld) = src^T for src rows s < T of HS floats at stride rs: K^T or V^T of one head.
-// In strips of 16 source rows, so each destination line is written whole while the 16 source rows
-// stay in L1.
+// A kW x kW block at a time, transposed in registers (vtranspose), so that both the reads and the
+// writes are whole vectors; the ragged edges (HS or T not a multiple of kW) element by element.
 void transpose(float* dst, idx_t ld, const float* src, idx_t rs, idx_t T, idx_t HS) {
-    for (idx_t s0 = 0; s0 < T; s0 += 16) {
-        const idx_t s1 = T - s0 < 16 ? T : s0 + 16;
-        for (idx_t d = 0; d < HS; d++)
-            for (idx_t s = s0; s < s1; s++) dst[d * ld + s] = src[s * rs + d];
+    idx_t s0 = 0;
+    for (; s0 + kW <= T; s0 += kW) {
+        idx_t d0 = 0;
+        for (; d0 + kW <= HS; d0 += kW) {
+            vf v[kW];
+            for (idx_t i = 0; i < kW; i++) v[i] = vload(src + (s0 + i) * rs + d0);
+            vtranspose(v);
+            for (idx_t j = 0; j < kW; j++) vstore(dst + (d0 + j) * ld + s0, v[j]);
+        }
+        for (; d0 < HS; d0++)
+            for (idx_t s = s0; s < s0 + kW; s++) dst[d0 * ld + s] = src[s * rs + d0];
     }
+    for (idx_t d = 0; d < HS; d++)
+        for (idx_t s = s0; s < T; s++) dst[d * ld + s] = src[s * rs + d];
+}
+
+// p[0, n) = 0 in vector stores: these rows are short (a head's HS, a block's upper triangle), and a
+// memset call per row cost more than the stores themselves.
+inline void zero_row(float* p, idx_t n) {
+    for (idx_t i = 0; i < n; i += kW) vstore_n(p + i, vset(0.0f), n - i);
 }
 
 // dst (T x HS, rows contiguous) = the head's rows of src at stride rs. The products that stream a
@@ -291,7 +306,7 @@ void attention_forward(float* out, float* stats, const float* qkv, idx_t B, idx_
                         float* row = sb + r * Tp;
                         const idx_t t = i0 + r;
                         softmax_row(row, t + 1, st + 2 * t);
-                        std::memset(row + t + 1, 0, (std::size_t)(kend - t - 1) * sizeof(float));
+                        zero_row(row + t + 1, kend - t - 1);
                     }
                     // O = P V; the zeros above the diagonal make the square diagonal block exact.
                     product(precision, m, HS, kend, 1.0f, sb, Tp, 1, vp, HS, o + i0 * C, C, false);
@@ -327,8 +342,11 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 float* dk = dq + C;
                 float* dv = dq + 2 * C;
                 if (!accumulate)  // this head's slice of dqkv, zeroed where it is about to be summed
-                    for (idx_t t = 0; t < T; t++)
-                        for (idx_t j = 0; j < HS; j++) dq[t * C3 + j] = dk[t * C3 + j] = dv[t * C3 + j] = 0.0f;
+                    for (idx_t t = 0; t < T; t++) {
+                        zero_row(dq + t * C3, HS);
+                        zero_row(dk + t * C3, HS);
+                        zero_row(dv + t * C3, HS);
+                    }
                 transpose(kt, Tp, k, C3, T, HS);
                 transpose(vt, Tp, q + 2 * C, C3, T, HS);
                 gather_rows(kp, k, C3, T, HS);
@@ -341,7 +359,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     for (idx_t r = 0; r < m; r++) {
                         const idx_t t = i0 + r;
                         probabilities_row(pb + r * Tp, t + 1, st + 2 * t);
-                        std::memset(pb + r * Tp + t + 1, 0, (std::size_t)(kend - t - 1) * sizeof(float));
+                        zero_row(pb + r * Tp + t + 1, kend - t - 1);
                     }
                     // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) row by row (zero above the
                     // diagonal, so the transposed products below can run over the square block).
@@ -349,7 +367,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     for (idx_t r = 0; r < m; r++) {
                         const idx_t t = i0 + r;
                         softmax_backward_row(ds + r * Tp, pb + r * Tp, t + 1);
-                        for (idx_t s = t + 1; s < kend; s++) ds[r * Tp + s] = 0.0f;
+                        zero_row(ds + r * Tp + t + 1, kend - t - 1);
                     }
                     // dQ += scale dS K; dK += scale dS^T Q; dV += P^T dO. Key rows [0, kend) gather
                     // one partial sum per query block, added in block order.

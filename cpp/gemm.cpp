@@ -176,7 +176,7 @@ void pack_lanes_transposed(float* dst, const float* src, idx_t sr, int w, idx_t 
             vf v[TB];
             for (int i = 0; i < TB; i++)
                 v[i] = g + i < w ? vload_n(src + (g + i) * sr + k0, TB, 0.0f) : vset(0.0f);
-            transpose(v);
+            vtranspose(v);
             for (int j = 0; j < TB; j++) store_lanes<P>(dst + (k0 + j) * P + g, vmul(v[j], vscale), P - g);
         }
     }

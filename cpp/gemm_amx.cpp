@@ -146,8 +146,8 @@ LMLAB_AMX_TARGET void pack_a(bf16_t* dst, const float* src, idx_t sm, idx_t sk, 
                                  ? _mm512_maskz_loadu_ps(rmask, src + (k0 + kk + 16) * sk + r0)
                                  : _mm512_setzero_ps();
                 }
-                transpose(v0);
-                transpose(v1);
+                vtranspose(v0);
+                vtranspose(v1);
                 for (idx_t r = 0; r < kTile; r++)
                     _mm512_store_si512(tile + r * kStepK,
                                        to_bf16(_mm512_mul_ps(v0[r], va), _mm512_mul_ps(v1[r], va)));
@@ -211,7 +211,7 @@ LMLAB_AMX_TARGET void pack_b(bf16_t* dst, const float* src, idx_t sk, idx_t sn, 
                         v[n] = _mm512_setzero_ps();
                     }
                 }
-                transpose(v);
+                vtranspose(v);
                 for (idx_t j = 0; j < kTile; j++)
                     _mm512_store_si512(tile + j * kStepK, _mm512_castps_si512(v[j]));
             } else {

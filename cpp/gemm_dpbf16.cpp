@@ -169,7 +169,7 @@ LMLAB_BF16_TARGET void pack_columns(pair_t* dst, const float* src, idx_t sr, idx
                         v[r] = _mm512_setzero_ps();
                     }
                 }
-                transpose(v);
+                vtranspose(v);
                 const __mmask16 store = lanes(P - g);
                 for (idx_t j = 0; j < n_pairs; j++)
                     _mm512_mask_storeu_epi32(panel + (p0 + j) * P + g, store, _mm512_castps_si512(v[j]));

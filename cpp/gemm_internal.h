@@ -1,6 +1,6 @@
 // Internal to the matrix-product sources (cpp/gemm.cpp, cpp/gemm_amx.cpp, cpp/gemm_dpbf16.cpp): the
-// machinery their paths share (scratch buffers, the split of C between threads, in-register
-// transposes for packing). The entry points themselves are declared in cpp/gemm.h.
+// machinery their paths share (scratch buffers, the split of C between threads, the block size of
+// the packing's in-register transposes). The entry points themselves are declared in cpp/gemm.h.
 #pragma once
 
 #include <cstddef>
@@ -103,69 +103,10 @@ void split_between_threads(idx_t M, idx_t N, idx_t K, idx_t unit_m, idx_t unit_n
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// In-register transposes for the packing routines.
+// Packing with whole vectors and in-register transposes (simd.h's vtranspose, kW x kW blocks).
 #define LMLAB_GEMM_VECTOR_PACKING 1
 constexpr int kTransposeBlock = (int)kW;
-
-// Interleaves of 32-bit and 64-bit elements within 128-bit lanes, for one intrinsics family.
-#define LMLAB_GEMM_UNPACK(P)                                                                   \
-    static inline vf unpack_lo32(vf a, vf b) { return P##_unpacklo_ps(a, b); }                        \
-    static inline vf unpack_hi32(vf a, vf b) { return P##_unpackhi_ps(a, b); }                        \
-    static inline vf unpack_lo64(vf a, vf b) {                                                        \
-        return P##_castpd_ps(P##_unpacklo_pd(P##_castps_pd(a), P##_castps_pd(b)));             \
-    }                                                                                          \
-    static inline vf unpack_hi64(vf a, vf b) {                                                        \
-        return P##_castpd_ps(P##_unpackhi_pd(P##_castps_pd(a), P##_castps_pd(b)));            \
-    }
-
-// Last transpose stage: v[4g + c] holds, in 128-bit lane L, rows 4g..4g+3 of column c + 4L; each
-// output row gathers one column's lanes.
-#if defined(__AVX512F__)
-LMLAB_GEMM_UNPACK(_mm512)
-static inline void transpose_lanes(vf v[16]) {
-    vf u[16];
-    for (int i = 0; i < 16; i++) u[i] = v[i];
-    for (int c = 0; c < 4; c++) {
-        const vf even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-        const vf odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-        const vf even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-        const vf odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-        v[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
-        v[c + 8] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
-        v[c + 4] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
-        v[c + 12] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
-    }
-}
-#else
-LMLAB_GEMM_UNPACK(_mm256)
-static inline void transpose_lanes(vf v[8]) {
-    vf u[8];
-    for (int i = 0; i < 8; i++) u[i] = v[i];
-    for (int c = 0; c < 4; c++) {
-        v[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
-        v[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
-    }
-}
 #endif
-#undef LMLAB_GEMM_UNPACK
-
-// In-register transpose of a kW x kW block: v[i][j] becomes v[j][i]. Interleaving pairs of rows,
-// then pairs of pairs, transposes every 4 x 4 block within each 128-bit lane.
-static inline void transpose(vf v[kTransposeBlock]) {
-    vf t[kTransposeBlock];
-    for (int i = 0; i < kTransposeBlock; i += 2) {
-        t[i] = unpack_lo32(v[i], v[i + 1]);
-        t[i + 1] = unpack_hi32(v[i], v[i + 1]);
-    }
-    for (int g = 0; g < kTransposeBlock; g += 4) {
-        v[g] = unpack_lo64(t[g], t[g + 2]);
-        v[g + 1] = unpack_hi64(t[g], t[g + 2]);
-        v[g + 2] = unpack_lo64(t[g + 1], t[g + 3]);
-        v[g + 3] = unpack_hi64(t[g + 1], t[g + 3]);
-    }
-    transpose_lanes(v);
-}
-#endif  // vector variants
 
 }  // namespace LMLAB_ISA_NS
 }  // namespace lmlab

@@ -19,6 +19,8 @@
 //   vselect_neg(s, a, b) = s < 0 ? a : b (per lane, by the sign bit of s)
 //   vhsum vhmax         horizontal sum / max, in a fixed lane order
 //   vexp                exp(x), see below
+//   vtranspose(v)       in-register transpose of a kW x kW block held as kW vectors: v[i][j] becomes
+//                       v[j][i] (portable: one lane, nothing to do)
 //   scale_row, add_row  dst = src * scale, dst += src over a row of n floats
 //   for_each_vector(i0, i1, body) runs body(i, lanes) over a range a vector at a time, four whole
 //                       vectors per iteration (elementwise kernels whose vectors are long chains)
@@ -94,6 +96,26 @@
 namespace lmlab {
 namespace LMLAB_ISA_NS {
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The first two stages of vtranspose, within each 128-bit lane: interleaves of 32-bit and 64-bit
+// elements, for one intrinsics family.
+#define LMLAB_TRANSPOSE_4X4_IN_LANES(P)                                                      \
+    static inline void transpose_4x4_in_lanes(vf* v, int n) {                                   \
+        vf t[16];                                                                               \
+        for (int i = 0; i < n; i += 2) {                                                        \
+            t[i] = P##_unpacklo_ps(v[i], v[i + 1]);                                             \
+            t[i + 1] = P##_unpackhi_ps(v[i], v[i + 1]);                                         \
+        }                                                                                       \
+        const auto d = [](vf x) { return P##_castps_pd(x); };                                   \
+        for (int g = 0; g < n; g += 4) {                                                        \
+            v[g] = P##_castpd_ps(P##_unpacklo_pd(d(t[g]), d(t[g + 2])));                        \
+            v[g + 1] = P##_castpd_ps(P##_unpackhi_pd(d(t[g]), d(t[g + 2])));                    \
+            v[g + 2] = P##_castpd_ps(P##_unpacklo_pd(d(t[g + 1]), d(t[g + 3])));                \
+            v[g + 3] = P##_castpd_ps(P##_unpackhi_pd(d(t[g + 1]), d(t[g + 3])));                \
+        }                                                                                       \
+    }
+#endif
+
 namespace simd_constants {
 constexpr float kLog2e = 1.44269504088896341f;
 // ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 significant bits, so n * kLn2Hi is exact for |n| < 2^15.
@@ -160,6 +182,16 @@ static inline vf vround(vf a) { return vrndnq_f32(a); }  // to nearest, ties to 
 static inline vf vzero_where_below(vf x, float lo, vf r) {
     return vbslq_f32(vcltq_f32(x, vdupq_n_f32(lo)), vdupq_n_f32(0.0f), r);
 }
+// Pairs of rows interleaved (32-bit lanes), then pairs of pairs (64-bit lanes).
+static inline void vtranspose(vf v[4]) {
+    const vf t0 = vtrn1q_f32(v[0], v[1]), t1 = vtrn2q_f32(v[0], v[1]);
+    const vf t2 = vtrn1q_f32(v[2], v[3]), t3 = vtrn2q_f32(v[2], v[3]);
+    const auto d = [](vf x) { return vreinterpretq_f64_f32(x); };
+    v[0] = vreinterpretq_f32_f64(vtrn1q_f64(d(t0), d(t2)));
+    v[1] = vreinterpretq_f32_f64(vtrn1q_f64(d(t1), d(t3)));
+    v[2] = vreinterpretq_f32_f64(vtrn2q_f64(d(t0), d(t2)));
+    v[3] = vreinterpretq_f32_f64(vtrn2q_f64(d(t1), d(t3)));
+}
 // See the AVX2 version: two exact power-of-two factors, each a normal float.
 static inline vf vldexp(vf p, vf n) {
     int32x4_t k = vcvtnq_s32_f32(n);
@@ -204,6 +236,24 @@ static inline vf vzero_where_below(vf x, float lo, vf r) {
 }
 // p * 2^n for integral n; scalef handles overflow and subnormal results itself.
 static inline vf vldexp(vf p, vf n) { return _mm512_scalef_ps(p, n); }
+LMLAB_TRANSPOSE_4X4_IN_LANES(_mm512)
+// Every 4 x 4 block within each 128-bit lane transposed, then v[4g + c] holds, in 128-bit lane L,
+// rows 4g..4g+3 of column c + 4L; each output row gathers one column's lanes.
+static inline void vtranspose(vf v[16]) {
+    transpose_4x4_in_lanes(v, 16);
+    vf u[16];
+    for (int i = 0; i < 16; i++) u[i] = v[i];
+    for (int c = 0; c < 4; c++) {
+        const vf even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        const vf odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        const vf even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const vf odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        v[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+        v[c + 8] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
+        v[c + 4] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+        v[c + 12] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
+    }
+}
 
 #elif defined(__AVX2__)
 
@@ -260,6 +310,17 @@ static inline vf vldexp(vf p, vf n) {
     vf f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, bias), 23));
     return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
 }
+LMLAB_TRANSPOSE_4X4_IN_LANES(_mm256)
+// Every 4 x 4 block within each 128-bit lane transposed, then the blocks swapped across lanes.
+static inline void vtranspose(vf v[8]) {
+    transpose_4x4_in_lanes(v, 8);
+    vf u[8];
+    for (int i = 0; i < 8; i++) u[i] = v[i];
+    for (int c = 0; c < 4; c++) {
+        v[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+        v[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+}
 
 #else
 
@@ -292,6 +353,7 @@ static inline vf vround(vf a) {
     return (a + shifter) - shifter;
 }
 static inline vf vzero_where_below(vf x, float lo, vf r) { return x < lo ? 0.0f : r; }
+static inline void vtranspose(vf*) {}  // a 1 x 1 block
 static inline float pow2_bits(int k) {
     int bits = (k + 127) << 23;
     float f;
