@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +95,42 @@ def test_lmlab_isa_naming_no_variant_this_cpu_runs_fails_the_import(name):
     assert done.returncode != 0
     assert f"LMLAB_ISA='{name}' names no kernel variant" in done.stderr
     assert "available here: " + ", ".join(lmlab.cpu_info()["available"]) in done.stderr
+
+
+def _console_script(tmp_path) -> str:
+    """The `lmlab` command as pip installs it: a script named lmlab that imports the entry point
+    pyproject.toml declares and calls it."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    module, function = re.search(r'^lmlab = "([\w.]+):(\w+)"$', pyproject, re.M).groups()
+    script = tmp_path / "lmlab"
+    script.write_text(f"import re, sys\nfrom {module} import {function}\n"
+                      f"if __name__ == '__main__':\n    sys.exit({function}())\n")
+    return str(script)
+
+
+@pytest.mark.parametrize("command", ["console script", "python -m lmlab"])
+@pytest.mark.parametrize("variable,value", [("LMLAB_ISA", "junk"), ("LMLAB_BF16", "junk")])
+def test_the_command_line_refuses_a_bad_lmlab_isa_in_one_line(tmp_path, command, variable, value):
+    """`import lmlab` fails on a bad LMLAB_ISA (the compiled core refuses it as it loads); the
+    command line says so as it says any usage error: one line naming the variable, its value and
+    what it accepts, exit status 2, no traceback."""
+    start = ([sys.executable, _console_script(tmp_path)] if command == "console script"
+             else [sys.executable, "-m", "lmlab"])
+    package_dir = str(Path(lmlab.__file__).parents[1])
+    env = dict(os.environ, **{variable: value},
+               PYTHONPATH=os.pathsep.join(filter(None, [package_dir, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([*start, "doctor"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"lmlab: error: {variable}='{value}' names no ")
+    accepted = ("; available here: " + ", ".join(lmlab.cpu_info()["available"])
+                if variable == "LMLAB_ISA" else "; the paths are ")
+    assert accepted in done.stderr, done.stderr
+    # Python's own import keeps the ImportError, with the same message.
+    done = subprocess.run([sys.executable, "-c", "import lmlab"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"ImportError: {variable}='{value}' names no " in done.stderr
 
 
 @pytest.mark.parametrize("name", lmlab.cpu_info()["available"])

@@ -129,13 +129,14 @@ def test_load_rankings_ties_pairs_and_extras(tmp_path):
     ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": [True]},
      "'ended' has 1 entries for 2 completions; give one true/false per completion"),
     ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": [True, 1]},
-     "'ended' entries must be true or false, got 1"),
+     "'ended' entries must be true, false or the name of the end token the answer ended with, got 1"),
     ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": True},
      "'ended' must be a list of 2 true/false values, one per completion"),
     ({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "ended": None},
      "'ended' must be a list of 2"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "ended": [False, "yes"]},
-     "'ended' entries must be true or false, got 'yes'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "ended": [False, ""]},
+     "'ended' entries must be true, false or the name of the end token the answer ended with, "
+     "got ''"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "ended": [False, True, True]},
      "'ended' has 3 entries for 2 completions"),
 ])
@@ -628,6 +629,69 @@ def test_rl_kl_term_is_the_log_ratio_to_the_reference(tok):
     assert out["loss"] == pytest.approx(-shaped.mean(), rel=1e-5)
 
 
+def _imported_style(end: str = "e"):
+    """A char tokenizer whose model declares its own end of text, `end`, as an imported
+    checkpoint's "</s>" is (Tokenizer.eos_tokens, which import and load_model set)."""
+    tok = train_tokenizer(_corpus(200), "char")
+    tok.eos_tokens = (end,)
+    return tok
+
+
+def test_rl_rollouts_end_at_the_models_own_end_token_and_are_scored_with_it():
+    """Rollouts of a run whose model declares another end of text stop there too; the policy's
+    log-probabilities and the reward model read the answer with the token the policy chose, not
+    with an <|endoftext|> it never sampled, and the reward function is told which one it was."""
+    tok = _imported_style()
+    end = tok.token_id("e")
+    model, ref = _tiny(tok, seed=3), _tiny(tok, seed=3)
+    V = tok.vocab_size
+    rm = rwd.RewardModel(model, tok, w=np.linspace(-1, 1, 2 * V), reads_end_token=True)
+    seen = []
+
+    def reward(prompt, comps, ended):
+        seen.extend(ended)
+        return rm.score(prompt, comps, ended)
+
+    stage = rl.RLStage(model, ref, tok, ["the cat "], [], reward, k=4, prompts_per_step=2,
+                       kl_coef=0.0, max_new_tokens=16, seed=0)
+    stage.train_step(model)
+    b = stage.last_batch
+    assert "e" in seen  # the setup: some rollout sampled the end token
+    prompt_ids = sq.prompt_ids_for(tok, "the cat ", 32, 16)
+    for i, ended in enumerate(seen):
+        response = b["y"][i][b["mask"][i] > 0]
+        assert end not in response[:-1]
+        assert (response[-1] == end) == (ended == "e")
+        # What the reward model scored is what the policy produced and is trained on.
+        np.testing.assert_array_equal(sq.answer_ids(tok, b["texts"][i], ended), response)
+        logits, _ = model.forward(np.concatenate([prompt_ids, response])[None].astype(np.int32))
+        phi = np.concatenate([logits[0, -1], logits[0, prompt_ids.size:].mean(0)])
+        assert b["reward"][i] == pytest.approx(rm.score_features(phi[None])[0], rel=1e-5)
+
+
+def test_ranked_answers_that_ended_at_the_models_own_end_token_name_it(tmp_path):
+    """`lmlab rank` samples stop at the model's own end token too; the rankings line names that
+    token, which DPO and the reward model then append (and a name that ends no answer of the run
+    is refused, naming the line)."""
+    tok = _imported_style()
+    model = _tiny(tok, seed=3)
+    pids = sq.prompt_ids_for(tok, "the cat ", 32, 16)
+    texts, ended = sq.sample_answers(model, tok, pids, 16, range(8))
+    assert "e" in ended and all(e in ("e", True, False) for e in ended)
+    path = _write_jsonl(tmp_path, [{"prompt": "the cat ", "completions": texts,
+                                    "ranking": list(range(8)), "ended": ended}])
+    rec = rk.load_rankings(path, tokenizer=tok)[0]
+    assert rec["ended"] == ended
+    i = ended.index("e")
+    np.testing.assert_array_equal(sq.encode_pair(tok, "the cat ", texts[i], 32, "e")[1],
+                                  np.append(tok.encode(texts[i], allow_special=True), tok.token_id("e")))
+    _write_jsonl(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b", "ended": ["x", False]}])
+    with pytest.raises(ValueError, match=r"r.jsonl:1: 'ended' names 'x', which ends no answer "
+                                         r"of this run; expected true, false or one of "
+                                         r"\['<\|endoftext\|>', 'e'\]"):
+        rk.load_rankings(path, tokenizer=tok)
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -926,9 +990,9 @@ def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_
                                                      + rl_result.details["tuner"].val_ids)
     stops = []
 
-    def answer_of_two_tokens(model, prompt_ids, max_new_tokens, *, stop_ids, **_):
+    def answer_of_two_tokens(model, prompt_ids, max_new_tokens, *, stop_ids, keep_stop, **_):
         stops.append(list(stop_ids))
-        return [int(tok.encode("a")[0])] * 2
+        return [int(tok.encode("a")[0])] * 2 + [end] * keep_stop  # the model chose <|end|>
 
     monkeypatch.setattr(sq, "generate", answer_of_two_tokens)
     ids, text, ended = sq.sample_completion(model, chat_tok, turn, 6, seed=0)

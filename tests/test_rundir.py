@@ -327,3 +327,32 @@ def test_an_empty_run_directory_is_refused_before_any_work(tmp_path, monkeypatch
         lmlab.finetune(tmp_path / "nowhere", "builtin:shakespeare", out="", steps=1)
     assert main(["pretrain", "--corpus", "builtin:shakespeare", "--run", "", "--steps", "1"]) == 2
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["created", "the user's"])
+def test_a_stage_that_fails_before_its_first_save_leaves_no_directory_it_created(
+        tmp_path, monkeypatch, capsys, existing):
+    """A stage that fails after opening its output but before its first save (here its first step)
+    removes the directory it created, parents too, lock and all; a directory the user made, even
+    an empty one, is kept (without a lock left in it)."""
+    import importlib
+    from lmlab.cli import main
+
+    def fail(self, model):
+        raise ValueError("the first step failed")
+
+    pretrain_module = importlib.import_module("lmlab.pretrain")
+    monkeypatch.setattr(pretrain_module.LanguageModelingStage, "train_step", fail)
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 40)
+    run = tmp_path / "new" / "run"
+    if existing:
+        run.mkdir(parents=True)
+    assert main(["pretrain", "--corpus", str(tmp_path / "corpus.txt"), "--run", str(run),
+                 "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                 "--batch-size", "2", "--steps", "2", "--warmup-steps", "1", "--eval-every", "0",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == "lmlab pretrain: error: the first step failed\n"
+    if existing:
+        assert os.listdir(run) == []
+    else:
+        assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]

@@ -2,7 +2,8 @@
 
 The compiled kernels live in lmlab._core (private); lmlab.ops wraps them one function per kernel.
 The top-level API (lmlab.pretrain, lmlab.finetune, lmlab.instruct, lmlab.load, lmlab.Model) lives
-in lmlab.api and is imported on first use, so `import lmlab` stays quick.
+in lmlab.api and is imported on first use, so `import lmlab` stays quick. A bad LMLAB_ISA or
+LMLAB_BF16 fails the import (ImportError), and the command line with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +13,31 @@ import types
 
 __version__ = "0.1.0"
 
-from .ops import cpu_info, get_num_threads, set_num_threads  # noqa: E402
+
+def _refuse_on_the_command_line(exc: ImportError) -> None:
+    """The compiled core refuses a bad LMLAB_ISA or LMLAB_BF16 as it loads (cpp/bindings.cpp), and
+    `import lmlab` raises that ImportError. The command line's first act is this import (the
+    console script `lmlab` imports lmlab.cli; `python -m lmlab[.x]` imports the package while
+    sys.argv[0] is "-m"), so there it ends as lmlab.cli ends a usage error: the message in one
+    line, exit status 2, no traceback."""
+    import os
+    import re
+    import sys
+
+    if not str(exc).startswith(("LMLAB_ISA=", "LMLAB_BF16=")):
+        return  # not a setting: a broken install keeps its traceback
+    argv0 = sys.argv[0] if getattr(sys, "argv", None) else ""
+    script = re.sub(r"(-script\.pyw?|\.exe)?$", "", os.path.basename(argv0))  # as pip names it
+    if argv0 == "-m" or script == "lmlab":
+        print(f"lmlab: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+try:
+    from .ops import cpu_info, get_num_threads, set_num_threads  # noqa: E402
+except ImportError as _exc:
+    _refuse_on_the_command_line(_exc)
+    raise
 
 # The API's training functions share their names with the modules that hold the stages.
 _STAGES = ("pretrain", "finetune", "instruct")

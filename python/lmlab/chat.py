@@ -83,6 +83,12 @@ def stop_ids(tokenizer, end_id: int) -> list:
     return ids
 
 
+def answer_stop_ids(tokenizer) -> list:
+    """Every token an answer may end with: stop_ids of the end of an answer (answer_end_id) first,
+    then the model's own end-of-text tokens; what sampled answers stop at and "ended" may name."""
+    return stop_ids(tokenizer, answer_end_id(tokenizer))
+
+
 def turn_ids(tokenizer, template: Optional[dict] = None) -> Optional[tuple]:
     """(user, assistant, end) ids of `template` (default: the tokenizer's chat template), what
     crop_context keeps a chat context well-formed with; None for a run without a template."""

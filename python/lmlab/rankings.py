@@ -4,11 +4,12 @@ Rankings (JSONL, one judgement per line):
     {"prompt": str, "completions": [str, str, ...], "ranking": [...], "ended": [bool, ...]}
 `ranking` lists every completion index exactly once, best first. An item is either an index or a
 list of indices tied at that place: [2, [0, 1], 3] means 2 is best, 0 and 1 tie, 3 is worst.
-`ended` (optional, one entry per completion) says whether the answer ended with the end-of-answer
-token (<|endoftext|>, or <|end|> for a run with a chat template) rather than running into the
-sampling limit: the text never holds that token, yet it is part of what the model chose, so the
-reward model and DPO score it (lmlab.sequences.answer_ids). `lmlab rank` and the studio write it; a
-line without it (older files, other tools) has no answer ended. Pairwise data as other tools write
+`ended` (optional, one entry per completion) says how the answer ended: with the end-of-answer
+token (true: <|endoftext|>, or <|end|> for a run with a chat template), with another end token the
+model declares (its name, e.g. "</s>" for a run imported with it: lmlab.chat.stop_ids), or at the
+sampling limit (false). The text never holds that token, yet it is part of what the model chose,
+so the reward model and DPO score it (lmlab.sequences.answer_ids). `lmlab rank` and the studio
+write it; a line without it (older files, other tools) has no answer ended. Pairwise data as other tools write
 it, {"prompt", "chosen", "rejected"}, is read as a two-item ranking [0, 1] over [chosen, rejected]
 (its `ended`, if given, is [chosen's, rejected's]). Extra keys (who judged, sampling seeds) are
 kept. Rankings are handed around in the compact form written here: a group of one as its bare
@@ -17,7 +18,8 @@ index.
 This is the one place the format is checked (`normalize_ranking`) and its pairs derived
 (`pairs_from_ranking`); the reward model, DPO and `lmlab rank` all go through it. Given the run's
 tokenizer, the readers (`load_rankings`, `read_prompts`) also check, before any work, that every
-line's text can be encoded (sequences.unencodable), naming the first line that cannot.
+line's text can be encoded (sequences.unencodable) and every end token named in 'ended' ends the
+run's answers, naming the first line that fails.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from .data import need_regular_file, need_str, read_jsonl_objects
 from .files import JSONTextError, NotJSON, append_line, parse_json
-from .sequences import unencodable, unencodable_refusal
+from .sequences import ended_id, unencodable, unencodable_refusal
 
 
 def normalize_ranking(ranking, n: int, *, where: str = "ranking") -> list:
@@ -118,14 +120,26 @@ def _check_ended(ended, n: int, where: str) -> list:
         raise ValueError(f"{where}: 'ended' has {len(ended)} entries for {n} completions; give "
                          "one true/false per completion")
     for e in ended:
-        if not isinstance(e, (bool, np.bool_)):
-            raise ValueError(f"{where}: 'ended' entries must be true or false, got {e!r}")
-    return [bool(e) for e in ended]
+        if not isinstance(e, (bool, np.bool_)) and not (isinstance(e, str) and e):
+            raise ValueError(f"{where}: 'ended' entries must be true, false or the name of the "
+                             f"end token the answer ended with, got {e!r}")
+    return [e if isinstance(e, str) else bool(e) for e in ended]
+
+
+def _check_end_tokens(tok, path, lines) -> None:
+    """Refuse the first (line number, record) whose 'ended' names a token that ends no answer of
+    tok's run (sequences.ended_id), naming the line."""
+    for lineno, rec in lines:
+        for e in answers_ended(rec):
+            try:
+                ended_id(tok, e)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
 
 
 def answers_ended(record: dict) -> list:
-    """Whether each completion of a (parsed) record ended with the end-of-answer token; a record
-    without 'ended' (an older file, another tool's pairs) has none ended."""
+    """How each completion of a (parsed) record ended (True, an end token's name, or False); a
+    record without 'ended' (an older file, another tool's pairs) has none ended."""
     return list(record.get("ended") or [False] * len(record["completions"]))
 
 
@@ -153,6 +167,8 @@ def load_rankings(path, *, allow_empty: bool = False, tokenizer=None) -> list:
     if tokenizer is not None:
         _check_encodable(tokenizer, path, [(lineno, obj, rec) for (lineno, obj), rec
                                            in zip(objs, records)])
+        _check_end_tokens(tokenizer, path, [(lineno, rec) for (lineno, _), rec
+                                            in zip(objs, records)])
     return records
 
 

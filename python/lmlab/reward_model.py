@@ -32,8 +32,8 @@ def reward_features(model, tok, prompts: Sequence[str], completions: Sequence[st
                     ended: Optional[Sequence[bool]] = None, batch_size: int = 16) -> np.ndarray:
     """(N, 2V) float64 features of each prompt+completion: the logits (= wte @ h_final) at the
     last position, and their mean over the completion's positions. A completion that ended
-    (ended[i]; None: none did) is read with its end token (sequences.answer_ids), which is then
-    the last position."""
+    (ended[i], True or the end token's name; None: none did) is read with the end token it ended
+    with (sequences.answer_ids), which is then the last position."""
     bs = model.config.block_size
     V = model.config.vocab_size
     if ended is None:

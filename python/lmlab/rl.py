@@ -35,10 +35,11 @@ class RLStage:
     """Policy gradient with a leave-one-out baseline and a KL penalty to a frozen reference.
 
     Each micro-batch: P prompts, K samples each from the policy; reward r_i from
-    reward_fn(prompt, texts, ended), which gets one prompt's K answers and whether each ended with
-    the end-of-answer token (what a reward model trained on rankings scores; a judge reads the
-    text); the
-    sequence log-ratio kl_i = log pi(y_i) - log ref(y_i) (an unbiased estimate of KL(pi || ref))
+    reward_fn(prompt, texts, ended), which gets one prompt's K answers and the end token each
+    ended with (sequences.sample_completion: True for the end of answer, an imported model's own
+    end token by name, False for none; what a reward model trained on rankings scores, with the
+    token the policy chose; a judge reads the text); the sequence log-ratio
+    kl_i = log pi(y_i) - log ref(y_i) (an unbiased estimate of KL(pi || ref))
     is folded into the reward, r'_i = r_i - kl_coef * kl_i, which makes the REINFORCE estimate the
     exact gradient of E[r] - kl_coef * KL. The surrogate loss -(1/PK) sum_i A_i log pi(y_i) has,
     with losses = -log pi per token, the per-token weight +A_i / (P K) on y_i's tokens.

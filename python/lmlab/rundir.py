@@ -25,6 +25,10 @@ kept there until the new run's first checkpoint is current (checkpoint.save_run 
 Until then readers read the replaced run. If the new run ends without a checkpoint (an error, a
 kill), the replaced run is put back: when its RunDir closes, or, after a kill, by the next process
 that opens the directory for writing (settle_overwrite).
+
+A run directory that the stage left empty (it failed before writing anything)
+loses its lock file when its RunDir closes, and is removed with any parents opening created, so
+a failed start leaves no trace; a directory that existed before (a user's, even empty) is kept.
 """
 
 from __future__ import annotations
@@ -151,14 +155,17 @@ class RunDir:
 
     path: the run directory; replaced: what overwrite=True set aside in REPLACED_DIR (names
     relative to path); restored: what opening put back from an overwrite interrupted before its
-    first checkpoint; cleaned: leftovers of an interrupted save that opening removed.
+    first checkpoint; cleaned: leftovers of an interrupted save that opening removed; created:
+    the directories opening created (the run's first, then missing parents), which closing
+    removes again while they hold nothing but the lock (the stage wrote nothing there).
     """
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, created=()):
         self.path = path
         self.replaced: list = []
         self.restored: list = []
         self.cleaned: list = []
+        self.created = list(created)
         self._fd = fd
 
     def __fspath__(self) -> str:
@@ -183,10 +190,26 @@ class RunDir:
                       f"{e.strerror} ({e.filename}); the next lmlab command writing {self.path} "
                       "tries again", file=sys.stderr)
             fd, self._fd = self._fd, None
+            self._remove_if_unused()
             os.close(fd)  # closing the only descriptor releases the flock
             if put_back:
                 print(f"lmlab: the new run in {self.path} saved no checkpoint, so the run it was "
                       f"replacing is put back ({', '.join(put_back)})", file=sys.stderr)
+
+    def _remove_if_unused(self) -> None:
+        """Leave no trace of a stage that ended before writing anything into its directory (an
+        error before its first save): the lock goes, then each directory opening created, if
+        empty, innermost first (still locked, so no other writer is inside; _lock does not take
+        a lock file removed meanwhile). Anything else in it (a user's file, a crashed run's
+        metrics) keeps it, and a directory that existed before is kept."""
+        try:
+            if os.listdir(self.path) != [LOCK_FILE]:
+                return
+            os.unlink(self.path / LOCK_FILE)
+            for d in self.created:
+                os.rmdir(d)
+        except OSError:
+            pass  # in use, or not ours to remove: it stays
 
     def __enter__(self) -> "RunDir":
         return self
@@ -319,6 +342,21 @@ def _check_parent(path: Path, parent) -> None:
 
 def _lock(path: Path) -> int:
     lock = path / LOCK_FILE
+    while True:
+        fd = _lock_file(lock)
+        # A writer closing a directory it left empty removes the lock file (RunDir.close): one
+        # locked after that is no longer the run's lock, so lock the one there now.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _lock_file(lock: Path) -> int:
+    """The lock file opened (created if absent) and flocked: its descriptor, or RunDirError."""
+    path = lock.parent
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(lock, flags, 0o666)
@@ -385,11 +423,16 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
         raise RunDirError(f"{path} holds files of an earlier run that saved no checkpoint "
                           f"({', '.join(existing)}), so there is nothing to resume; pass "
                           "--overwrite to replace them, or choose another directory")
+    created = []  # what mkdir creates: the run's directory, then its missing parents
+    for d in (path, *path.parents):
+        if os.path.lexists(d):
+            break
+        created.append(d)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create the run directory {path}: {e.strerror}") from None
-    run = RunDir(path, _lock(path))
+    run = RunDir(path, _lock(path), created)
     try:
         # Settled again under the lock: another writer may have been between the two.
         run.restored = restored + _settle_and_report(run)

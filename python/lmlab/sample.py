@@ -216,12 +216,14 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
              stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,
              callback: Optional[Callable[[int], None]] = None,
-             turns: Optional[tuple] = None) -> np.ndarray:
+             turns: Optional[tuple] = None, keep_stop: bool = False) -> np.ndarray:
     """Generate up to max_new_tokens ids after prompt_ids; returns the new ids (int32, 1-D).
 
     Generation stops early when it produces any id in stop_ids; that id is not returned (so a
-    result shorter than max_new_tokens means a stop id was produced). callback(token_id) is called
-    with each returned id as soon as it is chosen, for streaming. turns: for a context in the chat
+    result shorter than max_new_tokens means a stop id was produced), unless keep_stop is True:
+    then it is the last id returned, so a caller with several stop ids sees which one the model
+    chose (a result ends with a stop id exactly when one was produced). callback(token_id) is called
+    with each returned id but a stop id as soon as it is chosen, for streaming. turns: for a context in the chat
     template, its (user, assistant, end) ids (chat.turn_ids), with which a context longer than
     block_size is cropped to a window that starts as a turn (chat.crop_context); None: plain text.
     """
@@ -270,6 +272,8 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
         else:
             nxt = draw_token(filter_distribution(_softmax64(logits), temperature, top_k, top_p), rng)
         if nxt in stops:
+            if keep_stop:
+                out.append(nxt)
             break
         tokens.append(nxt)
         out.append(nxt)

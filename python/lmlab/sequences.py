@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .chat import answer_end_id, crop_context, template_of, turn_ids, user_turn
+from .chat import answer_stop_ids, crop_context, template_of, turn_ids, user_turn
 from .sample import generate
 
 def _encode(tok, text: str) -> np.ndarray:
@@ -64,12 +64,28 @@ def unencodable_refusal(where: str, field: str, unknown, tok, others: Sequence =
     return f"{where}: the {field} holds {what}: {shown}{more}; {fix}"
 
 
-def answer_ids(tok, text: str, ended: bool = False) -> np.ndarray:
-    """The ids of an answer: its text, then the end-of-answer token (chat.answer_end_id) when the
-    answer ended with it (sample_completion's `ended`; a rankings line's "ended"). The one place
-    that decides what DPO, the reward model and RL score as an answer."""
+def answer_ids(tok, text: str, ended=False) -> np.ndarray:
+    """The ids of an answer: its text, then the token it ended with (sample_completion's `ended`;
+    a rankings line's "ended"): True, the end-of-answer token (chat.answer_end_id); a token's name,
+    that token (the model's own end of text where an imported checkpoint declared others, e.g.
+    "</s>": chat.stop_ids); False, none. The one place that decides what DPO, the reward model
+    and RL score as an answer."""
     ids = _encode(tok, text)
-    return np.append(ids, np.int32(answer_end_id(tok))) if ended else ids
+    end = ended_id(tok, ended)
+    return ids if end is None else np.append(ids, np.int32(end))
+
+
+def ended_id(tok, ended):
+    """The id of the token an answer ended with, `ended` as answer_ids takes it (None for False);
+    ValueError for a name that ends no answer of this run (chat.answer_stop_ids)."""
+    if not ended:
+        return None
+    stops = answer_stop_ids(tok)
+    end = tok.token_id(ended) if isinstance(ended, str) else stops[0]
+    if end not in stops:
+        raise ValueError(f"'ended' names {ended!r}, which ends no answer of this run; expected "
+                         f"true, false or one of {[tok.token(i) for i in stops]}")
+    return end
 
 
 def encode_pair(tok, prompt: str, response: str, max_len: int, ended: bool = False) -> tuple:
@@ -145,21 +161,21 @@ def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np
 
 def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,
                       temperature: float = 1.0, top_k=None, top_p=None) -> tuple:
-    """One sampled answer: (response ids, text, ended). generate() stops before a sampled end of
-    answer (<|endoftext|>, or <|end|> for a run with a chat template): then `ended` is True and
-    the ids put the token back (it is part of what the policy chose; they are answer_ids(tok,
-    text, ended) up to the text's round trip), the text does not. An answer that runs into
-    max_new_tokens has not ended."""
-    end = answer_end_id(tok)
+    """One sampled answer: (response ids, text, ended). Generation stops at a sampled end of
+    answer (<|endoftext|>, or <|end|> for a run with a chat template) or at the model's own end
+    of text (an imported checkpoint's, e.g. "</s>": chat.stop_ids). The ids keep the end token
+    the policy chose (it is part of what the policy chose; they are answer_ids(tok, text, ended)
+    up to the text's round trip), the text does not; `ended` names it as answer_ids reads it:
+    True for the end of answer, the token's name for another end token. An answer that runs
+    into max_new_tokens has not ended (False)."""
+    stops = answer_stop_ids(tok)
+    end = stops[0]
     new = np.asarray(generate(model, prompt_ids, max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, stop_ids=[end]),
-                     dtype=np.int32)
-    text = tok.decode(new)
-    ended = bool(new.size < max_new_tokens)
-    if ended:
-        new = np.append(new, np.int32(end))
-    return new, text, ended
-
+                              top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops,
+                              keep_stop=True), dtype=np.int32)
+    last = int(new[-1]) if new.size else None
+    ended = last in stops and (last == end or tok.token(last))
+    return new, tok.decode(new[:-1] if ended else new), ended
 
 
 def sample_answers(model, tok, prompt_ids, max_new_tokens: int, seeds, **settings) -> tuple:

@@ -17,7 +17,8 @@ library modules that do the work (which never import the command line).
     lmlab doctor     check the install; --mpi: every MPI rank sees the same build, data cli/doctor.py
 
 Errors a user can cause (a bad value, a missing file, an existing run) end in one line
-"lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag.
+"lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag. A bad
+LMLAB_ISA or LMLAB_BF16, refused as lmlab is imported, ends as "lmlab: error: ..." (lmlab/__init__).
 
 Under `mpiexec -n N lmlab VERB` (lmlab.distributed) only rank 0 writes to stdout, and an error on
 any rank ends every rank (MPI_Abort) with that line, naming the rank.
