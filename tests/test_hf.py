@@ -883,6 +883,46 @@ def test_configs_that_spell_lmlab_s_function_otherwise_import_with_transformers_
     np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
 
 
+def _rename_sizes(d: Path) -> None:
+    """config.json with GPT-2's sizes under the names transformers' GPT2Config.attribute_map also
+    reads (hidden_size, ...), as a hand-written or converted config may have them."""
+    config = json.loads((d / "config.json").read_text())
+    for ours, theirs in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                         ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings")):
+        config[theirs] = config.pop(ours)
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def _drop_n_positions(d: Path) -> None:
+    """config.json without n_positions (and n_ctx): transformers uses GPT2Config's 1024."""
+    config = json.loads((d / "config.json").read_text())
+    del config["n_positions"]
+    config.pop("n_ctx", None)
+    (d / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit", [_rename_sizes, _drop_n_positions], ids=["aliases", "default"])
+def test_sizes_under_other_names_or_left_to_defaults_import_as_transformers_reads_them(
+        edit, tmp_path, corpus):
+    """transformers reads a GPT-2 size under its attribute_map name (hidden_size, n_layer as
+    num_hidden_layers, ...) and takes GPT2Config's default for one config.json leaves out; lmlab
+    reads the same sizes (it refused both, saying the size was None) and computes the same logits."""
+    tf = _transformers()
+    hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"], n_positions=1024,
+                    n_layer=1)
+    edit(hf)
+    hf_model = tf.AutoModelForCausalLM.from_pretrained(hf)
+    assert main(["import", str(hf), "--run", str(tmp_path / "run")]) == 0
+    model, tok, _ = load_model(tmp_path / "run")
+    config = hf_model.config
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd,
+            model.config.block_size) == (config.n_layer, config.n_head, config.n_embd, 1024)
+    ids = tok.encode("Before we proceed any further")
+    logits, _ = model.forward(ids[None].astype(np.int32))
+    V = config.vocab_size
+    np.testing.assert_allclose(logits[0, :, :V], _torch_logits(hf_model, ids), rtol=0, atol=1e-4)
+
+
 def test_a_stored_head_other_than_wte_is_refused_even_when_the_config_says_tied(tmp_path, corpus,
                                                                                 capsys):
     """transformers computes with a stored lm_head.weight that differs from wte, whatever

@@ -59,6 +59,12 @@ from .rundir import is_run, open_run_dir, report_replaced, settle_overwrite
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+# GPT2Config's sizes and their defaults, which transformers uses for one config.json leaves out,
+# and the other names (GPT2Config.attribute_map) under which it also reads them.
+_SIZE_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
+                  "n_head": 12}
+_SIZE_ALIASES = {"n_positions": "max_position_embeddings", "n_embd": "hidden_size",
+                 "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}
 # Buffers some GPT-2 checkpoints store (the causal mask), not parameters.
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
@@ -116,10 +122,14 @@ def model_config(hf: dict, path: Path) -> GPTConfig:
     if hf.get("add_cross_attention", False):
         raise _refuse(path, "add_cross_attention is true: lmlab's GPT has no cross-attention")
     sizes = {}
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        v = hf.get(key)
+    for key, default in _SIZE_DEFAULTS.items():
+        # transformers reads a size under its other name where the file has one (that name wins
+        # over GPT-2's own), and GPT2Config's default where it has neither.
+        alias = _SIZE_ALIASES.get(key)
+        name = alias if alias in hf else key
+        v = hf.get(name, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _refuse(path, f"{key} must be a positive integer, got {v!r}")
+            raise _refuse(path, f"{name} must be a positive integer, got {v!r}")
         sizes[key] = v
     inner = hf.get("n_inner")
     if inner is not None and inner != 4 * sizes["n_embd"]:
