@@ -736,6 +736,26 @@ def test_import_refuses_an_existing_run(gpt2_dir, tmp_path, capsys):
     assert main(["import", str(gpt2_dir), "--run", str(gpt2_dir), "--overwrite"]) == 2
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_is_never_written_over_a_transformers_model(overwrite, exported, corpus, tmp_path,
+                                                          capsys):
+    """A transformers model directory holds config.json, model.safetensors and tokenizer.json, a
+    flat-layout run's file names: import (and every verb) took it for a run, said "already holds
+    a run; pass --overwrite", and with --overwrite removed the user's model files as the old run's.
+    It is refused, --overwrite or not, and left as it was."""
+    d = tmp_path / "model"
+    shutil.copytree(exported, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    flag = ["--overwrite"] if overwrite else []
+    for argv in (["import", str(exported), "--run", str(d)],
+                 ["pretrain", "--corpus", str(corpus), "--run", str(d), "--steps", "1"]):
+        capsys.readouterr()
+        assert main(argv + flag) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds a Hugging Face transformers model" in err, err
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
 def test_an_import_killed_in_its_save_runs_again_without_overwrite(exported, tmp_path):
     """kill -9 while the checkpoint's files are written: the same command then imports."""
     run = tmp_path / "run"

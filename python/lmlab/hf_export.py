@@ -22,7 +22,6 @@ kill before the last removal, are removed).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,7 +35,7 @@ from .chat import END, stop_ids
 from .checkpoint import current_checkpoint, load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, make_parent_dir, write_new_file
-from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE, REWARD_HEAD_FILE
+from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE, REWARD_HEAD_FILE, config_kind
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
@@ -109,27 +108,12 @@ def _model_card(cfg, tok, source: str, chat: bool) -> str:
             "```\n")
 
 
-def _config_kind(directory: Path):
-    """ "lmlab" where directory's config.json is an lmlab checkpoint's (a "model" section),
-    "transformers" where it is a transformers model's (a "model_type"), else None."""
-    try:
-        with open(directory / HF_CONFIG_FILE, "rb") as f:
-            config = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return None
-    if isinstance(config, dict) and isinstance(config.get("model"), dict):
-        return "lmlab"
-    if isinstance(config, dict) and "model_type" in config:
-        return "transformers"
-    return None
-
-
 def _is_lmlab_run(directory: Path) -> bool:
     """A run directory (current.json beside checkpoints/) or one of its checkpoints (an lmlab
     config.json beside model.safetensors), not any folder holding a file of such a name."""
     if (directory / CURRENT_FILE).is_file() and (directory / CHECKPOINTS_DIR).is_dir():
         return True
-    return (directory / MODEL_FILE).is_file() and _config_kind(directory) == "lmlab"
+    return (directory / MODEL_FILE).is_file() and config_kind(directory) == "lmlab"
 
 
 def _check_out(out: Path, run: Path, overwrite: bool) -> list:
@@ -151,7 +135,7 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> list:
     if not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it, or choose "
                               "another directory")
-    if entries and _config_kind(out) != "transformers":
+    if entries and config_kind(out) != "transformers":
         raise ConversionError(f"{out} is not empty and does not hold a transformers model (a "
                               f"{HF_CONFIG_FILE} with a model_type), so it is not an export "
                               "--overwrite would replace; choose another output")

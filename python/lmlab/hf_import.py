@@ -55,7 +55,7 @@ from .files import JSONTextError, parse_json
 from .hf import HF_PREFIX, LM_HEAD, TANH_GELU_NAMES, chat_template_jinja, from_hf, name_map
 from .model import GPT, GPTConfig, parameter_layout
 from .reference import LAYERNORM_EPS
-from .rundir import is_run, open_run_dir, report_replaced, settle_overwrite
+from .rundir import check_not_transformers, is_run, open_run_dir, report_replaced, settle_overwrite
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -465,6 +465,7 @@ def import_hf(hf_dir, run, *, overwrite: bool = False, block_size: int | None = 
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} is not a directory: pass the directory that holds the "
                                 "model's config.json")
+    check_not_transformers(run)
     settle_overwrite(run)
     if not overwrite and is_run(run):  # refused before the (long) conversion, as stages do
         raise RunDirError(f"{run} already holds a run; pass --overwrite to replace it, or choose "

@@ -14,6 +14,8 @@ save moves them to the layout above.
 
 open_run_dir applies every rule a writing verb needs, before any work starts: an existing run is
 refused unless resuming (or overwrite=True, which sets it aside: see below); resuming needs a run;
+a transformers model directory (a config.json with a model_type, beside model.safetensors: the
+flat layout's names) is not a run, and is refused, overwrite or not;
 the output may not be its parent run, nor inside it, nor contain it; symbolic links inside the
 run directory are refused (lmlab would write through them); an exclusive lock is held while the
 RunDir is open, so two processes never write one run; leftovers of an interrupted save (temporary
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -73,10 +76,38 @@ REPLACING_DIR = ".replacing-run"
 REPLACED_DIR = ".replaced-run"
 
 
+def config_kind(directory) -> str | None:
+    """ "lmlab" where directory's config.json is an lmlab checkpoint's (a "model" section),
+    "transformers" where it is a transformers model's (a "model_type"), else None."""
+    try:
+        with open(Path(directory) / CONFIG_FILE, "rb") as f:
+            config = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return "lmlab"
+    if isinstance(config, dict) and "model_type" in config:
+        return "transformers"
+    return None
+
+
 def is_run(path) -> bool:
-    """Whether `path` holds a run's checkpoint (either layout)."""
+    """Whether `path` holds a run's checkpoint (either layout). A transformers model directory
+    (config.json, model.safetensors: the flat layout's names) is not one."""
     p = Path(path)
-    return (p / CURRENT_FILE).is_file() or ((p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file())
+    return (p / CURRENT_FILE).is_file() or ((p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file()
+                                             and config_kind(p) != "transformers")
+
+
+def check_not_transformers(path) -> None:
+    """Refuse (RunDirError) to write a run into a transformers model directory: its config.json,
+    model.safetensors and tokenizer.json have a run's file names, and --overwrite would set them
+    aside as a run's and remove them, destroying the user's model."""
+    path = run_path(path)
+    if config_kind(path) == "transformers":
+        raise RunDirError(f"{path} holds a Hugging Face transformers model (its config.json has a "
+                          "model_type), not an lmlab run; a run is never written into one, "
+                          "--overwrite or not: choose another directory")
 
 
 def _is_leftover(name: str) -> bool:
@@ -404,6 +435,7 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False, parent=
         _check_parent(path, parent)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"the run directory {path} is a file, not a directory")
+    check_not_transformers(path)
     restored = settle_overwrite(path)
     if resume and not is_run(path):
         why = "it does not exist" if not path.exists() else "it holds no checkpoint"
