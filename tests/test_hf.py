@@ -672,6 +672,22 @@ def test_import_reads_pytorch_bin_and_bfloat16_weights(fmt, tmp_path, corpus):
         assert np.array_equal(got, want), name
 
 
+def test_a_pytorch_bin_that_is_not_a_state_dict_is_refused_in_one_line(exported, tmp_path, capsys):
+    """torch.load may give back a list (or a tensor) rather than save_pretrained's {name: tensor}:
+    refused naming the file and what it holds, not an AttributeError traceback."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+    def as_list(d: Path) -> None:
+        tensors = _safetensors(d / "model.safetensors")
+        os.unlink(d / "model.safetensors")
+        torch.save([torch.from_numpy(t) for t in tensors.values()], d / "pytorch_model.bin")
+
+    rc, err = _import_edited(exported, tmp_path, capsys, as_list)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "pytorch_model.bin: holds a list, not a state dict" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_exported_instruct_run_imports_with_its_chat_template(instruct_run, tmp_path):
     _export(instruct_run, tmp_path / "hf")
     assert main(["import", str(tmp_path / "hf"), "--run", str(tmp_path / "run")]) == 0

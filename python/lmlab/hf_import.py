@@ -206,6 +206,9 @@ def _read_torch_bin(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs: weights only
     except Exception as e:  # torch raises many types for a damaged or unsafe file
         raise _refuse(path, f"cannot read it with torch.load(weights_only=True): {str(e)[:200]}") from None
+    if not isinstance(state, dict):  # what save_pretrained writes: {name: tensor}
+        raise _refuse(path, f"holds a {type(state).__name__}, not a state dict ({{name: tensor}}, "
+                            "what transformers' save_pretrained writes)")
     return {k: v.float().numpy() for k, v in state.items()
             if hasattr(v, "numpy") and not _BUFFER.fullmatch(k.removeprefix(HF_PREFIX))}
 
