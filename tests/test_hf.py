@@ -304,11 +304,13 @@ def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
-@pytest.mark.parametrize("where", ["write", "rename"])
+@pytest.mark.parametrize("where", ["write", "rename", "sync"])
 def test_ctrl_c_during_an_export_leaves_the_previous_one_and_no_temporary(run, tmp_path, capsys,
                                                                          monkeypatch, where):
-    """Ctrl-C while the files are written (a model's size of them), or between the renames of an
-    overwrite: the previous export is in place at once, and nothing else is left beside it."""
+    """Ctrl-C while the files are written (a model's size of them), between the renames of an
+    overwrite, or while the directory is synced after them (the new export renamed in, the old one
+    still aside: it was left as .hf.old-*): the previous export is in place at once, and nothing
+    else is left beside it."""
     from lmlab import hf_export
     out = _export(run, tmp_path / "hf")
     before = (out / "model.safetensors").read_bytes()
@@ -325,8 +327,15 @@ def test_ctrl_c_during_an_export_leaves_the_previous_one_and_no_temporary(run, t
             raise KeyboardInterrupt  # the new one in: the old export is already renamed aside
         real_rename(src, dst)
 
+    def fsync_dir(path):
+        if where == "sync" and os.fspath(path) == os.fspath(out.parent):
+            raise KeyboardInterrupt
+        real_fsync(path)
+
+    real_fsync = hf_export.fsync_dir
     monkeypatch.setattr(hf_export, "write_new_file", write_new_file)
     monkeypatch.setattr(hf_export.os, "rename", rename)
+    monkeypatch.setattr(hf_export, "fsync_dir", fsync_dir)
     assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 130
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -190,6 +190,7 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
     files = hf_files(model, tok, config, os.fspath(run))
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     old = out.parent / _old_name(out)
+    swapped = False  # the new export renamed in
     try:
         make_parent_dir(out)
         os.mkdir(tmp)
@@ -199,8 +200,11 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
         if os.path.lexists(out):
             os.rename(out, old)
         os.rename(tmp, out)
+        swapped = True
         fsync_dir(out.parent)
     except BaseException as e:  # a failed write, or Ctrl-C: leave the previous export as it was
+        if swapped:  # failed syncing (or Ctrl-C) after the swap: the new export goes back out too
+            os.rename(out, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.lexists(old) and not os.path.lexists(out):
             os.rename(old, out)
