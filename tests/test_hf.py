@@ -933,7 +933,8 @@ def _rename_sizes(d: Path) -> None:
     reads (hidden_size, ...), as a hand-written or converted config may have them."""
     config = json.loads((d / "config.json").read_text())
     for ours, theirs in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
-                         ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings")):
+                         ("n_head", "num_attention_heads"),
+                         ("n_positions", "max_position_embeddings")):
         config[theirs] = config.pop(ours)
     (d / "config.json").write_text(json.dumps(config))
 
@@ -951,7 +952,8 @@ def test_sizes_under_other_names_or_left_to_defaults_import_as_transformers_read
         edit, tmp_path, corpus):
     """transformers reads a GPT-2 size under its attribute_map name (hidden_size, n_layer as
     num_hidden_layers, ...) and takes GPT2Config's default for one config.json leaves out; lmlab
-    reads the same sizes (it refused both, saying the size was None) and computes the same logits."""
+    reads the same sizes (it refused both, saying the size was None) and computes the same
+    logits."""
     tf = _transformers()
     hf = _save_gpt2(tmp_path / "hf", corpus.read_text(), ["<|endoftext|>"], n_positions=1024,
                     n_layer=1)

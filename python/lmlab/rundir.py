@@ -95,8 +95,8 @@ def is_run(path) -> bool:
     """Whether `path` holds a run's checkpoint (either layout). A transformers model directory
     (config.json, model.safetensors: the flat layout's names) is not one."""
     p = Path(path)
-    return (p / CURRENT_FILE).is_file() or ((p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file()
-                                             and config_kind(p) != "transformers")
+    flat = (p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file()
+    return (p / CURRENT_FILE).is_file() or (flat and config_kind(p) != "transformers")
 
 
 def check_not_transformers(path) -> None:
