@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmlab import checkpoint
+from lmlab import checkpoint, hf_export
 from lmlab.checkpoint import load_model, read_config
 from lmlab.cli import main
 from lmlab.hf import LM_HEAD, TANH_GELU_NAMES, name_map
@@ -221,6 +221,33 @@ def test_chat_template_gives_the_prompt_lmlab_trains_on(instruct_run, tmp_path, 
     new = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                             do_sample=False)[0, ids.shape[1]:].tolist()
     assert hf_tok.decode([t for t in new if t != tok.special_id("<|end|>")]) == lmlab_answer
+
+
+def test_overwrite_replaces_only_what_an_export_writes(run, tmp_path, capsys):
+    """--overwrite used to replace any transformers model directory whole: the checkpoint a run
+    was imported from (its other weights and vocabulary files), a trainer's checkpoint-* folders,
+    a run kept inside it."""
+    out = _export(run, tmp_path / "hf")
+    assert sorted(os.listdir(out)) == sorted(hf_export.EXPORT_FILES)
+    capsys.readouterr()
+    extras = {"pytorch_model.bin": "weights", "vocab.json": "{}", "runs/r/current.json": "{}"}
+    for name, text in extras.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pytorch_model.bin, runs, vocab.json" in err, err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    for name, text in extras.items():
+        assert (out / name).read_text() == text
+    for name in extras:  # with only the export's own files left, it is replaced
+        path = out / name
+        path.unlink()
+    (out / "runs" / "r").rmdir()
+    (out / "runs").rmdir()
+    assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == sorted(hf_export.EXPORT_FILES)
 
 
 def test_export_refuses_an_existing_directory_and_overwrites_only_a_model_directory(run, tmp_path,

@@ -11,10 +11,13 @@ A reward model run is refused: its head has no GPT-2 counterpart, and its transf
 parent's, which is the run to export.
 
 Written atomically: everything goes into a temporary directory beside OUT, synced, then renamed to
-OUT. An existing OUT is refused unless overwrite=True, and even then only a transformers model
-directory (a config.json with a model_type) or an empty one is replaced, never an lmlab run or
-checkpoint, nor anything inside one: the old export is renamed aside, the new one renamed in, the
-old one removed. A failed write or Ctrl-C removes the temporary directory and leaves the previous
+OUT. An existing OUT is refused unless overwrite=True, and even then only an earlier export is
+replaced: an empty directory, or a transformers model directory (a config.json with a model_type)
+holding nothing but the files an export writes (EXPORT_FILES). Anything else in it (a checkpoint's
+other weights or vocabulary files, a trainer's checkpoint-* folders, a run, .git) is named and
+the export refused, so --overwrite never removes what lmlab did not write; nor is OUT ever an
+lmlab run or checkpoint, or inside one. The old export is renamed aside, the new one renamed in,
+the old one removed. A failed write or Ctrl-C removes the temporary directory and leaves the previous
 export (or none) in place; a kill between those two renames leaves the old export as .OUT.old-TIME-*, which
 the next export of OUT puts back before it starts (the newest, if several; older ones, left by a
 kill before the last removal, are removed).
@@ -44,6 +47,11 @@ HF_CONFIG_FILE = "config.json"
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json", "README.md")
 _OLD = ".old-"
+
+
+# The files hf_files writes: what an earlier export holds, and all that --overwrite may replace.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "README.md")
 
 
 def hf_files(model, tok, config: dict, source: str) -> dict:
@@ -139,6 +147,12 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> list:
         raise ConversionError(f"{out} is not empty and does not hold a transformers model (a "
                               f"{HF_CONFIG_FILE} with a model_type), so it is not an export "
                               "--overwrite would replace; choose another output")
+    others = [e for e in entries if e not in EXPORT_FILES]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ConversionError(f"{out} holds files an lmlab export does not write ({shown}), so "
+                              "--overwrite would remove more than an earlier export; choose "
+                              "another output, or move them out first")
     return entries
 
 
