@@ -223,7 +223,7 @@ def test_chat_template_gives_the_prompt_lmlab_trains_on(instruct_run, tmp_path, 
     assert hf_tok.decode([t for t in new if t != tok.special_id("<|end|>")]) == lmlab_answer
 
 
-def test_overwrite_replaces_only_what_an_export_writes(run, tmp_path, capsys):
+def test_overwrite_replaces_only_what_an_export_writes(run, tmp_path, capsys, monkeypatch):
     """--overwrite used to replace any transformers model directory whole: the checkpoint a run
     was imported from (its other weights and vocabulary files), a trainer's checkpoint-* folders,
     a run kept inside it."""
@@ -247,6 +247,13 @@ def test_overwrite_replaces_only_what_an_export_writes(run, tmp_path, capsys):
     (out / "runs" / "r").rmdir()
     (out / "runs").rmdir()
     assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == sorted(hf_export.EXPORT_FILES)
+    # The current directory cannot be renamed aside ("Device or resource busy" was all it said).
+    monkeypatch.chdir(out)
+    capsys.readouterr()
+    assert main(["export", str(Path(run).resolve()), "--to", "hf", ".", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the current directory" in err, err
     assert sorted(os.listdir(out)) == sorted(hf_export.EXPORT_FILES)
 
 
@@ -878,6 +885,11 @@ REFUSALS = {
     "model-type": (_edit_config(model_type="gpt_neox"), "model_type 'gpt_neox'"),
     "architecture": (_edit_config(architectures=["GPT2ForSequenceClassification"]),
                      "architecture GPT2ForSequenceClassification"),
+    # One name written as a string, not a list: read as that name (it used to be read letter by
+    # letter: "architecture G").
+    "architecture-string": (_edit_config(architectures="GPT2ForSequenceClassification"),
+                            "architecture GPT2ForSequenceClassification"),
+    "architecture-type": (_edit_config(architectures=3), "architectures is int 3"),
     "n-inner": (_edit_config(n_inner=96), "n_inner 96"),
     "epsilon": (_edit_config(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
     "inverse-layer-idx": (_edit_config(scale_attn_by_inverse_layer_idx=True),
@@ -935,6 +947,7 @@ def test_the_unedited_export_imports(exported, tmp_path):
 SAME_FUNCTION = {f"activation-{name}": {"activation_function": name} for name in
                  ("gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "gelu_python_tanh")}
 SAME_FUNCTION["reorder-and-upcast-attn"] = {"reorder_and_upcast_attn": True}
+SAME_FUNCTION["architectures-as-a-string"] = {"architectures": "GPT2LMHeadModel"}
 
 
 @pytest.mark.parametrize("case", sorted(SAME_FUNCTION))

@@ -147,6 +147,9 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> list:
         raise ConversionError(f"{out} is not empty and does not hold a transformers model (a "
                               f"{HF_CONFIG_FILE} with a model_type), so it is not an export "
                               "--overwrite would replace; choose another output")
+    if o == Path.cwd().resolve():  # renaming it aside fails (EBUSY), and the shell stays in it
+        raise ConversionError(f"{out} is the current directory, which an export cannot replace; "
+                              "run the export from the directory above it")
     others = [e for e in entries if e not in EXPORT_FILES]
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")

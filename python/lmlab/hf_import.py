@@ -101,7 +101,13 @@ def model_config(hf: dict, path: Path) -> GPTConfig:
         raise _refuse(path, f"model_type {kind!r} is not 'gpt2'; lmlab's GPT is GPT-2's "
                             "architecture (learned absolute position embeddings, LayerNorm with "
                             "biases, GELU MLP, tied LM head) and imports only GPT-2 checkpoints")
-    archs = [a for a in hf.get("architectures") or [] if a not in ARCHITECTURES]
+    listed = hf.get("architectures") or []
+    if isinstance(listed, str):  # one name where transformers writes a list of them
+        listed = [listed]
+    if not isinstance(listed, list):
+        raise _refuse(path, f"architectures is {type(listed).__name__} {listed!r}, where a list of "
+                            "class names (e.g. [\"GPT2LMHeadModel\"]) is expected")
+    archs = [a for a in listed if a not in ARCHITECTURES]
     if archs:
         raise _refuse(path, f"architecture {archs[0]} has parts lmlab's GPT lacks; lmlab imports "
                             f"{' or '.join(ARCHITECTURES)}")
