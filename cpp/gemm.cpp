@@ -18,6 +18,10 @@
 // output (rows or columns of C), so results are bitwise identical for any thread count, and equal to
 // a serial call (the attention kernel calls gemm with parallel = false inside its own team).
 //
+// On several threads (gemm_blocked_parallel) the team shares one packed slice of B, packed by all of
+// them, and takes C's rows a unit at a time as each thread comes free; C too thin for that is split
+// into one share per thread, each packing its own.
+//
 // Each instruction-set build picks its own micro-kernel below: AVX-512 (14 x 32, two zmm wide),
 // AVX2+FMA (6 x 16, two ymm wide), NEON (8 x 12, three q registers wide), and portable C++ the
 // compiler vectorises as it can (4 x 8).
@@ -394,7 +398,26 @@ void micro_kernel(idx_t kb, const float* a, const float* b, float* c, idx_t ldc,
 }
 #endif
 
-// --- one thread's share ----------------------------------------------------------------------------
+// --- the blocked product ---------------------------------------------------------------------------
+
+// One row block of C against one packed slice of B (nb columns, kb deep, starting at column jc and
+// depth pc): packs the block's rows of op(A) into pa, then runs the micro-kernel over every
+// register tile. `add`: the tiles add to C (a later slice, or an accumulating product); else they
+// start from row_init (the bias from column jc) or zero.
+void row_block(idx_t ic, idx_t mb, idx_t jc, idx_t nb, idx_t pc, idx_t kb, float alpha, Operand A,
+               Output C, const float* pb, float* pa, bool add, const float* row_init, bool bf16) {
+    const Operand a = A.from(ic, pc);  // A's panels run down its rows and along k
+    pack_block<MR>(pa, a.data, a.col_stride, a.row_stride, mb, kb, alpha, bf16);
+    for (idx_t ir = 0; ir < mb; ir += MR) {
+        const int mr = (int)min_idx(MR, mb - ir);
+        for (idx_t jr = 0; jr < nb; jr += NR) {
+            const int nr = (int)min_idx(NR, nb - jr);
+            micro_kernel(kb, pa + ir * kb, pb + jr * kb, C.data + (ic + ir) * C.ld + jc + jr, C.ld, mr,
+                         nr, row_init == nullptr ? nullptr : row_init + jr, add);
+        }
+    }
+}
+
 // The blocked product on one thread over a sub-block of C. Returns false (having written nothing)
 // if its scratch could not be allocated.
 bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, bool bf16) {
@@ -413,31 +436,79 @@ bool gemm_blocked(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, 
             // The first slice starts from C's init; later ones add to C.
             const bool add = C.accumulate || pc > 0;
             const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
-            for (idx_t ic = 0; ic < M; ic += MC) {
-                const idx_t mb = min_idx(MC, M - ic);
-                const Operand a = A.from(ic, pc);  // A's panels run down its rows and along k
-                pack_block<MR>(pa, a.data, a.col_stride, a.row_stride, mb, kb, alpha, bf16);
-                for (idx_t ir = 0; ir < mb; ir += MR) {
-                    const int mr = (int)min_idx(MR, mb - ir);
-                    for (idx_t jr = 0; jr < nb; jr += NR) {
-                        const int nr = (int)min_idx(NR, nb - jr);
-                        micro_kernel(kb, pa + ir * kb, pb + jr * kb, C.data + (ic + ir) * C.ld + jc + jr,
-                                     C.ld, mr, nr, row_init == nullptr ? nullptr : row_init + jr,
-                                     add);
-                    }
+            for (idx_t ic = 0; ic < M; ic += MC)
+                row_block(ic, min_idx(MC, M - ic), jc, nb, pc, kb, alpha, A, C, pb, pa, add, row_init, bf16);
+        }
+    }
+    return true;
+}
+
+#ifdef _OPENMP
+// Rows of C per unit of the team's work: a quarter of the cache block in whole register tiles, so
+// that a product of a few hundred rows still gives each thread several units to balance.
+constexpr idx_t kTeamRows = MR * (MC / MR / 4);
+
+thread_local Scratch<float> tl_team;  // the calling thread's: its team's shared B and A blocks
+
+// The blocked product on the OpenMP team (`threads` of them) sharing one packed slice of B: the
+// team packs B's panels together (each thread some of them), then takes C's row units one at a
+// time as each thread comes free, so a thread slowed by other work on its core holds the product up
+// by one unit, not by half of it, and no thread packs B again for itself. Which thread computes a
+// unit changes nothing in it (see Determinism). Returns false (having written nothing) if its
+// scratch could not be allocated.
+bool gemm_team(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C, bool bf16,
+               int threads) {
+    const idx_t kc = slice_depth(K);
+    const idx_t nc = min_idx(NC, ceil_div(N, NR) * NR);
+    // Each buffer in whole cache lines, so no two threads write one line.
+    const idx_t b_floats = ceil_div(nc * kc + kPackSlack, 16) * 16;
+    const idx_t a_floats = ceil_div(kTeamRows * kc + kPackSlack, 16) * 16;
+    float* scratch = tl_team.get((size_t)(b_floats + threads * a_floats));
+    if (scratch == nullptr) return false;
+    float* const pb = scratch;
+    const idx_t units = ceil_div(M, kTeamRows);
+#pragma omp parallel num_threads(threads)
+    {
+        float* const pa = scratch + b_floats + omp_get_thread_num() * a_floats;
+        for (idx_t jc = 0; jc < N; jc += NC) {
+            const idx_t nb = min_idx(NC, N - jc);
+            for (idx_t pc = 0; pc < K; pc += kc) {
+                const idx_t kb = min_idx(kc, K - pc);
+                const Operand b = B.from(pc, jc);
+                // The loop's closing barrier: every panel is packed before any unit starts (and the
+                // units' barrier below, every unit done before the next slice is packed over it).
+#pragma omp for schedule(static)
+                for (idx_t p = 0; p < ceil_div(nb, NR); p++)
+                    pack_block<NR>(pb + p * NR * kb, b.data + p * NR * b.col_stride, b.row_stride,
+                                   b.col_stride, min_idx(NR, nb - p * NR), kb, 1.0f, bf16);
+                const bool add = C.accumulate || pc > 0;
+                const float* row_init = add || C.bias == nullptr ? nullptr : C.bias + jc;
+#pragma omp for schedule(dynamic, 1)
+                for (idx_t u = 0; u < units; u++) {
+                    const idx_t ic = u * kTeamRows;
+                    row_block(ic, min_idx(kTeamRows, M - ic), jc, nb, pc, kb, alpha, A, C, pb, pa, add,
+                              row_init, bf16);
                 }
             }
         }
     }
     return true;
 }
+#endif
 
-// Splits C between the threads (split_between_threads) and runs the blocked product on each share,
-// falling back to the reference loop where scratch is unavailable.
+// The product on the OpenMP team: shared B and row units handed out as threads come free
+// (gemm_team) where C has rows enough to balance, else C split into one share per thread
+// (split_between_threads); the reference loop where scratch is unavailable.
 void gemm_blocked_parallel(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C,
                            bool parallel, bool bf16) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) return empty_product(M, N, C);
+#ifdef _OPENMP
+    const int threads = product_threads(M, N, K, kParallelMinWork, parallel);
+    if (threads > 1 && ceil_div(M, kTeamRows) >= 2 * threads &&
+        gemm_team(M, N, K, alpha, A, B, C, bf16, threads))
+        return;
+#endif
     split_between_threads(M, N, K, MR, NR, kParallelMinWork, parallel,
                           [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
                               const Operand a = A.from(m0, 0), b = B.from(0, n0);

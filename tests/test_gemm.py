@@ -2,7 +2,7 @@
 
 Through the public ops: the linear layer's forward and both backward products against float64 numpy
 on awkward shapes (sizes around the register tiles and cache slices), the accumulate and skip
-contracts, and bitwise-identical results for 1 and 2 threads. Through a small C++ driver
+contracts, and bitwise-identical results for 1, 2 and 3 threads. Through a small C++ driver
 (tests/gemm_check.cpp, compiled here against cpp/gemm.cpp once per instruction set by tests/drivers.py): any stride
 pattern, alpha, accumulate on and off, and calls from inside a parallel region, which matmul alone
 never exercises.
@@ -91,28 +91,31 @@ def test_backward_gradients_alone_equal_gradients_together(isa):
         assert np.abs(t).max() > 0 and np.array_equal(a, t)
 
 
-# Large enough that two threads both get work, split by rows (N >= OC) or by columns (N < OC), with
-# edge tiles and several reduction slices.
-THREAD_SHAPES = [(333, 530, 97), (70, 300, 515), (1029, 64, 200)]
+# Large enough that several threads all get work: products whose rows the team takes a unit at a
+# time (many rows of C), and products split once per thread by rows or by columns (few rows), with
+# edge tiles, several reduction slices, and (1100 columns) several column blocks.
+THREAD_SHAPES = [(333, 530, 97), (70, 300, 515), (1029, 64, 200), (300, 40, 1100)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", THREAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bitwise_identical_for_1_and_2_threads(isa, shape):
+def test_bitwise_identical_for_1_2_and_3_threads(isa, precision, shape):
     N, C, OC = shape
     inp, weight, bias, dout = operands(N, C, OC, seed=7)
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         out = np.empty((N, OC), np.float32)
         dinp = np.zeros((N, C), np.float32)
         dweight = np.zeros((OC, C), np.float32)
         dbias = np.zeros(OC, np.float32)
         with ops.use_isa(isa), ops.num_threads(threads):
-            ops.matmul_forward(out, inp, weight, bias)
-            ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+            ops.matmul_forward(out, inp, weight, bias, precision=precision)
+            ops.matmul_backward(dinp, dweight, dbias, dout, inp, weight, precision=precision)
         results.append((out, dinp, dweight, dbias))
-    for one, two in zip(*results):
-        assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
+    for other in results[1:]:
+        for one, many in zip(results[0], other):
+            assert np.array_equal(one.view(np.uint32), many.view(np.uint32))
 
 
 # --- bf16: every path against float64 on the same rounded operands --------------------------------
