@@ -451,6 +451,9 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
                                                                    "a JSONL file"),
             (["--prompts", str(prompts), "--out", str(tmp_path / "no" / "r.jsonl")],
              "the directory " + str(tmp_path / "no") + " does not exist"),
+            # A file where the folder should be was said not to exist.
+            (["--prompts", str(prompts), "--out", str(prompts / "r.jsonl")],
+             f"cannot write {prompts / 'r.jsonl'}: {prompts} is a file, not a directory"),
             # Opening a FIFO to append waited for a reader forever.
             (["--prompts", str(prompts), "--out", str(fifo)],
              f"rankings file {fifo} is not a regular file (a FIFO, device or socket): expected a "
