@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -539,6 +540,22 @@ def test_lmlab_studio_on_a_port_in_use_or_an_address_not_here_says_so_in_one_lin
     for host, message in [("192.0.2.1", "Cannot assign requested address"),  # TEST-NET-1
                           ("", "--host '' is empty: name an address")]:
         assert main(["studio", str(studio_runs[0]), "--host", host]) == 2
+        out, err = capsys.readouterr()
+        assert "open http" not in out and message in err and err.count("\n") == 1, err
+
+
+def test_an_empty_run_or_train_into_is_refused_not_read_as_the_current_directory(
+        studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--train-into "" (an unset variable) made the current directory a slot the Training page
+    could write a run into, among its files; a run named "" was looked for there."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
+    shutil.copytree(studio_runs[0], tmp_path / "base")
+    monkeypatch.chdir(tmp_path / "base")  # the current directory holds a run
+    for argv, message in [([str(studio_runs[0]), "--train-into", ""], "--train-into '' is empty"),
+                          ([""], "the run directory is empty ('')")]:
+        assert main(["studio", *argv]) == 2
         out, err = capsys.readouterr()
         assert "open http" not in out and message in err and err.count("\n") == 1, err
 
