@@ -470,6 +470,22 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_an_empty_run_to_read_is_refused_not_read_as_the_current_directory(run, tmp_path,
+                                                                          monkeypatch, capsys):
+    """sample "$RUN" with RUN unset sampled whatever run the current directory held (and finetune
+    "" --out tuned it), with no word that no run was named; writing there was already refused."""
+    monkeypatch.chdir(run / "base")
+    for argv in (["sample", "", "--max-new-tokens", "2"],
+                 ["finetune", "", "--corpus", str(run / "corpus.txt"), "--out",
+                  str(tmp_path / "ft"), "--steps", "1", "--no-progress"],
+                 ["export", "", "--to", "hf", str(tmp_path / "hf")]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, (argv, err)
+        assert "the run directory is empty ('')" in err, (argv, err)
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "hf").exists()
+
+
 def test_a_streamed_sample_is_cut_where_the_stop_string_starts_as_a_whole_one_is(run, capsys):
     """Streaming shows text as it comes, but not the first characters of a stop string that then
     arrives: the streamed output equals --no-stream's for every stop string and seed."""
