@@ -451,6 +451,9 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
                                                                    "a JSONL file"),
             (["--prompts", str(prompts), "--out", str(tmp_path / "no" / "r.jsonl")],
              "the directory " + str(tmp_path / "no") + " does not exist"),
+            # A file where the folder should be was said not to exist.
+            (["--prompts", str(prompts), "--out", str(prompts / "r.jsonl")],
+             f"cannot write {prompts / 'r.jsonl'}: {prompts} is a file, not a directory"),
             # Opening a FIFO to append waited for a reader forever.
             (["--prompts", str(prompts), "--out", str(fifo)],
              f"rankings file {fifo} is not a regular file (a FIFO, device or socket): expected a "
@@ -465,6 +468,22 @@ def test_values_are_checked_before_training_and_paths_of_the_wrong_kind_named(ru
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_an_empty_run_to_read_is_refused_not_read_as_the_current_directory(run, tmp_path,
+                                                                          monkeypatch, capsys):
+    """sample "$RUN" with RUN unset sampled whatever run the current directory held (and finetune
+    "" --out tuned it), with no word that no run was named; writing there was already refused."""
+    monkeypatch.chdir(run / "base")
+    for argv in (["sample", "", "--max-new-tokens", "2"],
+                 ["finetune", "", "--corpus", str(run / "corpus.txt"), "--out",
+                  str(tmp_path / "ft"), "--steps", "1", "--no-progress"],
+                 ["export", "", "--to", "hf", str(tmp_path / "hf")]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, (argv, err)
+        assert "the run directory is empty ('')" in err, (argv, err)
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "hf").exists()
 
 
 def test_a_streamed_sample_is_cut_where_the_stop_string_starts_as_a_whole_one_is(run, capsys):

@@ -620,11 +620,30 @@ def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
             (["descent", "--steps", "1001"], "--steps must be in 1..1,000, got 1001"),
             # a start whose square overflows float64 drew and printed inf and 300-digit positions
             (["descent", "--start=-1e300"], "--start must be within \u00b11,000,000 of the minimum, got -1e+300"),
-            (["landscape", "--start", "2e6"], "--start must be within \u00b11,000,000 of the minimum, got 2e+06")]:
+            (["landscape", "--start", "2e6"], "--start must be within \u00b11,000,000 of the minimum, got 2e+06"),
+            # one step of a learning rate this large leapt past float64: overflow warnings, inf, nan
+            (["descent", "--lr", "1e300"], "--lr must be within \u00b11,000, got 1e+300"),
+            (["descent", "--lrs", "0.3", "2000"], "--lrs must be within \u00b11,000, got 2000"),
+            (["landscape", "--lr", "1e300"], "--lr must be within \u00b11,000, got 1e+300"),
+            (["landscape", "--adam-lr", "1001"], "--adam-lr must be within \u00b11,000, got 1001")]:
         assert main(["demo", *argv, "--out", out]) == 2, argv
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err == f"lmlab demo: error: {line}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_learning_rate_at_the_bound_draws_without_overflow(tmp_path):
+    """The largest learning rates allowed, from the farthest starts, give finite numbers
+    everywhere: the path stops once it has escaped, and the escaping step stays in range."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in numpy or matplotlib fails the test
+        d = demo.descent(tmp_path / "d", start=-1e6, lr=1e3, lrs=[-1e3], steps=50, gif=False)
+        o = demo.optimizers(tmp_path / "o", start=1e6, lr=1e3, momentum=0.99, adam_lr=1e3,
+                            steps=50, gif=False)
+    assert all(np.all(np.isfinite(run["losses"])) for run in d.numbers["runs"])
+    assert all(np.all(np.isfinite(np.asarray(v, float))) for v in _numbers(o.numbers))
 
 
 def test_a_start_at_the_bound_draws_without_overflow(tmp_path):

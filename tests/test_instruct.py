@@ -174,6 +174,30 @@ def test_instruct_with_no_scorable_held_out_conversation_measures_no_validation_
     assert "no held-out conversation (1 held out) can be scored" in capsys.readouterr().err
 
 
+def test_a_dataset_the_parent_cannot_encode_is_refused_naming_the_characters(tmp_path, capsys):
+    """When no training conversation can be encoded by the parent's char tokenizer, the refusal
+    says so and names the characters; it used to say every response was empty or cut off by the
+    block size, which sent a student to the wrong setting. No run is written."""
+    from lmlab.cli import main
+    (tmp_path / "corpus.txt").write_text(ALPHABET * 40)
+    assert main(["pretrain", "--corpus", str(tmp_path / "corpus.txt"), "--run",
+                 str(tmp_path / "base"), "--steps", "1", "--n-layer", "1", "--n-head", "1",
+                 "--n-embd", "8", "--block-size", "48", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    data = _write_jsonl(tmp_path / "qa.jsonl", [BAD, {"prompt": "caf\u00e9?", "response": "no"},
+                                                {"prompt": "ok?", "response": "\u00fcber"}])
+    assert main(["instruct", str(tmp_path / "base"), "--data", data, "--out",
+                 str(tmp_path / "qa"), "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    # line 1 is held out (every tenth conversation, from the first): two train
+    assert "none of its 2 training conversations" in err and "cannot encode" in err, err
+    assert "'\u00e9' x1" in err and "'\u00fc' x1" in err, err
+    assert "inspect-data" in err and "empty or cut off" not in err, err
+    assert not (tmp_path / "qa").exists()
+
+
 @pytest.mark.parametrize("path", ["respond", "Model.generate", "lmlab sample"])
 def test_an_answer_outgrowing_the_block_is_read_as_the_assistant_s_turn(path, tmp_path,
                                                                         monkeypatch, capsys):

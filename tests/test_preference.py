@@ -754,6 +754,31 @@ def test_rlhf_refuses_a_reward_model_that_cannot_read_the_policys_answers(tmp_pa
     rwd.RewardModel(_tiny(bpe), bpe).check_reads(wide)
 
 
+def test_rlhf_refuses_to_write_over_the_reward_model_it_scores_with(tmp_path, tok, capsys):
+    """The reward model is a run rlhf reads, as its parent is: an --out naming it (or a directory
+    inside it) was opened with --overwrite, which set the reward model aside and replaced it by
+    the RL run."""
+    from lmlab.checkpoint import save_run
+
+    save_run(tmp_path / "base", _tiny(tok), tok, train_config={})
+    recs = [{"prompt": "the ", "completions": ["ab", "ba"], "ranking": [0, 1]}] * 2
+    rm, _ = rwd.train_reward_model(_tiny(tok), tok, recs, steps=2)
+    rm.save(tmp_path / "rm", parent=str(tmp_path / "base"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "rm").rglob("*"))
+    (tmp_path / "p.txt").write_text("the cat \na dog \n")
+    argv = ["rlhf", str(tmp_path / "base"), "--prompts", str(tmp_path / "p.txt"),
+            "--reward-model", str(tmp_path / "rm"), "-k", "2", "--prompts-per-step", "1",
+            "--max-new-tokens", "4", "--steps", "1", "--no-progress", "--threads", "1",
+            "--overwrite", "--out"]
+    for out, message in [(tmp_path / "rm", "is the reward model it scores with"),
+                         (tmp_path / "rm" / "rl", "is inside the reward model it scores with")]:
+        assert main([*argv, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "rm").rglob("*")) == before
+    rwd.RewardModel.load(tmp_path / "rm")  # still the reward model
+
+
 _EVAL_ALONE = [
     (["--eval-judge", ""], "unknown judge ''"),  # was no eval at all
     (["--eval-prompts", "P"], "--eval-prompts 'P' is not allowed: it applies only to the eval"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -490,10 +492,12 @@ def test_lmlab_studio_prints_the_url_with_a_token_for_a_network_host(studio_runs
 
     seen = {}
 
-    def fake_run(server):
+    def fake_run(server, sockets=None):
         seen.update(app=server.config.app, host=server.config.host, port=server.config.port)
 
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    # Nothing is bound: the ports named here may be in use on the machine running the tests.
+    monkeypatch.setattr("lmlab.studio.app.listen_socket", lambda host, port: socket.socket())
     assert main(["studio", str(studio_runs[0]), "--host", "0.0.0.0", "--port", "8123"]) == 0
     out = capsys.readouterr().out
     token = re.search(r"http://0\.0\.0\.0:8123/\?token=([\w-]+)", out).group(1)
@@ -514,6 +518,46 @@ def test_lmlab_studio_errors_are_one_line(studio_runs, tmp_path, monkeypatch, ca
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "starlette" else find(name, *a))
     assert main(["studio", str(studio_runs[0])]) == 2
     assert 'pip install "lmlab[studio]"' in capsys.readouterr().err
+
+
+def test_lmlab_studio_on_a_port_in_use_or_an_address_not_here_says_so_in_one_line(
+        studio_runs, monkeypatch, capsys):  # noqa: F811
+    """A second studio on a port in use printed the URL to open (the first studio's), then
+    uvicorn's ERROR line, and exited 3; an empty --host bound every interface."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["studio", str(studio_runs[0]), "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+        assert "open http" not in out
+        assert err == (f"lmlab studio: error: cannot serve on --host 127.0.0.1 --port {port}: "
+                       "Address already in use: is a studio (or another server) already running "
+                       "there? Stop it, or pass another --port\n")
+    for host, message in [("192.0.2.1", "Cannot assign requested address"),  # TEST-NET-1
+                          ("", "--host '' is empty: name an address")]:
+        assert main(["studio", str(studio_runs[0]), "--host", host]) == 2
+        out, err = capsys.readouterr()
+        assert "open http" not in out and message in err and err.count("\n") == 1, err
+
+
+def test_an_empty_run_or_train_into_is_refused_not_read_as_the_current_directory(
+        studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--train-into "" (an unset variable) made the current directory a slot the Training page
+    could write a run into, among its files; a run named "" was looked for there."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
+    shutil.copytree(studio_runs[0], tmp_path / "base")
+    monkeypatch.chdir(tmp_path / "base")  # the current directory holds a run
+    for argv, message in [([str(studio_runs[0]), "--train-into", ""], "--train-into '' is empty"),
+                          ([""], "the run directory is empty ('')")]:
+        assert main(["studio", *argv]) == 2
+        out, err = capsys.readouterr()
+        assert "open http" not in out and message in err and err.count("\n") == 1, err
 
 
 def test_two_processes_appending_big_rankings_to_one_file_never_interleave(tmp_path):

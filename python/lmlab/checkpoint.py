@@ -93,7 +93,7 @@ def current_checkpoint(run_dir) -> Path:
     or, for a flat-layout run (or a checkpoint directory given directly), the directory itself.
     While an --overwrite replaces the run and the new run has no checkpoint yet, the replaced run's
     (rundir's module docstring): wherever a kill left it, it stays readable."""
-    run = Path(os.fspath(run_dir))
+    run = rundir.run_path(run_dir)  # "" (an unset variable) is not the current directory
     if not run.is_dir():
         if os.path.lexists(run):
             raise NotADirectoryError(f"{run} is a file, not a run directory")

@@ -25,6 +25,10 @@ MAX_DESCENT_STEPS = 1_000
 # Farthest start from the minimum: the pictures draw the curve out to the start, and the squares of
 # a start much larger overflow float64 (--start 1e300 printed 300-digit positions and f = inf).
 MAX_START = 1e6
+# Largest learning rate: a path stops once past ESCAPE, but one step of --lr 1e300 leapt from the
+# start straight past float64 (overflow warnings, inf and nan in the table and the pictures); up
+# to this one the step that escapes still lands within range, and diverging needs only lr > 1.
+MAX_LR = 1e3
 MAX_LANDSCAPE_STEPS = 10_000
 
 REGIME_COLOURS = {
@@ -35,6 +39,14 @@ REGIME_COLOURS = {
     "diverges": "tab:red",
     "already at the minimum": "tab:gray",
 }
+
+
+def check_lr(name: str, value, *, positive: bool = False) -> float:
+    """A finite learning rate of magnitude at most MAX_LR."""
+    lr = check_float(name, value, positive=positive)
+    if abs(lr) > MAX_LR:
+        raise SettingValueError(name, f"must be within \u00b1{MAX_LR:,.0f}, got {lr:g}")
+    return lr
 
 
 def check_start(name: str, value) -> float:
@@ -82,9 +94,9 @@ def descent(out, *, lr=None, lrs=DEFAULT_LRS, start: float = 4.0, steps: int = 2
     """
     start = check_start("start", start)
     steps = check_int("steps", steps, 1, MAX_DESCENT_STEPS)
-    rates = [check_float("lrs", v) for v in lrs]
+    rates = [check_lr("lrs", v) for v in lrs]
     if lr is not None:
-        lr = check_float("lr", lr)
+        lr = check_lr("lr", lr)
         if lr not in rates:
             rates.append(lr)
     if not rates:
@@ -314,7 +326,7 @@ def _loss_axes(ax, title, best, best_label):
 def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) -> DemoResult:
     """Plain gradient descent on the double well from each start: where you start decides where you end."""
     starts = [check_start("starts", s) for s in starts]
-    lr = check_float("lr", lr, positive=True)
+    lr = check_lr("lr", lr, positive=True)
     steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     out = out_dir(out)
     x_global, x_local = double_well_minima()
@@ -360,7 +372,7 @@ def local_global(out, *, starts=(-2.0, 2.0), lr: float = 0.02, steps: int = 60) 
 def erratic(out, *, start: float = 3.0, lrs=(0.05, 0.3), steps: int = 60) -> DemoResult:
     """Plain gradient descent on the bumpy function: a small lr sticks in a ripple, a large one bounces."""
     start = check_start("start", start)
-    rates = [check_float("lrs", r, positive=True) for r in lrs]
+    rates = [check_lr("lrs", r, positive=True) for r in lrs]
     steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     out = out_dir(out)
     x_star = bumpy_global_min()
@@ -421,9 +433,9 @@ def optimizers(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0
     over them; both settle within 0.1 of the global minimum (x = -0.2396) in under 50 steps.
     """
     start = check_start("start", start)
-    lr = check_float("lr", lr, positive=True)
+    lr = check_lr("lr", lr, positive=True)
     momentum = _check_momentum(momentum)
-    adam_lr = check_float("adam_lr", adam_lr, positive=True)
+    adam_lr = check_lr("adam_lr", adam_lr, positive=True)
     steps = check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     tol = check_float("tol", tol, positive=True)
     out = out_dir(out)
@@ -502,8 +514,8 @@ def landscape(out, *, start: float = 3.0, lr: float = 0.01, momentum: float = 0.
               steps: int = 100, gif: bool = True) -> DemoResult:
     """All three 'what can go wrong' pictures: local vs global minimum, erratic slope, optimisers."""
     # every value checked before the first picture is written (each part checks its own too)
-    check_start("start", start), check_float("lr", lr, positive=True)
-    check_float("adam_lr", adam_lr, positive=True)
+    check_start("start", start), check_lr("lr", lr, positive=True)
+    check_lr("adam_lr", adam_lr, positive=True)
     check_int("steps", steps, 1, MAX_LANDSCAPE_STEPS)
     _check_momentum(momentum)
     parts = {

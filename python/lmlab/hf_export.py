@@ -38,7 +38,7 @@ from .chat import END, stop_ids
 from .checkpoint import current_checkpoint, load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, make_parent_dir, write_new_file
-from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE, REWARD_HEAD_FILE, config_kind
+from .rundir import CHECKPOINTS_DIR, CURRENT_FILE, MODEL_FILE, REWARD_HEAD_FILE, config_kind, run_path
 from .hf import chat_template_jinja, gpt2_config, name_map, to_hf
 from .tensorfile import safetensors_chunks
 from .tokenizer import SPECIAL_TOKENS
@@ -193,7 +193,7 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
     """Write the run's current checkpoint as a transformers GPT-2 directory `out` (module
     docstring). Returns {"out", "files", "replaced"}: the directory, its files, and what an
     overwrite replaced."""
-    run, out = Path(os.fspath(run)), Path(os.fspath(out))
+    run, out = run_path(run), Path(os.fspath(out))  # run_path: "" is not the current directory
     _restore_interrupted(out)
     replaced = _check_out(out, run, overwrite)
     model, tok, config = load_model(run)

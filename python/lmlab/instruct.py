@@ -13,9 +13,11 @@ the evaluation that compares a base model with an instruct-tuned one.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import inspect
 import re
+import shlex
 import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -339,6 +341,34 @@ def evaluate_instruct(model, tokenizer, conversations, *, max_new_tokens: int = 
 
 # --- the stage entry point -----------------------------------------------------------------------
 
+def _nothing_to_learn(data, parent, conversations, problems, tok, block_size: int) -> str:
+    """The refusal of a dataset none of whose training conversations supervises a token, saying
+    why: text the parent's tokenizer cannot encode (naming the characters), or a response that
+    starts past the block size."""
+    why = []
+    if problems["unencodable"]:
+        unknown = collections.Counter()
+        for i in problems["unencodable"]:
+            for turn in conversations[i]:
+                unknown.update(tok.unknown_chars(turn["content"]))
+        shown = ", ".join(f"{c!r} x{n}" for c, n in unknown.most_common(10))
+        shown += f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        if all("\ud800" <= c <= "\udfff" for c in unknown):  # what even byte-level BPE refuses
+            cause = ("lone surrogates, which are not valid Unicode: a \\ud800-style escape in "
+                     "the JSON makes one")
+        else:
+            cause = ("its vocabulary holds only the characters of the text it was trained on: "
+                     "pretrain on text that holds them, or with --tokenizer bpe")
+        why.append(f"{len(problems['unencodable'])} hold text the {tok.kind} tokenizer of "
+                   f"{parent} cannot encode ({shown}; {cause})")
+    if problems["no_supervised"]:
+        why.append(f"{len(problems['no_supervised'])} have no response token within the block "
+                   f"size ({block_size})")
+    return (f"{data}: none of its {len(conversations)} training conversations can be learned "
+            f"from: {'; '.join(why)}; `lmlab inspect-data {shlex.quote(str(parent))} --data "
+            f"{shlex.quote(str(data))}` shows each")
+
+
 def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
                   overwrite: bool = False, threads: Optional[int] = None,
                   **settings) -> StageResult:
@@ -355,6 +385,8 @@ def instruct_tune(parent, data: Optional[str], run_dir, *, resume: bool = False,
         T = model.config.block_size
         train_convs, held_out = load_instruct_data(s["data"])
         train_examples, problems = build_examples(train_convs, tok, T)
+        if not any(e.n_supervised for e in train_examples):
+            raise ValueError(_nothing_to_learn(s["data"], parent, train_convs, problems, tok, T))
         val_examples, _ = build_examples(held_out, tok, T)
         val_examples = [e for e in val_examples if e.n_supervised > 0]
         cfg = run.train_config()

@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .data import need_regular_file, need_str, read_jsonl_objects
-from .files import JSONTextError, NotJSON, append_line, parse_json
+from .files import JSONTextError, NotJSON, append_line, check_parent_dir, parse_json
 from .sequences import ended_id, unencodable, unencodable_refusal
 
 
@@ -265,6 +265,7 @@ def check_rankings_output(path, *, writable: bool = True) -> Path:
         need_regular_file(os.fspath(path), "rankings file", "a JSONL file")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
+        check_parent_dir(path)  # a file named as a folder (out.jsonl/r.jsonl) is named as such
         raise FileNotFoundError(f"cannot write rankings to {path}: the directory {folder} does "
                                 "not exist")
     if writable and not os.access(path if path.exists() else folder, os.W_OK):

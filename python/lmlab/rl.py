@@ -17,6 +17,7 @@ from .checkpoint import load_model
 from .judges import judge_reward, make_judge
 from .rankings import check_prompts, read_prompts, split_records
 from .reward_model import RewardModel
+from .rundir import check_apart
 from .sequences import pack_for_loss, prompt_ids_for, sample_completion, sequence_logprobs
 from .stage import StageResult, open_stage
 from .train import train
@@ -160,6 +161,9 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
                              "--reward-model) or judge (--judge)")
         if prompt_list is None and s["prompts"] is None:
             raise ValueError("RL needs prompts (--prompts FILE)")
+        if s["reward_model"] is not None:
+            # A second run the stage reads: --overwrite into it would replace the reward model.
+            check_apart(opened.out, s["reward_model"], "the reward model it scores with")
         if s["judge"] is not None:
             judge = make_judge(s["judge"])
             reward_fn, source = judge_reward(judge), f"judge {judge!r}"

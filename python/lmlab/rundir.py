@@ -358,17 +358,24 @@ def report_replaced(run: RunDir) -> None:
               file=sys.stderr)
 
 
-def _check_parent(path: Path, parent) -> None:
-    out, par = path.resolve(), Path(parent).resolve()
+def check_apart(path, other, what: str = "the run it starts from") -> None:
+    """Refuse the output run directory `path` where it is, is inside or holds `other`, a run the
+    command reads (`what` names it, as "the run it starts from"): opening it, above all with
+    --overwrite, would set aside or write over what the command reads."""
+    out, par = Path(path).resolve(), Path(other).resolve()
     if out == par:
-        raise RunDirError(f"the output {path} is the run it starts from ({parent}); choose a new "
-                          "directory for the output")
+        raise RunDirError(f"the output {path} is {what} ({other}); choose a new directory for "
+                          "the output")
     if par in out.parents:
-        raise RunDirError(f"the output {path} is inside the run it starts from ({parent}); choose "
-                          "a directory outside it")
+        raise RunDirError(f"the output {path} is inside {what} ({other}); choose a directory "
+                          "outside it")
     if out in par.parents:
-        raise RunDirError(f"the run it starts from ({parent}) is inside the output {path}; choose "
-                          "another output directory")
+        raise RunDirError(f"{what} ({other}) is inside the output {path}; choose another output "
+                          "directory")
+
+
+def _check_parent(path: Path, parent) -> None:
+    check_apart(path, parent)
 
 
 def _lock(path: Path) -> int:

@@ -36,6 +36,9 @@ def add_commands(sub) -> None:
 def cmd_studio(args) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not args.host.strip():  # "" binds every interface, as 0.0.0.0 does: say which
+        raise ValueError(f"--host {args.host!r} is empty: name an address (127.0.0.1, this "
+                         "computer only; 0.0.0.0 for a class)")
     if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uvicorn") is None:
         raise ValueError(INSTALL_HINT)
     from ..studio import serve

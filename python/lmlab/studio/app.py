@@ -9,7 +9,9 @@ threads for anything that touches a model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..errors import LmlabError
 from . import descent, next_token, ranking, training, views
 from .common import api
 from .runs import Runs
@@ -97,6 +100,10 @@ def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
     allowed = LOOPBACK_HOSTS if token is None else None
     app = create_app(run_paths, token=token, allowed_hosts=allowed, rankings=rankings, prompts=prompts,
                      train_into=train_into)
+    # Bound before the URL is shown: a port in use (a studio already running, another server on
+    # 8000) or an address not of this computer is refused in one line, not after the URL as
+    # uvicorn's own error and exit status 3.
+    sock = listen_socket(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     announce(f"lmlab studio: open {url}")
@@ -109,9 +116,30 @@ def serve(run_paths: Sequence, *, host: str = "127.0.0.1", port: int = 8000,
         announce(f"  the Training page may train into: {', '.join(slots)}")
     announce(f"  rankings go to {app.app.state.rankings.path}; Ctrl-C stops the studio")
     try:
-        _server(app, host, port).run()
+        _server(app, host, port).run(sockets=[sock])
     finally:
         stop_training(app)
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for the studio to serve on; LmlabError in one line naming
+    --host and --port when it cannot be (in use, not an address of this computer, unknown name)."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        why = e.strerror or str(e)
+        hint = (": is a studio (or another server) already running there? Stop it, or pass "
+                "another --port" if e.errno == errno.EADDRINUSE else "")
+        raise LmlabError(f"cannot serve on --host {host} --port {port}: {why}{hint}") from None
+    return sock
 
 
 def _server(app, host: str, port: int):

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import current_checkpoint, load_model, read_config
-from ..rundir import METRICS_FILE, is_run
+from ..errors import RunDirError
+from ..rundir import METRICS_FILE, is_run, run_path
 
 NAME_CHARS = 80  # longest run reference a request may send
 
@@ -75,7 +76,7 @@ class Runs:
         self.runs: list[Run] = []
         taken: set = set()
         for i, p in enumerate(paths):
-            path = Path(os.fspath(p)).resolve()
+            path = run_path(p).resolve()  # "" (an unset variable) is not the current directory
             if not path.is_dir():
                 if path.exists():
                     raise NotADirectoryError(f"{os.fspath(p)} is a file, not a run directory")
@@ -86,6 +87,9 @@ class Runs:
                                  "finetune, instruct, dpo or rlhf")
             self.runs.append(Run(i, self._unique(path.name or f"run{i}", taken), path))
         for p in train_into:
+            if not os.fspath(p):  # would train into the current directory, among its files
+                raise RunDirError("--train-into '' is empty: name the directory the Training page "
+                                  "may train into")
             path = Path(os.fspath(p)).resolve()
             if path.exists() and not path.is_dir():
                 raise ValueError(f"--train-into {os.fspath(p)} is a file; name a directory for a new "
