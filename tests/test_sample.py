@@ -345,3 +345,39 @@ def test_bad_seed_stop_ids_use_cache_and_callback_are_refused_by_name(model):
     b = generate(model, PROMPT, 5, seed=np.random.default_rng(7), stop_ids=[0])
     assert np.array_equal(a, b)
     assert generate(model, PROMPT, 3, seed=2**64 + 1).shape[0] <= 3
+
+
+def test_a_model_prompt_cache_or_turns_of_the_wrong_kind_is_refused_by_name(model):
+    """An lmlab.Model (its .gpt is the GPT; its .config is the run's config.json, a dict) failed
+    deep inside as "'dict' object has no attribute 'block_size'"; text for prompt_ids as "got shape
+    ()"; KVCache(model) as "'GPT' object has no attribute 'n_layer'"; turns=5 ran while the context
+    fitted the block and failed unpacking it once the window slid."""
+    from types import SimpleNamespace
+
+    from lmlab.sample import score_tokens
+
+    wrapped = SimpleNamespace(gpt=model, config={"model": CFG})  # what lmlab.Model holds
+    for call in (lambda m: generate(m, PROMPT, 2), lambda m: next_token_distribution(m, PROMPT),
+                 lambda m: score_tokens(m, PROMPT)):
+        with pytest.raises(TypeError, match=r"model must be an lmlab GPT .*\.gpt\), got "
+                                            r"SimpleNamespace"):
+            call(wrapped)
+        with pytest.raises(TypeError, match="model must be an lmlab GPT"):
+            call(CFG)
+    with pytest.raises(TypeError, match=r"prompt_ids must be token ids, not text \(str\)"):
+        generate(model, "the cat", 2)
+    with pytest.raises(TypeError, match=r"prompt_ids must be token ids, not text \(str\)"):
+        next_token_distribution(model, "the cat")
+    for wrong in (model, wrapped, CFG):
+        with pytest.raises(TypeError, match=r"KVCache takes the model's GPTConfig"):
+            KVCache(wrong)
+    long_prompt = list(range(4, 4 + CFG["block_size"] + 3))
+    for turns in (5, (1, 2), "abc", (1, 2, 3.0), (True, 2, 3)):
+        with pytest.raises(TypeError, match="turns must be None"):
+            generate(model, PROMPT, 2, turns=turns)
+        with pytest.raises(TypeError, match="turns must be None"):
+            generate(model, long_prompt, 2, turns=turns)
+    # What stays allowed, with the same tokens as before: a GPT, its config, numpy ids, turns.
+    np.testing.assert_array_equal(generate(model, PROMPT, 4, temperature=0, turns=[1, 2, 3]),
+                                  generate(model, PROMPT, 4, temperature=0, turns=TURNS))
+    assert KVCache(model.config).length == 0
