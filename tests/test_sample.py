@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lmlab import ops
 from lmlab.chat import crop_context
 from lmlab.kvcache import KVCache
 from lmlab.model import GPT, GPTConfig
@@ -381,3 +382,35 @@ def test_a_model_prompt_cache_or_turns_of_the_wrong_kind_is_refused_by_name(mode
     np.testing.assert_array_equal(generate(model, PROMPT, 4, temperature=0, turns=[1, 2, 3]),
                                   generate(model, PROMPT, 4, temperature=0, turns=TURNS))
     assert KVCache(model.config).length == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=4), dict(temperature=0.5, top_k=6, top_p=0.9),
+                                    dict(temperature=2.0, top_p=0.8)])
+def test_first_token_frequencies_match_the_filtered_model_distribution(model, kwargs):
+    """generate's first tokens, drawn many times, follow the model's float64 softmax shaped by the
+    filters as written here (p ** (1/T), the k most likely, the smallest set reaching p, each
+    renormalised): nothing outside the kept set, and a chi-square statistic far below what a
+    mismatch gives (fixed seed: the counts are the same on every run, so this cannot flake)."""
+    logits, _ = model.forward(np.array([PROMPT]))
+    z = logits[0, -1].astype(np.float64) / kwargs.get("temperature", 1.0)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = order[: kwargs.get("top_k", p.size)]
+    q = np.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+    if "top_p" in kwargs:
+        cum = np.cumsum(q[order])
+        n = int(np.argmax(cum >= kwargs["top_p"])) + 1
+        q[order[n:]] = 0.0
+        q /= q.sum()
+    N, rng = 1500, np.random.default_rng(11)
+    with ops.num_threads(1):  # tiny forwards: waking a thread team would cost more than they do
+        counts = np.bincount([int(generate(model, PROMPT, 1, seed=rng, **kwargs)[0])
+                              for _ in range(N)], minlength=p.size)
+    assert counts[q == 0].sum() == 0
+    kept = q > 0
+    chi2 = float((((counts - N * q) ** 2)[kept] / (N * q[kept])).sum())
+    df = int(kept.sum()) - 1
+    # df + 6 sd of the chi-square law: a sampler off by a few percent on a common token exceeds it
+    assert chi2 < df + 6 * np.sqrt(2 * max(df, 1)), (kwargs, chi2, df)
