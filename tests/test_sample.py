@@ -414,3 +414,19 @@ def test_first_token_frequencies_match_the_filtered_model_distribution(model, kw
     df = int(kept.sum()) - 1
     # df + 6 sd of the chi-square law: a sampler off by a few percent on a common token exceeds it
     assert chi2 < df + 6 * np.sqrt(2 * max(df, 1)), (kwargs, chi2, df)
+
+
+def test_draw_token_refuses_weights_that_are_no_distribution():
+    """All zeros walked back past id 0 to an IndexError ('index -4 is out of bounds'); a negative
+    or NaN weight drew from a meaningless cdf. A valid p draws as before: the first id whose cdf
+    passes u * total, the same id for the same seed."""
+    from lmlab.sample import draw_token
+
+    for p in (np.zeros(3), np.array([0.5, -0.2, 0.7]), np.array([np.nan, 1.0]),
+              np.array([np.inf, 1.0]), np.zeros(0), np.ones((2, 2)) / 4):
+        with pytest.raises(ValueError, match="p must be a non-empty 1-D array of finite"):
+            draw_token(p, np.random.default_rng(0))
+    p = np.array([0.0, 0.25, 0.0, 0.75])
+    u = np.random.default_rng(3).random()
+    expected = 1 if u < 0.25 else 3
+    assert draw_token(p, np.random.default_rng(3)) == expected

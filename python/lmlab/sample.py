@@ -87,7 +87,14 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
 
 def draw_token(p: np.ndarray, rng: np.random.Generator) -> int:
     """One token id drawn from the (filtered) distribution p with one uniform number from rng."""
+    p = np.asarray(p)
     cdf = np.cumsum(p)
+    if p.ndim != 1 or p.size == 0 or not np.isfinite(cdf[-1]) or cdf[-1] <= 0 or np.any(p < 0):
+        # all zeros walked back past the first id ("index -4 is out of bounds"); a negative entry
+        # made the cdf non-monotone, so searchsorted's answer meant nothing
+        raise ValueError(f"p must be a non-empty 1-D array of finite, non-negative weights that "
+                         f"are not all zero (filter_distribution gives one), got "
+                         f"{np.array2string(p, threshold=6)}")
     nxt = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     nxt = min(nxt, p.size - 1)
     while p[nxt] == 0.0:        # rounding at the cdf's flat end: step back to a kept id
