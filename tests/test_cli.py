@@ -420,6 +420,36 @@ def test_predict_chart_title_shows_the_prompt_as_typed_and_the_end_of_a_long_one
     assert titles[-1] == f"next token after '\u2026{end}'"
 
 
+def test_predict_chart_draws_at_most_chart_rows_bars(tmp_path, capsys):
+    """--top-k N --png drew N bars, 0.4 inch each: every token of an imported GPT-2 (--top-k 50000)
+    made a canvas some two million pixels tall (gigabytes), 2,000 bars a chart no one can read.
+    The table and JSON list all N; the chart the CHART_ROWS most likely, as --top-k CHART_ROWS
+    draws them (the same PNG height), and says so."""
+    from lmlab.model import GPT, GPTConfig
+    from lmlab.tokenizer import train_tokenizer
+
+    CHART_ROWS = 50  # what predict --help names
+    tok = train_tokenizer("the cat sat on the mat. " * 8, "bpe", vocab_size=260)
+    assert tok.vocab_size > CHART_ROWS
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    checkpoint.save_run(tmp_path / "bytes", gpt, tok, train_config={})
+
+    def png_height(path):  # the IHDR chunk: width, then height, big-endian
+        return int.from_bytes(path.read_bytes()[20:24], "big")
+
+    assert main(["predict", str(tmp_path / "bytes"), "--prompt", "the", "--top-k",
+                 str(CHART_ROWS), "--png", str(tmp_path / "some.png"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == CHART_ROWS and err == f"wrote {tmp_path / 'some.png'}\n"
+    assert main(["predict", str(tmp_path / "bytes"), "--prompt", "the", "--top-k", "100000",
+                 "--png", str(tmp_path / "all.png"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == tok.vocab_size
+    assert err == (f"lmlab predict: the chart shows the {CHART_ROWS} most likely of the "
+                   f"{tok.vocab_size} tokens listed\nwrote {tmp_path / 'all.png'}\n")
+    assert png_height(tmp_path / "all.png") == png_height(tmp_path / "some.png")
+
+
 def test_predict_png_under_a_file_is_refused_before_the_table(run, tmp_path, capsys):
     """--png a.png/chart.png with a.png a file failed only after the table was printed."""
     (tmp_path / "a.png").write_bytes(b"not a folder")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lmlab import ops
 from lmlab.chat import crop_context
 from lmlab.kvcache import KVCache
 from lmlab.model import GPT, GPTConfig
@@ -345,3 +346,87 @@ def test_bad_seed_stop_ids_use_cache_and_callback_are_refused_by_name(model):
     b = generate(model, PROMPT, 5, seed=np.random.default_rng(7), stop_ids=[0])
     assert np.array_equal(a, b)
     assert generate(model, PROMPT, 3, seed=2**64 + 1).shape[0] <= 3
+
+
+def test_a_model_prompt_cache_or_turns_of_the_wrong_kind_is_refused_by_name(model):
+    """An lmlab.Model (its .gpt is the GPT; its .config is the run's config.json, a dict) failed
+    deep inside as "'dict' object has no attribute 'block_size'"; text for prompt_ids as "got shape
+    ()"; KVCache(model) as "'GPT' object has no attribute 'n_layer'"; turns=5 ran while the context
+    fitted the block and failed unpacking it once the window slid."""
+    from types import SimpleNamespace
+
+    from lmlab.sample import score_tokens
+
+    wrapped = SimpleNamespace(gpt=model, config={"model": CFG})  # what lmlab.Model holds
+    for call in (lambda m: generate(m, PROMPT, 2), lambda m: next_token_distribution(m, PROMPT),
+                 lambda m: score_tokens(m, PROMPT)):
+        with pytest.raises(TypeError, match=r"model must be an lmlab GPT .*\.gpt\), got "
+                                            r"SimpleNamespace"):
+            call(wrapped)
+        with pytest.raises(TypeError, match="model must be an lmlab GPT"):
+            call(CFG)
+    with pytest.raises(TypeError, match=r"prompt_ids must be token ids, not text \(str\)"):
+        generate(model, "the cat", 2)
+    with pytest.raises(TypeError, match=r"prompt_ids must be token ids, not text \(str\)"):
+        next_token_distribution(model, "the cat")
+    for wrong in (model, wrapped, CFG):
+        with pytest.raises(TypeError, match=r"KVCache takes the model's GPTConfig"):
+            KVCache(wrong)
+    long_prompt = list(range(4, 4 + CFG["block_size"] + 3))
+    for turns in (5, (1, 2), "abc", (1, 2, 3.0), (True, 2, 3)):
+        with pytest.raises(TypeError, match="turns must be None"):
+            generate(model, PROMPT, 2, turns=turns)
+        with pytest.raises(TypeError, match="turns must be None"):
+            generate(model, long_prompt, 2, turns=turns)
+    # What stays allowed, with the same tokens as before: a GPT, its config, numpy ids, turns.
+    np.testing.assert_array_equal(generate(model, PROMPT, 4, temperature=0, turns=[1, 2, 3]),
+                                  generate(model, PROMPT, 4, temperature=0, turns=TURNS))
+    assert KVCache(model.config).length == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=4), dict(temperature=0.5, top_k=6, top_p=0.9),
+                                    dict(temperature=2.0, top_p=0.8)])
+def test_first_token_frequencies_match_the_filtered_model_distribution(model, kwargs):
+    """generate's first tokens, drawn many times, follow the model's float64 softmax shaped by the
+    filters as written here (p ** (1/T), the k most likely, the smallest set reaching p, each
+    renormalised): nothing outside the kept set, and a chi-square statistic far below what a
+    mismatch gives (fixed seed: the counts are the same on every run, so this cannot flake)."""
+    logits, _ = model.forward(np.array([PROMPT]))
+    z = logits[0, -1].astype(np.float64) / kwargs.get("temperature", 1.0)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = order[: kwargs.get("top_k", p.size)]
+    q = np.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+    if "top_p" in kwargs:
+        cum = np.cumsum(q[order])
+        n = int(np.argmax(cum >= kwargs["top_p"])) + 1
+        q[order[n:]] = 0.0
+        q /= q.sum()
+    N, rng = 1500, np.random.default_rng(11)
+    with ops.num_threads(1):  # tiny forwards: waking a thread team would cost more than they do
+        counts = np.bincount([int(generate(model, PROMPT, 1, seed=rng, **kwargs)[0])
+                              for _ in range(N)], minlength=p.size)
+    assert counts[q == 0].sum() == 0
+    kept = q > 0
+    chi2 = float((((counts - N * q) ** 2)[kept] / (N * q[kept])).sum())
+    df = int(kept.sum()) - 1
+    # df + 6 sd of the chi-square law: a sampler off by a few percent on a common token exceeds it
+    assert chi2 < df + 6 * np.sqrt(2 * max(df, 1)), (kwargs, chi2, df)
+
+
+def test_draw_token_refuses_weights_that_are_no_distribution():
+    """All zeros walked back past id 0 to an IndexError ('index -4 is out of bounds'); a negative
+    or NaN weight drew from a meaningless cdf. A valid p draws as before: the first id whose cdf
+    passes u * total, the same id for the same seed."""
+    from lmlab.sample import draw_token
+
+    for p in (np.zeros(3), np.array([0.5, -0.2, 0.7]), np.array([np.nan, 1.0]),
+              np.array([np.inf, 1.0]), np.zeros(0), np.ones((2, 2)) / 4):
+        with pytest.raises(ValueError, match="p must be a non-empty 1-D array of finite"):
+            draw_token(p, np.random.default_rng(0))
+    p = np.array([0.0, 0.25, 0.0, 0.75])
+    u = np.random.default_rng(3).random()
+    expected = 1 if u < 0.25 else 3
+    assert draw_token(p, np.random.default_rng(3)) == expected

@@ -25,6 +25,12 @@ class KVCache:
     """
 
     def __init__(self, config) -> None:
+        sizes = ("n_layer", "n_head", "n_embd", "block_size")
+        if not all(isinstance(getattr(config, a, None), int) for a in sizes):
+            # KVCache(model) or KVCache(lmlab.Model) failed as "'GPT' object has no attribute
+            # 'n_layer'", naming neither the argument nor what it takes.
+            raise TypeError(f"KVCache takes the model's GPTConfig (KVCache(model.config)), got "
+                            f"{type(config).__name__}")
         self.shape = (config.n_layer, config.n_head, config.n_embd, config.block_size)
         self.n_head, self.block_size = config.n_head, config.block_size
         HS = config.n_embd // config.n_head

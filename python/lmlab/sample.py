@@ -87,7 +87,14 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
 
 def draw_token(p: np.ndarray, rng: np.random.Generator) -> int:
     """One token id drawn from the (filtered) distribution p with one uniform number from rng."""
+    p = np.asarray(p)
     cdf = np.cumsum(p)
+    if p.ndim != 1 or p.size == 0 or not np.isfinite(cdf[-1]) or cdf[-1] <= 0 or np.any(p < 0):
+        # all zeros walked back past the first id ("index -4 is out of bounds"); a negative entry
+        # made the cdf non-monotone, so searchsorted's answer meant nothing
+        raise ValueError(f"p must be a non-empty 1-D array of finite, non-negative weights that "
+                         f"are not all zero (filter_distribution gives one), got "
+                         f"{np.array2string(p, threshold=6)}")
     nxt = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     nxt = min(nxt, p.size - 1)
     while p[nxt] == 0.0:        # rounding at the cdf's flat end: step back to a kept id
@@ -95,7 +102,22 @@ def draw_token(p: np.ndarray, rng: np.random.Generator) -> int:
     return nxt
 
 
+def _check_model(model) -> None:
+    """TypeError unless model is a GPT: an lmlab.Model (lmlab.load) failed deep inside as
+    "'dict' object has no attribute 'block_size'" (its .config is the run's config.json)."""
+    if not isinstance(model, GPT):
+        held = " (an lmlab.Model holds it as .gpt)" if isinstance(getattr(model, "gpt", None),
+                                                                 GPT) else ""
+        raise TypeError(f"model must be an lmlab GPT (what lmlab.checkpoint.load_model returns "
+                        f"first){held}, got {type(model).__name__}")
+
+
 def _context(model: GPT, ids) -> np.ndarray:
+    _check_model(model)
+    if isinstance(ids, (str, bytes)):  # np.asarray made it a 0-d array: "got shape ()"
+        raise TypeError(f"prompt_ids must be token ids, not text ({type(ids).__name__}): encode "
+                        "it with the run's tokenizer (tokenizer.encode), or call lmlab.Model's "
+                        "methods, which take text")
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of token ids, got shape "
@@ -212,6 +234,17 @@ def _stop_set(stop_ids) -> set:
     return stops
 
 
+def _check_turns(turns) -> None:
+    """TypeError unless turns is None or three whole-number ids (user, assistant, end): turns=5
+    passed unnoticed while the context fitted the block, then failed in crop_context's unpacking
+    once it slid."""
+    ok = turns is None or (isinstance(turns, (tuple, list)) and len(turns) == 3 and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in turns))
+    if not ok:
+        raise TypeError(f"turns must be None (plain text) or the (user, assistant, end) token ids "
+                        f"of a chat template (lmlab.chat.turn_ids), got {turns!r}")
+
+
 def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed=None,
              stop_ids: Optional[Iterable[int]] = None, use_cache: bool = True,
@@ -228,6 +261,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
     block_size is cropped to a window that starts as a turn (chat.crop_context); None: plain text.
     """
     checks.check("max_new_tokens", max_new_tokens)
+    _check_model(model)
     cfg = model.config
     _check_options(temperature, top_k, top_p)
     if not isinstance(use_cache, (bool, np.bool_)):  # use_cache="no" would be true
@@ -236,6 +270,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
         raise TypeError(f"callback must be callable (called with each new id), got "
                         f"{type(callback).__name__}")
     stops = _stop_set(stop_ids)
+    _check_turns(turns)
     if not isinstance(seed, np.random.Generator):
         # numpy's own refusals ("SeedSequence expects int ...", "expected non-negative integer")
         # would not name the seed; a float seed 1.5 or True would otherwise be someone's guess.

@@ -37,7 +37,9 @@ def add_commands(sub) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", required=True, help="the text whose next token is predicted")
     p.add_argument("--top-k", type=int, default=10, help="show the k most likely (default 10)")
-    p.add_argument("--png", default=None, help="also draw a bar chart to this PNG")
+    p.add_argument("--png", default=None,
+                   help=f"also draw a bar chart to this PNG (of the --top-k most likely, at most "
+                        f"{CHART_ROWS})")
     p.add_argument("--json", action="store_true", help="one JSON object per token")
     add_threads(p)
     p.set_defaults(func=cmd_predict)
@@ -141,13 +143,19 @@ def cmd_predict(args) -> int:
             bar = "#" * int(round(p * 50))
             print(f"  {repr(text):<{width}}  {p:7.2%}  {bar}")
     if args.png:
-        _bar_chart(rows, args.prompt, args.png)
+        _bar_chart(rows[:CHART_ROWS], args.prompt, args.png)
+        if len(rows) > CHART_ROWS:
+            print(f"lmlab predict: the chart shows the {CHART_ROWS} most likely of the {len(rows)} "
+                  "tokens listed", file=sys.stderr)
         # with --json, standard output holds JSON lines only
         print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 PROMPT_SHOWN = 40  # characters of the prompt's end in the chart's title
+# Bars in predict's chart, 0.4 inch each: --top-k 50000 --png (every token of an imported GPT-2)
+# drew a figure some two million pixels tall, gigabytes of canvas, and 2,000 bars no one can read.
+CHART_ROWS = 50
 
 
 def _bar_chart(rows, prompt, path) -> None:
