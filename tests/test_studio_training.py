@@ -6,6 +6,7 @@ a few dozen steps."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -193,7 +194,9 @@ def test_a_start_is_refused_in_one_line_and_starts_nothing(studio_runs, tmp_path
 def test_lmlab_studio_train_into_names_slots_and_refuses_a_file(studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
     import uvicorn
 
-    monkeypatch.setattr(uvicorn.Server, "run", lambda server: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: None)
+    # Nothing is bound: the default port may be in use on the machine running the tests.
+    monkeypatch.setattr("lmlab.studio.app.listen_socket", lambda host, port: socket.socket())
     assert main(["studio", str(studio_runs[0]), "--train-into", str(tmp_path / "new")]) == 0
     assert "the Training page may train into: new" in capsys.readouterr().out
     (tmp_path / "file").write_text("x")
