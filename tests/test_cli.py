@@ -165,6 +165,23 @@ def test_errors_exit_2_with_a_message(run, capsys):
     assert "cannot encode" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["sample", "BASE", "--prompt", "the \u00e9", "--max-new-tokens", "2"],
+                                  ["predict", "BASE", "--prompt", "the \u00e9"],
+                                  ["pretrain", "--corpus", "CORPUS", "--run", "NEVER", "--steps", "1",
+                                   "--sample-after", "2", "--prompt", "the \u00e9"]])
+def test_a_prompt_the_tokenizer_cannot_encode_is_named_by_its_flag(run, tmp_path, capsys, argv):
+    """'text contains 1 character ... cannot represent' said what was wrong but not which flag
+    held the text; the line names --prompt, as a refused setting names its flag."""
+    where = {"BASE": str(run / "base"), "CORPUS": str(run / "corpus.txt"),
+             "NEVER": str(tmp_path / "never")}
+    assert main([where.get(a, a) for a in argv] + ["--no-progress"] * (argv[0] == "pretrain")) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"lmlab {argv[0]}: error: --prompt contains 1 character (1 distinct) that this "
+                   "char tokenizer cannot represent: '\u00e9' x1 (its vocabulary holds only what "
+                   "the text it was built from holds)\n"), err
+    assert not (tmp_path / "never").exists()
+
+
 def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     base = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "48",
             "--batch-size", "4", "--eval-every", "5", "--no-progress"]

@@ -632,6 +632,29 @@ def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_names_the_flag_of_text_the_tokenizer_cannot_encode(tiny, tmp_path, capsys):
+    """Text holding a character the run's char tokenizer lacks was refused as 'text contains 1
+    character ...', naming no flag; the line names the flag the text came from."""
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    run = str(tmp_path / "run")
+    save_run(run, *tiny, train_config={})
+    write_metrics(tmp_path / "run" / "metrics.jsonl", range(5, 31, 5))  # for the training view
+    for argv, flag in [(["loss", run, "--text", "the \u00e9"], "--text"),
+                       (["sampling", run, "--prompt", "the \u00e9", "--no-gif"], "--prompt"),
+                       (["training", run, "--prompt", "the \u00e9"], "--prompt"),
+                       (["embeddings", run, "--token", "\u00e9"], "--token")]:
+        assert main(["demo", *argv, "--out", str(tmp_path / "out")]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert captured.err.endswith(
+            f": error: {flag} contains 1 character (1 distinct) that this char tokenizer cannot "
+            "represent: '\u00e9' x1 (its vocabulary holds only what the text it was built from "
+            "holds)\n"), captured.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_learning_rate_at_the_bound_draws_without_overflow(tmp_path):
     """The largest learning rates allowed, from the farthest starts, give finite numbers
     everywhere: the path stops once it has escaped, and the escaping step stays in range."""

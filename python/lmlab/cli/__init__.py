@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 from .. import __version__, distributed
 from ..checks import SettingError
+from ..tokenizer import UnrepresentableText
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
 from .common import CommandParser, Parser, check_inherited_threads, flag
@@ -79,6 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SettingError as exc:
         return _fail(world, 2, f"lmlab {args.command}: error: "
                                f"{exc.message(flag(exc.name) + ' ')}")
+    except UnrepresentableText as exc:  # text given as an argument: named by its flag
+        text = exc.message(flag(exc.name) + " ") if exc.name else str(exc)
+        return _fail(world, 2, f"lmlab {args.command}: error: {text}")
     except (ValueError, OSError) as exc:  # OSError: a file the system will not read or write
         return _fail(world, 2, f"lmlab {args.command}: error: {exc}")
     except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept

@@ -125,7 +125,7 @@ def cmd_predict(args) -> int:
         check_replaceable(args.png)
         check_parent_dir(args.png)
     model, tok, _ = load_model(args.run)
-    ids = tok.encode(args.prompt)
+    ids = tok.encode(args.prompt, name="prompt")
     if not len(ids):
         ids = np.array([tok.eot_id], np.int32)  # an empty prompt: where every document starts
     probs = next_token_distribution(model, ids)
