@@ -182,6 +182,14 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_named_by_its_flag(run, tmp_path
     assert not (tmp_path / "never").exists()
 
 
+def test_a_sub_commands_error_starts_with_its_own_name(capsys):
+    """An error a sub-command raised after parsing said 'lmlab bench: error: ...', not the name
+    its usage shows ('lmlab bench train')."""
+    assert main(["bench", "train", "--steps", "0"]) == 2
+    assert capsys.readouterr().err == ("lmlab bench train: error: --steps 0 is not allowed: "
+                                       "expected an integer >= 1 and <= 1000000000\n")
+
+
 def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     base = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "48",
             "--batch-size", "4", "--eval-every", "5", "--no-progress"]

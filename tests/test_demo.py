@@ -599,7 +599,9 @@ def test_cli_model_views_run_from_a_run_directory(tiny, tmp_path, capsys):
 
 def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
     """A bad value is one line naming the flag typed, exit 2: the views' keyword names leaked
-    ('temperatures must be > 0' for --temperature 0, 'top_p', 'adam_lr', 'k')."""
+    ('temperatures must be > 0' for --temperature 0, 'top_p', 'adam_lr', 'k'). The line starts
+    with the view's command, as its usage does ('lmlab demo embeddings: error: ...'; it was
+    'lmlab demo: error: ...' for every view)."""
     from lmlab.checkpoint import save_run
     from lmlab.cli import main
 
@@ -628,7 +630,7 @@ def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
             (["landscape", "--adam-lr", "1001"], "--adam-lr must be within \u00b11,000, got 1001")]:
         assert main(["demo", *argv, "--out", out]) == 2, argv
         captured = capsys.readouterr()
-        assert captured.out == "" and captured.err == f"lmlab demo: error: {line}\n"
+        assert captured.out == "" and captured.err == f"lmlab demo {argv[0]}: error: {line}\n"
     assert not (tmp_path / "out").exists()
 
 
