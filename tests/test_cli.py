@@ -182,6 +182,25 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_named_by_its_flag(run, tmp_path
     assert not (tmp_path / "never").exists()
 
 
+def test_an_empty_output_path_is_refused_in_one_line_naming_its_flag(run, tmp_path, monkeypatch,
+                                                                    capsys):
+    """predict --png "" (an unset variable) printed the table and drew no chart, without a word;
+    rank --out "" said '. is a directory'. Both are refused before any work, naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("the cat\n")
+    for argv, flag, expected in [
+            (["predict", str(run / "base"), "--prompt", "the", "--png", ""], "--png",
+             "the PNG file to draw the chart in"),
+            (["rank", str(run / "base"), "--prompts", "prompts.txt", "--judge", "shorter",
+              "--out", ""], "--out", "the JSONL file to append the rankings to")]:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"lmlab {argv[0]}: error: {flag} '' is not allowed: expected "
+                                     f"{expected}; an empty path names none (the current "
+                                     "directory is '.')\n"), err
+    assert sorted(os.listdir(tmp_path)) == ["prompts.txt"]
+
+
 def test_a_sub_commands_error_starts_with_its_own_name(capsys):
     """An error a sub-command raised after parsing said 'lmlab bench: error: ...', not the name
     its usage shows ('lmlab bench train')."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 
 import numpy as np
@@ -655,6 +656,29 @@ def test_cli_names_the_flag_of_text_the_tokenizer_cannot_encode(tiny, tmp_path, 
             "represent: '\u00e9' x1 (its vocabulary holds only what the text it was built from "
             "holds)\n"), captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_directory(tiny, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--out "" (an unset variable) wrote every view's pictures into the current directory,
+    without a word; it is refused in one line naming --out, before any file is written."""
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    save_run(tmp_path / "run", *tiny, train_config={})
+    write_metrics(tmp_path / "run" / "metrics.jsonl", range(5, 31, 5))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["descent", "--steps", "2", "--no-gif"], ["landscape", "--steps", "2", "--no-gif"],
+                 ["loss", "run", "--text", "the cat"], ["sampling", "run", "--prompt", "the", "--no-gif"],
+                 ["training", "run"], ["embeddings", "run", "--token", "t"]):
+        assert main(["demo", *argv, "--out", ""]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            f"lmlab demo {argv[0]}: error: --out '' is not allowed: expected the directory to "
+            "write the images into; an empty path names none (the current directory is '.')\n")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    with pytest.raises(ValueError, match="out='' is not allowed"):
+        demo.descent("", steps=2, gif=False)
 
 
 def test_a_learning_rate_at_the_bound_draws_without_overflow(tmp_path):

@@ -544,17 +544,22 @@ def test_lmlab_studio_on_a_port_in_use_or_an_address_not_here_says_so_in_one_lin
         assert "open http" not in out and message in err and err.count("\n") == 1, err
 
 
-def test_an_empty_run_or_train_into_is_refused_not_read_as_the_current_directory(
+def test_an_empty_run_train_into_or_rankings_is_refused_not_read_as_the_current_directory(
         studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--train-into "" (an unset variable) made the current directory a slot the Training page
-    could write a run into, among its files; a run named "" was looked for there."""
+    could write a run into, among its files; a run named "" was looked for there; --rankings ""
+    was said to be '. is a directory', naming no flag."""
     import uvicorn
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
     shutil.copytree(studio_runs[0], tmp_path / "base")
     monkeypatch.chdir(tmp_path / "base")  # the current directory holds a run
     for argv, message in [([str(studio_runs[0]), "--train-into", ""], "--train-into '' is empty"),
-                          ([""], "the run directory is empty ('')")]:
+                          ([""], "the run directory is empty ('')"),
+                          # it was '. is a directory; rankings go to a JSONL file'
+                          ([str(studio_runs[0]), "--rankings", ""],
+                           "--rankings '' is not allowed: expected the JSONL file to append the "
+                           "rankings to; an empty path names none")]:
         assert main(["studio", *argv]) == 2
         out, err = capsys.readouterr()
         assert "open http" not in out and message in err and err.count("\n") == 1, err

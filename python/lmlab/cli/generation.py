@@ -120,7 +120,8 @@ def cmd_sample(args) -> int:
 def cmd_predict(args) -> int:
     apply_threads(args)
     checks.check("top_k", args.top_k)
-    if args.png:
+    if args.png is not None:
+        checks.check_output_path("png", args.png, "the PNG file to draw the chart in")
         # a folder, a device, or a file where a folder must be: refused before any work
         check_replaceable(args.png)
         check_parent_dir(args.png)
@@ -140,7 +141,7 @@ def cmd_predict(args) -> int:
         for text, i, p in rows:
             bar = "#" * int(round(p * 50))
             print(f"  {repr(text):<{width}}  {p:7.2%}  {bar}")
-    if args.png:
+    if args.png is not None:
         _bar_chart(rows, args.prompt, args.png)
         # with --json, standard output holds JSON lines only
         print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
