@@ -565,6 +565,28 @@ def test_an_empty_run_train_into_or_rankings_is_refused_not_read_as_the_current_
         assert "open http" not in out and message in err and err.count("\n") == 1, err
 
 
+def test_a_rankings_file_that_is_not_jsonl_is_refused_before_serving_as_rank_refuses_it(
+        studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--rankings naming an existing binary file started the studio, whose Rank page then failed
+    on it, while `lmlab rank --out` refused it as not UTF-8: both refuse it, in the same line,
+    before any work."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
+    monkeypatch.setattr("lmlab.studio.app.listen_socket", lambda host, port: socket.socket())
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"\xd0\xff\x00abc\n")
+    (tmp_path / "prompts.txt").write_text("the cat\n")
+    assert main(["studio", str(studio_runs[0]), "--rankings", str(binary)]) == 2
+    out, err = capsys.readouterr()
+    assert "open http" not in out
+    assert err == f"lmlab studio: error: {binary}:1: not UTF-8 (byte 0xd0 at column 1)\n", err
+    assert main(["rank", str(studio_runs[0]), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--judge", "shorter", "--out", str(binary)]) == 2
+    assert capsys.readouterr().err == err.replace("lmlab studio:", "lmlab rank:")
+    assert binary.read_bytes() == b"\xd0\xff\x00abc\n"
+
+
 def test_two_processes_appending_big_rankings_to_one_file_never_interleave(tmp_path):
     """The studio and a `lmlab rank` in another process may share a file: append_ranking writes
     each line whole under an exclusive flock."""

@@ -258,7 +258,9 @@ def check_rankings_output(path, *, writable: bool = True, name: str = "rankings"
     """The rankings file `lmlab rank` or the studio will append to, checked before any work: named
     (an empty path is refused as the setting `name`: rank's --out, the studio's --rankings), not a
     directory, nor a FIFO or device (opening a FIFO to write waits for a reader forever), in a
-    directory that exists, and (writable) one this process may write."""
+    directory that exists, (writable) one this process may write, and, where it exists, holding
+    rankings as load_rankings reads them (a binary file, not UTF-8 JSONL, was refused by rank only
+    once its model had loaded, and the studio started on it, its Rank page failing later)."""
     check_output_path(name, path, "the JSONL file to append the rankings to")
     path = Path(os.fspath(path))
     if path.is_dir():
@@ -273,6 +275,8 @@ def check_rankings_output(path, *, writable: bool = True, name: str = "rankings"
                                 "not exist")
     if writable and not os.access(path if path.exists() else folder, os.W_OK):
         raise PermissionError(f"cannot write rankings to {path}: permission denied")
+    if path.exists():
+        load_rankings(path, allow_empty=True)  # what rank resumes from and the Rank page counts
     return path
 
 
