@@ -165,6 +165,50 @@ def test_errors_exit_2_with_a_message(run, capsys):
     assert "cannot encode" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["sample", "BASE", "--prompt", "the \u00e9", "--max-new-tokens", "2"],
+                                  ["predict", "BASE", "--prompt", "the \u00e9"],
+                                  ["pretrain", "--corpus", "CORPUS", "--run", "NEVER", "--steps", "1",
+                                   "--sample-after", "2", "--prompt", "the \u00e9"]])
+def test_a_prompt_the_tokenizer_cannot_encode_is_named_by_its_flag(run, tmp_path, capsys, argv):
+    """'text contains 1 character ... cannot represent' said what was wrong but not which flag
+    held the text; the line names --prompt, as a refused setting names its flag."""
+    where = {"BASE": str(run / "base"), "CORPUS": str(run / "corpus.txt"),
+             "NEVER": str(tmp_path / "never")}
+    assert main([where.get(a, a) for a in argv] + ["--no-progress"] * (argv[0] == "pretrain")) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"lmlab {argv[0]}: error: --prompt contains 1 character (1 distinct) that this "
+                   "char tokenizer cannot represent: '\u00e9' x1 (its vocabulary holds only what "
+                   "the text it was built from holds)\n"), err
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_empty_output_path_is_refused_in_one_line_naming_its_flag(run, tmp_path, monkeypatch,
+                                                                    capsys):
+    """predict --png "" (an unset variable) printed the table and drew no chart, without a word;
+    rank --out "" said '. is a directory'. Both are refused before any work, naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("the cat\n")
+    for argv, flag, expected in [
+            (["predict", str(run / "base"), "--prompt", "the", "--png", ""], "--png",
+             "the PNG file to draw the chart in"),
+            (["rank", str(run / "base"), "--prompts", "prompts.txt", "--judge", "shorter",
+              "--out", ""], "--out", "the JSONL file to append the rankings to")]:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"lmlab {argv[0]}: error: {flag} '' is not allowed: expected "
+                                     f"{expected}; an empty path names none (the current "
+                                     "directory is '.')\n"), err
+    assert sorted(os.listdir(tmp_path)) == ["prompts.txt"]
+
+
+def test_a_sub_commands_error_starts_with_its_own_name(capsys):
+    """An error a sub-command raised after parsing said 'lmlab bench: error: ...', not the name
+    its usage shows ('lmlab bench train')."""
+    assert main(["bench", "train", "--steps", "0"]) == 2
+    assert capsys.readouterr().err == ("lmlab bench train: error: --steps 0 is not allowed: "
+                                       "expected an integer >= 1 and <= 1000000000\n")
+
+
 def test_bf16_run_records_its_precision_and_keeps_it(run, capsys):
     base = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "48",
             "--batch-size", "4", "--eval-every", "5", "--no-progress"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 
 import numpy as np
@@ -599,7 +600,9 @@ def test_cli_model_views_run_from_a_run_directory(tiny, tmp_path, capsys):
 
 def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
     """A bad value is one line naming the flag typed, exit 2: the views' keyword names leaked
-    ('temperatures must be > 0' for --temperature 0, 'top_p', 'adam_lr', 'k')."""
+    ('temperatures must be > 0' for --temperature 0, 'top_p', 'adam_lr', 'k'). The line starts
+    with the view's command, as its usage does ('lmlab demo embeddings: error: ...'; it was
+    'lmlab demo: error: ...' for every view)."""
     from lmlab.checkpoint import save_run
     from lmlab.cli import main
 
@@ -628,8 +631,54 @@ def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
             (["landscape", "--adam-lr", "1001"], "--adam-lr must be within \u00b11,000, got 1001")]:
         assert main(["demo", *argv, "--out", out]) == 2, argv
         captured = capsys.readouterr()
-        assert captured.out == "" and captured.err == f"lmlab demo: error: {line}\n"
+        assert captured.out == "" and captured.err == f"lmlab demo {argv[0]}: error: {line}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_the_flag_of_text_the_tokenizer_cannot_encode(tiny, tmp_path, capsys):
+    """Text holding a character the run's char tokenizer lacks was refused as 'text contains 1
+    character ...', naming no flag; the line names the flag the text came from."""
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    run = str(tmp_path / "run")
+    save_run(run, *tiny, train_config={})
+    write_metrics(tmp_path / "run" / "metrics.jsonl", range(5, 31, 5))  # for the training view
+    for argv, flag in [(["loss", run, "--text", "the \u00e9"], "--text"),
+                       (["sampling", run, "--prompt", "the \u00e9", "--no-gif"], "--prompt"),
+                       (["training", run, "--prompt", "the \u00e9"], "--prompt"),
+                       (["embeddings", run, "--token", "\u00e9"], "--token")]:
+        assert main(["demo", *argv, "--out", str(tmp_path / "out")]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert captured.err.endswith(
+            f": error: {flag} contains 1 character (1 distinct) that this char tokenizer cannot "
+            "represent: '\u00e9' x1 (its vocabulary holds only what the text it was built from "
+            "holds)\n"), captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_directory(tiny, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--out "" (an unset variable) wrote every view's pictures into the current directory,
+    without a word; it is refused in one line naming --out, before any file is written."""
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    save_run(tmp_path / "run", *tiny, train_config={})
+    write_metrics(tmp_path / "run" / "metrics.jsonl", range(5, 31, 5))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["descent", "--steps", "2", "--no-gif"], ["landscape", "--steps", "2", "--no-gif"],
+                 ["loss", "run", "--text", "the cat"], ["sampling", "run", "--prompt", "the", "--no-gif"],
+                 ["training", "run"], ["embeddings", "run", "--token", "t"]):
+        assert main(["demo", *argv, "--out", ""]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            f"lmlab demo {argv[0]}: error: --out '' is not allowed: expected the directory to "
+            "write the images into; an empty path names none (the current directory is '.')\n")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    with pytest.raises(ValueError, match="out='' is not allowed"):
+        demo.descent("", steps=2, gif=False)
 
 
 def test_a_learning_rate_at_the_bound_draws_without_overflow(tmp_path):

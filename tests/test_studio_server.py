@@ -544,20 +544,47 @@ def test_lmlab_studio_on_a_port_in_use_or_an_address_not_here_says_so_in_one_lin
         assert "open http" not in out and message in err and err.count("\n") == 1, err
 
 
-def test_an_empty_run_or_train_into_is_refused_not_read_as_the_current_directory(
+def test_an_empty_run_train_into_or_rankings_is_refused_not_read_as_the_current_directory(
         studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--train-into "" (an unset variable) made the current directory a slot the Training page
-    could write a run into, among its files; a run named "" was looked for there."""
+    could write a run into, among its files; a run named "" was looked for there; --rankings ""
+    was said to be '. is a directory', naming no flag."""
     import uvicorn
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
     shutil.copytree(studio_runs[0], tmp_path / "base")
     monkeypatch.chdir(tmp_path / "base")  # the current directory holds a run
     for argv, message in [([str(studio_runs[0]), "--train-into", ""], "--train-into '' is empty"),
-                          ([""], "the run directory is empty ('')")]:
+                          ([""], "the run directory is empty ('')"),
+                          # it was '. is a directory; rankings go to a JSONL file'
+                          ([str(studio_runs[0]), "--rankings", ""],
+                           "--rankings '' is not allowed: expected the JSONL file to append the "
+                           "rankings to; an empty path names none")]:
         assert main(["studio", *argv]) == 2
         out, err = capsys.readouterr()
         assert "open http" not in out and message in err and err.count("\n") == 1, err
+
+
+def test_a_rankings_file_that_is_not_jsonl_is_refused_before_serving_as_rank_refuses_it(
+        studio_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--rankings naming an existing binary file started the studio, whose Rank page then failed
+    on it, while `lmlab rank --out` refused it as not UTF-8: both refuse it, in the same line,
+    before any work."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("served"))
+    monkeypatch.setattr("lmlab.studio.app.listen_socket", lambda host, port: socket.socket())
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"\xd0\xff\x00abc\n")
+    (tmp_path / "prompts.txt").write_text("the cat\n")
+    assert main(["studio", str(studio_runs[0]), "--rankings", str(binary)]) == 2
+    out, err = capsys.readouterr()
+    assert "open http" not in out
+    assert err == f"lmlab studio: error: {binary}:1: not UTF-8 (byte 0xd0 at column 1)\n", err
+    assert main(["rank", str(studio_runs[0]), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--judge", "shorter", "--out", str(binary)]) == 2
+    assert capsys.readouterr().err == err.replace("lmlab studio:", "lmlab rank:")
+    assert binary.read_bytes() == b"\xd0\xff\x00abc\n"
 
 
 def test_two_processes_appending_big_rankings_to_one_file_never_interleave(tmp_path):

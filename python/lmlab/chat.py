@@ -31,14 +31,16 @@ USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 TEMPLATE = {"name": "lmlab-chat-v1", "user": USER, "assistant": ASSISTANT, "end": END}
 
 
-def render(tokenizer, messages: List[dict], *, add_generation_prompt: bool = False):
-    """Token ids and the supervised mask of a conversation in the chat template."""
+def render(tokenizer, messages: List[dict], *, add_generation_prompt: bool = False,
+           name: Optional[str] = None):
+    """Token ids and the supervised mask of a conversation in the chat template; `name`: what the
+    messages' text came from, named by the error for characters the tokenizer cannot encode."""
     ids: list = []
     mask: list = []
     user_id, asst_id, end_id = (tokenizer.special_id(t) for t in (USER, ASSISTANT, END))
     for turn in messages:
         role, content = turn["role"], turn["content"]
-        body = tokenizer.encode(content).tolist()
+        body = tokenizer.encode(content, name=name).tolist()
         if role in ("user", "system"):
             ids += [user_id] + body
             mask += [False] * (1 + len(body))
@@ -58,10 +60,11 @@ def template_of(tokenizer) -> Optional[dict]:
     return getattr(tokenizer, "chat_template", None)
 
 
-def user_turn(tokenizer, prompt: str) -> np.ndarray:
+def user_turn(tokenizer, prompt: str, name: Optional[str] = None) -> np.ndarray:
     """The ids an assistant's answer to `prompt` follows: the prompt as a user turn, then the
-    assistant's header."""
-    return render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    assistant's header (`name`: as for render)."""
+    return render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                  name=name)[0]
 
 
 def answer_end_id(tokenizer) -> int:

@@ -194,6 +194,16 @@ def check(name: str, value) -> None:
     RULES[name].check(name, value)
 
 
+def check_output_path(name: str, value, expected: str) -> None:
+    """Refuse an empty path for a file or directory to write (SettingError naming the setting,
+    so the command line names its flag): Path("") is the current directory, so --png "" drew
+    nothing and demo --out "" wrote into whatever directory the shell was in, without a word.
+    expected: what the path should name ("the PNG file to draw the chart in")."""
+    if isinstance(value, (str, bytes, os.PathLike)) and not os.fspath(value):
+        raise SettingError(name, value, f"expected {expected}; an empty path names none (the "
+                                        "current directory is '.')")
+
+
 def check_values(**values) -> None:
     """Check every given value (unknown names are a programming error: KeyError)."""
     for name, value in values.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import check_output_path
 from .files import atomic_write, atomic_write_file, atomic_write_text, make_parent_dir
 
 PNG_DPI = 110
@@ -75,6 +76,7 @@ def out_dir(path) -> Path:
     save_gif, write_text), so a view refused after this check leaves no empty directory."""
     if path is None:
         raise ValueError("out must be a directory path, got None")
+    check_output_path("out", path, "the directory to write the images into")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"out must be a directory, but {p} is a file")

@@ -77,7 +77,7 @@ def token_losses(model, tokenizer, text: str) -> dict:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
-    ids = np.asarray(tokenizer.encode(text), np.int32)
+    ids = np.asarray(tokenizer.encode(text, name="text"), np.int32)
     if ids.size < 2:
         raise SettingValueError("text", f"must encode to at least 2 tokens (one to read, one to predict), got {ids.size}")
     logp, model_losses = score_tokens(model, ids)  # (N-1, V) float64, and the model's own losses
@@ -163,7 +163,7 @@ def loss(source, text: str, out, *, colour: bool | None = None) -> DemoResult:
 def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be str, got {type(prompt).__name__}")
-    ids = np.asarray(tokenizer.encode(prompt), np.int32)
+    ids = np.asarray(tokenizer.encode(prompt, name="prompt"), np.int32)
     # an empty prompt starts where every training document starts: after <|endoftext|>
     return ids if ids.size else np.array([tokenizer.eot_id], np.int32)
 
@@ -326,7 +326,7 @@ def token_id(tokenizer, token) -> int:
         return int(token)
     if not isinstance(token, str):
         raise TypeError(f"token must be str or int, got {type(token).__name__}")
-    ids = np.asarray(tokenizer.encode(token, allow_special=True))
+    ids = np.asarray(tokenizer.encode(token, allow_special=True, name="token"))
     if ids.size != 1:
         pieces = [_piece(tokenizer, int(i)) for i in ids]
         raise SettingValueError("token", f"must be exactly one token of the vocabulary; {token!r} encodes to "

@@ -315,9 +315,10 @@ def generation_prompt(tokenizer, prompt: str, *, raw: bool = False) -> tuple:
     training document does) until <|endoftext|> (turns None). Either way generation also stops at
     the model's own end-of-text tokens (chat.stop_ids)."""
     if template_of(tokenizer) and not raw:
-        return (user_turn(tokenizer, prompt), stop_ids(tokenizer, answer_end_id(tokenizer)),
-                turn_ids(tokenizer))
-    ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eot_id], dtype=np.int32)
+        return (user_turn(tokenizer, prompt, name="prompt"),
+                stop_ids(tokenizer, answer_end_id(tokenizer)), turn_ids(tokenizer))
+    ids = (tokenizer.encode(prompt, name="prompt") if prompt
+           else np.array([tokenizer.eot_id], dtype=np.int32))
     return ids, stop_ids(tokenizer, tokenizer.eot_id), None
 
 

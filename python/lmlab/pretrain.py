@@ -96,7 +96,7 @@ def sample_prompt_ids(tok, prompt: str) -> np.ndarray:
     its tokenizer cannot encode is refused before any work."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be text (a str), got {type(prompt).__name__}")
-    return tok.encode(prompt) if prompt else np.array([tok.eot_id], dtype=np.int32)
+    return tok.encode(prompt, name="prompt") if prompt else np.array([tok.eot_id], dtype=np.int32)
 
 
 def sample_text(model, tok, prompt: str, ids, n: int, seed: int) -> str:

@@ -31,6 +31,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .checks import check_output_path
 from .data import need_regular_file, need_str, read_jsonl_objects
 from .files import JSONTextError, NotJSON, append_line, check_parent_dir, parse_json
 from .sequences import ended_id, unencodable, unencodable_refusal
@@ -253,10 +254,14 @@ def load_split_rankings(paths, val_fraction: float, seed: int, needed_by: str,
     return train, val
 
 
-def check_rankings_output(path, *, writable: bool = True) -> Path:
-    """The rankings file `lmlab rank` or the studio will append to, checked before any work: not a
+def check_rankings_output(path, *, writable: bool = True, name: str = "rankings") -> Path:
+    """The rankings file `lmlab rank` or the studio will append to, checked before any work: named
+    (an empty path is refused as the setting `name`: rank's --out, the studio's --rankings), not a
     directory, nor a FIFO or device (opening a FIFO to write waits for a reader forever), in a
-    directory that exists, and (writable) one this process may write."""
+    directory that exists, (writable) one this process may write, and, where it exists, holding
+    rankings as load_rankings reads them (a binary file, not UTF-8 JSONL, was refused by rank only
+    once its model had loaded, and the studio started on it, its Rank page failing later)."""
+    check_output_path(name, path, "the JSONL file to append the rankings to")
     path = Path(os.fspath(path))
     if path.is_dir():
         raise ValueError(f"{path} is a directory; rankings go to a JSONL file (e.g. "
@@ -270,6 +275,8 @@ def check_rankings_output(path, *, writable: bool = True) -> Path:
                                 "not exist")
     if writable and not os.access(path if path.exists() else folder, os.W_OK):
         raise PermissionError(f"cannot write rankings to {path}: permission denied")
+    if path.exists():
+        load_rankings(path, allow_empty=True)  # what rank resumes from and the Rank page counts
     return path
 
 

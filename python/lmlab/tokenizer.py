@@ -56,7 +56,17 @@ def _check_policy(unknown: str) -> str:
 class UnrepresentableText(ValueError):
     """Text holding characters a tokenizer cannot represent, under the policy unknown="error".
     Its message says which and why, not what to do: the callers that take a policy (a corpus
-    being tokenized: POLICY_HINT) add that."""
+    being tokenized: POLICY_HINT) add that. `name` is the argument the text came from, as given
+    to `encode(..., name=)` ("prompt"; None: "text"), so that the command line can show the flag
+    instead ("--prompt contains 1 character ..."), as it does for a SettingError."""
+
+    def __init__(self, rest: str, name: str | None = None):
+        self.name, self.rest = name, rest
+        super().__init__(self.message((name or "text") + " "))
+
+    def message(self, label: str) -> str:
+        """The error with the text's source shown as `label` (a name "prompt ", a flag "--prompt ")."""
+        return f"{label}{self.rest}"
 
 
 # What a caller tokenizing a corpus under a policy adds to UnrepresentableText's message.
@@ -171,22 +181,25 @@ class Tokenizer:
         missing = ~self._known(cps)
         return collections.Counter(chr(c) for c in cps[missing].tolist())
 
-    def encode(self, text: str, *, allow_special: bool = False, unknown: str | None = None) -> np.ndarray:
-        """Token ids of `text` as int32; `allow_special` and `unknown` as in the module docstring."""
+    def encode(self, text: str, *, allow_special: bool = False, unknown: str | None = None,
+               name: str | None = None) -> np.ndarray:
+        """Token ids of `text` as int32; `allow_special` and `unknown` as in the module docstring.
+        `name`: the argument the text came from ("prompt"), which the error for characters the
+        tokenizer cannot represent names in place of "text" (UnrepresentableText)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         policy = _check_policy(unknown) if unknown is not None else self.unknown
         if not allow_special:
-            return self._encode_plain(text, policy)
+            return self._encode_plain(text, policy, name)
         out = []
         for i, piece in enumerate(_SPECIAL_RE.split(text)):
             if i % 2:  # odd pieces are the captured special tokens
                 out.append(np.array([self._special[piece]], dtype=np.int32))
             elif piece:
-                out.append(self._encode_plain(piece, policy))
+                out.append(self._encode_plain(piece, policy, name))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 
-    def _encode_plain(self, text: str, policy: str) -> np.ndarray:
+    def _encode_plain(self, text: str, policy: str, name: str | None = None) -> np.ndarray:
         if self.kind == "char":
             fast = self._ids_by_bytes(text)
             if fast is not None:
@@ -194,15 +207,15 @@ class Tokenizer:
             ids = self._ids_of(self._codepoints_of(text))
             known = ids >= 0
             if not known.all():
-                self._unknown_policy(text, policy)
+                self._unknown_policy(text, policy, name)
                 ids = ids[known] if policy == "skip" else np.where(known, ids, self._replacement_id)
             return ids.astype(np.int32, copy=False)
         if _SURROGATE_RE.search(text):
-            self._unknown_policy(text, policy)
+            self._unknown_policy(text, policy, name)
             text = _SURROGATE_RE.sub(REPLACEMENT_CHAR if policy == "replace" else "", text)
         return np.asarray(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
-    def _unknown_policy(self, text: str, policy: str) -> None:
+    def _unknown_policy(self, text: str, policy: str, name: str | None = None) -> None:
         if policy != "error":
             return
         counts = self.unknown_chars(text)
@@ -224,11 +237,11 @@ class Tokenizer:
             also = (f"; it also holds {_count(other, 'other distinct character')} this "
                     f"{self.kind} tokenizer cannot represent") if other else ""
             raise UnrepresentableText(
-                f"text is not UTF-8: it holds byte(s) {named} (read as {stand_ins}){also}; give "
-                "the text as UTF-8")
+                f"is not UTF-8: it holds byte(s) {named} (read as {stand_ins}){also}; give "
+                "the text as UTF-8", name)
         raise UnrepresentableText(
-            f"text contains {what} ({len(counts)} distinct) that this {self.kind} tokenizer "
-            f"cannot represent: {shown}{more} ({why})")
+            f"contains {what} ({len(counts)} distinct) that this {self.kind} tokenizer "
+            f"cannot represent: {shown}{more} ({why})", name)
 
     @staticmethod
     def _codepoints_of(text: str) -> np.ndarray:

@@ -17,7 +17,7 @@ library modules that do the work (which never import the command line).
     lmlab doctor     check the install; --mpi: every MPI rank sees the same build, data cli/doctor.py
 
 Errors a user can cause (a bad value, a missing file, an existing run) end in one line
-"lmlab VERB: error: ..." and exit code 2; a bad setting's message names its flag. A bad
+"lmlab VERB: error: ..." (a sub-command's: "lmlab demo loss: error: ...") and exit code 2; a bad setting's message names its flag. A bad
 LMLAB_ISA or LMLAB_BF16, refused as lmlab is imported, ends as "lmlab: error: ..." (lmlab/__init__).
 
 Under `mpiexec -n N lmlab VERB` (lmlab.distributed) only rank 0 writes to stdout, and an error on
@@ -34,9 +34,10 @@ from typing import Optional, Sequence
 
 from .. import __version__, distributed
 from ..checks import SettingError
+from ..tokenizer import UnrepresentableText
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
-from .common import CommandParser, Parser, check_inherited_threads, flag
+from .common import CommandParser, Parser, check_inherited_threads, command_name, flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,18 +72,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return rc if isinstance(rc, int) else 0  # some runners return their result rows
     except BrokenPipeError:
         if not _stdout_reader_gone():
-            return _fail(world, 2, f"lmlab {args.command}: error: [Errno 32] Broken pipe")
+            return _fail(world, 2, f"{command_name(args)}: error: [Errno 32] Broken pipe")
         # `lmlab sample ... | head`: the reader took what it wanted; stop quietly, as shell tools
         # do (the status of a process a SIGPIPE ended), and keep Python's exit flush quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except SettingError as exc:
-        return _fail(world, 2, f"lmlab {args.command}: error: "
+        return _fail(world, 2, f"{command_name(args)}: error: "
                                f"{exc.message(flag(exc.name) + ' ')}")
+    except UnrepresentableText as exc:  # text given as an argument: named by its flag
+        text = exc.message(flag(exc.name) + " ") if exc.name else str(exc)
+        return _fail(world, 2, f"{command_name(args)}: error: {text}")
     except (ValueError, OSError) as exc:  # OSError: a file the system will not read or write
-        return _fail(world, 2, f"lmlab {args.command}: error: {exc}")
+        return _fail(world, 2, f"{command_name(args)}: error: {exc}")
     except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept
-        print(f"lmlab {args.command}: {exc}", file=sys.stderr)
+        print(f"{command_name(args)}: {exc}", file=sys.stderr)
         return 1  # every rank saw the same loss and stops here
     except KeyboardInterrupt:
         return _fail(world, 130, "\nlmlab: interrupted")

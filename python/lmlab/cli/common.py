@@ -49,13 +49,26 @@ class Parser(argparse.ArgumentParser):
 class CommandParser(Parser):
     """The parser of one command (lmlab VERB, lmlab bench train, ...): an argument it does not
     know is refused with its own usage, not the top-level one (argparse leaves a sub-command's
-    leftovers to the top-level parser, whose usage names no flag of the command)."""
+    leftovers to the top-level parser, whose usage names no flag of the command). The innermost
+    command parsed leaves its name ("lmlab demo embeddings") in the namespace as COMMAND_PROG, so
+    that an error the command raises later starts with the name its usage shows."""
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
+        # A sub-command's parse ends first and its namespace is copied into this one's: kept.
+        if not hasattr(namespace, COMMAND_PROG):
+            setattr(namespace, COMMAND_PROG, self.prog)
         return namespace, extras
+
+
+COMMAND_PROG = "command_prog"  # the namespace's attribute naming the command: CommandParser
+
+
+def command_name(args) -> str:
+    """The command an error line starts with: "lmlab demo embeddings", "lmlab sample"."""
+    return getattr(args, COMMAND_PROG, None) or f"lmlab {args.command}"
 
 
 # Short spellings of a few long flags.

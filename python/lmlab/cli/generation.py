@@ -122,12 +122,13 @@ def cmd_sample(args) -> int:
 def cmd_predict(args) -> int:
     apply_threads(args)
     checks.check("top_k", args.top_k)
-    if args.png:
+    if args.png is not None:
+        checks.check_output_path("png", args.png, "the PNG file to draw the chart in")
         # a folder, a device, or a file where a folder must be: refused before any work
         check_replaceable(args.png)
         check_parent_dir(args.png)
     model, tok, _ = load_model(args.run)
-    ids = tok.encode(args.prompt)
+    ids = tok.encode(args.prompt, name="prompt")
     if not len(ids):
         ids = np.array([tok.eot_id], np.int32)  # an empty prompt: where every document starts
     probs = next_token_distribution(model, ids)
@@ -142,7 +143,7 @@ def cmd_predict(args) -> int:
         for text, i, p in rows:
             bar = "#" * int(round(p * 50))
             print(f"  {repr(text):<{width}}  {p:7.2%}  {bar}")
-    if args.png:
+    if args.png is not None:
         _bar_chart(rows[:CHART_ROWS], args.prompt, args.png)
         if len(rows) > CHART_ROWS:
             print(f"lmlab predict: the chart shows the {CHART_ROWS} most likely of the {len(rows)} "

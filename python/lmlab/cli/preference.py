@@ -130,7 +130,7 @@ def cmd_rank(args) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)
     judge = make_judge(args.judge) if args.judge is not None else None  # '' is refused
-    check_rankings_output(args.out)
+    check_rankings_output(args.out, name="out")
     model, tok, _ = load_model(args.run)
     # Every prompt is checked now: one the run cannot encode stopped the session at its turn.
     prompts = read_prompts(args.prompts, tokenizer=tok)
