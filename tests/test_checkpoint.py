@@ -615,6 +615,22 @@ def test_metrics_append_read_and_torn_tail(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][2:] == [(3, 1.5)]
 
 
+@pytest.mark.parametrize("content", [b"my notes, no final newline", b"\x89PNG\r\n\x1a\n\x00\x01"])
+def test_append_line_never_cuts_off_a_file_lmlab_did_not_write(tmp_path, content):
+    """Only a record lmlab began ("{") and a kill cut short counts as a torn last line: a text or
+    binary file without a final newline, given by mistake, was truncated as one."""
+    from lmlab.errors import CheckpointError
+    from lmlab.files import append_line, complete_lines
+
+    path = tmp_path / "notes.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not JSON and was not written by lmlab"):
+        append_line(path, b'{"step": 1}\n')
+    assert path.read_bytes() == content
+    assert complete_lines(content) == content.split(b"\n")  # kept, for the reader to report
+    assert complete_lines(b'{"a": 1}\n{"a": 2, "b') == [b'{"a": 1}']  # a torn record: skipped
+
+
 def test_metrics_corrupt_line_names_it(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not valid JSON"):

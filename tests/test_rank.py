@@ -201,6 +201,20 @@ def test_rank_in_a_terminal_with_invalid_input_skip_quit_and_resume(tiny_run, tm
     assert recs[2]["ranking"] == [2, 1, 0] and recs[2]["seeds"] == [11, 12, 13]
 
 
+def test_rank_refuses_an_out_file_that_is_not_jsonl_and_keeps_it(tiny_run, tmp_path):
+    # A file without a final newline whose last line is not JSON was taken for a torn ranking and
+    # cut off: `rank --out notes.txt` deleted the notes.
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes, no final newline")
+    cmd = [sys.executable, "-m", "lmlab", "rank", str(tiny_run / "run"), "--prompts",
+           str(tiny_run / "prompts.txt"), "--out", str(out), "-k", "2", "--max-new-tokens", "4",
+           "--judge", "word:a"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "notes.txt:1" in res.stderr and "not valid JSON" in res.stderr, res.stderr
+    assert out.read_text() == "my notes, no final newline"
+
+
 def test_rank_with_a_scripted_judge(tiny_run, tmp_path):
     out = tmp_path / "judged.jsonl"
     cmd = [sys.executable, "-m", "lmlab", "rank", str(tiny_run / "run"), "--prompts",

@@ -17,8 +17,10 @@ JSONL files that grow a line at a time (metrics.jsonl, rankings) are appended by
 whole line per write, under an exclusive flock, then fsync. A kill can still cut a long write short
 (the kernel stops it at a page boundary; a full disk stops any), leaving a last line without its
 "\n". The one rule both sides share (complete_lines): an unterminated last line that parses as JSON
-is a record (another tool's file without a final newline), anything else there is a torn write,
-which readers skip and the next append_line removes before it writes.
+is a record (another tool's file without a final newline); one that starts as every record lmlab
+appends does ("{") but does not parse is a torn write, which readers skip and the next append_line
+removes before it writes; anything else is not lmlab's (a text or binary file given by mistake),
+which readers keep as a line, to be reported, and append_line refuses to write after.
 """
 
 from __future__ import annotations
@@ -275,12 +277,18 @@ def _is_json(line: bytes) -> bool:
     return True
 
 
+def _torn(tail: bytes) -> bool:
+    """Whether an unterminated last line is a write of append_line cut short: the start of a record
+    (each is a JSON object, written from its "{") that does not parse (module docstring)."""
+    return tail.startswith(b"{") and not _is_json(tail)
+
+
 def complete_lines(data: bytes) -> list:
     """The lines of JSONL `data` (bytes, without their "\n"), less a torn last line (module
     docstring); blank lines are kept, for the caller's line numbers."""
     lines = data.split(b"\n")
     last = lines.pop()  # b"" after a final "\n"
-    if last.strip() and _is_json(last):
+    if last.strip() and not _torn(last):
         lines.append(last)
     return lines
 
@@ -314,11 +322,16 @@ def append_line(path, line: bytes, *, follow_links: bool = True) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX)
             end = os.fstat(fd).st_size
             tail = _unterminated_tail(fd, end)
-            if tail and (not tail.strip() or _is_json(tail)):
-                line = b"\n" + line
-            elif tail:
+            if _torn(tail):
                 end -= len(tail)
                 os.ftruncate(fd, end)
+            elif tail and tail.strip() and not _is_json(tail):
+                raise CheckpointError(
+                    f"{path} ends with a line that is not JSON and was not written by lmlab (no "
+                    "final newline), so it is not a JSON-lines file lmlab appends to; nothing was "
+                    "written: choose another file")
+            elif tail:
+                line = b"\n" + line
             start, view = end, memoryview(line)
             try:
                 while view:  # a regular file takes the line in one write; loop only on a short write
