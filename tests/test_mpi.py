@@ -439,3 +439,21 @@ def test_rank_0_streams_a_large_corpus_before_the_others_read_its_shards(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     times = {(rank, what): t for rank, what, t in map(json.loads, log.read_text().splitlines())}
     assert times[("1", "start")] >= times[("0", "end")], times
+
+
+@needs_mpi
+def test_a_run_an_interrupted_overwrite_set_aside_resumes_on_two_ranks(tmp_path):
+    """Rank 0 puts back the run an --overwrite killed before its first checkpoint was replacing;
+    the other ranks looked for the run before it was back, and refused: no run to resume."""
+    from lmlab.rundir import REPLACED_DIR
+    run = tmp_path / "run"
+    lmlab(2, "pretrain", "--run", run, *TINY, "--steps", 3)
+    # An overwrite killed before its first checkpoint (a process that ends without closing it).
+    code = ("import os, sys; from lmlab.rundir import open_run_dir; "
+            "held = open_run_dir(sys.argv[1], overwrite=True); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(run)], env=_env(), check=True, timeout=TIMEOUT)
+    assert (run / REPLACED_DIR).is_dir() and not (run / "current.json").exists()
+    done = lmlab(2, "pretrain", "--run", run, "--resume", "--steps", 6, "--no-progress",
+                 "--sample-after", 0)
+    assert "put back the run" in done.stderr
+    assert checkpoint.current_checkpoint(run).name == "step_000006"
