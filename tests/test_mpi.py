@@ -457,3 +457,31 @@ def test_a_run_an_interrupted_overwrite_set_aside_resumes_on_two_ranks(tmp_path)
                  "--sample-after", 0)
     assert "put back the run" in done.stderr
     assert checkpoint.current_checkpoint(run).name == "step_000006"
+
+
+@needs_mpi
+@pytest.mark.parametrize("bad", [["-env", "OMP_NUM_THREADS", "100000"],
+                                 ["-env", "LMLAB_ISA", "no-such-isa"], ["--steps", "x"]])
+def test_a_rank_alone_refusing_before_it_joins_ends_every_rank(tmp_path, bad):
+    """A machine with a bad OMP_NUM_THREADS or LMLAB_ISA, or a rank given a bad argument, stopped
+    before joining MPI: the other ranks waited for it in MPI_Init, forever. It now joins them and
+    ends every rank with its one line."""
+    run = ["-m", "lmlab", "pretrain", "--run", str(tmp_path / "run"), *TINY, "--steps", "2"]
+    env, args = (bad, []) if bad[0] == "-env" else ([], bad)
+    done = subprocess.run([MPIEXEC, "-n", "1", sys.executable, *run, ":", "-n", "1", *env,
+                           sys.executable, *run, *args], env=_env(), capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("lmlab: rank 1 of 2: lmlab") == 1, done.stderr
+    assert done.stderr.count("error:") == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_a_usage_error_every_rank_meets_is_said_once():
+    done = lmlab(2, "pretrain", "--steps", "x", check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("error:") == 1, done.stderr
+    assert "rank 0 of 2: lmlab pretrain: error: argument --steps: invalid int value: 'x'" in done.stderr
+    version = lmlab(2, "--version")
+    assert version.stdout.count("lmlab") == 1

@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if distributed.launched_rank() > 0:  # rank 0 alone reports, --help and --version too
+        sys.stdout = open(os.devnull, "w")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error under mpiexec ends every rank (Parser.error)
     world = None
     try:
         check_inherited_threads()
@@ -100,9 +102,12 @@ def _stdout_reader_gone() -> bool:
 
 
 def _fail(world, code: int, message: str) -> int:
-    """Print the error; under MPI, end every rank with it (the others may wait for this one)."""
+    """Print the error; under MPI, end every rank with it (the others may wait for this one),
+    also where it came before this rank joined them (world None: a bad OMP_NUM_THREADS)."""
     if world is not None and world.distributed:
         world.abort(message.strip(), code)
+    if world is None and distributed.launched_size() > 1:
+        return distributed.refuse(message.strip(), code)
     print(message, file=sys.stderr)
     return code
 
