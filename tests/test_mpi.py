@@ -485,3 +485,19 @@ def test_a_usage_error_every_rank_meets_is_said_once():
     assert "rank 0 of 2: lmlab pretrain: error: argument --steps: invalid int value: 'x'" in done.stderr
     version = lmlab(2, "--version")
     assert version.stdout.count("lmlab") == 1
+
+
+@needs_mpi
+def test_a_verb_that_is_one_process_refuses_mpiexec_once(tmp_path, reference):
+    """`lmlab rank` under mpiexec -n 2 ran twice and appended every judgement twice (doubling its
+    weight in reward and dpo); sample, export and the other one-process verbs did all their work
+    once per rank. They refuse, in one line."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "rankings.jsonl"
+    prompts.write_text("Say a: \nSay b: \n")
+    done = lmlab(2, "rank", reference, "--prompts", prompts, "--out", out, "--judge", "shorter",
+                 "-k", 2, "--max-new-tokens", 3, check=False)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.count("error:") == 1, done.stderr
+    assert "lmlab rank: error: it runs as one process, and mpiexec started 2" in done.stderr
+    export = lmlab(2, "export", reference, tmp_path / "hf", "--to", "hf", check=False)
+    assert export.returncode == 2 and not (tmp_path / "hf").exists()

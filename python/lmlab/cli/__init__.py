@@ -21,7 +21,8 @@ Errors a user can cause (a bad value, a missing file, an existing run) end in on
 LMLAB_ISA or LMLAB_BF16, refused as lmlab is imported, ends as "lmlab: error: ..." (lmlab/__init__).
 
 Under `mpiexec -n N lmlab VERB` (lmlab.distributed) only rank 0 writes to stdout, and an error on
-any rank ends every rank (MPI_Abort) with that line, naming the rank.
+any rank ends every rank (MPI_Abort) with that line, naming the rank. Only MPI_COMMANDS run there;
+the others are one process and refuse it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ from ..checks import SettingError
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
 from .common import CommandParser, Parser, check_inherited_threads, flag
+
+
+# The verbs that run as the ranks of one MPI run: the training verbs, and doctor (--mpi checks the
+# ranks). Under mpiexec any other would be run once per rank, each doing all the work and writing
+# all its output (`lmlab rank` appended every judgement N times), so they refuse it.
+MPI_COMMANDS = ("pretrain", "finetune", "instruct", "reward", "dpo", "rlhf", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +71,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world = None
     try:
         check_inherited_threads()
+        if distributed.launched_size() > 1 and args.command not in MPI_COMMANDS:
+            return distributed.refuse(
+                f"lmlab {args.command}: error: it runs as one process, and mpiexec started "
+                f"{distributed.launched_size()} (each would do all of its work): run it without "
+                f"mpiexec (what runs under it: {', '.join(MPI_COMMANDS)})", 2)
         if distributed.launched_size() > 1:
             world = distributed.world()
             distributed.share_cores()
