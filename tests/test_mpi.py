@@ -501,3 +501,18 @@ def test_a_verb_that_is_one_process_refuses_mpiexec_once(tmp_path, reference):
     assert "lmlab rank: error: it runs as one process, and mpiexec started 2" in done.stderr
     export = lmlab(2, "export", reference, tmp_path / "hf", "--to", "hf", check=False)
     assert export.returncode == 2 and not (tmp_path / "hf").exists()
+
+
+@needs_mpi
+def test_a_diverged_run_is_said_once(tmp_path):
+    """Every rank sees the same non-finite gradient norm and stops at the same step; each printed
+    the same message."""
+    script = tmp_path / "diverge.py"
+    script.write_text("import sys\nfrom lmlab import ops\n"
+                      "ops.global_norm = lambda g: float('nan')\n"
+                      "from lmlab.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), "pretrain", "--run",
+                           str(tmp_path / "run"), *TINY, "--steps", "3"], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.count("gradient norm nan") == 1, done.stderr
