@@ -516,3 +516,23 @@ def test_a_diverged_run_is_said_once(tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert done.returncode == 1
     assert done.stderr.count("gradient norm nan") == 1, done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' pids in /proc")
+@needs_mpi
+def test_ctrl_c_on_every_rank_is_announced_once_and_the_run_resumes(tmp_path):
+    """Ctrl-C in the terminal reaches every rank (mpiexec passes it on); each rank said it would
+    stop after this step."""
+    run = tmp_path / "run"
+    proc = _start_long_run(run)
+    for pid in _rank_pids(proc, run).values():
+        os.kill(pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # (rank 0, the one that saves, may be saving when it comes, and says so instead)
+    assert err.count("stopping after this step") + err.count("the run stops when it is") == 1, err
+    step = json.loads((run / "current.json").read_text())["step"]
+    assert f"stopped early (Ctrl-C / SIGTERM): {step} steps" in out
+    lmlab(2, "pretrain", "--run", run, "--resume", "--steps", step + 2, "--no-progress",
+          "--sample-after", 0)
+    assert json.loads((run / "current.json").read_text())["step"] == step + 2
