@@ -536,3 +536,20 @@ def test_ctrl_c_on_every_rank_is_announced_once_and_the_run_resumes(tmp_path):
     lmlab(2, "pretrain", "--run", run, "--resume", "--steps", step + 2, "--no-progress",
           "--sample-after", 0)
     assert json.loads((run / "current.json").read_text())["step"] == step + 2
+
+
+@needs_mpi
+def test_reward_writes_nothing_when_a_rank_cannot_read_the_rankings(tmp_path, reference):
+    """Rank 0 fitted and saved the reward model (saying so) while rank 1, missing the file, ended
+    the run with an error."""
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef"))
+    reward = [sys.executable, "-m", "lmlab", "reward", str(reference), "--out", str(tmp_path / "rm"),
+              "--steps", "5", "--rankings"]
+    done = subprocess.run([MPIEXEC, "-n", "1", *reward, str(rankings), ":", "-n", "1", *reward,
+                           str(tmp_path / "missing.jsonl")], env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 2
+    assert "rank 1 of 2: lmlab reward: error: JSONL file" in done.stderr
+    assert "saved in" not in done.stdout and not (tmp_path / "rm").exists()
