@@ -553,3 +553,14 @@ def test_reward_writes_nothing_when_a_rank_cannot_read_the_rankings(tmp_path, re
     assert done.returncode == 2
     assert "rank 1 of 2: lmlab reward: error: JSONL file" in done.stderr
     assert "saved in" not in done.stdout and not (tmp_path / "rm").exists()
+
+
+@needs_mpi
+def test_a_note_on_the_data_every_rank_reads_is_said_once(tmp_path, reference):
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef")
+                        + '{"prompt": "an append cut sh')
+    done = lmlab(2, "dpo", reference, "--rankings", rankings, "--out", tmp_path / "dpo", "--steps",
+                 1, "--batch-size", 2, "--eval-every", 0, "--no-progress")
+    assert done.stderr.count("is cut short") == 1, done.stderr
