@@ -482,7 +482,8 @@ def test_a_usage_error_every_rank_meets_is_said_once():
     done = lmlab(2, "pretrain", "--steps", "x", check=False)
     assert done.returncode == 2
     assert done.stderr.count("error:") == 1, done.stderr
-    assert "rank 0 of 2: lmlab pretrain: error: argument --steps: invalid int value: 'x'" in done.stderr
+    assert ("rank 0 of 2: lmlab pretrain: error: argument --steps: invalid int value: 'x'"
+            in done.stderr)
     version = lmlab(2, "--version")
     assert version.stdout.count("lmlab") == 1
 
@@ -545,8 +546,8 @@ def test_reward_writes_nothing_when_a_rank_cannot_read_the_rankings(tmp_path, re
     rankings = tmp_path / "rankings.jsonl"
     rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
                                             "ranking": [0, 1]}) + "\n" for c in "abcdef"))
-    reward = [sys.executable, "-m", "lmlab", "reward", str(reference), "--out", str(tmp_path / "rm"),
-              "--steps", "5", "--rankings"]
+    reward = [sys.executable, "-m", "lmlab", "reward", str(reference), "--out",
+              str(tmp_path / "rm"), "--steps", "5", "--rankings"]
     done = subprocess.run([MPIEXEC, "-n", "1", *reward, str(rankings), ":", "-n", "1", *reward,
                            str(tmp_path / "missing.jsonl")], env=_env(), capture_output=True,
                           text=True, timeout=TIMEOUT, cwd=ROOT)

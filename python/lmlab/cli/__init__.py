@@ -96,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as exc:  # OSError: a file the system will not read or write
         return _fail(world, 2, f"lmlab {args.command}: error: {exc}")
     except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept
-        if world is None or world.is_root:  # every rank saw the same loss and stops here: one says so
+        if world is None or world.is_root:  # every rank saw the same loss and stops: one says so
             print(f"lmlab {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
