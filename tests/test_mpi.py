@@ -565,3 +565,22 @@ def test_a_note_on_the_data_every_rank_reads_is_said_once(tmp_path, reference):
     done = lmlab(2, "dpo", reference, "--rankings", rankings, "--out", tmp_path / "dpo", "--steps",
                  1, "--batch-size", 2, "--eval-every", 0, "--no-progress")
     assert done.stderr.count("is cut short") == 1, done.stderr
+
+
+@needs_mpi
+def test_an_exception_nothing_catches_on_one_rank_ends_every_rank(tmp_path):
+    """Through the Python API, a corpus missing on one machine raised on its rank alone, which
+    exited with the traceback while the others waited for it in a collective, forever."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((ROOT / "python" / "lmlab" / "corpora" / "shakespeare.txt")
+                      .read_text()[:20_000])
+    script = tmp_path / "api.py"
+    script.write_text(
+        "import os, sys\nimport lmlab\nfrom lmlab import distributed\n"
+        "corpus = sys.argv[1] if distributed.launched_rank() == 0 else sys.argv[1] + '.missing'\n"
+        f"lmlab.pretrain(corpus, {str(tmp_path / 'run')!r}, n_layer=1, n_head=2, n_embd=16, "
+        "block_size=16, batch_size=2, steps=2, progress=False)\n")
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), str(corpus)],
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "lmlab: rank 1 of 2: FileNotFoundError: corpus" in done.stderr, done.stderr

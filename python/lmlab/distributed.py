@@ -277,12 +277,27 @@ def world(require: bool = False) -> World:
         raise MPIUnavailable(f"{asked} need mpi4py, which cannot be imported ({e}); install it "
                              f"with: {INSTALL_HINT}") from None
     _WORLD = World(MPI.COMM_WORLD)
+    if _WORLD.distributed:
+        _abort_on_uncaught(_WORLD)
     if size > 1 and _WORLD.size == 1:
         raise MPIUnavailable(f"the launcher started {size} processes but mpi4py's MPI sees only "
                              "this one: mpi4py was built against another MPI than the mpiexec "
                              "used; run the mpiexec of the MPI mpi4py uses (with the wheels: the "
                              f"one `{INSTALL_HINT.split(' (')[0]}` installs)")
     return _WORLD
+
+
+def _abort_on_uncaught(world: World) -> None:
+    """An exception nothing catches (the Python API's refusal of a file missing on one machine, a
+    bug) ends its rank with a traceback, and the other ranks waited for it in their next exchange,
+    forever: after the traceback, end them too (World.abort), as `python -m mpi4py` does."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        world.abort(describe_failure(value), 1)
+
+    sys.excepthook = hook
 
 
 def share_cores() -> None:
