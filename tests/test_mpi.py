@@ -439,3 +439,148 @@ def test_rank_0_streams_a_large_corpus_before_the_others_read_its_shards(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     times = {(rank, what): t for rank, what, t in map(json.loads, log.read_text().splitlines())}
     assert times[("1", "start")] >= times[("0", "end")], times
+
+
+@needs_mpi
+def test_a_run_an_interrupted_overwrite_set_aside_resumes_on_two_ranks(tmp_path):
+    """Rank 0 puts back the run an --overwrite killed before its first checkpoint was replacing;
+    the other ranks looked for the run before it was back, and refused: no run to resume."""
+    from lmlab.rundir import REPLACED_DIR
+    run = tmp_path / "run"
+    lmlab(2, "pretrain", "--run", run, *TINY, "--steps", 3)
+    # An overwrite killed before its first checkpoint (a process that ends without closing it).
+    code = ("import os, sys; from lmlab.rundir import open_run_dir; "
+            "held = open_run_dir(sys.argv[1], overwrite=True); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(run)], env=_env(), check=True, timeout=TIMEOUT)
+    assert (run / REPLACED_DIR).is_dir() and not (run / "current.json").exists()
+    done = lmlab(2, "pretrain", "--run", run, "--resume", "--steps", 6, "--no-progress",
+                 "--sample-after", 0)
+    assert "put back the run" in done.stderr
+    assert checkpoint.current_checkpoint(run).name == "step_000006"
+
+
+@needs_mpi
+@pytest.mark.parametrize("bad", [["-env", "OMP_NUM_THREADS", "100000"],
+                                 ["-env", "LMLAB_ISA", "no-such-isa"], ["--steps", "x"]])
+def test_a_rank_alone_refusing_before_it_joins_ends_every_rank(tmp_path, bad):
+    """A machine with a bad OMP_NUM_THREADS or LMLAB_ISA, or a rank given a bad argument, stopped
+    before joining MPI: the other ranks waited for it in MPI_Init, forever. It now joins them and
+    ends every rank with its one line."""
+    run = ["-m", "lmlab", "pretrain", "--run", str(tmp_path / "run"), *TINY, "--steps", "2"]
+    env, args = (bad, []) if bad[0] == "-env" else ([], bad)
+    done = subprocess.run([MPIEXEC, "-n", "1", sys.executable, *run, ":", "-n", "1", *env,
+                           sys.executable, *run, *args], env=_env(), capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("lmlab: rank 1 of 2: lmlab") == 1, done.stderr
+    assert done.stderr.count("error:") == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_a_usage_error_every_rank_meets_is_said_once():
+    done = lmlab(2, "pretrain", "--steps", "x", check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("error:") == 1, done.stderr
+    assert ("rank 0 of 2: lmlab pretrain: error: argument --steps: invalid int value: 'x'"
+            in done.stderr)
+    version = lmlab(2, "--version")
+    assert version.stdout.count("lmlab") == 1
+
+
+@needs_mpi
+def test_a_verb_that_is_one_process_refuses_mpiexec_once(tmp_path, reference):
+    """`lmlab rank` under mpiexec -n 2 ran twice and appended every judgement twice (doubling its
+    weight in reward and dpo); sample, export and the other one-process verbs did all their work
+    once per rank. They refuse, in one line."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "rankings.jsonl"
+    prompts.write_text("Say a: \nSay b: \n")
+    done = lmlab(2, "rank", reference, "--prompts", prompts, "--out", out, "--judge", "shorter",
+                 "-k", 2, "--max-new-tokens", 3, check=False)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.count("error:") == 1, done.stderr
+    assert "lmlab rank: error: it runs as one process, and mpiexec started 2" in done.stderr
+    export = lmlab(2, "export", reference, tmp_path / "hf", "--to", "hf", check=False)
+    assert export.returncode == 2 and not (tmp_path / "hf").exists()
+
+
+@needs_mpi
+def test_a_diverged_run_is_said_once(tmp_path):
+    """Every rank sees the same non-finite gradient norm and stops at the same step; each printed
+    the same message."""
+    script = tmp_path / "diverge.py"
+    script.write_text("import sys\nfrom lmlab import ops\n"
+                      "ops.global_norm = lambda g: float('nan')\n"
+                      "from lmlab.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), "pretrain", "--run",
+                           str(tmp_path / "run"), *TINY, "--steps", "3"], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.count("gradient norm nan") == 1, done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' pids in /proc")
+@needs_mpi
+def test_ctrl_c_on_every_rank_is_announced_once_and_the_run_resumes(tmp_path):
+    """Ctrl-C in the terminal reaches every rank (mpiexec passes it on); each rank said it would
+    stop after this step."""
+    run = tmp_path / "run"
+    proc = _start_long_run(run)
+    for pid in _rank_pids(proc, run).values():
+        os.kill(pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # (rank 0, the one that saves, may be saving when it comes, and says so instead)
+    assert err.count("stopping after this step") + err.count("the run stops when it is") == 1, err
+    step = json.loads((run / "current.json").read_text())["step"]
+    assert f"stopped early (Ctrl-C / SIGTERM): {step} steps" in out
+    lmlab(2, "pretrain", "--run", run, "--resume", "--steps", step + 2, "--no-progress",
+          "--sample-after", 0)
+    assert json.loads((run / "current.json").read_text())["step"] == step + 2
+
+
+@needs_mpi
+def test_reward_writes_nothing_when_a_rank_cannot_read_the_rankings(tmp_path, reference):
+    """Rank 0 fitted and saved the reward model (saying so) while rank 1, missing the file, ended
+    the run with an error."""
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef"))
+    reward = [sys.executable, "-m", "lmlab", "reward", str(reference), "--out",
+              str(tmp_path / "rm"), "--steps", "5", "--rankings"]
+    done = subprocess.run([MPIEXEC, "-n", "1", *reward, str(rankings), ":", "-n", "1", *reward,
+                           str(tmp_path / "missing.jsonl")], env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 2
+    assert "rank 1 of 2: lmlab reward: error: JSONL file" in done.stderr
+    assert "saved in" not in done.stdout and not (tmp_path / "rm").exists()
+
+
+@needs_mpi
+def test_a_note_on_the_data_every_rank_reads_is_said_once(tmp_path, reference):
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef")
+                        + '{"prompt": "an append cut sh')
+    done = lmlab(2, "dpo", reference, "--rankings", rankings, "--out", tmp_path / "dpo", "--steps",
+                 1, "--batch-size", 2, "--eval-every", 0, "--no-progress")
+    assert done.stderr.count("is cut short") == 1, done.stderr
+
+
+@needs_mpi
+def test_an_exception_nothing_catches_on_one_rank_ends_every_rank(tmp_path):
+    """Through the Python API, a corpus missing on one machine raised on its rank alone, which
+    exited with the traceback while the others waited for it in a collective, forever."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((ROOT / "python" / "lmlab" / "corpora" / "shakespeare.txt")
+                      .read_text()[:20_000])
+    script = tmp_path / "api.py"
+    script.write_text(
+        "import os, sys\nimport lmlab\nfrom lmlab import distributed\n"
+        "corpus = sys.argv[1] if distributed.launched_rank() == 0 else sys.argv[1] + '.missing'\n"
+        f"lmlab.pretrain(corpus, {str(tmp_path / 'run')!r}, n_layer=1, n_head=2, n_embd=16, "
+        "block_size=16, batch_size=2, steps=2, progress=False)\n")
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), str(corpus)],
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "lmlab: rank 1 of 2: FileNotFoundError: corpus" in done.stderr, done.stderr

@@ -29,8 +29,9 @@ def _refuse_on_the_command_line(exc: ImportError) -> None:
     argv0 = sys.argv[0] if getattr(sys, "argv", None) else ""
     script = re.sub(r"(-script\.pyw?|\.exe)?$", "", os.path.basename(argv0))  # as pip names it
     if argv0 == "-m" or script == "lmlab":
-        print(f"lmlab: error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        # Under mpiexec, said once and every rank ended: the others would wait for this one.
+        from .distributed import refuse
+        raise SystemExit(refuse(f"lmlab: error: {exc}", 2))
 
 
 try:

@@ -29,6 +29,7 @@ import sys
 
 import numpy as np
 
+from . import distributed
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
 from .files import JSONTextError, atomic_write_bytes, complete_lines, parse_json, remove_abandoned
@@ -345,7 +346,8 @@ def read_jsonl_objects(path, *, appended: bool = False, allow_empty: bool = Fals
     except OSError as e:
         raise type(e)(e.errno, f"cannot read JSONL file ({e.strerror})", path) from None
     lines = complete_lines(data) if appended else data.split(b"\n")
-    if len(lines) == data.count(b"\n") and data[data.rfind(b"\n") + 1:].strip():
+    cut_short = len(lines) == data.count(b"\n") and data[data.rfind(b"\n") + 1:].strip()
+    if cut_short and distributed.world().is_root:  # under mpiexec every rank reads it; one says so
         print(f"lmlab: note: the last line of {path} is cut short (an append interrupted by a "
               "kill or a full disk) and is skipped; the next append to the file removes it",
               file=sys.stderr)

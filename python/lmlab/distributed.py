@@ -32,8 +32,6 @@ from typing import Optional
 
 import numpy as np
 
-from . import ops
-
 INSTALL_HINT = 'pip install "lmlab[mpi]" (mpi4py and an MPI from wheels)'
 # Set by MPI launchers in the processes they start: MPICH/Hydra and Intel MPI (PMI_*), Open MPI
 # (OMPI_*), PMIx launchers, MVAPICH.
@@ -44,10 +42,8 @@ ABORT_GRACE_S = 1.0
 # How long a failing rank other than 0 waits before saying why (World.abort): longer than rank 0's
 # grace, so rank 0 failing the same way ends it first.
 NON_ROOT_REPORT_DELAY_S = 3.0
-# Shard boundaries fall on multiples of this many floats: whole chunks of ops.sum_squares, so the
-# ranks' chunk sums are those of the whole buffer and ZeRO-1's gradient norm is bit for bit the
-# one-process norm (World.global_norm); each shard also starts on a cache line.
-_SHARD_ALIGN = ops.SUM_SQUARES_CHUNK
+# lmlab.ops (the compiled core) is imported where it is used: refuse() must work in a process whose
+# core refused to load (a bad LMLAB_ISA), to end the other ranks instead of leaving them waiting.
 
 
 class MPIUnavailable(ValueError):
@@ -65,11 +61,24 @@ def launched_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher that started it says (0 if none)."""
+    for var in _RANK_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def shard_bounds(n: int, size: int) -> list:
     """[(start, stop), ...]: the n elements cut into `size` contiguous shards, one per rank, each
-    boundary on a multiple of _SHARD_ALIGN (the last shard takes the rest)."""
+    boundary on a multiple of ops.SUM_SQUARES_CHUNK (the last shard takes the rest): whole chunks
+    of ops.sum_squares, so the ranks' chunk sums are those of the whole buffer and ZeRO-1's gradient
+    norm is bit for bit the one-process norm (World.global_norm); each shard also starts on a cache
+    line."""
+    from .ops import SUM_SQUARES_CHUNK as align
     per = -(-n // size)
-    per = -(-per // _SHARD_ALIGN) * _SHARD_ALIGN
+    per = -(-per // align) * align
     return [(min(n, r * per), min(n, (r + 1) * per)) for r in range(size)]
 
 
@@ -163,6 +172,7 @@ class World:
     def global_norm(self, shard: np.ndarray) -> float:
         """ops.global_norm of the buffer whose shards (shard_bounds) the ranks hold, bit for bit:
         every shard is whole chunks of ops.sum_squares, whose sums are added here in buffer order."""
+        from . import ops
         parts = ops.sum_squares_parts(shard)
         if self.distributed:
             parts = [p for rank_parts in self.allgather(parts) for p in rank_parts]
@@ -229,6 +239,23 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def refuse(message: str, code: int = 2) -> int:
+    """Say why this process stops, before it has joined the run's ranks (a usage error, a bad
+    OMP_NUM_THREADS or LMLAB_ISA), and return `code` to exit with. Launched as one of several
+    ranks, it joins them and ends every one (World.abort: said once where every rank fails alike):
+    the others wait for each rank in MPI_Init and their first exchange, forever if one exits
+    without joining."""
+    if launched_size() > 1:
+        try:
+            joined = world()
+        except MPIUnavailable:
+            joined = None  # the others cannot start MPI either, and stop the same way
+        if joined is not None and joined.distributed:
+            joined.abort(message, code)
+    print(message, file=sys.stderr, flush=True)
+    return code
+
+
 _WORLD: Optional[World] = None
 
 
@@ -250,12 +277,27 @@ def world(require: bool = False) -> World:
         raise MPIUnavailable(f"{asked} need mpi4py, which cannot be imported ({e}); install it "
                              f"with: {INSTALL_HINT}") from None
     _WORLD = World(MPI.COMM_WORLD)
+    if _WORLD.distributed:
+        _abort_on_uncaught(_WORLD)
     if size > 1 and _WORLD.size == 1:
         raise MPIUnavailable(f"the launcher started {size} processes but mpi4py's MPI sees only "
                              "this one: mpi4py was built against another MPI than the mpiexec "
                              "used; run the mpiexec of the MPI mpi4py uses (with the wheels: the "
                              f"one `{INSTALL_HINT.split(' (')[0]}` installs)")
     return _WORLD
+
+
+def _abort_on_uncaught(world: World) -> None:
+    """An exception nothing catches (the Python API's refusal of a file missing on one machine, a
+    bug) ends its rank with a traceback, and the other ranks waited for it in their next exchange,
+    forever: after the traceback, end them too (World.abort), as `python -m mpi4py` does."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        world.abort(describe_failure(value), 1)
+
+    sys.excepthook = hook
 
 
 def share_cores() -> None:

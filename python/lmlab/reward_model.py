@@ -228,6 +228,10 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
         train_recs, val_recs = load_split_rankings(s["rankings"], s["val_fraction"], s["seed"],
                                                    "a reward model", tokenizer=tok)
         world = distributed.world()
+        # Every rank has read the run and the rankings before rank 0 writes: a rank that could not
+        # (a file missing on its machine) ends the run here, where rank 0 went on to write the
+        # reward model and report it saved while the run failed.
+        world.barrier()
         if not world.is_root:
             # One full-batch fit of a linear head: rank 0 does it and writes the run.
             report = world.bcast(None)

@@ -288,8 +288,13 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     # stage has loaded and checked its data, so a stage refused for any reason leaves no trace.
     # The common refusals come first, before any work, once a run an interrupted overwrite was
     # replacing is back in place:
-    if distributed.world().is_root:
+    world = distributed.world()
+    if world.is_root:
         settle_overwrite(out)
+    # The other ranks look at `out` (is it a run? its config.json) only once rank 0 has put back
+    # what an interrupted overwrite set aside: before, they saw no run to resume, or the new run's
+    # files. A rank 0 that fails here ends them (MPI_Abort) in the barrier.
+    world.barrier()
     if resume and not is_run(out):
         raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
     if not resume and not overwrite and is_run(out):
@@ -308,10 +313,10 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
         if "grad_accum" in settings and "grad_accum" not in given:
             settings["grad_accum"] = _grad_accum_for(config.get("train") or {}, settings["grad_accum"])
         checks.check_relations(settings, given)
-        if distributed.world().is_root:  # every rank merges the same settings; one says so
+        if world.is_root:  # every rank merges the same settings; one says so
             for line in changed:
                 print(f"lmlab: {line}", file=sys.stderr)
-    if given.get("zero") and not distributed.world().distributed:
+    if given.get("zero") and not world.distributed:
         # Not refused: one process holding the whole state is ZeRO-1 on one rank, the same run
         # bit for bit, and the recorded setting shards it when the run resumes under mpiexec.
         print("lmlab: note: zero 1 shards the AdamW state across MPI ranks (mpiexec -n N); this "

@@ -180,11 +180,13 @@ class _StopRequest:
     so; another during the same save forces the exit, which still leaves the previous checkpoint
     current (a checkpoint becomes current in one atomic step, see checkpoint.py). SIGTERM, which
     process managers, batch schedulers and `docker stop` send before they kill, counts as a
-    Ctrl-C."""
+    Ctrl-C. announce=False keeps it quiet: under mpiexec, which passes Ctrl-C on to every rank,
+    rank 0 alone says what happens (every rank printed the same lines)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce
         self.requested = False
         self._saving = False
         self._presses_while_saving = 0
@@ -199,7 +201,7 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGTERM and not self.requested:
+        if signum == signal.SIGTERM and not self.requested and self.announce:
             print("\nlmlab: asked to stop (SIGTERM)", file=sys.stderr, flush=True)
         if self._saving:
             self.requested = True
@@ -214,8 +216,9 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nlmlab: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        if self.announce:
+            print("\nlmlab: stopping after this step and saving a checkpoint (Ctrl-C again to "
+                  "abort)", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def saving(self):
@@ -365,7 +368,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
     stopped = False
     window_t, window_tokens = time.perf_counter(), 0
     window_steps, window_comm = 0, world.comm_seconds
-    with _StopRequest() as stop:
+    with _StopRequest(announce=writer) as stop:
         try:
             while step < cfg.steps:
                 # 1) gradients of one optimiser step, accumulated over micro-batches (each rank

@@ -21,7 +21,8 @@ Errors a user can cause (a bad value, a missing file, an existing run) end in on
 LMLAB_ISA or LMLAB_BF16, refused as lmlab is imported, ends as "lmlab: error: ..." (lmlab/__init__).
 
 Under `mpiexec -n N lmlab VERB` (lmlab.distributed) only rank 0 writes to stdout, and an error on
-any rank ends every rank (MPI_Abort) with that line, naming the rank.
+any rank ends every rank (MPI_Abort) with that line, naming the rank. Only MPI_COMMANDS run there;
+the others are one process and refuse it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ from ..tokenizer import UnrepresentableText
 from ..train import NonFiniteLoss
 from . import bench, demo, doctor, generation, interop, preference, studio, training
 from .common import CommandParser, Parser, check_inherited_threads, command_name, flag
+
+
+# The verbs that run as the ranks of one MPI run: the training verbs, and doctor (--mpi checks the
+# ranks). Under mpiexec any other would be run once per rank, each doing all the work and writing
+# all its output (`lmlab rank` appended every judgement N times), so they refuse it.
+MPI_COMMANDS = ("pretrain", "finetune", "instruct", "reward", "dpo", "rlhf", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if distributed.launched_rank() > 0:  # rank 0 alone reports, --help and --version too
+        sys.stdout = open(os.devnull, "w")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error under mpiexec ends every rank (Parser.error)
     world = None
     try:
         check_inherited_threads()
+        if distributed.launched_size() > 1 and args.command not in MPI_COMMANDS:
+            return distributed.refuse(
+                f"lmlab {args.command}: error: it runs as one process, and mpiexec started "
+                f"{distributed.launched_size()} (each would do all of its work): run it without "
+                f"mpiexec (what runs under it: {', '.join(MPI_COMMANDS)})", 2)
         if distributed.launched_size() > 1:
             world = distributed.world()
             distributed.share_cores()
@@ -86,8 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as exc:  # OSError: a file the system will not read or write
         return _fail(world, 2, f"{command_name(args)}: error: {exc}")
     except NonFiniteLoss as exc:  # training diverged; the last good checkpoint is kept
-        print(f"{command_name(args)}: {exc}", file=sys.stderr)
-        return 1  # every rank saw the same loss and stops here
+        if world is None or world.is_root:  # every rank saw the same loss and stops: one says so
+            print(f"{command_name(args)}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return _fail(world, 130, "\nlmlab: interrupted")
 
@@ -104,9 +119,12 @@ def _stdout_reader_gone() -> bool:
 
 
 def _fail(world, code: int, message: str) -> int:
-    """Print the error; under MPI, end every rank with it (the others may wait for this one)."""
+    """Print the error; under MPI, end every rank with it (the others may wait for this one),
+    also where it came before this rank joined them (world None: a bad OMP_NUM_THREADS)."""
     if world is not None and world.distributed:
         world.abort(message.strip(), code)
+    if world is None and distributed.launched_size() > 1:
+        return distributed.refuse(message.strip(), code)
     print(message, file=sys.stderr)
     return code
 

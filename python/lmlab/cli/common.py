@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import checks, ops
+from .. import checks, distributed, ops
 from ..errors import LmlabError
 from ..stage import STAGE_DEFAULTS
 
@@ -39,11 +39,19 @@ class ShowDefaults(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """Every lmlab parser and sub-parser: its --help shows the defaults (ShowDefaults)."""
+    """Every lmlab parser and sub-parser: its --help shows the defaults (ShowDefaults). Under
+    mpiexec a usage error is one line that ends every rank (distributed.refuse): every rank
+    printed usage and error, and a rank alone in refusing its arguments left the others waiting
+    for it forever."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", ShowDefaults)
         super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        if distributed.launched_size() > 1:
+            raise SystemExit(distributed.refuse(f"{self.prog}: error: {message}", 2))
+        super().error(message)
 
 
 class CommandParser(Parser):
