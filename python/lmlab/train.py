@@ -394,10 +394,12 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                     world.reduce_gradients(model.grads)
                     grad_norm = ops.global_norm(model.grads)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    kept = (f"the last good checkpoint in {run_dir} is kept" if last_saved is not None
+                            else "it had saved no checkpoint yet")
                     raise NonFiniteLoss(
                         f"step {step}: loss {loss}, gradient norm {grad_norm}. Training stopped; "
-                        f"the last good checkpoint in {run_dir} is kept. Try a lower learning rate "
-                        f"(now {cfg.lr}) or stronger clipping (grad_clip {cfg.grad_clip}).")
+                        f"{kept}. Try a lower learning rate (now {cfg.lr}) or stronger clipping "
+                        f"(grad_clip {cfg.grad_clip}).")
                 # 2) clip and update
                 scale = 1.0
                 if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
