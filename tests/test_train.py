@@ -229,28 +229,24 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+# NaN at the stage's 14th call (step 13, after the checkpoint at step 10) and at its 3rd (step 2,
+# before any): the message used to name "the last good checkpoint in RUN" of a run that had none.
+@pytest.mark.parametrize("call,step,saved", [(14, 13, 10), (3, 2, None)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, call, step, saved):
     tok, ids, model = tiny_setup()
     stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
-    on_call(stage, 14, after=lambda out: out.update(loss=float("nan")))
-    with pytest.raises(NonFiniteLoss, match="step 13") as stopped:
+    on_call(stage, call, after=lambda out: out.update(loss=float("nan")))
+    with pytest.raises(NonFiniteLoss, match=f"step {step}") as stopped:
         train(model, stage, quiet(steps=100), tmp_path / "run", tokenizer=tok)
+    if saved is None:
+        assert "it had saved no checkpoint yet" in str(stopped.value)
+        assert "is kept" not in str(stopped.value)
+        return
     assert f"the last good checkpoint in {tmp_path / 'run'} is kept" in str(stopped.value)
     _, state = checkpoint.load_training_state(tmp_path / "run")
-    assert state["step"] == 10
-    saved, _, _ = checkpoint.load_model(tmp_path / "run")
-    assert np.all(np.isfinite(saved.params))
-
-
-def test_nan_loss_before_the_first_checkpoint_says_none_was_kept(tmp_path):
-    # It used to name "the last good checkpoint in RUN", a run that had saved none.
-    tok, ids, model = tiny_setup()
-    stage = LanguageModelingStage(ids[:1500], ids[1500:], 4, 16, seed=3)
-    on_call(stage, 3, after=lambda out: out.update(loss=float("nan")))
-    with pytest.raises(NonFiniteLoss, match="step 2") as stopped:
-        train(model, stage, quiet(steps=100), tmp_path / "run", tokenizer=tok)
-    assert "it had saved no checkpoint yet" in str(stopped.value)
-    assert "is kept" not in str(stopped.value)
+    assert state["step"] == saved
+    saved_model, _, _ = checkpoint.load_model(tmp_path / "run")
+    assert np.all(np.isfinite(saved_model.params))
 
 
 def test_frozen_parameters_do_not_move(tmp_path):
