@@ -248,6 +248,9 @@ def test_overwrite_replaces_only_what_an_export_writes(run, tmp_path, capsys, mo
     (out / "runs").rmdir()
     assert main(["export", str(run), "--to", "hf", str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == sorted(hf_export.EXPORT_FILES)
+    assert main(["export", str(run), "--to", "hf", ""]) == 2  # was "the export directory . overlaps"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the export directory is empty ('')" in err, err
     # The current directory cannot be renamed aside ("Device or resource busy" was all it said).
     monkeypatch.chdir(out)
     capsys.readouterr()

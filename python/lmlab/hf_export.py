@@ -193,7 +193,11 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
     """Write the run's current checkpoint as a transformers GPT-2 directory `out` (module
     docstring). Returns {"out", "files", "replaced"}: the directory, its files, and what an
     overwrite replaced."""
-    run, out = run_path(run), Path(os.fspath(out))  # run_path: "" is not the current directory
+    run = run_path(run)  # run_path: "" is not the current directory
+    if not os.fspath(out):  # nor for the output (Path("") is "."): it was said to overlap the run
+        raise ConversionError("the export directory is empty (''): name the directory to write "
+                              "the transformers model into")
+    out = Path(os.fspath(out))
     _restore_interrupted(out)
     replaced = _check_out(out, run, overwrite)
     model, tok, config = load_model(run)
