@@ -58,7 +58,7 @@ def test_model_flops_per_token_counts_every_weight_matrix():
 
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, steps=1, warmup=0,
-            threads=1)
+            rounds=1, threads=1)
 
 
 def test_bench_train_reports_mfu_against_the_run_s_fastest_matmul():

@@ -259,7 +259,8 @@ def test_bad_precision_exits_2_naming_the_choices(run, capsys, verb):
 
 def test_bench_train_measures_each_precision(capsys):
     tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
-            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--threads", "1"]
+            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
+            "--rounds", "1"]
     assert main(["bench", "train", "--impl", "lmlab", "--json", *tiny]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["impl"], r["precision"]) for r in rows] == [("lmlab", "fp32"), ("lmlab", "bf16")]
@@ -275,10 +276,44 @@ def test_speed_ratios_pair_equal_precisions_and_bf16_against_fp32():
     rows = [{"impl": i, "precision": p, "tokens_per_s": t}
             for i, p, t in [("lmlab", "fp32", 60.0), ("lmlab", "bf16", 90.0),
                             ("pytorch", "fp32", 30.0), ("pytorch", "bf16", 45.0)]]
-    assert trainbench.speed_ratios(rows) == [("lmlab fp32 / pytorch fp32", 2.0),
-                                             ("lmlab bf16 / pytorch bf16", 2.0),
-                                             ("lmlab bf16 / pytorch fp32", 3.0)]
+    assert trainbench.speed_ratios(rows) == [("lmlab fp32 / pytorch fp32", 2.0, [2.0]),
+                                             ("lmlab bf16 / pytorch bf16", 2.0, [2.0]),
+                                             ("lmlab bf16 / pytorch fp32", 3.0, [3.0])]
     assert trainbench.speed_ratios(rows[:2]) == []
+
+
+def test_speed_ratio_is_the_median_of_the_rounds_ratios():
+    """Each round's ratio is between runs that followed one another; a burst that slowed one
+    library in one round must not decide the ratio (the ratio of the median rounds would be 4x)."""
+    rows = [{"impl": "lmlab", "precision": "fp32", "tokens_per_s": 20.0,
+             "round_tokens_per_s": [10.0, 30.0, 20.0]},
+            {"impl": "pytorch", "precision": "fp32", "tokens_per_s": 5.0,
+             "round_tokens_per_s": [5.0, 30.0, 5.0]}]
+    assert trainbench.speed_ratios(rows) == [("lmlab fp32 / pytorch fp32", 2.0, [2.0, 1.0, 4.0])]
+
+
+def test_bench_train_interleaves_rounds_and_reports_the_median_round(monkeypatch):
+    """Every implementation runs once per round, in reversed order every other round; a row is its
+    median round (the slower middle one of an even count) with every round's tokens/s."""
+    order = []
+    speeds = iter([100.0, 10.0, 11.0, 300.0, 200.0, 12.0, 50.0, 13.0])
+
+    def child(spec, threads, isa):
+        order.append((spec["impl"], spec["precision"]))
+        return {"impl": spec["impl"], "precision": spec["precision"], "tokens_per_s": next(speeds),
+                "peak_rss_mib": len(order)}
+    monkeypatch.setattr(trainbench, "_child", child)
+    monkeypatch.setattr(trainbench, "torch_available", lambda: True)
+    rows = trainbench.bench_train(1, 1, 8, 4, 1, 1, impls=("lmlab", "pytorch"), mfu=False,
+                                  rounds=4)
+    lm, pt = ("lmlab", "fp32"), ("pytorch", "fp32")
+    assert order == [lm, pt, pt, lm, lm, pt, pt, lm]
+    assert rows[0]["round_tokens_per_s"] == [100.0, 300.0, 200.0, 13.0]
+    assert rows[0]["tokens_per_s"] == 100.0 and rows[0]["peak_rss_mib"] == 8
+    assert rows[1]["round_tokens_per_s"] == [10.0, 11.0, 12.0, 50.0]
+    assert rows[1]["tokens_per_s"] == 11.0
+    with pytest.raises(ValueError, match="rounds must be a positive integer"):
+        trainbench.bench_train(1, 1, 8, 4, 1, 1, rounds=0)
 
 
 def test_pytorch_autocast_step_trains_in_bf16():

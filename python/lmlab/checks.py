@@ -180,6 +180,7 @@ RULES = {
     # benchmarks
     "repeat": Rule(int, 1, 100_000),
     "warmup": Rule(int, 0, _STEPS),
+    "rounds": Rule(int, 1, 1000),
     "prompt_len": Rule(int, 1, _SIZE),
     "new_tokens": Rule(int, 1, _SIZE),
 }

@@ -20,6 +20,12 @@ every weight matrix a token multiplies through, the tied LM head included), and 
 tokens/s x FLOPs per token over the fastest matmul rate measured in the same run at that precision
 (either library, any of `lmlab bench kernels`'s shapes and products), under the same --isa.
 
+Rounds: the host may be shared, and a neighbour's burst can slow whichever implementation happens
+to be running. So each (implementation, precision) is measured `rounds` times, the rounds
+interleaved (every implementation once per round, the order reversed every other round); a row
+reports its median round, and each speed ratio is the median of the rounds' ratios, each between
+runs that followed one another. Every round's ratio is reported with it.
+
 --isa avx2 measures an AVX2 machine on this one: lmlab on its AVX2 kernels (LMLAB_ISA) and PyTorch
 restricted to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), peaks included.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -306,14 +313,15 @@ def torch_available() -> bool:
 def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
                 steps: int, vocab_size: int = 65, threads: int | None = None,
                 impls=IMPLS, warmup: int = 2, precisions=("fp32",), isa: str = "native",
-                mfu: bool = True) -> list[dict]:
+                mfu: bool = True, rounds: int = 3) -> list[dict]:
     """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess,
-    every one under ISA_ENV[isa].
+    every one under ISA_ENV[isa], in `rounds` interleaved rounds (module docstring).
 
     PyTorch is skipped when torch is not installed. Returns one dict per (implementation,
-    precision), implementation-major, with impl, precision, config, tokens_per_s, peak_rss_mib,
-    ms_per_step, flops_per_token (and threads, steps, losses, isa); with mfu, also each row's mfu
-    and peak (the fastest matmul of any implementation run, at the row's precision).
+    precision), implementation-major, with impl, precision, config, tokens_per_s and ms_per_step
+    (of its median round), round_tokens_per_s (every round's, in order), peak_rss_mib,
+    flops_per_token (and threads, steps, losses, isa); with mfu, also each row's mfu and peak (the
+    fastest matmul of any implementation run, at the row's precision).
     """
     if isa not in ISA_ENV:
         raise ValueError(f"isa must be one of {tuple(ISA_ENV)}, got {isa!r}")
@@ -324,7 +332,7 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
                          f"here: {', '.join(ops.cpu_info()['available'])})")
     for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
                         ("block_size", block_size), ("batch_size", batch_size), ("steps", steps),
-                        ("vocab_size", vocab_size)):
+                        ("vocab_size", vocab_size), ("rounds", rounds)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if n_embd % n_head:
@@ -341,13 +349,14 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                batch_size=batch_size, vocab_size=vocab_size)
     impls = [i for i in impls if i != "pytorch" or torch_available()]
-    rows = []
-    for impl in impls:
-        for precision in precisions:
-            row = _child(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup, threads=threads,
-                              precision=precision), threads, isa)
-            row["flops_per_token"] = model_flops_per_token(cfg)
-            rows.append(row)
+    runs = [(impl, precision) for impl in impls for precision in precisions]
+    measured = {run: [] for run in runs}
+    for r in range(rounds):
+        for impl, precision in (runs if r % 2 == 0 else runs[::-1]):
+            measured[(impl, precision)].append(
+                _child(dict(impl=impl, cfg=cfg, steps=steps, warmup=warmup, threads=threads,
+                            precision=precision), threads, isa))
+    rows = [_median_round(measured[run], cfg) for run in runs]
     if mfu:
         for precision in precisions:
             peaks = [_child(dict(peak=impl, threads=threads, precision=precision), threads, isa)
@@ -358,6 +367,17 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
                     row["peak"] = peak
                     row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak["gflops"] * 1e9)
     return rows
+
+
+def _median_round(results: list[dict], cfg: dict) -> dict:
+    """One implementation's row from its rounds: its median round (the slower middle one of an
+    even count), every round's tokens/s, and the largest peak RSS of any round."""
+    ranked = sorted(results, key=lambda r: r["tokens_per_s"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    row["round_tokens_per_s"] = [r["tokens_per_s"] for r in results]
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    row["flops_per_token"] = model_flops_per_token(cfg)
+    return row
 
 
 def _child(spec: dict, threads: int, isa: str) -> dict:
@@ -372,13 +392,22 @@ def _child(spec: dict, threads: int, isa: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def speed_ratios(rows: list[dict]) -> list[tuple[str, float]]:
-    """(label, lmlab tokens/s / PyTorch tokens/s) at equal precision, and lmlab bf16 against
-    PyTorch fp32 (the speed a user gains over PyTorch's default), for the rows present."""
-    tps = {(r["impl"], r.get("precision", "fp32")): r["tokens_per_s"] for r in rows}
+def speed_ratios(rows: list[dict]) -> list[tuple[str, float, list]]:
+    """(label, ratio, ratio of each round) of lmlab tokens/s over PyTorch tokens/s at equal
+    precision, and of lmlab bf16 over PyTorch fp32 (the speed a user gains over PyTorch's
+    default), for the rows present. The ratio is the median of the rounds' (module docstring); rows
+    without rounds give the ratio of their tokens/s, as their one round."""
+    def rounds(row):
+        return row.get("round_tokens_per_s") or [row["tokens_per_s"]]
+
+    runs = {(r["impl"], r.get("precision", "fp32")): rounds(r) for r in rows}
     pairs = [(p, p) for p in PRECISIONS] + [("bf16", "fp32")]
-    return [(f"lmlab {a} / pytorch {b}", tps[("lmlab", a)] / tps[("pytorch", b)])
-            for a, b in pairs if ("lmlab", a) in tps and ("pytorch", b) in tps]
+    out = []
+    for a, b in pairs:
+        if ("lmlab", a) in runs and ("pytorch", b) in runs:
+            per_round = [x / y for x, y in zip(runs[("lmlab", a)], runs[("pytorch", b)])]
+            out.append((f"lmlab {a} / pytorch {b}", statistics.median(per_round), per_round))
+    return out
 
 
 def _child_main(argv) -> None:

@@ -68,6 +68,9 @@ def _add_train_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: from --config")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure each implementation this many times, interleaved; rows and "
+                             "ratios are the median round's (default 3)")
     parser.add_argument("--impl", choices=trainbench.IMPLS, action="append", default=None,
                         help="run only this implementation (repeatable); default both")
     parser.add_argument("--precision", choices=trainbench.PRECISIONS + ("both",), default="both",
@@ -89,7 +92,8 @@ def run_bench_train(args) -> list:
         if getattr(args, name) is None:
             setattr(args, name, value)
     _check_model(args)
-    checks.check_values(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+    checks.check_values(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                        rounds=args.rounds)
     precisions = trainbench.PRECISIONS if args.precision == "both" else (args.precision,)
     # --impl lmlab --impl lmlab names one implementation: measured once, not once per flag
     impls = tuple(dict.fromkeys(args.impl or trainbench.IMPLS))
@@ -97,7 +101,7 @@ def run_bench_train(args) -> list:
                                   args.batch_size, args.steps, vocab_size=args.vocab_size,
                                   threads=args.threads, impls=impls,
                                   warmup=args.warmup, precisions=precisions, isa=args.isa,
-                                  mfu=args.mfu)
+                                  mfu=args.mfu, rounds=args.rounds)
     for r in rows:
         if args.json:
             print(json.dumps(r), flush=True)
@@ -113,8 +117,10 @@ def run_bench_train(args) -> list:
             if peak is not None:
                 print(f"fastest {p} matmul in this run: {peak['gflops']:.0f} GFLOP/s "
                       f"({peak['impl']}, {peak['product']})")
-        for label, ratio in trainbench.speed_ratios(rows):
-            print(f"{label}: {ratio:.2f}x")
+        for label, ratio, per_round in trainbench.speed_ratios(rows):
+            rounds = (f"  (median of {len(per_round)} rounds: "
+                      f"{', '.join(f'{r:.2f}x' for r in per_round)})" if len(per_round) > 1 else "")
+            print(f"{label}: {ratio:.2f}x{rounds}")
     if args.profile:
         cfg = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                    block_size=args.block_size, batch_size=args.batch_size,
