@@ -584,3 +584,13 @@ def test_an_exception_nothing_catches_on_one_rank_ends_every_rank(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "lmlab: rank 1 of 2: FileNotFoundError: corpus" in done.stderr, done.stderr
+
+
+@needs_mpi
+def test_reward_under_two_ranks_records_the_one_process_that_fitted_it(tmp_path, reference):
+    """Rank 0 alone fits the reward head; config.json said world_size 2, as if both ranks had."""
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef"))
+    lmlab(2, "reward", reference, "--rankings", rankings, "--out", tmp_path / "rm", "--steps", 5)
+    assert checkpoint.read_config(tmp_path / "rm")["train"]["world_size"] == 1

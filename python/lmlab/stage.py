@@ -144,11 +144,13 @@ class StageRun:
         self.settings.update({k: getattr(cfg, k) for k in self.settings if k in _TRAIN_FIELDS})
         return cfg
 
-    def run_config(self, **described) -> dict:
-        """config.json's train section for this stage: the settings plus what the stage records."""
+    def run_config(self, world_size: Optional[int] = None, **described) -> dict:
+        """config.json's train section for this stage: the settings plus what the stage records.
+        world_size: how many processes trained the run (default: every MPI rank; a stage whose
+        training runs on one rank alone, as reward's fit, gives 1)."""
         recorded = {k: v for k, v in self.settings.items() if k not in _NOT_RECORDED}
-        return {"stage": self.name, "settings": recorded,
-                "world_size": distributed.world().size, **described}
+        size = distributed.world().size if world_size is None else world_size
+        return {"stage": self.name, "settings": recorded, "world_size": size, **described}
 
     def close(self) -> None:
         if self.handle is not None:
