@@ -594,3 +594,48 @@ def test_reward_under_two_ranks_records_the_one_process_that_fitted_it(tmp_path,
                                             "ranking": [0, 1]}) + "\n" for c in "abcdef"))
     lmlab(2, "reward", reference, "--rankings", rankings, "--out", tmp_path / "rm", "--steps", 5)
     assert checkpoint.read_config(tmp_path / "rm")["train"]["world_size"] == 1
+
+
+def _edit_config(run: Path, **settings) -> None:
+    path = checkpoint.current_checkpoint(run) / "config.json"
+    config = json.loads(path.read_text())
+    config["train"]["settings"].update(settings)
+    path.write_text(json.dumps(config))
+
+
+@needs_mpi
+@pytest.mark.parametrize("differs", ["parent run", "run config"])
+def test_ranks_that_see_another_run_directory_are_told_it_must_be_the_same(tmp_path, reference,
+                                                                          differs):
+    """Each machine holds its own copy of a run (a parent, or the run to resume): where rank 1's
+    differs, the run stops in one line naming what differs and which directory must be the same
+    on every machine. It said `ValueError: ... every machine needs the same lmlab build and the
+    same data`; and a config.json whose lr differed went unnoticed, each rank stepping with its
+    own lr, so the ranks' weights drifted apart."""
+    if differs == "parent run":
+        other = tmp_path / "other"
+        lmlab(1, "pretrain", "--run", other, *TINY, "--steps", 1)
+        common = ["--out", tmp_path / "ft", "--corpus", "builtin:shakespeare", "--steps", 2,
+                  "--no-progress", "--sample-tokens", 0, "--eval-every", 0]
+        argv = [["finetune", reference, *common], ["finetune", other, *common]]
+        expected = ("the ranks of this MPI run do not see the same run: parameters differs "
+                    f"(rank 0: ", f"); the parent run {reference} must be the same on every "
+                    "machine; stopping every rank")
+    else:
+        shutil.copytree(reference, tmp_path / "a")
+        shutil.copytree(reference, tmp_path / "b")
+        _edit_config(tmp_path / "b", lr=0.002)
+        resume = ["--resume", "--steps", 7, "--no-progress", "--sample-after", 0]
+        argv = [["pretrain", "--run", tmp_path / "a", *resume],
+                ["pretrain", "--run", tmp_path / "b", *resume]]
+        expected = ("the ranks of this MPI run do not see the same run: setting lr differs "
+                    "(rank 0: 0.001, rank 1: 0.002); the run directory ", " (its config.json) "
+                    "must be the same on every machine; stopping every rank")
+    ranks = [arg for r, args in enumerate(argv) for arg in
+             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, args)]]
+    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "rank 0 of 2" in line]
+    assert len(lines) == 1 and all(part in lines[0] for part in expected), done.stderr
+    assert "Error" not in done.stderr, done.stderr
