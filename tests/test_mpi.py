@@ -604,15 +604,29 @@ def _edit_config(run: Path, **settings) -> None:
 
 
 @needs_mpi
-@pytest.mark.parametrize("differs", ["parent run", "run config"])
+@pytest.mark.parametrize("differs", ["parent run", "run config", "parent missing", "run missing"])
 def test_ranks_that_see_another_run_directory_are_told_it_must_be_the_same(tmp_path, reference,
                                                                           differs):
     """Each machine holds its own copy of a run (a parent, or the run to resume): where rank 1's
     differs, the run stops in one line naming what differs and which directory must be the same
     on every machine. It said `ValueError: ... every machine needs the same lmlab build and the
     same data`; and a config.json whose lr differed went unnoticed, each rank stepping with its
-    own lr, so the ranks' weights drifted apart."""
-    if differs == "parent run":
+    own lr, so the ranks' weights drifted apart. A machine lacking the run (or its parent) was
+    reported by its rank as `there is no run to resume` (or `not found`), while rank 0 had it."""
+    if differs == "parent missing":
+        common = ["--out", tmp_path / "ft", "--corpus", "builtin:shakespeare", "--steps", 2]
+        argv = [["finetune", reference, *common], ["finetune", tmp_path / "none", *common]]
+        expected = ("the ranks of this MPI run do not see the same run: parent run differs (rank 0: "
+                    "a run, rank 1: no run); the parent run ", " must be the same on every machine")
+    elif differs == "run missing":
+        shutil.copytree(reference, tmp_path / "a")
+        resume = ["--resume", "--steps", 7, "--no-progress", "--sample-after", 0]
+        argv = [["pretrain", "--run", tmp_path / "a", *resume],
+                ["pretrain", "--run", tmp_path / "none", *resume]]
+        expected = ("the ranks of this MPI run do not see the same run: run directory differs "
+                    "(rank 0: a run, rank 1: no run); the run directory ", " must be the same on "
+                    "every machine")
+    elif differs == "parent run":
         other = tmp_path / "other"
         lmlab(1, "pretrain", "--run", other, *TINY, "--steps", 1)
         common = ["--out", tmp_path / "ft", "--corpus", "builtin:shakespeare", "--steps", 2,
