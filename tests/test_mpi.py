@@ -652,4 +652,6 @@ def test_ranks_that_see_another_run_directory_are_told_it_must_be_the_same(tmp_p
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "rank 0 of 2" in line]
     assert len(lines) == 1 and all(part in lines[0] for part in expected), done.stderr
+    # said as the command line says any error
+    assert f"rank 0 of 2: lmlab {argv[0][0]}: error: the ranks" in lines[0], lines[0]
     assert "Error" not in done.stderr, done.stderr

@@ -276,8 +276,11 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     try:
         return _optimise(model, stage, cfg, run_dir, tokenizer=tokenizer, run_config=run_config,
                          resume=resume, parent=parent, world=world)
-    except NonFiniteLoss:
-        raise  # every rank sees the same loss and stops at the same step: nothing to abort
+    except (NonFiniteLoss, distributed.RanksDifferError):
+        # Every rank sees the same loss and stops at the same step, or raises the same refusal
+        # from the same exchange: none waits for another, nothing to abort (the command line
+        # says it once, as it says any error).
+        raise
     except BaseException as exc:
         if world.distributed:  # the other ranks wait in a collective: end them (checkpoints are atomic)
             world.abort(distributed.describe_failure(exc), 2 if isinstance(exc, ValueError) else 1)
