@@ -197,6 +197,15 @@ def test_a_failed_exchange_is_described_as_a_lost_rank():
     assert distributed.describe_failure(KeyboardInterrupt()) == "KeyboardInterrupt"
 
 
+def test_a_rank_stopping_on_an_lmlab_error_says_its_line_alone():
+    """lmlab's own errors carry one line naming the file and the cause; a rank stopping on one
+    printed its class name before it ("CheckpointError: ..."), which says nothing more."""
+    from lmlab import distributed
+    from lmlab.errors import CheckpointError
+    line = "runs/x/state.json does not hold this stage's trainer state"
+    assert distributed.describe_failure(CheckpointError(line)) == line
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' pids in /proc")
 @needs_mpi
 def test_a_killed_rank_stops_the_others_and_leaves_a_resumable_run(tmp_path):
