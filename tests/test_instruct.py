@@ -106,6 +106,36 @@ def test_inspect_data_shows_a_truncated_example_s_real_length_and_the_cut():
     assert whole.startswith(f"example #1: {full} tokens, ") and "TRUNCATED" not in whole
 
 
+def test_inspect_data_shows_characters_that_byte_level_tokens_split():
+    """A character split across byte-level BPE tokens (an accent, an emoji) was shown as one
+    U+FFFD per token; it is shown once, whole, and bytes a cut leaves without their character as
+    <0xF0>."""
+    tok = train_tokenizer(ALPHABET * 3, "bpe", vocab_size=300)  # no merges for é, ü or 🙂
+    conv = [[{"role": "user", "content": "what is café?"},
+             {"role": "assistant", "content": "über 🙂."}]]
+    ids = render(tok, conv[0])[0]
+    assert sum(tok.decode([i]) == "\ufffd" for i in ids) >= 8  # two tokens each, four for 🙂
+    view = inspect_examples(tok, conv, 64, n=1, color=False).splitlines()[1]
+    assert view == "  <|user|>what is café?<|assistant|>[ü][b][e][r][ ][🙂][.][<|end|>]", view
+    # Cut inside the emoji's four bytes: what is left of it is shown as its bytes.
+    emoji_at = next(k for k in range(len(ids)) if tok.decode(ids[:k + 1]).endswith("über \ufffd"))
+    cut = inspect_examples(tok, conv, emoji_at, n=1, color=False).splitlines()[1]
+    assert cut.endswith("[r][ ][<0xF0>]"), cut
+
+
+def test_inspect_data_tells_text_that_spells_a_special_token_from_the_token():
+    """A user typing "<|assistant|>" gets plain characters, not the role token (chat.render), yet
+    the view showed both the same."""
+    tok = train_tokenizer(ALPHABET * 3 + "<|>", "char")
+    conv = [[{"role": "user", "content": "say <|assistant|> and <|end|>?"},
+             {"role": "assistant", "content": "no."}]]
+    view = inspect_examples(tok, conv, 64, n=1, color=False).splitlines()
+    assert view[1] == r"  <|user|>say \<|assistant|> and \<|end|>?<|assistant|>[n][o][.][<|end|>]"
+    assert view[2].startswith(r"(\<|...|>: text that spells a special token")
+    plain = inspect_examples(tok, CONVS[:1], 64, n=1, color=False)
+    assert "\\" not in plain and "spells" not in plain
+
+
 def test_builtin_dataset_is_offline_deterministic_and_split():
     train_set, held = builtin_instruct_dataset()
     assert len(train_set) > 300 and len(held) > 30

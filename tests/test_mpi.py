@@ -197,6 +197,15 @@ def test_a_failed_exchange_is_described_as_a_lost_rank():
     assert distributed.describe_failure(KeyboardInterrupt()) == "KeyboardInterrupt"
 
 
+def test_a_rank_stopping_on_an_lmlab_error_says_its_line_alone():
+    """lmlab's own errors carry one line naming the file and the cause; a rank stopping on one
+    printed its class name before it ("CheckpointError: ..."), which says nothing more."""
+    from lmlab import distributed
+    from lmlab.errors import CheckpointError
+    line = "runs/x/state.json does not hold this stage's trainer state"
+    assert distributed.describe_failure(CheckpointError(line)) == line
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' pids in /proc")
 @needs_mpi
 def test_a_killed_rank_stops_the_others_and_leaves_a_resumable_run(tmp_path):
@@ -584,3 +593,74 @@ def test_an_exception_nothing_catches_on_one_rank_ends_every_rank(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "lmlab: rank 1 of 2: FileNotFoundError: corpus" in done.stderr, done.stderr
+
+
+@needs_mpi
+def test_reward_under_two_ranks_records_the_one_process_that_fitted_it(tmp_path, reference):
+    """Rank 0 alone fits the reward head; config.json said world_size 2, as if both ranks had."""
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef"))
+    lmlab(2, "reward", reference, "--rankings", rankings, "--out", tmp_path / "rm", "--steps", 5)
+    assert checkpoint.read_config(tmp_path / "rm")["train"]["world_size"] == 1
+
+
+def _edit_config(run: Path, **settings) -> None:
+    path = checkpoint.current_checkpoint(run) / "config.json"
+    config = json.loads(path.read_text())
+    config["train"]["settings"].update(settings)
+    path.write_text(json.dumps(config))
+
+
+@needs_mpi
+@pytest.mark.parametrize("differs", ["parent run", "run config", "parent missing", "run missing"])
+def test_ranks_that_see_another_run_directory_are_told_it_must_be_the_same(tmp_path, reference,
+                                                                          differs):
+    """Each machine holds its own copy of a run (a parent, or the run to resume): where rank 1's
+    differs, the run stops in one line naming what differs and which directory must be the same
+    on every machine. It said `ValueError: ... every machine needs the same lmlab build and the
+    same data`; and a config.json whose lr differed went unnoticed, each rank stepping with its
+    own lr, so the ranks' weights drifted apart. A machine lacking the run (or its parent) was
+    reported by its rank as `there is no run to resume` (or `not found`), while rank 0 had it."""
+    if differs == "parent missing":
+        common = ["--out", tmp_path / "ft", "--corpus", "builtin:shakespeare", "--steps", 2]
+        argv = [["finetune", reference, *common], ["finetune", tmp_path / "none", *common]]
+        expected = ("the ranks of this MPI run do not see the same run: parent run differs (rank 0: "
+                    "a run, rank 1: no run); the parent run ", " must be the same on every machine")
+    elif differs == "run missing":
+        shutil.copytree(reference, tmp_path / "a")
+        resume = ["--resume", "--steps", 7, "--no-progress", "--sample-after", 0]
+        argv = [["pretrain", "--run", tmp_path / "a", *resume],
+                ["pretrain", "--run", tmp_path / "none", *resume]]
+        expected = ("the ranks of this MPI run do not see the same run: run directory differs "
+                    "(rank 0: a run, rank 1: no run); the run directory ", " must be the same on "
+                    "every machine")
+    elif differs == "parent run":
+        other = tmp_path / "other"
+        lmlab(1, "pretrain", "--run", other, *TINY, "--steps", 1)
+        common = ["--out", tmp_path / "ft", "--corpus", "builtin:shakespeare", "--steps", 2,
+                  "--no-progress", "--sample-tokens", 0, "--eval-every", 0]
+        argv = [["finetune", reference, *common], ["finetune", other, *common]]
+        expected = ("the ranks of this MPI run do not see the same run: parameters differs "
+                    f"(rank 0: ", f"); the parent run {reference} must be the same on every "
+                    "machine; stopping every rank")
+    else:
+        shutil.copytree(reference, tmp_path / "a")
+        shutil.copytree(reference, tmp_path / "b")
+        _edit_config(tmp_path / "b", lr=0.002)
+        resume = ["--resume", "--steps", 7, "--no-progress", "--sample-after", 0]
+        argv = [["pretrain", "--run", tmp_path / "a", *resume],
+                ["pretrain", "--run", tmp_path / "b", *resume]]
+        expected = ("the ranks of this MPI run do not see the same run: setting lr differs "
+                    "(rank 0: 0.001, rank 1: 0.002); the run directory ", " (its config.json) "
+                    "must be the same on every machine; stopping every rank")
+    ranks = [arg for r, args in enumerate(argv) for arg in
+             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, args)]]
+    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "rank 0 of 2" in line]
+    assert len(lines) == 1 and all(part in lines[0] for part in expected), done.stderr
+    # said as the command line says any error
+    assert f"rank 0 of 2: lmlab {argv[0][0]}: error: the ranks" in lines[0], lines[0]
+    assert "Error" not in done.stderr, done.stderr

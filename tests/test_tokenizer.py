@@ -80,6 +80,25 @@ def test_bpe_round_trip_any_text(bpe_tok, text):
     assert not bpe_tok.unknown_chars(text)
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_token_bytes_are_the_text_s_bytes_also_where_a_token_holds_part_of_a_character(
+        kind, char_tok, bpe_tok):
+    """inspect-data shows tokens by their bytes: a byte-level token holding part of a character
+    decodes alone to U+FFFD, which said nothing about it."""
+    from tokenizers import pre_tokenizers
+    from lmlab.tokenizer import _BYTE_OF_CHAR
+    assert set(_BYTE_OF_CHAR) == set(pre_tokenizers.ByteLevel.alphabet())  # the library's alphabet
+    tok = {"char": char_tok, "bpe": bpe_tok}[kind]
+    text = "héllo 日本語 🙂 e\u0301 café<|end|>"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    if kind == "bpe":
+        assert any(tok.decode([i]) == REPLACEMENT_CHAR for i in ids)  # a split character
+    special = tok.special_id("<|end|>")
+    assert tok.token_bytes(special) == b"<|end|>" and tok.special_tokens()[special] == "<|end|>"
+    assert set(tok.special_tokens().values()) == set(SPECIAL_TOKENS)
+
+
 def test_bpe_compresses_the_text_it_was_trained_on(bpe_tok):
     text = _words_text(seed=1)
     assert len(bpe_tok.encode(text)) < 0.6 * len(text.encode("utf-8"))

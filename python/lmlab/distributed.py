@@ -32,6 +32,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import LmlabError
+
 INSTALL_HINT = 'pip install "lmlab[mpi]" (mpi4py and an MPI from wheels)'
 # Set by MPI launchers in the processes they start: MPICH/Hydra and Intel MPI (PMI_*), Open MPI
 # (OMPI_*), PMIx launchers, MVAPICH.
@@ -48,6 +50,11 @@ NON_ROOT_REPORT_DELAY_S = 3.0
 
 class MPIUnavailable(ValueError):
     """More than one process (or an MPI check) was asked for, and mpi4py cannot be imported."""
+
+
+class RanksDifferError(LmlabError):
+    """The ranks of one run see different things where they must see the same (World.check_same):
+    another lmlab build, run directory, parent run or data on some machine."""
 
 
 def launched_size() -> int:
@@ -198,9 +205,11 @@ class World:
 
     # -- agreeing before and during training ------------------------------------------------------
 
-    def check_same(self, what: str, values: dict) -> None:
-        """Refuse (ValueError, on every rank) unless every rank has the same `values`; the message
-        names the first that differs, and on which ranks."""
+    def check_same(self, what: str, values: dict, sources: Optional[dict] = None) -> None:
+        """Refuse (RanksDifferError, on every rank) unless every rank has the same `values`; the
+        message names the first that differs, its value on each rank, and what must then be the
+        same on every machine: sources[key] (the run directory, a parent run, a data file: where
+        the value comes from), or else the lmlab build and the data at the same path."""
         if not self.distributed:
             return
         everyone = self.allgather(values)
@@ -208,9 +217,12 @@ class World:
             seen = [v.get(key) for v in everyone]
             if any(v != seen[0] for v in seen[1:]):
                 ranks = ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
-                raise ValueError(f"the ranks of this MPI run do not see the same {what}: {key} "
-                                 f"differs ({ranks}); every machine needs the same lmlab build "
-                                 "and the same data at the same path")
+                source = (sources or {}).get(key)
+                fix = (f"{source} must be the same on every machine" if source else
+                       "every machine needs the same lmlab build and the same data at the same "
+                       "path")
+                raise RanksDifferError(f"the ranks of this MPI run do not see the same {what}: "
+                                       f"{key} differs ({ranks}); {fix}")
 
     def abort(self, message: str, code: int = 1) -> None:
         """Print `message` naming this rank and end every rank of the run (MPI_Abort); does not
@@ -232,10 +244,13 @@ class World:
 
 def describe_failure(exc: BaseException) -> str:
     """The line a rank stopping on `exc` prints: an MPI error (a collective that could not
-    complete) says what it most likely means, since MPI's own text rarely does."""
+    complete) says what it most likely means, since MPI's own text rarely does; an lmlab error
+    (lmlab.errors) is its own line; anything else is named by its class."""
     if type(exc).__module__.startswith("mpi4py"):
         return (f"a message between the ranks failed ({exc}): another rank has most likely died or "
                 "been killed (mpiexec's output names it)")
+    if isinstance(exc, LmlabError) and str(exc):
+        return str(exc)  # one line naming what was wrong, which its class name adds nothing to
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

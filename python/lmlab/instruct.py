@@ -7,8 +7,9 @@ batch) on them and 0 on everything else, through the same weighted cross-entropy
 Examples are padded one per row, so no example attends to another.
 
 Also here: the built-in instruct dataset (questions about the running Python's standard library,
-answered by the first sentence of each docstring), `inspect_examples` for `lmlab inspect-data`, and
-the evaluation that compares a base model with an instruct-tuned one.
+answered by the first sentence of each docstring), `inspect_examples` for `lmlab inspect-data` (how
+it shows tokens: shown_pieces), and the evaluation that compares a base model with an
+instruct-tuned one.
 """
 
 from __future__ import annotations
@@ -264,16 +265,19 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
     examples, problems = build_examples(conversations, tokenizer, block_size)
     on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[", "]")
     out = []
+    spelled = False
     for ex in examples[:n]:
-        parts = []
-        for tid, sup in zip(ex.ids.tolist(), ex.supervised.tolist()):
-            piece = tokenizer.decode([tid])
-            parts.append(f"{on}{piece}{off}" if sup else piece)
+        pieces, spells = shown_pieces(tokenizer, ex.ids.tolist(), ex.supervised.tolist())
+        spelled |= spells
+        parts = [f"{on}{piece}{off}" if sup else piece for piece, sup in pieces]
         cut = (f", TRUNCATED to its first {len(ex.ids)} by block size {block_size}"
                if ex.truncated else "")
         out.append(f"example {labels[ex.source]}: {ex.rendered} tokens{cut}, {ex.n_supervised} "
                    "supervised")
         out.append("  " + "".join(parts).replace("\n", "\n  "))
+    if spelled:
+        out.append(f"({SPELLED_MARK}<|...|>: text that spells a special token, which the model "
+                   "reads as plain characters, not as the token)")
     total = len(examples) + len(problems["unencodable"])
     out.append(f"{total} examples; {sum(e.n_supervised for e in examples)} supervised tokens")
     for kind, what in PROBLEMS.items():
@@ -284,6 +288,64 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
             more = ", ..." if len(problems[kind]) > 5 else ""
             out.append(f"  {len(problems[kind])} {what}: {shown}{more}")
     return "\n".join(out)
+
+
+# Shown before text that spells a special token (shown_pieces).
+SPELLED_MARK = "\\"
+
+
+def shown_pieces(tokenizer, ids: List[int], supervised: List[bool]) -> tuple:
+    """(pieces, spelled): how inspect_examples shows a conversation's tokens, as [(text,
+    supervised)], and whether its text spells a special token.
+    - A special token is shown as itself.
+    - Other tokens as the text they decode to; the tokens that make up a character together as one
+      piece (a byte-level BPE token may hold part of a character, which decoded alone is U+FFFD);
+      bytes that make no character (cut off by the block size) as <0xE2>.
+    - Text that merely spells a special token ("<|assistant|>" typed by a user), which the
+      tokenizer encodes as plain characters, with SPELLED_MARK before it: \\<|assistant|>."""
+    specials = tokenizer.special_tokens()
+    pieces: list = []  # [text, supervised, special]
+    pending, pending_sup = b"", False
+
+    def flush():
+        nonlocal pending
+        if pending:
+            text = pending.decode("utf-8", "surrogateescape")
+            text = re.sub("[\udc80-\udcff]", lambda m: f"<0x{ord(m.group()) - 0xDC00:02X}>", text)
+            pieces.append([text, pending_sup, False])
+            pending = b""
+
+    for tid, sup in zip(ids, supervised):
+        if tid in specials:
+            flush()
+            pieces.append([specials[tid], sup, True])
+            continue
+        if sup != pending_sup:
+            flush()
+        pending, pending_sup = pending + tokenizer.token_bytes(tid), sup
+        try:
+            pending.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.reason == "unexpected end of data":
+                continue  # a character the next token completes
+        flush()
+    flush()
+    spelled = re.compile("|".join(re.escape(t) for t in sorted(set(specials.values()),
+                                                                key=len, reverse=True)))
+    found = False
+    i = 0
+    while i < len(pieces):  # each run of text pieces between special tokens
+        j = i
+        while j < len(pieces) and not pieces[j][2]:
+            j += 1
+        starts = np.cumsum([0] + [len(p[0]) for p in pieces[i:j]]).tolist()
+        for m in reversed(list(spelled.finditer("".join(p[0] for p in pieces[i:j])))):
+            k = i + int(np.searchsorted(starts, m.start(), side="right")) - 1
+            at = m.start() - starts[k - i]
+            pieces[k][0] = pieces[k][0][:at] + SPELLED_MARK + pieces[k][0][at:]
+            found = True
+        i = j + 1
+    return [(text, sup) for text, sup, _ in pieces], found
 
 
 # --- evaluation and generation -------------------------------------------------------------------

@@ -245,6 +245,7 @@ def reward(run, rankings, out_dir, *, overwrite: bool = False, threads: Optional
                                         lr=s["lr"], l2=s["l2"],
                                         log=lambda row: append_metrics(out_dir, row))
         rm.save(out_dir, parent=str(run), train_config=opened.run_config(
+            world_size=1,  # rank 0 alone fits the head, whatever mpiexec started
             rankings=s["rankings"], val_fraction=s["val_fraction"], model=asdict(model.config),
             precision=model.matmul_precision,
             features="logits at the last position + mean logits over the completion (with "

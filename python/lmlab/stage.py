@@ -5,6 +5,8 @@ behind it (lmlab.pretrain.pretrain, ...) starts through open_stage():
 
 1. every value given is checked (lmlab.checks), and the output directory's common refusals
    made (an existing run without resume or overwrite; resume without a run), before any work;
+   under MPI every rank must find the run to resume and the parent run (each machine may read
+   its own copy), or the run is refused naming which;
 2. the settings are built from the stage's row of STAGE_DEFAULTS (the only place a default lives;
    the command line shows and uses the same table), then, on resume, the run's own settings from
    its config.json, then the values given; relations between them are checked (min_lr <= lr, ...);
@@ -144,11 +146,13 @@ class StageRun:
         self.settings.update({k: getattr(cfg, k) for k in self.settings if k in _TRAIN_FIELDS})
         return cfg
 
-    def run_config(self, **described) -> dict:
-        """config.json's train section for this stage: the settings plus what the stage records."""
+    def run_config(self, world_size: Optional[int] = None, **described) -> dict:
+        """config.json's train section for this stage: the settings plus what the stage records.
+        world_size: how many processes trained the run (default: every MPI rank; a stage whose
+        training runs on one rank alone, as reward's fit, gives 1)."""
         recorded = {k: v for k, v in self.settings.items() if k not in _NOT_RECORDED}
-        return {"stage": self.name, "settings": recorded,
-                "world_size": distributed.world().size, **described}
+        size = distributed.world().size if world_size is None else world_size
+        return {"stage": self.name, "settings": recorded, "world_size": size, **described}
 
     def close(self) -> None:
         if self.handle is not None:
@@ -295,6 +299,14 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
     # what an interrupted overwrite set aside: before, they saw no run to resume, or the new run's
     # files. A rank 0 that fails here ends them (MPI_Abort) in the barrier.
     world.barrier()
+    # Without a shared file system each machine reads its own copy of the run to resume and of
+    # the parent run: a machine that lacks one is named here, rather than by that rank's "no run
+    # to resume" or "not found" (what the copies hold is compared once loaded: lmlab.train).
+    seen = {"run directory": (out, resume), "parent run": (parent, parent is not None)}
+    for what, (path, needed) in seen.items():
+        if needed:
+            world.check_same("run", {what: "a run" if is_run(path) else "no run"},
+                             {what: f"the {what} {path}"})
     if resume and not is_run(out):
         raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
     if not resume and not overwrite and is_run(out):

@@ -21,7 +21,9 @@ Behaviour worth knowing:
 - U+DC80-U+DCFF are how Python reads bytes that are not UTF-8 (a command-line argument typed in a
   Latin-1 terminal); the error for them names the bytes ("text is not UTF-8: it holds byte(s)
   0xe9"), not stand-in characters the user never typed.
-- `decode(encode(x)) == x` for every text the tokenizer can represent.
+- `decode(encode(x)) == x` for every text the tokenizer can represent. A byte-level BPE token may
+  hold part of a character (an accent, an emoji), which `decode` of that token alone shows as
+  U+FFFD; `token_bytes(i)` gives the token's bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ MAX_TOKENIZER_BYTES = 1 << 28
 
 # The byte-table encoding (Tokenizer._ids_by_bytes): ids 0..253, then two markers.
 _BYTE_IDS, _WIDE_BYTE, _UNKNOWN_BYTE = 254, 254, 255
+# Byte-level BPE's alphabet (GPT-2's, the `tokenizers` ByteLevel pre-tokenizer's): its vocabulary
+# writes each byte as one printable character: "!" to "~", "\xa1" to "\xac" and "\xae" to "\xff"
+# as the character of the same code point, the other 68 bytes, in order, as U+0100 onwards.
+_PRINTABLE_BYTES = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+_BYTE_OF_CHAR = {chr(b): b for b in _PRINTABLE_BYTES}
+_BYTE_OF_CHAR.update({chr(0x100 + n): b for n, b in
+                      enumerate(b for b in range(256) if b not in _BYTE_OF_CHAR.values())})
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -112,6 +121,9 @@ class Tokenizer:
         self.eos_tokens = ()
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self._special = {s: vocab[s] for s in SPECIAL_TOKENS}
+        # The tokens added beside the model's vocabulary (the special tokens, and any an imported
+        # tokenizer added): their text is their own, not byte-level characters (token_bytes).
+        self._added = frozenset(tk.get_added_tokens_decoder())
         self.eot_id = self._special["<|endoftext|>"]
         if self.kind == "bpe":
             tk.encode_special_tokens = True  # literal "<|end|>" in text stays text (see encode)
@@ -164,6 +176,23 @@ class Tokenizer:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
             raise TypeError(f"token id must be a whole number, got {i!r}")
         return self._tk.id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
+
+    def special_tokens(self) -> dict:
+        """{id: text} of every special token: SPECIAL_TOKENS, and an imported tokenizer's own
+        (such as "</s>"). Text that spells one is encoded as plain text, never as its id."""
+        found = {i: t.content for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        return {**found, **{i: t for t, i in self._special.items()}}
+
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token i stands for in decoded text. A byte-level BPE token may hold
+        part of a character (an accented letter or an emoji is often two to four tokens), which
+        decoding it alone shows as U+FFFD; its bytes say what it is."""
+        token = self.token(i)
+        if token is None:
+            raise ValueError(f"token id must be in [0, {self.vocab_size}), got {i}")
+        if self.kind == "char" or int(i) in self._added:
+            return token.encode("utf-8")
+        return bytes(_BYTE_OF_CHAR[c] for c in token)
 
     # -- encoding ---------------------------------------------------------------------------
 

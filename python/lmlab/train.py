@@ -276,8 +276,11 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
     try:
         return _optimise(model, stage, cfg, run_dir, tokenizer=tokenizer, run_config=run_config,
                          resume=resume, parent=parent, world=world)
-    except NonFiniteLoss:
-        raise  # every rank sees the same loss and stops at the same step: nothing to abort
+    except (NonFiniteLoss, distributed.RanksDifferError):
+        # Every rank sees the same loss and stops at the same step, or raises the same refusal
+        # from the same exchange: none waits for another, nothing to abort (the command line
+        # says it once, as it says any error).
+        raise
     except BaseException as exc:
         if world.distributed:  # the other ranks wait in a collective: end them (checkpoints are atomic)
             world.abort(distributed.describe_failure(exc), 2 if isinstance(exc, ValueError) else 1)
@@ -324,11 +327,16 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
             print(f"lmlab: {run_dir} already finished {start_step} of {cfg.steps} steps",
                   file=sys.stderr)
     if world.distributed:
-        # Every rank must train the same model on the same data with the same kernels.
+        # Every rank must train the same model on the same data with the same kernels and settings;
+        # one that differs is named with where it came from (_sources).
+        settings = {**_jsonable(asdict(cfg)), **((run_config or {}).get("settings") or {})}
         world.check_same("run", {**distributed.environment(),
-                                 "parameters": distributed.fingerprint(model.params),
+                                 **{f"setting {k}": v for k, v in settings.items()
+                                    if k not in _OWN_TO_EACH_RANK},
                                  "data": data_fingerprint,
-                                 "data position": json.dumps(stage.state_dict(), sort_keys=True)})
+                                 "parameters": distributed.fingerprint(model.params),
+                                 "data position": json.dumps(stage.state_dict(), sort_keys=True)},
+                         _sources(run_dir, resume, parent, settings))
     if writer and start_step < cfg.steps < cfg.warmup_steps:
         print(f"lmlab: note: steps {cfg.steps} < warmup_steps {cfg.warmup_steps}: the learning "
               f"rate warms up only to {lr_at(cfg.steps - 1, cfg):.3g}, never reaching lr "
@@ -518,6 +526,37 @@ def _numbers(d: dict, skip=()) -> dict:
     return {k: float(v) for k, v in d.items()
             if k not in skip and isinstance(v, (int, float, np.integer, np.floating))
             and not isinstance(v, (bool, np.bool_))}
+
+
+# Settings that may differ between the ranks of one run: how each shows its progress.
+_OWN_TO_EACH_RANK = frozenset({"progress"})
+# The settings that name a stage's training data.
+_DATA_SETTINGS = ("corpus", "data", "rankings", "prompts")
+
+
+def _sources(run_dir, resume: bool, parent, settings: dict) -> dict:
+    """For World.check_same: where each value the ranks compare before training comes from, so
+    that one that differs names what must be the same on every machine. A resumed run's settings,
+    weights and data position come from its run directory; a new run's weights (and the tokenizer
+    its data is read with) from its parent run, or else from the arguments and the data."""
+    data = ", ".join(f"{k} {settings[k]}" for k in _DATA_SETTINGS if settings.get(k))
+    data = f"the training data ({data})" if data else "the training data"
+    given = "the arguments every rank is started with"
+    if resume:
+        run = f"the run directory {run_dir}"
+        settings_from, weights_from = f"{run} (its config.json)", f"{run} (its checkpoint)"
+        data = f"{data} and {run} (its tokenizer)"
+        position_from = weights_from
+    elif parent is not None:
+        settings_from = f"{given} and the parent run {parent}"
+        weights_from = f"the parent run {parent}"
+        data = f"{data} and the parent run {parent} (its tokenizer)"
+        position_from = given
+    else:
+        settings_from = position_from = given
+        weights_from = f"{given} and {data} (a tokenizer trained on it sets the vocabulary)"
+    return {**{f"setting {k}": settings_from for k in settings}, "data": data,
+            "parameters": weights_from, "data position": position_from}
 
 
 def _jsonable(d: dict) -> dict:
