@@ -224,10 +224,12 @@ def cmd_chat(args) -> int:
         messages = (history if args.history else []) + [{"role": "user", "content": line}]
         sys.stdout.write("model> ")
         sys.stdout.flush()
-        text, ended = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed)
-        print(text + ("" if ended else " [...]"))
+        text, _, stop = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed)
+        # " [...]": cut at --max-new-tokens. A reply that stopped, at <|end|> or where the model
+        # ended its text (<|endoftext|>), is shown whole.
+        print(text + ("" if stop else " [...]"))
         # The history holds text only (respond() leaves out every special token), so a later
         # turn renders it through the template like any message.
         history = messages + [{"role": "assistant", "content": text}]
