@@ -296,13 +296,14 @@ def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100
     stop: the name of the token the reply stopped at (chat.reply_stop_ids: "<|end|>",
     "<|endoftext|>", or the model's own end-of-text token, e.g. "</s>"), None for a reply that ran
     into max_new_tokens. ended: whether the reply ended as an answer, at <|end|> or at the model's
-    own end-of-text token (as sequences.sample_completion and answer_ids count a sampled answer).
-    A reply that stops at <|endoftext|> has not ended: the model ended its text, as a document
-    ends (what a base run, never having seen a conversation, does), and what would follow is a
-    new document, never the reply. text: the reply without any special token (one the model emits
-    mid-reply, <|user|>, ..., is left out), so it can go back into a conversation (chat
-    --history) as plain content. callback(token_id): each id of the reply as it is chosen, the
-    stop id not among them."""
+    own end-of-text token (as sequences.sample_completion counts an answer to a user turn). A reply
+    that stops at <|endoftext|> has not ended: the model ended its text, as a document ends (what
+    a base run, never having seen a conversation, does), and what would follow is a new document,
+    never the reply. (sample_completion reads a base run's prompt as plain text, not as a turn:
+    there <|endoftext|> is what ends the answer, a continuation of that text.) text: the reply
+    without any special token (one the model emits mid-reply, <|user|>, ..., is left out), so it
+    can go back into a conversation (chat --history) as plain content. callback(token_id): each
+    id of the reply as it is chosen, the stop id not among them."""
     ids, _ = render(tokenizer, messages, add_generation_prompt=True)
     turns = turn_ids(tokenizer, TEMPLATE)  # what render wrote, template or not
     ids = crop_context(ids, model.config.block_size, turns)

@@ -6,8 +6,9 @@ The distribution is shaped by temperature (T = 0 is greedy: always the most like
 top-k (keep the k most likely) and top-p (keep the smallest set of most likely tokens whose mass
 reaches p), renormalising after each filter. Temperature divides the logits before the softmax
 (filter_logits), so every token keeps its exact share at any T: shaping float64 probabilities
-instead (filter_distribution) cannot bring back a token whose softmax underflowed to 0. Each call owns a numpy Generator seeded from `seed`,
-so the same seed gives the same tokens and different seeds give different samples.
+instead (filter_distribution) cannot bring back a token whose softmax underflowed to 0. Each call
+owns a numpy Generator seeded from `seed`, so the same seed gives the same tokens and different
+seeds give different samples.
 
 With use_cache=True (the default) the model keeps each layer's keys and values and feeds one new
 token per step (O(T) work per token); without it every step reruns the whole context (O(T^2)).
@@ -93,9 +94,9 @@ def _one_hot(weights: np.ndarray) -> np.ndarray:
 
 
 def _tempered(z: np.ndarray, temperature: float) -> np.ndarray:
-    """exp(z / T) up to a constant factor, for log-weights z (float64, -inf for weight 0): the max is
-    subtracted before dividing by T, so the most likely token's term is exactly 0 and every other
-    one <= 0 (at worst -inf, weight 0), and no T > 0 makes NaN (dividing first, a T near the
+    """exp(z / T) up to a constant factor, for log-weights z (float64, -inf for weight 0): the max
+    is subtracted before dividing by T, so the most likely token's term is exactly 0 and every
+    other one <= 0 (at worst -inf, weight 0), and no T > 0 makes NaN (dividing first, a T near the
     smallest float turned every term into -inf)."""
     z = z - z.max()
     if temperature != 1.0:
