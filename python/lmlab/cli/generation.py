@@ -72,7 +72,8 @@ class _StopString(Exception):
 def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                        num_samples, stop, stream, raw=False) -> None:
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
-    gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
+    gets the prompt as a user turn and answers until <|end|> (or <|endoftext|>, where the model
+    ends its text: instruct.generation_prompt), unless raw is set."""
     model, tok, _ = load_model(run)
     prompt_ids, stop_ids, turns = generation_prompt(tok, prompt, raw=raw)
     echo = f"{prompt}\n> " if turns else prompt
