@@ -106,8 +106,8 @@ def test_instruct_equals_the_module_function_and_the_command_line(root, base):
     # An instruct-tuned run answers through its chat template, as respond() and `lmlab sample` do.
     assert qa.chat and not base.chat
     question = "what is one plus one?"
-    text, _ = respond(qa.gpt, qa.tokenizer, [{"role": "user", "content": question}],
-                      max_new_tokens=12, temperature=0)
+    text, _, _ = respond(qa.gpt, qa.tokenizer, [{"role": "user", "content": question}],
+                         max_new_tokens=12, temperature=0)
     assert qa.generate(question, max_new_tokens=12, temperature=0) == text
 
 

@@ -383,7 +383,7 @@ def test_chat_history_keeps_only_text(run, capsys, monkeypatch):
 
     def fake_generate(model, ids, max_new_tokens, **kwargs):
         prompts.append(tok.decode(ids))
-        return np.asarray(reply[:-1], dtype=np.int32)  # generate leaves out the stop id
+        return np.asarray(reply, dtype=np.int32)  # respond keeps the stop id (keep_stop)
 
     monkeypatch.setattr(instruct, "generate", fake_generate)
     monkeypatch.setattr("sys.stdin", io.StringIO("one\nthe cat\n\n"))

@@ -208,9 +208,10 @@ def test_chat_template_gives_the_prompt_lmlab_trains_on(instruct_run, tmp_path, 
             text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert text == tok.decode(ids)
             assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids.tolist()
-    # The answer ends where lmlab's does: transformers stops at <|end|> as `lmlab sample` does.
+    # The answer ends where lmlab's does: transformers stops at <|end|>, and at <|endoftext|> where
+    # the model ends its text, as `lmlab sample` does.
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == \
-        tok.special_id("<|end|>")
+        [tok.special_id("<|end|>"), tok.eot_id]
     capsys.readouterr()
     assert main(["sample", str(instruct_run), "--prompt", "Say yes.", "--temperature", "0",
                  "--max-new-tokens", "12", "--no-stream"]) == 0
@@ -220,7 +221,7 @@ def test_chat_template_gives_the_prompt_lmlab_trains_on(instruct_run, tmp_path, 
     ids = torch.tensor(ids[None].astype(np.int64))
     new = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                             do_sample=False)[0, ids.shape[1]:].tolist()
-    assert hf_tok.decode([t for t in new if t != tok.special_id("<|end|>")]) == lmlab_answer
+    assert hf_tok.decode([t for t in new if t not in (tok.special_id("<|end|>"), tok.eot_id)]) == lmlab_answer
 
 
 def test_overwrite_replaces_only_what_an_export_writes(run, tmp_path, capsys, monkeypatch):

@@ -279,3 +279,84 @@ def test_an_answer_outgrowing_the_block_is_read_as_the_assistant_s_turn(path, tm
             assert window == [user] + context[-15:], k
         else:
             assert window == [asst] + generated[:k][-15:], k
+
+
+def _scripted(monkeypatch, tok, script):
+    """Make every GPT emit `script` (token names or characters), one per forward call (one call
+    per generated token), and keep emitting "a" after it."""
+    ids = [tok.token_id(t) for t in script]
+    step = []
+
+    def forward(self, tokens, *args, **kwargs):
+        want = ids[len(step)] if len(step) < len(ids) else tok.token_id("a")
+        step.append(want)
+        logits = np.zeros(np.shape(tokens) + (tok.vocab_size,), np.float32)
+        logits[..., want] = 10.0
+        return logits, None
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+# (chat template?, what the model emits after "ab", the reply's text, ended, stop): <|endoftext|>
+# ends the model's text, so the reply stops there whether or not the run has a template, yet it has
+# not ended as an answer; <|end|> and the model's own end-of-text token ("z" declared as one here,
+# as an import declares "</s>") end the answer; a reply that runs into the limit has neither.
+STOPS = [(False, "<|endoftext|>", "ab", False, "<|endoftext|>"),
+         (True, "<|endoftext|>", "ab", False, "<|endoftext|>"),
+         (False, "<|end|>", "ab", True, "<|end|>"),
+         (True, "<|end|>", "ab", True, "<|end|>"),
+         (True, "z", "ab", True, "z"),
+         (True, "c", "abcdefgh", False, None)]
+
+
+@pytest.mark.parametrize("template, end, text, ended, stop", STOPS)
+def test_a_reply_stops_at_the_end_of_the_model_s_text_and_says_why(monkeypatch, template, end,
+                                                                   text, ended, stop):
+    from lmlab.chat import TEMPLATE
+
+    tok, model = tiny()
+    tok.chat_template = dict(TEMPLATE) if template else None
+    tok.eos_tokens = ("z",)
+    _scripted(monkeypatch, tok, ["a", "b", end, "d", "e", "f", "g", "h"])
+    messages = [{"role": "user", "content": "what is one plus one?"}]
+    assert instruct.respond(model, tok, messages, max_new_tokens=8) == (text, ended, stop)
+
+
+def test_evaluate_instruct_counts_a_reply_that_ends_the_text_as_not_ended(monkeypatch):
+    tok, model = tiny()
+    """The base model's way of stopping (its text ends) is not an answer that ended: the contrast
+    with an instruct-tuned one that the notebook and benchmarks/stages_eval.py draw. The reply is
+    the text before it ("two", the reference's first word), not the next document's."""
+    _scripted(monkeypatch, tok, ["t", "w", "o", "<|endoftext|>", "o", "<|end|>"])
+    assert evaluate_instruct(model, tok, CONVS[:1], max_new_tokens=12) == {
+        "n": 1, "ended": 0.0, "first_words_match": 1.0}
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_chat_and_sample_stop_where_the_model_ends_its_text(template, tmp_path, monkeypatch,
+                                                            capsys):
+    """`lmlab chat` on a base run went on past <|endoftext|> into a new document until the token
+    limit (and marked the reply cut); a chat run's `lmlab sample` and Model.generate did too."""
+    import io
+
+    from lmlab import api
+    from lmlab.chat import TEMPLATE
+    from lmlab.checkpoint import save_run
+    from lmlab.cli import main
+
+    tok, model = tiny()
+    tok.chat_template = dict(TEMPLATE) if template else None
+    save_run(tmp_path / "run", model, tok, train_config={})
+    script = ["t", "w", "o", "<|endoftext|>", "f", "o", "u", "r"]
+    _scripted(monkeypatch, tok, script)
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is one plus one?\n\n"))
+    assert main(["chat", str(tmp_path / "run"), "--max-new-tokens", "8"]) == 0
+    assert "model> two\n" in capsys.readouterr().out
+    _scripted(monkeypatch, tok, script)
+    got = api.load(tmp_path / "run").generate("what is", max_new_tokens=8, temperature=0)
+    assert got == "two"
+    # The limit is still marked as a cut.
+    _scripted(monkeypatch, tok, ["t", "w", "o"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is one plus one?\n\n"))
+    assert main(["chat", str(tmp_path / "run"), "--max-new-tokens", "8"]) == 0
+    assert "model> twoaaaaa [...]\n" in capsys.readouterr().out

@@ -12,7 +12,8 @@ from lmlab import ops
 from lmlab.chat import crop_context
 from lmlab.kvcache import KVCache
 from lmlab.model import GPT, GPTConfig
-from lmlab.sample import TextStream, filter_distribution, generate, next_token_distribution
+from lmlab.sample import (TextStream, filter_distribution, filter_logits, generate,
+                          next_token_distribution)
 from lmlab.tokenizer import train_tokenizer
 
 CFG = dict(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
@@ -414,6 +415,62 @@ def test_first_token_frequencies_match_the_filtered_model_distribution(model, kw
     df = int(kept.sum()) - 1
     # df + 6 sd of the chi-square law: a sampler off by a few percent on a common token exceeds it
     assert chi2 < df + 6 * np.sqrt(2 * max(df, 1)), (kwargs, chi2, df)
+
+
+# Logits spread over 5000 nats: at T = 1 every token but the first lies more than 745 nats below
+# it, so its float64 probability is 0; at T = 1000 they are 0.3 to 5 nats apart.
+SPREAD = np.array([0.0, -300.0, -800.0, -1200.0, -2000.0, -5000.0, -np.inf])
+
+
+def _softmax_at(z, T):
+    """The float64 reference: softmax(z / T), the logits divided first."""
+    z = np.asarray(z, np.float64) / T
+    w = np.exp(z - z.max())
+    return w / w.sum()
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5, 50.0, 300.0, 1000.0])
+def test_temperature_applies_to_logits_exactly_however_far_apart(T):
+    np.testing.assert_allclose(filter_logits(SPREAD, T), _softmax_at(SPREAD, T), rtol=1e-12,
+                               atol=0)
+    with np.errstate(over="ignore"):   # the reference's own z / T at T = 1e-300
+        tiny = _softmax_at(SPREAD, 1e-300)
+    np.testing.assert_array_equal(filter_logits(SPREAD, 1e-300), tiny)
+    np.testing.assert_array_equal(filter_logits(SPREAD, 0), tiny)
+    # top-k and top-p act on the tempered distribution, as filter_distribution's do.
+    ref = _softmax_at(SPREAD, 1000.0)
+    np.testing.assert_allclose(filter_logits(SPREAD, 1000.0, top_k=3, top_p=0.9),
+                               filter_distribution(ref, 1.0, top_k=3, top_p=0.9), rtol=1e-12)
+
+
+def test_sampling_at_a_high_temperature_reaches_tokens_far_below_the_top(model, monkeypatch):
+    """generate's first tokens at T = 1000 on logits spread over 5000 nats follow softmax(z / T)
+    (float64, divided first): tempering the rounded softmax gave every token but the top one
+    probability 0, so the sampler never drew them."""
+    V = CFG["vocab_size"]
+    z = np.full(V, -np.inf, np.float32)
+    z[: SPREAD.size - 1] = SPREAD[:-1]
+
+    def forward(self, tokens, *args, **kwargs):
+        return np.broadcast_to(z, np.shape(tokens) + (V,)).copy(), None
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    q = _softmax_at(z, 1000.0)
+    N, rng = 2000, np.random.default_rng(5)
+    counts = np.bincount([int(generate(model, PROMPT, 1, seed=rng, temperature=1000.0,
+                                       use_cache=False)[0]) for _ in range(N)], minlength=V)
+    assert counts[q == 0].sum() == 0
+    kept = q > 0
+    chi2 = float((((counts - N * q) ** 2)[kept] / (N * q[kept])).sum())
+    df = int(kept.sum()) - 1
+    assert chi2 < df + 6 * np.sqrt(2 * df), (counts, N * q)
+
+
+@pytest.mark.parametrize("logits", [[], [[0.0, 1.0]], [0.0, np.nan], [0.0, np.inf],
+                                    [-np.inf, -np.inf]])
+def test_filter_logits_refuses_what_is_no_logits(logits):
+    with pytest.raises(ValueError, match="logits"):
+        filter_logits(np.asarray(logits, np.float64))
 
 
 def test_draw_token_refuses_weights_that_are_no_distribution():

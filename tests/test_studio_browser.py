@@ -306,9 +306,9 @@ def test_chat_page_answers_like_lmlab_chat(browser, served, studio_runs):  # noq
     assert [o.text for o in Select(browser.find_element(By.ID, "run")).options] == ["chat (instruct)"]
     browser.find_element(By.ID, "message").send_keys("What is abs?" + Keys.ENTER)
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log div")) == 2, "the reply")
-    reply, ended = respond(model, tok, [{"role": "user", "content": "What is abs?"}], max_new_tokens=120)
+    reply, _, stop = respond(model, tok, [{"role": "user", "content": "What is abs?"}], max_new_tokens=120)
     shown = browser.find_elements(By.CSS_SELECTOR, "#log .model")[0].get_attribute("textContent")
-    assert shown == "model> " + reply + ("" if ended else " [...]")
+    assert shown == "model> " + reply + ("" if stop else " [...]")  # [...]: cut at the limit
     no_error(browser)
 
 

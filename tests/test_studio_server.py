@@ -272,9 +272,9 @@ def test_chat_answers_like_lmlab_chat_and_only_with_an_instruct_run(studio, mode
 
     model, tok, _ = models[1]
     messages = [{"role": "user", "content": "What is len?"}]
-    want, ended = respond(model, tok, messages, max_new_tokens=30)
+    want = respond(model, tok, messages, max_new_tokens=30)
     got = studio.post("/api/chat", json={"run": "chat", "messages": messages, "max_new_tokens": 30}).json()
-    assert (got["reply"], got["ended"]) == (want, ended)
+    assert (got["reply"], got["ended"], got["stop"]) == want
     r = studio.post("/api/chat", json={"run": "base", "messages": messages})
     assert r.status_code == 400 and "not instruct-tuned" in r.json()["error"]
     for bad, message in [({"messages": []}, "non-empty list"),

@@ -131,7 +131,8 @@ class Model:
         """The text the model writes after `prompt` (without the prompt): what `lmlab sample RUN
         --prompt PROMPT` prints, with the same keywords and defaults. temperature 0 is greedy;
         the same seed gives the same text. An instruct-tuned run answers the prompt as a user
-        turn and stops at its end of answer, unless raw=True. `stop` cuts the text where that
+        turn and stops at its end of answer (or at <|endoftext|>, where the model ends its text),
+        unless raw=True. `stop` cuts the text where that
         string first appears.
 
         >>> greedy = model.generate("the ", max_new_tokens=40, temperature=0)

@@ -13,7 +13,10 @@ instruct-tuned one (finetune, reward, dpo, rlhf) keeps it: its rankings, rollout
 and samples put each prompt in a user turn and end each answer at <|end|>, as instruct tuning
 taught the model. A run without it continues its prompt as plain text until <|endoftext|>.
 Either way generation also stops at the model's own end-of-text tokens where an imported
-checkpoint declared others (stop_ids).
+checkpoint declared others (stop_ids). A reply in the template (lmlab chat, and a prompt to a run
+with the template) stops at <|endoftext|> too (reply_stop_ids): a model that emits it has ended its
+text, and what would follow is a new document, never the reply; but the reply has then not ended
+as an answer, which only <|end|> (or the model's own end-of-text token) does.
 
 A context longer than the block is cut to its last block_size tokens (crop_context: a prompt cut to
 fit, and generation's sliding window). A chat context is cut so that it still starts as a turn of
@@ -90,6 +93,15 @@ def answer_stop_ids(tokenizer) -> list:
     """Every token an answer may end with: stop_ids of the end of an answer (answer_end_id) first,
     then the model's own end-of-text tokens; what sampled answers stop at and "ended" may name."""
     return stop_ids(tokenizer, answer_end_id(tokenizer))
+
+
+def reply_stop_ids(tokenizer) -> list:
+    """The ids a reply in the chat template stops at: stop_ids of its <|end|> (the ends of an
+    answer, <|end|> first), then <|endoftext|>. A model that emits <|endoftext|> has ended its text
+    (every training document ends with it): what would follow is a new document, never the reply,
+    so the reply stops there, though it has not ended as an answer (instruct.respond's `ended`)."""
+    ids = stop_ids(tokenizer, tokenizer.special_id(END))
+    return ids if tokenizer.eot_id in ids else ids + [int(tokenizer.eot_id)]
 
 
 def turn_ids(tokenizer, template: Optional[dict] = None) -> Optional[tuple]:

@@ -6,7 +6,9 @@ layouts, float32), generation_config.json, the tokenizer as a fast tokenizer (to
 unchanged from the run, with tokenizer_config.json and special_tokens_map.json naming its special
 tokens and, for an instruct-tuned run, the chat template) and a short README.md (a model card).
 eos_token_id (config.json, generation_config.json) also lists the model's own end-of-text tokens
-where an imported checkpoint declared others (Tokenizer.eos_tokens), so import reads them back.
+where an imported checkpoint declared others (Tokenizer.eos_tokens), so import reads them back; an
+instruct-tuned run's generation_config.json lists where its answer stops (chat.reply_stop_ids:
+<|end|> first, <|endoftext|> last).
 A reward model run is refused: its head has no GPT-2 counterpart, and its transformer is its
 parent's, which is the run to export.
 
@@ -34,7 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .chat import END, stop_ids
+from .chat import reply_stop_ids, stop_ids
 from .checkpoint import current_checkpoint, load_model
 from .errors import CheckpointError, ConversionError
 from .files import TEMP_SUFFIX, fsync_dir, json_text, make_parent_dir, write_new_file
@@ -62,8 +64,6 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
     tensors = {hname: to_hf(name, params[name]) for name, hname, _, _ in name_map(cfg)}
     template = (config.get("train") or {}).get("chat_template")
     eot = tok.eot_id
-    # An instruct-tuned run's answer ends at <|end|>, where `lmlab sample` and `chat` stop too.
-    eos = tok.special_id(END) if template else eot
     special = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[0],
                "pad_token": SPECIAL_TOKENS[0], "additional_special_tokens": SPECIAL_TOKENS[1:]}
     tok_config = {
@@ -76,9 +76,11 @@ def hf_files(model, tok, config: dict, source: str) -> dict:
     if template:
         tok_config["chat_template"] = chat_template_jinja(template)
     # The model's own end-of-text tokens (an imported checkpoint's, e.g. "</s>": stop_ids) are
-    # eos ids too, so transformers stops where lmlab does; import reads them back.
-    generation = {"bos_token_id": eot, "eos_token_id": _ids_or_id(stop_ids(tok, eos)),
-                  "pad_token_id": eot}
+    # eos ids too, and an instruct-tuned run's answer ends at <|end|> and stops at <|endoftext|>
+    # (chat.reply_stop_ids), so transformers stops where `lmlab sample` and `chat` do; import
+    # reads them back (all but <|endoftext|>, lmlab's own).
+    stops = reply_stop_ids(tok) if template else stop_ids(tok, eot)
+    generation = {"bos_token_id": eot, "eos_token_id": _ids_or_id(stops), "pad_token_id": eot}
     model_eos = _ids_or_id(stop_ids(tok, eot))
     return {
         "config.json": json_text(gpt2_config(cfg, bos_id=eot, eos_id=model_eos, pad_id=eot)).encode(),

@@ -27,7 +27,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from . import _CallableStage, distributed
-from .chat import (END, TEMPLATE, answer_end_id, crop_context, render, stop_ids, template_of,
+from .chat import (END, TEMPLATE, crop_context, render, reply_stop_ids, stop_ids, template_of,
                    turn_ids, user_turn)
 from .checkpoint import load_model
 from .data import load_instruct_jsonl
@@ -352,21 +352,32 @@ def shown_pieces(tokenizer, ids: List[int], supervised: List[bool]) -> tuple:
 
 def respond(model, tokenizer, messages: List[dict], *, max_new_tokens: int = 100,
             temperature: float = 0.0, top_k=None, top_p=None, seed=None, callback=None):
-    """The assistant's reply to a conversation: (text, ended) where ended says <|end|> was produced."""
+    """The assistant's reply to a conversation, put in the chat template whether or not the run
+    has one: (text, ended, stop).
+
+    stop: the name of the token the reply stopped at (chat.reply_stop_ids: "<|end|>",
+    "<|endoftext|>", or the model's own end-of-text token, e.g. "</s>"), None for a reply that ran
+    into max_new_tokens. ended: whether the reply ended as an answer, at <|end|> or at the model's
+    own end-of-text token (as sequences.sample_completion counts an answer to a user turn). A reply
+    that stops at <|endoftext|> has not ended: the model ended its text, as a document ends (what
+    a base run, never having seen a conversation, does), and what would follow is a new document,
+    never the reply. (sample_completion reads a base run's prompt as plain text, not as a turn:
+    there <|endoftext|> is what ends the answer, a continuation of that text.) text: the reply
+    without any special token (one the model emits mid-reply, <|user|>, ..., is left out), so it
+    can go back into a conversation (chat --history) as plain content. callback(token_id): each
+    id of the reply as it is chosen, the stop id not among them."""
     ids, _ = render(tokenizer, messages, add_generation_prompt=True)
     turns = turn_ids(tokenizer, TEMPLATE)  # what render wrote, template or not
     ids = crop_context(ids, model.config.block_size, turns)
-    stops = stop_ids(tokenizer, tokenizer.special_id(END))
+    stops = reply_stop_ids(tokenizer)
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, stop_ids=stops, callback=callback, turns=turns)
-    # generate() leaves the stop id out: a reply shorter than the limit is one that ended (at
-    # <|end|>, or at the model's own end-of-text token).
-    ended = len(out) < max_new_tokens
-    # Text only: a special token the model emits mid-reply (<|user|>, <|endoftext|>, ...) is
-    # left out, so the reply can go back into a conversation (chat --history) as plain content.
+                   seed=seed, stop_ids=stops, callback=callback, turns=turns, keep_stop=True)
+    last = int(out[-1]) if len(out) else None
+    stop = tokenizer.token(last) if last in stops else None
+    ended = last in stop_ids(tokenizer, tokenizer.special_id(END))  # the ends of an answer
     specials = {tokenizer.special_id(t) for t in SPECIAL_TOKENS}
-    body = [int(t) for t in out if int(t) not in specials]
-    return tokenizer.decode(body), ended
+    body = [int(t) for t in (out[:-1] if stop is not None else out) if int(t) not in specials]
+    return tokenizer.decode(body), ended, stop
 
 
 def generation_prompt(tokenizer, prompt: str, *, raw: bool = False) -> tuple:
@@ -375,10 +386,11 @@ def generation_prompt(tokenizer, prompt: str, *, raw: bool = False) -> tuple:
     <|end|> (turns: chat.turn_ids, with which generation crops the context), unless raw; otherwise
     the prompt is continued as plain text (an empty prompt starts after <|endoftext|>, as every
     training document does) until <|endoftext|> (turns None). Either way generation also stops at
-    the model's own end-of-text tokens (chat.stop_ids)."""
+    the model's own end-of-text tokens (chat.stop_ids), and an answer also at <|endoftext|>, where
+    the model ended its text (chat.reply_stop_ids, as in respond)."""
     if template_of(tokenizer) and not raw:
-        return (user_turn(tokenizer, prompt, name="prompt"),
-                stop_ids(tokenizer, answer_end_id(tokenizer)), turn_ids(tokenizer))
+        return (user_turn(tokenizer, prompt, name="prompt"), reply_stop_ids(tokenizer),
+                turn_ids(tokenizer))
     ids = (tokenizer.encode(prompt, name="prompt") if prompt
            else np.array([tokenizer.eot_id], dtype=np.int32))
     return ids, stop_ids(tokenizer, tokenizer.eot_id), None
@@ -390,12 +402,14 @@ def _first_words(text: str, n: int) -> list:
 
 def evaluate_instruct(model, tokenizer, conversations, *, max_new_tokens: int = 100,
                       first_words: int = 2) -> dict:
-    """Greedy answers to held-out prompts: the fraction that end with <|end|> within the limit and
-    the fraction whose first words match the reference answer's."""
+    """Greedy answers to held-out prompts (respond): the fraction that end as an answer (<|end|>,
+    or the model's own end-of-text token) within the limit, and the fraction whose first words
+    match the reference answer's. A reply that stops at <|endoftext|> (a base model ending its
+    text as a document) has not ended its answer: that is what instruct tuning teaches."""
     ended = matched = 0
     for conv in conversations:
         prompt, reference = conv[:-1], conv[-1]["content"]
-        text, did_end = respond(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        text, did_end, _ = respond(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
         ended += did_end
         matched += _first_words(text, first_words) == _first_words(reference, first_words)
     n = max(len(conversations), 1)

@@ -4,8 +4,11 @@ generated ids as it streams (TextStream).
 Generation picks a token from the model's next-token distribution and appends it, over and over.
 The distribution is shaped by temperature (T = 0 is greedy: always the most likely token), then
 top-k (keep the k most likely) and top-p (keep the smallest set of most likely tokens whose mass
-reaches p), renormalising after each filter. Each call owns a numpy Generator seeded from `seed`,
-so the same seed gives the same tokens and different seeds give different samples.
+reaches p), renormalising after each filter. Temperature divides the logits before the softmax
+(filter_logits), so every token keeps its exact share at any T: shaping float64 probabilities
+instead (filter_distribution) cannot bring back a token whose softmax underflowed to 0. Each call
+owns a numpy Generator seeded from `seed`, so the same seed gives the same tokens and different
+seeds give different samples.
 
 With use_cache=True (the default) the model keeps each layer's keys and values and feeds one new
 token per step (O(T) work per token); without it every step reruns the whole context (O(T^2)).
@@ -47,6 +50,9 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
     temperature rescales logits (p ** (1/T), renormalised); 0 puts all mass on the most likely
     token (the first one on ties). top_k keeps exactly the k most likely tokens (ties broken by
     lower id). top_p keeps the smallest set of most likely tokens whose mass is >= top_p.
+    A probability that is already 0 (a token more than ~745 nats below the most likely one, whose
+    float64 softmax underflowed) stays 0 at any temperature: filter_logits, from the logits, is
+    exact there, and is what generate uses.
     """
     p = np.asarray(probs, np.float64)
     if p.ndim != 1 or p.size == 0:
@@ -55,17 +61,52 @@ def filter_distribution(probs, temperature: float = 1.0, top_k: Optional[int] = 
         raise ValueError("probs must be finite, non-negative and not all zero")
     _check_options(temperature, top_k, top_p)
     if temperature == 0:
-        out = np.zeros_like(p)
-        out[int(np.argmax(p))] = 1.0
-        return out
+        return _one_hot(p)
     if temperature != 1.0:
-        # p ** (1/T) in log space, the max subtracted before dividing by T: the most likely
-        # token's term is exactly 0 and every other one <= 0 (at worst -inf, weight 0), so no T > 0
-        # makes NaN (dividing first, a T near the smallest float turned every term into -inf).
-        with np.errstate(divide="ignore", over="ignore"):
-            logp = np.log(p)
-            p = np.exp((logp - logp.max()) / temperature)
-    p = p / p.sum()
+        with np.errstate(divide="ignore"):
+            p = _tempered(np.log(p), temperature)
+    return _truncated(p / p.sum(), top_k, top_p)
+
+
+def filter_logits(logits, temperature: float = 1.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None) -> np.ndarray:
+    """filter_distribution of the softmax of logits (V,), with temperature applied to the logits
+    themselves (softmax(logits / T), in float64 with the max subtracted): exact for every token,
+    where the softmax first would have rounded a token more than ~745 nats below the most likely
+    one to probability 0, which no temperature could then raise. -inf is a token never drawn."""
+    z = np.asarray(logits, np.float64)
+    if z.ndim != 1 or z.size == 0:
+        raise ValueError(f"logits must be a non-empty 1-D array, got shape {z.shape}")
+    if np.any(np.isnan(z)) or np.any(z == np.inf) or not np.any(np.isfinite(z)):
+        raise ValueError("logits must be finite or -inf, and not all -inf")
+    _check_options(temperature, top_k, top_p)
+    if temperature == 0:
+        return _one_hot(z)
+    p = _tempered(z, temperature)
+    return _truncated(p / p.sum(), top_k, top_p)
+
+
+def _one_hot(weights: np.ndarray) -> np.ndarray:
+    """Temperature 0: all mass on the most likely token (the first one on ties)."""
+    out = np.zeros(weights.shape, np.float64)
+    out[int(np.argmax(weights))] = 1.0
+    return out
+
+
+def _tempered(z: np.ndarray, temperature: float) -> np.ndarray:
+    """exp(z / T) up to a constant factor, for log-weights z (float64, -inf for weight 0): the max
+    is subtracted before dividing by T, so the most likely token's term is exactly 0 and every
+    other one <= 0 (at worst -inf, weight 0), and no T > 0 makes NaN (dividing first, a T near the
+    smallest float turned every term into -inf)."""
+    z = z - z.max()
+    if temperature != 1.0:
+        with np.errstate(over="ignore"):
+            z = z / temperature
+    return np.exp(z)
+
+
+def _truncated(p: np.ndarray, top_k: Optional[int], top_p: Optional[float]) -> np.ndarray:
+    """top-k, then top-p, on the distribution p, renormalising after each."""
     order = None
     if top_k is not None and top_k < p.size:
         order = np.argsort(-p, kind="stable")
@@ -305,7 +346,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:
-            nxt = draw_token(filter_distribution(_softmax64(logits), temperature, top_k, top_p), rng)
+            nxt = draw_token(filter_logits(logits, temperature, top_k, top_p), rng)
         if nxt in stops:
             if keep_stop:
                 out.append(nxt)

@@ -72,7 +72,8 @@ class _StopString(Exception):
 def generate_and_print(run, *, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                        num_samples, stop, stream, raw=False) -> None:
     """Sample from a run and print as tokens arrive. A run with a chat template (instruct-tuned)
-    gets the prompt as a user turn and answers until <|end|>, unless raw is set."""
+    gets the prompt as a user turn and answers until <|end|> (or <|endoftext|>, where the model
+    ends its text: instruct.generation_prompt), unless raw is set."""
     model, tok, _ = load_model(run)
     prompt_ids, stop_ids, turns = generation_prompt(tok, prompt, raw=raw)
     echo = f"{prompt}\n> " if turns else prompt
@@ -224,10 +225,12 @@ def cmd_chat(args) -> int:
         messages = (history if args.history else []) + [{"role": "user", "content": line}]
         sys.stdout.write("model> ")
         sys.stdout.flush()
-        text, ended = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed)
-        print(text + ("" if ended else " [...]"))
+        text, _, stop = respond(model, tok, messages, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed)
+        # " [...]": cut at --max-new-tokens. A reply that stopped, at <|end|> or where the model
+        # ended its text (<|endoftext|>), is shown whole.
+        print(text + ("" if stop else " [...]"))
         # The history holds text only (respond() leaves out every special token), so a later
         # turn renders it through the template like any message.
         history = messages + [{"role": "assistant", "content": text}]

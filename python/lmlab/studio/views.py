@@ -107,7 +107,8 @@ async def chat_endpoint(request: Request) -> dict:
                              "run made by lmlab instruct, dpo or rlhf on one")
         for m in messages:
             encodable(tok, m["content"], "message")
-        text, ended = respond(model, tok, messages, max_new_tokens=max_new, seed=seed, **settings)
-        return {"run": run.name, "reply": text, "ended": ended}
+        text, ended, stop = respond(model, tok, messages, max_new_tokens=max_new, seed=seed,
+                                    **settings)
+        return {"run": run.name, "reply": text, "ended": ended, "stop": stop}
 
     return await with_model(run, work)

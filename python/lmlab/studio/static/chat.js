@@ -16,7 +16,8 @@ async function send() {
   try {
     const data = await api("/api/chat", {run: $("run").value, messages: sent.slice(-19),
                                          temperature: +$("temperature").value});
-    messages.push(turn, {role: "assistant", content: data.reply, cut: !data.ended});
+    // Cut: the reply ran into the token limit (no stop token), not one that stopped at <|endoftext|>.
+    messages.push(turn, {role: "assistant", content: data.reply, cut: !data.stop});
     $("message").value = "";
     showError($("error"));
     show();
