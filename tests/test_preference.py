@@ -692,6 +692,35 @@ def test_ranked_answers_that_ended_at_the_models_own_end_token_name_it(tmp_path)
         rk.load_rankings(path, tokenizer=tok)
 
 
+def test_rollouts_of_a_chat_run_stop_where_the_model_ends_its_text(tmp_path, monkeypatch):
+    """An instruct-tuned run's sampled answers (rank, rlhf) ran past <|endoftext|> into a new
+    document until the limit; they stop there, as chat does, and name it in "ended", so that DPO
+    and the reward model score the token the policy chose."""
+    from lmlab.chat import TEMPLATE
+
+    tok = train_tokenizer(_corpus(200), "char")  # not the module's: it gets a chat template
+    tok.chat_template = dict(TEMPLATE)
+    script = [tok.token_id(t) for t in ["a", "b", "<|endoftext|>", "c", "<|end|>"]]
+    step = []
+
+    def forward(self, tokens, *args, **kwargs):  # emits the script, one token per call
+        logits = np.zeros(np.shape(tokens) + (tok.vocab_size,), np.float32)
+        logits[..., script[min(len(step), len(script) - 1)]] = 50.0
+        step.append(1)
+        return logits, None
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    model = _tiny(tok)
+    pids = sq.prompt_ids_for(tok, "the cat ", 32, 8)
+    ids, text, ended = sq.sample_completion(model, tok, pids, 8, seed=0)
+    assert (text, ended) == ("ab", "<|endoftext|>")
+    np.testing.assert_array_equal(ids, [tok.token_id(t) for t in ["a", "b", "<|endoftext|>"]])
+    np.testing.assert_array_equal(sq.answer_ids(tok, text, ended), ids)
+    path = _write_jsonl(tmp_path, [{"prompt": "the cat ", "completions": [text, "x"],
+                                    "ranking": [0, 1], "ended": [ended, False]}])
+    assert rk.load_rankings(path, tokenizer=tok)[0]["ended"] == ["<|endoftext|>", False]
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -1007,7 +1036,8 @@ def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_
     logits, _ = model.forward(np.concatenate([turn, tok.encode(answer)])[None].astype(np.int32))
     np.testing.assert_allclose(phi[0, :chat_tok.vocab_size], logits[0, -1], rtol=1e-6, atol=1e-6)
 
-    # RL samples after the user turn and stops at <|end|>, which the rollout keeps.
+    # RL samples after the user turn and stops at <|end|> (or where the model ends its text,
+    # <|endoftext|>), which the rollout keeps.
     rl_result = rl.rlhf(tmp_path / "chat", [prompt, "a dog "], tmp_path / "rl",
                         reward_model=str(tmp_path / "rm"), k=2, prompts_per_step=1,
                         max_new_tokens=6, val_fraction=0.5, **quick)
@@ -1021,7 +1051,7 @@ def test_stages_tuned_from_an_instruct_run_prompt_through_its_chat_template(tmp_
 
     monkeypatch.setattr(sq, "generate", answer_of_two_tokens)
     ids, text, ended = sq.sample_completion(model, chat_tok, turn, 6, seed=0)
-    assert stops == [[end]] and ids[-1] == end and text == "aa" and ended
+    assert stops == [[end, chat_tok.eot_id]] and ids[-1] == end and text == "aa" and ended is True
     np.testing.assert_array_equal(sq.answer_ids(chat_tok, text, ended), ids)
 
     for run in ("dpo", "rm", "rl"):

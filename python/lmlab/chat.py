@@ -90,9 +90,12 @@ def stop_ids(tokenizer, end_id: int) -> list:
 
 
 def answer_stop_ids(tokenizer) -> list:
-    """Every token an answer may end with: stop_ids of the end of an answer (answer_end_id) first,
-    then the model's own end-of-text tokens; what sampled answers stop at and "ended" may name."""
-    return stop_ids(tokenizer, answer_end_id(tokenizer))
+    """Every token a sampled answer (sequences.sample_completion: rank, reward, dpo, rlhf) may end
+    with, and "ended" may name: stop_ids of the end of an answer (answer_end_id) first, then the
+    model's own end-of-text tokens, and <|endoftext|> for a run with a chat template too, where
+    the model that emits it has ended its text (reply_stop_ids) and chose that token."""
+    ids = stop_ids(tokenizer, answer_end_id(tokenizer))
+    return ids if tokenizer.eot_id in ids else ids + [int(tokenizer.eot_id)]
 
 
 def reply_stop_ids(tokenizer) -> list:

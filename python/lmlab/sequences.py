@@ -163,7 +163,8 @@ def sample_completion(model, tok, prompt_ids, max_new_tokens: int, *, seed: int,
                       temperature: float = 1.0, top_k=None, top_p=None) -> tuple:
     """One sampled answer: (response ids, text, ended). Generation stops at a sampled end of
     answer (<|endoftext|>, or <|end|> for a run with a chat template) or at the model's own end
-    of text (an imported checkpoint's, e.g. "</s>": chat.stop_ids). The ids keep the end token
+    of text (an imported checkpoint's, e.g. "</s>", and <|endoftext|> for a run with a chat
+    template: chat.answer_stop_ids). The ids keep the end token
     the policy chose (it is part of what the policy chose; they are answer_ids(tok, text, ended)
     up to the text's round trip), the text does not; `ended` names it as answer_ids reads it:
     True for the end of answer, the token's name for another end token. An answer that runs
