@@ -264,6 +264,25 @@ def test_chunk_cuts_split_bpe_pieces_as_the_whole_text_does(tmp_path):
     assert pieces == [p for p, _ in pre.pre_tokenize_str(text)]
 
 
+def test_a_file_with_windows_line_endings_is_cut_as_its_text_is(tmp_path, monkeypatch):
+    # "\r\n" is read as "\n": a cut after it is as safe as after "\n". Were such a file never
+    # cut, its lines would pile up to MAX_PENDING_BYTES and be cut there, at any line break (here
+    # after a blank line), where BPE splits the whitespace differently than in the whole text.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 200)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 64)
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"word word\r\n\r\nnext  \r\n  indented\r\nplain\r\n" * 200)
+    text = load_corpus(path)
+    assert "\r" not in text
+    tok = train_tokenizer(text, "bpe", 300)
+    lf = tmp_path / "unix.txt"
+    lf.write_text(text)
+    assert (len(list(token_shards.corpus_chunks([str(path)])))
+            == len(list(token_shards.corpus_chunks([str(lf)]))) > 2)
+    streamed = tokenize_corpus(path, tok, cache_dir=tmp_path / "s", stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
+
+
 def test_the_piece_table_encodes_as_the_tokenizer(corpus):
     # cpp/pieces.h splits ASCII itself and `regex` splits the rest: both must give the
     # tokenizer's own ids, on the corpus and on text made of the pattern's awkward cases.

@@ -4,12 +4,12 @@ and TokenShards, the memory-mapped array over them that training samples from.
 lmlab.data.tokenize_corpus comes here for a corpus of files larger than STREAM_ABOVE_BYTES (or when
 asked with stream=True); smaller ones and built-in corpora keep the one-file token cache there.
 
-The pass reads the files in blocks and cuts the text only after a line break with a printable
-ASCII character on both sides: there both tokenizers start a new piece (the char tokenizer
-anywhere; byte-level BPE's pre-tokenizer makes that lone line break a piece of its own, whereas
-after "\\n\\n" or "  \\n" it would split the whitespace run differently at the end of a chunk
-than inside the text, and files are joined by a blank line), so tokenizing chunk by chunk
-gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it). A line
+The pass reads the files in blocks and cuts the text only after a line break ("\\n", or "\\r\\n",
+which the text holds as "\\n") with a printable ASCII character on both sides: there both
+tokenizers start a new piece (the char tokenizer anywhere; byte-level BPE's pre-tokenizer makes
+that lone line break a piece of its own, whereas after "\\n\\n" or "  \\n" it would split the
+whitespace run differently at the end of a chunk than inside the text, and files are joined by a
+blank line), so tokenizing chunk by chunk gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it). A line
 over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the one
 place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8 with
 the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line. Chunks
@@ -69,13 +69,15 @@ _SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")  # a chunk may be cut just afte
 
 
 def _last_safe_cut(buf: bytes) -> int:
-    """Just past the last b"\\n" in buf with a printable ASCII byte on both sides (0 if none)."""
+    """Just past the last b"\\n" in buf with a printable ASCII byte on both sides (0 if none); a
+    b"\\r\\n" counts as the b"\\n" it is read as, so a file with Windows line endings has cuts too."""
     j = len(buf) - 1
     while True:
         j = buf.rfind(b"\n", 0, j)
         if j <= 0:
             return 0
-        if 0x21 <= buf[j + 1] <= 0x7E and 0x21 <= buf[j - 1] <= 0x7E:
+        before = buf[j - 2] if buf[j - 1] == 0x0D and j >= 2 else buf[j - 1]
+        if 0x21 <= buf[j + 1] <= 0x7E and 0x21 <= before <= 0x7E:
             return j + 1
 
 
