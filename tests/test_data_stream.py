@@ -229,6 +229,25 @@ def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monk
     assert resumed.final_loss == straight.final_loss  # the same batches from the shards
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_resume_on_a_corpus_with_new_characters_says_what_pretraining_can_do(tmp_path, monkeypatch,
+                                                                               streamed):
+    # Pretraining has no --unknown (its tokenizer is built from the corpus): the error for a
+    # corpus edited before a resume names what to do instead of that flag.
+    from lmlab.pretrain import pretrain
+    if streamed:
+        monkeypatch.setattr(token_shards, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "a.txt"
+    path.write_text("abc cab\n" * 40)
+    pretrain(str(path), tmp_path / "run", steps=1, n_layer=1, n_head=2, n_embd=16, block_size=8,
+             batch_size=2, eval_every=0, progress=False)
+    path.write_text("abc cab\n" * 40 + "xyz\n")
+    with pytest.raises(ValueError, match="3 characters") as e:
+        pretrain(None, tmp_path / "run", resume=True, steps=2, progress=False)
+    assert "drops them" not in str(e.value) and "lmlab finetune" in str(e.value)
+
+
 def test_finetune_on_a_streamed_corpus_trains_as_on_the_text(tmp_path, corpus, monkeypatch):
     from lmlab.finetune import finetune
     from lmlab.pretrain import pretrain

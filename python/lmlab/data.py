@@ -155,7 +155,7 @@ def corpus_fingerprint(spec, *, cache_dir=None) -> str:
 
 
 def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = None,
-                    stream: bool | None = None, progress: bool = True):
+                    stream: bool | None = None, progress: bool = True, hint: str = POLICY_HINT):
     """Token ids of a corpus as a read-only memory-mapped int32 array.
 
     A corpus of files larger than token_shards.STREAM_ABOVE_BYTES (or any, with stream=True) is
@@ -169,14 +169,16 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     tokenizer tokenises afresh. A cache file that is truncated, damaged or of another format
     (its header's count and SHA-256 do not match its ids) is rebuilt; a cache that cannot be
     written (disk full, permission) is skipped with a note. `unknown` ("error", "replace",
-    "skip") overrides the tokenizer's policy for characters it cannot represent.
+    "skip") overrides the tokenizer's policy for characters it cannot represent; `hint` is what
+    the error for such characters adds (by default, how to choose a policy).
     """
     policy = unknown if unknown is not None else tokenizer.unknown
     files = _stream_files(spec, stream)
     if files:
         from .token_shards import stream_tokens
         root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-        return stream_tokens(files, os.fspath(spec), tokenizer, root, policy, progress=progress)
+        return stream_tokens(files, os.fspath(spec), tokenizer, root, policy, progress=progress,
+                             hint=hint)
     text = load_corpus(spec, cache_dir=cache_dir)
     h = hashlib.sha256(_TOKENS_FORMAT + b"\0")
     h.update(tokenizer.to_str().encode("utf-8") + b"\0" + policy.encode("utf-8") + b"\0")
@@ -192,7 +194,7 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     try:
         ids = tokenizer.encode(text, unknown=policy)
     except UnrepresentableText as e:
-        raise ValueError(f"corpus {os.fspath(spec)!r}: {e}{POLICY_HINT}") from None
+        raise ValueError(f"corpus {os.fspath(spec)!r}: {e}{hint}") from None
     except ValueError as e:
         raise ValueError(f"corpus {os.fspath(spec)!r}: {e}") from None
     if ids.size == 0:

@@ -439,9 +439,11 @@ def _open(directory: str, manifest: dict) -> TokenShards:
 
 
 def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: str, *,
-                  workers: Optional[int] = None, progress: bool = True) -> TokenShards:
+                  workers: Optional[int] = None, progress: bool = True,
+                  hint: str = POLICY_HINT) -> TokenShards:
     """The token ids of a corpus's files as TokenShards, tokenized here in one streaming pass
-    unless its shards are already in cache_root (module docstring)."""
+    unless its shards are already in cache_root (module docstring); `hint` as in
+    data.tokenize_corpus."""
     sources = _sources(files)
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
     directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
@@ -509,9 +511,9 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
             if parts or not manifest["shards"]:
                 flush(position)
     except ValueError as e:
-        hint = POLICY_HINT if isinstance(e, UnrepresentableText) else ""
+        more = hint if isinstance(e, UnrepresentableText) else ""
         raise ValueError((f"corpus {spec!r}: {e}" if not str(e).startswith("corpus") else str(e))
-                         + hint) from None
+                         + more) from None
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest)
     return _open(directory, manifest)
