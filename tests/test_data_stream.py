@@ -215,6 +215,27 @@ def test_errors_name_the_file_and_what_to_do(tmp_path, corpus):
         tokenize_corpus(blank, tok, cache_dir=tmp_path, stream=True, progress=False)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("raw, message", [
+    # iconv -f latin1 on these would turn them into mojibake: their encoding is named instead.
+    ("hi\n".encode("utf-16"), r"is UTF-16 text \(it starts with a UTF-16 byte-order mark\), not "
+                              r"UTF-8: convert it to UTF-8 first \(e\.g\. iconv -f utf-16"),
+    ("hi\n".encode("utf-32"), "is UTF-32 text"),
+    # UTF-16 without a mark reads as UTF-8 with a NUL after each letter: it was trained on so.
+    (b"fine\n" * 500 + "hi there\n".encode("utf-16-le"), "holds a NUL byte at byte offset 2501 "
+                                                         r"\(a binary file, or UTF-16"),
+    (b"\xef\xbb\xbfok\x00", "NUL byte at byte offset 5"),  # the offset counts the UTF-8 mark
+    (b"caf\xe9\x00", r"byte 0xe9 at byte offset 3 .*iconv -f latin1"),  # the first problem
+])
+def test_a_file_that_is_not_utf8_text_is_named_with_its_encoding(tmp_path, stream, raw, message):
+    tok = train_tokenizer("fine hi there", "char")
+    path = tmp_path / "odd.txt"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=message) as e:
+        tokenize_corpus(path, tok, cache_dir=tmp_path, stream=stream, progress=False)
+    assert f"{path} is " in str(e.value)
+
+
 def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monkeypatch):
     from lmlab.pretrain import pretrain
     monkeypatch.setattr(token_shards, "STREAM_ABOVE_BYTES", 0)  # every file corpus streams

@@ -8,7 +8,8 @@ Corpus specs (load_corpus):
   a glob ("data/*.txt", "books/**/*.md")   the matching files, in sorted order
   builtin:NAME              a built-in corpus: shipped (shakespeare) or assembled offline from this
                             Python (see BUILTIN_CORPORA)
-Files must be UTF-8 (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"). A single
+Files must be UTF-8 text (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"; a NUL
+byte, or a UTF-16 or UTF-32 byte-order mark, is refused: check_corpus_bytes). A single
 file's text is used as it is; several files are joined in order, each ending with a newline, with a
 blank line between files.
 
@@ -52,22 +53,47 @@ _ROLES = ("user", "assistant")
 # -- corpora ------------------------------------------------------------------------------------
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def check_corpus_bytes(raw: bytes, path: str, base: int = 0) -> None:
+    """Refuse a stretch of a corpus file that is not UTF-8 text, naming what it is and how to
+    convert it: raw is the file's bytes from byte offset `base` (past a UTF-8 byte-order mark).
+    A UTF-16 or UTF-32 file is named by its byte-order mark; a NUL byte, which no text holds, marks
+    one without it (its ASCII would read as UTF-8 with a NUL after each character) or a binary file."""
+    if base == 0:
+        for bom, encoding in _WIDE_BOMS:
+            if raw.startswith(bom):
+                raise ValueError(f"{path} is {encoding} text (it starts with a {encoding} byte-order "
+                                 f"mark), not UTF-8: convert it to UTF-8 first (e.g. iconv -f "
+                                 f"{encoding.lower()} -t utf-8)")
+    nul = raw.find(b"\0")
+    before = raw[:nul] if nul >= 0 else raw  # the first problem is the one named
+    if not before.isascii():
+        try:
+            before.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+                f"{base + e.start} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 "
+                "-t utf-8)") from None
+    if nul >= 0:
+        raise ValueError(f"{path} is not UTF-8 text: it holds a NUL byte at byte offset {base + nul} "
+                         "(a binary file, or UTF-16 or UTF-32 without a byte-order mark, which "
+                         "iconv -f utf-16 -t utf-8 converts)")
+
+
 def _read_text(path: str) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise type(e)(e.errno, f"cannot read corpus file ({e.strerror})", path) from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} ({e.reason}); "
-            f"convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
-    return text.replace("\r\n", "\n")
+    base = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    data = data[base:]
+    check_corpus_bytes(data, path, base)
+    return data.decode("utf-8").replace("\r\n", "\n")
 
 
 def _walk_error(e: OSError) -> None:

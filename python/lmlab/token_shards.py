@@ -47,6 +47,7 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from .data import check_corpus_bytes
 from .files import atomic_write_bytes, atomic_write_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
@@ -97,14 +98,7 @@ def _decode(raw: bytes, path: str, base: int) -> bytes:
     mark dropped, "\\r\\n" as "\\n"; still bytes."""
     skip = len(_BOM) if base == 0 and raw.startswith(_BOM) else 0
     body = raw[skip:] if skip else raw
-    if not body.isascii():
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            at = base + skip + e.start
-            raise ValueError(f"{path} is not UTF-8 text: byte 0x{body[e.start]:02x} at byte offset "
-                             f"{at} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 -t "
-                             "utf-8)") from None
+    check_corpus_bytes(body, path, base + skip)
     return body.replace(b"\r\n", b"\n")
 
 
