@@ -3,9 +3,11 @@ and the JSONL reader the instruct and rankings (lmlab.rankings) files share.
 
 Corpus specs (load_corpus):
   a file                    its text
-  a directory               every *.txt and *.md below it, recursively, in sorted path order,
-                            skipping hidden files and folders (names starting with ".")
+  a directory               every *.txt and *.md below it, recursively (links to folders
+                            followed), in sorted path order, skipping hidden files and folders
+                            (names starting with ".")
   a glob ("data/*.txt", "books/**/*.md")   the matching files, in sorted order
+A file reached by several paths (links, a link loop) is read once, at its first path in that order.
   builtin:NAME              a built-in corpus: shipped (shakespeare) or assembled offline from this
                             Python (see BUILTIN_CORPORA)
 Files must be UTF-8 text (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"; a NUL
@@ -124,9 +126,13 @@ def _corpus_files(spec: str) -> list:
     """The files of a corpus spec, each a regular file: a FIFO, device or socket among them,
     named or inside a folder, is refused before anything is read."""
     if os.path.isdir(spec):
-        files = []
-        for root, dirs, names in os.walk(spec, onerror=_walk_error):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files, seen = [], set()
+        for root, dirs, names in os.walk(spec, onerror=_walk_error, followlinks=True):
+            if os.path.realpath(root) in seen:  # a link loop, or a second link to a folder
+                dirs[:] = []
+                continue
+            seen.add(os.path.realpath(root))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             files.extend(os.path.join(root, n) for n in names
                          if not n.startswith(".") and n.lower().endswith(CORPUS_SUFFIXES))
         files.sort(key=lambda p: os.path.relpath(p, spec).split(os.sep))
@@ -141,7 +147,12 @@ def _corpus_files(spec: str) -> list:
     else:
         files = None
     if files is not None:
-        return [need_regular_file(path, "corpus file") for path in files]
+        files = [need_regular_file(path, "corpus file") for path in files]
+        # A glob's ** follows a link loop until the system refuses: one file, dozens of times.
+        unique = {}
+        for path in files:
+            unique.setdefault(os.path.realpath(path), path)
+        return list(unique.values())
     known = ", ".join(f"builtin:{k}" for k in sorted(BUILTIN_CORPORA))
     raise FileNotFoundError(f"corpus {spec!r} not found: no such file or directory, and not a glob or "
                             f"builtin:NAME (built-in corpora: {known})")
