@@ -323,6 +323,45 @@ def test_a_file_with_windows_line_endings_is_cut_as_its_text_is(tmp_path, monkey
     np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
 
 
+def test_text_in_other_scripts_is_cut_at_its_line_breaks(tmp_path, monkeypatch):
+    # Cut only between printable ASCII, Russian or Chinese text had no cut: its lines piled up to
+    # MAX_PENDING_BYTES and were cut at any line break (here in a blank line), where BPE splits
+    # the whitespace differently than in the whole text.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 300)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 64)
+    path = tmp_path / "other.txt"
+    path.write_text("\u041f\u0440\u0438\u0432\u0435\u0442, \u043c\u0438\u0440\n\n"
+                    "\u4f60\u597d\u3002\n\u00ab\u00e9t\u00e9\u00bb\n" * 150)
+    text = load_corpus(path)
+    tok = train_tokenizer(text, "bpe", 300)
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
+    assert len(list(token_shards.corpus_chunks([str(path)]))) > 2  # cut without forcing
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 300)
+    streamed = tokenize_corpus(path, tok, cache_dir=tmp_path / "s", stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
+
+
+def test_no_cut_next_to_a_space_of_any_script_changes_the_pieces(tmp_path, monkeypatch):
+    # Line breaks between every kind of neighbour: ASCII, letters, marks, symbols, and the
+    # spaces, controls and format characters that are (or in some engine might be) \s.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 5)
+    pre = train_tokenizer("x", "bpe", 300)._tk.pre_tokenizer
+    chars = list("ab.!' \t\x0b\x0c\x1c") + ["\n", "\r\n", "\u00e9", "\u4f60", "\u3002", "\u2014",
+                                            "\u00a0", "\u3000", "\u2028", "\x85", "\u200b",
+                                            "\u180e", "\u1680", "\u202f", "\u0301", "\U0001F600"]
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        path = tmp_path / f"{i}.txt"
+        path.write_text("".join(rng.choice(chars, size=80)) + "x", newline="")
+        text = load_corpus(path)
+        monkeypatch.setattr(token_shards, "CHUNK_BYTES", int(rng.integers(1, 20)))
+        chunks = [c.decode() for c, _ in token_shards.corpus_chunks([str(path)])]
+        assert "".join(chunks) == text
+        assert ([p for c in chunks for p, _ in pre.pre_tokenize_str(c)]
+                == [p for p, _ in pre.pre_tokenize_str(text)]), repr(text)
+
+
 def test_the_piece_table_encodes_as_the_tokenizer(corpus):
     # cpp/pieces.h splits ASCII itself and `regex` splits the rest: both must give the
     # tokenizer's own ids, on the corpus and on text made of the pattern's awkward cases.

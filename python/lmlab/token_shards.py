@@ -5,7 +5,8 @@ lmlab.data.tokenize_corpus comes here for a corpus of files larger than STREAM_A
 asked with stream=True); smaller ones and built-in corpora keep the one-file token cache there.
 
 The pass reads the files in blocks and cuts the text only after a line break ("\\n", or "\\r\\n",
-which the text holds as "\\n") with a printable ASCII character on both sides: there both
+which the text holds as "\\n") with a visible character on both sides (printable ASCII, or a
+letter, digit, punctuation mark or symbol of any script: never a space): there both
 tokenizers start a new piece (the char tokenizer anywhere; byte-level BPE's pre-tokenizer makes
 that lone line break a piece of its own, whereas after "\\n\\n" or "  \\n" it would split the
 whitespace run differently at the end of a chunk than inside the text, and files are joined by a
@@ -40,6 +41,7 @@ import os
 import re
 import signal
 import sys
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Iterator, Optional
@@ -69,16 +71,35 @@ _SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")  # a chunk may be cut just afte
 # -- reading the sources in safe chunks ----------------------------------------------------------
 
 
+def _visible(buf: bytes, start: int, end: int) -> bool:
+    """Whether buf[start:end] is one character that is no kind of space: printable ASCII, or a
+    letter, digit, punctuation mark or symbol (no whitespace, control or format character, in
+    any engine's reading of \\s)."""
+    if end - start == 1:
+        return 0x21 <= buf[start] <= 0x7E
+    try:
+        char = buf[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # cut short by the buffer's end, or not UTF-8 (reported when decoded)
+    return len(char) == 1 and unicodedata.category(char)[0] in "LNPS"
+
+
 def _last_safe_cut(buf: bytes) -> int:
-    """Just past the last b"\\n" in buf with a printable ASCII byte on both sides (0 if none); a
-    b"\\r\\n" counts as the b"\\n" it is read as, so a file with Windows line endings has cuts too."""
+    """Just past the last b"\\n" in buf with a visible character (_visible) on both sides (0 if
+    none); a b"\\r\\n" counts as the b"\\n" it is read as, so a file with Windows line endings has
+    cuts too. Non-ASCII neighbours count, so text in other scripts has cuts too."""
     j = len(buf) - 1
     while True:
         j = buf.rfind(b"\n", 0, j)
         if j <= 0:
             return 0
-        before = buf[j - 2] if buf[j - 1] == 0x0D and j >= 2 else buf[j - 1]
-        if 0x21 <= buf[j + 1] <= 0x7E and 0x21 <= before <= 0x7E:
+        end = j - 1 if buf[j - 1] == 0x0D else j  # just past the character before the line break
+        start = end - 1
+        while start > 0 and end - start < 4 and 0x80 <= buf[start] < 0xC0:
+            start -= 1  # back to the first byte of a multi-byte character
+        lead = buf[j + 1]
+        after = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if start >= 0 and _visible(buf, start, end) and _visible(buf, j + 1, j + 1 + after):
             return j + 1
 
 
