@@ -362,6 +362,21 @@ def test_no_cut_next_to_a_space_of_any_script_changes_the_pieces(tmp_path, monke
                 == [p for p, _ in pre.pre_tokenize_str(text)]), repr(text)
 
 
+def test_each_line_break_is_looked_at_once_while_no_cut_is_found(tmp_path, monkeypatch):
+    # Every line indented: no line break is a safe cut, so the text piles up until
+    # MAX_PENDING_BYTES; looking at all its line breaks again for every block read was quadratic.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 1000)
+    path = tmp_path / "indented.txt"
+    path.write_bytes(b"    an indented line\n" * 4000)
+    looked = []
+    visible = token_shards._visible
+    monkeypatch.setattr(token_shards, "_visible",
+                        lambda buf, start, end: looked.append(start) or visible(buf, start, end))
+    (text, _), = token_shards.corpus_chunks([str(path)])
+    assert text == path.read_bytes() and len(looked) < 3 * 4000
+
+
 def test_the_piece_table_encodes_as_the_tokenizer(corpus):
     # cpp/pieces.h splits ASCII itself and `regex` splits the rest: both must give the
     # tokenizer's own ids, on the corpus and on text made of the pattern's awkward cases.
