@@ -362,13 +362,35 @@ def test_no_cut_next_to_a_space_of_any_script_changes_the_pieces(tmp_path, monke
                 == [p for p, _ in pre.pre_tokenize_str(text)]), repr(text)
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_text_whose_every_line_is_indented_is_cut_before_the_indentations_last_space(
+        tmp_path, monkeypatch, kind):
+    # After "line\n" comes "    next": a cut there would make "\n" and "   " two pieces where the
+    # text has "\n   " and " next"; just before the last space of the indentation it does not.
+    # Without a cut, the lines piled up to MAX_PENDING_BYTES and were cut at any line break.
+    monkeypatch.setattr(token_shards, "READ_BYTES", 64)
+    monkeypatch.setattr(token_shards, "CHUNK_BYTES", 200)
+    path = tmp_path / "poem.txt"
+    path.write_text("    Shall I compare thee\n\tto a summer's day?\n  \t  Thou art\n\n  more\n" * 80)
+    text = load_corpus(path)
+    tok = train_tokenizer(text, kind, 300)
+    chunks = [c.decode() for c, _ in token_shards.corpus_chunks([str(path)])]
+    assert len(chunks) > 2 and "".join(chunks) == text  # cut without reaching MAX_PENDING_BYTES
+    pre = train_tokenizer("x", "bpe", 300)._tk.pre_tokenizer
+    assert ([p for c in chunks for p, _ in pre.pre_tokenize_str(c)]
+            == [p for p, _ in pre.pre_tokenize_str(text)])
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 200)
+    streamed = tokenize_corpus(path, tok, cache_dir=tmp_path / "s", stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
+
+
 def test_each_line_break_is_looked_at_once_while_no_cut_is_found(tmp_path, monkeypatch):
-    # Every line indented: no line break is a safe cut, so the text piles up until
+    # A space before every line break: none is a safe cut, so the text piles up until
     # MAX_PENDING_BYTES; looking at all its line breaks again for every block read was quadratic.
     monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
     monkeypatch.setattr(token_shards, "READ_BYTES", 1000)
-    path = tmp_path / "indented.txt"
-    path.write_bytes(b"    an indented line\n" * 4000)
+    path = tmp_path / "spaced.txt"
+    path.write_bytes(b"a line with a space at its end \n" * 4000)
     looked = []
     visible = token_shards._visible
     monkeypatch.setattr(token_shards, "_visible",

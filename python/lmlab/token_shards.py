@@ -6,16 +6,18 @@ asked with stream=True); smaller ones and built-in corpora keep the one-file tok
 
 The pass reads the files in blocks and cuts the text only after a line break ("\\n", or "\\r\\n",
 which the text holds as "\\n") with a visible character on both sides (printable ASCII, or a
-letter, digit, punctuation mark or symbol of any script: never a space): there both
-tokenizers start a new piece (the char tokenizer anywhere; byte-level BPE's pre-tokenizer makes
-that lone line break a piece of its own, whereas after "\\n\\n" or "  \\n" it would split the
-whitespace run differently at the end of a chunk than inside the text, and files are joined by a
-blank line), so tokenizing chunk by chunk gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it). A line
-over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the one
-place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8 with
-the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line. Chunks
-stay UTF-8 bytes (checked, never decoded where the tokenizer can read bytes): ASCII text goes
-from the file to the ids without a Python string.
+letter, digit, punctuation mark or symbol of any script: never a space), or, before an indented
+line, just before its indentation's last space or tab. There both tokenizers start a new piece (the
+char tokenizer anywhere; byte-level BPE's pre-tokenizer makes that lone line break, or the line
+break and the indentation but its last space, a piece of its own, and starts " word" after it;
+whereas after "\\n\\n", "  \\n" or "\\n  " it would split the whitespace run differently at the end
+of a chunk than inside the text, and files are joined by a blank line), so tokenizing chunk by
+chunk gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it).
+Text over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the
+one place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8
+with the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line.
+Chunks stay UTF-8 bytes (checked, never decoded where the tokenizer can read bytes): ASCII text
+goes from the file to the ids without a Python string.
 
 The ids (uint8 for a byte-table char vocabulary, uint16 when the vocabulary fits, else int32) go to the cache directory's
 tokens/stream-KEY/ as shard_NNNNN.bin files of up to SHARD_TOKENS ids, each written atomically,
@@ -85,9 +87,12 @@ def _visible(buf: bytes, start: int, end: int) -> bool:
 
 
 def _last_safe_cut(buf: bytes, lo: int = 0) -> int:
-    """Just past the last b"\\n" in buf with a visible character (_visible) on both sides (0 if
-    none); a b"\\r\\n" counts as the b"\\n" it is read as, so a file with Windows line endings has
-    cuts too. Non-ASCII neighbours count, so text in other scripts has cuts too. Line breaks before
+    """Where to cut buf at its last b"\\n" with a visible character (_visible) before it and one
+    after it or after its next line's indentation (0 if none): just past the b"\\n", or before an
+    indented line, just before its indentation's last space or tab (the pre-tokenizer ends the
+    whitespace piece there, at a chunk's end as inside the text, and starts " word" after it).
+    A b"\\r\\n" counts as the b"\\n" it is read as, so a file with Windows line endings has cuts
+    too; non-ASCII neighbours count, so text in other scripts has cuts too. Line breaks before
     `lo` are not looked at: a caller that looked at them before passes where it stopped."""
     j = len(buf) - 1
     while True:
@@ -98,10 +103,17 @@ def _last_safe_cut(buf: bytes, lo: int = 0) -> int:
         start = end - 1
         while start > 0 and end - start < 4 and 0x80 <= buf[start] < 0xC0:
             start -= 1  # back to the first byte of a multi-byte character
-        lead = buf[j + 1]
+        if start < 0 or not _visible(buf, start, end):
+            continue
+        k = j + 1
+        while k < len(buf) and buf[k] in b" \t":
+            k += 1  # past the next line's indentation
+        if k == len(buf):
+            continue
+        lead = buf[k]
         after = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-        if start >= 0 and _visible(buf, start, end) and _visible(buf, j + 1, j + 1 + after):
-            return j + 1
+        if _visible(buf, k, k + after):
+            return j + 1 if k == j + 1 else k - 1
 
 
 def _forced_cut(buf: bytes) -> int:
