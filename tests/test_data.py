@@ -69,6 +69,18 @@ def test_load_corpus_glob(tmp_path):
         load_corpus(str(tmp_path / "nothing*.txt"))
 
 
+def test_load_corpus_follows_links_to_folders_and_reads_each_file_once(tmp_path):
+    # A linked folder was skipped by a folder spec (part of the corpus, silently) while a glob
+    # read it; a link loop made a glob's ** read one file dozens of times.
+    _write(tmp_path / "elsewhere" / "b.txt", "linked")
+    _write(tmp_path / "c" / "a.txt", "top")
+    (tmp_path / "c" / "books").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "c" / "again").symlink_to(tmp_path / "elsewhere")  # the same files, once
+    (tmp_path / "c" / "loop").symlink_to(tmp_path / "c")
+    assert load_corpus(str(tmp_path / "c")) == "top\n\nlinked\n"
+    assert load_corpus(str(tmp_path / "c" / "**" / "*.txt")) == "top\n\nlinked\n"
+
+
 def test_load_corpus_missing_names_the_spec_and_builtins(tmp_path):
     missing = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError) as e:

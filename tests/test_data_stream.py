@@ -215,6 +215,27 @@ def test_errors_name_the_file_and_what_to_do(tmp_path, corpus):
         tokenize_corpus(blank, tok, cache_dir=tmp_path, stream=True, progress=False)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("raw, message", [
+    # iconv -f latin1 on these would turn them into mojibake: their encoding is named instead.
+    ("hi\n".encode("utf-16"), r"is UTF-16 text \(it starts with a UTF-16 byte-order mark\), not "
+                              r"UTF-8: convert it to UTF-8 first \(e\.g\. iconv -f utf-16"),
+    ("hi\n".encode("utf-32"), "is UTF-32 text"),
+    # UTF-16 without a mark reads as UTF-8 with a NUL after each letter: it was trained on so.
+    (b"fine\n" * 500 + "hi there\n".encode("utf-16-le"), "holds a NUL byte at byte offset 2501 "
+                                                         r"\(a binary file, or UTF-16"),
+    (b"\xef\xbb\xbfok\x00", "NUL byte at byte offset 5"),  # the offset counts the UTF-8 mark
+    (b"caf\xe9\x00", r"byte 0xe9 at byte offset 3 .*iconv -f latin1"),  # the first problem
+])
+def test_a_file_that_is_not_utf8_text_is_named_with_its_encoding(tmp_path, stream, raw, message):
+    tok = train_tokenizer("fine hi there", "char")
+    path = tmp_path / "odd.txt"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=message) as e:
+        tokenize_corpus(path, tok, cache_dir=tmp_path, stream=stream, progress=False)
+    assert f"{path} is " in str(e.value)
+
+
 def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monkeypatch):
     from lmlab.pretrain import pretrain
     monkeypatch.setattr(token_shards, "STREAM_ABOVE_BYTES", 0)  # every file corpus streams
@@ -227,6 +248,25 @@ def test_pretrain_trains_and_resumes_from_streamed_shards(tmp_path, corpus, monk
     straight = pretrain(str(corpus), tmp_path / "straight", steps=4, **settings)
     assert first.steps_done == 2 and resumed.steps_done == 4
     assert resumed.final_loss == straight.final_loss  # the same batches from the shards
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_resume_on_a_corpus_with_new_characters_says_what_pretraining_can_do(tmp_path, monkeypatch,
+                                                                               streamed):
+    # Pretraining has no --unknown (its tokenizer is built from the corpus): the error for a
+    # corpus edited before a resume names what to do instead of that flag.
+    from lmlab.pretrain import pretrain
+    if streamed:
+        monkeypatch.setattr(token_shards, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "a.txt"
+    path.write_text("abc cab\n" * 40)
+    pretrain(str(path), tmp_path / "run", steps=1, n_layer=1, n_head=2, n_embd=16, block_size=8,
+             batch_size=2, eval_every=0, progress=False)
+    path.write_text("abc cab\n" * 40 + "xyz\n")
+    with pytest.raises(ValueError, match="3 characters") as e:
+        pretrain(None, tmp_path / "run", resume=True, steps=2, progress=False)
+    assert "drops them" not in str(e.value) and "lmlab finetune" in str(e.value)
 
 
 def test_finetune_on_a_streamed_corpus_trains_as_on_the_text(tmp_path, corpus, monkeypatch):
@@ -262,6 +302,101 @@ def test_chunk_cuts_split_bpe_pieces_as_the_whole_text_does(tmp_path):
     assert len(chunks) > 5 and "".join(chunks) == text
     pieces = [p for chunk in chunks for p, _ in pre.pre_tokenize_str(chunk)]
     assert pieces == [p for p, _ in pre.pre_tokenize_str(text)]
+
+
+def test_a_file_with_windows_line_endings_is_cut_as_its_text_is(tmp_path, monkeypatch):
+    # "\r\n" is read as "\n": a cut after it is as safe as after "\n". Were such a file never
+    # cut, its lines would pile up to MAX_PENDING_BYTES and be cut there, at any line break (here
+    # after a blank line), where BPE splits the whitespace differently than in the whole text.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 200)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 64)
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"word word\r\n\r\nnext  \r\n  indented\r\nplain\r\n" * 200)
+    text = load_corpus(path)
+    assert "\r" not in text
+    tok = train_tokenizer(text, "bpe", 300)
+    lf = tmp_path / "unix.txt"
+    lf.write_text(text)
+    assert (len(list(token_shards.corpus_chunks([str(path)])))
+            == len(list(token_shards.corpus_chunks([str(lf)]))) > 2)
+    streamed = tokenize_corpus(path, tok, cache_dir=tmp_path / "s", stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
+
+
+def test_text_in_other_scripts_is_cut_at_its_line_breaks(tmp_path, monkeypatch):
+    # Cut only between printable ASCII, Russian or Chinese text had no cut: its lines piled up to
+    # MAX_PENDING_BYTES and were cut at any line break (here in a blank line), where BPE splits
+    # the whitespace differently than in the whole text.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 300)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 64)
+    path = tmp_path / "other.txt"
+    path.write_text("\u041f\u0440\u0438\u0432\u0435\u0442, \u043c\u0438\u0440\n\n"
+                    "\u4f60\u597d\u3002\n\u00ab\u00e9t\u00e9\u00bb\n" * 150)
+    text = load_corpus(path)
+    tok = train_tokenizer(text, "bpe", 300)
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
+    assert len(list(token_shards.corpus_chunks([str(path)]))) > 2  # cut without forcing
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 300)
+    streamed = tokenize_corpus(path, tok, cache_dir=tmp_path / "s", stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
+
+
+def test_no_cut_next_to_a_space_of_any_script_changes_the_pieces(tmp_path, monkeypatch):
+    # Line breaks between every kind of neighbour: ASCII, letters, marks, symbols, and the
+    # spaces, controls and format characters that are (or in some engine might be) \s.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 5)
+    pre = train_tokenizer("x", "bpe", 300)._tk.pre_tokenizer
+    chars = list("ab.!' \t\x0b\x0c\x1c") + ["\n", "\r\n", "\u00e9", "\u4f60", "\u3002", "\u2014",
+                                            "\u00a0", "\u3000", "\u2028", "\x85", "\u200b",
+                                            "\u180e", "\u1680", "\u202f", "\u0301", "\U0001F600"]
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        path = tmp_path / f"{i}.txt"
+        path.write_text("".join(rng.choice(chars, size=80)) + "x", newline="")
+        text = load_corpus(path)
+        monkeypatch.setattr(token_shards, "CHUNK_BYTES", int(rng.integers(1, 20)))
+        chunks = [c.decode() for c, _ in token_shards.corpus_chunks([str(path)])]
+        assert "".join(chunks) == text
+        assert ([p for c in chunks for p, _ in pre.pre_tokenize_str(c)]
+                == [p for p, _ in pre.pre_tokenize_str(text)]), repr(text)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_text_whose_every_line_is_indented_is_cut_before_the_indentations_last_space(
+        tmp_path, monkeypatch, kind):
+    # After "line\n" comes "    next": a cut there would make "\n" and "   " two pieces where the
+    # text has "\n   " and " next"; just before the last space of the indentation it does not.
+    # Without a cut, the lines piled up to MAX_PENDING_BYTES and were cut at any line break.
+    monkeypatch.setattr(token_shards, "READ_BYTES", 64)
+    monkeypatch.setattr(token_shards, "CHUNK_BYTES", 200)
+    path = tmp_path / "poem.txt"
+    path.write_text("    Shall I compare thee\n\tto a summer's day?\n  \t  Thou art\n\n  more\n" * 80)
+    text = load_corpus(path)
+    tok = train_tokenizer(text, kind, 300)
+    chunks = [c.decode() for c, _ in token_shards.corpus_chunks([str(path)])]
+    assert len(chunks) > 2 and "".join(chunks) == text  # cut without reaching MAX_PENDING_BYTES
+    pre = train_tokenizer("x", "bpe", 300)._tk.pre_tokenizer
+    assert ([p for c in chunks for p, _ in pre.pre_tokenize_str(c)]
+            == [p for p, _ in pre.pre_tokenize_str(text)])
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 200)
+    streamed = tokenize_corpus(path, tok, cache_dir=tmp_path / "s", stream=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(streamed), _in_memory(path, tok, tmp_path / "m"))
+
+
+def test_each_line_break_is_looked_at_once_while_no_cut_is_found(tmp_path, monkeypatch):
+    # A space before every line break: none is a safe cut, so the text piles up until
+    # MAX_PENDING_BYTES; looking at all its line breaks again for every block read was quadratic.
+    monkeypatch.setattr(token_shards, "MAX_PENDING_BYTES", 1 << 30)
+    monkeypatch.setattr(token_shards, "READ_BYTES", 1000)
+    path = tmp_path / "spaced.txt"
+    path.write_bytes(b"a line with a space at its end \n" * 4000)
+    looked = []
+    visible = token_shards._visible
+    monkeypatch.setattr(token_shards, "_visible",
+                        lambda buf, start, end: looked.append(start) or visible(buf, start, end))
+    (text, _), = token_shards.corpus_chunks([str(path)])
+    assert text == path.read_bytes() and len(looked) < 3 * 4000
 
 
 def test_the_piece_table_encodes_as_the_tokenizer(corpus):

@@ -3,12 +3,15 @@ and the JSONL reader the instruct and rankings (lmlab.rankings) files share.
 
 Corpus specs (load_corpus):
   a file                    its text
-  a directory               every *.txt and *.md below it, recursively, in sorted path order,
-                            skipping hidden files and folders (names starting with ".")
+  a directory               every *.txt and *.md below it, recursively (links to folders
+                            followed), in sorted path order, skipping hidden files and folders
+                            (names starting with ".")
   a glob ("data/*.txt", "books/**/*.md")   the matching files, in sorted order
+A file reached by several paths (links, a link loop) is read once, at its first path in that order.
   builtin:NAME              a built-in corpus: shipped (shakespeare) or assembled offline from this
                             Python (see BUILTIN_CORPORA)
-Files must be UTF-8 (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"). A single
+Files must be UTF-8 text (a leading byte-order mark is dropped; "\\r\\n" becomes "\\n"; a NUL
+byte, or a UTF-16 or UTF-32 byte-order mark, is refused: check_corpus_bytes). A single
 file's text is used as it is; several files are joined in order, each ending with a newline, with a
 blank line between files.
 
@@ -52,22 +55,47 @@ _ROLES = ("user", "assistant")
 # -- corpora ------------------------------------------------------------------------------------
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def check_corpus_bytes(raw: bytes, path: str, base: int = 0) -> None:
+    """Refuse a stretch of a corpus file that is not UTF-8 text, naming what it is and how to
+    convert it: raw is the file's bytes from byte offset `base` (past a UTF-8 byte-order mark).
+    A UTF-16 or UTF-32 file is named by its byte-order mark; a NUL byte, which no text holds, marks
+    one without it (its ASCII would read as UTF-8 with a NUL after each character) or a binary file."""
+    if base == 0:
+        for bom, encoding in _WIDE_BOMS:
+            if raw.startswith(bom):
+                raise ValueError(f"{path} is {encoding} text (it starts with a {encoding} byte-order "
+                                 f"mark), not UTF-8: convert it to UTF-8 first (e.g. iconv -f "
+                                 f"{encoding.lower()} -t utf-8)")
+    nul = raw.find(b"\0")
+    before = raw[:nul] if nul >= 0 else raw  # the first problem is the one named
+    if not before.isascii():
+        try:
+            before.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+                f"{base + e.start} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 "
+                "-t utf-8)") from None
+    if nul >= 0:
+        raise ValueError(f"{path} is not UTF-8 text: it holds a NUL byte at byte offset {base + nul} "
+                         "(a binary file, or UTF-16 or UTF-32 without a byte-order mark, which "
+                         "iconv -f utf-16 -t utf-8 converts)")
+
+
 def _read_text(path: str) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise type(e)(e.errno, f"cannot read corpus file ({e.strerror})", path) from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} ({e.reason}); "
-            f"convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
-    return text.replace("\r\n", "\n")
+    base = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    data = data[base:]
+    check_corpus_bytes(data, path, base)
+    return data.decode("utf-8").replace("\r\n", "\n")
 
 
 def _walk_error(e: OSError) -> None:
@@ -98,9 +126,13 @@ def _corpus_files(spec: str) -> list:
     """The files of a corpus spec, each a regular file: a FIFO, device or socket among them,
     named or inside a folder, is refused before anything is read."""
     if os.path.isdir(spec):
-        files = []
-        for root, dirs, names in os.walk(spec, onerror=_walk_error):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files, seen = [], set()
+        for root, dirs, names in os.walk(spec, onerror=_walk_error, followlinks=True):
+            if os.path.realpath(root) in seen:  # a link loop, or a second link to a folder
+                dirs[:] = []
+                continue
+            seen.add(os.path.realpath(root))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             files.extend(os.path.join(root, n) for n in names
                          if not n.startswith(".") and n.lower().endswith(CORPUS_SUFFIXES))
         files.sort(key=lambda p: os.path.relpath(p, spec).split(os.sep))
@@ -115,7 +147,12 @@ def _corpus_files(spec: str) -> list:
     else:
         files = None
     if files is not None:
-        return [need_regular_file(path, "corpus file") for path in files]
+        files = [need_regular_file(path, "corpus file") for path in files]
+        # A glob's ** follows a link loop until the system refuses: one file, dozens of times.
+        unique = {}
+        for path in files:
+            unique.setdefault(os.path.realpath(path), path)
+        return list(unique.values())
     known = ", ".join(f"builtin:{k}" for k in sorted(BUILTIN_CORPORA))
     raise FileNotFoundError(f"corpus {spec!r} not found: no such file or directory, and not a glob or "
                             f"builtin:NAME (built-in corpora: {known})")
@@ -155,7 +192,7 @@ def corpus_fingerprint(spec, *, cache_dir=None) -> str:
 
 
 def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = None,
-                    stream: bool | None = None, progress: bool = True):
+                    stream: bool | None = None, progress: bool = True, hint: str = POLICY_HINT):
     """Token ids of a corpus as a read-only memory-mapped int32 array.
 
     A corpus of files larger than token_shards.STREAM_ABOVE_BYTES (or any, with stream=True) is
@@ -169,14 +206,16 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     tokenizer tokenises afresh. A cache file that is truncated, damaged or of another format
     (its header's count and SHA-256 do not match its ids) is rebuilt; a cache that cannot be
     written (disk full, permission) is skipped with a note. `unknown` ("error", "replace",
-    "skip") overrides the tokenizer's policy for characters it cannot represent.
+    "skip") overrides the tokenizer's policy for characters it cannot represent; `hint` is what
+    the error for such characters adds (by default, how to choose a policy).
     """
     policy = unknown if unknown is not None else tokenizer.unknown
     files = _stream_files(spec, stream)
     if files:
         from .token_shards import stream_tokens
         root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-        return stream_tokens(files, os.fspath(spec), tokenizer, root, policy, progress=progress)
+        return stream_tokens(files, os.fspath(spec), tokenizer, root, policy, progress=progress,
+                             hint=hint)
     text = load_corpus(spec, cache_dir=cache_dir)
     h = hashlib.sha256(_TOKENS_FORMAT + b"\0")
     h.update(tokenizer.to_str().encode("utf-8") + b"\0" + policy.encode("utf-8") + b"\0")
@@ -192,7 +231,7 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     try:
         ids = tokenizer.encode(text, unknown=policy)
     except UnrepresentableText as e:
-        raise ValueError(f"corpus {os.fspath(spec)!r}: {e}{POLICY_HINT}") from None
+        raise ValueError(f"corpus {os.fspath(spec)!r}: {e}{hint}") from None
     except ValueError as e:
         raise ValueError(f"corpus {os.fspath(spec)!r}: {e}") from None
     if ids.size == 0:

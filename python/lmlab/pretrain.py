@@ -25,6 +25,13 @@ from .tokenizer import train_tokenizer, train_tokenizer_on_chunks
 from .train import train
 
 
+# A new run's tokenizer is built from its corpus, so only a corpus edited before a resume can
+# hold characters the tokenizer cannot represent; pretraining has no policy for them to choose.
+EDITED_HINT = ("; the corpus has changed since this run's tokenizer was built from it: restore it, "
+               "or train on it with `lmlab finetune RUN --corpus CORPUS --out NEW --unknown skip` "
+               "(or a new run)")
+
+
 class LanguageModelingStage:
     """Random windows of a token stream; the loss is the mean over every position."""
 
@@ -145,7 +152,7 @@ def pretrain(corpus: Optional[str] = None, run_dir="runs/pretrain", *, prompt: s
         # Under MPI rank 0 tokenizes (or streams the corpus into its cache) first, then the
         # others read that cache rather than all writing it at once.
         tokens = distributed.world().root_first(
-            lambda: tokenize_corpus(s["corpus"], tok, progress=s["progress"]))
+            lambda: tokenize_corpus(s["corpus"], tok, progress=s["progress"], hint=EDITED_HINT))
         train_tokens, val_tokens = split_tokens(tokens, s["val_fraction"])
         cfg = run.train_config()
         check_tokens_fit(s["corpus"], train_tokens, val_tokens, T, cfg.eval_every)

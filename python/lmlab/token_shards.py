@@ -4,17 +4,20 @@ and TokenShards, the memory-mapped array over them that training samples from.
 lmlab.data.tokenize_corpus comes here for a corpus of files larger than STREAM_ABOVE_BYTES (or when
 asked with stream=True); smaller ones and built-in corpora keep the one-file token cache there.
 
-The pass reads the files in blocks and cuts the text only after a line break with a printable
-ASCII character on both sides: there both tokenizers start a new piece (the char tokenizer
-anywhere; byte-level BPE's pre-tokenizer makes that lone line break a piece of its own, whereas
-after "\\n\\n" or "  \\n" it would split the whitespace run differently at the end of a chunk
-than inside the text, and files are joined by a blank line), so tokenizing chunk by chunk
-gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it). A line
-over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the one
-place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8 with
-the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line. Chunks
-stay UTF-8 bytes (checked, never decoded where the tokenizer can read bytes): ASCII text goes
-from the file to the ids without a Python string.
+The pass reads the files in blocks and cuts the text only after a line break ("\\n", or "\\r\\n",
+which the text holds as "\\n") with a visible character on both sides (printable ASCII, or a
+letter, digit, punctuation mark or symbol of any script: never a space), or, before an indented
+line, just before its indentation's last space or tab. There both tokenizers start a new piece (the
+char tokenizer anywhere; byte-level BPE's pre-tokenizer makes that lone line break, or the line
+break and the indentation but its last space, a piece of its own, and starts " word" after it;
+whereas after "\\n\\n", "  \\n" or "\\n  " it would split the whitespace run differently at the end
+of a chunk than inside the text, and files are joined by a blank line), so tokenizing chunk by
+chunk gives exactly the ids of tokenizing the whole text (tests/test_data_stream.py checks it).
+Text over MAX_PENDING_BYTES without such a point is cut at its last line break (or character), the
+one place BPE may differ. The text is the text load_corpus gives: files in the same order, UTF-8
+with the byte-order mark dropped and "\\r\\n" as "\\n", several files joined by a blank line.
+Chunks stay UTF-8 bytes (checked, never decoded where the tokenizer can read bytes): ASCII text
+goes from the file to the ids without a Python string.
 
 The ids (uint8 for a byte-table char vocabulary, uint16 when the vocabulary fits, else int32) go to the cache directory's
 tokens/stream-KEY/ as shard_NNNNN.bin files of up to SHARD_TOKENS ids, each written atomically,
@@ -40,6 +43,7 @@ import os
 import re
 import signal
 import sys
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Iterator, Optional
@@ -47,6 +51,7 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from .data import check_corpus_bytes
 from .files import atomic_write_bytes, atomic_write_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
@@ -68,15 +73,47 @@ _SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")  # a chunk may be cut just afte
 # -- reading the sources in safe chunks ----------------------------------------------------------
 
 
-def _last_safe_cut(buf: bytes) -> int:
-    """Just past the last b"\\n" in buf with a printable ASCII byte on both sides (0 if none)."""
+def _visible(buf: bytes, start: int, end: int) -> bool:
+    """Whether buf[start:end] is one character that is no kind of space: printable ASCII, or a
+    letter, digit, punctuation mark or symbol (no whitespace, control or format character, in
+    any engine's reading of \\s)."""
+    if end - start == 1:
+        return 0x21 <= buf[start] <= 0x7E
+    try:
+        char = buf[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # cut short by the buffer's end, or not UTF-8 (reported when decoded)
+    return len(char) == 1 and unicodedata.category(char)[0] in "LNPS"
+
+
+def _last_safe_cut(buf: bytes, lo: int = 0) -> int:
+    """Where to cut buf at its last b"\\n" with a visible character (_visible) before it and one
+    after it or after its next line's indentation (0 if none): just past the b"\\n", or before an
+    indented line, just before its indentation's last space or tab (the pre-tokenizer ends the
+    whitespace piece there, at a chunk's end as inside the text, and starts " word" after it).
+    A b"\\r\\n" counts as the b"\\n" it is read as, so a file with Windows line endings has cuts
+    too; non-ASCII neighbours count, so text in other scripts has cuts too. Line breaks before
+    `lo` are not looked at: a caller that looked at them before passes where it stopped."""
     j = len(buf) - 1
     while True:
-        j = buf.rfind(b"\n", 0, j)
+        j = buf.rfind(b"\n", lo, j)
         if j <= 0:
             return 0
-        if 0x21 <= buf[j + 1] <= 0x7E and 0x21 <= buf[j - 1] <= 0x7E:
-            return j + 1
+        end = j - 1 if buf[j - 1] == 0x0D else j  # just past the character before the line break
+        start = end - 1
+        while start > 0 and end - start < 4 and 0x80 <= buf[start] < 0xC0:
+            start -= 1  # back to the first byte of a multi-byte character
+        if start < 0 or not _visible(buf, start, end):
+            continue
+        k = j + 1
+        while k < len(buf) and buf[k] in b" \t":
+            k += 1  # past the next line's indentation
+        if k == len(buf):
+            continue
+        lead = buf[k]
+        after = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if _visible(buf, k, k + after):
+            return j + 1 if k == j + 1 else k - 1
 
 
 def _forced_cut(buf: bytes) -> int:
@@ -95,14 +132,7 @@ def _decode(raw: bytes, path: str, base: int) -> bytes:
     mark dropped, "\\r\\n" as "\\n"; still bytes."""
     skip = len(_BOM) if base == 0 and raw.startswith(_BOM) else 0
     body = raw[skip:] if skip else raw
-    if not body.isascii():
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            at = base + skip + e.start
-            raise ValueError(f"{path} is not UTF-8 text: byte 0x{body[e.start]:02x} at byte offset "
-                             f"{at} ({e.reason}); convert it to UTF-8 first (e.g. iconv -f latin1 -t "
-                             "utf-8)") from None
+    check_corpus_bytes(body, path, base + skip)
     return body.replace(b"\r\n", b"\n")
 
 
@@ -131,7 +161,10 @@ def _segments(files: list, start=(0, 0)) -> Iterator[tuple]:
                     break
                 at += len(block)
                 pending += block
-                cut = _last_safe_cut(pending)
+                # Only the new block's line breaks, and the one just before it (then last, with
+                # no byte after it to look at): looking at all of them again for every block was
+                # quadratic in a text without a cut (a minute for 70 MB of indented lines).
+                cut = _last_safe_cut(pending, max(0, len(pending) - len(block) - 1))
                 if not cut and len(pending) > MAX_PENDING_BYTES:
                     cut = _forced_cut(pending)
                 if cut:
@@ -437,9 +470,11 @@ def _open(directory: str, manifest: dict) -> TokenShards:
 
 
 def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: str, *,
-                  workers: Optional[int] = None, progress: bool = True) -> TokenShards:
+                  workers: Optional[int] = None, progress: bool = True,
+                  hint: str = POLICY_HINT) -> TokenShards:
     """The token ids of a corpus's files as TokenShards, tokenized here in one streaming pass
-    unless its shards are already in cache_root (module docstring)."""
+    unless its shards are already in cache_root (module docstring); `hint` as in
+    data.tokenize_corpus."""
     sources = _sources(files)
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
     directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
@@ -507,9 +542,9 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
             if parts or not manifest["shards"]:
                 flush(position)
     except ValueError as e:
-        hint = POLICY_HINT if isinstance(e, UnrepresentableText) else ""
+        more = hint if isinstance(e, UnrepresentableText) else ""
         raise ValueError((f"corpus {spec!r}: {e}" if not str(e).startswith("corpus") else str(e))
-                         + hint) from None
+                         + more) from None
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest)
     return _open(directory, manifest)
