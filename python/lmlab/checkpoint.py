@@ -124,8 +124,13 @@ def current_checkpoint(run_dir) -> Path:
                 return d
         raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing"
                               + _newest_hint(run))
+    # A flat-layout checkpoint is whole where its config.json is (rundir._move), in the run or
+    # wherever an overwrite is moving it.
+    for home in homes:
+        if (home / CONFIG_FILE).is_file() and not home.is_symlink():
+            return home
     for home in homes[:2]:
-        if (home / CONFIG_FILE).is_file() or (home / MODEL_FILE).is_file():
+        if (home / MODEL_FILE).is_file():
             return home
     raise FileNotFoundError(f"{run} holds no checkpoint (no {CURRENT_FILE}, no {MODEL_FILE})")
 
