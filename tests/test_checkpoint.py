@@ -171,6 +171,25 @@ def test_a_save_leaves_a_users_own_files_beside_the_run(gpt, tok, tmp_path):
     assert checkpoint.current_checkpoint(run).name == "step_000002"
 
 
+def test_a_run_named_through_a_symbolic_link_loads(gpt, tok, tmp_path):
+    """runs/latest -> runs/exp3: the link names the run directory itself, not a place inside it,
+    and was read as "holds no checkpoint (no current.json, no model.safetensors)", so sample and
+    --resume told the user the run they pointed at had none."""
+    run = tmp_path / "exp3"
+    _save(run, _model(gpt, tok), tok, step=5)
+    (tmp_path / "latest").symlink_to("exp3")
+    link = tmp_path / "latest"
+    assert checkpoint.current_checkpoint(link) == link / "checkpoints" / "step_000005"
+    assert load_model(link)[0].params.tobytes() == load_model(run)[0].params.tobytes()
+    assert load_training_state(link)[1]["step"] == 5
+    flat = tmp_path / "flat"
+    write_flat(flat, weights=_model(gpt, tok).named_parameters(), tokenizer_json=tok.to_str(),
+               config=checkpoint.read_config(run))
+    (tmp_path / "flat-link").symlink_to("flat")
+    assert checkpoint.current_checkpoint(tmp_path / "flat-link") == tmp_path / "flat-link"
+    load_model(tmp_path / "flat-link")
+
+
 def test_extra_files_are_part_of_the_checkpoint(gpt, tok, tmp_path):
     run = tmp_path / "run"
     save_run(run, _model(gpt, tok), tok, train_config={}, files={"head.bin": b"\x01\x02"})

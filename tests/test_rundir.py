@@ -160,6 +160,68 @@ def test_an_overwrite_killed_before_its_first_checkpoint_leaves_the_old_run(tmp_
         assert rd.restored == []
 
 
+def _killed_at(n, act) -> bool:
+    """Run act() in a forked child that dies (os._exit, as a kill -9) at its nth call of os.link,
+    os.unlink or os.rename; returns whether it died there (False: act finished first)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            count = [0]
+
+            def counted(real):
+                def call(*args, **kwargs):
+                    count[0] += 1
+                    if count[0] == n:
+                        os._exit(9)
+                    return real(*args, **kwargs)
+                return call
+
+            for name in ("link", "unlink", "rename"):
+                setattr(os, name, counted(getattr(os, name)))
+            act()
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 3
+        os._exit(code)  # no RunDir closes: as if killed just after act
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    assert code in (0, 9), code
+    return code == 9
+
+
+FLAT_CHECKPOINT = ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json",
+                   "state.json")
+
+
+@pytest.mark.parametrize("phase", ["setting-aside", "putting-back"])
+def test_a_flat_layout_run_an_overwrite_moves_is_whole_somewhere_at_every_kill(tmp_path, phase):
+    """A flat-layout checkpoint is read from one directory, and --overwrite moved its files into
+    .replacing-run (and back) one by one: a kill between two left it split, and `sample` said
+    "missing config.json" until a writer put the run back. Killed at every step of either move,
+    one directory holds it whole, and the next writer puts the run back as it was."""
+    from lmlab.checkpoint import current_checkpoint
+
+    n, killed, held = 0, True, []  # held: the child's RunDir is never closed, as in a kill
+    while killed:
+        n += 1
+        run = flat_run(tmp_path / f"run{n}")
+        before = snapshot(run)
+        if phase == "setting-aside":
+            killed = _killed_at(n, lambda: held.append(open_run_dir(run, overwrite=True)))
+        else:
+            assert not _killed_at(0, lambda: held.append(open_run_dir(run, overwrite=True)))
+            assert sorted(os.listdir(run)) == [".lock", REPLACED_DIR]
+            killed = _killed_at(n, lambda: settle_overwrite(run))
+        where = current_checkpoint(run)
+        assert {f: (where / f).read_text() for f in FLAT_CHECKPOINT} == {
+            f: f for f in FLAT_CHECKPOINT}, (n, where)
+        settle_overwrite(run)
+        assert snapshot(run) == before, n
+        assert sorted(os.listdir(run)) == sorted([".lock", *before]), n
+    assert n > 10  # every link, unlink and rename of the move was a kill point
+
+
 def test_a_kill_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):
     run = new_run(tmp_path / "run")
     with open_run_dir(run, overwrite=True) as rd:

@@ -100,10 +100,12 @@ def current_checkpoint(run_dir) -> Path:
         raise FileNotFoundError(f"run directory not found: {run}")
     # Where the replaced run is kept: whole in REPLACED_DIR, or split between REPLACING_DIR and
     # the run directory while it is being set aside or put back.
+    # The run directory may be named through a link (runs/latest -> runs/exp3); the places inside
+    # it are lmlab's, and one that is a link is not read.
     homes = [run, run / rundir.REPLACED_DIR, run / rundir.REPLACING_DIR]
     for home in homes:
         pointer = home / CURRENT_FILE
-        if os.path.lexists(pointer) and not home.is_symlink():
+        if os.path.lexists(pointer) and (home == run or not home.is_symlink()):
             break
     else:
         home = None
@@ -124,8 +126,13 @@ def current_checkpoint(run_dir) -> Path:
                 return d
         raise CheckpointError(f"{pointer} names {CHECKPOINTS_DIR}/{name}, which is missing"
                               + _newest_hint(run))
+    # A flat-layout checkpoint is whole where its config.json is (rundir._move), in the run or
+    # wherever an overwrite is moving it.
+    for home in homes:
+        if (home / CONFIG_FILE).is_file() and (home == run or not home.is_symlink()):
+            return home
     for home in homes[:2]:
-        if (home / CONFIG_FILE).is_file() or (home / MODEL_FILE).is_file():
+        if (home / MODEL_FILE).is_file():
             return home
     raise FileNotFoundError(f"{run} holds no checkpoint (no {CURRENT_FILE}, no {MODEL_FILE})")
 

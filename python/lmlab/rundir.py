@@ -22,8 +22,10 @@ RunDir is open, so two processes never write one run; leftovers of an interrupte
 files and directories) are removed. Readers (sample, predict, chat) only read and take no lock.
 
 An overwrite never leaves a directory without a run: the run it replaces is moved into
-RUN/.replacing-run/ entry by entry, which is then renamed to RUN/.replaced-run/ in one step, and
-kept there until the new run's first checkpoint is current (checkpoint.save_run then removes it).
+RUN/.replacing-run/ entry by entry (a flat-layout checkpoint's files linked there before they
+leave the run, so one of the two always holds it whole: _move), which is then renamed to
+RUN/.replaced-run/ in one step, and kept there until the new run's first checkpoint is current
+(checkpoint.save_run then removes it).
 Until then readers read the replaced run. If the new run ends without a checkpoint (an error, a
 kill), the replaced run is put back: when its RunDir closes, or, after a kill, by the next process
 that opens the directory for writing (settle_overwrite).
@@ -278,12 +280,48 @@ def _move_back_order(names) -> list:
     return sorted(names, key=lambda n: (last.get(n, 0), n))
 
 
+def _move(src: Path, dst: Path, names: list) -> None:
+    """Move the run entries `names` from src to dst (the run directory and REPLACING_DIR, either
+    way), in the order given, so that a reader finds a whole checkpoint at every instant. A
+    directory-layout run is found by its current.json (callers move it first out of the run, last
+    into it) and is read wherever its checkpoints/ are. A flat-layout checkpoint is several files
+    a reader takes from one directory, the first of the run and REPLACING_DIR holding its
+    config.json (checkpoint.current_checkpoint), so one by one they would leave it split: they are
+    hard-linked into dst first, config.json last, then removed from src, config.json first. A
+    move a kill interrupted may find a file in both (the same file, linked): it is removed from
+    src. Where the filesystem has no hard links, they are renamed as the other entries are."""
+    flat = [n for n in names if n in CHECKPOINT_FILES and (src / n).is_file()
+            and not (src / n).is_symlink()]
+    linked = []
+    for name in sorted(flat, key=lambda n: n == CONFIG_FILE):
+        try:
+            os.link(src / name, dst / name)
+        except FileExistsError:
+            if not os.path.samefile(src / name, dst / name):
+                continue  # renamed over it below, as any entry
+        except OSError:
+            break  # no hard links here (EPERM, ENOTSUP, ...): the rest are renamed
+        linked.append(name)
+    if CONFIG_FILE in linked:
+        for name in sorted(linked, key=lambda n: n != CONFIG_FILE):
+            os.unlink(src / name)
+    else:
+        linked = []  # not all linked: each is renamed (over its link in dst, if any)
+    for name in names:
+        if name in linked:
+            continue
+        if name in flat and (dst / name).is_file() and os.path.samefile(src / name, dst / name):
+            os.unlink(src / name)  # linked before a kill: a rename between links does nothing
+        else:
+            os.rename(src / name, dst / name)
+
+
 def _set_aside(path: Path, names: list) -> None:
     """Move the run entries `names` into REPLACED_DIR as one step (module docstring)."""
     aside = path / REPLACING_DIR
     os.mkdir(aside)
-    for name in reversed(_move_back_order(names)):  # current.json first: readers then look aside
-        os.rename(path / name, aside / name)
+    # current.json first: readers then look aside
+    _move(path, aside, list(reversed(_move_back_order(names))))
     fsync_dir(aside)
     os.rename(aside, path / REPLACED_DIR)
     fsync_dir(path)
@@ -311,8 +349,7 @@ def _settle(path: Path) -> list:
     if not aside.is_dir() or aside.is_symlink():
         return []
     names = _move_back_order(os.listdir(aside))
-    for name in names:
-        os.rename(aside / name, path / name)
+    _move(aside, path, names)
     os.rmdir(aside)
     fsync_dir(path)
     return names
