@@ -266,6 +266,58 @@ def test_sigkill_during_an_overwrite_keeps_the_old_run_until_the_new_one_saves(w
         _assert_recovers(world, run, capsys)
 
 
+def _overwrite_events(world, partial, tmp_path) -> list:
+    """(op, path) of each event of an --overwrite of a copy of `partial`, as the driver counts them."""
+    traced = tmp_path / "traced"
+    shutil.copytree(partial, traced, symlinks=True)
+    events = []
+
+    def tracer(op, real):
+        def call(*args, **kwargs):
+            target = args[0] if op == "fsync" else args[-1]
+            if isinstance(target, int):
+                target = os.readlink(f"/proc/self/fd/{target}")
+            events.append((op, os.fspath(target)))
+            return real(*args, **kwargs)
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        for op in ("fsync", "rename", "replace"):
+            mp.setattr(os, op, tracer(op, getattr(os, op)))
+        assert main(world.args(traced, "--overwrite")) == 0
+    return events
+
+
+@pytest.mark.parametrize("signal_name", ["sigint", "sigterm"])
+def test_a_stop_before_an_overwrites_first_checkpoint_puts_the_old_run_back(world, partial,
+                                                                          tmp_path, capsys,
+                                                                          signal_name):
+    """Ctrl-C soon after an --overwrite (often: of the wrong run) saved the new run's first steps
+    as a checkpoint, and the run it replaced was deleted. A stop before the new run's first
+    checkpoint saves none and puts the old run back as it was; one after it saves, as always."""
+    old = _files(partial)
+    events = _overwrite_events(world, partial, tmp_path)
+    row2 = next(i + 1 for i, (op, path) in enumerate(events)
+                if op == "fsync" and path.endswith("metrics.jsonl"))  # step 2's row, before step 3
+    assert row2 < next(i + 1 for i, (op, path) in enumerate(events) if ".tmp-step_000003" in path)
+    run = tmp_path / "early"
+    shutil.copytree(partial, run, symlinks=True)
+    rc, out, err = _run_child(world, run, {row2: [signal_name]}, "--overwrite")
+    assert rc == 0, err
+    assert "putting back the run --overwrite is replacing" in err
+    assert "saved no checkpoint, so the run it was replacing is put back" in err
+    assert _files(run) == old and not any(".replac" in f for f in os.listdir(run))
+    # After the new run's first checkpoint the stop saves it, and the old run is gone.
+    row4 = [i + 1 for i, (op, path) in enumerate(events)
+            if op == "fsync" and path.endswith("metrics.jsonl")][1]
+    run = tmp_path / "later"
+    shutil.copytree(partial, run, symlinks=True)
+    rc, out, err = _run_child(world, run, {row4: [signal_name]}, "--overwrite")
+    assert rc == 0 and "stopping after this step and saving a checkpoint" in err, err
+    assert checkpoint.load_training_state(run)[1]["step"] == 4
+    assert not any(".replac" in f for f in os.listdir(run))
+
+
 # -- Ctrl-C -------------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,8 @@ leave the run, so one of the two always holds it whole: _move), which is then re
 RUN/.replaced-run/ in one step, and kept there until the new run's first checkpoint is current
 (checkpoint.save_run then removes it).
 Until then readers read the replaced run. If the new run ends without a checkpoint (an error, a
-kill), the replaced run is put back: when its RunDir closes, or, after a kill, by the next process
+kill, or a stop asked before its first save, which then saves none: train._optimise), the replaced
+run is put back: when its RunDir closes, or, after a kill, by the next process
 that opens the directory for writing (settle_overwrite).
 
 A run directory that the stage left empty (it failed before writing anything)

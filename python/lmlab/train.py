@@ -185,8 +185,9 @@ class _StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, saves=lambda: True) -> None:
         self.announce = announce
+        self.saves = saves  # whether stopping now saves a checkpoint (see _optimise)
         self.requested = False
         self._saving = False
         self._presses_while_saving = 0
@@ -217,8 +218,10 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-            print("\nlmlab: stopping after this step and saving a checkpoint (Ctrl-C again to "
-                  "abort)", file=sys.stderr, flush=True)
+            what = ("saving a checkpoint" if self.saves() else "putting back the run --overwrite "
+                    "is replacing (the new run has saved no checkpoint yet)")
+            print(f"\nlmlab: stopping after this step and {what} (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def saving(self):
@@ -289,8 +292,14 @@ def _train(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, re
 
 def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config, resume,
               parent, world) -> TrainResult:
-    run_dir = Path(run_dir)
     writer = world.is_root  # the one rank that prints, logs and saves
+    # An --overwrite keeps the run it replaces until this run's first checkpoint (lmlab.rundir). A
+    # stop asked before then (Ctrl-C, SIGTERM: often a user who sees they overwrote the wrong run)
+    # saves none, so the replaced run comes back rather than giving way to a few steps of this one.
+    replacing = bool(getattr(run_dir, "replaced", ())) if writer else False
+    if world.distributed:
+        replacing = world.bcast(replacing)
+    run_dir = Path(run_dir)
     cfg = replace(cfg, precision=run_precision(cfg, run_dir, resume))
     model.matmul_precision = cfg.precision
     model.freeze(cfg.frozen)
@@ -376,7 +385,10 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
     stopped = False
     window_t, window_tokens = time.perf_counter(), 0
     window_steps, window_comm = 0, world.comm_seconds
-    with _StopRequest(announce=writer) as stop:
+    def stop_saves() -> bool:
+        return not (replacing and last_saved is None)
+
+    with _StopRequest(announce=writer, saves=stop_saves) as stop:
         try:
             while step < cfg.steps:
                 # 1) gradients of one optimiser step, accumulated over micro-batches (each rank
@@ -451,8 +463,10 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
         finally:
             if bar is not None:
                 bar.close()
-        save(step)
-    if step > start_step and writer:
+        keep_replaced = stopped and not stop_saves()
+        if not keep_replaced:
+            save(step)
+    if step > start_step and writer and not keep_replaced:
         _plot(run_dir)
     seconds = time.perf_counter() - t_start
     return TrainResult(steps_done=step, final_loss=loss, val_loss=val_loss, stopped_early=stopped,
