@@ -676,6 +676,47 @@ def test_output_into_a_closed_pipe_stops_quietly_as_a_shell_tool_does():
     assert worker.stderr.strip() == "lmlab worker: error: [Errno 32] Broken pipe"
 
 
+# Starts as the console script does (sys.argv[0] "lmlab", then `from lmlab.cli import main`), with
+# Ctrl-C arriving while lmlab.cli imports its verbs (argv[1]: "import"), or once main runs the
+# verb ("verb").
+_CTRL_C_CHILD = """
+import importlib.abc, os, signal, sys
+when = sys.argv[1]
+sys.argv = ["lmlab", "doctor"]
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "lmlab.cli.training":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+if when == "import":
+    sys.meta_path.insert(0, CtrlC())
+from lmlab.cli import main, doctor
+if when == "verb":
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.pause()  # the KeyboardInterrupt arrives here
+    doctor.run_doctor = interrupted
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("when", ["import", "verb"])
+def test_ctrl_c_while_the_command_line_starts_ends_in_one_line(when):
+    """Ctrl-C in the second the command line takes to import and build its parser printed
+    Python's KeyboardInterrupt traceback of the import it cut; it ends as Ctrl-C during a verb
+    does: one line, exit status 130."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(ops.__file__)), os.environ.get("PYTHONPATH"))
+        if p))
+    child = subprocess.run([sys.executable, "-c", _CTRL_C_CHILD, when], capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert child.returncode == 130 and child.stderr == "\nlmlab: interrupted\n", child.stderr
+
+
 @pytest.mark.parametrize("argv, command, usage_flag", [
     (["reward", "r", "--out", "o", "--rankings", "x.jsonl", "--resume"], "lmlab reward", "--l2"),
     (["bench", "train", "--foo"], "lmlab bench train", "--no-mfu"),

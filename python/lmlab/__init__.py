@@ -14,24 +14,54 @@ import types
 __version__ = "0.1.0"
 
 
-def _refuse_on_the_command_line(exc: ImportError) -> None:
-    """The compiled core refuses a bad LMLAB_ISA or LMLAB_BF16 as it loads (cpp/bindings.cpp), and
-    `import lmlab` raises that ImportError. The command line's first act is this import (the
-    console script `lmlab` imports lmlab.cli; `python -m lmlab[.x]` imports the package while
-    sys.argv[0] is "-m"), so there it ends as lmlab.cli ends a usage error: the message in one
-    line, exit status 2, no traceback."""
+def _on_the_command_line() -> bool:
+    """Whether this process is the command line, whose first act is importing lmlab: the console
+    script `lmlab` imports lmlab.cli; `python -m lmlab[.x]` imports the package while sys.argv[0]
+    is "-m". (A Python program that imports lmlab is not.)"""
     import os
     import re
     import sys
 
-    if not str(exc).startswith(("LMLAB_ISA=", "LMLAB_BF16=")):
-        return  # not a setting: a broken install keeps its traceback
     argv0 = sys.argv[0] if getattr(sys, "argv", None) else ""
     script = re.sub(r"(-script\.pyw?|\.exe)?$", "", os.path.basename(argv0))  # as pip names it
-    if argv0 == "-m" or script == "lmlab":
+    return argv0 == "-m" or script == "lmlab"
+
+
+def _refuse_on_the_command_line(exc: ImportError) -> None:
+    """The compiled core refuses a bad LMLAB_ISA or LMLAB_BF16 as it loads (cpp/bindings.cpp), and
+    `import lmlab` raises that ImportError. On the command line it ends as lmlab.cli ends a usage
+    error: the message in one line, exit status 2, no traceback."""
+    if not str(exc).startswith(("LMLAB_ISA=", "LMLAB_BF16=")):
+        return  # not a setting: a broken install keeps its traceback
+    if _on_the_command_line():
         # Under mpiexec, said once and every rank ended: the others would wait for this one.
         from .distributed import refuse
         raise SystemExit(refuse(f"lmlab: error: {exc}", 2))
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while the command line starts (imports, builds its parser: about a second), before
+    lmlab.cli.main can catch it: nothing is written yet, so it ends as an interrupted command does,
+    in one line with exit status 130, rather than with the traceback of the import it cut."""
+    import sys
+
+    print("\nlmlab: interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def _started() -> None:
+    """lmlab.cli.main catches Ctrl-C from here on: Python's own handler again (KeyboardInterrupt)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if _on_the_command_line():
+    import signal as _signal
+
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not one set on purpose
+        _signal.signal(_signal.SIGINT, _interrupted_while_starting)
 
 
 try:

@@ -33,7 +33,7 @@ import select
 import sys
 from typing import Optional, Sequence
 
-from .. import __version__, distributed
+from .. import __version__, _started, distributed
 from ..checks import SettingError
 from ..tokenizer import UnrepresentableText
 from ..train import NonFiniteLoss
@@ -71,6 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)  # a usage error under mpiexec ends every rank (Parser.error)
     world = None
     try:
+        _started()  # Ctrl-C is caught below from here on (lmlab/__init__)
         check_inherited_threads()
         if distributed.launched_size() > 1 and args.command not in MPI_COMMANDS:
             return distributed.refuse(
