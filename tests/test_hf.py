@@ -342,6 +342,18 @@ def test_an_export_killed_between_its_renames_is_put_back(run, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_an_export_leaves_the_work_of_an_export_to_another_name_alone(run, tmp_path):
+    """An export removed every ".NAME.*.tmp" beside it as a killed export's leftovers, so an
+    export to hf deleted the directory an export to hf.v2 was writing at the same time."""
+    sibling = tmp_path / ".hf.v2.0123abcd.tmp"  # an export to hf.v2 in progress
+    sibling.mkdir()
+    (sibling / "model.safetensors").write_bytes(b"being written")
+    leftover = tmp_path / ".hf.abcdef12.tmp"  # a killed export to hf
+    leftover.mkdir()
+    _export(run, tmp_path / "hf")
+    assert sibling.is_dir() and not leftover.exists()
+
+
 @pytest.mark.parametrize("where", ["write", "rename", "sync"])
 def test_ctrl_c_during_an_export_leaves_the_previous_one_and_no_temporary(run, tmp_path, capsys,
                                                                          monkeypatch, where):

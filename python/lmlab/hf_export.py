@@ -167,6 +167,11 @@ def _old_name(out: Path) -> str:
     return f".{out.name}{_OLD}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
 
 
+def _temp_name(out: Path) -> str:
+    """Where an export is written before it is renamed to `out`."""
+    return f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+
+
 def _restore_interrupted(out: Path) -> None:
     """Put back the newest export displaced by an overwrite that was killed between its renames,
     remove older displaced copies (an overwrite killed before removing the one it replaced), and
@@ -175,8 +180,11 @@ def _restore_interrupted(out: Path) -> None:
     if not parent.is_dir():
         return
     olds = []
+    # This export's own temporaries only (_temp_name): ".qa.*.tmp" also matched an export to
+    # qa.v2 writing beside it, whose work this one deleted.
+    own_temp = re.compile(re.escape(f".{out.name}.") + r"[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
     for name in os.listdir(parent):
-        if name.startswith(f".{out.name}.") and name.endswith(TEMP_SUFFIX):
+        if own_temp.fullmatch(name):
             shutil.rmtree(parent / name, ignore_errors=True)
         elif name.startswith(f".{out.name}{_OLD}"):
             stamp = name[len(f".{out.name}{_OLD}"):]
@@ -211,7 +219,7 @@ def export_hf(run, out, *, overwrite: bool = False) -> dict:
             f"transformer is its parent's, frozen; export {parent or 'the run it was fitted on'} "
             "for that language model")
     files = hf_files(model, tok, config, os.fspath(run))
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+    tmp = out.parent / _temp_name(out)
     old = out.parent / _old_name(out)
     swapped = False  # the new export renamed in
     try:
