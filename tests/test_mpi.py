@@ -605,6 +605,22 @@ def test_reward_under_two_ranks_records_the_one_process_that_fitted_it(tmp_path,
     assert checkpoint.read_config(tmp_path / "rm")["train"]["world_size"] == 1
 
 
+@needs_mpi
+def test_a_run_on_another_machines_disk_does_not_stop_a_new_run(tmp_path, reference):
+    """Rank 0 alone writes a new run, so what its machine holds at the output decides. Without a
+    shared file system a stale run at the same path on another machine made that rank refuse
+    ("already holds a run") and stopped the whole run."""
+    shutil.copytree(reference, tmp_path / "stale")  # machine 2's leftover at the output path
+    args = ["pretrain", *TINY, "--steps", 3]
+    argv = [[*args, "--run", tmp_path / "new"], [*args, "--run", tmp_path / "stale"]]
+    ranks = [arg for r, a in enumerate(argv) for arg in
+             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, a)]]
+    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert checkpoint.load_training_state(tmp_path / "new")[1]["step"] == 3
+
+
 def _edit_config(run: Path, **settings) -> None:
     path = checkpoint.current_checkpoint(run) / "config.json"
     config = json.loads(path.read_text())

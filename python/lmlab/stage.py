@@ -309,7 +309,9 @@ def open_stage(stage: str, out, given: dict, *, resume: bool = False, overwrite:
                              {what: f"the {what} {path}"})
     if resume and not is_run(out):
         raise RunDirError(f"there is no run to resume in {out}; start it without --resume")
-    if not resume and not overwrite and is_run(out):
+    # A new run is rank 0's to write, so what its machine holds decides: without a shared file
+    # system a stale run at the same path on another machine is no one's concern.
+    if not resume and not overwrite and world.bcast(is_run(out) if world.is_root else None):
         resumable = "--resume to continue it, " if stage not in NOT_RESUMABLE else ""
         raise RunDirError(f"{out} already holds a run; pass {resumable}--overwrite to replace "
                           "it, or choose another directory")
