@@ -172,6 +172,35 @@ def test_shards_are_reused_until_a_source_changes(tmp_path, corpus, monkeypatch)
     np.testing.assert_array_equal(np.asarray(changed), _in_memory(corpus, tok, cache))
 
 
+def test_a_pass_no_corpus_can_use_again_is_removed(tmp_path, corpus):
+    """Each edit of a large corpus left its previous shards in the cache, as large as the corpus,
+    which no pass could find again (their key holds the old size and time). A later pass removes
+    them once no one has written them for an hour; a pass another corpus (or tokenizer) can still
+    use, and a stale one written within the hour (a pass still running), are kept."""
+    from lmlab.files import ABANDONED_AFTER_S
+
+    tok = train_tokenizer(load_corpus(corpus) + "Z", "char")
+    cache = tmp_path / "cache"
+    other = tmp_path / "other.txt"
+    other.write_text(SHAKESPEARE[:5000])
+    tokenize_corpus(other, tok, cache_dir=cache, stream=True, progress=False)
+    tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    kept, old = sorted(cache.glob("tokens/stream-*"), key=lambda d: d.stat().st_mtime_ns)
+    hour_ago = os.stat(old).st_mtime - ABANDONED_AFTER_S - 60
+    for folder in (kept, old):
+        os.utime(folder / "manifest.json", (hour_ago, hour_ago))
+    with open(corpus / "a.txt", "a") as f:
+        f.write("Z")
+    tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    passes = set(cache.glob("tokens/stream-*"))
+    assert kept in passes and old not in passes and len(passes) == 2
+    # The corpus edited again: the pass just written is stale, but written within the hour.
+    with open(corpus / "a.txt", "a") as f:
+        f.write("Z")
+    tokenize_corpus(corpus, tok, cache_dir=cache, stream=True, progress=False)
+    assert passes < set(cache.glob("tokens/stream-*"))
+
+
 def test_a_damaged_shard_is_tokenized_again(tmp_path, corpus):
     tok = train_tokenizer(load_corpus(corpus), "char")
     cache = tmp_path / "cache"

@@ -23,7 +23,8 @@ The ids (uint8 for a byte-table char vocabulary, uint16 when the vocabulary fits
 tokens/stream-KEY/ as shard_NNNNN.bin files of up to SHARD_TOKENS ids, each written atomically,
 with manifest.json naming the shards done, their SHA-256 and where in the sources the next one
 starts. KEY hashes the tokenizer, the unknown-character policy and each source's path, size and
-modification time: a changed source gives a new key, so the corpus is tokenized again; an
+modification time: a changed source gives a new key, so the corpus is tokenized again (and the
+previous pass, which no key can name again, is removed: _remove_dead_passes); an
 interrupted pass resumes after its last shard, writing the shards an uninterrupted pass writes
 (its reads keep the file's block grid), so their digest does not depend on the interruption.
 Memory stays bounded by a few chunks whatever the corpus size. BPE text is split into the pre-tokenizer's pieces and each distinct piece is encoded
@@ -41,8 +42,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import time
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -52,7 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data import check_corpus_bytes
-from .files import atomic_write_bytes, atomic_write_json, remove_abandoned
+from .files import ABANDONED_AFTER_S, atomic_write_bytes, atomic_write_json, remove_abandoned
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 STREAM_ABOVE_BYTES = 64 << 20
@@ -433,6 +436,42 @@ def _sources(files: list) -> list:
     return out
 
 
+def _remove_dead_passes(tokens_dir: str) -> None:
+    """Remove the stream-* folders no pass can find again: those with a source that is no longer
+    what their manifest says (another size or modification time, or gone; KEY holds them, so each
+    edit of a large corpus left its previous tokenization behind, as large as the corpus), once
+    no one has written their manifest for ABANDONED_AFTER_S (a pass writes it after every shard).
+    A run still training on such shards keeps reading them: its memory maps outlive the unlink."""
+    try:
+        names = [n for n in os.listdir(tokens_dir) if n.startswith("stream-")]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        manifest = os.path.join(tokens_dir, name, "manifest.json")
+        try:
+            if now - os.stat(manifest).st_mtime <= ABANDONED_AFTER_S:
+                continue
+            with open(manifest, encoding="utf-8") as f:
+                sources = json.load(f)["sources"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue  # no manifest (a pass that wrote no shard: little to free), or unreadable
+        if not _sources_changed(sources):
+            continue
+        shutil.rmtree(os.path.join(tokens_dir, name), ignore_errors=True)
+
+
+def _sources_changed(sources) -> bool:
+    """Whether a manifest's sources are no longer the files they were (False where it cannot
+    tell: such a folder is kept)."""
+    try:
+        return _sources([s["path"] for s in sources]) != sources
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 def _manifest_of(saved, sources: list, dtype: str) -> bool:
     """Whether `saved` (a manifest.json's value) is a manifest of this pass: its format, sources
     and dtype, and shard entries of the form the pass writes. Anything else (a file damaged or
@@ -479,6 +518,7 @@ def stream_tokens(files: list, spec: str, tokenizer, cache_root: str, policy: st
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer.to_str(), policy, sources]).encode())
     directory = os.path.join(cache_root, "tokens", "stream-" + key.hexdigest()[:40])
     manifest_path = os.path.join(directory, "manifest.json")
+    _remove_dead_passes(os.path.dirname(directory))
     # A pass killed mid-write (kill -9, power loss) leaves a shard's temporary file; each shard
     # is written once, so the next write of it, which sweeps such files, may never come.
     remove_abandoned(directory, ".")
