@@ -621,6 +621,31 @@ def test_a_run_on_another_machines_disk_does_not_stop_a_new_run(tmp_path, refere
     assert checkpoint.load_training_state(tmp_path / "new")[1]["step"] == 3
 
 
+@needs_mpi
+def test_a_machine_without_the_reward_model_is_named(tmp_path, reference):
+    """rlhf reads the reward model on every rank: a machine lacking it was reported by that rank
+    alone, as "not found", rather than as what must be the same on every machine."""
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Say {c}: ", "completions": ["yes", "no"],
+                                            "ranking": [0, 1]}) + "\n" for c in "abcdef"))
+    lmlab(1, "reward", reference, "--rankings", rankings, "--out", tmp_path / "rm", "--steps", 5)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say a: \nSay b: \n")
+    common = [reference, "--prompts", prompts, "--out", tmp_path / "rl", "--steps", 1]
+    argv = [["rlhf", *common, "--reward-model", tmp_path / "rm"],
+            ["rlhf", *common, "--reward-model", tmp_path / "none"]]
+    ranks = [arg for r, a in enumerate(argv) for arg in
+             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, a)]]
+    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "rank 0 of 2" in line]
+    assert len(lines) == 1, done.stderr
+    assert ("lmlab rlhf: error: the ranks of this MPI run do not see the same run: reward model "
+            "differs (rank 0: a run, rank 1: no run); the reward model ") in lines[0], lines[0]
+    assert "must be the same on every machine" in lines[0] and "Error" not in done.stderr
+
+
 def _edit_config(run: Path, **settings) -> None:
     path = checkpoint.current_checkpoint(run) / "config.json"
     config = json.loads(path.read_text())

@@ -13,11 +13,12 @@ from typing import Optional
 
 import numpy as np
 
+from . import distributed
 from .checkpoint import load_model
 from .judges import judge_reward, make_judge
 from .rankings import check_prompts, read_prompts, split_records
 from .reward_model import RewardModel
-from .rundir import check_apart
+from .rundir import check_apart, is_run
 from .sequences import pack_for_loss, prompt_ids_for, sample_completion, sequence_logprobs
 from .stage import StageResult, open_stage
 from .train import train
@@ -156,6 +157,12 @@ def rlhf(run, prompts, out_dir, *, resume: bool = False, overwrite: bool = False
     with open_stage("rlhf", out_dir, {"prompts": prompts, **settings}, resume=resume,
                     overwrite=overwrite, parent=run, threads=threads) as opened:
         s = opened.settings
+        # Each machine reads its own copy of the reward model: one that lacks it is named, as a
+        # missing parent run is (open_stage). Every rank asks, so none waits for another.
+        rm_seen = None if s["reward_model"] is None else is_run(s["reward_model"])
+        distributed.world().check_same(
+            "run", {"reward model": {None: None, True: "a run", False: "no run"}[rm_seen]},
+            {"reward model": f"the reward model {s['reward_model']}"})
         if (s["reward_model"] is None) == (s["judge"] is None):
             raise ValueError("give exactly one of reward_model (a `lmlab reward` run, "
                              "--reward-model) or judge (--judge)")
