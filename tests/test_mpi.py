@@ -63,6 +63,15 @@ def _command(n: int, args) -> list:
     return lmlab if n == 1 else [MPIEXEC, "-n", str(n), *lmlab]
 
 
+def lmlab_per_rank(argv: list) -> subprocess.CompletedProcess:
+    """Two or more ranks of one MPI run, rank r running `lmlab argv[r]`: machines that each see
+    their own arguments (and so their own files), as without a shared file system."""
+    ranks = [arg for r, args in enumerate(argv) for arg in
+             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, args)]]
+    return subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT)
+
+
 def lmlab(n: int, *args, check: bool = True) -> subprocess.CompletedProcess:
     """`lmlab ARGS` on one process, or under `mpiexec -n N`."""
     done = subprocess.run(_command(n, args), env=_env(), capture_output=True, text=True,
@@ -613,10 +622,7 @@ def test_a_run_on_another_machines_disk_does_not_stop_a_new_run(tmp_path, refere
     shutil.copytree(reference, tmp_path / "stale")  # machine 2's leftover at the output path
     args = ["pretrain", *TINY, "--steps", 3]
     argv = [[*args, "--run", tmp_path / "new"], [*args, "--run", tmp_path / "stale"]]
-    ranks = [arg for r, a in enumerate(argv) for arg in
-             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, a)]]
-    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=ROOT)
+    done = lmlab_per_rank(argv)
     assert done.returncode == 0, done.stderr[-2000:]
     assert checkpoint.load_training_state(tmp_path / "new")[1]["step"] == 3
 
@@ -634,10 +640,7 @@ def test_a_machine_without_the_reward_model_is_named(tmp_path, reference):
     common = [reference, "--prompts", prompts, "--out", tmp_path / "rl", "--steps", 1]
     argv = [["rlhf", *common, "--reward-model", tmp_path / "rm"],
             ["rlhf", *common, "--reward-model", tmp_path / "none"]]
-    ranks = [arg for r, a in enumerate(argv) for arg in
-             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, a)]]
-    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=ROOT)
+    done = lmlab_per_rank(argv)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "rank 0 of 2" in line]
     assert len(lines) == 1, done.stderr
@@ -695,10 +698,7 @@ def test_ranks_that_see_another_run_directory_are_told_it_must_be_the_same(tmp_p
         expected = ("the ranks of this MPI run do not see the same run: setting lr differs "
                     "(rank 0: 0.001, rank 1: 0.002); the run directory ", " (its config.json) "
                     "must be the same on every machine; stopping every rank")
-    ranks = [arg for r, args in enumerate(argv) for arg in
-             ([":"] if r else []) + ["-n", "1", sys.executable, "-m", "lmlab", *map(str, args)]]
-    done = subprocess.run([MPIEXEC, *ranks], env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=ROOT)
+    done = lmlab_per_rank(argv)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "rank 0 of 2" in line]
     assert len(lines) == 1 and all(part in lines[0] for part in expected), done.stderr
