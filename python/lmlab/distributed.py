@@ -321,8 +321,8 @@ def share_cores() -> None:
     local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
     if "OMP_NUM_THREADS" in os.environ or not (local or "").isdigit() or int(local) < 2:
         return
-    from . import set_num_threads
-    set_num_threads(max(1, (os.cpu_count() or 1) // int(local)))
+    from . import ops
+    ops.set_default_num_threads(max(1, (os.cpu_count() or 1) // int(local)))
 
 
 def fingerprint(*arrays) -> str:

@@ -21,6 +21,7 @@ Shape legend: B batch, T time, C channels, NH heads, V vocabulary, OC output cha
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -331,8 +332,27 @@ def set_num_threads(n: int) -> None:
     The count belongs to the Python thread that sets it (OpenMP's per-thread setting): kernels
     called from another thread (threading, concurrent.futures) use that thread's own count, which
     starts at the default (OMP_NUM_THREADS, else every core); set it there too."""
+    global _thread_count_chosen
     from .checks import Rule, max_threads  # lmlab.checks imports this module
     Rule(int, 1, max_threads()).check("threads", n)
+    _core.set_num_threads(int(n))
+    _thread_count_chosen = True
+
+
+# Whether the thread count is one the user chose (OMP_NUM_THREADS, set_num_threads: --threads and
+# threads= come through it) rather than lmlab's default, which a training run may adapt to how busy
+# the cores are (lmlab.threads).
+_thread_count_chosen = "OMP_NUM_THREADS" in os.environ
+
+
+def thread_count_chosen() -> bool:
+    """True once the user has chosen the kernels' thread count (see _thread_count_chosen)."""
+    return _thread_count_chosen
+
+
+def set_default_num_threads(n: int) -> None:
+    """Set the thread count as lmlab's own default, not as the user's choice: an MPI rank's share
+    of its machine's cores, or the count lmlab.threads adapts a run to."""
     _core.set_num_threads(int(n))
 
 
@@ -344,10 +364,12 @@ def get_num_threads() -> int:
 @contextlib.contextmanager
 def num_threads(n: int) -> Iterator[None]:
     """Run a block with n threads, then restore the previous count."""
-    previous = get_num_threads()
+    global _thread_count_chosen
+    previous, chosen = get_num_threads(), _thread_count_chosen
     set_num_threads(n)
     try:
         yield
     finally:
         # Unchecked: the count before may be one OMP_NUM_THREADS set above what callers may ask.
         _core.set_num_threads(previous)
+        _thread_count_chosen = chosen

@@ -40,7 +40,7 @@ from typing import Optional, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, checks, distributed, metrics, ops
+from . import checkpoint, checks, distributed, metrics, ops, threads
 from .errors import CheckpointError
 from .rundir import RunDir, open_run_dir
 
@@ -388,12 +388,24 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
     def stop_saves() -> bool:
         return not (replacing and last_saved is None)
 
+    def say_threads(*change) -> None:
+        line = f"lmlab: step {step + 1}: {threads.describe_change(*change)}"
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    # The thread count adapts to how busy the cores are, unless the user chose it (lmlab.threads).
+    tuner = threads.ThreadTuner(ops.get_num_threads(), adapt=not ops.thread_count_chosen(),
+                                report=say_threads if writer else None)
     with _StopRequest(announce=writer, saves=stop_saves) as stop:
         try:
             while step < cfg.steps:
                 # 1) gradients of one optimiser step, accumulated over micro-batches (each rank
                 # computes its own contiguous share of them and steps over the others')
+                work_started = time.perf_counter()
                 mine = _micro_batches(model, stage, cfg, world)
+                work_seconds = time.perf_counter() - work_started
                 shared = world.allgather((mine, stop.requested))
                 losses = [x for (m, _) in shared for x in m["losses"]]
                 tokens = sum(m["tokens"] for (m, _) in shared)
@@ -425,7 +437,9 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                 if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
                     scale = cfg.grad_clip / (grad_norm + 1e-6)
                 lr = lr_at(step, cfg)
+                work_started = time.perf_counter()
                 optimizer.step(lr, scale, grads)
+                tuner.record(work_seconds + time.perf_counter() - work_started)
                 if optimizer.sharded:
                     world.allgather_shards(model.params)
                 step += 1
@@ -443,7 +457,8 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_tokens = now, 0
                     row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": tps, **extras, **evaluation}
+                           "tokens_per_s": tps, "threads": ops.get_num_threads(), **extras,
+                           **evaluation}
                     if world.distributed:  # rank 0's time in the gradient exchange, per step
                         row["allreduce_ms"] = 1e3 * (world.comm_seconds - window_comm) / window_steps
                     window_steps, window_comm = 0, world.comm_seconds
@@ -461,6 +476,7 @@ def _optimise(model, stage, cfg: TrainConfig, run_dir, *, tokenizer, run_config,
                     stopped = True
                     break
         finally:
+            tuner.restore()
             if bar is not None:
                 bar.close()
         keep_replaced = stopped and not stop_saves()

@@ -90,7 +90,8 @@ def flag(name: str) -> str:
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="OpenMP threads for the kernels (default: all cores)")
+                   help="OpenMP threads for the kernels, kept as given (default: all cores, "
+                        "and a training run goes down to fewer while fewer are faster)")
 
 
 def check_inherited_threads() -> None:
