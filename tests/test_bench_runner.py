@@ -112,3 +112,37 @@ def test_bench_train_measures_an_implementation_named_twice_once(monkeypatch):
     assert main(["bench", "train", "--impl", "pytorch", "--impl", "lmlab", "--impl", "pytorch"]) == 0
     assert main(["bench", "train"]) == 0
     assert seen == [("lmlab",), ("pytorch", "lmlab"), tuple(trainbench.IMPLS)]
+
+
+GENERATE_TINY = ["bench", "generate", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+                 "--block-size", "32", "--new-tokens", "6", "--prompt-len", "4", "--threads", "1"]
+
+
+def test_bench_generate_measures_transformers_on_the_same_model(capsys):
+    """The reference row runs the same weights in transformers: its logits must be lmlab's (a
+    reference computing another model would make the ratio meaningless)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    assert main(GENERATE_TINY + ["--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"lmlab-kv-cache", "lmlab-no-cache", "transformers-kv-cache"}
+    ref = by_impl["transformers-kv-cache"]
+    assert ref["max_logit_diff"] < 1e-4 and ref["threads"] == 1
+    assert ref["reference"].startswith("transformers ")
+    for impl in ("lmlab-kv-cache", "lmlab-no-cache"):
+        row = by_impl[impl]
+        assert row["same_tokens"] is True
+        assert row["vs_reference"] == pytest.approx(row["tokens_per_s"] / ref["tokens_per_s"])
+    assert main(GENERATE_TINY) == 0
+    text = capsys.readouterr().out
+    assert "x transformers" in text and "its logits within" in text
+
+
+def test_bench_generate_without_transformers_says_there_is_no_reference(monkeypatch, capsys):
+    from lmlab import trainbench
+    monkeypatch.setattr(trainbench, "transformers_available", lambda: False)
+    assert main(GENERATE_TINY) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["lmlab-kv-cache", "lmlab-no-cache"]
+    assert lines[2] == "(no reference: transformers and torch are not installed)"

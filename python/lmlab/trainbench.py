@@ -13,7 +13,8 @@ PyTorch the forward under torch.autocast("cpu", dtype=torch.bfloat16), its stand
     lmlab bench train --config gpt2-small --block-size 64
     lmlab bench generate --n-layer 6 --n-head 6 --n-embd 384 --block-size 256
 
-The second measures generation tokens/s with the KV cache against without it.
+The second measures generation tokens/s with the KV cache and without it, and transformers'
+GPT2LMHeadModel.generate on the same weights (with its KV cache) as the reference.
 
 Efficiency: each run reports the model FLOPs per token, 6N + 12 L C T (PaLM, appendix B; N counts
 every weight matrix a token multiplies through, the tied LM head included), and each row its MFU:
@@ -270,12 +271,17 @@ def profile_step(cfg: dict, steps: int = 3, threads: int | None = None,
 
 def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
                    prompt_len: int = 16, new_tokens: int = 64, vocab_size: int = 65,
-                   threads: int | None = None) -> list[dict]:
-    """Generation tokens/s of one randomly initialised model with and without the KV cache.
+                   threads: int | None = None, reference: bool = True) -> list[dict]:
+    """Generation tokens/s of one randomly initialised model with and without the KV cache, and of
+    the same model in transformers (GPT2LMHeadModel.generate with its KV cache) as the reference.
 
     Greedy decoding (sampling costs the same either way) from a prompt of prompt_len tokens; rows
-    with impl "lmlab-kv-cache" and "lmlab-no-cache", config, tokens_per_s, ms_per_token, and
-    whether both produced the same tokens.
+    with impl "lmlab-kv-cache", "lmlab-no-cache" and, where transformers and torch are installed
+    (and `reference`), "transformers-kv-cache", run in its own process on the same thread count;
+    each with config, threads, tokens_per_s and ms_per_token. The lmlab rows say whether both
+    produced the same tokens (same_tokens); the reference row gives the largest difference of its
+    logits for the prompt from lmlab's (max_logit_diff: the two compute the same model), and each
+    lmlab row its speed over the reference's (vs_reference).
     """
     from . import ops
     from .model import GPT, GPTConfig
@@ -283,10 +289,10 @@ def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
 
     if threads is not None:
         ops.set_num_threads(threads)
-    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
-                    n_head=n_head, n_embd=n_embd)
-    model = GPT(cfg)
-    prompt = np.arange(prompt_len) % vocab_size
+    config = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                  vocab_size=vocab_size, prompt_len=prompt_len, new_tokens=new_tokens)
+    model = GPT(_gpt_config(config))
+    prompt = _generation_prompt(config)
     rows, outputs = [], []
     for use_cache in (True, False):
         generate(model, prompt, 2, temperature=0, use_cache=use_cache)       # warm up
@@ -294,15 +300,73 @@ def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
         outputs.append(generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache))
         dt = time.perf_counter() - t0
         rows.append({"impl": "lmlab-kv-cache" if use_cache else "lmlab-no-cache",
-                     "config": dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                                    block_size=block_size, vocab_size=vocab_size,
-                                    prompt_len=prompt_len, new_tokens=new_tokens),
-                     "threads": ops.get_num_threads(),
+                     "config": config, "threads": ops.get_num_threads(),
                      "tokens_per_s": new_tokens / dt, "ms_per_token": 1000.0 * dt / new_tokens})
     same = bool(np.array_equal(outputs[0], outputs[1]))
     for r in rows:
         r["same_tokens"] = same
+    if reference and transformers_available():
+        ref = _child({"generate": config, "threads": ops.get_num_threads()}, ops.get_num_threads(),
+                     "native")
+        for r in rows:
+            r["vs_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        rows.append(ref)
     return rows
+
+
+def _gpt_config(config: dict):
+    from .model import GPTConfig
+    return GPTConfig(**{k: config[k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                               "n_embd")})
+
+
+def _generation_prompt(config: dict) -> np.ndarray:
+    return np.arange(config["prompt_len"]) % config["vocab_size"]
+
+
+def transformers_available() -> bool:
+    import importlib.util
+    return torch_available() and importlib.util.find_spec("transformers") is not None
+
+
+def generate_transformers(config: dict, threads: int) -> dict:
+    """The reference row of bench_generate (the subprocess body): lmlab's randomly initialised GPT
+    of `config` (the same seed, so the same weights) as a transformers GPT2LMHeadModel, timed
+    generating greedily with its KV cache; then its prompt logits compared with lmlab's."""
+    import torch
+    import transformers
+
+    from . import hf
+    from .model import GPT
+
+    torch.set_num_threads(threads)
+    model = GPT(_gpt_config(config))
+    settings = hf.gpt2_config(model.config, bos_id=0, eos_id=None, pad_id=0)
+    settings.pop("architectures")
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings)).eval()
+    weights = {hf_name: torch.from_numpy(hf.to_hf(name, model._named[name]).copy())
+               for name, hf_name, _, _ in hf.name_map(model.config)}
+    reference.load_state_dict(weights, strict=False)  # the tied head and attention masks: not weights
+    prompt = _generation_prompt(config)
+    tokens = torch.from_numpy(prompt[None].astype(np.int64))
+    n = config["new_tokens"]
+
+    def run(count):
+        # min_new_tokens: as many tokens as lmlab makes (the model has no end token anyway).
+        return reference.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False,
+                                  use_cache=True, max_new_tokens=count, min_new_tokens=count,
+                                  pad_token_id=0)
+    with torch.inference_mode():
+        run(2)                                                          # warm up
+        t0 = time.perf_counter()
+        run(n)
+        dt = time.perf_counter() - t0
+        theirs = reference(tokens).logits[0].double().numpy()
+    ours = model.forward(prompt[None].astype(np.int32))[0][0].astype(np.float64)
+    return {"impl": "transformers-kv-cache", "config": config, "threads": threads,
+            "tokens_per_s": n / dt, "ms_per_token": 1000.0 * dt / n,
+            "reference": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            "max_logit_diff": float(np.abs(theirs - ours).max())}
 
 
 def torch_available() -> bool:
@@ -386,8 +450,10 @@ def _child(spec: dict, threads: int, isa: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        what = spec.get("impl") or f"{spec['peak']} peak matmul"
-        raise RuntimeError(f"bench_train: the {what} {spec['precision']} run failed:\n"
+        what = (f"{spec['impl']} {spec['precision']}" if "impl" in spec else
+                f"{spec['peak']} {spec['precision']} peak matmul" if "peak" in spec else
+                "transformers generation")
+        raise RuntimeError(f"lmlab bench: the {what} run failed:\n"
                            f"{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -417,6 +483,9 @@ def _child_main(argv) -> None:
         raise SystemExit("usage: python -m lmlab.trainbench --child SPEC (bench_train's "
                          "subprocess; run `lmlab bench train` instead)")
     spec = json.loads(argv[1])
+    if "generate" in spec:
+        print(json.dumps(generate_transformers(spec["generate"], spec["threads"])))
+        return
     if "peak" in spec:
         print(json.dumps(peak_matmul(spec["peak"], spec["precision"], spec["threads"])))
         return

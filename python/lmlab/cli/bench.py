@@ -157,7 +157,17 @@ def run_bench_generate(args) -> list:
                                      prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                      vocab_size=args.vocab_size, threads=args.threads)
     for r in rows:
-        print(json.dumps(r) if args.json else
-              f"{r['impl']:15s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
-              f"  same tokens: {r['same_tokens']}")
+        if args.json:
+            print(json.dumps(r))
+            continue
+        line = f"{r['impl']:21s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
+        if "same_tokens" in r:
+            line += f"  same tokens: {r['same_tokens']}"
+        if "vs_reference" in r:
+            line += f"  {r['vs_reference']:.2f}x transformers"
+        if "max_logit_diff" in r:
+            line += f"  ({r['reference']}; its logits within {r['max_logit_diff']:.1e} of lmlab's)"
+        print(line)
+    if not args.json and not any("max_logit_diff" in r for r in rows):
+        print("(no reference: transformers and torch are not installed)")
     return rows
