@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
 
@@ -112,3 +113,49 @@ def test_bench_train_measures_an_implementation_named_twice_once(monkeypatch):
     assert main(["bench", "train", "--impl", "pytorch", "--impl", "lmlab", "--impl", "pytorch"]) == 0
     assert main(["bench", "train"]) == 0
     assert seen == [("lmlab",), ("pytorch", "lmlab"), tuple(trainbench.IMPLS)]
+
+
+@pytest.fixture
+def torch_unimportable(tmp_path, monkeypatch):
+    """A `torch` that is found but raises ImportError when imported (a broken install, or none)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_bench_kernels_says_the_torch_reference_is_skipped(torch_unimportable, capsys):
+    """Without an importable torch its reference rows were left out without a word."""
+    rows = bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=io.StringIO())
+    assert not any("torch" in r["reference_name"] for r in rows)
+    err = capsys.readouterr().err
+    assert "torch cannot be imported (No module named torch)" in err and "skipped" in err
+
+
+def test_bench_train_without_importable_torch(torch_unimportable, monkeypatch, capsys):
+    """A torch that the package search found but that does not import was measured anyway: its
+    child failed and the run ended in a traceback. --impl pytorch alone then measured nothing
+    (an empty table, or "max() arg is an empty sequence" measuring MFU). Now: the only
+    implementation asked for is refused in one line; beside lmlab it is skipped with a note."""
+    from lmlab import trainbench
+    ran = []
+
+    def child(spec, threads, isa):
+        ran.append(spec.get("impl"))
+        return {"impl": spec["impl"], "precision": spec["precision"], "tokens_per_s": 1.0,
+                "ms_per_step": 1.0, "peak_rss_mib": 1.0, "threads": 1, "isa": "avx2"}
+    monkeypatch.setattr(trainbench, "_child", child)
+    tiny = ["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "4",
+            "--batch-size", "1", "--steps", "1", "--rounds", "1", "--precision", "fp32"]
+    for more in ([], ["--no-mfu"]):
+        assert main(["bench", "train", "--impl", "pytorch", *tiny, *more]) == 2
+        err = capsys.readouterr().err
+        assert err == ("lmlab bench train: error: --impl pytorch: torch cannot be imported (No "
+                       "module named torch); install PyTorch, or measure --impl lmlab\n")
+    assert main(["bench", "train", *tiny, "--no-mfu"]) == 0
+    assert ran == ["lmlab"]
+    assert "PyTorch skipped, torch cannot be imported" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="impl 'pytorch': torch cannot be imported"):
+        trainbench.bench_train(1, 1, 8, 4, 1, 1, impls=("pytorch",), mfu=False, rounds=1)
+

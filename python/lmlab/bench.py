@@ -170,6 +170,11 @@ def bench_kernels(threads: Optional[int] = None, json_lines: bool = False, shape
     warning = openblas_warning()
     if warning:
         print(warning, file=sys.stderr)
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:  # its rows are left out: say so, rather than leave them missing
+        print(f"note: torch cannot be imported ({exc}); the PyTorch reference rows are skipped "
+              "(bf16 matmuls are compared with numpy's fp32 product)", file=sys.stderr)
     threads = ops.get_num_threads() if threads is None else int(threads)
     global _settle_s
     _settle_s = DEFAULT_SETTLE_S[shapes]

@@ -305,9 +305,19 @@ def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
     return rows
 
 
+def torch_missing() -> str | None:
+    """Why PyTorch cannot be the reference here (the ImportError's text), or None when it can. An
+    import, not a search for the package: a torch that is found but does not import (a missing
+    library, a broken install) failed in its child with a traceback."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def torch_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("torch") is not None
+    return torch_missing() is None
 
 
 def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
@@ -348,7 +358,11 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
         threads = ops.get_num_threads()
     cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                batch_size=batch_size, vocab_size=vocab_size)
-    impls = [i for i in impls if i != "pytorch" or torch_available()]
+    if "pytorch" in impls and not torch_available():
+        if not set(impls) - {"pytorch"}:  # nothing left to measure: say so, not an empty table
+            raise ValueError(f"impl 'pytorch': torch cannot be imported ({torch_missing()}); "
+                             "install PyTorch, or measure lmlab alone")
+        impls = [i for i in impls if i != "pytorch"]
     runs = [(impl, precision) for impl in impls for precision in precisions]
     measured = {run: [] for run in runs}
     for r in range(rounds):
