@@ -159,3 +159,16 @@ def test_bench_train_without_importable_torch(torch_unimportable, monkeypatch, c
     with pytest.raises(ValueError, match="impl 'pytorch': torch cannot be imported"):
         trainbench.bench_train(1, 1, 8, 4, 1, 1, impls=("pytorch",), mfu=False, rounds=1)
 
+
+def test_bench_train_child_failure_is_one_line():
+    """A measurement that failed in its process ended `lmlab bench train` in a RuntimeError
+    traceback with the child's; now one line: the child's last word and how to rerun it."""
+    from lmlab import trainbench
+    spec = {"impl": "lmlab", "cfg": {}, "steps": 1, "warmup": 0, "threads": 1,
+            "precision": "fp32"}
+    with pytest.raises(ValueError) as exc:
+        trainbench._child(spec, 1, "native")
+    text = str(exc.value)
+    assert "\n" not in text
+    assert text.startswith("the lmlab fp32 run failed (exit 1): KeyError: 'vocab_size'")
+    assert "python -m lmlab.trainbench --child" in text

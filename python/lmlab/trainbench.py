@@ -42,6 +42,7 @@ import time
 
 import numpy as np
 
+from .errors import LmlabError
 from .ops import MATMUL_PRECISIONS as PRECISIONS
 
 IMPLS = ("lmlab", "pytorch")
@@ -399,10 +400,15 @@ def _child(spec: dict, threads: int, isa: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), **ISA_ENV[isa])
     proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # one line: the child's last word, and how to see all of it
         what = spec.get("impl") or f"{spec['peak']} peak matmul"
-        raise RuntimeError(f"bench_train: the {what} {spec['precision']} run failed:\n"
-                           f"{proc.stderr[-2000:]}")
+        how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"exit {proc.returncode}")
+        said = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()),
+                    "nothing on stderr")
+        raise LmlabError(f"the {what} {spec['precision']} run failed ({how}): {said}; rerun it "
+                         f"alone to see all: python -m lmlab.trainbench --child "
+                         f"'{json.dumps(spec)}'")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
