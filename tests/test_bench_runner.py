@@ -3,9 +3,11 @@ the JSON-lines mode, and the OpenBLAS environment warning. No timing is asserted
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +174,49 @@ def test_bench_train_child_failure_is_one_line():
     assert "\n" not in text
     assert text.startswith("the lmlab fp32 run failed (exit 1): KeyError: 'vocab_size'")
     assert "python -m lmlab.trainbench --child" in text
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, work, expected", [
+    ("mpi_scaling", ["--steps", "4", "--skip", "4"], ["run"],
+     "--skip 4: expected an integer from 0 to --steps - 1 (3), so that a step is left to measure"),
+    ("mpi_scaling", ["--skip", "-1"], ["run"],
+     "--skip -1: expected an integer from 0 to --steps - 1 (11), so that a step is left to measure"),
+    ("mpi_scaling", ["--steps", "0"], ["run"], "--steps 0: expected an integer >= 1"),
+    ("tokenize_stream", ["--mb", "0"], ["make_corpus", "measure"],
+     "--mb 0: expected an integer >= 1 (MiB of corpus)"),
+    ("tokenize_stream", ["--workers", "-1"], ["make_corpus", "measure"],
+     "--workers -1: expected an integer >= 0 (0: lmlab's default)"),
+    ("gpt2_finetune", ["--threads", "0"], ["timed"], "--threads 0: expected an integer >= 1"),
+    ("gpt2_finetune", ["--steps", "-1"], ["timed"], "--steps -1: expected an integer >= 1"),
+    ("stages_eval", ["--threads", "0"], ["is_run", "pretrain"],
+     "--threads 0: expected an integer >= 1"),
+    ("preference_eval", ["--threads", "-2"], ["make_judge", "pretrain"],
+     "--threads -2: expected an integer >= 1"),
+])
+def test_benchmark_scripts_refuse_bad_values_before_any_work(script, argv, work, expected,
+                                                             monkeypatch, capsys, tmp_path):
+    """benchmarks/ scripts took any integer: mpi_scaling's --skip at or past --steps ran both
+    pretrains and then failed in statistics.median (a traceback), --steps 0 in a
+    CalledProcessError; --threads 0 was silently all cores; tokenize_stream's --mb 0 failed in
+    its child. Each is now a usage error naming the flag, before any work starts."""
+    module = load_script(script)
+
+    def started(*args, **kwargs):
+        raise AssertionError(f"{script} started its work")
+    for name in work:
+        monkeypatch.setattr(module, name, started)
+    monkeypatch.chdir(tmp_path)  # a script that writes its runs by default writes them here
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {expected}")
