@@ -220,3 +220,18 @@ def test_benchmark_scripts_refuse_bad_values_before_any_work(script, argv, work,
         module.main(argv)
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {expected}")
+
+
+def test_bench_kernels_warns_when_numpy_cannot_follow_threads(monkeypatch, capsys):
+    """Without threadpoolctl numpy's BLAS keeps the thread count it took at load, and rows that
+    said threads 1 compared lmlab on one thread with numpy on every core, without a word."""
+    from lmlab import ops
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import threadpoolctl: ImportError
+    default = ops.get_num_threads()
+    bench.bench_kernels(threads=default, shapes="tiny", repeat=1, out=io.StringIO())
+    assert "threadpoolctl" not in capsys.readouterr().err
+    other = 1 if default > 1 else 2
+    bench.bench_kernels(threads=other, shapes="tiny", repeat=1, out=io.StringIO())
+    err = capsys.readouterr().err
+    assert (f"threadpoolctl is not installed, so numpy's BLAS keeps its own thread count "
+            f"({default}), not {other}") in err
