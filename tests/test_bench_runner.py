@@ -235,3 +235,20 @@ def test_bench_kernels_warns_when_numpy_cannot_follow_threads(monkeypatch, capsy
     err = capsys.readouterr().err
     assert (f"threadpoolctl is not installed, so numpy's BLAS keeps its own thread count "
             f"({default}), not {other}") in err
+
+
+def test_bench_train_child_ended_by_ctrl_c_is_an_interruption(monkeypatch):
+    """Ctrl-C reaches the whole process group; a child that ended of it before the parent's own
+    KeyboardInterrupt was reported as a failed measurement ("the lmlab fp32 run failed (killed
+    by signal 2): KeyboardInterrupt"), not as the interruption it was."""
+    import subprocess
+
+    from lmlab import trainbench
+
+    def interrupted(command, **kwargs):
+        return subprocess.CompletedProcess(command, -2, "", "Traceback ...\nKeyboardInterrupt\n")
+    monkeypatch.setattr(trainbench.subprocess, "run", interrupted)
+    spec = {"impl": "lmlab", "cfg": {}, "steps": 1, "warmup": 0, "threads": 1,
+            "precision": "fp32"}
+    with pytest.raises(KeyboardInterrupt):
+        trainbench._child(spec, 1, "native")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -328,7 +329,8 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess,
     every one under ISA_ENV[isa], in `rounds` interleaved rounds (module docstring).
 
-    PyTorch is skipped when torch is not installed. Returns one dict per (implementation,
+    PyTorch is skipped when torch cannot be imported (ValueError when it is the only
+    implementation asked for). Returns one dict per (implementation,
     precision), implementation-major, with impl, precision, config, tokens_per_s and ms_per_step
     (of its median round), round_tokens_per_s (every round's, in order), peak_rss_mib,
     flops_per_token (and threads, steps, losses, isa); with mfu, also each row's mfu and peak (the
@@ -400,6 +402,8 @@ def _child(spec: dict, threads: int, isa: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), **ISA_ENV[isa])
     proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
+    if proc.returncode == -signal.SIGINT:  # Ctrl-C reached the child first: the run's, not its
+        raise KeyboardInterrupt
     if proc.returncode != 0:  # one line: the child's last word, and how to see all of it
         what = spec.get("impl") or f"{spec['peak']} peak matmul"
         how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
