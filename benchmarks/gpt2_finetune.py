@@ -103,6 +103,11 @@ def main(argv=None) -> int:
                    help="keep the checkpoint and runs here (default: a temporary directory, removed)")
     p.add_argument("--make-checkpoint", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # before the minutes of making the checkpoint: --threads 0 was dropped (all cores, unsaid)
+    for name in ("steps", "block_size", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint)
         return 0

@@ -105,6 +105,13 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--json", default=None, help="write the results here too")
     args = p.parse_args(argv)
+    # before the runs: --skip past --steps left no step to measure (statistics.median of nothing
+    # after both runs), --steps 0 ended in a CalledProcessError, a negative --skip kept the last
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: expected an integer >= 1")
+    if not 0 <= args.skip < args.steps:
+        p.error(f"--skip {args.skip}: expected an integer from 0 to --steps - 1 ({args.steps - 1}), "
+                "so that a step is left to measure")
     import lmlab
     print(f"lmlab {lmlab.__version__}, kernels {lmlab.cpu_info()['isa']}, {os.cpu_count()} cores")
     results = {}

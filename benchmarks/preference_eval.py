@@ -58,7 +58,7 @@ def emit(row: dict) -> None:
           flush=True)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/pref-eval")
@@ -81,7 +81,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2, help="answers per held-out prompt")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # --threads 0 was dropped (all cores, unsaid); a negative one ended in a traceback
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: expected an integer >= 1")
     if args.threads:
         ops.set_num_threads(args.threads)
     out = Path(args.out)

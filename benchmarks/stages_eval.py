@@ -26,7 +26,7 @@ from lmlab.pretrain import pretrain
 from lmlab.rundir import is_run
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--style-corpus", default="builtin:shakespeare",
@@ -37,7 +37,10 @@ def main() -> None:
     ap.add_argument("--instruct-steps", type=int, default=1500)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # --threads 0 was dropped (all cores, unsaid); a negative one ended in a traceback
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: expected an integer >= 1")
     if args.threads:
         ops.set_num_threads(args.threads)
     out = Path(args.out)

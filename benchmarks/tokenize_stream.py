@@ -88,6 +88,11 @@ def main(argv=None) -> None:
     p.add_argument("--corpus-dir", default=None, help="make (or reuse) the corpus here")
     p.add_argument("--kinds", nargs="+", default=["char", "bpe"], choices=["char", "bpe"])
     args = p.parse_args(argv)
+    # --mb 0 made no corpus, and its child failed on the missing directory with a traceback
+    if args.mb < 1:
+        p.error(f"--mb {args.mb}: expected an integer >= 1 (MiB of corpus)")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: expected an integer >= 0 (0: lmlab's default)")
     sys.path.insert(0, str(ROOT / "python"))
     from lmlab.data import load_corpus
     from lmlab.tokenizer import train_tokenizer

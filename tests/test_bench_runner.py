@@ -3,8 +3,11 @@ the JSON-lines mode, and the OpenBLAS environment warning. No timing is asserted
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +117,143 @@ def test_bench_train_measures_an_implementation_named_twice_once(monkeypatch):
     assert seen == [("lmlab",), ("pytorch", "lmlab"), tuple(trainbench.IMPLS)]
 
 
+@pytest.fixture
+def torch_unimportable(tmp_path, monkeypatch):
+    """A `torch` that is found but raises ImportError when imported (a broken install, or none)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_bench_kernels_says_the_torch_reference_is_skipped(torch_unimportable, capsys):
+    """Without an importable torch its reference rows were left out without a word."""
+    rows = bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=io.StringIO())
+    assert not any("torch" in r["reference_name"] for r in rows)
+    err = capsys.readouterr().err
+    assert "torch cannot be imported (No module named torch)" in err and "skipped" in err
+
+
+def test_bench_train_without_importable_torch(torch_unimportable, monkeypatch, capsys):
+    """A torch that the package search found but that does not import was measured anyway: its
+    child failed and the run ended in a traceback. --impl pytorch alone then measured nothing
+    (an empty table, or "max() arg is an empty sequence" measuring MFU). Now: the only
+    implementation asked for is refused in one line; beside lmlab it is skipped with a note."""
+    from lmlab import trainbench
+    ran = []
+
+    def child(spec, threads, isa):
+        ran.append(spec.get("impl"))
+        return {"impl": spec["impl"], "precision": spec["precision"], "tokens_per_s": 1.0,
+                "ms_per_step": 1.0, "peak_rss_mib": 1.0, "threads": 1, "isa": "avx2"}
+    monkeypatch.setattr(trainbench, "_child", child)
+    tiny = ["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "4",
+            "--batch-size", "1", "--steps", "1", "--rounds", "1", "--precision", "fp32"]
+    for more in ([], ["--no-mfu"]):
+        assert main(["bench", "train", "--impl", "pytorch", *tiny, *more]) == 2
+        err = capsys.readouterr().err
+        assert err == ("lmlab bench train: error: --impl pytorch: torch cannot be imported (No "
+                       "module named torch); install PyTorch, or measure --impl lmlab\n")
+    assert main(["bench", "train", *tiny, "--no-mfu"]) == 0
+    assert ran == ["lmlab"]
+    assert "PyTorch skipped, torch cannot be imported" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="impl 'pytorch': torch cannot be imported"):
+        trainbench.bench_train(1, 1, 8, 4, 1, 1, impls=("pytorch",), mfu=False, rounds=1)
+
+
+def test_bench_train_child_failure_is_one_line():
+    """A measurement that failed in its process ended `lmlab bench train` in a RuntimeError
+    traceback with the child's; now one line: the child's last word and how to rerun it."""
+    from lmlab import trainbench
+    spec = {"impl": "lmlab", "cfg": {}, "steps": 1, "warmup": 0, "threads": 1,
+            "precision": "fp32"}
+    with pytest.raises(ValueError) as exc:
+        trainbench._child(spec, 1, "native")
+    text = str(exc.value)
+    assert "\n" not in text
+    assert text.startswith("the lmlab fp32 run failed (exit 1): KeyError: 'vocab_size'")
+    assert "python -m lmlab.trainbench --child" in text
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, work, expected", [
+    ("mpi_scaling", ["--steps", "4", "--skip", "4"], ["run"],
+     "--skip 4: expected an integer from 0 to --steps - 1 (3), so that a step is left to measure"),
+    ("mpi_scaling", ["--skip", "-1"], ["run"],
+     "--skip -1: expected an integer from 0 to --steps - 1 (11), so that a step is left to measure"),
+    ("mpi_scaling", ["--steps", "0"], ["run"], "--steps 0: expected an integer >= 1"),
+    ("tokenize_stream", ["--mb", "0"], ["make_corpus", "measure"],
+     "--mb 0: expected an integer >= 1 (MiB of corpus)"),
+    ("tokenize_stream", ["--workers", "-1"], ["make_corpus", "measure"],
+     "--workers -1: expected an integer >= 0 (0: lmlab's default)"),
+    ("gpt2_finetune", ["--threads", "0"], ["timed"], "--threads 0: expected an integer >= 1"),
+    ("gpt2_finetune", ["--steps", "-1"], ["timed"], "--steps -1: expected an integer >= 1"),
+    ("stages_eval", ["--threads", "0"], ["is_run", "pretrain"],
+     "--threads 0: expected an integer >= 1"),
+    ("preference_eval", ["--threads", "-2"], ["make_judge", "pretrain"],
+     "--threads -2: expected an integer >= 1"),
+])
+def test_benchmark_scripts_refuse_bad_values_before_any_work(script, argv, work, expected,
+                                                             monkeypatch, capsys, tmp_path):
+    """benchmarks/ scripts took any integer: mpi_scaling's --skip at or past --steps ran both
+    pretrains and then failed in statistics.median (a traceback), --steps 0 in a
+    CalledProcessError; --threads 0 was silently all cores; tokenize_stream's --mb 0 failed in
+    its child. Each is now a usage error naming the flag, before any work starts."""
+    module = load_script(script)
+
+    def started(*args, **kwargs):
+        raise AssertionError(f"{script} started its work")
+    for name in work:
+        monkeypatch.setattr(module, name, started)
+    monkeypatch.chdir(tmp_path)  # a script that writes its runs by default writes them here
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {expected}")
+
+
+def test_bench_kernels_warns_when_numpy_cannot_follow_threads(monkeypatch, capsys):
+    """Without threadpoolctl numpy's BLAS keeps the thread count it took at load, and rows that
+    said threads 1 compared lmlab on one thread with numpy on every core, without a word."""
+    from lmlab import ops
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import threadpoolctl: ImportError
+    default = ops.get_num_threads()
+    bench.bench_kernels(threads=default, shapes="tiny", repeat=1, out=io.StringIO())
+    assert "threadpoolctl" not in capsys.readouterr().err
+    other = 1 if default > 1 else 2
+    bench.bench_kernels(threads=other, shapes="tiny", repeat=1, out=io.StringIO())
+    err = capsys.readouterr().err
+    assert (f"threadpoolctl is not installed, so numpy's BLAS keeps its own thread count "
+            f"({default}), not {other}") in err
+
+
+def test_bench_train_child_ended_by_ctrl_c_is_an_interruption(monkeypatch):
+    """Ctrl-C reaches the whole process group; a child that ended of it before the parent's own
+    KeyboardInterrupt was reported as a failed measurement ("the lmlab fp32 run failed (killed
+    by signal 2): KeyboardInterrupt"), not as the interruption it was."""
+    import subprocess
+
+    from lmlab import trainbench
+
+    def interrupted(command, **kwargs):
+        return subprocess.CompletedProcess(command, -2, "", "Traceback ...\nKeyboardInterrupt\n")
+    monkeypatch.setattr(trainbench.subprocess, "run", interrupted)
+    spec = {"impl": "lmlab", "cfg": {}, "steps": 1, "warmup": 0, "threads": 1,
+            "precision": "fp32"}
+    with pytest.raises(KeyboardInterrupt):
+        trainbench._child(spec, 1, "native")
+
+
 GENERATE_TINY = ["bench", "generate", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
                  "--block-size", "32", "--new-tokens", "6", "--prompt-len", "4", "--threads", "1"]
 
@@ -145,4 +285,4 @@ def test_bench_generate_without_transformers_says_there_is_no_reference(monkeypa
     assert main(GENERATE_TINY) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[:2]] == ["lmlab-kv-cache", "lmlab-no-cache"]
-    assert lines[2] == "(no reference: transformers and torch are not installed)"
+    assert lines[2] == "(no reference: it needs transformers and torch, and they do not both import here)"

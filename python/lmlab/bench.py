@@ -74,6 +74,20 @@ def _blas_threads(n: int) -> Iterator[None]:
         yield
 
 
+def blas_threads_warning(threads: int) -> Optional[str]:
+    """The warning to print when numpy's BLAS cannot be held to `threads` (no threadpoolctl) and
+    they differ from the count it took at load (the environment's, as lmlab's default), else None."""
+    if threads == ops.get_num_threads():
+        return None
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return (f"warning: threadpoolctl is not installed, so numpy's BLAS keeps its own thread "
+                f"count ({ops.get_num_threads()}), not {threads}: the numpy matmul rows are not at "
+                "lmlab's thread count. pip install threadpoolctl, or set OMP_NUM_THREADS instead")
+    return None
+
+
 def openblas_warning() -> Optional[str]:
     """The warning to print when OpenBLAS's environment pins slower kernels, else None."""
     pinned = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(v)]
@@ -170,7 +184,15 @@ def bench_kernels(threads: Optional[int] = None, json_lines: bool = False, shape
     warning = openblas_warning()
     if warning:
         print(warning, file=sys.stderr)
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:  # its rows are left out: say so, rather than leave them missing
+        print(f"note: torch cannot be imported ({exc}); the PyTorch reference rows are skipped "
+              "(bf16 matmuls are compared with numpy's fp32 product)", file=sys.stderr)
     threads = ops.get_num_threads() if threads is None else int(threads)
+    warning = blas_threads_warning(threads)
+    if warning:
+        print(warning, file=sys.stderr)
     global _settle_s
     _settle_s = DEFAULT_SETTLE_S[shapes]
     rows: List[dict] = []

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ import time
 
 import numpy as np
 
+from .errors import LmlabError
 from .ops import MATMUL_PRECISIONS as PRECISIONS
 
 IMPLS = ("lmlab", "pytorch")
@@ -314,6 +316,17 @@ def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
     return rows
 
 
+def torch_missing() -> str | None:
+    """Why PyTorch cannot be the reference here (the ImportError's text), or None when it can. An
+    import, not a search for the package: a torch that is found but does not import (a missing
+    library, a broken install) failed in its child with a traceback."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def _gpt_config(config: dict):
     from .model import GPTConfig
     return GPTConfig(**{k: config[k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
@@ -325,8 +338,14 @@ def _generation_prompt(config: dict) -> np.ndarray:
 
 
 def transformers_available() -> bool:
-    import importlib.util
-    return torch_available() and importlib.util.find_spec("transformers") is not None
+    """Whether transformers (and torch) import here: bench_generate's reference can run."""
+    if not torch_available():
+        return False
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def generate_transformers(config: dict, threads: int) -> dict:
@@ -370,8 +389,7 @@ def generate_transformers(config: dict, threads: int) -> dict:
 
 
 def torch_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("torch") is not None
+    return torch_missing() is None
 
 
 def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
@@ -381,7 +399,8 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess,
     every one under ISA_ENV[isa], in `rounds` interleaved rounds (module docstring).
 
-    PyTorch is skipped when torch is not installed. Returns one dict per (implementation,
+    PyTorch is skipped when torch cannot be imported (ValueError when it is the only
+    implementation asked for). Returns one dict per (implementation,
     precision), implementation-major, with impl, precision, config, tokens_per_s and ms_per_step
     (of its median round), round_tokens_per_s (every round's, in order), peak_rss_mib,
     flops_per_token (and threads, steps, losses, isa); with mfu, also each row's mfu and peak (the
@@ -412,7 +431,11 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
         threads = ops.get_num_threads()
     cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                batch_size=batch_size, vocab_size=vocab_size)
-    impls = [i for i in impls if i != "pytorch" or torch_available()]
+    if "pytorch" in impls and not torch_available():
+        if not set(impls) - {"pytorch"}:  # nothing left to measure: say so, not an empty table
+            raise ValueError(f"impl 'pytorch': torch cannot be imported ({torch_missing()}); "
+                             "install PyTorch, or measure lmlab alone")
+        impls = [i for i in impls if i != "pytorch"]
     runs = [(impl, precision) for impl in impls for precision in precisions]
     measured = {run: [] for run in runs}
     for r in range(rounds):
@@ -445,16 +468,24 @@ def _median_round(results: list[dict], cfg: dict) -> dict:
 
 
 def _child(spec: dict, threads: int, isa: str) -> dict:
-    """Runs a measurement (run_one or peak_matmul) in a fresh process under ISA_ENV[isa]."""
+    """Runs a measurement (run_one, peak_matmul or generate_transformers) in a fresh process under
+    ISA_ENV[isa]."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), **ISA_ENV[isa])
     proc = subprocess.run([sys.executable, "-m", "lmlab.trainbench", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
+    if proc.returncode == -signal.SIGINT:  # Ctrl-C reached the child first: the run's, not its
+        raise KeyboardInterrupt
+    if proc.returncode != 0:  # one line: the child's last word, and how to see all of it
         what = (f"{spec['impl']} {spec['precision']}" if "impl" in spec else
                 f"{spec['peak']} {spec['precision']} peak matmul" if "peak" in spec else
                 "transformers generation")
-        raise RuntimeError(f"lmlab bench: the {what} run failed:\n"
-                           f"{proc.stderr[-2000:]}")
+        how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"exit {proc.returncode}")
+        said = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()),
+                    "nothing on stderr")
+        raise LmlabError(f"the {what} run failed ({how}): {said}; rerun it "
+                         f"alone to see all: python -m lmlab.trainbench --child "
+                         f"'{json.dumps(spec)}'")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 
 from .. import bench, checks, ops, trainbench
+from ..errors import LmlabError
+from .common import command_name
 
 
 def add_commands(sub) -> None:
@@ -97,6 +100,13 @@ def run_bench_train(args) -> list:
     precisions = trainbench.PRECISIONS if args.precision == "both" else (args.precision,)
     # --impl lmlab --impl lmlab names one implementation: measured once, not once per flag
     impls = tuple(dict.fromkeys(args.impl or trainbench.IMPLS))
+    missing = trainbench.torch_missing() if "pytorch" in impls else None
+    if missing and impls == ("pytorch",):
+        raise LmlabError(f"--impl pytorch: torch cannot be imported ({missing}); install PyTorch, "
+                         "or measure --impl lmlab")
+    if missing:
+        print(f"{command_name(args)}: PyTorch skipped, torch cannot be imported ({missing}); "
+              "measuring lmlab alone", file=sys.stderr)
     rows = trainbench.bench_train(args.n_layer, args.n_head, args.n_embd, args.block_size,
                                   args.batch_size, args.steps, vocab_size=args.vocab_size,
                                   threads=args.threads, impls=impls,
@@ -169,5 +179,5 @@ def run_bench_generate(args) -> list:
             line += f"  ({r['reference']}; its logits within {r['max_logit_diff']:.1e} of lmlab's)"
         print(line)
     if not args.json and not any("max_logit_diff" in r for r in rows):
-        print("(no reference: transformers and torch are not installed)")
+        print("(no reference: it needs transformers and torch, and they do not both import here)")
     return rows
