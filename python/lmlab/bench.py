@@ -198,7 +198,7 @@ def bench_kernels(threads: Optional[int] = None, json_lines: bool = False, shape
     rows: List[dict] = []
     isa = ops.cpu_info()["isa"]
     if not json_lines:
-        print(f"lmlab kernels ({isa}, {threads} threads, best of {repeat}) against numpy in the same run",
+        print(f"lmlab kernels ({isa}, {threads} thread{'s' if threads != 1 else ''}, best of {repeat}) against numpy in the same run",
               file=out)
         print(f"{'kernel':<22} {'shape':<22} {'lmlab':>10} {'reference':>10} {'unit':<8} {'ratio':>6}  reference",
               file=out)

@@ -119,7 +119,7 @@ def run_bench_train(args) -> list:
             mfu = f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""
             print(f"{r['impl']:8s} {r['precision']:5s} {r['tokens_per_s']:10.0f} tokens/s  "
                   f"{r['ms_per_step']:8.1f} ms/step  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
-                  f"({r['threads']} threads, {r['isa']}){mfu}")
+                  f"({r['threads']} thread{'s' if r['threads'] != 1 else ''}, {r['isa']}){mfu}")
     if not args.json and rows:
         print(f"model FLOPs per token (6N + 12LCT): {rows[0]['flops_per_token'] / 1e6:.2f} M")
         for p in precisions:
