@@ -359,6 +359,50 @@ def test_sampling_distributions_sum_to_one_and_filters_keep_what_they_promise(ti
     assert_png(result.files["samples"])
 
 
+def widened(model, spread: float, prompt_ids):
+    """A copy of model whose next-token logits after prompt_ids span `spread` nats: ln_f's scale and
+    shift multiplied, so every logit is multiplied by the same factor (the head has no bias)."""
+    from lmlab.model import GPT
+
+    logits, _ = model.forward(np.asarray(prompt_ids, np.int32)[None, :])
+    factor = spread / float(np.ptp(logits[0, -1]))
+    wide = GPT(model.config, seed=0)
+    for name, w in wide.named_parameters().items():
+        w[...] = model.named_parameters()[name] * (factor if name.startswith("ln_f.") else 1)
+    return wide
+
+
+def test_sampling_panels_are_what_generation_draws_from_even_for_logits_thousands_of_nats_apart(
+        tiny, tmp_path):
+    """Each panel is lmlab.sample.filter_logits of the model's logits: the distribution generate
+    draws from. Logits 3000 nats apart: a token ~1000 nats below the top has probability 0 in
+    float64 (the softmax underflows), yet at temperature 1000 it has e^-1 of the top's weight; shaping
+    the probabilities kept it at 0, a panel that generation does not draw from."""
+    from lmlab.sample import filter_logits
+
+    model, tok = tiny
+    ids = tok.encode("the ")
+    wide = widened(model, 3000.0, ids)
+    result = demo.sampling((wide, tok), "the ", tmp_path, temperatures=(0.5, 1000.0), top_k=4,
+                           top_p=0.3, samples=1, seed=0, max_new_tokens=2, gif=False)
+    logits = wide.forward(ids[None, :])[0][0, -1]
+    assert np.ptp(logits) == pytest.approx(3000, rel=1e-3)
+    d = result.numbers["distributions"]
+    for key, settings in [("raw", {}), ("temperature=0.5", {"temperature": 0.5}),
+                          ("temperature=1000", {"temperature": 1000.0}), ("top_k=4", {"top_k": 4}),
+                          ("top_p=0.3", {"top_p": 0.3})]:
+        np.testing.assert_allclose(d[key], filter_logits(logits, **settings), rtol=1e-12, atol=0,
+                                   err_msg=key)
+    gap = float(logits.max()) - np.asarray(logits, np.float64)
+    lost = (gap > 800) & (gap < 1500)       # rounded to 0 by the softmax, well inside T = 1000
+    assert lost.any() and not d["raw"][lost].any()
+    hot = d["temperature=1000"]
+    assert np.all(hot[lost] > 0.1 * hot.max())
+    np.testing.assert_allclose(hot[lost] / hot.max(), np.exp(-gap[lost] / 1000), rtol=1e-9)
+    assert result.numbers["kept"]["temperature=1000"] == tok.vocab_size
+    np.testing.assert_array_equal(result.numbers["logits"], np.asarray(logits, np.float64))
+
+
 def test_sampling_same_seed_same_text_different_seeds_differ(tiny, tmp_path):
     from lmlab.sample import generate
 

@@ -116,11 +116,36 @@ def test_inspect_data_shows_characters_that_byte_level_tokens_split():
     ids = render(tok, conv[0])[0]
     assert sum(tok.decode([i]) == "\ufffd" for i in ids) >= 8  # two tokens each, four for 🙂
     view = inspect_examples(tok, conv, 64, n=1, color=False).splitlines()[1]
-    assert view == "  <|user|>what is café?<|assistant|>[ü][b][e][r][ ][🙂][.][<|end|>]", view
+    assert view == ("  <|user|>what is caf{é:2 tokens}?<|assistant|>"
+                    "[{ü:2 tokens}][b][e][r][ ][{🙂:4 tokens}][.][<|end|>]"), view
     # Cut inside the emoji's four bytes: what is left of it is shown as its bytes.
     emoji_at = next(k for k in range(len(ids)) if tok.decode(ids[:k + 1]).endswith("über \ufffd"))
     cut = inspect_examples(tok, conv, emoji_at, n=1, color=False).splitlines()[1]
     assert cut.endswith("[r][ ][<0xF0>]"), cut
+
+
+def test_inspect_data_without_colour_says_how_many_tokens_a_split_character_took():
+    """Without colour the brackets are the only token boundaries, and a character made of several
+    byte-level tokens sat in one bracket, [🙂], like a single token: it is shown as {🙂:4 tokens},
+    a legend says what that means, and the coloured view (one highlight per token boundary it can
+    show) is as it was."""
+    tok = train_tokenizer(ALPHABET * 3, "bpe", vocab_size=300)  # no merges for 日 or 🙂
+    conv = [[{"role": "user", "content": "say 日?"}, {"role": "assistant", "content": "🙂 日."}]]
+    ids = render(tok, conv[0])[0]
+    assert sum(tok.decode([i]) == "\ufffd" for i in ids) == 10  # 3 + 4 + 3 byte tokens
+    plain = inspect_examples(tok, conv, 64, n=1, color=False).splitlines()
+    assert plain[1] == ("  <|user|>say {日:3 tokens}?<|assistant|>"
+                        "[{🙂:4 tokens}][ ][{日:3 tokens}][.][<|end|>]"), plain[1]
+    assert plain[2] == ("({text:N tokens}: N byte-level tokens that split a character between "
+                        "them, shown together)"), plain[2]
+    on, off = "\x1b[42;30m", "\x1b[0m"
+    coloured = inspect_examples(tok, conv, 64, n=1, color=True).splitlines()
+    assert coloured[1] == (f"  <|user|>say 日?<|assistant|>{on}🙂{off}{on} {off}{on}日{off}"
+                           f"{on}.{off}{on}<|end|>{off}"), coloured[1]
+    assert not any("tokens}" in line for line in coloured)
+    # Nothing split, no legend.
+    simple = inspect_examples(tok, CONVS[:1], 64, n=1, color=False)
+    assert "tokens}" not in simple and "byte-level" not in simple
 
 
 def test_inspect_data_tells_text_that_spells_a_special_token_from_the_token():

@@ -178,6 +178,50 @@ def test_picking_the_most_likely_and_sampling_with_a_seed(studio, models):
         assert got["id"] == int(np.searchsorted(np.cumsum(q), u * q.sum(), side="right"))
 
 
+def test_next_token_page_shows_what_a_pick_draws_from_for_logits_thousands_of_nats_apart(
+        studio_runs, models, tmp_path):  # noqa: F811
+    """The page's bars are lmlab.sample.filter_logits of the model's logits, the distribution
+    generation and the page's own pick draw from. With logits 1500 nats apart, half the tokens have
+    probability 0 in float64 (more than ~745 nats below the top), yet at temperature 100 each keeps
+    at least e^-15 of the top's weight: shaping the probabilities showed them at 0 and kept fewer."""
+    from lmlab.checkpoint import save_run
+    from lmlab.model import GPT
+    from lmlab.sample import draw_token, filter_logits
+
+    model, tok, _ = models[0]
+    prompt = "ROMEO: "
+    ids = tok.encode(prompt)
+    factor = 1500.0 / float(np.ptp(model.forward(ids[None, :])[0][0, -1]))
+    wide = GPT(model.config, seed=0)
+    for name, w in wide.named_parameters().items():  # ln_f scaled: every logit times factor
+        w[...] = model.named_parameters()[name] * (factor if name.startswith("ln_f.") else 1)
+    run = tmp_path / "wide"
+    save_run(run, wide, tok, train_config={})
+    logits = wide.forward(ids[None, :])[0][0, -1]
+    assert np.ptp(logits) == pytest.approx(1500, rel=1e-3)
+    lost = softmax64(logits) == 0
+    assert lost.any()
+    app = create_app([run], rankings=tmp_path / "r.jsonl", allowed_hosts={"127.0.0.1"})
+    with TestClient(app, base_url=LOCAL) as c:
+        for settings in ({"temperature": 100.0}, {"temperature": 1.0}, {"temperature": 0.5},
+                         {"temperature": 100.0, "top_k": 40}, {"temperature": 100.0, "top_p": 0.5}):
+            shown = c.post("/api/next", json={"prompt": prompt, "show": 64, **settings}).json()
+            want = filter_logits(logits, **settings)
+            order = np.argsort(-np.asarray(logits, np.float64), kind="stable")[:64]
+            assert [t["id"] for t in shown["tokens"]] == order.tolist(), settings
+            np.testing.assert_allclose([t["shaped"] for t in shown["tokens"]], want[order],
+                                       rtol=1e-12, atol=0, err_msg=str(settings))
+            assert shown["kept"] == np.count_nonzero(want), settings
+            for seed in range(3):
+                got = c.post("/api/next/pick", json={"prompt": prompt, "mode": "sample",
+                                                     "seed": seed, **settings}).json()
+                assert got["id"] == draw_token(want, np.random.default_rng(seed)), settings
+        hot = c.post("/api/next", json={"prompt": prompt, "show": 64, "temperature": 100}).json()
+    assert hot["kept"] == tok.vocab_size
+    shaped = {t["id"]: t["shaped"] for t in hot["tokens"]}
+    assert all(shaped[i] > 0 for i in np.flatnonzero(lost) if i in shaped)
+
+
 @pytest.mark.parametrize("body, message", [
     ({"prompt": "x", "temperature": -1}, "temperature must be in"),
     ({"prompt": "x", "top_p": 0}, "top_p must be in (0, 1]"),

@@ -179,7 +179,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     With gif, sampling_generation.gif replays the first sample token by token: the distribution
     at each step, the token drawn, the text growing.
     """
-    from .sample import filter_distribution, generate, next_token_distribution
+    from .sample import filter_logits, generate, next_token_logits
 
     model, tokenizer = resolve_model(source)
     temps = [check_float("temperatures", t, positive=True) for t in temperatures]
@@ -194,17 +194,21 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
     out = out_dir(out)
     ids = prompt_ids(tokenizer, prompt)
 
-    probs = np.asarray(next_token_distribution(model, ids), np.float64)
+    # Shaped from the logits as generate shapes them, so each panel is what a draw with that
+    # setting draws from (from the probabilities, a token the softmax rounded to 0 stayed 0).
+    logits = next_token_logits(model, ids)
+    probs = filter_logits(logits)
     V = probs.size
     panels = [("the model's distribution (temperature 1)", "raw", probs)]
     for t in temps:
         panels.append((f"temperature {t:g}" + (": sharper" if t < 1 else ": flatter" if t > 1 else ""),
-                       f"temperature={t:g}", filter_distribution(probs, t, None, None)))
+                       f"temperature={t:g}", filter_logits(logits, t, None, None)))
     panels.append((f"top-k, k = {top_k}: only the {top_k} likeliest", f"top_k={top_k}",
-                   filter_distribution(probs, 1.0, top_k, None)))
+                   filter_logits(logits, 1.0, top_k, None)))
     panels.append((f"top-p, p = {top_p:g}: the likeliest, up to mass {top_p:g}", f"top_p={top_p:g}",
-                   filter_distribution(probs, 1.0, None, top_p)))
-    order = np.argsort(-probs, kind="stable")[: min(show, V)]
+                   filter_logits(logits, 1.0, None, top_p)))
+    # by logit: tokens whose probability underflowed to 0 still come in the model's order
+    order = np.argsort(-logits, kind="stable")[: min(show, V)]
     labels = [token_label(_piece(tokenizer, int(i))) for i in order]
 
     fig = new_figure(3.4 * len(panels), 5.0)
@@ -264,7 +268,7 @@ def sampling(source, prompt: str, out, *, temperatures=(0.5, 1.5), top_k: int = 
         "Greedy decoding (temperature 0) always takes the top token and needs no seed."
     )
     files["text"] = write_text(out / "sampling.txt", explanation + "\n\n" + table + "\n")
-    numbers = {"prompt_ids": ids, "probs": probs, "distributions": {key: d for _, key, d in panels},
+    numbers = {"prompt_ids": ids, "logits": logits, "probs": probs, "distributions": {key: d for _, key, d in panels},
                "kept": {key: int(np.count_nonzero(d)) for _, key, d in panels}, "top_ids": order,
                "samples": texts, "repeat_identical": same, "greedy": greedy, "generation_steps": steps}
     return DemoResult("sampling", files, numbers, explanation, table)

@@ -265,11 +265,16 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
     examples, problems = build_examples(conversations, tokenizer, block_size)
     on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[", "]")
     out = []
-    spelled = False
+    spelled = joined = False
     for ex in examples[:n]:
         pieces, spells = shown_pieces(tokenizer, ex.ids.tolist(), ex.supervised.tolist())
         spelled |= spells
-        parts = [f"{on}{piece}{off}" if sup else piece for piece, sup in pieces]
+        if not color:
+            # Without colour the brackets are the only token boundaries shown, so a character
+            # made of several tokens says how many, or [🙂] would read as one token.
+            joined |= any(count > 1 for _, _, count in pieces)
+            pieces = [(joined_text(piece, count), sup, count) for piece, sup, count in pieces]
+        parts = [f"{on}{piece}{off}" if sup else piece for piece, sup, _ in pieces]
         cut = (f", TRUNCATED to its first {len(ex.ids)} by block size {block_size}"
                if ex.truncated else "")
         out.append(f"example {labels[ex.source]}: {ex.rendered} tokens{cut}, {ex.n_supervised} "
@@ -278,6 +283,9 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
     if spelled:
         out.append(f"({SPELLED_MARK}<|...|>: text that spells a special token, which the model "
                    "reads as plain characters, not as the token)")
+    if joined:
+        out.append(f"({joined_text('text', 'N')}: N byte-level tokens that split a character "
+                   "between them, shown together)")
     total = len(examples) + len(problems["unencodable"])
     out.append(f"{total} examples; {sum(e.n_supervised for e in examples)} supervised tokens")
     for kind, what in PROBLEMS.items():
@@ -294,9 +302,16 @@ def inspect_examples(tokenizer, conversations, block_size: int, n: int = 3, colo
 SPELLED_MARK = "\\"
 
 
+def joined_text(text: str, count) -> str:
+    """How the plain (--no-color) view shows a piece of `count` tokens: as it is for one token,
+    {text:N tokens} for several (a character split across byte-level tokens)."""
+    return text if count == 1 else f"{{{text}:{count} tokens}}"
+
+
 def shown_pieces(tokenizer, ids: List[int], supervised: List[bool]) -> tuple:
     """(pieces, spelled): how inspect_examples shows a conversation's tokens, as [(text,
-    supervised)], and whether its text spells a special token.
+    supervised, count)] (count: how many tokens the piece is), and whether its text spells a
+    special token.
     - A special token is shown as itself.
     - Other tokens as the text they decode to; the tokens that make up a character together as one
       piece (a byte-level BPE token may hold part of a character, which decoded alone is U+FFFD);
@@ -304,25 +319,26 @@ def shown_pieces(tokenizer, ids: List[int], supervised: List[bool]) -> tuple:
     - Text that merely spells a special token ("<|assistant|>" typed by a user), which the
       tokenizer encodes as plain characters, with SPELLED_MARK before it: \\<|assistant|>."""
     specials = tokenizer.special_tokens()
-    pieces: list = []  # [text, supervised, special]
-    pending, pending_sup = b"", False
+    pieces: list = []  # [text, supervised, special, count]
+    pending, pending_sup, pending_count = b"", False, 0
 
     def flush():
-        nonlocal pending
+        nonlocal pending, pending_count
         if pending:
             text = pending.decode("utf-8", "surrogateescape")
             text = re.sub("[\udc80-\udcff]", lambda m: f"<0x{ord(m.group()) - 0xDC00:02X}>", text)
-            pieces.append([text, pending_sup, False])
-            pending = b""
+            pieces.append([text, pending_sup, False, pending_count])
+            pending, pending_count = b"", 0
 
     for tid, sup in zip(ids, supervised):
         if tid in specials:
             flush()
-            pieces.append([specials[tid], sup, True])
+            pieces.append([specials[tid], sup, True, 1])
             continue
         if sup != pending_sup:
             flush()
         pending, pending_sup = pending + tokenizer.token_bytes(tid), sup
+        pending_count += 1
         try:
             pending.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -345,7 +361,7 @@ def shown_pieces(tokenizer, ids: List[int], supervised: List[bool]) -> tuple:
             pieces[k][0] = pieces[k][0][:at] + SPELLED_MARK + pieces[k][0][at:]
             found = True
         i = j + 1
-    return [(text, sup) for text, sup, _ in pieces], found
+    return [(text, sup, count) for text, sup, _, count in pieces], found
 
 
 # --- evaluation and generation -------------------------------------------------------------------

@@ -8,7 +8,8 @@ reaches p), renormalising after each filter. Temperature divides the logits befo
 (filter_logits), so every token keeps its exact share at any T: shaping float64 probabilities
 instead (filter_distribution) cannot bring back a token whose softmax underflowed to 0. Each call
 owns a numpy Generator seeded from `seed`, so the same seed gives the same tokens and different
-seeds give different samples.
+seeds give different samples. A view of what generation draws from (the studio's Next token page,
+`lmlab demo sampling`) shows filter_logits of next_token_logits, the same numbers.
 
 With use_cache=True (the default) the model keeps each layer's keys and values and feeds one new
 token per step (O(T) work per token); without it every step reruns the whole context (O(T^2)).
@@ -171,14 +172,25 @@ def _context(model: GPT, ids) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def next_token_distribution(model: GPT, prompt_ids) -> np.ndarray:
-    """The model's probabilities (float64, (V,)) for the token after prompt_ids.
+def next_token_logits(model: GPT, prompt_ids) -> np.ndarray:
+    """The model's logits (float64, (V,)) for the token after prompt_ids: what generate shapes
+    with filter_logits, so a view that shows filter_logits of them shows the distribution
+    generation draws from (the probabilities alone lose every token ~745 nats below the top).
 
     A prompt longer than block_size is cropped to its last block_size tokens.
     """
     ctx = _context(model, prompt_ids)[-model.config.block_size:]
     logits, _ = model.forward(ctx[None, :])
-    return _softmax64(logits[0, -1])
+    return np.asarray(logits[0, -1], np.float64)
+
+
+def next_token_distribution(model: GPT, prompt_ids) -> np.ndarray:
+    """The model's probabilities (float64, (V,)) for the token after prompt_ids: the softmax of
+    next_token_logits.
+
+    A prompt longer than block_size is cropped to its last block_size tokens.
+    """
+    return _softmax64(next_token_logits(model, prompt_ids))
 
 
 def score_tokens(model: GPT, ids) -> tuple:

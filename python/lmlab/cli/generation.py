@@ -53,7 +53,9 @@ def add_commands(sub) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="cut examples at this many tokens (default: the run's block size)")
     p.add_argument("--no-color", action="store_true",
-                   help="mark supervised tokens with [brackets] instead of colour")
+                   help="mark supervised tokens with [brackets] instead of colour, and text "
+                        "made of several byte-level tokens that split a character between "
+                        "them as {text:N tokens}")
     p.set_defaults(func=cmd_inspect_data)
 
     p = sub.add_parser("chat", help="talk to an instruct-tuned run")

@@ -1,8 +1,10 @@
 """The Next token page's endpoints: the distribution after a prompt, reshaped, and one pick.
 
-The model's distribution comes from lmlab.sample.next_token_distribution, the reshaping from
-sample.filter_distribution and the seeded draw from sample.draw_token: the same code `lmlab sample`
-generates with. A slider move reshapes a cached distribution; only a new prompt runs the model.
+The model's logits come from lmlab.sample.next_token_logits, the reshaping from
+sample.filter_logits and the seeded draw from sample.draw_token: the same code `lmlab sample`
+generates with, so the page shows exactly the distribution a pick draws from (reshaping the
+probabilities instead lost every token the softmax had rounded to 0, which a high temperature
+brings back). A slider move reshapes cached logits; only a new prompt runs the model.
 
 The context is the typed prompt's ids followed by the ids of the tokens picked since (`ids`): the
 page keeps the picks as ids, not text, so a byte-level BPE token that is only part of a UTF-8
@@ -18,7 +20,7 @@ import numpy as np
 from starlette.requests import Request
 
 from ..demo_model import prompt_ids
-from ..sample import draw_token, filter_distribution, next_token_distribution
+from ..sample import draw_token, filter_logits, next_token_logits
 from .common import (MAX_PICKED_IDS, MAX_SHOWN_TOKENS, BadRequest, api, choice_value, encodable,
                      json_body, number_value, sampling_values, text_value, token_text, with_model)
 
@@ -26,7 +28,7 @@ CACHED_PROMPTS = 64
 
 
 class DistributionCache:
-    """The raw next-token distributions of recent (run, checkpoint, prompt)s."""
+    """The next-token logits of recent (run, checkpoint, prompt)s."""
 
     def __init__(self, size: int = CACHED_PROMPTS):
         self.size = size
@@ -65,15 +67,15 @@ async def _distribution(request: Request, values: dict):
         if any(i >= tok.vocab_size for i in ids):
             raise BadRequest(f"ids must be in [0, {tok.vocab_size}) for this model")
         key = (run.index, str(run.loaded_checkpoint), prompt, tuple(ids))
-        probs = cache.get(key)
-        if probs is None:
+        logits = cache.get(key)
+        if logits is None:
             context = np.concatenate([prompt_ids(tok, prompt), np.array(ids, np.int32)])
-            probs = next_token_distribution(model, context)
-            cache.put(key, probs)
-        return probs, tok
+            logits = next_token_logits(model, context)
+            cache.put(key, logits)
+        return logits, tok
 
-    probs, tok = await with_model(run, work)
-    return run, prompt, ids, probs, tok
+    logits, tok = await with_model(run, work)
+    return run, prompt, ids, logits, tok
 
 
 @api
@@ -81,9 +83,11 @@ async def distribution_endpoint(request: Request) -> dict:
     values = await json_body(request)
     settings = sampling_values(values)
     show = number_value(values, "show", default=20, lo=1, hi=MAX_SHOWN_TOKENS, integer=True)
-    run, prompt, _, probs, tok = await _distribution(request, values)
-    shaped = filter_distribution(probs, **settings)
-    order = np.argsort(-probs, kind="stable")[:show]
+    run, prompt, _, logits, tok = await _distribution(request, values)
+    probs = filter_logits(logits)  # temperature 1, no filter: the softmax
+    shaped = filter_logits(logits, **settings)
+    # by logit: tokens whose probability underflowed to 0 still come in the model's order
+    order = np.argsort(-logits, kind="stable")[:show]
     return {"run": run.name, "prompt": prompt, "vocab_size": int(probs.size),
             "kept": int(np.count_nonzero(shaped)),
             "tokens": [{"id": int(i), "text": token_text(tok, int(i)), "p": float(probs[i]),
@@ -100,11 +104,12 @@ async def pick_endpoint(request: Request) -> dict:
     settings = sampling_values(values)
     mode = choice_value(values, "mode", ("greedy", "sample"), default="greedy")
     seed = number_value(values, "seed", default=0, lo=0, hi=2**63 - 1, integer=True)
-    run, prompt, ids, probs, tok = await _distribution(request, values)
+    run, prompt, ids, logits, tok = await _distribution(request, values)
+    probs = filter_logits(logits)
     if mode == "greedy":
-        chosen = int(np.argmax(probs))
+        chosen = int(np.argmax(logits))
     else:
-        chosen = draw_token(filter_distribution(probs, **settings), np.random.default_rng(seed))
+        chosen = draw_token(filter_logits(logits, **settings), np.random.default_rng(seed))
     ended = chosen == tok.eot_id  # the model ends its text here: nothing to append
     ids = ids if ended else ids + [chosen]
     added = tok.decode(np.array(ids, np.int32))

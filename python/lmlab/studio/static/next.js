@@ -1,5 +1,5 @@
 // Next token page: the distribution after the prompt; the sliders reshape it on the server
-// (lmlab.sample.filter_distribution), which keeps the model's distribution cached per prompt.
+// (lmlab.sample.filter_logits, what generation draws from), which caches the logits per prompt.
 // The tokens picked since the prompt was typed are kept as ids and sent as ids: a byte-level BPE
 // token holding part of a character goes back to the model exactly (its text is only for show).
 "use strict";
