@@ -256,13 +256,152 @@ def test_tokenize_corpus_caches_and_invalidates(tmp_path):
     tokenize_corpus(str(p), other, cache_dir=cache)
     assert other.calls == 1
     files = os.listdir(cache / "tokens")
-    assert len(files) == 3 and not [f for f in files if f.endswith(".tmp")]
+    # The edited text's cache stays within the grace period; sources/ holds the source records.
+    assert sorted(f for f in files if not f.endswith(".int32")) == ["sources"]
+    assert len(files) == 4 and not [f for f in files if f.endswith(".tmp")]
+
+
+def _caches(cache):
+    return {f.name for f in (cache / "tokens").glob("*.int32")}
+
+
+def _tokenize(path, tok, cache):
+    return tokenize_corpus(str(path), tok, cache_dir=cache)
+
+
+def test_an_edited_corpus_loses_its_old_cache_after_the_grace_period(tmp_path, monkeypatch):
+    """Each edit gave a new cache file and left the old one, as large as the corpus's ids, which
+    nothing could name again. A later tokenization removes it once the grace period has passed;
+    within it the old file stays (a run that read the text just before the edit may open it)."""
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    first = _tokenize(p, tok, cache)
+    old = _caches(cache)
+    _write(p, "hello world!\n" * 50)
+    _tokenize(p, tok, cache)
+    assert old < _caches(cache) and len(_caches(cache)) == 2  # within the grace period
+    monkeypatch.setattr(data, "TOKEN_CACHE_GRACE_S", 0.0)
+    _tokenize(p, tok, cache)  # a cache hit: nothing written, but the dead file goes
+    assert len(_caches(cache)) == 1 and not old & _caches(cache)
+    # A run that mapped the old cache keeps reading it after the unlink.
+    assert first.tolist() == tok.encode("hello world\n" * 50).tolist()
+    # Edited back, the path gives its first text again: tokenized afresh, the other one retired.
+    _write(p, "hello world\n" * 50)
+    _tokenize(p, tok, cache)
+    assert _caches(cache) == old
+
+
+def test_a_cache_is_kept_while_another_path_gives_the_same_text(tmp_path, monkeypatch):
+    """Two paths with the same text share one cache file: the edit of one must not take it from
+    the other. It goes once neither gives it; a tokenizer of its own keeps its own cache."""
+    monkeypatch.setattr(data, "TOKEN_CACHE_GRACE_S", 0.0)
+    a = _write(tmp_path / "a.txt", "hello world\n" * 50)
+    b = _write(tmp_path / "copy" / "b.txt", "hello world\n" * 50)
+    tok = CountingTokenizer(train_tokenizer("hello world!\n", "char"))
+    other_tok = train_tokenizer("hello world!\nxyz", "char")
+    cache = tmp_path / "tc"
+    _tokenize(a, tok, cache)
+    shared = _caches(cache)
+    _tokenize(b, tok, cache)
+    assert tok.calls == 1 and _caches(cache) == shared
+    _tokenize(a, other_tok, cache)  # same path, another tokenizer: another source
+    _write(a, "hello world!\n" * 50)
+    _tokenize(a, tok, cache)
+    assert shared <= _caches(cache)  # b still gives it
+    calls = tok.calls
+    _tokenize(b, tok, cache)
+    assert tok.calls == calls  # read from the cache, not tokenized again
+    _write(b, "hello\n" * 50)
+    _tokenize(b, tok, cache)
+    # Neither path gives it now; a's other tokenizer still gives its own cache of the first text.
+    assert not shared & _caches(cache) and len(_caches(cache)) == 3
+
+
+def test_a_cache_another_path_took_up_is_not_removed(tmp_path, monkeypatch):
+    """A path edited to the text of another path takes up that path's cache; when it moves on,
+    the cache stays for the other path, while the path's own earlier caches go."""
+    monkeypatch.setattr(data, "TOKEN_CACHE_GRACE_S", 0.0)
+    a = _write(tmp_path / "a.txt", "hello\n" * 50)
+    b = _write(tmp_path / "b.txt", "world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    _tokenize(a, tok, cache)
+    a_first = _caches(cache)
+    _tokenize(b, tok, cache)
+    b_cache = _caches(cache) - a_first
+    _write(a, "world\n" * 50)
+    _tokenize(a, tok, cache)
+    assert _caches(cache) == b_cache
+    _write(a, "hello world!\n" * 50)
+    _tokenize(a, tok, cache)
+    assert b_cache < _caches(cache) and len(_caches(cache)) == 2
+
+
+def test_a_builtin_corpus_keeps_its_cache_when_a_file_with_its_text_is_edited(tmp_path,
+                                                                              monkeypatch):
+    """builtin:shakespeare and a file holding its text share one cache: the file's edits retire
+    only the caches the file alone gave."""
+    monkeypatch.setattr(data, "TOKEN_CACHE_GRACE_S", 0.0)
+    text = load_corpus("builtin:shakespeare")
+    tok = CountingTokenizer(train_tokenizer(text + "Z", "char"))
+    cache = tmp_path / "tc"
+    first = tokenize_corpus("builtin:shakespeare", tok, cache_dir=cache)
+    shared = _caches(cache)
+    p = _write(tmp_path / "s.txt", text)
+    _tokenize(p, tok, cache)
+    _write(p, text + "Z")
+    _tokenize(p, tok, cache)
+    edited_once = _caches(cache) - shared
+    _write(p, text + "ZZ")
+    _tokenize(p, tok, cache)
+    assert shared <= _caches(cache) and not edited_once & _caches(cache)
+    calls = tok.calls
+    again = tokenize_corpus("builtin:shakespeare", tok, cache_dir=cache)
+    assert tok.calls == calls and again.tolist() == first.tolist()
+
+
+def test_files_no_record_retired_and_damaged_records_are_left_alone(tmp_path, monkeypatch):
+    """Only a cache some source record retired is ever removed: a cache file written by an
+    earlier version (named by no record) and any other file stay, and a record that cannot be
+    read stops all removal (it may name any cache) until it is rewritten or gone."""
+    monkeypatch.setattr(data, "TOKEN_CACHE_GRACE_S", 0.0)
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    _tokenize(p, tok, cache)
+    retired = _caches(cache)
+    legacy = _write(cache / "tokens" / ("ab" * 20 + ".int32"), b"an older lmlab's cache")
+    notes = _write(cache / "tokens" / "notes.txt", "mine")
+    damaged = _write(cache / "tokens" / "sources" / ("cd" * 20 + ".json"), "{not json")
+    foreign = _write(cache / "tokens" / "sources" / "README", "not a record")
+    _write(p, "hello world!\n" * 50)
+    _tokenize(p, tok, cache)
+    assert retired < _caches(cache)  # the damaged record stops the removal
+    damaged.unlink()
+    _tokenize(p, tok, cache)
+    assert not retired & _caches(cache)
+    assert legacy.exists() and notes.exists() and foreign.exists()
+    # A record edited by hand to retire a file outside tokens/ is not a record: nothing goes.
+    victim = _write(tmp_path / "victim.int32", b"precious")
+    record = {"format": "lmlab-token-source-v1", "source": "x", "cache": "ab" * 20 + ".int32",
+              "retired": [{"cache": "../../victim.int32", "since": 0}]}
+    _write(damaged, json.dumps(record))
+    _write(p, "hello\n" * 50)
+    _tokenize(p, tok, cache)
+    assert victim.exists() and len(_caches(cache)) == 3
+    # Nor is one with a time no float holds: it is refused, not a crash.
+    record["retired"] = [{"cache": "ef" * 20 + ".int32", "since": 10 ** 400}]
+    _write(damaged, json.dumps(record))
+    _write(p, "hello world\n" * 50)
+    _tokenize(p, tok, cache)
+    assert len(_caches(cache)) == 4
 
 
 def test_tokenize_corpus_default_cache_dir_is_env(tmp_path):
     p = _write(tmp_path / "c.txt", "abcabc")
     tokenize_corpus(str(p), train_tokenizer("abc", "char"))
-    assert len(os.listdir(tmp_path / "cache" / "tokens")) == 1
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.int32"))) == 1
 
 
 def test_tokenize_corpus_unknown_chars(tmp_path):

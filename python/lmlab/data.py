@@ -19,6 +19,24 @@ Instruct data (load_instruct_jsonl), one JSON object per line:
   {"prompt": "...", "response": "..."}
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}
 roles are "user" and "assistant"; each conversation needs at least one assistant message.
+
+Token caches (tokenize_corpus): a corpus's ids are kept in <cache>/tokens/HASH.int32, HASH naming
+the text, the tokenizer and the unknown-character policy, so an edit gives a new file and the old
+one could never be named again. tokens/sources/ holds one small record per source (the corpus
+path, made absolute, and the tokenizer and policy) saying which cache that source gave last, and
+the caches it gave before ("retired", with when). A retired cache is removed by any later
+tokenization once no record names it as its current cache (the same text reached by another path,
+or by this path again, keeps it) and it has been neither retired nor written for
+TOKEN_CACHE_GRACE_S (a run that read the text just before the edit may still be about to open it).
+Nothing else is ever removed: a file no record retired (another version's cache, a file of the
+user's) stays, and a record that cannot be read stops all removal, since it may name any cache. A
+run that has the cache mapped keeps reading it after the unlink. A built-in corpus's text is
+assembled by the Python that runs it, and installations sharing a cache may each need theirs: each
+text it gives has a record of its own, which never retires it. Records and caches are replaced
+atomically, so a kill leaves either the old or the new one: at worst a retirement is lost and its
+file stays. Two runs of one path racing an edit (one read the text before it, one after) may leave
+the record naming the older cache; the newer is then retired, and if no run uses the path within
+the grace period, the next one tokenizes it again: time lost, never wrong ids.
 """
 
 from __future__ import annotations
@@ -26,16 +44,20 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import math
 import os
+import re
 import stat
 import sys
+import time
 
 import numpy as np
 
 from . import distributed
 from .builtin_corpus import BUILTIN_CORPORA, build_builtin, cache_dir as default_cache_dir
 from .errors import CheckpointError
-from .files import JSONTextError, atomic_write_bytes, complete_lines, parse_json, remove_abandoned
+from .files import (ABANDONED_AFTER_S, JSONTextError, atomic_write_bytes, atomic_write_json,
+                    complete_lines, parse_json, remove_abandoned)
 from .tokenizer import POLICY_HINT, UnrepresentableText
 
 __all__ = [
@@ -49,6 +71,11 @@ _TOKENS_FORMAT = b"lmlab-tokens-v2"
 # the ids as little-endian int32.
 _TOKENS_MAGIC = b"LMLABTOK"
 _TOKENS_HEADER = 64
+_CACHE_NAME = re.compile(r"[0-9a-f]{40}\.int32")
+_SOURCE_FORMAT = "lmlab-token-source-v1"
+_SOURCE_RECORD_NAME = re.compile(r"[0-9a-f]{40}\.json")
+# How long a retired token cache stays after it was retired or last written (module docstring).
+TOKEN_CACHE_GRACE_S = ABANDONED_AFTER_S
 _ROLES = ("user", "assistant")
 
 
@@ -203,11 +230,14 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     The ids are cached in `cache_dir` (default $LMLAB_CACHE or ~/.cache/lmlab) under tokens/, in a
     file named by a hash of the corpus text, the tokenizer.json and the unknown-character policy:
     the second call with the same inputs reads the cache, and any change to the text or the
-    tokenizer tokenises afresh. A cache file that is truncated, damaged or of another format
-    (its header's count and SHA-256 do not match its ids) is rebuilt; a cache that cannot be
-    written (disk full, permission) is skipped with a note. `unknown` ("error", "replace",
-    "skip") overrides the tokenizer's policy for characters it cannot represent; `hint` is what
-    the error for such characters adds (by default, how to choose a policy).
+    tokenizer tokenises afresh. The cache a corpus path gave before an edit is removed by a later
+    call once no path (or built-in corpus) gives it any more and TOKEN_CACHE_GRACE_S has passed
+    since (the rule, and what is never removed: the module docstring). A cache file that is
+    truncated, damaged or of another format (its header's count and SHA-256 do not match its ids)
+    is rebuilt; a cache that cannot be written (disk full, permission) is skipped with a note.
+    `unknown` ("error", "replace", "skip") overrides the tokenizer's policy for characters it
+    cannot represent; `hint` is what the error for such characters adds (by default, how to
+    choose a policy).
     """
     policy = unknown if unknown is not None else tokenizer.unknown
     files = _stream_files(spec, stream)
@@ -217,8 +247,9 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
         return stream_tokens(files, os.fspath(spec), tokenizer, root, policy, progress=progress,
                              hint=hint)
     text = load_corpus(spec, cache_dir=cache_dir)
+    tokenizer_text = tokenizer.to_str()
     h = hashlib.sha256(_TOKENS_FORMAT + b"\0")
-    h.update(tokenizer.to_str().encode("utf-8") + b"\0" + policy.encode("utf-8") + b"\0")
+    h.update(tokenizer_text.encode("utf-8") + b"\0" + policy.encode("utf-8") + b"\0")
     h.update(text.encode("utf-8", "surrogatepass"))
     root = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     path = os.path.join(root, "tokens", h.hexdigest()[:40] + ".int32")
@@ -227,6 +258,7 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     remove_abandoned(os.path.dirname(path), ".")
     cached = _read_token_cache(path)
     if cached is not None:
+        _record_source(os.path.dirname(path), spec, tokenizer_text, policy, os.path.basename(path))
         return cached
     try:
         ids = tokenizer.encode(text, unknown=policy)
@@ -245,7 +277,117 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
         print(f"lmlab: not caching the tokens of {os.fspath(spec)!r} ({e})", file=sys.stderr)
         payload.flags.writeable = False
         return payload
-    return _read_token_cache(path)
+    written = _read_token_cache(path)
+    if written is None:  # removed or replaced since the rename by another process: ours is right
+        payload.flags.writeable = False
+        return payload
+    _record_source(os.path.dirname(path), spec, tokenizer_text, policy, os.path.basename(path))
+    return written
+
+
+def _record_source(tokens_dir: str, spec, tokenizer_text: str, policy: str,
+                   cache_name: str) -> None:
+    """Note in tokens/sources/ that `spec` (under this tokenizer and policy) now gives cache_name,
+    retiring the cache it gave before, then remove the retired caches no source gives any more
+    (module docstring). Best effort: a record that cannot be written only keeps files longer."""
+    spec = os.fspath(spec)
+    if spec.startswith("builtin:"):
+        # One record per text a built-in gives (the Python assembling it may differ between
+        # installations sharing this cache): such a record never moves, so never retires.
+        source, which = spec, cache_name
+    else:
+        source, which = os.path.abspath(spec), ""
+    key = hashlib.sha256("\0".join((_SOURCE_FORMAT, tokenizer_text, policy, source, which))
+                         .encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    record_path = os.path.join(tokens_dir, "sources", key + ".json")
+    now = time.time()
+    try:
+        previous = _read_source_record(record_path)
+    except ValueError:
+        previous = None  # damaged: this write replaces it
+    retired = dict(previous["retired"]) if previous else {}
+    if previous and previous["cache"] != cache_name:
+        retired[previous["cache"]] = now
+    retired.pop(cache_name, None)  # this source gives it again
+    retired = {name: since for name, since in retired.items()
+               if os.path.exists(os.path.join(tokens_dir, name))}
+    if previous is None or previous["cache"] != cache_name or previous["retired"] != retired:
+        record = {"format": _SOURCE_FORMAT, "source": source, "cache": cache_name,
+                  "retired": [{"cache": name, "since": since}
+                              for name, since in sorted(retired.items())]}
+        try:
+            os.makedirs(os.path.dirname(record_path), exist_ok=True)
+            atomic_write_json(record_path, record)
+        except (OSError, CheckpointError):
+            return  # our claim on cache_name is not on disk: remove nothing this time
+    _remove_retired_caches(tokens_dir, now)
+
+
+def _read_source_record(path: str):
+    """A source record as {"cache": name, "retired": {name: since}}, or None when there is none;
+    ValueError when it is unreadable or not a record this version writes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})") from None
+    try:
+        saved = parse_json(raw)
+    except JSONTextError as e:
+        raise ValueError(f"{path}: {e}") from None
+    entries = saved.get("retired") if isinstance(saved, dict) else None
+    if not (isinstance(saved, dict) and saved.get("format") == _SOURCE_FORMAT
+            and _is_cache_name(saved.get("cache")) and isinstance(entries, list)
+            and all(isinstance(e, dict) and _is_cache_name(e.get("cache"))
+                    and _is_time(e.get("since")) for e in entries)):
+        raise ValueError(f"{path} is not a token source record")
+    return {"cache": saved["cache"], "retired": {e["cache"]: float(e["since"]) for e in entries}}
+
+
+def _is_time(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (a hand-edited record)
+        return False
+
+
+def _is_cache_name(name) -> bool:
+    # A record names a file beside it, never a path: an edited record cannot reach other files.
+    return isinstance(name, str) and _CACHE_NAME.fullmatch(name) is not None
+
+
+def _remove_retired_caches(tokens_dir: str, now: float) -> None:
+    """Remove each cache some record retired that no record gives now, once it has been neither
+    retired nor written for TOKEN_CACHE_GRACE_S. A run that has it mapped keeps reading it."""
+    records_dir = os.path.join(tokens_dir, "sources")
+    try:
+        names = [n for n in os.listdir(records_dir) if _SOURCE_RECORD_NAME.fullmatch(n)]
+    except OSError:
+        return
+    current, retired_at = set(), {}
+    for name in names:
+        try:
+            record = _read_source_record(os.path.join(records_dir, name))
+        except ValueError:
+            return  # it may give any cache: remove none until its source rewrites it
+        if record is None:
+            continue
+        current.add(record["cache"])
+        for cache, since in record["retired"].items():
+            retired_at[cache] = max(since, retired_at.get(cache, since))
+    for cache, since in retired_at.items():
+        if cache in current:
+            continue
+        path = os.path.join(tokens_dir, cache)
+        try:
+            if now - max(since, os.stat(path).st_mtime) >= TOKEN_CACHE_GRACE_S:
+                os.unlink(path)
+        except OSError:
+            pass  # gone already, or not ours to remove
 
 
 def _stream_files(spec, stream) -> list:
