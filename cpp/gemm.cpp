@@ -496,6 +496,102 @@ bool gemm_team(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Out
 }
 #endif
 
+// --- a few rows of C: straight from op(B) -----------------------------------------------------------
+// Generation reads one new token at a time, so C has one row and B is a weight matrix (or a head's
+// cached keys and values) read once; packing it for a register tile that one row cannot fill cost
+// more than the product. C of at most kDirectRows rows is formed from op(B) as it lies:
+//   - op(B)'s rows contiguous (col_stride 1): C's row is a sum of op(B)'s rows, kDirectVectors
+//     vectors of columns at a time, one multiply-add per k in order;
+//   - op(B)'s columns contiguous (row_stride 1: a weight read transposed, or cached keys): each
+//     element is a dot product along k, in vector lanes, then summed across them;
+//   - any other strides: element by element.
+// Each element is reduced in an order fixed by K alone (Determinism), not the one a taller product
+// gives it: a one-row product agrees with that row of a taller one to fp32 rounding.
+constexpr idx_t kDirectRows = 4;
+// Independent chains of multiply-adds per row of C, to hide their latency: as many as the registers
+// hold beside the operands.
+template <int M>
+constexpr idx_t direct_vectors() { return M <= 2 ? 8 : 4; }
+
+// M is a template parameter so that the accumulators are registers: with a run-time row count GCC
+// keeps them on the stack, and every multiply-add waits on a store and a load.
+template <int M>
+void direct_rows_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
+    constexpr idx_t kDirectVectors = direct_vectors<M>();
+    for (idx_t n0 = 0; n0 < N; n0 += kDirectVectors * kW) {
+        vf acc[M][kDirectVectors];
+        for (idx_t m = 0; m < M; m++)
+            for (idx_t v = 0; v < kDirectVectors; v++) acc[m][v] = vset(0.0f);
+        for (idx_t k = 0; k < K; k++) {
+            const float* b = B.data + k * B.row_stride + n0;
+            vf vb[kDirectVectors];
+            for (idx_t v = 0; v < kDirectVectors; v++) {
+                const idx_t lanes = N - n0 - v * kW;
+                vb[v] = lanes > 0 ? vload_n(b + v * kW, lanes, 0.0f) : vset(0.0f);
+            }
+            for (idx_t m = 0; m < M; m++) {
+                const vf a = vset(alpha * A.at(m, k));
+                for (idx_t v = 0; v < kDirectVectors; v++) acc[m][v] = vfmadd(a, vb[v], acc[m][v]);
+            }
+        }
+        for (idx_t m = 0; m < M; m++) {
+            for (idx_t v = 0; v < kDirectVectors; v++) {
+                const idx_t n = n0 + v * kW, lanes = N - n;
+                if (lanes <= 0) break;
+                float* c = C.data + m * C.ld + n;
+                const float* init = C.accumulate ? c : C.bias != nullptr ? C.bias + n : nullptr;
+                vstore_n(c, init != nullptr ? vadd(vload_n(init, lanes, 0.0f), acc[m][v]) : acc[m][v],
+                         lanes);
+            }
+        }
+    }
+}
+
+template <int M>
+void direct_columns_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
+    constexpr idx_t kDirectVectors = direct_vectors<M>();
+    for (idx_t n0 = 0; n0 < N; n0 += kDirectVectors) {
+        const idx_t cols = min_idx(kDirectVectors, N - n0);
+        vf acc[M][kDirectVectors];
+        for (idx_t m = 0; m < M; m++)
+            for (idx_t v = 0; v < kDirectVectors; v++) acc[m][v] = vset(0.0f);
+        for (idx_t k = 0; k < K; k += kW) {
+            const idx_t steps = min_idx(kW, K - k);
+            vf va[M];
+            for (idx_t m = 0; m < M; m++)
+                va[m] = vmul(vload_n(A.data + m * A.row_stride + k, steps, 0.0f), vset(alpha));
+            for (idx_t v = 0; v < cols; v++) {
+                const vf b = vload_n(B.data + (n0 + v) * B.col_stride + k, steps, 0.0f);
+                for (idx_t m = 0; m < M; m++) acc[m][v] = vfmadd(va[m], b, acc[m][v]);
+            }
+        }
+        for (idx_t m = 0; m < M; m++) {
+            for (idx_t v = 0; v < cols; v++) {
+                float* c = C.data + m * C.ld + n0 + v;
+                const float init = C.accumulate ? *c : C.bias != nullptr ? C.bias[n0 + v] : 0.0f;
+                *c = init + vhsum(acc[m][v]);
+            }
+        }
+    }
+}
+
+template <int M>
+void gemm_direct_rows(idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
+    if (B.col_stride == 1) return direct_rows_of_b<M>(N, K, alpha, A, B, C);
+    if (B.row_stride == 1 && A.col_stride == 1) return direct_columns_of_b<M>(N, K, alpha, A, B, C);
+    gemm_reference(Precision::fp32, M, N, K, alpha, A, B, C);
+}
+
+void gemm_direct(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
+    static_assert(kDirectRows == 4, "gemm_direct has a case for each row count up to kDirectRows");
+    switch (M) {
+        case 1: return gemm_direct_rows<1>(N, K, alpha, A, B, C);
+        case 2: return gemm_direct_rows<2>(N, K, alpha, A, B, C);
+        case 3: return gemm_direct_rows<3>(N, K, alpha, A, B, C);
+        default: return gemm_direct_rows<4>(N, K, alpha, A, B, C);
+    }
+}
+
 // The product on the OpenMP team: shared B and row units handed out as threads come free
 // (gemm_team) where C has rows enough to balance, else C split into one share per thread
 // (split_between_threads); the reference loop where scratch is unavailable.
@@ -503,6 +599,14 @@ void gemm_blocked_parallel(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Op
                            bool parallel, bool bf16) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) return empty_product(M, N, C);
+    if (M <= kDirectRows && !bf16) {
+        split_between_threads(M, N, K, M, kW, kParallelMinWork, parallel,
+                              [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
+                                  gemm_direct(rows, cols, K, alpha, A.from(m0, 0), B.from(0, n0),
+                                              C.from(m0, n0));
+                              });
+        return;
+    }
 #ifdef _OPENMP
     const int threads = product_threads(M, N, K, kParallelMinWork, parallel);
     if (threads > 1 && ceil_div(M, kTeamRows) >= 2 * threads &&

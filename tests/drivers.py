@@ -196,7 +196,7 @@ def gemm_tolerance(depth: int) -> float:
 
 
 def check_gemm_rows(rows: list[list[str]]) -> None:
-    assert len(rows) == 58  # 14 sizes x 4 stride patterns, and 2 zero-depth cases
+    assert len(rows) == 74  # 18 sizes x 4 stride patterns, and 2 zero-depth cases
     seen = set()
     for M, N, K, trans_a, trans_b, alpha, accumulate, err, bitwise, guard in rows:
         case = f"M={M} N={N} K={K} transA={trans_a} transB={trans_b} alpha={alpha} acc={accumulate}"

@@ -169,11 +169,14 @@ int main(int argc, char** argv) {
         }
     }
     // Edge sizes around every tile (MR up to 14, NR up to 32; AMX blocks of 32) and slice (KC = 384,
-    // 256 or 512), the attention kernel's per-head blocks, and products big enough for two threads.
+    // 256 or 512), the attention kernel's per-head blocks, products big enough for two threads, and
+    // the few-row products gemm forms without packing.
     const idx_t sizes[][3] = {{1, 1, 1},     {7, 9, 33},    {33, 7, 9},    {9, 33, 7},
                               {14, 32, 16},  {15, 33, 257}, {29, 65, 600}, {64, 256, 64},
                               {256, 64, 256}, {100, 3, 1},  {1, 100, 513}, {130, 90, 40},
-                              {47, 200, 1100}, {301, 77, 130}};
+                              {47, 200, 1100}, {301, 77, 130},
+                              // one to four rows: computed without packing
+                              {2, 45, 37},   {3, 70, 600},  {4, 17, 1030}, {1, 1100, 47}};
     const float alphas[] = {1.0f, 0.125f, -2.5f};
     int i = 0;
     for (const auto& s : sizes)

@@ -27,7 +27,9 @@ ISAS = ops.cpu_info()["available"]
 # (N rows, C in, OC out): tile edges of every variant (MR 14/6/4, NR 32/16/8), reductions deeper than
 # one slice (384 deep for AVX-512, 256 otherwise), and one row or column alone.
 SHAPES = [(1, 1, 1), (7, 9, 33), (33, 7, 9), (9, 33, 7), (15, 257, 31), (29, 600, 65),
-          (130, 64, 300), (1, 300, 5), (300, 5, 1)]
+          (130, 64, 300), (1, 300, 5), (300, 5, 1),
+          # one to four rows (generation's one new token): computed without packing
+          (1, 385, 1153), (2, 37, 45), (3, 600, 70), (4, 1030, 17)]
 
 
 def rel_err(got: np.ndarray, exact: np.ndarray, size: np.ndarray) -> float:
@@ -94,7 +96,8 @@ def test_backward_gradients_alone_equal_gradients_together(isa):
 # Large enough that several threads all get work: products whose rows the team takes a unit at a
 # time (many rows of C), and products split once per thread by rows or by columns (few rows), with
 # edge tiles, several reduction slices, and (1100 columns) several column blocks.
-THREAD_SHAPES = [(333, 530, 97), (70, 300, 515), (1029, 64, 200), (300, 40, 1100)]
+THREAD_SHAPES = [(333, 530, 97), (70, 300, 515), (1029, 64, 200), (300, 40, 1100), (1, 700, 1100),
+                 (3, 1500, 330)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
