@@ -286,3 +286,15 @@ def test_bench_generate_without_transformers_says_there_is_no_reference(monkeypa
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[:2]] == ["lmlab-kv-cache", "lmlab-no-cache"]
     assert lines[2] == "(no reference: it needs transformers and torch, and they do not both import here)"
+
+
+def test_bench_generate_past_the_block_says_transformers_cannot_follow(capsys):
+    """transformers' GPT-2 has block_size positions; lmlab slides its window past them."""
+    pytest.importorskip("transformers")
+    argv = GENERATE_TINY[:GENERATE_TINY.index("--new-tokens")] + ["--new-tokens", "40", "--prompt-len",
+                                                                 "4", "--threads", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "transformers" not in lines[0] + lines[1]
+    assert lines[2] == ("(no reference: transformers' GPT-2 reads at most block_size (32) "
+                        "positions, and --prompt-len + --new-tokens is 44; lmlab slides its window)")

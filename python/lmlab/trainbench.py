@@ -307,7 +307,7 @@ def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
     same = bool(np.array_equal(outputs[0], outputs[1]))
     for r in rows:
         r["same_tokens"] = same
-    if reference and transformers_available():
+    if reference and generate_reference_missing(config) is None:
         ref = _child({"generate": config, "threads": ops.get_num_threads()}, ops.get_num_threads(),
                      "native")
         for r in rows:
@@ -335,6 +335,17 @@ def _gpt_config(config: dict):
 
 def _generation_prompt(config: dict) -> np.ndarray:
     return np.arange(config["prompt_len"]) % config["vocab_size"]
+
+
+def generate_reference_missing(config: dict) -> str | None:
+    """Why bench_generate cannot measure transformers on this config, or None when it can."""
+    if not transformers_available():
+        return "it needs transformers and torch, and they do not both import here"
+    positions = config["prompt_len"] + config["new_tokens"]
+    if positions > config["block_size"]:
+        return (f"transformers' GPT-2 reads at most block_size ({config['block_size']}) positions, "
+                f"and --prompt-len + --new-tokens is {positions}; lmlab slides its window")
+    return None
 
 
 def transformers_available() -> bool:
