@@ -13,10 +13,15 @@
 // case; edge panels are zero-padded, so edge tiles run the very same kernel and only their
 // write-back is partial.
 //
+// C of at most kDirectRows rows (generation's new token) skips all that: packing for a register tile
+// one row cannot fill cost more than the product, which is formed from the operands as they lie
+// (gemm_direct, below).
+//
 // Determinism: every C element is computed by the same micro-kernel instruction sequence over the
-// same KC slices in the same order; the slice depth depends on K alone. Threads only divide the
-// output (rows or columns of C), so results are bitwise identical for any thread count, and equal to
-// a serial call (the attention kernel calls gemm with parallel = false inside its own team).
+// same KC slices in the same order; the slice depth depends on K alone (with at most kDirectRows
+// rows, by gemm_direct's sequence, which depends on K alone too). Threads only divide the output
+// (rows or columns of C), so results are bitwise identical for any thread count, and equal to a
+// serial call (the attention kernel calls gemm with parallel = false inside its own team).
 //
 // On several threads (gemm_blocked_parallel) the team shares one packed slice of B, packed by all of
 // them, and takes C's rows a unit at a time as each thread comes free; C too thin for that is split
