@@ -10,9 +10,10 @@ machine), every parallel kernel waits at its end for the thread whose core is sh
 fewer threads is faster: the README measures 2 threads at 128 ms a step against 80 ms on 1. The
 tuner times each step's own work (forward, backward, update: not validation, logging or saving),
 and every so often tries one thread fewer (or one more, up to the count the run started with) for
-a few steps. It keeps the count that was at least 10% faster. A probe that loses doubles the wait
-before the next one, so a quiet machine spends well under 1% of a long run probing; a step time
-that moves by a third at the current count (load came or went) brings the next probe forward.
+a few steps. It keeps the count that was at least 10% faster. A probe whose first step is no faster
+ends there, and a probe that loses doubles the wait before the next one, so a quiet machine spends
+a handful of slower steps in a long run probing; a step time that moves by a third at the current
+count (load came or went) brings the next probe forward.
 
 It runs only where the thread count is lmlab's own default: a count the user chose (--threads,
 threads=, OMP_NUM_THREADS, lmlab.set_num_threads) is kept as given (ops.thread_count_chosen).
@@ -25,11 +26,13 @@ from typing import Callable, Optional
 
 from . import ops
 
-# Steps not timed after a change of count (new threads start, caches refill).
+# Steps not timed after the tuner settles on a count (new threads start, caches refill), before
+# that count's time is measured again.
 SETTLE_STEPS = 1
 # Steps at the current count whose median is its time.
 WINDOW_STEPS = 5
-# Steps timed at a candidate count.
+# Steps timed at a candidate count; a trial ends after its first step if that step was no faster
+# than the current count's median (so a probe on a quiet machine costs one slower step).
 TRIAL_STEPS = 3
 # Steps at a count before its first probe, and the longest wait a run of lost probes reaches.
 FIRST_WAIT = 16
@@ -110,14 +113,15 @@ class ThreadTuner:
         candidate = self._candidate()
         self._trial = (candidate, [])
         self._set(candidate)
-        self._skip = SETTLE_STEPS
 
     def _record_trial(self, seconds: float) -> None:
         candidate, times = self._trial
         times.append(seconds)
-        if len(times) < TRIAL_STEPS:
+        current_time = statistics.median(self._times)
+        lost_at_once = len(times) == 1 and seconds >= current_time
+        if len(times) < TRIAL_STEPS and not lost_at_once:
             return
-        trial_time, current_time = statistics.median(times), statistics.median(self._times)
+        trial_time = statistics.median(times)
         self._trial = None
         if trial_time <= GAIN * current_time:
             previous = self.count
