@@ -179,7 +179,11 @@ def test_bench_train_child_failure_is_one_line():
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_script(name: str):
+def load_script(name: str, monkeypatch):
+    """A benchmarks/ script as a module. Some put the checkout's python/ first on sys.path so that
+    they run from a checkout: kept to this test, or every later test's subprocess (given sys.path
+    as PYTHONPATH) would import the uncompiled source tree instead of the installed package."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -209,7 +213,7 @@ def test_benchmark_scripts_refuse_bad_values_before_any_work(script, argv, work,
     pretrains and then failed in statistics.median (a traceback), --steps 0 in a
     CalledProcessError; --threads 0 was silently all cores; tokenize_stream's --mb 0 failed in
     its child. Each is now a usage error naming the flag, before any work starts."""
-    module = load_script(script)
+    module = load_script(script, monkeypatch)
 
     def started(*args, **kwargs):
         raise AssertionError(f"{script} started its work")
