@@ -13,9 +13,9 @@
 // case; edge panels are zero-padded, so edge tiles run the very same kernel and only their
 // write-back is partial.
 //
-// C of at most kDirectRows rows (generation's new token) skips all that: packing for a register tile
-// one row cannot fill cost more than the product, which is formed from the operands as they lie
-// (gemm_direct, below).
+// C of at most kDirectRows rows (generation's new token) skips all that, in either precision and on
+// every bf16 path: packing for a register tile one row cannot fill cost more than the product, which
+// is formed from the operands as they lie (gemm_direct, below).
 //
 // Determinism: every C element is computed by the same micro-kernel instruction sequence over the
 // same KC slices in the same order; the slice depth depends on K alone (with at most kDirectRows
@@ -65,19 +65,11 @@ void gemm_reference(Precision precision, idx_t M, idx_t N, idx_t K, float alpha,
 }
 
 // Precision::bf16 without native instructions: each packed operand rounded to bfloat16 (nearest,
-// ties to even) and kept in fp32 lanes, so the fp32 micro-kernel multiplies exactly the values the
-// native paths do. NaN stays NaN (rounding its payload could carry it into the exponent and make it
-// inf).
+// ties to even: bf16_nearest in simd.h) and kept in fp32 lanes, so the fp32 micro-kernel multiplies
+// exactly the values the native paths do.
 void round_to_bf16(float* x, size_t n) {
     LMLAB_SIMD
-    for (size_t i = 0; i < n; i++) {
-        std::uint32_t u;
-        std::memcpy(&u, &x[i], sizeof u);
-        const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-        const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        u = nan ? u : rounded;
-        std::memcpy(&x[i], &u, sizeof u);
-    }
+    for (size_t i = 0; i < n; i++) x[i] = bf16_nearest(x[i]);
 }
 
 void round_bf16(float* out, const float* inp, idx_t n) {
@@ -512,15 +504,24 @@ bool gemm_team(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Out
 //   - any other strides: element by element.
 // Each element is reduced in an order fixed by K alone (Determinism), not the one a taller product
 // gives it: a one-row product agrees with that row of a taller one to fp32 rounding.
+// In bf16 (kBf16) each operand is rounded as it is read (alpha folded into A first), and the products
+// are summed in fp32, as on the emulated path; this serves every bf16 path (see gemm), since the
+// native ones pack for tiles too.
 constexpr idx_t kDirectRows = 4;
 // Independent chains of multiply-adds per row of C, to hide their latency: as many as the registers
 // hold beside the operands.
 template <int M>
 constexpr idx_t direct_vectors() { return M <= 2 ? 8 : 4; }
 
+// An operand as the product multiplies it: a vector of lanes, or one element.
+template <bool kBf16>
+inline vf direct_operand(vf x) { return kBf16 ? vround_bf16(x) : x; }
+template <bool kBf16>
+inline float direct_element(float x) { return kBf16 ? bf16_nearest(x) : x; }
+
 // M is a template parameter so that the accumulators are registers: with a run-time row count GCC
 // keeps them on the stack, and every multiply-add waits on a store and a load.
-template <int M>
+template <int M, bool kBf16>
 void direct_rows_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
     constexpr idx_t kDirectVectors = direct_vectors<M>();
     for (idx_t n0 = 0; n0 < N; n0 += kDirectVectors * kW) {
@@ -532,10 +533,10 @@ void direct_rows_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Outpu
             vf vb[kDirectVectors];
             for (idx_t v = 0; v < kDirectVectors; v++) {
                 const idx_t lanes = N - n0 - v * kW;
-                vb[v] = lanes > 0 ? vload_n(b + v * kW, lanes, 0.0f) : vset(0.0f);
+                vb[v] = lanes > 0 ? direct_operand<kBf16>(vload_n(b + v * kW, lanes, 0.0f)) : vset(0.0f);
             }
             for (idx_t m = 0; m < M; m++) {
-                const vf a = vset(alpha * A.at(m, k));
+                const vf a = vset(direct_element<kBf16>(alpha * A.at(m, k)));
                 for (idx_t v = 0; v < kDirectVectors; v++) acc[m][v] = vfmadd(a, vb[v], acc[m][v]);
             }
         }
@@ -552,7 +553,7 @@ void direct_rows_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Outpu
     }
 }
 
-template <int M>
+template <int M, bool kBf16>
 void direct_columns_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
     constexpr idx_t kDirectVectors = direct_vectors<M>();
     for (idx_t n0 = 0; n0 < N; n0 += kDirectVectors) {
@@ -564,9 +565,10 @@ void direct_columns_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Ou
             const idx_t steps = min_idx(kW, K - k);
             vf va[M];
             for (idx_t m = 0; m < M; m++)
-                va[m] = vmul(vload_n(A.data + m * A.row_stride + k, steps, 0.0f), vset(alpha));
+                va[m] = direct_operand<kBf16>(
+                    vmul(vload_n(A.data + m * A.row_stride + k, steps, 0.0f), vset(alpha)));
             for (idx_t v = 0; v < cols; v++) {
-                const vf b = vload_n(B.data + (n0 + v) * B.col_stride + k, steps, 0.0f);
+                const vf b = direct_operand<kBf16>(vload_n(B.data + (n0 + v) * B.col_stride + k, steps, 0.0f));
                 for (idx_t m = 0; m < M; m++) acc[m][v] = vfmadd(va[m], b, acc[m][v]);
             }
         }
@@ -580,20 +582,22 @@ void direct_columns_of_b(idx_t N, idx_t K, float alpha, Operand A, Operand B, Ou
     }
 }
 
-template <int M>
+template <int M, bool kBf16>
 void gemm_direct_rows(idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
-    if (B.col_stride == 1) return direct_rows_of_b<M>(N, K, alpha, A, B, C);
-    if (B.row_stride == 1 && A.col_stride == 1) return direct_columns_of_b<M>(N, K, alpha, A, B, C);
-    gemm_reference(Precision::fp32, M, N, K, alpha, A, B, C);
+    if (B.col_stride == 1) return direct_rows_of_b<M, kBf16>(N, K, alpha, A, B, C);
+    if (B.row_stride == 1 && A.col_stride == 1)
+        return direct_columns_of_b<M, kBf16>(N, K, alpha, A, B, C);
+    gemm_reference(kBf16 ? Precision::bf16 : Precision::fp32, M, N, K, alpha, A, B, C);
 }
 
+template <bool kBf16>
 void gemm_direct(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B, Output C) {
     static_assert(kDirectRows == 4, "gemm_direct has a case for each row count up to kDirectRows");
     switch (M) {
-        case 1: return gemm_direct_rows<1>(N, K, alpha, A, B, C);
-        case 2: return gemm_direct_rows<2>(N, K, alpha, A, B, C);
-        case 3: return gemm_direct_rows<3>(N, K, alpha, A, B, C);
-        default: return gemm_direct_rows<4>(N, K, alpha, A, B, C);
+        case 1: return gemm_direct_rows<1, kBf16>(N, K, alpha, A, B, C);
+        case 2: return gemm_direct_rows<2, kBf16>(N, K, alpha, A, B, C);
+        case 3: return gemm_direct_rows<3, kBf16>(N, K, alpha, A, B, C);
+        default: return gemm_direct_rows<4, kBf16>(N, K, alpha, A, B, C);
     }
 }
 
@@ -604,11 +608,15 @@ void gemm_blocked_parallel(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Op
                            bool parallel, bool bf16) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) return empty_product(M, N, C);
-    if (M <= kDirectRows && !bf16) {
+    if (M <= kDirectRows) {
         split_between_threads(M, N, K, M, kW, kParallelMinWork, parallel,
                               [&](idx_t m0, idx_t n0, idx_t rows, idx_t cols) {
-                                  gemm_direct(rows, cols, K, alpha, A.from(m0, 0), B.from(0, n0),
-                                              C.from(m0, n0));
+                                  const Operand a = A.from(m0, 0), b = B.from(0, n0);
+                                  const Output c = C.from(m0, n0);
+                                  if (bf16)
+                                      gemm_direct<true>(rows, cols, K, alpha, a, b, c);
+                                  else
+                                      gemm_direct<false>(rows, cols, K, alpha, a, b, c);
                               });
         return;
     }
@@ -642,6 +650,9 @@ void gemm_bf16_emulated(idx_t M, idx_t N, idx_t K, float alpha, Operand A, Opera
 void gemm(Precision precision, idx_t M, idx_t N, idx_t K, float alpha, Operand A, Operand B,
           Output C, bool parallel) {
     if (precision == Precision::fp32) return gemm_fp32(M, N, K, alpha, A, B, C, parallel);
+    // The native paths pack for tiles that a few rows of C cannot fill; the emulated path's direct
+    // product (rounding as it reads) skips that.
+    if (M <= kDirectRows) return gemm_bf16_emulated(M, N, K, alpha, A, B, C, parallel);
     switch (bf16_path()) {
         case Bf16Path::amx:
             if (gemm_bf16_amx(M, N, K, alpha, A, B, C, parallel)) return;

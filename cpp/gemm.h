@@ -16,6 +16,8 @@
 //   bf16, bf16_path amx   gemm_bf16_amx: AMX tiles (cpp/gemm_amx.cpp)
 //   bf16, avx512_bf16     gemm_bf16_dpbf16: VDPBF16PS (cpp/gemm_dpbf16.cpp)
 //   bf16, emulated        gemm_bf16_emulated: gemm_fp32's kernels on operands rounded to bf16
+//   bf16, C of 1-4 rows   gemm_bf16_emulated on every path: its direct product, which rounds the
+//                         operands as it reads them, beats packing them for tiles (cpp/gemm.cpp)
 // The native bf16 paths exist only in the AVX-512 build; elsewhere bf16 is always emulated.
 #pragma once
 

@@ -18,6 +18,8 @@
 //                       kept on every variant: callers put the data second to propagate NaN)
 //   vselect_neg(s, a, b) = s < 0 ? a : b (per lane, by the sign bit of s)
 //   vhsum vhmax         horizontal sum / max, in a fixed lane order
+//   vround_bf16(x)      each lane rounded to the nearest bfloat16 (ties to even) and kept in fp32, NaN
+//                       staying NaN: bf16_nearest (below) on every lane
 //   vexp                exp(x), see below
 //   vtranspose(v)       in-register transpose of a kW x kW block held as kW vectors: v[i][j] becomes
 //                       v[j][i] (portable: one lane, nothing to do)
@@ -114,6 +116,15 @@ namespace LMLAB_ISA_NS {
             v[g + 3] = P##_castpd_ps(P##_unpackhi_pd(d(t[g + 1]), d(t[g + 3])));                \
         }                                                                                       \
     }
+// bf16_nearest's carry, without its NaN case, for one intrinsics family (P: _mm512 or _mm256; SI: the
+// matching integer-vector suffix, si512 or si256).
+#define LMLAB_ROUND_BF16_CARRY(P, SI)                                                            \
+    static inline vf round_bf16_carry(vf a) {                                                   \
+        const auto u = P##_castps_##SI(a);                                                    \
+        const auto lowest_kept = P##_and_##SI(P##_srli_epi32(u, 16), P##_set1_epi32(1));       \
+        const auto carried = P##_add_epi32(u, P##_add_epi32(lowest_kept, P##_set1_epi32(0x7fff))); \
+        return P##_cast##SI##_ps(P##_and_##SI(carried, P##_set1_epi32((int)0xffff0000u)));      \
+    }
 #endif
 
 namespace simd_constants {
@@ -130,6 +141,20 @@ constexpr float kExpHi = 89.0f;
 constexpr float kInvFact3 = 1.0f / 6.0f, kInvFact4 = 1.0f / 24.0f, kInvFact5 = 1.0f / 120.0f,
                 kInvFact6 = 1.0f / 720.0f, kInvFact7 = 1.0f / 5040.0f;
 }  // namespace simd_constants
+
+// x rounded to the nearest bfloat16 (ties to even; denormals rounded like any other value), kept in
+// fp32. Adding 0x7fff plus the lowest kept bit carries exactly when the dropped half is above a
+// half-step, or equal to one with the kept part odd. NaN is passed through: rounding a NaN whose
+// payload lies only in the dropped bits would carry it into the exponent and make it inf.
+static inline float bf16_nearest(float x) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    u = nan ? u : rounded;
+    std::memcpy(&x, &u, sizeof u);
+    return x;
+}
 
 #if defined(LMLAB_NEON)
 
@@ -179,6 +204,12 @@ static inline vf vselect_neg(vf s, vf a, vf b) {
 static inline float vhsum(vf a) { return vaddvq_f32(a); }
 static inline float vhmax(vf a) { return vmaxvq_f32(a); }
 static inline vf vround(vf a) { return vrndnq_f32(a); }  // to nearest, ties to even
+static inline vf vround_bf16(vf a) {
+    const uint32x4_t u = vreinterpretq_u32_f32(a);
+    const uint32x4_t carry = vaddq_u32(vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1)), vdupq_n_u32(0x7fff));
+    const vf rounded = vreinterpretq_f32_u32(vandq_u32(vaddq_u32(u, carry), vdupq_n_u32(0xffff0000u)));
+    return vbslq_f32(vceqq_f32(a, a), rounded, a);  // a == a is false only for NaN
+}
 static inline vf vzero_where_below(vf x, float lo, vf r) {
     return vbslq_f32(vcltq_f32(x, vdupq_n_f32(lo)), vdupq_n_f32(0.0f), r);
 }
@@ -229,6 +260,10 @@ static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 static inline vf vround(vf a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+LMLAB_ROUND_BF16_CARRY(_mm512, si512)
+static inline vf vround_bf16(vf a) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), round_bf16_carry(a), a);
 }
 static inline vf vzero_where_below(vf x, float lo, vf r) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_LT_OQ), r,
@@ -296,6 +331,10 @@ static inline float vhmax(vf a) {
     return _mm_cvtss_f32(q);
 }
 static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+LMLAB_ROUND_BF16_CARRY(_mm256, si256)
+static inline vf vround_bf16(vf a) {
+    return _mm256_blendv_ps(round_bf16_carry(a), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
 static inline vf vzero_where_below(vf x, float lo, vf r) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_LT_OQ), r);
 }
@@ -353,6 +392,7 @@ static inline vf vround(vf a) {
     return (a + shifter) - shifter;
 }
 static inline vf vzero_where_below(vf x, float lo, vf r) { return x < lo ? 0.0f : r; }
+static inline vf vround_bf16(vf a) { return bf16_nearest(a); }
 static inline void vtranspose(vf*) {}  // a 1 x 1 block
 static inline float pow2_bits(int k) {
     int bits = (k + 127) << 23;

@@ -209,7 +209,7 @@ def check_gemm_rows(rows: list[list[str]]) -> None:
 
 # vexp's error bound in ulp, as cpp/simd.h states it (measured over every fp32 input on x86).
 EXP_MAX_ULP = 1.07
-SIMD_CHECKS = {"tails", "select_rules", "rounding", "horizontal", "ldexp", "exp_special", "exp_finite"}
+SIMD_CHECKS = {"tails", "select_rules", "rounding", "bf16_rounding", "horizontal", "ldexp", "exp_special", "exp_finite"}
 LANES = {"avx512": 16, "avx512_sim": 16, "avx2": 8, "neon": 4, "portable": 1}  # cpp/simd.h's kW per variant
 
 

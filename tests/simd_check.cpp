@@ -116,6 +116,52 @@ int check_rounding() {
     return bad;
 }
 
+// x rounded to bfloat16 by value: of the two bf16 values around x (its top 16 bits, and one bf16 step
+// further from zero), the nearer, the even one on a tie. Independent of the carry trick cpp/simd.h
+// uses; x is finite.
+float nearest_bf16_by_value(float x) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const std::uint32_t kept = u & 0xffff0000u;
+    float low;
+    std::memcpy(&low, &kept, sizeof low);
+    const int exponent = (int)((u >> 23) & 0xff);
+    const double step = std::ldexp(1.0, (exponent == 0 ? 1 : exponent) - 127 - 7);
+    const double toward = std::signbit(x) ? -step : step, high = (double)low + toward;
+    const double below = std::fabs((double)x - (double)low), above = std::fabs(high - (double)x);
+    const bool low_even = ((kept >> 16) & 1u) == 0;
+    return below < above || (below == above && low_even) ? low : (float)high;  // 2^128 becomes inf
+}
+
+// vround_bf16 against that, on a sweep of bit patterns across the whole range, on every kind of low
+// half (zero, just below, at and just above a tie, all ones), and on inf, NaN (a NaN whose payload
+// lies only in the dropped bits must stay NaN) and the largest floats (which round to inf).
+int check_bf16_rounding() {
+    std::uint32_t cases[4096];
+    idx_t n = 0;
+    const std::uint32_t lows[] = {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu};
+    for (std::uint32_t high = 0; high < 0x10000u; high += 113)  // 580 of them
+        for (std::uint32_t low : lows) cases[n++] = (high << 16) | low;
+    const std::uint32_t special[] = {0x7f7fffffu, 0x7f7f8000u, 0x7f7f7fffu, 0xff7fffffu, 0x00008000u,
+                                     0x00018000u, 0x80008000u, 0x7f800000u, 0xff800000u, 0x7f800001u,
+                                     0x7f80ffffu, 0xffc00000u, 0x7fc00001u, 0x00000000u, 0x80000000u};
+    for (std::uint32_t u : special) cases[n++] = u;
+    int bad = 0;
+    for (idx_t i = 0; i < n; i += kW) {
+        float x[kMaxW];
+        const idx_t count = n - i < kW ? n - i : kW;
+        std::memcpy(x, cases + i, (size_t)count * sizeof(float));
+        const Lanes r = lanes(isa::vround_bf16(isa::vload_n(x, count, 0.0f)));
+        for (idx_t j = 0; j < count; j++) {
+            const bool nan = std::isnan(x[j]);
+            bad += nan ? !std::isnan(r.x[j])
+                       : !same_bits(r.x[j], std::isinf(x[j]) ? x[j] : nearest_bf16_by_value(x[j]));
+            bad += !same_bits(r.x[j], isa::bf16_nearest(x[j])) && !nan;  // the scalar form agrees
+        }
+    }
+    return bad;
+}
+
 // Horizontal sum and max against scalar loops on values whose sum is exact in any order.
 int check_horizontal() {
     float x[kMaxW];
@@ -205,6 +251,7 @@ int main() {
     report("tails", check_tails(end), "vload_n/vkeep_n/vstore_n lanes for n = 1..kW+1 at a guard page");
     report("select_rules", check_select_rules(), "vmax/vmin NaN rule, vselect_neg sign bit");
     report("rounding", check_rounding(), "vround ties to even, vsqrt/vdiv/vabs exact");
+    report("bf16_rounding", check_bf16_rounding(), "vround_bf16 to nearest bf16, ties to even, NaN kept");
     report("horizontal", check_horizontal(), "vhsum/vhmax against scalar loops");
     report("ldexp", check_ldexp(), "vldexp(p, n) for n in [-150, 129] is one rounding of p*2^n");
     report("exp_special", check_exp_special(), "vexp at +-inf, NaN, the flush and overflow regions");

@@ -283,6 +283,20 @@ def test_bench_generate_measures_transformers_on_the_same_model(capsys):
     assert "x transformers" in text and "its logits within" in text
 
 
+def test_bench_generate_in_bf16_measures_both_in_bf16(capsys):
+    """--precision bf16: lmlab decodes with bf16 matmul operands, and the reference is transformers'
+    model in bfloat16; both still compute the same model (their prompt logits agree to bf16's
+    precision, where fp32 agrees to 1e-4 and another model would be off by whole units)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    assert main(GENERATE_TINY + ["--json", "--precision", "bf16"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["config"]["precision"] for r in rows] == ["bf16"] * 3
+    ref = rows[2]
+    assert ref["impl"] == "transformers-kv-cache" and 1e-6 < ref["max_logit_diff"] < 0.05
+    assert all(r["same_tokens"] for r in rows[:2])
+
+
 def test_bench_generate_without_transformers_says_there_is_no_reference(monkeypatch, capsys):
     from lmlab import trainbench
     monkeypatch.setattr(trainbench, "transformers_available", lambda: False)

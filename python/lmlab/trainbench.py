@@ -273,9 +273,12 @@ def profile_step(cfg: dict, steps: int = 3, threads: int | None = None,
 
 def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
                    prompt_len: int = 16, new_tokens: int = 64, vocab_size: int = 65,
-                   threads: int | None = None, reference: bool = True) -> list[dict]:
+                   threads: int | None = None, reference: bool = True,
+                   precision: str = "fp32") -> list[dict]:
     """Generation tokens/s of one randomly initialised model with and without the KV cache, and of
-    the same model in transformers (GPT2LMHeadModel.generate with its KV cache) as the reference.
+    the same model in transformers (GPT2LMHeadModel.generate with its KV cache) as the reference,
+    each computing in `precision` (bf16: lmlab's bf16 matmul operands; transformers' model in
+    bfloat16, as its users run one in bf16).
 
     Greedy decoding (sampling costs the same either way) from a prompt of prompt_len tokens; rows
     with impl "lmlab-kv-cache", "lmlab-no-cache" and, where transformers and torch are installed
@@ -291,9 +294,12 @@ def bench_generate(n_layer: int, n_head: int, n_embd: int, block_size: int,
 
     if threads is not None:
         ops.set_num_threads(threads)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                  vocab_size=vocab_size, prompt_len=prompt_len, new_tokens=new_tokens)
-    model = GPT(_gpt_config(config))
+                  vocab_size=vocab_size, prompt_len=prompt_len, new_tokens=new_tokens,
+                  precision=precision)
+    model = GPT(_gpt_config(config), matmul_precision=precision)
     prompt = _generation_prompt(config)
     rows, outputs = [], []
     for use_cache in (True, False):
@@ -370,13 +376,16 @@ def generate_transformers(config: dict, threads: int) -> dict:
     from .model import GPT
 
     torch.set_num_threads(threads)
-    model = GPT(_gpt_config(config))
+    precision = config.get("precision", "fp32")
+    model = GPT(_gpt_config(config), matmul_precision=precision)
     settings = hf.gpt2_config(model.config, bos_id=0, eos_id=None, pad_id=0)
     settings.pop("architectures")
     reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings)).eval()
     weights = {hf_name: torch.from_numpy(hf.to_hf(name, model._named[name]).copy())
                for name, hf_name, _, _ in hf.name_map(model.config)}
     reference.load_state_dict(weights, strict=False)  # the tied head and attention masks: not weights
+    if precision == "bf16":
+        reference = reference.to(torch.bfloat16)
     prompt = _generation_prompt(config)
     tokens = torch.from_numpy(prompt[None].astype(np.int64))
     n = config["new_tokens"]
@@ -391,7 +400,7 @@ def generate_transformers(config: dict, threads: int) -> dict:
         t0 = time.perf_counter()
         run(n)
         dt = time.perf_counter() - t0
-        theirs = reference(tokens).logits[0].double().numpy()
+        theirs = reference(tokens).logits[0].double().numpy()  # bf16 widens exactly
     ours = model.forward(prompt[None].astype(np.int32))[0][0].astype(np.float64)
     return {"impl": "transformers-kv-cache", "config": config, "threads": threads,
             "tokens_per_s": n / dt, "ms_per_token": 1000.0 * dt / n,

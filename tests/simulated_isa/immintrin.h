@@ -33,12 +33,14 @@ typedef unsigned short __mmask16;
 
 #define _MM_FROUND_TO_NEAREST_INT 0x00
 #define _MM_FROUND_NO_EXC 0x08
+#define _CMP_UNORD_Q 0x03
 #define _CMP_LT_OQ 0x11
 #define _MM_HINT_T0 3
 
 namespace lmlab_sim {
 
 typedef int v16si __attribute__((vector_size(64), may_alias));
+typedef unsigned int v16ui __attribute__((vector_size(64), may_alias));
 typedef unsigned short v32hu __attribute__((vector_size(64), may_alias));
 
 inline bool lane(__mmask16 k, int i) { return (k >> i) & 1u; }
@@ -197,6 +199,15 @@ inline double _mm512_reduce_add_pd(__m512d a) {
     return a[0];
 }
 
+// --- 32-bit integer lanes ---------------------------------------------------------------------------
+inline __m512i _mm512_add_epi32(__m512i a, __m512i b) {
+    return (__m512i)((lmlab_sim::v16ui)a + (lmlab_sim::v16ui)b);  // unsigned: wraps as the instruction does
+}
+inline __m512i _mm512_and_si512(__m512i a, __m512i b) { return a & b; }
+inline __m512i _mm512_srli_epi32(__m512i a, unsigned int count) {
+    return count > 31 ? __m512i{} : (__m512i)((lmlab_sim::v16ui)a >> count);
+}
+
 // --- masks, compares, conversions, casts ------------------------------------------------------------
 inline __m512 _mm512_maskz_mov_ps(__mmask16 k, __m512 a) {
     for (int i = 0; i < 16; i++)
@@ -218,13 +229,13 @@ inline __mmask16 _mm512_movepi32_mask(__m512i a) {
         if (v[i] < 0) k |= 1u << i;
     return (__mmask16)k;
 }
-inline __mmask16 _mm512_cmp_ps_mask(__m512 a, __m512 b, int) {  // only _CMP_LT_OQ
+inline __mmask16 _mm512_cmp_ps_mask(__m512 a, __m512 b, int predicate) {  // _CMP_LT_OQ, _CMP_UNORD_Q
     float x[16], y[16];
     std::memcpy(x, &a, sizeof x);
     std::memcpy(y, &b, sizeof y);
     unsigned k = 0;
     for (int i = 0; i < 16; i++)
-        if (x[i] < y[i]) k |= 1u << i;
+        if (predicate == _CMP_UNORD_Q ? std::isnan(x[i]) || std::isnan(y[i]) : x[i] < y[i]) k |= 1u << i;
     return (__mmask16)k;
 }
 inline __m512i _mm512_castps_si512(__m512 a) { return (__m512i)a; }

@@ -157,6 +157,10 @@ def _add_generate_arguments(parser) -> None:
     _add_model_arguments(parser, 6, 6, 384, 256, text="model shape")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated")
+    parser.add_argument("--precision", choices=trainbench.PRECISIONS, default="fp32",
+                        help="matmul precision of lmlab and of the reference: fp32 (default), or "
+                             "bf16 (lmlab's bfloat16 matmul operands, transformers' model in "
+                             "bfloat16)")
 
 
 def run_bench_generate(args) -> list:
@@ -165,7 +169,8 @@ def run_bench_generate(args) -> list:
     checks.check_values(prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     rows = trainbench.bench_generate(args.n_layer, args.n_head, args.n_embd, args.block_size,
                                      prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                     vocab_size=args.vocab_size, threads=args.threads)
+                                     vocab_size=args.vocab_size, threads=args.threads,
+                                     precision=args.precision)
     for r in rows:
         if args.json:
             print(json.dumps(r))
