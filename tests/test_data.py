@@ -461,6 +461,54 @@ def test_a_damaged_record_does_not_stop_the_removal(tmp_path, clock):
     assert json.loads(record.read_text())["cache"] in _caches(cache)
 
 
+def test_a_deleted_corpus_loses_its_record_and_caches_after_the_grace_period(tmp_path, clock):
+    """A record whose corpus was deleted or moved stayed for good, and with it every cache it
+    named. Once its path names nothing and it is untouched for the grace period, it goes, and so
+    do its caches, unless another path, a glob, or a built-in corpus still gives them."""
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    gone = _write(tmp_path / "gone.txt", "hello world\n" * 50)
+    _tokenize(gone, tok, cache)
+    _write(gone, "hello\n" * 50)
+    _tokenize(gone, tok, cache)
+    gone_caches = _caches(cache)
+    shared = _write(tmp_path / "shared.txt", "world\n" * 50)
+    twin = _write(tmp_path / "twin.txt", "world\n" * 50)
+    _tokenize(shared, tok, cache)
+    _tokenize(twin, tok, cache)
+    [shared_cache] = _caches(cache) - gone_caches
+    _write(tmp_path / "books" / "a.txt", "hello world!\n" * 50)
+    _tokenize(tmp_path / "books" / "*.txt", tok, cache)  # a glob, which no path is
+    kept = _caches(cache) - gone_caches
+    records = len(list((cache / "tokens" / "sources").glob("*.json")))
+    gone.unlink()
+    shared.unlink()
+    _tokenize(twin, tok, cache)
+    assert _caches(cache) == gone_caches | kept  # within the grace period: all stay
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _tokenize(twin, tok, cache)
+    assert _caches(cache) == kept and shared_cache in kept  # twin.txt still gives it
+    assert len(list((cache / "tokens" / "sources").glob("*.json"))) == records - 2
+    # A moved corpus comes back as it was: tokenized again, the cache is its own once more.
+    _write(gone, "hello\n" * 50)
+    _tokenize(gone, tok, cache)
+    assert len(_caches(cache)) == len(kept) + 1
+
+
+def test_a_builtin_corpus_record_is_never_removed(tmp_path, clock):
+    text = load_corpus("builtin:shakespeare")
+    tok = train_tokenizer(text, "char")
+    cache = tmp_path / "tc"
+    tokenize_corpus("builtin:shakespeare", tok, cache_dir=cache)
+    builtin = _caches(cache)
+    p = _write(tmp_path / "c.txt", "First\n" * 50)
+    _tokenize(p, tok, cache)
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _tokenize(p, tok, cache)
+    assert builtin < _caches(cache)
+    assert len(list((cache / "tokens" / "sources").glob("*.json"))) == 2
+
+
 def test_another_formats_record_is_left_alone_and_keeps_what_it_names(tmp_path, clock):
     """A record of another format (another lmlab version sharing the cache) is not damaged: it
     stays, and so does any cache it names."""

@@ -22,26 +22,29 @@ roles are "user" and "assistant"; each conversation needs at least one assistant
 
 Token caches (tokenize_corpus): a corpus's ids are kept in <cache>/tokens/HASH.int32, HASH naming
 the text, the tokenizer and the unknown-character policy, so an edit gives a new file and the old
-one could never be named again. tokens/sources/ holds one small record per source (the corpus
-path, made absolute, and the tokenizer and policy) saying which cache that source gave last, and
-the caches it gave before ("retired", with when). A retired cache is removed by any later
-tokenization once no record names it as its current cache (the same text reached by another path,
-or by this path again, keeps it) and it has been neither retired nor written for
-TOKEN_CACHE_GRACE_S (a run that read the text just before the edit may still be about to open it).
-No other cache is ever removed: a file no record retired (another version's cache, a file of the
-user's) stays. A damaged record (cut short, edited by hand: JSON that is not a record of this
-format) retires nothing but keeps each cache whose name its bytes hold, as it may be another
-path's claim; its source's next tokenization replaces it, and once untouched for
+one could never be named again. tokens/sources/ holds one small record per source (the corpus path,
+made absolute, and the tokenizer and policy) saying which cache that source gave last, and the
+caches it gave before ("retired", with when). A retired cache is removed by any later tokenization
+once no record names it as its current cache (the same text reached by another path, or by this
+path again, keeps it) and it has been neither retired nor written for TOKEN_CACHE_GRACE_S (a run
+that read the text just before the edit may still be about to open it). A record whose source names
+nothing now (the file or folder deleted or moved away, a glob that matches no file) is removed once
+untouched for TOKEN_CACHE_GRACE_S, its current cache retired with it: the caches it named go as
+retired ones do, unless another path or a built-in corpus gives them (a source that comes back is
+tokenized again). No other cache is ever removed: a file no record retired (another version's
+cache, a file of the user's) stays. A damaged record (cut short, edited by hand: JSON that is not a
+record of this format) retires nothing but keeps each cache whose name its bytes hold, as it may be
+another path's claim; its source's next tokenization replaces it, and once untouched for
 TOKEN_CACHE_GRACE_S it is removed. A record of another format (another lmlab version's) is left
-alone and keeps what it names; one that cannot be read at all (permission) stops all removal,
-since it may name any cache. A run that has the cache mapped keeps reading it after the unlink.
-A built-in corpus's text is assembled by the Python that runs it, and installations sharing a
-cache may each need theirs: each text it gives has a record of its own, which never retires it.
-Records and caches are replaced atomically, so a kill leaves either the old or the new one: at
-worst a retirement is lost and its file stays. Two runs of one path racing an edit (one read the
-text before it, one after) may leave the record naming the older cache; the newer is then
-retired, and if no run uses the path within the grace period, the next one tokenizes it again:
-time lost, never wrong ids. Two runs cleaning at once skip what the other removed first.
+alone and keeps what it names; one that cannot be read at all (permission) stops all removal, since
+it may name any cache. A run that has the cache mapped keeps reading it after the unlink. A
+built-in corpus's text is assembled by the Python that runs it, and installations sharing a cache
+may each need theirs: each text it gives has a record of its own, which never retires it. Records
+and caches are replaced atomically, so a kill leaves either the old or the new one: at worst a
+retirement is lost and its file stays. Two runs of one path racing an edit (one read the text
+before it, one after) may leave the record naming the older cache; the newer is then retired, and
+if no run uses the path within the grace period, the next one tokenizes it again: time lost, never
+wrong ids. Two runs cleaning at once skip what the other removed first.
 """
 
 from __future__ import annotations
@@ -382,10 +385,11 @@ def _is_cache_name(name) -> bool:
 
 
 def _remove_stale_records_and_caches(tokens_dir: str, now: float) -> None:
-    """Remove the damaged source records untouched for TOKEN_CACHE_GRACE_S, then each cache some
-    valid record retired that no record names now, once it has been neither retired nor written
-    for TOKEN_CACHE_GRACE_S (module docstring). A run that has it mapped keeps reading it. Another
-    process may be doing the same: a file gone between the listing and its use is skipped."""
+    """Remove the source records untouched for TOKEN_CACHE_GRACE_S that are damaged or whose
+    source is gone, then each cache some valid record retired (or a removed record named) that no
+    record names now, once it has been neither retired nor written for TOKEN_CACHE_GRACE_S
+    (module docstring). A run that has it mapped keeps reading it. Another process may be doing
+    the same: a file gone between the listing and its use is skipped."""
     records_dir = os.path.join(tokens_dir, "sources")
     try:
         names = [n for n in os.listdir(records_dir) if _SOURCE_RECORD_NAME.fullmatch(n)]
@@ -402,13 +406,20 @@ def _remove_stale_records_and_caches(tokens_dir: str, now: float) -> None:
         except OSError:
             return  # it may give any cache: remove none until it can be read or is gone
         except _UnusableRecord as e:
-            if e.foreign or not _remove_if_unchanged(path, seen, now):
+            old = now - seen.st_mtime >= TOKEN_CACHE_GRACE_S
+            if e.foreign or not (old and _remove_if_unchanged(path, seen)):
                 current.update(e.names)  # it may still give them
             continue
         if record is None:
             continue
-        current.add(record["cache"])
-        for cache, since in record["retired"].items():
+        old = now - seen.st_mtime >= TOKEN_CACHE_GRACE_S
+        if old and _source_gone(record["source"]) and _remove_if_unchanged(path, seen):
+            # No run can read its source now: the cache it gave last is retired with the record.
+            retiring = {**record["retired"], record["cache"]: seen.st_mtime}
+        else:
+            current.add(record["cache"])
+            retiring = record["retired"]
+        for cache, since in retiring.items():
             retired_at[cache] = max(since, retired_at.get(cache, since))
     for cache, since in retired_at.items():
         if cache in current:
@@ -421,12 +432,25 @@ def _remove_stale_records_and_caches(tokens_dir: str, now: float) -> None:
             pass  # gone already, or not ours to remove
 
 
-def _remove_if_unchanged(path: str, seen: os.stat_result, now: float) -> bool:
-    """Remove the file `path` if it was last written TOKEN_CACHE_GRACE_S or more before `now` and
-    is still the file `seen` was taken of (not rewritten since by another process); whether it is
-    gone now."""
-    if now - seen.st_mtime < TOKEN_CACHE_GRACE_S:
+def _source_gone(source: str) -> bool:
+    """Whether a record's source names nothing now: its path deleted or moved away, or a glob
+    that matches no file. A built-in corpus, or a path that cannot be checked (permission), is
+    not gone."""
+    if source.startswith("builtin:"):
         return False
+    try:
+        os.lstat(source)
+        return False
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return False
+    return not (glob.has_magic(source) and next(glob.iglob(source, recursive=True), None))
+
+
+def _remove_if_unchanged(path: str, seen: os.stat_result) -> bool:
+    """Remove the file `path` if it is still the file `seen` was taken of (not replaced since by
+    another process's write); whether it is gone now."""
     try:
         st = os.stat(path)
         if (st.st_ino, st.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
