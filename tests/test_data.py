@@ -509,6 +509,57 @@ def test_a_builtin_corpus_record_is_never_removed(tmp_path, clock):
     assert len(list((cache / "tokens" / "sources").glob("*.json"))) == 2
 
 
+def test_two_cleanups_at_once_skip_what_the_other_removed(tmp_path, clock, monkeypatch):
+    """Another run cleaning the same cache may remove a record or a cache between this run's
+    listing and its use of it: the cleanup skips it and never fails."""
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    gone = _write(tmp_path / "gone.txt", "hello world\n" * 50)
+    _tokenize(gone, tok, cache)
+    gone.unlink()
+    p = _write(tmp_path / "c.txt", "hello\n" * 50)
+    _tokenize(p, tok, cache)
+    _write(p, "world\n" * 50)
+    _tokenize(p, tok, cache)
+    _write(cache / "tokens" / "sources" / ("cd" * 20 + ".json"), "{not json")
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    real_listdir, real_read = os.listdir, data._read_source_record
+
+    def listdir(path):  # a record listed, then removed before it is read
+        return real_listdir(path) + (["00" * 20 + ".json"] if path.endswith("sources") else [])
+
+    def read_then_lose(path):  # each record, and every cache, removed by the other run once read
+        try:
+            return real_read(path)
+        finally:
+            os.unlink(path)
+            for cache_file in (cache / "tokens").glob("*.int32"):
+                cache_file.unlink()
+
+    monkeypatch.setattr(data.os, "listdir", listdir)
+    monkeypatch.setattr(data, "_read_source_record", read_then_lose)
+    data._remove_stale_records_and_caches(str(cache / "tokens"), clock.now)
+    assert not list((cache / "tokens" / "sources").glob("*.json")) and not _caches(cache)
+
+
+def test_record_writes_a_kill_cut_short_are_swept(tmp_path, monkeypatch):
+    """A record is written atomically: a kill leaves the previous record and a temporary file,
+    which the write of that record sweeps. A record that is never written again (its corpus
+    deleted) left it for good; the cleanup now sweeps it once abandoned."""
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    _tokenize(p, tok, cache)
+    record = _record_of(cache)
+    before = record.read_bytes()
+    torn = _write(record.parent / f".{record.name}.x1y2z3.tmp", b'{"format": "lmlab-tok')
+    long_ago = time.time() - data.ABANDONED_AFTER_S - 1
+    os.utime(torn, (long_ago, long_ago))
+    fresh = _write(record.parent / ".other.json.a1b2c3.tmp", b"{")  # a write going on now
+    _tokenize(_write(tmp_path / "d.txt", "world\n" * 50), tok, cache)
+    assert not torn.exists() and fresh.exists() and record.read_bytes() == before
+
+
 def test_another_formats_record_is_left_alone_and_keeps_what_it_names(tmp_path, clock):
     """A record of another format (another lmlab version sharing the cache) is not damaged: it
     stays, and so does any cache it names."""

@@ -40,11 +40,12 @@ alone and keeps what it names; one that cannot be read at all (permission) stops
 it may name any cache. A run that has the cache mapped keeps reading it after the unlink. A
 built-in corpus's text is assembled by the Python that runs it, and installations sharing a cache
 may each need theirs: each text it gives has a record of its own, which never retires it. Records
-and caches are replaced atomically, so a kill leaves either the old or the new one: at worst a
-retirement is lost and its file stays. Two runs of one path racing an edit (one read the text
-before it, one after) may leave the record naming the older cache; the newer is then retired, and
-if no run uses the path within the grace period, the next one tokenizes it again: time lost, never
-wrong ids. Two runs cleaning at once skip what the other removed first.
+and caches are replaced atomically, so a kill leaves either the old or the new one, and a temporary
+file that the cleanup removes once abandoned (files.remove_abandoned): at worst a retirement is
+lost and its file stays. Two runs of one path racing an edit (one read the text before it, one
+after) may leave the record naming the older cache; the newer is then retired, and if no run uses
+the path within the grace period, the next one tokenizes it again: time lost, never wrong ids. Two
+runs cleaning at once skip what the other removed first.
 """
 
 from __future__ import annotations
@@ -391,6 +392,8 @@ def _remove_stale_records_and_caches(tokens_dir: str, now: float) -> None:
     (module docstring). A run that has it mapped keeps reading it. Another process may be doing
     the same: a file gone between the listing and its use is skipped."""
     records_dir = os.path.join(tokens_dir, "sources")
+    # A killed write of a record its source never writes again (deleted) leaves its temporary file.
+    remove_abandoned(records_dir, ".")
     try:
         names = [n for n in os.listdir(records_dir) if _SOURCE_RECORD_NAME.fullmatch(n)]
     except OSError:
