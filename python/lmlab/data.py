@@ -240,9 +240,10 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     The ids are cached in `cache_dir` (default $LMLAB_CACHE or ~/.cache/lmlab) under tokens/, in a
     file named by a hash of the corpus text, the tokenizer.json and the unknown-character policy:
     the second call with the same inputs reads the cache, and any change to the text or the
-    tokenizer tokenises afresh. The cache a corpus path gave before an edit is removed by a later
-    call once no path (or built-in corpus) gives it any more and TOKEN_CACHE_GRACE_S has passed
-    since (the rule, and what is never removed: the module docstring). A cache file that is
+    tokenizer tokenises afresh. The cache a corpus path gave before an edit, or before the corpus
+    was deleted, is removed by a later call once no path (or built-in corpus) gives it any more
+    and TOKEN_CACHE_GRACE_S has passed since (the rule, and what is never removed: the module
+    docstring). A cache file that is
     truncated, damaged or of another format (its header's count and SHA-256 do not match its ids)
     is rebuilt; a cache that cannot be written (disk full, permission) is skipped with a note.
     `unknown` ("error", "replace", "skip") overrides the tokenizer's policy for characters it
@@ -403,19 +404,18 @@ def _remove_stale_records_and_caches(tokens_dir: str, now: float) -> None:
         path = os.path.join(records_dir, name)
         try:
             seen = os.stat(path)
+            old = now - seen.st_mtime >= TOKEN_CACHE_GRACE_S  # no run may be about to use it
             record = _read_source_record(path)
         except FileNotFoundError:
             continue  # removed since the listing
         except OSError:
             return  # it may give any cache: remove none until it can be read or is gone
         except _UnusableRecord as e:
-            old = now - seen.st_mtime >= TOKEN_CACHE_GRACE_S
             if e.foreign or not (old and _remove_if_unchanged(path, seen)):
                 current.update(e.names)  # it may still give them
             continue
         if record is None:
             continue
-        old = now - seen.st_mtime >= TOKEN_CACHE_GRACE_S
         if old and _source_gone(record["source"]) and _remove_if_unchanged(path, seen):
             # No run can read its source now: the cache it gave last is retired with the record.
             retiring = {**record["retired"], record["cache"]: seen.st_mtime}
