@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -361,10 +362,9 @@ def test_a_builtin_corpus_keeps_its_cache_when_a_file_with_its_text_is_edited(tm
     assert tok.calls == calls and again.tolist() == first.tolist()
 
 
-def test_files_no_record_retired_and_damaged_records_are_left_alone(tmp_path, monkeypatch):
+def test_files_no_record_retired_are_left_alone(tmp_path, monkeypatch):
     """Only a cache some source record retired is ever removed: a cache file written by an
-    earlier version (named by no record) and any other file stay, and a record that cannot be
-    read stops all removal (it may name any cache) until it is rewritten or gone."""
+    earlier version (named by no record) and any other file stay."""
     monkeypatch.setattr(data, "TOKEN_CACHE_GRACE_S", 0.0)
     p = _write(tmp_path / "c.txt", "hello world\n" * 50)
     tok = train_tokenizer("hello world!\n", "char")
@@ -373,12 +373,8 @@ def test_files_no_record_retired_and_damaged_records_are_left_alone(tmp_path, mo
     retired = _caches(cache)
     legacy = _write(cache / "tokens" / ("ab" * 20 + ".int32"), b"an older lmlab's cache")
     notes = _write(cache / "tokens" / "notes.txt", "mine")
-    damaged = _write(cache / "tokens" / "sources" / ("cd" * 20 + ".json"), "{not json")
     foreign = _write(cache / "tokens" / "sources" / "README", "not a record")
     _write(p, "hello world!\n" * 50)
-    _tokenize(p, tok, cache)
-    assert retired < _caches(cache)  # the damaged record stops the removal
-    damaged.unlink()
     _tokenize(p, tok, cache)
     assert not retired & _caches(cache)
     assert legacy.exists() and notes.exists() and foreign.exists()
@@ -386,16 +382,199 @@ def test_files_no_record_retired_and_damaged_records_are_left_alone(tmp_path, mo
     victim = _write(tmp_path / "victim.int32", b"precious")
     record = {"format": "lmlab-token-source-v1", "source": "x", "cache": "ab" * 20 + ".int32",
               "retired": [{"cache": "../../victim.int32", "since": 0}]}
-    _write(damaged, json.dumps(record))
+    edited = _write(cache / "tokens" / "sources" / ("cd" * 20 + ".json"), json.dumps(record))
     _write(p, "hello\n" * 50)
     _tokenize(p, tok, cache)
-    assert victim.exists() and len(_caches(cache)) == 3
+    assert victim.exists() and not edited.exists()  # a damaged record, past the grace period
     # Nor is one with a time no float holds: it is refused, not a crash.
     record["retired"] = [{"cache": "ef" * 20 + ".int32", "since": 10 ** 400}]
-    _write(damaged, json.dumps(record))
+    _write(edited, json.dumps(record))
     _write(p, "hello world\n" * 50)
     _tokenize(p, tok, cache)
-    assert len(_caches(cache)) == 4
+    assert legacy.exists() and not edited.exists()
+
+
+class _Clock:
+    """data's clock, moved on by hand: the grace period passes without a test waiting for it."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def time(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(data, "time", clock)
+    return clock
+
+
+def _written_now(path, clock):
+    """path, its mtime set to the clock's now: written within the grace period."""
+    os.utime(path, (clock.now, clock.now))
+    return path
+
+
+def _record_of(cache):
+    [record] = (cache / "tokens" / "sources").glob("*.json")
+    return record
+
+
+def test_a_damaged_record_does_not_stop_the_removal(tmp_path, clock):
+    """A source record that is not one (cut short, edited by hand) stopped every removal for
+    good: it could name any cache. Now it keeps only the caches it mentions, is replaced the
+    next time its source is tokenized, and is removed once untouched for the grace period."""
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    _tokenize(p, tok, cache)
+    [first] = _caches(cache)
+    _write(p, "hello world!\n" * 50)
+    _tokenize(p, tok, cache)
+    [second] = _caches(cache) - {first}
+    sources = cache / "tokens" / "sources"
+    garbage = _write(sources / ("cd" * 20 + ".json"), "{not json")
+    cut_short = _write(sources / ("ef" * 20 + ".json"),
+                       '{"format": "lmlab-token-source-v1", "source": "/x", "cache": "' + second)
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _written_now(garbage, clock)
+    _written_now(cut_short, clock)
+    _tokenize(p, tok, cache)
+    assert _caches(cache) == {second}  # the retired cache went; the damaged records stay
+    assert garbage.exists() and cut_short.exists()
+    _write(p, "hello\n" * 50)
+    _tokenize(p, tok, cache)
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _written_now(cut_short, clock)
+    _tokenize(p, tok, cache)
+    # The record cut short may be the claim of a path giving the same text: its cache stays.
+    assert second in _caches(cache) and not garbage.exists() and cut_short.exists()
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _tokenize(p, tok, cache)
+    assert len(_caches(cache)) == 1 and not cut_short.exists()
+    # A source whose own record is damaged writes it afresh.
+    record = _record_of(cache)
+    _write(record, "{")
+    _tokenize(p, tok, cache)
+    assert json.loads(record.read_text())["cache"] in _caches(cache)
+
+
+def test_a_deleted_corpus_loses_its_record_and_caches_after_the_grace_period(tmp_path, clock):
+    """A record whose corpus was deleted or moved stayed for good, and with it every cache it
+    named. Once its path names nothing and it is untouched for the grace period, it goes, and so
+    do its caches, unless another path, a glob, or a built-in corpus still gives them."""
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    gone = _write(tmp_path / "gone.txt", "hello world\n" * 50)
+    _tokenize(gone, tok, cache)
+    _write(gone, "hello\n" * 50)
+    _tokenize(gone, tok, cache)
+    gone_caches = _caches(cache)
+    shared = _write(tmp_path / "shared.txt", "world\n" * 50)
+    twin = _write(tmp_path / "twin.txt", "world\n" * 50)
+    _tokenize(shared, tok, cache)
+    _tokenize(twin, tok, cache)
+    [shared_cache] = _caches(cache) - gone_caches
+    _write(tmp_path / "books" / "a.txt", "hello world!\n" * 50)
+    _tokenize(tmp_path / "books" / "*.txt", tok, cache)  # a glob, which no path is
+    kept = _caches(cache) - gone_caches
+    records = len(list((cache / "tokens" / "sources").glob("*.json")))
+    gone.unlink()
+    shared.unlink()
+    _tokenize(twin, tok, cache)
+    assert _caches(cache) == gone_caches | kept  # within the grace period: all stay
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _tokenize(twin, tok, cache)
+    assert _caches(cache) == kept and shared_cache in kept  # twin.txt still gives it
+    assert len(list((cache / "tokens" / "sources").glob("*.json"))) == records - 2
+    # A moved corpus comes back as it was: tokenized again, the cache is its own once more.
+    _write(gone, "hello\n" * 50)
+    _tokenize(gone, tok, cache)
+    assert len(_caches(cache)) == len(kept) + 1
+
+
+def test_a_builtin_corpus_record_is_never_removed(tmp_path, clock):
+    text = load_corpus("builtin:shakespeare")
+    tok = train_tokenizer(text, "char")
+    cache = tmp_path / "tc"
+    tokenize_corpus("builtin:shakespeare", tok, cache_dir=cache)
+    builtin = _caches(cache)
+    p = _write(tmp_path / "c.txt", "First\n" * 50)
+    _tokenize(p, tok, cache)
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _tokenize(p, tok, cache)
+    assert builtin < _caches(cache)
+    assert len(list((cache / "tokens" / "sources").glob("*.json"))) == 2
+
+
+def test_two_cleanups_at_once_skip_what_the_other_removed(tmp_path, clock, monkeypatch):
+    """Another run cleaning the same cache may remove a record or a cache between this run's
+    listing and its use of it: the cleanup skips it and never fails."""
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    gone = _write(tmp_path / "gone.txt", "hello world\n" * 50)
+    _tokenize(gone, tok, cache)
+    gone.unlink()
+    p = _write(tmp_path / "c.txt", "hello\n" * 50)
+    _tokenize(p, tok, cache)
+    _write(p, "world\n" * 50)
+    _tokenize(p, tok, cache)
+    _write(cache / "tokens" / "sources" / ("cd" * 20 + ".json"), "{not json")
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    real_listdir, real_read = os.listdir, data._read_source_record
+
+    def listdir(path):  # a record listed, then removed before it is read
+        return real_listdir(path) + (["00" * 20 + ".json"] if path.endswith("sources") else [])
+
+    def read_then_lose(path):  # each record, and every cache, removed by the other run once read
+        try:
+            return real_read(path)
+        finally:
+            os.unlink(path)
+            for cache_file in (cache / "tokens").glob("*.int32"):
+                cache_file.unlink()
+
+    monkeypatch.setattr(data.os, "listdir", listdir)
+    monkeypatch.setattr(data, "_read_source_record", read_then_lose)
+    data._remove_stale_records_and_caches(str(cache / "tokens"), clock.now)
+    assert not list((cache / "tokens" / "sources").glob("*.json")) and not _caches(cache)
+
+
+def test_record_writes_a_kill_cut_short_are_swept(tmp_path, monkeypatch):
+    """A record is written atomically: a kill leaves the previous record and a temporary file,
+    which the write of that record sweeps. A record that is never written again (its corpus
+    deleted) left it for good; the cleanup now sweeps it once abandoned."""
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    _tokenize(p, tok, cache)
+    record = _record_of(cache)
+    before = record.read_bytes()
+    torn = _write(record.parent / f".{record.name}.x1y2z3.tmp", b'{"format": "lmlab-tok')
+    long_ago = time.time() - data.ABANDONED_AFTER_S - 1
+    os.utime(torn, (long_ago, long_ago))
+    fresh = _write(record.parent / ".other.json.a1b2c3.tmp", b"{")  # a write going on now
+    _tokenize(_write(tmp_path / "d.txt", "world\n" * 50), tok, cache)
+    assert not torn.exists() and fresh.exists() and record.read_bytes() == before
+
+
+def test_another_formats_record_is_left_alone_and_keeps_what_it_names(tmp_path, clock):
+    """A record of another format (another lmlab version sharing the cache) is not damaged: it
+    stays, and so does any cache it names."""
+    p = _write(tmp_path / "c.txt", "hello world\n" * 50)
+    tok = train_tokenizer("hello world!\n", "char")
+    cache = tmp_path / "tc"
+    _tokenize(p, tok, cache)
+    [first] = _caches(cache)
+    other = _write(cache / "tokens" / "sources" / ("cd" * 20 + ".json"),
+                   json.dumps({"format": "lmlab-token-source-v9", "caches": [first]}))
+    _write(p, "hello world!\n" * 50)
+    _tokenize(p, tok, cache)
+    clock.now += data.TOKEN_CACHE_GRACE_S + 1
+    _tokenize(p, tok, cache)
+    assert first in _caches(cache) and other.exists()
 
 
 def test_tokenize_corpus_default_cache_dir_is_env(tmp_path):

@@ -22,21 +22,30 @@ roles are "user" and "assistant"; each conversation needs at least one assistant
 
 Token caches (tokenize_corpus): a corpus's ids are kept in <cache>/tokens/HASH.int32, HASH naming
 the text, the tokenizer and the unknown-character policy, so an edit gives a new file and the old
-one could never be named again. tokens/sources/ holds one small record per source (the corpus
-path, made absolute, and the tokenizer and policy) saying which cache that source gave last, and
-the caches it gave before ("retired", with when). A retired cache is removed by any later
-tokenization once no record names it as its current cache (the same text reached by another path,
-or by this path again, keeps it) and it has been neither retired nor written for
-TOKEN_CACHE_GRACE_S (a run that read the text just before the edit may still be about to open it).
-Nothing else is ever removed: a file no record retired (another version's cache, a file of the
-user's) stays, and a record that cannot be read stops all removal, since it may name any cache. A
-run that has the cache mapped keeps reading it after the unlink. A built-in corpus's text is
-assembled by the Python that runs it, and installations sharing a cache may each need theirs: each
-text it gives has a record of its own, which never retires it. Records and caches are replaced
-atomically, so a kill leaves either the old or the new one: at worst a retirement is lost and its
-file stays. Two runs of one path racing an edit (one read the text before it, one after) may leave
-the record naming the older cache; the newer is then retired, and if no run uses the path within
-the grace period, the next one tokenizes it again: time lost, never wrong ids.
+one could never be named again. tokens/sources/ holds one small record per source (the corpus path,
+made absolute, and the tokenizer and policy) saying which cache that source gave last, and the
+caches it gave before ("retired", with when). A retired cache is removed by any later tokenization
+once no record names it as its current cache (the same text reached by another path, or by this
+path again, keeps it) and it has been neither retired nor written for TOKEN_CACHE_GRACE_S (a run
+that read the text just before the edit may still be about to open it). A record whose source names
+nothing now (the file or folder deleted or moved away, a glob that matches no file) is removed once
+untouched for TOKEN_CACHE_GRACE_S, its current cache retired with it: the caches it named go as
+retired ones do, unless another path or a built-in corpus gives them (a source that comes back is
+tokenized again). No other cache is ever removed: a file no record retired (another version's
+cache, a file of the user's) stays. A damaged record (cut short, edited by hand: JSON that is not a
+record of this format) retires nothing but keeps each cache whose name its bytes hold, as it may be
+another path's claim; its source's next tokenization replaces it, and once untouched for
+TOKEN_CACHE_GRACE_S it is removed. A record of another format (another lmlab version's) is left
+alone and keeps what it names; one that cannot be read at all (permission) stops all removal, since
+it may name any cache. A run that has the cache mapped keeps reading it after the unlink. A
+built-in corpus's text is assembled by the Python that runs it, and installations sharing a cache
+may each need theirs: each text it gives has a record of its own, which never retires it. Records
+and caches are replaced atomically, so a kill leaves either the old or the new one, and a temporary
+file that the cleanup removes once abandoned (files.remove_abandoned): at worst a retirement is
+lost and its file stays. Two runs of one path racing an edit (one read the text before it, one
+after) may leave the record naming the older cache; the newer is then retired, and if no run uses
+the path within the grace period, the next one tokenizes it again: time lost, never wrong ids. Two
+runs cleaning at once skip what the other removed first.
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ _TOKENS_FORMAT = b"lmlab-tokens-v2"
 _TOKENS_MAGIC = b"LMLABTOK"
 _TOKENS_HEADER = 64
 _CACHE_NAME = re.compile(r"[0-9a-f]{40}\.int32")
+_CACHE_NAME_BYTES = re.compile(_CACHE_NAME.pattern.encode("ascii"))
 _SOURCE_FORMAT = "lmlab-token-source-v1"
 _SOURCE_RECORD_NAME = re.compile(r"[0-9a-f]{40}\.json")
 # How long a retired token cache stays after it was retired or last written (module docstring).
@@ -230,9 +240,10 @@ def tokenize_corpus(spec, tokenizer, cache_dir=None, *, unknown: str | None = No
     The ids are cached in `cache_dir` (default $LMLAB_CACHE or ~/.cache/lmlab) under tokens/, in a
     file named by a hash of the corpus text, the tokenizer.json and the unknown-character policy:
     the second call with the same inputs reads the cache, and any change to the text or the
-    tokenizer tokenises afresh. The cache a corpus path gave before an edit is removed by a later
-    call once no path (or built-in corpus) gives it any more and TOKEN_CACHE_GRACE_S has passed
-    since (the rule, and what is never removed: the module docstring). A cache file that is
+    tokenizer tokenises afresh. The cache a corpus path gave before an edit, or before the corpus
+    was deleted, is removed by a later call once no path (or built-in corpus) gives it any more
+    and TOKEN_CACHE_GRACE_S has passed since (the rule, and what is never removed: the module
+    docstring). A cache file that is
     truncated, damaged or of another format (its header's count and SHA-256 do not match its ids)
     is rebuilt; a cache that cannot be written (disk full, permission) is skipped with a note.
     `unknown` ("error", "replace", "skip") overrides the tokenizer's policy for characters it
@@ -303,8 +314,8 @@ def _record_source(tokens_dir: str, spec, tokenizer_text: str, policy: str,
     now = time.time()
     try:
         previous = _read_source_record(record_path)
-    except ValueError:
-        previous = None  # damaged: this write replaces it
+    except (_UnusableRecord, OSError):
+        previous = None  # damaged or unreadable: this write replaces it
     retired = dict(previous["retired"]) if previous else {}
     if previous and previous["cache"] != cache_name:
         retired[previous["cache"]] = now
@@ -320,30 +331,45 @@ def _record_source(tokens_dir: str, spec, tokenizer_text: str, policy: str,
             atomic_write_json(record_path, record)
         except (OSError, CheckpointError):
             return  # our claim on cache_name is not on disk: remove nothing this time
-    _remove_retired_caches(tokens_dir, now)
+    _remove_stale_records_and_caches(tokens_dir, now)
+
+
+class _UnusableRecord(ValueError):
+    """A file in tokens/sources/ that is not a source record this version can use. `names`: the
+    cache names its bytes mention, which it may still give; `foreign`: a record of another format
+    (another lmlab version's), left alone, where any other is damaged (module docstring)."""
+
+    def __init__(self, message: str, names: set, foreign: bool):
+        super().__init__(message)
+        self.names, self.foreign = names, foreign
 
 
 def _read_source_record(path: str):
-    """A source record as {"cache": name, "retired": {name: since}}, or None when there is none;
-    ValueError when it is unreadable or not a record this version writes."""
+    """A source record as {"source": path or builtin:NAME, "cache": name, "retired": {name:
+    since}}, or None when there is none; _UnusableRecord when it is damaged or another format's,
+    OSError when it cannot be read."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise ValueError(f"cannot read {path} ({e.strerror})") from None
+    names = {m.decode("ascii") for m in _CACHE_NAME_BYTES.findall(raw)}
     try:
         saved = parse_json(raw)
     except JSONTextError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise _UnusableRecord(f"{path}: {e}", names, foreign=False) from None
+    if isinstance(saved, dict) and isinstance(saved.get("format"), str) \
+            and saved["format"] != _SOURCE_FORMAT:
+        raise _UnusableRecord(f"{path} is a record of another format ({saved['format']})", names,
+                             foreign=True)
     entries = saved.get("retired") if isinstance(saved, dict) else None
-    if not (isinstance(saved, dict) and saved.get("format") == _SOURCE_FORMAT
+    if not (isinstance(saved, dict) and isinstance(saved.get("source"), str)
             and _is_cache_name(saved.get("cache")) and isinstance(entries, list)
             and all(isinstance(e, dict) and _is_cache_name(e.get("cache"))
                     and _is_time(e.get("since")) for e in entries)):
-        raise ValueError(f"{path} is not a token source record")
-    return {"cache": saved["cache"], "retired": {e["cache"]: float(e["since"]) for e in entries}}
+        raise _UnusableRecord(f"{path} is not a token source record", names, foreign=False)
+    return {"source": saved["source"], "cache": saved["cache"],
+            "retired": {e["cache"]: float(e["since"]) for e in entries}}
 
 
 def _is_time(value) -> bool:
@@ -360,24 +386,43 @@ def _is_cache_name(name) -> bool:
     return isinstance(name, str) and _CACHE_NAME.fullmatch(name) is not None
 
 
-def _remove_retired_caches(tokens_dir: str, now: float) -> None:
-    """Remove each cache some record retired that no record gives now, once it has been neither
-    retired nor written for TOKEN_CACHE_GRACE_S. A run that has it mapped keeps reading it."""
+def _remove_stale_records_and_caches(tokens_dir: str, now: float) -> None:
+    """Remove the source records untouched for TOKEN_CACHE_GRACE_S that are damaged or whose
+    source is gone, then each cache some valid record retired (or a removed record named) that no
+    record names now, once it has been neither retired nor written for TOKEN_CACHE_GRACE_S
+    (module docstring). A run that has it mapped keeps reading it. Another process may be doing
+    the same: a file gone between the listing and its use is skipped."""
     records_dir = os.path.join(tokens_dir, "sources")
+    # A killed write of a record its source never writes again (deleted) leaves its temporary file.
+    remove_abandoned(records_dir, ".")
     try:
         names = [n for n in os.listdir(records_dir) if _SOURCE_RECORD_NAME.fullmatch(n)]
     except OSError:
         return
     current, retired_at = set(), {}
     for name in names:
+        path = os.path.join(records_dir, name)
         try:
-            record = _read_source_record(os.path.join(records_dir, name))
-        except ValueError:
-            return  # it may give any cache: remove none until its source rewrites it
+            seen = os.stat(path)
+            old = now - seen.st_mtime >= TOKEN_CACHE_GRACE_S  # no run may be about to use it
+            record = _read_source_record(path)
+        except FileNotFoundError:
+            continue  # removed since the listing
+        except OSError:
+            return  # it may give any cache: remove none until it can be read or is gone
+        except _UnusableRecord as e:
+            if e.foreign or not (old and _remove_if_unchanged(path, seen)):
+                current.update(e.names)  # it may still give them
+            continue
         if record is None:
             continue
-        current.add(record["cache"])
-        for cache, since in record["retired"].items():
+        if old and _source_gone(record["source"]) and _remove_if_unchanged(path, seen):
+            # No run can read its source now: the cache it gave last is retired with the record.
+            retiring = {**record["retired"], record["cache"]: seen.st_mtime}
+        else:
+            current.add(record["cache"])
+            retiring = record["retired"]
+        for cache, since in retiring.items():
             retired_at[cache] = max(since, retired_at.get(cache, since))
     for cache, since in retired_at.items():
         if cache in current:
@@ -388,6 +433,37 @@ def _remove_retired_caches(tokens_dir: str, now: float) -> None:
                 os.unlink(path)
         except OSError:
             pass  # gone already, or not ours to remove
+
+
+def _source_gone(source: str) -> bool:
+    """Whether a record's source names nothing now: its path deleted or moved away, or a glob
+    that matches no file. A built-in corpus, or a path that cannot be checked (permission), is
+    not gone."""
+    if source.startswith("builtin:"):
+        return False
+    try:
+        os.lstat(source)
+        return False
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return False
+    return not (glob.has_magic(source) and next(glob.iglob(source, recursive=True), None))
+
+
+def _remove_if_unchanged(path: str, seen: os.stat_result) -> bool:
+    """Remove the file `path` if it is still the file `seen` was taken of (not replaced since by
+    another process's write); whether it is gone now."""
+    try:
+        st = os.stat(path)
+        if (st.st_ino, st.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _stream_files(spec, stream) -> list:
