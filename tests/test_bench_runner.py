@@ -302,3 +302,33 @@ def test_bench_generate_past_the_block_says_transformers_cannot_follow(capsys):
     assert len(lines) == 3 and "transformers" not in lines[0] + lines[1]
     assert lines[2] == ("(no reference: transformers' GPT-2 reads at most block_size (32) "
                         "positions, and --prompt-len + --new-tokens is 44; lmlab slides its window)")
+
+
+def test_bench_kernels_runs_torch_on_the_bench_thread_count(monkeypatch):
+    """The bf16 matmul reference ran on torch's own thread count (every core), not --threads, so
+    its ratio set lmlab on N threads against torch on all; torch's count is restored after. Here
+    torch and lmlab share one OpenMP runtime, which hides it: torch's pool is modelled as its own
+    (another OpenMP runtime, or MKL's), as it is in other builds."""
+    torch = pytest.importorskip("torch")
+    from lmlab import ops
+
+    torch_pool = {"threads": 3}  # not the bench's count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_pool["threads"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: torch_pool.update(threads=n))
+    seen = {"torch": set(), "lmlab": set()}
+
+    def counted(fn, who, count):
+        def call(*args, **kwargs):
+            seen[who].add(count())
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch, "matmul", counted(torch.matmul, "torch", torch.get_num_threads))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        counted(sdpa, "torch", torch.get_num_threads))
+    for name in ("matmul_forward", "matmul_backward", "softmax_forward", "attention_forward"):
+        monkeypatch.setattr(ops, name, counted(getattr(ops, name), "lmlab", ops.get_num_threads))
+    bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=io.StringIO())
+    assert seen == {"torch": {1}, "lmlab": {1}}
+    assert torch_pool["threads"] == 3
