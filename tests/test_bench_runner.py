@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -332,3 +333,16 @@ def test_bench_kernels_runs_torch_on_the_bench_thread_count(monkeypatch):
     bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=io.StringIO())
     assert seen == {"torch": {1}, "lmlab": {1}}
     assert torch_pool["threads"] == 3
+
+
+def test_bench_kernels_help_states_the_repeat_a_run_uses(capsys):
+    """--help said "default 5" while --shapes tiny takes 2: the help names each shape set's."""
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    stated = re.search(r"--repeat REPEAT (.*?) --shapes \{", text).group(1)
+    main(["bench", "kernels", "--threads", "1", "--shapes", "tiny"])
+    used = re.search(r"best of (\d+)", capsys.readouterr().out).group(1)
+    assert f"{used} for tiny" in stated
+    for shapes, repeat in bench.DEFAULT_REPEAT.items():
+        assert f"{repeat} for {shapes}" in stated
