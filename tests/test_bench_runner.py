@@ -346,3 +346,17 @@ def test_bench_kernels_help_states_the_repeat_a_run_uses(capsys):
     assert f"{used} for tiny" in stated
     for shapes, repeat in bench.DEFAULT_REPEAT.items():
         assert f"{repeat} for {shapes}" in stated
+
+
+def test_bench_train_refuses_a_model_too_large_before_any_child(monkeypatch, capsys):
+    """A model past lmlab's parameter limit was refused only inside each measurement's child, as
+    "the lmlab fp32 run failed (exit 1): ValueError: ..."; it is the run's own error now."""
+    from lmlab import trainbench
+
+    def child(*args):
+        raise AssertionError("a child was started")
+    monkeypatch.setattr(trainbench, "_child", child)
+    assert main(["bench", "train", "--impl", "lmlab", "--n-head", "1", "--n-embd", "65536"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab bench train: error: the config describes ") and err.count("\n") == 1
+    assert "parameters" in err and "more than the 2,147,483,648 an lmlab GPT may have" in err
