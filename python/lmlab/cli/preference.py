@@ -188,14 +188,14 @@ def _check_eval(args) -> None:
                         eval_max_new_tokens=args.eval_max_new_tokens)
     if args.eval_judge is not None:
         make_judge(args.eval_judge)
-        # against the parent's block (the tuned run keeps it): too long an answer was refused
-        # only when the eval sampled, after the whole training
-        check_answer_fits("eval_max_new_tokens", args.eval_max_new_tokens,
-                          read_config(args.parent)["model"]["block_size"])
         if args.eval_prompts is not None:
             # with the parent's tokenizer (the tuned run keeps it): a prompt it cannot encode
             # stopped the eval after the whole training
             read_prompts(args.eval_prompts, tokenizer=load_tokenizer(args.parent))
+        # against the parent's block (the tuned run keeps it): too long an answer, too, was
+        # refused only when the eval sampled
+        check_answer_fits("eval_max_new_tokens", args.eval_max_new_tokens,
+                          read_config(args.parent)["model"]["block_size"])
 
 
 def cmd_reward(args) -> int:
