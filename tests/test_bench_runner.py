@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -316,3 +317,60 @@ def test_bench_generate_past_the_block_says_transformers_cannot_follow(capsys):
     assert len(lines) == 3 and "transformers" not in lines[0] + lines[1]
     assert lines[2] == ("(no reference: transformers' GPT-2 reads at most block_size (32) "
                         "positions, and --prompt-len + --new-tokens is 44; lmlab slides its window)")
+
+
+def test_bench_kernels_runs_torch_on_the_bench_thread_count(monkeypatch):
+    """The bf16 matmul reference ran on torch's own thread count (every core), not --threads, so
+    its ratio set lmlab on N threads against torch on all; torch's count is restored after. Here
+    torch and lmlab share one OpenMP runtime, which hides it: torch's pool is modelled as its own
+    (another OpenMP runtime, or MKL's), as it is in other builds."""
+    torch = pytest.importorskip("torch")
+    from lmlab import ops
+
+    torch_pool = {"threads": 3}  # not the bench's count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_pool["threads"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: torch_pool.update(threads=n))
+    seen = {"torch": set(), "lmlab": set()}
+
+    def counted(fn, who, count):
+        def call(*args, **kwargs):
+            seen[who].add(count())
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch, "matmul", counted(torch.matmul, "torch", torch.get_num_threads))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        counted(sdpa, "torch", torch.get_num_threads))
+    for name in ("matmul_forward", "matmul_backward", "softmax_forward", "attention_forward"):
+        monkeypatch.setattr(ops, name, counted(getattr(ops, name), "lmlab", ops.get_num_threads))
+    bench.bench_kernels(threads=1, shapes="tiny", repeat=1, out=io.StringIO())
+    assert seen == {"torch": {1}, "lmlab": {1}}
+    assert torch_pool["threads"] == 3
+
+
+def test_bench_kernels_help_states_the_repeat_a_run_uses(capsys):
+    """--help said "default 5" while --shapes tiny takes 2: the help names each shape set's."""
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    stated = re.search(r"--repeat REPEAT (.*?) --shapes \{", text).group(1)
+    main(["bench", "kernels", "--threads", "1", "--shapes", "tiny"])
+    used = re.search(r"best of (\d+)", capsys.readouterr().out).group(1)
+    assert f"{used} for tiny" in stated
+    for shapes, repeat in bench.DEFAULT_REPEAT.items():
+        assert f"{repeat} for {shapes}" in stated
+
+
+def test_bench_train_refuses_a_model_too_large_before_any_child(monkeypatch, capsys):
+    """A model past lmlab's parameter limit was refused only inside each measurement's child, as
+    "the lmlab fp32 run failed (exit 1): ValueError: ..."; it is the run's own error now."""
+    from lmlab import trainbench
+
+    def child(*args):
+        raise AssertionError("a child was started")
+    monkeypatch.setattr(trainbench, "_child", child)
+    assert main(["bench", "train", "--impl", "lmlab", "--n-head", "1", "--n-embd", "65536"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab bench train: error: the config describes ") and err.count("\n") == 1
+    assert "parameters" in err and "more than the 2,147,483,648 an lmlab GPT may have" in err

@@ -679,6 +679,18 @@ def test_cli_names_the_flag_of_a_refused_setting(tiny, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["x", "1.5"])
+def test_cli_count_flags_refuse_what_is_no_positive_integer_in_words(value, capsys):
+    """--steps x was refused as "invalid _positive_int value: 'x'", the parser's function name."""
+    from lmlab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "descent", "--steps", value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"lmlab demo descent: error: argument --steps: expected an integer >= 1, got {value!r}")
+
+
 def test_cli_names_the_flag_of_text_the_tokenizer_cannot_encode(tiny, tmp_path, capsys):
     """Text holding a character the run's char tokenizer lacks was refused as 'text contains 1
     character ...', naming no flag; the line names the flag the text came from."""

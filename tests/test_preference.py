@@ -840,6 +840,37 @@ def test_an_empty_judge_or_an_eval_option_without_eval_judge_is_refused(tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("verb,extra,flag_name", [
+    ("rank", ["--max-new-tokens", "32"], "--max-new-tokens"),
+    ("rlhf", ["--max-new-tokens", "32"], "--max-new-tokens"),
+    ("dpo", ["--eval-judge", "word:a", "--eval-max-new-tokens", "32"], "--eval-max-new-tokens"),
+    ("rlhf", ["--eval-judge", "word:a", "--eval-max-new-tokens", "32"], "--eval-max-new-tokens")])
+def test_answers_longer_than_the_block_are_refused_naming_the_flag_before_any_work(
+        tmp_path, tok, capsys, verb, extra, flag_name):
+    """An answer as long as the block leaves no room for the prompt. The error named the Python
+    setting (max_new_tokens) for either flag, and --eval-max-new-tokens was refused only when the
+    eval sampled, after the whole training."""
+    from lmlab.checkpoint import save_run
+
+    save_run(tmp_path / "base", _tiny(tok, block_size=32), tok, train_config={})
+    (tmp_path / "p.txt").write_text("the cat \na dog \n")
+    for prompt in ("the cat ", "a dog ", "the bird "):
+        rk.append_ranking(tmp_path / "r.jsonl", {"prompt": prompt, "completions": ["a cat", "the"],
+                                                 "ranking": [0, 1]})
+    data = {"rank": ["--prompts", str(tmp_path / "p.txt"), "--judge", "shorter"],
+            "dpo": ["--rankings", str(tmp_path / "r.jsonl"), "--batch-size", "2"],
+            "rlhf": ["--prompts", str(tmp_path / "p.txt"), "--judge", "shorter", "-k", "2",
+                     "--prompts-per-step", "2"]}[verb]
+    tuning = [] if verb == "rank" else ["--steps", "1", "--no-progress"]
+    out = tmp_path / ("o.jsonl" if verb == "rank" else "o")
+    argv = [verb, str(tmp_path / "base"), *data, "--out", str(out), "--threads", "1", *tuning]
+    assert main([*argv, *extra]) == 2
+    assert capsys.readouterr().err == (
+        f"lmlab {verb}: error: {flag_name} 32 is not allowed: expected an integer from 1 to 31: "
+        "the run's block_size 32 also holds the prompt\n")
+    assert not out.exists()
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 

@@ -434,7 +434,8 @@ def test_a_bad_submission_is_refused_and_writes_nothing(studio, tmp_path, change
 def test_a_round_refuses_too_many_answers_and_too_long_generations(studio):
     for bad, message in [({"k": 1}, "k must be in"), ({"k": 9}, "k must be in"),
                          ({"max_new_tokens": 201}, "max_new_tokens must be in"),
-                         ({"max_new_tokens": 48}, "max_new_tokens must be in 1..47"),
+                         ({"max_new_tokens": 48}, "max_new_tokens=48 is not allowed: expected an "
+                                                  "integer from 1 to 47"),
                          ({"prompt": ""}, "prompt must not be empty")]:
         r = studio.post("/api/rank/round", json={"prompt": "To be", **bad})
         assert r.status_code == 400 and message in r.json()["error"]

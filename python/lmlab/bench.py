@@ -9,8 +9,9 @@ faster, in either unit), reference_name, threads, isa, and max_rel_err (the two 
 normwise, so a fast wrong kernel shows).
 
 Timing is best-of-N wall time after one warm-up call. numpy/OpenBLAS is limited to the same thread
-count as lmlab when threadpoolctl is installed. OpenBLAS reads OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE at
-load: set, they pin slower kernels, so the numpy matmul figures are depressed; a warning says so.
+count as lmlab when threadpoolctl is installed, and every PyTorch reference runs on it too. OpenBLAS
+reads OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE at load: set, they pin slower kernels, so the numpy matmul
+figures are depressed; a warning says so.
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def _best_ms(fn: Callable[[], object], repeat: int) -> float:
 def _rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+@contextlib.contextmanager
+def _torch_threads(torch, n: int) -> Iterator[None]:
+    """PyTorch on `n` threads for the block, its previous count restored after. Setting lmlab's
+    count is not enough: torch's pool may be its own (MKL's, or another OpenMP runtime than
+    lmlab's), and threadpoolctl does not reach it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -224,13 +238,13 @@ def bench_kernels(threads: Optional[int] = None, json_lines: bool = False, shape
         return rng.standard_normal(shape, dtype=np.float32)
 
     with ops.num_threads(threads), _blas_threads(threads):
-        _bench_matmul(record, randn, shapes, repeat)
+        _bench_matmul(record, randn, shapes, threads, repeat)
         _bench_rowwise(record, randn, rng, SIZES[shapes], repeat)
         _bench_attention(record, randn, SIZES[shapes]["attn"], threads, repeat)
     return rows
 
 
-def _bench_matmul(record, randn, shapes, repeat):
+def _bench_matmul(record, randn, shapes, threads, repeat):
     blas = "numpy matmul (" + _blas_name() + ")"
     for M, K, N in MATMUL_SHAPES[shapes]:
         inp, w, dout = randn(M, K), randn(N, K), randn(M, N)
@@ -258,11 +272,11 @@ def _bench_matmul(record, randn, shapes, repeat):
                 e = err()
             record(kernel, shape, lm_ms, ref_ms, blas, e, flops=flops)
         _bench_matmul_bf16(record, inp, w, dout, out, dinp, dw, ref, ref_dinp, ref_dw, flops, shape,
-                           repeat, blas)
+                           threads, repeat, blas)
 
 
 def _bench_matmul_bf16(record, inp, w, dout, out, dinp, dw, ref, ref_dinp, ref_dw, flops, shape,
-                       repeat, blas):
+                       threads, repeat, blas):
     """precision="bf16" rows. The reference is PyTorch's bf16 matmul on tensors already in bf16
     (oneDNN; lmlab's time includes rounding its fp32 inputs) when torch is importable, else the
     fp32 numpy product. max_rel_err is against the fp32 product: the cost of bf16 operands."""
@@ -270,7 +284,9 @@ def _bench_matmul_bf16(record, inp, w, dout, out, dinp, dw, ref, ref_dinp, ref_d
         import torch
     except ImportError:
         torch = None
+    reference_threads = contextlib.nullcontext  # numpy's BLAS: bench_kernels already holds it
     if torch is not None:
+        reference_threads = lambda: _torch_threads(torch, threads)  # noqa: E731
         t_inp, t_w, t_dout = (torch.from_numpy(x).to(torch.bfloat16) for x in (inp, w, dout))
         refs = [lambda: torch.matmul(t_inp, t_w.T), lambda: torch.matmul(t_dout, t_w),
                 lambda: torch.matmul(t_dout.T, t_inp)]
@@ -292,7 +308,9 @@ def _bench_matmul_bf16(record, inp, w, dout, out, dinp, dw, ref, ref_dinp, ref_d
          "weight"),
     ]
     for (kernel, lm, expected, grad), rf in zip(cases, refs):
-        lm_ms, ref_ms = _best_ms(lm, repeat), _best_ms(rf, repeat)
+        lm_ms = _best_ms(lm, repeat)
+        with reference_threads():
+            ref_ms = _best_ms(rf, repeat)
         if grad is None:
             got = out
         else:  # backward accumulates: check one fresh call
@@ -402,9 +420,7 @@ def _bench_attention(record, randn, dims, threads, repeat):
         import torch
     except ImportError:
         return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(torch, threads):
         q, k, v = (torch.from_numpy(np.ascontiguousarray(
             qkv[..., i * C:(i + 1) * C].reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3))).requires_grad_()
             for i in range(3))
@@ -421,5 +437,3 @@ def _bench_attention(record, randn, dims, threads, repeat):
         t_y = o.detach().numpy().transpose(0, 2, 1, 3).reshape(B, T, C)
         record("attention fwd+bwd", shape, ms, _best_ms(torch_step, repeat),
                f"torch {torch.__version__} scaled_dot_product_attention", _rel_err(y, t_y))
-    finally:
-        torch.set_num_threads(prev)

@@ -153,6 +153,14 @@ class _Buffers:
             setattr(self, name, view)
 
 
+def check_parameter_count(config: GPTConfig) -> None:
+    """Refuse (ValueError) a config of more than MAX_PARAMS parameters."""
+    n_params = parameter_count(config)
+    if n_params > MAX_PARAMS:
+        raise ValueError(f"the config describes {n_params:,} parameters ({config}), more than "
+                         f"the {MAX_PARAMS:,} an lmlab GPT may have")
+
+
 class GPT:
     """A GPT-2 language model whose parameters and gradients each live in one flat buffer."""
 
@@ -162,10 +170,7 @@ class GPT:
         checks.check("seed", seed)  # numpy's own refusal would not name the seed
         # Before any table or buffer: a config of terabytes (or of 10**12 layers, whose layout
         # table alone would never finish) is refused, not allocated.
-        n_params = parameter_count(config)
-        if n_params > MAX_PARAMS:
-            raise ValueError(f"the config describes {n_params:,} parameters ({config}), more than "
-                             f"the {MAX_PARAMS:,} an lmlab GPT may have")
+        check_parameter_count(config)
         self.config = cfg = config
         self.matmul_precision = matmul_precision
         layout = parameter_layout(cfg)

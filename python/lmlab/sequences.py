@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .chat import answer_stop_ids, crop_context, template_of, turn_ids, user_turn
+from .checks import SettingError
 from .sample import generate
 
 def _encode(tok, text: str) -> np.ndarray:
@@ -151,11 +152,18 @@ def sigmoid(z):
     return np.exp(log_sigmoid(z))
 
 
+def check_answer_fits(name: str, max_new_tokens: int, block_size: int) -> None:
+    """Refuse an answer length the model's block cannot hold with at least one prompt token
+    (SettingError naming the setting `name`, so the command line names its flag)."""
+    if not 0 < max_new_tokens < block_size:
+        raise SettingError(name, max_new_tokens, f"expected an integer from 1 to "
+                           f"{block_size - 1}: the run's block_size {block_size} also holds "
+                           "the prompt")
+
+
 def prompt_ids_for(tok, prompt: str, block_size: int, max_new_tokens: int) -> np.ndarray:
     """The prompt's ids, oldest tokens dropped so that max_new_tokens still fit the block."""
-    if not 0 < max_new_tokens < block_size:
-        raise ValueError(f"max_new_tokens must be in 1..{block_size - 1} (block_size "
-                         f"{block_size} also holds the prompt), got {max_new_tokens}")
+    check_answer_fits("max_new_tokens", max_new_tokens, block_size)
     return crop_context(_prompt_ids(tok, prompt), block_size - max_new_tokens, turn_ids(tok))
 
 

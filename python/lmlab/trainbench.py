@@ -451,6 +451,9 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
         threads = ops.get_num_threads()
     cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                batch_size=batch_size, vocab_size=vocab_size)
+    # here, not in each child: a model too large for lmlab failed as "the lmlab fp32 run failed"
+    from .model import check_parameter_count
+    check_parameter_count(_gpt_config(cfg))
     if "pytorch" in impls and not torch_available():
         if not set(impls) - {"pytorch"}:  # nothing left to measure: say so, not an empty table
             raise ValueError(f"impl 'pytorch': torch cannot be imported ({torch_missing()}); "

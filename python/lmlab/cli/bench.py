@@ -19,8 +19,9 @@ def add_commands(sub) -> None:
     k.add_argument("--json", action="store_true", help="print one JSON object per line")
     k.add_argument("--threads", type=int, default=None,
                    help="threads for lmlab, numpy's BLAS and torch (default: lmlab's, all cores)")
+    per_shapes = ", ".join(f"{n} for {name}" for name, n in bench.DEFAULT_REPEAT.items())
     k.add_argument("--repeat", type=int, default=None,
-                   help="timed calls per kernel, best taken (default 5)")
+                   help=f"timed calls per kernel, best taken (default: by --shapes, {per_shapes})")
     k.add_argument("--shapes", choices=sorted(bench.SIZES), default="gpt",
                    help="gpt: the docs/DESIGN.md model's shapes; tiny: a seconds-long smoke run")
     k.set_defaults(func=run_bench_kernels)

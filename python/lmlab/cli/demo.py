@@ -14,9 +14,14 @@ FLAGS = {"temperatures": "--temperature", "k": "-k"}
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    # ArgumentTypeError for "x" too: argparse words a ValueError with this function's name
+    # ("invalid _positive_int value: 'x'")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 

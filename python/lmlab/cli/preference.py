@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 from .. import checks
-from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint import load_model, load_tokenizer, read_config
 from ..dpo import dpo
 from ..judges import compare_to_reference, make_judge
 from ..rank import answer_sampler, run_session
 from ..rankings import check_rankings_output, read_prompts
 from ..reward_model import reward
+from ..sequences import check_answer_fits
 from ..rl import rlhf
 from ..stage import STAGE_DEFAULTS
 from .common import (add_run_output, add_setting, add_threads, add_train_options, apply_threads,
@@ -191,6 +192,10 @@ def _check_eval(args) -> None:
             # with the parent's tokenizer (the tuned run keeps it): a prompt it cannot encode
             # stopped the eval after the whole training
             read_prompts(args.eval_prompts, tokenizer=load_tokenizer(args.parent))
+        # against the parent's block (the tuned run keeps it): too long an answer, too, was
+        # refused only when the eval sampled
+        check_answer_fits("eval_max_new_tokens", args.eval_max_new_tokens,
+                          read_config(args.parent)["model"]["block_size"])
 
 
 def cmd_reward(args) -> int:
