@@ -393,7 +393,7 @@ def ci_commands(script: str) -> List[List[str]]:
             words = program_words(words)
             if words[:1] == ["run"]:
                 words = program_words(words[1:])
-                if words[:2] in (["python", "-m"], ['"$PYTHON"', "-m"], ["$PYTHON", "-m"]):
+                if words[:2] in (["python", "-m"], ["$PYTHON", "-m"]):
                     words = words[2:]
                 commands.append(words)
     return commands
@@ -408,7 +408,7 @@ def readme_ci_difference(readme: str, ci_run: str, ci_scripts: dict) -> Optional
         if words[0] == "pip" and words not in ci:
             return f"README installs with {' '.join(words)!r}; .ci/run never does"
     readme_pytest = next(words for words in readme_commands if words[0] == "pytest")
-    # the test suite's run: the one pytest of .ci/run that names no directory (benchmarks/ is another)
+    # the test suite's run: the one pytest of .ci/run naming no directory (benchmarks/ is another)
     suite = [words for words in ci if words[0] == "pytest"
              and not [w for w in words[1:] if not w.startswith("-")]]
     if len(suite) != 1:
