@@ -92,7 +92,8 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, every value checked: a bad one ends here (exit 2), before any work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="fine-tuning steps (default 20)")
     p.add_argument("--block-size", type=int, default=64, help="context kept on import (default 64)")
@@ -108,6 +109,11 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint)
         return 0

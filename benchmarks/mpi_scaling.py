@@ -98,7 +98,8 @@ def projection(compute_s: float, grad_bytes: float, tokens_per_machine: int) -> 
     return rows
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, every value checked: a bad one ends here (exit 2), before any work."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
@@ -112,6 +113,11 @@ def main(argv=None) -> None:
     if not 0 <= args.skip < args.steps:
         p.error(f"--skip {args.skip}: expected an integer from 0 to --steps - 1 ({args.steps - 1}), "
                 "so that a step is left to measure")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     import lmlab
     print(f"lmlab {lmlab.__version__}, kernels {lmlab.cpu_info()['isa']}, {os.cpu_count()} cores")
     results = {}

@@ -58,7 +58,8 @@ def emit(row: dict) -> None:
           flush=True)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, every value checked: a bad one ends here (exit 2), before any work."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/pref-eval")
@@ -85,6 +86,11 @@ def main(argv=None) -> None:
     # --threads 0 was dropped (all cores, unsaid); a negative one ended in a traceback
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads {args.threads}: expected an integer >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         ops.set_num_threads(args.threads)
     out = Path(args.out)

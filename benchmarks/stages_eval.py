@@ -26,7 +26,8 @@ from lmlab.pretrain import pretrain
 from lmlab.rundir import is_run
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, every value checked: a bad one ends here (exit 2), before any work."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--style-corpus", default="builtin:shakespeare",
@@ -41,6 +42,11 @@ def main(argv=None) -> None:
     # --threads 0 was dropped (all cores, unsaid); a negative one ended in a traceback
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads {args.threads}: expected an integer >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         ops.set_num_threads(args.threads)
     out = Path(args.out)

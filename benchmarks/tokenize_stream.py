@@ -81,7 +81,8 @@ def measure(corpus: Path, tokenizer_json: Path, workers: int) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, every value checked: a bad one ends here (exit 2), before any work."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=1024, help="corpus size in MiB (default 1024)")
     p.add_argument("--workers", type=int, default=0, help="encoding processes (0: lmlab's default)")
@@ -93,6 +94,11 @@ def main(argv=None) -> None:
         p.error(f"--mb {args.mb}: expected an integer >= 1 (MiB of corpus)")
     if args.workers < 0:
         p.error(f"--workers {args.workers}: expected an integer >= 0 (0: lmlab's default)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     sys.path.insert(0, str(ROOT / "python"))
     from lmlab.data import load_corpus
     from lmlab.tokenizer import train_tokenizer

@@ -3,15 +3,14 @@ the JSON-lines mode, and the OpenBLAS environment warning. No timing is asserted
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_script
 from lmlab import bench
 from lmlab.cli import main
 
@@ -175,20 +174,6 @@ def test_bench_train_child_failure_is_one_line():
     assert "\n" not in text
     assert text.startswith("the lmlab fp32 run failed (exit 1): KeyError: 'vocab_size'")
     assert "python -m lmlab.trainbench --child" in text
-
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str, monkeypatch):
-    """A benchmarks/ script as a module. Some put the checkout's python/ first on sys.path so that
-    they run from a checkout: kept to this test, or every later test's subprocess (given sys.path
-    as PYTHONPATH) would import the uncompiled source tree instead of the installed package."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script, argv, work, expected", [
