@@ -281,6 +281,8 @@ def test_bench_generate_in_bf16_measures_both_in_bf16(capsys):
     ref = rows[2]
     assert ref["impl"] == "transformers-kv-cache" and 1e-6 < ref["max_logit_diff"] < 0.05
     assert all(r["same_tokens"] for r in rows[:2])
+    assert main(GENERATE_TINY + ["--precision", "bf16"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["bf16"] * 3
 
 
 def test_bench_generate_without_transformers_says_there_is_no_reference(monkeypatch, capsys):

@@ -176,7 +176,8 @@ def run_bench_generate(args) -> list:
         if args.json:
             print(json.dumps(r))
             continue
-        line = f"{r['impl']:21s} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:8.2f} ms/token"
+        line = (f"{r['impl']:21s} {r['config']['precision']:4s} {r['tokens_per_s']:9.1f} tokens/s  "
+                f"{r['ms_per_token']:8.2f} ms/token")
         if "same_tokens" in r:
             line += f"  same tokens: {r['same_tokens']}"
         if "vs_reference" in r:
