@@ -415,7 +415,7 @@ def torch_available() -> bool:
 def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
                 steps: int, vocab_size: int = 65, threads: int | None = None,
                 impls=IMPLS, warmup: int = 2, precisions=("fp32",), isa: str = "native",
-                mfu: bool = True, rounds: int = 3) -> list[dict]:
+                mfu: bool = True, rounds: int = 3, leave_out=()) -> list[dict]:
     """Training tokens/s and peak RSS per implementation and precision, each in its own subprocess,
     every one under ISA_ENV[isa], in `rounds` interleaved rounds (module docstring).
 
@@ -424,7 +424,8 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
     precision), implementation-major, with impl, precision, config, tokens_per_s and ms_per_step
     (of its median round), round_tokens_per_s (every round's, in order), peak_rss_mib,
     flops_per_token (and threads, steps, losses, isa); with mfu, also each row's mfu and peak (the
-    fastest matmul of any implementation run, at the row's precision).
+    fastest matmul of any implementation run, at the row's precision). leave_out: (impl, precision)
+    pairs not to train, for a run too slow to be worth its minutes (their matmul peak still counts).
     """
     if isa not in ISA_ENV:
         raise ValueError(f"isa must be one of {tuple(ISA_ENV)}, got {isa!r}")
@@ -459,7 +460,9 @@ def bench_train(n_layer: int, n_head: int, n_embd: int, block_size: int, batch_s
             raise ValueError(f"impl 'pytorch': torch cannot be imported ({torch_missing()}); "
                              "install PyTorch, or measure lmlab alone")
         impls = [i for i in impls if i != "pytorch"]
-    runs = [(impl, precision) for impl in impls for precision in precisions]
+    skipped = set(leave_out)
+    runs = [(impl, precision) for impl in impls for precision in precisions
+            if (impl, precision) not in skipped]
     measured = {run: [] for run in runs}
     for r in range(rounds):
         for impl, precision in (runs if r % 2 == 0 else runs[::-1]):
@@ -517,17 +520,24 @@ def speed_ratios(rows: list[dict]) -> list[tuple[str, float, list]]:
     precision, and of lmlab bf16 over PyTorch fp32 (the speed a user gains over PyTorch's
     default), for the rows present. The ratio is the median of the rounds' (module docstring); rows
     without rounds give the ratio of their tokens/s, as their one round."""
-    def rounds(row):
-        return row.get("round_tokens_per_s") or [row["tokens_per_s"]]
-
-    runs = {(r["impl"], r.get("precision", "fp32")): rounds(r) for r in rows}
+    runs = {(r["impl"], r.get("precision", "fp32")): r for r in rows}
     pairs = [(p, p) for p in PRECISIONS] + [("bf16", "fp32")]
     out = []
     for a, b in pairs:
         if ("lmlab", a) in runs and ("pytorch", b) in runs:
-            per_round = [x / y for x, y in zip(runs[("lmlab", a)], runs[("pytorch", b)])]
-            out.append((f"lmlab {a} / pytorch {b}", statistics.median(per_round), per_round))
+            out.append((f"lmlab {a} / pytorch {b}",
+                        *round_ratios(runs[("lmlab", a)], runs[("pytorch", b)])))
     return out
+
+
+def round_ratios(row: dict, reference: dict) -> tuple[float, list]:
+    """(median, each round's) of row's tokens/s over reference's, round by round (module
+    docstring); a row without rounds counts its tokens/s as its one round."""
+    def rounds(r):
+        return r.get("round_tokens_per_s") or [r["tokens_per_s"]]
+
+    per_round = [x / y for x, y in zip(rounds(row), rounds(reference))]
+    return statistics.median(per_round), per_round
 
 
 def _child_main(argv) -> None:
