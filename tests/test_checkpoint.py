@@ -20,7 +20,7 @@ import safetensors.numpy
 from lmlab import checkpoint
 from lmlab.checkpoint import load_model, load_training_state, save_run
 from lmlab.metrics import append_metrics, plot_loss, read_metrics, truncate_metrics
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, RunDirError
 from lmlab.files import atomic_write, atomic_write_bytes
 from lmlab.model import GPT, GPTConfig
 from lmlab.rundir import is_run
@@ -441,6 +441,15 @@ def _edit_config(run, edit):
     edit(cfg)
     path.write_text(json.dumps(cfg))
     return cfg
+
+
+@pytest.mark.parametrize("run", [None, 3, b"runs/base"])
+def test_load_model_refuses_a_run_that_is_no_path(run):
+    # os.fspath's own TypeError ("expected str, bytes or os.PathLike object, not NoneType") named
+    # neither the run directory nor what it takes; bytes passed it and failed in pathlib.
+    with pytest.raises(RunDirError, match=r"the run directory must be a path \(a str or "
+                                          rf"os.PathLike\), got {type(run).__name__}"):
+        load_model(run)
 
 
 def test_load_model_missing_dir_and_files(gpt, tok, tmp_path):

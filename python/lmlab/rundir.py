@@ -455,7 +455,12 @@ def _lock_file(lock: Path) -> int:
 
 def run_path(path) -> Path:
     """`path` as a Path; an empty one is refused (RunDirError): Path("") is the current directory,
-    so an unset variable in --run "$RUN" would write a run among whatever files are there."""
+    so an unset variable in --run "$RUN" would write a run among whatever files are there.
+    Anything but a str or os.PathLike is refused (RunDirError naming what it got), rather than
+    left to os.fspath's TypeError, which names neither the run directory nor what it takes."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise RunDirError(f"the run directory must be a path (a str or os.PathLike), got "
+                          f"{type(path).__name__}")
     if not os.fspath(path):
         raise RunDirError("the run directory is empty (''): name one (a run in the current "
                           "directory is '.')")
