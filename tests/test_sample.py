@@ -338,6 +338,12 @@ def test_bad_seed_stop_ids_use_cache_and_callback_are_refused_by_name(model):
             generate(model, PROMPT, 2, stop_ids=stop_ids)
     with pytest.raises(TypeError, match="stop_ids must hold whole-number token ids, got 1.5"):
         generate(model, PROMPT, 2, stop_ids=[1.5])
+    # An id the model cannot produce never stopped generation, without a word.
+    V = model.config.vocab_size
+    for bad in (-1, V):
+        with pytest.raises(ValueError, match=rf"stop_ids holds token id {bad}; ids must lie in "
+                                             rf"\[0, {V}\)"):
+            generate(model, PROMPT, 2, stop_ids=[0, bad])
     with pytest.raises(TypeError, match="use_cache must be True or False, got 'no'"):
         generate(model, PROMPT, 2, use_cache="no")
     with pytest.raises(TypeError, match="callback must be callable"):

@@ -272,8 +272,10 @@ class TextStream:
         return text
 
 
-def _stop_set(stop_ids) -> set:
-    """The ids of stop_ids (an iterable of whole numbers, or None) as a set of ints."""
+def _stop_set(stop_ids, vocab_size: int) -> set:
+    """The ids of stop_ids (an iterable of whole numbers in [0, vocab_size), or None) as a set of
+    ints. An id outside the vocabulary is refused: the model never produces it, so it would
+    silently never stop generation."""
     if stop_ids is None:
         return set()
     if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
@@ -283,6 +285,9 @@ def _stop_set(stop_ids) -> set:
     for s in stop_ids:
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
             raise TypeError(f"stop_ids must hold whole-number token ids, got {s!r}")
+        if not 0 <= s < vocab_size:
+            raise ValueError(f"stop_ids holds token id {s}; ids must lie in [0, {vocab_size}) "
+                             "(the model never produces another, so it would never stop)")
         stops.add(int(s))
     return stops
 
@@ -322,7 +327,7 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (called with each new id), got "
                         f"{type(callback).__name__}")
-    stops = _stop_set(stop_ids)
+    stops = _stop_set(stop_ids, cfg.vocab_size)
     _check_turns(turns)
     if not isinstance(seed, np.random.Generator):
         # numpy's own refusals ("SeedSequence expects int ...", "expected non-negative integer")
