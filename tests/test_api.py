@@ -217,6 +217,15 @@ def test_bad_keywords_and_values_are_refused_before_any_work(root, base):
         assert isinstance(e.value, (TypeError, UnknownSettingError))
     with pytest.raises(SettingError, match="lr=-1"):
         lmlab.pretrain(str(root / "corpus.txt"), root / "never", lr=-1)
+    # The stage modules' names for the run directories: Python's own error named a parameter these
+    # functions do not have.
+    for call, name, ours in (
+            (lambda: lmlab.pretrain(str(root / "corpus.txt"), run_dir=root / "never"), "run_dir", "run"),
+            (lambda: lmlab.finetune(base, "x", out=root / "never", parent=base), "parent", "run"),
+            (lambda: lmlab.instruct(base, out=root / "never", run_dir=root / "n2"), "run_dir", "out")):
+        with pytest.raises(UnknownSettingError, match=f"unknown keyword '{name}': its run "
+                                                      f"directory is '{ours}'"):
+            call()
     with pytest.raises(ValueError, match="run must be a run directory"):
         lmlab.finetune(42, "x", out=root / "never")
     assert not (root / "never").exists()

@@ -229,6 +229,22 @@ def _run_of(run, name: str = "run") -> Path:
     return run_path(run)  # refuses '' (which a Path would turn into the current directory)
 
 
+# The stage functions' own names for the run directories, which these functions call run and out.
+_STAGE_RUN_NAMES = {"pretrain": {"run_dir": "run"},
+                    "finetune": {"parent": "run", "run_dir": "out"},
+                    "instruct": {"parent": "run", "run_dir": "out"}}
+
+
+def _refuse_stage_names(function: str, settings: dict) -> None:
+    """Refuse a stage function's own name for a run directory among `settings`: passed on, it met
+    the stage's parameter and Python's "got multiple values for argument 'run_dir'" named a
+    parameter this function does not have."""
+    for name, ours in _STAGE_RUN_NAMES[function].items():
+        if name in settings:
+            raise checks.UnknownSettingError(f"{function}() got unknown keyword {name!r}: its run "
+                                             f"directory is {ours!r}")
+
+
 def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, prompt: str = "",
              sample_after: int = 0, resume: bool = False, overwrite: bool = False,
              threads: Optional[int] = None, **settings) -> Model:
@@ -250,6 +266,7 @@ def pretrain(corpus: Optional[str] = None, run="runs/pretrain", *, prompt: str =
     ...
     lmlab.checks.UnknownSettingError: pretrain() got unknown keyword(s) 'setps' (did you mean 'steps'?); ...
     """
+    _refuse_stage_names("pretrain", settings)
     out = _run_of(run)
     result = _pretrain_stage.pretrain(corpus, out, prompt=prompt, sample_after=sample_after,
                                       resume=resume, overwrite=overwrite, threads=threads,
@@ -271,6 +288,7 @@ def finetune(run, corpus: Optional[str] = None, *, out, prompt: str = "",
     >>> bard.result.details["new_val_after"] < bard.result.details["new_val_before"]
     True
     """
+    _refuse_stage_names("finetune", settings)
     target = _run_of(out, "out")
     result = _finetune_stage.finetune(_run_of(run), corpus, target, prompt=prompt,
                                       sample_tokens=sample_tokens, resume=resume,
@@ -294,6 +312,7 @@ def instruct(run, data: Optional[str] = None, *, out, resume: bool = False,
     >>> qa.chat, type(qa.generate("what is one plus one?", temperature=0))
     (True, <class 'str'>)
     """
+    _refuse_stage_names("instruct", settings)
     target = _run_of(out, "out")
     result = _instruct_stage.instruct_tune(_run_of(run), data, target, resume=resume,
                                            overwrite=overwrite, threads=threads, **settings)
